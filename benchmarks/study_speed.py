@@ -1,0 +1,67 @@
+"""Whole study vs one evaluation pass of the founding system's loop, measured in one run.
+
+    python benchmarks/study_speed.py [--data ../shared/data/cifar10-jpg.tar.gz] [--weights ../shared/seed/cifar10_branchyNet_m.h5]
+
+The founding loop: batch 256, fp32, default (NCHW) layout, the whole batch through every stage
+and head. The study: exitwise's whole study (10k test + 5k validation images, every table, plot
+and report) with its defaults. Also prints the bf16-vs-fp32 agreement on all 10k test images.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exitwise.api import load_model
+from exitwise.data import load_splits
+from exitwise.runtime import all_exit_logits, prepare
+from exitwise.study import StudyConfig, run_study, write_study
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@torch.inference_mode()
+def founding_loop_seconds(model, data) -> float:
+    model = model.eval().to(memory_format=torch.contiguous_format)
+    start = time.perf_counter()
+    for images, _ in data.batches(256):
+        model(images.contiguous())
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=SHARED / "data/cifar10-jpg.tar.gz")
+    p.add_argument("--weights", type=Path, default=SHARED / "seed/cifar10_branchyNet_m.h5")
+    p.add_argument("--model", default="seed-branchynet")
+    args = p.parse_args()
+
+    splits = load_splits("cifar10", args.data, progress=False)
+    model, info = load_model(args.model, args.weights)
+    founding = founding_loop_seconds(model, splits.test)
+    print(f"founding loop, one pass over {len(splits.test)} test images (fp32, NCHW, batch 256): {founding:.2f} s")
+
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        results = run_study(model, splits, StudyConfig(progress=False), info)
+        write_study(results, out)
+        study = time.perf_counter() - start
+    print(f"whole study ({len(splits.test)} test + {len(splits.val)} validation images, reports written): {study:.2f} s")
+    print(f"ratio study / founding pass: {study / founding:.2f}  (target <= 1.5)")
+    print(f"timing model: mean |relative error| {results['timing_model']['mean_abs_relative_error']:.1%} "
+          f"over {len(results['timing_model']['checks'])} real runs")
+
+    prepare(model)
+    fast = all_exit_logits(model, splits.test, precision="bf16").logits.argmax(-1)
+    exact = all_exit_logits(model, splits.test, precision="fp32").logits.argmax(-1)
+    agreement = (fast == exact).mean(axis=1)
+    print("bf16 vs fp32 prediction agreement per exit on all test images: "
+          + ", ".join(f"{a:.2%}" for a in agreement) + f"  (required >= 99.5%: {'ok' if agreement.min() >= 0.995 else 'NO'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+"""exitwise: early-exit inference with multi-exit neural networks."""
+__version__ = "0.1.0"

@@ -1,0 +1,439 @@
+"""Image data sets as uint8 tensors: CIFAR-10 (python batches, image folders, or an archive of either) and
+scikit-learn's digits, split into train / validation / test.
+
+Images are decoded once and cached as .npy files, so later runs start in about a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import sys
+import tarfile
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .errors import UserError
+from .io import atomic_write_bytes, atomic_write_json
+
+try:  # numpy >= 2 moved these; both are pure array constructors
+    from numpy._core.multiarray import _reconstruct
+    from numpy._core.numeric import _frombuffer
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import _reconstruct
+    from numpy.core.numeric import _frombuffer
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DATASETS = ("cifar10", "digits")
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_VAL_SIZE = 5000
+DIGITS_TEST_SIZE = 360
+DIGITS_VAL_SIZE = 360
+CACHE_VERSION = 1  # bump when the decoded arrays would change for the same source
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+BATCH_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Decoded images held as one tensor, with their labels and class names."""
+
+    images: torch.Tensor  # uint8 (N, H, W, C)
+    labels: torch.Tensor  # int64 (N,)
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N, H, W, C), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(f"labels must be int64 ({len(self.images)},), got {self.labels.dtype} "
+                             f"{tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index], self.classes)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (float32 (B, C, H, W) in [0, 1], channels_last, not normalized; labels) in order."""
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {batch_size}")
+        for i in range(0, len(self), batch_size):
+            # permute of NHWC storage is channels_last already; .float() keeps that layout
+            yield self.images[i:i + batch_size].permute(0, 3, 1, 2).float().div_(255), self.labels[i:i + batch_size]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train / validation / test sets of one data set, and where they came from."""
+
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    dataset: str
+    source: str
+    split_seed: int
+
+    def describe(self) -> dict:
+        return {"name": self.dataset, "source": self.source, "classes": list(self.test.classes),
+                "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
+                "split_seed": self.split_seed, "val_size": len(self.val)}
+
+
+def load_splits(dataset: str, data_dir: str | Path | None = None, *, download: bool = False,
+                val_size: int | None = None, split_seed: int = 0, cache_dir: str | Path | None = None,
+                progress: bool = True) -> Splits:
+    """Load `dataset` and split it: validation is `val_size` images of train chosen by `split_seed`."""
+    if dataset == "digits":
+        return _digits_splits(val_size, split_seed)
+    if dataset != "cifar10":
+        raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    if data_dir is None:
+        raise UserError("cifar10 needs --data-dir (add --download to fetch the official archive into it)")
+    path = download_cifar10(data_dir, progress=progress) if download else Path(data_dir)
+    decoded, source = _load_cifar10(path, Path(cache_dir) if cache_dir is not None else _default_cache_dir(),
+                                    progress)
+    classes = decoded.classes
+    train = ImageSet(torch.from_numpy(decoded.train_images), torch.from_numpy(decoded.train_labels), classes)
+    test = ImageSet(torch.from_numpy(decoded.test_images), torch.from_numpy(decoded.test_labels), classes)
+    val_size = CIFAR10_VAL_SIZE if val_size is None else val_size
+    _check_val_size(val_size, len(train))
+    perm = _permutation(len(train), split_seed)
+    return Splits(train.subset(perm[val_size:]), train.subset(perm[:val_size]), test, "cifar10", source, split_seed)
+
+
+def download_cifar10(data_dir: str | Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5,
+                     progress: bool = True) -> Path:
+    """Fetch the CIFAR-10 archive into `data_dir` unless a verified copy is there; return its path."""
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"--download needs a directory to put the archive in, but {str(data_dir)!r} is a file")
+    target = data_dir / Path(urllib.parse.urlparse(url).path).name
+    if target.is_file() and _file_md5(target) == md5:
+        return target
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create data directory {str(data_dir)!r}: {e.strerror or e}") from None
+    tmp = target.with_name(f".{target.name}.download")
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out, \
+                tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                     desc=f"downloading {target.name}", disable=not progress, file=sys.stderr) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+        if digest.hexdigest() != md5:
+            raise UserError(f"download of {url} is corrupt: MD5 {digest.hexdigest()}, expected {md5}")
+        os.replace(tmp, target)
+    except OSError as e:  # urllib.error.URLError is an OSError
+        raise UserError(f"cannot download {url} to {str(data_dir)!r}: {getattr(e, 'reason', None) or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+class _Decoded(NamedTuple):
+    train_images: np.ndarray  # uint8 (N, H, W, C)
+    train_labels: np.ndarray  # int64 (N,)
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+
+
+class _Files(NamedTuple):
+    """The files of a source, by relative POSIX path, and a way to read each."""
+
+    root: Path
+    names: list[str]
+    read: Callable[[str], bytes]
+
+    def where(self, name: str) -> str:
+        return str(self.root / name)
+
+
+def _load_cifar10(path: Path, cache_dir: Path, progress: bool) -> tuple[_Decoded, str]:
+    """Decode CIFAR-10 found at `path` (reading the cache when the source is unchanged)."""
+    if not path.exists():
+        raise UserError(f"data path {str(path)!r} does not exist")
+    path = path.resolve()
+    files = None
+    if path.is_dir():
+        files = _list_dir(path)
+        if not files.names:
+            raise UserError(f"data directory {str(path)!r} is empty")
+        if _detect(files.names) is None:
+            path, files = _archive_in(files), None
+    elif not path.name.lower().endswith(ARCHIVE_SUFFIXES):
+        raise UserError(f"{str(path)!r} is not a data directory or a .tar.gz/.tgz/.tar archive")
+    entry = cache_dir / f"cifar10-{_fingerprint(path, files)}"
+    decoded = _read_cache(entry)
+    if decoded is None:
+        decoded = _decode(files if files is not None else _read_tar(path), progress)
+        _write_cache(entry, decoded, str(path))
+    return decoded, str(path)
+
+
+def _list_dir(root: Path, max_depth: int = 4) -> _Files:
+    """Non-hidden files under `root`, at most `max_depth` levels down (enough for top/train/class/file)."""
+    names = []
+    for folder, dirs, filenames in os.walk(root):
+        rel = Path(folder).relative_to(root)
+        depth = len(rel.parts) + 1
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < max_depth else []
+        names += [(rel / f).as_posix() for f in sorted(filenames) if not f.startswith(".")]
+    return _Files(root, names, lambda name: (root / name).read_bytes())
+
+
+def _read_tar(path: Path) -> _Files:
+    """Every regular file of a tar archive, read in one streaming pass (nothing is extracted to disk)."""
+    contents: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, mode="r|*") as archive:
+            for member in archive:
+                name = member.name.removeprefix("./")
+                if member.isfile() and not any(p.startswith(".") for p in name.split("/")):
+                    contents[name] = archive.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"cannot read archive {str(path)!r}: {e}") from None
+    if not contents:
+        raise UserError(f"archive {str(path)!r} is empty")
+    return _Files(path, list(contents), contents.__getitem__)
+
+
+def _detect(names: list[str]) -> tuple[str, str] | None:
+    """("batches" or "tree", folder prefix) for the shallowest data set among `names`, or None.
+
+    Either sits at the top or in one folder: top/cifar-10-batches-py/, top/train/<class>/ and the like."""
+    found = []
+    for name in names:
+        folder, _, base = name.rpartition("/")
+        if (base in BATCH_FILES or base == "batches.meta") and folder.count("/") < 2:
+            found.append(("batches", folder + "/" if folder else ""))
+        parts = name.split("/")
+        if len(parts) in (3, 4) and parts[-3] in ("train", "test"):
+            found.append(("tree", parts[0] + "/" if len(parts) == 4 else ""))
+    return min(found, key=lambda f: f[1].count("/"), default=None)
+
+
+def _archive_in(files: _Files) -> Path:
+    """The one archive lying directly in a folder that holds no unpacked data set (e.g. after --download)."""
+    archives = [n for n in files.names if "/" not in n and n.lower().endswith(ARCHIVE_SUFFIXES)]
+    if len(archives) == 1:
+        return files.root / archives[0]
+    if archives:
+        raise UserError(f"{str(files.root)!r} holds several archives ({', '.join(archives)}): pass one as --data-dir")
+    raise UserError(f"no CIFAR-10 data found in {str(files.root)!r}: expected cifar-10-batches-py/, "
+                    "train/<class>/ and test/<class>/ image folders, or a .tar.gz of either")
+
+
+def _decode(files: _Files, progress: bool) -> _Decoded:
+    kind = _detect(files.names)
+    if kind is None:
+        raise UserError(f"no CIFAR-10 data found in {str(files.root)!r}: expected cifar-10-batches-py/ or "
+                        "train/<class>/ and test/<class>/ image folders")
+    return _decode_batches(files, kind[1], progress) if kind[0] == "batches" else _decode_tree(files, kind[1], progress)
+
+
+def _decode_tree(files: _Files, prefix: str, progress: bool) -> _Decoded:
+    """Image folders train/<class>/* and test/<class>/*; labels follow the standard CIFAR-10 class order."""
+    listing: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+    for name in sorted(files.names):
+        parts = name[len(prefix):].split("/") if name.startswith(prefix) else []
+        if len(parts) == 3 and parts[0] in listing:
+            listing[parts[0]].setdefault(parts[1], []).append(name)
+    for split, folders in listing.items():
+        if not folders:
+            raise UserError(f"no {split}/ split in {files.where(prefix)!r}: expected {split}/<class>/ image folders")
+        unknown = sorted(set(folders) - set(CIFAR10_CLASSES))
+        if unknown:
+            raise UserError(f"unknown class folder {split}/{unknown[0]} in {files.where(prefix)!r}: "
+                            f"expected the CIFAR-10 classes {', '.join(CIFAR10_CLASSES)}")
+        missing = [c for c in CIFAR10_CLASSES if c not in folders]
+        if missing:
+            raise UserError(f"missing class folder {split}/{missing[0]} (or it has no images) "
+                            f"in {files.where(prefix)!r}")
+    total = sum(len(v) for folders in listing.values() for v in folders.values())
+    with tqdm(total=total, desc="decoding cifar10 images (once)", unit="img", disable=not progress) as bar:
+        train, test = (_decode_images(files, listing[split], bar) for split in ("train", "test"))
+    if train[0].shape[1:] != test[0].shape[1:]:
+        raise UserError(f"train images are {train[0].shape[2]}x{train[0].shape[1]} but test images are "
+                        f"{test[0].shape[2]}x{test[0].shape[1]} in {files.where(prefix)!r}")
+    return _Decoded(*train, *test, CIFAR10_CLASSES)
+
+
+def _decode_images(files: _Files, folders: dict[str, list[str]], bar: tqdm) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the images of one split to RGB uint8 into one preallocated array."""
+    names = [n for c in CIFAR10_CLASSES for n in folders[c]]
+    labels = np.repeat(np.arange(len(CIFAR10_CLASSES), dtype=np.int64), [len(folders[c]) for c in CIFAR10_CLASSES])
+    images = None
+    for i, name in enumerate(names):
+        pixels = _decode_image(files.read(name), files.where(name))
+        if images is None:
+            images = np.empty((len(names), *pixels.shape), dtype=np.uint8)
+        elif pixels.shape != images.shape[1:]:
+            raise UserError(f"image {files.where(name)} is {pixels.shape[1]}x{pixels.shape[0]}, "
+                            f"but the others are {images.shape[2]}x{images.shape[1]}")
+        images[i] = pixels
+        bar.update()
+    return images, labels
+
+
+def _decode_image(data: bytes, where: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise UserError(f"cannot decode image {where}: {e}") from None
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10 batches: dicts of numpy arrays, lists and bytes. Any other global is refused,
+    so a crafted file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+               ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+               ("numpy.core.numeric", "_frombuffer"): _frombuffer,  # numpy arrays pickled with protocol 5
+               ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+               ("numpy", "ndarray"): np.ndarray,
+               ("numpy", "dtype"): np.dtype}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR-10 batch")
+        return self.ALLOWED[module, name]
+
+
+def _unpickle(data: bytes, where: str) -> dict:
+    try:
+        obj = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as e:  # a malformed pickle can raise nearly anything
+        raise UserError(f"cannot read CIFAR-10 batch {where}: {e}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where} is not a CIFAR-10 batch (not a dict)")
+    return obj
+
+
+def _decode_batches(files: _Files, prefix: str, progress: bool) -> _Decoded:
+    """The official python version: data_batch_1..5 (train), test_batch, batches.meta (class names)."""
+    names = set(files.names)
+    missing = [b for b in BATCH_FILES if prefix + b not in names]
+    if missing:
+        split = "test" if missing == ["test_batch"] else "train" if "test_batch" not in missing else "train and test"
+        raise UserError(f"missing {split} split in {files.where(prefix)!r}: no {', '.join(missing)}")
+    classes = CIFAR10_CLASSES
+    if prefix + "batches.meta" in names:
+        meta = _unpickle(files.read(prefix + "batches.meta"), files.where(prefix + "batches.meta"))
+        try:
+            classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"])
+        except (KeyError, TypeError, UnicodeDecodeError):
+            raise UserError(f"{files.where(prefix + 'batches.meta')} has no valid label_names") from None
+    parts = [_batch(files, prefix + b, len(classes)) for b in tqdm(BATCH_FILES, desc="reading cifar10 batches (once)",
+                                                                   unit="batch", disable=not progress)]
+    train = [np.concatenate(x) for x in zip(*parts[:-1])]
+    return _Decoded(*train, *parts[-1], classes)
+
+
+def _batch(files: _Files, name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    where = files.where(name)
+    batch = _unpickle(files.read(name), where)
+    data, labels = batch.get(b"data"), batch.get(b"labels")
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
+            and labels is not None and len(labels) == len(data)):
+        raise UserError(f"{where} is not a CIFAR-10 batch: expected uint8 data of shape (N, 3072) and N labels")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) and not (0 <= labels.min() and labels.max() < num_classes):
+        raise UserError(f"{where} has labels outside 0..{num_classes - 1}")
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
+
+
+def _default_cache_dir() -> Path:
+    if os.environ.get("EXITWISE_CACHE_DIR"):
+        return Path(os.environ["EXITWISE_CACHE_DIR"])
+    import platformdirs
+    return Path(platformdirs.user_cache_dir("exitwise"))
+
+
+def _fingerprint(path: Path, files: _Files | None) -> str:
+    """Hash of what identifies the decoded data: format version, absolute path, sizes and mtimes."""
+    stats = [(name, (path / name).stat()) for name in files.names] if files else [("", path.stat())]
+    text = json.dumps([CACHE_VERSION, str(path), [(n, s.st_size, s.st_mtime_ns) for n, s in stats]])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+_ARRAYS = _Decoded._fields[:4]
+
+
+def _read_cache(entry: Path) -> _Decoded | None:
+    """The decoded arrays stored in `entry`, or None when absent or unreadable."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        arrays = [np.load(entry / f"{name}.npy", allow_pickle=False) for name in _ARRAYS]
+        return _Decoded(*arrays, tuple(meta["classes"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cache(entry: Path, decoded: _Decoded, source: str) -> None:
+    """Store the arrays, then meta.json last: an entry without it is never read. Failure only warns."""
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+        for name in _ARRAYS:
+            buffer = io.BytesIO()
+            np.save(buffer, getattr(decoded, name), allow_pickle=False)
+            atomic_write_bytes(entry / f"{name}.npy", buffer.getvalue())
+        atomic_write_json(entry / "meta.json", {"version": CACHE_VERSION, "source": source,
+                                                "classes": list(decoded.classes)})
+    except OSError as e:
+        warnings.warn(f"could not cache decoded images in {str(entry)!r}: {e.strerror or e}", stacklevel=3)
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _permutation(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _check_val_size(val_size: int, most: int) -> None:
+    """The study needs validation images; it does not train, so all of train may become validation."""
+    if not 1 <= val_size <= most:
+        raise UserError(f"validation size must be between 1 and {most} (the train images), got {val_size}")
+
+
+def _digits_splits(val_size: int | None, split_seed: int) -> Splits:
+    """scikit-learn's 1797 8x8 digits, scaled to 0..255: test 360, validation `val_size` (360), train the rest."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UserError("the digits dataset needs scikit-learn: pip install 'exitwise[demo]'") from None
+    digits = load_digits()
+    images = torch.from_numpy(np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None])
+    data = ImageSet(images, torch.from_numpy(digits.target.astype(np.int64)), tuple(str(i) for i in range(10)))
+    val_size = DIGITS_VAL_SIZE if val_size is None else val_size
+    _check_val_size(val_size, len(data) - DIGITS_TEST_SIZE)
+    perm = _permutation(len(data), split_seed)
+    test, val, train = perm[:DIGITS_TEST_SIZE], perm[DIGITS_TEST_SIZE:DIGITS_TEST_SIZE + val_size], \
+        perm[DIGITS_TEST_SIZE + val_size:]
+    return Splits(data.subset(train), data.subset(val), data.subset(test), "digits", "scikit-learn digits",
+                  split_seed)

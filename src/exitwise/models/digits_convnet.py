@@ -1,0 +1,23 @@
+"""A three-exit convnet for 8x8 grayscale digits: the network behind `make demo`."""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import MultiExitNetwork
+
+
+def _conv(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
+    layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
+
+
+def _head(channels: int, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+
+
+class DigitsConvNet(MultiExitNetwork):
+    def __init__(self, num_classes: int = 10):
+        stages = [_conv(1, 16, False), _conv(16, 32, True), _conv(32, 64, True)]
+        heads = [_head(16, num_classes), _head(32, num_classes),
+                 nn.Sequential(nn.Flatten(), nn.Linear(64 * 2 * 2, num_classes))]
+        super().__init__(stages, heads, num_classes, input_shape=(1, 8, 8))

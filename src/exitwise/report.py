@@ -1,0 +1,425 @@
+"""Plots, report.md, a self-contained report.html and a terminal summary from a study's results dict.
+
+Every table is built once as a header and rows of strings, then rendered as Markdown, HTML or
+fixed-width text, so the three outputs cannot disagree.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .io import atomic_write_bytes
+
+DPI = 120
+Table = tuple[list[str], list[list[str]]]
+
+# -----------------------------------------------------------------------------
+# formatting
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _sec(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _macs(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f}"
+
+
+def _thresholds(values: list[float | None] | None) -> str:
+    return "-" if not values else ", ".join("never" if t is None else f"{t:.3f}" for t in values)
+
+
+def _shares(values: list[float]) -> str:
+    return "/".join(f"{100 * s:.0f}" for s in values)
+
+
+def _exit_name(k: int, num_exits: int) -> str:
+    return f"{k} (final)" if k == num_exits - 1 else str(k)
+
+
+def _n_test(r: dict) -> int:
+    return r["dataset"]["sizes"]["test"]
+
+
+def _cutoff_label(r: dict) -> str:
+    if r["policy"] == "entropy":
+        return f"entropy cutoff (nats; ln {len(r['dataset']['classes'])} = {r['max_cutoff']:.3f})"
+    return f"{r['policy']} cutoff"
+
+
+# -----------------------------------------------------------------------------
+# tables: one (header, rows) each, shared by Markdown, HTML and the terminal
+
+
+def setup_table(r: dict) -> Table:
+    ds, model, sw = r["dataset"], r["model"], r["software"]
+    sizes = ", ".join(f"{k} {v}" for k, v in ds["sizes"].items())
+    check = r.get("precision_check")
+    precision = r["precision"] + (f" (agrees with fp32 on {_pct(check['agreement_with_fp32'])} of "
+                                  f"{check['images']} images)" if check else "")
+    rows = [["dataset", f"{ds['name']}: {len(ds['classes'])} classes; {sizes}; split seed {ds['split_seed']}"],
+            ["source", str(ds["source"])],
+            ["model", f"{model['name']}, {model['num_exits']} exits"],
+            ["weights", f"{model['weights']} (sha256 {model['weights_sha256'][:16]})"],
+            ["exit policy", f"{r['policy']}: leave at the first exit whose score is at or below its threshold"],
+            ["precision", precision],
+            ["batch size", str(r["batch_size"])],
+            ["software", f"exitwise {r['exitwise_version']}, python {sw['python']}, torch {sw['torch']}, "
+                         f"numpy {sw['numpy']}, {sw['cpu_threads']} CPU threads"],
+            ["platform", str(sw["platform"])],
+            ["created", r["created"]]]
+    return ["item", "value"], rows
+
+
+def exits_table(r: dict) -> Table:
+    k = len(r["exits"])
+    rows = [[_exit_name(e["index"], k), _macs(e["macs"]), _pct(e["accuracy"]), _pct(e["val_accuracy"])]
+            for e in r["exits"]]
+    return ["exit", "MACs per sample", "test accuracy", "val accuracy"], rows
+
+
+def fixed_cutoff_table(r: dict) -> Table:
+    fixed, n, k = r["fixed_cutoff"], _n_test(r), len(r["exits"])
+    rows = [[_exit_name(e["index"], k), str(e["count"]), _pct(e["count"] / n), _pct(e["accuracy"]), _sec(e["seconds"])]
+            for e in fixed["per_exit"]]
+    rows.append(["all", str(n), _pct(1.0), _pct(fixed["overall_accuracy"]), _sec(fixed["seconds"])])
+    return ["exit", "samples leaving", "share", "their accuracy", "stage time (s)"], rows
+
+
+def calibration_table(r: dict) -> Table:
+    rows = [[c["method"], _pct(c["desired_accuracy"]), _thresholds(c["thresholds"]), _pct(c["val_accuracy"]),
+             _pct(c["test_accuracy"]), _macs(c["mean_macs"]), _sec(c["seconds"]), _shares(c["exit_shares"])]
+            for c in r["calibration"]]
+    return ["method", "desired", "thresholds", "val accuracy", "test accuracy", "mean MACs",
+            "time (s, predicted)", "exit shares (%)"], rows
+
+
+def configurations_table(r: dict) -> Table:
+    full, fixed = r["full_network"], r["fixed_cutoff"]
+    k = len(r["exits"])
+
+    def speedup(seconds: float | None) -> str:
+        return "-" if not seconds else f"{full['seconds'] / seconds:.2f}x"
+
+    rows = [["full network", "no early exit", _thresholds([None] * (k - 1)), _pct(full["accuracy"]),
+             _sec(full["seconds"]), _macs(full["mean_macs"]), speedup(full["seconds"])],
+            ["fixed cutoff", f"cutoff {fixed['cutoff']:.3f}", _thresholds([fixed["cutoff"]] * (k - 1)),
+             _pct(fixed["overall_accuracy"]), _sec(fixed["seconds"]), _macs(fixed["mean_macs"]),
+             speedup(fixed["seconds"])]]
+    rows += [[key.replace("_", " "), b["label"], _thresholds(b["thresholds"]), _pct(b["test_accuracy"]),
+              _sec(b["seconds"]), _macs(b["mean_macs"]), speedup(b["seconds"])] for key, b in r["best"].items()]
+    rows.append(["oracle", "first correct exit (bound)", "-", _pct(r["oracle_accuracy"]), "-",
+                 _macs(r.get("oracle_mean_macs")), "-"])
+    return ["configuration", "setting", "thresholds", "test accuracy", "time (s)", "mean MACs", "speedup"], rows
+
+
+def timing_table(r: dict) -> Table:
+    rows = [[c["label"], _sec(c["predicted_seconds"]), _sec(c["measured_seconds"]), f"{c['relative_error']:+.1%}"]
+            for c in r["timing_model"]["checks"]]
+    return ["configuration", "predicted (s)", "measured (s)", "relative error"], rows
+
+
+# -----------------------------------------------------------------------------
+# plots: each builds its own Figure on an Agg canvas (no pyplot state)
+
+
+def _figure(width: float = 7.5, height: float = 4.6) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+
+
+def _sweep(r: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cutoffs, accuracy (%), predicted seconds and exit shares (points x exits) of the sweep."""
+    s = r["sweep"]
+    return (np.array([p["cutoff"] for p in s]), 100 * np.array([p["overall_accuracy"] for p in s]),
+            np.array([p["seconds"] for p in s]), np.array([p["exit_shares"] for p in s]))
+
+
+def _time_label(r: dict) -> str:
+    return f"time for {_n_test(r)} test images (s)"
+
+
+def plot_accuracy_vs_cutoff(r: dict) -> Figure:
+    cut, acc, _, _ = _sweep(r)
+    fixed = r["fixed_cutoff"]
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot(cut, acc, lw=2, color="tab:blue", label="early exit, one cutoff for every side exit")
+    ax.axhline(100 * r["exits"][-1]["accuracy"], color="tab:gray", ls="--",
+               label=f"final exit only ({_pct(r['exits'][-1]['accuracy'])})")
+    ax.axhline(100 * r["oracle_accuracy"], color="tab:green", ls=":", lw=2,
+               label=f"oracle, first correct exit ({_pct(r['oracle_accuracy'])})")
+    ax.plot(fixed["cutoff"], 100 * fixed["overall_accuracy"], "o", color="tab:red", ms=7,
+            label=f"fixed cutoff {fixed['cutoff']:.2f}, measured ({_pct(fixed['overall_accuracy'])})")
+    ax.set_xlim(0, r["max_cutoff"])
+    _style(ax, "Test accuracy vs exit cutoff", _cutoff_label(r), "test accuracy (%)")
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def plot_time_vs_cutoff(r: dict) -> Figure:
+    cut, _, sec, _ = _sweep(r)
+    full, fixed = r["full_network"], r["fixed_cutoff"]
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot(cut, sec, lw=2, color="tab:blue", label="early exit (per-stage timing model)")
+    ax.axhline(full["seconds"], color="tab:gray", ls="--", label=f"full network, measured ({full['seconds']:.2f} s)")
+    ax.plot(fixed["cutoff"], fixed["seconds"], "o", color="tab:red", ms=7,
+            label=f"fixed cutoff {fixed['cutoff']:.2f}, measured ({fixed['seconds']:.2f} s)")
+    ax.set_xlim(0, r["max_cutoff"])
+    ax.set_ylim(bottom=0)
+    _style(ax, "Inference time vs exit cutoff", _cutoff_label(r), _time_label(r))
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def plot_time_vs_accuracy(r: dict) -> Figure:
+    cut, acc, sec, _ = _sweep(r)
+    full = r["full_network"]
+    fig = _figure()
+    ax = fig.add_subplot()
+    points = ax.scatter(acc, sec, c=cut, cmap="viridis", s=18, label="cutoff sweep (predicted time)")
+    ax.plot(100 * full["accuracy"], full["seconds"], "*", color="tab:red", ms=12, label="full network, measured")
+    fig.colorbar(points, ax=ax, label=_cutoff_label(r))
+    ax.set_ylim(bottom=0)
+    _style(ax, "Time vs accuracy over the cutoff sweep", "test accuracy (%)", _time_label(r))
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def plot_exit_shares(r: dict) -> Figure:
+    cut, _, _, shares = _sweep(r)
+    k = shares.shape[1]
+    colors = [f"C{i % 10}" for i in range(k)]
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.stackplot(cut, 100 * shares.T, colors=colors, alpha=0.85,
+                 labels=[f"exit {_exit_name(i, k)}" for i in range(k)])
+    ax.set_xlim(0, r["max_cutoff"])
+    ax.set_ylim(0, 100)
+    _style(ax, "Where test samples leave vs exit cutoff", _cutoff_label(r), "share of test samples (%)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    return fig
+
+
+def plot_calibration(r: dict) -> Figure:
+    _, acc, sec, _ = _sweep(r)
+    full = r["full_network"]
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot(acc, sec, color="0.8", lw=2, zorder=0, label="single cutoff sweep (reference)")
+    methods = list(dict.fromkeys(c["method"] for c in r["calibration"]))
+    for i, method in enumerate(methods):
+        runs = sorted((c for c in r["calibration"] if c["method"] == method), key=lambda c: c["desired_accuracy"])
+        x = [100 * c["test_accuracy"] for c in runs]
+        y = [c["seconds"] for c in runs]
+        ax.plot(x, y, "o-", color=f"C{i}", ms=5, label=method)
+        for c, xi, yi in zip(runs, x, y):
+            ax.annotate(f"{100 * c['desired_accuracy']:g}%", (xi, yi), textcoords="offset points",
+                        xytext=(5, 5 if i % 2 == 0 else -12), fontsize=7, color=f"C{i}")
+    ax.plot(100 * full["accuracy"], full["seconds"], "*", color="tab:red", ms=12, label="full network, measured")
+    ax.set_ylim(bottom=0)
+    _style(ax, "Calibrated thresholds: time vs test accuracy\n(each point labelled with its desired accuracy)",
+           "test accuracy (%)", f"{_time_label(r)}, predicted")
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def plot_per_exit(r: dict) -> Figure:
+    k = len(r["exits"])
+    idx = np.arange(k)
+    fixed = r["fixed_cutoff"]
+    fig = _figure(11, 4.4)
+    left, right = fig.subplots(1, 2)
+    test = left.bar(idx - 0.2, [100 * e["accuracy"] for e in r["exits"]], 0.4, color="tab:blue", label="test")
+    left.bar(idx + 0.2, [100 * e["val_accuracy"] for e in r["exits"]], 0.4, color="tab:cyan", label="validation")
+    left.bar_label(test, fmt="%.1f", fontsize=7)
+    left.set_ylim(0, 118)
+    _style(left, "Accuracy of each exit on every sample", "exit (index)", "accuracy (%)")
+    left.legend(loc="upper center", ncols=2, fontsize=8)
+    counts = right.bar(idx, [e["count"] for e in fixed["per_exit"]], 0.6, color="tab:orange",
+                       label="samples leaving (labels: their accuracy)")
+    right.bar_label(counts, labels=[_pct(e["accuracy"]) for e in fixed["per_exit"]], fontsize=7)
+    right.set_ylim(0, 1.2 * max(e["count"] for e in fixed["per_exit"]) + 1)
+    _style(right, f"Fixed cutoff {fixed['cutoff']:.2f}: where test samples leave", "exit (index)",
+           "test samples leaving (count)")
+    right.legend(loc="upper center", fontsize=8)
+    for ax in (left, right):
+        ax.set_xticks(idx, [_exit_name(i, k) for i in idx])
+    return fig
+
+
+PLOTS: dict[str, tuple[Callable[[dict], Figure], str]] = {
+    "accuracy_vs_cutoff.png": (plot_accuracy_vs_cutoff, "Overall test accuracy vs the shared exit cutoff"),
+    "time_vs_cutoff.png": (plot_time_vs_cutoff, "Inference time vs the shared exit cutoff"),
+    "time_vs_accuracy.png": (plot_time_vs_accuracy, "Time vs accuracy over the cutoff sweep"),
+    "exit_shares.png": (plot_exit_shares, "Share of test samples leaving at each exit vs cutoff"),
+    "calibration.png": (plot_calibration, "Calibrated per-exit thresholds: time vs test accuracy"),
+    "per_exit.png": (plot_per_exit, "Accuracy per exit, and where samples leave at the fixed cutoff"),
+}
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+# -----------------------------------------------------------------------------
+# documents
+
+
+@dataclass
+class Section:
+    title: str
+    text: str
+    table: Table | None = None
+    images: tuple[str, ...] = ()
+
+
+def _sections(r: dict) -> list[Section]:
+    full, fixed, tm = r["full_network"], r["fixed_cutoff"], r["timing_model"]
+    n = _n_test(r)
+    stage_ms = " / ".join(f"{1e3 * s:.4f}" for s in tm["stage_seconds_per_sample"])
+    return [
+        Section("Setup", f"Test split: {n} images. Times are for the whole test split.", setup_table(r)),
+        Section("Exits", "Accuracy of each exit when every sample runs through every exit; MACs are cumulative "
+                         f"for a sample leaving there. Oracle (each sample at its first correct exit): "
+                         f"{_pct(r['oracle_accuracy'])}.", exits_table(r), ("per_exit.png",)),
+        Section("Fixed cutoff", f"Every side exit uses cutoff {fixed['cutoff']:.3f}, run with real early exit: "
+                                f"overall accuracy {_pct(fixed['overall_accuracy'])} in {_sec(fixed['seconds'])} s, "
+                                f"mean {_macs(fixed['mean_macs'])} MACs per sample, vs {_pct(full['accuracy'])} "
+                                f"in {_sec(full['seconds'])} s for the full network.", fixed_cutoff_table(r)),
+        Section("Cutoff sweep", f"{len(r['sweep'])} shared cutoffs from 0 to {r['max_cutoff']:.3f}; times from the "
+                                "per-stage timing model.",
+                images=("accuracy_vs_cutoff.png", "time_vs_cutoff.png", "time_vs_accuracy.png", "exit_shares.png")),
+        Section("Calibration", "Per-exit thresholds chosen on the validation split for each desired accuracy, "
+                               "evaluated on test. 'never' means no sample leaves at that exit.",
+                calibration_table(r), ("calibration.png",)),
+        Section("Best configurations", "Settings chosen on validation, then measured on test with real early exit; "
+                                       "speedup is against the full network.",
+                configurations_table(r)),
+        Section("Timing model", f"Time per sample for each stage (ms): {stage_ms}. Mean absolute relative error "
+                                f"against real runs: {tm['mean_abs_relative_error']:.1%}.", timing_table(r)),
+    ]
+
+
+def _title(r: dict) -> str:
+    return f"exitwise report: {r['model']['name']} on {r['dataset']['name']}"
+
+
+def _words(table: Table) -> set[int]:
+    """Columns of words rather than numbers: left-aligned in every rendering."""
+    header, rows = table
+    return {i for i in range(len(header)) if i == 0 or any(row[i][:1].isalpha() for row in rows)}
+
+
+def _md_table(table: Table) -> str:
+    header, rows = table
+    line = lambda cells: "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    words = _words(table)
+    rule = "|" + "".join(":---|" if i in words else "---:|" for i in range(len(header)))
+    return "\n".join([line(header), rule, *map(line, rows)])
+
+
+def _markdown(r: dict, sections: list[Section]) -> str:
+    parts = [f"# {_title(r)}", f"exitwise {r['exitwise_version']}, created {r['created']}"]
+    for s in sections:
+        parts += [f"## {s.title}", s.text]
+        parts += [_md_table(s.table)] if s.table else []
+        parts += [f"![{PLOTS[name][1]}]({name})" for name in s.images]
+    return "\n\n".join(parts) + "\n"
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+.w { text-align: left; }
+th { background: #f0f0f0; }
+tr:nth-child(even) td { background: #fafafa; }
+figure { margin: 1.5em 0; }
+img { max-width: 100%; }
+figcaption { color: #555; font-size: 0.9em; }
+"""
+
+
+def _html_table(table: Table) -> str:
+    header, rows = table
+    words = _words(table)
+    cell = lambda i, c, tag: f"<{tag} class={'w' if i in words else 'n'}>{html.escape(str(c))}</{tag}>"
+    row = lambda cells, tag: "<tr>" + "".join(cell(i, c, tag) for i, c in enumerate(cells)) + "</tr>"
+    return f"<table><thead>{row(header, 'th')}</thead><tbody>{''.join(row(r, 'td') for r in rows)}</tbody></table>"
+
+
+def _html(r: dict, sections: list[Section], pngs: dict[str, bytes]) -> str:
+    esc = html.escape
+    body = [f"<h1>{esc(_title(r))}</h1>", f"<p>exitwise {esc(r['exitwise_version'])}, created {esc(r['created'])}</p>"]
+    for s in sections:
+        body += [f"<h2>{esc(s.title)}</h2>", f"<p>{esc(s.text)}</p>"]
+        body += [_html_table(s.table)] if s.table else []
+        for name in s.images:
+            data = base64.b64encode(pngs[name]).decode("ascii")
+            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(PLOTS[name][1])}">'
+                        f"<figcaption>{esc(PLOTS[name][1])}</figcaption></figure>")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(_title(r))}</title>'
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(results: dict, out_dir: Path) -> list[Path]:
+    """Write the PNG plots, report.md and a self-contained report.html into `out_dir`; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs = {name: _png(plot(results)) for name, (plot, _) in PLOTS.items()}
+    sections = _sections(results)
+    files = {**pngs, "report.md": _markdown(results, sections).encode(),
+             "report.html": _html(results, sections, pngs).encode()}
+    for name, data in files.items():
+        atomic_write_bytes(out_dir / name, data)
+    return [out_dir / name for name in files]
+
+
+# -----------------------------------------------------------------------------
+# terminal
+
+
+def _text_table(table: Table) -> str:
+    header, rows = table
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+    words = _words(table)
+    line = lambda cells: "  ".join(str(c).ljust(w) if i in words else str(c).rjust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def format_summary(results: dict) -> str:
+    """A plain-text summary for the terminal: the exits and the main configurations, fixed-width columns."""
+    r = results
+    head = (f"{r['model']['name']} on {r['dataset']['name']} ({_n_test(r)} test images, {r['precision']}), "
+            f"timing model error {r['timing_model']['mean_abs_relative_error']:.1%}")
+    return "\n\n".join([head, _text_table(exits_table(r)), _text_table(configurations_table(r))])

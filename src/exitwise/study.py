@@ -1,0 +1,217 @@
+"""The founding early-exit study, done right: one pass per split, then array arithmetic.
+
+`run_study` collects every exit's logits on the validation and test splits once, measures the time
+of each stage, and derives everything else (per-exit accuracy, the oracle, a fixed cutoff, the
+cutoff sweep, calibrated per-exit thresholds, the best settings) from those arrays. Times in the
+sweep come from a per-stage cost model; real early-exit runs at several settings check it.
+"""
+from __future__ import annotations
+
+import hashlib
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__, analysis, calibration
+from .costs import backbone_macs, exit_macs
+from .data import Splits
+from .errors import UserError
+from .io import atomic_write_json, staged_output
+from .models.base import MultiExitNetwork
+from .policies import get_policy
+from .runtime import PRECISIONS, all_exit_logits, prepare, run_backbone, run_early_exit, warm_up
+
+DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
+AGREEMENT_REQUIRED = 0.995
+
+
+@dataclass
+class StudyConfig:
+    cutoff: float = 0.6
+    num_cutoffs: int = 100
+    desired_accuracies: tuple[float, ...] = DEFAULT_DESIRED
+    methods: tuple[str, ...] = ("per-exit", "seed-percentile")
+    policy: str = "entropy"
+    batch_size: int = 256
+    precision: str = "bf16"
+    precision_check_images: int = 2000
+    within_points: float = 0.5
+    progress: bool = True
+
+    def __post_init__(self):
+        if not np.isfinite(self.cutoff) or self.cutoff < 0:
+            raise UserError(f"cutoff must be a non-negative number, got {self.cutoff}")
+        for d in self.desired_accuracies:
+            calibration.check_desired_accuracy(d)
+        unknown = [m for m in self.methods if m not in calibration.METHODS]
+        if unknown:
+            raise UserError(f"unknown calibration method {unknown[0]!r}; known: {', '.join(calibration.METHODS)}")
+        if self.batch_size < 1:
+            raise UserError(f"batch size must be positive, got {self.batch_size}")
+        get_policy(self.policy)
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class ExitArrays:
+    """One split's cached scores and correctness, (K, N) each."""
+    scores: np.ndarray
+    correct: np.ndarray
+    logits: np.ndarray = field(repr=False)
+
+
+def exit_arrays(logits: np.ndarray, labels: torch.Tensor, policy_name: str) -> ExitArrays:
+    scores = get_policy(policy_name).scores(torch.from_numpy(logits)).numpy().astype(np.float64)
+    return ExitArrays(scores, logits.argmax(-1) == labels.numpy()[None, :], logits)
+
+
+def check_precision(model: MultiExitNetwork, data, config: StudyConfig) -> dict | None:
+    """Agreement of bf16 and fp32 predictions at every exit on the first test images."""
+    if config.precision == "fp32" or config.precision_check_images <= 0:
+        return None
+    sample = data.subset(torch.arange(min(config.precision_check_images, len(data))))
+    fast = all_exit_logits(model, sample, config.batch_size, "bf16").logits.argmax(-1)
+    exact = all_exit_logits(model, sample, config.batch_size, "fp32").logits.argmax(-1)
+    per_exit = (fast == exact).mean(axis=1)
+    return {"images": len(sample), "agreement_per_exit": per_exit.tolist(),
+            "agreement_with_fp32": float(per_exit.min()), "required": AGREEMENT_REQUIRED}
+
+
+def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> dict:
+    """The whole study; returns the `results.json` dictionary."""
+    policy = get_policy(config.policy)
+    model = prepare(model)
+    macs = exit_macs(model)
+    k_exits = model.num_exits
+    max_cutoff = policy.max_score(model.num_classes)
+
+    precision_check = check_precision(model, splits.test, config)
+    precision = config.precision
+    if precision_check and precision_check["agreement_with_fp32"] < AGREEMENT_REQUIRED:
+        precision = "fp32"  # bf16 changes too many predictions for this model: measure in fp32
+    run_kwargs = dict(batch_size=config.batch_size, precision=precision)
+    warm_up(model, splits.test, **run_kwargs)
+
+    test_run = all_exit_logits(model, splits.test, progress=config.progress, **run_kwargs)
+    val_run = all_exit_logits(model, splits.val, progress=config.progress, **run_kwargs)
+    test = exit_arrays(test_run.logits, splits.test.labels, config.policy)
+    val = exit_arrays(val_run.logits, splits.val.labels, config.policy)
+    per_sample = np.array(test_run.stage_seconds) / len(splits.test)
+
+    def on_test(thresholds: np.ndarray) -> dict:
+        return analysis.evaluate(test.scores, test.correct, thresholds, macs, per_sample)
+
+    def on_val(thresholds: np.ndarray) -> dict:
+        return analysis.evaluate(val.scores, val.correct, thresholds, macs, per_sample)
+
+    def measure(thresholds: np.ndarray):
+        return run_early_exit(model, splits.test, thresholds, policy, progress=config.progress, **run_kwargs)
+
+    never = np.full(k_exits - 1, -np.inf)
+    backbone = run_backbone(model, splits.test, **run_kwargs)
+    full_network = {"accuracy": float(test.correct[-1].mean()), "seconds": backbone.seconds,
+                    "mean_macs": float(backbone_macs(model)),
+                    "note": "every stage and the final classifier, no side exits, measured"}
+
+    exits = [{"index": k, "accuracy": float(test.correct[k].mean()), "val_accuracy": float(val.correct[k].mean()),
+              "macs": int(macs[k])} for k in range(k_exits)]
+    oracle = analysis.oracle(test.correct, macs)
+
+    # fixed cutoff, measured for real
+    fixed_thr = np.full(k_exits - 1, config.cutoff)
+    fixed_run = measure(fixed_thr)
+    fixed = on_test(fixed_thr)
+    fixed_cutoff = {
+        "cutoff": config.cutoff, "overall_accuracy": fixed["overall_accuracy"], "seconds": fixed_run.seconds,
+        "mean_macs": fixed["mean_macs"],
+        "per_exit": [{"index": k, "count": fixed["exit_counts"][k], "accuracy": fixed["exit_accuracy"][k],
+                      "seconds": fixed_run.stage_seconds[k]} for k in range(k_exits)],
+    }
+
+    cutoffs = np.linspace(0.0, max_cutoff, config.num_cutoffs)
+    sweep = [{k: r[k] for k in ("cutoff", "overall_accuracy", "exit_shares", "mean_macs", "seconds")}
+             for r in analysis.sweep(test.scores, test.correct, cutoffs, macs, per_sample)]
+
+    calibrated = []
+    for method in config.methods:
+        for desired in config.desired_accuracies:
+            thr = calibration.METHODS[method](val.scores, val.correct, desired, max_cutoff)
+            t = on_test(thr)
+            calibrated.append({"method": method, "desired_accuracy": desired,
+                               "thresholds": analysis.thresholds_to_json(thr),
+                               "val_accuracy": on_val(thr)["overall_accuracy"], "test_accuracy": t["overall_accuracy"],
+                               "mean_macs": t["mean_macs"], "seconds": t["seconds"], "exit_shares": t["exit_shares"]})
+
+    # candidates are chosen on validation (accuracy, predicted time), then evaluated on test
+    candidates = [("no early exit", never)] + [(f"cutoff {c:.3f}", np.full(k_exits - 1, c)) for c in cutoffs]
+    candidates += [(f"{c['method']} {c['desired_accuracy']:.2f}",
+                    analysis.as_thresholds(c["thresholds"], k_exits)) for c in calibrated]
+    scored = [(label, thr, on_val(thr)) for label, thr in candidates]
+    # the founding system chose among its calibrated threshold sets only
+    founding = max(scored[len(scored) - len(calibrated):], key=lambda s: s[2]["overall_accuracy"] / s[2]["seconds"])
+    floor = val.correct[-1].mean() - config.within_points / 100
+    fastest = min((s for s in scored if s[2]["overall_accuracy"] >= floor), key=lambda s: s[2]["seconds"])
+
+    checks, best = [], {}
+    for key, (label, thr, _) in (("founding_rule", founding), (f"fastest_within_{config.within_points:g}_points", fastest)):
+        run = measure(thr)
+        t = on_test(thr)
+        best[key] = {"label": label, "thresholds": analysis.thresholds_to_json(thr),
+                     "test_accuracy": t["overall_accuracy"], "mean_macs": t["mean_macs"],
+                     "exit_shares": t["exit_shares"], "seconds": run.seconds, "predicted_seconds": t["seconds"],
+                     "speedup": full_network["seconds"] / run.seconds}
+        checks.append((label, t["seconds"], run.seconds))
+    checks.append((f"cutoff {config.cutoff:g}", fixed["seconds"], fixed_run.seconds))
+    for fraction in (0.1, 0.5):
+        c = fraction * max_cutoff
+        checks.append((f"cutoff {c:.3f}", on_test(np.full(k_exits - 1, c))["seconds"],
+                       measure(np.full(k_exits - 1, c)).seconds))
+    checks.append(("all exits, no early exit", float(per_sample.sum() * len(splits.test)), test_run.seconds))
+    timing_checks = [{"label": label, "predicted_seconds": p, "measured_seconds": m, "relative_error": (p - m) / m}
+                     for label, p, m in checks]
+
+    return {
+        "exitwise_version": __version__,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "software": software_versions(),
+        "dataset": splits.describe(),
+        "model": model_info,
+        "precision": precision, "precision_check": precision_check,
+        "batch_size": config.batch_size, "policy": config.policy, "max_cutoff": max_cutoff,
+        "exits": exits,
+        "oracle_accuracy": oracle["accuracy"], "oracle_mean_macs": oracle["mean_macs"],
+        "full_network": full_network,
+        "fixed_cutoff": fixed_cutoff,
+        "sweep": sweep,
+        "timing_model": {"stage_seconds_per_sample": per_sample.tolist(), "checks": timing_checks,
+                         "mean_abs_relative_error": float(np.mean([abs(c["relative_error"]) for c in timing_checks]))},
+        "calibration": calibrated,
+        "best": best,
+    }
+
+
+def software_versions() -> dict:
+    return {"exitwise": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_study(results: dict, out_dir: str | Path) -> Path:
+    """results.json, plots and reports into `out_dir`, all or nothing."""
+    from .report import write_report
+    with staged_output(out_dir) as stage:
+        atomic_write_json(stage / "results.json", results)
+        write_report(results, stage)
+    return Path(out_dir)

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny generated image sets and the location of ../shared."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from exitwise.data import ImageSet
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CIFAR_JPG = SHARED / "data" / "cifar10-jpg.tar.gz"
+SEED_WEIGHTS = SHARED / "seed" / "cifar10_branchyNet_m.h5"
+
+
+def random_image_set(n: int, shape=(8, 8, 1), num_classes: int = 10, seed: int = 0) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    return ImageSet(images, labels, tuple(str(i) for i in range(num_classes)))
+
+
+@pytest.fixture
+def needs_cifar():
+    if not (CIFAR_JPG.is_file() and SEED_WEIGHTS.is_file()):
+        pytest.skip("../shared CIFAR-10 copy or seed weights not present")

@@ -1,0 +1,148 @@
+"""The CLI: user mistakes give one line on stderr, exit status 2 and no output left behind."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from exitwise.cli import main
+from exitwise.data import CIFAR10_CLASSES
+from exitwise.models import create_model
+
+
+def make_tree(root, per_class=3, size=32, skip_class=None):
+    for split in ("train", "test"):
+        for label, name in enumerate(CIFAR10_CLASSES):
+            if name == skip_class:
+                continue
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (size, size), (label * 20, i * 40, 0)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def seed_weights(tmp_path):
+    path = tmp_path / "seed.safetensors"
+    save_file(create_model("seed-branchynet").state_dict(), str(path))
+    return path
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def study_args(data_dir, weights, out, *extra):
+    return ("study", "--dataset", "cifar10", "--data-dir", data_dir, "--model", "seed-branchynet",
+            "--weights", weights, "--out", out, "--val-size", "10", "--no-progress", *extra)
+
+
+def assert_user_error(code, err, *words):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("exitwise: error:"), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in err
+
+
+def test_a_small_study_writes_every_output(tmp_path, capsys, seed_weights):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, *study_args(make_tree(tmp_path / "data"), seed_weights, out,
+                                                    "--desired-accuracies", "0.5,0.9"))
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    for key in ("exits", "oracle_accuracy", "fixed_cutoff", "sweep", "calibration", "best", "dataset", "model", "software"):
+        assert key in results
+    assert len(results["sweep"]) == 100 and results["fixed_cutoff"]["cutoff"] == 0.6
+    assert {c["method"] for c in results["calibration"]} == {"per-exit", "seed-percentile"}
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    assert "report.html" in stdout
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+@pytest.mark.parametrize("extra, words", [
+    (("--cutoff", "-1"), ["cutoff"]),
+    (("--cutoff", "nan"), ["cutoff"]),
+    (("--desired-accuracies", "0.8,1.5"), ["desired accuracy"]),
+    (("--desired-accuracies", "0"), ["desired accuracy"]),
+    (("--precision", "fp8"), ["precision"]),
+])
+def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, seed_weights, extra, words):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *study_args(make_tree(tmp_path / "data", per_class=1), seed_weights, out, *extra))
+    assert_user_error(code, err, *words)
+    assert not out.exists()
+
+
+def test_bad_data_dirs(tmp_path, capsys, seed_weights):
+    out = tmp_path / "out"
+    cases = {"missing": tmp_path / "nowhere", "empty": tmp_path / "empty", "unknown format": tmp_path / "odd"}
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "notes.txt").write_text("hello")
+    for data_dir in cases.values():
+        code, _, err = run_cli(capsys, *study_args(data_dir, seed_weights, out))
+        assert_user_error(code, err)
+        assert not out.exists()
+
+
+def test_missing_class_folder_is_named(tmp_path, capsys, seed_weights):
+    code, _, err = run_cli(capsys, *study_args(make_tree(tmp_path / "d", 1, skip_class="horse"), seed_weights, tmp_path / "o"))
+    assert_user_error(code, err, "horse")
+
+
+def test_corrupt_image_is_named(tmp_path, capsys, seed_weights):
+    data = make_tree(tmp_path / "d", 1)
+    (data / "test" / "cat" / "0.png").write_bytes(b"\x89PNG broken")
+    code, _, err = run_cli(capsys, *study_args(data, seed_weights, tmp_path / "o"))
+    assert_user_error(code, err, "0.png")
+
+
+def test_checkpoint_that_does_not_fit(tmp_path, capsys):
+    wrong = tmp_path / "digits.safetensors"
+    save_file(create_model("digits-convnet").state_dict(), str(wrong))
+    code, _, err = run_cli(capsys, *study_args(make_tree(tmp_path / "d", 1), wrong, tmp_path / "o"))
+    assert_user_error(code, err, "do not fit", "missing")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output_dir(tmp_path, capsys, seed_weights):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, *study_args(make_tree(tmp_path / "d", 1), seed_weights, blocker / "out"))
+    assert_user_error(code, err, "cannot write")
+
+
+def test_failure_mid_study_leaves_an_existing_output_dir_untouched(tmp_path, capsys, seed_weights, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("old")
+
+    def broken_report(results, out_dir):
+        (out_dir / "accuracy_vs_cutoff.png").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("exitwise.report.write_report", broken_report)
+    with pytest.raises(OSError):
+        main([str(a) for a in study_args(make_tree(tmp_path / "d", 1), seed_weights, out)])
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+    assert (out / "results.json").read_text() == "old"
+
+
+def test_unknown_model_and_unknown_flag(capsys):
+    code, _, err = run_cli(capsys, "study", "--model", "nope", "--out", "x", "--dataset", "digits")
+    assert_user_error(code, err, "nope")
+    code, _, err = run_cli(capsys, "study", "--bogus")
+    assert_user_error(code, err)
+
+
+def test_console_entry_point_runs_as_a_module():
+    done = subprocess.run([sys.executable, "-m", "exitwise", "models"], capture_output=True, text=True)
+    assert done.returncode == 0 and "seed-branchynet" in done.stdout

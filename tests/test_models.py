@@ -1,0 +1,77 @@
+"""The model registry, the seed network's layout, checkpoint loading and MACs."""
+import torch
+
+import pytest
+from safetensors.torch import save_file
+
+from exitwise.costs import backbone_macs, exit_macs
+from exitwise.errors import UserError
+from exitwise.models import MODELS, create_model, load_weights
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_gives_one_logit_tensor_per_exit_and_stages_compose_to_forward(name):
+    model = create_model(name).eval()
+    x = torch.rand(3, *model.input_shape)
+    all_logits = model(x)
+    assert len(all_logits) == model.num_exits and all(l.shape == (3, model.num_classes) for l in all_logits)
+    h = x
+    for k, (stage, head) in enumerate(zip(model.stages, model.heads)):
+        h = stage(h)
+        torch.testing.assert_close(head(h), all_logits[k])
+
+
+def test_seed_branchynet_has_the_founding_layout_six_exits_and_82_mflops():
+    model = create_model("seed-branchynet")
+    assert model.num_exits == 6
+    macs = exit_macs(model)
+    assert macs == sorted(macs)
+    assert 2 * macs[-1] == pytest.approx(82e6, rel=0.01)  # ARCHITECTURE.md: ~82 MFLOPs with every exit
+    assert backbone_macs(model) < macs[-1]
+
+
+def test_seed_checkpoint_names_map_onto_stages_and_heads(tmp_path):
+    model = create_model("seed-branchynet")
+    flat = {}
+    for key, value in model.state_dict().items():
+        part, index, rest = key.split(".", 2)
+        flat[f"branch{int(index) + 1}.{rest}" if part == "heads" else rest] = value.clone()
+    torch.save(flat, tmp_path / "seed.h5")
+    fresh = load_weights(create_model("seed-branchynet"), tmp_path / "seed.h5")
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value)
+
+
+def test_safetensors_round_trip(tmp_path):
+    model = create_model("digits-convnet")
+    save_file(model.state_dict(), str(tmp_path / "m.safetensors"))
+    fresh = load_weights(create_model("digits-convnet"), tmp_path / "m.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_checkpoint_that_does_not_fit_is_refused_naming_the_tensors(tmp_path):
+    state = create_model("digits-convnet").state_dict()
+    state.pop("heads.0.2.weight")
+    state["stages.0.0.weight"] = torch.zeros(5, 1, 3, 3)
+    state["surprise"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(UserError) as e:
+        load_weights(create_model("digits-convnet"), tmp_path / "bad.pt")
+    assert "heads.0.2.weight" in str(e.value) and "surprise" in str(e.value) and "stages.0.0.weight" in str(e.value)
+
+
+def test_pickled_code_is_never_run(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError):
+        load_weights(create_model("digits-convnet"), tmp_path / "evil.pt")
+
+
+def test_unknown_model_and_garbage_file(tmp_path):
+    with pytest.raises(UserError, match="unknown model"):
+        create_model("nope")
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(UserError):
+        load_weights(create_model("digits-convnet"), tmp_path / "garbage.safetensors")

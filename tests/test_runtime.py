@@ -1,0 +1,43 @@
+"""Real early exit must make exactly the decisions the cached all-exit logits predict."""
+import numpy as np
+import pytest
+import torch
+
+from exitwise import analysis
+from exitwise.models import create_model
+from exitwise.policies import entropy, get_policy
+from exitwise.runtime import all_exit_logits, prepare, run_early_exit
+
+from conftest import random_image_set
+
+
+def test_entropy_is_zero_for_certain_and_ln_c_for_uniform():
+    logits = torch.tensor([[100.0, 0, 0, 0], [1.0, 1, 1, 1]])
+    torch.testing.assert_close(entropy(logits), torch.tensor([0.0, np.log(4)], dtype=torch.float32))
+
+
+@pytest.mark.parametrize("batch_size", [7, 64])
+def test_compaction_gives_the_same_exits_and_predictions_as_all_logits_plus_the_rule(batch_size):
+    torch.manual_seed(0)
+    model = prepare(create_model("digits-convnet"))
+    data = random_image_set(200)
+    policy = get_policy("entropy")
+    full = all_exit_logits(model, data, batch_size=batch_size, precision="fp32")
+    scores = policy.scores(torch.from_numpy(full.logits)).numpy()
+    for thresholds in (np.quantile(scores[:-1], 0.3, axis=1), np.array([2.0, -np.inf]), np.full(2, np.inf)):
+        run = run_early_exit(model, data, thresholds, policy, batch_size=batch_size, precision="fp32")
+        expected_exits = analysis.exit_points(scores, thresholds)
+        assert (run.exits == expected_exits).all()
+        assert (run.predictions == full.logits[expected_exits, np.arange(len(data))].argmax(-1)).all()
+        assert len(run.stage_seconds) == model.num_exits
+
+
+def test_all_exit_logits_match_the_models_forward():
+    torch.manual_seed(0)
+    model = prepare(create_model("digits-convnet"))
+    data = random_image_set(50)
+    run = all_exit_logits(model, data, batch_size=16, precision="fp32")
+    images = next(data.batches(50))[0]
+    with torch.no_grad():
+        expected = torch.stack(model(images)).numpy()
+    np.testing.assert_allclose(run.logits, expected, rtol=1e-4, atol=1e-5)
