@@ -47,8 +47,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        results = run_study(model, splits, StudyConfig(progress=False), info)
-        write_study(results, out)
+        done = run_study(model, splits, StudyConfig(progress=False), info)
+        write_study(done, out)
+        results = done.results
         study = time.perf_counter() - start
     print(f"whole study ({len(splits.test)} test + {len(splits.val)} validation images, reports written): {study:.2f} s")
     print(f"ratio study / founding pass: {study / founding:.2f}  (target <= 1.5)")

@@ -22,3 +22,12 @@ def random_image_set(n: int, shape=(8, 8, 1), num_classes: int = 10, seed: int =
 def needs_cifar():
     if not (CIFAR_JPG.is_file() and SEED_WEIGHTS.is_file()):
         pytest.skip("../shared CIFAR-10 copy or seed weights not present")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_data_cache(tmp_path_factory):
+    """Decoded data sets go to a cache private to this test session, never the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EXITWISE_CACHE_DIR", str(tmp_path_factory.mktemp("exitwise-cache")))
+    yield
+    mp.undo()

@@ -37,9 +37,9 @@ def study(*, dataset: str, data_dir: str | Path | None, model: str, out: str | P
     splits = load_splits(dataset, data_dir, download=download, val_size=val_size,
                          split_seed=split_seed, progress=progress)
     check_fits(net, splits, model)
-    results = run_study(net, splits, config, info)
-    write_study(results, out)
-    return results
+    done = run_study(net, splits, config, info)
+    write_study(done, out)
+    return done.results
 
 
 def check_fits(net: MultiExitNetwork, splits: Splits, name: str) -> None:

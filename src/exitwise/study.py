@@ -21,6 +21,7 @@ from .costs import backbone_macs, exit_macs
 from .data import Splits
 from .errors import UserError
 from .io import atomic_write_json, staged_output
+from .logits_cache import FILENAME as LOGITS_FILENAME, ExitLogits, save_logits
 from .models.base import MultiExitNetwork
 from .policies import get_policy
 from .runtime import PRECISIONS, all_exit_logits, prepare, run_backbone, run_early_exit, warm_up
@@ -82,8 +83,14 @@ def check_precision(model: MultiExitNetwork, data, config: StudyConfig) -> dict 
             "agreement_with_fp32": float(per_exit.min()), "required": AGREEMENT_REQUIRED}
 
 
-def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> dict:
-    """The whole study; returns the `results.json` dictionary."""
+@dataclass
+class Study:
+    results: dict       # what results.json holds
+    logits: ExitLogits  # what logits.safetensors holds
+
+
+def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> Study:
+    """The whole study: the `results.json` dictionary and the cached logits it was computed from."""
     policy = get_policy(config.policy)
     model = prepare(model)
     macs = exit_macs(model)
@@ -175,7 +182,7 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
     timing_checks = [{"label": label, "predicted_seconds": p, "measured_seconds": m, "relative_error": (p - m) / m}
                      for label, p, m in checks]
 
-    return {
+    results = {
         "exitwise_version": __version__,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "software": software_versions(),
@@ -193,6 +200,12 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
         "calibration": calibrated,
         "best": best,
     }
+    logits = ExitLogits(val_logits=val.logits, val_labels=splits.val.labels.numpy(), test_logits=test.logits,
+                        test_labels=splits.test.labels.numpy(), exit_macs=np.asarray(macs, dtype=np.int64),
+                        stage_seconds_per_sample=per_sample,
+                        info={"model": model_info, "dataset": results["dataset"], "precision": precision,
+                              "batch_size": config.batch_size})
+    return Study(results, logits)
 
 
 def software_versions() -> dict:
@@ -208,10 +221,11 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_study(results: dict, out_dir: str | Path) -> Path:
-    """results.json, plots and reports into `out_dir`, all or nothing."""
+def write_study(study: Study, out_dir: str | Path) -> Path:
+    """results.json, logits.safetensors, plots and reports into `out_dir`, all or nothing."""
     from .report import write_report
     with staged_output(out_dir) as stage:
-        atomic_write_json(stage / "results.json", results)
-        write_report(results, stage)
+        atomic_write_json(stage / "results.json", study.results)
+        save_logits(study.logits, stage / LOGITS_FILENAME)
+        write_report(study.results, stage)
     return Path(out_dir)
