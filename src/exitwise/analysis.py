@@ -77,3 +77,81 @@ def sweep(scores: np.ndarray, correct: np.ndarray, cutoffs: np.ndarray, exit_mac
         r = evaluate(scores, correct, np.full(scores.shape[0] - 1, cutoff), exit_macs, stage_seconds_per_sample)
         rows.append({"cutoff": float(cutoff), **r})
     return rows
+
+
+def latency_costs(stage_seconds_per_sample: Sequence[float]) -> np.ndarray:
+    """Milliseconds per sample of leaving at exit k (stages 0..k), a cost vector like exit MACs."""
+    return 1000 * np.cumsum(np.asarray(stage_seconds_per_sample, dtype=np.float64))
+
+
+def cost_accuracy_points(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float],
+                         settings: Sequence[np.ndarray]) -> list[dict]:
+    """{"cost", "accuracy", "thresholds"} of each threshold setting on this split (cost: mean per sample)."""
+    points = []
+    for thresholds in settings:
+        r = evaluate(scores, correct, np.asarray(thresholds, dtype=np.float64), costs)
+        points.append({"cost": r["mean_macs"], "accuracy": r["overall_accuracy"],
+                       "thresholds": thresholds_to_json(np.asarray(thresholds, dtype=np.float64))})
+    return points
+
+
+def non_dominated(points: Sequence[dict]) -> list[dict]:
+    """The points no other point beats (no costlier and no less accurate, better in one), by rising cost."""
+    out: list[dict] = []
+    for p in sorted(points, key=lambda p: (p["cost"], -p["accuracy"])):
+        if not out or p["accuracy"] > out[-1]["accuracy"]:
+            out.append(p)
+    return out
+
+
+def overthinking(correct: np.ndarray, exit_macs: Sequence[float], exits: np.ndarray | None = None) -> dict:
+    """Samples an earlier exit got right, and cost spent after each sample's first correct exit.
+
+    `exits` is where each sample left (default: the final exit, i.e. the full network). Wasted cost
+    is summed over samples correct somewhere and divided by all N, so it compares with the mean cost.
+    """
+    k_exits, n = correct.shape
+    costs = np.asarray(exit_macs, dtype=np.float64)
+    exits = np.full(n, k_exits - 1) if exits is None else np.asarray(exits)
+    any_right = correct.any(axis=0)
+    first_right = correct.argmax(axis=0)
+    earlier = any_right & (first_right < exits)
+    wasted = np.where(earlier, costs[exits] - costs[first_right], 0.0).sum() / n
+    return {"samples": int(n),
+            "correct_somewhere": int(any_right.sum()),
+            "correct_earlier_wrong_final": int((earlier & ~correct[-1] & (exits == k_exits - 1)).sum()),
+            "correct_earlier_wrong_at_exit": int((earlier & ~correct[exits, np.arange(n)]).sum()),
+            "wasted_cost_per_sample": float(wasted),
+            "wasted_share": float(wasted / costs[exits].mean())}
+
+
+def oracle_cost_at(correct: np.ndarray, exit_macs: Sequence[float], accuracy: float | np.ndarray) -> float | np.ndarray:
+    """The least mean cost of reaching `accuracy` by any exit assignment, knowing the labels: a lower bound for
+    every policy on this split.
+
+    Everyone starts at the first exit; to gain accuracy the oracle moves the samples wrong there but right
+    later to their first correct exit, cheapest extra cost first. Accuracies above the oracle's give nan.
+    """
+    costs = np.asarray(exit_macs, dtype=np.float64)
+    n = correct.shape[1]
+    later = ~correct[0] & correct.any(axis=0)
+    extra = np.sort(costs[correct.argmax(axis=0)[later]] - costs[0])
+    acc = (correct[0].sum() + np.arange(len(extra) + 1)) / n
+    cost = costs[0] + np.concatenate(([0.0], np.cumsum(extra))) / n
+    need = np.ceil(np.round((np.asarray(accuracy, dtype=np.float64) - acc[0]) * n, 9)).clip(min=0)
+    out = np.where(need <= len(extra), cost[np.minimum(need, len(extra)).astype(int)], np.nan)
+    return float(out) if out.ndim == 0 else out
+
+
+def oracle_curve(correct: np.ndarray, exit_macs: Sequence[float], num: int = 100) -> list[dict]:
+    """{"accuracy", "cost"} of `oracle_cost_at` from the first exit's accuracy to the oracle's, for plots."""
+    accuracies = np.linspace(correct[0].mean(), correct.any(axis=0).mean(), num)
+    costs = oracle_cost_at(correct, exit_macs, accuracies)
+    return [{"accuracy": float(a), "cost": float(c)} for a, c in zip(accuracies, costs)]
+
+
+def gap_to_oracle(accuracy: float, cost: float, correct: np.ndarray, exit_macs: Sequence[float]) -> dict:
+    """A setting's extra mean cost over the hindsight oracle at the same accuracy (`oracle_cost_at`)."""
+    best = oracle_cost_at(correct, exit_macs, accuracy)
+    return {"accuracy": float(accuracy), "cost": float(cost), "oracle_cost": best, "extra_cost": float(cost - best),
+            "cost_ratio": float(cost / best)}

@@ -1,22 +1,131 @@
-"""Per-exit thresholds chosen on a validation split for a desired accuracy.
+"""Per-exit thresholds chosen on a calibration split, and softmax temperatures per exit.
 
-Both methods read cached scores (K, N) and correctness (K, N) and return K - 1 thresholds
-(-inf: the exit never lets a sample leave).
+Everything reads cached arrays: scores (K, N) (lower = more confident), correctness (K, N), and a
+cumulative cost per exit (K,) - MACs, or milliseconds per sample - and returns K - 1 thresholds
+(-inf: the exit never lets a sample leave). Searches cost a fraction of a second on 5000 x 6.
+
+* `per_exit`, `seed_percentile`: per-exit accuracy rules (the founding system's and a fixed one).
+* `empirical_thresholds`: the cheapest setting whose accuracy on the calibration split meets a target.
+* `guaranteed_thresholds`: Learn then Test - accuracy on new data >= target with probability >= 1 - delta.
+* `budget_thresholds`: the most accurate setting whose mean cost fits a budget.
+* `pareto_frontier`: the non-dominated (cost, accuracy) settings.
+Results are JSON-able dicts with a `status`: "ok", or "unreachable" with what is reachable and the
+closest setting; an unreachable target is never silently replaced by another.
 """
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
+from . import analysis
 from .errors import UserError
 
+ASSUMPTION = ("calibration samples and future samples are exchangeable (for example i.i.d. from one "
+              "distribution, or a random split of one data set)")
+PROCEDURE = ("Learn then Test (Angelopoulos, Bates et al. 2021): settings from no early exit to the cheapest are "
+             "ordered on one random part of the calibration split; on the other part each gets an exact p-value "
+             "for 'accuracy < target' (binomial for the expected accuracy, hypergeometric for the accuracy over "
+             "test_size new samples); they are tested in that order at level delta (fixed-sequence testing) and "
+             "the cheapest setting before the first one not certified is returned")
+
+
+# ---- input checks: every user mistake is a one-line UserError
 
 def check_desired_accuracy(desired: float) -> float:
     if not (0.0 < desired <= 1.0):  # also false for NaN
         raise UserError(f"desired accuracy must be in (0, 1], got {desired}")
     return float(desired)
 
+
+def check_delta(delta: float) -> float:
+    if not (0.0 < delta < 1.0):
+        raise UserError(f"delta (the allowed failure probability) must be in (0, 1), got {delta}")
+    return float(delta)
+
+
+def check_costs(costs: Sequence[float], num_exits: int) -> np.ndarray:
+    """One finite, non-negative cost per exit, non-decreasing: the cost of leaving at exit k includes stages 0..k."""
+    c = np.asarray(costs, dtype=np.float64)
+    if c.shape != (num_exits,):
+        raise UserError(f"expected {num_exits} exit costs, got {c.size}")
+    if not (np.isfinite(c).all() and (c >= 0).all() and (np.diff(c) >= 0).all()):
+        raise UserError(f"exit costs must be finite, non-negative and cumulative (non-decreasing), got {c.tolist()}")
+    return c
+
+
+def check_budget(budget: float, costs: np.ndarray) -> float:
+    if not np.isfinite(budget):
+        raise UserError(f"budget must be a finite number, got {budget}")
+    if budget < costs[0]:
+        raise UserError(f"budget {budget:g} is below the cheapest exit's cost {costs[0]:g} (all samples leaving first)")
+    return float(budget)
+
+
+def check_finite_logits(logits: np.ndarray | torch.Tensor) -> None:
+    if not bool(torch.isfinite(torch.as_tensor(logits)).all()):
+        raise UserError("logits hold NaN or infinite values (a broken model or weights file?)")
+
+
+def relative_target(correct: np.ndarray, points: float) -> float:
+    """The final exit's accuracy on the calibration split minus `points` percentage points."""
+    if not (np.isfinite(points) and points >= 0):
+        raise UserError(f"points below the final exit's accuracy must be a non-negative number, got {points}")
+    final = float(correct[-1].mean())
+    target = final - points / 100
+    if not (0.0 < target <= 1.0):
+        raise UserError(f"final-exit accuracy {final:.4f} minus {points:g} points is {target:.4f}, not in (0, 1]")
+    return target
+
+
+# ---- temperature scaling
+
+def _nll(logits: torch.Tensor, labels: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per exit of (K, N, C) logits divided by (K,) temperatures."""
+    log_p = torch.log_softmax(logits / temperatures[:, None, None], dim=-1)
+    return -log_p.gather(-1, labels.expand(logits.shape[:2])[..., None]).squeeze(-1).mean(1)
+
+
+def fit_temperatures(logits: np.ndarray, labels: np.ndarray, iterations: int = 40) -> np.ndarray:
+    """Per exit, the softmax temperature in [0.05, 20] minimizing NLL on these (calibration) logits.
+
+    NLL is convex in 1/T, hence unimodal in log T, so golden-section search on log T finds the minimum.
+    """
+    check_finite_logits(logits)
+    z, y = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.int64)
+    lo = torch.full((z.shape[0],), math.log(0.05), dtype=torch.float64)
+    hi = torch.full((z.shape[0],), math.log(20.0), dtype=torch.float64)
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(iterations):
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        left = _nll(z, y, a.exp()) < _nll(z, y, b.exp())  # the minimum lies in [lo, b]
+        lo, hi = torch.where(left, lo, a), torch.where(left, b, hi)
+    return ((lo + hi) / 2).exp().numpy()
+
+
+def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE of (N, C) logits: over equal-width confidence bins, the share-weighted |accuracy - confidence|."""
+    p = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1)
+    confidence, prediction = (t.numpy() for t in p.max(-1))
+    right = prediction == np.asarray(labels)
+    bin_of = np.minimum((confidence * bins).astype(int), bins - 1)
+    gap = np.bincount(bin_of, weights=right - confidence, minlength=bins)
+    return float(np.abs(gap).sum() / len(right))
+
+
+def temperature_report(logits: np.ndarray, labels: np.ndarray, temperatures: np.ndarray) -> list[dict]:
+    """Per exit: the temperature, and NLL and ECE on these logits before and after dividing by it."""
+    z, y = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.int64)
+    t = torch.as_tensor(np.asarray(temperatures), dtype=torch.float64)
+    before, after = _nll(z, y, torch.ones_like(t)), _nll(z, y, t)
+    return [{"exit": k, "temperature": float(t[k]), "nll_before": float(before[k]), "nll_after": float(after[k]),
+             "ece_before": expected_calibration_error(z[k], y),
+             "ece_after": expected_calibration_error(z[k] / t[k], y)} for k in range(len(t))]
+
+
+# ---- per-exit accuracy rules
 
 def largest_accurate_threshold(scores: np.ndarray, correct: np.ndarray, desired: float) -> float:
     """The largest t such that the samples with score <= t are at least `desired` accurate (-inf if none)."""
@@ -60,3 +169,238 @@ METHODS: dict[str, Callable[..., np.ndarray]] = {
     "per-exit": lambda scores, correct, desired, max_score: per_exit(scores, correct, desired),
     "seed-percentile": seed_percentile,
 }
+
+
+# ---- searching over per-exit thresholds
+
+def candidate_thresholds(scores: np.ndarray, levels: int = 64) -> list[np.ndarray]:
+    """Per side exit: -inf (never leave) and up to `levels` quantiles of its scores, each an observed score
+    (so the runtime's float32 comparison agrees), the largest letting every sample out."""
+    q = np.linspace(0, 1, levels)
+    return [np.concatenate(([-np.inf], np.unique(np.quantile(s, q, method="inverted_cdf")))) for s in scores[:-1]]
+
+
+def _outcome(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, thresholds: np.ndarray) -> tuple[float, float]:
+    """(mean cost, accuracy) of one setting."""
+    exits = analysis.exit_points(scores, thresholds)
+    return float(costs[exits].mean()), float(correct[exits, np.arange(len(exits))].mean())
+
+
+def threshold_path(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, levels: int = 64) -> list[np.ndarray]:
+    """Settings from the safest (no early exit) to the cheapest (all leave at the first exit), cost never rising.
+
+    Greedy: each step raises one exit's threshold by one candidate level, the one losing the least
+    accuracy per unit of cost saved (moves that gain accuracy first).
+    """
+    grid = candidate_thresholds(scores, levels)
+    top = np.array([len(g) - 1 for g in grid])
+    pos = np.zeros(len(grid), dtype=int)
+
+    def at(p: np.ndarray) -> np.ndarray:
+        return np.array([g[i] for g, i in zip(grid, p)])
+
+    path = [at(pos)]
+    cost, accuracy = _outcome(scores, correct, costs, path[0])
+    while (pos < top).any():
+        moves = []
+        for k in np.flatnonzero(pos < top):
+            p = pos.copy()
+            p[k] += 1
+            c, a = _outcome(scores, correct, costs, at(p))
+            lost, saved = accuracy - a, cost - c  # saved is 0 only if no sample moved or exits cost the same
+            rate = lost / saved if saved > 0 else math.copysign(math.inf, lost) if lost else 0.0
+            moves.append((rate, k, c, a))
+        _, k, cost, accuracy = min(moves)
+        pos[k] += 1
+        path.append(at(pos))
+    return path
+
+
+def _candidates(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, levels: int) -> list[np.ndarray]:
+    """The greedy path plus every shared cutoff on the candidate grid: the starting points of a search."""
+    shared = np.unique(np.concatenate(candidate_thresholds(scores, levels)))
+    return threshold_path(scores, correct, costs, levels) + [np.full(scores.shape[0] - 1, v) for v in shared]
+
+
+def _search(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, key: Callable, feasible: Callable,
+            levels: int) -> np.ndarray | None:
+    """The setting minimizing key(cost, accuracy) among feasible(cost, accuracy) ones, None if no start is feasible.
+
+    Starts from the best candidate (so never worse than the best shared cutoff), then coordinate
+    descent: one exit's threshold at a time over its grid, until a whole pass changes nothing.
+    """
+    found = [(key(c, a), t) for t in _candidates(scores, correct, costs, levels)
+             for c, a in [_outcome(scores, correct, costs, t)] if feasible(c, a)]
+    if not found:
+        return None
+    best, thresholds = min(found, key=lambda f: f[0])
+    grid = candidate_thresholds(scores, levels)
+    changed = True
+    while changed:
+        changed = False
+        for k, values in enumerate(grid):
+            for v in values:
+                trial = thresholds.copy()
+                trial[k] = v
+                c, a = _outcome(scores, correct, costs, trial)
+                if feasible(c, a) and key(c, a) < best:
+                    best, thresholds, changed = key(c, a), trial, True
+    return thresholds
+
+
+def _setting(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, thresholds: np.ndarray) -> dict:
+    r = analysis.evaluate(scores, correct, thresholds, costs)
+    return {"thresholds": analysis.thresholds_to_json(thresholds), "accuracy": r["overall_accuracy"],
+            "mean_cost": r["mean_macs"], "exit_shares": r["exit_shares"]}
+
+
+def _most_accurate(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, levels: int) -> np.ndarray:
+    return _search(scores, correct, costs, lambda c, a: (-a, c), lambda c, a: True, levels)
+
+
+def empirical_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], target: float,
+                         levels: int = 64) -> dict:
+    """The cheapest thresholds (mean cost) whose accuracy on this split is >= target. No promise for new data.
+
+    Returns {"method": "empirical", "status": "ok", "target", "thresholds", "accuracy", "mean_cost",
+    "exit_shares"}, or status "unreachable" with "thresholds": None, "message", "reachable"
+    {"max_accuracy"} and "closest" (the most accurate setting).
+    """
+    target = check_desired_accuracy(target)
+    costs = check_costs(costs, scores.shape[0])
+    thresholds = _search(scores, correct, costs, lambda c, a: (c, -a), lambda c, a: a >= target, levels)
+    if thresholds is None:
+        closest = _setting(scores, correct, costs, _most_accurate(scores, correct, costs, levels))
+        return {"method": "empirical", "status": "unreachable", "target": target, "thresholds": None,
+                "message": f"accuracy {target:.4f} is not reachable on the calibration split: "
+                           f"the most accurate thresholds reach {closest['accuracy']:.4f}",
+                "reachable": {"max_accuracy": closest["accuracy"]}, "closest": closest}
+    return {"method": "empirical", "status": "ok", "target": target, **_setting(scores, correct, costs, thresholds)}
+
+
+def _log_choose(n: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+
+
+def binomial_cdf(x: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= x), summed in log space (exact; no scipy needed)."""
+    k = torch.arange(x + 1, dtype=torch.float64)
+    n_, p_ = torch.tensor(float(n), dtype=torch.float64), torch.tensor(p, dtype=torch.float64)
+    log_pmf = _log_choose(n_, k) + torch.xlogy(k, p_) + torch.xlogy(n_ - k, 1 - p_)
+    return min(1.0, float(log_pmf.logsumexp(0).exp()))
+
+
+def hypergeometric_cdf(x: int, total: int, marked: int, draws: int) -> float:
+    """P(X <= x) for X the marked items among `draws` drawn without replacement from `total` holding `marked`."""
+    lo = max(0, draws - (total - marked))
+    if x < lo:
+        return 0.0
+    k = torch.arange(lo, min(x, marked, draws) + 1, dtype=torch.float64)
+    t, m, d = (torch.tensor(float(v), dtype=torch.float64) for v in (total, marked, draws))
+    log_pmf = _log_choose(m, k) + _log_choose(t - m, d - k) - _log_choose(t, d)
+    return min(1.0, float(log_pmf.logsumexp(0).exp()))
+
+
+def accuracy_p_value(errors: int, n: int, target: float, test_size: int | None = None) -> float:
+    """p-value for 'accuracy < target' after `errors` of `n` calibration samples were wrong.
+
+    test_size None: the expected accuracy on new data; exact binomial tail at error rate 1 - target.
+    test_size m: the accuracy over m new samples exchangeable with the n. The m miss the target when they
+    hold at least c = floor(m (1 - target)) + 1 errors; the chance of at most `errors` calibration errors
+    is largest when the n + m samples hold exactly errors + c, a hypergeometric tail.
+    """
+    if test_size is None:
+        return binomial_cdf(errors, n, 1.0 - target)
+    c = math.floor(round(test_size * (1.0 - target), 9)) + 1
+    return hypergeometric_cdf(errors, n + test_size, min(errors + c, n + test_size), n) if c <= test_size else 0.0
+
+
+def certifiable_target(errors: int, n: int, delta: float, test_size: int | None = None) -> float:
+    """The highest target that `errors` of `n` certify at level delta: a lower confidence bound on accuracy
+    (Clopper-Pearson for the expected accuracy)."""
+    lo, hi = 0.0, 1.0  # the p-value rises with the target
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if accuracy_p_value(errors, n, mid, test_size) <= delta else (lo, mid)
+    return lo
+
+
+def _errors(scores: np.ndarray, correct: np.ndarray, thresholds: np.ndarray) -> int:
+    exits = analysis.exit_points(scores, thresholds)
+    return int((~correct[exits, np.arange(len(exits))]).sum())
+
+
+def guaranteed_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], target: float,
+                          delta: float, test_size: int | None = None, levels: int = 64, path_fraction: float = 0.5,
+                          seed: int = 0) -> dict:
+    """Thresholds whose accuracy on new data is >= target with probability >= 1 - delta (Learn then Test).
+
+    The accuracy guaranteed is the expected one (test_size None) or the one measured over `test_size` new
+    samples (pass the size of the test set the thresholds will be judged on). A random `path_fraction` of
+    the calibration samples orders the settings (`threshold_path`); the rest test them (`accuracy_p_value`).
+    `seed` draws that split: keep it independent of any random draw that made the calibration and test
+    sets (numpy generators seeded alike draw related permutations).
+    Returns {"method": "guaranteed", "status": "ok", "target", "delta", "test_size", "thresholds",
+    "accuracy", "mean_cost", "exit_shares" (these three on the whole calibration split),
+    "certifiable_target" (the highest target the returned setting passes), "samples" {"ordering",
+    "testing"}, "guarantee", "assumption", "procedure"}; or status "unreachable" ("thresholds": None,
+    "message") when even no early exit is not certified, with "reachable" {"max_certifiable_target"} and
+    "closest" (no early exit).
+    """
+    target, delta = check_desired_accuracy(target), check_delta(delta)
+    costs = check_costs(costs, scores.shape[0])
+    if test_size is not None and not (isinstance(test_size, (int, np.integer)) and test_size >= 1):
+        raise UserError(f"test size must be a positive whole number of samples, got {test_size}")
+    n = scores.shape[1]
+    m = int(round(path_fraction * n))
+    if not (0 < m < n):
+        raise UserError(f"need calibration samples both to order and to test settings; got {n} samples")
+    order = np.random.default_rng(seed).permutation(n)
+    learn, test = order[:m], order[m:]
+    path = threshold_path(scores[:, learn], correct[:, learn], costs, levels)
+    s, c = scores[:, test], correct[:, test]
+    certified = None
+    for thresholds in path:  # fixed-sequence testing: stop at the first setting not certified
+        errors = _errors(s, c, thresholds)
+        if accuracy_p_value(errors, len(test), target, test_size) > delta:
+            break
+        certified = (thresholds, errors)
+    over = "expected accuracy on new data" if test_size is None else f"accuracy over {test_size} new samples"
+    base = {"target": target, "delta": delta,
+            "test_size": None if test_size is None else int(test_size),
+            "samples": {"ordering": int(m), "testing": len(test)},
+            "guarantee": f"with probability >= {1 - delta:g}, the {over} is >= {target:g}",
+            "assumption": ASSUMPTION, "procedure": PROCEDURE}
+    if certified is None:
+        bound = certifiable_target(_errors(s, c, path[0]), len(test), delta, test_size)
+        return {"method": "guaranteed", "status": "unreachable", **base, "thresholds": None,
+                "message": f"accuracy {target:.4f} cannot be guaranteed at delta {delta:g} from {len(test)} testing "
+                           f"samples: even without early exit the most that can be certified is {bound:.4f}",
+                "reachable": {"max_certifiable_target": bound},
+                "closest": {**_setting(scores, correct, costs, path[0]), "certifiable_target": bound}}
+    thresholds, errors = certified
+    return {"method": "guaranteed", "status": "ok", **base, **_setting(scores, correct, costs, thresholds),
+            "certifiable_target": certifiable_target(errors, len(test), delta, test_size)}
+
+
+def budget_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], budget: float,
+                      levels: int = 64) -> dict:
+    """The most accurate thresholds whose mean cost on this split is within `budget` (same unit as costs).
+
+    Returns {"method": "budget", "status": "ok", "budget", "thresholds", "accuracy", "mean_cost", "exit_shares"}.
+    A budget below the first exit's cost is a UserError; any other budget is reachable (all leave first).
+    """
+    costs = check_costs(costs, scores.shape[0])
+    budget = check_budget(budget, costs)
+    limit = budget * (1 + 1e-12)  # a mean of equal costs may round one ulp above them
+    thresholds = _search(scores, correct, costs, lambda c, a: (-a, c), lambda c, a: c <= limit, levels)
+    return {"method": "budget", "status": "ok", "budget": budget, **_setting(scores, correct, costs, thresholds)}
+
+
+def pareto_frontier(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], levels: int = 64) -> list[dict]:
+    """Non-dominated {"cost", "accuracy", "thresholds"} settings on this split among the greedy path and all
+    shared cutoffs, by rising cost (and so rising accuracy). Re-evaluate the thresholds on another split with
+    `analysis.cost_accuracy_points`."""
+    costs = check_costs(costs, scores.shape[0])
+    return analysis.non_dominated(analysis.cost_accuracy_points(
+        scores, correct, costs, _candidates(scores, correct, costs, levels)))

@@ -1,16 +1,32 @@
 """Exit policies: how confident an exit is. A sample leaves at exit k when score <= threshold[k].
 
-Every policy maps logits (..., C) to an uncertainty score (...) where lower means more confident,
-so one rule ("leave at the first exit whose score is at or below its threshold") serves them all.
+Every policy maps logits to an uncertainty score where lower means more confident, so one rule
+("leave at the first side exit whose score is at or below its threshold") serves them all, and all
+the threshold machinery (`exitwise.analysis`, `exitwise.calibration`) is shared.
+
+| policy   | score                                    | threshold t means                               |
+| -------- | ---------------------------------------- | ----------------------------------------------- |
+| entropy  | entropy of the softmax, in nats          | leave when entropy <= t                         |
+| max-prob | 1 - max softmax probability              | leave when max prob >= 1 - t (0.1: p >= 0.9)    |
+| margin   | 1 - (p1 - p2), the top two probabilities | leave when p1 - p2 >= 1 - t (0.2: gap >= 0.8)   |
+| patience | -(earlier exits in a row agreeing)        | -p: leave once p + 1 exits in a row agree (PABEE patience p) |
+
+One interface serves analysis and the runtime: `scores(logits)` scores a whole (K, N, C) stack of
+every exit's logits, and is defined by `init_state(n)` then `step(k, logits_k, state)` exit by exit,
+which is exactly what the runtime calls, so the two cannot disagree. The state is a tensor with one
+row per sample, so the runtime keeps it in step with compaction by indexing it like the batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
+from .calibration import check_finite_logits
 from .errors import UserError
 
 
@@ -20,19 +36,91 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return (-(log_p.exp() * log_p).sum(-1)).clamp_min(0.0)
 
 
+def _one_minus_top(p: torch.Tensor) -> torch.Tensor:
+    """1 - the largest probability, summed from the others so a confident score keeps its digits."""
+    return p.scatter(-1, p.argmax(-1, keepdim=True), 0.0).sum(-1)
+
+
+def one_minus_max_prob(logits: torch.Tensor) -> torch.Tensor:
+    """1 - max softmax probability."""
+    return _one_minus_top(torch.softmax(logits.float(), dim=-1))
+
+
+def one_minus_margin(logits: torch.Tensor) -> torch.Tensor:
+    """1 - (p1 - p2) for the two largest softmax probabilities: (1 - p1) + p2."""
+    p = torch.softmax(logits.float(), dim=-1)
+    return _one_minus_top(p) + p.topk(2, dim=-1).values[..., 1]
+
+
 @dataclass(frozen=True)
 class ExitPolicy:
+    """A per-exit score of the logits alone; optionally with one softmax temperature per exit."""
     name: str
-    score: Callable[[torch.Tensor], torch.Tensor]
-    max_score: Callable[[int], float]  # the largest score possible with C classes
+    score: Callable[[torch.Tensor], torch.Tensor] | None  # (N, C) logits -> (N,) scores
+    max_score: Callable[[int], float]  # the largest score possible with C classes: this threshold lets all out
     unit: str
+    meaning: str  # what a threshold t means, for the user
+    temperatures: tuple[float, ...] | None = None  # exit k's logits are divided by temperatures[k]
+
+    def with_temperatures(self, temperatures: Sequence[float]) -> ExitPolicy:
+        """The same policy on temperature-scaled logits (see `calibration.fit_temperatures`)."""
+        t = np.asarray(temperatures, dtype=np.float64)
+        if not (np.isfinite(t).all() and (t > 0).all()):
+            raise UserError(f"temperatures must be positive numbers, got {t.tolist()}")
+        return dataclasses.replace(self, temperatures=tuple(t.tolist()))
+
+    def init_state(self, n: int) -> torch.Tensor:
+        """Per-sample memory carried from exit to exit (one row per sample; none for this policy)."""
+        return torch.empty(n, 0)
+
+    def step(self, k: int, logits: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores at exit k of the samples still running, from their (N, C) logits; and the new state."""
+        logits = logits.float()
+        if self.temperatures is not None:
+            logits = logits / self.temperatures[k]
+        return self.score(logits), state
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.score(logits)
+        """(K, N) scores of every exit from the (K, N, C) logits of every exit; refuses NaN or inf."""
+        if logits.dim() != 3:
+            raise ValueError(f"expected (exits, samples, classes) logits, got shape {tuple(logits.shape)}")
+        check_finite_logits(logits)
+        if self.temperatures is not None and len(self.temperatures) != logits.shape[0]:
+            raise UserError(f"{len(self.temperatures)} temperatures for {logits.shape[0]} exits")
+        state = self.init_state(logits.shape[1])
+        out = []
+        for k in range(logits.shape[0]):
+            s, state = self.step(k, logits[k], state)
+            out.append(s)
+        return torch.stack(out)
+
+
+class PatiencePolicy(ExitPolicy):
+    """PABEE's rule: leave once the prediction has stayed the same for `patience` more exits.
+
+    Score at exit k = -(number of exits just before k, in a row, predicting the same class as exit k):
+    0 at the first exit or after a change of mind. Threshold -p lets a sample out once p + 1
+    consecutive exits agree; 0 lets everyone out at the first exit. Temperatures change nothing here.
+    """
+
+    def init_state(self, n: int) -> torch.Tensor:
+        """Rows of (previous exit's prediction, its run of agreeing exits before it); -1: no exit yet."""
+        return torch.stack([torch.full((n,), -1, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)], 1)
+
+    def step(self, k: int, logits: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prediction = logits.argmax(-1)
+        run = torch.where(prediction == state[:, 0], state[:, 1] + 1, torch.zeros_like(prediction))
+        return -run.float(), torch.stack([prediction, run], 1)
 
 
 POLICIES: dict[str, ExitPolicy] = {
-    "entropy": ExitPolicy("entropy", entropy, lambda c: math.log(c), "nats"),
+    "entropy": ExitPolicy("entropy", entropy, lambda c: math.log(c), "nats", "leave when the entropy is <= t nats"),
+    "max-prob": ExitPolicy("max-prob", one_minus_max_prob, lambda c: 1.0 - 1.0 / c, "1 - max probability",
+                           "leave when the top class probability is >= 1 - t"),
+    "margin": ExitPolicy("margin", one_minus_margin, lambda c: 1.0, "1 - top-two margin",
+                         "leave when the top two probabilities differ by >= 1 - t"),
+    "patience": PatiencePolicy("patience", None, lambda c: 0.0, "-(agreeing exits before)",
+                               "t = -p: leave once p + 1 consecutive exits predict the same class"),
 }
 
 
