@@ -48,3 +48,21 @@ def check_fits(net: MultiExitNetwork, splits: Splits, name: str) -> None:
         mc, mh, mw = net.input_shape
         raise UserError(f"model {name!r} takes {mc}x{mh}x{mw} images of {net.num_classes} classes, "
                         f"but {splits.dataset} has {c}x{h}x{w} images of {len(splits.test.classes)} classes")
+
+
+# digits are 8x8 and not mirror-symmetric: a 1-pixel crop jitter and no flips; 30 epochs take seconds
+TRAIN_DEFAULTS = {"digits": {"crop_padding": 1, "flip": False, "epochs": 30, "batch_size": 64, "lr": 0.05}}
+
+
+def train(*, dataset: str, data_dir: str | Path | None, model: str, out: str | Path,
+          resume: str | Path | None = None, download: bool = False, val_size: int | None = None,
+          split_seed: int = 0, progress: bool = True, **recipe) -> dict | None:
+    """Train a registered model on a dataset's train split; returns the model card (None on ranks > 0)."""
+    from .train import TrainConfig, train as run_training
+    check_writable_dir(out)
+    net = create_model(model)
+    splits = load_splits(dataset, data_dir, download=download, val_size=val_size, split_seed=split_seed,
+                         progress=progress)
+    check_fits(net, splits, model)
+    config = None if resume is not None and not recipe else TrainConfig(**{**TRAIN_DEFAULTS.get(dataset, {}), **recipe})
+    return run_training(net, splits, config, out, resume=resume, progress=progress, model_name=model)

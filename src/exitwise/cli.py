@@ -49,6 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--batch-size", type=int, default=256)
     study.add_argument("--precision", default="bf16", help="bf16 (autocast, checked against fp32) or fp32")
 
+    train = sub.add_parser("train", help="joint multi-exit training (BranchyNet); checkpoints every epoch, "
+                                         "--resume continues; runs under torchrun as DDP")
+    _add_data_args(train)
+    train.add_argument("--model", required=True, help="a registered model (see `exitwise models`)")
+    train.add_argument("--out", type=Path, required=True, help="output directory: checkpoint.pt, "
+                                                               "model.safetensors, model.json")
+    train.add_argument("--resume", type=Path, help="continue from this checkpoint.pt exactly")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int, help="global batch size (split across torchrun processes)")
+    train.add_argument("--lr", type=float, help="peak learning rate")
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--label-smoothing", type=float)
+    train.add_argument("--exit-weights", type=_float_list, help="loss weight per exit, comma-separated")
+    train.add_argument("--schedule", help="onecycle or cosine")
+    train.add_argument("--precision", help="bf16 (autocast) or fp32")
+    train.add_argument("--seed", type=int)
+
     sub.add_parser("models", help="list the registered models and whether weights ship for them")
     return parser
 
@@ -65,6 +82,20 @@ def cmd_study(args: argparse.Namespace) -> None:
     print(f"\nreport: {(args.out / 'report.html').resolve()}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .api import train
+    recipe = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing",
+                                            "exit_weights", "schedule", "precision", "seed")
+              if getattr(args, k) is not None}
+    card = train(dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model,
+                 out=args.out, resume=args.resume, val_size=args.val_size, split_seed=args.split_seed,
+                 progress=not args.no_progress, **recipe)
+    if card is not None:
+        accuracy = ", ".join(f"{a:.2%}" for a in card["test_accuracy"] or [])
+        print(f"trained {card['model']} in {card['train_seconds']:.0f} s; test accuracy per exit: {accuracy}")
+        print(f"weights: {(args.out / 'model.safetensors').resolve()}")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from .models import MODELS, shipped_weights
     for name in sorted(MODELS):
@@ -72,7 +103,7 @@ def cmd_models(args: argparse.Namespace) -> None:
         print(f"{name:20s} {'weights shipped' if weights else 'no shipped weights (pass --weights)'}")
 
 
-COMMANDS = {"study": cmd_study, "models": cmd_models}
+COMMANDS = {"study": cmd_study, "train": cmd_train, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:
