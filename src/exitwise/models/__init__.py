@@ -9,11 +9,13 @@ import torch
 from ..errors import UserError
 from .base import MultiExitNetwork
 from .digits_convnet import DigitsConvNet
+from .resnet import BResNet
 from .seed_branchynet import SeedBranchyNet
 
 MODELS: dict[str, Callable[[], MultiExitNetwork]] = {
     "seed-branchynet": SeedBranchyNet,
     "digits-convnet": DigitsConvNet,
+    "b-resnet11": BResNet,
 }
 
 SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
