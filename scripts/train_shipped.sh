@@ -8,3 +8,12 @@ ship() { cp "$1/model.safetensors" "src/exitwise/weights/$2.safetensors"; cp "$1
 # digits-convnet: the `make demo` model (scikit-learn digits, 30 epochs, about 20 s on 2 CPU cores)
 exitwise train --dataset digits --model digits-convnet --out runs/digits-convnet
 ship runs/digits-convnet digits-convnet
+
+# seed-branchynet: the founding architecture trained by exitwise on CIFAR-10 train (45k; 5k held out)
+exitwise train --dataset cifar10 --data-dir "$cifar" --model seed-branchynet --epochs 50 --lr 0.05 \
+    --out runs/seed-branchynet
+ship runs/seed-branchynet seed-branchynet
+
+# b-resnet11: a residual network with three side exits
+exitwise train --dataset cifar10 --data-dir "$cifar" --model b-resnet11 --epochs 40 --out runs/b-resnet11
+ship runs/b-resnet11 b-resnet11
