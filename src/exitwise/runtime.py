@@ -126,19 +126,21 @@ def run_early_exit(model: MultiExitNetwork, data, thresholds: Sequence[float], p
         for k in range(k_exits):
             t0 = time.perf_counter()
             x, logits = run_stage(model, k, x, precision)
-            if k == k_exits - 1:
-                leave = torch.ones(len(x), dtype=torch.bool)
-            else:
+            if k < k_exits - 1:
                 scores, state = policy.step(k, logits, state)
                 leave = scores <= thr[k]
-            exits[index[leave]] = k
-            predictions[index[leave]] = logits[leave].argmax(-1)
-            if k < k_exits - 1 and leave.any():
+                n_leave = int(leave.sum())
+            if k == k_exits - 1 or n_leave == len(x):  # everyone left: no indexing (batch 1 lives here)
+                exits[index] = k
+                predictions[index] = logits.argmax(-1)
+                stage_seconds[k] += time.perf_counter() - t0
+                break
+            if n_leave:
+                exits[index[leave]] = k
+                predictions[index[leave]] = logits[leave].argmax(-1)
                 stay = ~leave
                 x, index, state = keep_rows(x, stay), index[stay], state[stay]
             stage_seconds[k] += time.perf_counter() - t0
-            if len(x) == 0:
-                break
     seconds = time.perf_counter() - start
     return Run(exits=exits.numpy(), predictions=predictions.numpy(), stage_seconds=stage_seconds, seconds=seconds)
 
