@@ -41,9 +41,9 @@ from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 from .models import MODELS
 from .models.base import MultiExitNetwork
-from .runtime import PRECISIONS
 
 SCHEDULES = ("onecycle", "cosine")
+TRAIN_PRECISIONS = ("bf16", "fp32")
 CHECKPOINT_FORMAT = "exitwise-train-checkpoint-v1"
 CHECKPOINT, WEIGHTS, CARD = "checkpoint.pt", "model.safetensors", "model.json"
 
@@ -78,7 +78,7 @@ class TrainConfig:
                   (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
                   (self.crop_padding >= 0, "crop padding must be non-negative"),
                   (self.seed >= 0, "seed must be non-negative"),
-                  (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+                  (self.precision in TRAIN_PRECISIONS, f"precision must be one of {', '.join(TRAIN_PRECISIONS)}"),
                   (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}")]
         for ok, message in checks:
             if not ok:
