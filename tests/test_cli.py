@@ -61,7 +61,15 @@ def test_a_small_study_writes_every_output(tmp_path, capsys, seed_weights):
     for key in ("exits", "oracle_accuracy", "fixed_cutoff", "sweep", "calibration", "best", "dataset", "model", "software"):
         assert key in results
     assert len(results["sweep"]) == 100 and results["fixed_cutoff"]["cutoff"] == 0.6
-    assert {c["method"] for c in results["calibration"]} == {"per-exit", "seed-percentile"}
+    assert {c["method"] for c in results["calibration"]} == {"per-exit", "seed-percentile", "empirical", "guaranteed"}
+    assert {c["status"] for c in results["calibration"] if c["method"] in ("empirical", "guaranteed")} <= {"ok", "unreachable"}
+    oracle = results["oracle"]
+    assert oracle["accuracy"] == results["oracle_accuracy"] and set(oracle["overthinking"]) == {"full_network", "fixed_cutoff"}
+    assert "gap_at_fixed_cutoff" in oracle and set(oracle["gap_at_best"]) == set(results["best"])
+    frontiers = results["frontiers"]
+    assert set(frontiers["policies"]) == {"entropy", "max-prob", "margin", "patience"}
+    assert frontiers["shared_cutoffs"] and frontiers["founding_percentile"] and frontiers["oracle"]
+    assert (out / "frontier.png").is_file()
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     assert "report.html" in stdout
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging leftovers

@@ -5,10 +5,42 @@ import struct
 
 import pytest
 
-from exitwise.report import PLOTS, format_summary, write_report
+from exitwise.report import PLOTS, format_calibration, format_summary, frontier_png, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXIT_ACCURACY = [0.5912, 0.7034, 0.7718]
+
+
+def gap(accuracy: float, cost: float, oracle_cost: float) -> dict:
+    return {"accuracy": accuracy, "cost": cost, "oracle_cost": oracle_cost, "extra_cost": cost - oracle_cost,
+            "cost_ratio": cost / oracle_cost}
+
+
+def overthinking(wrong_final: int, wrong_at_exit: int, wasted: float, share: float) -> dict:
+    return {"samples": 1000, "correct_somewhere": 861, "correct_earlier_wrong_final": wrong_final,
+            "correct_earlier_wrong_at_exit": wrong_at_exit, "wasted_cost_per_sample": wasted, "wasted_share": share}
+
+
+ORACLE = {"accuracy": 0.8612, "mean_macs": 2.9e6,
+          "overthinking": {"full_network": overthinking(87, 87, 4.1e6, 0.4184),
+                           "fixed_cutoff": overthinking(31, 54, 1.3e6, 0.2133)},
+          "gap_at_full_network": gap(0.7718, 9.8e6, 2.2e6), "gap_at_fixed_cutoff": gap(0.6931, 6.1e6, 1.6e6),
+          "gap_at_best": {"founding_rule": gap(0.71, 7.1e6, 1.7e6), "fastest_within_0.5_points": gap(0.7701, 7.1e6, 3e6)}}
+
+
+def synthetic_frontiers(macs: list[int], unit: str = "MACs") -> dict:
+    """Shaped like `study.policy_frontiers`: a rising frontier per policy, founding points, an oracle curve."""
+    def curve(lo: float, hi: float, n: int = 12) -> list[dict]:
+        return [{"cost": macs[0] + (macs[-1] - macs[0]) * (i / (n - 1)) ** 2, "accuracy": lo + (hi - lo) * i / (n - 1),
+                 "thresholds": [1.0 - i / n, None]} for i in range(n)]
+    return {"unit": unit,
+            "policies": {name: [{**p, "val_cost": p["cost"], "val_accuracy": p["accuracy"] + 0.01}
+                                for p in curve(0.59 + 0.01 * i, 0.775)]
+                         for i, name in enumerate(("entropy", "max-prob", "margin", "patience"))},
+            "shared_cutoffs": curve(0.6, 0.77, 20),
+            "founding_percentile": [{**p, "desired_accuracy": d} for p, d in zip(curve(0.62, 0.76, 3), (0.7, 0.74, 0.77))],
+            "oracle": [{"cost": p["cost"] / 3, "accuracy": p["accuracy"] + 0.05} for p in curve(0.5912, 0.8112)],
+            "marks": [{"label": "fixed cutoff 0.6", "cost": 6.1e6, "accuracy": 0.6931}]}
 
 
 def synthetic_results(num_points: int = 20, dataset: str = "cifar10") -> dict:
@@ -32,7 +64,8 @@ def synthetic_results(num_points: int = 20, dataset: str = "cifar10") -> dict:
                     "val_accuracy": d + 0.004, "test_accuracy": d - 0.003 + 0.002 * j,
                     "mean_macs": 6e6 + 3e7 * (d - 0.7), "seconds": full_seconds * (0.5 + 2 * (d - 0.7)),
                     "exit_shares": [0.4, 0.2, 0.4]}
-                   for j, method in enumerate(("per-exit", "seed-percentile")) for d in (0.70, 0.74, 0.77)]
+                   for j, method in enumerate(("per-exit", "seed-percentile", "empirical", "guaranteed"))
+                   for d in (0.70, 0.74, 0.77)]
     best = {"label": "cutoff 0.485", "thresholds": [0.485, 0.485], "test_accuracy": 0.7701, "mean_macs": 7.1e6,
             "exit_shares": [0.2, 0.1, 0.7], "seconds": 0.09, "predicted_seconds": 0.093, "speedup": full_seconds / 0.09}
     return json.loads(json.dumps({
@@ -47,6 +80,7 @@ def synthetic_results(num_points: int = 20, dataset: str = "cifar10") -> dict:
         "exits": [{"index": k, "accuracy": a, "val_accuracy": a + 0.01, "macs": m}
                   for k, (a, m) in enumerate(zip(EXIT_ACCURACY, macs))],
         "oracle_accuracy": 0.8612, "oracle_mean_macs": 2.9e6,
+        "oracle": ORACLE,
         "full_network": {"accuracy": 0.7718, "seconds": full_seconds, "mean_macs": macs[-1]},
         "fixed_cutoff": {"cutoff": 0.6, "overall_accuracy": 0.6931, "seconds": 0.081, "mean_macs": fixed["mean_macs"],
                          "per_exit": [{"index": k, "count": c, "accuracy": 0.9 - 0.1 * k, "seconds": 0.02 + 0.01 * k}
@@ -59,6 +93,7 @@ def synthetic_results(num_points: int = 20, dataset: str = "cifar10") -> dict:
                                      "measured_seconds": 0.135, "relative_error": 0.037}],
                          "mean_abs_relative_error": 0.0432},
         "calibration": calibration,
+        "frontiers": synthetic_frontiers(macs),
         "best": {"founding_rule": {**best, "label": "cutoff 1.200", "thresholds": [1.2, 1.2], "test_accuracy": 0.71},
                  "fastest_within_0.5_points": best},
         "precision_check": {"agreement_with_fp32": 0.998, "images": 1000, "required": 0.995},
@@ -77,7 +112,7 @@ def test_writes_every_plot_and_both_reports_and_nothing_else(report):
     expected = {*PLOTS, "report.md", "report.html"}
     assert {p.name for p in paths} == expected == {"accuracy_vs_cutoff.png", "time_vs_cutoff.png",
                                                    "time_vs_accuracy.png", "exit_shares.png", "calibration.png",
-                                                   "per_exit.png", "report.md", "report.html"}
+                                                   "per_exit.png", "frontier.png", "report.md", "report.html"}
     assert {p.name for p in out.iterdir()} == expected  # no temporary files left behind
 
 
@@ -136,3 +171,59 @@ def test_optional_precision_check_may_be_absent_or_none(tmp_path):
     del results["precision_check"]
     write_report(results, tmp_path / "b")
     assert "agrees with fp32" not in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_oracle_and_overthinking_table_in_both_reports_and_the_summary(report):
+    _, out, _ = report
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    text = format_summary(synthetic_results())
+    for doc in (md, page, text):
+        assert "oracle: first correct exit" in doc
+        assert "4.45x" in doc  # no early exit pays 9.8 M MACs where the oracle needs 2.2 M at its accuracy
+        assert "3.81x" in doc  # the fixed cutoff: 6.1 M vs 1.6 M
+        assert "4.10 M (42%)" in doc  # MACs spent after the first correct exit, no early exit
+    assert "| 31 | 54 |" in md  # fixed cutoff: right earlier, wrong at final; right earlier, wrong where it left
+    assert "(frontier.png)" in md
+
+
+def test_unreachable_targets_render_as_unreachable_not_as_numbers(tmp_path):
+    results = synthetic_results()
+    results["calibration"].append({"method": "guaranteed", "desired_accuracy": 0.95, "thresholds": None,
+                                   "status": "unreachable", **dict.fromkeys(("val_accuracy", "test_accuracy",
+                                                                             "mean_macs", "seconds", "exit_shares"))})
+    write_report(results, tmp_path)
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if "95.00%" in line)
+    assert "unreachable" in row and "None" not in row and "nan" not in row
+
+
+def test_frontier_plot_takes_milliseconds_too():
+    data = frontier_png(synthetic_frontiers([0.4, 0.7, 1.4], unit="ms"))
+    assert data[:8] == PNG_MAGIC and len(data) > 20_000
+
+
+def calibration_doc(result: dict, within_points: float | None = None) -> dict:
+    """Shaped like what `api.calibrate` returns."""
+    split = {"samples": 1000, "accuracy": 0.7512, "mean_macs": 5.6e6, "ms_per_sample": 0.5442,
+             "exit_shares": [0.78, 0.1, 0.12]}
+    return {"policy": "entropy", "meaning": "leave when the entropy is <= t nats", "within_points": within_points,
+            "cost": {"unit": "MACs", "batch_size": 256}, "temperatures": None, "temperature_report": None,
+            "result": result, "calibration_split": split, "test": {**split, "accuracy": 0.7388}}
+
+
+def test_calibration_summary_states_the_guarantee_and_its_assumption():
+    text = format_calibration(calibration_doc(
+        {"method": "guaranteed", "status": "ok", "target": 0.7, "thresholds": [1.076, None], "accuracy": 0.7512,
+         "guarantee": "with probability >= 0.9, the accuracy over 1000 new samples is >= 0.7",
+         "assumption": "calibration samples and future samples are exchangeable"}))
+    assert "status: ok" in text and "1.076, never" in text
+    assert "probability >= 0.9" in text and "exchangeable" in text
+    assert "75.12%" in text and "73.88%" in text and "0.5442" in text
+
+
+def test_calibration_summary_of_an_unreachable_target_says_what_is_reachable():
+    text = format_calibration(calibration_doc(
+        {"method": "empirical", "status": "unreachable", "target": 0.9, "thresholds": None,
+         "message": "accuracy 0.9000 is not reachable on the calibration split", "reachable": {"max_accuracy": 0.8234},
+         "closest": {"thresholds": [0.123, 0.204], "accuracy": 0.8234}}, within_points=1.0))
+    assert "status: unreachable" in text and "max accuracy 0.8234" in text
+    assert "closest setting: thresholds 0.123, 0.204" in text and "1 point below" in text

@@ -1,15 +1,23 @@
 """The Python API behind the CLI: each function does one user-level job from names and paths."""
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+import torch
+
+from . import __version__, analysis, calibration
 from .data import Splits, load_splits
-from .io import check_writable_dir
+from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
 from .errors import UserError
+from .logits_cache import ExitLogits, load_logits
 from .models import create_model, load_weights, shipped_weights
 from .models.base import MultiExitNetwork
-from .study import DEFAULT_DESIRED, StudyConfig, file_sha256, run_study, write_study
+from .policies import get_policy
+from .study import (DEFAULT_DESIRED, ExitArrays, StudyConfig, exit_arrays, file_sha256, policy_frontiers, run_study,
+                    write_study)
 
 
 def load_model(name: str, weights: str | Path | None = None) -> tuple[MultiExitNetwork, dict]:
@@ -66,3 +74,87 @@ def train(*, dataset: str, data_dir: str | Path | None, model: str, out: str | P
     check_fits(net, splits, model)
     config = None if resume is not None and not recipe else TrainConfig(**{**TRAIN_DEFAULTS.get(dataset, {}), **recipe})
     return run_training(net, splits, config, out, resume=resume, progress=progress, model_name=model)
+
+
+COSTS = ("macs", "latency")
+
+
+def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", target: float | None = None,
+              within_points: float | None = None, budget_macs: float | None = None, budget_ms: float | None = None,
+              guarantee: bool = False, delta: float = 0.1, cost: str = "macs",
+              temperature_scaling: bool = False) -> dict:
+    """Exit thresholds from a study's cached logits, in seconds: chosen on its validation split for exactly one goal
+    (an accuracy target, a target `within_points` of the final exit's accuracy, or a budget in MACs or milliseconds
+    per sample), then evaluated on its test split. Writes calibration.json and frontier.png into `out`.
+
+    `cost` is what a target search minimizes: "macs", or "latency" (the study's measured milliseconds per sample
+    at its batch size). `guarantee` certifies a target by Learn then Test at `delta` for the accuracy over as many
+    new samples as the test split holds. An unreachable target is reported with what is reachable and the closest
+    setting, never replaced by another.
+    """
+    goals = {"--target": target, "--within-points": within_points, "--budget-macs": budget_macs,
+             "--budget-ms": budget_ms}
+    given = [flag for flag, v in goals.items() if v is not None]
+    if len(given) != 1:
+        raise UserError(f"give exactly one of {', '.join(goals)}; got {', '.join(given) or 'none'}")
+    budget = budget_macs if budget_macs is not None else budget_ms
+    if guarantee and budget is not None:
+        raise UserError("--guarantee certifies an accuracy target (--target or --within-points), not a budget")
+    if cost not in COSTS:
+        raise UserError(f"unknown cost {cost!r}; choose one of {', '.join(COSTS)}")
+    calibration.check_delta(delta)
+    if target is not None:
+        calibration.check_desired_accuracy(target)
+    exit_policy = get_policy(policy)
+    check_writable_dir(out)
+    cache = load_logits(source)
+
+    temperatures, temperature_report = None, None
+    if temperature_scaling:
+        temperatures = calibration.fit_temperatures(cache.val_logits, cache.val_labels)
+        exit_policy = exit_policy.with_temperatures(temperatures)
+        temperature_report = {split: calibration.temperature_report(getattr(cache, f"{split}_logits"),
+                                                                    getattr(cache, f"{split}_labels"), temperatures)
+                              for split in ("val", "test")}
+    val = exit_arrays(cache.val_logits, torch.from_numpy(cache.val_labels), exit_policy)
+    test = exit_arrays(cache.test_logits, torch.from_numpy(cache.test_labels), exit_policy)
+    unit = "ms" if budget_ms is not None or (cost == "latency" and budget is None) else "MACs"
+    costs = analysis.latency_costs(cache.stage_seconds_per_sample) if unit == "ms" else cache.exit_macs
+
+    if budget is not None:
+        result = calibration.budget_thresholds(val.scores, val.correct, costs, budget)
+    else:
+        goal = target if target is not None else calibration.relative_target(val.correct, within_points)
+        result = (calibration.guaranteed_thresholds(val.scores, val.correct, costs, goal, delta,
+                                                    test_size=test.scores.shape[1]) if guarantee
+                  else calibration.empirical_thresholds(val.scores, val.correct, costs, goal))
+    ok = result["status"] == "ok"
+    thresholds = analysis.as_thresholds(result["thresholds"] if ok else result["closest"]["thresholds"],
+                                        cache.exit_macs.size)
+    on_test = _evaluation(test, thresholds, cache)
+    frontier = policy_frontiers(cache.val_logits, torch.from_numpy(cache.val_labels), cache.test_logits,
+                                torch.from_numpy(cache.test_labels), costs, unit, {policy: exit_policy},
+                                DEFAULT_DESIRED)
+    frontier["marks"] = [{"label": f"{'chosen' if ok else 'closest'} setting ({result['method']})",
+                          "cost": on_test["ms_per_sample" if unit == "ms" else "mean_macs"],
+                          "accuracy": on_test["accuracy"]}]
+    doc = {"exitwise_version": __version__, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "source": str(source), "study": cache.info, "policy": policy, "meaning": exit_policy.meaning,
+           "cost": {"unit": unit, "batch_size": cache.info.get("batch_size")}, "within_points": within_points,
+           "temperatures": None if temperatures is None else temperatures.tolist(),
+           "temperature_report": temperature_report, "result": result,
+           "evaluated": "thresholds" if ok else "closest setting",
+           "calibration_split": _evaluation(val, thresholds, cache), "test": on_test, "frontier": frontier}
+    from .report import frontier_png
+    with staged_output(out) as stage:
+        atomic_write_json(stage / "calibration.json", doc)
+        atomic_write_bytes(stage / "frontier.png", frontier_png(frontier))
+    return doc
+
+
+def _evaluation(arrays: ExitArrays, thresholds: np.ndarray, cache: ExitLogits) -> dict:
+    """Accuracy, mean MACs, predicted milliseconds per sample (from the study's stage times) and exit shares."""
+    r = analysis.evaluate(arrays.scores, arrays.correct, thresholds, cache.exit_macs, cache.stage_seconds_per_sample)
+    n = arrays.scores.shape[1]
+    return {"samples": n, "accuracy": r["overall_accuracy"], "mean_macs": r["mean_macs"],
+            "ms_per_sample": 1000 * r["seconds"] / n, "exit_shares": r["exit_shares"]}

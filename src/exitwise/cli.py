@@ -66,6 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", help="bf16 (autocast) or fp32")
     train.add_argument("--seed", type=int)
 
+    cal = sub.add_parser("calibrate", help="exit thresholds from a study's cached logits in seconds: chosen on its "
+                                           "validation split, evaluated on its test split; writes calibration.json "
+                                           "and frontier.png")
+    cal.add_argument("--from", dest="source", type=Path, required=True,
+                     help="a study's output directory or its logits.safetensors")
+    cal.add_argument("--out", type=Path, required=True, help="output directory")
+    cal.add_argument("--policy", default="entropy", help="entropy (default), max-prob, margin or patience")
+    cal.add_argument("--temperature-scaling", action="store_true",
+                     help="divide each exit's logits by a temperature fitted on the validation split")
+    goal = cal.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target", type=float, help="accuracy in (0, 1] at the least mean cost")
+    goal.add_argument("--within-points", type=float, metavar="X",
+                      help="target: the final exit's validation accuracy minus X percentage points")
+    goal.add_argument("--budget-macs", type=float, metavar="N", help="most accurate within N MACs per sample")
+    goal.add_argument("--budget-ms", type=float, metavar="MS",
+                      help="most accurate within MS milliseconds per sample (the study's measured stage times)")
+    cal.add_argument("--guarantee", action="store_true", help="certify the target on new samples with probability "
+                                                              ">= 1 - delta (Learn then Test; assumes exchangeability)")
+    cal.add_argument("--delta", type=float, default=0.1, help="allowed failure probability of --guarantee, in (0, 1)")
+    cal.add_argument("--cost", default="macs", help="what a target search minimizes: macs (default) or latency "
+                                                    "(ms per sample at the study's batch size)")
+
     sub.add_parser("models", help="list the registered models and whether weights ship for them")
     return parser
 
@@ -96,6 +118,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"weights: {(args.out / 'model.safetensors').resolve()}")
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from .api import calibrate
+    from .report import format_calibration
+    doc = calibrate(args.source, args.out, policy=args.policy, target=args.target, within_points=args.within_points,
+                    budget_macs=args.budget_macs, budget_ms=args.budget_ms, guarantee=args.guarantee,
+                    delta=args.delta, cost=args.cost, temperature_scaling=args.temperature_scaling)
+    print(format_calibration(doc))
+    print(f"\nwritten: {(args.out / 'calibration.json').resolve()}, frontier.png")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from .models import MODELS, shipped_weights
     for name in sorted(MODELS):
@@ -103,7 +135,7 @@ def cmd_models(args: argparse.Namespace) -> None:
         print(f"{name:20s} {'weights shipped' if weights else 'no shipped weights (pass --weights)'}")
 
 
-COMMANDS = {"study": cmd_study, "train": cmd_train, "models": cmd_models}
+COMMANDS = {"study": cmd_study, "train": cmd_train, "calibrate": cmd_calibrate, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

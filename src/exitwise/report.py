@@ -43,11 +43,11 @@ def _macs(x: float | None) -> str:
 
 
 def _thresholds(values: list[float | None] | None) -> str:
-    return "-" if not values else ", ".join("never" if t is None else f"{t:.3f}" for t in values)
+    return "-" if not values else ", ".join("never" if t is None else f"{t + 0.0:.3f}" for t in values)
 
 
-def _shares(values: list[float]) -> str:
-    return "/".join(f"{100 * s:.0f}" for s in values)
+def _shares(values: list[float] | None) -> str:
+    return "-" if values is None else "/".join(f"{100 * s:.0f}" for s in values)
 
 
 def _exit_name(k: int, num_exits: int) -> str:
@@ -104,7 +104,8 @@ def fixed_cutoff_table(r: dict) -> Table:
 
 
 def calibration_table(r: dict) -> Table:
-    rows = [[c["method"], _pct(c["desired_accuracy"]), _thresholds(c["thresholds"]), _pct(c["val_accuracy"]),
+    rows = [[c["method"] + (f" (delta {c['delta']:g})" if "delta" in c else ""), _pct(c["desired_accuracy"]),
+             _thresholds(c["thresholds"]) if c.get("status", "ok") == "ok" else c["status"], _pct(c["val_accuracy"]),
              _pct(c["test_accuracy"]), _macs(c["mean_macs"]), _sec(c["seconds"]), _shares(c["exit_shares"])]
             for c in r["calibration"]]
     return ["method", "desired", "thresholds", "val accuracy", "test accuracy", "mean MACs",
@@ -128,6 +129,29 @@ def configurations_table(r: dict) -> Table:
     rows.append(["oracle", "first correct exit (bound)", "-", _pct(r["oracle_accuracy"]), "-",
                  _macs(r.get("oracle_mean_macs")), "-"])
     return ["configuration", "setting", "thresholds", "test accuracy", "time (s)", "mean MACs", "speedup"], rows
+
+
+def oracle_table(r: dict) -> Table:
+    o, fixed, final = r["oracle"], r["fixed_cutoff"], r["exits"][-1]
+
+    def row(name: str, accuracy: float, macs: float, gap: dict | None, over: dict | None) -> list[str]:
+        cells = [name, _pct(accuracy), _macs(macs)]
+        cells += ["-", "-"] if gap is None else [_macs(gap["oracle_cost"]), f"{gap['cost_ratio']:.2f}x"]
+        cells += ["-"] * 3 if over is None else [
+            str(over["correct_earlier_wrong_final"]), str(over["correct_earlier_wrong_at_exit"]),
+            f"{_macs(over['wasted_cost_per_sample'])} ({over['wasted_share']:.0%})"]
+        return cells
+
+    rows = [row("oracle: first correct exit", o["accuracy"], o["mean_macs"], None, None),
+            row("no early exit (final exit)", final["accuracy"], final["macs"], o["gap_at_full_network"],
+                o["overthinking"]["full_network"]),
+            row(f"fixed cutoff {fixed['cutoff']:g}", fixed["overall_accuracy"], fixed["mean_macs"],
+                o["gap_at_fixed_cutoff"], o["overthinking"]["fixed_cutoff"])]
+    rows += [row(key.replace("_", " "), b["test_accuracy"], b["mean_macs"], o["gap_at_best"][key], None)
+             for key, b in r["best"].items()]
+    return ["setting", "test accuracy", "mean MACs", "oracle MACs at that accuracy", "cost / oracle",
+            "right earlier, wrong at final", "right earlier, wrong where it left",
+            "MACs after first correct exit"], rows
 
 
 def timing_table(r: dict) -> Table:
@@ -233,9 +257,10 @@ def plot_calibration(r: dict) -> Figure:
     fig = _figure()
     ax = fig.add_subplot()
     ax.plot(acc, sec, color="0.8", lw=2, zorder=0, label="single cutoff sweep (reference)")
-    methods = list(dict.fromkeys(c["method"] for c in r["calibration"]))
+    reached = [c for c in r["calibration"] if c["test_accuracy"] is not None]
+    methods = list(dict.fromkeys(c["method"] for c in reached))
     for i, method in enumerate(methods):
-        runs = sorted((c for c in r["calibration"] if c["method"] == method), key=lambda c: c["desired_accuracy"])
+        runs = sorted((c for c in reached if c["method"] == method), key=lambda c: c["desired_accuracy"])
         x = [100 * c["test_accuracy"] for c in runs]
         y = [c["seconds"] for c in runs]
         ax.plot(x, y, "o-", color=f"C{i}", ms=5, label=method)
@@ -274,6 +299,34 @@ def plot_per_exit(r: dict) -> Figure:
     return fig
 
 
+def plot_frontier(f: dict) -> Figure:
+    """`f` as built by `study.policy_frontiers`: per policy its frontier (chosen on validation) evaluated on test as a
+    line, the founding methods as markers, the hindsight oracle dashed, and any "marks" as labelled points."""
+    scale, unit = (1e6, "million MACs") if f["unit"] == "MACs" else (1.0, "ms")
+
+    def xy(points: list[dict]) -> tuple[list[float], list[float]]:
+        return [p["cost"] / scale for p in points], [100 * p["accuracy"] for p in points]
+
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, (name, points) in enumerate(f["policies"].items()):
+        ax.plot(*xy(points), ".-", color=f"C{i}", lw=1.5, ms=4, label=f"{name}: Pareto frontier chosen on validation")
+    ax.plot(*xy(f["shared_cutoffs"]), "x", color="0.5", ms=4, label="one shared entropy cutoff (founding)")
+    ax.plot(*xy(f["founding_percentile"]), "s", color="tab:brown", mfc="none", ms=7,
+            label="seed percentile rule, entropy (founding)")
+    ax.plot(*xy(f["oracle"]), "--", color="black", lw=1.5, label="oracle: least cost at each accuracy (hindsight)")
+    for mark, symbol in zip(f.get("marks", []), "*PXD"):
+        ax.plot(mark["cost"] / scale, 100 * mark["accuracy"], symbol, color="black", ms=9, label=mark["label"])
+    _style(ax, "Cost vs test accuracy: exit policies, founding methods and the oracle", f"mean {unit} per sample",
+           "test accuracy (%)")
+    ax.legend(loc="lower right", fontsize=7)
+    return fig
+
+
+def frontier_png(frontiers: dict) -> bytes:
+    return _png(plot_frontier(frontiers))
+
+
 PLOTS: dict[str, tuple[Callable[[dict], Figure], str]] = {
     "accuracy_vs_cutoff.png": (plot_accuracy_vs_cutoff, "Overall test accuracy vs the shared exit cutoff"),
     "time_vs_cutoff.png": (plot_time_vs_cutoff, "Inference time vs the shared exit cutoff"),
@@ -281,6 +334,8 @@ PLOTS: dict[str, tuple[Callable[[dict], Figure], str]] = {
     "exit_shares.png": (plot_exit_shares, "Share of test samples leaving at each exit vs cutoff"),
     "calibration.png": (plot_calibration, "Calibrated per-exit thresholds: time vs test accuracy"),
     "per_exit.png": (plot_per_exit, "Accuracy per exit, and where samples leave at the fixed cutoff"),
+    "frontier.png": (lambda r: plot_frontier(r["frontiers"]),
+                     "Mean MACs vs test accuracy: each policy's frontier, the founding methods and the oracle"),
 }
 
 
@@ -319,11 +374,22 @@ def _sections(r: dict) -> list[Section]:
                                 "per-stage timing model.",
                 images=("accuracy_vs_cutoff.png", "time_vs_cutoff.png", "time_vs_accuracy.png", "exit_shares.png")),
         Section("Calibration", "Per-exit thresholds chosen on the validation split for each desired accuracy, "
-                               "evaluated on test. 'never' means no sample leaves at that exit.",
+                               "evaluated on test. 'never' means no sample leaves at that exit. 'empirical': the "
+                               "cheapest setting meeting the target on validation, no promise for new data; "
+                               "'guaranteed': Learn then Test, the test accuracy is at or above the target with "
+                               "probability at least 1 - delta if validation and test samples are exchangeable; "
+                               "'unreachable': no setting meets the target (nothing is clamped).",
                 calibration_table(r), ("calibration.png",)),
         Section("Best configurations", "Settings chosen on validation, then measured on test with real early exit; "
                                        "speedup is against the full network.",
                 configurations_table(r)),
+        Section("Frontiers, oracle and overthinking",
+                "The oracle sends each test sample to its first correct exit (samples wrong everywhere pay the full "
+                f"network): {_pct(r['oracle']['accuracy'])} at {_macs(r['oracle']['mean_macs'])} MACs per sample, a "
+                "bound no policy reaches. 'Oracle MACs at that accuracy' is the least mean cost at which any exit "
+                "assignment, knowing the labels, reaches a setting's accuracy. Overthinking: samples an earlier exit "
+                "got right but the final exit (or the exit where they left) got wrong, and the MACs spent after each "
+                "sample's first correct exit, per test sample.", oracle_table(r), ("frontier.png",)),
         Section("Timing model", f"Time per sample for each stage (ms): {stage_ms}. Mean absolute relative error "
                                 f"against real runs: {tm['mean_abs_relative_error']:.1%}.", timing_table(r)),
     ]
@@ -422,4 +488,39 @@ def format_summary(results: dict) -> str:
     r = results
     head = (f"{r['model']['name']} on {r['dataset']['name']} ({_n_test(r)} test images, {r['precision']}), "
             f"timing model error {r['timing_model']['mean_abs_relative_error']:.1%}")
-    return "\n\n".join([head, _text_table(exits_table(r)), _text_table(configurations_table(r))])
+    return "\n\n".join([head, _text_table(exits_table(r)), _text_table(configurations_table(r)),
+                        _text_table(oracle_table(r))])
+
+
+def calibration_split_table(doc: dict) -> Table:
+    rows = [[name, _pct(e["accuracy"]), _macs(e["mean_macs"]), f"{e['ms_per_sample']:.4f}", _shares(e["exit_shares"])]
+            for name, e in (("calibration (validation)", doc["calibration_split"]), ("test", doc["test"]))]
+    return ["split", "accuracy", "mean MACs", f"ms per sample (batch {doc['cost']['batch_size']})",
+            "exit shares (%)"], rows
+
+
+def format_calibration(doc: dict) -> str:
+    """What `exitwise calibrate` prints: the goal, the status, the thresholds (or what is reachable and the closest
+    setting), and accuracy and cost on the calibration and test splits."""
+    r, unit = doc["result"], doc["cost"]["unit"]
+    points = doc["within_points"]
+    if "budget" in r:
+        goal = f"most accurate within {r['budget']:g} {unit} per sample"
+    else:
+        goal = f"target accuracy {r['target']:.4f}" + (
+            f" ({points:g} point{'s' * (points != 1)} below the final exit's calibration accuracy)"
+            if points is not None else "") + f", least mean {unit}"
+    lines = [f"{doc['policy']} policy ({doc['meaning']}), {r['method']}: {goal}", f"status: {r['status']}"]
+    if r["status"] == "ok":
+        lines.append(f"thresholds: {_thresholds(r['thresholds'])}")
+    else:
+        reachable = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r["reachable"].items())
+        lines += [r["message"], f"reachable: {reachable}",
+                  f"closest setting: thresholds {_thresholds(r['closest']['thresholds'])} (evaluated below)"]
+    if "guarantee" in r:
+        lines += [f"guarantee: {r['guarantee']}", f"assumption: {r['assumption']}"]
+    if doc["temperatures"] is not None:
+        ece = "; ".join(f"{e['ece_before']:.3f} -> {e['ece_after']:.3f}" for e in doc["temperature_report"]["test"])
+        lines += [f"temperatures per exit: {', '.join(f'{t:.3f}' for t in doc['temperatures'])}",
+                  f"test calibration error (ECE) per exit, before -> after: {ece}"]
+    return "\n".join(lines) + "\n\n" + _text_table(calibration_split_table(doc))

@@ -8,10 +8,12 @@ sweep come from a per-stage cost model; real early-exit runs at several settings
 from __future__ import annotations
 
 import hashlib
+import math
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -23,11 +25,12 @@ from .errors import UserError
 from .io import atomic_write_json, staged_output
 from .logits_cache import FILENAME as LOGITS_FILENAME, ExitLogits, save_logits
 from .models.base import MultiExitNetwork
-from .policies import get_policy
+from .policies import POLICIES, ExitPolicy, get_policy
 from .runtime import PRECISIONS, all_exit_logits, prepare, run_backbone, run_early_exit, warm_up
 
 DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
 AGREEMENT_REQUIRED = 0.995
+GUARANTEE_DELTA = 0.1
 
 
 @dataclass
@@ -66,8 +69,9 @@ class ExitArrays:
     logits: np.ndarray = field(repr=False)
 
 
-def exit_arrays(logits: np.ndarray, labels: torch.Tensor, policy_name: str) -> ExitArrays:
-    scores = get_policy(policy_name).scores(torch.from_numpy(logits)).numpy().astype(np.float64)
+def exit_arrays(logits: np.ndarray, labels: torch.Tensor, policy: str | ExitPolicy) -> ExitArrays:
+    policy = get_policy(policy) if isinstance(policy, str) else policy
+    scores = policy.scores(torch.from_numpy(logits)).numpy().astype(np.float64)
     return ExitArrays(scores, logits.argmax(-1) == labels.numpy()[None, :], logits)
 
 
@@ -182,6 +186,26 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
     timing_checks = [{"label": label, "predicted_seconds": p, "measured_seconds": m, "relative_error": (p - m) / m}
                      for label, p, m in checks]
 
+    targeted = target_calibration(val, test, macs, per_sample, config.desired_accuracies)
+    oracle_report = {
+        **oracle,
+        "overthinking": {"full_network": analysis.overthinking(test.correct, macs),
+                         "fixed_cutoff": analysis.overthinking(test.correct, macs,
+                                                               analysis.exit_points(test.scores, fixed_thr))},
+        "gap_at_full_network": analysis.gap_to_oracle(full_network["accuracy"], macs[-1], test.correct, macs),
+        "gap_at_fixed_cutoff": analysis.gap_to_oracle(fixed["overall_accuracy"], fixed["mean_macs"], test.correct,
+                                                      macs),
+        "gap_at_best": {key: analysis.gap_to_oracle(b["test_accuracy"], b["mean_macs"], test.correct, macs)
+                        for key, b in best.items()},
+    }
+    frontiers = policy_frontiers(val.logits, splits.val.labels, test.logits, splits.test.labels, macs, "MACs",
+                                 {name: get_policy(name) for name in POLICIES}, config.desired_accuracies,
+                                 config.num_cutoffs)
+    frontiers["marks"] = [{"label": f"fixed cutoff {config.cutoff:g}", "cost": fixed["mean_macs"],
+                           "accuracy": fixed["overall_accuracy"]}]
+    frontiers["marks"] += [{"label": key.replace("_", " "), "cost": b["mean_macs"], "accuracy": b["test_accuracy"]}
+                           for key, b in best.items()]
+
     results = {
         "exitwise_version": __version__,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -192,12 +216,14 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
         "batch_size": config.batch_size, "policy": config.policy, "max_cutoff": max_cutoff,
         "exits": exits,
         "oracle_accuracy": oracle["accuracy"], "oracle_mean_macs": oracle["mean_macs"],
+        "oracle": oracle_report,
         "full_network": full_network,
         "fixed_cutoff": fixed_cutoff,
         "sweep": sweep,
         "timing_model": {"stage_seconds_per_sample": per_sample.tolist(), "checks": timing_checks,
                          "mean_abs_relative_error": float(np.mean([abs(c["relative_error"]) for c in timing_checks]))},
-        "calibration": calibrated,
+        "calibration": calibrated + targeted,
+        "frontiers": frontiers,
         "best": best,
     }
     logits = ExitLogits(val_logits=val.logits, val_labels=splits.val.labels.numpy(), test_logits=test.logits,
@@ -206,6 +232,66 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
                         info={"model": model_info, "dataset": results["dataset"], "precision": precision,
                               "batch_size": config.batch_size})
     return Study(results, logits)
+
+
+def target_calibration(val: ExitArrays, test: ExitArrays, macs: Sequence[float], per_sample: np.ndarray,
+                       desired: Sequence[float], delta: float = GUARANTEE_DELTA) -> list[dict]:
+    """Calibration-table entries of the accuracy-target searches on validation, evaluated on test: "empirical"
+    (met on validation) and "guaranteed" (Learn then Test at `delta` for the accuracy over as many new samples as
+    the test split holds). A target that is unreachable makes every higher one unreachable, so those are not
+    searched again."""
+    searches = {
+        "empirical": (lambda d: calibration.empirical_thresholds(val.scores, val.correct, macs, d), {}),
+        "guaranteed": (lambda d: calibration.guaranteed_thresholds(val.scores, val.correct, macs, d, delta,
+                                                                   test_size=test.scores.shape[1]), {"delta": delta}),
+    }
+    entries = []
+    for method, (search, extra) in searches.items():
+        lowest_unreachable = math.inf
+        for d in sorted(desired):
+            r = search(d) if d < lowest_unreachable else {"status": "unreachable"}
+            entry = {"method": method, "desired_accuracy": d, "thresholds": None, "status": r["status"], **extra,
+                     **dict.fromkeys(("val_accuracy", "test_accuracy", "mean_macs", "seconds", "exit_shares"))}
+            if r["status"] == "ok":
+                t = analysis.evaluate(test.scores, test.correct, analysis.as_thresholds(r["thresholds"], len(macs)),
+                                      macs, per_sample)
+                entry.update(thresholds=r["thresholds"], val_accuracy=r["accuracy"],
+                             test_accuracy=t["overall_accuracy"], mean_macs=t["mean_macs"], seconds=t["seconds"],
+                             exit_shares=t["exit_shares"])
+            else:
+                lowest_unreachable = d
+            entries.append(entry)
+    return entries
+
+
+def policy_frontiers(val_logits: np.ndarray, val_labels: torch.Tensor, test_logits: np.ndarray,
+                     test_labels: torch.Tensor, costs: Sequence[float], unit: str, policies: dict[str, ExitPolicy],
+                     desired: Sequence[float], num_cutoffs: int = 100) -> dict:
+    """(mean cost, test accuracy) on one pair of axes: per policy its Pareto frontier chosen on validation and
+    evaluated on test (with "val_cost", "val_accuracy"); the founding methods with the entropy policy (one shared
+    cutoff from 0 to ln C; seed percentiles for each desired accuracy); and the hindsight oracle on test."""
+    num_exits, _, num_classes = test_logits.shape
+    arrays = {name: (exit_arrays(val_logits, val_labels, p), exit_arrays(test_logits, test_labels, p))
+              for name, p in policies.items()}
+    out = {"unit": unit, "policies": {}}
+    for name, (val, test) in arrays.items():
+        chosen = calibration.pareto_frontier(val.scores, val.correct, costs)
+        points = analysis.cost_accuracy_points(test.scores, test.correct, costs,
+                                               [analysis.as_thresholds(p["thresholds"], num_exits) for p in chosen])
+        out["policies"][name] = [{**p, "val_cost": v["cost"], "val_accuracy": v["accuracy"]}
+                                 for p, v in zip(points, chosen)]
+    entropy = get_policy("entropy")  # as the founding system used it: no temperatures
+    val, test = (arrays["entropy"] if policies.get("entropy") is entropy else
+                 (exit_arrays(val_logits, val_labels, entropy), exit_arrays(test_logits, test_labels, entropy)))
+    cutoffs = np.linspace(0.0, entropy.max_score(num_classes), num_cutoffs)
+    out["shared_cutoffs"] = analysis.cost_accuracy_points(test.scores, test.correct, costs,
+                                                          [np.full(num_exits - 1, c) for c in cutoffs])
+    percentile = [calibration.seed_percentile(val.scores, val.correct, d, entropy.max_score(num_classes))
+                  for d in desired]
+    out["founding_percentile"] = [{**p, "desired_accuracy": d} for d, p in zip(
+        desired, analysis.cost_accuracy_points(test.scores, test.correct, costs, percentile))]
+    out["oracle"] = analysis.oracle_curve(test.correct, costs)
+    return out
 
 
 def software_versions() -> dict:
