@@ -41,3 +41,16 @@ def test_all_exit_logits_match_the_models_forward():
     with torch.no_grad():
         expected = torch.stack(model(images)).numpy()
     np.testing.assert_allclose(run.logits, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "mixed", "fp32"])
+def test_every_precision_runs_every_path_and_stays_close_to_fp32(precision):
+    torch.manual_seed(0)
+    model = prepare(create_model("seed-branchynet"))
+    data = random_image_set(40, shape=(32, 32, 3))
+    exact = all_exit_logits(model, data, batch_size=16, precision="fp32").logits
+    run = all_exit_logits(model, data, batch_size=16, precision=precision)
+    assert run.logits.dtype == np.float32
+    np.testing.assert_allclose(run.logits, exact, atol=0.25, rtol=0.1)
+    early = run_early_exit(model, data, np.full(5, 1.0), get_policy("entropy"), batch_size=16, precision=precision)
+    assert early.exits.shape == (40,)

@@ -34,7 +34,7 @@ def load_model(name: str, weights: str | Path | None = None) -> tuple[MultiExitN
 def study(*, dataset: str, data_dir: str | Path | None, model: str, out: str | Path,
           weights: str | Path | None = None, download: bool = False, cutoff: float = 0.6,
           desired_accuracies: Sequence[float] | None = None, methods: Sequence[str] | None = None,
-          batch_size: int = 256, precision: str = "bf16", val_size: int | None = None,
+          batch_size: int = 256, precision: str = "auto", val_size: int | None = None,
           split_seed: int = 0, progress: bool = True) -> dict:
     """Run the whole early-exit study and write results.json, plots and reports into `out`."""
     config = StudyConfig(cutoff=cutoff, desired_accuracies=tuple(desired_accuracies or DEFAULT_DESIRED),

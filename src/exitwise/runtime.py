@@ -51,7 +51,7 @@ def run_stage(model: MultiExitNetwork, k: int, x: torch.Tensor, precision: str) 
     with stage_context(precision, k):
         x = model.stages[k](x)
     with precision_context(precision, enabled=precision == "bf16"):
-        logits = model.heads[k](x).float()
+        logits = model.heads[k](x if precision == "bf16" else x.float()).float()
     return (x if precision == "fp32" else x.to(torch.bfloat16)), logits
 
 

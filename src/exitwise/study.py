@@ -26,7 +26,7 @@ from .io import atomic_write_json, staged_output
 from .logits_cache import FILENAME as LOGITS_FILENAME, ExitLogits, save_logits
 from .models.base import MultiExitNetwork
 from .policies import POLICIES, ExitPolicy, get_policy
-from .runtime import PRECISIONS, all_exit_logits, prepare, run_backbone, run_early_exit, warm_up
+from .runtime import all_exit_logits, check_precision, prepare, run_backbone, run_early_exit, warm_up
 
 DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
 AGREEMENT_REQUIRED = 0.995
@@ -41,7 +41,7 @@ class StudyConfig:
     methods: tuple[str, ...] = ("per-exit", "seed-percentile")
     policy: str = "entropy"
     batch_size: int = 256
-    precision: str = "bf16"
+    precision: str = "auto"
     precision_check_images: int = 2000
     within_points: float = 0.5
     progress: bool = True
@@ -57,8 +57,8 @@ class StudyConfig:
         if self.batch_size < 1:
             raise UserError(f"batch size must be positive, got {self.batch_size}")
         get_policy(self.policy)
-        if self.precision not in PRECISIONS:
-            raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.precision != "auto":
+            check_precision(self.precision)
 
 
 @dataclass
@@ -75,16 +75,22 @@ def exit_arrays(logits: np.ndarray, labels: torch.Tensor, policy: str | ExitPoli
     return ExitArrays(scores, logits.argmax(-1) == labels.numpy()[None, :], logits)
 
 
-def check_precision(model: MultiExitNetwork, data, config: StudyConfig) -> dict | None:
-    """Agreement of bf16 and fp32 predictions at every exit on the first test images."""
+def choose_precision(model: MultiExitNetwork, data, config: StudyConfig) -> tuple[str, dict | None]:
+    """The fastest precision whose predictions agree with fp32 at every exit on >= 99.5% of the first
+    test images: "auto" tries bf16, then mixed (see `runtime.run_stage`); otherwise fp32."""
     if config.precision == "fp32" or config.precision_check_images <= 0:
-        return None
+        return config.precision if config.precision != "auto" else "bf16", None
     sample = data.subset(torch.arange(min(config.precision_check_images, len(data))))
-    fast = all_exit_logits(model, sample, config.batch_size, "bf16").logits.argmax(-1)
     exact = all_exit_logits(model, sample, config.batch_size, "fp32").logits.argmax(-1)
-    per_exit = (fast == exact).mean(axis=1)
-    return {"images": len(sample), "agreement_per_exit": per_exit.tolist(),
-            "agreement_with_fp32": float(per_exit.min()), "required": AGREEMENT_REQUIRED}
+    tried = []
+    for precision in ("bf16", "mixed") if config.precision == "auto" else (config.precision,):
+        agreement = (all_exit_logits(model, sample, config.batch_size, precision).logits.argmax(-1) == exact).mean(1)
+        tried.append({"precision": precision, "agreement_per_exit": agreement.tolist(),
+                      "agreement_with_fp32": float(agreement.min())})
+        if agreement.min() >= AGREEMENT_REQUIRED:
+            return precision, {"images": len(sample), "required": AGREEMENT_REQUIRED, "tried": tried, **tried[-1]}
+    return "fp32", {"images": len(sample), "required": AGREEMENT_REQUIRED, "tried": tried,
+                    "precision": "fp32", "agreement_with_fp32": 1.0}
 
 
 @dataclass
@@ -101,10 +107,7 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
     k_exits = model.num_exits
     max_cutoff = policy.max_score(model.num_classes)
 
-    precision_check = check_precision(model, splits.test, config)
-    precision = config.precision
-    if precision_check and precision_check["agreement_with_fp32"] < AGREEMENT_REQUIRED:
-        precision = "fp32"  # bf16 changes too many predictions for this model: measure in fp32
+    precision, precision_check = choose_precision(model, splits.test, config)
     run_kwargs = dict(batch_size=config.batch_size, precision=precision)
     warm_up(model, splits.test, **run_kwargs)
 
