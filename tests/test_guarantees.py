@@ -185,3 +185,104 @@ def test_bad_input_is_a_user_error(call):
     scores, correct = generate(100, np.random.default_rng(7))
     with pytest.raises(UserError):
         call(scores, correct)
+
+
+def reference_outcome(scores, correct, costs, thresholds) -> tuple[float, float]:
+    exits = analysis.exit_points(scores, thresholds)
+    return float(costs[exits].mean()), float(correct[exits, np.arange(len(exits))].mean())
+
+
+def reference_path(scores, correct, costs, levels) -> list[np.ndarray]:
+    """`calibration.threshold_path` the slow way: every move evaluated alone."""
+    grid = calibration.candidate_thresholds(scores, levels)
+    pos, top = np.zeros(len(grid), dtype=int), np.array([len(g) - 1 for g in grid])
+    path = [np.array([g[i] for g, i in zip(grid, pos)])]
+    cost, accuracy = reference_outcome(scores, correct, costs, path[0])
+    while (pos < top).any():
+        moves = []
+        for k in np.flatnonzero(pos < top):
+            p = pos.copy()
+            p[k] += 1
+            c, a = reference_outcome(scores, correct, costs, np.array([g[i] for g, i in zip(grid, p)]))
+            lost, saved = accuracy - a, cost - c
+            moves.append((lost / saved if saved > 0 else np.copysign(np.inf, lost) if lost else 0.0, k, c, a))
+        _, k, cost, accuracy = min(moves)
+        pos[k] += 1
+        path.append(np.array([g[i] for g, i in zip(grid, pos)]))
+    return path
+
+
+def reference_starts(scores, correct, costs, levels) -> list[np.ndarray]:
+    """The greedy path, then every shared cutoff on the grid."""
+    shared = np.unique(np.concatenate(calibration.candidate_thresholds(scores, levels)))
+    return reference_path(scores, correct, costs, levels) + [np.full(len(scores) - 1, v) for v in shared]
+
+
+def reference_search(scores, correct, costs, key, feasible, levels) -> np.ndarray | None:
+    """`calibration._search` the slow way: candidates and coordinate descent, one setting at a time."""
+    grid = calibration.candidate_thresholds(scores, levels)
+    found = [(key(c, a), t) for t in reference_starts(scores, correct, costs, levels)
+             for c, a in [reference_outcome(scores, correct, costs, t)] if feasible(c, a)]
+    if not found:
+        return None
+    best, thresholds = min(found, key=lambda f: f[0])
+    changed = True
+    while changed:
+        changed = False
+        for k, values in enumerate(grid):
+            for v in values:
+                trial = thresholds.copy()
+                trial[k] = v
+                c, a = reference_outcome(scores, correct, costs, trial)
+                if feasible(c, a) and key(c, a) < best:
+                    best, thresholds, changed = key(c, a), trial, True
+    return thresholds
+
+
+@pytest.mark.parametrize("costs", [COSTS, np.array([0.31, 0.83, 1.47, 2.09])], ids=["whole", "fractional"])
+def test_fast_searches_equal_the_slow_one_setting_at_a_time_reference(costs):
+    """Bit for bit: batched evaluation, raising one threshold from known exits, and the search space reused
+    across calls change no threshold, cost or accuracy."""
+    scores, correct = generate(700, np.random.default_rng(8))
+    scores = np.round(scores, 1)  # coarse: many exact ties in cost and accuracy, so tie-breaking is checked
+    json = analysis.thresholds_to_json
+    path = calibration.threshold_path(scores, correct, costs, 24)
+    assert len(path) > 40 and all((a == b).all() for a, b in zip(path, reference_path(scores, correct, costs, 24)))
+    for target in (0.6, 0.66, 0.7, 0.99):
+        r = calibration.empirical_thresholds(scores, correct, costs, target, levels=24)
+        slow = reference_search(scores, correct, costs, lambda c, a: (c, -a), lambda c, a: a >= target, 24)
+        assert r["thresholds"] == (None if slow is None else json(slow))
+    for budget in (1.3 * costs[0], costs[1], 0.5 * (costs[2] + costs[3])):
+        r = calibration.budget_thresholds(scores, correct, costs, budget, levels=24)
+        limit = budget * (1 + 1e-12)
+        slow = reference_search(scores, correct, costs, lambda c, a: (-a, c), lambda c, a: c <= limit, 24)
+        assert r["thresholds"] == json(slow)
+    slow_front = analysis.non_dominated(analysis.cost_accuracy_points(
+        scores, correct, costs, reference_starts(scores, correct, costs, 24)))
+    assert calibration.pareto_frontier(scores, correct, costs, levels=24) == slow_front
+    learn, test = np.split(np.random.default_rng(0).permutation(700), [350])
+    slow_path = reference_path(scores[:, learn], correct[:, learn], costs, 24)
+    for target in (0.55, 0.6, 0.65, 0.99):
+        r = calibration.guaranteed_thresholds(scores, correct, costs, target, 0.1, test_size=500, levels=24)
+        assert (r["status"] == "ok") == (target < 0.9)
+        certified = None
+        for t in slow_path:
+            errors = round(350 * (1 - reference_outcome(scores[:, test], correct[:, test], costs, t)[1]))
+            if calibration.accuracy_p_value(errors, 350, target, 500) > 0.1:
+                break
+            certified = t
+        assert r["thresholds"] == (None if certified is None else json(certified))
+
+
+def test_p_values_agree_with_exact_rational_arithmetic():
+    from fractions import Fraction
+    from math import comb
+
+    for x, n, p in [(0, 10, 0.5), (2, 10, 0.5), (30, 300, 0.2), (90, 300, 0.35), (5, 5, 0.0), (3, 40, 0.0)]:
+        q = Fraction(p)
+        exact = sum(comb(n, k) * q ** k * (1 - q) ** (n - k) for k in range(x + 1))
+        assert calibration.binomial_cdf(x, n, p) == pytest.approx(float(exact), rel=1e-10)
+    for x, total, marked, draws in [(0, 4, 1, 3), (40, 600, 120, 300), (300, 12500, 1500, 2500), (9, 30, 25, 12)]:
+        ways = sum(comb(marked, k) * comb(total - marked, draws - k) for k in range(x + 1))
+        exact = Fraction(ways, comb(total, draws))
+        assert calibration.hypergeometric_cdf(x, total, marked, draws) == pytest.approx(float(exact), rel=1e-10)

@@ -33,6 +33,19 @@ def test_confident_scores_keep_their_precision():
     assert 0 < s[1] < s[0] < 1e-12  # 1 - p in float32 would be 0 for both
 
 
+@pytest.mark.parametrize("name", ["entropy", "max-prob", "margin", "patience"])
+def test_scores_of_all_exits_at_once_equal_the_runtimes_step_by_step_scores_bit_for_bit(name):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 3000, 10, generator=g) * torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0])[:, None, None]
+    for policy in (get_policy(name), get_policy(name).with_temperatures([0.7, 1.3, 2.9, 0.4, 1.0])):
+        for z in (logits, logits.double()):
+            state, expected = policy.init_state(z.shape[1]), []
+            for k in range(len(z)):
+                s, state = policy.step(k, z[k], state)
+                expected.append(s)
+            assert torch.equal(policy.scores(z), torch.stack(expected))
+
+
 def test_patience_counts_agreeing_exits_in_a_row():
     # predictions at 4 exits: sample 0: 1 1 1 2, sample 1: 0 2 2 2, sample 2: 3 3 0 0
     predictions = torch.tensor([[1, 0, 3], [1, 2, 3], [1, 2, 0], [2, 2, 0]])

@@ -15,6 +15,7 @@ closest setting; an unreachable target is never silently replaced by another.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -65,7 +66,9 @@ def check_budget(budget: float, costs: np.ndarray) -> float:
 
 
 def check_finite_logits(logits: np.ndarray | torch.Tensor) -> None:
-    if not bool(torch.isfinite(torch.as_tensor(logits)).all()):
+    x = torch.as_tensor(logits)
+    x = x.float() if x.dtype == torch.bfloat16 else x  # numpy has no bfloat16; widening keeps finiteness
+    if not np.isfinite(x.numpy(force=True)).all():  # numpy: one core, where torch's threads wait for a busy CPU
         raise UserError("logits hold NaN or infinite values (a broken model or weights file?)")
 
 
@@ -180,46 +183,101 @@ def candidate_thresholds(scores: np.ndarray, levels: int = 64) -> list[np.ndarra
     return [np.concatenate(([-np.inf], np.unique(np.quantile(s, q, method="inverted_cdf")))) for s in scores[:-1]]
 
 
-def _outcome(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, thresholds: np.ndarray) -> tuple[float, float]:
-    """(mean cost, accuracy) of one setting."""
-    exits = analysis.exit_points(scores, thresholds)
-    return float(costs[exits].mean()), float(correct[exits, np.arange(len(exits))].mean())
+def _exit_points(scores: np.ndarray, correct: np.ndarray, settings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each of S settings (S, K - 1): every sample's exit (S, N), as `analysis.exit_points`, and whether it
+    is right there."""
+    staying = np.ones((len(settings), scores.shape[1]), dtype=bool)
+    exits = np.zeros(staying.shape, dtype=np.min_scalar_type(scores.shape[0] - 1))  # small ints: fast adds
+    for k in range(scores.shape[0] - 1):  # a sample's exit is the number of side exits it stays past in a row
+        staying &= ~(scores[k] <= settings[:, k, None])  # not `>`: a NaN score never leaves, as in analysis
+        exits += staying
+    exits = exits.astype(np.intp)
+    return exits, correct[exits, np.arange(scores.shape[1])]
+
+
+def _raise(exits: np.ndarray, right: np.ndarray, k: int | np.ndarray, score: np.ndarray, correct: np.ndarray,
+           values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exits and rightness (S, N) after raising exit k's threshold to each of S values, from the (N,) ones of a
+    setting with a threshold no higher at k: only samples running past k change, leaving at k if their score
+    allows. score and correct are exit k's (N,) rows; with k (S, 1) they are (S, N), one exit per setting."""
+    leave = (exits > k) & (score <= values[:, None])
+    return np.where(leave, k, exits), np.where(leave, correct, right)
+
+
+def _totals(costs: np.ndarray, exits: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of (S, N) exits and rightness: the mean cost, bit for bit what `analysis.evaluate` gives (a row is
+    averaged like a 1-D array), and the number of correct samples (accuracy: count / N, again bit for bit)."""
+    return costs[exits].mean(1), np.count_nonzero(right, axis=1)
+
+
+def _outcomes(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray,
+              settings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_totals` of S settings (S, K - 1), a chunk of settings at a time to bound the memory."""
+    step = max(1, 2**22 // scores.size)
+    parts = [_totals(costs, *_exit_points(scores, correct, settings[i:i + step]))
+             for i in range(0, len(settings), step)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def threshold_path(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, levels: int = 64) -> list[np.ndarray]:
     """Settings from the safest (no early exit) to the cheapest (all leave at the first exit), cost never rising.
 
     Greedy: each step raises one exit's threshold by one candidate level, the one losing the least
-    accuracy per unit of cost saved (moves that gain accuracy first).
+    accuracy per unit of cost saved (moves that gain accuracy first; ties to the earliest exit).
     """
+    n = scores.shape[1]
     grid = candidate_thresholds(scores, levels)
     top = np.array([len(g) - 1 for g in grid])
     pos = np.zeros(len(grid), dtype=int)
-
-    def at(p: np.ndarray) -> np.ndarray:
-        return np.array([g[i] for g, i in zip(grid, p)])
-
-    path = [at(pos)]
-    cost, accuracy = _outcome(scores, correct, costs, path[0])
+    path = [np.array([g[0] for g in grid])]
+    (exits,), (right,) = _exit_points(scores, correct, path[0][None])
+    cost, accuracy = float(costs[exits].mean()), np.count_nonzero(right) / n
     while (pos < top).any():
+        ks = np.flatnonzero(pos < top)
+        raised = np.array([grid[k][pos[k] + 1] for k in ks])
+        trial_exits, trial_right = _raise(exits, right, ks[:, None], scores[ks], correct[ks], raised)
+        c, r = _totals(costs, trial_exits, trial_right)
         moves = []
-        for k in np.flatnonzero(pos < top):
-            p = pos.copy()
-            p[k] += 1
-            c, a = _outcome(scores, correct, costs, at(p))
-            lost, saved = accuracy - a, cost - c  # saved is 0 only if no sample moved or exits cost the same
+        for i, (k, c_k, a_k) in enumerate(zip(ks, c.tolist(), (r / n).tolist())):
+            lost, saved = accuracy - a_k, cost - c_k  # saved is 0 only if no sample moved or exits cost the same
             rate = lost / saved if saved > 0 else math.copysign(math.inf, lost) if lost else 0.0
-            moves.append((rate, k, c, a))
-        _, k, cost, accuracy = min(moves)
+            moves.append((rate, k, c_k, a_k, i))
+        _, k, cost, accuracy, i = min(moves)
         pos[k] += 1
-        path.append(at(pos))
+        exits, right = trial_exits[i], trial_right[i]
+        path.append(path[-1].copy())
+        path[-1][k] = raised[i]
     return path
 
 
-def _candidates(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, levels: int) -> list[np.ndarray]:
-    """The greedy path plus every shared cutoff on the candidate grid: the starting points of a search."""
-    shared = np.unique(np.concatenate(candidate_thresholds(scores, levels)))
-    return threshold_path(scores, correct, costs, levels) + [np.full(scores.shape[0] - 1, v) for v in shared]
+@dataclass(frozen=True)
+class _Space:
+    """Where every search on one split starts: per-exit grids, the greedy path, and the candidates (the path
+    then every shared cutoff on the grid) with their mean cost and accuracy."""
+    grid: list[np.ndarray]
+    path: list[np.ndarray]
+    candidates: np.ndarray
+    cost: list[float]
+    accuracy: list[float]
+
+
+_SPACES: dict[tuple, _Space] = {}  # the last few, keyed by content: a study searches one split for many targets
+
+
+def _space(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, levels: int) -> _Space:
+    """The search space of this split, built once and reused (a pure function of its inputs, so reuse is exact)."""
+    key = (levels, scores.shape, scores.dtype.str, scores.tobytes(), correct.dtype.str, correct.tobytes(),
+           costs.tobytes())
+    if key not in _SPACES:
+        grid = candidate_thresholds(scores, levels)
+        path = threshold_path(scores, correct, costs, levels)
+        shared = np.unique(np.concatenate(grid))
+        candidates = np.vstack(path + [np.full(scores.shape[0] - 1, v) for v in shared])
+        cost, right = _outcomes(scores, correct, costs, candidates)
+        while len(_SPACES) >= 8:
+            _SPACES.pop(next(iter(_SPACES)))
+        _SPACES[key] = _Space(grid, path, candidates, cost.tolist(), (right / scores.shape[1]).tolist())
+    return _SPACES[key]
 
 
 def _search(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, key: Callable, feasible: Callable,
@@ -227,24 +285,29 @@ def _search(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, key: Cal
     """The setting minimizing key(cost, accuracy) among feasible(cost, accuracy) ones, None if no start is feasible.
 
     Starts from the best candidate (so never worse than the best shared cutoff), then coordinate
-    descent: one exit's threshold at a time over its grid, until a whole pass changes nothing.
+    descent: one exit's threshold at a time over its grid, until a whole pass changes nothing. Ties go
+    to the earliest candidate or grid value.
     """
-    found = [(key(c, a), t) for t in _candidates(scores, correct, costs, levels)
-             for c, a in [_outcome(scores, correct, costs, t)] if feasible(c, a)]
+    space = _space(scores, correct, costs, levels)
+    found = [(key(c, a), i) for i, (c, a) in enumerate(zip(space.cost, space.accuracy)) if feasible(c, a)]
     if not found:
         return None
-    best, thresholds = min(found, key=lambda f: f[0])
-    grid = candidate_thresholds(scores, levels)
+    best, i = min(found, key=lambda f: f[0])
+    thresholds = space.candidates[i].copy()
     changed = True
     while changed:
         changed = False
-        for k, values in enumerate(grid):
-            for v in values:
-                trial = thresholds.copy()
-                trial[k] = v
-                c, a = _outcome(scores, correct, costs, trial)
-                if feasible(c, a) and key(c, a) < best:
-                    best, thresholds, changed = key(c, a), trial, True
+        for k, values in enumerate(space.grid):
+            closed = thresholds.copy()  # exit k letting no one out, then raised to each of its grid values
+            closed[k] = -np.inf
+            (exits,), (right,) = _exit_points(scores, correct, closed[None])
+            cost, count = _totals(costs, *_raise(exits, right, k, scores[k], correct[k], values))
+            accuracy = count / scores.shape[1]
+            found = [(key(c, a), j) for j, (c, a) in enumerate(zip(cost.tolist(), accuracy.tolist())) if feasible(c, a)]
+            if found:
+                option, j = min(found, key=lambda f: f[0])
+                if option < best:
+                    best, thresholds[k], changed = option, values[j], True
     return thresholds
 
 
@@ -278,27 +341,39 @@ def empirical_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequenc
     return {"method": "empirical", "status": "ok", "target": target, **_setting(scores, correct, costs, thresholds)}
 
 
-def _log_choose(n: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    return torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+_LOG_FACTORIALS = np.zeros(1)  # log k! for k < len, grown on demand: a search asks for thousands of p-values
+
+
+def _log_choose(n: int, k: np.ndarray) -> np.ndarray:
+    """log (n choose k) for integers 0 <= k <= n, from a table of math.lgamma (plain numpy: no torch per call)."""
+    global _LOG_FACTORIALS
+    if n >= len(_LOG_FACTORIALS):
+        _LOG_FACTORIALS = np.array([math.lgamma(i + 1) for i in range(n + 1)])
+    f = _LOG_FACTORIALS
+    return f[n] - f[k] - f[n - k]
+
+
+def _xlogy(x: np.ndarray, y: float) -> np.ndarray:
+    """x log y, and 0 where x is 0 (even for y = 0)."""
+    return np.where(x == 0, 0.0, x * math.log(y) if y > 0 else -np.inf)
+
+
+def _sum_exp(log_terms: np.ndarray) -> float:
+    """sum(exp(log_terms)) without overflow, capped at 1 (a probability)."""
+    top = log_terms.max(initial=-np.inf)
+    return 0.0 if top == -np.inf else min(1.0, math.exp(top) * float(np.exp(log_terms - top).sum()))
 
 
 def binomial_cdf(x: int, n: int, p: float) -> float:
     """P(Binomial(n, p) <= x), summed in log space (exact; no scipy needed)."""
-    k = torch.arange(x + 1, dtype=torch.float64)
-    n_, p_ = torch.tensor(float(n), dtype=torch.float64), torch.tensor(p, dtype=torch.float64)
-    log_pmf = _log_choose(n_, k) + torch.xlogy(k, p_) + torch.xlogy(n_ - k, 1 - p_)
-    return min(1.0, float(log_pmf.logsumexp(0).exp()))
+    k = np.arange(min(x, n) + 1)
+    return _sum_exp(_log_choose(n, k) + _xlogy(k, p) + _xlogy(n - k, 1 - p))
 
 
 def hypergeometric_cdf(x: int, total: int, marked: int, draws: int) -> float:
     """P(X <= x) for X the marked items among `draws` drawn without replacement from `total` holding `marked`."""
-    lo = max(0, draws - (total - marked))
-    if x < lo:
-        return 0.0
-    k = torch.arange(lo, min(x, marked, draws) + 1, dtype=torch.float64)
-    t, m, d = (torch.tensor(float(v), dtype=torch.float64) for v in (total, marked, draws))
-    log_pmf = _log_choose(m, k) + _log_choose(t - m, d - k) - _log_choose(t, d)
-    return min(1.0, float(log_pmf.logsumexp(0).exp()))
+    k = np.arange(max(0, draws - (total - marked)), min(x, marked, draws) + 1)
+    return _sum_exp(_log_choose(marked, k) + _log_choose(total - marked, draws - k) - _log_choose(total, draws))
 
 
 def accuracy_p_value(errors: int, n: int, target: float, test_size: int | None = None) -> float:
@@ -323,11 +398,6 @@ def certifiable_target(errors: int, n: int, delta: float, test_size: int | None 
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if accuracy_p_value(errors, n, mid, test_size) <= delta else (lo, mid)
     return lo
-
-
-def _errors(scores: np.ndarray, correct: np.ndarray, thresholds: np.ndarray) -> int:
-    exits = analysis.exit_points(scores, thresholds)
-    return int((~correct[exits, np.arange(len(exits))]).sum())
 
 
 def guaranteed_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], target: float,
@@ -357,11 +427,11 @@ def guaranteed_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequen
         raise UserError(f"need calibration samples both to order and to test settings; got {n} samples")
     order = np.random.default_rng(seed).permutation(n)
     learn, test = order[:m], order[m:]
-    path = threshold_path(scores[:, learn], correct[:, learn], costs, levels)
-    s, c = scores[:, test], correct[:, test]
+    path = _space(scores[:, learn], correct[:, learn], costs, levels).path
+    _, right = _outcomes(scores[:, test], correct[:, test], costs, np.vstack(path))
+    all_errors = (len(test) - right).tolist()
     certified = None
-    for thresholds in path:  # fixed-sequence testing: stop at the first setting not certified
-        errors = _errors(s, c, thresholds)
+    for thresholds, errors in zip(path, all_errors):  # fixed-sequence testing: stop at the first setting not certified
         if accuracy_p_value(errors, len(test), target, test_size) > delta:
             break
         certified = (thresholds, errors)
@@ -372,7 +442,7 @@ def guaranteed_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequen
             "guarantee": f"with probability >= {1 - delta:g}, the {over} is >= {target:g}",
             "assumption": ASSUMPTION, "procedure": PROCEDURE}
     if certified is None:
-        bound = certifiable_target(_errors(s, c, path[0]), len(test), delta, test_size)
+        bound = certifiable_target(all_errors[0], len(test), delta, test_size)
         return {"method": "guaranteed", "status": "unreachable", **base, "thresholds": None,
                 "message": f"accuracy {target:.4f} cannot be guaranteed at delta {delta:g} from {len(test)} testing "
                            f"samples: even without early exit the most that can be certified is {bound:.4f}",
@@ -402,5 +472,6 @@ def pareto_frontier(scores: np.ndarray, correct: np.ndarray, costs: Sequence[flo
     shared cutoffs, by rising cost (and so rising accuracy). Re-evaluate the thresholds on another split with
     `analysis.cost_accuracy_points`."""
     costs = check_costs(costs, scores.shape[0])
-    return analysis.non_dominated(analysis.cost_accuracy_points(
-        scores, correct, costs, _candidates(scores, correct, costs, levels)))
+    space = _space(scores, correct, costs, levels)
+    return analysis.non_dominated([{"cost": c, "accuracy": a, "thresholds": analysis.thresholds_to_json(t)}
+                                   for c, a, t in zip(space.cost, space.accuracy, space.candidates)])

@@ -13,8 +13,10 @@ the threshold machinery (`exitwise.analysis`, `exitwise.calibration`) is shared.
 
 One interface serves analysis and the runtime: `scores(logits)` scores a whole (K, N, C) stack of
 every exit's logits, and is defined by `init_state(n)` then `step(k, logits_k, state)` exit by exit,
-which is exactly what the runtime calls, so the two cannot disagree. The state is a tensor with one
-row per sample, so the runtime keeps it in step with compaction by indexing it like the batch.
+which is exactly what the runtime calls, so the two cannot disagree. (A policy scoring each row alone
+runs its `step` over all exits in one call: the same tensor ops, bit for bit, but not K small ones,
+which are slow when torch's threads share a busy CPU.) The state is a tensor with one row per sample,
+so the runtime keeps it in step with compaction by indexing it like the batch.
 """
 from __future__ import annotations
 
@@ -87,12 +89,14 @@ class ExitPolicy:
         check_finite_logits(logits)
         if self.temperatures is not None and len(self.temperatures) != logits.shape[0]:
             raise UserError(f"{len(self.temperatures)} temperatures for {logits.shape[0]} exits")
-        state = self.init_state(logits.shape[1])
-        out = []
-        for k in range(logits.shape[0]):
-            s, state = self.step(k, logits[k], state)
-            out.append(s)
-        return torch.stack(out)
+        return self._all_exits(logits)
+
+    def _all_exits(self, logits: torch.Tensor) -> torch.Tensor:
+        """`step` at every exit in one call: each row is scored alone, so batching exits changes no bit."""
+        logits = logits.float()
+        if self.temperatures is not None:  # float32 division by each float32-rounded temperature, as in `step`
+            logits = logits / torch.tensor(self.temperatures, dtype=torch.float32)[:, None, None]
+        return self.score(logits)
 
 
 class PatiencePolicy(ExitPolicy):
@@ -108,9 +112,22 @@ class PatiencePolicy(ExitPolicy):
         return torch.stack([torch.full((n,), -1, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)], 1)
 
     def step(self, k: int, logits: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        prediction = logits.argmax(-1)
+        return self._advance(logits.argmax(-1), state)
+
+    @staticmethod
+    def _advance(prediction: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` from exit k's (N,) predictions."""
         run = torch.where(prediction == state[:, 0], state[:, 1] + 1, torch.zeros_like(prediction))
         return -run.float(), torch.stack([prediction, run], 1)
+
+    def _all_exits(self, logits: torch.Tensor) -> torch.Tensor:
+        """`step` exit by exit (a score depends on the exits before), with every exit's predictions in one call."""
+        state = self.init_state(logits.shape[1])
+        out = []
+        for prediction in logits.argmax(-1):
+            s, state = self._advance(prediction, state)
+            out.append(s)
+        return torch.stack(out)
 
 
 POLICIES: dict[str, ExitPolicy] = {
