@@ -154,3 +154,12 @@ def test_unknown_model_and_unknown_flag(capsys):
 def test_console_entry_point_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "exitwise", "models"], capture_output=True, text=True)
     assert done.returncode == 0 and "seed-branchynet" in done.stdout
+
+
+def test_study_with_the_max_prob_policy_and_patience_is_pointed_to_calibrate(tmp_path, capsys, seed_weights):
+    data = make_tree(tmp_path / "d", 1)
+    code, _, err = run_cli(capsys, *study_args(data, seed_weights, tmp_path / "o", "--policy", "max-prob", "--cutoff", "0.2"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["policy"] == "max-prob"
+    code, _, err = run_cli(capsys, *study_args(data, seed_weights, tmp_path / "p", "--policy", "patience"))
+    assert_user_error(code, err, "calibrate")

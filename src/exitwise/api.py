@@ -35,11 +35,11 @@ def study(*, dataset: str, data_dir: str | Path | None, model: str, out: str | P
           weights: str | Path | None = None, download: bool = False, cutoff: float = 0.6,
           desired_accuracies: Sequence[float] | None = None, methods: Sequence[str] | None = None,
           batch_size: int = 256, precision: str = "auto", val_size: int | None = None,
-          split_seed: int = 0, progress: bool = True) -> dict:
+          split_seed: int = 0, progress: bool = True, policy: str = "entropy") -> dict:
     """Run the whole early-exit study and write results.json, plots and reports into `out`."""
     config = StudyConfig(cutoff=cutoff, desired_accuracies=tuple(desired_accuracies or DEFAULT_DESIRED),
                          methods=tuple(methods or ("per-exit", "seed-percentile")), batch_size=batch_size,
-                         precision=precision, progress=progress)
+                         precision=precision, progress=progress, policy=policy)
     check_writable_dir(out)  # fail before the long work, not after it
     net, info = load_model(model, weights)
     splits = load_splits(dataset, data_dir, download=download, val_size=val_size,

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--weights", type=Path, help="checkpoint (.safetensors or a PyTorch state_dict); "
                                                     "default: the weights shipped for --model")
     study.add_argument("--out", type=Path, required=True, help="output directory")
-    study.add_argument("--cutoff", type=float, default=0.6, help="the fixed entropy cutoff, in nats")
+    study.add_argument("--policy", default="entropy", help="exit score: entropy (nats), max-prob or margin; "
+                                                           "every policy's frontier is in the results anyway")
+    study.add_argument("--cutoff", type=float, default=0.6, help="the fixed cutoff (entropy: nats)")
     study.add_argument("--desired-accuracies", type=_float_list, default=None,
                        help="comma-separated targets for calibration (default 0.60,0.65,...,0.90)")
     study.add_argument("--method", action="append", dest="methods",
@@ -99,7 +101,7 @@ def cmd_study(args: argparse.Namespace) -> None:
     results = study(dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model,
                     weights=args.weights, out=args.out, cutoff=args.cutoff,
                     desired_accuracies=args.desired_accuracies, methods=args.methods,
-                    batch_size=args.batch_size, precision=args.precision, val_size=args.val_size,
+                    batch_size=args.batch_size, precision=args.precision, val_size=args.val_size, policy=args.policy,
                     split_seed=args.split_seed, progress=not args.no_progress)
     from .report import format_summary
     print(format_summary(results))

@@ -57,7 +57,9 @@ class StudyConfig:
             raise UserError(f"unknown calibration method {unknown[0]!r}; known: {', '.join(calibration.METHODS)}")
         if self.batch_size < 1:
             raise UserError(f"batch size must be positive, got {self.batch_size}")
-        get_policy(self.policy)
+        if get_policy(self.policy).max_score(2) <= 0:  # patience: thresholds are -p, no cutoff range to sweep
+            raise UserError(f"the study sweeps cutoffs from 0 up: use entropy, max-prob or margin; the "
+                            f"{self.policy!r} policy is in every study's frontiers and in `exitwise calibrate`")
         if self.precision != "auto":
             check_precision(self.precision)
 
