@@ -21,8 +21,10 @@ from exitwise import analysis, calibration
 from exitwise.api import load_model
 from exitwise.costs import backbone_macs, exit_macs
 from exitwise.data import load_splits
+from exitwise.models import shipped_weights
 from exitwise.policies import get_policy
 from exitwise.runtime import all_exit_logits, prepare, run_backbone, run_early_exit, warm_up
+from exitwise.study import StudyConfig, choose_precision
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -41,7 +43,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch1-images", type=int, default=10000, help="test images timed at batch 1")
     args = p.parse_args()
-    models = args.models or ["seed-branchynet", "b-resnet11"]
+    models = args.models or [n for n in ("seed-branchynet", "b-resnet11") if shipped_weights(n)]
     splits = load_splits("cifar10", args.data, progress=False)
     policy = get_policy("entropy")
     print(f"{len(splits.test)} test images, {torch.get_num_threads()} threads, entropy policy, "
@@ -49,10 +51,11 @@ def main() -> None:
     for name in models:
         model, info = load_model(name, args.weights if len(models) == 1 else None)
         model = prepare(model)
-        warm_up(model, splits.test)
+        precision, _ = choose_precision(model, splits.test, StudyConfig(progress=False))  # as the study does
+        warm_up(model, splits.test, precision=precision)
         macs = exit_macs(model)
-        val = all_exit_logits(model, splits.val)
-        test = all_exit_logits(model, splits.test)
+        val = all_exit_logits(model, splits.val, precision=precision)
+        test = all_exit_logits(model, splits.test, precision=precision)
         per_sample = np.array(test.stage_seconds) / len(splits.test)
         scores = {s: policy.scores(torch.from_numpy(r.logits)).numpy() for s, r in (("val", val), ("test", test))}
         correct = {s: r.logits.argmax(-1) == d.labels.numpy()
@@ -66,12 +69,12 @@ def main() -> None:
               if r["overall_accuracy"] >= final - args.within_points / 100]
         _, thresholds, chosen = min(ok, key=lambda x: x[0])
         one = splits.test.subset(torch.arange(min(args.batch1_images, len(splits.test))))
-        full256 = best_of(args.repeats, lambda: run_backbone(model, splits.test, 256))
-        early256 = best_of(args.repeats, lambda: run_early_exit(model, splits.test, thresholds, policy, 256))
-        full1 = best_of(args.repeats, lambda: run_backbone(model, one, 1))
-        early1 = best_of(args.repeats, lambda: run_early_exit(model, one, thresholds, policy, 1))
+        full256 = best_of(args.repeats, lambda: run_backbone(model, splits.test, 256, precision))
+        early256 = best_of(args.repeats, lambda: run_early_exit(model, splits.test, thresholds, policy, 256, precision))
+        full1 = best_of(args.repeats, lambda: run_backbone(model, one, 1, precision))
+        early1 = best_of(args.repeats, lambda: run_early_exit(model, one, thresholds, policy, 1, precision))
         accuracy = (early256.predictions == splits.test.labels.numpy()).mean()
-        print(f"\n{name} ({info['weights']})")
+        print(f"\n{name} ({info['weights']}, precision {precision})")
         print(f"  full network: accuracy {final:.2%}, {backbone_macs(model) / 1e6:.2f} M MACs, "
               f"batch 256: {full256.seconds:.2f} s, batch 1: {full1.seconds:.2f} s for {len(one)} images")
         print(f"  early exit:   accuracy {accuracy:.2%}, {chosen['mean_macs'] / 1e6:.2f} M MACs, "
