@@ -126,6 +126,7 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
     val_run = all_exit_logits(model, splits.val, progress=config.progress, **run_kwargs)
     test = exit_arrays(test_run.logits, splits.test.labels, config.policy)
     val = exit_arrays(val_run.logits, splits.val.labels, config.policy)
+
     def measure(thresholds: np.ndarray):
         return run_early_exit(model, splits.test, thresholds, policy, progress=config.progress, **run_kwargs)
 
