@@ -15,5 +15,5 @@ exitwise train --dataset cifar10 --data-dir "$cifar" --model seed-branchynet --e
 ship runs/seed-branchynet seed-branchynet
 
 # b-resnet11: a residual network with three side exits
-exitwise train --dataset cifar10 --data-dir "$cifar" --model b-resnet11 --epochs 30 --out runs/b-resnet11
+exitwise train --dataset cifar10 --data-dir "$cifar" --model b-resnet11 --epochs 24 --out runs/b-resnet11
 ship runs/b-resnet11 b-resnet11
