@@ -75,3 +75,15 @@ def test_unknown_model_and_garbage_file(tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(UserError):
         load_weights(create_model("digits-convnet"), tmp_path / "garbage.safetensors")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_shipped_weights_load_and_carry_a_model_card(name):
+    import json
+    from exitwise.models import shipped_weights
+    path = shipped_weights(name)
+    if path is None:
+        pytest.skip(f"no weights ship for {name}")
+    load_weights(create_model(name), path)
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["model"] == name and len(card["test_accuracy"]) == create_model(name).num_exits
