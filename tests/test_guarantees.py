@@ -59,7 +59,7 @@ def test_guaranteed_accuracy_over_a_new_test_set_misses_the_target_at_most_delta
     of them (plus Monte Carlo slack), while the empirical method, fitted to its split, misses far more."""
     rng = np.random.default_rng(2)
     target, delta, n, m = 0.66, 0.1, 600, 600
-    missed, empirical_missed, early, costs = 0, 0, [], []
+    missed, empirical_missed, costs = 0, 0, []
     for seed in range(200):
         scores, correct = generate(n, rng)
         test_scores, test_correct = generate(m, rng)

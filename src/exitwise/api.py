@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from . import __version__, analysis, calibration
-from .data import Splits, load_splits
+from .data import load_splits
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
 from .errors import UserError
 from .logits_cache import ExitLogits, load_logits
-from .models import create_model, load_weights, shipped_weights
+from .models import check_fits, create_model, load_weights, shipped_weights
 from .models.base import MultiExitNetwork
 from .policies import get_policy
 from .study import (DEFAULT_DESIRED, ExitArrays, StudyConfig, exit_arrays, file_sha256, policy_frontiers, run_study,
@@ -44,18 +44,11 @@ def study(*, dataset: str, data_dir: str | Path | None, model: str, out: str | P
     net, info = load_model(model, weights)
     splits = load_splits(dataset, data_dir, download=download, val_size=val_size,
                          split_seed=split_seed, progress=progress)
-    check_fits(net, splits, model)
+    check_fits(net, splits.test, splits.dataset)
     done = run_study(net, splits, config, info)
     write_study(done, out)
     return done.results
 
-
-def check_fits(net: MultiExitNetwork, splits: Splits, name: str) -> None:
-    n, h, w, c = splits.test.images.shape
-    if net.num_classes != len(splits.test.classes) or tuple(net.input_shape) != (c, h, w):
-        mc, mh, mw = net.input_shape
-        raise UserError(f"model {name!r} takes {mc}x{mh}x{mw} images of {net.num_classes} classes, "
-                        f"but {splits.dataset} has {c}x{h}x{w} images of {len(splits.test.classes)} classes")
 
 
 # digits are 8x8 and not mirror-symmetric: a 1-pixel crop jitter and no flips; 30 epochs take seconds
@@ -71,7 +64,6 @@ def train(*, dataset: str, data_dir: str | Path | None, model: str, out: str | P
     net = create_model(model)
     splits = load_splits(dataset, data_dir, download=download, val_size=val_size, split_seed=split_seed,
                          progress=progress)
-    check_fits(net, splits, model)
     config = None if resume is not None and not recipe else TrainConfig(**{**TRAIN_DEFAULTS.get(dataset, {}), **recipe})
     return run_training(net, splits, config, out, resume=resume, progress=progress, model_name=model)
 

@@ -39,7 +39,7 @@ from .costs import exit_macs
 from .data import ImageSet, Splits
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
-from .models import MODELS
+from .models import MODELS, check_fits
 from .models.base import MultiExitNetwork
 
 SCHEDULES = ("onecycle", "cosine")
@@ -244,11 +244,7 @@ def _finish(model: MultiExitNetwork, name: str, splits: Splits, config: TrainCon
 def _check_inputs(model: MultiExitNetwork, splits: Splits, config: TrainConfig) -> None:
     if len(splits.train) == 0:
         raise UserError(f"the {splits.dataset} train split has no images (is the validation split all of it?)")
-    n, h, w, c = splits.train.images.shape
-    if tuple(model.input_shape) != (c, h, w) or model.num_classes != len(splits.train.classes):
-        mc, mh, mw = model.input_shape
-        raise UserError(f"the model takes {mc}x{mh}x{mw} images of {model.num_classes} classes, but "
-                        f"{splits.dataset} has {c}x{h}x{w} images of {len(splits.train.classes)} classes")
+    check_fits(model, splits.train, splits.dataset)
     if config.exit_weights is not None and len(config.exit_weights) != model.num_exits:
         raise UserError(f"{len(config.exit_weights)} exit weights given for a model with {model.num_exits} exits")
 

@@ -32,6 +32,15 @@ def create_model(name: str) -> MultiExitNetwork:
     return MODELS[name]()
 
 
+def check_fits(model: MultiExitNetwork, images, dataset: str) -> None:
+    """Refuse a data set (an ImageSet: uint8 (N, H, W, C) images and class names) the model cannot take."""
+    n, h, w, c = images.images.shape
+    if tuple(model.input_shape) != (c, h, w) or model.num_classes != len(images.classes):
+        mc, mh, mw = model.input_shape
+        raise UserError(f"the model takes {mc}x{mh}x{mw} images of {model.num_classes} classes, but "
+                        f"{dataset} has {c}x{h}x{w} images of {len(images.classes)} classes")
+
+
 def shipped_weights(name: str) -> Path | None:
     """The safetensors file shipped for model `name`, or None if the package carries none."""
     path = SHIPPED_WEIGHTS_DIR / f"{name}.safetensors"
