@@ -60,7 +60,7 @@ def main() -> None:
     model, _ = load_model(args.model, args.weights)
     policy = get_policy(args.policy)
     start = time.perf_counter()
-    logits = all_exit_logits(prepare(model), data, precision=args.precision).logits
+    logits = all_exit_logits(prepare(model, args.precision), data).logits
     print(f"{args.model}: every exit's logits on {len(data)} test images in {time.perf_counter() - start:.1f} s")
     scores = policy.scores(torch.from_numpy(logits)).numpy().astype(np.float64)
     correct = logits.argmax(-1) == data.labels.numpy()[None, :]

@@ -50,12 +50,12 @@ def main() -> None:
           f"best of {args.repeats} runs per timing")
     for name in models:
         model, info = load_model(name, args.weights if len(models) == 1 else None)
-        model = prepare(model)
         precision, _ = choose_precision(model, splits.test, StudyConfig(progress=False))  # as the study does
-        warm_up(model, splits.test, precision=precision)
-        macs = exit_macs(model)
-        val = all_exit_logits(model, splits.val, precision=precision)
-        test = all_exit_logits(model, splits.test, precision=precision)
+        macs, full_macs = exit_macs(model), backbone_macs(model)
+        model = prepare(model, precision)
+        warm_up(model, splits.test)
+        val = all_exit_logits(model, splits.val)
+        test = all_exit_logits(model, splits.test)
         per_sample = np.array(test.stage_seconds) / len(splits.test)
         scores = {s: policy.scores(torch.from_numpy(r.logits)).numpy() for s, r in (("val", val), ("test", test))}
         correct = {s: r.logits.argmax(-1) == d.labels.numpy()
@@ -69,20 +69,20 @@ def main() -> None:
               if r["overall_accuracy"] >= final - args.within_points / 100]
         _, thresholds, chosen = min(ok, key=lambda x: x[0])
         one = splits.test.subset(torch.arange(min(args.batch1_images, len(splits.test))))
-        full256 = best_of(args.repeats, lambda: run_backbone(model, splits.test, 256, precision))
-        early256 = best_of(args.repeats, lambda: run_early_exit(model, splits.test, thresholds, policy, 256, precision))
-        full1 = best_of(args.repeats, lambda: run_backbone(model, one, 1, precision))
-        early1 = best_of(args.repeats, lambda: run_early_exit(model, one, thresholds, policy, 1, precision))
+        full256 = best_of(args.repeats, lambda: run_backbone(model, splits.test, 256))
+        early256 = best_of(args.repeats, lambda: run_early_exit(model, splits.test, thresholds, policy, 256))
+        full1 = best_of(args.repeats, lambda: run_backbone(model, one, 1))
+        early1 = best_of(args.repeats, lambda: run_early_exit(model, one, thresholds, policy, 1))
         accuracy = (early256.predictions == splits.test.labels.numpy()).mean()
         print(f"\n{name} ({info['weights']}, precision {precision})")
-        print(f"  full network: accuracy {final:.2%}, {backbone_macs(model) / 1e6:.2f} M MACs, "
+        print(f"  full network: accuracy {final:.2%}, {full_macs / 1e6:.2f} M MACs, "
               f"batch 256: {full256.seconds:.2f} s, batch 1: {full1.seconds:.2f} s for {len(one)} images")
         print(f"  early exit:   accuracy {accuracy:.2%}, {chosen['mean_macs'] / 1e6:.2f} M MACs, "
               f"batch 256: {early256.seconds:.2f} s, batch 1: {early1.seconds:.2f} s; exit shares "
               + ", ".join(f"{s:.1%}" for s in chosen["exit_shares"]))
         print(f"  thresholds:   {', '.join('never' if t is None else f'{t:.3f}' for t in analysis.thresholds_to_json(thresholds))}")
         print(f"  speed-up: batch 256 {full256.seconds / early256.seconds:.2f}x, batch 1 {full1.seconds / early1.seconds:.2f}x, "
-              f"MACs {backbone_macs(model) / chosen['mean_macs']:.2f}x")
+              f"MACs {full_macs / chosen['mean_macs']:.2f}x")
 
 
 if __name__ == "__main__":

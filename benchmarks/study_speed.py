@@ -59,10 +59,9 @@ def main() -> None:
     print(f"timing model: mean |relative error| {results['timing_model']['mean_abs_relative_error']:.1%} "
           f"over {len(results['timing_model']['checks'])} real runs")
 
-    prepare(model)
-    exact = all_exit_logits(model, splits.test, precision="fp32").logits.argmax(-1)
+    exact = all_exit_logits(prepare(model, "fp32"), splits.test).logits.argmax(-1)
     for precision in ("bf16", "mixed"):
-        agreement = (all_exit_logits(model, splits.test, precision=precision).logits.argmax(-1) == exact).mean(1)
+        agreement = (all_exit_logits(prepare(model, precision), splits.test).logits.argmax(-1) == exact).mean(1)
         print(f"{precision} vs fp32 prediction agreement per exit on all test images: "
               + ", ".join(f"{a:.2%}" for a in agreement)
               + f"  (>= 99.5% at every exit: {'yes' if agreement.min() >= 0.995 else 'no'})")

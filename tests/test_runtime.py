@@ -6,7 +6,7 @@ import torch
 from exitwise import analysis
 from exitwise.models import create_model
 from exitwise.policies import entropy, get_policy
-from exitwise.runtime import all_exit_logits, prepare, run_early_exit
+from exitwise.runtime import MICRO_BATCH, all_exit_logits, prepare, run_backbone, run_early_exit
 
 from conftest import random_image_set
 
@@ -22,10 +22,10 @@ def test_compaction_gives_the_same_exits_and_predictions_as_all_logits_plus_the_
     model = prepare(create_model("digits-convnet"))
     data = random_image_set(200)
     policy = get_policy("entropy")
-    full = all_exit_logits(model, data, batch_size=batch_size, precision="fp32")
+    full = all_exit_logits(model, data, batch_size=batch_size)
     scores = policy.scores(torch.from_numpy(full.logits)).numpy()
     for thresholds in (np.quantile(scores[:-1], 0.3, axis=1), np.array([2.0, -np.inf]), np.full(2, np.inf)):
-        run = run_early_exit(model, data, thresholds, policy, batch_size=batch_size, precision="fp32")
+        run = run_early_exit(model, data, thresholds, policy, batch_size=batch_size)
         expected_exits = analysis.exit_points(scores, thresholds)
         assert (run.exits == expected_exits).all()
         assert (run.predictions == full.logits[expected_exits, np.arange(len(data))].argmax(-1)).all()
@@ -36,7 +36,7 @@ def test_all_exit_logits_match_the_models_forward():
     torch.manual_seed(0)
     model = prepare(create_model("digits-convnet"))
     data = random_image_set(50)
-    run = all_exit_logits(model, data, batch_size=16, precision="fp32")
+    run = all_exit_logits(model, data, batch_size=16)
     images = next(data.batches(50))[0]
     with torch.no_grad():
         expected = torch.stack(model(images)).numpy()
@@ -46,11 +46,30 @@ def test_all_exit_logits_match_the_models_forward():
 @pytest.mark.parametrize("precision", ["bf16", "mixed", "fp32"])
 def test_every_precision_runs_every_path_and_stays_close_to_fp32(precision):
     torch.manual_seed(0)
-    model = prepare(create_model("seed-branchynet"))
+    model = create_model("seed-branchynet")
     data = random_image_set(40, shape=(32, 32, 3))
-    exact = all_exit_logits(model, data, batch_size=16, precision="fp32").logits
-    run = all_exit_logits(model, data, batch_size=16, precision=precision)
+    exact = all_exit_logits(prepare(model, "fp32"), data, batch_size=16).logits
+    model = prepare(model, precision)
+    run = all_exit_logits(model, data, batch_size=16)
     assert run.logits.dtype == np.float32
     np.testing.assert_allclose(run.logits, exact, atol=0.25, rtol=0.1)
-    early = run_early_exit(model, data, np.full(5, 1.0), get_policy("entropy"), batch_size=16, precision=precision)
+    early = run_early_exit(model, data, np.full(5, 1.0), get_policy("entropy"), batch_size=16)
     assert early.exits.shape == (40,)
+
+
+def test_prepare_folds_batch_norms_and_micro_batches_without_changing_the_fp32_logits():
+    torch.manual_seed(0)
+    model = create_model("b-resnet11").eval()  # convs followed by batch norms, the ones folded
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics, so a wrong fold would show
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(-2, 2)
+    data = random_image_set(MICRO_BATCH + 9, shape=(32, 32, 3))  # one full micro-batch and a remainder
+    prepared = prepare(model, "fp32")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.stages[2].modules())  # a residual block
+    images = next(data.batches(len(data)))[0]
+    with torch.no_grad():
+        expected = torch.stack(model(images)).numpy()
+    run = all_exit_logits(prepared, data, batch_size=len(data))
+    np.testing.assert_allclose(run.logits, expected, rtol=1e-3, atol=1e-4)
+    assert (run_backbone(prepared, data, batch_size=len(data)).predictions == expected[-1].argmax(-1)).all()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched

@@ -84,10 +84,14 @@ def choose_precision(model: MultiExitNetwork, data, config: StudyConfig) -> tupl
     if config.precision == "fp32" or config.precision_check_images <= 0:
         return config.precision if config.precision != "auto" else "bf16", None
     sample = data.subset(torch.arange(min(config.precision_check_images, len(data))))
-    exact = all_exit_logits(model, sample, config.batch_size, "fp32").logits.argmax(-1)
+
+    def predictions(precision: str) -> np.ndarray:
+        return all_exit_logits(prepare(model, precision), sample, config.batch_size).logits.argmax(-1)
+
+    exact = predictions("fp32")
     tried = []
     for precision in ("bf16", "mixed") if config.precision == "auto" else (config.precision,):
-        agreement = (all_exit_logits(model, sample, config.batch_size, precision).logits.argmax(-1) == exact).mean(1)
+        agreement = (predictions(precision) == exact).mean(1)
         tried.append({"precision": precision, "agreement_per_exit": agreement.tolist(),
                       "agreement_with_fp32": float(agreement.min())})
         if agreement.min() >= AGREEMENT_REQUIRED:
@@ -113,13 +117,14 @@ class Study:
 def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> Study:
     """The whole study: the `results.json` dictionary and the cached logits it was computed from."""
     policy = get_policy(config.policy)
-    model = prepare(model)
     macs = exit_macs(model)
     k_exits = model.num_exits
     max_cutoff = policy.max_score(model.num_classes)
 
     precision, precision_check = choose_precision(model, splits.test, config)
-    run_kwargs = dict(batch_size=config.batch_size, precision=precision)
+    full_macs = float(backbone_macs(model))
+    model = prepare(model, precision)
+    run_kwargs = dict(batch_size=config.batch_size)
     warm_up(model, splits.test, **run_kwargs)
 
     test_run = all_exit_logits(model, splits.test, progress=config.progress, **run_kwargs)
@@ -147,7 +152,7 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
     never = np.full(k_exits - 1, -np.inf)
     backbone = run_backbone(model, splits.test, **run_kwargs)
     full_network = {"accuracy": float(test.correct[-1].mean()), "seconds": backbone.seconds,
-                    "mean_macs": float(backbone_macs(model)),
+                    "mean_macs": full_macs,
                     "note": "every stage and the final classifier, no side exits, measured"}
 
     exits = [{"index": k, "accuracy": float(test.correct[k].mean()), "val_accuracy": float(val.correct[k].mean()),
