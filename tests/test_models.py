@@ -4,7 +4,9 @@ import torch
 import pytest
 from safetensors.torch import save_file
 
-from exitwise.costs import backbone_macs, exit_macs
+from torch.utils.flop_counter import FlopCounterMode
+
+from exitwise.costs import backbone_macs, exit_macs, stage_and_head_macs
 from exitwise.errors import UserError
 from exitwise.models import MODELS, create_model, load_weights
 
@@ -28,6 +30,22 @@ def test_seed_branchynet_has_the_founding_layout_six_exits_and_82_mflops():
     assert macs == sorted(macs)
     assert 2 * macs[-1] == pytest.approx(82e6, rel=0.01)  # ARCHITECTURE.md: ~82 MFLOPs with every exit
     assert backbone_macs(model) < macs[-1]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_macs_per_stage_and_head_match_pytorchs_flop_counter(name):
+    model = create_model(name).eval()
+    expected, x = [], torch.zeros(1, *model.input_shape)
+    with torch.no_grad():
+        for stage, head in zip(model.stages, model.heads):
+            for module in (stage, head):
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    y = module(x)
+                expected.append(counter.get_total_flops() // 2)
+                x = y if module is stage else x
+    stages, heads = stage_and_head_macs(model)
+    assert [m for pair in zip(stages, heads) for m in pair] == expected
 
 
 def test_seed_checkpoint_names_map_onto_stages_and_heads(tmp_path):
