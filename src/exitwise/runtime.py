@@ -103,6 +103,12 @@ class Run:
                                # (empty from `run_backbone`, which times only the whole loop)
     seconds: float             # wall time of the whole loop
     logits: np.ndarray | None = None  # (K, N, C) every exit's logits, from `all_exit_logits` only
+    head_seconds: list[float] | None = None  # the heads' share of stage_seconds, from `all_exit_logits` only
+
+    @property
+    def trunk_seconds(self) -> float:
+        """An all-exits pass's time without its side heads: the full network's time, measured in that pass."""
+        return self.seconds - sum(self.head_seconds[:-1])
 
 
 def _micro_batches(data, batch_size: int, progress: bool, desc: str) -> Iterable[torch.Tensor]:
@@ -127,19 +133,22 @@ def warm_up(model: MultiExitNetwork, data, batch_size: int = 256, batches: int =
 def all_exit_logits(model: MultiExitNetwork, data, batch_size: int = 256, progress: bool = False) -> Run:
     """Every sample through every stage and head of a `prepare`d model: each exit's logits, per-stage time."""
     k_exits = model.num_exits
-    stage_seconds = [0.0] * k_exits
+    stage_seconds, head_seconds = [0.0] * k_exits, [0.0] * k_exits
     chunks: list[list[torch.Tensor]] = [[] for _ in range(k_exits)]
     start = time.perf_counter()
     for x in _micro_batches(data, batch_size, progress, "all exits"):
         for k in range(k_exits):
             t0 = time.perf_counter()
-            x, logits = run_stage(model, k, x)
-            chunks[k].append(logits)
-            stage_seconds[k] += time.perf_counter() - t0
+            x = _run(model.stages[k], x)
+            t1 = time.perf_counter()
+            chunks[k].append(_run(model.heads[k], x).float())
+            t2 = time.perf_counter()
+            stage_seconds[k] += t2 - t0
+            head_seconds[k] += t2 - t1
     seconds = time.perf_counter() - start
     logits = torch.stack([torch.cat(c) for c in chunks]).numpy()
     return Run(exits=np.full(len(data), k_exits - 1), predictions=logits[-1].argmax(-1),
-               stage_seconds=stage_seconds, seconds=seconds, logits=logits)
+               stage_seconds=stage_seconds, seconds=seconds, logits=logits, head_seconds=head_seconds)
 
 
 @torch.inference_mode()
