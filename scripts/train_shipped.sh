@@ -14,9 +14,9 @@ exitwise train --dataset cifar10 --data-dir "$cifar" --model seed-branchynet --e
     --out runs/seed-branchynet
 ship runs/seed-branchynet seed-branchynet
 
-# b-resnet11: a residual network with three side exits
-exitwise train --dataset cifar10 --data-dir "$cifar" --model b-resnet11 --epochs 24 --out runs/b-resnet11
+# b-resnet11: a residual network with three side exits (36 epochs, about an hour on 2 CPU cores)
+exitwise train --dataset cifar10 --data-dir "$cifar" --model b-resnet11 --epochs 36 --out runs/b-resnet11
 ship runs/b-resnet11 b-resnet11
-# stored as float16 (5 MB instead of 10 MB; accuracy unchanged to 0.03 points), loads into float32
+# stored as float16 (10 MB instead of 21 MB; test accuracy unchanged to 0.03 points), loads into float32
 python -c "from safetensors.torch import load_file, save_file; p='src/exitwise/weights/b-resnet11.safetensors'; \
 save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(p).items()}, p, metadata={'model': 'b-resnet11'})"
