@@ -111,12 +111,13 @@ class Run:
         return self.seconds - sum(self.head_seconds[:-1])
 
 
-def _micro_batches(data, batch_size: int, progress: bool, desc: str) -> Iterable[torch.Tensor]:
-    """The images in batches of `batch_size` (as a caller hands them in), each run as MICRO_BATCH-row pieces."""
+def _micro_batches(data, batch_size: int, progress: bool, desc: str, whole: bool = False) -> Iterable[torch.Tensor]:
+    """The images in batches of `batch_size` (as a caller hands them in), each run as MICRO_BATCH-row
+    pieces (or yielded whole, for a caller that splits them itself)."""
     total = (len(data) + batch_size - 1) // batch_size
     for images, _ in tqdm(data.batches(batch_size), total=total, desc=desc, disable=not progress,
                           leave=False, unit="batch"):
-        yield from images.split(MICRO_BATCH)
+        yield from [images] if whole else images.split(MICRO_BATCH)
 
 
 @torch.inference_mode()
@@ -151,11 +152,30 @@ def all_exit_logits(model: MultiExitNetwork, data, batch_size: int = 256, progre
                stage_seconds=stage_seconds, seconds=seconds, logits=logits, head_seconds=head_seconds)
 
 
+@dataclass
+class _Rows:
+    """Samples waiting for a stage: their features, positions in the data set and policy state."""
+    x: torch.Tensor
+    index: torch.Tensor
+    state: torch.Tensor
+
+    @staticmethod
+    def cat(parts: list["_Rows"]) -> "_Rows":
+        if len(parts) == 1:
+            return parts[0]
+        return _Rows(torch.cat([p.x for p in parts]), torch.cat([p.index for p in parts]),
+                     torch.cat([p.state for p in parts]))
+
+
 @torch.inference_mode()
 def run_early_exit(model: MultiExitNetwork, data, thresholds: Sequence[float], policy: ExitPolicy,
                    batch_size: int = 256, progress: bool = False) -> Run:
     """Real early exit with a `prepare`d model: a sample leaves at the first side exit whose score is <= its threshold.
 
+    Each batch enters in micro-batches; the samples that stay are compacted and wait at the next
+    stage until a micro-batch's worth has gathered (or the batch is done), so later stages run on
+    full-sized batches instead of the few survivors of each micro-batch (2-3x cheaper per image at
+    the last stage of b-resnet11). Every sample of a batch has left before the next batch starts.
     Thresholds of -inf never let a sample leave, so `[-inf] * (K - 1)` runs the full network
     (every side head included, as in the founding system's loop).
     """
@@ -166,30 +186,45 @@ def run_early_exit(model: MultiExitNetwork, data, thresholds: Sequence[float], p
     exits = torch.empty(len(data), dtype=torch.int64)
     predictions = torch.empty(len(data), dtype=torch.int64)
     stage_seconds = [0.0] * k_exits
+    waiting: list[list[_Rows]] = [[] for _ in range(k_exits)]
+
+    def advance(k: int, rows: _Rows) -> None:
+        """Stage k and its exit decision for `rows`; the samples that stay wait at stage k + 1."""
+        t0 = time.perf_counter()
+        x, logits = run_stage(model, k, rows.x)
+        leave, state = None, rows.state
+        if k < k_exits - 1:
+            scores, state = policy.step(k, logits, state)
+            leave = scores <= thr[k]
+        if leave is None or bool(leave.all()):  # everyone leaves: no indexing (batch 1 lives here)
+            exits[rows.index] = k
+            predictions[rows.index] = logits.argmax(-1)
+        else:
+            if leave.any():
+                exits[rows.index[leave]] = k
+                predictions[rows.index[leave]] = logits[leave].argmax(-1)
+                stay = ~leave
+                rows = _Rows(keep_rows(x, stay), rows.index[stay], state[stay])
+            else:
+                rows = _Rows(x, rows.index, state)
+            waiting[k + 1].append(rows)
+        stage_seconds[k] += time.perf_counter() - t0
+
+    def run_waiting(k: int, at_least: int) -> None:
+        if sum(len(r.index) for r in waiting[k]) >= at_least:
+            rows, waiting[k] = _Rows.cat(waiting[k]), []
+            advance(k, rows)
+
     offset = 0
     start = time.perf_counter()
-    for x in _micro_batches(data, batch_size, progress, "early exit"):
-        index = torch.arange(offset, offset + len(x))
-        offset += len(x)
-        state = policy.init_state(len(x))
-        for k in range(k_exits):
-            t0 = time.perf_counter()
-            x, logits = run_stage(model, k, x)
-            if k < k_exits - 1:
-                scores, state = policy.step(k, logits, state)
-                leave = scores <= thr[k]
-                n_leave = int(leave.sum())
-            if k == k_exits - 1 or n_leave == len(x):  # everyone left: no indexing (batch 1 lives here)
-                exits[index] = k
-                predictions[index] = logits.argmax(-1)
-                stage_seconds[k] += time.perf_counter() - t0
-                break
-            if n_leave:
-                exits[index[leave]] = k
-                predictions[index[leave]] = logits[leave].argmax(-1)
-                stay = ~leave
-                x, index, state = keep_rows(x, stay), index[stay], state[stay]
-            stage_seconds[k] += time.perf_counter() - t0
+    for batch in _micro_batches(data, batch_size, progress, "early exit", whole=True):
+        for x in batch.split(MICRO_BATCH):
+            advance(0, _Rows(x, torch.arange(offset, offset + len(x)), policy.init_state(len(x))))
+            offset += len(x)
+            for k in range(1, k_exits):
+                run_waiting(k, MICRO_BATCH)
+        for k in range(1, k_exits):  # the batch is done: the rest go on as they are
+            run_waiting(k, 1)
     seconds = time.perf_counter() - start
     return Run(exits=exits.numpy(), predictions=predictions.numpy(), stage_seconds=stage_seconds, seconds=seconds)
 
