@@ -37,10 +37,20 @@ activations stay in cache (32 rows are slower again). Every runtime function spl
 this way; predictions are unchanged."""
 
 
-def _float_dtype(module: torch.nn.Module) -> torch.dtype | None:
-    """The dtype a module computes in: that of its first floating-point parameter or buffer."""
+class _InDtype(torch.nn.Module):
+    """`module` run on its input cast to `dtype`, the dtype its weights are stored in (None: as it comes)."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype | None):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x if self.dtype is None else x.to(self.dtype))
+
+
+def _in_own_dtype(module: torch.nn.Module) -> _InDtype:
     tensors = itertools.chain(module.parameters(), module.buffers())
-    return next((t.dtype for t in tensors if t.is_floating_point()), None)
+    return _InDtype(module, next((t.dtype for t in tensors if t.is_floating_point()), None))
 
 
 def _fold_batch_norms(module: torch.nn.Module) -> None:
@@ -74,18 +84,14 @@ def prepare(model: MultiExitNetwork, precision: str = "fp32") -> MultiExitNetwor
             net.stages[k].to(torch.bfloat16)
         if precision == "bf16":
             net.heads[k].to(torch.bfloat16)
+        net.stages[k], net.heads[k] = _in_own_dtype(net.stages[k]), _in_own_dtype(net.heads[k])
     return net
-
-
-def _run(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    dtype = _float_dtype(module)
-    return module(x if dtype is None else x.to(dtype))
 
 
 def run_stage(model: MultiExitNetwork, k: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage k of a `prepare`d model, then its head: (features, fp32 logits)."""
-    x = _run(model.stages[k], x)
-    return x, _run(model.heads[k], x).float()
+    x = model.stages[k](x)
+    return x, model.heads[k](x).float()
 
 
 def keep_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -140,9 +146,9 @@ def all_exit_logits(model: MultiExitNetwork, data, batch_size: int = 256, progre
     for x in _micro_batches(data, batch_size, progress, "all exits"):
         for k in range(k_exits):
             t0 = time.perf_counter()
-            x = _run(model.stages[k], x)
+            x = model.stages[k](x)
             t1 = time.perf_counter()
-            chunks[k].append(_run(model.heads[k], x).float())
+            chunks[k].append(model.heads[k](x).float())
             t2 = time.perf_counter()
             stage_seconds[k] += t2 - t0
             head_seconds[k] += t2 - t1
@@ -183,6 +189,7 @@ def run_early_exit(model: MultiExitNetwork, data, thresholds: Sequence[float], p
     thr = torch.as_tensor(np.asarray(thresholds, dtype=np.float64), dtype=torch.float32)
     if thr.shape != (k_exits - 1,):
         raise UserError(f"expected {k_exits - 1} thresholds, got {tuple(thr.shape)}")
+    thr = list(thr.unbind())  # one 0-d tensor per exit, made once
     exits = torch.empty(len(data), dtype=torch.int64)
     predictions = torch.empty(len(data), dtype=torch.int64)
     stage_seconds = [0.0] * k_exits
@@ -236,8 +243,8 @@ def run_backbone(model: MultiExitNetwork, data, batch_size: int = 256, progress:
     start = time.perf_counter()
     for x in _micro_batches(data, batch_size, progress, "backbone"):
         for stage in model.stages:
-            x = _run(stage, x)
-        predictions.append(_run(model.heads[-1], x).argmax(-1))
+            x = stage(x)
+        predictions.append(model.heads[-1](x).argmax(-1))
     seconds = time.perf_counter() - start
     return Run(exits=np.full(len(data), model.num_exits - 1), predictions=torch.cat(predictions).numpy(),
                stage_seconds=[], seconds=seconds)
