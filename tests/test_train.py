@@ -115,6 +115,19 @@ def test_augment_crops_a_shift_of_the_zero_padded_image_and_flips():
     assert torch.equal(augment(images, padding=0, flip=False), plain)
 
 
+def test_cutout_zeroes_one_square_clipped_at_the_border_and_nothing_else():
+    images = torch.full((200, 8, 8, 3), 255, dtype=torch.uint8)
+    out = augment(images, padding=0, flip=False, generator=torch.Generator().manual_seed(0), cutout=4)
+    zeroed = out.sum(1) == 0  # (B, H, W)
+    rows, cols = zeroed.any(2), zeroed.any(1)
+    for z, r, c in zip(zeroed, rows, cols):
+        assert torch.equal(z, r[:, None] & c[None, :])  # a rectangle
+        assert 1 <= r.sum() <= 4 and 1 <= c.sum() <= 4
+        assert r.nonzero().diff(dim=0).eq(1).all() and c.nonzero().diff(dim=0).eq(1).all()  # contiguous
+    assert (rows.sum(1) < 4).any() and (rows.sum(1) == 4).any()  # clipped at the border sometimes
+    assert torch.equal(augment(images, padding=0, flip=False, cutout=0), images.permute(0, 3, 1, 2).float() / 255)
+
+
 def test_training_on_a_separable_task_raises_every_exits_accuracy(tmp_path):
     torch.manual_seed(0)
     model, data = Toy(), splits(n_train=512)

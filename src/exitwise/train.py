@@ -61,6 +61,7 @@ class TrainConfig:
     exit_weights: tuple[float, ...] | None = None  # None: 1.0 for every exit (all exits matter equally)
     crop_padding: int = 4                      # random crop of the zero-padded image; 0 turns it off
     flip: bool = True                          # random horizontal flip
+    cutout: int = 0                            # side of a square zeroed at a random place (DeVries & Taylor 2017); 0: off
     precision: str = "bf16"                    # "bf16" autocast or "fp32"
     seed: int = 0
     schedule: str = "onecycle"                 # "onecycle": 30% warmup, cosine down; "cosine": 5% linear warmup
@@ -77,6 +78,7 @@ class TrainConfig:
                   (self.weight_decay >= 0, "weight decay must be non-negative"),
                   (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
                   (self.crop_padding >= 0, "crop padding must be non-negative"),
+                  (self.cutout >= 0, "cutout size must be non-negative"),
                   (self.seed >= 0, "seed must be non-negative"),
                   (self.precision in TRAIN_PRECISIONS, f"precision must be one of {', '.join(TRAIN_PRECISIONS)}"),
                   (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}")]
@@ -92,11 +94,13 @@ def joint_loss(logits: list[torch.Tensor], labels: torch.Tensor, weights: list[f
                for w, l in zip(weights, logits, strict=True))
 
 
-def augment(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop (a shift of the zero-padded image) and horizontal flip of a uint8 (B, H, W, C) batch.
+def augment(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator | None = None,
+            cutout: int = 0) -> torch.Tensor:
+    """Random crop (a shift of the zero-padded image), horizontal flip and cutout of a uint8 (B, H, W, C) batch.
 
     One gather for the whole batch: per-image row and column indices into the padded batch (reversed
-    columns flip). Returns float (B, C, H, W) in [0, 1], channels_last.
+    columns flip). Cutout zeroes a `cutout`-sided square centred anywhere in the image (clipped at the
+    border), one mask for the batch. Returns float (B, C, H, W) in [0, 1], channels_last.
     """
     b, h, w, _ = images.shape
     dy, dx = torch.randint(0, 2 * padding + 1, (2, b, 1), generator=generator)
@@ -106,6 +110,11 @@ def augment(images: torch.Tensor, padding: int, flip: bool, generator: torch.Gen
     rows, cols = (dy + torch.arange(h)).to(images.device), (dx + cols).to(images.device)
     padded = F.pad(images, (0, 0, padding, padding, padding, padding))
     out = padded[torch.arange(b, device=images.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if cutout:
+        cy, cx = (torch.randint(0, n, (b, 1), generator=generator) - cutout // 2 for n in (h, w))
+        inside_rows = (torch.arange(h) >= cy) & (torch.arange(h) < cy + cutout)
+        inside_cols = (torch.arange(w) >= cx) & (torch.arange(w) < cx + cutout)
+        out = out.masked_fill((inside_rows[:, :, None] & inside_cols[:, None, :])[..., None].to(images.device), 0)
     return out.permute(0, 3, 1, 2).float().div_(255)  # NHWC storage viewed as NCHW is channels_last
 
 
@@ -181,7 +190,7 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
                    unit="batch")
         for step in bar:
             idx = shard[step * batch:(step + 1) * batch]
-            x, y = augment(images[idx], config.crop_padding, config.flip, aug), labels[idx]
+            x, y = augment(images[idx], config.crop_padding, config.flip, aug, config.cutout), labels[idx]
             with _autocast(device, config.precision):
                 logits = net(x)
             loss = joint_loss(logits, y, weights, config.label_smoothing)
