@@ -97,11 +97,38 @@ def test_unknown_model_and_garbage_file(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_shipped_weights_load_and_carry_a_model_card(name):
-    import json
-    from exitwise.models import shipped_weights
+    from exitwise.models import shipped_card, shipped_weights
     path = shipped_weights(name)
     if path is None:
         pytest.skip(f"no weights ship for {name}")
     load_weights(create_model(name), path)
-    card = json.loads(path.with_suffix(".json").read_text())
+    card = shipped_card(name)
     assert card["model"] == name and len(card["test_accuracy"]) == create_model(name).num_exits
+
+
+def test_every_shipped_file_is_under_the_8_mib_repository_limit():
+    from exitwise.models import SHIPPED_WEIGHTS_DIR
+    sizes = {p.name: p.stat().st_size for p in SHIPPED_WEIGHTS_DIR.iterdir()}
+    assert sizes and all(size < 8 << 20 for size in sizes.values()), sizes
+
+
+def test_sharded_weights_load_like_one_file_and_hash_as_all_their_shards(tmp_path):
+    from exitwise.api import load_model
+    from exitwise.models import read_state_dict, save_sharded, weight_files
+    state = create_model("digits-convnet").state_dict()
+    index = tmp_path / "net.safetensors.index.json"
+    shards = save_sharded(state, index, max_shard_bytes=20_000)
+    assert len(shards) > 2
+    for shard in shards:  # at most 20 kB of tensors, unless one tensor alone is larger
+        tensors = read_state_dict(shard).values()
+        assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors) <= 20_000
+    assert weight_files(index) == [index, *sorted(shards)]
+    loaded = read_state_dict(index)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    _, before = load_model("digits-convnet", index)
+    shards[-1].write_bytes(shards[-1].read_bytes()[:-1] + b"x")  # one changed byte changes the hash
+    _, after = load_model("digits-convnet", index)
+    assert before["weights_sha256"] != after["weights_sha256"]
+    shards[0].unlink()
+    with pytest.raises(UserError, match="not found"):
+        read_state_dict(index)

@@ -13,7 +13,7 @@ from .data import load_splits
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
 from .errors import UserError
 from .logits_cache import ExitLogits, load_logits
-from .models import check_fits, create_model, load_weights, shipped_weights
+from .models import check_fits, create_model, load_weights, shipped_weights, weight_files
 from .models.base import MultiExitNetwork
 from .policies import get_policy
 from .study import (DEFAULT_DESIRED, ExitArrays, StudyConfig, exit_arrays, file_sha256, policy_frontiers, run_study,
@@ -27,7 +27,7 @@ def load_model(name: str, weights: str | Path | None = None) -> tuple[MultiExitN
     if path is None:
         raise UserError(f"no weights ship with model {name!r}: pass --weights FILE")
     load_weights(model, path)
-    return model, {"name": name, "weights": str(path), "weights_sha256": file_sha256(path),
+    return model, {"name": name, "weights": str(path), "weights_sha256": file_sha256(*weight_files(path)),
                    "shipped": weights is None, "num_exits": model.num_exits}
 
 

@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "timing; writes results.json, plots and an HTML report")
     _add_data_args(study)
     study.add_argument("--model", default="seed-branchynet", help="a registered model (see `exitwise models`)")
-    study.add_argument("--weights", type=Path, help="checkpoint (.safetensors or a PyTorch state_dict); "
-                                                    "default: the weights shipped for --model")
+    study.add_argument("--weights", type=Path, help="checkpoint (.safetensors, a shard index "
+                       "NAME.safetensors.index.json, or a PyTorch state_dict); default: the weights shipped for --model")
     study.add_argument("--out", type=Path, required=True, help="output directory")
     study.add_argument("--policy", default="entropy", help="exit score: entropy (nats), max-prob or margin; "
                                                            "every policy's frontier is in the results anyway")

@@ -333,11 +333,13 @@ def software_versions() -> dict:
             "numpy": np.__version__, "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
 
 
-def file_sha256(path: str | Path) -> str:
+def file_sha256(*paths: str | Path) -> str:
+    """SHA-256 of the files' contents, one after another (a sharded checkpoint hashes as one)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 

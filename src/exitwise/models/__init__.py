@@ -1,6 +1,11 @@
-"""Model registry: `create_model(name)`, `load_weights(model, path)` and the weights shipped inside the package."""
+"""Model registry: `create_model(name)`, `load_weights(model, path)` and the weights shipped inside the package.
+
+Weights are one .safetensors file or, past a size limit, shards indexed as Hugging Face does it
+(`NAME.safetensors.index.json` mapping each tensor to its `NAME-0000i-of-0000n.safetensors` shard).
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +24,8 @@ MODELS: dict[str, Callable[[], MultiExitNetwork]] = {
 }
 
 SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+INDEX_SUFFIX = ".safetensors.index.json"
+MAX_SHARD_BYTES = 6 << 20  # shipped files stay under the repository's 8 MiB limit
 
 
 def register_model(name: str, factory: Callable[[], MultiExitNetwork]) -> None:
@@ -42,16 +49,72 @@ def check_fits(model: MultiExitNetwork, images, dataset: str) -> None:
 
 
 def shipped_weights(name: str) -> Path | None:
-    """The safetensors file shipped for model `name`, or None if the package carries none."""
-    path = SHIPPED_WEIGHTS_DIR / f"{name}.safetensors"
-    return path if path.is_file() else None
+    """The safetensors file (or shard index) shipped for model `name`, or None if the package carries none."""
+    for path in (SHIPPED_WEIGHTS_DIR / f"{name}.safetensors", SHIPPED_WEIGHTS_DIR / f"{name}{INDEX_SUFFIX}"):
+        if path.is_file():
+            return path
+    return None
+
+
+def shipped_card(name: str) -> dict:
+    """The model card (recipe, per-exit accuracy, MACs) shipped beside model `name`'s weights."""
+    return json.loads((SHIPPED_WEIGHTS_DIR / f"{name}.json").read_text())
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """Every file that makes up the weights at `path`: the file itself, or a shard index and its shards."""
+    path = Path(path)
+    if not path.name.endswith(INDEX_SUFFIX):
+        return [path]
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"cannot read shard index {str(path)!r}: {e}") from None
+    if any(Path(s).name != s for s in shards):
+        raise UserError(f"shard index {str(path)!r} names files outside its directory")
+    return [path] + [path.parent / s for s in shards]
+
+
+def save_sharded(state: dict[str, torch.Tensor], index_path: str | Path, metadata: dict[str, str] | None = None,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
+    """Write `state` as safetensors shards of at most `max_shard_bytes` of tensor data, and their index."""
+    from safetensors.torch import save
+    from ..io import atomic_write_bytes, atomic_write_json
+    index_path = Path(index_path)
+    if not index_path.name.endswith(INDEX_SUFFIX):
+        raise ValueError(f"a shard index is named NAME{INDEX_SUFFIX}, not {index_path.name}")
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    stem = index_path.name[:-len(INDEX_SUFFIX)]
+    names = [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    for name, keys in zip(names, groups):
+        atomic_write_bytes(index_path.parent / name, save({k: state[k].contiguous() for k in keys}, metadata=metadata))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    atomic_write_json(index_path, {"metadata": {"total_size": total, **(metadata or {})},
+                                   "weight_map": {k: name for name, keys in zip(names, groups) for k in keys}})
+    return [index_path.parent / name for name in names]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read tensors from a .safetensors file or a PyTorch state_dict, never unpickling code."""
+    """Read tensors from a .safetensors file, a shard index or a PyTorch state_dict, never unpickling code."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file not found: {str(path)!r}")
+    if path.name.endswith(INDEX_SUFFIX):
+        files = weight_files(path)
+        state = {k: v for shard in files[1:] for k, v in read_state_dict(shard).items()}
+        missing = set(json.loads(path.read_text())["weight_map"]) - set(state)
+        if missing:
+            raise UserError(f"the shards of {str(path)!r} lack {len(missing)} tensors, e.g. {sorted(missing)[0]!r}")
+        return state
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
