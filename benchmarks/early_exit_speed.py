@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exitwise import analysis, calibration
+from exitwise import analysis
 from exitwise.api import load_model
 from exitwise.costs import backbone_macs, exit_macs
 from exitwise.data import load_splits
 from exitwise.models import shipped_weights
 from exitwise.policies import get_policy
 from exitwise.runtime import all_exit_logits, prepare, run_backbone, run_early_exit, warm_up
-from exitwise.study import StudyConfig, choose_precision
+from exitwise.study import StudyConfig, choose_precision, exit_arrays, latency_frontier
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -59,19 +59,18 @@ def main() -> None:
         val = all_exit_logits(model, splits.val)
         test = all_exit_logits(model, splits.test)
         per_sample = np.array(test.stage_seconds) / len(splits.test)
-        correct = {s: r.logits.argmax(-1) == d.labels.numpy()
-                   for s, r, d in (("val", val, splits.val), ("test", test, splits.test))}
-        final = correct["test"][-1].mean()
+        arrays = {split: {p.name: exit_arrays(r.logits, d.labels, p) for p in policies}
+                  for split, r, d in (("val", val, splits.val), ("test", test, splits.test))}
+        final = next(iter(arrays["test"].values())).correct[-1].mean()
+        settings = [("no early exit", policies[0].name, np.full(model.num_exits - 1, -np.inf))]  # always in reach
+        settings += latency_frontier(arrays["val"], per_sample)
         ok = []
-        for policy in policies:
-            scores = {s: policy.scores(torch.from_numpy(r.logits)).numpy() for s, r in (("val", val), ("test", test))}
-            frontier = calibration.pareto_frontier(scores["val"], correct["val"], analysis.latency_costs(per_sample))
-            settings = [np.full(model.num_exits - 1, -np.inf)]  # no early exit: always within reach
-            settings += [analysis.as_thresholds(f["thresholds"], model.num_exits) for f in frontier]
-            on_test = [analysis.evaluate(scores["test"], correct["test"], t, macs, per_sample) for t in settings]
-            ok += [(r["seconds"], policy, t, r) for t, r in zip(settings, on_test)
-                   if r["overall_accuracy"] >= final - args.within_points / 100]
-        _, policy, thresholds, chosen = min(ok, key=lambda x: x[0])
+        for _, p, t in settings:
+            r = analysis.evaluate(arrays["test"][p].scores, arrays["test"][p].correct, t, macs, per_sample)
+            if r["overall_accuracy"] >= final - args.within_points / 100:
+                ok.append((r["seconds"], p, t, r))
+        _, policy_name, thresholds, chosen = min(ok, key=lambda x: x[0])
+        policy = get_policy(policy_name)
         one = splits.test.subset(torch.arange(min(args.batch1_images, len(splits.test))))
         full256 = best_of(args.repeats, lambda: run_backbone(model, splits.test, 256))
         early256 = best_of(args.repeats, lambda: run_early_exit(model, splits.test, thresholds, policy, 256))

@@ -27,7 +27,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="fetch the official CIFAR-10 archive into --data-dir")
     p.add_argument("--val-size", type=int, help="images held out from train for validation (cifar10: 5000)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "timing; writes results.json, plots and an HTML report")
     _add_data_args(study)
     study.add_argument("--model", default="seed-branchynet", help="a registered model (see `exitwise models`)")
-    study.add_argument("--weights", type=Path, help="checkpoint (.safetensors, a shard index "
-                       "NAME.safetensors.index.json, or a PyTorch state_dict); default: the weights shipped for --model")
+    study.add_argument("--weights", type=Path, help="checkpoint (.safetensors, a shard index NAME.safetensors"
+                       ".index.json, or a PyTorch state_dict); default: the weights shipped for --model")
     study.add_argument("--out", type=Path, required=True, help="output directory")
     study.add_argument("--policy", default="entropy", help="exit score: entropy (nats), max-prob or margin; "
                                                            "every policy's frontier is in the results anyway")

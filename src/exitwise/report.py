@@ -127,7 +127,7 @@ def configurations_table(r: dict) -> Table:
              _macs(full["mean_macs"]), *time(full["ms_per_image"])],
             ["fixed cutoff", f"cutoff {fixed['cutoff']:.3f}", _thresholds([fixed["cutoff"]] * (k - 1)),
              _pct(fixed["overall_accuracy"]), _macs(fixed["mean_macs"]), *time(fixed["ms_per_image"])]]
-    rows += [[key.replace("_", " "), b["label"], _thresholds(b["thresholds"]), _pct(b["test_accuracy"]),
+    rows += [[key.replace("_", " "), f"{b['policy']}: {b['label']}", _thresholds(b["thresholds"]), _pct(b["test_accuracy"]),
               _macs(b["mean_macs"]), *time(b["ms_per_image"])] for key, b in r["best"].items()]
     rows.append(["oracle", "first correct exit (bound)", "-", _pct(r["oracle_accuracy"]),
                  _macs(r.get("oracle_mean_macs")), "-", "-"])

@@ -121,7 +121,7 @@ def _micro_batches(data, batch_size: int, progress: bool, desc: str, whole: bool
     """The images in batches of `batch_size` (as a caller hands them in), each run as MICRO_BATCH-row
     pieces (or yielded whole, for a caller that splits them itself)."""
     total = (len(data) + batch_size - 1) // batch_size
-    for images, _ in tqdm(data.batches(batch_size), total=total, desc=desc, disable=not progress,
+    for images, _ in tqdm(data.batches(batch_size), total=total, desc=desc, disable=None if progress else True,
                           leave=False, unit="batch"):
         yield from [images] if whole else images.split(MICRO_BATCH)
 

@@ -116,7 +116,8 @@ class Study:
 
 def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> Study:
     """The whole study: the `results.json` dictionary and the cached logits it was computed from."""
-    policy = get_policy(config.policy)
+    policies = {name: get_policy(name) for name in POLICIES}
+    policy = policies[config.policy]
     macs = exit_macs(model)
     k_exits = model.num_exits
     max_cutoff = policy.max_score(model.num_classes)
@@ -129,8 +130,9 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
 
     test_run = all_exit_logits(model, splits.test, progress=config.progress, **run_kwargs)
     val_run = all_exit_logits(model, splits.val, progress=config.progress, **run_kwargs)
-    test = exit_arrays(test_run.logits, splits.test.labels, config.policy)
-    val = exit_arrays(val_run.logits, splits.val.labels, config.policy)
+    by_policy = {name: (exit_arrays(val_run.logits, splits.val.labels, p),
+                        exit_arrays(test_run.logits, splits.test.labels, p)) for name, p in policies.items()}
+    val, test = by_policy[config.policy]
 
     def measure(thresholds: np.ndarray):
         return run_early_exit(model, splits.test, thresholds, policy, progress=config.progress, **run_kwargs)
@@ -143,11 +145,13 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
     per_sample = np.where(reach >= config.batch_size, seconds_per_sample(fixed_run, reach),
                           seconds_per_sample(test_run, np.full(k_exits, len(splits.test))))
 
-    def on_test(thresholds: np.ndarray) -> dict:
-        return analysis.evaluate(test.scores, test.correct, thresholds, macs, per_sample)
+    def on_test(thresholds: np.ndarray, policy_name: str = config.policy) -> dict:
+        split = by_policy[policy_name][1]
+        return analysis.evaluate(split.scores, split.correct, thresholds, macs, per_sample)
 
-    def on_val(thresholds: np.ndarray) -> dict:
-        return analysis.evaluate(val.scores, val.correct, thresholds, macs, per_sample)
+    def on_val(thresholds: np.ndarray, policy_name: str = config.policy) -> dict:
+        split = by_policy[policy_name][0]
+        return analysis.evaluate(split.scores, split.correct, thresholds, macs, per_sample)
 
     never = np.full(k_exits - 1, -np.inf)
     full_network = {"accuracy": float(test.correct[-1].mean()), "seconds": test_run.trunk_seconds,
@@ -182,36 +186,42 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
                                "val_accuracy": on_val(thr)["overall_accuracy"], "test_accuracy": t["overall_accuracy"],
                                "mean_macs": t["mean_macs"], "seconds": t["seconds"], "exit_shares": t["exit_shares"]})
 
-    # candidates are chosen on validation (accuracy, predicted time), then evaluated on test
-    candidates = [("no early exit", never)] + [(f"cutoff {c:.3f}", np.full(k_exits - 1, c)) for c in cutoffs]
-    candidates += [(f"{c['method']} {c['desired_accuracy']:.2f}",
-                    analysis.as_thresholds(c["thresholds"], k_exits)) for c in calibrated]
-    scored = [(label, thr, on_val(thr)) for label, thr in candidates]
-    # the founding system chose among its calibrated threshold sets only
-    founding = max(scored[len(scored) - len(calibrated):], key=lambda s: s[2]["overall_accuracy"] / s[2]["seconds"])
+    # candidates are chosen on validation (accuracy, predicted time), then evaluated on test: the founding
+    # rule among the calibrated sets of the study's policy, as the founding system chose; the fastest among
+    # those, the shared cutoffs and every policy's validation frontier of predicted time
+    calibrated_sets = [(f"{c['method']} {c['desired_accuracy']:.2f}", config.policy,
+                        analysis.as_thresholds(c["thresholds"], k_exits)) for c in calibrated]
+    founding = max(((label, name, thr, on_val(thr)) for label, name, thr in calibrated_sets),
+                   key=lambda s: s[3]["overall_accuracy"] / s[3]["seconds"])
+    candidates = [("no early exit", config.policy, never)] + calibrated_sets
+    candidates += [(f"cutoff {c:.3f}", config.policy, np.full(k_exits - 1, c)) for c in cutoffs]
+    candidates += latency_frontier({name: v for name, (v, _) in by_policy.items()}, per_sample)
     floor = val.correct[-1].mean() - config.within_points / 100
-    fastest = min((s for s in scored if s[2]["overall_accuracy"] >= floor), key=lambda s: s[2]["seconds"])
+    fastest = min((s for s in ((label, name, thr, on_val(thr, name)) for label, name, thr in candidates)
+                   if s[3]["overall_accuracy"] >= floor), key=lambda s: s[3]["seconds"])
 
     # the best settings and two more cutoffs run for real on the first test images only: enough to time
     # them and check the cost model, at a quarter of the time (the fixed cutoff above ran on every image)
     first = torch.arange(min(config.timing_check_images, len(splits.test)))
     subset = splits.test.subset(first)
 
-    def measure_first(thr: np.ndarray) -> tuple[Run, float]:
-        predicted = analysis.evaluate(test.scores[:, first], test.correct[:, first], thr, macs, per_sample)["seconds"]
-        return run_early_exit(model, subset, thr, policy, **run_kwargs), predicted
+    def measure_first(thr: np.ndarray, policy_name: str = config.policy) -> tuple[Run, float]:
+        split = by_policy[policy_name][1]
+        predicted = analysis.evaluate(split.scores[:, first], split.correct[:, first], thr, macs, per_sample)["seconds"]
+        return run_early_exit(model, subset, thr, policies[policy_name], **run_kwargs), predicted
 
     checks, best = [], {}
-    for key, (label, thr, _) in (("founding_rule", founding), (f"fastest_within_{config.within_points:g}_points", fastest)):
-        run, predicted = measure_first(thr)
-        t = on_test(thr)
+    for key, (label, name, thr, _) in (("founding_rule", founding),
+                                       (f"fastest_within_{config.within_points:g}_points", fastest)):
+        run, predicted = measure_first(thr, name)
+        t = on_test(thr, name)
         ms = 1e3 * run.seconds / len(subset)
-        best[key] = {"label": label, "thresholds": analysis.thresholds_to_json(thr),
+        best[key] = {"label": label, "policy": name, "thresholds": analysis.thresholds_to_json(thr),
                      "test_accuracy": t["overall_accuracy"], "mean_macs": t["mean_macs"],
                      "exit_shares": t["exit_shares"], "seconds": run.seconds, "timed_images": len(subset),
                      "ms_per_image": ms, "predicted_seconds": predicted,
                      "speedup": full_network["ms_per_image"] / ms}
-        checks.append((f"{label} ({len(subset)} images)", predicted, run.seconds))
+        checks.append((f"{label}, {name} ({len(subset)} images)", predicted, run.seconds))
     for fraction in (0.1, 0.5):
         thr = np.full(k_exits - 1, fraction * max_cutoff)
         run, predicted = measure_first(thr)
@@ -233,7 +243,7 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
                         for key, b in best.items()},
     }
     frontiers = policy_frontiers(val.logits, splits.val.labels, test.logits, splits.test.labels, macs, "MACs",
-                                 {name: get_policy(name) for name in POLICIES}, config.desired_accuracies,
+                                 policies, config.desired_accuracies,
                                  config.num_cutoffs)
     frontiers["marks"] = [{"label": f"fixed cutoff {config.cutoff:g}", "cost": fixed["mean_macs"],
                            "accuracy": fixed["overall_accuracy"]}]
@@ -296,6 +306,18 @@ def target_calibration(val: ExitArrays, test: ExitArrays, macs: Sequence[float],
                 lowest_unreachable = d
             entries.append(entry)
     return entries
+
+
+def latency_frontier(val_by_policy: dict[str, ExitArrays],
+                     stage_seconds_per_sample: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+    """(label, policy name, thresholds) of each policy's Pareto frontier of (predicted time, accuracy) on
+    validation, from its scores there: the settings no other setting of that policy beats on both."""
+    costs = analysis.latency_costs(stage_seconds_per_sample)
+    settings = []
+    for name, val in val_by_policy.items():
+        settings += [(f"frontier point {i + 1}", name, analysis.as_thresholds(p["thresholds"], len(costs)))
+                     for i, p in enumerate(calibration.pareto_frontier(val.scores, val.correct, costs))]
+    return settings
 
 
 def policy_frontiers(val_logits: np.ndarray, val_labels: torch.Tensor, test_logits: np.ndarray,

@@ -186,8 +186,8 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
         aug = torch.Generator().manual_seed(_seed(config.seed, epoch, rank, 1))
         torch.manual_seed(_seed(config.seed, epoch, rank, 2))  # dropout and anything else in the model
         loss_sum, correct = torch.zeros((), device=device), torch.zeros(model.num_exits, device=device)
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show, leave=False,
-                   unit="batch")
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+                   disable=None if show else True)
         for step in bar:
             idx = shard[step * batch:(step + 1) * batch]
             x, y = augment(images[idx], config.crop_padding, config.flip, aug, config.cutout), labels[idx]
