@@ -220,12 +220,40 @@ def test_second_load_reads_the_cache_until_the_source_changes(tmp_path):
         load(archive, tmp_path, val_size=3)
 
 
+def test_a_changed_source_replaces_its_stale_cache_entry(tmp_path):
+    make_tree(tmp_path / "tree")
+    archive = make_tar(tmp_path / "tree", tmp_path / "t.tar.gz", "t")
+    load(archive, tmp_path, val_size=3)
+    before = list((tmp_path / "cache").glob("cifar10-*"))
+    os.utime(archive, ns=(0, archive.stat().st_mtime_ns + 10**9))
+    load(archive, tmp_path, val_size=3)
+    after = list((tmp_path / "cache").glob("cifar10-*"))
+    assert len(before) == len(after) == 1 and before != after
+
+
 def test_cache_directory_comes_from_the_environment(tmp_path, monkeypatch):
     make_batches(tmp_path / "b")
     monkeypatch.setenv("EXITWISE_CACHE_DIR", str(tmp_path / "env-cache"))
     load_splits("cifar10", tmp_path / "b", val_size=5, progress=False)
     arrays = sorted(p.name for p in (tmp_path / "env-cache").glob("cifar10-*/*"))
     assert arrays == ["meta.json", "test_images.npy", "test_labels.npy", "train_images.npy", "train_labels.npy"]
+
+
+def test_cache_lists_and_clears_only_its_decoded_data_sets(tmp_path, monkeypatch, capsys):
+    from exitwise.cli import main
+    make_batches(tmp_path / "b")
+    cache = tmp_path / "env-cache"
+    monkeypatch.setenv("EXITWISE_CACHE_DIR", str(cache))
+    load_splits("cifar10", tmp_path / "b", val_size=5, progress=False)
+    (cache / "notes.txt").write_text("a user's file")
+    assert main(["cache"]) == 0
+    listed = capsys.readouterr().out
+    assert str(tmp_path / "b") in listed and "cached: 1 decoded data sets" in listed
+    assert main(["cache", "--clear"]) == 0
+    assert "deleted: 1 decoded data sets" in capsys.readouterr().out
+    assert [p.name for p in cache.iterdir()] == ["notes.txt"]
+    load_splits("cifar10", tmp_path / "b", val_size=5, progress=False)  # decoded again
+    assert len(list(cache.glob("cifar10-*/meta.json"))) == 1
 
 
 def test_unwritable_cache_only_warns(tmp_path):
@@ -254,7 +282,7 @@ def test_download_verifies_and_then_loads(tmp_path, served_archive, capsys, monk
     (tmp_path / "dl" / "cifar-10-python.tar.gz").write_bytes(b"a stale partial file")  # replaced
     path = download_cifar10(tmp_path / "dl", url=url, md5=md5)
     assert path == tmp_path / "dl" / "cifar-10-python.tar.gz" and data._file_md5(path) == md5
-    assert "downloading cifar-10-python.tar.gz" in capsys.readouterr().err
+    assert f"downloading {url}" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "dl").iterdir()] == [path.name]  # no temporary file left
     gone = url.replace("/served/", "/gone/")
     assert download_cifar10(tmp_path / "dl", url=gone, md5=md5, progress=False) == path  # verified: not fetched

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(ms per sample at the study's batch size)")
 
     sub.add_parser("models", help="list the registered models and whether weights ship for them")
+    cache = sub.add_parser("cache", help="list the decoded data sets cached to start runs fast (EXITWISE_CACHE_DIR "
+                                         "or the user cache dir)")
+    cache.add_argument("--clear", action="store_true", help="delete them (they are decoded again when needed)")
     return parser
 
 
@@ -140,7 +143,17 @@ def cmd_models(args: argparse.Namespace) -> None:
         print(f"{name:20s} {'weights shipped' if weights else 'no shipped weights (pass --weights)'}")
 
 
-COMMANDS = {"study": cmd_study, "train": cmd_train, "calibrate": cmd_calibrate, "models": cmd_models}
+def cmd_cache(args: argparse.Namespace) -> None:
+    from .data import cache_entries, clear_cache
+    entries = clear_cache() if args.clear else cache_entries()
+    for e in entries:
+        print(f"{e['bytes'] / 2**20:8.1f} MiB  {e['path']}  ({e['source'] or 'unfinished entry'})")
+    total = sum(e["bytes"] for e in entries) / 2**20
+    print(f"{'deleted' if args.clear else 'cached'}: {len(entries)} decoded data sets, {total:.1f} MiB")
+
+
+COMMANDS = {"study": cmd_study, "train": cmd_train, "calibrate": cmd_calibrate, "models": cmd_models,
+            "cache": cmd_cache}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import sys
 import tarfile
 import urllib.parse
@@ -130,6 +131,8 @@ def download_cifar10(data_dir: str | Path, url: str = CIFAR10_URL, md5: str = CI
         raise UserError(f"cannot create data directory {str(data_dir)!r}: {e.strerror or e}") from None
     tmp = target.with_name(f".{target.name}.download")
     digest = hashlib.md5(usedforsecurity=False)
+    if progress:  # said even where no bar shows (not a terminal): a download is slow
+        print(f"downloading {url} to {str(target)!r}", file=sys.stderr)
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out, \
                 tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
@@ -370,6 +373,30 @@ def _default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("exitwise"))
 
 
+def cache_entries(cache_dir: str | Path | None = None) -> list[dict]:
+    """The decoded data sets in the cache: {"path", "source" (None for an unfinished entry), "bytes"}."""
+    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    entries = []
+    for entry in sorted(root.glob("cifar10-*")) if root.is_dir() else []:
+        if not entry.is_dir():
+            continue
+        try:
+            source = json.loads((entry / "meta.json").read_text())["source"]
+        except (OSError, ValueError, KeyError, TypeError):
+            source = None
+        entries.append({"path": str(entry), "source": source,
+                        "bytes": sum(f.stat().st_size for f in entry.iterdir() if f.is_file())})
+    return entries
+
+
+def clear_cache(cache_dir: str | Path | None = None) -> list[dict]:
+    """Delete the cache's decoded data sets (its `cifar10-*` entries, nothing else); return what was deleted."""
+    entries = cache_entries(cache_dir)
+    for entry in entries:
+        shutil.rmtree(entry["path"])
+    return entries
+
+
 def _fingerprint(path: Path, files: _Files | None) -> str:
     """Hash of what identifies the decoded data: format version, absolute path, sizes and mtimes."""
     stats = [(name, (path / name).stat()) for name in files.names] if files else [("", path.stat())]
@@ -400,6 +427,9 @@ def _write_cache(entry: Path, decoded: _Decoded, source: str) -> None:
             atomic_write_bytes(entry / f"{name}.npy", buffer.getvalue())
         atomic_write_json(entry / "meta.json", {"version": CACHE_VERSION, "source": source,
                                                 "classes": list(decoded.classes)})
+        for stale in cache_entries(entry.parent):  # the same source decoded before it changed
+            if stale["source"] == source and stale["path"] != str(entry):
+                shutil.rmtree(stale["path"], ignore_errors=True)
     except OSError as e:
         warnings.warn(f"could not cache decoded images in {str(entry)!r}: {e.strerror or e}", stacklevel=3)
 
