@@ -25,7 +25,7 @@ from exitwise.data import load_splits
 from exitwise.models import shipped_weights
 from exitwise.policies import get_policy
 from exitwise.runtime import all_exit_logits, prepare, run_backbone, run_early_exit, warm_up
-from exitwise.study import StudyConfig, choose_precision, exit_arrays, latency_frontier
+from exitwise.study import StudyConfig, choose_precision, exit_arrays, latency_frontier, machine_load
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -48,6 +48,9 @@ def main() -> None:
     models = args.models or [n for n in ("seed-branchynet", "b-resnet11") if shipped_weights(n)]
     splits = load_splits("cifar10", args.data, progress=False)
     policies = [get_policy(name) for name in args.policies or ("entropy", "max-prob", "margin")]
+    load = machine_load()
+    print(f"1-minute load average {load['load_average']} on {load['cpus']} CPUs"
+          + (": BUSY, the timings below are not to be trusted" if load["busy"] else ""))
     print(f"{len(splits.test)} test images, {torch.get_num_threads()} threads, policies "
           f"{', '.join(p.name for p in policies)}, best of {args.repeats} runs per timing")
     for name in models:

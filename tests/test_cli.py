@@ -57,6 +57,7 @@ def test_a_small_study_writes_every_output(tmp_path, capsys, seed_weights):
                                                     "--desired-accuracies", "0.5,0.9"))
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
+    frontiers_policies = {"entropy", "max-prob", "margin", "patience"}
     for key in ("exits", "oracle_accuracy", "fixed_cutoff", "sweep", "calibration", "best", "dataset", "model", "software"):
         assert key in results
     assert len(results["sweep"]) == 100 and results["fixed_cutoff"]["cutoff"] == 0.6
@@ -65,8 +66,10 @@ def test_a_small_study_writes_every_output(tmp_path, capsys, seed_weights):
     oracle = results["oracle"]
     assert oracle["accuracy"] == results["oracle_accuracy"] and set(oracle["overthinking"]) == {"full_network", "fixed_cutoff"}
     assert "gap_at_fixed_cutoff" in oracle and set(oracle["gap_at_best"]) == set(results["best"])
+    assert results["timing_model"]["machine_load_at_start"]["cpus"] >= 1
+    assert all(b["policy"] in frontiers_policies for b in results["best"].values())
     frontiers = results["frontiers"]
-    assert set(frontiers["policies"]) == {"entropy", "max-prob", "margin", "patience"}
+    assert set(frontiers["policies"]) == frontiers_policies
     assert frontiers["shared_cutoffs"] and frontiers["founding_percentile"] and frontiers["oracle"]
     assert (out / "frontier.png").is_file()
     assert (out / "report.html").is_file() and (out / "report.md").is_file()

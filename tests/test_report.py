@@ -95,7 +95,8 @@ def synthetic_results(num_points: int = 20, dataset: str = "cifar10") -> dict:
                                      "relative_error": -0.0494},
                                     {"label": "all exits, no early exit", "predicted_seconds": 0.14,
                                      "measured_seconds": 0.135, "relative_error": 0.037}],
-                         "mean_abs_relative_error": 0.0432},
+                         "mean_abs_relative_error": 0.0432,
+                         "machine_load_at_start": {"load_average": 0.2, "cpus": 2, "busy": False}},
         "calibration": calibration,
         "frontiers": synthetic_frontiers(macs),
         "best": {"founding_rule": {**best, "label": "cutoff 1.200", "thresholds": [1.2, 1.2], "test_accuracy": 0.71},
@@ -166,6 +167,15 @@ def test_summary_lists_each_exit_accuracy_in_fixed_width_columns():
     table = text.split("\n\n")[1].splitlines()
     assert table[0].startswith("exit") and set(table[1]) <= {"-", " "}
     assert len({len(line) for line in table[:2]}) == 1  # header and rule line up
+
+
+def test_a_busy_machine_is_called_out_in_the_summary_and_the_report(tmp_path):
+    results = synthetic_results()
+    assert "busy" not in format_summary(results)
+    results["timing_model"]["machine_load_at_start"] = {"load_average": 3.1, "cpus": 2, "busy": True}
+    assert "busy when the study started (1-minute load average 3.1 on 2 CPUs)" in format_summary(results)
+    write_report(results, tmp_path)
+    assert "load average 3.1 on 2 CPUs" in (tmp_path / "report.md").read_text()
 
 
 def test_optional_precision_check_may_be_absent_or_none(tmp_path):

@@ -397,7 +397,8 @@ def _sections(r: dict) -> list[Section]:
                 "got right but the final exit (or the exit where they left) got wrong, and the MACs spent after each "
                 "sample's first correct exit, per test sample.", oracle_table(r), ("frontier.png",)),
         Section("Timing model", f"Time per sample for each stage (ms): {stage_ms}. Mean absolute relative error "
-                                f"against real runs: {tm['mean_abs_relative_error']:.1%}.", timing_table(r)),
+                                f"against real runs: {tm['mean_abs_relative_error']:.1%}. {busy_warning(r)}",
+                timing_table(r)),
     ]
 
 
@@ -489,11 +490,21 @@ def _text_table(table: Table) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
+def busy_warning(r: dict) -> str:
+    """A warning when the CPUs were busy as the study started (its times are then slow and noisy), else ''."""
+    load = r["timing_model"].get("machine_load_at_start") or {}
+    if not load.get("busy"):
+        return ""
+    return (f"warning: the machine was busy when the study started (1-minute load average {load['load_average']:.1f} "
+            f"on {load['cpus']} CPUs); if other work ran beside it, its measured times are slow and noisy")
+
+
 def format_summary(results: dict) -> str:
     """A plain-text summary for the terminal: the exits and the main configurations, fixed-width columns."""
     r = results
     head = (f"{r['model']['name']} on {r['dataset']['name']} ({_n_test(r)} test images, {r['precision']}), "
             f"timing model error {r['timing_model']['mean_abs_relative_error']:.1%}")
+    head += f"\n{busy_warning(r)}" if busy_warning(r) else ""
     return "\n\n".join([head, _text_table(exits_table(r)), _text_table(configurations_table(r)),
                         _text_table(oracle_table(r))])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -122,6 +123,7 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
     k_exits = model.num_exits
     max_cutoff = policy.max_score(model.num_classes)
 
+    load = machine_load()
     precision, precision_check = choose_precision(model, splits.test, config)
     full_macs = float(backbone_macs(model))
     model = prepare(model, precision)
@@ -265,6 +267,7 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
         "fixed_cutoff": fixed_cutoff,
         "sweep": sweep,
         "timing_model": {"stage_seconds_per_sample": per_sample.tolist(), "checks": timing_checks,
+                         "machine_load_at_start": load,
                          "mean_abs_relative_error": float(np.mean([abs(c["relative_error"]) for c in timing_checks]))},
         "calibration": calibrated + targeted,
         "frontiers": frontiers,
@@ -348,6 +351,13 @@ def policy_frontiers(val_logits: np.ndarray, val_labels: torch.Tensor, test_logi
         desired, analysis.cost_accuracy_points(test.scores, test.correct, costs, percentile))]
     out["oracle"] = analysis.oracle_curve(test.correct, costs)
     return out
+
+
+def machine_load() -> dict:
+    """The 1-minute load average before the study's timed work, and whether it says the CPUs were busy:
+    other work running beside a study makes its times slow and noisy."""
+    load, cpus = (round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None), os.cpu_count() or 1
+    return {"load_average": load, "cpus": cpus, "busy": load is not None and load >= 0.75 * cpus}
 
 
 def software_versions() -> dict:
