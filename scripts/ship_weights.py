@@ -9,12 +9,12 @@ repository stays under its 8 MiB limit.
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
 from pathlib import Path
 
 from safetensors.torch import load_file, save
 
-from exitwise.io import atomic_write_bytes
+from exitwise.io import atomic_write_bytes, atomic_write_json
 from exitwise.models import INDEX_SUFFIX, MAX_SHARD_BYTES, SHIPPED_WEIGHTS_DIR, save_sharded
 
 
@@ -32,10 +32,15 @@ def main() -> None:
         old.unlink(missing_ok=True)
     metadata = {"model": args.name}
     if sum(v.numel() * v.element_size() for v in state.values()) <= MAX_SHARD_BYTES:
-        atomic_write_bytes(SHIPPED_WEIGHTS_DIR / f"{args.name}.safetensors", save(state, metadata=metadata))
+        weights = SHIPPED_WEIGHTS_DIR / f"{args.name}.safetensors"
+        atomic_write_bytes(weights, save(state, metadata=metadata))
     else:
-        save_sharded(state, SHIPPED_WEIGHTS_DIR / f"{args.name}{INDEX_SUFFIX}", metadata=metadata)
-    shutil.copyfile(args.run_dir / "model.json", SHIPPED_WEIGHTS_DIR / f"{args.name}.json")
+        weights = SHIPPED_WEIGHTS_DIR / f"{args.name}{INDEX_SUFFIX}"
+        save_sharded(state, weights, metadata=metadata)
+    card = json.loads((args.run_dir / "model.json").read_text())
+    card["weights"] = weights.name
+    card["stored_dtypes"] = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})  # load as float32
+    atomic_write_json(SHIPPED_WEIGHTS_DIR / f"{args.name}.json", card)
     for path in sorted(SHIPPED_WEIGHTS_DIR.glob(f"{args.name}*")):
         print(f"{path.stat().st_size / 2**20:6.2f} MiB  {path}")
 
