@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--float16", action="store_true")
     args = p.parse_args()
     state = load_file(str(args.run_dir / "model.safetensors"))
+    card = json.loads((args.run_dir / "model.json").read_text())  # both read before anything is replaced
     if args.float16:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     for old in [SHIPPED_WEIGHTS_DIR / f"{args.name}.safetensors", *SHIPPED_WEIGHTS_DIR.glob(f"{args.name}-0*-of-0*"),
@@ -37,7 +38,6 @@ def main() -> None:
     else:
         weights = SHIPPED_WEIGHTS_DIR / f"{args.name}{INDEX_SUFFIX}"
         save_sharded(state, weights, metadata=metadata)
-    card = json.loads((args.run_dir / "model.json").read_text())
     card["weights"] = weights.name
     card["stored_dtypes"] = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})  # load as float32
     atomic_write_json(SHIPPED_WEIGHTS_DIR / f"{args.name}.json", card)

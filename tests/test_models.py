@@ -125,10 +125,21 @@ def test_sharded_weights_load_like_one_file_and_hash_as_all_their_shards(tmp_pat
     assert weight_files(index) == [index, *sorted(shards)]
     loaded = read_state_dict(index)
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
-    _, before = load_model("digits-convnet", index)
-    shards[-1].write_bytes(shards[-1].read_bytes()[:-1] + b"x")  # one changed byte changes the hash
-    _, after = load_model("digits-convnet", index)
-    assert before["weights_sha256"] != after["weights_sha256"]
+    hashes = {load_model("digits-convnet", index)[1]["weights_sha256"]}
+    for shard in (shards[0], shards[-1]):  # one changed byte in any shard changes the hash
+        shard.write_bytes(shard.read_bytes()[:-1] + b"x")
+        hashes.add(load_model("digits-convnet", index)[1]["weights_sha256"])
+    assert len(hashes) == 3
     shards[0].unlink()
     with pytest.raises(UserError, match="not found"):
+        read_state_dict(index)
+
+
+@pytest.mark.parametrize("shard", ["net.safetensors.index.json", "../net-1.safetensors", None, 3])
+def test_a_shard_index_may_only_name_safetensors_files_beside_it(tmp_path, shard):
+    import json
+    from exitwise.models import read_state_dict
+    index = tmp_path / "net.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": shard}}))
+    with pytest.raises(UserError, match="shard index"):
         read_state_dict(index)

@@ -78,3 +78,20 @@ def test_reports_and_real_runs(study_dir):
     assert all(c["measured_seconds"] > 0 for c in results["timing_model"]["checks"])
     for best in results["best"].values():
         assert 0 < best["test_accuracy"] <= 1 and best["seconds"] > 0
+
+
+def test_the_fastest_setting_is_scored_with_its_own_policy_and_stays_within_half_a_point_on_validation(study_dir):
+    results = json.loads((study_dir / "results.json").read_text())
+    cache = load_logits(study_dir)
+    fastest = results["best"]["fastest_within_0.5_points"]
+    policy = get_policy(fastest["policy"])
+    thr = analysis.as_thresholds(fastest["thresholds"], 6)
+    on = {}
+    for split, logits, labels in (("val", cache.val_logits, cache.val_labels), ("test", cache.test_logits,
+                                                                                  cache.test_labels)):
+        scores = policy.scores(torch.from_numpy(logits)).numpy().astype(np.float64)
+        on[split] = analysis.evaluate(scores, logits.argmax(-1) == labels, thr, cache.exit_macs)
+    assert on["test"]["overall_accuracy"] == fastest["test_accuracy"]
+    assert on["test"]["exit_shares"] == fastest["exit_shares"]
+    final_val = (cache.val_logits[-1].argmax(-1) == cache.val_labels).mean()
+    assert on["val"]["overall_accuracy"] >= final_val - 0.005

@@ -384,8 +384,11 @@ def cache_entries(cache_dir: str | Path | None = None) -> list[dict]:
             source = json.loads((entry / "meta.json").read_text())["source"]
         except (OSError, ValueError, KeyError, TypeError):
             source = None
-        entries.append({"path": str(entry), "source": source,
-                        "bytes": sum(f.stat().st_size for f in entry.iterdir() if f.is_file())})
+        try:
+            size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+        except OSError:  # a temporary file renamed while we looked: an entry being written
+            size = 0
+        entries.append({"path": str(entry), "source": source, "bytes": size})
     return entries
 
 
@@ -393,7 +396,10 @@ def clear_cache(cache_dir: str | Path | None = None) -> list[dict]:
     """Delete the cache's decoded data sets (its `cifar10-*` entries, nothing else); return what was deleted."""
     entries = cache_entries(cache_dir)
     for entry in entries:
-        shutil.rmtree(entry["path"])
+        try:
+            shutil.rmtree(entry["path"])
+        except OSError as e:
+            raise UserError(f"cannot delete {entry['path']!r}: {e.strerror or e}") from None
     return entries
 
 

@@ -245,8 +245,7 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
                         for key, b in best.items()},
     }
     frontiers = policy_frontiers(val.logits, splits.val.labels, test.logits, splits.test.labels, macs, "MACs",
-                                 policies, config.desired_accuracies,
-                                 config.num_cutoffs)
+                                 policies, config.desired_accuracies, config.num_cutoffs, by_policy)
     frontiers["marks"] = [{"label": f"fixed cutoff {config.cutoff:g}", "cost": fixed["mean_macs"],
                            "accuracy": fixed["overall_accuracy"]}]
     frontiers["marks"] += [{"label": key.replace("_", " "), "cost": b["mean_macs"], "accuracy": b["test_accuracy"]}
@@ -325,13 +324,15 @@ def latency_frontier(val_by_policy: dict[str, ExitArrays],
 
 def policy_frontiers(val_logits: np.ndarray, val_labels: torch.Tensor, test_logits: np.ndarray,
                      test_labels: torch.Tensor, costs: Sequence[float], unit: str, policies: dict[str, ExitPolicy],
-                     desired: Sequence[float], num_cutoffs: int = 100) -> dict:
+                     desired: Sequence[float], num_cutoffs: int = 100,
+                     arrays: dict[str, tuple[ExitArrays, ExitArrays]] | None = None) -> dict:
     """(mean cost, test accuracy) on one pair of axes: per policy its Pareto frontier chosen on validation and
     evaluated on test (with "val_cost", "val_accuracy"); the founding methods with the entropy policy (one shared
-    cutoff from 0 to ln C; seed percentiles for each desired accuracy); and the hindsight oracle on test."""
+    cutoff from 0 to ln C; seed percentiles for each desired accuracy); and the hindsight oracle on test.
+    `arrays`: each policy's (validation, test) scores, if the caller has them already."""
     num_exits, _, num_classes = test_logits.shape
-    arrays = {name: (exit_arrays(val_logits, val_labels, p), exit_arrays(test_logits, test_labels, p))
-              for name, p in policies.items()}
+    arrays = arrays or {name: (exit_arrays(val_logits, val_labels, p), exit_arrays(test_logits, test_labels, p))
+                        for name, p in policies.items()}
     out = {"unit": unit, "policies": {}}
     for name, (val, test) in arrays.items():
         chosen = calibration.pareto_frontier(val.scores, val.correct, costs)
@@ -356,7 +357,8 @@ def policy_frontiers(val_logits: np.ndarray, val_labels: torch.Tensor, test_logi
 def machine_load() -> dict:
     """The 1-minute load average before the study's timed work, and whether it says the CPUs were busy:
     other work running beside a study makes its times slow and noisy."""
-    load, cpus = (round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None), os.cpu_count() or 1
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return {"load_average": load, "cpus": cpus, "busy": load is not None and load >= 0.75 * cpus}
 
 

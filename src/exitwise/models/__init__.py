@@ -71,14 +71,18 @@ def weight_files(path: str | Path) -> list[Path]:
         shards = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"cannot read shard index {str(path)!r}: {e}") from None
-    if any(Path(s).name != s for s in shards):
-        raise UserError(f"shard index {str(path)!r} names files outside its directory")
+    bad = [s for s in shards if not (isinstance(s, str) and s.endswith(".safetensors") and Path(s).name == s)]
+    if bad:
+        raise UserError(f"shard index {str(path)!r} names {bad[0]!r}: shards are .safetensors files beside it")
     return [path] + [path.parent / s for s in shards]
 
 
 def save_sharded(state: dict[str, torch.Tensor], index_path: str | Path, metadata: dict[str, str] | None = None,
                  max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
-    """Write `state` as safetensors shards of at most `max_shard_bytes` of tensor data, and their index."""
+    """Write `state` as safetensors shards of at most `max_shard_bytes` of tensor data, then their index.
+
+    Each file is written atomically, the index last; overwriting a sharded checkpoint in place is not
+    atomic as a whole (a crash can leave new shards beside the old index): write to a fresh directory."""
     from safetensors.torch import save
     from ..io import atomic_write_bytes, atomic_write_json
     index_path = Path(index_path)
