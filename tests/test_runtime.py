@@ -6,7 +6,7 @@ import torch
 from exitwise import analysis
 from exitwise.models import create_model
 from exitwise.policies import entropy, get_policy
-from exitwise.runtime import MICRO_BATCH, all_exit_logits, prepare, run_backbone, run_early_exit
+from exitwise.runtime import MICRO_BATCH, fold_batch_norms, all_exit_logits, prepare, run_backbone, run_early_exit
 
 from conftest import random_image_set
 
@@ -55,6 +55,23 @@ def test_every_precision_runs_every_path_and_stays_close_to_fp32(precision):
     np.testing.assert_allclose(run.logits, exact, atol=0.25, rtol=0.1)
     early = run_early_exit(model, data, np.full(5, 1.0), get_policy("entropy"), batch_size=16)
     assert early.exits.shape == (40,)
+
+
+@pytest.mark.parametrize("negative_scale, folded", [(False, True), (True, False)])
+def test_a_batch_norm_after_max_pool_is_folded_only_where_every_scale_is_positive(negative_scale, folded):
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.MaxPool2d(2), torch.nn.BatchNorm2d(8))
+    bn = block[2]
+    bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.uniform_(0.5, 2)
+    if negative_scale:  # max(-x) != -max(x): this one cannot move before the pool
+        bn.weight.data[3] = -1.0
+    block.eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = block(x)
+        fold_batch_norms(block)
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in block) != folded
+        torch.testing.assert_close(block(x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_prepare_folds_batch_norms_and_micro_batches_without_changing_the_fp32_logits():

@@ -53,16 +53,25 @@ def _in_own_dtype(module: torch.nn.Module) -> _InDtype:
     return _InDtype(module, next((t.dtype for t in tensors if t.is_floating_point()), None))
 
 
-def _fold_batch_norms(module: torch.nn.Module) -> None:
-    """Fold every BatchNorm2d that directly follows a Conv2d (in an nn.Sequential) into that conv."""
+def fold_batch_norms(module: torch.nn.Module) -> None:
+    """Fold every BatchNorm2d that directly follows a Conv2d (in an nn.Sequential) into that conv; also one
+    after a conv and a max pool when every channel's scale is positive (max commutes with x -> a x + b, a > 0)."""
     for child in module.children():
-        _fold_batch_norms(child)
+        fold_batch_norms(child)
     if isinstance(module, torch.nn.Sequential):
-        names = list(module._modules)
+        names, layers = list(module._modules), module._modules
         for a, b in zip(names, names[1:]):
-            conv, bn = module._modules[a], module._modules[b]
-            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
-                module._modules[a], module._modules[b] = fuse_conv_bn_eval(conv, bn), torch.nn.Identity()
+            if isinstance(layers[a], torch.nn.Conv2d) and isinstance(layers[b], torch.nn.BatchNorm2d):
+                layers[a], layers[b] = fuse_conv_bn_eval(layers[a], layers[b]), torch.nn.Identity()
+        for a, pool, b in zip(names, names[1:], names[2:]):
+            if (isinstance(layers[a], torch.nn.Conv2d) and isinstance(layers[pool], torch.nn.MaxPool2d)
+                    and isinstance(layers[b], torch.nn.BatchNorm2d) and _bn_scale(layers[b]).gt(0).all()):
+                layers[a], layers[b] = fuse_conv_bn_eval(layers[a], layers[b]), torch.nn.Identity()
+
+
+def _bn_scale(bn: torch.nn.BatchNorm2d) -> torch.Tensor:
+    weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+    return weight / torch.sqrt(bn.running_var + bn.eps)
 
 
 def prepare(model: MultiExitNetwork, precision: str = "fp32") -> MultiExitNetwork:
@@ -77,7 +86,7 @@ def prepare(model: MultiExitNetwork, precision: str = "fp32") -> MultiExitNetwor
     """
     check_precision(precision)
     net = copy.deepcopy(model).eval()
-    _fold_batch_norms(net)
+    fold_batch_norms(net)
     net.to(memory_format=torch.channels_last)
     for k in range(net.num_exits):
         if precision == "bf16" or (precision == "mixed" and k > 0):
