@@ -34,7 +34,7 @@ def test_per_exit_test_accuracy_of_the_founding_weights(study_dir):
     measured = [e["accuracy"] for e in results["exits"]]
     np.testing.assert_allclose(measured, SEED_TEST_ACCURACY, atol=0.003)
     assert results["dataset"]["sizes"] == {"train": 45000, "val": 5000, "test": 10000}
-    assert results["precision_check"]["agreement_with_fp32"] >= 0.995
+    assert results["precision_check"]["agreement_with_fp32"] >= 0.99
     assert max(measured) <= results["oracle_accuracy"] <= 1
 
 

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calibration method: per-exit (default) and/or seed-percentile; repeatable")
     study.add_argument("--batch-size", type=int, default=256)
     study.add_argument("--precision", default="auto",
-                       help="auto (default: the fastest of bf16, mixed that agrees with fp32 on >= 99.5%% of "
+                       help="auto (default: the fastest of bf16, mixed that agrees with fp32 on >= 99%% of "
                             "test predictions at every exit, else fp32), bf16, mixed or fp32")
 
     train = sub.add_parser("train", help="joint multi-exit training (BranchyNet); checkpoints every epoch, "
