@@ -32,7 +32,7 @@ def main() -> None:
                 SHIPPED_WEIGHTS_DIR / f"{args.name}{INDEX_SUFFIX}"]:
         old.unlink(missing_ok=True)
     metadata = {"model": args.name}
-    if sum(v.numel() * v.element_size() for v in state.values()) <= MAX_SHARD_BYTES:
+    if sum(v.nbytes for v in state.values()) <= MAX_SHARD_BYTES:
         weights = SHIPPED_WEIGHTS_DIR / f"{args.name}.safetensors"
         atomic_write_bytes(weights, save(state, metadata=metadata))
     else:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json
+from .progress import progress_bar
 
 try:  # numpy >= 2 moved these; both are pure array constructors
     from numpy._core.multiarray import _reconstruct
@@ -135,8 +136,8 @@ def download_cifar10(data_dir: str | Path, url: str = CIFAR10_URL, md5: str = CI
         print(f"downloading {url} to {str(target)!r}", file=sys.stderr)
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out, \
-                tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                     desc=f"downloading {target.name}", disable=None if progress else True, file=sys.stderr) as bar:
+                progress_bar(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                             desc=f"downloading {target.name}", enabled=progress, file=sys.stderr) as bar:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 digest.update(chunk)
@@ -272,8 +273,7 @@ def _decode_tree(files: _Files, prefix: str, progress: bool) -> _Decoded:
             raise UserError(f"missing class folder {split}/{missing[0]} (or it has no images) "
                             f"in {files.where(prefix)!r}")
     total = sum(len(v) for folders in listing.values() for v in folders.values())
-    with tqdm(total=total, desc="decoding cifar10 images (once)", unit="img",
-              disable=None if progress else True) as bar:
+    with progress_bar(total=total, desc="decoding cifar10 images (once)", unit="img", enabled=progress) as bar:
         train, test = (_decode_images(files, listing[split], bar) for split in ("train", "test"))
     if train[0].shape[1:] != test[0].shape[1:]:
         raise UserError(f"train images are {train[0].shape[2]}x{train[0].shape[1]} but test images are "
@@ -347,8 +347,8 @@ def _decode_batches(files: _Files, prefix: str, progress: bool) -> _Decoded:
             classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"])
         except (KeyError, TypeError, UnicodeDecodeError):
             raise UserError(f"{files.where(prefix + 'batches.meta')} has no valid label_names") from None
-    parts = [_batch(files, prefix + b, len(classes)) for b in tqdm(BATCH_FILES, desc="reading cifar10 batches (once)",
-                                                                   unit="batch", disable=None if progress else True)]
+    batches = progress_bar(BATCH_FILES, desc="reading cifar10 batches (once)", unit="batch", enabled=progress)
+    parts = [_batch(files, prefix + b, len(classes)) for b in batches]
     train = [np.concatenate(x) for x in zip(*parts[:-1])]
     return _Decoded(*train, *parts[-1], classes)
 

@@ -504,7 +504,8 @@ def format_summary(results: dict) -> str:
     r = results
     head = (f"{r['model']['name']} on {r['dataset']['name']} ({_n_test(r)} test images, {r['precision']}), "
             f"timing model error {r['timing_model']['mean_abs_relative_error']:.1%}")
-    head += f"\n{busy_warning(r)}" if busy_warning(r) else ""
+    if warning := busy_warning(r):
+        head += f"\n{warning}"
     return "\n\n".join([head, _text_table(exits_table(r)), _text_table(configurations_table(r)),
                         _text_table(oracle_table(r))])
 

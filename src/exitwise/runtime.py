@@ -15,11 +15,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from tqdm import tqdm
 
 from .errors import UserError
 from .models.base import MultiExitNetwork
 from .policies import ExitPolicy
+from .progress import progress_bar
 
 PRECISIONS = ("bf16", "mixed", "fp32")
 
@@ -130,8 +130,8 @@ def _micro_batches(data, batch_size: int, progress: bool, desc: str, whole: bool
     """The images in batches of `batch_size` (as a caller hands them in), each run as MICRO_BATCH-row
     pieces (or yielded whole, for a caller that splits them itself)."""
     total = (len(data) + batch_size - 1) // batch_size
-    for images, _ in tqdm(data.batches(batch_size), total=total, desc=desc, disable=None if progress else True,
-                          leave=False, unit="batch"):
+    for images, _ in progress_bar(data.batches(batch_size), total=total, desc=desc, enabled=progress,
+                                  leave=False, unit="batch"):
         yield from [images] if whole else images.split(MICRO_BATCH)
 
 

@@ -41,6 +41,7 @@ from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 from .models import MODELS, check_fits
 from .models.base import MultiExitNetwork
+from .progress import progress_bar
 
 SCHEDULES = ("onecycle", "cosine")
 TRAIN_PRECISIONS = ("bf16", "fp32")
@@ -186,8 +187,8 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
         aug = torch.Generator().manual_seed(_seed(config.seed, epoch, rank, 1))
         torch.manual_seed(_seed(config.seed, epoch, rank, 2))  # dropout and anything else in the model
         loss_sum, correct = torch.zeros((), device=device), torch.zeros(model.num_exits, device=device)
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
-                   disable=None if show else True)
+        bar = progress_bar(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+                           enabled=show)
         for step in bar:
             idx = shard[step * batch:(step + 1) * batch]
             x, y = augment(images[idx], config.crop_padding, config.flip, aug, config.cutout), labels[idx]

@@ -61,20 +61,25 @@ def shipped_card(name: str) -> dict:
     return json.loads((SHIPPED_WEIGHTS_DIR / f"{name}.json").read_text())
 
 
+def _shard_map(index: Path) -> dict[str, str]:
+    """An index's tensor -> shard file map, refusing shards that are not .safetensors files beside it."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = set(weight_map.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"cannot read shard index {str(index)!r}: {e}") from None
+    bad = [s for s in shards if not (isinstance(s, str) and s.endswith(".safetensors") and Path(s).name == s)]
+    if bad:
+        raise UserError(f"shard index {str(index)!r} names {bad[0]!r}: shards are .safetensors files beside it")
+    return weight_map
+
+
 def weight_files(path: str | Path) -> list[Path]:
     """Every file that makes up the weights at `path`: the file itself, or a shard index and its shards."""
     path = Path(path)
     if not path.name.endswith(INDEX_SUFFIX):
         return [path]
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"cannot read shard index {str(path)!r}: {e}") from None
-    bad = [s for s in shards if not (isinstance(s, str) and s.endswith(".safetensors") and Path(s).name == s)]
-    if bad:
-        raise UserError(f"shard index {str(path)!r} names {bad[0]!r}: shards are .safetensors files beside it")
-    return [path] + [path.parent / s for s in shards]
+    return [path] + [path.parent / s for s in sorted(set(_shard_map(path).values()))]
 
 
 def save_sharded(state: dict[str, torch.Tensor], index_path: str | Path, metadata: dict[str, str] | None = None,
@@ -91,17 +96,16 @@ def save_sharded(state: dict[str, torch.Tensor], index_path: str | Path, metadat
     groups: list[list[str]] = [[]]
     size = 0
     for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if groups[-1] and size + nbytes > max_shard_bytes:
+        if groups[-1] and size + tensor.nbytes > max_shard_bytes:
             groups.append([])
             size = 0
         groups[-1].append(key)
-        size += nbytes
+        size += tensor.nbytes
     stem = index_path.name[:-len(INDEX_SUFFIX)]
     names = [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     for name, keys in zip(names, groups):
         atomic_write_bytes(index_path.parent / name, save({k: state[k].contiguous() for k in keys}, metadata=metadata))
-    total = sum(t.numel() * t.element_size() for t in state.values())
+    total = sum(t.nbytes for t in state.values())
     atomic_write_json(index_path, {"metadata": {"total_size": total, **(metadata or {})},
                                    "weight_map": {k: name for name, keys in zip(names, groups) for k in keys}})
     return [index_path.parent / name for name in names]
@@ -113,9 +117,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"weights file not found: {str(path)!r}")
     if path.name.endswith(INDEX_SUFFIX):
-        files = weight_files(path)
-        state = {k: v for shard in files[1:] for k, v in read_state_dict(shard).items()}
-        missing = set(json.loads(path.read_text())["weight_map"]) - set(state)
+        weight_map = _shard_map(path)
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(read_state_dict(path.parent / shard))
+        missing = set(weight_map) - set(state)
         if missing:
             raise UserError(f"the shards of {str(path)!r} lack {len(missing)} tensors, e.g. {sorted(missing)[0]!r}")
         return state
