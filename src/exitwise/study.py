@@ -115,6 +115,29 @@ class Study:
     logits: ExitLogits  # what logits.safetensors holds
 
 
+@dataclass
+class Evaluator:
+    """Any thresholds' accuracy, exit shares, mean MACs and predicted time on either split, from the cached
+    scores of every policy: `by_policy[name]` is (validation, test)."""
+    by_policy: dict[str, tuple[ExitArrays, ExitArrays]]
+    macs: Sequence[float]
+    per_sample: np.ndarray
+    policy: str
+
+    def test(self, thresholds: np.ndarray, policy: str | None = None, samples=slice(None)) -> dict:
+        return self._evaluate(self.by_policy[policy or self.policy][1], thresholds, samples)
+
+    def val(self, thresholds: np.ndarray, policy: str | None = None) -> dict:
+        return self._evaluate(self.by_policy[policy or self.policy][0], thresholds, slice(None))
+
+    def _evaluate(self, split: ExitArrays, thresholds: np.ndarray, samples) -> dict:
+        return analysis.evaluate(split.scores[:, samples], split.correct[:, samples], thresholds, self.macs,
+                                 self.per_sample)
+
+
+Setting = tuple[str, str, np.ndarray]  # (label, policy name, thresholds)
+
+
 def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> Study:
     """The whole study: the `results.json` dictionary and the cached logits it was computed from."""
     policies = {name: get_policy(name) for name in POLICIES}
@@ -136,36 +159,23 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
                         exit_arrays(test_run.logits, splits.test.labels, p)) for name, p in policies.items()}
     val, test = by_policy[config.policy]
 
-    def measure(thresholds: np.ndarray):
-        return run_early_exit(model, splits.test, thresholds, policy, progress=config.progress, **run_kwargs)
-
     # the cost model: per-sample seconds of each stage, from the real early-exit run at the fixed cutoff
     # (compaction and exit decisions included); stages too few samples reached fall back to the all-exits pass
     fixed_thr = np.full(k_exits - 1, config.cutoff)
-    fixed_run = measure(fixed_thr)
+    fixed_run = run_early_exit(model, splits.test, fixed_thr, policy, progress=config.progress, **run_kwargs)
     reach = analysis.reach_counts(fixed_run.exits, k_exits)
     per_sample = np.where(reach >= config.batch_size, seconds_per_sample(fixed_run, reach),
                           seconds_per_sample(test_run, np.full(k_exits, len(splits.test))))
+    ev = Evaluator(by_policy, macs, per_sample, config.policy)
 
-    def on_test(thresholds: np.ndarray, policy_name: str = config.policy) -> dict:
-        split = by_policy[policy_name][1]
-        return analysis.evaluate(split.scores, split.correct, thresholds, macs, per_sample)
-
-    def on_val(thresholds: np.ndarray, policy_name: str = config.policy) -> dict:
-        split = by_policy[policy_name][0]
-        return analysis.evaluate(split.scores, split.correct, thresholds, macs, per_sample)
-
-    never = np.full(k_exits - 1, -np.inf)
     full_network = {"accuracy": float(test.correct[-1].mean()), "seconds": test_run.trunk_seconds,
                     "ms_per_image": 1e3 * test_run.trunk_seconds / len(splits.test), "mean_macs": full_macs,
                     "note": "every stage and the final classifier, no side exits: the all-exits pass over the "
                             "test set, measured, without its side heads' measured time"}
-
     exits = [{"index": k, "accuracy": float(test.correct[k].mean()), "val_accuracy": float(val.correct[k].mean()),
               "macs": int(macs[k])} for k in range(k_exits)]
-    oracle = analysis.oracle(test.correct, macs)
 
-    fixed = on_test(fixed_thr)
+    fixed = ev.test(fixed_thr)
     fixed_cutoff = {
         "cutoff": config.cutoff, "overall_accuracy": fixed["overall_accuracy"], "seconds": fixed_run.seconds,
         "ms_per_image": 1e3 * fixed_run.seconds / len(splits.test),
@@ -177,79 +187,54 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
     cutoffs = np.linspace(0.0, max_cutoff, config.num_cutoffs)
     sweep = [{k: r[k] for k in ("cutoff", "overall_accuracy", "exit_shares", "mean_macs", "seconds")}
              for r in analysis.sweep(test.scores, test.correct, cutoffs, macs, per_sample)]
-
-    calibrated = []
-    for method in config.methods:
-        for desired in config.desired_accuracies:
-            thr = calibration.METHODS[method](val.scores, val.correct, desired, max_cutoff)
-            t = on_test(thr)
-            calibrated.append({"method": method, "desired_accuracy": desired,
-                               "thresholds": analysis.thresholds_to_json(thr),
-                               "val_accuracy": on_val(thr)["overall_accuracy"], "test_accuracy": t["overall_accuracy"],
-                               "mean_macs": t["mean_macs"], "seconds": t["seconds"], "exit_shares": t["exit_shares"]})
+    calibrated = calibration_table(ev, config, max_cutoff)
 
     # candidates are chosen on validation (accuracy, predicted time), then evaluated on test: the founding
     # rule among the calibrated sets of the study's policy, as the founding system chose; the fastest among
     # those, the shared cutoffs and every policy's validation frontier of predicted time
     calibrated_sets = [(f"{c['method']} {c['desired_accuracy']:.2f}", config.policy,
                         analysis.as_thresholds(c["thresholds"], k_exits)) for c in calibrated]
-    founding = max(((label, name, thr, on_val(thr)) for label, name, thr in calibrated_sets),
-                   key=lambda s: s[3]["overall_accuracy"] / s[3]["seconds"])
-    candidates = [("no early exit", config.policy, never)] + calibrated_sets
+    on_val = [ev.val(thr) for _, _, thr in calibrated_sets]
+    founding = max(zip(calibrated_sets, on_val), key=lambda c: c[1]["overall_accuracy"] / c[1]["seconds"])[0]
+    candidates = [("no early exit", config.policy, np.full(k_exits - 1, -np.inf))] + calibrated_sets
     candidates += [(f"cutoff {c:.3f}", config.policy, np.full(k_exits - 1, c)) for c in cutoffs]
     candidates += latency_frontier({name: v for name, (v, _) in by_policy.items()}, per_sample)
     floor = val.correct[-1].mean() - config.within_points / 100
-    fastest = min((s for s in ((label, name, thr, on_val(thr, name)) for label, name, thr in candidates)
-                   if s[3]["overall_accuracy"] >= floor), key=lambda s: s[3]["seconds"])
+    on_val = [ev.val(thr, name) for _, name, thr in candidates]
+    fastest = min((c for c in zip(candidates, on_val) if c[1]["overall_accuracy"] >= floor),
+                  key=lambda c: c[1]["seconds"])[0]
 
     # the best settings and two more cutoffs run for real on the first test images only: enough to time
     # them and check the cost model, at a quarter of the time (the fixed cutoff above ran on every image)
-    first = torch.arange(min(config.timing_check_images, len(splits.test)))
-    subset = splits.test.subset(first)
-
-    def measure_first(thr: np.ndarray, policy_name: str = config.policy) -> tuple[Run, float]:
-        split = by_policy[policy_name][1]
-        predicted = analysis.evaluate(split.scores[:, first], split.correct[:, first], thr, macs, per_sample)["seconds"]
-        return run_early_exit(model, subset, thr, policies[policy_name], **run_kwargs), predicted
-
-    checks, best = [], {}
-    for key, (label, name, thr, _) in (("founding_rule", founding),
-                                       (f"fastest_within_{config.within_points:g}_points", fastest)):
-        run, predicted = measure_first(thr, name)
-        t = on_test(thr, name)
-        ms = 1e3 * run.seconds / len(subset)
+    subset = splits.test.subset(torch.arange(min(config.timing_check_images, len(splits.test))))
+    timed = {"founding_rule": founding, f"fastest_within_{config.within_points:g}_points": fastest}
+    timed |= {f"cutoff {f * max_cutoff:.3f}": (f"cutoff {f * max_cutoff:.3f}", config.policy,
+                                              np.full(k_exits - 1, f * max_cutoff)) for f in (0.1, 0.5)}
+    runs = {key: run_early_exit(model, subset, thr, policies[name], **run_kwargs)
+            for key, (_, name, thr) in timed.items()}
+    predicted = {key: ev.test(thr, name, slice(len(subset)))["seconds"] for key, (_, name, thr) in timed.items()}
+    best = {}
+    for key in ("founding_rule", f"fastest_within_{config.within_points:g}_points"):
+        label, name, thr = timed[key]
+        t, ms = ev.test(thr, name), 1e3 * runs[key].seconds / len(subset)
         best[key] = {"label": label, "policy": name, "thresholds": analysis.thresholds_to_json(thr),
                      "test_accuracy": t["overall_accuracy"], "mean_macs": t["mean_macs"],
-                     "exit_shares": t["exit_shares"], "seconds": run.seconds, "timed_images": len(subset),
-                     "ms_per_image": ms, "predicted_seconds": predicted,
+                     "exit_shares": t["exit_shares"], "seconds": runs[key].seconds, "timed_images": len(subset),
+                     "ms_per_image": ms, "predicted_seconds": predicted[key],
                      "speedup": full_network["ms_per_image"] / ms}
-        checks.append((f"{label}, {name} ({len(subset)} images)", predicted, run.seconds))
-    for fraction in (0.1, 0.5):
-        thr = np.full(k_exits - 1, fraction * max_cutoff)
-        run, predicted = measure_first(thr)
-        checks.append((f"cutoff {thr[0]:.3f} ({len(subset)} images)", predicted, run.seconds))
+    checks = [(f"{label}, {name} ({len(subset)} images)" if key in best else f"{label} ({len(subset)} images)",
+               predicted[key], runs[key].seconds) for key, (label, name, _) in timed.items()]
     checks.append(("all exits, no early exit", float(per_sample.sum() * len(splits.test)), test_run.seconds))
     timing_checks = [{"label": label, "predicted_seconds": p, "measured_seconds": m, "relative_error": (p - m) / m}
                      for label, p, m in checks]
 
-    targeted = target_calibration(val, test, macs, per_sample, config.desired_accuracies)
-    oracle_report = {
-        **oracle,
-        "overthinking": {"full_network": analysis.overthinking(test.correct, macs),
-                         "fixed_cutoff": analysis.overthinking(test.correct, macs,
-                                                               analysis.exit_points(test.scores, fixed_thr))},
-        "gap_at_full_network": analysis.gap_to_oracle(full_network["accuracy"], macs[-1], test.correct, macs),
-        "gap_at_fixed_cutoff": analysis.gap_to_oracle(fixed["overall_accuracy"], fixed["mean_macs"], test.correct,
-                                                      macs),
-        "gap_at_best": {key: analysis.gap_to_oracle(b["test_accuracy"], b["mean_macs"], test.correct, macs)
-                        for key, b in best.items()},
-    }
     frontiers = policy_frontiers(val.logits, splits.val.labels, test.logits, splits.test.labels, macs, "MACs",
                                  policies, config.desired_accuracies, config.num_cutoffs, by_policy)
     frontiers["marks"] = [{"label": f"fixed cutoff {config.cutoff:g}", "cost": fixed["mean_macs"],
                            "accuracy": fixed["overall_accuracy"]}]
     frontiers["marks"] += [{"label": key.replace("_", " "), "cost": b["mean_macs"], "accuracy": b["test_accuracy"]}
                            for key, b in best.items()]
+    oracle = oracle_report(test, macs, fixed_thr, full_network["accuracy"], fixed, best)
 
     results = {
         "exitwise_version": __version__,
@@ -261,14 +246,14 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
         "batch_size": config.batch_size, "policy": config.policy, "max_cutoff": max_cutoff,
         "exits": exits,
         "oracle_accuracy": oracle["accuracy"], "oracle_mean_macs": oracle["mean_macs"],
-        "oracle": oracle_report,
+        "oracle": oracle,
         "full_network": full_network,
         "fixed_cutoff": fixed_cutoff,
         "sweep": sweep,
         "timing_model": {"stage_seconds_per_sample": per_sample.tolist(), "checks": timing_checks,
                          "machine_load_at_start": load,
                          "mean_abs_relative_error": float(np.mean([abs(c["relative_error"]) for c in timing_checks]))},
-        "calibration": calibrated + targeted,
+        "calibration": calibrated + target_calibration(val, test, macs, per_sample, config.desired_accuracies),
         "frontiers": frontiers,
         "best": best,
     }
@@ -278,6 +263,39 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
                         info={"model": model_info, "dataset": results["dataset"], "precision": precision,
                               "batch_size": config.batch_size})
     return Study(results, logits)
+
+
+def calibration_table(ev: Evaluator, config: StudyConfig, max_cutoff: float) -> list[dict]:
+    """Calibration-table entries of the founding methods: thresholds from validation for each desired
+    accuracy, evaluated on both splits."""
+    val = ev.by_policy[config.policy][0]
+    entries = []
+    for method in config.methods:
+        for desired in config.desired_accuracies:
+            thr = calibration.METHODS[method](val.scores, val.correct, desired, max_cutoff)
+            t = ev.test(thr)
+            entries.append({"method": method, "desired_accuracy": desired,
+                            "thresholds": analysis.thresholds_to_json(thr),
+                            "val_accuracy": ev.val(thr)["overall_accuracy"], "test_accuracy": t["overall_accuracy"],
+                            "mean_macs": t["mean_macs"], "seconds": t["seconds"], "exit_shares": t["exit_shares"]})
+    return entries
+
+
+def oracle_report(test: ExitArrays, macs: Sequence[float], fixed_thr: np.ndarray, full_accuracy: float,
+                  fixed: dict, best: dict[str, dict]) -> dict:
+    """The hindsight oracle, how often an earlier exit was right where the later one was wrong (overthinking),
+    and how far the full network, the fixed cutoff and the best settings are from the oracle's curve."""
+    return {
+        **analysis.oracle(test.correct, macs),
+        "overthinking": {"full_network": analysis.overthinking(test.correct, macs),
+                         "fixed_cutoff": analysis.overthinking(test.correct, macs,
+                                                               analysis.exit_points(test.scores, fixed_thr))},
+        "gap_at_full_network": analysis.gap_to_oracle(full_accuracy, macs[-1], test.correct, macs),
+        "gap_at_fixed_cutoff": analysis.gap_to_oracle(fixed["overall_accuracy"], fixed["mean_macs"], test.correct,
+                                                      macs),
+        "gap_at_best": {key: analysis.gap_to_oracle(b["test_accuracy"], b["mean_macs"], test.correct, macs)
+                        for key, b in best.items()},
+    }
 
 
 def target_calibration(val: ExitArrays, test: ExitArrays, macs: Sequence[float], per_sample: np.ndarray,
@@ -311,7 +329,7 @@ def target_calibration(val: ExitArrays, test: ExitArrays, macs: Sequence[float],
 
 
 def latency_frontier(val_by_policy: dict[str, ExitArrays],
-                     stage_seconds_per_sample: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+                     stage_seconds_per_sample: np.ndarray) -> list[Setting]:
     """(label, policy name, thresholds) of each policy's Pareto frontier of (predicted time, accuracy) on
     validation, from its scores there: the settings no other setting of that policy beats on both."""
     costs = analysis.latency_costs(stage_seconds_per_sample)
