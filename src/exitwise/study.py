@@ -124,13 +124,13 @@ class Evaluator:
     per_sample: np.ndarray
     policy: str
 
-    def test(self, thresholds: np.ndarray, policy: str | None = None, samples=slice(None)) -> dict:
+    def test(self, thresholds: np.ndarray, policy: str | None = None, samples: slice = slice(None)) -> dict:
         return self._evaluate(self.by_policy[policy or self.policy][1], thresholds, samples)
 
     def val(self, thresholds: np.ndarray, policy: str | None = None) -> dict:
         return self._evaluate(self.by_policy[policy or self.policy][0], thresholds, slice(None))
 
-    def _evaluate(self, split: ExitArrays, thresholds: np.ndarray, samples) -> dict:
+    def _evaluate(self, split: ExitArrays, thresholds: np.ndarray, samples: slice) -> dict:
         return analysis.evaluate(split.scores[:, samples], split.correct[:, samples], thresholds, self.macs,
                                  self.per_sample)
 
@@ -194,36 +194,40 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
     # those, the shared cutoffs and every policy's validation frontier of predicted time
     calibrated_sets = [(f"{c['method']} {c['desired_accuracy']:.2f}", config.policy,
                         analysis.as_thresholds(c["thresholds"], k_exits)) for c in calibrated]
-    on_val = [ev.val(thr) for _, _, thr in calibrated_sets]
-    founding = max(zip(calibrated_sets, on_val), key=lambda c: c[1]["overall_accuracy"] / c[1]["seconds"])[0]
+    calibrated_on_val = [ev.val(thr) for _, _, thr in calibrated_sets]
+    founding = max(zip(calibrated_sets, calibrated_on_val),
+                   key=lambda c: c[1]["overall_accuracy"] / c[1]["seconds"])[0]
     candidates = [("no early exit", config.policy, np.full(k_exits - 1, -np.inf))] + calibrated_sets
     candidates += [(f"cutoff {c:.3f}", config.policy, np.full(k_exits - 1, c)) for c in cutoffs]
     candidates += latency_frontier({name: v for name, (v, _) in by_policy.items()}, per_sample)
     floor = val.correct[-1].mean() - config.within_points / 100
-    on_val = [ev.val(thr, name) for _, name, thr in candidates]
-    fastest = min((c for c in zip(candidates, on_val) if c[1]["overall_accuracy"] >= floor),
+    candidates_on_val = [ev.val(thr, name) for _, name, thr in candidates]
+    fastest = min((c for c in zip(candidates, candidates_on_val) if c[1]["overall_accuracy"] >= floor),
                   key=lambda c: c[1]["seconds"])[0]
 
     # the best settings and two more cutoffs run for real on the first test images only: enough to time
     # them and check the cost model, at a quarter of the time (the fixed cutoff above ran on every image)
     subset = splits.test.subset(torch.arange(min(config.timing_check_images, len(splits.test))))
-    timed = {"founding_rule": founding, f"fastest_within_{config.within_points:g}_points": fastest}
-    timed |= {f"cutoff {f * max_cutoff:.3f}": (f"cutoff {f * max_cutoff:.3f}", config.policy,
-                                              np.full(k_exits - 1, f * max_cutoff)) for f in (0.1, 0.5)}
-    runs = {key: run_early_exit(model, subset, thr, policies[name], **run_kwargs)
-            for key, (_, name, thr) in timed.items()}
-    predicted = {key: ev.test(thr, name, slice(len(subset)))["seconds"] for key, (_, name, thr) in timed.items()}
-    best = {}
-    for key in ("founding_rule", f"fastest_within_{config.within_points:g}_points"):
-        label, name, thr = timed[key]
-        t, ms = ev.test(thr, name), 1e3 * runs[key].seconds / len(subset)
+
+    def time_on_subset(name: str, thr: np.ndarray) -> tuple[Run, float]:
+        """The real run on the subset and the cost model's prediction for it."""
+        return (run_early_exit(model, subset, thr, policies[name], **run_kwargs),
+                ev.test(thr, name, slice(len(subset)))["seconds"])
+
+    best, checks = {}, []
+    for key, (label, name, thr) in (("founding_rule", founding),
+                                    (f"fastest_within_{config.within_points:g}_points", fastest)):
+        run, predicted = time_on_subset(name, thr)
+        t, ms = ev.test(thr, name), 1e3 * run.seconds / len(subset)
         best[key] = {"label": label, "policy": name, "thresholds": analysis.thresholds_to_json(thr),
                      "test_accuracy": t["overall_accuracy"], "mean_macs": t["mean_macs"],
-                     "exit_shares": t["exit_shares"], "seconds": runs[key].seconds, "timed_images": len(subset),
-                     "ms_per_image": ms, "predicted_seconds": predicted[key],
+                     "exit_shares": t["exit_shares"], "seconds": run.seconds, "timed_images": len(subset),
+                     "ms_per_image": ms, "predicted_seconds": predicted,
                      "speedup": full_network["ms_per_image"] / ms}
-    checks = [(f"{label}, {name} ({len(subset)} images)" if key in best else f"{label} ({len(subset)} images)",
-               predicted[key], runs[key].seconds) for key, (label, name, _) in timed.items()]
+        checks.append((f"{label}, {name} ({len(subset)} images)", predicted, run.seconds))
+    for cutoff in (0.1 * max_cutoff, 0.5 * max_cutoff):
+        run, predicted = time_on_subset(config.policy, np.full(k_exits - 1, cutoff))
+        checks.append((f"cutoff {cutoff:.3f} ({len(subset)} images)", predicted, run.seconds))
     checks.append(("all exits, no early exit", float(per_sample.sum() * len(splits.test)), test_run.seconds))
     timing_checks = [{"label": label, "predicted_seconds": p, "measured_seconds": m, "relative_error": (p - m) / m}
                      for label, p, m in checks]
