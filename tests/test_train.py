@@ -93,6 +93,27 @@ def test_joint_loss_is_the_weighted_sum_of_each_exits_smoothed_cross_entropy():
         joint_loss(logits, labels, (1.0,))  # one weight per exit, no silent truncation
 
 
+def test_distillation_mixes_each_side_exits_loss_with_its_kl_to_the_softened_final_exit():
+    side = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]], requires_grad=True)
+    final = torch.tensor([[0.0, 1.0, 0.0], [3.0, -2.0, 1.0]], requires_grad=True)
+    labels, a, t = torch.tensor([0, 2]), 0.25, 2.0
+
+    def softmax(row):
+        z = [math.exp(v / t) for v in row]
+        return [v / sum(z) for v in z]
+
+    kl = sum(sum(q * math.log(q / p) for p, q in zip(softmax(s), softmax(f)))  # KL(final || side), by hand
+             for s, f in zip(side.tolist(), final.tolist())) / 2
+    ce = [torch.nn.functional.cross_entropy(l, labels).item() for l in (side, final)]
+    loss = joint_loss([side, final], labels, (1.0, 1.0), distill=a, temperature=t)
+    assert loss.item() == pytest.approx((1 - a) * ce[0] + a * t * t * kl + ce[1], rel=1e-6)
+    loss.backward()  # the final exit is the teacher: only its own cross-entropy moves it
+    final_ce = torch.autograd.grad(torch.nn.functional.cross_entropy(final, labels), final)[0]
+    assert torch.allclose(final.grad, final_ce)
+    same = [final.detach(), final.detach()]
+    assert joint_loss(same, labels, (1.0, 1.0), distill=1.0).item() == pytest.approx(ce[1], rel=1e-6)
+
+
 def test_augment_crops_a_shift_of_the_zero_padded_image_and_flips():
     images = torch.arange(1, 6 * 4 * 4 * 2 + 1).reshape(6, 4, 4, 2).to(torch.uint8).repeat(20, 1, 1, 1)
     out = augment(images, padding=1, flip=False, generator=torch.Generator().manual_seed(0))
@@ -307,6 +328,9 @@ def test_bad_input_raises_user_error_and_overwrites_nothing(tmp_path):
         train(Toy(), splits(), config, tmp_path / "file" / "out")
     with pytest.raises(UserError, match="exit weights"):
         train(Toy(), splits(), TrainConfig(exit_weights=(1.0, 1.0, 1.0)), tmp_path / "weights")
+    for bad in ({"distill": 1.5}, {"distill_temperature": 0.0}):
+        with pytest.raises(UserError, match="distillation"):
+            TrainConfig(**bad)
     with pytest.raises(UserError, match="diverged .* lower the learning rate"):
         train(Toy(), splits(), TrainConfig(epochs=1, **{**TINY, "lr": 1e10}), tmp_path / "diverged")
     assert not (tmp_path / "diverged" / "model.safetensors").exists()

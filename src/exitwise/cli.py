@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float)
     train.add_argument("--label-smoothing", type=float)
     train.add_argument("--exit-weights", type=_float_list, help="loss weight per exit, comma-separated")
+    train.add_argument("--distill", type=float, help="0..1: how much side exits learn from the final exit's "
+                                                     "softened predictions instead of the labels (default 0)")
+    train.add_argument("--distill-temperature", type=float, help="temperature of those predictions (default 3)")
     train.add_argument("--cutout", type=int, help="side of a random square zeroed in each training image (0: off)")
     train.add_argument("--schedule", help="onecycle or cosine")
     train.add_argument("--precision", help="bf16 (autocast) or fp32")
@@ -115,7 +118,8 @@ def cmd_study(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .api import train
     recipe = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing",
-                                            "exit_weights", "cutout", "schedule", "precision", "seed")
+                                            "exit_weights", "distill", "distill_temperature", "cutout",
+                                            "schedule", "precision", "seed")
               if getattr(args, k) is not None}
     card = train(dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model,
                  out=args.out, resume=args.resume, val_size=args.val_size, split_seed=args.split_seed,

@@ -60,6 +60,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     exit_weights: tuple[float, ...] | None = None  # None: 1.0 for every exit (all exits matter equally)
+    distill: float = 0.0                       # side exits learn from the final exit's predictions this much; 0: off
+    distill_temperature: float = 3.0           # softens the final exit's predictions for distillation
     crop_padding: int = 4                      # random crop of the zero-padded image; 0 turns it off
     flip: bool = True                          # random horizontal flip
     cutout: int = 0                            # side of a square zeroed at a random place (DeVries & Taylor 2017); 0: off
@@ -78,6 +80,8 @@ class TrainConfig:
                   (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
                   (self.weight_decay >= 0, "weight decay must be non-negative"),
                   (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+                  (0 <= self.distill <= 1, "distillation weight must be in [0, 1]"),
+                  (self.distill_temperature > 0, "distillation temperature must be positive"),
                   (self.crop_padding >= 0, "crop padding must be non-negative"),
                   (self.cutout >= 0, "cutout size must be non-negative"),
                   (self.seed >= 0, "seed must be non-negative"),
@@ -89,10 +93,21 @@ class TrainConfig:
 
 
 def joint_loss(logits: list[torch.Tensor], labels: torch.Tensor, weights: list[float] | tuple[float, ...],
-               label_smoothing: float = 0.0) -> torch.Tensor:
-    """BranchyNet's joint loss: sum over exits k of w_k * cross-entropy of exit k (computed in fp32)."""
-    return sum(w * F.cross_entropy(l.float(), labels, label_smoothing=label_smoothing)
-               for w, l in zip(weights, logits, strict=True))
+               label_smoothing: float = 0.0, distill: float = 0.0, temperature: float = 3.0) -> torch.Tensor:
+    """BranchyNet's joint loss: sum over exits k of w_k * loss_k, in fp32.
+
+    loss_k is exit k's cross-entropy; with `distill` = a > 0 a side exit's is (1 - a) * cross-entropy
+    + a * T^2 * KL(final exit || exit k) at temperature T (Phuong & Lampert 2019, "Distillation-based
+    training for multi-exit architectures"). The final exit is the teacher and gets no gradient from it.
+    """
+    losses = [F.cross_entropy(l.float(), labels, label_smoothing=label_smoothing) for l in logits]
+    if distill:
+        teacher = F.log_softmax(logits[-1].detach().float() / temperature, dim=1)
+        for k, student in enumerate(logits[:-1]):
+            kl = F.kl_div(F.log_softmax(student.float() / temperature, dim=1), teacher, reduction="batchmean",
+                          log_target=True)
+            losses[k] = (1 - distill) * losses[k] + distill * temperature ** 2 * kl
+    return sum(w * loss for w, loss in zip(weights, losses, strict=True))
 
 
 def augment(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator | None = None,
@@ -194,7 +209,7 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
             x, y = augment(images[idx], config.crop_padding, config.flip, aug, config.cutout), labels[idx]
             with _autocast(device, config.precision):
                 logits = net(x)
-            loss = joint_loss(logits, y, weights, config.label_smoothing)
+            loss = joint_loss(logits, y, weights, config.label_smoothing, config.distill, config.distill_temperature)
             if not torch.isfinite(loss):  # stop at once, keeping the last good checkpoint
                 raise UserError(f"training diverged (loss {loss.item()}) in epoch {epoch + 1}, step {step + 1}: "
                                 f"lower the learning rate (now {config.lr})")
