@@ -21,6 +21,7 @@ MODELS: dict[str, Callable[[], MultiExitNetwork]] = {
     "seed-branchynet": SeedBranchyNet,
     "digits-convnet": DigitsConvNet,
     "b-resnet11": BResNet,
+    "b-resnet11-wide": lambda: BResNet(widths=(32, 64, 256, 512)),
 }
 
 SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
