@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--batch1-images", type=int, default=10000, help="test images timed at batch 1")
     p.add_argument("--policy", action="append", dest="policies", help="repeatable; default: entropy, max-prob, margin")
     args = p.parse_args()
-    models = args.models or [n for n in ("seed-branchynet", "b-resnet11") if shipped_weights(n)]
+    models = args.models or [n for n in ("seed-branchynet", "b-resnet11", "b-resnet11-wide") if shipped_weights(n)]
     splits = load_splits("cifar10", args.data, progress=False)
     policies = [get_policy(name) for name in args.policies or ("entropy", "max-prob", "margin")]
     load = machine_load()
