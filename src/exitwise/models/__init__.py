@@ -75,12 +75,16 @@ def _shard_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def _shards(index: Path, weight_map: dict[str, str]) -> list[Path]:
+    return [index.parent / name for name in sorted(set(weight_map.values()))]
+
+
 def weight_files(path: str | Path) -> list[Path]:
     """Every file that makes up the weights at `path`: the file itself, or a shard index and its shards."""
     path = Path(path)
     if not path.name.endswith(INDEX_SUFFIX):
         return [path]
-    return [path] + [path.parent / s for s in sorted(set(_shard_map(path).values()))]
+    return [path] + _shards(path, _shard_map(path))
 
 
 def save_sharded(state: dict[str, torch.Tensor], index_path: str | Path, metadata: dict[str, str] | None = None,
@@ -120,8 +124,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.name.endswith(INDEX_SUFFIX):
         weight_map = _shard_map(path)
         state = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(read_state_dict(path.parent / shard))
+        for shard in _shards(path, weight_map):
+            state.update(read_state_dict(shard))
         missing = set(weight_map) - set(state)
         if missing:
             raise UserError(f"the shards of {str(path)!r} lack {len(missing)} tensors, e.g. {sorted(missing)[0]!r}")
