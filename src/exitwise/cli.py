@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from .errors import UserError
@@ -117,10 +118,8 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .api import train
-    recipe = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing",
-                                            "exit_weights", "distill", "distill_temperature", "cutout",
-                                            "schedule", "precision", "seed")
-              if getattr(args, k) is not None}
+    from .train import TrainConfig
+    recipe = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     card = train(dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model,
                  out=args.out, resume=args.resume, val_size=args.val_size, split_seed=args.split_seed,
                  progress=not args.no_progress, **recipe)
