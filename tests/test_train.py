@@ -22,7 +22,7 @@ from exitwise.data import ImageSet, Splits
 from exitwise.errors import UserError
 from exitwise.models import create_model, load_weights
 from exitwise.models.base import MultiExitNetwork
-from exitwise.train import TrainConfig, augment, evaluate, joint_loss, train
+from exitwise.train import TrainConfig, augment, evaluate, joint_loss, side_gradient_scaled, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -112,6 +112,30 @@ def test_distillation_mixes_each_side_exits_loss_with_its_kl_to_the_softened_fin
     assert torch.allclose(final.grad, final_ce)
     same = [final.detach(), final.detach()]
     assert joint_loss(same, labels, (1.0, 1.0), distill=1.0).item() == pytest.approx(ce[1], rel=1e-6)
+
+
+def test_side_gradient_scales_only_what_side_exits_pass_back_to_the_shared_layers():
+    torch.manual_seed(0)
+    model, x = Toy().eval(), torch.rand(6, 1, 8, 8)  # eval: no dropout, so every pass is the same function
+
+    def gradients(side_weight: float, scale: float = 1.0) -> list[torch.Tensor]:
+        model.zero_grad()
+        with side_gradient_scaled(model, scale):
+            side, final = model(x)
+        (side_weight * side.square().sum() + final.square().sum()).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    joint, final_only, side_only = gradients(1.0), gradients(0.0), gradients(1.0, scale=0.0)
+    shared = len(list(model.stages[0].parameters()))  # stage 0 feeds the side head and the final exit
+    for scale in (0.0, 0.25):
+        scaled = gradients(1.0, scale)
+        for k, (g, j, f) in enumerate(zip(scaled, joint, final_only)):
+            expected = f + scale * (j - f) if k < shared else j  # heads and unshared stages: untouched
+            assert torch.allclose(g, expected, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(side_only[:shared], final_only[:shared]))
+    assert not model.stages[0]._forward_pre_hooks and not model.heads[0]._forward_pre_hooks  # removed after
+    with pytest.raises(UserError, match="side gradient"):
+        TrainConfig(side_gradient=1.5)
 
 
 def test_augment_crops_a_shift_of_the_zero_padded_image_and_flips():

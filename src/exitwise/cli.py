@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--distill", type=float, help="0..1: how much side exits learn from the final exit's "
                                                      "softened predictions instead of the labels (default 0)")
     train.add_argument("--distill-temperature", type=float, help="temperature of those predictions (default 3)")
+    train.add_argument("--side-gradient", type=float, help="0..1: share of the side exits' gradient that reaches "
+                                                           "the layers shared with the final exit (default 1: joint)")
     train.add_argument("--cutout", type=int, help="side of a random square zeroed in each training image (0: off)")
     train.add_argument("--schedule", help="onecycle or cosine")
     train.add_argument("--precision", help="bf16 (autocast) or fp32")

@@ -24,6 +24,7 @@ import os
 import platform
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -62,6 +63,8 @@ class TrainConfig:
     exit_weights: tuple[float, ...] | None = None  # None: 1.0 for every exit (all exits matter equally)
     distill: float = 0.0                       # side exits learn from the final exit's predictions this much; 0: off
     distill_temperature: float = 3.0           # softens the final exit's predictions for distillation
+    side_gradient: float = 1.0                 # share of the side exits' gradient that reaches the layers they share
+                                               # with the final exit; 1: joint (BranchyNet), 0: heads only (SDN)
     crop_padding: int = 4                      # random crop of the zero-padded image; 0 turns it off
     flip: bool = True                          # random horizontal flip
     cutout: int = 0                            # side of a square zeroed at a random place (DeVries & Taylor 2017); 0: off
@@ -82,6 +85,7 @@ class TrainConfig:
                   (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
                   (0 <= self.distill <= 1, "distillation weight must be in [0, 1]"),
                   (self.distill_temperature > 0, "distillation temperature must be positive"),
+                  (0 <= self.side_gradient <= 1, "side gradient must be in [0, 1]"),
                   (self.crop_padding >= 0, "crop padding must be non-negative"),
                   (self.cutout >= 0, "cutout size must be non-negative"),
                   (self.seed >= 0, "seed must be non-negative"),
@@ -108,6 +112,35 @@ def joint_loss(logits: list[torch.Tensor], labels: torch.Tensor, weights: list[f
                           log_target=True)
             losses[k] = (1 - distill) * losses[k] + distill * temperature ** 2 * kl
     return sum(w * loss for w, loss in zip(weights, losses, strict=True))
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """The identity going forward; multiplies the gradient by `scale` going back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
+@contextmanager
+def side_gradient_scaled(model: MultiExitNetwork, scale: float):
+    """Within this block the side heads see their input unchanged, but pass only `scale` times their gradient
+    back into the shared layers (0: none, so those layers learn from the final exit alone and the heads
+    train on its features, as Kaya et al.'s Shallow-Deep Networks do; 1: BranchyNet's joint training).
+    The final head is untouched. Gradient rescaling between exits follows MSDNet and Li et al. 2019."""
+    def scale_input(_head: torch.nn.Module, args: tuple) -> tuple:
+        return (args[0].detach() if scale == 0 else _ScaleGradient.apply(args[0], scale),) + args[1:]
+    handles = [head.register_forward_pre_hook(scale_input) for head in model.heads[:-1]] if scale != 1 else []
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def augment(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator | None = None,
@@ -207,7 +240,7 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
         for step in bar:
             idx = shard[step * batch:(step + 1) * batch]
             x, y = augment(images[idx], config.crop_padding, config.flip, aug, config.cutout), labels[idx]
-            with _autocast(device, config.precision):
+            with _autocast(device, config.precision), side_gradient_scaled(model, config.side_gradient):
                 logits = net(x)
             loss = joint_loss(logits, y, weights, config.label_smoothing, config.distill, config.distill_temperature)
             if not torch.isfinite(loss):  # stop at once, keeping the last good checkpoint
