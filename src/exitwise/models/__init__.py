@@ -22,6 +22,7 @@ MODELS: dict[str, Callable[[], MultiExitNetwork]] = {
     "digits-convnet": DigitsConvNet,
     "b-resnet11": BResNet,
     "b-resnet11-wide": lambda: BResNet(widths=(32, 64, 256, 512)),
+    "b-resnet11-large": lambda: BResNet(widths=(64, 128, 256, 512)),
 }
 
 SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"

@@ -69,7 +69,8 @@ class BResNet(MultiExitNetwork):
     16x16 as in a half-width ResNet-9, (192, 384) at 8x8 and 4x4, where this CPU's bf16 convolutions
     do up to twice the MACs per second. 5.2 M parameters, 194 M MACs for the full network, 43 M to the
     first exit. `b-resnet11-wide` widens the two last groups to (256, 512): more capacity for the hard
-    samples, the first exit unchanged; 8.6 M parameters, 303 M MACs.
+    samples, the first exit unchanged; 8.6 M parameters, 303 M MACs. `b-resnet11-large` has ResNet-9's
+    widths (64, 128, 256, 512) throughout: the first exit at 3.7x the MACs; 9.1 M parameters, 455 M MACs.
     """
 
     def __init__(self, widths: tuple[int, int, int, int] = (32, 64, 192, 384),
