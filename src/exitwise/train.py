@@ -18,6 +18,7 @@ all ranks hold identical weights. Only rank 0 evaluates, writes files and shows 
 """
 from __future__ import annotations
 
+import inspect
 import io
 import math
 import os
@@ -211,7 +212,7 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")
     model.to(device=device, memory_format=torch.channels_last)
-    net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    net = _distributed(model) if world > 1 else model
 
     images, labels = splits.train.images.to(device), splits.train.labels.to(device)
     per_rank = len(images) // world
@@ -272,11 +273,11 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
                               history, seconds, world)
             tqdm.write(_epoch_line(history[-1], config.epochs))
         if world > 1:
-            dist.barrier()
+            _barrier()
 
     card = _finish(model, name, splits, config, history, seconds, world, out) if rank == 0 else None
     if world > 1:
-        dist.barrier()  # every rank leaves with the outputs written
+        _barrier()  # every rank leaves with the outputs written
         if owns_group:
             dist.destroy_process_group()
     return card
@@ -395,6 +396,26 @@ def _init_distributed() -> tuple[int, int, bool]:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return dist.get_rank(), dist.get_world_size(), True
     return 0, 1, False
+
+
+def _distributed(model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP without per-forward buffer broadcasts: BatchNorm statistics are averaged once per epoch instead."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    newer = "forward_sync_buffers" in inspect.signature(ddp).parameters  # torch 2.13 renamed the option
+    return ddp(model, **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
+
+
+_LAST_BARRIER: list = []
+
+
+def _barrier() -> None:
+    """dist.barrier() that keeps its finished work alive here. DDP keeps the gloo process group (and its threads)
+    alive after destroy_process_group, and a gloo thread that frees the last barrier's work (which holds earlier
+    collectives' tensors) during interpreter exit aborts the process (SIGABRT, "terminate called without an active
+    exception"); held here, the work is freed by the main thread instead."""
+    work = dist.barrier(async_op=True)
+    work.wait()
+    _LAST_BARRIER[:] = [work]
 
 
 def _average_buffers(model: torch.nn.Module, world: int) -> None:
