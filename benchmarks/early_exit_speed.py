@@ -22,7 +22,7 @@ from exitwise import analysis
 from exitwise.api import load_model
 from exitwise.costs import backbone_macs, exit_macs
 from exitwise.data import load_splits
-from exitwise.models import MODELS, shipped_card, shipped_weights
+from exitwise.models import shipped_models
 from exitwise.policies import get_policy
 from exitwise.runtime import all_exit_logits, prepare, run_backbone, run_early_exit, warm_up
 from exitwise.study import StudyConfig, choose_precision, exit_arrays, latency_frontier, machine_load
@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--batch1-images", type=int, default=10000, help="test images timed at batch 1")
     p.add_argument("--policy", action="append", dest="policies", help="repeatable; default: entropy, max-prob, margin")
     args = p.parse_args()
-    models = args.models or [n for n in MODELS if shipped_weights(n) and shipped_card(n)["dataset"]["name"] == "cifar10"]
+    models = args.models or shipped_models("cifar10")
     splits = load_splits("cifar10", args.data, progress=False)
     policies = [get_policy(name) for name in args.policies or ("entropy", "max-prob", "margin")]
     load = machine_load()

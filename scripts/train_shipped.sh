@@ -18,7 +18,7 @@ exitwise train --dataset cifar10 --data-dir "$cifar" --model b-resnet11 --epochs
 # stored as float16 (per-exit test accuracy within 0.03 points of the model card's) in two shards, each under 8 MiB
 python scripts/ship_weights.py runs/b-resnet11 b-resnet11 --float16
 
-# b-resnet11-large: ResNet-9's widths with three side exits, the 91% model (45 epochs with cutout, about 115 minutes
+# b-resnet11-large: ResNet-9's widths with three side exits, the 91% model (45 epochs with cutout, about 2 hours
 # on 2 CPU cores); float16 in four shards, each under 8 MiB
 exitwise train --dataset cifar10 --data-dir "$cifar" --model b-resnet11-large --epochs 45 --cutout 8 \
     --out runs/b-resnet11-large

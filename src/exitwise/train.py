@@ -401,7 +401,7 @@ def _init_distributed() -> tuple[int, int, bool]:
 def _distributed(model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:
     """DDP without per-forward buffer broadcasts: BatchNorm statistics are averaged once per epoch instead."""
     ddp = torch.nn.parallel.DistributedDataParallel
-    newer = "forward_sync_buffers" in inspect.signature(ddp).parameters  # torch 2.13 renamed the option
+    newer = "forward_sync_buffers" in inspect.signature(ddp).parameters  # torch 2.13 deprecates broadcast_buffers
     return ddp(model, **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
 
 
@@ -409,10 +409,9 @@ _LAST_BARRIER: list = []
 
 
 def _barrier() -> None:
-    """dist.barrier() that keeps its finished work alive here. DDP keeps the gloo process group (and its threads)
-    alive after destroy_process_group, and a gloo thread that frees the last barrier's work (which holds earlier
-    collectives' tensors) during interpreter exit aborts the process (SIGABRT, "terminate called without an active
-    exception"); held here, the work is freed by the main thread instead."""
+    """dist.barrier(), keeping its finished work for the main thread to free. DDP keeps gloo's threads alive past
+    destroy_process_group; one freeing the last barrier's work (and the tensors of collectives it waited on)
+    during interpreter exit aborts the process: "terminate called without an active exception"."""
     work = dist.barrier(async_op=True)
     work.wait()
     _LAST_BARRIER[:] = [work]

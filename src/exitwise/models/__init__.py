@@ -63,6 +63,11 @@ def shipped_card(name: str) -> dict:
     return json.loads((SHIPPED_WEIGHTS_DIR / f"{name}.json").read_text())
 
 
+def shipped_models(dataset: str) -> list[str]:
+    """Registered models whose shipped weights were trained on `dataset` (by their model card)."""
+    return [n for n in MODELS if shipped_weights(n) and shipped_card(n)["dataset"]["name"] == dataset]
+
+
 def _shard_map(index: Path) -> dict[str, str]:
     """An index's tensor -> shard file map, refusing shards that are not .safetensors files beside it."""
     try:
