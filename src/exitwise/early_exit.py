@@ -1,0 +1,91 @@
+"""`EarlyExitModel`: a multi-exit network with its exit policy and thresholds, the unit that is run, saved and shipped.
+
+A study's chosen setting and `exitwise calibrate`'s result both come down to this: which network,
+how an exit scores its confidence (the policy, with its temperatures), and one threshold per side
+exit. Saved as a folder of two files, never pickled:
+
+* `early_exit.json`: format, model name, policy, temperatures, thresholds (null = never leave there),
+  exits, classes, input shape;
+* `model.safetensors`: the network's weights.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .analysis import as_thresholds, thresholds_to_json
+from .errors import UserError
+from .io import atomic_write_json, staged_output
+from .models.base import MultiExitNetwork
+from .policies import ExitPolicy, get_policy
+
+FORMAT = "exitwise.early-exit-model/1"
+CONFIG_FILE = "early_exit.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class EarlyExitModel:
+    """`network` run with early exit: a sample leaves at the first side exit whose `policy` score is <= its threshold."""
+    network: MultiExitNetwork
+    policy: ExitPolicy
+    thresholds: np.ndarray = field(repr=False)  # (K - 1,) float64; -inf never lets a sample leave there
+    model_name: str                              # the registered model that rebuilds `network`
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        thresholds = np.asarray(self.thresholds, dtype=np.float64)
+        object.__setattr__(self, "thresholds", as_thresholds(list(thresholds), self.network.num_exits))
+
+    @classmethod
+    def create(cls, network: MultiExitNetwork, model_name: str, policy: str | ExitPolicy,
+               thresholds: Sequence[float | None], temperatures: Sequence[float] | None = None,
+               class_names: Sequence[str] | None = None) -> EarlyExitModel:
+        """From names and JSON-style thresholds (None: never leave at that exit)."""
+        exit_policy = get_policy(policy) if isinstance(policy, str) else policy
+        if temperatures is not None:
+            exit_policy = exit_policy.with_temperatures(temperatures)
+        return cls(network, exit_policy, as_thresholds(list(thresholds), network.num_exits), model_name,
+                   tuple(class_names) if class_names is not None else None)
+
+    def run(self, data, *, precision: str = "fp32", batch_size: int = 256, progress: bool = False):
+        """Real early exit over an ImageSet (see `runtime.run_early_exit`): each sample's exit and prediction."""
+        from .runtime import prepare, run_early_exit
+        return run_early_exit(prepare(self.network, precision), data, self.thresholds, self.policy,
+                              batch_size=batch_size, progress=progress)
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "model": self.model_name, "policy": self.policy.name,
+                "temperatures": list(self.policy.temperatures) if self.policy.temperatures is not None else None,
+                "thresholds": thresholds_to_json(self.thresholds), "num_exits": self.network.num_exits,
+                "num_classes": self.network.num_classes, "input_shape": list(self.network.input_shape),
+                "class_names": list(self.class_names) if self.class_names is not None else None}
+
+    def save(self, out_dir: str | Path) -> Path:
+        """`early_exit.json` and `model.safetensors` into `out_dir`, both or neither."""
+        from safetensors.torch import save_file
+        with staged_output(out_dir) as stage:
+            state = {k: v.contiguous() for k, v in self.network.state_dict().items()}
+            save_file(state, str(stage / WEIGHTS_FILE))
+            atomic_write_json(stage / CONFIG_FILE, self.to_json())
+        return Path(out_dir)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EarlyExitModel:
+        """Rebuild a saved early-exit model: the registered network, its weights, policy and thresholds."""
+        from .models import create_model, load_weights
+        path = Path(path)
+        config_path = path / CONFIG_FILE if path.is_dir() else path
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read early-exit model {str(config_path)!r}: {e}") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise UserError(f"{str(config_path)!r} is not an exitwise early-exit model ({FORMAT})")
+        network = load_weights(create_model(config["model"]), config_path.parent / WEIGHTS_FILE)
+        return cls.create(network, config["model"], config["policy"], config["thresholds"],
+                          config.get("temperatures"), config.get("class_names"))

@@ -1,0 +1,51 @@
+"""An EarlyExitModel runs the rule it was given, and survives a save and load unchanged."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from exitwise import analysis
+from exitwise.early_exit import CONFIG_FILE, EarlyExitModel
+from exitwise.errors import UserError
+from exitwise.models import create_model
+from exitwise.runtime import all_exit_logits, prepare
+
+from conftest import random_image_set
+
+
+def _model(thresholds=(0.5, None), temperatures=None) -> EarlyExitModel:
+    torch.manual_seed(0)
+    return EarlyExitModel.create(create_model("digits-convnet"), "digits-convnet", "entropy", thresholds,
+                                 temperatures=temperatures, class_names=[str(i) for i in range(10)])
+
+
+def test_run_leaves_where_the_rule_on_all_exit_logits_says():
+    model = _model(thresholds=(1.0, 2.0))
+    data = random_image_set(200)
+    logits = all_exit_logits(prepare(model.network), data).logits
+    scores = model.policy.scores(torch.from_numpy(logits)).numpy()
+    run = model.run(data)
+    assert (run.exits == analysis.exit_points(scores, model.thresholds)).all()
+
+
+def test_save_then_load_gives_the_same_decisions(tmp_path):
+    model = _model(thresholds=(0.8, None), temperatures=(1.5, 1.2, 1.0))
+    loaded = EarlyExitModel.load(model.save(tmp_path / "ee"))
+    assert loaded.to_json() == model.to_json()
+    assert np.isneginf(loaded.thresholds[1])
+    data = random_image_set(100)
+    a, b = model.run(data), loaded.run(data)
+    assert (a.exits == b.exits).all() and (a.predictions == b.predictions).all()
+    assert json.loads((tmp_path / "ee" / CONFIG_FILE).read_text())["thresholds"] == [0.8, None]
+
+
+def test_wrong_number_of_thresholds_is_refused():
+    with pytest.raises(UserError, match="expected 2 thresholds"):
+        _model(thresholds=(0.5,))
+
+
+def test_a_file_that_is_not_an_early_exit_model_is_refused(tmp_path):
+    (tmp_path / CONFIG_FILE).write_text('{"format": "something else"}')
+    with pytest.raises(UserError, match="not an exitwise early-exit model"):
+        EarlyExitModel.load(tmp_path)
