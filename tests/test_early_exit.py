@@ -49,3 +49,16 @@ def test_a_file_that_is_not_an_early_exit_model_is_refused(tmp_path):
     (tmp_path / CONFIG_FILE).write_text('{"format": "something else"}')
     with pytest.raises(UserError, match="not an exitwise early-exit model"):
         EarlyExitModel.load(tmp_path)
+
+
+def test_saved_by_reference_the_weights_are_checked_by_hash(tmp_path):
+    model = _model()
+    weights = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+    save_file(model.network.state_dict(), str(weights))
+    model.save(tmp_path / "ee", weights=weights)
+    assert not (tmp_path / "ee" / "model.safetensors").exists()
+    assert EarlyExitModel.load(tmp_path / "ee").to_json() == model.to_json()
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(UserError, match="missing or changed"):
+        EarlyExitModel.load(tmp_path / "ee")

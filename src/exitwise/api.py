@@ -10,13 +10,13 @@ import torch
 
 from . import __version__, analysis, calibration
 from .data import load_splits
-from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
+from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, file_sha256, staged_output
 from .errors import UserError
 from .logits_cache import ExitLogits, load_logits
 from .models import check_fits, create_model, load_weights, shipped_weights, weight_files
 from .models.base import MultiExitNetwork
 from .policies import get_policy
-from .study import (DEFAULT_DESIRED, ExitArrays, StudyConfig, exit_arrays, file_sha256, policy_frontiers, run_study,
+from .study import (DEFAULT_DESIRED, ExitArrays, StudyConfig, exit_arrays, policy_frontiers, run_study,
                     write_study)
 
 

@@ -6,7 +6,8 @@ exit. Saved as a folder of two files, never pickled:
 
 * `early_exit.json`: format, model name, policy, temperatures, thresholds (null = never leave there),
   exits, classes, input shape;
-* `model.safetensors`: the network's weights.
+* `model.safetensors`: the network's weights; or, to avoid a copy of weights kept elsewhere (a study's
+  output names the checkpoint it ran), `weights` and `weights_sha256` in the JSON, checked on load.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from .analysis import as_thresholds, thresholds_to_json
 from .errors import UserError
-from .io import atomic_write_json, staged_output
+from .io import atomic_write_json, file_sha256, staged_output
 from .models.base import MultiExitNetwork
 from .policies import ExitPolicy, get_policy
 
@@ -65,14 +66,23 @@ class EarlyExitModel:
                 "num_classes": self.network.num_classes, "input_shape": list(self.network.input_shape),
                 "class_names": list(self.class_names) if self.class_names is not None else None}
 
-    def save(self, out_dir: str | Path) -> Path:
-        """`early_exit.json` and `model.safetensors` into `out_dir`, both or neither."""
-        from safetensors.torch import save_file
+    def save(self, out_dir: str | Path, weights: str | Path | None = None) -> Path:
+        """`early_exit.json` and `model.safetensors` into `out_dir`, both or neither. With `weights` (the
+        checkpoint the network was loaded from) the JSON names that file and its SHA-256 instead of a copy."""
         with staged_output(out_dir) as stage:
-            state = {k: v.contiguous() for k, v in self.network.state_dict().items()}
-            save_file(state, str(stage / WEIGHTS_FILE))
-            atomic_write_json(stage / CONFIG_FILE, self.to_json())
+            self.write(stage, weights)
         return Path(out_dir)
+
+    def write(self, folder: Path, weights: str | Path | None = None) -> None:
+        """`save` into a folder the caller stages (a study's or calibration's output)."""
+        config = self.to_json()
+        if weights is None:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in self.network.state_dict().items()}, str(folder / WEIGHTS_FILE))
+        else:
+            from .models import weight_files
+            config.update(weights=str(Path(weights).resolve()), weights_sha256=file_sha256(*weight_files(weights)))
+        atomic_write_json(folder / CONFIG_FILE, config)
 
     @classmethod
     def load(cls, path: str | Path) -> EarlyExitModel:
@@ -86,6 +96,12 @@ class EarlyExitModel:
             raise UserError(f"cannot read early-exit model {str(config_path)!r}: {e}") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise UserError(f"{str(config_path)!r} is not an exitwise early-exit model ({FORMAT})")
-        network = load_weights(create_model(config["model"]), config_path.parent / WEIGHTS_FILE)
+        weights = Path(config["weights"]) if config.get("weights") else config_path.parent / WEIGHTS_FILE
+        if config.get("weights_sha256"):
+            from .models import weight_files
+            if not weights.is_file() or file_sha256(*weight_files(weights)) != config["weights_sha256"]:
+                raise UserError(f"{str(config_path)!r} names weights {str(weights)!r} that are missing or changed "
+                                f"(SHA-256 differs)")
+        network = load_weights(create_model(config["model"]), weights)
         return cls.create(network, config["model"], config["policy"], config["thresholds"],
                           config.get("temperatures"), config.get("class_names"))

@@ -1,6 +1,7 @@
 """Atomic file output: a reader sees the old file or the complete new one, never half of one."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -85,3 +86,13 @@ def staged_output(out_dir: str | Path) -> Iterator[Path]:
             shutil.rmtree(out, ignore_errors=True)
         raise
     shutil.rmtree(stage, ignore_errors=True)
+
+
+def file_sha256(*paths: str | Path) -> str:
+    """SHA-256 of the files' contents, one after another (a sharded checkpoint hashes as one)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

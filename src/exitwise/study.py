@@ -7,7 +7,6 @@ sweep come from a per-stage cost model; real early-exit runs at several settings
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import platform
@@ -387,16 +386,6 @@ def machine_load() -> dict:
 def software_versions() -> dict:
     return {"exitwise": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
-
-
-def file_sha256(*paths: str | Path) -> str:
-    """SHA-256 of the files' contents, one after another (a sharded checkpoint hashes as one)."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def write_study(study: Study, out_dir: str | Path) -> Path:
