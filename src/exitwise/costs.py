@@ -16,11 +16,24 @@ from torch import nn
 from .models.base import MultiExitNetwork
 
 
+COUNTED = (nn.modules.conv._ConvNd, nn.Linear, nn.TransformerEncoderLayer)
+
+
 def _layer_macs(layer: nn.Module, output: torch.Tensor) -> int:
-    """MACs for the first sample of a batch through a conv or linear layer."""
+    """MACs for the first sample of a batch through a conv, linear or transformer encoder layer."""
     if isinstance(layer, nn.modules.conv._ConvNd):
         return output[0].numel() * (layer.in_channels // layer.groups) * math.prod(layer.kernel_size)
+    if isinstance(layer, nn.TransformerEncoderLayer):  # its fast path calls no submodule: count it whole
+        tokens, dim = output.shape[1] if layer.self_attn.batch_first else output.shape[0], output.shape[-1]
+        return 4 * tokens * dim * dim + 2 * tokens * tokens * dim + 2 * tokens * dim * layer.linear1.out_features
     return output[0].numel() * layer.in_features
+
+
+def _counted_layers(module: nn.Module) -> list[nn.Module]:
+    """The layers whose MACs are counted: convs, linears and whole encoder layers (not the layers inside those)."""
+    inside = {id(m) for layer in module.modules() if isinstance(layer, nn.TransformerEncoderLayer)
+              for m in layer.modules() if m is not layer}
+    return [m for m in module.modules() if isinstance(m, COUNTED) and id(m) not in inside]
 
 
 def _macs(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -30,7 +43,7 @@ def _macs(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
         nonlocal total
         total += _layer_macs(layer, output)
 
-    layers = [m for m in module.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    layers = _counted_layers(module)
     hooks = [layer.register_forward_hook(count) for layer in layers]
     try:
         y = module(x)
@@ -38,6 +51,15 @@ def _macs(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
         for hook in hooks:
             hook.remove()
     return total, y
+
+
+@torch.inference_mode()
+def module_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """MACs of one sample through `module` (eval mode for the count), input of shape (1, ...)."""
+    was_training = module.training
+    macs, _ = _macs(module.eval(), torch.zeros(input_shape))
+    module.train(was_training)
+    return macs
 
 
 @torch.inference_mode()
@@ -70,3 +92,18 @@ def backbone_macs(model: MultiExitNetwork) -> int:
     """MACs of the network without its side exits (every stage and the final head only)."""
     stages, heads = stage_and_head_macs(model)
     return sum(stages) + heads[-1]
+
+
+def head_report(model: MultiExitNetwork, names: list[str] | None = None, max_fraction: float | None = None) -> list[dict]:
+    """Each side head's MACs and its share of the stage it follows; warns of heads over `max_fraction` of it."""
+    import warnings
+    stages, heads = stage_and_head_macs(model)
+    report = []
+    for k, (s, h) in enumerate(zip(stages[:-1], heads[:-1])):
+        name = names[k] if names else f"exit {k + 1}"
+        share = h / s if s else math.inf
+        report.append({"exit": name, "head_macs": h, "stage_macs": s, "fraction": share})
+        if max_fraction is not None and share > max_fraction:
+            warnings.warn(f"the head after {name!r} costs {h:,} MACs, {share:.0%} of its stage's {s:,} "
+                          f"(more than {max_fraction:.0%})", stacklevel=3)
+    return report

@@ -1,0 +1,243 @@
+"""Bring your own model: cut any traceable PyTorch network into stages at named submodules and put an exit on each cut.
+
+`attach(model, exits=["layer1", "layer2"], num_classes=10, input_shape=(3, 32, 32))` traces the model's forward
+with `torch.fx` (Hugging Face models with `transformers.utils.fx`'s tracer), records the value each named
+submodule returns, and splits the graph there: stage k runs from cut k-1 to cut k, and the last stage from the
+last cut to the model's logits. A cut is possible only where the cut module's output is the one value that
+crosses it: a skip connection, a shape read from the input or any other tensor made before the cut and used after
+it is refused, naming the module. Values that do not depend on the input (parameters, constants) are recomputed
+in every stage that uses them. The final exit runs exactly the model's own operations, so its logits equal the
+model's bit for bit; its head is the identity.
+
+Models whose forward returns a dict or a Hugging Face `ModelOutput` end at its `"logits"` entry (or the entry
+named by `output_key`); a tuple ends at its first element. A cut module that returns a tuple is cut at its
+first element.
+"""
+from __future__ import annotations
+
+import inspect
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx, nn
+
+from .errors import UserError
+from .models.base import MultiExitNetwork
+from .costs import head_report, module_macs
+from .models.heads import HeadFactory, token_head_factory
+
+OUTPUT_KEY = "logits"
+
+
+class _CutTracer(fx.Tracer):
+    """fx's tracer that remembers the value each exit module returns (it traces through them, as usual)."""
+
+    def __init__(self, exits: Sequence[str], **kwargs):
+        super().__init__(**kwargs)
+        self.exits = set(exits)
+        self.outputs: dict[str, list[Any]] = {name: [] for name in exits}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        """As fx decides, except that a module holding an exit module is traced through to reach it."""
+        return super().is_leaf_module(m, qualname) and not any(e.startswith(qualname + ".") for e in self.exits)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if isinstance(m, nn.TransformerEncoder) and len(args) == 1 and all(v is None for v in kwargs.values()):
+            forward = partial(_encoder_layers, m)  # its forward branches on its input; without masks it is this
+        out = super().call_module(m, forward, args, kwargs)
+        name = self.path_of_module(m)
+        if name in self.exits:
+            self.outputs[name].append(out)
+        return out
+
+
+def _encoder_layers(encoder: nn.TransformerEncoder, x: torch.Tensor) -> torch.Tensor:
+    """nn.TransformerEncoder's forward without masks: each layer in turn, then the norm."""
+    for layer in encoder.layers:
+        x = layer(x)
+    return x if encoder.norm is None else encoder.norm(x)
+
+
+def _tracer_class(model: nn.Module) -> type[fx.Tracer]:
+    """Hugging Face models need their own tracer (it handles their optional inputs and output classes)."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.fx import HFTracer
+    except ImportError:
+        return fx.Tracer
+    return HFTracer if isinstance(model, PreTrainedModel) else fx.Tracer
+
+
+def trace(model: nn.Module, exits: Sequence[str]) -> tuple[fx.Graph, dict[str, fx.Node]]:
+    """The model's forward graph and, for each exit module, the node holding its output."""
+    base = _tracer_class(model)
+    tracer = type("CutTracer", (_CutTracer, base), {})(exits)
+    params = list(inspect.signature(model.forward).parameters.values())
+    if not params:
+        raise UserError(f"{type(model).__name__}.forward takes no input")
+    concrete = {p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty}
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    except Exception as e:  # fx raises many types for code it cannot trace
+        raise UserError(f"cannot trace {type(model).__name__}'s forward with torch.fx: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    cuts = {}
+    for name in exits:
+        outs = tracer.outputs[name]
+        if len(outs) != 1:
+            raise UserError(f"exit module {name!r} runs {len(outs)} times in forward; cut at a module that runs once")
+        out = outs[0]
+        if isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        if not isinstance(out, fx.Proxy):
+            raise UserError(f"exit module {name!r} returns {type(out).__name__}, not a tensor: cut at a module "
+                            f"that returns one")
+        cuts[name] = out.node
+    return graph, cuts
+
+
+def _output_node(graph: fx.Graph, output_key: str | None) -> fx.Node:
+    """The node of the model's logits: the output itself, a tuple's first element, or a dict's `output_key`."""
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        key = output_key or OUTPUT_KEY
+        if key not in out:
+            raise UserError(f"the model returns a dict with keys {', '.join(map(repr, out.keys()))}; "
+                            f"name its logits with output_key (--output-key)")
+        out = out[key]
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, fx.Node):
+        raise UserError("the model's output does not depend on its input")
+    return out
+
+
+def _depends_on_input(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes computed from a placeholder; the others (parameters, constants) can be recomputed anywhere."""
+    dependent: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+    return dependent
+
+
+def _stage(root: nn.Module, nodes: list[fx.Node], inputs: dict[fx.Node, str], out: fx.Node,
+           constant: Callable[[fx.Node], bool]) -> fx.GraphModule:
+    """A GraphModule of `nodes` that takes `inputs` (each a placeholder) and returns `out`."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {n: graph.placeholder(name) for n, name in inputs.items()}
+
+    def lookup(n: fx.Node) -> fx.Node:
+        if n not in env:
+            if not constant(n):
+                raise AssertionError(f"{n} crosses a cut")  # excluded by the check in `split`
+            env[n] = graph.node_copy(n, lookup)
+        return env[n]
+    for n in nodes:
+        if n not in env and n.op not in ("placeholder", "output"):
+            env[n] = graph.node_copy(n, lookup)
+    graph.output(lookup(out))
+    module = fx.GraphModule(root, graph)
+    module.graph.eliminate_dead_code()
+    module.graph.lint()
+    module.recompile()
+    return module
+
+
+def split(model: nn.Module, exits: Sequence[str], output_key: str | None = None) -> list[fx.GraphModule]:
+    """The model as len(exits) + 1 stages: stage k ends at exit module k's output, the last at the model's logits."""
+    exits = list(exits)
+    modules = dict(model.named_modules())
+    for name in exits:
+        if not name or name not in modules:
+            close = [m for m in modules if m and m.split(".")[-1] == name.split(".")[-1]][:3]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UserError(f"{name!r} is not a submodule of {type(model).__name__}{hint}")
+    if len(set(exits)) != len(exits):
+        raise UserError(f"exit modules are named more than once: {', '.join(exits)}")
+    graph, cuts = trace(model, exits)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    output = _output_node(graph, output_key)
+    positions = [order[cuts[name]] for name in exits]
+    for (a, pa), (b, pb) in zip(zip(exits, positions), zip(exits[1:], positions[1:])):
+        if pb <= pa:
+            raise UserError(f"exits out of forward order: {b!r} does not run after {a!r}"
+                            + (" (they end at the same value)" if pa == pb else ""))
+    if positions and positions[-1] >= order[output]:
+        raise UserError(f"exit module {exits[-1]!r} runs after the model's logits are computed")
+    dependent = _depends_on_input(graph)
+    nodes = list(graph.nodes)
+    for name, p in zip(exits, positions):
+        crossing = [n for n in nodes[:p + 1] if n in dependent and any(order[u] > p for u in n.users)]
+        others = [n for n in crossing if n is not cuts[name]]
+        if others:
+            what = ", ".join(_describe(n) for n in others[:3])
+            raise UserError(f"cannot cut after {name!r}: besides its output, {what} made before it "
+                            f"{'is' if len(others) == 1 else 'are'} used after it (a skip connection or another "
+                            f"value crosses the cut)")
+        if cuts[name] not in crossing:
+            raise UserError(f"cannot cut after {name!r}: the model's logits do not depend on its output")
+    bounds = [-1] + positions + [order[output]]
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    constant = lambda n: n not in dependent  # noqa: E731
+    stages = []
+    for k in range(len(bounds) - 1):
+        inputs = {placeholders[0]: "x"} if k == 0 else {cuts[exits[k - 1]]: "x"}
+        if k == 0:
+            inputs.update({p: p.name for p in placeholders[1:]})
+        stages.append(_stage(model, nodes[bounds[k] + 1:bounds[k + 1] + 1], inputs,
+                             cuts[exits[k]] if k < len(exits) else output, constant))
+    return stages
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "placeholder":
+        return f"the input {node.target!r}"
+    if node.op == "call_module":
+        return f"the output of {node.target!r}"
+    return f"{node.name!r} ({getattr(node.target, '__name__', node.target)})"
+
+
+@torch.no_grad()
+def feature_shapes(stages: Sequence[nn.Module], input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """Each stage's output shape for one sample (run on a zero input in eval mode)."""
+    x, shapes = torch.zeros(1, *input_shape), []
+    for stage in stages:
+        modes = [(m, m.training) for m in stage.modules()]  # the user's modules: leave each as it was
+        x = stage.eval()(x)
+        for m, mode in modes:
+            m.training = mode
+        if not isinstance(x, torch.Tensor):
+            raise UserError(f"a cut yields {type(x).__name__}, not a tensor")
+        shapes.append(tuple(x.shape[1:]))
+    return shapes
+
+
+def attach(model: nn.Module, exits: Sequence[str], num_classes: int, input_shape: Sequence[int], *,
+           head_factory: HeadFactory | None = None, max_head_fraction: float = 0.25, token_pool: str = "mean",
+           output_key: str | None = None) -> MultiExitNetwork:
+    """`model` as a multi-exit network with an exit after each module named in `exits` (dotted paths, in forward order).
+
+    Heads come from `head_factory(feature_shape, num_classes, budget_macs)` (default: `models.heads`, with token
+    features pooled by `token_pool`), the budget being `max_head_fraction` of the MACs of the stage the head
+    follows; a head over it is warned about (`costs.head_report` lists every head's cost). The final exit is the
+    model itself: the same operations, the same logits. The model's parameters are shared, not copied.
+    """
+    if not exits:
+        raise UserError("name at least one exit module")
+    if not 0 < max_head_fraction:
+        raise UserError(f"the head budget must be a positive fraction of a stage, got {max_head_fraction}")
+    stages = split(model, exits, output_key)
+    shapes = feature_shapes(stages, input_shape)
+    if shapes[-1] != (num_classes,):
+        raise UserError(f"the model's output is {shapes[-1]} per sample, not ({num_classes},) logits: "
+                        f"check num_classes (or output_key)")
+    factory = head_factory or token_head_factory(token_pool)
+    inputs = [tuple(input_shape)] + shapes[:-1]
+    heads = [factory(shape, num_classes, max_head_fraction * module_macs(stage, (1, *inp)))
+             for stage, inp, shape in zip(stages, inputs, shapes[:-1])]
+    network = MultiExitNetwork(stages, heads + [nn.Identity()], num_classes, tuple(input_shape))
+    network.train(model.training)
+    head_report(network, list(exits), max_head_fraction)
+    return network
