@@ -176,6 +176,8 @@ def test_attached_model_runs_in_the_runtime_with_early_exit_logits_equal():
     with torch.no_grad():
         expected = torch.cat([model(x) for x, _ in data.batches(16)])
     assert torch.allclose(torch.from_numpy(run.logits[-1]), expected, atol=1e-4)  # batch norms folded
+    prepared = prepare(ee, "fp32")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.stages.modules())
 
 
 class Skip(nn.Module):

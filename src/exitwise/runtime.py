@@ -6,6 +6,7 @@ recorded so a cost model can predict the time of any threshold setting (see `exi
 """
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import time
@@ -58,6 +59,8 @@ def fold_batch_norms(module: torch.nn.Module) -> None:
     after a conv and a max pool when every channel's scale is positive (max commutes with x -> a x + b, a > 0)."""
     for child in module.children():
         fold_batch_norms(child)
+    if isinstance(module, torch.fx.GraphModule):
+        _fold_graph_batch_norms(module)
     if isinstance(module, torch.nn.Sequential):
         names, layers = list(module._modules), module._modules
         for a, b in zip(names, names[1:]):
@@ -67,6 +70,24 @@ def fold_batch_norms(module: torch.nn.Module) -> None:
             if (isinstance(layers[a], torch.nn.Conv2d) and isinstance(layers[pool], torch.nn.MaxPool2d)
                     and isinstance(layers[b], torch.nn.BatchNorm2d) and _bn_scale(layers[b]).gt(0).all()):
                 layers[a], layers[b] = fuse_conv_bn_eval(layers[a], layers[b]), torch.nn.Identity()
+
+
+def _fold_graph_batch_norms(gm: torch.fx.GraphModule) -> None:
+    """In a traced graph (an attached model's stage): fold each BatchNorm2d whose input is a Conv2d's output used
+    nowhere else, when that conv and that batch norm are each called once."""
+    modules = dict(gm.named_modules())
+    calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    for node in list(gm.graph.nodes):
+        conv = node.args[0] if node.op == "call_module" and node.args else None
+        if (isinstance(modules.get(node.target), torch.nn.BatchNorm2d) and isinstance(conv, torch.fx.Node)
+                and conv.op == "call_module" and isinstance(modules.get(conv.target), torch.nn.Conv2d)
+                and len(conv.users) == 1 and calls[conv.target] == calls[node.target] == 1):
+            parent, _, name = conv.target.rpartition(".")
+            setattr(gm.get_submodule(parent), name, fuse_conv_bn_eval(modules[conv.target], modules[node.target]))
+            node.replace_all_uses_with(conv)
+            gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
 
 
 def _bn_scale(bn: torch.nn.BatchNorm2d) -> torch.Tensor:
