@@ -1,8 +1,8 @@
 """Bring your own model: cut any traceable PyTorch network into stages at named submodules and put an exit on each cut.
 
 `attach(model, exits=["layer1", "layer2"], num_classes=10, input_shape=(3, 32, 32))` traces the model's forward
-with `torch.fx` (Hugging Face models with `transformers.utils.fx`'s tracer), records the value each named
-submodule returns, and splits the graph there: stage k runs from cut k-1 to cut k, and the last stage from the
+with `torch.fx` (or, where its forward branches on its input as Hugging Face models do, with `torch.export`, which
+specialises the graph to eval mode), finds the value each named submodule returns, and splits the graph there: stage k runs from cut k-1 to cut k, and the last stage from the
 last cut to the model's logits. A cut is possible only where the cut module's output is the one value that
 crosses it: a skip connection, a shape read from the input or any other tensor made before the cut and used after
 it is refused, naming the module. Values that do not depend on the input (parameters, constants) are recomputed
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import inspect
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from .errors import UserError
 from .models.base import MultiExitNetwork
@@ -33,8 +34,8 @@ OUTPUT_KEY = "logits"
 class _CutTracer(fx.Tracer):
     """fx's tracer that remembers the value each exit module returns (it traces through them, as usual)."""
 
-    def __init__(self, exits: Sequence[str], **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, exits: Sequence[str]):
+        super().__init__()
         self.exits = set(exits)
         self.outputs: dict[str, list[Any]] = {name: [] for name in exits}
 
@@ -59,29 +60,44 @@ def _encoder_layers(encoder: nn.TransformerEncoder, x: torch.Tensor) -> torch.Te
     return x if encoder.norm is None else encoder.norm(x)
 
 
-def _tracer_class(model: nn.Module) -> type[fx.Tracer]:
-    """Hugging Face models need their own tracer (it handles their optional inputs and output classes)."""
+class Traced(NamedTuple):
+    """A traced forward: the module its graph's attributes live in, the graph, each exit's output node, the logits."""
+    root: nn.Module
+    graph: fx.Graph
+    cuts: dict[str, fx.Node]
+    logits: fx.Node
+
+
+def trace(model: nn.Module, exits: Sequence[str], input_shape: Sequence[int],
+          output_key: str | None = None) -> Traced:
+    """The model's forward graph from torch.fx's symbolic tracing or, where that fails (forward branches on its
+    input, as Hugging Face models do), from torch.export on a (2, *input_shape) input with a dynamic batch."""
     try:
-        from transformers import PreTrainedModel
-        from transformers.utils.fx import HFTracer
-    except ImportError:
-        return fx.Tracer
-    return HFTracer if isinstance(model, PreTrainedModel) else fx.Tracer
+        return _fx_trace(model, exits, output_key)
+    except UserError:
+        raise
+    except Exception as e:  # fx raises many types for code it cannot trace
+        fx_error = e
+    try:
+        return _export_trace(model, exits, input_shape, output_key)
+    except UserError:
+        raise
+    except Exception as e:  # torch.export raises many types for code it cannot capture
+        raise UserError(f"cannot trace {type(model).__name__}'s forward: torch.fx: {_first_line(fx_error)}; "
+                        f"torch.export: {type(e).__name__}: {_first_line(e)}") from None
 
 
-def trace(model: nn.Module, exits: Sequence[str]) -> tuple[fx.Graph, dict[str, fx.Node]]:
-    """The model's forward graph and, for each exit module, the node holding its output."""
-    base = _tracer_class(model)
-    tracer = type("CutTracer", (_CutTracer, base), {})(exits)
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+def _fx_trace(model: nn.Module, exits: Sequence[str], output_key: str | None) -> Traced:
+    tracer = _CutTracer(exits)
     params = list(inspect.signature(model.forward).parameters.values())
     if not params:
         raise UserError(f"{type(model).__name__}.forward takes no input")
     concrete = {p.name: p.default for p in params[1:] if p.default is not inspect.Parameter.empty}
-    try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
-    except Exception as e:  # fx raises many types for code it cannot trace
-        raise UserError(f"cannot trace {type(model).__name__}'s forward with torch.fx: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    graph = tracer.trace(model, concrete_args=concrete or None)
     cuts = {}
     for name in exits:
         outs = tracer.outputs[name]
@@ -94,15 +110,43 @@ def trace(model: nn.Module, exits: Sequence[str]) -> tuple[fx.Graph, dict[str, f
             raise UserError(f"exit module {name!r} returns {type(out).__name__}, not a tensor: cut at a module "
                             f"that returns one")
         cuts[name] = out.node
-    return graph, cuts
+    output = next(n for n in graph.nodes if n.op == "output").args[0]
+    return Traced(model, graph, cuts, _logits(output, output_key))
 
 
-def _output_node(graph: fx.Graph, output_key: str | None) -> fx.Node:
+def _export_trace(model: nn.Module, exits: Sequence[str], input_shape: Sequence[int],
+                  output_key: str | None) -> Traced:
+    """torch.export in eval mode (the graph is specialised to it), each exit module's call signature preserved."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        ep = torch.export.export(model.eval(), (torch.zeros(2, *input_shape),),
+                                 dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
+                                 preserve_module_call_signature=tuple(exits), strict=False)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    root = ep.module()
+    nodes = {n.name: n for n in root.graph.nodes}
+    calls = [e.fqn for e in ep.module_call_graph]
+    cuts = {}
+    for name in exits:
+        runs = sum(1 for fqn in calls if fqn.split("@")[0] == name)
+        if runs != 1:
+            raise UserError(f"exit module {name!r} runs {runs} times in forward; cut at a module that runs once")
+        outputs = next(e for e in ep.module_call_graph if e.fqn == name).signature.outputs
+        if not outputs or not isinstance(outputs[0], torch.export.graph_signature.TensorArgument):
+            raise UserError(f"exit module {name!r} does not return a tensor: cut at a module that returns one")
+        cuts[name] = nodes[outputs[0].name]
+    leaves = next(n for n in root.graph.nodes if n.op == "output").args[0]
+    structure = pytree.tree_unflatten(list(leaves), ep.call_spec.out_spec)
+    return Traced(root, root.graph, cuts, _logits(structure, output_key))
+
+
+def _logits(out: Any, output_key: str | None) -> fx.Node:
     """The node of the model's logits: the output itself, a tuple's first element, or a dict's `output_key`."""
-    out = next(n for n in graph.nodes if n.op == "output").args[0]
     if isinstance(out, dict) or hasattr(out, "keys"):
         key = output_key or OUTPUT_KEY
-        if key not in out:
+        if key not in out.keys():
             raise UserError(f"the model returns a dict with keys {', '.join(map(repr, out.keys()))}; "
                             f"name its logits with output_key (--output-key)")
         out = out[key]
@@ -113,26 +157,40 @@ def _output_node(graph: fx.Graph, output_key: str | None) -> fx.Node:
     return out
 
 
-def _depends_on_input(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes computed from a placeholder; the others (parameters, constants) can be recomputed anywhere."""
+def _batch_sizes(graph: fx.Graph) -> set[fx.Node]:
+    """torch.export's reads of the input's batch size: every stage can read it from its own input instead."""
+    first = next(n for n in graph.nodes if n.op == "placeholder")
+    return {n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.sym_size.int
+            and n.args == (first, 0)}
+
+
+def _depends_on_input(graph: fx.Graph, batch_sizes: set[fx.Node]) -> set[fx.Node]:
+    """Nodes computed from a placeholder other than through its batch size; the others (parameters, constants,
+    shapes made from the batch size) can be recomputed in any stage."""
     dependent: set[fx.Node] = set()
     for node in graph.nodes:
+        if node in batch_sizes:
+            continue
         if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
             dependent.add(node)
     return dependent
 
 
 def _stage(root: nn.Module, nodes: list[fx.Node], inputs: dict[fx.Node, str], out: fx.Node,
-           constant: Callable[[fx.Node], bool]) -> fx.GraphModule:
+           constant: Callable[[fx.Node], bool], batch_sizes: set[fx.Node]) -> fx.GraphModule:
     """A GraphModule of `nodes` that takes `inputs` (each a placeholder) and returns `out`."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {n: graph.placeholder(name) for n, name in inputs.items()}
+    x = next(iter(env.values()))
 
     def lookup(n: fx.Node) -> fx.Node:
         if n not in env:
-            if not constant(n):
+            if n in batch_sizes:
+                env[n] = graph.call_function(torch.ops.aten.sym_size.int, (x, 0))
+            elif constant(n):
+                env[n] = graph.node_copy(n, lookup)
+            else:
                 raise AssertionError(f"{n} crosses a cut")  # excluded by the check in `split`
-            env[n] = graph.node_copy(n, lookup)
         return env[n]
     for n in nodes:
         if n not in env and n.op not in ("placeholder", "output"):
@@ -145,7 +203,8 @@ def _stage(root: nn.Module, nodes: list[fx.Node], inputs: dict[fx.Node, str], ou
     return module
 
 
-def split(model: nn.Module, exits: Sequence[str], output_key: str | None = None) -> list[fx.GraphModule]:
+def split(model: nn.Module, exits: Sequence[str], input_shape: Sequence[int],
+          output_key: str | None = None) -> list[fx.GraphModule]:
     """The model as len(exits) + 1 stages: stage k ends at exit module k's output, the last at the model's logits."""
     exits = list(exits)
     modules = dict(model.named_modules())
@@ -156,9 +215,8 @@ def split(model: nn.Module, exits: Sequence[str], output_key: str | None = None)
             raise UserError(f"{name!r} is not a submodule of {type(model).__name__}{hint}")
     if len(set(exits)) != len(exits):
         raise UserError(f"exit modules are named more than once: {', '.join(exits)}")
-    graph, cuts = trace(model, exits)
+    root, graph, cuts, output = trace(model, exits, input_shape, output_key)
     order = {n: i for i, n in enumerate(graph.nodes)}
-    output = _output_node(graph, output_key)
     positions = [order[cuts[name]] for name in exits]
     for (a, pa), (b, pb) in zip(zip(exits, positions), zip(exits[1:], positions[1:])):
         if pb <= pa:
@@ -166,7 +224,8 @@ def split(model: nn.Module, exits: Sequence[str], output_key: str | None = None)
                             + (" (they end at the same value)" if pa == pb else ""))
     if positions and positions[-1] >= order[output]:
         raise UserError(f"exit module {exits[-1]!r} runs after the model's logits are computed")
-    dependent = _depends_on_input(graph)
+    batch_sizes = _batch_sizes(graph)
+    dependent = _depends_on_input(graph, batch_sizes)
     nodes = list(graph.nodes)
     for name, p in zip(exits, positions):
         crossing = [n for n in nodes[:p + 1] if n in dependent and any(order[u] > p for u in n.users)]
@@ -186,8 +245,8 @@ def split(model: nn.Module, exits: Sequence[str], output_key: str | None = None)
         inputs = {placeholders[0]: "x"} if k == 0 else {cuts[exits[k - 1]]: "x"}
         if k == 0:
             inputs.update({p: p.name for p in placeholders[1:]})
-        stages.append(_stage(model, nodes[bounds[k] + 1:bounds[k + 1] + 1], inputs,
-                             cuts[exits[k]] if k < len(exits) else output, constant))
+        stages.append(_stage(root, nodes[bounds[k] + 1:bounds[k + 1] + 1], inputs,
+                             cuts[exits[k]] if k < len(exits) else output, constant, batch_sizes))
     return stages
 
 
@@ -228,7 +287,7 @@ def attach(model: nn.Module, exits: Sequence[str], num_classes: int, input_shape
         raise UserError("name at least one exit module")
     if not 0 < max_head_fraction:
         raise UserError(f"the head budget must be a positive fraction of a stage, got {max_head_fraction}")
-    stages = split(model, exits, output_key)
+    stages = split(model, exits, input_shape, output_key)
     shapes = feature_shapes(stages, input_shape)
     if shapes[-1] != (num_classes,):
         raise UserError(f"the model's output is {shapes[-1]} per sample, not ({num_classes},) logits: "

@@ -2,7 +2,9 @@
 
 Counts the convolution and linear layers (the operators that dominate a CNN), from each layer's
 output shape in one forward pass of a single zero image; normalization, activations, pooling and
-functional matrix products (an attention's q·k, say) are not counted. Forward hooks rather than
+functional matrix products (an attention's q·k, say) are not counted. A module with none of these layers (a
+stage of a model captured by torch.export is a graph of functional ops) is counted by PyTorch's FlopCounterMode,
+which counts its matrix products too. Forward hooks rather than
 `torch.utils.flop_counter.FlopCounterMode`: the same numbers for these layers, without the ~1 s that
 the counter's first use costs (a tenth of a whole study).
 """
@@ -44,6 +46,11 @@ def _macs(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
         total += _layer_macs(layer, output)
 
     layers = _counted_layers(module)
+    if not layers:  # a graph of functional ops (a stage from torch.export): PyTorch's counter sees them
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as counter:
+            y = module(x)
+        return counter.get_total_flops() // 2 // len(x), y
     hooks = [layer.register_forward_hook(count) for layer in layers]
     try:
         y = module(x)
