@@ -20,8 +20,15 @@ from .study import (DEFAULT_DESIRED, ExitArrays, StudyConfig, exit_arrays, polic
                     write_study)
 
 
-def load_model(name: str, weights: str | Path | None = None) -> tuple[MultiExitNetwork, dict]:
-    """A registered model with its weights (given, or shipped with the package), and a description of both."""
+def load_model(name: str | Path, weights: str | Path | None = None) -> tuple[MultiExitNetwork, dict]:
+    """A registered model with its weights (given, or shipped with the package), or the attached model in a folder
+    `exitwise attach` wrote (its own weights), and a description of either."""
+    from .attach import is_model_dir
+    if weights is None and is_model_dir(name):
+        model = create_model(name)
+        path = Path(name) / "model.safetensors"
+        return model, {"name": str(Path(name).resolve()), "weights": str(path), "weights_sha256": file_sha256(path),
+                       "shipped": False, "num_exits": model.num_exits}
     model = create_model(name)
     path = Path(weights) if weights is not None else shipped_weights(name)
     if path is None:
@@ -35,7 +42,7 @@ def study(*, dataset: str, data_dir: str | Path | None, model: str, out: str | P
           weights: str | Path | None = None, download: bool = False, cutoff: float = 0.6,
           desired_accuracies: Sequence[float] | None = None, methods: Sequence[str] | None = None,
           batch_size: int = 256, precision: str = "auto", val_size: int | None = None,
-          split_seed: int = 0, progress: bool = True, policy: str = "entropy") -> dict:
+          split_seed: int = 0, progress: bool = True, policy: str = "entropy", image_size: int | None = None) -> dict:
     """Run the whole early-exit study and write results.json, plots and reports into `out`."""
     config = StudyConfig(cutoff=cutoff, desired_accuracies=tuple(desired_accuracies or DEFAULT_DESIRED),
                          methods=tuple(methods or ("per-exit", "seed-percentile")), batch_size=batch_size,
@@ -43,7 +50,7 @@ def study(*, dataset: str, data_dir: str | Path | None, model: str, out: str | P
     check_writable_dir(out)  # fail before the long work, not after it
     net, info = load_model(model, weights)
     splits = load_splits(dataset, data_dir, download=download, val_size=val_size,
-                         split_seed=split_seed, progress=progress)
+                         split_seed=split_seed, progress=progress, image_size=image_size)
     check_fits(net, splits.test, splits.dataset)
     done = run_study(net, splits, config, info)
     write_study(done, out)
@@ -57,15 +64,61 @@ TRAIN_DEFAULTS = {"digits": {"crop_padding": 1, "flip": False, "epochs": 30, "ba
 
 def train(*, dataset: str, data_dir: str | Path | None, model: str, out: str | Path,
           resume: str | Path | None = None, download: bool = False, val_size: int | None = None,
-          split_seed: int = 0, progress: bool = True, **recipe) -> dict | None:
+          split_seed: int = 0, progress: bool = True, image_size: int | None = None, **recipe) -> dict | None:
     """Train a registered model on a dataset's train split; returns the model card (None on ranks > 0)."""
     from .train import TrainConfig, train as run_training
     check_writable_dir(out)
     net = create_model(model)
     splits = load_splits(dataset, data_dir, download=download, val_size=val_size, split_seed=split_seed,
-                         progress=progress)
+                         progress=progress, image_size=image_size)
     config = None if resume is not None and not recipe else TrainConfig(**{**TRAIN_DEFAULTS.get(dataset, {}), **recipe})
     return run_training(net, splits, config, out, resume=resume, progress=progress, model_name=model)
+
+
+# heads on a frozen network learn in a few epochs; fp32: bf16 is emulated (slow) on CPUs without AVX-512-bf16
+ATTACH_DEFAULTS = {"epochs": 10, "lr": 0.05, "precision": "fp32", "label_smoothing": 0.0}
+
+
+def train_exits(network: MultiExitNetwork, splits, out: str | Path, *, freeze_backbone: bool = True,
+                resume: str | Path | None = None, progress: bool = True, model_name: str = "attached",
+                **recipe) -> dict | None:
+    """Train an attached network's exits on `splits` (see `attach`), with the backbone frozen (the final exit stays
+    the user's model; only the side heads' weights are written) or, with `freeze_backbone=False`, jointly with the
+    network (add `distill=...` to learn from the final exit). Checkpoints, resume, DDP and the model card are
+    `exitwise train`'s. `recipe`: TrainConfig fields over ATTACH_DEFAULTS (digits: TRAIN_DEFAULTS' augmentation)."""
+    from .train import TrainConfig, train as run_training
+    if resume is not None and not recipe:
+        config = None
+    else:
+        config = TrainConfig(**{**TRAIN_DEFAULTS.get(splits.dataset, {}), **ATTACH_DEFAULTS,
+                                "freeze_backbone": freeze_backbone, **recipe})
+    return run_training(network, splits, config, out, resume=resume, progress=progress, model_name=model_name)
+
+
+def attach_model(*, model_file: str, exits: Sequence[str], dataset: str, data_dir: str | Path | None,
+                 out: str | Path, weights: str | Path | None = None, image_size: int | None = None,
+                 freeze_backbone: bool = True, max_head_fraction: float = 0.25, token_pool: str = "mean",
+                 output_key: str | None = None, resume: str | Path | None = None, download: bool = False,
+                 val_size: int | None = None, split_seed: int = 0, progress: bool = True, **recipe) -> dict | None:
+    """`exitwise attach`: build the user's model from FILE:FUNCTION (running their code), load their weights, attach
+    exits, train them, and write into `out` the heads' weights, the card and `attach.json` (what rebuilds it)."""
+    from .attach import ATTACH_FILE, attach, attach_spec, build_user_model, load_user_weights
+    check_writable_dir(out)
+    model = build_user_model(model_file)
+    if weights is not None:
+        load_user_weights(model, weights)
+    splits = load_splits(dataset, data_dir, download=download, val_size=val_size, split_seed=split_seed,
+                         progress=progress, image_size=image_size)
+    n, h, w, c = splits.train.images.shape
+    network = attach(model.eval(), exits, len(splits.train.classes), (c, h, w), max_head_fraction=max_head_fraction,
+                     token_pool=token_pool, output_key=output_key)
+    spec = attach_spec(model_file, weights, exits, len(splits.train.classes), (c, h, w), max_head_fraction,
+                       token_pool, output_key, freeze_backbone)
+    card = train_exits(network, splits, out, freeze_backbone=freeze_backbone, resume=resume, progress=progress,
+                       model_name=spec["model_file"], **recipe)
+    if card is not None:
+        atomic_write_json(Path(out) / ATTACH_FILE, spec)
+    return card
 
 
 COSTS = ("macs", "latency")

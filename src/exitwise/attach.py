@@ -298,5 +298,97 @@ def attach(model: nn.Module, exits: Sequence[str], num_classes: int, input_shape
              for stage, inp, shape in zip(stages, inputs, shapes[:-1])]
     network = MultiExitNetwork(stages, heads + [nn.Identity()], num_classes, tuple(input_shape))
     network.train(model.training)
+    network.exit_names = list(exits)
     head_report(network, list(exits), max_head_fraction)
+    return network
+
+
+ATTACH_FORMAT = "exitwise.attached-model/1"
+ATTACH_FILE = "attach.json"
+
+
+def build_user_model(spec: str) -> nn.Module:
+    """Import FILE and call FUNCTION() from "FILE:FUNCTION": this runs the user's code, as `python FILE` would."""
+    import importlib.util
+    from pathlib import Path
+    path, sep, function = str(spec).rpartition(":")
+    if not sep or not path or not function:
+        raise UserError(f"--model-file takes FILE:FUNCTION, got {spec!r}")
+    if not Path(path).is_file():
+        raise UserError(f"model file not found: {path!r}")
+    try:
+        module_spec = importlib.util.spec_from_file_location(f"exitwise_user_model_{Path(path).stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # the user's code can raise anything
+        raise UserError(f"importing {path!r} raised {type(e).__name__}: {_first_line(e)}") from None
+    build = getattr(module, function, None)
+    if not callable(build):
+        raise UserError(f"{path!r} has no function {function!r}")
+    try:
+        model = build()
+    except Exception as e:
+        raise UserError(f"{path}:{function}() raised {type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{path}:{function}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_user_weights(model: nn.Module, path) -> None:
+    """The user's checkpoint into their model, refusing missing, extra or mis-shaped tensors by name."""
+    from .models import check_state_fits, read_state_dict
+    state = read_state_dict(path)
+    check_state_fits(model, state, path)
+    model.load_state_dict(state)
+
+
+def is_model_dir(name) -> bool:
+    from pathlib import Path
+    return (Path(name) / ATTACH_FILE).is_file()
+
+
+def attach_spec(model_file: str, weights, exits: Sequence[str], num_classes: int, input_shape: Sequence[int],
+                max_head_fraction: float, token_pool: str, output_key: str | None, freeze_backbone: bool) -> dict:
+    """What `load_attached` needs to rebuild the network: the model file and weights (with their SHA-256)."""
+    from pathlib import Path
+    from .io import file_sha256
+    file = Path(model_file.rpartition(":")[0]).resolve()
+    return {"format": ATTACH_FORMAT, "model_file": f"{file}:{model_file.rpartition(':')[2]}",
+            "model_file_sha256": file_sha256(file),
+            "weights": str(Path(weights).resolve()) if weights else None,
+            "weights_sha256": file_sha256(weights) if weights else None, "exits": list(exits),
+            "num_classes": num_classes, "input_shape": list(input_shape), "max_head_fraction": max_head_fraction,
+            "token_pool": token_pool, "output_key": output_key, "heads_only": freeze_backbone,
+            "weights_file": "model.safetensors"}
+
+
+def load_attached(model_dir) -> MultiExitNetwork:
+    """Rebuild the multi-exit network that `exitwise attach` wrote to `model_dir` (its model file runs)."""
+    import json
+    from pathlib import Path
+    from .io import file_sha256
+    from .models import read_state_dict
+    folder = Path(model_dir)
+    try:
+        spec = json.loads((folder / ATTACH_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {str(folder / ATTACH_FILE)!r}: {e}") from None
+    if not isinstance(spec, dict) or spec.get("format") != ATTACH_FORMAT:
+        raise UserError(f"{str(folder / ATTACH_FILE)!r} is not an exitwise attached model ({ATTACH_FORMAT})")
+    model = build_user_model(spec["model_file"])
+    if spec["weights"]:
+        if not Path(spec["weights"]).is_file() or file_sha256(spec["weights"]) != spec["weights_sha256"]:
+            raise UserError(f"{str(folder)!r} was made from weights {spec['weights']!r} that are missing or changed "
+                            f"(SHA-256 differs)")
+        load_user_weights(model, spec["weights"])
+    model.eval()
+    network = attach(model, spec["exits"], spec["num_classes"], spec["input_shape"],
+                     max_head_fraction=spec["max_head_fraction"], token_pool=spec["token_pool"],
+                     output_key=spec["output_key"])
+    state = read_state_dict(folder / spec["weights_file"])
+    expected = network.state_dict()
+    keys = [k for k in expected if k.startswith("heads.")] if spec["heads_only"] else list(expected)
+    if sorted(keys) != sorted(state):
+        raise UserError(f"{str(folder / spec['weights_file'])!r} does not fit the network its {ATTACH_FILE} builds")
+    network.load_state_dict(state, strict=not spec["heads_only"])
     return network

@@ -22,7 +22,9 @@ def _float_list(text: str) -> tuple[float, ...]:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="cifar10", help="cifar10 or digits (digits ships with scikit-learn)")
+    p.add_argument("--dataset", default="cifar10", help="cifar10, digits (ships with scikit-learn) or folder (any "
+                                                        "train/<class>/*, test/<class>/* image tree or .tar.gz of one)")
+    p.add_argument("--image-size", type=int, help="--dataset folder: resize every image to this size squared")
     p.add_argument("--data-dir", type=Path, help="cifar-10-batches-py/, an image-folder tree train/<class>/*, "
                                                  "test/<class>/*, or a .tar.gz of either")
     p.add_argument("--download", action="store_true", help="fetch the official CIFAR-10 archive into --data-dir")
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "timing; writes results.json, plots and an HTML report")
     _add_data_args(study)
     study.add_argument("--model", default="seed-branchynet", help="a registered model (see `exitwise models`)")
+    study.add_argument("--model-dir", type=Path, help="a folder written by `exitwise attach` (instead of --model)")
     study.add_argument("--weights", type=Path, help="checkpoint (.safetensors, a shard index NAME.safetensors"
                        ".index.json, or a PyTorch state_dict); default: the weights shipped for --model")
     study.add_argument("--out", type=Path, required=True, help="output directory")
@@ -77,6 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", help="bf16 (autocast) or fp32")
     train.add_argument("--seed", type=int)
 
+    att = sub.add_parser("attach", help="exits on your own PyTorch model: builds it from --model-file (running that "
+                                        "file), attaches exits at --exits, trains them, writes a model folder")
+    _add_data_args(att)
+    att.add_argument("--model-file", required=True, help="FILE:FUNCTION; FUNCTION() returns your nn.Module (your "
+                                                         "code runs; normalize inputs inside the model)")
+    att.add_argument("--weights", type=Path, help="your model's state_dict (.safetensors or a PyTorch state_dict)")
+    att.add_argument("--exits", required=True, help="comma-separated submodule names (model.named_modules()), "
+                                                    "in forward order")
+    att.add_argument("--out", type=Path, required=True, help="output folder: attach.json, model.safetensors (the "
+                                                             "heads), model.json (the card), checkpoint.pt")
+    att.add_argument("--joint", action="store_true", help="train the whole network with the heads (default: the "
+                                                          "backbone is frozen and the final exit stays your model)")
+    att.add_argument("--max-head-fraction", type=float, default=0.25, help="a head's MACs budget, as a fraction "
+                                                                           "of the stage it follows")
+    att.add_argument("--token-pool", default="mean", help="token features: mean or cls")
+    att.add_argument("--output-key", help="the logits' key when the model returns a dict (default: logits)")
+    att.add_argument("--resume", type=Path, help="continue from this checkpoint.pt exactly")
+    for flag, kind in (("--epochs", int), ("--batch-size", int), ("--lr", float), ("--weight-decay", float),
+                       ("--label-smoothing", float), ("--distill", float), ("--cutout", int), ("--seed", int)):
+        att.add_argument(flag, type=kind)
+    att.add_argument("--precision", help="fp32 (default) or bf16")
+
     cal = sub.add_parser("calibrate", help="exit thresholds from a study's cached logits in seconds: chosen on its "
                                            "validation split, evaluated on its test split; writes calibration.json "
                                            "and frontier.png")
@@ -108,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_study(args: argparse.Namespace) -> None:
     from .api import study
-    results = study(dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model,
+    results = study(dataset=args.dataset, data_dir=args.data_dir, download=args.download,
+                    model=args.model_dir or args.model, image_size=args.image_size,
                     weights=args.weights, out=args.out, cutoff=args.cutoff,
                     desired_accuracies=args.desired_accuracies, methods=args.methods,
                     batch_size=args.batch_size, precision=args.precision, val_size=args.val_size, policy=args.policy,
@@ -123,12 +149,33 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import TrainConfig
     recipe = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     card = train(dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model,
+                 image_size=args.image_size,
                  out=args.out, resume=args.resume, val_size=args.val_size, split_seed=args.split_seed,
                  progress=not args.no_progress, **recipe)
     if card is not None:
         accuracy = ", ".join(f"{a:.2%}" for a in card["test_accuracy"] or [])
         print(f"trained {card['model']} in {card['train_seconds']:.0f} s; test accuracy per exit: {accuracy}")
         print(f"weights: {(args.out / 'model.safetensors').resolve()}")
+
+
+def cmd_attach(args: argparse.Namespace) -> None:
+    from .api import attach_model
+    from .costs import head_report
+    from .train import TrainConfig
+    recipe = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+              if f.name != "freeze_backbone" and getattr(args, f.name, None) is not None}
+    card = attach_model(model_file=args.model_file, exits=[e.strip() for e in args.exits.split(",") if e.strip()],
+                        dataset=args.dataset, data_dir=args.data_dir, out=args.out, weights=args.weights,
+                        image_size=args.image_size, freeze_backbone=not args.joint,
+                        max_head_fraction=args.max_head_fraction, token_pool=args.token_pool,
+                        output_key=args.output_key, resume=args.resume, download=args.download,
+                        val_size=args.val_size, split_seed=args.split_seed, progress=not args.no_progress, **recipe)
+    if card is not None:
+        accuracy = ", ".join(f"{a:.2%}" for a in card["test_accuracy"] or [])
+        print(f"trained the exits in {card['train_seconds']:.0f} s; test accuracy per exit: {accuracy}")
+        for h in card["heads"]:
+            print(f"  head after {h['exit']}: {h['head_macs']:,} MACs, {h['fraction']:.1%} of its stage")
+        print(f"model folder: {args.out.resolve()} (exitwise study --model-dir {args.out})")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -157,7 +204,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
     print(f"{'deleted' if args.clear else 'cached'}: {len(entries)} decoded data sets, {total:.1f} MiB")
 
 
-COMMANDS = {"study": cmd_study, "train": cmd_train, "calibrate": cmd_calibrate, "models": cmd_models,
+COMMANDS = {"study": cmd_study, "train": cmd_train, "attach": cmd_attach, "calibrate": cmd_calibrate, "models": cmd_models,
             "cache": cmd_cache}
 
 

@@ -18,7 +18,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core.numeric import _frombuffer
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-DATASETS = ("cifar10", "digits")
+DATASETS = ("cifar10", "digits", "folder")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_VAL_SIZE = 5000
@@ -65,6 +65,42 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @classmethod
+    def from_tensors(cls, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str] | None = None) -> ImageSet:
+        """From uint8 (N, H, W, C) images, or float (N, C, H, W) ones in [0, 1] (quantized to 1/255 steps, as exitwise
+        holds images in uint8; normalization belongs in the model), and integer labels (classes: default 0..max)."""
+        images, labels = torch.as_tensor(images), torch.as_tensor(labels).long()
+        if images.dim() != 4:
+            raise UserError(f"images must be (N, H, W, C) uint8 or (N, C, H, W) float, got {tuple(images.shape)}")
+        if images.is_floating_point():
+            if images.numel() and not (images.min() >= 0 and images.max() <= 1):
+                raise UserError("float images must be in [0, 1] (unnormalized; the model normalizes its input)")
+            images = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        elif images.dtype != torch.uint8:
+            raise UserError(f"images must be uint8 or float, got {images.dtype}")
+        n = int(labels.max()) + 1 if len(labels) else 0
+        classes = tuple(classes) if classes is not None else tuple(str(i) for i in range(n))
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+            raise UserError(f"labels must be in 0..{len(classes) - 1}")
+        return cls(images.contiguous(), labels, classes)
+
+    @classmethod
+    def from_dataset(cls, dataset: torch.utils.data.Dataset, classes: Sequence[str] | None = None) -> ImageSet:
+        """From a map-style Dataset of (image, label) pairs: images as (C, H, W) float tensors in [0, 1], (H, W, C)
+        uint8 arrays or PIL images (all of one size). `classes` defaults to the dataset's `classes` attribute."""
+        images, labels = [], []
+        for i in range(len(dataset)):
+            image, label = dataset[i]
+            if isinstance(image, Image.Image):
+                image = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+            image = torch.as_tensor(image)
+            images.append(image.permute(1, 2, 0).mul(255).round().to(torch.uint8) if image.is_floating_point()
+                          else image)
+            labels.append(int(label))
+        if len({tuple(im.shape) for im in images}) > 1:
+            raise UserError("the dataset's images differ in size: resize them in the dataset")
+        return cls.from_tensors(torch.stack(images), torch.tensor(labels), classes or getattr(dataset, "classes", None))
 
     def subset(self, index: torch.Tensor) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.classes)
@@ -97,24 +133,37 @@ class Splits:
 
 def load_splits(dataset: str, data_dir: str | Path | None = None, *, download: bool = False,
                 val_size: int | None = None, split_seed: int = 0, cache_dir: str | Path | None = None,
-                progress: bool = True) -> Splits:
-    """Load `dataset` and split it: validation is `val_size` images of train chosen by `split_seed`."""
+                progress: bool = True, image_size: int | None = None) -> Splits:
+    """Load `dataset` and split it: validation is `val_size` images of train chosen by `split_seed`.
+
+    "folder": any image-folder tree train/<class>/*, test/<class>/* (or a .tar.gz of one), classes from the folder
+    names in sorted order, images resized to `image_size` squared when given (else they must share one size)."""
     if dataset == "digits":
         return _digits_splits(val_size, split_seed)
-    if dataset != "cifar10":
+    if dataset not in ("cifar10", "folder"):
         raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    if image_size is not None and (dataset != "folder" or image_size < 1):
+        raise UserError(f"--image-size takes a positive size and --dataset folder, got {image_size} for {dataset}")
     if data_dir is None:
-        raise UserError("cifar10 needs --data-dir (add --download to fetch the official archive into it)")
+        raise UserError(f"{dataset} needs --data-dir" + (" (add --download to fetch the official archive into it)"
+                                                          if dataset == "cifar10" else ""))
     path = download_cifar10(data_dir, progress=progress) if download else Path(data_dir)
-    decoded, source = _load_cifar10(path, Path(cache_dir) if cache_dir is not None else _default_cache_dir(),
-                                    progress)
+    decoded, source = _load_images(path, Path(cache_dir) if cache_dir is not None else _default_cache_dir(),
+                                   progress, dataset, image_size)
     classes = decoded.classes
     train = ImageSet(torch.from_numpy(decoded.train_images), torch.from_numpy(decoded.train_labels), classes)
     test = ImageSet(torch.from_numpy(decoded.test_images), torch.from_numpy(decoded.test_labels), classes)
-    val_size = CIFAR10_VAL_SIZE if val_size is None else val_size
+    return split_train(train, test, CIFAR10_VAL_SIZE if dataset == "cifar10" else None, val_size, split_seed,
+                       dataset, source)
+
+
+def split_train(train: ImageSet, test: ImageSet, default_val: int | None = None, val_size: int | None = None,
+                split_seed: int = 0, dataset: str = "custom", source: str = "python") -> Splits:
+    """Splits from a train and a test set: `val_size` train images (default: a tenth) held out by `split_seed`."""
+    val_size = val_size if val_size is not None else default_val if default_val is not None else len(train) // 10
     _check_val_size(val_size, len(train))
     perm = _permutation(len(train), split_seed)
-    return Splits(train.subset(perm[val_size:]), train.subset(perm[:val_size]), test, "cifar10", source, split_seed)
+    return Splits(train.subset(perm[val_size:]), train.subset(perm[:val_size]), test, dataset, source, split_seed)
 
 
 def download_cifar10(data_dir: str | Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5,
@@ -171,8 +220,9 @@ class _Files(NamedTuple):
         return str(self.root / name)
 
 
-def _load_cifar10(path: Path, cache_dir: Path, progress: bool) -> tuple[_Decoded, str]:
-    """Decode CIFAR-10 found at `path` (reading the cache when the source is unchanged)."""
+def _load_images(path: Path, cache_dir: Path, progress: bool, dataset: str = "cifar10",
+                 image_size: int | None = None) -> tuple[_Decoded, str]:
+    """Decode CIFAR-10 (or, for "folder", any image tree) found at `path`, reading the cache when unchanged."""
     if not path.exists():
         raise UserError(f"data path {str(path)!r} does not exist")
     path = path.resolve()
@@ -182,13 +232,13 @@ def _load_cifar10(path: Path, cache_dir: Path, progress: bool) -> tuple[_Decoded
         if not files.names:
             raise UserError(f"data directory {str(path)!r} is empty")
         if _detect(files.names) is None:
-            path, files = _archive_in(files), None
+            path, files = _archive_in(files, dataset), None
     elif not path.name.lower().endswith(ARCHIVE_SUFFIXES):
         raise UserError(f"{str(path)!r} is not a data directory or a .tar.gz/.tgz/.tar archive")
-    entry = cache_dir / f"cifar10-{_fingerprint(path, files)}"
+    entry = cache_dir / f"{dataset}-{_fingerprint(path, files, image_size)}"
     decoded = _read_cache(entry)
     if decoded is None:
-        decoded = _decode(files if files is not None else _read_tar(path), progress)
+        decoded = _decode(files if files is not None else _read_tar(path), progress, dataset, image_size)
         _write_cache(entry, decoded, str(path))
     return decoded, str(path)
 
@@ -235,73 +285,86 @@ def _detect(names: list[str]) -> tuple[str, str] | None:
     return min(found, key=lambda f: f[1].count("/"), default=None)
 
 
-def _archive_in(files: _Files) -> Path:
+def _archive_in(files: _Files, dataset: str) -> Path:
     """The one archive lying directly in a folder that holds no unpacked data set (e.g. after --download)."""
     archives = [n for n in files.names if "/" not in n and n.lower().endswith(ARCHIVE_SUFFIXES)]
     if len(archives) == 1:
         return files.root / archives[0]
     if archives:
         raise UserError(f"{str(files.root)!r} holds several archives ({', '.join(archives)}): pass one as --data-dir")
-    raise UserError(f"no CIFAR-10 data found in {str(files.root)!r}: expected cifar-10-batches-py/, "
-                    "train/<class>/ and test/<class>/ image folders, or a .tar.gz of either")
+    raise UserError(f"no {_NAMES[dataset]} data found in {str(files.root)!r}: expected {_LAYOUTS[dataset]}, "
+                    "or a .tar.gz of it")
 
 
-def _decode(files: _Files, progress: bool) -> _Decoded:
+_NAMES = {"cifar10": "CIFAR-10", "folder": "image-folder"}
+_LAYOUTS = {"cifar10": "cifar-10-batches-py/ or train/<class>/ and test/<class>/ image folders",
+            "folder": "train/<class>/ and test/<class>/ image folders"}
+
+
+def _decode(files: _Files, progress: bool, dataset: str = "cifar10", image_size: int | None = None) -> _Decoded:
     kind = _detect(files.names)
-    if kind is None:
-        raise UserError(f"no CIFAR-10 data found in {str(files.root)!r}: expected cifar-10-batches-py/ or "
-                        "train/<class>/ and test/<class>/ image folders")
-    return _decode_batches(files, kind[1], progress) if kind[0] == "batches" else _decode_tree(files, kind[1], progress)
+    if kind is None or (dataset == "folder" and kind[0] != "tree"):
+        raise UserError(f"no {_NAMES[dataset]} data found in {str(files.root)!r}: expected {_LAYOUTS[dataset]}")
+    if kind[0] == "batches":
+        return _decode_batches(files, kind[1], progress)
+    return _decode_tree(files, kind[1], progress, CIFAR10_CLASSES if dataset == "cifar10" else None, image_size)
 
 
-def _decode_tree(files: _Files, prefix: str, progress: bool) -> _Decoded:
-    """Image folders train/<class>/* and test/<class>/*; labels follow the standard CIFAR-10 class order."""
+def _decode_tree(files: _Files, prefix: str, progress: bool, classes: tuple[str, ...] | None = CIFAR10_CLASSES,
+                 image_size: int | None = None) -> _Decoded:
+    """Image folders train/<class>/* and test/<class>/*; labels follow `classes` (None: the train folders' names,
+    sorted), images resized to `image_size` squared when given."""
     listing: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
     for name in sorted(files.names):
         parts = name[len(prefix):].split("/") if name.startswith(prefix) else []
         if len(parts) == 3 and parts[0] in listing:
             listing[parts[0]].setdefault(parts[1], []).append(name)
+    classes = classes or tuple(sorted(listing["train"]))
     for split, folders in listing.items():
         if not folders:
             raise UserError(f"no {split}/ split in {files.where(prefix)!r}: expected {split}/<class>/ image folders")
-        unknown = sorted(set(folders) - set(CIFAR10_CLASSES))
+        unknown = sorted(set(folders) - set(classes))
         if unknown:
             raise UserError(f"unknown class folder {split}/{unknown[0]} in {files.where(prefix)!r}: "
-                            f"expected the CIFAR-10 classes {', '.join(CIFAR10_CLASSES)}")
-        missing = [c for c in CIFAR10_CLASSES if c not in folders]
+                            f"expected the classes {', '.join(classes)}")
+        missing = [c for c in classes if c not in folders]
         if missing:
             raise UserError(f"missing class folder {split}/{missing[0]} (or it has no images) "
                             f"in {files.where(prefix)!r}")
     total = sum(len(v) for folders in listing.values() for v in folders.values())
-    with progress_bar(total=total, desc="decoding cifar10 images (once)", unit="img", enabled=progress) as bar:
-        train, test = (_decode_images(files, listing[split], bar) for split in ("train", "test"))
+    with progress_bar(total=total, desc="decoding images (once)", unit="img", enabled=progress) as bar:
+        train, test = (_decode_images(files, listing[split], bar, classes, image_size) for split in ("train", "test"))
     if train[0].shape[1:] != test[0].shape[1:]:
         raise UserError(f"train images are {train[0].shape[2]}x{train[0].shape[1]} but test images are "
                         f"{test[0].shape[2]}x{test[0].shape[1]} in {files.where(prefix)!r}")
-    return _Decoded(*train, *test, CIFAR10_CLASSES)
+    return _Decoded(*train, *test, classes)
 
 
-def _decode_images(files: _Files, folders: dict[str, list[str]], bar: tqdm) -> tuple[np.ndarray, np.ndarray]:
+def _decode_images(files: _Files, folders: dict[str, list[str]], bar: tqdm, classes: tuple[str, ...],
+                   image_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode the images of one split to RGB uint8 into one preallocated array."""
-    names = [n for c in CIFAR10_CLASSES for n in folders[c]]
-    labels = np.repeat(np.arange(len(CIFAR10_CLASSES), dtype=np.int64), [len(folders[c]) for c in CIFAR10_CLASSES])
+    names = [n for c in classes for n in folders[c]]
+    labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(folders[c]) for c in classes])
     images = None
     for i, name in enumerate(names):
-        pixels = _decode_image(files.read(name), files.where(name))
+        pixels = _decode_image(files.read(name), files.where(name), image_size)
         if images is None:
             images = np.empty((len(names), *pixels.shape), dtype=np.uint8)
         elif pixels.shape != images.shape[1:]:
             raise UserError(f"image {files.where(name)} is {pixels.shape[1]}x{pixels.shape[0]}, "
-                            f"but the others are {images.shape[2]}x{images.shape[1]}")
+                            f"but the others are {images.shape[2]}x{images.shape[1]} (--image-size resizes them)")
         images[i] = pixels
         bar.update()
     return images, labels
 
 
-def _decode_image(data: bytes, where: str) -> np.ndarray:
+def _decode_image(data: bytes, where: str, image_size: int | None = None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
+            rgb = image.convert("RGB")
+            if image_size is not None and rgb.size != (image_size, image_size):
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return np.asarray(rgb)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         raise UserError(f"cannot decode image {where}: {e}") from None
 
@@ -377,7 +440,7 @@ def cache_entries(cache_dir: str | Path | None = None) -> list[dict]:
     """The decoded data sets in the cache: {"path", "source" (None for an unfinished entry), "bytes"}."""
     root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     entries = []
-    for entry in sorted(root.glob("cifar10-*")) if root.is_dir() else []:
+    for entry in sorted(p for pattern in ("cifar10-*", "folder-*") for p in root.glob(pattern)) if root.is_dir() else []:
         if not entry.is_dir():
             continue
         try:
@@ -403,10 +466,11 @@ def clear_cache(cache_dir: str | Path | None = None) -> list[dict]:
     return entries
 
 
-def _fingerprint(path: Path, files: _Files | None) -> str:
-    """Hash of what identifies the decoded data: format version, absolute path, sizes and mtimes."""
+def _fingerprint(path: Path, files: _Files | None, image_size: int | None = None) -> str:
+    """Hash of what identifies the decoded data: format version, absolute path, sizes and mtimes (and the resize)."""
     stats = [(name, (path / name).stat()) for name in files.names] if files else [("", path.stat())]
-    text = json.dumps([CACHE_VERSION, str(path), [(n, s.st_size, s.st_mtime_ns) for n, s in stats]])
+    text = json.dumps([CACHE_VERSION, str(path), [(n, s.st_size, s.st_mtime_ns) for n, s in stats]]
+                      + ([image_size] if image_size else []))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

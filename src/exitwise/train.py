@@ -37,7 +37,7 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from . import __version__
-from .costs import exit_macs
+from .costs import exit_macs, head_report
 from .data import ImageSet, Splits
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
@@ -72,6 +72,7 @@ class TrainConfig:
     precision: str = "bf16"                    # "bf16" autocast or "fp32"
     seed: int = 0
     schedule: str = "onecycle"                 # "onecycle": 30% warmup, cosine down; "cosine": 5% linear warmup
+    freeze_backbone: bool = False              # train the side heads only, on the features of the frozen network
 
     def __post_init__(self):
         if self.exit_weights is not None:
@@ -168,6 +169,44 @@ def augment(images: torch.Tensor, padding: int, flip: bool, generator: torch.Gen
     return out.permute(0, 3, 1, 2).float().div_(255)  # NHWC storage viewed as NCHW is channels_last
 
 
+class _FrozenBackbone(torch.nn.Module):
+    """The side heads on the features of a frozen network: its stages and final head run without autograd (and
+    stay in eval mode, so batch-norm statistics and the final exit do not change)."""
+
+    def __init__(self, model: MultiExitNetwork):
+        super().__init__()
+        self.model = model
+
+    def train(self, mode: bool = True) -> "_FrozenBackbone":
+        super().train(mode)
+        self.model.stages.eval()
+        self.model.heads[-1].eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        with torch.no_grad():
+            for stage in self.model.stages:
+                x = stage(x)
+                features.append(x)
+            final = self.model.heads[-1](x)
+        return [head(f) for head, f in zip(self.model.heads[:-1], features)] + [final]
+
+
+@contextmanager
+def _frozen(model: MultiExitNetwork, freeze: bool):
+    """Within this block (with `freeze`) only the side heads' parameters require gradients, as DDP and the
+    optimizer must see; the flags are restored afterwards (the stages hold the user's own parameters)."""
+    frozen = [p for m in (model.stages, model.heads[-1]) for p in m.parameters() if p.requires_grad] if freeze else []
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 @torch.no_grad()
 def evaluate(model: MultiExitNetwork, data: ImageSet, batch_size: int = 512, precision: str = "bf16") -> list[float]:
     """Accuracy of every exit on `data` (eval mode; the model's training flag is restored)."""
@@ -212,14 +251,27 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")
     model.to(device=device, memory_format=torch.channels_last)
-    net = _distributed(model) if world > 1 else model
+    with _frozen(model, config.freeze_backbone):
+        card = _train_loop(model, splits, config, out, name, checkpoint, resume, rank, world, device, progress)
+    if world > 1:
+        _barrier()  # every rank leaves with the outputs written
+        if owns_group:
+            dist.destroy_process_group()
+    return card
+
+
+def _train_loop(model: MultiExitNetwork, splits: Splits, config: TrainConfig, out: Path, name: str,
+                checkpoint: dict | None, resume: str | Path | None, rank: int, world: int, device: torch.device,
+                progress: bool) -> dict | None:
+    trainer = _FrozenBackbone(model) if config.freeze_backbone else model
+    net = _distributed(trainer) if world > 1 else trainer
 
     images, labels = splits.train.images.to(device), splits.train.labels.to(device)
     per_rank = len(images) // world
     batch = min(config.batch_size // world, per_rank)
     steps = per_rank // batch  # the last partial batch is dropped; each epoch's permutation differs
     weights = list(config.exit_weights or [1.0] * model.num_exits)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True,
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr, momentum=config.momentum, nesterov=True,
                                 weight_decay=config.weight_decay)
     scheduler = _scheduler(optimizer, config, steps * config.epochs)
     start_epoch, history, seconds = 0, [], 0.0
@@ -230,7 +282,7 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
     show = progress and rank == 0
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
-        model.train()
+        trainer.train()
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(_seed(config.seed, epoch)))
         shard = perm[rank::world][:per_rank].to(device)  # same permutation on every rank, disjoint shards
         aug = torch.Generator().manual_seed(_seed(config.seed, epoch, rank, 1))
@@ -275,19 +327,16 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
         if world > 1:
             _barrier()
 
-    card = _finish(model, name, splits, config, history, seconds, world, out) if rank == 0 else None
-    if world > 1:
-        _barrier()  # every rank leaves with the outputs written
-        if owns_group:
-            dist.destroy_process_group()
-    return card
+    return _finish(model, name, splits, config, history, seconds, world, out) if rank == 0 else None
 
 
 def _finish(model: MultiExitNetwork, name: str, splits: Splits, config: TrainConfig, history: list[dict],
             seconds: float, world: int, out: Path) -> dict:
     """Measure test accuracy, then write the weights and the model card (the card last: it marks completion)."""
     test = evaluate(model, splits.test, 2 * config.batch_size, config.precision) if len(splits.test) else None
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)  # no shared storage
+             for k, v in model.state_dict().items()
+             if not config.freeze_backbone or k.startswith("heads.")}  # frozen: the rest is the user's weights
     atomic_write_bytes(out / WEIGHTS, safetensors_bytes(state, metadata={"model": name}))
     card = {"model": name, "num_exits": model.num_exits, "dataset": splits.describe(),
             "split_seed": splits.split_seed, "recipe": asdict(config), "epochs": config.epochs,
@@ -295,7 +344,8 @@ def _finish(model: MultiExitNetwork, name: str, splits: Splits, config: TrainCon
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "torch": torch.__version__, "threads": torch.get_num_threads(), "processes": world},
             "val_accuracy": history[-1]["val_accuracy"] if history else None, "test_accuracy": test,
-            "exit_macs": exit_macs(model), "history": history, "weights": WEIGHTS, "exitwise_version": __version__}
+            "exit_macs": exit_macs(model), "heads": head_report(model, getattr(model, "exit_names", None)),
+            "history": history, "weights": WEIGHTS, "exitwise_version": __version__}
     atomic_write_json(out / CARD, card)
     return card
 

@@ -35,10 +35,15 @@ def register_model(name: str, factory: Callable[[], MultiExitNetwork]) -> None:
     MODELS[name] = factory
 
 
-def create_model(name: str) -> MultiExitNetwork:
-    if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
-    return MODELS[name]()
+def create_model(name: str | Path) -> MultiExitNetwork:
+    """A registered model by name, or the attached model in a folder `exitwise attach` wrote (with its weights)."""
+    from ..attach import is_model_dir, load_attached
+    if str(name) in MODELS:
+        return MODELS[str(name)]()
+    if is_model_dir(name):
+        return load_attached(name)
+    raise UserError(f"unknown model {str(name)!r} (nor a folder written by exitwise attach); "
+                    f"known models: {', '.join(sorted(MODELS))}")
 
 
 def check_fits(model: MultiExitNetwork, images, dataset: str) -> None:
@@ -153,6 +158,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_weights(model: MultiExitNetwork, path: str | Path) -> MultiExitNetwork:
     """Load a checkpoint into `model`, refusing one with missing, extra or mis-shaped tensors."""
     state = model.convert_state_dict(read_state_dict(path))
+    check_state_fits(model, state, path)
+    model.load_state_dict(state)
+    return model
+
+
+def check_state_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse a state dict with missing, extra or mis-shaped tensors, naming them."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
@@ -163,5 +175,3 @@ def load_weights(model: MultiExitNetwork, path: str | Path) -> MultiExitNetwork:
                 if names]
     if problems:
         raise UserError(f"weights {str(path)!r} do not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(state)
-    return model

@@ -1,0 +1,138 @@
+"""Bring your own model end to end: a user's model file, `exitwise attach`, train_exits, the model folder in the study;
+every bad input one line on stderr, exit 2, nothing written."""
+import json
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from exitwise.api import train_exits
+from exitwise.attach import attach
+from exitwise.cli import main
+from exitwise.data import ImageSet, load_splits, split_train
+from exitwise.models import create_model
+from exitwise.train import evaluate
+
+USER_MODEL = textwrap.dedent('''
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.block1 = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+            self.block2 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = self.block1(self.stem((x - 0.5) / 0.5))
+            x = x + self.block2(x)
+            return {"logits": self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))}
+
+    def build():
+        torch.manual_seed(0)
+        return Net()
+
+    def broken():
+        raise RuntimeError("no GPU here")
+''')
+
+
+@pytest.fixture
+def user(tmp_path):
+    """A model file and its weights, as a user would have them."""
+    path = tmp_path / "my_model.py"
+    path.write_text(USER_MODEL)
+    namespace = {}
+    exec(compile(USER_MODEL, str(path), "exec"), namespace)
+    weights = tmp_path / "my.safetensors"
+    save_file(namespace["build"]().state_dict(), str(weights))
+    return path, weights, namespace["build"]
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr()
+
+
+def attach_args(path, weights, out, *extra, exits="stem,block1", spec=None):
+    return ["attach", "--model-file", spec or f"{path}:build", "--weights", weights, "--exits", exits,
+            "--dataset", "digits", "--out", out, "--epochs", "2", "--no-progress", *extra]
+
+
+def test_attach_writes_a_model_folder_the_study_and_loader_accept(tmp_path, capsys, user):
+    path, weights, build = user
+    out = tmp_path / "mine"
+    code, io = run(capsys, *attach_args(path, weights, out))
+    assert code == 0, io.err
+    assert "head after stem" in io.out
+    spec = json.loads((out / "attach.json").read_text())
+    assert spec["exits"] == ["stem", "block1"] and spec["heads_only"]
+    assert all(k.startswith("heads.") for k in load_file(str(out / "model.safetensors")))  # only the heads
+    card = json.loads((out / "model.json").read_text())
+    assert [h["exit"] for h in card["heads"]] == ["stem", "block1"]
+    network = create_model(out)  # rebuilt from the model file, the user's weights and the heads
+    model = build()
+    model.load_state_dict(load_file(str(weights)))
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(network.eval()(x)[-1], model.eval()(x)["logits"])
+    code, io = run(capsys, "study", "--model-dir", out, "--dataset", "digits", "--out", tmp_path / "study",
+                   "--precision", "fp32", "--no-progress")
+    assert code == 0, io.err
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert results["model"]["name"] == str(out.resolve()) and len(results["exits"]) == 3
+
+
+def test_frozen_training_leaves_the_final_exit_alone_and_the_heads_learn(tmp_path, user):
+    _, weights, build = user
+    model = build()
+    model.load_state_dict(load_file(str(weights)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    digits = load_splits("digits")
+    data = split_train(ImageSet.from_tensors(torch.cat([digits.train.images, digits.val.images]),
+                                             torch.cat([digits.train.labels, digits.val.labels])),
+                       digits.test, val_size=200)
+    network = attach(model.eval(), ["stem", "block1"], num_classes=10, input_shape=(1, 8, 8), max_head_fraction=1.0)
+    card = train_exits(network, data, tmp_path / "run", epochs=6, batch_size=64, crop_padding=1, flip=False,
+                       progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model is untouched
+    accuracy = evaluate(network, data.test, precision="fp32")
+    assert accuracy == card["test_accuracy"]
+    assert min(accuracy[:2]) > 0.5  # ten classes: chance is 0.1
+
+
+def test_ImageSet_from_float_tensors_and_a_dataset():
+    images = torch.rand(5, 3, 4, 4)
+    a = ImageSet.from_tensors(images, torch.tensor([0, 1, 2, 1, 0]))
+    assert a.images.shape == (5, 4, 4, 3) and a.classes == ("0", "1", "2")
+    dataset = torch.utils.data.TensorDataset(images, torch.tensor([0, 1, 2, 1, 0]))
+    b = ImageSet.from_dataset(dataset, classes=("a", "b", "c"))
+    assert torch.equal(a.images, b.images) and b.classes == ("a", "b", "c")
+    back, _ = next(a.batches(5))
+    assert (back - images).abs().max() <= 0.5 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(spec="{tmp}/nope.py:build"), ["model file not found", "nope.py"]),
+    (dict(spec="{path}:missing"), ["no function 'missing'"]),
+    (dict(spec="{path}:broken"), ["broken() raised RuntimeError", "no GPU here"]),
+    (dict(exits="stem,block9"), ["'block9' is not a submodule"]),
+    (dict(exits="block1,stem"), ["out of forward order"]),
+    (dict(exits="block2.0"), ["cannot cut after 'block2.0'", "crosses the cut"]),  # block2's input skips it
+    (dict(weights="{tmp}/other.safetensors"), ["do not fit", "missing"]),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, user, change, words):
+    path, weights, _ = user
+    save_file({"fc.weight": torch.zeros(10, 32)}, str(tmp_path / "other.safetensors"))
+    fill = lambda v: v.format(tmp=tmp_path, path=path)  # noqa: E731
+    out = tmp_path / "out"
+    args = attach_args(path, fill(change["weights"]) if "weights" in change else weights, out,
+                       exits=change.get("exits", "stem,block1"), spec=fill(change["spec"]) if "spec" in change else None)
+    code, io = run(capsys, *args)
+    assert code == 2
+    assert io.err.count("\n") == 1 and all(w in io.err for w in words), io.err
+    assert not out.exists()
