@@ -425,3 +425,36 @@ def test_real_cifar10_jpeg_archive(tmp_path):
     assert splits.test.labels.bincount().tolist() == [1000] * 10
     assert splits.train.images.shape[1:] == (32, 32, 3) and splits.train.images.dtype == torch.uint8
     assert splits.test.classes == CIFAR10_CLASSES
+
+
+# --- any image-folder tree (--dataset folder) ------------------------------------------------------------------
+
+def make_folder_tree(root: Path, classes=("cats", "ants", "bees"), sizes=((20, 12), (9, 9))):
+    """train/<class>/*, test/<class>/* with images of several sizes; grayscale among them."""
+    for split in ("train", "test"):
+        for i, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for j, size in enumerate(sizes):
+                c = 40 * i + j
+                Image.new("L" if j else "RGB", size, color=c if j else (c, c, c)).save(root / split / name / f"{j}.png")
+    return root
+
+
+def test_any_image_tree_gets_its_classes_from_the_folder_names_and_a_common_size(tmp_path):
+    tree = make_folder_tree(tmp_path / "tree")
+    splits = load_splits("folder", tree, cache_dir=tmp_path / "cache", progress=False, image_size=8, val_size=2)
+    assert splits.test.classes == ("ants", "bees", "cats")
+    assert splits.test.images.shape == (6, 8, 8, 3)
+    assert splits.test.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert splits.test.images[0, 0, 0].tolist() == [40, 40, 40]  # "ants" (the second folder made), RGB, resized
+    archive = make_tar(tree, tmp_path / "tree.tar.gz", "tree")
+    again = load_splits("folder", archive, cache_dir=tmp_path / "cache", progress=False, image_size=8, val_size=2)
+    assert torch.equal(again.test.images, splits.test.images)
+
+
+def test_an_image_tree_of_several_sizes_needs_image_size(tmp_path):
+    tree = make_folder_tree(tmp_path / "tree")
+    with pytest.raises(UserError, match="--image-size resizes them"):
+        load_splits("folder", tree, cache_dir=tmp_path / "cache", progress=False)
+    with pytest.raises(UserError, match="--image-size takes"):
+        load_splits("cifar10", tree, cache_dir=tmp_path / "cache", progress=False, image_size=8)
