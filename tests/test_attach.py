@@ -1,4 +1,7 @@
 """attach: exits on models no one wrote for exitwise; the final exit is the model, bit for bit; impossible cuts refused."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,22 +16,16 @@ from exitwise.runtime import all_exit_logits, prepare
 from conftest import random_image_set
 
 
-class BasicBlock(nn.Module):
-    """torchvision's ResNet block layout: conv-bn-relu-conv-bn, plus a (projected) shortcut, then ReLU."""
+def _benchmark_model_file():
+    """scripts/resnet18_cifar.py, the benchmark's "user's model": its BasicBlock is torchvision's layout."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "resnet18_cifar.py"
+    spec = importlib.util.spec_from_file_location("resnet18_cifar", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
 
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+BasicBlock = _benchmark_model_file().BasicBlock
 
 
 class TinyResNet(nn.Module):
@@ -104,6 +101,13 @@ def test_residual_model_cut_inside_its_trunk_keeps_the_final_exit_exact():
     # the stages compose to the trunk: stage 0 ends at layer1's output
     with torch.no_grad():
         assert torch.equal(ee.stages[0](x), model.layer1(F.relu(model.bn1(model.conv1(x)))))
+
+
+def test_the_benchmarks_resnet18_is_cut_after_each_layer_group():
+    model = _benchmark_model_file().build().eval()
+    ee = attach(model, ["layer1", "layer2", "layer3"], num_classes=10, input_shape=(3, 32, 32))
+    assert exact(model, ee, randn(2, 3, 32, 32))
+    assert all(r["head_macs"] <= 0.25 * r["stage_macs"] for r in head_report(ee))
 
 
 def test_attached_model_shares_the_user_models_parameters_and_leaves_its_mode_and_statistics_alone():

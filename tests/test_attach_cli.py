@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from exitwise.api import train_exits
 from exitwise.attach import attach
 from exitwise.cli import main
+from exitwise.early_exit import EarlyExitModel
 from exitwise.data import ImageSet, load_splits, split_train
 from exitwise.models import create_model
 from exitwise.train import evaluate
@@ -80,6 +81,10 @@ def test_attach_writes_a_model_folder_the_study_and_loader_accept(tmp_path, caps
     x = torch.rand(6, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(network.eval()(x)[-1], model.eval()(x)["logits"])
+    saved = EarlyExitModel.create(network, str(out), "entropy", [0.5, None]).save(tmp_path / "ee")
+    loaded = EarlyExitModel.load(saved)
+    with torch.no_grad():
+        assert torch.equal(loaded.network.eval()(x)[0], network(x)[0])
     code, io = run(capsys, "study", "--model-dir", out, "--dataset", "digits", "--out", tmp_path / "study",
                    "--precision", "fp32", "--no-progress")
     assert code == 0, io.err
