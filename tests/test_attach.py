@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exitwise.attach import attach
+from exitwise import attach
 from exitwise.costs import head_report, stage_and_head_macs
 from exitwise.errors import UserError
 from exitwise.models.heads import TokenHead

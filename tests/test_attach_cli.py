@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from exitwise.api import train_exits
-from exitwise.attach import attach
+from exitwise import attach
 from exitwise.cli import main
 from exitwise.early_exit import EarlyExitModel
 from exitwise.data import ImageSet, load_splits, split_train

@@ -5,7 +5,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from exitwise.api import train_exits  # noqa: E402
-from exitwise.attach import attach  # noqa: E402
+from exitwise import attach  # noqa: E402
 from exitwise.data import load_splits  # noqa: E402
 from exitwise.train import evaluate  # noqa: E402
 

@@ -1,2 +1,15 @@
-"""exitwise: early-exit inference with multi-exit neural networks."""
+"""exitwise: early-exit inference with multi-exit neural networks.
+
+`exitwise.attach(model, exits, num_classes, input_shape)` and `exitwise.train_exits(network, splits, out)` put exits
+on any PyTorch model (see `exitwise.byom`); imported on first use, so `import exitwise` stays light."""
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "attach":
+        from .byom import attach
+        return attach
+    if name == "train_exits":
+        from .api import train_exits
+        return train_exits
+    raise AttributeError(f"module 'exitwise' has no attribute {name!r}")

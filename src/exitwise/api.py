@@ -23,7 +23,7 @@ from .study import (DEFAULT_DESIRED, ExitArrays, StudyConfig, exit_arrays, polic
 def load_model(name: str | Path, weights: str | Path | None = None) -> tuple[MultiExitNetwork, dict]:
     """A registered model with its weights (given, or shipped with the package), or the attached model in a folder
     `exitwise attach` wrote (its own weights), and a description of either."""
-    from .attach import is_model_dir
+    from .byom import is_model_dir
     if weights is None and is_model_dir(name):
         model = create_model(name)
         path = Path(name) / "model.safetensors"
@@ -102,7 +102,7 @@ def attach_model(*, model_file: str, exits: Sequence[str], dataset: str, data_di
                  val_size: int | None = None, split_seed: int = 0, progress: bool = True, **recipe) -> dict | None:
     """`exitwise attach`: build the user's model from FILE:FUNCTION (running their code), load their weights, attach
     exits, train them, and write into `out` the heads' weights, the card and `attach.json` (what rebuilds it)."""
-    from .attach import ATTACH_FILE, attach, attach_spec, build_user_model, load_user_weights
+    from .byom import ATTACH_FILE, attach, attach_spec, build_user_model, load_user_weights
     check_writable_dir(out)
     model = build_user_model(model_file)
     if weights is not None:

@@ -37,7 +37,7 @@ def register_model(name: str, factory: Callable[[], MultiExitNetwork]) -> None:
 
 def create_model(name: str | Path) -> MultiExitNetwork:
     """A registered model by name, or the attached model in a folder `exitwise attach` wrote (with its weights)."""
-    from ..attach import is_model_dir, load_attached
+    from ..byom import is_model_dir, load_attached
     if str(name) in MODELS:
         return MODELS[str(name)]()
     if is_model_dir(name):
