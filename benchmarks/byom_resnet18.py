@@ -8,11 +8,14 @@ folder: the fastest validation-chosen setting within 0.5 points, wall-clock rati
 ratio, in one run. Target: 1.8x at both batch sizes.
 """
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+
 from exitwise.api import attach_model
+from exitwise.data import load_splits
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared"
@@ -26,16 +29,30 @@ def main() -> None:
     p.add_argument("--exits", default="layer1,layer2,layer3")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--images", type=int, help="a smoke run: the first N train, validation and test images only")
     args = p.parse_args()
+    splits = load_splits("cifar10", args.data)
+    if args.images:
+        splits = splits.first(args.images)
     card = attach_model(model_file=f"{HERE.parent / 'scripts/resnet18_cifar.py'}:build", weights=args.weights,
                         exits=args.exits.split(","), dataset="cifar10", data_dir=args.data, out=args.out,
-                        epochs=args.epochs)
+                        epochs=args.epochs, splits=splits)
+    final = card["test_accuracy"][-1]
+    print(f"final exit {final:.2%} on test; the model alone: {load_card(args.weights)}")
     print(f"head training: {card['train_seconds']:.0f} s for {args.epochs} epochs; test accuracy per exit "
           + ", ".join(f"{a:.2%}" for a in card["test_accuracy"]))
     for h in card["heads"]:
         print(f"  head after {h['exit']}: {h['head_macs']:,} MACs ({h['fraction']:.1%} of its stage)")
     subprocess.run([sys.executable, str(HERE / "early_exit_speed.py"), "--data", str(args.data), "--model",
-                    str(args.out), "--repeats", str(args.repeats)], check=True)
+                    str(args.out), "--repeats", str(args.repeats), "--precision", "fp32"]
+                   + (["--images", str(args.images), "--batch1-images", str(args.images)] if args.images else []),
+                   check=True)
+
+
+def load_card(weights: Path) -> str:
+    """The user's model's own test accuracy, from the card train_resnet18.py wrote beside its weights."""
+    card = weights.parent / "model.json"
+    return f"{json.loads(card.read_text())['test_accuracy'][0]:.2%}" if card.is_file() else "no card beside the weights"
 
 
 if __name__ == "__main__":

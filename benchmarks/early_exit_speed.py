@@ -44,9 +44,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch1-images", type=int, default=10000, help="test images timed at batch 1")
     p.add_argument("--policy", action="append", dest="policies", help="repeatable; default: entropy, max-prob, margin")
+    p.add_argument("--precision", help="fp32, mixed or bf16 (default: as the study chooses)")
+    p.add_argument("--images", type=int, help="only the first N validation and test images (a smoke run)")
     args = p.parse_args()
     models = args.models or shipped_models("cifar10")
     splits = load_splits("cifar10", args.data, progress=False)
+    if args.images:
+        splits = splits.first(args.images)
     policies = [get_policy(name) for name in args.policies or ("entropy", "max-prob", "margin")]
     load = machine_load()
     print(f"1-minute load average {load['load_average']} on {load['cpus']} CPUs"
@@ -55,7 +59,7 @@ def main() -> None:
           f"{', '.join(p.name for p in policies)}, best of {args.repeats} runs per timing")
     for name in models:
         model, info = load_model(name, args.weights if len(models) == 1 else None)
-        precision, _ = choose_precision(model, splits.test, StudyConfig(progress=False))  # as the study does
+        precision = args.precision or choose_precision(model, splits.test, StudyConfig(progress=False))[0]  # as the study does
         macs, full_macs = exit_macs(model), backbone_macs(model)
         model = prepare(model, precision)
         warm_up(model, splits.test)

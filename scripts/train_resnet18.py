@@ -28,13 +28,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--precision", default="fp32", help="fp32, or bf16 on CPUs with native bf16")
-    p.add_argument("--train-images", type=int, help="train on the first N train images only (a smoke test)")
+    p.add_argument("--images", type=int, help="a smoke run: the first N train, validation and test images only")
     p.add_argument("--resume", type=Path)
     args = p.parse_args()
     splits = load_splits("cifar10", args.data)
-    if args.train_images:
-        splits = type(splits)(splits.train.subset(torch.arange(args.train_images)), splits.val, splits.test,
-                              splits.dataset, splits.source, splits.split_seed)
+    if args.images:
+        splits = splits.first(args.images)
     model = build()
     network = MultiExitNetwork([model], [nn.Identity()], num_classes=10, input_shape=(3, 32, 32))
     config = TrainConfig(epochs=args.epochs, lr=args.lr, precision=args.precision, cutout=8)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import __version__, analysis, calibration
-from .data import load_splits
+from .data import Splits, load_splits
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, file_sha256, staged_output
 from .errors import UserError
 from .logits_cache import ExitLogits, load_logits
@@ -99,16 +99,18 @@ def attach_model(*, model_file: str, exits: Sequence[str], dataset: str, data_di
                  out: str | Path, weights: str | Path | None = None, image_size: int | None = None,
                  freeze_backbone: bool = True, max_head_fraction: float = 0.25, token_pool: str = "mean",
                  output_key: str | None = None, resume: str | Path | None = None, download: bool = False,
-                 val_size: int | None = None, split_seed: int = 0, progress: bool = True, **recipe) -> dict | None:
+                 val_size: int | None = None, split_seed: int = 0, progress: bool = True, splits: Splits | None = None,
+                 **recipe) -> dict | None:
     """`exitwise attach`: build the user's model from FILE:FUNCTION (running their code), load their weights, attach
-    exits, train them, and write into `out` the heads' weights, the card and `attach.json` (what rebuilds it)."""
+    exits, train them, and write into `out` the heads' weights, the card and `attach.json` (what rebuilds it).
+    `splits` (from Python) replaces the data set named by `dataset` and `data_dir`."""
     from .byom import ATTACH_FILE, attach, attach_spec, build_user_model, load_user_weights
     check_writable_dir(out)
     model = build_user_model(model_file)
     if weights is not None:
         load_user_weights(model, weights)
-    splits = load_splits(dataset, data_dir, download=download, val_size=val_size, split_seed=split_seed,
-                         progress=progress, image_size=image_size)
+    splits = splits or load_splits(dataset, data_dir, download=download, val_size=val_size, split_seed=split_seed,
+                                   progress=progress, image_size=image_size)
     n, h, w, c = splits.train.images.shape
     network = attach(model.eval(), exits, len(splits.train.classes), (c, h, w), max_head_fraction=max_head_fraction,
                      token_pool=token_pool, output_key=output_key)

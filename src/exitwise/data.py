@@ -125,6 +125,12 @@ class Splits:
     source: str
     split_seed: int
 
+    def first(self, n: int) -> Splits:
+        """The first `n` images of each split (a smoke run)."""
+        index = torch.arange(n)
+        return Splits(self.train.subset(index[:len(self.train)]), self.val.subset(index[:len(self.val)]),
+                      self.test.subset(index[:len(self.test)]), self.dataset, self.source, self.split_seed)
+
     def describe(self) -> dict:
         return {"name": self.dataset, "source": self.source, "classes": list(self.test.classes),
                 "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
