@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from exitwise.api import attach_model
 from exitwise.data import load_splits
 
