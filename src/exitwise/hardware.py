@@ -114,9 +114,11 @@ def machine_load() -> dict:
 
 
 def seconds_per_call(fn: Callable[[], object], device: torch.device, min_seconds: float = 0.2,
-                     max_calls: int = 5) -> float:
-    """The fastest of a few timed calls of `fn` after one untimed call (one-time kernel set-up)."""
-    fn()
+                     max_calls: int = 5, warm_up: bool = True) -> float:
+    """The fastest of a few timed calls of `fn` (at least one, more until `min_seconds` were spent), after an
+    untimed call for one-time kernel set-up (`warm_up`; off when the caller has run one)."""
+    if warm_up:
+        fn()
     synchronize(device)
     best, spent, calls = float("inf"), 0.0, 0
     while calls < 1 or (spent < min_seconds and calls < max_calls):
@@ -218,15 +220,18 @@ def choose_micro_batch(prepared: MultiExitNetwork, data, device: torch.device, p
         return cached[key]["micro_batch"], {**cached[key], "cached": True}
     images = next(data.batches(min(max(sizes), len(data))))[0].to(device)
 
-    def full_network(m: int) -> None:
-        with torch.inference_mode():
-            for x in images.split(m):
-                for stage in prepared.stages:
-                    x = stage(x)
-                prepared.heads[-1](x)
+    @torch.inference_mode()
+    def full_network(m: int, rows: torch.Tensor) -> None:
+        for x in rows.split(m):
+            for stage in prepared.stages:
+                x = stage(x)
+            prepared.heads[-1](x)
 
-    ms = {m: 1e3 * seconds_per_call(lambda m=m: full_network(m), device, min_seconds=0.0, max_calls=2) / len(images)
-          for m in sizes}
+    ms = {}
+    for m in sizes:
+        full_network(m, images[:m])  # one micro-batch untimed: this shape's kernels are set up
+        ms[m] = 1e3 * seconds_per_call(lambda: full_network(m, images), device, min_seconds=0.1, max_calls=3,
+                                       warm_up=False) / len(images)
     best = min(ms, key=ms.get)
     entry = {"micro_batch": best, "ms_per_image": {str(m): t for m, t in ms.items()}, "probe_images": len(images),
              "precision": precision, "machine": host.to_json()}
