@@ -72,8 +72,8 @@ def setup_table(r: dict) -> Table:
     ds, model, sw = r["dataset"], r["model"], r["software"]
     sizes = ", ".join(f"{k} {v}" for k, v in ds["sizes"].items())
     check = r.get("precision_check")
-    timed = "; ms per image here: " + ", ".join(f"{t['precision']} {t['ms_per_image']:.3f}" for t in
-                                                 check["tried"]) if check and "ms_per_image" in check["tried"][0] else ""
+    tried = [t for t in (check or {}).get("tried", []) if t.get("ms_per_image") is not None]
+    timed = "; ms per image here: " + ", ".join(f"{t['precision']} {t['ms_per_image']:.3f}" for t in tried) if tried else ""
     precision = r["precision"] + (f" (agrees with fp32 on {_pct(check['agreement_with_fp32'])} of "
                                   f"{check['images']} images{timed})" if check else "")
     host = r.get("machine")
