@@ -43,7 +43,7 @@ def main() -> None:
     for h in card["heads"]:
         print(f"  head after {h['exit']}: {h['head_macs']:,} MACs ({h['fraction']:.1%} of its stage)")
     subprocess.run([sys.executable, str(HERE / "early_exit_speed.py"), "--data", str(args.data), "--model",
-                    str(args.out), "--repeats", str(args.repeats), "--precision", "fp32"]
+                    str(args.out), "--repeats", str(args.repeats)]
                    + (["--images", str(args.images), "--batch1-images", str(args.images)] if args.images else []),
                    check=True)
 

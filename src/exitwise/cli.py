@@ -33,6 +33,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
 
 
+def _add_machine_args(p: argparse.ArgumentParser, micro_batch: bool = True) -> None:
+    p.add_argument("--device", default="auto", help="auto (default: cuda, else mps, else cpu), cpu, cuda or mps")
+    if micro_batch:
+        p.add_argument("--micro-batch", type=int, help="rows that run through the network together (default: the "
+                                                       "fastest size, measured once per model and machine)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="exitwise", description="Early-exit inference with multi-exit networks.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -54,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calibration method: per-exit (default) and/or seed-percentile; repeatable")
     study.add_argument("--batch-size", type=int, default=256)
     study.add_argument("--precision", default="auto",
-                       help="auto (default: the fastest of bf16, mixed that agrees with fp32 on >= 99%% of "
-                            "test predictions at every exit, else fp32), bf16, mixed or fp32")
+                       help="auto (default: the fastest of fp32, bf16 and mixed, timed on this machine, whose "
+                            "predictions agree with fp32 on >= 99%% of test images at every exit), bf16, mixed or fp32")
+    _add_machine_args(study)
 
     train = sub.add_parser("train", help="joint multi-exit training (BranchyNet); checkpoints every epoch, "
                                          "--resume continues; runs under torchrun as DDP")
@@ -77,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "the layers shared with the final exit (default 1: joint)")
     train.add_argument("--cutout", type=int, help="side of a random square zeroed in each training image (0: off)")
     train.add_argument("--schedule", help="onecycle or cosine")
-    train.add_argument("--precision", help="bf16 (autocast) or fp32")
+    train.add_argument("--precision", help="auto (default: bf16 autocast where a timed step says it is faster "
+                                           "than fp32 here), bf16 or fp32")
     train.add_argument("--seed", type=int)
+    _add_machine_args(train, micro_batch=False)
 
     att = sub.add_parser("attach", help="exits on your own PyTorch model: builds it from --model-file (running that "
                                         "file), attaches exits at --exits, trains them, writes a model folder")
@@ -100,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in (("--epochs", int), ("--batch-size", int), ("--lr", float), ("--weight-decay", float),
                        ("--label-smoothing", float), ("--distill", float), ("--cutout", int), ("--seed", int)):
         att.add_argument(flag, type=kind)
-    att.add_argument("--precision", help="fp32 (default) or bf16")
+    att.add_argument("--precision", help="auto (default: the faster here, timed), bf16 or fp32")
 
     cal = sub.add_parser("calibrate", help="exit thresholds from a study's cached logits in seconds: chosen on its "
                                            "validation split, evaluated on its test split; writes calibration.json "
@@ -138,7 +148,8 @@ def cmd_study(args: argparse.Namespace) -> None:
                     weights=args.weights, out=args.out, cutoff=args.cutoff,
                     desired_accuracies=args.desired_accuracies, methods=args.methods,
                     batch_size=args.batch_size, precision=args.precision, val_size=args.val_size, policy=args.policy,
-                    split_seed=args.split_seed, progress=not args.no_progress)
+                    split_seed=args.split_seed, progress=not args.no_progress, device=args.device,
+                    micro_batch=args.micro_batch)
     from .report import format_summary
     print(format_summary(results))
     print(f"\nreport: {(args.out / 'report.html').resolve()}")
@@ -151,7 +162,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     card = train(dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model,
                  image_size=args.image_size,
                  out=args.out, resume=args.resume, val_size=args.val_size, split_seed=args.split_seed,
-                 progress=not args.no_progress, **recipe)
+                 progress=not args.no_progress, device=args.device, **recipe)
     if card is not None:
         accuracy = ", ".join(f"{a:.2%}" for a in card["test_accuracy"] or [])
         print(f"trained {card['model']} in {card['train_seconds']:.0f} s; test accuracy per exit: {accuracy}")
@@ -202,6 +213,12 @@ def cmd_cache(args: argparse.Namespace) -> None:
         print(f"{e['bytes'] / 2**20:8.1f} MiB  {e['path']}  ({e['source'] or 'unfinished entry'})")
     total = sum(e["bytes"] for e in entries) / 2**20
     print(f"{'deleted' if args.clear else 'cached'}: {len(entries)} decoded data sets, {total:.1f} MiB")
+    from .hardware import micro_batch_cache
+    measured = micro_batch_cache()
+    if measured.is_file():
+        print(f"{'deleted' if args.clear else 'cached'}: micro-batch measurements {measured}")
+        if args.clear:
+            measured.unlink(missing_ok=True)
 
 
 COMMANDS = {"study": cmd_study, "train": cmd_train, "attach": cmd_attach, "calibrate": cmd_calibrate, "models": cmd_models,

@@ -154,7 +154,7 @@ def load_splits(dataset: str, data_dir: str | Path | None = None, *, download: b
         raise UserError(f"{dataset} needs --data-dir" + (" (add --download to fetch the official archive into it)"
                                                           if dataset == "cifar10" else ""))
     path = download_cifar10(data_dir, progress=progress) if download else Path(data_dir)
-    decoded, source = _load_images(path, Path(cache_dir) if cache_dir is not None else _default_cache_dir(),
+    decoded, source = _load_images(path, Path(cache_dir) if cache_dir is not None else default_cache_dir(),
                                    progress, dataset, image_size)
     classes = decoded.classes
     train = ImageSet(torch.from_numpy(decoded.train_images), torch.from_numpy(decoded.train_labels), classes)
@@ -435,7 +435,7 @@ def _batch(files: _Files, name: str, num_classes: int) -> tuple[np.ndarray, np.n
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
     if os.environ.get("EXITWISE_CACHE_DIR"):
         return Path(os.environ["EXITWISE_CACHE_DIR"])
     import platformdirs
@@ -444,7 +444,7 @@ def _default_cache_dir() -> Path:
 
 def cache_entries(cache_dir: str | Path | None = None) -> list[dict]:
     """The decoded data sets in the cache: {"path", "source" (None for an unfinished entry), "bytes"}."""
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entries = []
     for entry in sorted(p for pattern in ("cifar10-*", "folder-*") for p in root.glob(pattern)) if root.is_dir() else []:
         if not entry.is_dir():
