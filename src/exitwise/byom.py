@@ -1,13 +1,14 @@
-"""Bring your own model: cut any traceable PyTorch network into stages at named submodules and put an exit on each cut.
+"""Bring your own model: cut any traceable PyTorch network into stages at named submodules, put an exit on each cut.
 
 `attach(model, exits=["layer1", "layer2"], num_classes=10, input_shape=(3, 32, 32))` traces the model's forward
-with `torch.fx` (or, where its forward branches on its input as Hugging Face models do, with `torch.export`, which
-specialises the graph to eval mode), finds the value each named submodule returns, and splits the graph there: stage k runs from cut k-1 to cut k, and the last stage from the
+with `torch.fx`, or, where fx cannot (a forward that branches on its input, as Hugging Face models do), with
+`torch.export` (its graph is specialised to eval mode and holds copies of the parameters). It finds the value each
+named submodule returns and splits the graph there: stage k runs from cut k-1 to cut k, the last stage from the
 last cut to the model's logits. A cut is possible only where the cut module's output is the one value that
-crosses it: a skip connection, a shape read from the input or any other tensor made before the cut and used after
-it is refused, naming the module. Values that do not depend on the input (parameters, constants) are recomputed
-in every stage that uses them. The final exit runs exactly the model's own operations, so its logits equal the
-model's bit for bit; its head is the identity.
+crosses it: a skip connection, a value read from the input or any other tensor made before the cut and used after
+it is refused, naming the module. Values that do not depend on the input (parameters, constants, and with
+torch.export shapes made from the batch size) are recomputed in every stage that uses them. The final exit runs
+exactly the model's own operations, so its logits equal the model's bit for bit; its head is the identity.
 
 Models whose forward returns a dict or a Hugging Face `ModelOutput` end at its `"logits"` entry (or the entry
 named by `output_key`); a tuple ends at its first element. A cut module that returns a tuple is cut at its
@@ -15,17 +16,22 @@ first element.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import json
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .errors import UserError
-from .models.base import MultiExitNetwork
 from .costs import head_report, module_macs
+from .errors import UserError
+from .io import file_sha256
+from .models import check_state_fits, read_state_dict, weight_files
+from .models.base import MultiExitNetwork
 from .models.heads import HeadFactory, token_head_factory
 
 OUTPUT_KEY = "logits"
@@ -309,8 +315,6 @@ ATTACH_FILE = "attach.json"
 
 def build_user_model(spec: str) -> nn.Module:
     """Import FILE and call FUNCTION() from "FILE:FUNCTION": this runs the user's code, as `python FILE` would."""
-    import importlib.util
-    from pathlib import Path
     path, sep, function = str(spec).rpartition(":")
     if not sep or not path or not function:
         raise UserError(f"--model-file takes FILE:FUNCTION, got {spec!r}")
@@ -334,39 +338,34 @@ def build_user_model(spec: str) -> nn.Module:
     return model
 
 
-def load_user_weights(model: nn.Module, path) -> None:
+def load_user_weights(model: nn.Module, path: str | Path) -> None:
     """The user's checkpoint into their model, refusing missing, extra or mis-shaped tensors by name."""
-    from .models import check_state_fits, read_state_dict
     state = read_state_dict(path)
     check_state_fits(model, state, path)
     model.load_state_dict(state)
 
 
-def is_model_dir(name) -> bool:
-    from pathlib import Path
+def is_model_dir(name: str | Path) -> bool:
+    """Whether `name` is a folder `exitwise attach` wrote."""
     return (Path(name) / ATTACH_FILE).is_file()
 
 
-def attach_spec(model_file: str, weights, exits: Sequence[str], num_classes: int, input_shape: Sequence[int],
+def attach_spec(model_file: str, weights: str | Path | None, exits: Sequence[str], num_classes: int, input_shape: Sequence[int],
                 max_head_fraction: float, token_pool: str, output_key: str | None, freeze_backbone: bool) -> dict:
     """What `load_attached` needs to rebuild the network: the model file and weights (with their SHA-256)."""
-    from pathlib import Path
-    from .io import file_sha256
     file = Path(model_file.rpartition(":")[0]).resolve()
     return {"format": ATTACH_FORMAT, "model_file": f"{file}:{model_file.rpartition(':')[2]}",
             "model_file_sha256": file_sha256(file),
             "weights": str(Path(weights).resolve()) if weights else None,
-            "weights_sha256": file_sha256(weights) if weights else None, "exits": list(exits),
+            "weights_sha256": file_sha256(*weight_files(weights)) if weights else None, "exits": list(exits),
             "num_classes": num_classes, "input_shape": list(input_shape), "max_head_fraction": max_head_fraction,
             "token_pool": token_pool, "output_key": output_key, "heads_only": freeze_backbone,
             "weights_file": "model.safetensors"}
 
 
-def load_attached(model_dir) -> MultiExitNetwork:
+def load_attached(model_dir: str | Path) -> MultiExitNetwork:
     """Rebuild the multi-exit network that `exitwise attach` wrote to `model_dir` (its model file runs)."""
     import json
-    from pathlib import Path
-    from .io import file_sha256
     from .models import read_state_dict
     folder = Path(model_dir)
     try:
@@ -377,7 +376,7 @@ def load_attached(model_dir) -> MultiExitNetwork:
         raise UserError(f"{str(folder / ATTACH_FILE)!r} is not an exitwise attached model ({ATTACH_FORMAT})")
     model = build_user_model(spec["model_file"])
     if spec["weights"]:
-        if not Path(spec["weights"]).is_file() or file_sha256(spec["weights"]) != spec["weights_sha256"]:
+        if not Path(spec["weights"]).is_file() or file_sha256(*weight_files(spec["weights"])) != spec["weights_sha256"]:
             raise UserError(f"{str(folder)!r} was made from weights {spec['weights']!r} that are missing or changed "
                             f"(SHA-256 differs)")
         load_user_weights(model, spec["weights"])
