@@ -28,11 +28,11 @@ def main() -> None:
     p.add_argument("--exits", default="layer1,layer2,layer3")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--images", type=int, help="a smoke run: the first N train, validation and test images only")
+    p.add_argument("--images", type=int, help="a smoke run: N seeded train, validation and test images only")
     args = p.parse_args()
     splits = load_splits("cifar10", args.data)
     if args.images:
-        splits = splits.first(args.images)
+        splits = splits.sample(args.images)
     card = attach_model(model_file=f"{HERE.parent / 'scripts/resnet18_cifar.py'}:build", weights=args.weights,
                         exits=args.exits.split(","), dataset="cifar10", data_dir=args.data, out=args.out,
                         epochs=args.epochs, splits=splits)

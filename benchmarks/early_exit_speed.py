@@ -48,13 +48,13 @@ def main() -> None:
     p.add_argument("--precision", default="auto", help="auto (measured, as the study chooses), bf16, mixed or fp32")
     p.add_argument("--micro-batch", type=int, help="default: measured, as the study chooses")
     p.add_argument("--device", default="auto")
-    p.add_argument("--images", type=int, help="only the first N validation and test images (a smoke run)")
+    p.add_argument("--images", type=int, help="N seeded validation and test images only (a smoke run)")
     args = p.parse_args()
     device = resolve_device(args.device)
     models = args.models or shipped_models("cifar10")
     splits = load_splits("cifar10", args.data, progress=False)
     if args.images:
-        splits = splits.first(args.images)
+        splits = splits.sample(args.images)
     policies = [get_policy(name) for name in args.policies or ("entropy", "max-prob", "margin")]
     load = machine_load()
     print(f"machine: {machine(device).describe()}")
