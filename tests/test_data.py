@@ -458,3 +458,10 @@ def test_an_image_tree_of_several_sizes_needs_image_size(tmp_path):
         load_splits("folder", tree, cache_dir=tmp_path / "cache", progress=False)
     with pytest.raises(UserError, match="--image-size takes"):
         load_splits("cifar10", tree, cache_dir=tmp_path / "cache", progress=False, image_size=8)
+
+
+def test_a_sample_of_splits_is_seeded_and_draws_from_every_split():
+    splits = load_splits("digits")
+    a, b = splits.sample(50), splits.sample(50)
+    assert [len(s) for s in (a.train, a.val, a.test)] == [50, 50, 50]
+    assert torch.equal(a.test.images, b.test.images) and not torch.equal(a.test.images, splits.test.images[:50])

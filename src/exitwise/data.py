@@ -445,7 +445,8 @@ def cache_entries(cache_dir: str | Path | None = None) -> list[dict]:
     """The decoded data sets in the cache: {"path", "source" (None for an unfinished entry), "bytes"}."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entries = []
-    for entry in sorted(p for pattern in ("cifar10-*", "folder-*") for p in root.glob(pattern)) if root.is_dir() else []:
+    found = sorted(p for pattern in ("cifar10-*", "folder-*") for p in root.glob(pattern)) if root.is_dir() else []
+    for entry in found:
         if not entry.is_dir():
             continue
         try:
@@ -461,7 +462,7 @@ def cache_entries(cache_dir: str | Path | None = None) -> list[dict]:
 
 
 def clear_cache(cache_dir: str | Path | None = None) -> list[dict]:
-    """Delete the cache's decoded data sets (its `cifar10-*` entries, nothing else); return what was deleted."""
+    """Delete the cache's decoded data sets (its `cifar10-*` and `folder-*` entries); return what was deleted."""
     entries = cache_entries(cache_dir)
     for entry in entries:
         try:
