@@ -350,8 +350,9 @@ def is_model_dir(name: str | Path) -> bool:
     return (Path(name) / ATTACH_FILE).is_file()
 
 
-def attach_spec(model_file: str, weights: str | Path | None, exits: Sequence[str], num_classes: int, input_shape: Sequence[int],
-                max_head_fraction: float, token_pool: str, output_key: str | None, freeze_backbone: bool) -> dict:
+def attach_spec(model_file: str, weights: str | Path | None, exits: Sequence[str], num_classes: int,
+                input_shape: Sequence[int], max_head_fraction: float, token_pool: str, output_key: str | None,
+                freeze_backbone: bool) -> dict:
     """What `load_attached` needs to rebuild the network: the model file and weights (with their SHA-256)."""
     file = Path(model_file.rpartition(":")[0]).resolve()
     return {"format": ATTACH_FORMAT, "model_file": f"{file}:{model_file.rpartition(':')[2]}",

@@ -221,8 +221,8 @@ def cmd_cache(args: argparse.Namespace) -> None:
             measured.unlink(missing_ok=True)
 
 
-COMMANDS = {"study": cmd_study, "train": cmd_train, "attach": cmd_attach, "calibrate": cmd_calibrate, "models": cmd_models,
-            "cache": cmd_cache}
+COMMANDS = {"study": cmd_study, "train": cmd_train, "attach": cmd_attach, "calibrate": cmd_calibrate,
+            "models": cmd_models, "cache": cmd_cache}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,7 +101,8 @@ def backbone_macs(model: MultiExitNetwork) -> int:
     return sum(stages) + heads[-1]
 
 
-def head_report(model: MultiExitNetwork, names: list[str] | None = None, max_fraction: float | None = None) -> list[dict]:
+def head_report(model: MultiExitNetwork, names: list[str] | None = None,
+                max_fraction: float | None = None) -> list[dict]:
     """Each side head's MACs and its share of the stage it follows; warns of heads over `max_fraction` of it."""
     import warnings
     stages, heads = stage_and_head_macs(model)
