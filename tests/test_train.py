@@ -272,11 +272,11 @@ def digest(model):
     return hashlib.sha256(b"".join(v.contiguous().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
 
 model, data, config = setup()
-config = dataclasses.replace(config, epochs=1)
-before = digest(model)
+config = dataclasses.replace(config, epochs=1, freeze_backbone=FREEZE)
+before, stages = digest(model), digest(model.stages)
 card = train(model, data, config, sys.argv[1], progress=False)
 with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.txt"), "w") as f:
-    f.write(f"{before} {digest(model)} {card is None}")
+    f.write(f"{before} {digest(model)} {card is None} {stages == digest(model.stages)}")
 """
 
 
@@ -286,23 +286,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_with_two_processes_ends_with_identical_weights_on_both_ranks(tmp_path):
+def run_torchrun(tmp_path, freeze: bool) -> tuple[Path, list[list[str]]]:
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.replace("N_TRAIN", "256"))
+    script.write_text(DDP_SCRIPT.replace("N_TRAIN", "256").replace("FREEZE", str(freeze)))
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(out),
                              str(tmp_path)], env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    (before0, after0, no_card0), (before1, after1, no_card1) = (
-        (tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1))
+    return out, [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+
+
+def test_torchrun_with_two_processes_ends_with_identical_weights_on_both_ranks(tmp_path):
+    out, ((before0, after0, no_card0, _), (before1, after1, no_card1, _)) = run_torchrun(tmp_path, freeze=False)
     assert before0 == before1 and after0 == after1 and after0 != before0  # trained, and in sync
     assert (no_card0, no_card1) == ("False", "True")  # rank 0 writes and returns the model card
     saved = load_weights(create_model("digits-convnet"), out / "model.safetensors")
     digest = hashlib.sha256(b"".join(v.contiguous().numpy().tobytes() for v in saved.state_dict().values()))
     assert digest.hexdigest() == after0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["world_size"] == 2
+
+
+def test_torchrun_with_a_frozen_backbone_trains_only_the_side_heads_in_sync(tmp_path):
+    out, ((_, after0, _, stages0), (_, after1, _, stages1)) = run_torchrun(tmp_path, freeze=True)
+    assert after0 == after1 and stages0 == stages1 == "True"  # heads in sync; stages and their statistics untouched
+    saved = load_file(str(out / "model.safetensors"))
+    assert saved and all(k.startswith("heads.") for k in saved) and not any(k.startswith("heads.2.") for k in saved)
 
 
 def test_outputs_are_a_model_card_safetensors_and_a_weights_only_checkpoint(tmp_path):

@@ -347,9 +347,10 @@ def _finish(model: MultiExitNetwork, name: str, splits: Splits, config: TrainCon
             seconds: float, world: int, out: Path, device: torch.device, precision_probe: dict | None) -> dict:
     """Measure test accuracy, then write the weights and the model card (the card last: it marks completion)."""
     test = evaluate(model, splits.test, 2 * config.batch_size, config.precision) if len(splits.test) else None
+    side = [["heads", str(k)] for k in range(model.num_exits - 1)]
     state = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)  # no shared storage
              for k, v in model.state_dict().items()
-             if not config.freeze_backbone or k.startswith("heads.")}  # frozen: the rest is the user's weights
+             if not config.freeze_backbone or k.split(".")[:2] in side}  # frozen: the rest is unchanged
     atomic_write_bytes(out / WEIGHTS, safetensors_bytes(state, metadata={"model": name}))
     card = {"model": name, "num_exits": model.num_exits, "dataset": splits.describe(),
             "split_seed": splits.split_seed, "recipe": asdict(config), "epochs": config.epochs,
