@@ -70,8 +70,8 @@ def main() -> None:
         ok = []
         for _, p, t in settings:
             r = analysis.evaluate(arrays["test"][p].scores, arrays["test"][p].correct, t, macs, per_sample)
-            if r["overall_accuracy"] >= final - args.within_points / 100:
-                ok.append((r["seconds"], p, t, r))
+            if r["accuracy"] >= final - args.within_points / 100:
+                ok.append((r["predicted_seconds"], p, t, r))
         _, policy_name, thresholds, chosen = min(ok, key=lambda x: x[0])
         policy = get_policy(policy_name)
         one = splits.test.subset(torch.arange(min(args.batch1_images, len(splits.test))))
@@ -83,12 +83,12 @@ def main() -> None:
         print(f"\n{name} ({info['weights']}, precision {precision})")
         print(f"  full network: accuracy {final:.2%}, {full_macs / 1e6:.2f} M MACs, "
               f"batch 256: {full256.seconds:.2f} s, batch 1: {full1.seconds:.2f} s for {len(one)} images")
-        print(f"  early exit:   accuracy {accuracy:.2%}, {chosen['mean_macs'] / 1e6:.2f} M MACs, "
+        print(f"  early exit:   accuracy {accuracy:.2%}, {chosen['mean_cost'] / 1e6:.2f} M MACs, "
               f"batch 256: {early256.seconds:.2f} s, batch 1: {early1.seconds:.2f} s; exit shares "
               + ", ".join(f"{s:.1%}" for s in chosen["exit_shares"]))
         print(f"  policy {policy.name}, thresholds: {', '.join('never' if t is None else f'{t:.3f}' for t in analysis.thresholds_to_json(thresholds))}")
         print(f"  speed-up: batch 256 {full256.seconds / early256.seconds:.2f}x, batch 1 {full1.seconds / early1.seconds:.2f}x, "
-              f"MACs {full_macs / chosen['mean_macs']:.2f}x")
+              f"MACs {full_macs / chosen['mean_cost']:.2f}x")
 
 
 if __name__ == "__main__":

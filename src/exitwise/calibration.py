@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from . import analysis
+from .policies import check_finite_logits
 from .errors import UserError
 
+DEFAULT_DELTA = 0.1  # allowed failure probability of a guarantee unless the caller says otherwise
 ASSUMPTION = ("calibration samples and future samples are exchangeable (for example i.i.d. from one "
               "distribution, or a random split of one data set)")
 PROCEDURE = ("Learn then Test (Angelopoulos, Bates et al. 2021): settings from no early exit to the cheapest are "
@@ -63,13 +65,6 @@ def check_budget(budget: float, costs: np.ndarray) -> float:
     if budget < costs[0]:
         raise UserError(f"budget {budget:g} is below the cheapest exit's cost {costs[0]:g} (all samples leaving first)")
     return float(budget)
-
-
-def check_finite_logits(logits: np.ndarray | torch.Tensor) -> None:
-    x = torch.as_tensor(logits)
-    x = x.float() if x.dtype == torch.bfloat16 else x  # numpy has no bfloat16; widening keeps finiteness
-    if not np.isfinite(x.numpy(force=True)).all():  # numpy: one core, where torch's threads wait for a busy CPU
-        raise UserError("logits hold NaN or infinite values (a broken model or weights file?)")
 
 
 def relative_target(correct: np.ndarray, points: float) -> float:
@@ -184,14 +179,8 @@ def candidate_thresholds(scores: np.ndarray, levels: int = 64) -> list[np.ndarra
 
 
 def _exit_points(scores: np.ndarray, correct: np.ndarray, settings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each of S settings (S, K - 1): every sample's exit (S, N), as `analysis.exit_points`, and whether it
-    is right there."""
-    staying = np.ones((len(settings), scores.shape[1]), dtype=bool)
-    exits = np.zeros(staying.shape, dtype=np.min_scalar_type(scores.shape[0] - 1))  # small ints: fast adds
-    for k in range(scores.shape[0] - 1):  # a sample's exit is the number of side exits it stays past in a row
-        staying &= ~(scores[k] <= settings[:, k, None])  # not `>`: a NaN score never leaves, as in analysis
-        exits += staying
-    exits = exits.astype(np.intp)
+    """For each of S settings (S, K - 1): every sample's exit (S, N) and whether it is right there."""
+    exits = analysis.exit_points(scores, settings)
     return exits, correct[exits, np.arange(scores.shape[1])]
 
 
@@ -200,7 +189,7 @@ def _raise(exits: np.ndarray, right: np.ndarray, k: int | np.ndarray, score: np.
     """Exits and rightness (S, N) after raising exit k's threshold to each of S values, from the (N,) ones of a
     setting with a threshold no higher at k: only samples running past k change, leaving at k if their score
     allows. score and correct are exit k's (N,) rows; with k (S, 1) they are (S, N), one exit per setting."""
-    leave = (exits > k) & (score <= values[:, None])
+    leave = (exits > k) & analysis.leaves(score, values[:, None])
     return np.where(leave, k, exits), np.where(leave, correct, right)
 
 
@@ -313,8 +302,8 @@ def _search(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, key: Cal
 
 def _setting(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, thresholds: np.ndarray) -> dict:
     r = analysis.evaluate(scores, correct, thresholds, costs)
-    return {"thresholds": analysis.thresholds_to_json(thresholds), "accuracy": r["overall_accuracy"],
-            "mean_cost": r["mean_macs"], "exit_shares": r["exit_shares"]}
+    return {"thresholds": analysis.thresholds_to_json(thresholds), "accuracy": r["accuracy"],
+            "mean_cost": r["mean_cost"], "exit_shares": r["exit_shares"]}
 
 
 def _most_accurate(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, levels: int) -> np.ndarray:

@@ -22,14 +22,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .calibration import check_finite_logits
 from .errors import UserError
+
+
+def check_finite_logits(logits: np.ndarray | torch.Tensor) -> None:
+    x = torch.as_tensor(logits)
+    x = x.float() if x.dtype == torch.bfloat16 else x  # numpy has no bfloat16; widening keeps finiteness
+    if not np.isfinite(x.numpy(force=True)).all():  # numpy: one core, where torch's threads wait for a busy CPU
+        raise UserError("logits hold NaN or infinite values (a broken model or weights file?)")
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -145,3 +151,18 @@ def get_policy(name: str) -> ExitPolicy:
     if name not in POLICIES:
         raise UserError(f"unknown exit policy {name!r}; known: {', '.join(POLICIES)}")
     return POLICIES[name]
+
+
+@dataclass(frozen=True)
+class ExitArrays:
+    """One split's scores under one policy and each exit's correctness, (K, N) each, with the logits they came from."""
+    scores: np.ndarray
+    correct: np.ndarray
+    logits: np.ndarray | None = field(default=None, repr=False)
+
+
+def exit_arrays(logits: np.ndarray, labels: np.ndarray, policy: str | ExitPolicy) -> ExitArrays:
+    """Scores (float64) and correctness of (K, N, C) logits under `policy`."""
+    policy = get_policy(policy) if isinstance(policy, str) else policy
+    scores = policy.scores(torch.from_numpy(logits)).numpy().astype(np.float64)
+    return ExitArrays(scores, logits.argmax(-1) == np.asarray(labels)[None, :], logits)

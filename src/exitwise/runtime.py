@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .analysis import leaves
 from .errors import UserError
 from .models.base import MultiExitNetwork
 from .policies import ExitPolicy
@@ -211,7 +212,7 @@ def run_early_exit(model: MultiExitNetwork, data, thresholds: Sequence[float], p
         leave, state = None, rows.state
         if k < k_exits - 1:
             scores, state = policy.step(k, logits, state)
-            leave = scores <= thr[k]
+            leave = leaves(scores, thr[k])
         if leave is None or bool(leave.all()):  # everyone leaves: no indexing (batch 1 lives here)
             exits[rows.index] = k
             predictions[rows.index] = logits.argmax(-1)
