@@ -56,8 +56,8 @@ def main() -> None:
     print(f"whole study ({len(splits.test)} test + {len(splits.val)} validation images, reports written): {study:.2f} s "
           f"(runs: {', '.join(f'{t:.2f}' for t in studies)})")
     print(f"ratio study / founding pass: {study / founding:.2f}  (target <= 1.5)")
-    print(f"timing model: mean |relative error| {results['timing_model']['mean_abs_relative_error']:.1%} "
-          f"over {len(results['timing_model']['checks'])} real runs")
+    print(f"timing model: mean |relative error| {results.timing_model.mean_abs_relative_error:.1%} "
+          f"over {len(results.timing_model.checks)} real runs")
 
     exact = all_exit_logits(prepare(model, "fp32"), splits.test).logits.argmax(-1)
     for precision in ("bf16", "mixed"):
@@ -65,7 +65,7 @@ def main() -> None:
         print(f"{precision} vs fp32 prediction agreement per exit on all test images: "
               + ", ".join(f"{a:.2%}" for a in agreement)
               + f"  (>= {AGREEMENT_REQUIRED:.1%} at every exit: {'yes' if agreement.min() >= AGREEMENT_REQUIRED else 'no'})")
-    print(f"the study chose: {results['precision']}")
+    print(f"the study chose: {results.precision}")
 
 if __name__ == "__main__":
     main()

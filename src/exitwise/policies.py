@@ -136,15 +136,24 @@ class PatiencePolicy(ExitPolicy):
         return torch.stack(out)
 
 
-POLICIES: dict[str, ExitPolicy] = {
-    "entropy": ExitPolicy("entropy", entropy, lambda c: math.log(c), "nats", "leave when the entropy is <= t nats"),
-    "max-prob": ExitPolicy("max-prob", one_minus_max_prob, lambda c: 1.0 - 1.0 / c, "1 - max probability",
-                           "leave when the top class probability is >= 1 - t"),
-    "margin": ExitPolicy("margin", one_minus_margin, lambda c: 1.0, "1 - top-two margin",
-                         "leave when the top two probabilities differ by >= 1 - t"),
-    "patience": PatiencePolicy("patience", None, lambda c: 0.0, "-(agreeing exits before)",
-                               "t = -p: leave once p + 1 consecutive exits predict the same class"),
-}
+POLICIES: dict[str, ExitPolicy] = {}
+
+
+def register_policy(policy: ExitPolicy) -> ExitPolicy:
+    """Make an exit policy available by its name to the study, `exitwise calibrate` and saved models."""
+    if policy.name in POLICIES:
+        raise ValueError(f"exit policy {policy.name!r} is registered already")
+    POLICIES[policy.name] = policy
+    return policy
+
+
+register_policy(ExitPolicy("entropy", entropy, lambda c: math.log(c), "nats", "leave when the entropy is <= t nats"))
+register_policy(ExitPolicy("max-prob", one_minus_max_prob, lambda c: 1.0 - 1.0 / c, "1 - max probability",
+                           "leave when the top class probability is >= 1 - t"))
+register_policy(ExitPolicy("margin", one_minus_margin, lambda c: 1.0, "1 - top-two margin",
+                           "leave when the top two probabilities differ by >= 1 - t"))
+register_policy(PatiencePolicy("patience", None, lambda c: 0.0, "-(agreeing exits before)",
+                               "t = -p: leave once p + 1 consecutive exits predict the same class"))
 
 
 def get_policy(name: str) -> ExitPolicy:
