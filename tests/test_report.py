@@ -85,8 +85,10 @@ def synthetic_doc(num_points: int = 20, dataset: str = "cifar10") -> dict:
                     "sizes": {"train": 4000, "val": 1000, "test": n}, "split_seed": 0, "val_size": 1000},
         "model": {"name": "tiny-3exit", "weights": "/w/tiny.safetensors", "weights_sha256": "ab" * 32,
                   "num_exits": 3},
+        "machine": {"cpu": "Test CPU 9000", "capability": "AVX512", "native_bf16": True, "threads": 2,
+                    "torch": "2.13.0", "device": "cpu"},
         "precision": "bf16", "precision_check": {"agreement_with_fp32": 0.998, "images": 1000, "required": 0.995},
-        "batch_size": 256, "policy": "entropy", "max_cutoff": max_cutoff,
+        "batch_size": 256, "micro_batch": 64, "micro_batch_probe": None, "policy": "entropy", "max_cutoff": max_cutoff,
         "exits": [{"index": k, "accuracy": a, "val_accuracy": a + 0.01, "macs": m}
                   for k, (a, m) in enumerate(zip(EXIT_ACCURACY, macs))],
         "oracle": ORACLE,

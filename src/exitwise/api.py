@@ -54,15 +54,17 @@ TRAIN_DEFAULTS = {"digits": {"crop_padding": 1, "flip": False, "epochs": 30, "ba
 
 def train(*, dataset: str, data_dir: str | Path | None, model: str, out: str | Path,
           resume: str | Path | None = None, download: bool = False, val_size: int | None = None,
-          split_seed: int = 0, progress: bool = True, **recipe) -> dict | None:
+          split_seed: int = 0, progress: bool = True, device: str = "auto", **recipe) -> dict | None:
     """Train a registered model on a dataset's train split; returns the model card (None on ranks > 0)."""
+    from .hardware import resolve_device
     from .train import TrainConfig, train as run_training
     check_writable_dir(out)
+    resolve_device(device)
     net = create_model(model)
     splits = load_splits(dataset, data_dir, download=download, val_size=val_size, split_seed=split_seed,
                          progress=progress)
     config = None if resume is not None and not recipe else TrainConfig(**{**TRAIN_DEFAULTS.get(dataset, {}), **recipe})
-    return run_training(net, splits, config, out, resume=resume, progress=progress, model_name=model)
+    return run_training(net, splits, config, out, resume=resume, progress=progress, model_name=model, device=device)
 
 
 COSTS = ("macs", "latency")

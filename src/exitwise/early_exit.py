@@ -55,13 +55,13 @@ class EarlyExitModel:
         return cls(network, exit_policy, as_thresholds(list(thresholds), network.num_exits), model_name,
                    tuple(class_names) if class_names is not None else None)
 
-    def prepare(self, precision: str = "fp32") -> EarlyExitModel:
-        """This model with an inference copy of its network (`runtime.prepare`), to run many times without
-        preparing again; `with_setting` gives others that share the copy."""
+    def prepare(self, precision: str = "fp32", device: str = "cpu") -> EarlyExitModel:
+        """This model with an inference copy of its network on `device` (`runtime.prepare`), to run many times
+        without preparing again; `with_setting` gives others that share the copy."""
         from .runtime import prepare
         if self.precision is not None:
             raise ValueError("this early-exit model is prepared already")
-        return dataclasses.replace(self, network=prepare(self.network, precision), precision=precision)
+        return dataclasses.replace(self, network=prepare(self.network, precision, device), precision=precision)
 
     def with_setting(self, policy: str | ExitPolicy, thresholds: Sequence[float | None]) -> EarlyExitModel:
         """The same network (prepared or not) with another policy and thresholds."""
@@ -69,15 +69,17 @@ class EarlyExitModel:
         return dataclasses.replace(self, policy=exit_policy,
                                    thresholds=as_thresholds(list(thresholds), self.network.num_exits))
 
-    def run(self, data, *, precision: str | None = None, batch_size: int = 256, progress: bool = False):
+    def run(self, data, *, precision: str | None = None, batch_size: int = 256, micro_batch: int | None = None,
+            progress: bool = False):
         """Real early exit over an ImageSet (see `runtime.run_early_exit`): each sample's exit and prediction.
         Runs a prepared model as it is; otherwise prepares a copy in `precision` (default fp32) for this run."""
+        from .hardware import DEFAULT_MICRO_BATCH
         from .runtime import run_early_exit
         if self.precision is not None and precision not in (None, self.precision):
             raise ValueError(f"this early-exit model is prepared in {self.precision}, not {precision}")
         model = self if self.precision is not None else self.prepare(precision or "fp32")
         return run_early_exit(model.network, data, self.thresholds, self.policy, batch_size=batch_size,
-                              progress=progress)
+                              progress=progress, micro_batch=micro_batch or DEFAULT_MICRO_BATCH)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "model": self.model_name, "policy": self.policy.name,

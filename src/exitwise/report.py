@@ -73,15 +73,20 @@ def setup_table(r: StudyResults) -> Table:
     ds, model, sw = r.dataset, r.model, r.software
     sizes = ", ".join(f"{k} {v}" for k, v in ds["sizes"].items())
     check = r.precision_check
+    tried = [t for t in (check or {}).get("tried", []) if t.get("ms_per_image") is not None]
+    timed = "; ms per image here: " + ", ".join(f"{t['precision']} {t['ms_per_image']:.3f}" for t in tried) if tried else ""
     precision = r.precision + (f" (agrees with fp32 on {_pct(check['agreement_with_fp32'])} of "
-                               f"{check['images']} images)" if check else "")
+                               f"{check['images']} images{timed})" if check else "")
+    host = r.machine
     rows = [["dataset", f"{ds['name']}: {len(ds['classes'])} classes; {sizes}; split seed {ds['split_seed']}"],
             ["source", str(ds["source"])],
             ["model", f"{model['name']}, {model['num_exits']} exits"],
             ["weights", f"{model['weights']} (sha256 {model['weights_sha256'][:16]})"],
             ["exit policy", f"{r.policy}: leave at the first exit whose score is at or below its threshold"],
             ["precision", precision],
-            ["batch size", str(r.batch_size)],
+            ["batch size", str(r.batch_size) + (f", micro-batch {r.micro_batch}" if r.micro_batch else "")],
+            *([["machine", f"{host['cpu']} ({host['capability']}, {'native' if host['native_bf16'] else 'no native'} "
+                           f"bf16), device {host['device']}"]] if host else []),
             ["software", f"exitwise {r.exitwise_version}, python {sw['python']}, torch {sw['torch']}, "
                          f"numpy {sw['numpy']}, {sw['cpu_threads']} CPU threads"],
             ["platform", str(sw["platform"])],
@@ -515,7 +520,8 @@ def format_summary(results: StudyResults) -> str:
     """A plain-text summary for the terminal: the exits and the main configurations, fixed-width columns."""
     r = results
     error = r.timing_model.mean_abs_relative_error
-    head = (f"{r.model['name']} on {r.dataset['name']} ({_n_test(r)} test images, {r.precision}), "
+    host = f", on {r.machine['cpu']}" if r.machine else ""
+    head = (f"{r.model['name']} on {r.dataset['name']} ({_n_test(r)} test images, {r.precision}{host}), "
             f"timing model error {'-' if error is None else f'{error:.1%}'}")
     if warning := busy_warning(r):
         head += f"\n{warning}"

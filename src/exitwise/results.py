@@ -217,9 +217,12 @@ class StudyResults:
     software: dict
     dataset: dict
     model: dict
+    machine: dict | None  # `hardware.machine(device).to_json()`
     precision: str
     precision_check: dict | None
     batch_size: int
+    micro_batch: int | None
+    micro_batch_probe: dict | None
     policy: str
     max_cutoff: float
     exits: tuple[Exit, ...]

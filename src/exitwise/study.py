@@ -8,7 +8,6 @@ sweep come from a per-stage cost model; real early-exit runs at several settings
 from __future__ import annotations
 
 import math
-import os
 import platform
 import dataclasses
 from dataclasses import dataclass
@@ -28,13 +27,14 @@ from .frontiers import Split, latency_frontier, policy_frontiers
 from .io import atomic_write_json, staged_output
 from .logits_cache import FILENAME as LOGITS_FILENAME, ExitLogits, save_logits
 from .models.base import MultiExitNetwork
+from .hardware import (check_micro_batch, check_precision, choose_micro_batch, choose_precision, machine,
+                       machine_load, resolve_device)
 from .policies import POLICIES, ExitArrays, exit_arrays, get_policy
 from .results import (Best, CalibrationEntry, Choice, Exit, FixedCutoff, FullNetwork, Gap, Leavers, Mark, Oracle,
                       Outcome, Overthinking, Setting, StudyResults, SweepPoint, TimedRun, TimingCheck, TimingModel)
-from .runtime import Run, all_exit_logits, check_precision, prepare, run_early_exit, warm_up
+from .runtime import Run, all_exit_logits, prepare, run_early_exit, warm_up
 
 DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
-AGREEMENT_REQUIRED = 0.99  # bf16 may change at most 1% of any exit's predictions
 
 
 @dataclass
@@ -45,8 +45,10 @@ class StudyConfig:
     methods: tuple[str, ...] = ("per-exit", "seed-percentile")
     policy: str = "entropy"
     batch_size: int = 256
-    precision: str = "auto"
+    precision: str = "auto"      # auto: the fastest of fp32, bf16, mixed measured here that agrees with fp32
     precision_check_images: int = 1000
+    device: str = "auto"         # auto: cuda, else mps, else cpu
+    micro_batch: int | None = None  # rows through the network together; None: the fastest, measured here
     timing_check_images: int = 2500
     within_points: float = 0.5
     delta: float = calibration.DEFAULT_DELTA  # allowed failure probability of the "guaranteed" calibration
@@ -67,30 +69,9 @@ class StudyConfig:
         if get_policy(self.policy).max_score(2) <= 0:  # patience: thresholds are -p, no cutoff range to sweep
             raise UserError(f"the study sweeps cutoffs from 0 up: use entropy, max-prob or margin; the "
                             f"{self.policy!r} policy is in every study's frontiers and in `exitwise calibrate`")
-        if self.precision != "auto":
-            check_precision(self.precision)
-
-
-def choose_precision(model: MultiExitNetwork, data, config: StudyConfig) -> tuple[str, dict | None]:
-    """The fastest precision whose predictions agree with fp32 at every exit on >= 99% of the first
-    test images: "auto" tries bf16, then mixed (see `runtime.run_stage`); otherwise fp32."""
-    if config.precision == "fp32" or config.precision_check_images <= 0:
-        return config.precision if config.precision != "auto" else "bf16", None
-    sample = data.subset(torch.arange(min(config.precision_check_images, len(data))))
-
-    def predictions(precision: str) -> np.ndarray:
-        return all_exit_logits(prepare(model, precision), sample, config.batch_size).logits.argmax(-1)
-
-    exact = predictions("fp32")
-    tried = []
-    for precision in ("bf16", "mixed") if config.precision == "auto" else (config.precision,):
-        agreement = (predictions(precision) == exact).mean(1)
-        tried.append({"precision": precision, "agreement_per_exit": agreement.tolist(),
-                      "agreement_with_fp32": float(agreement.min())})
-        if agreement.min() >= AGREEMENT_REQUIRED:
-            return precision, {"images": len(sample), "required": AGREEMENT_REQUIRED, "tried": tried, **tried[-1]}
-    return "fp32", {"images": len(sample), "required": AGREEMENT_REQUIRED, "tried": tried,
-                    "precision": "fp32", "agreement_with_fp32": 1.0}
+        check_precision(self.precision)
+        check_micro_batch(self.micro_batch)
+        resolve_device(self.device)
 
 
 def seconds_per_sample(run: Run, reach: np.ndarray) -> np.ndarray:
@@ -109,10 +90,14 @@ def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_
     all-exits pass per split, and a real early-exit run at the fixed cutoff (what `logits.safetensors` holds)."""
     k_exits = model.num_exits
     load = machine_load()
-    precision, precision_check = choose_precision(model, splits.test, config)
+    device = resolve_device(config.device)
+    precision, precision_check = choose_precision(model, splits.test, config.precision, device,
+                                                  config.precision_check_images)
     full_macs = float(backbone_macs(model))
-    net = prepare(model, precision)
-    run_kwargs = dict(batch_size=config.batch_size)
+    net = prepare(model, precision, device)
+    micro_batch, micro_batch_probe = ((config.micro_batch, None) if config.micro_batch else
+                                      choose_micro_batch(net, splits.test, device, precision, config.batch_size))
+    run_kwargs = dict(batch_size=config.batch_size, micro_batch=micro_batch)
     warm_up(net, splits.test, **run_kwargs)
     test_run = all_exit_logits(net, splits.test, progress=config.progress, **run_kwargs)
     val_run = all_exit_logits(net, splits.val, progress=config.progress, **run_kwargs)
@@ -129,8 +114,10 @@ def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_
                 "fixed_cutoff": {"policy": config.policy, "cutoff": config.cutoff, "seconds": fixed_run.seconds,
                                  "stage_seconds": fixed_run.stage_seconds}}
     info = {"model": model_info, "dataset": splits.describe(), "precision": precision, "batch_size": config.batch_size,
+            "micro_batch": micro_batch, "machine": machine(device).to_json(),
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "software": software_versions(),
-            "precision_check": precision_check, "backbone_macs": full_macs, "measured": measured}
+            "precision_check": precision_check, "micro_batch_probe": micro_batch_probe, "backbone_macs": full_macs,
+            "measured": measured}
     return ExitLogits(val_logits=val_run.logits, val_labels=splits.val.labels.numpy(), test_logits=test_run.logits,
                       test_labels=splits.test.labels.numpy(), exit_macs=np.asarray(exit_macs(model), dtype=np.int64),
                       stage_seconds_per_sample=per_sample, info=info)
@@ -212,8 +199,10 @@ def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
         TimingCheck("all exits, no early exit", float(per_sample.sum() * n_test), all_exits),)
     return StudyResults(
         exitwise_version=__version__, created=info.get("created", ""), software=info.get("software", {}),
-        dataset=info.get("dataset", {}), model=info.get("model", {}), precision=info.get("precision", ""),
-        precision_check=info.get("precision_check"), batch_size=info.get("batch_size", config.batch_size),
+        dataset=info.get("dataset", {}), model=info.get("model", {}), machine=info.get("machine"),
+        precision=info.get("precision", ""), precision_check=info.get("precision_check"),
+        batch_size=info.get("batch_size", config.batch_size), micro_batch=info.get("micro_batch"),
+        micro_batch_probe=info.get("micro_batch_probe"),
         policy=config.policy, max_cutoff=max_cutoff, exits=exits, full_network=full_network,
         fixed_cutoff=fixed_cutoff, sweep=sweep, calibration=tuple(founding_methods + targets), best=best,
         oracle=oracle_report(test, macs, fixed, fixed_exits, full_network, best),
@@ -312,10 +301,11 @@ def verify(model: MultiExitNetwork, test_data, results: StudyResults, config: St
     per_sample = np.asarray(results.timing_model.stage_seconds_per_sample)
     k_exits = len(results.exits)
     base = EarlyExitModel.create(model, results.model.get("name", ""), results.policy,
-                                 [None] * (k_exits - 1)).prepare(results.precision)
+                                 [None] * (k_exits - 1)).prepare(results.precision, resolve_device(config.device))
 
     def timed(s: Setting) -> TimedRun:
-        run = base.with_setting(s.policy, s.thresholds).run(subset, batch_size=results.batch_size)
+        run = base.with_setting(s.policy, s.thresholds).run(subset, batch_size=results.batch_size,
+                                                            micro_batch=results.micro_batch)
         predicted = float(analysis.reach_counts(run.exits, k_exits) @ per_sample)
         return TimedRun(len(subset), run.seconds, predicted)
 
@@ -349,14 +339,6 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
     chosen = results.best.fastest_within_points.setting
     return Study(results, logits, EarlyExitModel.create(model, model_info["name"], chosen.policy, chosen.thresholds,
                                                         class_names=splits.test.classes))
-
-
-def machine_load() -> dict:
-    """The 1-minute load average before the study's timed work, and whether it says the CPUs were busy:
-    other work running beside a study makes its times slow and noisy."""
-    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return {"load_average": load, "cpus": cpus, "busy": load is not None and load >= 0.75 * cpus}
 
 
 def software_versions() -> dict:
