@@ -3,10 +3,12 @@ import dataclasses
 import json
 import math
 import struct
+from pathlib import Path
 
 import pytest
 
 from exitwise.report import PLOTS, format_calibration, format_summary, frontier_png, write_report
+from exitwise import results as results_module
 from exitwise.errors import UserError
 from exitwise.results import Frontiers, StudyResults, from_json, to_json
 
@@ -254,3 +256,14 @@ def test_calibration_summary_of_an_unreachable_target_says_what_is_reachable():
          "closest": {"thresholds": [0.123, 0.204], "accuracy": 0.8234}}, within_points=1.0))
     assert "status: unreachable" in text and "max accuracy 0.8234" in text
     assert "closest setting: thresholds 0.123, 0.204" in text and "1 point below" in text
+
+
+def test_every_results_field_is_documented_in_the_schema():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "results-schema.md").read_text()
+    kinds = [v for v in vars(results_module).values() if dataclasses.is_dataclass(v) and v.__module__ == results_module.__name__]
+    assert StudyResults in kinds and len(kinds) > 10
+    missing = [f"{kind.__name__}.{name}" for kind in kinds
+               for name in [f.name for f in dataclasses.fields(kind)] + [n for n, a in vars(kind).items()
+                                                                          if isinstance(a, property)]
+               if f"`{name}`" not in doc]
+    assert not missing
