@@ -286,3 +286,12 @@ def test_p_values_agree_with_exact_rational_arithmetic():
         ways = sum(comb(marked, k) * comb(total - marked, draws - k) for k in range(x + 1))
         exact = Fraction(ways, comb(total, draws))
         assert calibration.hypergeometric_cdf(x, total, marked, draws) == pytest.approx(float(exact), rel=1e-10)
+
+
+def test_a_search_space_is_reused_only_for_the_arrays_it_was_built_from():
+    scores, correct = generate(600, np.random.default_rng(11))
+    space = calibration.SearchSpace.build(scores, correct, COSTS)
+    assert calibration.empirical_thresholds(scores, correct, COSTS, 0.7, space=space) == \
+        calibration.empirical_thresholds(scores, correct, COSTS, 0.7)
+    with pytest.raises(ValueError, match="built from other"):
+        calibration.budget_thresholds(scores[:, ::-1], correct, COSTS, 50, space=space)

@@ -34,13 +34,15 @@ def _points(raw: list[dict], **extra) -> tuple[CostPoint, ...]:
 
 
 def policy_frontiers(by_policy: dict[str, Split], founding: Split, costs: Sequence[float], unit: str,
-                     desired: Sequence[float], num_cutoffs: int = 100) -> Frontiers:
+                     desired: Sequence[float], num_cutoffs: int = 100,
+                     spaces: dict[str, calibration.SearchSpace] | None = None) -> Frontiers:
     """(mean cost, test accuracy): per policy in `by_policy` its frontier chosen on validation and evaluated on
     test; the founding methods on `founding`, the plain entropy policy's arrays (one shared cutoff from 0 to
-    ln C; seed percentiles for each desired accuracy); and the hindsight oracle on test."""
+    ln C; seed percentiles for each desired accuracy); and the hindsight oracle on test. `spaces`: each policy's
+    validation search space in these costs, if built already."""
     policies = {}
     for name, (val, test) in by_policy.items():
-        chosen = calibration.pareto_frontier(val.scores, val.correct, costs)
+        chosen = calibration.pareto_frontier(val.scores, val.correct, costs, space=(spaces or {}).get(name))
         on_test = analysis.cost_accuracy_points(test.scores, test.correct, costs,
                                                 [analysis.as_thresholds(p["thresholds"], len(costs)) for p in chosen])
         policies[name] = _points(on_test, val_cost=[p["cost"] for p in chosen],

@@ -186,12 +186,14 @@ def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
     sweep = tuple(SweepPoint(float(c), outcome(r))
                   for c, r in zip(cutoffs, analysis.sweep(test.scores, test.correct, cutoffs, macs, per_sample)))
     founding_methods = calibration_table(ev, config, max_cutoff)
-    targets = target_calibration(val, test, macs, per_sample, config.desired_accuracies, config.delta)
+    spaces = {name: calibration.SearchSpace.build(v.scores, v.correct, macs) for name, (v, _) in by_policy.items()}
+    targets = target_calibration(val, test, macs, per_sample, config.desired_accuracies, config.delta,
+                                 spaces[config.policy])
     best = choose(ev, config, founding_methods, cutoffs, k_exits)
     fixed_exits = analysis.exit_points(test.scores, np.full(k_exits - 1, config.cutoff))
 
     frontiers = policy_frontiers(by_policy, by_policy["entropy"], macs, "MACs", config.desired_accuracies,
-                                 config.num_cutoffs)
+                                 config.num_cutoffs, spaces)
     marks = [Mark(f"fixed cutoff {config.cutoff:g}", fixed["mean_cost"], fixed["accuracy"])]
     marks += [Mark(name, c.test.mean_macs, c.test.accuracy) for name, c in best.items()]
     all_exits = measured.get("all_exits_seconds")
@@ -243,15 +245,20 @@ def calibration_table(ev: Evaluator, config: StudyConfig, max_cutoff: float) -> 
 
 
 def target_calibration(val: ExitArrays, test: ExitArrays, macs: Sequence[float], per_sample: np.ndarray,
-                       desired: Sequence[float], delta: float) -> list[CalibrationEntry]:
+                       desired: Sequence[float], delta: float,
+                       space: calibration.SearchSpace | None = None) -> list[CalibrationEntry]:
     """Calibration-table entries of the accuracy-target searches on validation, evaluated on test: "empirical"
     (met on validation) and "guaranteed" (Learn then Test at `delta` for the accuracy over as many new samples as
     the test split holds). A target that is unreachable makes every higher one unreachable, so those are not
-    searched again."""
+    searched again. `space`: validation's search space in MACs, if built already; the guarantee's ordering
+    samples get theirs here, once for every target."""
+    learn, _ = calibration.ordering_split(val.scores.shape[1])
+    ordering = calibration.SearchSpace.build(val.scores[:, learn], val.correct[:, learn], macs)
     searches = {
-        "empirical": (lambda d: calibration.empirical_thresholds(val.scores, val.correct, macs, d), None),
+        "empirical": (lambda d: calibration.empirical_thresholds(val.scores, val.correct, macs, d, space=space), None),
         "guaranteed": (lambda d: calibration.guaranteed_thresholds(val.scores, val.correct, macs, d, delta,
-                                                                   test_size=test.scores.shape[1]), delta),
+                                                                   test_size=test.scores.shape[1], ordering=ordering),
+                       delta),
     }
     entries = []
     for method, (search, entry_delta) in searches.items():
