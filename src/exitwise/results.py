@@ -170,6 +170,7 @@ class CostPoint:
 
 @dataclass(frozen=True)
 class Mark:
+    """A labelled point drawn over the frontiers: a setting the study or `calibrate` chose."""
     label: str
     cost: float
     accuracy: float
@@ -189,6 +190,7 @@ class Frontiers:
 
 @dataclass(frozen=True)
 class TimingCheck:
+    """The cost model's prediction for a real run, against the run."""
     label: str
     predicted_seconds: float
     measured_seconds: float
