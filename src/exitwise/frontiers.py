@@ -23,13 +23,18 @@ def latency_frontier(val_by_policy: dict[str, ExitArrays], stage_seconds_per_sam
     costs = analysis.latency_costs(stage_seconds_per_sample)
     settings = []
     for name, val in val_by_policy.items():
-        settings += [Setting(f"frontier point {i + 1}", name, tuple(p["thresholds"]))
+        settings += [Setting(f"frontier point {i + 1}", name, _thresholds(p, len(costs)))
                      for i, p in enumerate(calibration.pareto_frontier(val.scores, val.correct, costs))]
     return settings
 
 
-def _points(raw: list[dict], **extra) -> tuple[CostPoint, ...]:
-    return tuple(CostPoint(p["cost"], p["accuracy"], tuple(p["thresholds"]) if "thresholds" in p else None,
+def _thresholds(point: dict, num_exits: int) -> tuple[float, ...]:
+    """A calibration or analysis result's JSON-style thresholds as floats (-inf: never leave)."""
+    return tuple(analysis.as_thresholds(point["thresholds"], num_exits).tolist())
+
+
+def _points(raw: list[dict], num_exits: int, **extra) -> tuple[CostPoint, ...]:
+    return tuple(CostPoint(p["cost"], p["accuracy"], _thresholds(p, num_exits) if "thresholds" in p else None,
                            **{k: v[i] for k, v in extra.items()}) for i, p in enumerate(raw))
 
 
@@ -45,7 +50,7 @@ def policy_frontiers(by_policy: dict[str, Split], founding: Split, costs: Sequen
         chosen = calibration.pareto_frontier(val.scores, val.correct, costs, space=(spaces or {}).get(name))
         on_test = analysis.cost_accuracy_points(test.scores, test.correct, costs,
                                                 [analysis.as_thresholds(p["thresholds"], len(costs)) for p in chosen])
-        policies[name] = _points(on_test, val_cost=[p["cost"] for p in chosen],
+        policies[name] = _points(on_test, len(costs), val_cost=[p["cost"] for p in chosen],
                                  val_accuracy=[p["accuracy"] for p in chosen])
     val, test = founding
     num_exits, num_classes = len(costs), founding[1].logits.shape[-1]
@@ -54,6 +59,6 @@ def policy_frontiers(by_policy: dict[str, Split], founding: Split, costs: Sequen
     shared = analysis.cost_accuracy_points(test.scores, test.correct, costs, [np.full(num_exits - 1, c) for c in cutoffs])
     percentile = [calibration.seed_percentile(val.scores, val.correct, d, max_score) for d in desired]
     founding_points = analysis.cost_accuracy_points(test.scores, test.correct, costs, percentile)
-    return Frontiers(unit=unit, policies=policies, shared_cutoffs=_points(shared),
-                     founding_percentile=_points(founding_points, desired_accuracy=list(desired)),
-                     oracle=_points(analysis.oracle_curve(test.correct, costs)))
+    return Frontiers(unit=unit, policies=policies, shared_cutoffs=_points(shared, num_exits),
+                     founding_percentile=_points(founding_points, num_exits, desired_accuracy=list(desired)),
+                     oracle=_points(analysis.oracle_curve(test.correct, costs), num_exits))

@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .io import atomic_write_bytes
-from .results import Frontiers, Gap, Overthinking, StudyResults
+from .results import NEVER, Frontiers, Gap, Overthinking, StudyResults
 
 DPI = 120
 Table = tuple[list[str], list[list[str]]]
@@ -44,7 +44,8 @@ def _macs(x: float | None) -> str:
 
 
 def _thresholds(values: list[float | None] | None) -> str:
-    return "-" if not values else ", ".join("never" if t is None else f"{t + 0.0:.3f}" for t in values)
+    """None (JSON) or -inf (in memory): the exit never lets a sample leave."""
+    return "-" if not values else ", ".join("never" if t is None or t == NEVER else f"{t + 0.0:.3f}" for t in values)
 
 
 def _shares(values: list[float] | None) -> str:

@@ -2,12 +2,13 @@
 
 Names, one per quantity: `accuracy` is always on the test split and `val_accuracy` on validation;
 `mean_macs` is MACs per sample; times say what they are (`predicted_seconds` from the per-stage cost
-model, `measured_seconds` from a real run, `ms_per_image` measured per image). Thresholds are lists
-with None for "never leave at this exit". No numpy and no torch here: results are plain values.
+model, `measured_seconds` from a real run, `ms_per_image` measured per image). Thresholds are floats
+in memory, -inf for "never leave at this exit", written as null in JSON. No numpy and no torch here.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 SCHEMA_VERSION = 2
 """2: typed results (this module). 1: the dictionary before it; see docs/results-schema.md for the renames."""
 
-Thresholds = tuple[float | None, ...]
+Thresholds = typing.NewType("Thresholds", tuple)  # one float per side exit; -inf: never leave there (JSON: null)
+NEVER = -math.inf
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,7 @@ def to_json(value):
         return [to_json(v) for v in value]
     if isinstance(value, dict):
         return {k: to_json(v) for k, v in value.items()}
-    return value
+    return None if value == NEVER else value
 
 
 def from_json(kind, value):
@@ -271,6 +273,8 @@ def from_json(kind, value):
     if value is None:
         return None
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Thresholds:
+        return tuple(NEVER if v is None else float(v) for v in value)
     if dataclasses.is_dataclass(kind):
         hints = typing.get_type_hints(kind)
         return kind(**{f.name: from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(kind)

@@ -30,7 +30,7 @@ from .models.base import MultiExitNetwork
 from .hardware import (check_micro_batch, check_precision, choose_micro_batch, choose_precision, machine,
                        machine_load, resolve_device)
 from .policies import POLICIES, ExitArrays, exit_arrays, get_policy
-from .results import (Best, CalibrationEntry, Choice, Exit, FixedCutoff, FullNetwork, Gap, Leavers, Mark, Oracle,
+from .results import (NEVER, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FullNetwork, Gap, Leavers, Mark, Oracle,
                       Outcome, Overthinking, Setting, StudyResults, SweepPoint, TimedRun, TimingCheck, TimingModel)
 from .runtime import Run, all_exit_logits, prepare, run_early_exit, warm_up
 
@@ -144,10 +144,10 @@ class Evaluator:
         return analysis.evaluate(arrays.scores, arrays.correct, thresholds, self.macs, self.per_sample)
 
     def val(self, s: Setting) -> dict:
-        return self.evaluate(0, s.policy, analysis.as_thresholds(s.thresholds, len(self.macs)))
+        return self.evaluate(0, s.policy, np.asarray(s.thresholds, dtype=np.float64))
 
     def test(self, s: Setting) -> Outcome:
-        return outcome(self.evaluate(1, s.policy, analysis.as_thresholds(s.thresholds, len(self.macs))))
+        return outcome(self.evaluate(1, s.policy, np.asarray(s.thresholds, dtype=np.float64)))
 
 
 def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
@@ -221,7 +221,7 @@ def choose(ev: Evaluator, config: StudyConfig, founding_methods: list[Calibratio
     calibrated_sets = [Setting(f"{c.method} {c.desired_accuracy:.2f}", config.policy, c.thresholds)
                        for c in founding_methods]
     founding = max(calibrated_sets, key=lambda s: (lambda r: r["accuracy"] / r["predicted_seconds"])(ev.val(s)))
-    candidates = [Setting("no early exit", config.policy, (None,) * (k_exits - 1))] + calibrated_sets
+    candidates = [Setting("no early exit", config.policy, (NEVER,) * (k_exits - 1))] + calibrated_sets
     candidates += [Setting(f"cutoff {c:.3f}", config.policy, (float(c),) * (k_exits - 1)) for c in cutoffs]
     candidates += latency_frontier({name: v for name, (v, _) in ev.by_policy.items()}, ev.per_sample)
     floor = ev.by_policy[config.policy][0].correct[-1].mean() - config.within_points / 100
@@ -239,7 +239,7 @@ def calibration_table(ev: Evaluator, config: StudyConfig, max_cutoff: float) -> 
     for method in config.methods:
         for desired in config.desired_accuracies:
             thr = calibration.METHODS[method](val.scores, val.correct, desired, max_cutoff)
-            s = Setting("", config.policy, tuple(analysis.thresholds_to_json(thr)))
+            s = Setting("", config.policy, tuple(thr.tolist()))
             entries.append(CalibrationEntry(method, desired, "ok", s.thresholds, ev.val(s)["accuracy"], ev.test(s)))
     return entries
 
@@ -266,9 +266,9 @@ def target_calibration(val: ExitArrays, test: ExitArrays, macs: Sequence[float],
         for d in sorted(desired):
             r = search(d) if d < lowest_unreachable else {"status": "unreachable"}
             if r["status"] == "ok":
-                t = analysis.evaluate(test.scores, test.correct, analysis.as_thresholds(r["thresholds"], len(macs)),
-                                      macs, per_sample)
-                entries.append(CalibrationEntry(method, d, "ok", tuple(r["thresholds"]), r["accuracy"], outcome(t),
+                thr = analysis.as_thresholds(r["thresholds"], len(macs))  # calibration's results are JSON-style
+                t = analysis.evaluate(test.scores, test.correct, thr, macs, per_sample)
+                entries.append(CalibrationEntry(method, d, "ok", tuple(thr.tolist()), r["accuracy"], outcome(t),
                                                 entry_delta))
             else:
                 lowest_unreachable = d
