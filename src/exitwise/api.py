@@ -88,14 +88,10 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
     given = [name for name, v in goals.items() if v is not None]
     if len(given) != 1:
         raise UserError(f"give exactly one of {', '.join(goals)}; got {', '.join(given) or 'none'}")
-    budget = budget_macs if budget_macs is not None else budget_ms
-    if guarantee and budget is not None:
-        raise UserError("a guarantee certifies an accuracy target (target or within points), not a budget")
     if cost not in COSTS:
         raise UserError(f"unknown cost {cost!r}; choose one of {', '.join(COSTS)}")
-    calibration.check_delta(delta)
-    if target is not None:
-        calibration.check_desired_accuracy(target)
+    budget = budget_macs if budget_macs is not None else budget_ms
+    calibration.check_goal(target, budget, guarantee, delta)
     exit_policy = get_policy(policy)
     check_writable_dir(out)
     cache = load_logits(source)
@@ -111,14 +107,9 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
     test = exit_arrays(cache.test_logits, cache.test_labels, exit_policy)
     unit = "ms" if budget_ms is not None or (cost == "latency" and budget is None) else "MACs"
     costs = analysis.latency_costs(cache.stage_seconds_per_sample) if unit == "ms" else cache.exit_macs
-
-    if budget is not None:
-        result = calibration.budget_thresholds(val.scores, val.correct, costs, budget)
-    else:
-        goal = target if target is not None else calibration.relative_target(val.correct, within_points)
-        result = (calibration.guaranteed_thresholds(val.scores, val.correct, costs, goal, delta,
-                                                    test_size=test.scores.shape[1]) if guarantee
-                  else calibration.empirical_thresholds(val.scores, val.correct, costs, goal))
+    result = calibration.thresholds_for_goal(val.scores, val.correct, costs, target=target,
+                                             within_points=within_points, budget=budget, guarantee=guarantee,
+                                             delta=delta, test_size=test.scores.shape[1])
     ok = result["status"] == "ok"
     thresholds = analysis.as_thresholds(result["thresholds"] if ok else result["closest"]["thresholds"],
                                         cache.exit_macs.size)

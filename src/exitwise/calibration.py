@@ -51,6 +51,15 @@ def check_delta(delta: float) -> float:
     return float(delta)
 
 
+def check_goal(target: float | None, budget: float | None, guarantee: bool, delta: float) -> None:
+    """The checks a goal allows before any data is read (the budget's range needs the costs)."""
+    if guarantee and budget is not None:
+        raise UserError("a guarantee certifies an accuracy target (target or within points), not a budget")
+    check_delta(delta)
+    if target is not None:
+        check_desired_accuracy(target)
+
+
 def check_costs(costs: Sequence[float], num_exits: int) -> np.ndarray:
     """One finite, non-negative cost per exit, non-decreasing: the cost of leaving at exit k includes stages 0..k."""
     c = np.asarray(costs, dtype=np.float64)
@@ -483,3 +492,16 @@ def pareto_frontier(scores: np.ndarray, correct: np.ndarray, costs: Sequence[flo
     space = _space(scores, correct, costs, levels, space)
     return analysis.non_dominated([{"cost": c, "accuracy": a, "thresholds": analysis.thresholds_to_json(t)}
                                    for c, a, t in zip(space.cost, space.accuracy, space.candidates)])
+
+
+def thresholds_for_goal(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], *,
+                        target: float | None = None, within_points: float | None = None, budget: float | None = None,
+                        guarantee: bool = False, delta: float = DEFAULT_DELTA, test_size: int | None = None) -> dict:
+    """One goal's search on this split: a `budget`, else an accuracy `target` (or the final exit's accuracy minus
+    `within_points` points), met empirically or, with `guarantee`, by Learn then Test at `delta`."""
+    if budget is not None:
+        return budget_thresholds(scores, correct, costs, budget)
+    goal = target if target is not None else relative_target(correct, within_points)
+    if guarantee:
+        return guaranteed_thresholds(scores, correct, costs, goal, delta, test_size=test_size)
+    return empirical_thresholds(scores, correct, costs, goal)

@@ -157,7 +157,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
                     budget_macs=args.budget_macs, budget_ms=args.budget_ms, guarantee=args.guarantee,
                     delta=args.delta, cost=args.cost, temperature_scaling=args.temperature_scaling)
     print(format_calibration(doc))
-    print(f"\nwritten: {(args.out / 'calibration.json').resolve()}, frontier.png")
+    early_exit = ", early_exit.json" if (args.out / "early_exit.json").is_file() else ""
+    print(f"\nwritten: {(args.out / 'calibration.json').resolve()}, frontier.png{early_exit}")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
