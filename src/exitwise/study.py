@@ -1,15 +1,16 @@
 """The founding early-exit study, done right: one pass per split, then array arithmetic.
 
-`run_study` collects every exit's logits on the validation and test splits once, measures the time
-of each stage, and derives everything else (per-exit accuracy, the oracle, a fixed cutoff, the
-cutoff sweep, calibrated per-exit thresholds, the best settings) from those arrays. Times in the
-sweep come from a per-stage cost model; real early-exit runs at several settings check it.
+`run_study` is three calls. `measure` needs the model: the precision and micro-batch probes, every
+exit's logits on the validation and test splits, and each stage's time (what `logits.safetensors`
+holds). `analyse` derives everything else from those arrays alone (per-exit accuracy, the oracle, a
+fixed cutoff, the cutoff sweep, calibrated thresholds, frontiers, the best settings), times from a
+per-stage cost model. `verify` runs the best settings for real with early exit to check it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
-import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
