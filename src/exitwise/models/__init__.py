@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from . import digits_convnet, resnet, seed_branchynet  # noqa: F401  (each registers its models)
+from . import seed_branchynet, digits_convnet, resnet  # noqa: F401  (each registers its models, in this order)
 from .base import MultiExitNetwork
 from .registry import MODELS, create_model, register_model
 
