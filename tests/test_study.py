@@ -66,3 +66,11 @@ def test_calibrate_writes_an_early_exit_model_that_runs_what_it_reports(tmp_path
     assert run.exits.tolist() == analysis.exit_points(
         exit_arrays(cache.test_logits, cache.test_labels, "max-prob").scores, model.thresholds).tolist()
     assert (run.predictions == splits.test.labels.numpy()).mean() == doc["test"]["accuracy"]
+
+
+def test_calibrate_writes_no_early_exit_model_for_an_unreachable_target(tmp_path, digits):
+    _, _, _, cache = digits
+    (tmp_path / "study").mkdir()
+    save_logits(cache, tmp_path / "study" / "logits.safetensors")
+    doc = calibrate(tmp_path / "study", tmp_path / "cal", target=1.0, guarantee=True)
+    assert doc["result"]["status"] == "unreachable" and not (tmp_path / "cal" / "early_exit.json").exists()
