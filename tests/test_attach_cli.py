@@ -90,6 +90,8 @@ def test_attach_writes_a_model_folder_the_study_and_loader_accept(tmp_path, caps
     assert code == 0, io.err
     results = json.loads((tmp_path / "study" / "results.json").read_text())
     assert results["model"]["name"] == str(out.resolve()) and len(results["exits"]) == 3
+    chosen = EarlyExitModel.load(tmp_path / "study")  # the study's early_exit.json names the model folder
+    assert chosen.model_name == str(out.resolve()) and chosen.network.num_exits == 3
 
 
 def test_frozen_training_leaves_the_final_exit_alone_and_the_heads_learn(tmp_path, user):

@@ -7,43 +7,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..errors import UserError
+from . import seed_branchynet, digits_convnet, resnet  # noqa: F401  (each registers its models, in this order)
 from .base import MultiExitNetwork
-from .digits_convnet import DigitsConvNet
-from .resnet import BResNet
-from .seed_branchynet import SeedBranchyNet
-
-MODELS: dict[str, Callable[[], MultiExitNetwork]] = {
-    "seed-branchynet": SeedBranchyNet,
-    "digits-convnet": DigitsConvNet,
-    "b-resnet11": BResNet,
-    "b-resnet11-wide": lambda: BResNet(widths=(32, 64, 256, 512)),
-    "b-resnet11-large": lambda: BResNet(widths=(64, 128, 256, 512)),
-}
+from .registry import MODELS, create_model, register_model
 
 SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 INDEX_SUFFIX = ".safetensors.index.json"
 MAX_SHARD_BYTES = 6 << 20  # shipped files stay under the repository's 8 MiB limit
-
-
-def register_model(name: str, factory: Callable[[], MultiExitNetwork]) -> None:
-    """Make a model available by name to the CLI and the Python API."""
-    MODELS[name] = factory
-
-
-def create_model(name: str | Path) -> MultiExitNetwork:
-    """A registered model by name, or the attached model in a folder `exitwise attach` wrote (with its weights)."""
-    from ..byom import is_model_dir, load_attached
-    if str(name) in MODELS:
-        return MODELS[str(name)]()
-    if is_model_dir(name):
-        return load_attached(name)
-    raise UserError(f"unknown model {str(name)!r} (nor a folder written by exitwise attach); "
-                    f"known models: {', '.join(sorted(MODELS))}")
 
 
 def check_fits(model: MultiExitNetwork, images, dataset: str) -> None:
