@@ -37,7 +37,8 @@ def main() -> None:
                         exits=args.exits.split(","), dataset="cifar10", data_dir=args.data, out=args.out,
                         epochs=args.epochs, splits=splits)
     final = card["test_accuracy"][-1]
-    print(f"final exit {final:.2%} on test; the model alone: {load_card(args.weights)}")
+    print(f"final exit {final:.2%} on test; the model's own card (its training run's test split): "
+          f"{load_card(args.weights)}")
     print(f"head training: {card['train_seconds']:.0f} s for {args.epochs} epochs; test accuracy per exit "
           + ", ".join(f"{a:.2%}" for a in card["test_accuracy"]))
     for h in card["heads"]:
