@@ -126,7 +126,7 @@ def export_onnx(model: EarlyExitModel, out: str | Path, *, weights_sha256: str |
             entries[f"{kind}s"].append({"file": name, "exporter": used, "macs": macs, "max_error": error,
                                         "output_shape": ["batch", *output.shape[1:]]})
             if kind == "stage":
-                with torch.inference_mode():
+                with torch.no_grad():  # not inference_mode: the exporters refuse inference tensors
                     x, check = module(x).float(), output
     manifest = {
         "format": FORMAT, "exitwise_version": __version__, "torch_version": torch.__version__,
