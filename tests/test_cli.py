@@ -83,7 +83,10 @@ def test_a_small_study_writes_every_output(tmp_path, capsys, seed_weights):
     (("--desired-accuracies", "0.8,1.5"), ["desired accuracy"]),
     (("--desired-accuracies", "0"), ["desired accuracy"]),
     (("--precision", "fp8"), ["precision"]),
-])
+    (("--micro-batch", "0"), ["micro-batch"]),
+    (("--micro-batch", "-4"), ["micro-batch"]),
+    (("--device", "tpu"), ["device", "tpu"]),
+] + ([(("--device", "cuda"), ["cuda", "not available"])] if not __import__("torch").cuda.is_available() else []))
 def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, seed_weights, extra, words):
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, *study_args(make_tree(tmp_path / "data", per_class=1), seed_weights, out, *extra))

@@ -322,6 +322,18 @@ def test_outputs_are_a_model_card_safetensors_and_a_weights_only_checkpoint(tmp_
     assert checkpoint["epoch"] == 1 and checkpoint["model_name"] == "digits-convnet"
 
 
+def test_auto_precision_is_resolved_by_a_timed_step_recorded_and_kept_on_resume(tmp_path):
+    torch.manual_seed(0)
+    config = TrainConfig(epochs=1, **{**TINY, "precision": "auto"})
+    card = train(create_model("digits-convnet"), ten_classes(splits()), config, tmp_path, progress=False)
+    probe = card["precision_probe"]
+    assert card["precision"] == card["recipe"]["precision"] == probe["precision"] in ("bf16", "fp32")
+    assert probe["precision"] == min(probe["ms_per_image"], key=probe["ms_per_image"].get)
+    assert card["machine"]["cpu"] and "native_bf16" in card["machine"]
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
+    assert saved["precision"] == card["precision"]  # a resumed run trains in what "auto" chose, not a new probe
+
+
 def test_bad_input_raises_user_error_and_overwrites_nothing(tmp_path):
     config = TrainConfig(epochs=1, **TINY)
     torch.manual_seed(0)

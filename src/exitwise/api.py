@@ -35,11 +35,13 @@ def study(*, dataset: str, data_dir: str | Path | None, model: str, out: str | P
           weights: str | Path | None = None, download: bool = False, cutoff: float = 0.6,
           desired_accuracies: Sequence[float] | None = None, methods: Sequence[str] | None = None,
           batch_size: int = 256, precision: str = "auto", val_size: int | None = None,
-          split_seed: int = 0, progress: bool = True, policy: str = "entropy") -> dict:
+          split_seed: int = 0, progress: bool = True, policy: str = "entropy", device: str = "auto",
+          micro_batch: int | None = None) -> dict:
     """Run the whole early-exit study and write results.json, plots and reports into `out`."""
     config = StudyConfig(cutoff=cutoff, desired_accuracies=tuple(desired_accuracies or DEFAULT_DESIRED),
                          methods=tuple(methods or ("per-exit", "seed-percentile")), batch_size=batch_size,
-                         precision=precision, progress=progress, policy=policy)
+                         precision=precision, progress=progress, policy=policy, device=device,
+                         micro_batch=micro_batch)
     check_writable_dir(out)  # fail before the long work, not after it
     net, info = load_model(model, weights)
     splits = load_splits(dataset, data_dir, download=download, val_size=val_size,
@@ -57,15 +59,17 @@ TRAIN_DEFAULTS = {"digits": {"crop_padding": 1, "flip": False, "epochs": 30, "ba
 
 def train(*, dataset: str, data_dir: str | Path | None, model: str, out: str | Path,
           resume: str | Path | None = None, download: bool = False, val_size: int | None = None,
-          split_seed: int = 0, progress: bool = True, **recipe) -> dict | None:
+          split_seed: int = 0, progress: bool = True, device: str = "auto", **recipe) -> dict | None:
     """Train a registered model on a dataset's train split; returns the model card (None on ranks > 0)."""
+    from .hardware import resolve_device
     from .train import TrainConfig, train as run_training
     check_writable_dir(out)
+    resolve_device(device)
     net = create_model(model)
     splits = load_splits(dataset, data_dir, download=download, val_size=val_size, split_seed=split_seed,
                          progress=progress)
     config = None if resume is not None and not recipe else TrainConfig(**{**TRAIN_DEFAULTS.get(dataset, {}), **recipe})
-    return run_training(net, splits, config, out, resume=resume, progress=progress, model_name=model)
+    return run_training(net, splits, config, out, resume=resume, progress=progress, model_name=model, device=device)
 
 
 COSTS = ("macs", "latency")

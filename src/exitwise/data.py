@@ -104,7 +104,7 @@ def load_splits(dataset: str, data_dir: str | Path | None = None, *, download: b
     if data_dir is None:
         raise UserError("cifar10 needs --data-dir (add --download to fetch the official archive into it)")
     path = download_cifar10(data_dir, progress=progress) if download else Path(data_dir)
-    decoded, source = _load_cifar10(path, Path(cache_dir) if cache_dir is not None else _default_cache_dir(),
+    decoded, source = _load_cifar10(path, Path(cache_dir) if cache_dir is not None else default_cache_dir(),
                                     progress)
     classes = decoded.classes
     train = ImageSet(torch.from_numpy(decoded.train_images), torch.from_numpy(decoded.train_labels), classes)
@@ -318,7 +318,7 @@ def _batch(files: Files, name: str, num_classes: int) -> tuple[np.ndarray, np.nd
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
     if os.environ.get("EXITWISE_CACHE_DIR"):
         return Path(os.environ["EXITWISE_CACHE_DIR"])
     import platformdirs
@@ -327,7 +327,7 @@ def _default_cache_dir() -> Path:
 
 def cache_entries(cache_dir: str | Path | None = None) -> list[dict]:
     """The decoded data sets in the cache: {"path", "source" (None for an unfinished entry), "bytes"}."""
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entries = []
     for entry in sorted(root.glob("cifar10-*")) if root.is_dir() else []:
         if not entry.is_dir():

@@ -72,15 +72,20 @@ def setup_table(r: dict) -> Table:
     ds, model, sw = r["dataset"], r["model"], r["software"]
     sizes = ", ".join(f"{k} {v}" for k, v in ds["sizes"].items())
     check = r.get("precision_check")
+    tried = [t for t in (check or {}).get("tried", []) if t.get("ms_per_image") is not None]
+    timed = "; ms per image here: " + ", ".join(f"{t['precision']} {t['ms_per_image']:.3f}" for t in tried) if tried else ""
     precision = r["precision"] + (f" (agrees with fp32 on {_pct(check['agreement_with_fp32'])} of "
-                                  f"{check['images']} images)" if check else "")
+                                  f"{check['images']} images{timed})" if check else "")
+    host = r.get("machine")
     rows = [["dataset", f"{ds['name']}: {len(ds['classes'])} classes; {sizes}; split seed {ds['split_seed']}"],
             ["source", str(ds["source"])],
             ["model", f"{model['name']}, {model['num_exits']} exits"],
             ["weights", f"{model['weights']} (sha256 {model['weights_sha256'][:16]})"],
             ["exit policy", f"{r['policy']}: leave at the first exit whose score is at or below its threshold"],
             ["precision", precision],
-            ["batch size", str(r["batch_size"])],
+            ["batch size", str(r["batch_size"]) + (f", micro-batch {r['micro_batch']}" if "micro_batch" in r else "")],
+            *([["machine", f"{host['cpu']} ({host['capability']}, {'native' if host['native_bf16'] else 'no native'} "
+                           f"bf16), device {host['device']}"]] if host else []),
             ["software", f"exitwise {r['exitwise_version']}, python {sw['python']}, torch {sw['torch']}, "
                          f"numpy {sw['numpy']}, {sw['cpu_threads']} CPU threads"],
             ["platform", str(sw["platform"])],
@@ -502,7 +507,8 @@ def busy_warning(r: dict) -> str:
 def format_summary(results: dict) -> str:
     """A plain-text summary for the terminal: the exits and the main configurations, fixed-width columns."""
     r = results
-    head = (f"{r['model']['name']} on {r['dataset']['name']} ({_n_test(r)} test images, {r['precision']}), "
+    host = f", on {r['machine']['cpu']}" if r.get("machine") else ""
+    head = (f"{r['model']['name']} on {r['dataset']['name']} ({_n_test(r)} test images, {r['precision']}{host}), "
             f"timing model error {r['timing_model']['mean_abs_relative_error']:.1%}")
     if warning := busy_warning(r):
         head += f"\n{warning}"

@@ -17,24 +17,14 @@ import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import UserError
+from .hardware import DEFAULT_MICRO_BATCH, check_precision, synchronize
 from .models.base import MultiExitNetwork
 from .policies import ExitPolicy
 from .progress import progress_bar
 
-PRECISIONS = ("bf16", "mixed", "fp32")
-
-
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    return precision
-
-
-MICRO_BATCH = 64
-"""Rows that go through the network together. Measured on this 2-core AMX CPU (bf16, channels_last): a
-256-image batch runs 1.5-2x faster per image as four 64-row pieces, each through every stage while its
-activations stay in cache (32 rows are slower again). Every runtime function splits a caller's batch
-this way; predictions are unchanged."""
+# Every runtime function splits a caller's batch into `micro_batch`-row pieces that each go through the whole
+# network while their activations stay in cache (on the AMX machine 64 rows ran 1.5-2x faster per image than
+# 256); predictions are unchanged. `hardware.choose_micro_batch` measures the best size for a machine.
 
 
 class _InDtype(torch.nn.Module):
@@ -74,7 +64,7 @@ def _bn_scale(bn: torch.nn.BatchNorm2d) -> torch.Tensor:
     return weight / torch.sqrt(bn.running_var + bn.eps)
 
 
-def prepare(model: MultiExitNetwork, precision: str = "fp32") -> MultiExitNetwork:
+def prepare(model: MultiExitNetwork, precision: str = "fp32", device: str | torch.device = "cpu") -> MultiExitNetwork:
     """An inference copy of `model` that runs in `precision`; the runtime functions below take it.
 
     Eval mode, batch norms folded into the convolutions before them, channels_last (the fast layout
@@ -82,12 +72,13 @@ def prepare(model: MultiExitNetwork, precision: str = "fp32") -> MultiExitNetwor
     per call as autocast would. "bf16": everything in bfloat16 (5-10x faster than fp32 on AMX/AVX-512-bf16
     CPUs). "mixed": the first stage (raw pixels) and every exit head (they decide who leaves) in fp32,
     the other stages in bf16: on the founding network bf16 everywhere changes up to 1% of an exit's
-    predictions, mixed at most 0.2%. "fp32": the reference.
+    predictions, mixed at most 0.2%. "fp32": the reference. Which is fastest depends on the machine
+    (`hardware.choose_precision`). The copy lives on `device`; the runtime moves each batch there.
     """
-    check_precision(precision)
+    check_precision(precision, allow_auto=False)
     net = copy.deepcopy(model).eval()
     fold_batch_norms(net)
-    net.to(memory_format=torch.channels_last)
+    net.to(device=device, memory_format=torch.channels_last)
     for k in range(net.num_exits):
         if precision == "bf16" or (precision == "mixed" and k > 0):
             net.stages[k].to(torch.bfloat16)
@@ -126,19 +117,26 @@ class Run:
         return self.seconds - sum(self.head_seconds[:-1])
 
 
-def _micro_batches(data, batch_size: int, progress: bool, desc: str, whole: bool = False) -> Iterable[torch.Tensor]:
-    """The images in batches of `batch_size` (as a caller hands them in), each run as MICRO_BATCH-row
-    pieces (or yielded whole, for a caller that splits them itself)."""
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _micro_batches(data, batch_size: int, micro_batch: int, device: torch.device, progress: bool, desc: str,
+                   whole: bool = False) -> Iterable[torch.Tensor]:
+    """The images on `device` in batches of `batch_size` (as a caller hands them in), each run as
+    `micro_batch`-row pieces (or yielded whole, for a caller that splits them itself)."""
     total = (len(data) + batch_size - 1) // batch_size
     for images, _ in progress_bar(data.batches(batch_size), total=total, desc=desc, enabled=progress,
                                   leave=False, unit="batch"):
-        yield from [images] if whole else images.split(MICRO_BATCH)
+        images = images.to(device, non_blocking=True)
+        yield from [images] if whole else images.split(micro_batch)
 
 
 @torch.inference_mode()
-def warm_up(model: MultiExitNetwork, data, batch_size: int = 256, batches: int = 8) -> None:
+def warm_up(model: MultiExitNetwork, data, batch_size: int = 256, batches: int = 8,
+            micro_batch: int = DEFAULT_MICRO_BATCH) -> None:
     """Run a few micro-batches untimed, so one-time kernel set-up does not count as a stage's cost."""
-    for i, x in enumerate(_micro_batches(data, batch_size, False, "warm-up")):
+    for i, x in enumerate(_micro_batches(data, batch_size, micro_batch, device_of(model), False, "warm-up")):
         if i == batches:
             break
         for k in range(model.num_exits):
@@ -146,23 +144,26 @@ def warm_up(model: MultiExitNetwork, data, batch_size: int = 256, batches: int =
 
 
 @torch.inference_mode()
-def all_exit_logits(model: MultiExitNetwork, data, batch_size: int = 256, progress: bool = False) -> Run:
+def all_exit_logits(model: MultiExitNetwork, data, batch_size: int = 256, progress: bool = False,
+                    micro_batch: int = DEFAULT_MICRO_BATCH) -> Run:
     """Every sample through every stage and head of a `prepare`d model: each exit's logits, per-stage time."""
-    k_exits = model.num_exits
+    k_exits, device = model.num_exits, device_of(model)
     stage_seconds, head_seconds = [0.0] * k_exits, [0.0] * k_exits
     chunks: list[list[torch.Tensor]] = [[] for _ in range(k_exits)]
     start = time.perf_counter()
-    for x in _micro_batches(data, batch_size, progress, "all exits"):
+    for x in _micro_batches(data, batch_size, micro_batch, device, progress, "all exits"):
         for k in range(k_exits):
             t0 = time.perf_counter()
             x = model.stages[k](x)
+            synchronize(device)
             t1 = time.perf_counter()
             chunks[k].append(model.heads[k](x).float())
+            synchronize(device)
             t2 = time.perf_counter()
             stage_seconds[k] += t2 - t0
             head_seconds[k] += t2 - t1
     seconds = time.perf_counter() - start
-    logits = torch.stack([torch.cat(c) for c in chunks]).numpy()
+    logits = torch.stack([torch.cat(c) for c in chunks]).cpu().numpy()
     return Run(exits=np.full(len(data), k_exits - 1), predictions=logits[-1].argmax(-1),
                stage_seconds=stage_seconds, seconds=seconds, logits=logits, head_seconds=head_seconds)
 
@@ -184,7 +185,7 @@ class _Rows:
 
 @torch.inference_mode()
 def run_early_exit(model: MultiExitNetwork, data, thresholds: Sequence[float], policy: ExitPolicy,
-                   batch_size: int = 256, progress: bool = False) -> Run:
+                   batch_size: int = 256, progress: bool = False, micro_batch: int = DEFAULT_MICRO_BATCH) -> Run:
     """Real early exit with a `prepare`d model: a sample leaves at the first side exit whose score is <= its threshold.
 
     Each batch enters in micro-batches; the samples that stay are compacted and wait at the next
@@ -194,13 +195,13 @@ def run_early_exit(model: MultiExitNetwork, data, thresholds: Sequence[float], p
     Thresholds of -inf never let a sample leave, so `[-inf] * (K - 1)` runs the full network
     (every side head included, as in the founding system's loop).
     """
-    k_exits = model.num_exits
+    k_exits, device = model.num_exits, device_of(model)
     thr = torch.as_tensor(np.asarray(thresholds, dtype=np.float64), dtype=torch.float32)
     if thr.shape != (k_exits - 1,):
         raise UserError(f"expected {k_exits - 1} thresholds, got {tuple(thr.shape)}")
-    thr = list(thr.unbind())  # one 0-d tensor per exit, made once
-    exits = torch.empty(len(data), dtype=torch.int64)
-    predictions = torch.empty(len(data), dtype=torch.int64)
+    thr = list(thr.to(device).unbind())  # one 0-d tensor per exit, made once
+    exits = torch.empty(len(data), dtype=torch.int64, device=device)
+    predictions = torch.empty(len(data), dtype=torch.int64, device=device)
     stage_seconds = [0.0] * k_exits
     waiting: list[list[_Rows]] = [[] for _ in range(k_exits)]
 
@@ -224,6 +225,7 @@ def run_early_exit(model: MultiExitNetwork, data, thresholds: Sequence[float], p
             else:
                 rows = _Rows(x, rows.index, state)
             waiting[k + 1].append(rows)
+        synchronize(device)
         stage_seconds[k] += time.perf_counter() - t0
 
     def run_waiting(k: int, at_least: int) -> None:
@@ -233,27 +235,31 @@ def run_early_exit(model: MultiExitNetwork, data, thresholds: Sequence[float], p
 
     offset = 0
     start = time.perf_counter()
-    for batch in _micro_batches(data, batch_size, progress, "early exit", whole=True):
-        for x in batch.split(MICRO_BATCH):
-            advance(0, _Rows(x, torch.arange(offset, offset + len(x)), policy.init_state(len(x))))
+    for batch in _micro_batches(data, batch_size, micro_batch, device, progress, "early exit", whole=True):
+        for x in batch.split(micro_batch):
+            index = torch.arange(offset, offset + len(x), device=device)
+            advance(0, _Rows(x, index, policy.init_state(len(x)).to(device)))
             offset += len(x)
             for k in range(1, k_exits):
-                run_waiting(k, MICRO_BATCH)
+                run_waiting(k, micro_batch)
         for k in range(1, k_exits):  # the batch is done: the rest go on as they are
             run_waiting(k, 1)
     seconds = time.perf_counter() - start
-    return Run(exits=exits.numpy(), predictions=predictions.numpy(), stage_seconds=stage_seconds, seconds=seconds)
+    return Run(exits=exits.cpu().numpy(), predictions=predictions.cpu().numpy(), stage_seconds=stage_seconds,
+               seconds=seconds)
 
 
 @torch.inference_mode()
-def run_backbone(model: MultiExitNetwork, data, batch_size: int = 256, progress: bool = False) -> Run:
+def run_backbone(model: MultiExitNetwork, data, batch_size: int = 256, progress: bool = False,
+                 micro_batch: int = DEFAULT_MICRO_BATCH) -> Run:
     """The `prepare`d network without side exits: every stage, then the final head. The baseline to beat."""
-    predictions = []
+    predictions, device = [], device_of(model)
     start = time.perf_counter()
-    for x in _micro_batches(data, batch_size, progress, "backbone"):
+    for x in _micro_batches(data, batch_size, micro_batch, device, progress, "backbone"):
         for stage in model.stages:
             x = stage(x)
         predictions.append(model.heads[-1](x).argmax(-1))
+    predictions = torch.cat(predictions).cpu()
     seconds = time.perf_counter() - start
-    return Run(exits=np.full(len(data), model.num_exits - 1), predictions=torch.cat(predictions).numpy(),
+    return Run(exits=np.full(len(data), model.num_exits - 1), predictions=predictions.numpy(),
                stage_seconds=[], seconds=seconds)

@@ -8,7 +8,6 @@ sweep come from a per-stage cost model; real early-exit runs at several settings
 from __future__ import annotations
 
 import math
-import os
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,10 +25,11 @@ from .io import atomic_write_json, staged_output
 from .logits_cache import FILENAME as LOGITS_FILENAME, ExitLogits, save_logits
 from .models.base import MultiExitNetwork
 from .policies import POLICIES, ExitPolicy, get_policy
-from .runtime import Run, all_exit_logits, check_precision, prepare, run_early_exit, warm_up
+from .hardware import (check_micro_batch, check_precision, choose_micro_batch, choose_precision, machine,
+                       machine_load, resolve_device)
+from .runtime import Run, all_exit_logits, prepare, run_early_exit, warm_up
 
 DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
-AGREEMENT_REQUIRED = 0.99  # bf16 may change at most 1% of any exit's predictions
 GUARANTEE_DELTA = 0.1
 
 
@@ -41,8 +41,10 @@ class StudyConfig:
     methods: tuple[str, ...] = ("per-exit", "seed-percentile")
     policy: str = "entropy"
     batch_size: int = 256
-    precision: str = "auto"
+    precision: str = "auto"      # auto: the fastest of fp32, bf16, mixed measured here that agrees with fp32
     precision_check_images: int = 1000
+    device: str = "auto"         # auto: cuda, else mps, else cpu
+    micro_batch: int | None = None  # rows through the network together; None: the fastest, measured here
     timing_check_images: int = 2500
     within_points: float = 0.5
     progress: bool = True
@@ -60,8 +62,9 @@ class StudyConfig:
         if get_policy(self.policy).max_score(2) <= 0:  # patience: thresholds are -p, no cutoff range to sweep
             raise UserError(f"the study sweeps cutoffs from 0 up: use entropy, max-prob or margin; the "
                             f"{self.policy!r} policy is in every study's frontiers and in `exitwise calibrate`")
-        if self.precision != "auto":
-            check_precision(self.precision)
+        check_precision(self.precision)
+        check_micro_batch(self.micro_batch)
+        resolve_device(self.device)
 
 
 @dataclass
@@ -76,28 +79,6 @@ def exit_arrays(logits: np.ndarray, labels: torch.Tensor, policy: str | ExitPoli
     policy = get_policy(policy) if isinstance(policy, str) else policy
     scores = policy.scores(torch.from_numpy(logits)).numpy().astype(np.float64)
     return ExitArrays(scores, logits.argmax(-1) == labels.numpy()[None, :], logits)
-
-
-def choose_precision(model: MultiExitNetwork, data, config: StudyConfig) -> tuple[str, dict | None]:
-    """The fastest precision whose predictions agree with fp32 at every exit on >= 99% of the first
-    test images: "auto" tries bf16, then mixed (see `runtime.run_stage`); otherwise fp32."""
-    if config.precision == "fp32" or config.precision_check_images <= 0:
-        return config.precision if config.precision != "auto" else "bf16", None
-    sample = data.subset(torch.arange(min(config.precision_check_images, len(data))))
-
-    def predictions(precision: str) -> np.ndarray:
-        return all_exit_logits(prepare(model, precision), sample, config.batch_size).logits.argmax(-1)
-
-    exact = predictions("fp32")
-    tried = []
-    for precision in ("bf16", "mixed") if config.precision == "auto" else (config.precision,):
-        agreement = (predictions(precision) == exact).mean(1)
-        tried.append({"precision": precision, "agreement_per_exit": agreement.tolist(),
-                      "agreement_with_fp32": float(agreement.min())})
-        if agreement.min() >= AGREEMENT_REQUIRED:
-            return precision, {"images": len(sample), "required": AGREEMENT_REQUIRED, "tried": tried, **tried[-1]}
-    return "fp32", {"images": len(sample), "required": AGREEMENT_REQUIRED, "tried": tried,
-                    "precision": "fp32", "agreement_with_fp32": 1.0}
 
 
 def seconds_per_sample(run: Run, reach: np.ndarray) -> np.ndarray:
@@ -146,10 +127,14 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
     max_cutoff = policy.max_score(model.num_classes)
 
     load = machine_load()
-    precision, precision_check = choose_precision(model, splits.test, config)
+    device = resolve_device(config.device)
+    precision, precision_check = choose_precision(model, splits.test, config.precision, device,
+                                                  config.precision_check_images)
     full_macs = float(backbone_macs(model))
-    model = prepare(model, precision)
-    run_kwargs = dict(batch_size=config.batch_size)
+    model = prepare(model, precision, device)
+    micro_batch, micro_batch_probe = ((config.micro_batch, None) if config.micro_batch else
+                                      choose_micro_batch(model, splits.test, device, precision, config.batch_size))
+    run_kwargs = dict(batch_size=config.batch_size, micro_batch=micro_batch)
     warm_up(model, splits.test, **run_kwargs)
 
     test_run = all_exit_logits(model, splits.test, progress=config.progress, **run_kwargs)
@@ -245,7 +230,9 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
         "software": software_versions(),
         "dataset": splits.describe(),
         "model": model_info,
+        "machine": machine(device).to_json(),
         "precision": precision, "precision_check": precision_check,
+        "micro_batch": micro_batch, "micro_batch_probe": micro_batch_probe,
         "batch_size": config.batch_size, "policy": config.policy, "max_cutoff": max_cutoff,
         "exits": exits,
         "oracle_accuracy": oracle["accuracy"], "oracle_mean_macs": oracle["mean_macs"],
@@ -264,7 +251,8 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, mode
                         test_labels=splits.test.labels.numpy(), exit_macs=np.asarray(macs, dtype=np.int64),
                         stage_seconds_per_sample=per_sample,
                         info={"model": model_info, "dataset": results["dataset"], "precision": precision,
-                              "batch_size": config.batch_size})
+                              "batch_size": config.batch_size, "micro_batch": micro_batch,
+                              "machine": results["machine"]})
     return Study(results, logits)
 
 
@@ -373,14 +361,6 @@ def policy_frontiers(val_logits: np.ndarray, val_labels: torch.Tensor, test_logi
         desired, analysis.cost_accuracy_points(test.scores, test.correct, costs, percentile))]
     out["oracle"] = analysis.oracle_curve(test.correct, costs)
     return out
-
-
-def machine_load() -> dict:
-    """The 1-minute load average before the study's timed work, and whether it says the CPUs were busy:
-    other work running beside a study makes its times slow and noisy."""
-    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return {"load_average": load, "cpus": cpus, "busy": load is not None and load >= 0.75 * cpus}
 
 
 def software_versions() -> dict:

@@ -1,0 +1,103 @@
+"""Precision, micro-batch and device are chosen by measuring this machine, and say which machine it was."""
+import numpy as np
+import pytest
+import torch
+
+from exitwise import hardware
+from exitwise.errors import UserError
+from exitwise.hardware import (AGREEMENT_REQUIRED, choose_micro_batch, choose_precision, choose_train_precision,
+                               machine, pick_precision, resolve_device)
+from exitwise.models import create_model
+from exitwise.runtime import prepare
+
+from conftest import random_image_set
+
+
+def _agreement(table):
+    asked = []
+
+    def agreement(p):
+        asked.append(p)
+        return np.array(table[p])
+    return agreement, asked
+
+
+def test_the_fastest_candidate_that_agrees_with_fp32_wins():
+    agreement, asked = _agreement({"bf16": [1.0, 0.999], "mixed": [1.0, 1.0]})
+    chosen, tried = pick_precision({"fp32": 3.0, "bf16": 0.4, "mixed": 0.9}, agreement)
+    assert chosen["precision"] == "bf16" and [t["precision"] for t in tried] == ["bf16", "mixed", "fp32"]
+    assert asked == ["bf16"]  # slower candidates than the winner are never checked
+
+
+def test_a_fast_candidate_that_disagrees_is_passed_over():
+    agreement, asked = _agreement({"bf16": [0.98, 1.0], "mixed": [0.995, 1.0]})
+    chosen, tried = pick_precision({"fp32": 3.0, "bf16": 0.4, "mixed": 0.9}, agreement)
+    assert chosen["precision"] == "mixed" and asked == ["bf16", "mixed"]
+    assert tried[0]["agreement_with_fp32"] == 0.98 < AGREEMENT_REQUIRED
+
+
+def test_where_bf16_is_emulated_fp32_wins_without_any_agreement_pass():
+    agreement, asked = _agreement({})
+    chosen, tried = pick_precision({"fp32": 1.2, "bf16": 8.4, "mixed": 6.7}, agreement)
+    assert chosen["precision"] == "fp32" and asked == []
+    assert [t["agreement_with_fp32"] for t in tried] == [1.0, None, None]
+
+
+def test_an_explicit_precision_is_used_as_asked_and_its_agreement_recorded():
+    agreement, asked = _agreement({"bf16": [0.9]})
+    chosen, tried = pick_precision({"bf16": 8.0}, agreement, auto=False)
+    assert chosen["precision"] == "bf16" and chosen["agreement_with_fp32"] == 0.9
+
+
+def test_choose_precision_times_every_candidate_on_this_machine():
+    torch.manual_seed(0)
+    precision, check = choose_precision(create_model("digits-convnet"), random_image_set(100), "auto",
+                                        check_images=100)
+    assert precision in ("fp32", "bf16", "mixed") and check["precision"] == precision
+    assert {t["precision"] for t in check["tried"]} == {"fp32", "bf16", "mixed"}
+    assert all(t["ms_per_image"] > 0 for t in check["tried"])
+    assert check["machine"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert choose_precision(create_model("digits-convnet"), random_image_set(10), "fp32") == ("fp32", None)
+
+
+def test_the_micro_batch_probe_runs_once_per_model_and_machine(tmp_path, monkeypatch):
+    model, data = prepare(create_model("digits-convnet")), random_image_set(300)
+    size, probe = choose_micro_batch(model, data, torch.device("cpu"), "fp32", batch_size=128, cache_dir=tmp_path)
+    assert size in (16, 32, 64, 128) and set(probe["ms_per_image"]) == {"16", "32", "64", "128"}
+    assert not probe["cached"]
+    monkeypatch.setattr(hardware, "seconds_per_call", lambda *a, **k: pytest.fail("probed again"))
+    again, cached = choose_micro_batch(model, data, torch.device("cpu"), "fp32", batch_size=128, cache_dir=tmp_path)
+    assert again == size and cached["cached"]
+    other = prepare(create_model("seed-branchynet"))  # another architecture is probed afresh
+    with pytest.raises(pytest.fail.Exception):
+        choose_micro_batch(other, random_image_set(300, shape=(32, 32, 3)), torch.device("cpu"), "fp32",
+                           cache_dir=tmp_path)
+
+
+def test_training_precision_is_timed_without_touching_the_model_or_the_rng():
+    torch.manual_seed(0)
+    model = create_model("digits-convnet")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    state = torch.get_rng_state()
+    precision, probe = choose_train_precision(model, images, labels, torch.device("cpu"))
+    assert precision == min(probe["ms_per_image"], key=probe["ms_per_image"].get)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_devices():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(UserError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="'cuda' is not available"):
+            resolve_device("cuda")
+
+
+def test_the_machine_names_its_cpu():
+    m = machine()
+    assert m.cpu and m.threads >= 1 and m.capability == torch.backends.cpu.get_cpu_capability()
+    assert m.cpu in m.describe() and set(m.to_json()) == {"cpu", "capability", "native_bf16", "threads", "torch",
+                                                         "device"}
