@@ -23,7 +23,7 @@ from .progress import progress_bar
 
 FORMAT = "exitwise.onnx-export/1"
 MANIFEST = "manifest.json"
-MICRO_BATCH = 64  # rows that go through the stages together, as `runtime.MICRO_BATCH`
+MICRO_BATCH = 64  # rows that go through the stages together: `hardware.DEFAULT_MICRO_BATCH` (that module needs torch)
 
 
 def manifest_digest(manifest: dict) -> str:
