@@ -234,3 +234,23 @@ def test_shipped_b_resnet11_on_cifar_test_images(tmp_path):
     run = _assert_same_run(model, data, OnnxEarlyExit.load(tmp_path / "onnx"))
     assert set(run.exits) == {0, 1, 2, 3}
     assert (run.predictions == data.labels.numpy()).mean() > 0.8  # the pixels are read as the model expects
+
+
+def test_a_module_the_dynamo_exporter_refuses_falls_back_to_torchscript(tmp_path, monkeypatch):
+    export_with = torch.onnx.export
+
+    def no_dynamo(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("no")
+        return export_with(*args, dynamo=False, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    model = EarlyExitModel.create(create_model("digits-convnet"), "digits-convnet", "entropy", [0.5, 0.5])
+    manifest = export_module.export_onnx(model, tmp_path / "onnx")
+    assert {e["exporter"] for e in manifest["stages"] + manifest["heads"]} == {"torchscript"}
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    with pytest.raises(UserError, match=r"cannot export _InDtype to ONNX \(dynamo: no; torchscript: no\)"):
+        export_module.export_onnx(model, tmp_path / "again")
