@@ -101,3 +101,12 @@ def test_the_machine_names_its_cpu():
     assert m.cpu and m.threads >= 1 and m.capability == torch.backends.cpu.get_cpu_capability()
     assert m.cpu in m.describe() and set(m.to_json()) == {"cpu", "capability", "native_bf16", "threads", "torch",
                                                          "device"}
+
+
+def test_cache_clear_forgets_the_measured_micro_batches(tmp_path, monkeypatch, capsys):
+    from exitwise.cli import main
+    monkeypatch.setenv("EXITWISE_CACHE_DIR", str(tmp_path))
+    choose_micro_batch(prepare(create_model("digits-convnet")), random_image_set(64), torch.device("cpu"), "fp32")
+    assert main(["cache"]) == 0 and "micro-batch measurements" in capsys.readouterr().out
+    assert main(["cache", "--clear"]) == 0
+    assert not (tmp_path / "micro_batch.json").exists()

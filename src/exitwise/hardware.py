@@ -209,12 +209,11 @@ def choose_micro_batch(prepared: MultiExitNetwork, data, device: torch.device, p
     Each size in MICRO_BATCH_SIZES up to `batch_size` runs the full network over the same images; the
     answer is cached per architecture, precision, device, CPU, threads and torch version in the cache
     directory (`micro_batch.json`), so the probe runs once per machine and model."""
-    from .data import default_cache_dir
     sizes = [m for m in MICRO_BATCH_SIZES if m <= batch_size] or [batch_size]
     host = machine(device)
     key = "|".join((architecture_fingerprint(prepared), precision, str(device), host.cpu, str(host.threads),
                     host.torch))
-    path = (cache_dir or default_cache_dir()) / "micro_batch.json"
+    path = micro_batch_cache(cache_dir)
     cached = _read_json(path)
     if key in cached:
         return cached[key]["micro_batch"], {**cached[key], "cached": True}
@@ -237,6 +236,13 @@ def choose_micro_batch(prepared: MultiExitNetwork, data, device: torch.device, p
              "precision": precision, "machine": host.to_json()}
     _write_json_entry(path, key, entry)
     return best, {**entry, "cached": False}
+
+
+def micro_batch_cache(cache_dir: Path | None = None) -> Path:
+    """The file of measured micro-batch sizes (`exitwise cache --clear` deletes it: a probe taken on a busy
+    machine is then measured again)."""
+    from .data import default_cache_dir
+    return (cache_dir or default_cache_dir()) / "micro_batch.json"
 
 
 def _read_json(path: Path) -> dict:
