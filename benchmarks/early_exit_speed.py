@@ -22,11 +22,13 @@ from exitwise import analysis
 from exitwise.api import load_model
 from exitwise.costs import backbone_macs, exit_macs
 from exitwise.data import load_splits
+from exitwise.early_exit import EarlyExitModel
+from exitwise.frontiers import latency_frontier
 from exitwise.models import shipped_models
-from exitwise.policies import get_policy
 from exitwise.hardware import choose_micro_batch, choose_precision, machine, machine_load, resolve_device
-from exitwise.runtime import all_exit_logits, prepare, run_backbone, run_early_exit, warm_up
-from exitwise.study import exit_arrays, latency_frontier
+from exitwise.policies import exit_arrays, get_policy
+from exitwise.results import Setting
+from exitwise.runtime import all_exit_logits, run_backbone, warm_up
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -63,7 +65,9 @@ def main() -> None:
         model, info = load_model(name, args.weights if len(models) == 1 else None)
         precision, check = choose_precision(model, splits.test, args.precision, device)  # as the study does
         macs, full_macs = exit_macs(model), backbone_macs(model)
-        model = prepare(model, precision, device)
+        early_exit = EarlyExitModel.create(model, name, policies[0], [None] * (model.num_exits - 1))
+        early_exit = early_exit.prepare(precision, device)
+        model = early_exit.network
         micro_batch = args.micro_batch or choose_micro_batch(model, splits.test, device, precision)[0]
         mb = dict(micro_batch=micro_batch)
         warm_up(model, splits.test, **mb)
@@ -73,32 +77,35 @@ def main() -> None:
         arrays = {split: {p.name: exit_arrays(r.logits, d.labels, p) for p in policies}
                   for split, r, d in (("val", val, splits.val), ("test", test, splits.test))}
         final = (test.logits[-1].argmax(-1) == splits.test.labels.numpy()).mean()  # the final exit's accuracy
-        settings = [("no early exit", policies[0].name, np.full(model.num_exits - 1, -np.inf))]  # always in reach
+        settings = [Setting("no early exit", policies[0].name, (None,) * (model.num_exits - 1))]  # always in reach
         settings += latency_frontier(arrays["val"], per_sample)
         ok = []
-        for _, p, t in settings:
-            r = analysis.evaluate(arrays["test"][p].scores, arrays["test"][p].correct, t, macs, per_sample)
-            if r["overall_accuracy"] >= final - args.within_points / 100:
-                ok.append((r["seconds"], p, t, r))
-        _, policy_name, thresholds, chosen = min(ok, key=lambda x: x[0])
-        policy = get_policy(policy_name)
+        for s in settings:
+            test_arrays = arrays["test"][s.policy]
+            r = analysis.evaluate(test_arrays.scores, test_arrays.correct,
+                                  analysis.as_thresholds(s.thresholds, model.num_exits), macs, per_sample)
+            if r["accuracy"] >= final - args.within_points / 100:
+                ok.append((r["predicted_seconds"], s, r))
+        _, setting, chosen = min(ok, key=lambda x: x[0])
+        early_exit = early_exit.with_setting(setting.policy, setting.thresholds)
+        policy = early_exit.policy
         one = splits.test.subset(torch.arange(min(args.batch1_images, len(splits.test))))
         full256 = best_of(args.repeats, lambda: run_backbone(model, splits.test, 256, **mb))
-        early256 = best_of(args.repeats, lambda: run_early_exit(model, splits.test, thresholds, policy, 256, **mb))
+        early256 = best_of(args.repeats, lambda: early_exit.run(splits.test, batch_size=256, **mb))
         full1 = best_of(args.repeats, lambda: run_backbone(model, one, 1, **mb))
-        early1 = best_of(args.repeats, lambda: run_early_exit(model, one, thresholds, policy, 1, **mb))
+        early1 = best_of(args.repeats, lambda: early_exit.run(one, batch_size=1, **mb))
         accuracy = (early256.predictions == splits.test.labels.numpy()).mean()
         timed = ", ".join(f"{t['precision']} {t['ms_per_image']:.2f}" for t in check["tried"]) if check else "not timed"
         print(f"\n{name} ({info['weights']}, precision {precision} (ms/image in the probe: {timed}), "
               f"micro-batch {micro_batch})")
         print(f"  full network: accuracy {final:.2%}, {full_macs / 1e6:.2f} M MACs, "
               f"batch 256: {full256.seconds:.2f} s, batch 1: {full1.seconds:.2f} s for {len(one)} images")
-        print(f"  early exit:   accuracy {accuracy:.2%}, {chosen['mean_macs'] / 1e6:.2f} M MACs, "
+        print(f"  early exit:   accuracy {accuracy:.2%}, {chosen['mean_cost'] / 1e6:.2f} M MACs, "
               f"batch 256: {early256.seconds:.2f} s, batch 1: {early1.seconds:.2f} s; exit shares "
               + ", ".join(f"{s:.1%}" for s in chosen["exit_shares"]))
-        print(f"  policy {policy.name}, thresholds: {', '.join('never' if t is None else f'{t:.3f}' for t in analysis.thresholds_to_json(thresholds))}")
+        print(f"  policy {policy.name}, thresholds: {', '.join('never' if t is None else f'{t:.3f}' for t in setting.thresholds)}")
         print(f"  speed-up: batch 256 {full256.seconds / early256.seconds:.2f}x, batch 1 {full1.seconds / early1.seconds:.2f}x, "
-              f"MACs {full_macs / chosen['mean_macs']:.2f}x")
+              f"MACs {full_macs / chosen['mean_cost']:.2f}x")
 
 
 if __name__ == "__main__":

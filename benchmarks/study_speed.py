@@ -63,13 +63,13 @@ def main() -> None:
     print(f"whole study ({len(splits.test)} test + {len(splits.val)} validation images, reports written): {study:.2f} s "
           f"(runs: {', '.join(f'{t:.2f}' for t in studies)})")
     print(f"ratio study / founding pass: {study / founding:.2f}  (target <= 1.5)")
-    print(f"timing model: mean |relative error| {results['timing_model']['mean_abs_relative_error']:.1%} "
-          f"over {len(results['timing_model']['checks'])} real runs")
+    print(f"timing model: mean |relative error| {results.timing_model.mean_abs_relative_error:.1%} "
+          f"over {len(results.timing_model.checks)} real runs")
 
-    check = results["precision_check"]
-    print(f"the study chose precision {results['precision']} (probe ms/image: "
+    check = results.precision_check
+    print(f"the study chose precision {results.precision} (probe ms/image: "
           + (", ".join(f"{t['precision']} {t['ms_per_image']:.2f}" for t in check["tried"]) if check else "-")
-          + f"), micro-batch {results['micro_batch']}, device {results['machine']['device']}")
+          + f"), micro-batch {results.micro_batch}, device {results.machine['device']}")
     if not args.agreement:
         return
     exact = all_exit_logits(prepare(model, "fp32"), splits.test).logits.argmax(-1)

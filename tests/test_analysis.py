@@ -28,11 +28,11 @@ def test_evaluate_weights_accuracy_by_samples_leaving_each_exit():
     r = analysis.evaluate(SCORES, CORRECT, np.array([0.5, 0.2]), MACS, stage_seconds_per_sample=[1.0, 2.0, 4.0])
     assert r["exit_counts"] == [2, 1, 1]
     assert r["exit_accuracy"] == [1.0, 1.0, 0.0]
-    assert r["overall_accuracy"] == pytest.approx(3 / 4)
+    assert r["accuracy"] == pytest.approx(3 / 4)
     assert r["exit_shares"] == [0.5, 0.25, 0.25]
-    assert r["mean_macs"] == pytest.approx((10 + 30 + 10 + 100) / 4)
+    assert r["mean_cost"] == pytest.approx((10 + 30 + 10 + 100) / 4)
     # 4 samples run stage 0, 2 run stage 1, 1 runs stage 2
-    assert r["seconds"] == pytest.approx(4 * 1.0 + 2 * 2.0 + 1 * 4.0)
+    assert r["predicted_seconds"] == pytest.approx(4 * 1.0 + 2 * 2.0 + 1 * 4.0)
 
 
 def test_reach_counts():
@@ -42,7 +42,7 @@ def test_reach_counts():
 def test_oracle_takes_first_correct_exit_and_pays_full_network_when_wrong_everywhere():
     r = analysis.oracle(CORRECT, MACS)
     assert r["accuracy"] == pytest.approx(3 / 4)
-    assert r["mean_macs"] == pytest.approx((10 + 30 + 10 + 100) / 4)
+    assert r["mean_cost"] == pytest.approx((10 + 30 + 10 + 100) / 4)
 
 
 def test_sweep_is_monotone_in_exit_shares_of_the_final_exit():

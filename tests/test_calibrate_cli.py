@@ -71,8 +71,8 @@ def test_each_goal_is_met_on_the_calibration_split_and_evaluated_on_test(tmp_pat
     assert r["status"] == "ok" and check(r)
     assert r["accuracy"] == doc["calibration_split"]["accuracy"]
     recomputed = on_test(cache, doc)
-    assert doc["test"]["accuracy"] == recomputed["overall_accuracy"] and doc["test"]["samples"] == 400
-    assert doc["test"]["mean_macs"] == pytest.approx(recomputed["mean_macs"])
+    assert doc["test"]["accuracy"] == recomputed["accuracy"] and doc["test"]["samples"] == 400
+    assert doc["test"]["mean_macs"] == pytest.approx(recomputed["mean_cost"])
     assert set(doc["frontier"]["policies"]) == {doc["policy"]} and doc["frontier"]["oracle"]
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert "status: ok" in stdout and f"{100 * doc['test']['accuracy']:.2f}%" in stdout
@@ -130,7 +130,7 @@ def test_an_unreachable_target_is_reported_with_what_is_reachable_and_the_closes
     (["--within-points", "-1"], ["points"]),
     (["--target", "0.6", "--budget-macs", "200"], ["not allowed"]),
     ([], ["required"]),
-    (["--budget-macs", "200", "--guarantee"], ["--guarantee"]),
+    (["--budget-macs", "200", "--guarantee"], ["guarantee", "not a budget"]),
     (["--target", "0.6", "--policy", "vibes"], ["vibes"]),
     (["--target", "0.6", "--cost", "joules"], ["joules"]),
 ])

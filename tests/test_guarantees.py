@@ -23,13 +23,13 @@ def generate(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 def accuracy_and_cost(scores, correct, thresholds) -> tuple[float, float]:
     r = analysis.evaluate(scores, correct, analysis.as_thresholds(thresholds, len(COSTS)), COSTS)
-    return r["overall_accuracy"], r["mean_macs"]
+    return r["accuracy"], r["mean_cost"]
 
 
 def best_shared_cutoff_cost(scores, correct, target) -> float:
     """Exhaustive: the cost of every distinct shared cutoff (one per observed side-exit score) meeting the target."""
-    costs = [r["mean_macs"] for r in analysis.sweep(scores, correct, np.unique(scores[:-1]), COSTS)
-             if r["overall_accuracy"] >= target]
+    costs = [r["mean_cost"] for r in analysis.sweep(scores, correct, np.unique(scores[:-1]), COSTS)
+             if r["accuracy"] >= target]
     return min(costs)
 
 
@@ -145,7 +145,7 @@ def test_frontier_is_non_dominated_monotone_and_beats_shared_cutoffs_up_to_its_g
         assert accuracy_and_cost(scores, correct, p["thresholds"]) == (p["accuracy"], p["cost"])
     shared = analysis.sweep(scores, correct, np.linspace(-0.5, 1.5, 50), COSTS)
     for s in shared:  # within a shared cutoff's cost the frontier is as accurate, up to its grid of thresholds
-        assert accuracy[cost <= s["mean_macs"]].max() >= s["overall_accuracy"] - 0.002
+        assert accuracy[cost <= s["mean_cost"]].max() >= s["accuracy"] - 0.002
 
 
 def test_oracle_cost_and_overthinking_on_a_hand_made_table():
@@ -286,3 +286,12 @@ def test_p_values_agree_with_exact_rational_arithmetic():
         ways = sum(comb(marked, k) * comb(total - marked, draws - k) for k in range(x + 1))
         exact = Fraction(ways, comb(total, draws))
         assert calibration.hypergeometric_cdf(x, total, marked, draws) == pytest.approx(float(exact), rel=1e-10)
+
+
+def test_a_search_space_is_reused_only_for_the_arrays_it_was_built_from():
+    scores, correct = generate(600, np.random.default_rng(11))
+    space = calibration.SearchSpace.build(scores, correct, COSTS)
+    assert calibration.empirical_thresholds(scores, correct, COSTS, 0.7, space=space) == \
+        calibration.empirical_thresholds(scores, correct, COSTS, 0.7)
+    with pytest.raises(ValueError, match="built from other"):
+        calibration.budget_thresholds(scores[:, ::-1], correct, COSTS, 50, space=space)

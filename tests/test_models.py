@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from exitwise.costs import backbone_macs, exit_macs, stage_and_head_macs
 from exitwise.errors import UserError
-from exitwise.models import MODELS, create_model, load_weights
+from exitwise.models import MODELS, create_model, load_weights, register_model
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -143,3 +143,10 @@ def test_a_shard_index_may_only_name_safetensors_files_beside_it(tmp_path, shard
     index.write_text(json.dumps({"weight_map": {"w": shard}}))
     with pytest.raises(UserError, match="shard index"):
         read_state_dict(index)
+
+
+def test_a_registered_model_knows_its_name_even_when_it_shares_a_class():
+    large = create_model("b-resnet11-large")
+    assert large.name == "b-resnet11-large" and type(large) is type(create_model("b-resnet11"))
+    with pytest.raises(ValueError, match="registered already"):
+        register_model("b-resnet11")(lambda: large)

@@ -1,8 +1,19 @@
 """The study's choices, on small generated score tables (the end-to-end runs are in test_cli and test_study_cifar)."""
+import json
+
 import numpy as np
+import pytest
 
 from exitwise import analysis
-from exitwise.study import ExitArrays, latency_frontier
+from exitwise.api import calibrate, load_model
+from exitwise.data import load_splits
+from exitwise.early_exit import EarlyExitModel
+from exitwise.logits_cache import load_logits, save_logits
+from exitwise.policies import exit_arrays
+from exitwise.results import StudyResults
+from exitwise.study import StudyConfig, analyse, measure
+from exitwise.frontiers import latency_frontier
+from exitwise.policies import ExitArrays
 
 MACS = [10, 30, 100]
 
@@ -17,8 +28,49 @@ def test_latency_frontier_gives_each_policys_non_dominated_settings_and_an_infor
     settings = latency_frontier(val, seconds)
     fastest_at_full_accuracy = {}
     for name, arrays in val.items():
-        points = [analysis.evaluate(arrays.scores, correct, thr, MACS, seconds) for _, p, thr in settings if p == name]
-        times, accuracies = [p["seconds"] for p in points], [p["overall_accuracy"] for p in points]
+        points = [analysis.evaluate(arrays.scores, correct, analysis.as_thresholds(s.thresholds, k), MACS, seconds)
+                  for s in settings if s.policy == name]
+        times, accuracies = [p["predicted_seconds"] for p in points], [p["accuracy"] for p in points]
         assert len(points) > 1 and times == sorted(times) and accuracies == sorted(set(accuracies))
-        fastest_at_full_accuracy[name] = min(p["seconds"] for p in points if p["overall_accuracy"] >= correct[-1].mean())
+        fastest_at_full_accuracy[name] = min(p["predicted_seconds"] for p in points if p["accuracy"] >= correct[-1].mean())
     assert fastest_at_full_accuracy["informative"] < min(0.8 * seconds.sum() * n, fastest_at_full_accuracy["noise"])
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The shipped digits model measured once (fp32): its splits, the study settings and the cached logits."""
+    net, info = load_model("digits-convnet")
+    splits = load_splits("digits", progress=False)
+    config = StudyConfig(precision="fp32", progress=False)
+    return net, splits, config, measure(net, splits, config, info)
+
+
+def test_analyse_is_a_pure_function_of_the_cached_logits(tmp_path, digits):
+    _, _, config, cache = digits
+    save_logits(cache, tmp_path / "logits.safetensors")
+    first = analyse(cache, config)
+    again = analyse(load_logits(tmp_path), config)  # through the file, as `exitwise calibrate` reads it
+    assert json.dumps(first.to_json()) == json.dumps(again.to_json())
+    assert StudyResults.from_json(json.loads(json.dumps(first.to_json()))) == first
+    assert [e.accuracy for e in first.exits] == (cache.test_logits.argmax(-1) == cache.test_labels).mean(1).tolist()
+
+
+def test_calibrate_writes_an_early_exit_model_that_runs_what_it_reports(tmp_path, digits):
+    _, splits, _, cache = digits
+    (tmp_path / "study").mkdir()
+    save_logits(cache, tmp_path / "study" / "logits.safetensors")
+    doc = calibrate(tmp_path / "study", tmp_path / "cal", within_points=1.0, policy="max-prob")
+    model = EarlyExitModel.load(tmp_path / "cal")
+    assert model.policy.name == "max-prob" and model.to_json()["thresholds"] == doc["result"]["thresholds"]
+    run = model.run(splits.test, precision="fp32")
+    assert run.exits.tolist() == analysis.exit_points(
+        exit_arrays(cache.test_logits, cache.test_labels, "max-prob").scores, model.thresholds).tolist()
+    assert (run.predictions == splits.test.labels.numpy()).mean() == doc["test"]["accuracy"]
+
+
+def test_calibrate_writes_no_early_exit_model_for_an_unreachable_target(tmp_path, digits):
+    _, _, _, cache = digits
+    (tmp_path / "study").mkdir()
+    save_logits(cache, tmp_path / "study" / "logits.safetensors")
+    doc = calibrate(tmp_path / "study", tmp_path / "cal", target=1.0, guarantee=True)
+    assert doc["result"]["status"] == "unreachable" and not (tmp_path / "cal" / "early_exit.json").exists()

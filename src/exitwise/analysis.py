@@ -27,12 +27,24 @@ def thresholds_to_json(thresholds: np.ndarray) -> list[float | None]:
     return [None if np.isneginf(t) else float(t) for t in thresholds]
 
 
+def leaves(scores, thresholds):
+    """The exit rule, the one place it is written: a sample leaves where its score is at or below the threshold.
+    numpy arrays or torch tensors alike (analysis, calibration and the runtime all call this); a NaN score
+    never leaves."""
+    return scores <= thresholds
+
+
 def exit_points(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Index of the exit each sample leaves at: the first side exit with score <= threshold, else the last."""
-    leave = np.empty(scores.shape, dtype=bool)
-    leave[:-1] = scores[:-1] <= np.asarray(thresholds)[:, None]
-    leave[-1] = True
-    return leave.argmax(axis=0)
+    """Index of the exit each sample leaves at: the first side exit where it `leaves`, else the last.
+
+    thresholds (K - 1,) gives (N,) exits; a stack of S settings (S, K - 1) gives (S, N)."""
+    thresholds = np.asarray(thresholds)
+    staying = np.ones((*thresholds.shape[:-1], scores.shape[1]), dtype=bool)
+    exits = np.zeros(staying.shape, dtype=np.min_scalar_type(scores.shape[0] - 1))  # small ints: fast adds
+    for k in range(scores.shape[0] - 1):  # a sample's exit is the number of side exits it stays past in a row
+        staying &= ~leaves(scores[k], thresholds[..., k, None])
+        exits += staying
+    return exits.astype(np.intp)
 
 
 def reach_counts(exits: np.ndarray, num_exits: int) -> np.ndarray:
@@ -43,21 +55,22 @@ def reach_counts(exits: np.ndarray, num_exits: int) -> np.ndarray:
 
 def evaluate(scores: np.ndarray, correct: np.ndarray, thresholds: np.ndarray, exit_macs: Sequence[int],
              stage_seconds_per_sample: Sequence[float] | None = None) -> dict:
-    """Overall accuracy, exit shares, per-exit counts and accuracy, mean MACs (and predicted seconds)."""
+    """Accuracy, exit shares, per-exit counts and accuracy, the mean of the per-exit costs `exit_macs` (MACs or
+    any other cumulative cost) and, given stage times, the predicted seconds for all N samples."""
     num_exits, n = scores.shape
     exits = exit_points(scores, thresholds)
     right = correct[exits, np.arange(n)]
     counts = np.bincount(exits, minlength=num_exits)
     hits = np.bincount(exits, weights=right, minlength=num_exits)
     result = {
-        "overall_accuracy": float(right.mean()),
+        "accuracy": float(right.mean()),
         "exit_shares": (counts / n).tolist(),
         "exit_counts": counts.tolist(),
         "exit_accuracy": [float(h / c) if c else None for h, c in zip(hits, counts)],
-        "mean_macs": float(np.asarray(exit_macs, dtype=np.float64)[exits].mean()),
+        "mean_cost": float(np.asarray(exit_macs, dtype=np.float64)[exits].mean()),
     }
     if stage_seconds_per_sample is not None:
-        result["seconds"] = float(reach_counts(exits, num_exits) @ np.asarray(stage_seconds_per_sample))
+        result["predicted_seconds"] = float(reach_counts(exits, num_exits) @ np.asarray(stage_seconds_per_sample))
     return result
 
 
@@ -66,7 +79,7 @@ def oracle(correct: np.ndarray, exit_macs: Sequence[int]) -> dict:
     any_right = correct.any(axis=0)
     first_right = np.where(any_right, correct.argmax(axis=0), correct.shape[0] - 1)
     return {"accuracy": float(any_right.mean()),
-            "mean_macs": float(np.asarray(exit_macs, dtype=np.float64)[first_right].mean())}
+            "mean_cost": float(np.asarray(exit_macs, dtype=np.float64)[first_right].mean())}
 
 
 def sweep(scores: np.ndarray, correct: np.ndarray, cutoffs: np.ndarray, exit_macs: Sequence[int],
@@ -90,7 +103,7 @@ def cost_accuracy_points(scores: np.ndarray, correct: np.ndarray, costs: Sequenc
     points = []
     for thresholds in settings:
         r = evaluate(scores, correct, np.asarray(thresholds, dtype=np.float64), costs)
-        points.append({"cost": r["mean_macs"], "accuracy": r["overall_accuracy"],
+        points.append({"cost": r["mean_cost"], "accuracy": r["accuracy"],
                        "thresholds": thresholds_to_json(np.asarray(thresholds, dtype=np.float64))})
     return points
 

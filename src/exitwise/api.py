@@ -1,23 +1,24 @@
 """The Python API behind the CLI: each function does one user-level job from names and paths."""
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-import torch
 
 from . import __version__, analysis, calibration
 from .data import load_splits
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, file_sha256, staged_output
 from .errors import UserError
 from .logits_cache import ExitLogits, load_logits
-from .models import check_fits, create_model, load_weights, shipped_card, shipped_weights, weight_files
+from .early_exit import EarlyExitModel
+from .frontiers import policy_frontiers
+from .models import MODELS, check_fits, create_model, load_weights, shipped_card, shipped_weights, weight_files
 from .models.base import MultiExitNetwork
-from .policies import get_policy
-from .study import (DEFAULT_DESIRED, ExitArrays, StudyConfig, exit_arrays, policy_frontiers, run_study,
-                    write_study)
+from .policies import ExitArrays, exit_arrays, get_policy
+from .results import Mark, StudyResults, to_json
+from .study import StudyConfig, run_study, write_study
 
 
 def load_model(name: str, weights: str | Path | None = None) -> tuple[MultiExitNetwork, dict]:
@@ -32,25 +33,19 @@ def load_model(name: str, weights: str | Path | None = None) -> tuple[MultiExitN
 
 
 def study(*, dataset: str, data_dir: str | Path | None, model: str, out: str | Path,
-          weights: str | Path | None = None, download: bool = False, cutoff: float = 0.6,
-          desired_accuracies: Sequence[float] | None = None, methods: Sequence[str] | None = None,
-          batch_size: int = 256, precision: str = "auto", val_size: int | None = None,
-          split_seed: int = 0, progress: bool = True, policy: str = "entropy", device: str = "auto",
-          micro_batch: int | None = None) -> dict:
-    """Run the whole early-exit study and write results.json, plots and reports into `out`."""
-    config = StudyConfig(cutoff=cutoff, desired_accuracies=tuple(desired_accuracies or DEFAULT_DESIRED),
-                         methods=tuple(methods or ("per-exit", "seed-percentile")), batch_size=batch_size,
-                         precision=precision, progress=progress, policy=policy, device=device,
-                         micro_batch=micro_batch)
+          weights: str | Path | None = None, download: bool = False, val_size: int | None = None,
+          split_seed: int = 0, **settings) -> StudyResults:
+    """Run the whole early-exit study and write results.json, logits, early_exit.json, plots and reports into
+    `out`; `settings` are `StudyConfig` fields (its defaults otherwise)."""
+    config = StudyConfig(**settings)
     check_writable_dir(out)  # fail before the long work, not after it
     net, info = load_model(model, weights)
     splits = load_splits(dataset, data_dir, download=download, val_size=val_size,
-                         split_seed=split_seed, progress=progress)
+                         split_seed=split_seed, progress=config.progress)
     check_fits(net, splits.test, splits.dataset)
     done = run_study(net, splits, config, info)
     write_study(done, out)
     return done.results
-
 
 
 # digits are 8x8 and not mirror-symmetric: a 1-pixel crop jitter and no flips; 30 epochs take seconds
@@ -77,30 +72,26 @@ COSTS = ("macs", "latency")
 
 def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", target: float | None = None,
               within_points: float | None = None, budget_macs: float | None = None, budget_ms: float | None = None,
-              guarantee: bool = False, delta: float = 0.1, cost: str = "macs",
+              guarantee: bool = False, delta: float = calibration.DEFAULT_DELTA, cost: str = "macs",
               temperature_scaling: bool = False) -> dict:
     """Exit thresholds from a study's cached logits, in seconds: chosen on its validation split for exactly one goal
     (an accuracy target, a target `within_points` of the final exit's accuracy, or a budget in MACs or milliseconds
-    per sample), then evaluated on its test split. Writes calibration.json and frontier.png into `out`.
+    per sample), then evaluated on its test split. Writes calibration.json, frontier.png and (when the cache names
+    its model and weights, and the goal was met) early_exit.json with the chosen thresholds into `out`.
 
     `cost` is what a target search minimizes: "macs", or "latency" (the study's measured milliseconds per sample
     at its batch size). `guarantee` certifies a target by Learn then Test at `delta` for the accuracy over as many
     new samples as the test split holds. An unreachable target is reported with what is reachable and the closest
     setting, never replaced by another.
     """
-    goals = {"--target": target, "--within-points": within_points, "--budget-macs": budget_macs,
-             "--budget-ms": budget_ms}
-    given = [flag for flag, v in goals.items() if v is not None]
+    goals = {"target": target, "within_points": within_points, "budget_macs": budget_macs, "budget_ms": budget_ms}
+    given = [name for name, v in goals.items() if v is not None]
     if len(given) != 1:
         raise UserError(f"give exactly one of {', '.join(goals)}; got {', '.join(given) or 'none'}")
-    budget = budget_macs if budget_macs is not None else budget_ms
-    if guarantee and budget is not None:
-        raise UserError("--guarantee certifies an accuracy target (--target or --within-points), not a budget")
     if cost not in COSTS:
         raise UserError(f"unknown cost {cost!r}; choose one of {', '.join(COSTS)}")
-    calibration.check_delta(delta)
-    if target is not None:
-        calibration.check_desired_accuracy(target)
+    budget = budget_macs if budget_macs is not None else budget_ms
+    calibration.check_goal(target, budget, guarantee, delta)
     exit_policy = get_policy(policy)
     check_writable_dir(out)
     cache = load_logits(source)
@@ -112,48 +103,58 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
         temperature_report = {split: calibration.temperature_report(getattr(cache, f"{split}_logits"),
                                                                     getattr(cache, f"{split}_labels"), temperatures)
                               for split in ("val", "test")}
-    val = exit_arrays(cache.val_logits, torch.from_numpy(cache.val_labels), exit_policy)
-    test = exit_arrays(cache.test_logits, torch.from_numpy(cache.test_labels), exit_policy)
+    val = exit_arrays(cache.val_logits, cache.val_labels, exit_policy)
+    test = exit_arrays(cache.test_logits, cache.test_labels, exit_policy)
     unit = "ms" if budget_ms is not None or (cost == "latency" and budget is None) else "MACs"
     costs = analysis.latency_costs(cache.stage_seconds_per_sample) if unit == "ms" else cache.exit_macs
-
-    if budget is not None:
-        result = calibration.budget_thresholds(val.scores, val.correct, costs, budget)
-    else:
-        goal = target if target is not None else calibration.relative_target(val.correct, within_points)
-        result = (calibration.guaranteed_thresholds(val.scores, val.correct, costs, goal, delta,
-                                                    test_size=test.scores.shape[1]) if guarantee
-                  else calibration.empirical_thresholds(val.scores, val.correct, costs, goal))
+    result = calibration.thresholds_for_goal(val.scores, val.correct, costs, target=target,
+                                             within_points=within_points, budget=budget, guarantee=guarantee,
+                                             delta=delta, test_size=test.scores.shape[1])
     ok = result["status"] == "ok"
     thresholds = analysis.as_thresholds(result["thresholds"] if ok else result["closest"]["thresholds"],
                                         cache.exit_macs.size)
     on_test = _evaluation(test, thresholds, cache)
-    frontier = policy_frontiers(cache.val_logits, torch.from_numpy(cache.val_labels), cache.test_logits,
-                                torch.from_numpy(cache.test_labels), costs, unit, {policy: exit_policy},
-                                DEFAULT_DESIRED)
-    frontier["marks"] = [{"label": f"{'chosen' if ok else 'closest'} setting ({result['method']})",
-                          "cost": on_test["ms_per_sample" if unit == "ms" else "mean_macs"],
-                          "accuracy": on_test["accuracy"]}]
+    founding = (val, test) if exit_policy is get_policy("entropy") else tuple(
+        exit_arrays(getattr(cache, f"{split}_logits"), getattr(cache, f"{split}_labels"), "entropy")
+        for split in ("val", "test"))
+    frontier = policy_frontiers({policy: (val, test)}, founding, costs, unit, StudyConfig.desired_accuracies)
+    mark = Mark(f"{'chosen' if ok else 'closest'} setting ({result['method']})",
+                on_test["ms_per_sample" if unit == "ms" else "mean_macs"], on_test["accuracy"])
+    frontier = dataclasses.replace(frontier, marks=(mark,))
     doc = {"exitwise_version": __version__, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "source": str(source), "study": cache.info, "policy": policy, "meaning": exit_policy.meaning,
            "cost": {"unit": unit, "batch_size": cache.info.get("batch_size")}, "within_points": within_points,
            "temperatures": None if temperatures is None else temperatures.tolist(),
            "temperature_report": temperature_report, "result": result,
            "evaluated": "thresholds" if ok else "closest setting",
-           "calibration_split": _evaluation(val, thresholds, cache), "test": on_test, "frontier": frontier}
+           "calibration_split": _evaluation(val, thresholds, cache), "test": on_test, "frontier": to_json(frontier)}
+    early_exit = _early_exit_model(cache, exit_policy, thresholds) if ok else None
     from .report import frontier_png
     with staged_output(out) as stage:
         atomic_write_json(stage / "calibration.json", doc)
         atomic_write_bytes(stage / "frontier.png", frontier_png(frontier))
+        if early_exit is not None:
+            model = cache.info["model"]
+            early_exit.write(stage, weights=model["weights"], weights_sha256=model.get("weights_sha256"))
     return doc
+
+
+def _early_exit_model(cache: ExitLogits, policy, thresholds: np.ndarray) -> EarlyExitModel | None:
+    """The calibrated thresholds on the study's network (weights named, not loaded), if the cache says which."""
+    model = cache.info.get("model") or {}
+    if model.get("name") not in MODELS or not model.get("weights"):
+        return None
+    return EarlyExitModel(create_model(model["name"]), policy, thresholds, model["name"],
+                          tuple((cache.info.get("dataset") or {}).get("classes") or ()) or None)
 
 
 def _evaluation(arrays: ExitArrays, thresholds: np.ndarray, cache: ExitLogits) -> dict:
     """Accuracy, mean MACs, predicted milliseconds per sample (from the study's stage times) and exit shares."""
     r = analysis.evaluate(arrays.scores, arrays.correct, thresholds, cache.exit_macs, cache.stage_seconds_per_sample)
     n = arrays.scores.shape[1]
-    return {"samples": n, "accuracy": r["overall_accuracy"], "mean_macs": r["mean_macs"],
-            "ms_per_sample": 1000 * r["seconds"] / n, "exit_shares": r["exit_shares"]}
+    return {"samples": n, "accuracy": r["accuracy"], "mean_macs": r["mean_cost"],
+            "ms_per_sample": 1000 * r["predicted_seconds"] / n, "exit_shares": r["exit_shares"]}
+
 
 
 def export(out: str | Path, *, source: str | Path | None = None, model: str | None = None,
@@ -164,7 +165,7 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
     The model is `source`, a saved EarlyExitModel (a study's or calibration's output folder, or its
     early_exit.json); or the registered `model` with `weights` (default: shipped) and `thresholds`, a JSON
     file with `policy`, `thresholds` and optional `temperatures` and `class_names` (an early_exit.json is one)."""
-    from .early_exit import EarlyExitModel, saved_weights_sha256
+    from .early_exit import saved_weights_sha256
     from .export import export_onnx
     if (source is None) == (model is None):
         raise UserError("give --from DIR (a saved early-exit model), or --model NAME with --thresholds FILE")

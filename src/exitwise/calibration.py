@@ -10,20 +10,24 @@ cumulative cost per exit (K,) - MACs, or milliseconds per sample - and returns K
 * `budget_thresholds`: the most accurate setting whose mean cost fits a budget.
 * `pareto_frontier`: the non-dominated (cost, accuracy) settings.
 Results are JSON-able dicts with a `status`: "ok", or "unreachable" with what is reachable and the
-closest setting; an unreachable target is never silently replaced by another.
+closest setting; an unreachable target is never silently replaced by another. The searches on one
+split share its `SearchSpace` (most of their work): build it once and pass it as `space=`.
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from . import analysis
+from .policies import check_finite_logits
 from .errors import UserError
 
+DEFAULT_DELTA = 0.1  # allowed failure probability of a guarantee unless the caller says otherwise
 ASSUMPTION = ("calibration samples and future samples are exchangeable (for example i.i.d. from one "
               "distribution, or a random split of one data set)")
 PROCEDURE = ("Learn then Test (Angelopoulos, Bates et al. 2021): settings from no early exit to the cheapest are "
@@ -47,6 +51,15 @@ def check_delta(delta: float) -> float:
     return float(delta)
 
 
+def check_goal(target: float | None, budget: float | None, guarantee: bool, delta: float) -> None:
+    """The checks a goal allows before any data is read (the budget's range needs the costs)."""
+    if guarantee and budget is not None:
+        raise UserError("a guarantee certifies an accuracy target (target or within points), not a budget")
+    check_delta(delta)
+    if target is not None:
+        check_desired_accuracy(target)
+
+
 def check_costs(costs: Sequence[float], num_exits: int) -> np.ndarray:
     """One finite, non-negative cost per exit, non-decreasing: the cost of leaving at exit k includes stages 0..k."""
     c = np.asarray(costs, dtype=np.float64)
@@ -63,13 +76,6 @@ def check_budget(budget: float, costs: np.ndarray) -> float:
     if budget < costs[0]:
         raise UserError(f"budget {budget:g} is below the cheapest exit's cost {costs[0]:g} (all samples leaving first)")
     return float(budget)
-
-
-def check_finite_logits(logits: np.ndarray | torch.Tensor) -> None:
-    x = torch.as_tensor(logits)
-    x = x.float() if x.dtype == torch.bfloat16 else x  # numpy has no bfloat16; widening keeps finiteness
-    if not np.isfinite(x.numpy(force=True)).all():  # numpy: one core, where torch's threads wait for a busy CPU
-        raise UserError("logits hold NaN or infinite values (a broken model or weights file?)")
 
 
 def relative_target(correct: np.ndarray, points: float) -> float:
@@ -184,14 +190,8 @@ def candidate_thresholds(scores: np.ndarray, levels: int = 64) -> list[np.ndarra
 
 
 def _exit_points(scores: np.ndarray, correct: np.ndarray, settings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each of S settings (S, K - 1): every sample's exit (S, N), as `analysis.exit_points`, and whether it
-    is right there."""
-    staying = np.ones((len(settings), scores.shape[1]), dtype=bool)
-    exits = np.zeros(staying.shape, dtype=np.min_scalar_type(scores.shape[0] - 1))  # small ints: fast adds
-    for k in range(scores.shape[0] - 1):  # a sample's exit is the number of side exits it stays past in a row
-        staying &= ~(scores[k] <= settings[:, k, None])  # not `>`: a NaN score never leaves, as in analysis
-        exits += staying
-    exits = exits.astype(np.intp)
+    """For each of S settings (S, K - 1): every sample's exit (S, N) and whether it is right there."""
+    exits = analysis.exit_points(scores, settings)
     return exits, correct[exits, np.arange(scores.shape[1])]
 
 
@@ -200,7 +200,7 @@ def _raise(exits: np.ndarray, right: np.ndarray, k: int | np.ndarray, score: np.
     """Exits and rightness (S, N) after raising exit k's threshold to each of S values, from the (N,) ones of a
     setting with a threshold no higher at k: only samples running past k change, leaving at k if their score
     allows. score and correct are exit k's (N,) rows; with k (S, 1) they are (S, N), one exit per setting."""
-    leave = (exits > k) & (score <= values[:, None])
+    leave = (exits > k) & analysis.leaves(score, values[:, None])
     return np.where(leave, k, exits), np.where(leave, correct, right)
 
 
@@ -251,44 +251,53 @@ def threshold_path(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, l
 
 
 @dataclass(frozen=True)
-class _Space:
+class SearchSpace:
     """Where every search on one split starts: per-exit grids, the greedy path, and the candidates (the path
-    then every shared cutoff on the grid) with their mean cost and accuracy."""
-    grid: list[np.ndarray]
-    path: list[np.ndarray]
-    candidates: np.ndarray
-    cost: list[float]
-    accuracy: list[float]
+    then every shared cutoff on the grid) with their mean cost and accuracy. Building it is most of a search's
+    work: build it once per split and cost (`build`) and pass it to each search on that split."""
+    scores: np.ndarray = field(repr=False)
+    correct: np.ndarray = field(repr=False)
+    costs: np.ndarray
+    levels: int
+    grid: list[np.ndarray] = field(repr=False)
+    path: list[np.ndarray] = field(repr=False)
+    candidates: np.ndarray = field(repr=False)
+    cost: list[float] = field(repr=False)
+    accuracy: list[float] = field(repr=False)
 
-
-_SPACES: dict[tuple, _Space] = {}  # the last few, keyed by content: a study searches one split for many targets
-
-
-def _space(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, levels: int) -> _Space:
-    """The search space of this split, built once and reused (a pure function of its inputs, so reuse is exact)."""
-    key = (levels, scores.shape, scores.dtype.str, scores.tobytes(), correct.dtype.str, correct.tobytes(),
-           costs.tobytes())
-    if key not in _SPACES:
+    @classmethod
+    def build(cls, scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], levels: int = 64) -> SearchSpace:
+        costs = check_costs(costs, scores.shape[0])
         grid = candidate_thresholds(scores, levels)
         path = threshold_path(scores, correct, costs, levels)
         shared = np.unique(np.concatenate(grid))
         candidates = np.vstack(path + [np.full(scores.shape[0] - 1, v) for v in shared])
         cost, right = _outcomes(scores, correct, costs, candidates)
-        while len(_SPACES) >= 8:
-            _SPACES.pop(next(iter(_SPACES)))
-        _SPACES[key] = _Space(grid, path, candidates, cost.tolist(), (right / scores.shape[1]).tolist())
-    return _SPACES[key]
+        return cls(scores, correct, costs, levels, grid, path, candidates, cost.tolist(),
+                   (right / scores.shape[1]).tolist())
+
+    def of(self, scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, levels: int) -> SearchSpace:
+        """This space, after checking it was built from these very arrays."""
+        if not (levels == self.levels and np.array_equal(costs, self.costs) and np.array_equal(scores, self.scores)
+                and np.array_equal(correct, self.correct)):
+            raise ValueError("this search space was built from other scores, correctness, costs or levels")
+        return self
 
 
-def _search(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, key: Callable, feasible: Callable,
-            levels: int) -> np.ndarray | None:
+def _space(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, levels: int,
+           space: SearchSpace | None) -> SearchSpace:
+    return SearchSpace.build(scores, correct, costs, levels) if space is None else space.of(scores, correct,
+                                                                                                 costs, levels)
+
+
+def _search(space: SearchSpace, key: Callable, feasible: Callable) -> np.ndarray | None:
     """The setting minimizing key(cost, accuracy) among feasible(cost, accuracy) ones, None if no start is feasible.
 
     Starts from the best candidate (so never worse than the best shared cutoff), then coordinate
     descent: one exit's threshold at a time over its grid, until a whole pass changes nothing. Ties go
     to the earliest candidate or grid value.
     """
-    space = _space(scores, correct, costs, levels)
+    scores, correct, costs = space.scores, space.correct, space.costs
     found = [(key(c, a), i) for i, (c, a) in enumerate(zip(space.cost, space.accuracy)) if feasible(c, a)]
     if not found:
         return None
@@ -313,27 +322,28 @@ def _search(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, key: Cal
 
 def _setting(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, thresholds: np.ndarray) -> dict:
     r = analysis.evaluate(scores, correct, thresholds, costs)
-    return {"thresholds": analysis.thresholds_to_json(thresholds), "accuracy": r["overall_accuracy"],
-            "mean_cost": r["mean_macs"], "exit_shares": r["exit_shares"]}
+    return {"thresholds": analysis.thresholds_to_json(thresholds), "accuracy": r["accuracy"],
+            "mean_cost": r["mean_cost"], "exit_shares": r["exit_shares"]}
 
 
-def _most_accurate(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, levels: int) -> np.ndarray:
-    return _search(scores, correct, costs, lambda c, a: (-a, c), lambda c, a: True, levels)
+def _most_accurate(space: SearchSpace) -> np.ndarray:
+    return _search(space, lambda c, a: (-a, c), lambda c, a: True)
 
 
 def empirical_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], target: float,
-                         levels: int = 64) -> dict:
+                         levels: int = 64, space: SearchSpace | None = None) -> dict:
     """The cheapest thresholds (mean cost) whose accuracy on this split is >= target. No promise for new data.
 
     Returns {"method": "empirical", "status": "ok", "target", "thresholds", "accuracy", "mean_cost",
     "exit_shares"}, or status "unreachable" with "thresholds": None, "message", "reachable"
-    {"max_accuracy"} and "closest" (the most accurate setting).
+    {"max_accuracy"} and "closest" (the most accurate setting). `space`: this split's, if built already.
     """
     target = check_desired_accuracy(target)
     costs = check_costs(costs, scores.shape[0])
-    thresholds = _search(scores, correct, costs, lambda c, a: (c, -a), lambda c, a: a >= target, levels)
+    space = _space(scores, correct, costs, levels, space)
+    thresholds = _search(space, lambda c, a: (c, -a), lambda c, a: a >= target)
     if thresholds is None:
-        closest = _setting(scores, correct, costs, _most_accurate(scores, correct, costs, levels))
+        closest = _setting(scores, correct, costs, _most_accurate(space))
         return {"method": "empirical", "status": "unreachable", "target": target, "thresholds": None,
                 "message": f"accuracy {target:.4f} is not reachable on the calibration split: "
                            f"the most accurate thresholds reach {closest['accuracy']:.4f}",
@@ -341,15 +351,15 @@ def empirical_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequenc
     return {"method": "empirical", "status": "ok", "target": target, **_setting(scores, correct, costs, thresholds)}
 
 
-_LOG_FACTORIALS = np.zeros(1)  # log k! for k < len, grown on demand: a search asks for thousands of p-values
+@functools.lru_cache(maxsize=None)
+def _log_factorials(size: int) -> np.ndarray:
+    """log k! for k < size, a power of two (a search asks for thousands of p-values, so tables are kept)."""
+    return np.array([math.lgamma(i + 1) for i in range(size)])
 
 
 def _log_choose(n: int, k: np.ndarray) -> np.ndarray:
-    """log (n choose k) for integers 0 <= k <= n, from a table of math.lgamma (plain numpy: no torch per call)."""
-    global _LOG_FACTORIALS
-    if n >= len(_LOG_FACTORIALS):
-        _LOG_FACTORIALS = np.array([math.lgamma(i + 1) for i in range(n + 1)])
-    f = _LOG_FACTORIALS
+    """log (n choose k) for integers 0 <= k <= n (plain numpy: no torch per call)."""
+    f = _log_factorials(1 << int(n).bit_length())
     return f[n] - f[k] - f[n - k]
 
 
@@ -400,16 +410,26 @@ def certifiable_target(errors: int, n: int, delta: float, test_size: int | None 
     return lo
 
 
+def ordering_split(n: int, path_fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Learn then Test's random split of n calibration samples: (ordering, testing) indices."""
+    m = int(round(path_fraction * n))
+    if not (0 < m < n):
+        raise UserError(f"need calibration samples both to order and to test settings; got {n} samples")
+    order = np.random.default_rng(seed).permutation(n)
+    return order[:m], order[m:]
+
+
 def guaranteed_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], target: float,
                           delta: float, test_size: int | None = None, levels: int = 64, path_fraction: float = 0.5,
-                          seed: int = 0) -> dict:
+                          seed: int = 0, ordering: SearchSpace | None = None) -> dict:
     """Thresholds whose accuracy on new data is >= target with probability >= 1 - delta (Learn then Test).
 
     The accuracy guaranteed is the expected one (test_size None) or the one measured over `test_size` new
     samples (pass the size of the test set the thresholds will be judged on). A random `path_fraction` of
     the calibration samples orders the settings (`threshold_path`); the rest test them (`accuracy_p_value`).
     `seed` draws that split: keep it independent of any random draw that made the calibration and test
-    sets (numpy generators seeded alike draw related permutations).
+    sets (numpy generators seeded alike draw related permutations). `ordering`: the search space of the
+    ordering samples (`ordering_split`), if built already for another target.
     Returns {"method": "guaranteed", "status": "ok", "target", "delta", "test_size", "thresholds",
     "accuracy", "mean_cost", "exit_shares" (these three on the whole calibration split),
     "certifiable_target" (the highest target the returned setting passes), "samples" {"ordering",
@@ -421,13 +441,9 @@ def guaranteed_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequen
     costs = check_costs(costs, scores.shape[0])
     if test_size is not None and not (isinstance(test_size, (int, np.integer)) and test_size >= 1):
         raise UserError(f"test size must be a positive whole number of samples, got {test_size}")
-    n = scores.shape[1]
-    m = int(round(path_fraction * n))
-    if not (0 < m < n):
-        raise UserError(f"need calibration samples both to order and to test settings; got {n} samples")
-    order = np.random.default_rng(seed).permutation(n)
-    learn, test = order[:m], order[m:]
-    path = _space(scores[:, learn], correct[:, learn], costs, levels).path
+    learn, test = ordering_split(scores.shape[1], path_fraction, seed)
+    m = len(learn)
+    path = _space(scores[:, learn], correct[:, learn], costs, levels, ordering).path
     _, right = _outcomes(scores[:, test], correct[:, test], costs, np.vstack(path))
     all_errors = (len(test) - right).tolist()
     certified = None
@@ -454,7 +470,7 @@ def guaranteed_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequen
 
 
 def budget_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], budget: float,
-                      levels: int = 64) -> dict:
+                      levels: int = 64, space: SearchSpace | None = None) -> dict:
     """The most accurate thresholds whose mean cost on this split is within `budget` (same unit as costs).
 
     Returns {"method": "budget", "status": "ok", "budget", "thresholds", "accuracy", "mean_cost", "exit_shares"}.
@@ -463,15 +479,29 @@ def budget_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[f
     costs = check_costs(costs, scores.shape[0])
     budget = check_budget(budget, costs)
     limit = budget * (1 + 1e-12)  # a mean of equal costs may round one ulp above them
-    thresholds = _search(scores, correct, costs, lambda c, a: (-a, c), lambda c, a: c <= limit, levels)
+    thresholds = _search(_space(scores, correct, costs, levels, space), lambda c, a: (-a, c), lambda c, a: c <= limit)
     return {"method": "budget", "status": "ok", "budget": budget, **_setting(scores, correct, costs, thresholds)}
 
 
-def pareto_frontier(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], levels: int = 64) -> list[dict]:
+def pareto_frontier(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], levels: int = 64,
+                    space: SearchSpace | None = None) -> list[dict]:
     """Non-dominated {"cost", "accuracy", "thresholds"} settings on this split among the greedy path and all
     shared cutoffs, by rising cost (and so rising accuracy). Re-evaluate the thresholds on another split with
     `analysis.cost_accuracy_points`."""
     costs = check_costs(costs, scores.shape[0])
-    space = _space(scores, correct, costs, levels)
+    space = _space(scores, correct, costs, levels, space)
     return analysis.non_dominated([{"cost": c, "accuracy": a, "thresholds": analysis.thresholds_to_json(t)}
                                    for c, a, t in zip(space.cost, space.accuracy, space.candidates)])
+
+
+def thresholds_for_goal(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], *,
+                        target: float | None = None, within_points: float | None = None, budget: float | None = None,
+                        guarantee: bool = False, delta: float = DEFAULT_DELTA, test_size: int | None = None) -> dict:
+    """One goal's search on this split: a `budget`, else an accuracy `target` (or the final exit's accuracy minus
+    `within_points` points), met empirically or, with `guarantee`, by Learn then Test at `delta`."""
+    if budget is not None:
+        return budget_thresholds(scores, correct, costs, budget)
+    goal = target if target is not None else relative_target(correct, within_points)
+    if guarantee:
+        return guaranteed_thresholds(scores, correct, costs, goal, delta, test_size=test_size)
+    return empirical_thresholds(scores, correct, costs, goal)

@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from dataclasses import fields
 from pathlib import Path
 
+from . import calibration
+from .api import calibrate
 from .errors import UserError
+from .hardware import AGREEMENT_REQUIRED
+from .study import StudyConfig
+
+CALIBRATE_DEFAULTS = {p.name: p.default for p in inspect.signature(calibrate).parameters.values()
+                      if p.default is not inspect.Parameter.empty}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,17 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--weights", type=Path, help="checkpoint (.safetensors, a shard index NAME.safetensors"
                        ".index.json, or a PyTorch state_dict); default: the weights shipped for --model")
     study.add_argument("--out", type=Path, required=True, help="output directory")
-    study.add_argument("--policy", default="entropy", help="exit score: entropy (nats), max-prob or margin; "
-                                                           "every policy's frontier is in the results anyway")
-    study.add_argument("--cutoff", type=float, default=0.6, help="the fixed cutoff (entropy: nats)")
-    study.add_argument("--desired-accuracies", type=_float_list, default=None,
-                       help="comma-separated targets for calibration (default 0.60,0.65,...,0.90)")
-    study.add_argument("--method", action="append", dest="methods",
-                       help="calibration method: per-exit (default) and/or seed-percentile; repeatable")
-    study.add_argument("--batch-size", type=int, default=256)
-    study.add_argument("--precision", default="auto",
-                       help="auto (default: the fastest of fp32, bf16 and mixed, timed on this machine, whose "
-                            "predictions agree with fp32 on >= 99%% of test images at every exit), bf16, mixed or fp32")
+    d = StudyConfig()  # every default below is StudyConfig's; a flag not given leaves it
+    study.add_argument("--policy", help=f"exit score: entropy (nats), max-prob or margin (default {d.policy}); "
+                                        "every policy's frontier is in the results anyway")
+    study.add_argument("--cutoff", type=float, help=f"the fixed cutoff (entropy: nats; default {d.cutoff:g})")
+    study.add_argument("--desired-accuracies", type=_float_list, help="comma-separated targets for calibration "
+                       f"(default {','.join(f'{a:.2f}' for a in d.desired_accuracies)})")
+    study.add_argument("--method", action="append", dest="methods", help="calibration method, repeatable: "
+                       f"{' and/or '.join(calibration.METHODS)} (default: {', '.join(d.methods)})")
+    study.add_argument("--batch-size", type=int, help=f"images per batch (default {d.batch_size})")
+    study.add_argument("--precision", help=f"auto (the fastest of fp32, bf16 and mixed, timed on this machine, whose "
+                       f"predictions agree with fp32 on >= {AGREEMENT_REQUIRED:.0%} of test images at every exit), "
+                       f"bf16, mixed or fp32 (default {d.precision})".replace("%", "%%"))
     _add_machine_args(study)
 
     train = sub.add_parser("train", help="joint multi-exit training (BranchyNet); checkpoints every epoch, "
@@ -93,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--from", dest="source", type=Path, required=True,
                      help="a study's output directory or its logits.safetensors")
     cal.add_argument("--out", type=Path, required=True, help="output directory")
-    cal.add_argument("--policy", default="entropy", help="entropy (default), max-prob, margin or patience")
+    cal.add_argument("--policy", default=CALIBRATE_DEFAULTS["policy"], help="entropy, max-prob, margin or patience "
+                     f"(default {CALIBRATE_DEFAULTS['policy']})")
     cal.add_argument("--temperature-scaling", action="store_true",
                      help="divide each exit's logits by a temperature fitted on the validation split")
     goal = cal.add_mutually_exclusive_group(required=True)
@@ -105,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="most accurate within MS milliseconds per sample (the study's measured stage times)")
     cal.add_argument("--guarantee", action="store_true", help="certify the target on new samples with probability "
                                                               ">= 1 - delta (Learn then Test; assumes exchangeability)")
-    cal.add_argument("--delta", type=float, default=0.1, help="allowed failure probability of --guarantee, in (0, 1)")
-    cal.add_argument("--cost", default="macs", help="what a target search minimizes: macs (default) or latency "
-                                                    "(ms per sample at the study's batch size)")
+    cal.add_argument("--delta", type=float, default=CALIBRATE_DEFAULTS["delta"],
+                     help=f"allowed failure probability of --guarantee, in (0, 1) (default {CALIBRATE_DEFAULTS['delta']:g})")
+    cal.add_argument("--cost", default=CALIBRATE_DEFAULTS["cost"], help="what a target search minimizes: macs or "
+                     f"latency (ms per sample at the study's batch size; default {CALIBRATE_DEFAULTS['cost']})")
 
     export = sub.add_parser("export", help="an early-exit model as one ONNX graph per stage and per head plus "
                                            "manifest.json, for exitwise.onnx_runtime and `exitwise predict`")
@@ -137,12 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_study(args: argparse.Namespace) -> None:
     from .api import study
+    settings = {f.name: getattr(args, f.name) for f in fields(StudyConfig) if getattr(args, f.name, None) is not None}
     results = study(dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model,
-                    weights=args.weights, out=args.out, cutoff=args.cutoff,
-                    desired_accuracies=args.desired_accuracies, methods=args.methods,
-                    batch_size=args.batch_size, precision=args.precision, val_size=args.val_size, policy=args.policy,
-                    split_seed=args.split_seed, progress=not args.no_progress, device=args.device,
-                    micro_batch=args.micro_batch)
+                    weights=args.weights, out=args.out, val_size=args.val_size, split_seed=args.split_seed,
+                    **{**settings, "progress": not args.no_progress})
     from .report import format_summary
     print(format_summary(results))
     print(f"\nreport: {(args.out / 'report.html').resolve()}")
@@ -162,13 +171,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from .api import calibrate
     from .report import format_calibration
     doc = calibrate(args.source, args.out, policy=args.policy, target=args.target, within_points=args.within_points,
                     budget_macs=args.budget_macs, budget_ms=args.budget_ms, guarantee=args.guarantee,
                     delta=args.delta, cost=args.cost, temperature_scaling=args.temperature_scaling)
     print(format_calibration(doc))
-    print(f"\nwritten: {(args.out / 'calibration.json').resolve()}, frontier.png")
+    early_exit = ", early_exit.json" if (args.out / "early_exit.json").is_file() else ""
+    print(f"\nwritten: {(args.out / 'calibration.json').resolve()}, frontier.png{early_exit}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ exit. Saved as a folder of two files, never pickled:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class EarlyExitModel:
     thresholds: np.ndarray = field(repr=False)  # (K - 1,) float64; -inf never lets a sample leave there
     model_name: str                              # the registered model that rebuilds `network`
     class_names: tuple[str, ...] | None = None
+    precision: str | None = None                 # set by `prepare`: `network` is an inference copy in it
 
     def __post_init__(self) -> None:
         thresholds = np.asarray(self.thresholds, dtype=np.float64)
@@ -53,11 +55,31 @@ class EarlyExitModel:
         return cls(network, exit_policy, as_thresholds(list(thresholds), network.num_exits), model_name,
                    tuple(class_names) if class_names is not None else None)
 
-    def run(self, data, *, precision: str = "fp32", batch_size: int = 256, progress: bool = False):
-        """Real early exit over an ImageSet (see `runtime.run_early_exit`): each sample's exit and prediction."""
-        from .runtime import prepare, run_early_exit
-        return run_early_exit(prepare(self.network, precision), data, self.thresholds, self.policy,
-                              batch_size=batch_size, progress=progress)
+    def prepare(self, precision: str = "fp32", device: str = "cpu") -> EarlyExitModel:
+        """This model with an inference copy of its network on `device` (`runtime.prepare`), to run many times
+        without preparing again; `with_setting` gives others that share the copy."""
+        from .runtime import prepare
+        if self.precision is not None:
+            raise ValueError("this early-exit model is prepared already")
+        return dataclasses.replace(self, network=prepare(self.network, precision, device), precision=precision)
+
+    def with_setting(self, policy: str | ExitPolicy, thresholds: Sequence[float | None]) -> EarlyExitModel:
+        """The same network (prepared or not) with another policy and thresholds."""
+        exit_policy = get_policy(policy) if isinstance(policy, str) else policy
+        return dataclasses.replace(self, policy=exit_policy,
+                                   thresholds=as_thresholds(list(thresholds), self.network.num_exits))
+
+    def run(self, data, *, precision: str | None = None, batch_size: int = 256, micro_batch: int | None = None,
+            progress: bool = False):
+        """Real early exit over an ImageSet (see `runtime.run_early_exit`): each sample's exit and prediction.
+        Runs a prepared model as it is; otherwise prepares a copy in `precision` (default fp32) for this run."""
+        from .hardware import DEFAULT_MICRO_BATCH
+        from .runtime import run_early_exit
+        if self.precision is not None and precision not in (None, self.precision):
+            raise ValueError(f"this early-exit model is prepared in {self.precision}, not {precision}")
+        model = self if self.precision is not None else self.prepare(precision or "fp32")
+        return run_early_exit(model.network, data, self.thresholds, self.policy, batch_size=batch_size,
+                              progress=progress, micro_batch=micro_batch or DEFAULT_MICRO_BATCH)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "model": self.model_name, "policy": self.policy.name,
@@ -73,15 +95,19 @@ class EarlyExitModel:
             self.write(stage, weights)
         return Path(out_dir)
 
-    def write(self, folder: Path, weights: str | Path | None = None) -> None:
-        """`save` into a folder the caller stages (a study's or calibration's output)."""
+    def write(self, folder: Path, weights: str | Path | None = None, weights_sha256: str | None = None) -> None:
+        """`save` into a folder the caller stages (a study's or calibration's output). `weights_sha256`: the
+        checkpoint's hash as recorded when it was loaded (else it is hashed now)."""
         config = self.to_json()
         if weights is None:
+            if self.precision is not None:
+                raise ValueError("a prepared network's weights are folded: save the model it was prepared from")
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in self.network.state_dict().items()}, str(folder / WEIGHTS_FILE))
         else:
             from .models import weight_files
-            config.update(weights=str(Path(weights).resolve()), weights_sha256=file_sha256(*weight_files(weights)))
+            config.update(weights=str(Path(weights).resolve()),
+                          weights_sha256=weights_sha256 or file_sha256(*weight_files(weights)))
         atomic_write_json(folder / CONFIG_FILE, config)
 
     @classmethod

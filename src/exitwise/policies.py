@@ -22,14 +22,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .calibration import check_finite_logits
 from .errors import UserError
+
+
+def check_finite_logits(logits: np.ndarray | torch.Tensor) -> None:
+    x = torch.as_tensor(logits)
+    x = x.float() if x.dtype == torch.bfloat16 else x  # numpy has no bfloat16; widening keeps finiteness
+    if not np.isfinite(x.numpy(force=True)).all():  # numpy: one core, where torch's threads wait for a busy CPU
+        raise UserError("logits hold NaN or infinite values (a broken model or weights file?)")
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -130,18 +136,42 @@ class PatiencePolicy(ExitPolicy):
         return torch.stack(out)
 
 
-POLICIES: dict[str, ExitPolicy] = {
-    "entropy": ExitPolicy("entropy", entropy, lambda c: math.log(c), "nats", "leave when the entropy is <= t nats"),
-    "max-prob": ExitPolicy("max-prob", one_minus_max_prob, lambda c: 1.0 - 1.0 / c, "1 - max probability",
-                           "leave when the top class probability is >= 1 - t"),
-    "margin": ExitPolicy("margin", one_minus_margin, lambda c: 1.0, "1 - top-two margin",
-                         "leave when the top two probabilities differ by >= 1 - t"),
-    "patience": PatiencePolicy("patience", None, lambda c: 0.0, "-(agreeing exits before)",
-                               "t = -p: leave once p + 1 consecutive exits predict the same class"),
-}
+POLICIES: dict[str, ExitPolicy] = {}
+
+
+def register_policy(policy: ExitPolicy) -> ExitPolicy:
+    """Make an exit policy available by its name to the study, `exitwise calibrate` and saved models."""
+    if policy.name in POLICIES:
+        raise ValueError(f"exit policy {policy.name!r} is registered already")
+    POLICIES[policy.name] = policy
+    return policy
+
+
+register_policy(ExitPolicy("entropy", entropy, lambda c: math.log(c), "nats", "leave when the entropy is <= t nats"))
+register_policy(ExitPolicy("max-prob", one_minus_max_prob, lambda c: 1.0 - 1.0 / c, "1 - max probability",
+                           "leave when the top class probability is >= 1 - t"))
+register_policy(ExitPolicy("margin", one_minus_margin, lambda c: 1.0, "1 - top-two margin",
+                           "leave when the top two probabilities differ by >= 1 - t"))
+register_policy(PatiencePolicy("patience", None, lambda c: 0.0, "-(agreeing exits before)",
+                               "t = -p: leave once p + 1 consecutive exits predict the same class"))
 
 
 def get_policy(name: str) -> ExitPolicy:
     if name not in POLICIES:
         raise UserError(f"unknown exit policy {name!r}; known: {', '.join(POLICIES)}")
     return POLICIES[name]
+
+
+@dataclass(frozen=True)
+class ExitArrays:
+    """One split's scores under one policy and each exit's correctness, (K, N) each, with the logits they came from."""
+    scores: np.ndarray
+    correct: np.ndarray
+    logits: np.ndarray | None = field(default=None, repr=False)
+
+
+def exit_arrays(logits: np.ndarray, labels: np.ndarray, policy: str | ExitPolicy) -> ExitArrays:
+    """Scores (float64) and correctness of (K, N, C) logits under `policy`."""
+    policy = get_policy(policy) if isinstance(policy, str) else policy
+    scores = policy.scores(torch.from_numpy(logits)).numpy().astype(np.float64)
+    return ExitArrays(scores, logits.argmax(-1) == np.asarray(labels)[None, :], logits)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .analysis import leaves
 from .errors import UserError
 from .hardware import DEFAULT_MICRO_BATCH, check_precision, synchronize
 from .models.base import MultiExitNetwork
@@ -212,7 +213,7 @@ def run_early_exit(model: MultiExitNetwork, data, thresholds: Sequence[float], p
         leave, state = None, rows.state
         if k < k_exits - 1:
             scores, state = policy.step(k, logits, state)
-            leave = scores <= thr[k]
+            leave = leaves(scores, thr[k])
         if leave is None or bool(leave.all()):  # everyone leaves: no indexing (batch 1 lives here)
             exits[rows.index] = k
             predictions[rows.index] = logits.argmax(-1)

@@ -1,15 +1,17 @@
 """The founding early-exit study, done right: one pass per split, then array arithmetic.
 
-`run_study` collects every exit's logits on the validation and test splits once, measures the time
-of each stage, and derives everything else (per-exit accuracy, the oracle, a fixed cutoff, the
-cutoff sweep, calibrated per-exit thresholds, the best settings) from those arrays. Times in the
-sweep come from a per-stage cost model; real early-exit runs at several settings check it.
+`run_study` is three calls. `measure` needs the model: the precision and micro-batch probes, every
+exit's logits on the validation and test splits, and each stage's time (what `logits.safetensors`
+holds). `analyse` derives everything else from those arrays alone (per-exit accuracy, the oracle, a
+fixed cutoff, the cutoff sweep, calibrated thresholds, frontiers, the best settings), times from a
+per-stage cost model. `verify` runs the best settings for real with early exit to check it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -20,17 +22,20 @@ import torch
 from . import __version__, analysis, calibration
 from .costs import backbone_macs, exit_macs
 from .data import Splits
+from .early_exit import EarlyExitModel
 from .errors import UserError
+from .frontiers import Split, latency_frontier, policy_frontiers
 from .io import atomic_write_json, staged_output
 from .logits_cache import FILENAME as LOGITS_FILENAME, ExitLogits, save_logits
 from .models.base import MultiExitNetwork
-from .policies import POLICIES, ExitPolicy, get_policy
 from .hardware import (check_micro_batch, check_precision, choose_micro_batch, choose_precision, machine,
                        machine_load, resolve_device)
+from .policies import POLICIES, ExitArrays, exit_arrays, get_policy
+from .results import (NEVER, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FullNetwork, Gap, Leavers, Mark, Oracle,
+                      Outcome, Overthinking, Setting, StudyResults, SweepPoint, TimedRun, TimingCheck, TimingModel)
 from .runtime import Run, all_exit_logits, prepare, run_early_exit, warm_up
 
 DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
-GUARANTEE_DELTA = 0.1
 
 
 @dataclass
@@ -47,13 +52,16 @@ class StudyConfig:
     micro_batch: int | None = None  # rows through the network together; None: the fastest, measured here
     timing_check_images: int = 2500
     within_points: float = 0.5
+    delta: float = calibration.DEFAULT_DELTA  # allowed failure probability of the "guaranteed" calibration
     progress: bool = True
 
     def __post_init__(self):
+        self.desired_accuracies, self.methods = tuple(self.desired_accuracies), tuple(self.methods)
         if not np.isfinite(self.cutoff) or self.cutoff < 0:
             raise UserError(f"cutoff must be a non-negative number, got {self.cutoff}")
         for d in self.desired_accuracies:
             calibration.check_desired_accuracy(d)
+        calibration.check_delta(self.delta)
         unknown = [m for m in self.methods if m not in calibration.METHODS]
         if unknown:
             raise UserError(f"unknown calibration method {unknown[0]!r}; known: {', '.join(calibration.METHODS)}")
@@ -67,20 +75,6 @@ class StudyConfig:
         resolve_device(self.device)
 
 
-@dataclass
-class ExitArrays:
-    """One split's cached scores and correctness, (K, N) each."""
-    scores: np.ndarray
-    correct: np.ndarray
-    logits: np.ndarray = field(repr=False)
-
-
-def exit_arrays(logits: np.ndarray, labels: torch.Tensor, policy: str | ExitPolicy) -> ExitArrays:
-    policy = get_policy(policy) if isinstance(policy, str) else policy
-    scores = policy.scores(torch.from_numpy(logits)).numpy().astype(np.float64)
-    return ExitArrays(scores, logits.argmax(-1) == labels.numpy()[None, :], logits)
-
-
 def seconds_per_sample(run: Run, reach: np.ndarray) -> np.ndarray:
     """Each stage's measured time over the samples that ran it; the loop's time outside the stages
     (reading and converting batches) is charged to stage 0, which every sample runs."""
@@ -89,174 +83,156 @@ def seconds_per_sample(run: Run, reach: np.ndarray) -> np.ndarray:
     return per_sample
 
 
-@dataclass
-class Study:
-    results: dict       # what results.json holds
-    logits: ExitLogits  # what logits.safetensors holds
+# ---- 1. measure: everything that needs the model
 
 
-@dataclass
-class Evaluator:
-    """Any thresholds' accuracy, exit shares, mean MACs and predicted time on either split, from the cached
-    scores of every policy: `by_policy[name]` is (validation, test)."""
-    by_policy: dict[str, tuple[ExitArrays, ExitArrays]]
-    macs: Sequence[float]
-    per_sample: np.ndarray
-    policy: str
-
-    def test(self, thresholds: np.ndarray, policy: str | None = None, samples: slice = slice(None)) -> dict:
-        return self._evaluate(self.by_policy[policy or self.policy][1], thresholds, samples)
-
-    def val(self, thresholds: np.ndarray, policy: str | None = None) -> dict:
-        return self._evaluate(self.by_policy[policy or self.policy][0], thresholds, slice(None))
-
-    def _evaluate(self, split: ExitArrays, thresholds: np.ndarray, samples: slice) -> dict:
-        return analysis.evaluate(split.scores[:, samples], split.correct[:, samples], thresholds, self.macs,
-                                 self.per_sample)
-
-
-Setting = tuple[str, str, np.ndarray]  # (label, policy name, thresholds)
-
-
-def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> Study:
-    """The whole study: the `results.json` dictionary and the cached logits it was computed from."""
-    policies = {name: get_policy(name) for name in POLICIES}
-    policy = policies[config.policy]
-    macs = exit_macs(model)
+def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> ExitLogits:
+    """Every exit's logits on validation and test, and the per-stage cost model: the precision probe, one
+    all-exits pass per split, and a real early-exit run at the fixed cutoff (what `logits.safetensors` holds)."""
     k_exits = model.num_exits
-    max_cutoff = policy.max_score(model.num_classes)
-
     load = machine_load()
     device = resolve_device(config.device)
     precision, precision_check = choose_precision(model, splits.test, config.precision, device,
                                                   config.precision_check_images)
     full_macs = float(backbone_macs(model))
-    model = prepare(model, precision, device)
+    net = prepare(model, precision, device)
     micro_batch, micro_batch_probe = ((config.micro_batch, None) if config.micro_batch else
-                                      choose_micro_batch(model, splits.test, device, precision, config.batch_size))
+                                      choose_micro_batch(net, splits.test, device, precision, config.batch_size))
     run_kwargs = dict(batch_size=config.batch_size, micro_batch=micro_batch)
-    warm_up(model, splits.test, **run_kwargs)
-
-    test_run = all_exit_logits(model, splits.test, progress=config.progress, **run_kwargs)
-    val_run = all_exit_logits(model, splits.val, progress=config.progress, **run_kwargs)
-    by_policy = {name: (exit_arrays(val_run.logits, splits.val.labels, p),
-                        exit_arrays(test_run.logits, splits.test.labels, p)) for name, p in policies.items()}
-    val, test = by_policy[config.policy]
-
-    # the cost model: per-sample seconds of each stage, from the real early-exit run at the fixed cutoff
-    # (compaction and exit decisions included); stages too few samples reached fall back to the all-exits pass
+    warm_up(net, splits.test, **run_kwargs)
+    test_run = all_exit_logits(net, splits.test, progress=config.progress, **run_kwargs)
+    val_run = all_exit_logits(net, splits.val, progress=config.progress, **run_kwargs)
+    # per-sample seconds of each stage, from the real early-exit run at the fixed cutoff (compaction and exit
+    # decisions included); stages too few samples reached fall back to the all-exits pass
     fixed_thr = np.full(k_exits - 1, config.cutoff)
-    fixed_run = run_early_exit(model, splits.test, fixed_thr, policy, progress=config.progress, **run_kwargs)
+    fixed_run = run_early_exit(net, splits.test, fixed_thr, get_policy(config.policy), progress=config.progress,
+                               **run_kwargs)
     reach = analysis.reach_counts(fixed_run.exits, k_exits)
     per_sample = np.where(reach >= config.batch_size, seconds_per_sample(fixed_run, reach),
                           seconds_per_sample(test_run, np.full(k_exits, len(splits.test))))
-    ev = Evaluator(by_policy, macs, per_sample, config.policy)
+    measured = {"machine_load_at_start": load, "all_exits_seconds": test_run.seconds,
+                "full_network_seconds": test_run.trunk_seconds,
+                "fixed_cutoff": {"policy": config.policy, "cutoff": config.cutoff, "seconds": fixed_run.seconds,
+                                 "stage_seconds": fixed_run.stage_seconds}}
+    info = {"model": model_info, "dataset": splits.describe(), "precision": precision, "batch_size": config.batch_size,
+            "micro_batch": micro_batch, "machine": machine(device).to_json(),
+            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "software": software_versions(),
+            "precision_check": precision_check, "micro_batch_probe": micro_batch_probe, "backbone_macs": full_macs,
+            "measured": measured}
+    return ExitLogits(val_logits=val_run.logits, val_labels=splits.val.labels.numpy(), test_logits=test_run.logits,
+                      test_labels=splits.test.labels.numpy(), exit_macs=np.asarray(exit_macs(model), dtype=np.int64),
+                      stage_seconds_per_sample=per_sample, info=info)
 
-    full_network = {"accuracy": float(test.correct[-1].mean()), "seconds": test_run.trunk_seconds,
-                    "ms_per_image": 1e3 * test_run.trunk_seconds / len(splits.test), "mean_macs": full_macs,
-                    "note": "every stage and the final classifier, no side exits: the all-exits pass over the "
-                            "test set, measured, without its side heads' measured time"}
-    exits = [{"index": k, "accuracy": float(test.correct[k].mean()), "val_accuracy": float(val.correct[k].mean()),
-              "macs": int(macs[k])} for k in range(k_exits)]
 
-    fixed = ev.test(fixed_thr)
-    fixed_cutoff = {
-        "cutoff": config.cutoff, "overall_accuracy": fixed["overall_accuracy"], "seconds": fixed_run.seconds,
-        "ms_per_image": 1e3 * fixed_run.seconds / len(splits.test),
-        "mean_macs": fixed["mean_macs"],
-        "per_exit": [{"index": k, "count": fixed["exit_counts"][k], "accuracy": fixed["exit_accuracy"][k],
-                      "seconds": fixed_run.stage_seconds[k]} for k in range(k_exits)],
-    }
+# ---- 2. analyse: pure arrays
+
+
+def outcome(r: dict) -> Outcome:
+    """An `analysis.evaluate` result in MACs as a typed outcome."""
+    return Outcome(r["accuracy"], r["mean_cost"], tuple(r["exit_shares"]), r.get("predicted_seconds"))
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """Any setting's outcome on either split, from the cached scores of every policy: `by_policy[name]` is
+    (validation, test)."""
+    by_policy: dict[str, Split]
+    macs: np.ndarray
+    per_sample: np.ndarray
+
+    def evaluate(self, split: int, policy: str, thresholds: np.ndarray) -> dict:
+        arrays = self.by_policy[policy][split]
+        return analysis.evaluate(arrays.scores, arrays.correct, thresholds, self.macs, self.per_sample)
+
+    def val(self, s: Setting) -> dict:
+        return self.evaluate(0, s.policy, np.asarray(s.thresholds, dtype=np.float64))
+
+    def test(self, s: Setting) -> Outcome:
+        return outcome(self.evaluate(1, s.policy, np.asarray(s.thresholds, dtype=np.float64)))
+
+
+def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
+    """Everything the study reports from the cached logits alone: a pure function of `cache` and `config`
+    (the times in it are the ones `measure` recorded, and the cost model's predictions from them)."""
+    macs, per_sample = cache.exit_macs, cache.stage_seconds_per_sample
+    k_exits, _, num_classes = cache.test_logits.shape
+    by_policy = {name: (exit_arrays(cache.val_logits, cache.val_labels, p),
+                        exit_arrays(cache.test_logits, cache.test_labels, p)) for name, p in POLICIES.items()}
+    val, test = by_policy[config.policy]
+    ev = Evaluator(by_policy, macs, per_sample)
+    max_cutoff = get_policy(config.policy).max_score(num_classes)
+    info, n_test = cache.info, cache.test_labels.size
+    measured = info.get("measured") or {}
+
+    full_seconds = measured.get("full_network_seconds")
+    full_network = FullNetwork(accuracy=float(test.correct[-1].mean()),
+                               mean_macs=info.get("backbone_macs", float(macs[-1])), measured_seconds=full_seconds,
+                               ms_per_image=None if full_seconds is None else 1e3 * full_seconds / n_test)
+    exits = tuple(Exit(k, int(macs[k]), float(test.correct[k].mean()), float(val.correct[k].mean()))
+                  for k in range(k_exits))
+
+    fixed = ev.evaluate(1, config.policy, np.full(k_exits - 1, config.cutoff))
+    fixed_run = measured.get("fixed_cutoff") or {}
+    if (fixed_run.get("policy"), fixed_run.get("cutoff")) != (config.policy, config.cutoff):
+        fixed_run = {}  # measured at another setting: not this one's time
+    stage_seconds = fixed_run.get("stage_seconds") or [None] * k_exits
+    fixed_seconds = fixed_run.get("seconds")
+    fixed_cutoff = FixedCutoff(
+        cutoff=config.cutoff, test=outcome(fixed),
+        per_exit=tuple(Leavers(k, fixed["exit_counts"][k], fixed["exit_accuracy"][k], stage_seconds[k])
+                       for k in range(k_exits)),
+        measured_seconds=fixed_seconds, ms_per_image=None if fixed_seconds is None else 1e3 * fixed_seconds / n_test)
 
     cutoffs = np.linspace(0.0, max_cutoff, config.num_cutoffs)
-    sweep = [{k: r[k] for k in ("cutoff", "overall_accuracy", "exit_shares", "mean_macs", "seconds")}
-             for r in analysis.sweep(test.scores, test.correct, cutoffs, macs, per_sample)]
-    calibrated = calibration_table(ev, config, max_cutoff)
+    sweep = tuple(SweepPoint(float(c), outcome(r))
+                  for c, r in zip(cutoffs, analysis.sweep(test.scores, test.correct, cutoffs, macs, per_sample)))
+    founding_methods = calibration_table(ev, config, max_cutoff)
+    spaces = {name: calibration.SearchSpace.build(v.scores, v.correct, macs) for name, (v, _) in by_policy.items()}
+    targets = target_calibration(val, test, macs, per_sample, config.desired_accuracies, config.delta,
+                                 spaces[config.policy])
+    best = choose(ev, config, founding_methods, cutoffs, k_exits)
+    fixed_exits = analysis.exit_points(test.scores, np.full(k_exits - 1, config.cutoff))
 
-    # candidates are chosen on validation (accuracy, predicted time), then evaluated on test: the founding
-    # rule among the calibrated sets of the study's policy, as the founding system chose; the fastest among
-    # those, the shared cutoffs and every policy's validation frontier of predicted time
-    calibrated_sets = [(f"{c['method']} {c['desired_accuracy']:.2f}", config.policy,
-                        analysis.as_thresholds(c["thresholds"], k_exits)) for c in calibrated]
-    calibrated_on_val = [ev.val(thr) for _, _, thr in calibrated_sets]
-    founding = max(zip(calibrated_sets, calibrated_on_val),
-                   key=lambda c: c[1]["overall_accuracy"] / c[1]["seconds"])[0]
-    candidates = [("no early exit", config.policy, np.full(k_exits - 1, -np.inf))] + calibrated_sets
-    candidates += [(f"cutoff {c:.3f}", config.policy, np.full(k_exits - 1, c)) for c in cutoffs]
-    candidates += latency_frontier({name: v for name, (v, _) in by_policy.items()}, per_sample)
-    floor = val.correct[-1].mean() - config.within_points / 100
-    candidates_on_val = [ev.val(thr, name) for _, name, thr in candidates]
-    fastest = min((c for c in zip(candidates, candidates_on_val) if c[1]["overall_accuracy"] >= floor),
-                  key=lambda c: c[1]["seconds"])[0]
-
-    # the best settings and two more cutoffs run for real on the first test images only: enough to time
-    # them and check the cost model, at a quarter of the time (the fixed cutoff above ran on every image)
-    subset = splits.test.subset(torch.arange(min(config.timing_check_images, len(splits.test))))
-
-    def time_on_subset(name: str, thr: np.ndarray) -> tuple[Run, float]:
-        """The real run on the subset and the cost model's prediction for it."""
-        return (run_early_exit(model, subset, thr, policies[name], **run_kwargs),
-                ev.test(thr, name, slice(len(subset)))["seconds"])
-
-    best, checks = {}, []
-    for key, (label, name, thr) in (("founding_rule", founding),
-                                    (f"fastest_within_{config.within_points:g}_points", fastest)):
-        run, predicted = time_on_subset(name, thr)
-        t, ms = ev.test(thr, name), 1e3 * run.seconds / len(subset)
-        best[key] = {"label": label, "policy": name, "thresholds": analysis.thresholds_to_json(thr),
-                     "test_accuracy": t["overall_accuracy"], "mean_macs": t["mean_macs"],
-                     "exit_shares": t["exit_shares"], "seconds": run.seconds, "timed_images": len(subset),
-                     "ms_per_image": ms, "predicted_seconds": predicted,
-                     "speedup": full_network["ms_per_image"] / ms}
-        checks.append((f"{label}, {name} ({len(subset)} images)", predicted, run.seconds))
-    for cutoff in (0.1 * max_cutoff, 0.5 * max_cutoff):
-        run, predicted = time_on_subset(config.policy, np.full(k_exits - 1, cutoff))
-        checks.append((f"cutoff {cutoff:.3f} ({len(subset)} images)", predicted, run.seconds))
-    checks.append(("all exits, no early exit", float(per_sample.sum() * len(splits.test)), test_run.seconds))
-    timing_checks = [{"label": label, "predicted_seconds": p, "measured_seconds": m, "relative_error": (p - m) / m}
-                     for label, p, m in checks]
-
-    frontiers = policy_frontiers(val.logits, splits.val.labels, test.logits, splits.test.labels, macs, "MACs",
-                                 policies, config.desired_accuracies, config.num_cutoffs, by_policy)
-    frontiers["marks"] = [{"label": f"fixed cutoff {config.cutoff:g}", "cost": fixed["mean_macs"],
-                           "accuracy": fixed["overall_accuracy"]}]
-    frontiers["marks"] += [{"label": key.replace("_", " "), "cost": b["mean_macs"], "accuracy": b["test_accuracy"]}
-                           for key, b in best.items()]
-    oracle = oracle_report(test, macs, fixed_thr, full_network["accuracy"], fixed, best)
-
-    results = {
-        "exitwise_version": __version__,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "software": software_versions(),
-        "dataset": splits.describe(),
-        "model": model_info,
-        "machine": machine(device).to_json(),
-        "precision": precision, "precision_check": precision_check,
-        "micro_batch": micro_batch, "micro_batch_probe": micro_batch_probe,
-        "batch_size": config.batch_size, "policy": config.policy, "max_cutoff": max_cutoff,
-        "exits": exits,
-        "oracle_accuracy": oracle["accuracy"], "oracle_mean_macs": oracle["mean_macs"],
-        "oracle": oracle,
-        "full_network": full_network,
-        "fixed_cutoff": fixed_cutoff,
-        "sweep": sweep,
-        "timing_model": {"stage_seconds_per_sample": per_sample.tolist(), "checks": timing_checks,
-                         "machine_load_at_start": load,
-                         "mean_abs_relative_error": float(np.mean([abs(c["relative_error"]) for c in timing_checks]))},
-        "calibration": calibrated + target_calibration(val, test, macs, per_sample, config.desired_accuracies),
-        "frontiers": frontiers,
-        "best": best,
-    }
-    logits = ExitLogits(val_logits=val.logits, val_labels=splits.val.labels.numpy(), test_logits=test.logits,
-                        test_labels=splits.test.labels.numpy(), exit_macs=np.asarray(macs, dtype=np.int64),
-                        stage_seconds_per_sample=per_sample,
-                        info={"model": model_info, "dataset": results["dataset"], "precision": precision,
-                              "batch_size": config.batch_size, "micro_batch": micro_batch,
-                              "machine": results["machine"]})
-    return Study(results, logits)
+    frontiers = policy_frontiers(by_policy, by_policy["entropy"], macs, "MACs", config.desired_accuracies,
+                                 config.num_cutoffs, spaces)
+    marks = [Mark(f"fixed cutoff {config.cutoff:g}", fixed["mean_cost"], fixed["accuracy"])]
+    marks += [Mark(name, c.test.mean_macs, c.test.accuracy) for name, c in best.items()]
+    all_exits = measured.get("all_exits_seconds")
+    checks = () if all_exits is None else (
+        TimingCheck("all exits, no early exit", float(per_sample.sum() * n_test), all_exits),)
+    return StudyResults(
+        exitwise_version=__version__, created=info.get("created", ""), software=info.get("software", {}),
+        dataset=info.get("dataset", {}), model=info.get("model", {}), machine=info.get("machine"),
+        precision=info.get("precision", ""), precision_check=info.get("precision_check"),
+        batch_size=info.get("batch_size", config.batch_size), micro_batch=info.get("micro_batch"),
+        micro_batch_probe=info.get("micro_batch_probe"),
+        policy=config.policy, max_cutoff=max_cutoff, exits=exits, full_network=full_network,
+        fixed_cutoff=fixed_cutoff, sweep=sweep, calibration=tuple(founding_methods + targets), best=best,
+        oracle=oracle_report(test, macs, fixed, fixed_exits, full_network, best),
+        frontiers=dataclasses.replace(frontiers, marks=tuple(marks)),
+        timing_model=TimingModel(tuple(per_sample.tolist()), checks, measured.get("machine_load_at_start")))
 
 
-def calibration_table(ev: Evaluator, config: StudyConfig, max_cutoff: float) -> list[dict]:
+def choose(ev: Evaluator, config: StudyConfig, founding_methods: list[CalibrationEntry], cutoffs: np.ndarray,
+           k_exits: int) -> Best:
+    """The two settings the study runs for real, both chosen on validation (accuracy, predicted time) and
+    evaluated on test: the founding rule (best accuracy per second) among the calibrated sets of the founding
+    methods, as the founding system chose; and the fastest within `within_points` of the final exit's validation
+    accuracy among those, no early exit, the shared cutoffs and every policy's validation frontier of time."""
+    calibrated_sets = [Setting(f"{c.method} {c.desired_accuracy:.2f}", config.policy, c.thresholds)
+                       for c in founding_methods]
+    founding = max(calibrated_sets, key=lambda s: (lambda r: r["accuracy"] / r["predicted_seconds"])(ev.val(s)))
+    candidates = [Setting("no early exit", config.policy, (NEVER,) * (k_exits - 1))] + calibrated_sets
+    candidates += [Setting(f"cutoff {c:.3f}", config.policy, (float(c),) * (k_exits - 1)) for c in cutoffs]
+    candidates += latency_frontier({name: v for name, (v, _) in ev.by_policy.items()}, ev.per_sample)
+    floor = ev.by_policy[config.policy][0].correct[-1].mean() - config.within_points / 100
+    on_val = [ev.val(s) for s in candidates]
+    fastest = min((c for c in zip(candidates, on_val) if c[1]["accuracy"] >= floor),
+                  key=lambda c: c[1]["predicted_seconds"])[0]
+    return Best(Choice(founding, ev.test(founding)), Choice(fastest, ev.test(fastest)), config.within_points)
+
+
+def calibration_table(ev: Evaluator, config: StudyConfig, max_cutoff: float) -> list[CalibrationEntry]:
     """Calibration-table entries of the founding methods: thresholds from validation for each desired
     accuracy, evaluated on both splits."""
     val = ev.by_policy[config.policy][0]
@@ -264,103 +240,113 @@ def calibration_table(ev: Evaluator, config: StudyConfig, max_cutoff: float) -> 
     for method in config.methods:
         for desired in config.desired_accuracies:
             thr = calibration.METHODS[method](val.scores, val.correct, desired, max_cutoff)
-            t = ev.test(thr)
-            entries.append({"method": method, "desired_accuracy": desired,
-                            "thresholds": analysis.thresholds_to_json(thr),
-                            "val_accuracy": ev.val(thr)["overall_accuracy"], "test_accuracy": t["overall_accuracy"],
-                            "mean_macs": t["mean_macs"], "seconds": t["seconds"], "exit_shares": t["exit_shares"]})
+            s = Setting("", config.policy, tuple(thr.tolist()))
+            entries.append(CalibrationEntry(method, desired, "ok", s.thresholds, ev.val(s)["accuracy"], ev.test(s)))
     return entries
-
-
-def oracle_report(test: ExitArrays, macs: Sequence[float], fixed_thr: np.ndarray, full_accuracy: float,
-                  fixed: dict, best: dict[str, dict]) -> dict:
-    """The hindsight oracle, how often an earlier exit was right where the later one was wrong (overthinking),
-    and how far the full network, the fixed cutoff and the best settings are from the oracle's curve."""
-    return {
-        **analysis.oracle(test.correct, macs),
-        "overthinking": {"full_network": analysis.overthinking(test.correct, macs),
-                         "fixed_cutoff": analysis.overthinking(test.correct, macs,
-                                                               analysis.exit_points(test.scores, fixed_thr))},
-        "gap_at_full_network": analysis.gap_to_oracle(full_accuracy, macs[-1], test.correct, macs),
-        "gap_at_fixed_cutoff": analysis.gap_to_oracle(fixed["overall_accuracy"], fixed["mean_macs"], test.correct,
-                                                      macs),
-        "gap_at_best": {key: analysis.gap_to_oracle(b["test_accuracy"], b["mean_macs"], test.correct, macs)
-                        for key, b in best.items()},
-    }
 
 
 def target_calibration(val: ExitArrays, test: ExitArrays, macs: Sequence[float], per_sample: np.ndarray,
-                       desired: Sequence[float], delta: float = GUARANTEE_DELTA) -> list[dict]:
+                       desired: Sequence[float], delta: float,
+                       space: calibration.SearchSpace | None = None) -> list[CalibrationEntry]:
     """Calibration-table entries of the accuracy-target searches on validation, evaluated on test: "empirical"
     (met on validation) and "guaranteed" (Learn then Test at `delta` for the accuracy over as many new samples as
     the test split holds). A target that is unreachable makes every higher one unreachable, so those are not
-    searched again."""
+    searched again. `space`: validation's search space in MACs, if built already; the guarantee's ordering
+    samples get theirs here, once for every target."""
+    learn, _ = calibration.ordering_split(val.scores.shape[1])
+    ordering = calibration.SearchSpace.build(val.scores[:, learn], val.correct[:, learn], macs)
     searches = {
-        "empirical": (lambda d: calibration.empirical_thresholds(val.scores, val.correct, macs, d), {}),
+        "empirical": (lambda d: calibration.empirical_thresholds(val.scores, val.correct, macs, d, space=space), None),
         "guaranteed": (lambda d: calibration.guaranteed_thresholds(val.scores, val.correct, macs, d, delta,
-                                                                   test_size=test.scores.shape[1]), {"delta": delta}),
+                                                                   test_size=test.scores.shape[1], ordering=ordering),
+                       delta),
     }
     entries = []
-    for method, (search, extra) in searches.items():
+    for method, (search, entry_delta) in searches.items():
         lowest_unreachable = math.inf
         for d in sorted(desired):
             r = search(d) if d < lowest_unreachable else {"status": "unreachable"}
-            entry = {"method": method, "desired_accuracy": d, "thresholds": None, "status": r["status"], **extra,
-                     **dict.fromkeys(("val_accuracy", "test_accuracy", "mean_macs", "seconds", "exit_shares"))}
             if r["status"] == "ok":
-                t = analysis.evaluate(test.scores, test.correct, analysis.as_thresholds(r["thresholds"], len(macs)),
-                                      macs, per_sample)
-                entry.update(thresholds=r["thresholds"], val_accuracy=r["accuracy"],
-                             test_accuracy=t["overall_accuracy"], mean_macs=t["mean_macs"], seconds=t["seconds"],
-                             exit_shares=t["exit_shares"])
+                thr = analysis.as_thresholds(r["thresholds"], len(macs))  # calibration's results are JSON-style
+                t = analysis.evaluate(test.scores, test.correct, thr, macs, per_sample)
+                entries.append(CalibrationEntry(method, d, "ok", tuple(thr.tolist()), r["accuracy"], outcome(t),
+                                                entry_delta))
             else:
                 lowest_unreachable = d
-            entries.append(entry)
+                entries.append(CalibrationEntry(method, d, r["status"], None, None, None, entry_delta))
     return entries
 
 
-def latency_frontier(val_by_policy: dict[str, ExitArrays],
-                     stage_seconds_per_sample: np.ndarray) -> list[Setting]:
-    """(label, policy name, thresholds) of each policy's Pareto frontier of (predicted time, accuracy) on
-    validation, from its scores there: the settings no other setting of that policy beats on both."""
-    costs = analysis.latency_costs(stage_seconds_per_sample)
-    settings = []
-    for name, val in val_by_policy.items():
-        settings += [(f"frontier point {i + 1}", name, analysis.as_thresholds(p["thresholds"], len(costs)))
-                     for i, p in enumerate(calibration.pareto_frontier(val.scores, val.correct, costs))]
-    return settings
+def oracle_report(test: ExitArrays, macs: Sequence[float], fixed: dict, fixed_exits: np.ndarray, full: FullNetwork,
+                  best: Best) -> Oracle:
+    """The hindsight oracle, how often an earlier exit was right where the later one was wrong (overthinking),
+    and how far the full network, the fixed cutoff and the best settings are from the oracle's curve."""
+    correct = test.correct
+
+    def gap(accuracy: float, mean_macs: float) -> Gap:
+        g = analysis.gap_to_oracle(accuracy, mean_macs, correct, macs)
+        return Gap(g["accuracy"], g["cost"], g["oracle_cost"], g["extra_cost"], g["cost_ratio"])
+
+    def overthinking(exits: np.ndarray | None = None) -> Overthinking:
+        o = analysis.overthinking(correct, macs, exits)
+        return Overthinking(o["samples"], o["correct_somewhere"], o["correct_earlier_wrong_final"],
+                            o["correct_earlier_wrong_at_exit"], o["wasted_cost_per_sample"], o["wasted_share"])
+
+    o = analysis.oracle(correct, macs)
+    return Oracle(o["accuracy"], o["mean_cost"], overthinking(), overthinking(fixed_exits),
+                  gap(full.accuracy, macs[-1]), gap(fixed["accuracy"], fixed["mean_cost"]),
+                  gap(best.founding_rule.test.accuracy, best.founding_rule.test.mean_macs),
+                  gap(best.fastest_within_points.test.accuracy, best.fastest_within_points.test.mean_macs))
 
 
-def policy_frontiers(val_logits: np.ndarray, val_labels: torch.Tensor, test_logits: np.ndarray,
-                     test_labels: torch.Tensor, costs: Sequence[float], unit: str, policies: dict[str, ExitPolicy],
-                     desired: Sequence[float], num_cutoffs: int = 100,
-                     arrays: dict[str, tuple[ExitArrays, ExitArrays]] | None = None) -> dict:
-    """(mean cost, test accuracy) on one pair of axes: per policy its Pareto frontier chosen on validation and
-    evaluated on test (with "val_cost", "val_accuracy"); the founding methods with the entropy policy (one shared
-    cutoff from 0 to ln C; seed percentiles for each desired accuracy); and the hindsight oracle on test.
-    `arrays`: each policy's (validation, test) scores, if the caller has them already."""
-    num_exits, _, num_classes = test_logits.shape
-    arrays = arrays or {name: (exit_arrays(val_logits, val_labels, p), exit_arrays(test_logits, test_labels, p))
-                        for name, p in policies.items()}
-    out = {"unit": unit, "policies": {}}
-    for name, (val, test) in arrays.items():
-        chosen = calibration.pareto_frontier(val.scores, val.correct, costs)
-        points = analysis.cost_accuracy_points(test.scores, test.correct, costs,
-                                               [analysis.as_thresholds(p["thresholds"], num_exits) for p in chosen])
-        out["policies"][name] = [{**p, "val_cost": v["cost"], "val_accuracy": v["accuracy"]}
-                                 for p, v in zip(points, chosen)]
-    entropy = get_policy("entropy")  # as the founding system used it: no temperatures
-    val, test = (arrays["entropy"] if policies.get("entropy") is entropy else
-                 (exit_arrays(val_logits, val_labels, entropy), exit_arrays(test_logits, test_labels, entropy)))
-    cutoffs = np.linspace(0.0, entropy.max_score(num_classes), num_cutoffs)
-    out["shared_cutoffs"] = analysis.cost_accuracy_points(test.scores, test.correct, costs,
-                                                          [np.full(num_exits - 1, c) for c in cutoffs])
-    percentile = [calibration.seed_percentile(val.scores, val.correct, d, entropy.max_score(num_classes))
-                  for d in desired]
-    out["founding_percentile"] = [{**p, "desired_accuracy": d} for d, p in zip(
-        desired, analysis.cost_accuracy_points(test.scores, test.correct, costs, percentile))]
-    out["oracle"] = analysis.oracle_curve(test.correct, costs)
-    return out
+# ---- 3. verify: the real early-exit runs
+
+
+def verify(model: MultiExitNetwork, test_data, results: StudyResults, config: StudyConfig) -> StudyResults:
+    """The best settings and two more shared cutoffs run for real with early exit on the first test images: enough
+    to time them and check the cost model's predictions (the fixed cutoff ran on every image in `measure`)."""
+    subset = test_data.subset(torch.arange(min(config.timing_check_images, len(test_data))))
+    per_sample = np.asarray(results.timing_model.stage_seconds_per_sample)
+    k_exits = len(results.exits)
+    base = EarlyExitModel.create(model, results.model.get("name", ""), results.policy,
+                                 [None] * (k_exits - 1)).prepare(results.precision, resolve_device(config.device))
+
+    def timed(s: Setting) -> TimedRun:
+        run = base.with_setting(s.policy, s.thresholds).run(subset, batch_size=results.batch_size,
+                                                            micro_batch=results.micro_batch)
+        predicted = float(analysis.reach_counts(run.exits, k_exits) @ per_sample)
+        return TimedRun(len(subset), run.seconds, predicted)
+
+    best, checks = {}, []
+    for key, choice in (("founding_rule", results.best.founding_rule),
+                        ("fastest_within_points", results.best.fastest_within_points)):
+        t = timed(choice.setting)
+        full_ms = results.full_network.ms_per_image
+        best[key] = dataclasses.replace(choice, timed=t, speedup=None if full_ms is None else full_ms / t.ms_per_image)
+        checks.append(TimingCheck(f"{choice.setting.label}, {choice.setting.policy} ({len(subset)} images)",
+                                  t.predicted_seconds, t.measured_seconds))
+    for cutoff in (0.1 * results.max_cutoff, 0.5 * results.max_cutoff):
+        t = timed(Setting("", results.policy, (cutoff,) * (k_exits - 1)))
+        checks.append(TimingCheck(f"cutoff {cutoff:.3f} ({len(subset)} images)", t.predicted_seconds,
+                                  t.measured_seconds))
+    timing = dataclasses.replace(results.timing_model, checks=tuple(checks) + results.timing_model.checks)
+    return dataclasses.replace(results, best=dataclasses.replace(results.best, **best), timing_model=timing)
+
+
+@dataclass(frozen=True)
+class Study:
+    results: StudyResults    # what results.json holds
+    logits: ExitLogits       # what logits.safetensors holds
+    early_exit: EarlyExitModel  # the fastest setting within `within_points`, as early_exit.json names it
+
+
+def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> Study:
+    """The whole study: measure, analyse, verify."""
+    logits = measure(model, splits, config, model_info)
+    results = verify(model, splits.test, analyse(logits, config), config)
+    chosen = results.best.fastest_within_points.setting
+    return Study(results, logits, EarlyExitModel.create(model, model_info["name"], chosen.policy, chosen.thresholds,
+                                                        class_names=splits.test.classes))
 
 
 def software_versions() -> dict:
@@ -369,10 +355,13 @@ def software_versions() -> dict:
 
 
 def write_study(study: Study, out_dir: str | Path) -> Path:
-    """results.json, logits.safetensors, plots and reports into `out_dir`, all or nothing."""
+    """results.json, logits.safetensors, early_exit.json (naming the checkpoint by path and SHA-256), plots and
+    reports into `out_dir`, all or nothing."""
     from .report import write_report
+    model = study.results.model
     with staged_output(out_dir) as stage:
-        atomic_write_json(stage / "results.json", study.results)
+        atomic_write_json(stage / "results.json", study.results.to_json())
         save_logits(study.logits, stage / LOGITS_FILENAME)
+        study.early_exit.write(stage, weights=model["weights"], weights_sha256=model.get("weights_sha256"))
         write_report(study.results, stage)
     return Path(out_dir)

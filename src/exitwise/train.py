@@ -42,7 +42,7 @@ from .data import ImageSet, Splits
 from .errors import UserError
 from .hardware import choose_train_precision, machine, resolve_device
 from .io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
-from .models import MODELS, check_fits
+from .models import check_fits
 from .models.base import MultiExitNetwork
 from .progress import progress_bar
 
@@ -192,7 +192,7 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
     Writes `out_dir/checkpoint.pt` after every epoch, then `model.safetensors` and `model.json`.
     `resume` continues a checkpoint exactly; its recipe is used when `config` is None.
     """
-    name = model_name or next((n for n, f in MODELS.items() if f is type(model)), type(model).__name__)
+    name = model_name or model.name or type(model).__name__
     checkpoint = _read_checkpoint(Path(resume)) if resume is not None else None
     if checkpoint is not None:
         config = _check_resume(checkpoint, name, config, splits, Path(resume))

@@ -7,38 +7,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..errors import UserError
+from . import seed_branchynet, digits_convnet, resnet  # noqa: F401  (each registers its models, in this order)
 from .base import MultiExitNetwork
-from .digits_convnet import DigitsConvNet
-from .resnet import BResNet
-from .seed_branchynet import SeedBranchyNet
-
-MODELS: dict[str, Callable[[], MultiExitNetwork]] = {
-    "seed-branchynet": SeedBranchyNet,
-    "digits-convnet": DigitsConvNet,
-    "b-resnet11": BResNet,
-    "b-resnet11-wide": lambda: BResNet(widths=(32, 64, 256, 512)),
-    "b-resnet11-large": lambda: BResNet(widths=(64, 128, 256, 512)),
-}
+from .registry import MODELS, create_model, register_model
 
 SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 INDEX_SUFFIX = ".safetensors.index.json"
 MAX_SHARD_BYTES = 6 << 20  # shipped files stay under the repository's 8 MiB limit
-
-
-def register_model(name: str, factory: Callable[[], MultiExitNetwork]) -> None:
-    """Make a model available by name to the CLI and the Python API."""
-    MODELS[name] = factory
-
-
-def create_model(name: str) -> MultiExitNetwork:
-    if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
-    return MODELS[name]()
 
 
 def check_fits(model: MultiExitNetwork, images, dataset: str) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 
 class MultiExitNetwork(nn.Module):
     """Stages and heads; exit k reads the output of stage k."""
+    name: str | None = None  # the registered name, set by `models.create_model`
 
     def __init__(self, stages: list[nn.Module], heads: list[nn.Module], num_classes: int,
                  input_shape: tuple[int, int, int]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import MultiExitNetwork
+from .registry import register_model
 
 
 def _conv(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
@@ -16,6 +17,7 @@ def _head(features: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), nn.Linear(features, num_classes))
 
 
+@register_model("digits-convnet")
 class DigitsConvNet(MultiExitNetwork):
     def __init__(self, num_classes: int = 10):
         stages = [_conv(1, 16, False), _conv(16, 32, True), _conv(32, 64, True)]

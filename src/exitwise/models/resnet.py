@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .base import MultiExitNetwork
+from .registry import register_model
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -62,6 +63,7 @@ def final_head(c_in: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
 
 
+@register_model("b-resnet11")
 class BResNet(MultiExitNetwork):
     """Stem width then three group widths, and the side heads' widths; four exits (see the module docstring).
 
@@ -87,3 +89,13 @@ class BResNet(MultiExitNetwork):
         heads = [side_head(w1, h0, num_classes), side_head(w2, h1, num_classes), side_head(w2, h2, num_classes),
                  final_head(w3, num_classes)]
         super().__init__(stages, heads, num_classes, input_shape=(3, 32, 32))
+
+
+@register_model("b-resnet11-wide")
+def b_resnet11_wide() -> BResNet:
+    return BResNet(widths=(32, 64, 256, 512))
+
+
+@register_model("b-resnet11-large")
+def b_resnet11_large() -> BResNet:
+    return BResNet(widths=(64, 128, 256, 512))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .base import MultiExitNetwork
+from .registry import register_model
 
 # stage index of each trunk layer in the founding checkpoint
 _SEED_STAGE_OF = {"conv1": 0, "bn1": 0, "conv2": 1, "bn2": 1, "conv3": 2, "bn3": 2, "conv4": 3,
@@ -36,6 +37,7 @@ def _branch(c_in: int, spatial: int, num_classes: int) -> nn.Sequential:
                                      fc=nn.Linear(16 * out * out, num_classes)))
 
 
+@register_model("seed-branchynet")
 class SeedBranchyNet(MultiExitNetwork):
     def __init__(self, num_classes: int = 10):
         stages = [

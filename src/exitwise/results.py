@@ -1,0 +1,291 @@
+"""A study's results as frozen dataclasses: the one definition of results.json (docs/results-schema.md reads it).
+
+Names, one per quantity: `accuracy` is always on the test split and `val_accuracy` on validation;
+`mean_macs` is MACs per sample; times say what they are (`predicted_seconds` from the per-stage cost
+model, `measured_seconds` from a real run, `ms_per_image` measured per image). Thresholds are floats
+in memory, -inf for "never leave at this exit", written as null in JSON. No numpy and no torch here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+
+SCHEMA_VERSION = 2
+"""2: typed results (this module). 1: the dictionary before it; see docs/results-schema.md for the renames."""
+
+Thresholds = typing.NewType("Thresholds", tuple)  # one float per side exit; -inf: never leave there (JSON: null)
+NEVER = -math.inf
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One threshold setting on one split, from the cached scores."""
+    accuracy: float
+    mean_macs: float
+    exit_shares: tuple[float, ...]
+    predicted_seconds: float | None = None  # the cost model's time for the whole split
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What runs: an exit policy and one threshold per side exit."""
+    label: str
+    policy: str
+    thresholds: Thresholds
+
+
+@dataclass(frozen=True)
+class Exit:
+    """Exit k with every sample running through it."""
+    index: int
+    macs: int  # cumulative MACs of a sample leaving here
+    accuracy: float
+    val_accuracy: float
+
+
+@dataclass(frozen=True)
+class Leavers:
+    """The samples that left at one exit in the fixed-cutoff run."""
+    index: int
+    count: int
+    accuracy: float | None  # None when no sample left here
+    measured_seconds: float | None  # the stage's time in the real run (None: not measured)
+
+
+@dataclass(frozen=True)
+class FixedCutoff:
+    cutoff: float
+    test: Outcome
+    per_exit: tuple[Leavers, ...]
+    measured_seconds: float | None
+    ms_per_image: float | None
+
+
+@dataclass(frozen=True)
+class FullNetwork:
+    """Every stage and the final classifier, no side exits."""
+    accuracy: float
+    mean_macs: float
+    measured_seconds: float | None
+    ms_per_image: float | None
+    note: str = ("the all-exits pass over the test set, measured, without its side heads' measured time")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One shared cutoff for every side exit, on test."""
+    cutoff: float
+    test: Outcome
+
+
+@dataclass(frozen=True)
+class CalibrationEntry:
+    """Thresholds chosen on validation for one desired accuracy by one method, evaluated on test."""
+    method: str
+    desired_accuracy: float
+    status: str  # "ok", or "unreachable" (then thresholds, val_accuracy and test are None)
+    thresholds: Thresholds | None
+    val_accuracy: float | None
+    test: Outcome | None
+    delta: float | None = None  # "guaranteed" only: the allowed failure probability
+
+
+@dataclass(frozen=True)
+class TimedRun:
+    """A setting run for real with early exit on the first `images` test images."""
+    images: int
+    measured_seconds: float
+    predicted_seconds: float
+
+    @property
+    def ms_per_image(self) -> float:
+        return 1e3 * self.measured_seconds / self.images
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A setting chosen on validation, its test outcome, and (after `verify`) its real run and speedup."""
+    setting: Setting
+    test: Outcome
+    timed: TimedRun | None = None
+    speedup: float | None = None  # the full network's ms per image over this setting's
+
+
+@dataclass(frozen=True)
+class Best:
+    founding_rule: Choice  # the founding system's rule: highest validation accuracy per predicted second
+    fastest_within_points: Choice  # fastest on validation within `within_points` of the final exit's accuracy
+    within_points: float
+
+    def items(self) -> list[tuple[str, Choice]]:
+        """(display name, choice) of both."""
+        return [("founding rule", self.founding_rule),
+                (f"fastest within {self.within_points:g} points", self.fastest_within_points)]
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A setting's mean MACs against the least any exit assignment needs at its accuracy, knowing the labels."""
+    accuracy: float
+    mean_macs: float
+    oracle_macs: float
+    extra_macs: float
+    cost_ratio: float
+
+
+@dataclass(frozen=True)
+class Overthinking:
+    samples: int
+    correct_somewhere: int
+    correct_earlier_wrong_final: int
+    correct_earlier_wrong_at_exit: int
+    wasted_macs_per_sample: float
+    wasted_share: float
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """Each test sample at its first correct exit (wrong everywhere: the full network)."""
+    accuracy: float
+    mean_macs: float
+    overthinking_full_network: Overthinking
+    overthinking_fixed_cutoff: Overthinking
+    gap_at_full_network: Gap
+    gap_at_fixed_cutoff: Gap
+    gap_at_founding_rule: Gap
+    gap_at_fastest_within_points: Gap
+
+
+@dataclass(frozen=True)
+class CostPoint:
+    """A point on cost-accuracy axes (the unit is the enclosing `Frontiers.unit`); optional fields as they apply."""
+    cost: float
+    accuracy: float
+    thresholds: Thresholds | None = None
+    val_cost: float | None = None
+    val_accuracy: float | None = None
+    desired_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A labelled point drawn over the frontiers: a setting the study or `calibrate` chose."""
+    label: str
+    cost: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class Frontiers:
+    """Mean cost vs test accuracy: per policy its Pareto frontier chosen on validation, the founding methods, the
+    hindsight oracle, and labelled marks."""
+    unit: str  # "MACs" or "ms"
+    policies: dict[str, tuple[CostPoint, ...]]
+    shared_cutoffs: tuple[CostPoint, ...]
+    founding_percentile: tuple[CostPoint, ...]
+    oracle: tuple[CostPoint, ...]
+    marks: tuple[Mark, ...] = ()
+
+
+@dataclass(frozen=True)
+class TimingCheck:
+    """The cost model's prediction for a real run, against the run."""
+    label: str
+    predicted_seconds: float
+    measured_seconds: float
+
+    @property
+    def relative_error(self) -> float:
+        return (self.predicted_seconds - self.measured_seconds) / self.measured_seconds
+
+
+@dataclass(frozen=True)
+class TimingModel:
+    stage_seconds_per_sample: tuple[float, ...]
+    checks: tuple[TimingCheck, ...]
+    machine_load_at_start: dict | None
+
+    @property
+    def mean_abs_relative_error(self) -> float | None:
+        return sum(abs(c.relative_error) for c in self.checks) / len(self.checks) if self.checks else None
+
+
+@dataclass(frozen=True)
+class StudyResults:
+    """Everything results.json holds."""
+    exitwise_version: str
+    created: str
+    software: dict
+    dataset: dict
+    model: dict
+    machine: dict | None  # `hardware.machine(device).to_json()`
+    precision: str
+    precision_check: dict | None
+    batch_size: int
+    micro_batch: int | None
+    micro_batch_probe: dict | None
+    policy: str
+    max_cutoff: float
+    exits: tuple[Exit, ...]
+    full_network: FullNetwork
+    fixed_cutoff: FixedCutoff
+    sweep: tuple[SweepPoint, ...]
+    calibration: tuple[CalibrationEntry, ...]
+    best: Best
+    oracle: Oracle
+    frontiers: Frontiers
+    timing_model: TimingModel
+    schema_version: int = field(default=SCHEMA_VERSION)
+
+    def to_json(self) -> dict:
+        return to_json(self)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> StudyResults:
+        if doc.get("schema_version") != SCHEMA_VERSION:
+            from .errors import UserError
+            raise UserError(f"results schema {doc.get('schema_version', 1)} is not {SCHEMA_VERSION} "
+                            f"(see docs/results-schema.md)")
+        return from_json(cls, doc)
+
+
+# ---- one JSON mapping for every dataclass above: fields by name; properties are written too (read back: skipped)
+
+
+def to_json(value):
+    if dataclasses.is_dataclass(value):
+        out = {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        out.update({name: to_json(getattr(value, name)) for name, attr in vars(type(value)).items()
+                    if isinstance(attr, property)})
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    return None if value == NEVER else value
+
+
+def from_json(kind, value):
+    """`value` (parsed JSON) as type `kind`: dataclasses, X | None, tuple[X, ...], tuple[X, Y], dict[str, X]."""
+    if value is None:
+        return None
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Thresholds:
+        return tuple(NEVER if v is None else float(v) for v in value)
+    if dataclasses.is_dataclass(kind):
+        hints = typing.get_type_hints(kind)
+        return kind(**{f.name: from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(kind)
+                       if f.name in value})
+    if origin in (typing.Union, types.UnionType):
+        return from_json(next(a for a in args if a is not type(None)), value)
+    if origin is tuple:
+        items = zip(args, value) if Ellipsis not in args else ((args[0], v) for v in value)
+        return tuple(from_json(a, v) for a, v in items)
+    if origin is dict:
+        return {k: from_json(args[1], v) for k, v in value.items()}
+    if kind is float:
+        return float(value)
+    return value
