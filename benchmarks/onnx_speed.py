@@ -29,9 +29,8 @@ from exitwise.export import export_onnx
 from exitwise.hardware import machine, machine_load
 from exitwise.models import shipped_models
 from exitwise.onnx_runtime import OnnxEarlyExit
-from exitwise.policies import get_policy
+from exitwise.policies import exit_arrays, get_policy
 from exitwise.runtime import all_exit_logits, prepare, run_backbone, run_early_exit, warm_up
-from exitwise.study import exit_arrays
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -68,7 +67,7 @@ def main() -> None:
         network, _ = load_model(name)
         model = prepare(network, "fp32")
         warm_up(model, test)
-        arrays = exit_arrays(all_exit_logits(model, val).logits, val.labels, policy)
+        arrays = exit_arrays(all_exit_logits(model, val).logits, val.labels.numpy(), policy)
         goal = calibration.relative_target(arrays.correct, 0.5)
         found = calibration.empirical_thresholds(arrays.scores, arrays.correct, exit_macs(network), goal)
         thresholds = found["thresholds"] if found["status"] == "ok" else found["closest"]["thresholds"]
