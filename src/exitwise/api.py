@@ -15,7 +15,7 @@ from .errors import UserError
 from .logits_cache import ExitLogits, load_logits
 from .early_exit import EarlyExitModel
 from .frontiers import policy_frontiers
-from .models import MODELS, check_fits, create_model, load_weights, shipped_weights, weight_files
+from .models import MODELS, check_fits, create_model, load_weights, shipped_card, shipped_weights, weight_files
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
 from .results import Mark, StudyResults, to_json
@@ -212,3 +212,50 @@ def _evaluation(arrays: ExitArrays, thresholds: np.ndarray, cache: ExitLogits) -
     n = arrays.scores.shape[1]
     return {"samples": n, "accuracy": r["accuracy"], "mean_macs": r["mean_cost"],
             "ms_per_sample": 1000 * r["predicted_seconds"] / n, "exit_shares": r["exit_shares"]}
+
+
+
+def export(out: str | Path, *, source: str | Path | None = None, model: str | None = None,
+           weights: str | Path | None = None, thresholds: str | Path | None = None,
+           exporter: str = "dynamo") -> dict:
+    """An early-exit model as one ONNX graph per stage and per head plus manifest.json in `out` (docs/deploy.md).
+
+    The model is `source`, a saved EarlyExitModel (a study's or calibration's output folder, or its
+    early_exit.json); or the registered `model` with `weights` (default: shipped) and `thresholds`, a JSON
+    file with `policy`, `thresholds` and optional `temperatures` and `class_names` (an early_exit.json is one)."""
+    from .early_exit import saved_weights_sha256
+    from .export import export_onnx
+    if (source is None) == (model is None):
+        raise UserError("give --from DIR (a saved early-exit model), or --model NAME with --thresholds FILE")
+    if source is not None:
+        if weights is not None or thresholds is not None:
+            raise UserError("--from DIR brings its own weights and thresholds: drop --weights and --thresholds")
+        early_exit, sha256 = EarlyExitModel.load(source), saved_weights_sha256(source)
+    else:
+        if thresholds is None:
+            raise UserError("--model needs --thresholds FILE (JSON with policy and thresholds, e.g. an early_exit.json)")
+        setting = _read_setting(thresholds, model)
+        net, info = load_model(model, weights)
+        classes = setting.get("class_names") or (shipped_card(model)["dataset"].get("classes") if weights is None
+                                                 else None)
+        early_exit = EarlyExitModel.create(net, model, setting["policy"], setting["thresholds"],
+                                           setting.get("temperatures"), classes)
+        sha256 = info["weights_sha256"]
+    check_writable_dir(out)
+    return export_onnx(early_exit, out, weights_sha256=sha256, exporter=exporter)
+
+
+def _read_setting(path: str | Path, model: str) -> dict:
+    """A thresholds file: {policy, thresholds, [temperatures], [class_names], [model]}; refused if it names
+    another model or lacks a key."""
+    import json
+    try:
+        setting = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read thresholds file {str(path)!r}: {e}") from None
+    missing = [k for k in ("policy", "thresholds") if not isinstance(setting, dict) or k not in setting]
+    if missing:
+        raise UserError(f"thresholds file {str(path)!r} lacks {' and '.join(missing)}")
+    if setting.get("model", model) != model:
+        raise UserError(f"thresholds file {str(path)!r} is for model {setting['model']!r}, not {model!r}")
+    return setting

@@ -366,7 +366,6 @@ def attach_spec(model_file: str, weights: str | Path | None, exits: Sequence[str
 
 def load_attached(model_dir: str | Path) -> MultiExitNetwork:
     """Rebuild the multi-exit network that `exitwise attach` wrote to `model_dir` (its model file runs)."""
-    import json
     from .models import read_state_dict
     folder = Path(model_dir)
     try:

@@ -145,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--cost", default=CALIBRATE_DEFAULTS["cost"], help="what a target search minimizes: macs or "
                      f"latency (ms per sample at the study's batch size; default {CALIBRATE_DEFAULTS['cost']})")
 
+    export = sub.add_parser("export", help="an early-exit model as one ONNX graph per stage and per head plus "
+                                           "manifest.json, for exitwise.onnx_runtime and `exitwise predict`")
+    export.add_argument("--from", dest="source", type=Path,
+                        help="a saved early-exit model: a study's or calibration's output folder (early_exit.json)")
+    export.add_argument("--model", help="or a registered model (see `exitwise models`), with --thresholds")
+    export.add_argument("--weights", type=Path, help="checkpoint for --model (default: its shipped weights)")
+    export.add_argument("--thresholds", type=Path, help="JSON with policy, thresholds (null: never leave there) "
+                                                        "and optional temperatures; an early_exit.json works")
+    export.add_argument("--out", type=Path, required=True, help="output directory")
+    export.add_argument("--exporter", default="dynamo", help="dynamo (default: torch.export, falling back to "
+                                                             "torchscript per graph where it fails) or torchscript")
+
+    pred = sub.add_parser("predict", help="classify images with an ONNX export (early exit on ONNX Runtime, no torch)")
+    pred.add_argument("--export", type=Path, required=True, help="a folder written by `exitwise export`")
+    pred.add_argument("images", nargs="+", type=Path, help="image files, folders of them, or .tar.gz archives")
+    pred.add_argument("--out", type=Path, help="write the predictions to a .csv or .json file instead of printing")
+    pred.add_argument("--batch-size", type=int, default=256)
+    pred.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
+
     sub.add_parser("models", help="list the registered models and whether weights ship for them")
     cache = sub.add_parser("cache", help="list the decoded data sets cached to start runs fast (EXITWISE_CACHE_DIR "
                                          "or the user cache dir)")
@@ -180,7 +199,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_attach(args: argparse.Namespace) -> None:
     from .api import attach_model
-    from .costs import head_report
     from .train import TrainConfig
     recipe = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
               if f.name != "freeze_backbone" and getattr(args, f.name, None) is not None}
@@ -208,6 +226,31 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"\nwritten: {(args.out / 'calibration.json').resolve()}, frontier.png{early_exit}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .api import export
+    manifest = export(args.out, source=args.source, model=args.model, weights=args.weights,
+                      thresholds=args.thresholds, exporter=args.exporter)
+    graphs = manifest["stages"] + manifest["heads"]
+    exporters = sorted({g["exporter"] for g in graphs})
+    print(f"exported {manifest['model']} ({len(manifest['stages'])} stages, {len(manifest['heads'])} heads; "
+          f"policy {manifest['policy']}, thresholds {manifest['thresholds']}) with {', '.join(exporters)}; "
+          f"largest difference from torch {max(g['max_error'] for g in graphs):.1e}")
+    print(f"written: {args.out.resolve()}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .predict import check_output, format_predictions, predict, write_predictions
+    if args.out is not None:
+        check_output(args.out)
+    rows = predict(args.export, args.images, batch_size=args.batch_size, progress=not args.no_progress)
+    if args.out is None:
+        print(format_predictions(rows))
+        return
+    write_predictions(rows, args.out)
+    shares = [sum(r["exit"] == k for r in rows) for k in range(max(r["exit"] for r in rows) + 1)]
+    print(f"{len(rows)} images; images per exit: {shares}; written: {args.out.resolve()}")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from .models import MODELS, shipped_weights
     for name in sorted(MODELS):
@@ -231,7 +274,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"study": cmd_study, "train": cmd_train, "attach": cmd_attach, "calibrate": cmd_calibrate,
-            "models": cmd_models, "cache": cmd_cache}
+            "export": cmd_export, "predict": cmd_predict, "models": cmd_models, "cache": cmd_cache}
 
 
 def main(argv: list[str] | None = None) -> int:

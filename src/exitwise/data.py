@@ -12,13 +12,12 @@ import os
 import pickle
 import shutil
 import sys
-import tarfile
 import urllib.parse
 import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import UserError
+from .images import ARCHIVE_SUFFIXES, Files, decode_image, list_dir, read_tar
 from .io import atomic_write_bytes, atomic_write_json
 from .progress import progress_bar
 
@@ -44,7 +44,6 @@ CIFAR10_VAL_SIZE = 5000
 DIGITS_TEST_SIZE = 360
 DIGITS_VAL_SIZE = 360
 CACHE_VERSION = 1  # bump when the decoded arrays would change for the same source
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 BATCH_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
@@ -214,17 +213,6 @@ class _Decoded(NamedTuple):
     classes: tuple[str, ...]
 
 
-class _Files(NamedTuple):
-    """The files of a source, by relative POSIX path, and a way to read each."""
-
-    root: Path
-    names: list[str]
-    read: Callable[[str], bytes]
-
-    def where(self, name: str) -> str:
-        return str(self.root / name)
-
-
 def _load_images(path: Path, cache_dir: Path, progress: bool, dataset: str = "cifar10",
                  image_size: int | None = None) -> tuple[_Decoded, str]:
     """Decode CIFAR-10 (or, for "folder", any image tree) found at `path`, reading the cache when unchanged."""
@@ -233,7 +221,7 @@ def _load_images(path: Path, cache_dir: Path, progress: bool, dataset: str = "ci
     path = path.resolve()
     files = None
     if path.is_dir():
-        files = _list_dir(path)
+        files = list_dir(path)
         if not files.names:
             raise UserError(f"data directory {str(path)!r} is empty")
         if _detect(files.names) is None:
@@ -243,36 +231,9 @@ def _load_images(path: Path, cache_dir: Path, progress: bool, dataset: str = "ci
     entry = cache_dir / f"{dataset}-{_fingerprint(path, files, image_size)}"
     decoded = _read_cache(entry)
     if decoded is None:
-        decoded = _decode(files if files is not None else _read_tar(path), progress, dataset, image_size)
+        decoded = _decode(files if files is not None else read_tar(path), progress, dataset, image_size)
         _write_cache(entry, decoded, str(path))
     return decoded, str(path)
-
-
-def _list_dir(root: Path, max_depth: int = 4) -> _Files:
-    """Non-hidden files under `root`, at most `max_depth` levels down (enough for top/train/class/file)."""
-    names = []
-    for folder, dirs, filenames in os.walk(root):
-        rel = Path(folder).relative_to(root)
-        depth = len(rel.parts) + 1
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < max_depth else []
-        names += [(rel / f).as_posix() for f in sorted(filenames) if not f.startswith(".")]
-    return _Files(root, names, lambda name: (root / name).read_bytes())
-
-
-def _read_tar(path: Path) -> _Files:
-    """Every regular file of a tar archive, read in one streaming pass (nothing is extracted to disk)."""
-    contents: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, mode="r|*") as archive:
-            for member in archive:
-                name = member.name.removeprefix("./")
-                if member.isfile() and not any(p.startswith(".") for p in name.split("/")):
-                    contents[name] = archive.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"cannot read archive {str(path)!r}: {e}") from None
-    if not contents:
-        raise UserError(f"archive {str(path)!r} is empty")
-    return _Files(path, list(contents), contents.__getitem__)
 
 
 def _detect(names: list[str]) -> tuple[str, str] | None:
@@ -290,7 +251,7 @@ def _detect(names: list[str]) -> tuple[str, str] | None:
     return min(found, key=lambda f: f[1].count("/"), default=None)
 
 
-def _archive_in(files: _Files, dataset: str) -> Path:
+def _archive_in(files: Files, dataset: str) -> Path:
     """The one archive lying directly in a folder that holds no unpacked data set (e.g. after --download)."""
     archives = [n for n in files.names if "/" not in n and n.lower().endswith(ARCHIVE_SUFFIXES)]
     if len(archives) == 1:
@@ -306,7 +267,7 @@ _LAYOUTS = {"cifar10": "cifar-10-batches-py/ or train/<class>/ and test/<class>/
             "folder": "train/<class>/ and test/<class>/ image folders"}
 
 
-def _decode(files: _Files, progress: bool, dataset: str = "cifar10", image_size: int | None = None) -> _Decoded:
+def _decode(files: Files, progress: bool, dataset: str = "cifar10", image_size: int | None = None) -> _Decoded:
     kind = _detect(files.names)
     if kind is None or (dataset == "folder" and kind[0] != "tree"):
         raise UserError(f"no {_NAMES[dataset]} data found in {str(files.root)!r}: expected {_LAYOUTS[dataset]}")
@@ -315,7 +276,7 @@ def _decode(files: _Files, progress: bool, dataset: str = "cifar10", image_size:
     return _decode_tree(files, kind[1], progress, CIFAR10_CLASSES if dataset == "cifar10" else None, image_size)
 
 
-def _decode_tree(files: _Files, prefix: str, progress: bool, classes: tuple[str, ...] | None = CIFAR10_CLASSES,
+def _decode_tree(files: Files, prefix: str, progress: bool, classes: tuple[str, ...] | None = CIFAR10_CLASSES,
                  image_size: int | None = None) -> _Decoded:
     """Image folders train/<class>/* and test/<class>/*; labels follow `classes` (None: the train folders' names,
     sorted), images resized to `image_size` squared when given."""
@@ -345,14 +306,14 @@ def _decode_tree(files: _Files, prefix: str, progress: bool, classes: tuple[str,
     return _Decoded(*train, *test, classes)
 
 
-def _decode_images(files: _Files, folders: dict[str, list[str]], bar: tqdm, classes: tuple[str, ...],
+def _decode_images(files: Files, folders: dict[str, list[str]], bar: tqdm, classes: tuple[str, ...],
                    image_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode the images of one split to RGB uint8 into one preallocated array."""
     names = [n for c in classes for n in folders[c]]
     labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(folders[c]) for c in classes])
     images = None
     for i, name in enumerate(names):
-        pixels = _decode_image(files.read(name), files.where(name), image_size)
+        pixels = decode_image(files.read(name), files.where(name), image_size=image_size)
         if images is None:
             images = np.empty((len(names), *pixels.shape), dtype=np.uint8)
         elif pixels.shape != images.shape[1:]:
@@ -361,17 +322,6 @@ def _decode_images(files: _Files, folders: dict[str, list[str]], bar: tqdm, clas
         images[i] = pixels
         bar.update()
     return images, labels
-
-
-def _decode_image(data: bytes, where: str, image_size: int | None = None) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB")
-            if image_size is not None and rgb.size != (image_size, image_size):
-                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(rgb)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise UserError(f"cannot decode image {where}: {e}") from None
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -401,7 +351,7 @@ def _unpickle(data: bytes, where: str) -> dict:
     return obj
 
 
-def _decode_batches(files: _Files, prefix: str, progress: bool) -> _Decoded:
+def _decode_batches(files: Files, prefix: str, progress: bool) -> _Decoded:
     """The official python version: data_batch_1..5 (train), test_batch, batches.meta (class names)."""
     names = set(files.names)
     missing = [b for b in BATCH_FILES if prefix + b not in names]
@@ -421,7 +371,7 @@ def _decode_batches(files: _Files, prefix: str, progress: bool) -> _Decoded:
     return _Decoded(*train, *parts[-1], classes)
 
 
-def _batch(files: _Files, name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _batch(files: Files, name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     where = files.where(name)
     batch = _unpickle(files.read(name), where)
     data, labels = batch.get(b"data"), batch.get(b"labels")
@@ -472,7 +422,7 @@ def clear_cache(cache_dir: str | Path | None = None) -> list[dict]:
     return entries
 
 
-def _fingerprint(path: Path, files: _Files | None, image_size: int | None = None) -> str:
+def _fingerprint(path: Path, files: Files | None, image_size: int | None = None) -> str:
     """Hash of what identifies the decoded data: format version, absolute path, sizes and mtimes (and the resize)."""
     stats = [(name, (path / name).stat()) for name in files.names] if files else [("", path.stat())]
     text = json.dumps([CACHE_VERSION, str(path), [(n, s.st_size, s.st_mtime_ns) for n, s in stats]]

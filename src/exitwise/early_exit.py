@@ -114,14 +114,7 @@ class EarlyExitModel:
     def load(cls, path: str | Path) -> EarlyExitModel:
         """Rebuild a saved early-exit model: the registered network, its weights, policy and thresholds."""
         from .models import create_model, load_weights
-        path = Path(path)
-        config_path = path / CONFIG_FILE if path.is_dir() else path
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read early-exit model {str(config_path)!r}: {e}") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise UserError(f"{str(config_path)!r} is not an exitwise early-exit model ({FORMAT})")
+        config_path, config = _read_config(path)
         weights = Path(config["weights"]) if config.get("weights") else config_path.parent / WEIGHTS_FILE
         if config.get("weights_sha256"):
             from .models import weight_files
@@ -133,3 +126,22 @@ class EarlyExitModel:
         network = create_model(config["model"]) if own else load_weights(create_model(config["model"]), weights)
         return cls.create(network, config["model"], config["policy"], config["thresholds"],
                           config.get("temperatures"), config.get("class_names"))
+
+
+def _read_config(path: str | Path) -> tuple[Path, dict]:
+    """The path and content of a saved early-exit model's `early_exit.json` (`path`: it or its folder)."""
+    path = Path(path)
+    config_path = path / CONFIG_FILE if path.is_dir() else path
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read early-exit model {str(config_path)!r}: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise UserError(f"{str(config_path)!r} is not an exitwise early-exit model ({FORMAT})")
+    return config_path, config
+
+
+def saved_weights_sha256(path: str | Path) -> str:
+    """SHA-256 of the weights a saved early-exit model runs on: the checkpoint its JSON names, or its own copy."""
+    config_path, config = _read_config(path)
+    return config.get("weights_sha256") or file_sha256(config_path.parent / WEIGHTS_FILE)

@@ -1,0 +1,117 @@
+"""Image files to uint8 arrays, without torch: folders, single files and tar archives.
+
+Shared by the CIFAR-10 reader (`exitwise.data`) and `exitwise predict`, which runs an ONNX export
+on a machine that may have no torch at all.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import UserError
+from .progress import progress_bar
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp")
+
+
+class Files(NamedTuple):
+    """The files of a source, by relative POSIX path, and a way to read each."""
+
+    root: Path
+    names: list[str]
+    read: Callable[[str], bytes]
+
+    def where(self, name: str) -> str:
+        return str(self.root / name)
+
+
+def list_dir(root: Path, max_depth: int = 4) -> Files:
+    """Non-hidden files under `root`, at most `max_depth` levels down (enough for top/train/class/file)."""
+    names = []
+    for folder, dirs, filenames in os.walk(root):
+        rel = Path(folder).relative_to(root)
+        depth = len(rel.parts) + 1
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < max_depth else []
+        names += [(rel / f).as_posix() for f in sorted(filenames) if not f.startswith(".")]
+    return Files(root, names, lambda name: (root / name).read_bytes())
+
+
+def read_tar(path: Path) -> Files:
+    """Every regular file of a tar archive, read in one streaming pass (nothing is extracted to disk)."""
+    contents: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, mode="r|*") as archive:
+            for member in archive:
+                name = member.name.removeprefix("./")
+                if member.isfile() and not any(p.startswith(".") for p in name.split("/")):
+                    contents[name] = archive.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"cannot read archive {str(path)!r}: {e}") from None
+    if not contents:
+        raise UserError(f"archive {str(path)!r} is empty")
+    return Files(path, list(contents), contents.__getitem__)
+
+
+def decode_image(data: bytes, where: str, channels: int = 3, image_size: int | None = None) -> np.ndarray:
+    """(H, W, channels) uint8 pixels of an encoded image: RGB for 3 channels, grayscale for 1; resized
+    (bilinear) to `image_size` squared when given."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            converted = image.convert("RGB" if channels == 3 else "L")
+            if image_size is not None and converted.size != (image_size, image_size):
+                converted = converted.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            pixels = np.asarray(converted)
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise UserError(f"cannot decode image {where}: {e}") from None
+    return pixels if pixels.ndim == 3 else pixels[..., None]
+
+
+def _sources(paths: Sequence[str | Path]) -> list[tuple[Files, str]]:
+    """(files, name) of every image: a folder's image files (by suffix, recursively), a file, a tar's files."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = list_dir(path, max_depth=16)
+            names = [n for n in files.names if n.lower().endswith(IMAGE_SUFFIXES)]
+            if not names:
+                raise UserError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in folder {str(path)!r}")
+        elif path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES):
+            files = read_tar(path)
+            names = sorted(files.names)
+        elif path.is_file():
+            files = Files(path.parent, [path.name], lambda name, folder=path.parent: (folder / name).read_bytes())
+            names = [path.name]
+        else:
+            raise UserError(f"no such image, folder or archive: {str(path)!r}")
+        found += [(files, name) for name in names]
+    return found
+
+
+def read_images(paths: Sequence[str | Path], shape: Sequence[int], progress: bool = False
+                ) -> tuple[list[str], np.ndarray]:
+    """Every image named by `paths` (files, folders, .tar.gz/.tgz/.tar) as (names, uint8 (N, H, W, C)).
+
+    `shape` is the (C, H, W) a model takes; an image of another size is refused, never resized, so a
+    prediction is never made on an image the model was not built for."""
+    c, h, w = shape
+    sources = _sources(paths)
+    images = np.empty((len(sources), h, w, c), dtype=np.uint8)
+    for i, (files, name) in enumerate(progress_bar(sources, desc="reading images", unit="img", enabled=progress,
+                                                   leave=False)):
+        where = files.where(name)
+        try:
+            data = files.read(name)
+        except OSError as e:
+            raise UserError(f"cannot read image {where}: {e.strerror or e}") from None
+        pixels = decode_image(data, where, c)
+        if pixels.shape != images.shape[1:]:
+            raise UserError(f"image {where} is {pixels.shape[1]}x{pixels.shape[0]}, but the model takes {w}x{h}")
+        images[i] = pixels
+    return [files.where(name) for files, name in sources], images

@@ -1,0 +1,249 @@
+"""Early exit on ONNX Runtime, without torch: runs an `exitwise export` folder as `runtime.run_early_exit` runs the model.
+
+An export is one ONNX graph per stage and per head and a `manifest.json` (see docs/deploy.md). Here
+each graph is an ONNX Runtime session; a batch enters in micro-batches, the samples that stay after
+an exit are compacted and wait at the next stage until a micro-batch has gathered (or the batch is
+done), exactly the schedule of the torch runtime, and the exit scores are the numpy twins of
+`exitwise.policies`, in float32 as there. Needs `pip install 'exitwise[onnx]'`; never imports torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import UserError
+from .io import file_sha256
+from .progress import progress_bar
+
+FORMAT = "exitwise.onnx-export/1"
+MANIFEST = "manifest.json"
+MICRO_BATCH = 64  # rows that go through the stages together: `hardware.DEFAULT_MICRO_BATCH` (that module needs torch)
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's content (every key but `manifest_sha256`), canonical JSON."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+# Exit scores: numpy versions of exitwise.policies (lower = more confident), float32 throughout.
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def entropy(logits: np.ndarray) -> np.ndarray:
+    """Entropy of the softmax in nats, from the log-softmax (as `policies.entropy`)."""
+    log_p = _log_softmax(logits)
+    return np.maximum(-(np.exp(log_p) * log_p).sum(-1), np.float32(0))
+
+
+def _one_minus_top(p: np.ndarray) -> np.ndarray:
+    """1 - the largest probability, summed from the others so a confident score keeps its digits."""
+    others = p.copy()
+    others[np.arange(len(p)), p.argmax(-1)] = 0
+    return others.sum(-1)
+
+
+def one_minus_max_prob(logits: np.ndarray) -> np.ndarray:
+    return _one_minus_top(softmax(logits))
+
+
+def one_minus_margin(logits: np.ndarray) -> np.ndarray:
+    p = softmax(logits)
+    return _one_minus_top(p) + np.partition(p, -2, axis=-1)[:, -2]
+
+
+SCORES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "entropy": entropy, "max-prob": one_minus_max_prob, "margin": one_minus_margin}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An exit policy by name (entropy, max-prob, margin, patience), with optional per-exit temperatures."""
+    name: str
+    temperatures: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in (*SCORES, "patience"):
+            raise UserError(f"unknown exit policy {self.name!r} in the export")
+
+    def init_state(self, n: int) -> np.ndarray:
+        """Per-sample memory: patience keeps (previous prediction, its run of agreeing exits); -1 = none yet."""
+        if self.name == "patience":
+            return np.stack([np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)], 1)
+        return np.empty((n, 0), dtype=np.int64)
+
+    def scale(self, k: int, logits: np.ndarray) -> np.ndarray:
+        """Exit k's float32 logits divided by its temperature (if any)."""
+        logits = logits.astype(np.float32, copy=False)
+        return logits if self.temperatures is None else logits / np.float32(self.temperatures[k])
+
+    def step(self, k: int, logits: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) float32 scores at exit k and the new state, as `ExitPolicy.step`."""
+        if self.name != "patience":
+            return SCORES[self.name](self.scale(k, logits)), state
+        prediction = logits.argmax(-1)
+        run = np.where(prediction == state[:, 0], state[:, 1] + 1, 0)
+        return (-run).astype(np.float32), np.stack([prediction, run], 1)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Per image: the exit it left at, the class predicted there and that class's softmax probability."""
+    exits: np.ndarray          # (N,) int64
+    predictions: np.ndarray    # (N,) int64, argmax of the exit's logits
+    probabilities: np.ndarray  # (N,) float32, softmax (temperature-scaled, if the policy has temperatures)
+    seconds: float             # wall time of the whole loop
+
+
+def as_input(batch: np.ndarray) -> np.ndarray:
+    """What the graphs take: float32 NCHW in [0, 1]. uint8 (N, H, W, C) pixels are divided by 255 (as
+    `ImageSet.batches` does); float32 (N, C, H, W) is passed as it is."""
+    if batch.dtype == np.uint8 and batch.ndim == 4:
+        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2)).astype(np.float32) / np.float32(255)
+    if batch.dtype == np.float32 and batch.ndim == 4:
+        return batch
+    raise UserError(f"images must be uint8 (N, H, W, C) or float32 (N, C, H, W), got {batch.dtype} {batch.shape}")
+
+
+class OnnxEarlyExit:
+    """A loaded export: one ONNX Runtime session per stage and head, the policy and the thresholds."""
+
+    def __init__(self, folder: Path, manifest: dict, stages: list, heads: list):
+        self.folder, self.manifest, self.stages, self.heads = folder, manifest, stages, heads
+        self.policy = Policy(manifest["policy"], tuple(manifest["temperatures"]) if manifest.get("temperatures")
+                             else None)
+        self.thresholds = np.array([-np.inf if t is None else t for t in manifest["thresholds"]], dtype=np.float64)
+        self.input_shape = tuple(manifest["input"]["shape"][1:])
+        self.class_names = manifest.get("class_names")
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages)
+
+    @classmethod
+    def load(cls, folder: str | Path, threads: int | None = None) -> OnnxEarlyExit:
+        """Open an export, checking the manifest's own digest and every graph's SHA-256 first."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError("running an ONNX export needs onnxruntime: pip install 'exitwise[onnx]'") from None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+
+        def session(entry: dict):
+            return ort.InferenceSession(str(folder / entry["file"]), options, providers=["CPUExecutionProvider"])
+
+        return cls(folder, manifest, [session(e) for e in manifest["stages"]], [session(e) for e in manifest["heads"]])
+
+    def _stage(self, k: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stage k then its head: (features, float32 logits)."""
+        x = self.stages[k].run(None, {"x": x})[0]
+        return x, self.heads[k].run(None, {"x": x})[0]
+
+    def run(self, images: np.ndarray, *, thresholds: Sequence[float] | None = None, batch_size: int = 256,
+            micro_batch: int = MICRO_BATCH, progress: bool = False) -> Prediction:
+        """Real early exit over `images` (see `as_input`), with the export's thresholds unless given.
+
+        The schedule of `runtime.run_early_exit`: each batch of `batch_size` enters in `micro_batch`-row
+        pieces; the samples that stay wait at the next stage until `micro_batch` rows have gathered, and
+        every sample of a batch has left before the next batch starts. A sample leaves at the first side
+        exit whose score is <= its threshold (float32, as in torch); -inf never lets one leave."""
+        k_exits, n = self.num_exits, len(images)
+        thr = np.asarray(self.thresholds if thresholds is None else thresholds, dtype=np.float64).astype(np.float32)
+        if thr.shape != (k_exits - 1,):
+            raise UserError(f"expected {k_exits - 1} thresholds, got {thr.shape}")
+        if batch_size < 1 or micro_batch < 1:
+            raise UserError(f"batch size and micro-batch must be at least 1, got {batch_size} and {micro_batch}")
+        exits = np.empty(n, dtype=np.int64)
+        predictions = np.empty(n, dtype=np.int64)
+        probabilities = np.empty(n, dtype=np.float32)
+        waiting: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(k_exits)]
+
+        def advance(k: int, x: np.ndarray, index: np.ndarray, state: np.ndarray) -> None:
+            x, logits = self._stage(k, x)
+            if k < k_exits - 1:
+                scores, state = self.policy.step(k, logits, state)
+                leave = scores <= thr[k]
+            else:
+                leave = np.ones(len(index), dtype=bool)
+            out = index[leave]
+            exits[out] = k
+            predictions[out] = logits[leave].argmax(-1)
+            p = softmax(self.policy.scale(k, logits[leave]))
+            probabilities[out] = p[np.arange(len(out)), predictions[out]]
+            if not leave.all():
+                stay = ~leave
+                waiting[k + 1].append((x[stay], index[stay], state[stay]))
+
+        def run_waiting(k: int, at_least: int) -> None:
+            if sum(len(w[1]) for w in waiting[k]) >= at_least:
+                parts, waiting[k] = waiting[k], []
+                advance(k, *(np.concatenate(p) if len(parts) > 1 else p[0] for p in zip(*parts)))
+
+        start = time.perf_counter()
+        total = (n + batch_size - 1) // batch_size
+        for b in progress_bar(range(0, n, batch_size), total=total, desc="early exit", enabled=progress,
+                              leave=False, unit="batch"):
+            for i in range(b, min(b + batch_size, n), micro_batch):
+                rows = as_input(images[i:min(i + micro_batch, b + batch_size, n)])
+                advance(0, rows, np.arange(i, i + len(rows)), self.policy.init_state(len(rows)))
+                for k in range(1, k_exits):
+                    run_waiting(k, micro_batch)
+            for k in range(1, k_exits):  # the batch is done: the rest go on as they are
+                run_waiting(k, 1)
+        return Prediction(exits, predictions, probabilities, time.perf_counter() - start)
+
+    def run_backbone(self, images: np.ndarray, *, batch_size: int = 256, micro_batch: int = MICRO_BATCH) -> Prediction:
+        """Every stage and the final head only (no side exits): the baseline, as `runtime.run_backbone`."""
+        n, last = len(images), self.num_exits - 1
+        predictions, probabilities = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
+        start = time.perf_counter()
+        for b in range(0, n, batch_size):
+            for i in range(b, min(b + batch_size, n), micro_batch):
+                x = as_input(images[i:min(i + micro_batch, b + batch_size, n)])
+                for stage in self.stages:
+                    x = stage.run(None, {"x": x})[0]
+                logits = self.heads[last].run(None, {"x": x})[0]
+                predictions[i:i + len(x)] = logits.argmax(-1)
+                probabilities[i:i + len(x)] = softmax(self.policy.scale(last, logits)).max(-1)
+        return Prediction(np.full(n, last), predictions, probabilities, time.perf_counter() - start)
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of an export, refused (UserError) when missing, edited, or when a graph is missing or changed."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{str(folder)!r} is not an exitwise ONNX export: no {MANIFEST}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {str(path)!r}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{str(path)!r} is not an exitwise ONNX export manifest ({FORMAT})")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise UserError(f"{str(path)!r} was changed after export (its SHA-256 differs): export again")
+    for entry in manifest["stages"] + manifest["heads"]:
+        graph = folder / entry["file"]
+        if not graph.is_file():
+            raise UserError(f"graph {str(graph)!r} named by the manifest is missing")
+        if file_sha256(graph) != entry["sha256"]:
+            raise UserError(f"graph {str(graph)!r} was changed after export (its SHA-256 differs from the manifest's)")
+    return manifest

@@ -1,0 +1,55 @@
+"""`exitwise predict`: classify image files with an ONNX export, without torch (see `exitwise.onnx_runtime`)."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UserError
+from .images import read_images
+from .io import atomic_write_json, atomic_write_text
+from .onnx_runtime import OnnxEarlyExit
+
+OUTPUT_SUFFIXES = (".csv", ".json")
+FIELDS = ("image", "class", "class_index", "probability", "exit")
+
+
+def predict(export: str | Path, paths: Sequence[str | Path], *, batch_size: int = 256,
+            progress: bool = True) -> list[dict]:
+    """One row per image (files, folders, .tar.gz): its class name (the index when the export has none),
+    class index, that class's softmax probability at the exit taken, and the exit (0 = first)."""
+    runner = OnnxEarlyExit.load(export)
+    names, images = read_images(paths, runner.input_shape, progress=progress)
+    result = runner.run(images, batch_size=batch_size, progress=progress)
+    classes = runner.class_names
+    return [{"image": name, "class": classes[c] if classes else str(c), "class_index": int(c),
+             "probability": round(float(p), 6), "exit": int(e)}
+            for name, c, p, e in zip(names, result.predictions, result.probabilities, result.exits)]
+
+
+def check_output(path: str | Path) -> None:
+    """Refuse an output file whose format is unknown, before any work."""
+    if Path(path).suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UserError(f"--out {str(path)!r}: write predictions to a .csv or .json file")
+
+
+def write_predictions(rows: list[dict], path: str | Path) -> None:
+    """`rows` as CSV or JSON (by the suffix), written atomically."""
+    check_output(path)
+    if Path(path).suffix.lower() == ".json":
+        atomic_write_json(path, rows)
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
+
+
+def format_predictions(rows: list[dict]) -> str:
+    """A table for the terminal: image, class, probability, exit."""
+    width = max([len("image")] + [len(r["image"]) for r in rows])
+    lines = [f"{'image':{width}s}  {'class':12s} {'prob':>7s}  exit"]
+    lines += [f"{r['image']:{width}s}  {r['class']:12s} {r['probability']:7.4f}  {r['exit']}" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,255 @@
+"""An ONNX export runs the same early exit as torch: the same exits and predictions, without torch imported.
+
+Needs the onnx extra (onnx, onnxruntime, onnxscript); skipped without it.
+"""
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from exitwise import export as export_module
+from exitwise.api import export, load_model
+from exitwise.cli import main
+from exitwise.costs import exit_macs
+from exitwise.data import ImageSet, load_splits
+from exitwise.early_exit import EarlyExitModel
+from exitwise.errors import UserError
+from exitwise.models import create_model
+from exitwise.onnx_runtime import OnnxEarlyExit, Policy
+from exitwise.policies import get_policy
+from exitwise.runtime import all_exit_logits, prepare, run_early_exit
+
+from conftest import CIFAR_JPG, random_image_set
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+NEAR = 1e-5  # fp32 rounding: a sample whose score is this close to a threshold may go either way
+
+
+def _spread_thresholds(net, data, policy, shares=(0.3, 0.3)) -> list[float]:
+    """Thresholds that let about `shares` of the samples out at the side exits (so every exit is used)."""
+    scores = policy.scores(torch.from_numpy(all_exit_logits(prepare(net), data).logits)).numpy()
+    return [float(np.quantile(scores[k], s)) for k, s in enumerate(shares)]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A random-weight digits-convnet (margin policy with temperatures), exported with the default exporter."""
+    torch.manual_seed(0)
+    net = create_model("digits-convnet")
+    policy = get_policy("margin").with_temperatures([1.5, 0.7, 1.0])
+    data = random_image_set(400, seed=1)
+    model = EarlyExitModel(net, policy, np.array(_spread_thresholds(net, data, policy)), "digits-convnet",
+                           tuple("0123456789"))
+    out = tmp_path_factory.mktemp("digits-export")
+    model.save(out / "model")
+    export(out / "onnx", source=out / "model")
+    return model, data, out
+
+
+def _borderline(net, data, policy, thresholds) -> np.ndarray:
+    """Samples with a side-exit score within NEAR of that exit's threshold."""
+    scores = policy.scores(torch.from_numpy(all_exit_logits(prepare(net), data).logits)).numpy()[:-1]
+    return (np.abs(scores - np.asarray(thresholds, dtype=np.float32)[:, None]) <= NEAR).any(0)
+
+
+def _assert_same_run(model: EarlyExitModel, data: ImageSet, runner: OnnxEarlyExit, **kwargs):
+    """ONNX Runtime and torch agree on every exit and prediction, but at borderline scores; returns the ONNX run."""
+    torch_run = run_early_exit(prepare(model.network, "fp32"), data, model.thresholds, model.policy)
+    onnx_run = runner.run(data.images.numpy(), **kwargs)
+    differ = (torch_run.exits != onnx_run.exits) | (torch_run.predictions != onnx_run.predictions)
+    assert not (differ & ~_borderline(model.network, data, model.policy, model.thresholds)).any()
+    return onnx_run
+
+
+def test_exits_and_predictions_equal_the_torch_runtime(digits):
+    model, data, out = digits
+    run = _assert_same_run(model, data, OnnxEarlyExit.load(out / "onnx"))
+    assert set(run.exits) == {0, 1, 2}  # every exit takes samples, so compaction and re-batching are exercised
+
+
+@pytest.mark.parametrize("batch_size,micro_batch", [(1, 64), (7, 3), (400, 400)])
+def test_the_batch_schedule_changes_no_decision(digits, batch_size, micro_batch):
+    model, data, out = digits
+    runner = OnnxEarlyExit.load(out / "onnx")
+    reference = runner.run(data.images.numpy())
+    run = runner.run(data.images.numpy(), batch_size=batch_size, micro_batch=micro_batch)
+    assert (run.exits == reference.exits).all() and (run.predictions == reference.predictions).all()
+    np.testing.assert_allclose(run.probabilities, reference.probabilities, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,temperatures", [("entropy", None), ("max-prob", (2.0, 0.5, 1.0)),
+                                               ("margin", (1.3, 1.0, 0.8)), ("patience", None)])
+def test_numpy_scores_equal_the_torch_policies(name, temperatures):
+    logits = torch.randn(3, 500, 10, generator=torch.Generator().manual_seed(0)) * 4
+    logits[:, :5] = torch.tensor([30.0] + [0.0] * 9)  # confident rows: scores near 0 keep their digits
+    policy = get_policy(name) if temperatures is None else get_policy(name).with_temperatures(temperatures)
+    twin = Policy(name, temperatures)
+    state, twin_state = policy.init_state(500), twin.init_state(500)
+    for k in range(3):
+        expected, state = policy.step(k, logits[k], state)
+        got, twin_state = twin.step(k, logits[k].numpy(), twin_state)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_manifest_describes_the_export(digits):
+    model, _, out = digits
+    manifest = json.loads((out / "onnx" / "manifest.json").read_text())
+    assert [e["file"] for e in manifest["stages"]] == ["stage0.onnx", "stage1.onnx", "stage2.onnx"]
+    assert [e["file"] for e in manifest["heads"]] == ["head0.onnx", "head1.onnx", "head2.onnx"]
+    assert {e["exporter"] for e in manifest["stages"] + manifest["heads"]} == {"dynamo"}
+    assert max(e["max_error"] for e in manifest["stages"] + manifest["heads"]) <= export_module.MAX_ERROR
+    assert manifest["input"]["shape"] == ["batch", 1, 8, 8] and manifest["input"]["range"] == [0.0, 1.0]
+    assert manifest["exit_macs"] == exit_macs(model.network)
+    assert manifest["thresholds"] == model.to_json()["thresholds"]
+    assert manifest["policy"] == "margin" and manifest["temperatures"] == [1.5, 0.7, 1.0]
+    assert manifest["class_names"] == list("0123456789")
+    from exitwise.io import file_sha256
+    assert manifest["source_weights_sha256"] == file_sha256(out / "model" / "model.safetensors")
+
+
+def test_runtime_and_predict_work_with_torch_blocked(digits, tmp_path):
+    _, data, out = digits
+    Image.fromarray(data.images[0, :, :, 0].numpy()).save(tmp_path / "a.png")
+    code = (f"import sys; sys.modules['torch'] = None\n"
+            f"from exitwise.predict import predict, write_predictions\n"
+            f"write_predictions(predict({str(out / 'onnx')!r}, [{str(tmp_path / 'a.png')!r}]), {str(tmp_path / 'p.json')!r})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "p.json").read_text())[0]["image"].endswith("a.png")
+
+
+def _write_pngs(data: ImageSet, folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{i:03d}.png" for i in range(n)]
+    for path, image in zip(paths, data.images[:n].numpy()):
+        Image.fromarray(image[..., 0]).save(path)
+    return paths
+
+
+def test_predict_reads_folders_files_and_archives_alike(digits, tmp_path):
+    _, data, out = digits
+    paths = _write_pngs(data, tmp_path / "images", 20)
+    with tarfile.open(tmp_path / "images.tar.gz", "w:gz") as tar:
+        for path in paths:
+            tar.add(path, arcname=f"digits/{path.name}")
+    expected = OnnxEarlyExit.load(out / "onnx").run(data.images[:20].numpy())
+    for i, source in enumerate([[tmp_path / "images"], paths, [tmp_path / "images.tar.gz"]]):
+        target = tmp_path / f"p{i}.csv"
+        assert main(["predict", "--export", str(out / "onnx"), *map(str, source), "--out", str(target)]) == 0
+        lines = target.read_text().splitlines()
+        assert lines[0] == "image,class,class_index,probability,exit" and len(lines) == 21
+        rows = [line.split(",") for line in lines[1:]]
+        assert [int(r[2]) for r in rows] == expected.predictions.tolist()
+        assert [int(r[4]) for r in rows] == expected.exits.tolist()
+
+
+def _one_line_error(capsys, argv: list[str], match: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and match in err, err
+
+
+def test_a_changed_missing_or_absent_export_is_refused_in_one_line(digits, tmp_path, capsys):
+    _, data, out = digits
+    image = str(_write_pngs(data, tmp_path / "images", 1)[0])
+    broken = tmp_path / "broken"
+    for name in ("manifest.json", "stage0.onnx", "stage1.onnx", "stage2.onnx", "head0.onnx", "head1.onnx",
+                 "head2.onnx"):
+        broken.mkdir(exist_ok=True)
+        (broken / name).write_bytes((out / "onnx" / name).read_bytes())
+    argv = ["predict", "--export", str(broken), image]
+    assert main(argv) == 0
+    capsys.readouterr()
+    graph = broken / "stage1.onnx"
+    original = graph.read_bytes()
+    graph.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    _one_line_error(capsys, argv, "stage1.onnx' was changed after export")
+    graph.unlink()
+    _one_line_error(capsys, argv, "stage1.onnx' named by the manifest is missing")
+    graph.write_bytes(original)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["thresholds"][0] = 0.0
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    _one_line_error(capsys, argv, "manifest.json' was changed after export")
+    (broken / "manifest.json").unlink()
+    _one_line_error(capsys, argv, "is not an exitwise ONNX export: no manifest.json")
+
+
+def test_wrong_size_unreadable_and_missing_images_are_refused_in_one_line(digits, tmp_path, capsys):
+    _, _, out = digits
+    Image.fromarray(np.zeros((9, 8), dtype=np.uint8)).save(tmp_path / "big.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    base = ["predict", "--export", str(out / "onnx")]
+    _one_line_error(capsys, base + [str(tmp_path / "big.png")], "is 8x9, but the model takes 8x8")
+    _one_line_error(capsys, base + [str(tmp_path / "bad.png")], "cannot decode image")
+    _one_line_error(capsys, base + [str(tmp_path / "none.png")], "no such image, folder or archive")
+    _one_line_error(capsys, base + [str(tmp_path / "big.png"), "--out", str(tmp_path / "p.txt")], ".csv or .json")
+    assert not (tmp_path / "p.txt").exists()
+
+
+def test_export_from_a_model_name_and_a_thresholds_file(tmp_path, capsys):
+    (tmp_path / "t.json").write_text(json.dumps({"policy": "entropy", "thresholds": [0.2, None]}))
+    out = tmp_path / "onnx"
+    assert main(["export", "--model", "digits-convnet", "--thresholds", str(tmp_path / "t.json"), "--out", str(out),
+                 "--exporter", "torchscript"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["thresholds"] == [0.2, None] and manifest["class_names"] == [str(i) for i in range(10)]
+    assert {e["exporter"] for e in manifest["stages"]} == {"torchscript"}
+    (tmp_path / "other.json").write_text(json.dumps({"model": "b-resnet11", "policy": "entropy",
+                                                     "thresholds": [0.2, None]}))
+    _one_line_error(capsys, ["export", "--model", "digits-convnet", "--thresholds", str(tmp_path / "other.json"),
+                             "--out", str(tmp_path / "x")], "is for model 'b-resnet11'")
+    _one_line_error(capsys, ["export", "--out", str(tmp_path / "x")], "give --from DIR")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_graph_that_disagrees_with_torch_is_not_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "MAX_ERROR", -1.0)  # any difference, even 0, is too large
+    model = EarlyExitModel.create(create_model("digits-convnet"), "digits-convnet", "entropy", [0.5, 0.5])
+    with pytest.raises(UserError, match="stage 0 differs between ONNX Runtime and torch"):
+        export_module.export_onnx(model, tmp_path / "onnx", exporter="torchscript")
+    assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.cifar
+def test_shipped_b_resnet11_on_cifar_test_images(tmp_path):
+    if not CIFAR_JPG.is_file():
+        pytest.skip("../shared/data/cifar10-jpg.tar.gz not present")
+    data = load_splits("cifar10", CIFAR_JPG, progress=False).test.subset(torch.arange(0, 10000, 40))  # 250 images
+    (tmp_path / "t.json").write_text(json.dumps({"policy": "entropy", "thresholds": [0.3, 0.5, 0.8]}))
+    export(tmp_path / "onnx", model="b-resnet11", thresholds=tmp_path / "t.json", exporter="torchscript")
+    model = EarlyExitModel.create(load_model("b-resnet11")[0], "b-resnet11", "entropy", [0.3, 0.5, 0.8])
+    run = _assert_same_run(model, data, OnnxEarlyExit.load(tmp_path / "onnx"))
+    assert set(run.exits) == {0, 1, 2, 3}
+    assert (run.predictions == data.labels.numpy()).mean() > 0.8  # the pixels are read as the model expects
+
+
+def test_a_module_the_dynamo_exporter_refuses_falls_back_to_torchscript(tmp_path, monkeypatch):
+    export_with = torch.onnx.export
+
+    def no_dynamo(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("no")
+        return export_with(*args, dynamo=False, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    model = EarlyExitModel.create(create_model("digits-convnet"), "digits-convnet", "entropy", [0.5, 0.5])
+    manifest = export_module.export_onnx(model, tmp_path / "onnx")
+    assert {e["exporter"] for e in manifest["stages"] + manifest["heads"]} == {"torchscript"}
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    with pytest.raises(UserError, match=r"cannot export _InDtype to ONNX \(dynamo: no; torchscript: no\)"):
+        export_module.export_onnx(model, tmp_path / "again")
