@@ -92,6 +92,15 @@ def test_attach_writes_a_model_folder_the_study_and_loader_accept(tmp_path, caps
     assert results["model"]["name"] == str(out.resolve()) and len(results["exits"]) == 3
     chosen = EarlyExitModel.load(tmp_path / "study")  # the study's early_exit.json names the model folder
     assert chosen.model_name == str(out.resolve()) and chosen.network.num_exits == 3
+    onnx_runtime = pytest.importorskip("exitwise.onnx_runtime")  # and it deploys: --model-dir with its thresholds
+    code, io = run(capsys, "export", "--model-dir", out, "--thresholds", tmp_path / "study" / "early_exit.json",
+                   "--out", tmp_path / "onnx", "--exporter", "torchscript")
+    assert code == 0, io.err
+    digits = load_splits("digits").test
+    images = digits.images.permute(0, 3, 1, 2).float().div(255).numpy()
+    exported = onnx_runtime.OnnxEarlyExit.load(tmp_path / "onnx").run(images)
+    ours = chosen.run(digits)
+    assert (exported.exits == ours.exits).mean() >= 0.99 and (exported.predictions == ours.predictions).mean() >= 0.99
 
 
 def test_frozen_training_leaves_the_final_exit_alone_and_the_heads_learn(tmp_path, user):

@@ -236,8 +236,8 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
             raise UserError("--model needs --thresholds FILE (JSON with policy and thresholds, e.g. an early_exit.json)")
         setting = _read_setting(thresholds, model)
         net, info = load_model(model, weights)
-        classes = setting.get("class_names") or (shipped_card(model)["dataset"].get("classes") if weights is None
-                                                 else None)
+        classes = setting.get("class_names") or (shipped_card(model)["dataset"].get("classes")
+                                                 if weights is None and shipped_weights(model) else None)
         early_exit = EarlyExitModel.create(net, model, setting["policy"], setting["thresholds"],
                                            setting.get("temperatures"), classes)
         sha256 = info["weights_sha256"]

@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--from", dest="source", type=Path,
                         help="a saved early-exit model: a study's or calibration's output folder (early_exit.json)")
     export.add_argument("--model", help="or a registered model (see `exitwise models`), with --thresholds")
+    export.add_argument("--model-dir", type=Path, help="or a folder written by `exitwise attach`, with --thresholds")
     export.add_argument("--weights", type=Path, help="checkpoint for --model (default: its shipped weights)")
     export.add_argument("--thresholds", type=Path, help="JSON with policy, thresholds (null: never leave there) "
                                                         "and optional temperatures; an early_exit.json works")
@@ -228,7 +229,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .api import export
-    manifest = export(args.out, source=args.source, model=args.model, weights=args.weights,
+    if args.model and args.model_dir:
+        raise UserError("give --model or --model-dir, not both")
+    model = str(args.model_dir) if args.model_dir else args.model
+    manifest = export(args.out, source=args.source, model=model, weights=args.weights,
                       thresholds=args.thresholds, exporter=args.exporter)
     graphs = manifest["stages"] + manifest["heads"]
     exporters = sorted({g["exporter"] for g in graphs})
