@@ -25,7 +25,7 @@ from exitwise.data import load_splits
 from exitwise.early_exit import EarlyExitModel
 from exitwise.frontiers import latency_frontier
 from exitwise.models import shipped_models
-from exitwise.hardware import choose_micro_batch, choose_precision, machine, machine_load, resolve_device
+from exitwise.hardware import machine, machine_load, resolve_device, tune
 from exitwise.policies import exit_arrays, get_policy
 from exitwise.results import Setting
 from exitwise.runtime import all_exit_logits, run_backbone, warm_up
@@ -66,12 +66,12 @@ def main() -> None:
           f"{', '.join(p.name for p in policies)}, best of {args.repeats} runs per timing")
     for name in models:
         model, info = load_model(name, args.weights if len(models) == 1 else None)
-        precision, check = choose_precision(model, splits.test, args.precision, device)  # as the study does
         macs, full_macs = exit_macs(model), backbone_macs(model)
-        early_exit = EarlyExitModel.create(model, name, policies[0], [None] * (model.num_exits - 1))
-        early_exit = early_exit.prepare(precision, device)
-        model = early_exit.network
-        micro_batch = args.micro_batch or choose_micro_batch(model, splits.test, device, precision)[0]
+        tuned = tune(model, splits.test, args.precision, args.micro_batch, device)  # as the study does
+        precision, check, micro_batch = tuned.precision, tuned.precision_check, tuned.micro_batch
+        model = tuned.network
+        early_exit = EarlyExitModel(model, policies[0], np.full(model.num_exits - 1, -np.inf), name,
+                                    precision=precision)
         mb = dict(micro_batch=micro_batch)
         warm_up(model, splits.test, **mb)
         val = all_exit_logits(model, splits.val, **mb)

@@ -6,9 +6,9 @@ For each shipped CIFAR-10 model (shipped weights): thresholds for the model's en
 validation images as `exitwise calibrate --within-points 0.5` would (the cheapest setting in MACs
 within 0.5 points of the final exit's validation accuracy), the model exported with `exitwise export`
 (default exporter) into a temporary folder, then on the first --images test images: the full network
-(every stage and the final head, no side exits) and real early exit, on torch (fp32 inference copy:
-bf16 is emulated on AVX2-only CPUs) and on ONNX Runtime (`exitwise.onnx_runtime`), both with the same
-64-row micro-batches. Each timing is the best of --repeats runs. The two runtimes' exits are compared too.
+(every stage and the final head, no side exits) and real early exit, on torch (the inference copy in the
+precision and micro-batch measured fastest on this machine, as the study chooses them) and on ONNX Runtime
+(`exitwise.onnx_runtime`: fp32, its 64-row micro-batches). Each timing is the best of --repeats runs. The two runtimes' exits are compared too.
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ from exitwise.costs import exit_macs
 from exitwise.data import load_splits
 from exitwise.early_exit import EarlyExitModel
 from exitwise.export import export_onnx
-from exitwise.hardware import machine, machine_load
+from exitwise.hardware import machine, machine_load, tune
 from exitwise.models import shipped_models
 from exitwise.onnx_runtime import OnnxEarlyExit
 from exitwise.policies import exit_arrays, get_policy
-from exitwise.runtime import all_exit_logits, prepare, run_backbone, run_early_exit, warm_up
+from exitwise.runtime import all_exit_logits, run_backbone, run_early_exit, warm_up
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -65,9 +65,11 @@ def main() -> None:
     policy = get_policy("entropy")
     for name in args.models or shipped_models("cifar10"):
         network, _ = load_model(name)
-        model = prepare(network, "fp32")
-        warm_up(model, test)
-        arrays = exit_arrays(all_exit_logits(model, val).logits, val.labels.numpy(), policy)
+        tuned = tune(network, test)
+        model, mb = tuned.network, dict(micro_batch=tuned.micro_batch)
+        print(f"{name}: torch in {tuned.precision}, micro-batch {tuned.micro_batch} (measured here)")
+        warm_up(model, test, **mb)
+        arrays = exit_arrays(all_exit_logits(model, val, **mb).logits, val.labels.numpy(), policy)
         goal = calibration.relative_target(arrays.correct, 0.5)
         found = calibration.empirical_thresholds(arrays.scores, arrays.correct, exit_macs(network), goal)
         thresholds = found["thresholds"] if found["status"] == "ok" else found["closest"]["thresholds"]
@@ -78,12 +80,14 @@ def main() -> None:
         pixels, pixels1 = test.images.numpy(), one.images.numpy()
         runner.run(pixels[:256])  # warm-up
         t = early_exit.thresholds
-        torch_run, onnx_run = run_early_exit(model, test, t, policy), runner.run(pixels)
+        torch_run, onnx_run = run_early_exit(model, test, t, policy, **mb), runner.run(pixels)
         same = (torch_run.exits == onnx_run.exits).mean()
-        rows = [("full network", 256, lambda: run_backbone(model, test, 256), lambda: runner.run_backbone(pixels)),
-                ("early exit", 256, lambda: run_early_exit(model, test, t, policy, 256), lambda: runner.run(pixels)),
-                ("full network", 1, lambda: run_backbone(model, one, 1), lambda: runner.run_backbone(pixels1, batch_size=1)),
-                ("early exit", 1, lambda: run_early_exit(model, one, t, policy, 1), lambda: runner.run(pixels1, batch_size=1))]
+        rows = [("full network", 256, lambda: run_backbone(model, test, 256, **mb), lambda: runner.run_backbone(pixels)),
+                ("early exit", 256, lambda: run_early_exit(model, test, t, policy, 256, **mb), lambda: runner.run(pixels)),
+                ("full network", 1, lambda: run_backbone(model, one, 1, **mb),
+                 lambda: runner.run_backbone(pixels1, batch_size=1)),
+                ("early exit", 1, lambda: run_early_exit(model, one, t, policy, 1, **mb),
+                 lambda: runner.run(pixels1, batch_size=1))]
         for label, batch, on_torch, on_onnx in rows:
             n = len(test) if batch == 256 else len(one)
             ms_torch = 1000 * best_of(args.repeats, on_torch) / n

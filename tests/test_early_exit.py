@@ -25,7 +25,7 @@ def test_run_leaves_where_the_rule_on_all_exit_logits_says():
     data = random_image_set(200)
     logits = all_exit_logits(prepare(model.network), data).logits
     scores = model.policy.scores(torch.from_numpy(logits)).numpy()
-    run = model.run(data)
+    run = model.run(data, precision="fp32")
     assert (run.exits == analysis.exit_points(scores, model.thresholds)).all()
 
 
@@ -35,7 +35,7 @@ def test_save_then_load_gives_the_same_decisions(tmp_path):
     assert loaded.to_json() == model.to_json()
     assert np.isneginf(loaded.thresholds[1])
     data = random_image_set(100)
-    a, b = model.run(data), loaded.run(data)
+    a, b = model.run(data, precision="fp32"), loaded.run(data, precision="fp32")
     assert (a.exits == b.exits).all() and (a.predictions == b.predictions).all()
     assert json.loads((tmp_path / "ee" / CONFIG_FILE).read_text())["thresholds"] == [0.8, None]
 

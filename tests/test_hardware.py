@@ -110,3 +110,14 @@ def test_cache_clear_forgets_the_measured_micro_batches(tmp_path, monkeypatch, c
     assert main(["cache"]) == 0 and "micro-batch measurements" in capsys.readouterr().out
     assert main(["cache", "--clear"]) == 0
     assert not (tmp_path / "micro_batch.json").exists()
+
+
+def test_tune_prepares_the_model_in_what_it_measured(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXITWISE_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    data = random_image_set(100)
+    tuned = hardware.tune(create_model("digits-convnet"), data, check_images=100, batch_size=64)
+    assert tuned.precision == tuned.precision_check["precision"]
+    assert tuned.micro_batch == tuned.micro_batch_probe["micro_batch"] and tuned.network.training is False
+    given = hardware.tune(create_model("digits-convnet"), data, "fp32", micro_batch=8)
+    assert (given.precision, given.micro_batch, given.precision_check, given.micro_batch_probe) == ("fp32", 8, None, None)

@@ -72,14 +72,20 @@ class EarlyExitModel:
     def run(self, data, *, precision: str | None = None, batch_size: int = 256, micro_batch: int | None = None,
             progress: bool = False):
         """Real early exit over an ImageSet (see `runtime.run_early_exit`): each sample's exit and prediction.
-        Runs a prepared model as it is; otherwise prepares a copy in `precision` (default fp32) for this run."""
-        from .hardware import DEFAULT_MICRO_BATCH
+        Runs a prepared model as it is (micro-batch default: `hardware.DEFAULT_MICRO_BATCH`); otherwise prepares
+        a copy for this run in `precision` (default "auto") and the micro-batch measured fastest on this machine
+        (`hardware.tune`)."""
+        from .hardware import DEFAULT_MICRO_BATCH, tune
         from .runtime import run_early_exit
         if self.precision is not None and precision not in (None, self.precision):
             raise ValueError(f"this early-exit model is prepared in {self.precision}, not {precision}")
-        model = self if self.precision is not None else self.prepare(precision or "fp32")
-        return run_early_exit(model.network, data, self.thresholds, self.policy, batch_size=batch_size,
-                              progress=progress, micro_batch=micro_batch or DEFAULT_MICRO_BATCH)
+        if self.precision is not None:
+            network, micro_batch = self.network, micro_batch or DEFAULT_MICRO_BATCH
+        else:
+            tuned = tune(self.network, data, precision or "auto", micro_batch, batch_size=batch_size)
+            network, micro_batch = tuned.network, tuned.micro_batch
+        return run_early_exit(network, data, self.thresholds, self.policy, batch_size=batch_size,
+                              progress=progress, micro_batch=micro_batch)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "model": self.model_name, "policy": self.policy.name,

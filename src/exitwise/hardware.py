@@ -281,3 +281,28 @@ def choose_train_precision(model: MultiExitNetwork, images: torch.Tensor, labels
         ms = {p: 1e3 * seconds_per_call(lambda p=p: step(p), device, max_calls=3) / len(x) for p in ("fp32", "bf16")}
     chosen = min(ms, key=ms.get)
     return chosen, {"precision": chosen, "ms_per_image": ms, "probe_images": len(x), "machine": machine(device).to_json()}
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """An inference copy of a model in the precision and micro-batch measured fastest here, and the evidence."""
+    network: MultiExitNetwork
+    precision: str
+    micro_batch: int
+    precision_check: dict | None
+    micro_batch_probe: dict | None
+
+
+def tune(model: MultiExitNetwork, data, precision: str = "auto", micro_batch: int | None = None,
+         device: torch.device | None = None, batch_size: int = 256,
+         check_images: int = PRECISION_CHECK_IMAGES) -> Tuned:
+    """`choose_precision`, `runtime.prepare` in it, then `choose_micro_batch` (unless `micro_batch` is given):
+    what the study, the runtime's early-exit model and the benchmarks run."""
+    from .runtime import prepare
+    device = device or torch.device("cpu")
+    chosen, check = choose_precision(model, data, precision, device, check_images)
+    network = prepare(model, chosen, device)
+    probe = None
+    if micro_batch is None:
+        micro_batch, probe = choose_micro_batch(network, data, device, chosen, batch_size)
+    return Tuned(network, chosen, micro_batch, check, probe)

@@ -28,12 +28,11 @@ from .frontiers import Split, latency_frontier, policy_frontiers
 from .io import atomic_write_json, staged_output
 from .logits_cache import FILENAME as LOGITS_FILENAME, ExitLogits, save_logits
 from .models.base import MultiExitNetwork
-from .hardware import (check_micro_batch, check_precision, choose_micro_batch, choose_precision, machine,
-                       machine_load, resolve_device)
+from .hardware import check_micro_batch, check_precision, machine, machine_load, resolve_device, tune
 from .policies import POLICIES, ExitArrays, exit_arrays, get_policy
 from .results import (NEVER, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FullNetwork, Gap, Leavers, Mark, Oracle,
                       Outcome, Overthinking, Setting, StudyResults, SweepPoint, TimedRun, TimingCheck, TimingModel)
-from .runtime import Run, all_exit_logits, prepare, run_early_exit, warm_up
+from .runtime import Run, all_exit_logits, run_early_exit, warm_up
 
 DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
 
@@ -92,12 +91,10 @@ def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_
     k_exits = model.num_exits
     load = machine_load()
     device = resolve_device(config.device)
-    precision, precision_check = choose_precision(model, splits.test, config.precision, device,
-                                                  config.precision_check_images)
     full_macs = float(backbone_macs(model))
-    net = prepare(model, precision, device)
-    micro_batch, micro_batch_probe = ((config.micro_batch, None) if config.micro_batch else
-                                      choose_micro_batch(net, splits.test, device, precision, config.batch_size))
+    tuned = tune(model, splits.test, config.precision, config.micro_batch, device, config.batch_size,
+                 config.precision_check_images)
+    net, precision, micro_batch = tuned.network, tuned.precision, tuned.micro_batch
     run_kwargs = dict(batch_size=config.batch_size, micro_batch=micro_batch)
     warm_up(net, splits.test, **run_kwargs)
     test_run = all_exit_logits(net, splits.test, progress=config.progress, **run_kwargs)
@@ -117,7 +114,7 @@ def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_
     info = {"model": model_info, "dataset": splits.describe(), "precision": precision, "batch_size": config.batch_size,
             "micro_batch": micro_batch, "machine": machine(device).to_json(),
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "software": software_versions(),
-            "precision_check": precision_check, "micro_batch_probe": micro_batch_probe, "backbone_macs": full_macs,
+            "precision_check": tuned.precision_check, "micro_batch_probe": tuned.micro_batch_probe, "backbone_macs": full_macs,
             "measured": measured}
     return ExitLogits(val_logits=val_run.logits, val_labels=splits.val.labels.numpy(), test_logits=test_run.logits,
                       test_labels=splits.test.labels.numpy(), exit_macs=np.asarray(exit_macs(model), dtype=np.int64),
