@@ -151,30 +151,38 @@ def choose_precision(model: MultiExitNetwork, data, precision: str = "auto", dev
     so where bf16 is emulated the slow bf16 pass over the check images is never run. An explicit
     precision is used as asked; its agreement is measured and recorded.
     """
+    _, chosen, check = _prepared_in_chosen_precision(model, data, precision, device or torch.device("cpu"),
+                                                     check_images, micro_batch)
+    return chosen, check
+
+
+def _prepared_in_chosen_precision(model: MultiExitNetwork, data, precision: str, device: torch.device,
+                                  check_images: int, micro_batch: int) -> tuple[MultiExitNetwork, str, dict | None]:
+    """`choose_precision`, also returning the inference copy in the chosen precision that it timed."""
     from .runtime import all_exit_logits, prepare
     check_precision(precision)
-    device = device or torch.device("cpu")
     if precision == "fp32" or check_images <= 0:
-        return (precision if precision != "auto" else "fp32"), None
+        chosen = precision if precision != "auto" else "fp32"
+        return prepare(model, chosen, device), chosen, None
     probe = next(data.batches(min(PROBE_ROWS, len(data))))[0].to(device)
     sample = data.subset(torch.arange(min(check_images, len(data))))
-    candidates = PRECISIONS if precision == "auto" else (precision,)
-    speed = {p: 1e3 * seconds_per_call(lambda m=prepare(model, p, device): _forward_all(m, probe), device) / len(probe)
-             for p in candidates}
+    copies = {p: prepare(model, p, device) for p in (PRECISIONS if precision == "auto" else (precision,))}
+    speed = {p: 1e3 * seconds_per_call(lambda m=m: _forward_all(m, probe), device) / len(probe)
+             for p, m in copies.items()}
     reference: list[np.ndarray] = []
 
     def agreement(p: str) -> np.ndarray:
         if not reference:
-            reference.append(all_exit_logits(prepare(model, "fp32", device), sample, micro_batch=micro_batch)
-                             .logits.argmax(-1))
-        got = all_exit_logits(prepare(model, p, device), sample, micro_batch=micro_batch).logits.argmax(-1)
+            exact = copies["fp32"] if "fp32" in copies else prepare(model, "fp32", device)
+            reference.append(all_exit_logits(exact, sample, micro_batch=micro_batch).logits.argmax(-1))
+        got = all_exit_logits(copies[p], sample, micro_batch=micro_batch).logits.argmax(-1)
         return (got == reference[0]).mean(1)
 
     chosen, tried = pick_precision(speed, agreement, auto=precision == "auto")
-    return chosen["precision"], {"images": len(sample), "required": AGREEMENT_REQUIRED, "probe_images": len(probe),
-                                 "tried": tried, "precision": chosen["precision"],
-                                 "agreement_with_fp32": chosen["agreement_with_fp32"],
-                                 "machine": machine(device).to_json()}
+    return copies[chosen["precision"]], chosen["precision"], {
+        "images": len(sample), "required": AGREEMENT_REQUIRED, "probe_images": len(probe), "tried": tried,
+        "precision": chosen["precision"], "agreement_with_fp32": chosen["agreement_with_fp32"],
+        "machine": machine(device).to_json()}
 
 
 def pick_precision(ms_per_image: dict[str, float], agreement: Callable[[str], np.ndarray],
@@ -296,12 +304,11 @@ class Tuned:
 def tune(model: MultiExitNetwork, data, precision: str = "auto", micro_batch: int | None = None,
          device: torch.device | None = None, batch_size: int = 256,
          check_images: int = PRECISION_CHECK_IMAGES) -> Tuned:
-    """`choose_precision`, `runtime.prepare` in it, then `choose_micro_batch` (unless `micro_batch` is given):
+    """`choose_precision` (its timed inference copy), then `choose_micro_batch` (unless `micro_batch` is given):
     what the study, the runtime's early-exit model and the benchmarks run."""
-    from .runtime import prepare
     device = device or torch.device("cpu")
-    chosen, check = choose_precision(model, data, precision, device, check_images)
-    network = prepare(model, chosen, device)
+    network, chosen, check = _prepared_in_chosen_precision(model, data, precision, device, check_images,
+                                                           micro_batch or DEFAULT_MICRO_BATCH)
     probe = None
     if micro_batch is None:
         micro_batch, probe = choose_micro_batch(network, data, device, chosen, batch_size)
