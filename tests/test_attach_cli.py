@@ -152,3 +152,14 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, user
     assert code == 2
     assert io.err.count("\n") == 1 and all(w in io.err for w in words), io.err
     assert not out.exists()
+
+
+def test_a_model_folder_whose_user_weights_changed_is_refused(tmp_path, capsys, user):
+    path, weights, _ = user
+    out = tmp_path / "mine"
+    assert run(capsys, *attach_args(path, weights, out))[0] == 0
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    code, io = run(capsys, "study", "--model-dir", out, "--dataset", "digits", "--out", tmp_path / "study",
+                   "--precision", "fp32", "--no-progress")
+    assert code == 2 and io.err.count("\n") == 1 and "missing or changed" in io.err
+    assert not (tmp_path / "study").exists()

@@ -366,7 +366,7 @@ def attach_spec(model_file: str, weights: str | Path | None, exits: Sequence[str
 
 def load_attached(model_dir: str | Path) -> MultiExitNetwork:
     """Rebuild the multi-exit network that `exitwise attach` wrote to `model_dir` (its model file runs)."""
-    from .models import read_state_dict
+    from .models import check_unchanged, read_state_dict
     folder = Path(model_dir)
     try:
         spec = json.loads((folder / ATTACH_FILE).read_text())
@@ -376,9 +376,7 @@ def load_attached(model_dir: str | Path) -> MultiExitNetwork:
         raise UserError(f"{str(folder / ATTACH_FILE)!r} is not an exitwise attached model ({ATTACH_FORMAT})")
     model = build_user_model(spec["model_file"])
     if spec["weights"]:
-        if not Path(spec["weights"]).is_file() or file_sha256(*weight_files(spec["weights"])) != spec["weights_sha256"]:
-            raise UserError(f"{str(folder)!r} was made from weights {spec['weights']!r} that are missing or changed "
-                            f"(SHA-256 differs)")
+        check_unchanged(spec["weights"], spec["weights_sha256"], str(folder / ATTACH_FILE))
         load_user_weights(model, spec["weights"])
     model.eval()
     network = attach(model, spec["exits"], spec["num_classes"], spec["input_shape"],

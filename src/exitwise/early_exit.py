@@ -123,10 +123,8 @@ class EarlyExitModel:
         config_path, config = _read_config(path)
         weights = Path(config["weights"]) if config.get("weights") else config_path.parent / WEIGHTS_FILE
         if config.get("weights_sha256"):
-            from .models import weight_files
-            if not weights.is_file() or file_sha256(*weight_files(weights)) != config["weights_sha256"]:
-                raise UserError(f"{str(config_path)!r} names weights {str(weights)!r} that are missing or changed "
-                                f"(SHA-256 differs)")
+            from .models import check_unchanged
+            check_unchanged(weights, config["weights_sha256"], str(config_path))
         from .byom import is_model_dir
         own = is_model_dir(config["model"]) and weights.resolve() == (Path(config["model"]) / WEIGHTS_FILE).resolve()
         network = create_model(config["model"]) if own else load_weights(create_model(config["model"]), weights)

@@ -72,6 +72,13 @@ def weight_files(path: str | Path) -> list[Path]:
     return [path] + _shards(path, _shard_map(path))
 
 
+def check_unchanged(path: str | Path, sha256: str, named_by: str) -> None:
+    """Refuse weights that a saved file (`named_by`) names by path and SHA-256 when they are missing or changed."""
+    from ..io import file_sha256
+    if not Path(path).is_file() or file_sha256(*weight_files(path)) != sha256:
+        raise UserError(f"{named_by!r} names weights {str(path)!r} that are missing or changed (SHA-256 differs)")
+
+
 def save_sharded(state: dict[str, torch.Tensor], index_path: str | Path, metadata: dict[str, str] | None = None,
                  max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
     """Write `state` as safetensors shards of at most `max_shard_bytes` of tensor data, then their index.
