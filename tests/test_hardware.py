@@ -60,6 +60,17 @@ def test_choose_precision_times_every_candidate_on_this_machine():
     assert choose_precision(create_model("digits-convnet"), random_image_set(10), "fp32") == ("fp32", None)
 
 
+def test_the_precision_timing_is_measured_once_per_architecture_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXITWISE_CACHE_DIR", str(tmp_path))
+    data = random_image_set(100)
+    first, check = choose_precision(create_model("digits-convnet"), data, "auto", check_images=100)
+    assert check["timing_cached"] is False
+    monkeypatch.setattr(hardware, "seconds_per_call", lambda *a, **k: pytest.fail("timed again"))
+    again, cached = choose_precision(create_model("digits-convnet"), data, "auto", check_images=100)  # new weights
+    assert again == first and cached["timing_cached"] is True
+    assert [t["ms_per_image"] for t in cached["tried"]] == [t["ms_per_image"] for t in check["tried"]]
+
+
 def test_the_micro_batch_probe_runs_once_per_model_and_machine(tmp_path, monkeypatch):
     model, data = prepare(create_model("digits-convnet")), random_image_set(300)
     size, probe = choose_micro_batch(model, data, torch.device("cpu"), "fp32", batch_size=128, cache_dir=tmp_path)
@@ -109,7 +120,7 @@ def test_cache_clear_forgets_the_measured_micro_batches(tmp_path, monkeypatch, c
     choose_micro_batch(prepare(create_model("digits-convnet")), random_image_set(64), torch.device("cpu"), "fp32")
     assert main(["cache"]) == 0 and "micro-batch measurements" in capsys.readouterr().out
     assert main(["cache", "--clear"]) == 0
-    assert not (tmp_path / "micro_batch.json").exists()
+    assert not (tmp_path / "probes.json").exists()
 
 
 def test_tune_prepares_the_model_in_what_it_measured(tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
 """The study's choices, on small generated score tables (the end-to-end runs are in test_cli and test_study_cifar)."""
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from exitwise import analysis
 from exitwise.api import calibrate, load_model
@@ -11,7 +13,7 @@ from exitwise.early_exit import EarlyExitModel
 from exitwise.logits_cache import load_logits, save_logits
 from exitwise.policies import exit_arrays
 from exitwise.results import StudyResults
-from exitwise.study import StudyConfig, analyse, measure
+from exitwise.study import StudyConfig, analyse, measure, timing_subset
 from exitwise.frontiers import latency_frontier
 from exitwise.policies import ExitArrays
 
@@ -74,3 +76,13 @@ def test_calibrate_writes_no_early_exit_model_for_an_unreachable_target(tmp_path
     save_logits(cache, tmp_path / "study" / "logits.safetensors")
     doc = calibrate(tmp_path / "study", tmp_path / "cal", target=1.0, guarantee=True)
     assert doc["result"]["status"] == "unreachable" and not (tmp_path / "cal" / "early_exit.json").exists()
+
+
+def test_real_runs_time_the_first_images_while_accuracy_counts_every_test_image(digits):
+    net, splits, config, _ = digits
+    config = dataclasses.replace(config, timing_check_images=100)
+    fixed = analyse(measure(net, splits, config, load_model("digits-convnet")[1]), config).fixed_cutoff
+    assert fixed.timed_images == 100 and len(splits.test) > 100
+    assert fixed.ms_per_image == pytest.approx(1e3 * fixed.measured_seconds / 100)
+    assert sum(e.count for e in fixed.per_exit) == len(splits.test)
+    assert torch.equal(timing_subset(splits.test, config).images, splits.test.images[:100])

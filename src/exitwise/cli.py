@@ -269,10 +269,10 @@ def cmd_cache(args: argparse.Namespace) -> None:
         print(f"{e['bytes'] / 2**20:8.1f} MiB  {e['path']}  ({e['source'] or 'unfinished entry'})")
     total = sum(e["bytes"] for e in entries) / 2**20
     print(f"{'deleted' if args.clear else 'cached'}: {len(entries)} decoded data sets, {total:.1f} MiB")
-    from .hardware import micro_batch_cache
-    measured = micro_batch_cache()
+    from .hardware import probe_cache
+    measured = probe_cache()
     if measured.is_file():
-        print(f"{'deleted' if args.clear else 'cached'}: micro-batch measurements {measured}")
+        print(f"{'deleted' if args.clear else 'cached'}: precision and micro-batch measurements {measured}")
         if args.clear:
             measured.unlink(missing_ok=True)
 

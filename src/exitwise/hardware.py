@@ -166,21 +166,35 @@ def _prepared_in_chosen_precision(model: MultiExitNetwork, data, precision: str,
         return prepare(model, chosen, device), chosen, None
     probe = next(data.batches(min(PROBE_ROWS, len(data))))[0].to(device)
     sample = data.subset(torch.arange(min(check_images, len(data))))
-    copies = {p: prepare(model, p, device) for p in (PRECISIONS if precision == "auto" else (precision,))}
-    speed = {p: 1e3 * seconds_per_call(lambda m=m: _forward_all(m, probe), device) / len(probe)
-             for p, m in copies.items()}
+    copies: dict[str, MultiExitNetwork] = {}
+
+    def copy_in(p: str) -> MultiExitNetwork:
+        if p not in copies:
+            copies[p] = prepare(model, p, device)
+        return copies[p]
+
+    def timed() -> dict:
+        candidates = PRECISIONS if precision == "auto" else (precision,)
+        return {"ms_per_image": {p: 1e3 * seconds_per_call(lambda m=copy_in(p): _forward_all(m, probe), device)
+                                 / len(probe) for p in candidates}, "probe_images": len(probe)}
+
+    if precision == "auto":  # the speeds depend on the architecture and the machine, not on the weights
+        timing = cached_probe("precision", model, "auto", device, f"probe {tuple(probe.shape)}", timed)
+    else:
+        timing = {**timed(), "cached": False}
+    speed = timing["ms_per_image"]
     reference: list[np.ndarray] = []
 
     def agreement(p: str) -> np.ndarray:
         if not reference:
-            exact = copies["fp32"] if "fp32" in copies else prepare(model, "fp32", device)
-            reference.append(all_exit_logits(exact, sample, micro_batch=micro_batch).logits.argmax(-1))
-        got = all_exit_logits(copies[p], sample, micro_batch=micro_batch).logits.argmax(-1)
+            reference.append(all_exit_logits(copy_in("fp32"), sample, micro_batch=micro_batch).logits.argmax(-1))
+        got = all_exit_logits(copy_in(p), sample, micro_batch=micro_batch).logits.argmax(-1)
         return (got == reference[0]).mean(1)
 
     chosen, tried = pick_precision(speed, agreement, auto=precision == "auto")
-    return copies[chosen["precision"]], chosen["precision"], {
-        "images": len(sample), "required": AGREEMENT_REQUIRED, "probe_images": len(probe), "tried": tried,
+    return copy_in(chosen["precision"]), chosen["precision"], {
+        "images": len(sample), "required": AGREEMENT_REQUIRED, "probe_images": timing["probe_images"],
+        "timing_cached": timing["cached"], "tried": tried,
         "precision": chosen["precision"], "agreement_with_fp32": chosen["agreement_with_fp32"],
         "machine": machine(device).to_json()}
 
@@ -215,17 +229,8 @@ def choose_micro_batch(prepared: MultiExitNetwork, data, device: torch.device, p
     """The micro-batch (rows run through the whole network together) that is fastest per image here.
 
     Each size in MICRO_BATCH_SIZES up to `batch_size` runs the full network over the same images; the
-    answer is cached per architecture, precision, device, CPU, threads and torch version in the cache
-    directory (`micro_batch.json`), so the probe runs once per machine and model."""
+    answer is cached (`cached_probe`), so the probe runs once per machine and model."""
     sizes = [m for m in MICRO_BATCH_SIZES if m <= batch_size] or [batch_size]
-    host = machine(device)
-    key = "|".join((architecture_fingerprint(prepared), precision, str(device), host.cpu, str(host.threads),
-                    host.torch))
-    path = micro_batch_cache(cache_dir)
-    cached = _read_json(path)
-    if key in cached:
-        return cached[key]["micro_batch"], {**cached[key], "cached": True}
-    images = next(data.batches(min(max(sizes), len(data))))[0].to(device)
 
     @torch.inference_mode()
     def full_network(m: int, rows: torch.Tensor) -> None:
@@ -234,23 +239,42 @@ def choose_micro_batch(prepared: MultiExitNetwork, data, device: torch.device, p
                 x = stage(x)
             prepared.heads[-1](x)
 
-    ms = {}
-    for m in sizes:
-        full_network(m, images[:m])  # one micro-batch untimed: this shape's kernels are set up
-        ms[m] = 1e3 * seconds_per_call(lambda: full_network(m, images), device, min_seconds=0.1, max_calls=3,
-                                       warm_up=False) / len(images)
-    best = min(ms, key=ms.get)
-    entry = {"micro_batch": best, "ms_per_image": {str(m): t for m, t in ms.items()}, "probe_images": len(images),
-             "precision": precision, "machine": host.to_json()}
-    _write_json_entry(path, key, entry)
-    return best, {**entry, "cached": False}
+    def timed() -> dict:
+        images = next(data.batches(min(max(sizes), len(data))))[0].to(device)
+        ms = {}
+        for m in sizes:
+            full_network(m, images[:m])  # one micro-batch untimed: this shape's kernels are set up
+            ms[m] = 1e3 * seconds_per_call(lambda: full_network(m, images), device, min_seconds=0.1, max_calls=3,
+                                           warm_up=False) / len(images)
+        return {"micro_batch": min(ms, key=ms.get), "ms_per_image": {str(m): t for m, t in ms.items()},
+                "probe_images": len(images), "precision": precision}
+
+    probe = cached_probe("micro_batch", prepared, precision, device, f"batch {batch_size}, images {tuple(data.images.shape[1:])}", timed, cache_dir)
+    return probe["micro_batch"], probe
 
 
-def micro_batch_cache(cache_dir: Path | None = None) -> Path:
-    """The file of measured micro-batch sizes (`exitwise cache --clear` deletes it: a probe taken on a busy
-    machine is then measured again)."""
+def cached_probe(kind: str, model: torch.nn.Module, precision: str, device: torch.device, setting: str,
+                 measure: Callable[[], dict], cache_dir: Path | None = None) -> dict:
+    """`measure()`'s answer, timed once per architecture, precision, device, CPU, threads, torch version and
+    `setting` and kept in the cache directory's `probes.json`; the entry names its machine and says whether it came
+    from the cache ("cached")."""
+    host = machine(device)
+    key = "|".join((kind, architecture_fingerprint(model), precision, str(device), host.cpu, str(host.threads),
+                    host.torch, setting))
+    path = probe_cache(cache_dir)
+    entry = _read_json(path).get(key)
+    if entry is None:
+        entry = {**measure(), "machine": host.to_json()}
+        _write_json_entry(path, key, entry)
+        return {**entry, "cached": False}
+    return {**entry, "cached": True}
+
+
+def probe_cache(cache_dir: Path | None = None) -> Path:
+    """The file of timed probes (`exitwise cache --clear` deletes it: a probe taken on a busy machine is then
+    measured again)."""
     from .data import default_cache_dir
-    return (cache_dir or default_cache_dir()) / "micro_batch.json"
+    return (cache_dir or default_cache_dir()) / "probes.json"
 
 
 def _read_json(path: Path) -> dict:

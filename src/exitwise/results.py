@@ -52,16 +52,19 @@ class Leavers:
     index: int
     count: int
     accuracy: float | None  # None when no sample left here
-    measured_seconds: float | None  # the stage's time in the real run (None: not measured)
+    measured_seconds: float | None  # the stage's time in the real run on the timed images (None: not measured)
 
 
 @dataclass(frozen=True)
 class FixedCutoff:
+    """One shared cutoff at every side exit: its outcome on every test image, and a real early-exit run on the first
+    `timed_images` of them (what `measured_seconds` and the leavers' stage times are for)."""
     cutoff: float
     test: Outcome
     per_exit: tuple[Leavers, ...]
     measured_seconds: float | None
     ms_per_image: float | None
+    timed_images: int | None = None
 
 
 @dataclass(frozen=True)

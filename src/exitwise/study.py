@@ -32,7 +32,7 @@ from .hardware import check_micro_batch, check_precision, machine, machine_load,
 from .policies import POLICIES, ExitArrays, exit_arrays, get_policy
 from .results import (NEVER, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FullNetwork, Gap, Leavers, Mark, Oracle,
                       Outcome, Overthinking, Setting, StudyResults, SweepPoint, TimedRun, TimingCheck, TimingModel)
-from .runtime import Run, all_exit_logits, run_early_exit, warm_up
+from .runtime import Run, all_exit_logits, run_early_exit
 
 DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
 
@@ -49,7 +49,7 @@ class StudyConfig:
     precision_check_images: int = 1000
     device: str = "auto"         # auto: cuda, else mps, else cpu
     micro_batch: int | None = None  # rows through the network together; None: the fastest, measured here
-    timing_check_images: int = 2500
+    timing_check_images: int = 1000  # the first test images every real early-exit run is timed on
     within_points: float = 0.5
     delta: float = calibration.DEFAULT_DELTA  # allowed failure probability of the "guaranteed" calibration
     progress: bool = True
@@ -96,21 +96,20 @@ def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_
                  config.precision_check_images)
     net, precision, micro_batch = tuned.network, tuned.precision, tuned.micro_batch
     run_kwargs = dict(batch_size=config.batch_size, micro_batch=micro_batch)
-    warm_up(net, splits.test, **run_kwargs)
-    test_run = all_exit_logits(net, splits.test, progress=config.progress, **run_kwargs)
+    # validation first: its time is not used, so it also warms up the kernels for the timed test pass
     val_run = all_exit_logits(net, splits.val, progress=config.progress, **run_kwargs)
+    test_run = all_exit_logits(net, splits.test, progress=config.progress, **run_kwargs)
     # per-sample seconds of each stage, from the real early-exit run at the fixed cutoff (compaction and exit
     # decisions included); stages too few samples reached fall back to the all-exits pass
-    fixed_thr = np.full(k_exits - 1, config.cutoff)
-    fixed_run = run_early_exit(net, splits.test, fixed_thr, get_policy(config.policy), progress=config.progress,
-                               **run_kwargs)
+    timed = timing_subset(splits.test, config)
+    fixed_run = run_early_exit(net, timed, np.full(k_exits - 1, config.cutoff), get_policy(config.policy), **run_kwargs)
     reach = analysis.reach_counts(fixed_run.exits, k_exits)
     per_sample = np.where(reach >= config.batch_size, seconds_per_sample(fixed_run, reach),
                           seconds_per_sample(test_run, np.full(k_exits, len(splits.test))))
     measured = {"machine_load_at_start": load, "all_exits_seconds": test_run.seconds,
                 "full_network_seconds": test_run.trunk_seconds,
-                "fixed_cutoff": {"policy": config.policy, "cutoff": config.cutoff, "seconds": fixed_run.seconds,
-                                 "stage_seconds": fixed_run.stage_seconds}}
+                "fixed_cutoff": {"policy": config.policy, "cutoff": config.cutoff, "images": len(timed),
+                                 "seconds": fixed_run.seconds, "stage_seconds": fixed_run.stage_seconds}}
     info = {"model": model_info, "dataset": splits.describe(), "precision": precision, "batch_size": config.batch_size,
             "micro_batch": micro_batch, "machine": machine(device).to_json(),
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "software": software_versions(),
@@ -173,12 +172,13 @@ def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
     if (fixed_run.get("policy"), fixed_run.get("cutoff")) != (config.policy, config.cutoff):
         fixed_run = {}  # measured at another setting: not this one's time
     stage_seconds = fixed_run.get("stage_seconds") or [None] * k_exits
-    fixed_seconds = fixed_run.get("seconds")
+    fixed_seconds, fixed_images = fixed_run.get("seconds"), fixed_run.get("images", n_test)
     fixed_cutoff = FixedCutoff(
         cutoff=config.cutoff, test=outcome(fixed),
         per_exit=tuple(Leavers(k, fixed["exit_counts"][k], fixed["exit_accuracy"][k], stage_seconds[k])
                        for k in range(k_exits)),
-        measured_seconds=fixed_seconds, ms_per_image=None if fixed_seconds is None else 1e3 * fixed_seconds / n_test)
+        measured_seconds=fixed_seconds, timed_images=None if fixed_seconds is None else fixed_images,
+        ms_per_image=None if fixed_seconds is None else 1e3 * fixed_seconds / fixed_images)
 
     cutoffs = np.linspace(0.0, max_cutoff, config.num_cutoffs)
     sweep = tuple(SweepPoint(float(c), outcome(r))
@@ -299,10 +299,16 @@ def oracle_report(test: ExitArrays, macs: Sequence[float], fixed: dict, fixed_ex
 # ---- 3. verify: the real early-exit runs
 
 
+def timing_subset(test_data, config: StudyConfig):
+    """The first `timing_check_images` test images: what every real early-exit run of the study is timed on (the
+    accuracy of every setting comes from all test images' cached logits)."""
+    return test_data.subset(torch.arange(min(config.timing_check_images, len(test_data))))
+
+
 def verify(model: MultiExitNetwork, test_data, results: StudyResults, config: StudyConfig) -> StudyResults:
-    """The best settings and two more shared cutoffs run for real with early exit on the first test images: enough
-    to time them and check the cost model's predictions (the fixed cutoff ran on every image in `measure`)."""
-    subset = test_data.subset(torch.arange(min(config.timing_check_images, len(test_data))))
+    """The best settings and two more shared cutoffs run for real with early exit on `timing_subset`: enough to
+    time them and check the cost model's predictions."""
+    subset = timing_subset(test_data, config)
     per_sample = np.asarray(results.timing_model.stage_seconds_per_sample)
     k_exits = len(results.exits)
     base = EarlyExitModel.create(model, results.model.get("name", ""), results.policy,
