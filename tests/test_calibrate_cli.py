@@ -133,6 +133,11 @@ def test_an_unreachable_target_is_reported_with_what_is_reachable_and_the_closes
     (["--budget-macs", "200", "--guarantee"], ["guarantee", "not a budget"]),
     (["--target", "0.6", "--policy", "vibes"], ["vibes"]),
     (["--target", "0.6", "--cost", "joules"], ["joules"]),
+    (["--target", "0.6", "--precision", "fp32"], ["--device"]),
+    (["--target", "0.6", "--device", "tpu"], ["unknown device"]),
+    (["--target", "0.6", "--device", "cpu", "--micro-batch", "0"], ["micro-batch"]),
+    (["--target", "0.6", "--device", "cpu", "--precision", "fp8"], ["unknown precision"]),
+    (["--target", "0.6", "--device", "cpu"], ["does not name the model"]),  # a cache without its model: no re-timing
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, cache, args, words):
     out = tmp_path / "out"

@@ -15,11 +15,13 @@ from .errors import UserError
 from .logits_cache import ExitLogits, load_logits
 from .early_exit import EarlyExitModel
 from .frontiers import policy_frontiers
-from .models import MODELS, check_fits, create_model, load_weights, shipped_card, shipped_weights, weight_files
+from .hardware import check_micro_batch, check_precision, resolve_device
+from .models import (MODELS, check_fits, check_unchanged, create_model, load_weights, shipped_card, shipped_weights,
+                     weight_files)
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
 from .results import Mark, StudyResults, to_json
-from .study import StudyConfig, run_study, write_study
+from .study import StudyConfig, run_study, time_stages, write_study
 
 
 def load_model(name: str | Path, weights: str | Path | None = None) -> tuple[MultiExitNetwork, dict]:
@@ -131,7 +133,8 @@ COSTS = ("macs", "latency")
 def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", target: float | None = None,
               within_points: float | None = None, budget_macs: float | None = None, budget_ms: float | None = None,
               guarantee: bool = False, delta: float = calibration.DEFAULT_DELTA, cost: str = "macs",
-              temperature_scaling: bool = False) -> dict:
+              temperature_scaling: bool = False, device: str | None = None, precision: str | None = None,
+              micro_batch: int | None = None) -> dict:
     """Exit thresholds from a study's cached logits, in seconds: chosen on its validation split for exactly one goal
     (an accuracy target, a target `within_points` of the final exit's accuracy, or a budget in MACs or milliseconds
     per sample), then evaluated on its test split. Writes calibration.json, frontier.png and (when the cache names
@@ -141,6 +144,10 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
     at its batch size). `guarantee` certifies a target by Learn then Test at `delta` for the accuracy over as many
     new samples as the test split holds. An unreachable target is reported with what is reachable and the closest
     setting, never replaced by another.
+
+    Times come from the study's cost model; given a `device`, the stages are re-timed there first
+    (`study.time_stages`, in `precision`, default the study's, and `micro_batch`, default measured), so latency goals
+    hold for that device or machine. calibration.json's "timing" says which times were used.
     """
     goals = {"target": target, "within_points": within_points, "budget_macs": budget_macs, "budget_ms": budget_ms}
     given = [name for name, v in goals.items() if v is not None]
@@ -151,8 +158,22 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
     budget = budget_macs if budget_macs is not None else budget_ms
     calibration.check_goal(target, budget, guarantee, delta)
     exit_policy = get_policy(policy)
+    if device is not None:
+        resolve_device(device)
+    elif precision is not None or micro_batch is not None:
+        raise UserError("--precision and --micro-batch are for re-timing the stages: give --device too")
+    check_precision(precision or "auto")
+    check_micro_batch(micro_batch)
     check_writable_dir(out)
     cache = load_logits(source)
+    timing = {"source": "the study's cost model", "device": (cache.info.get("machine") or {}).get("device"),
+              "stage_seconds_per_sample": cache.stage_seconds_per_sample.tolist()}
+    if device is not None:
+        per_sample, retimed = time_stages(_study_network(cache, source), device, precision or
+                                          cache.info.get("precision") or "auto", micro_batch,
+                                          batch_size=cache.info.get("batch_size") or 256)
+        cache = dataclasses.replace(cache, stage_seconds_per_sample=per_sample)
+        timing = {"source": "re-timed (study.time_stages)", **retimed}
 
     temperatures, temperature_report = None, None
     if temperature_scaling:
@@ -181,7 +202,8 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
     frontier = dataclasses.replace(frontier, marks=(mark,))
     doc = {"exitwise_version": __version__, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "source": str(source), "study": cache.info, "policy": policy, "meaning": exit_policy.meaning,
-           "cost": {"unit": unit, "batch_size": cache.info.get("batch_size")}, "within_points": within_points,
+           "cost": {"unit": unit, "batch_size": cache.info.get("batch_size")}, "timing": timing,
+           "within_points": within_points,
            "temperatures": None if temperatures is None else temperatures.tolist(),
            "temperature_report": temperature_report, "result": result,
            "evaluated": "thresholds" if ok else "closest setting",
@@ -195,6 +217,17 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
             model = cache.info["model"]
             early_exit.write(stage, weights=model["weights"], weights_sha256=model.get("weights_sha256"))
     return doc
+
+
+def _study_network(cache: ExitLogits, source: str | Path) -> MultiExitNetwork:
+    """The network a study's logits came from, with the weights it names (checked unchanged by SHA-256)."""
+    from .byom import is_model_dir
+    model = cache.info.get("model") or {}
+    if not model.get("name") or not model.get("weights"):
+        raise UserError(f"{str(source)!r} does not name the model and weights it came from: cannot re-time its stages")
+    if model.get("weights_sha256"):
+        check_unchanged(model["weights"], model["weights_sha256"], str(source))
+    return load_model(model["name"], None if is_model_dir(model["name"]) else model["weights"])[0]
 
 
 def _early_exit_model(cache: ExitLogits, policy, thresholds: np.ndarray) -> EarlyExitModel | None:

@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"allowed failure probability of --guarantee, in (0, 1) (default {CALIBRATE_DEFAULTS['delta']:g})")
     cal.add_argument("--cost", default=CALIBRATE_DEFAULTS["cost"], help="what a target search minimizes: macs or "
                      f"latency (ms per sample at the study's batch size; default {CALIBRATE_DEFAULTS['cost']})")
+    cal.add_argument("--device", help="re-time the stages on this device first (auto, cpu, cuda or mps), so "
+                                      "latency goals hold there; default: the study's measured times")
+    cal.add_argument("--precision", help="with --device: auto, fp32, bf16 or mixed (default: the study's)")
+    cal.add_argument("--micro-batch", type=int, help="with --device: rows per micro-batch (default: measured there)")
 
     export = sub.add_parser("export", help="an early-exit model as one ONNX graph per stage and per head plus "
                                            "manifest.json, for exitwise.onnx_runtime and `exitwise predict`")
@@ -221,7 +225,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from .report import format_calibration
     doc = calibrate(args.source, args.out, policy=args.policy, target=args.target, within_points=args.within_points,
                     budget_macs=args.budget_macs, budget_ms=args.budget_ms, guarantee=args.guarantee,
-                    delta=args.delta, cost=args.cost, temperature_scaling=args.temperature_scaling)
+                    delta=args.delta, cost=args.cost, temperature_scaling=args.temperature_scaling,
+                    device=args.device, precision=args.precision, micro_batch=args.micro_batch)
     print(format_calibration(doc))
     early_exit = ", early_exit.json" if (args.out / "early_exit.json").is_file() else ""
     print(f"\nwritten: {(args.out / 'calibration.json').resolve()}, frontier.png{early_exit}")

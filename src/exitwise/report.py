@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .io import atomic_write_bytes
+from .hardware import Machine
 from .results import NEVER, Frontiers, Gap, Overthinking, StudyResults
 
 DPI = 120
@@ -569,4 +570,8 @@ def format_calibration(doc: dict) -> str:
         ece = "; ".join(f"{e['ece_before']:.3f} -> {e['ece_after']:.3f}" for e in doc["temperature_report"]["test"])
         lines += [f"temperatures per exit: {', '.join(f'{t:.3f}' for t in doc['temperatures'])}",
                   f"test calibration error (ECE) per exit, before -> after: {ece}"]
+    timing = doc.get("timing") or {}
+    if timing.get("machine"):
+        lines.append(f"stage times re-timed: {Machine(**timing['machine']).describe()}, "
+                     f"{timing['precision']}, micro-batch {timing['micro_batch']}")
     return "\n".join(lines) + "\n\n" + _text_table(calibration_split_table(doc))

@@ -21,7 +21,7 @@ import torch
 
 from . import __version__, analysis, calibration
 from .costs import backbone_macs, exit_macs
-from .data import Splits
+from .data import ImageSet, Splits
 from .early_exit import EarlyExitModel
 from .errors import UserError
 from .frontiers import Split, latency_frontier, policy_frontiers
@@ -32,7 +32,7 @@ from .hardware import check_micro_batch, check_precision, machine, machine_load,
 from .policies import POLICIES, ExitArrays, exit_arrays, get_policy
 from .results import (NEVER, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FullNetwork, Gap, Leavers, Mark, Oracle,
                       Outcome, Overthinking, Setting, StudyResults, SweepPoint, TimedRun, TimingCheck, TimingModel)
-from .runtime import Run, all_exit_logits, run_early_exit
+from .runtime import Run, all_exit_logits, run_early_exit, warm_up
 
 DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
 
@@ -118,6 +118,30 @@ def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_
     return ExitLogits(val_logits=val_run.logits, val_labels=splits.val.labels.numpy(), test_logits=test_run.logits,
                       test_labels=splits.test.labels.numpy(), exit_macs=np.asarray(exit_macs(model), dtype=np.int64),
                       stage_seconds_per_sample=per_sample, info=info)
+
+
+def time_stages(model: MultiExitNetwork, device: str = "auto", precision: str = "auto", micro_batch: int | None = None,
+                images: int = 1024, batch_size: int = 256) -> tuple[np.ndarray, dict]:
+    """Each stage's seconds per sample (with its head) on `device`, from an all-exits pass over `images` random
+    images of the model's input shape, in `precision` and the micro-batch measured fastest there (or given): a
+    study's cost model re-timed for another device or machine, without its data (a dense network's time does not
+    depend on pixel values; "auto" precision judges agreement with fp32 on those random images). Without compaction,
+    so a little under the stage times of a real early-exit run; the evidence comes back as a dict."""
+    check_precision(precision)
+    check_micro_batch(micro_batch)
+    dev = resolve_device(device)
+    c, h, w = model.input_shape
+    pixels = torch.randint(0, 256, (images, h, w, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = ImageSet.from_tensors(pixels, torch.zeros(images, dtype=torch.long))
+    tuned = tune(model, data, precision, micro_batch, dev, batch_size, check_images=images)
+    warm_up(tuned.network, data, batch_size, micro_batch=tuned.micro_batch)
+    run = all_exit_logits(tuned.network, data, batch_size, micro_batch=tuned.micro_batch)
+    per_sample = seconds_per_sample(run, np.full(model.num_exits, images))
+    return per_sample, {"device": str(dev), "machine": machine(dev).to_json(), "machine_load_at_start": machine_load(),
+                        "precision": tuned.precision, "precision_check": tuned.precision_check,
+                        "micro_batch": tuned.micro_batch, "micro_batch_probe": tuned.micro_batch_probe,
+                        "batch_size": batch_size, "images": images, "seconds": run.seconds,
+                        "stage_seconds_per_sample": per_sample.tolist()}
 
 
 # ---- 2. analyse: pure arrays
