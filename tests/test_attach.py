@@ -10,7 +10,7 @@ from torch import nn
 from exitwise import attach
 from exitwise.costs import head_report, stage_and_head_macs
 from exitwise.errors import UserError
-from exitwise.models.heads import TokenHead
+from exitwise.models.heads import MixedPool, TokenHead
 from exitwise.runtime import all_exit_logits, prepare
 
 from conftest import random_image_set
@@ -152,6 +152,24 @@ def test_heads_fit_the_budget_and_are_reported():
     assert [r["exit"] for r in report] == ["layer1", "layer2"]
     assert all(r["head_macs"] <= 0.2 * r["stage_macs"] for r in report)
     assert isinstance(ee.heads[0][0], nn.Conv2d)  # a conv head fits a fifth of layer1's stage
+
+
+@pytest.mark.parametrize("kind, first_layer", [("conv", nn.Conv2d), ("pool", MixedPool), ("gap", nn.AdaptiveAvgPool2d)])
+def test_a_map_head_kind_can_be_asked_for(kind, first_layer):
+    ee = attach(TinyResNet().eval(), ["layer1", "layer2"], num_classes=10, input_shape=(3, 16, 16), head=kind,
+                max_head_fraction=1.0)
+    assert all(isinstance(h[0], first_layer) for h in ee.heads[:-1])
+
+
+def test_auto_heads_get_cheaper_as_the_budget_shrinks():
+    def first_layers(fraction):
+        ee = attach(TinyResNet().eval(), ["layer1"], num_classes=10, input_shape=(3, 16, 16),
+                    max_head_fraction=fraction)
+        return type(ee.heads[0][0])
+    assert first_layers(0.5) is nn.Conv2d
+    assert first_layers(0.02) is MixedPool  # 8 * 4 * 4 * 10 MACs fit, a 16-wide conv does not
+    with pytest.warns(UserWarning, match="'layer1'"):  # nothing fits: the cheapest, warned about
+        assert first_layers(1e-5) is nn.AdaptiveAvgPool2d
 
 
 def test_a_head_over_budget_is_warned_about():

@@ -67,15 +67,16 @@ def attach_args(path, weights, out, *extra, exits="stem,block1", spec=None):
 def test_attach_writes_a_model_folder_the_study_and_loader_accept(tmp_path, capsys, user):
     path, weights, build = user
     out = tmp_path / "mine"
-    code, io = run(capsys, *attach_args(path, weights, out))
+    code, io = run(capsys, *attach_args(path, weights, out, "--head", "pool"))
     assert code == 0, io.err
     assert "head after stem" in io.out
     spec = json.loads((out / "attach.json").read_text())
-    assert spec["exits"] == ["stem", "block1"] and spec["heads_only"]
+    assert spec["exits"] == ["stem", "block1"] and spec["heads_only"] and spec["head"] == "pool"
     assert all(k.startswith("heads.") for k in load_file(str(out / "model.safetensors")))  # only the heads
     card = json.loads((out / "model.json").read_text())
     assert [h["exit"] for h in card["heads"]] == ["stem", "block1"]
     network = create_model(out)  # rebuilt from the model file, the user's weights and the heads
+    assert all(type(h[0]).__name__ == "MixedPool" for h in network.heads[:-1])  # of the kind asked for
     model = build()
     model.load_state_dict(load_file(str(weights)))
     x = torch.rand(6, 1, 8, 8)
@@ -140,6 +141,8 @@ def test_ImageSet_from_float_tensors_and_a_dataset():
     (dict(exits="block1,stem"), ["out of forward order"]),
     (dict(exits="block2.0"), ["cannot cut after 'block2.0'", "crosses the cut"]),  # block2's input skips it
     (dict(weights="{tmp}/other.safetensors"), ["do not fit", "missing"]),
+    (dict(extra=["--head", "wide"]), ["unknown head kind 'wide'", "conv"]),
+    (dict(extra=["--token-pool", "max"]), ["token pooling must be mean or cls"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, user, change, words):
     path, weights, _ = user
@@ -147,7 +150,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, user
     fill = lambda v: v.format(tmp=tmp_path, path=path)  # noqa: E731
     out = tmp_path / "out"
     args = attach_args(path, fill(change["weights"]) if "weights" in change else weights, out,
-                       exits=change.get("exits", "stem,block1"), spec=fill(change["spec"]) if "spec" in change else None)
+                       *change.get("extra", ()), exits=change.get("exits", "stem,block1"),
+                       spec=fill(change["spec"]) if "spec" in change else None)
     code, io = run(capsys, *args)
     assert code == 2
     assert io.err.count("\n") == 1 and all(w in io.err for w in words), io.err

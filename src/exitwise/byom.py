@@ -32,7 +32,7 @@ from .errors import UserError
 from .io import file_sha256
 from .models import check_state_fits, read_state_dict, weight_files
 from .models.base import MultiExitNetwork
-from .models.heads import HeadFactory, token_head_factory
+from .models.heads import HeadFactory, head_factory as default_factory
 
 OUTPUT_KEY = "logits"
 
@@ -281,11 +281,11 @@ def feature_shapes(stages: Sequence[nn.Module], input_shape: Sequence[int]) -> l
 
 def attach(model: nn.Module, exits: Sequence[str], num_classes: int, input_shape: Sequence[int], *,
            head_factory: HeadFactory | None = None, max_head_fraction: float = 0.25, token_pool: str = "mean",
-           output_key: str | None = None) -> MultiExitNetwork:
+           head: str = "auto", output_key: str | None = None) -> MultiExitNetwork:
     """`model` as a multi-exit network with an exit after each module named in `exits` (dotted paths, in forward order).
 
     Heads come from `head_factory(feature_shape, num_classes, budget_macs)` (default: `models.heads`, with token
-    features pooled by `token_pool`), the budget being `max_head_fraction` of the MACs of the stage the head
+    features pooled by `token_pool` and maps given heads of kind `head`: auto, conv, pool or gap), the budget being `max_head_fraction` of the MACs of the stage the head
     follows; a head over it is warned about (`costs.head_report` lists every head's cost). The final exit is the
     model itself: the same operations, the same logits. The model's parameters are shared, not copied.
     """
@@ -298,7 +298,7 @@ def attach(model: nn.Module, exits: Sequence[str], num_classes: int, input_shape
     if shapes[-1] != (num_classes,):
         raise UserError(f"the model's output is {shapes[-1]} per sample, not ({num_classes},) logits: "
                         f"check num_classes (or output_key)")
-    factory = head_factory or token_head_factory(token_pool)
+    factory = head_factory or default_factory(token_pool, head)
     inputs = [tuple(input_shape)] + shapes[:-1]
     heads = [factory(shape, num_classes, max_head_fraction * module_macs(stage, (1, *inp)))
              for stage, inp, shape in zip(stages, inputs, shapes[:-1])]
@@ -352,7 +352,7 @@ def is_model_dir(name: str | Path) -> bool:
 
 def attach_spec(model_file: str, weights: str | Path | None, exits: Sequence[str], num_classes: int,
                 input_shape: Sequence[int], max_head_fraction: float, token_pool: str, output_key: str | None,
-                freeze_backbone: bool) -> dict:
+                freeze_backbone: bool, head: str = "auto") -> dict:
     """What `load_attached` needs to rebuild the network: the model file and weights (with their SHA-256)."""
     file = Path(model_file.rpartition(":")[0]).resolve()
     return {"format": ATTACH_FORMAT, "model_file": f"{file}:{model_file.rpartition(':')[2]}",
@@ -360,7 +360,7 @@ def attach_spec(model_file: str, weights: str | Path | None, exits: Sequence[str
             "weights": str(Path(weights).resolve()) if weights else None,
             "weights_sha256": file_sha256(*weight_files(weights)) if weights else None, "exits": list(exits),
             "num_classes": num_classes, "input_shape": list(input_shape), "max_head_fraction": max_head_fraction,
-            "token_pool": token_pool, "output_key": output_key, "heads_only": freeze_backbone,
+            "token_pool": token_pool, "head": head, "output_key": output_key, "heads_only": freeze_backbone,
             "weights_file": "model.safetensors"}
 
 
@@ -381,7 +381,7 @@ def load_attached(model_dir: str | Path) -> MultiExitNetwork:
     model.eval()
     network = attach(model, spec["exits"], spec["num_classes"], spec["input_shape"],
                      max_head_fraction=spec["max_head_fraction"], token_pool=spec["token_pool"],
-                     output_key=spec["output_key"])
+                     head=spec.get("head", "auto"), output_key=spec["output_key"])
     state = read_state_dict(folder / spec["weights_file"])
     expected = network.state_dict()
     keys = [k for k in expected if k.startswith("heads.")] if spec["heads_only"] else list(expected)

@@ -5,10 +5,10 @@ sample's features (no batch dimension) and `budget_macs` what the head may cost 
 follows); it returns an nn.Module mapping (N, *feature_shape) to (N, num_classes) logits.
 
 The default:
-* (C, H, W) maps: the richest of three heads that fits the budget: a stride-2 3x3 conv to up to C channels,
-  batch norm, ReLU, global max pool and a linear layer (the side head of exitwise's own b-resnet11); Shallow-Deep
-  Networks' feature reduction (a learned mix of max and average pooling down to 4x4, then a linear layer); a
-  global average pool and a linear layer (the cheapest).
+* (C, H, W) maps: the richest of three heads that fits the budget (or the kind asked for, `map_head`): "conv",
+  a stride-2 3x3 conv to up to C channels, batch norm, ReLU, global max pool and a linear layer (the side head of
+  exitwise's own b-resnet11); "pool", Shallow-Deep Networks' feature reduction (a learned mix of max and average
+  pooling down to 4x4, then a linear layer); "gap", a global average pool and a linear layer (the cheapest).
 * (T, D) tokens: layer norm, the mean over tokens (or the first, CLS, token), a linear layer.
 * (D,) vectors: a linear layer.
 """
@@ -23,6 +23,8 @@ from torch import nn
 from ..errors import UserError
 
 HeadFactory = Callable[[tuple[int, ...], int, float], nn.Module]
+MAP_HEAD_KINDS = ("auto", "conv", "pool", "gap")
+TOKEN_POOLS = ("mean", "cls")
 MIN_CONV_WIDTH = 16  # narrower than this, a conv head learns less than the pooled linear one
 
 
@@ -44,8 +46,8 @@ class TokenHead(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, pool: str = "mean"):
         super().__init__()
-        if pool not in ("mean", "cls"):
-            raise UserError(f"token pooling must be mean or cls, got {pool!r}")
+        if pool not in TOKEN_POOLS:
+            raise UserError(f"token pooling must be {' or '.join(TOKEN_POOLS)}, got {pool!r}")
         self.pool = pool
         self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
 
@@ -60,24 +62,38 @@ def conv_head(channels: int, width: int, num_classes: int) -> nn.Sequential:
                          nn.ReLU(inplace=True), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 
 
-def map_head(shape: Sequence[int], num_classes: int, budget_macs: float) -> nn.Module:
-    """The richest (C, H, W) head within `budget_macs`; the cheapest one when none fits."""
+def conv_width(shape: Sequence[int], num_classes: int, budget_macs: float) -> int:
+    """The widest `conv_head` within `budget_macs` (at most C channels)."""
     c, h, w = shape
     per_width = math.ceil(h / 2) * math.ceil(w / 2) * c * 9 + num_classes  # conv + linear MACs per output channel
-    width = min(c, int(budget_macs // per_width))
-    if width >= min(MIN_CONV_WIDTH, c):
-        return conv_head(c, width, num_classes)
+    return min(c, int(budget_macs // per_width))
+
+
+def map_head(shape: Sequence[int], num_classes: int, budget_macs: float, kind: str = "auto") -> nn.Module:
+    """A (C, H, W) head of `kind`: "conv" (as wide as the budget allows, at least MIN_CONV_WIDTH channels), "pool"
+    (SDN's MixedPool to 4x4, linear), "gap" (global average pool, linear), or "auto": the richest of the three
+    within `budget_macs`, the cheapest when none fits."""
+    c, h, w = shape
     size = min(4, h, w)
-    if c * size * size * num_classes <= budget_macs and size > 1:
+    floor = min(MIN_CONV_WIDTH, c)
+    if kind == "auto":
+        kind = ("conv" if conv_width(shape, num_classes, budget_macs) >= floor else
+                "pool" if size > 1 and c * size * size * num_classes <= budget_macs else "gap")
+    if kind == "conv":
+        return conv_head(c, max(floor, conv_width(shape, num_classes, budget_macs)), num_classes)
+    if kind == "pool":
         return nn.Sequential(MixedPool(size), nn.Flatten(), nn.Linear(c * size * size, num_classes))
-    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+    if kind == "gap":
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+    raise UserError(f"unknown head kind {kind!r}: choose one of {', '.join(MAP_HEAD_KINDS)}")
 
 
 def default_head_factory(shape: tuple[int, ...], num_classes: int, budget_macs: float,
-                         token_pool: str = "mean") -> nn.Module:
-    """A head for features of `shape` (one sample's), by their rank: maps, tokens or vectors."""
+                         token_pool: str = "mean", map_kind: str = "auto") -> nn.Module:
+    """A head for features of `shape` (one sample's), by their rank: maps (a `map_head` of `map_kind`), tokens or
+    vectors."""
     if len(shape) == 3:
-        return map_head(shape, num_classes, budget_macs)
+        return map_head(shape, num_classes, budget_macs, map_kind)
     if len(shape) == 2:
         return TokenHead(shape[1], num_classes, token_pool)
     if len(shape) == 1:
@@ -85,6 +101,11 @@ def default_head_factory(shape: tuple[int, ...], num_classes: int, budget_macs: 
     raise UserError(f"no default exit head for features of shape {tuple(shape)} per sample: pass a head_factory")
 
 
-def token_head_factory(pool: str) -> HeadFactory:
-    """The default factory with token features pooled by `pool` ("mean" or "cls")."""
-    return lambda shape, num_classes, budget: default_head_factory(shape, num_classes, budget, pool)
+def head_factory(token_pool: str = "mean", map_kind: str = "auto") -> HeadFactory:
+    """The default factory with token features pooled by `token_pool` ("mean" or "cls") and maps given heads of
+    `map_kind`."""
+    if map_kind not in MAP_HEAD_KINDS:
+        raise UserError(f"unknown head kind {map_kind!r}: choose one of {', '.join(MAP_HEAD_KINDS)}")
+    if token_pool not in TOKEN_POOLS:
+        raise UserError(f"token pooling must be {' or '.join(TOKEN_POOLS)}, got {token_pool!r}")
+    return lambda shape, num_classes, budget: default_head_factory(shape, num_classes, budget, token_pool, map_kind)

@@ -1,0 +1,69 @@
+"""Which exit head pays? Each (C, H, W) head kind on the same frozen backbone, compared in one run.
+
+    python benchmarks/byom_heads.py --weights runs/resnet18/resnet18.safetensors [--epochs 2 --train-images 20000]
+
+For each kind (conv, pool, gap; see exitwise.models.heads) `exitwise attach` puts exits after layer1, layer2 and
+layer3 of the plain ResNet-18 (scripts/resnet18_cifar.py) and trains them with the backbone frozen, on the same
+seeded training images for the same epochs; then the whole study runs on the model folder. Printed per kind: each
+head's MACs, each exit's test accuracy, and the study's fastest validation-chosen setting within 0.5 points of the
+final exit: its test accuracy, MACs ratio and measured wall-clock speed-up at batch 256 on the study's timing
+images. The kind with the best speed-up at equal accuracy pays.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from exitwise.api import attach_model, load_model
+from exitwise.data import Splits, load_splits
+from exitwise.hardware import machine, machine_load
+from exitwise.models.heads import MAP_HEAD_KINDS
+from exitwise.study import StudyConfig, run_study
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=SHARED / "data/cifar10-jpg.tar.gz")
+    p.add_argument("--weights", type=Path, required=True)
+    p.add_argument("--exits", default="layer1,layer2,layer3")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--train-images", type=int, default=20000, help="seeded training images the heads learn from")
+    p.add_argument("--kinds", default=",".join(k for k in MAP_HEAD_KINDS if k != "auto"))
+    p.add_argument("--images", type=int, help="a smoke run: N seeded validation and test images only")
+    args = p.parse_args()
+    splits = load_splits("cifar10", args.data, progress=False)
+    if args.images:
+        splits = splits.sample(args.images)
+    chosen = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[:args.train_images]
+    train_splits = Splits(splits.train.subset(chosen), splits.val, splits.test, splits.dataset, splits.source,
+                          splits.split_seed)
+    print(f"machine: {machine().describe()}; load {machine_load()}")
+    print(f"heads trained on {len(train_splits.train)} images for {args.epochs} epochs; study on {len(splits.val)} "
+          f"validation and {len(splits.test)} test images")
+    model_file = f"{HERE.parent / 'scripts/resnet18_cifar.py'}:build"
+    for kind in args.kinds.split(","):
+        with tempfile.TemporaryDirectory() as out:
+            card = attach_model(model_file=model_file, weights=args.weights, exits=args.exits.split(","),
+                                dataset="cifar10", data_dir=args.data, out=out, head=kind, epochs=args.epochs,
+                                splits=train_splits, progress=False)
+            network, info = load_model(out)
+            results = run_study(network, splits, StudyConfig(progress=False), info).results
+        fastest = results.best.fastest_within_points
+        print(f"\n{kind}: trained in {card['train_seconds']:.0f} s; head MACs "
+              + ", ".join(f"{h['head_macs']:,} ({h['fraction']:.1%})" for h in card["heads"]))
+        print("  test accuracy per exit: " + ", ".join(f"{e.accuracy:.2%}" for e in results.exits))
+        print(f"  fastest within {results.best.within_points} points (validation): test accuracy "
+              f"{fastest.test.accuracy:.2%} (full {results.full_network.accuracy:.2%}), MACs ratio "
+              f"{results.full_network.mean_macs / fastest.test.mean_macs:.2f}x, measured speed-up "
+              f"{fastest.speedup:.2f}x ({results.precision}, micro-batch {results.micro_batch}); exit shares "
+              + ", ".join(f"{s:.1%}" for s in fastest.test.exit_shares))
+
+
+if __name__ == "__main__":
+    main()
