@@ -281,12 +281,13 @@ def feature_shapes(stages: Sequence[nn.Module], input_shape: Sequence[int]) -> l
 
 def attach(model: nn.Module, exits: Sequence[str], num_classes: int, input_shape: Sequence[int], *,
            head_factory: HeadFactory | None = None, max_head_fraction: float = 0.25, token_pool: str = "mean",
-           head: str = "auto", output_key: str | None = None) -> MultiExitNetwork:
+           head: str = "auto", output_key: str | None = None, warn: bool = True) -> MultiExitNetwork:
     """`model` as a multi-exit network with an exit after each module named in `exits` (dotted paths, in forward order).
 
     Heads come from `head_factory(feature_shape, num_classes, budget_macs)` (default: `models.heads`, with token
-    features pooled by `token_pool` and maps given heads of kind `head`: auto, conv, pool or gap), the budget being `max_head_fraction` of the MACs of the stage the head
-    follows; a head over it is warned about (`costs.head_report` lists every head's cost). The final exit is the
+    features pooled by `token_pool` and maps given heads of kind `head`: auto, conv, pool or gap), the budget
+    being `max_head_fraction` of the MACs of the stage the head follows; a head over it is warned about unless
+    `warn` is False (`costs.head_report` lists every head's cost). The final exit is the
     model itself: the same operations, the same logits. The model's parameters are shared, not copied.
     """
     if not exits:
@@ -305,7 +306,8 @@ def attach(model: nn.Module, exits: Sequence[str], num_classes: int, input_shape
     network = MultiExitNetwork(stages, heads + [nn.Identity()], num_classes, tuple(input_shape))
     network.train(model.training)
     network.exit_names = list(exits)
-    head_report(network, list(exits), max_head_fraction)
+    if warn:
+        head_report(network, list(exits), max_head_fraction)
     return network
 
 
@@ -381,7 +383,7 @@ def load_attached(model_dir: str | Path) -> MultiExitNetwork:
     model.eval()
     network = attach(model, spec["exits"], spec["num_classes"], spec["input_shape"],
                      max_head_fraction=spec["max_head_fraction"], token_pool=spec["token_pool"],
-                     head=spec.get("head", "auto"), output_key=spec["output_key"])
+                     head=spec.get("head", "auto"), output_key=spec["output_key"], warn=False)  # warned at attach
     state = read_state_dict(folder / spec["weights_file"])
     expected = network.state_dict()
     keys = [k for k in expected if k.startswith("heads.")] if spec["heads_only"] else list(expected)
