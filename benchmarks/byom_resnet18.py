@@ -26,8 +26,9 @@ def main() -> None:
     p.add_argument("--weights", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--exits", default="layer1,layer2,layer3")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch1-images", type=int, default=10000, help="test images timed at batch 1")
     p.add_argument("--images", type=int, help="a smoke run: N seeded train, validation and test images only")
     args = p.parse_args()
     splits = load_splits("cifar10", args.data)
@@ -44,8 +45,9 @@ def main() -> None:
     for h in card["heads"]:
         print(f"  head after {h['exit']}: {h['head_macs']:,} MACs ({h['fraction']:.1%} of its stage)")
     subprocess.run([sys.executable, str(HERE / "early_exit_speed.py"), "--data", str(args.data), "--model",
-                    str(args.out), "--repeats", str(args.repeats)]
-                   + (["--images", str(args.images), "--batch1-images", str(args.images)] if args.images else []),
+                    str(args.out), "--repeats", str(args.repeats),
+                    "--batch1-images", str(min(args.batch1_images, args.images or args.batch1_images))]
+                   + (["--images", str(args.images)] if args.images else []),
                    check=True)
 
 
