@@ -102,9 +102,9 @@ def train_exits(network: MultiExitNetwork, splits, out: str | Path, *, freeze_ba
 def attach_model(*, model_file: str, exits: Sequence[str], dataset: str, data_dir: str | Path | None,
                  out: str | Path, weights: str | Path | None = None, image_size: int | None = None,
                  freeze_backbone: bool = True, max_head_fraction: float = 0.25, token_pool: str = "mean",
-                 head: str = "auto", output_key: str | None = None, resume: str | Path | None = None, download: bool = False,
-                 val_size: int | None = None, split_seed: int = 0, progress: bool = True, splits: Splits | None = None,
-                 **recipe) -> dict | None:
+                 head: str = "auto", output_key: str | None = None, resume: str | Path | None = None,
+                 download: bool = False, val_size: int | None = None, split_seed: int = 0, progress: bool = True,
+                 splits: Splits | None = None, **recipe) -> dict | None:
     """`exitwise attach`: build the user's model from FILE:FUNCTION (running their code), load their weights, attach
     exits, train them, and write into `out` the heads' weights, the card and `attach.json` (what rebuilds it).
     `splits` (from Python) replaces the data set named by `dataset` and `data_dir`."""

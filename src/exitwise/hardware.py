@@ -249,7 +249,8 @@ def choose_micro_batch(prepared: MultiExitNetwork, data, device: torch.device, p
         return {"micro_batch": min(ms, key=ms.get), "ms_per_image": {str(m): t for m, t in ms.items()},
                 "probe_images": len(images), "precision": precision}
 
-    probe = cached_probe("micro_batch", prepared, precision, device, f"batch {batch_size}, images {tuple(data.images.shape[1:])}", timed, cache_dir)
+    setting = f"batch {batch_size}, images {tuple(data.images.shape[1:])}"
+    probe = cached_probe("micro_batch", prepared, precision, device, setting, timed, cache_dir)
     return probe["micro_batch"], probe
 
 
