@@ -12,13 +12,14 @@ images. The kind with the best speed-up at equal accuracy pays.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
 
 import torch
 
 from exitwise.api import attach_model, load_model
-from exitwise.data import Splits, load_splits
+from exitwise.data import load_splits
 from exitwise.hardware import machine, machine_load
 from exitwise.models.heads import MAP_HEAD_KINDS
 from exitwise.study import StudyConfig, run_study
@@ -41,8 +42,7 @@ def main() -> None:
     if args.images:
         splits = splits.sample(args.images)
     chosen = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[:args.train_images]
-    train_splits = Splits(splits.train.subset(chosen), splits.val, splits.test, splits.dataset, splits.source,
-                          splits.split_seed)
+    train_splits = dataclasses.replace(splits, train=splits.train.subset(chosen))
     print(f"machine: {machine().describe()}; load {machine_load()}")
     print(f"heads trained on {len(train_splits.train)} images for {args.epochs} epochs; study on {len(splits.val)} "
           f"validation and {len(splits.test)} test images")

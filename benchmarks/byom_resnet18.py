@@ -48,7 +48,7 @@ def main() -> None:
         print(f"  head after {h['exit']}: {h['head_macs']:,} MACs ({h['fraction']:.1%} of its stage)")
     subprocess.run([sys.executable, str(HERE / "early_exit_speed.py"), "--data", str(args.data), "--model",
                     str(args.out), "--repeats", str(args.repeats),
-                    "--batch1-images", str(min(args.batch1_images, args.images or args.batch1_images))]
+                    "--batch1-images", str(args.batch1_images)]
                    + (["--images", str(args.images)] if args.images else []),
                    check=True)
 

@@ -109,9 +109,9 @@ def attach_model(*, model_file: str, exits: Sequence[str], dataset: str, data_di
     exits, train them, and write into `out` the heads' weights, the card and `attach.json` (what rebuilds it).
     `splits` (from Python) replaces the data set named by `dataset` and `data_dir`."""
     from .byom import ATTACH_FILE, attach, attach_spec, build_user_model, load_user_weights
-    from .models.heads import head_factory
+    from .models.heads import check_head_options
     check_writable_dir(out)
-    head_factory(token_pool, head)  # a bad head kind or pooling fails before any work
+    check_head_options(token_pool, head)  # before any work
     model = build_user_model(model_file)
     if weights is not None:
         load_user_weights(model, weights)

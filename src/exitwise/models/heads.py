@@ -28,6 +28,14 @@ TOKEN_POOLS = ("mean", "cls")
 MIN_CONV_WIDTH = 16  # narrower than this, a conv head learns less than the pooled linear one
 
 
+def check_head_options(token_pool: str = "mean", map_kind: str = "auto") -> None:
+    """The one check of the default factory's options: a clear error for an unknown one."""
+    if map_kind not in MAP_HEAD_KINDS:
+        raise UserError(f"unknown head kind {map_kind!r}: choose one of {', '.join(MAP_HEAD_KINDS)}")
+    if token_pool not in TOKEN_POOLS:
+        raise UserError(f"token pooling must be {' or '.join(TOKEN_POOLS)}, got {token_pool!r}")
+
+
 class MixedPool(nn.Module):
     """Shallow-Deep Networks' feature reduction: a * max pool + (1 - a) * average pool, a learned (sigmoid)."""
 
@@ -46,8 +54,7 @@ class TokenHead(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, pool: str = "mean"):
         super().__init__()
-        if pool not in TOKEN_POOLS:
-            raise UserError(f"token pooling must be {' or '.join(TOKEN_POOLS)}, got {pool!r}")
+        check_head_options(token_pool=pool)
         self.pool = pool
         self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
 
@@ -73,19 +80,17 @@ def map_head(shape: Sequence[int], num_classes: int, budget_macs: float, kind: s
     """A (C, H, W) head of `kind`: "conv" (as wide as the budget allows, at least MIN_CONV_WIDTH channels), "pool"
     (SDN's MixedPool to 4x4, linear), "gap" (global average pool, linear), or "auto": the richest of the three
     within `budget_macs`, the cheapest when none fits."""
+    check_head_options(map_kind=kind)
     c, h, w = shape
-    size = min(4, h, w)
-    floor = min(MIN_CONV_WIDTH, c)
+    size, width, floor = min(4, h, w), conv_width(shape, num_classes, budget_macs), min(MIN_CONV_WIDTH, c)
     if kind == "auto":
-        kind = ("conv" if conv_width(shape, num_classes, budget_macs) >= floor else
+        kind = ("conv" if width >= floor else
                 "pool" if size > 1 and c * size * size * num_classes <= budget_macs else "gap")
     if kind == "conv":
-        return conv_head(c, max(floor, conv_width(shape, num_classes, budget_macs)), num_classes)
+        return conv_head(c, max(floor, width), num_classes)
     if kind == "pool":
         return nn.Sequential(MixedPool(size), nn.Flatten(), nn.Linear(c * size * size, num_classes))
-    if kind == "gap":
-        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
-    raise UserError(f"unknown head kind {kind!r}: choose one of {', '.join(MAP_HEAD_KINDS)}")
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
 
 
 def default_head_factory(shape: tuple[int, ...], num_classes: int, budget_macs: float,
@@ -104,8 +109,5 @@ def default_head_factory(shape: tuple[int, ...], num_classes: int, budget_macs: 
 def head_factory(token_pool: str = "mean", map_kind: str = "auto") -> HeadFactory:
     """The default factory with token features pooled by `token_pool` ("mean" or "cls") and maps given heads of
     `map_kind`."""
-    if map_kind not in MAP_HEAD_KINDS:
-        raise UserError(f"unknown head kind {map_kind!r}: choose one of {', '.join(MAP_HEAD_KINDS)}")
-    if token_pool not in TOKEN_POOLS:
-        raise UserError(f"token pooling must be {' or '.join(TOKEN_POOLS)}, got {token_pool!r}")
+    check_head_options(token_pool, map_kind)
     return lambda shape, num_classes, budget: default_head_factory(shape, num_classes, budget, token_pool, map_kind)
