@@ -27,7 +27,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--exits", default="layer1,layer2,layer3")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--head", default="auto", help="auto, conv, pool or gap (see benchmarks/byom_heads.py)")
+    p.add_argument("--head", default="auto", help="auto, conv-pool, conv, pool or gap, or one per exit "
+                                                  "(comma-separated; see benchmarks/byom_heads.py)")
     p.add_argument("--distill", type=float, default=0.0, help="side heads learn from the final exit this much")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch1-images", type=int, default=10000, help="test images timed at batch 1")
@@ -38,14 +39,14 @@ def main() -> None:
         splits = splits.sample(args.images)
     card = attach_model(model_file=f"{HERE.parent / 'scripts/resnet18_cifar.py'}:build", weights=args.weights,
                         exits=args.exits.split(","), dataset="cifar10", data_dir=args.data, out=args.out,
-                        epochs=args.epochs, head=args.head, distill=args.distill, splits=splits)
+                        epochs=args.epochs, head=args.head.split(","), distill=args.distill, splits=splits)
     final = card["test_accuracy"][-1]
     print(f"final exit {final:.2%} on test; the model's own card (its training run's test split): "
           f"{load_card(args.weights)}")
     print(f"head training: {card['train_seconds']:.0f} s for {args.epochs} epochs; test accuracy per exit "
           + ", ".join(f"{a:.2%}" for a in card["test_accuracy"]))
     for h in card["heads"]:
-        print(f"  head after {h['exit']}: {h['head_macs']:,} MACs ({h['fraction']:.1%} of its stage)")
+        print(f"  head after {h['exit']} ({h['kind']}): {h['head_macs']:,} MACs ({h['fraction']:.1%} of its stage)")
     subprocess.run([sys.executable, str(HERE / "early_exit_speed.py"), "--data", str(args.data), "--model",
                     str(args.out), "--repeats", str(args.repeats),
                     "--batch1-images", str(args.batch1_images)]

@@ -154,22 +154,40 @@ def test_heads_fit_the_budget_and_are_reported():
     assert isinstance(ee.heads[0][0], nn.Conv2d)  # a conv head fits a fifth of layer1's stage
 
 
-@pytest.mark.parametrize("kind, first_layer", [("conv", nn.Conv2d), ("pool", MixedPool), ("gap", nn.AdaptiveAvgPool2d)])
-def test_a_map_head_kind_can_be_asked_for(kind, first_layer):
+def layer_types(head: nn.Module) -> list[type]:
+    return [type(m) for m in head]
+
+
+@pytest.mark.parametrize("kind, layers", [
+    ("conv-pool", [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, MixedPool, nn.Flatten, nn.Linear]),
+    ("conv", [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear]),
+    ("pool", [MixedPool, nn.Flatten, nn.Linear]),
+    ("gap", [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear])])
+def test_a_map_head_kind_can_be_asked_for(kind, layers):
     ee = attach(TinyResNet().eval(), ["layer1", "layer2"], num_classes=10, input_shape=(3, 16, 16), head=kind,
                 max_head_fraction=1.0)
-    assert all(isinstance(h[0], first_layer) for h in ee.heads[:-1])
+    assert all(layer_types(h) == layers for h in ee.heads[:-1])
+    assert ee.head_kinds == [kind, kind]
+
+
+def test_each_exit_can_have_its_own_head_kind():
+    ee = attach(TinyResNet().eval(), ["layer1", "layer2"], num_classes=10, input_shape=(3, 16, 16),
+                head=["pool", "conv"], max_head_fraction=1.0)
+    assert [layer_types(h)[0] for h in ee.heads[:-1]] == [MixedPool, nn.Conv2d]
+    with pytest.raises(UserError, match="3 head kinds for 2 exits"):
+        attach(TinyResNet().eval(), ["layer1", "layer2"], num_classes=10, input_shape=(3, 16, 16),
+               head=["pool", "conv", "gap"])
 
 
 def test_auto_heads_get_cheaper_as_the_budget_shrinks():
-    def first_layers(fraction):
+    def kind_and_first_layer(fraction):
         ee = attach(TinyResNet().eval(), ["layer1"], num_classes=10, input_shape=(3, 16, 16),
                     max_head_fraction=fraction)
-        return type(ee.heads[0][0])
-    assert first_layers(0.5) is nn.Conv2d
-    assert first_layers(0.02) is MixedPool  # 8 * 4 * 4 * 10 MACs fit, a 16-wide conv does not
+        return ee.head_kinds[0], type(ee.heads[0][0])
+    assert kind_and_first_layer(0.5) == ("conv-pool", nn.Conv2d)  # conv, then SDN pooling to 4x4: richest
+    assert kind_and_first_layer(0.02) == ("pool", MixedPool)  # 8 * 4 * 4 * 10 MACs fit, a 16-wide conv does not
     with pytest.warns(UserWarning, match="'layer1'"):  # nothing fits: the cheapest, warned about
-        assert first_layers(1e-5) is nn.AdaptiveAvgPool2d
+        assert kind_and_first_layer(1e-5) == ("gap", nn.AdaptiveAvgPool2d)
 
 
 def test_a_head_over_budget_is_warned_about():

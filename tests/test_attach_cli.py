@@ -67,16 +67,17 @@ def attach_args(path, weights, out, *extra, exits="stem,block1", spec=None):
 def test_attach_writes_a_model_folder_the_study_and_loader_accept(tmp_path, capsys, user):
     path, weights, build = user
     out = tmp_path / "mine"
-    code, io = run(capsys, *attach_args(path, weights, out, "--head", "pool"))
+    code, io = run(capsys, *attach_args(path, weights, out, "--head", "pool,auto"))
     assert code == 0, io.err
-    assert "head after stem" in io.out
+    assert "head after stem (pool)" in io.out
     spec = json.loads((out / "attach.json").read_text())
-    assert spec["exits"] == ["stem", "block1"] and spec["heads_only"] and spec["head"] == "pool"
+    auto = spec["head"][1]  # what auto chose is recorded, so a later rule cannot change the rebuilt heads
+    assert spec["exits"] == ["stem", "block1"] and spec["heads_only"] and spec["head"] == ["pool", auto] != "auto"
     assert all(k.startswith("heads.") for k in load_file(str(out / "model.safetensors")))  # only the heads
     card = json.loads((out / "model.json").read_text())
     assert [h["exit"] for h in card["heads"]] == ["stem", "block1"]
     network = create_model(out)  # rebuilt from the model file, the user's weights and the heads
-    assert all(type(h[0]).__name__ == "MixedPool" for h in network.heads[:-1])  # of the kind asked for
+    assert type(network.heads[0][0]).__name__ == "MixedPool" and network.head_kinds == ["pool", auto]
     model = build()
     model.load_state_dict(load_file(str(weights)))
     x = torch.rand(6, 1, 8, 8)
@@ -142,6 +143,7 @@ def test_ImageSet_from_float_tensors_and_a_dataset():
     (dict(exits="block2.0"), ["cannot cut after 'block2.0'", "crosses the cut"]),  # block2's input skips it
     (dict(weights="{tmp}/other.safetensors"), ["do not fit", "missing"]),
     (dict(extra=["--head", "wide"]), ["unknown head kind 'wide'", "conv"]),
+    (dict(extra=["--head", "pool,conv,gap"]), ["3 head kinds for 2 exits"]),
     (dict(extra=["--token-pool", "max"]), ["token pooling must be mean or cls"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, user, change, words):

@@ -102,12 +102,13 @@ def train_exits(network: MultiExitNetwork, splits, out: str | Path, *, freeze_ba
 def attach_model(*, model_file: str, exits: Sequence[str], dataset: str, data_dir: str | Path | None,
                  out: str | Path, weights: str | Path | None = None, image_size: int | None = None,
                  freeze_backbone: bool = True, max_head_fraction: float = 0.25, token_pool: str = "mean",
-                 head: str = "auto", output_key: str | None = None, resume: str | Path | None = None,
+                 head: str | Sequence[str] = "auto", output_key: str | None = None, resume: str | Path | None = None,
                  download: bool = False, val_size: int | None = None, split_seed: int = 0, progress: bool = True,
                  splits: Splits | None = None, **recipe) -> dict | None:
     """`exitwise attach`: build the user's model from FILE:FUNCTION (running their code), load their weights, attach
     exits, train them, and write into `out` the heads' weights, the card and `attach.json` (what rebuilds it).
-    `splits` (from Python) replaces the data set named by `dataset` and `data_dir`."""
+    `splits` (from Python) replaces the data set named by `dataset` and `data_dir`. `head`: one kind for every
+    exit or one per exit; attach.json records what `auto` chose."""
     from .byom import ATTACH_FILE, attach, attach_spec, build_user_model, load_user_weights
     from .models.heads import check_head_options
     check_writable_dir(out)
@@ -121,7 +122,7 @@ def attach_model(*, model_file: str, exits: Sequence[str], dataset: str, data_di
     network = attach(model.eval(), exits, len(splits.train.classes), (c, h, w), max_head_fraction=max_head_fraction,
                      token_pool=token_pool, head=head, output_key=output_key)
     spec = attach_spec(model_file, weights, exits, len(splits.train.classes), (c, h, w), max_head_fraction,
-                       token_pool, output_key, freeze_backbone, head)
+                       token_pool, output_key, freeze_backbone, network.head_kinds)
     card = train_exits(network, splits, out, freeze_backbone=freeze_backbone, resume=resume, progress=progress,
                        model_name=spec["model_file"], **recipe)
     if card is not None:

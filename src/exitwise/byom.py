@@ -32,7 +32,7 @@ from .errors import UserError
 from .io import file_sha256
 from .models import check_state_fits, read_state_dict, weight_files
 from .models.base import MultiExitNetwork
-from .models.heads import HeadFactory, head_factory as default_factory
+from .models.heads import HeadFactory, head_factory as default_factory, map_head_kind
 
 OUTPUT_KEY = "logits"
 
@@ -281,14 +281,16 @@ def feature_shapes(stages: Sequence[nn.Module], input_shape: Sequence[int]) -> l
 
 def attach(model: nn.Module, exits: Sequence[str], num_classes: int, input_shape: Sequence[int], *,
            head_factory: HeadFactory | None = None, max_head_fraction: float = 0.25, token_pool: str = "mean",
-           head: str = "auto", output_key: str | None = None, warn: bool = True) -> MultiExitNetwork:
+           head: str | Sequence[str] = "auto", output_key: str | None = None, warn: bool = True) -> MultiExitNetwork:
     """`model` as a multi-exit network with an exit after each module named in `exits` (dotted paths, in forward order).
 
     Heads come from `head_factory(feature_shape, num_classes, budget_macs)` (default: `models.heads`, with token
-    features pooled by `token_pool` and maps given heads of kind `head`: auto, conv, pool or gap), the budget
-    being `max_head_fraction` of the MACs of the stage the head follows; a head over it is warned about unless
-    `warn` is False (`costs.head_report` lists every head's cost). The final exit is the
-    model itself: the same operations, the same logits. The model's parameters are shared, not copied.
+    features pooled by `token_pool` and maps given heads of kind `head`, one for all exits or one per exit: auto,
+    conv-pool, conv, pool or gap), the budget being `max_head_fraction` of the MACs of the stage the head follows; a
+    head over it is warned about unless `warn` is False (`costs.head_report` lists every head's cost). The kinds
+    `auto` resolved to are kept in `network.head_kinds` (None for a head from `head_factory` or for non-map
+    features), so a later rebuild makes the same heads. The final exit is the model itself: the same operations,
+    the same logits. The model's parameters are shared, not copied.
     """
     if not exits:
         raise UserError("name at least one exit module")
@@ -299,13 +301,21 @@ def attach(model: nn.Module, exits: Sequence[str], num_classes: int, input_shape
     if shapes[-1] != (num_classes,):
         raise UserError(f"the model's output is {shapes[-1]} per sample, not ({num_classes},) logits: "
                         f"check num_classes (or output_key)")
-    factory = head_factory or default_factory(token_pool, head)
+    kinds = [head] if isinstance(head, str) else list(head)
+    kinds = kinds * len(exits) if len(kinds) == 1 else kinds
+    if len(kinds) != len(exits):
+        raise UserError(f"{len(kinds)} head kinds for {len(exits)} exits: give one kind, or one per exit")
     inputs = [tuple(input_shape)] + shapes[:-1]
-    heads = [factory(shape, num_classes, max_head_fraction * module_macs(stage, (1, *inp)))
-             for stage, inp, shape in zip(stages, inputs, shapes[:-1])]
+    budgets = [max_head_fraction * module_macs(stage, (1, *inp)) for stage, inp in zip(stages, inputs)]
+    if head_factory is None:
+        kinds = [map_head_kind(shape, num_classes, budget, kind) if len(shape) == 3 else None
+                 for shape, budget, kind in zip(shapes[:-1], budgets, kinds)]
+    factories = [head_factory or default_factory(token_pool, kind or "auto") for kind in kinds]
+    heads = [factory(shape, num_classes, budget) for factory, shape, budget in zip(factories, shapes[:-1], budgets)]
     network = MultiExitNetwork(stages, heads + [nn.Identity()], num_classes, tuple(input_shape))
     network.train(model.training)
     network.exit_names = list(exits)
+    network.head_kinds = None if head_factory else kinds
     if warn:
         head_report(network, list(exits), max_head_fraction)
     return network
@@ -354,7 +364,7 @@ def is_model_dir(name: str | Path) -> bool:
 
 def attach_spec(model_file: str, weights: str | Path | None, exits: Sequence[str], num_classes: int,
                 input_shape: Sequence[int], max_head_fraction: float, token_pool: str, output_key: str | None,
-                freeze_backbone: bool, head: str = "auto") -> dict:
+                freeze_backbone: bool, head: str | Sequence[str | None] = "auto") -> dict:
     """What `load_attached` needs to rebuild the network: the model file and weights (with their SHA-256)."""
     file = Path(model_file.rpartition(":")[0]).resolve()
     return {"format": ATTACH_FORMAT, "model_file": f"{file}:{model_file.rpartition(':')[2]}",

@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                            "of the stage it follows")
     att.add_argument("--token-pool", default="mean", help="token features: mean or cls")
     att.add_argument("--head", default="auto", help="(C, H, W) features: auto (the richest within the budget), "
-                                                    "conv, pool or gap (see docs/bring-your-own-model.md)")
+                                                    "conv-pool, conv, pool or gap; or one per exit, comma-separated "
+                                                    "(see docs/bring-your-own-model.md)")
     att.add_argument("--output-key", help="the logits' key when the model returns a dict (default: logits)")
     att.add_argument("--resume", type=Path, help="continue from this checkpoint.pt exactly")
     for flag, kind in (("--epochs", int), ("--batch-size", int), ("--lr", float), ("--weight-decay", float),
@@ -213,13 +214,14 @@ def cmd_attach(args: argparse.Namespace) -> None:
                         dataset=args.dataset, data_dir=args.data_dir, out=args.out, weights=args.weights,
                         image_size=args.image_size, freeze_backbone=not args.joint,
                         max_head_fraction=args.max_head_fraction, token_pool=args.token_pool,
-                        head=args.head, output_key=args.output_key, resume=args.resume, download=args.download,
+                        head=[kind.strip() for kind in args.head.split(",")], output_key=args.output_key, resume=args.resume, download=args.download,
                         val_size=args.val_size, split_seed=args.split_seed, progress=not args.no_progress, **recipe)
     if card is not None:
         accuracy = ", ".join(f"{a:.2%}" for a in card["test_accuracy"] or [])
         print(f"trained the exits in {card['train_seconds']:.0f} s; test accuracy per exit: {accuracy}")
         for h in card["heads"]:
-            print(f"  head after {h['exit']}: {h['head_macs']:,} MACs, {h['fraction']:.1%} of its stage")
+            kind = f" ({h['kind']})" if h.get("kind") else ""
+            print(f"  head after {h['exit']}{kind}: {h['head_macs']:,} MACs, {h['fraction']:.1%} of its stage")
         print(f"model folder: {args.out.resolve()} (exitwise study --model-dir {args.out})")
 
 

@@ -5,10 +5,12 @@ sample's features (no batch dimension) and `budget_macs` what the head may cost 
 follows); it returns an nn.Module mapping (N, *feature_shape) to (N, num_classes) logits.
 
 The default:
-* (C, H, W) maps: the richest of three heads that fits the budget (or the kind asked for, `map_head`): "conv",
-  a stride-2 3x3 conv to up to C channels, batch norm, ReLU, global max pool and a linear layer (the side head of
-  exitwise's own b-resnet11); "pool", Shallow-Deep Networks' feature reduction (a learned mix of max and average
-  pooling down to 4x4, then a linear layer); "gap", a global average pool and a linear layer (the cheapest).
+* (C, H, W) maps: the richest head that fits the budget (or the kind asked for, `map_head`): "conv-pool", a
+  stride-2 3x3 conv to up to C channels, batch norm, ReLU, then Shallow-Deep Networks' feature reduction (a learned
+  mix of max and average pooling down to 4x4) and a linear layer; "conv", the same conv with a global max pool (the
+  side head of exitwise's own b-resnet11); "pool", SDN's feature reduction and a linear layer; "gap", a global
+  average pool and a linear layer (the cheapest). On a frozen ResNet-18 conv-pool learned best at equal MACs
+  (docs/bring-your-own-model.md), so `auto` tries it first.
 * (T, D) tokens: layer norm, the mean over tokens (or the first, CLS, token), a linear layer.
 * (D,) vectors: a linear layer.
 """
@@ -23,15 +25,16 @@ from torch import nn
 from ..errors import UserError
 
 HeadFactory = Callable[[tuple[int, ...], int, float], nn.Module]
-MAP_HEAD_KINDS = ("auto", "conv", "pool", "gap")
+MAP_HEAD_KINDS = ("auto", "conv-pool", "conv", "pool", "gap")
 TOKEN_POOLS = ("mean", "cls")
 MIN_CONV_WIDTH = 16  # narrower than this, a conv head learns less than the pooled linear one
 
 
-def check_head_options(token_pool: str = "mean", map_kind: str = "auto") -> None:
-    """The one check of the default factory's options: a clear error for an unknown one."""
-    if map_kind not in MAP_HEAD_KINDS:
-        raise UserError(f"unknown head kind {map_kind!r}: choose one of {', '.join(MAP_HEAD_KINDS)}")
+def check_head_options(token_pool: str = "mean", map_kind: str | Sequence[str] = "auto") -> None:
+    """The one check of the default factory's options (a head kind, or one per exit): a clear error for an unknown one."""
+    for kind in [map_kind] if isinstance(map_kind, str) else map_kind:
+        if kind not in MAP_HEAD_KINDS:
+            raise UserError(f"unknown head kind {kind!r}: choose one of {', '.join(MAP_HEAD_KINDS)}")
     if token_pool not in TOKEN_POOLS:
         raise UserError(f"token pooling must be {' or '.join(TOKEN_POOLS)}, got {token_pool!r}")
 
@@ -63,32 +66,53 @@ class TokenHead(nn.Module):
         return self.fc(x.mean(1) if self.pool == "mean" else x[:, 0])
 
 
-def conv_head(channels: int, width: int, num_classes: int) -> nn.Sequential:
-    """Stride-2 3x3 conv to `width` channels, batch norm, ReLU, global max pool, linear."""
+def conv_head(channels: int, width: int, num_classes: int, pool: int = 1) -> nn.Sequential:
+    """Stride-2 3x3 conv to `width` channels, batch norm, ReLU, then a global max pool (`pool` 1) or SDN's mixed
+    pool to `pool` x `pool`, linear."""
+    reduce = nn.AdaptiveMaxPool2d(1) if pool == 1 else MixedPool(pool)
     return nn.Sequential(nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
-                         nn.ReLU(inplace=True), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+                         nn.ReLU(inplace=True), reduce, nn.Flatten(), nn.Linear(width * pool * pool, num_classes))
 
 
-def conv_width(shape: Sequence[int], num_classes: int, budget_macs: float) -> int:
-    """The widest `conv_head` within `budget_macs` (at most C channels)."""
+def _pooled_size(h: int, w: int) -> int:
+    """The side of SDN's pooled map: 4, or less for smaller maps."""
+    return min(4, h, w)
+
+
+def conv_width(shape: Sequence[int], num_classes: int, budget_macs: float, pool: int = 1) -> int:
+    """The widest `conv_head` (pooled to `pool` x `pool`) within `budget_macs` (at most C channels)."""
     c, h, w = shape
-    per_width = math.ceil(h / 2) * math.ceil(w / 2) * c * 9 + num_classes  # conv + linear MACs per output channel
+    per_width = math.ceil(h / 2) * math.ceil(w / 2) * c * 9 + pool * pool * num_classes  # conv + linear MACs
     return min(c, int(budget_macs // per_width))
 
 
-def map_head(shape: Sequence[int], num_classes: int, budget_macs: float, kind: str = "auto") -> nn.Module:
-    """A (C, H, W) head of `kind`: "conv" (as wide as the budget allows, at least MIN_CONV_WIDTH channels), "pool"
-    (SDN's MixedPool to 4x4, linear), "gap" (global average pool, linear), or "auto": the richest of the three
-    within `budget_macs`, the cheapest when none fits."""
+def map_head_kind(shape: Sequence[int], num_classes: int, budget_macs: float, kind: str = "auto") -> str:
+    """`kind`, or for "auto" the richest kind within `budget_macs`: conv-pool, conv, pool, gap (the cheapest when
+    none fits). A conv head is at least MIN_CONV_WIDTH channels wide (C if fewer)."""
     check_head_options(map_kind=kind)
+    if kind != "auto":
+        return kind
     c, h, w = shape
-    size, width, floor = min(4, h, w), conv_width(shape, num_classes, budget_macs), min(MIN_CONV_WIDTH, c)
-    if kind == "auto":
-        kind = ("conv" if width >= floor else
-                "pool" if size > 1 and c * size * size * num_classes <= budget_macs else "gap")
-    if kind == "conv":
-        return conv_head(c, max(floor, width), num_classes)
+    size, floor = _pooled_size(math.ceil(h / 2), math.ceil(w / 2)), min(MIN_CONV_WIDTH, c)
+    if conv_width(shape, num_classes, budget_macs, size) >= floor:
+        return "conv-pool"
+    if conv_width(shape, num_classes, budget_macs) >= floor:
+        return "conv"
+    pooled = _pooled_size(h, w)
+    return "pool" if pooled > 1 and c * pooled * pooled * num_classes <= budget_macs else "gap"
+
+
+def map_head(shape: Sequence[int], num_classes: int, budget_macs: float, kind: str = "auto") -> nn.Module:
+    """A (C, H, W) head of `kind` (`map_head_kind` resolves "auto"); a conv head as wide as the budget allows, at
+    least MIN_CONV_WIDTH channels."""
+    kind = map_head_kind(shape, num_classes, budget_macs, kind)
+    c, h, w = shape
+    floor = min(MIN_CONV_WIDTH, c)
+    if kind in ("conv-pool", "conv"):
+        pool = _pooled_size(math.ceil(h / 2), math.ceil(w / 2)) if kind == "conv-pool" else 1
+        return conv_head(c, max(floor, conv_width(shape, num_classes, budget_macs, pool)), num_classes, pool)
     if kind == "pool":
+        size = _pooled_size(h, w)
         return nn.Sequential(MixedPool(size), nn.Flatten(), nn.Linear(c * size * size, num_classes))
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
 
