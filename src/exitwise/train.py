@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import random
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
@@ -336,6 +337,7 @@ def _train_loop(model: MultiExitNetwork, splits: Splits, config: TrainConfig, ou
             _write_checkpoint(out / CHECKPOINT, model, optimizer, scheduler, name, epoch + 1, config, splits,
                               history, seconds, world)
             tqdm.write(_epoch_line(history[-1], config.epochs))
+            sys.stdout.flush()  # a log file sees each epoch as it ends, not when the run does
         if world > 1:
             _barrier()
 
