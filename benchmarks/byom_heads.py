@@ -11,12 +11,7 @@ images. The kind with the best speed-up at equal accuracy pays.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import tempfile
-from pathlib import Path
-
-import torch
 
 from exitwise.api import attach_model, load_model
 from exitwise.data import load_splits
@@ -24,16 +19,11 @@ from exitwise.hardware import machine, machine_load
 from exitwise.models.heads import MAP_HEAD_KINDS
 from exitwise.study import StudyConfig, run_study
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[1] / "shared"
+from byom_common import RESNET18, resnet18_parser, seeded_train_subset
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=SHARED / "data/cifar10-jpg.tar.gz")
-    p.add_argument("--weights", type=Path, required=True)
-    p.add_argument("--exits", default="layer1,layer2,layer3")
-    p.add_argument("--epochs", type=int, default=2)
+    p = resnet18_parser(__doc__, exits="layer1,layer2,layer3", epochs=2)
     p.add_argument("--train-images", type=int, default=20000, help="seeded training images the heads learn from")
     p.add_argument("--kinds", default=",".join(k for k in MAP_HEAD_KINDS if k != "auto"))
     p.add_argument("--images", type=int, help="a smoke run: N seeded validation and test images only")
@@ -41,15 +31,13 @@ def main() -> None:
     splits = load_splits("cifar10", args.data, progress=False)
     if args.images:
         splits = splits.sample(args.images)
-    chosen = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[:args.train_images]
-    train_splits = dataclasses.replace(splits, train=splits.train.subset(chosen))
+    train_splits = seeded_train_subset(splits, args.train_images)
     print(f"machine: {machine().describe()}; load {machine_load()}")
     print(f"heads trained on {len(train_splits.train)} images for {args.epochs} epochs; study on {len(splits.val)} "
           f"validation and {len(splits.test)} test images")
-    model_file = f"{HERE.parent / 'scripts/resnet18_cifar.py'}:build"
     for kind in args.kinds.split(","):
         with tempfile.TemporaryDirectory() as out:
-            card = attach_model(model_file=model_file, weights=args.weights, exits=args.exits.split(","),
+            card = attach_model(model_file=RESNET18, weights=args.weights, exits=args.exits.split(","),
                                 dataset="cifar10", data_dir=args.data, out=out, head=kind, epochs=args.epochs,
                                 splits=train_splits, progress=False)
             network, info = load_model(out)

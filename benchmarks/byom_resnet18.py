@@ -7,7 +7,6 @@ printed), checks the final exit is the model's own accuracy, then runs benchmark
 folder: the fastest validation-chosen setting within 0.5 points, wall-clock ratios at batch 256 and 1 and the MACs
 ratio, in one run. Target: 1.8x at both batch sizes.
 """
-import argparse
 import json
 import subprocess
 import sys
@@ -16,17 +15,12 @@ from pathlib import Path
 from exitwise.api import attach_model
 from exitwise.data import load_splits
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[1] / "shared"
+from byom_common import HERE, RESNET18, resnet18_parser
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=SHARED / "data/cifar10-jpg.tar.gz")
-    p.add_argument("--weights", type=Path, required=True)
+    p = resnet18_parser(__doc__, exits="layer1,layer2,layer3", epochs=3)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--exits", default="layer1,layer2,layer3")
-    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--head", default="auto", help="auto, conv-pool, conv, pool or gap, or one per exit "
                                                   "(comma-separated; see benchmarks/byom_heads.py)")
     p.add_argument("--distill", type=float, default=0.0, help="side heads learn from the final exit this much")
@@ -37,7 +31,7 @@ def main() -> None:
     splits = load_splits("cifar10", args.data)
     if args.images:
         splits = splits.sample(args.images)
-    card = attach_model(model_file=f"{HERE.parent / 'scripts/resnet18_cifar.py'}:build", weights=args.weights,
+    card = attach_model(model_file=RESNET18, weights=args.weights,
                         exits=args.exits.split(","), dataset="cifar10", data_dir=args.data, out=args.out,
                         epochs=args.epochs, head=args.head.split(","), distill=args.distill, splits=splits)
     final = card["test_accuracy"][-1]

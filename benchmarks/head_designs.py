@@ -5,16 +5,14 @@
 The plain ResNet-18 (scripts/resnet18_cifar.py) is cut at `--exits` with `exitwise.attach`; one head of every
 (C, H, W) kind (`models.heads.MAP_HEAD_KINDS`, any budget: conv heads C channels wide) per exit learns from the same
 augmented batches and the same frozen features (one trunk pass per batch feeds them all), with the optimizer and
-schedule of `exitwise attach` (bf16 autocast where the CPU has native bf16, else fp32: accuracy is measured
-here, not speed). Printed after each epoch: every head's validation accuracy; first, each head's MACs.
+schedule of `exitwise attach` (bf16 autocast or fp32, whichever trains faster here, timed as `exitwise attach`
+times it). Printed after each epoch: every head's validation accuracy; first, each head's MACs.
 Faster than benchmarks/byom_heads.py (which trains each kind in its own run, then runs the study) and fairer: the
 heads see identical data. It measures accuracy, not time.
 """
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,41 +22,39 @@ from exitwise.api import ATTACH_DEFAULTS
 from exitwise.byom import attach, build_user_model, feature_shapes, load_user_weights
 from exitwise.costs import module_macs
 from exitwise.data import load_splits
-from exitwise.hardware import machine
+from exitwise.hardware import choose_train_precision, machine
 from exitwise.models.heads import MAP_HEAD_KINDS, map_head
 from exitwise.train import TrainConfig, augment
 
-HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[1] / "shared"
+from byom_common import RESNET18, resnet18_parser, seeded_train_subset
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=SHARED / "data/cifar10-jpg.tar.gz")
-    p.add_argument("--weights", type=Path, required=True)
-    p.add_argument("--exits", default="layer1,layer2.0")
-    p.add_argument("--epochs", type=int, default=3)
+    p = resnet18_parser(__doc__, exits="layer1,layer2.0", epochs=3)
     p.add_argument("--train-images", type=int, default=20000, help="seeded training images the heads learn from")
     p.add_argument("--batch-size", type=int, default=256)
     args = p.parse_args()
     torch.manual_seed(0)
     splits = load_splits("cifar10", args.data, progress=False)
-    chosen = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))[:args.train_images]
-    train_x, train_y = splits.train.images[chosen], splits.train.labels[chosen]
-    model = build_user_model(f"{HERE.parent / 'scripts/resnet18_cifar.py'}:build")
+    train = seeded_train_subset(splits, args.train_images).train
+    train_x, train_y = train.images, train.labels
+    model = build_user_model(RESNET18)
     load_user_weights(model, args.weights)
     exits = args.exits.split(",")
     network = attach(model.eval(), exits, 10, (3, 32, 32), warn=False).to(memory_format=torch.channels_last)
-    for param in network.parameters():
+    for param in network.stages.parameters():  # frozen, as `exitwise attach` trains: the probe times what it times
         param.requires_grad_(False)
+    precision, probe = choose_train_precision(network, augment(train_x[:64], 0, False), train_y[:64],
+                                              torch.device("cpu"))
+    bf16 = precision == "bf16"
     trunk = network.stages[:len(exits)]  # the stages up to the last side exit: all the heads need
     shapes = feature_shapes(network.stages, (3, 32, 32))[:len(exits)]
     kinds = [k for k in MAP_HEAD_KINDS if k != "auto"]
     heads = nn.ModuleList(nn.ModuleList(map_head(shape, 10, 1e18, kind) for kind in kinds) for shape in shapes)
     heads.to(memory_format=torch.channels_last)
-    bf16 = machine().native_bf16
-    print(f"machine: {machine().describe()}; {'bf16' if bf16 else 'fp32'}; {len(train_x)} training images, {args.epochs} epochs, "
-          f"validation on {len(splits.val)}")
+    timed = ", ".join(f"{name} {ms:.2f}" for name, ms in probe["ms_per_image"].items())
+    print(f"machine: {machine().describe()}; {precision} (ms per image of a training step: {timed}); "
+          f"{len(train_x)} training images, {args.epochs} epochs, validation on {len(splits.val)}")
     for exit_name, shape, row in zip(exits, shapes, heads):
         print(f"  {exit_name} {shape}: " + ", ".join(f"{kind} {module_macs(h, (1, *shape)) / 1e6:.2f} M MACs"
                                                      for kind, h in zip(kinds, row)))

@@ -32,7 +32,7 @@ from .errors import UserError
 from .io import file_sha256
 from .models import check_state_fits, read_state_dict, weight_files
 from .models.base import MultiExitNetwork
-from .models.heads import HeadFactory, head_factory as default_factory, map_head_kind
+from .models.heads import HeadFactory, check_head_options, default_head_factory, map_head_kind
 
 OUTPUT_KEY = "logits"
 
@@ -308,10 +308,13 @@ def attach(model: nn.Module, exits: Sequence[str], num_classes: int, input_shape
     inputs = [tuple(input_shape)] + shapes[:-1]
     budgets = [max_head_fraction * module_macs(stage, (1, *inp)) for stage, inp in zip(stages, inputs)]
     if head_factory is None:
+        check_head_options(token_pool, kinds)
         kinds = [map_head_kind(shape, num_classes, budget, kind) if len(shape) == 3 else None
                  for shape, budget, kind in zip(shapes[:-1], budgets, kinds)]
-    factories = [head_factory or default_factory(token_pool, kind or "auto") for kind in kinds]
-    heads = [factory(shape, num_classes, budget) for factory, shape, budget in zip(factories, shapes[:-1], budgets)]
+        heads = [default_head_factory(shape, num_classes, budget, token_pool, kind or "auto")
+                 for shape, budget, kind in zip(shapes[:-1], budgets, kinds)]
+    else:
+        heads = [head_factory(shape, num_classes, budget) for shape, budget in zip(shapes[:-1], budgets)]
     network = MultiExitNetwork(stages, heads + [nn.Identity()], num_classes, tuple(input_shape))
     network.train(model.training)
     network.exit_names = list(exits)

@@ -86,6 +86,13 @@ def conv_width(shape: Sequence[int], num_classes: int, budget_macs: float, pool:
     return min(c, int(budget_macs // per_width))
 
 
+def _conv_pool_side(shape: Sequence[int], kind: str) -> int:
+    """The side of a conv head's pooled map: SDN's 4x4 (less for small maps) after the stride-2 conv for "conv-pool",
+    1 (a global max pool) for "conv"."""
+    _, h, w = shape
+    return _pooled_size(math.ceil(h / 2), math.ceil(w / 2)) if kind == "conv-pool" else 1
+
+
 def map_head_kind(shape: Sequence[int], num_classes: int, budget_macs: float, kind: str = "auto") -> str:
     """`kind`, or for "auto" the richest kind within `budget_macs`: conv-pool, conv, pool, gap (the cheapest when
     none fits). A conv head is at least MIN_CONV_WIDTH channels wide (C if fewer)."""
@@ -93,11 +100,9 @@ def map_head_kind(shape: Sequence[int], num_classes: int, budget_macs: float, ki
     if kind != "auto":
         return kind
     c, h, w = shape
-    size, floor = _pooled_size(math.ceil(h / 2), math.ceil(w / 2)), min(MIN_CONV_WIDTH, c)
-    if conv_width(shape, num_classes, budget_macs, size) >= floor:
-        return "conv-pool"
-    if conv_width(shape, num_classes, budget_macs) >= floor:
-        return "conv"
+    for conv_kind in ("conv-pool", "conv"):
+        if conv_width(shape, num_classes, budget_macs, _conv_pool_side(shape, conv_kind)) >= min(MIN_CONV_WIDTH, c):
+            return conv_kind
     pooled = _pooled_size(h, w)
     return "pool" if pooled > 1 and c * pooled * pooled * num_classes <= budget_macs else "gap"
 
@@ -107,10 +112,10 @@ def map_head(shape: Sequence[int], num_classes: int, budget_macs: float, kind: s
     least MIN_CONV_WIDTH channels."""
     kind = map_head_kind(shape, num_classes, budget_macs, kind)
     c, h, w = shape
-    floor = min(MIN_CONV_WIDTH, c)
     if kind in ("conv-pool", "conv"):
-        pool = _pooled_size(math.ceil(h / 2), math.ceil(w / 2)) if kind == "conv-pool" else 1
-        return conv_head(c, max(floor, conv_width(shape, num_classes, budget_macs, pool)), num_classes, pool)
+        pool = _conv_pool_side(shape, kind)
+        width = max(min(MIN_CONV_WIDTH, c), conv_width(shape, num_classes, budget_macs, pool))
+        return conv_head(c, width, num_classes, pool)
     if kind == "pool":
         size = _pooled_size(h, w)
         return nn.Sequential(MixedPool(size), nn.Flatten(), nn.Linear(c * size * size, num_classes))
@@ -129,9 +134,3 @@ def default_head_factory(shape: tuple[int, ...], num_classes: int, budget_macs: 
         return nn.Linear(shape[0], num_classes)
     raise UserError(f"no default exit head for features of shape {tuple(shape)} per sample: pass a head_factory")
 
-
-def head_factory(token_pool: str = "mean", map_kind: str = "auto") -> HeadFactory:
-    """The default factory with token features pooled by `token_pool` ("mean" or "cls") and maps given heads of
-    `map_kind`."""
-    check_head_options(token_pool, map_kind)
-    return lambda shape, num_classes, budget: default_head_factory(shape, num_classes, budget, token_pool, map_kind)
