@@ -214,7 +214,8 @@ def cmd_attach(args: argparse.Namespace) -> None:
                         dataset=args.dataset, data_dir=args.data_dir, out=args.out, weights=args.weights,
                         image_size=args.image_size, freeze_backbone=not args.joint,
                         max_head_fraction=args.max_head_fraction, token_pool=args.token_pool,
-                        head=[kind.strip() for kind in args.head.split(",")], output_key=args.output_key, resume=args.resume, download=args.download,
+                        head=[kind.strip() for kind in args.head.split(",")], output_key=args.output_key,
+                        resume=args.resume, download=args.download,
                         val_size=args.val_size, split_seed=args.split_seed, progress=not args.no_progress, **recipe)
     if card is not None:
         accuracy = ", ".join(f"{a:.2%}" for a in card["test_accuracy"] or [])
