@@ -8,7 +8,8 @@ the validation frontiers of the exit policies (entropy, max-prob and margin unle
 test accuracy is within 0.5 points of the final exit's (validation never saw test; test only picks
 among the validation-chosen settings, as the issue asks).
 Wall time at batch 256 and at batch 1, the ratio of the two, and the mean-MACs ratio.
-Each timing is the best of --repeats runs, so a burst from another process does not decide a ratio.
+Each timing is the best of --repeats runs, the full network and early exit taking turns, so a burst from
+another process or a drift of the machine's speed does not decide a ratio.
 """
 from __future__ import annotations
 
@@ -33,9 +34,14 @@ from exitwise.runtime import all_exit_logits, run_backbone, warm_up
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def best_of(repeats: int, run):
-    runs = [run() for _ in range(repeats)]
-    return min(runs, key=lambda r: r.seconds)
+def best_of_interleaved(repeats: int, *runs):
+    """The fastest of `repeats` calls of each run, called in turn (a, b, a, b, ...) so a machine that slows down or
+    speeds up partway through weighs on both sides of a ratio alike."""
+    results = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, out in zip(runs, results):
+            out.append(run())
+    return [min(out, key=lambda r: r.seconds) for out in results]
 
 
 def main() -> None:
@@ -93,10 +99,10 @@ def main() -> None:
         early_exit = early_exit.with_setting(setting.policy, setting.thresholds)
         policy = early_exit.policy
         one = splits.test.subset(torch.arange(min(args.batch1_images, len(splits.test))))
-        full256 = best_of(args.repeats, lambda: run_backbone(model, splits.test, 256, **mb))
-        early256 = best_of(args.repeats, lambda: early_exit.run(splits.test, batch_size=256, **mb))
-        full1 = best_of(args.repeats, lambda: run_backbone(model, one, 1, **mb))
-        early1 = best_of(args.repeats, lambda: early_exit.run(one, batch_size=1, **mb))
+        full256, early256 = best_of_interleaved(args.repeats, lambda: run_backbone(model, splits.test, 256, **mb),
+                                                lambda: early_exit.run(splits.test, batch_size=256, **mb))
+        full1, early1 = best_of_interleaved(args.repeats, lambda: run_backbone(model, one, 1, **mb),
+                                            lambda: early_exit.run(one, batch_size=1, **mb))
         accuracy = (early256.predictions == splits.test.labels.numpy()).mean()
         timed = ", ".join(f"{t['precision']} {t['ms_per_image']:.2f}" for t in check["tried"]) if check else "not timed"
         print(f"\n{name} ({info['weights']}, precision {precision} (ms/image in the probe: {timed}), "
