@@ -7,7 +7,8 @@ For each model (shipped weights unless --weights) on the 10k CIFAR-10 test image
 the validation frontiers of the exit policies (entropy, max-prob and margin unless --policy) whose
 test accuracy is within 0.5 points of the final exit's (validation never saw test; test only picks
 among the validation-chosen settings, as the issue asks).
-Wall time at batch 256 and at batch 1, the ratio of the two, and the mean-MACs ratio.
+Wall time at batch 256 and at batch 1, the ratio of the two, and the mean-MACs ratio; beside them the cost
+model's prediction from per-stage times (is early exit as fast as its stage times say, or does the runtime lose time?).
 Each timing is the best of --repeats runs, the full network and early exit taking turns, so a burst from
 another process or a drift of the machine's speed does not decide a ratio.
 """
@@ -115,6 +116,11 @@ def main() -> None:
         print(f"  policy {policy.name}, thresholds: {', '.join('never' if t is None else f'{t:.3f}' for t in setting.thresholds)}")
         print(f"  speed-up: batch 256 {full256.seconds / early256.seconds:.2f}x, batch 1 {full1.seconds / early1.seconds:.2f}x, "
               f"MACs {full_macs / chosen['mean_cost']:.2f}x")
+        predicted = chosen["predicted_seconds"]
+        print(f"  cost model (stage times of the all-exits pass, ms/image with heads: "
+              f"{', '.join(f'{1e3 * t:.3f}' for t in per_sample)}): full {test.trunk_seconds:.2f} s, early exit "
+              f"{predicted:.2f} s, {test.trunk_seconds / predicted:.2f}x; early exit at batch 256 measured "
+              f"{early256.seconds / predicted - 1:+.1%} against it")
 
 
 if __name__ == "__main__":
