@@ -27,7 +27,7 @@ from exitwise.data import load_splits
 from exitwise.early_exit import EarlyExitModel
 from exitwise.frontiers import latency_frontier
 from exitwise.models import shipped_models
-from exitwise.hardware import machine, machine_load, resolve_device, tune
+from exitwise.hardware import describe_load, machine, machine_load, resolve_device, tune
 from exitwise.policies import exit_arrays, get_policy
 from exitwise.results import Setting
 from exitwise.runtime import all_exit_logits, run_backbone, warm_up
@@ -67,8 +67,7 @@ def main() -> None:
     policies = [get_policy(name) for name in args.policies or ("entropy", "max-prob", "margin")]
     load = machine_load()
     print(f"machine: {machine(device).describe()}")
-    print(f"1-minute load average {load['load_average']} on {load['cpus']} CPUs"
-          + (": BUSY, the timings below are not to be trusted" if load["busy"] else ""))
+    print(describe_load(load))
     print(f"{len(splits.test)} test images, policies "
           f"{', '.join(p.name for p in policies)}, best of {args.repeats} runs per timing")
     for name in models:

@@ -26,7 +26,7 @@ from exitwise.costs import exit_macs
 from exitwise.data import load_splits
 from exitwise.early_exit import EarlyExitModel
 from exitwise.export import export_onnx
-from exitwise.hardware import machine, machine_load, tune
+from exitwise.hardware import describe_load, machine, machine_load, tune
 from exitwise.models import shipped_models
 from exitwise.onnx_runtime import OnnxEarlyExit
 from exitwise.policies import exit_arrays, get_policy
@@ -57,8 +57,7 @@ def main() -> None:
     print(f"machine: {machine().describe()}")
     print(f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()} (CPUExecutionProvider used), "
           f"intra-op threads: default (one per physical core)")
-    print(f"1-minute load average {load['load_average']} on {load['cpus']} CPUs"
-          + (": BUSY, the timings below are not to be trusted" if load["busy"] else ""))
+    print(describe_load(load))
     print(f"{len(test)} test images at batch 256, {len(one)} at batch 1; best of {args.repeats} runs; "
           f"ms per image; ratio = torch ms / ONNX Runtime ms (> 1: ONNX Runtime faster)\n")
     print(f"{'model':18s} {'run':12s} {'batch':>5s} {'torch':>8s} {'onnxrt':>8s} {'ratio':>6s}")
@@ -96,7 +95,7 @@ def main() -> None:
         shares = np.bincount(onnx_run.exits, minlength=network.num_exits) / len(test)
         print(f"{'':18s} thresholds {np.round(t, 4).tolist()} (validation target {goal:.4f}); exit shares "
               f"{np.round(shares, 3).tolist()}; same exit in both runtimes: {same:.2%}")
-    print(f"\n1-minute load average at the end: {machine_load()['load_average']}")
+    print(f"\nat the end: {describe_load(machine_load())}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 
 from exitwise.api import load_model
 from exitwise.data import load_splits
-from exitwise.hardware import AGREEMENT_REQUIRED, machine, machine_load
+from exitwise.hardware import AGREEMENT_REQUIRED, describe_load, machine, machine_load
 from exitwise.runtime import all_exit_logits, prepare
 from exitwise.study import StudyConfig, run_study, write_study
 
@@ -56,7 +56,7 @@ def main() -> None:
     if sys.platform == "linux" and any(os.environ.get(k) != v for k, v in MALLOC.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC})
 
-    print(f"machine: {machine().describe()}; load {machine_load()}; glibc malloc thresholds "
+    print(f"machine: {machine().describe()}; {describe_load(machine_load())}; glibc malloc thresholds "
           f"{'raised' if sys.platform == 'linux' else 'n/a'}")
     splits = load_splits("cifar10", args.data, progress=False)
     model, info = load_model(args.model, args.weights)

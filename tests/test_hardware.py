@@ -132,3 +132,28 @@ def test_tune_prepares_the_model_in_what_it_measured(tmp_path, monkeypatch):
     assert tuned.micro_batch == tuned.micro_batch_probe["micro_batch"] and tuned.network.training is False
     given = hardware.tune(create_model("digits-convnet"), data, "fp32", micro_batch=8)
     assert (given.precision, given.micro_batch, given.precision_check, given.micro_batch_probe) == ("fp32", 8, None, None)
+
+
+def test_busy_is_decided_by_what_other_processes_do_now_not_by_the_trailing_load_average(monkeypatch):
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # a job that ended a minute ago
+    monkeypatch.setattr(hardware, "cpu_busy_share", lambda: 0.02)
+    assert hardware.machine_load()["busy"] is False
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a job that has just started
+    monkeypatch.setattr(hardware, "cpu_busy_share", lambda: 0.6)
+    load = hardware.machine_load()
+    assert load["busy"] is True and load["busy_share"] == 0.6
+    assert "other work used 60% of them just now" in hardware.describe_load(load) and "BUSY" in hardware.describe_load(load)
+
+
+def test_without_proc_stat_the_load_average_decides(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_busy_share", lambda: None)
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (99.0, 0.0, 0.0))
+    load = hardware.machine_load()
+    assert load["busy"] is True and load["busy_share"] is None
+    assert "other work" not in hardware.describe_load(load)
+
+
+@pytest.mark.skipif(not hardware.Path("/proc/stat").is_file(), reason="needs /proc/stat (Linux)")
+def test_the_busy_share_is_sampled_from_proc_stat():
+    share = hardware.cpu_busy_share(0.05)
+    assert share is not None and 0.0 <= share <= 1.0

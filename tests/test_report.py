@@ -187,6 +187,8 @@ def test_a_busy_machine_is_called_out_in_the_summary_and_the_report(tmp_path):
     assert "busy when the study started (1-minute load average 3.1 on 2 CPUs)" in format_summary(results)
     write_report(results, tmp_path)
     assert "load average 3.1 on 2 CPUs" in (tmp_path / "report.md").read_text()
+    doc["timing_model"]["machine_load_at_start"] = {"load_average": 0.1, "cpus": 2, "busy_share": 0.55, "busy": True}
+    assert "other work used 55% of the CPUs' time" in format_summary(StudyResults.from_json(doc))
 
 
 def test_a_precision_given_rather_than_checked_reports_no_agreement(tmp_path):

@@ -28,6 +28,7 @@ PRECISION_CHECK_IMAGES = 1000
 PROBE_ROWS = 32            # images per timed precision probe: a second or two even where bf16 is emulated
 MICRO_BATCH_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_MICRO_BATCH = 64   # used when nothing is measured (tests, explicit runs); best on the AMX machine
+BUSY_SHARE = 0.25          # other work using a quarter of the CPUs' time makes timings slow and noisy
 
 
 @dataclass(frozen=True)
@@ -105,12 +106,41 @@ def check_micro_batch(micro_batch: int | None) -> int | None:
     return micro_batch
 
 
+def cpu_busy_share(seconds: float = 0.1) -> float | None:
+    """The share of all CPUs' time spent working over the next `seconds`, while this process sleeps: the work of
+    other processes, now. None where /proc/stat is missing (macOS, Windows)."""
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:  # cpu user nice system idle iowait irq softirq steal ...
+            values = [int(v) for v in f.readline().split()[1:9]]
+        return sum(values), values[3] + values[4]
+
+    try:
+        total_before, idle_before = ticks()
+        time.sleep(seconds)
+        total_after, idle_after = ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total_after - total_before
+    return 1 - (idle_after - idle_before) / total if total > 0 else None
+
+
 def machine_load() -> dict:
-    """The 1-minute load average before timed work, and whether it says the CPUs were busy:
-    other work running beside a measurement makes its times slow and noisy."""
+    """How busy the CPUs were just before timed work, and whether that makes its times slow and noisy: other
+    processes' share of the CPUs' time over a tenth of a second decides where /proc/stat exists (the 1-minute load
+    average, also recorded, trails: it still counts a job that ended a minute ago), else the load average."""
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return {"load_average": load, "cpus": cpus, "busy": load is not None and load >= 0.75 * cpus}
+    share = cpu_busy_share()
+    busy = share >= BUSY_SHARE if share is not None else load is not None and load >= 0.75 * cpus
+    return {"load_average": load, "cpus": cpus, "busy_share": None if share is None else round(share, 3),
+            "busy": busy}
+
+
+def describe_load(load: dict) -> str:
+    """`machine_load()` in words, for a benchmark's header."""
+    share = "" if load["busy_share"] is None else f"other work used {load['busy_share']:.0%} of them just now, "
+    return (f"{load['cpus']} CPUs: {share}1-minute load average {load['load_average']}"
+            + (": BUSY, the timings below are not to be trusted" if load["busy"] else ""))
 
 
 def seconds_per_call(fn: Callable[[], object], device: torch.device, min_seconds: float = 0.2,

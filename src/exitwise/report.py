@@ -522,8 +522,10 @@ def busy_warning(r: StudyResults) -> str:
     load = r.timing_model.machine_load_at_start or {}
     if not load.get("busy"):
         return ""
-    return (f"warning: the machine was busy when the study started (1-minute load average {load['load_average']:.1f} "
-            f"on {load['cpus']} CPUs); if other work ran beside it, its measured times are slow and noisy")
+    share = "" if load.get("busy_share") is None else f"other work used {load['busy_share']:.0%} of the CPUs' time, "
+    return (f"warning: the machine was busy when the study started ({share}1-minute load average "
+            f"{load['load_average']:.1f} on {load['cpus']} CPUs); if other work ran beside it, its measured times are "
+            f"slow and noisy")
 
 
 def format_summary(results: StudyResults) -> str:
