@@ -108,7 +108,8 @@ def check_micro_batch(micro_batch: int | None) -> int | None:
 
 def cpu_busy_share(seconds: float = 0.1) -> float | None:
     """The share of all CPUs' time spent working over the next `seconds`, while this process sleeps: the work of
-    other processes, now. None where /proc/stat is missing (macOS, Windows)."""
+    other processes now (plus any of this one's OpenMP threads still spinning after torch work, a few percent).
+    None where /proc/stat is missing (macOS, Windows)."""
     def ticks() -> tuple[int, int]:
         with open("/proc/stat") as f:  # cpu user nice system idle iowait irq softirq steal ...
             values = [int(v) for v in f.readline().split()[1:9]]
