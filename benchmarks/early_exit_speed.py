@@ -32,17 +32,9 @@ from exitwise.policies import exit_arrays, get_policy
 from exitwise.results import Setting
 from exitwise.runtime import all_exit_logits, run_backbone, warm_up
 
+from timing_common import best_of_interleaved
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-def best_of_interleaved(repeats: int, *runs):
-    """The fastest of `repeats` calls of each run, called in turn (a, b, a, b, ...) so a machine that slows down or
-    speeds up partway through weighs on both sides of a ratio alike."""
-    results = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, out in zip(runs, results):
-            out.append(run())
-    return [min(out, key=lambda r: r.seconds) for out in results]
 
 
 def main() -> None:

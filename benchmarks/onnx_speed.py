@@ -8,7 +8,8 @@ within 0.5 points of the final exit's validation accuracy), the model exported w
 (default exporter) into a temporary folder, then on the first --images test images: the full network
 (every stage and the final head, no side exits) and real early exit, on torch (the inference copy in the
 precision and micro-batch measured fastest on this machine, as the study chooses them) and on ONNX Runtime
-(`exitwise.onnx_runtime`: fp32, its 64-row micro-batches). Each timing is the best of --repeats runs. The two runtimes' exits are compared too.
+(`exitwise.onnx_runtime`: fp32, its 64-row micro-batches). Each timing is the best of --repeats runs, torch and
+ONNX Runtime taking turns. The two runtimes' exits are compared too.
 """
 from __future__ import annotations
 
@@ -32,11 +33,9 @@ from exitwise.onnx_runtime import OnnxEarlyExit
 from exitwise.policies import exit_arrays, get_policy
 from exitwise.runtime import all_exit_logits, run_backbone, run_early_exit, warm_up
 
+from timing_common import best_of_interleaved
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-def best_of(repeats: int, run) -> float:
-    return min(run().seconds for _ in range(repeats))
 
 
 def main() -> None:
@@ -89,8 +88,7 @@ def main() -> None:
                  lambda: runner.run(pixels1, batch_size=1))]
         for label, batch, on_torch, on_onnx in rows:
             n = len(test) if batch == 256 else len(one)
-            ms_torch = 1000 * best_of(args.repeats, on_torch) / n
-            ms_onnx = 1000 * best_of(args.repeats, on_onnx) / n
+            ms_torch, ms_onnx = (1000 * r.seconds / n for r in best_of_interleaved(args.repeats, on_torch, on_onnx))
             print(f"{name:18s} {label:12s} {batch:5d} {ms_torch:8.3f} {ms_onnx:8.3f} {ms_torch / ms_onnx:6.2f}")
         shares = np.bincount(onnx_run.exits, minlength=network.num_exits) / len(test)
         print(f"{'':18s} thresholds {np.round(t, 4).tolist()} (validation target {goal:.4f}); exit shares "

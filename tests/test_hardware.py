@@ -157,3 +157,17 @@ def test_without_proc_stat_the_load_average_decides(monkeypatch):
 def test_the_busy_share_is_sampled_from_proc_stat():
     share = hardware.cpu_busy_share(0.05)
     assert share is not None and 0.0 <= share <= 1.0
+
+
+@pytest.mark.skipif(not hardware.Path("/proc/stat").is_file(), reason="needs /proc/stat (Linux)")
+def test_this_process_own_threads_are_not_other_work():
+    import threading
+    stop = threading.Event()
+    spinner = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)])  # a core kept busy, in-process
+    spinner.start()
+    try:
+        share = hardware.cpu_busy_share(0.2)
+    finally:
+        stop.set()
+        spinner.join()
+    assert share is not None and share < 0.5 / hardware.os.cpu_count()  # counted, the busy core would be 1 / cpus

@@ -107,22 +107,26 @@ def check_micro_batch(micro_batch: int | None) -> int | None:
 
 
 def cpu_busy_share(seconds: float = 0.1) -> float | None:
-    """The share of all CPUs' time spent working over the next `seconds`, while this process sleeps: the work of
-    other processes now (plus any of this one's OpenMP threads still spinning after torch work, a few percent).
-    None where /proc/stat is missing (macOS, Windows)."""
-    def ticks() -> tuple[int, int]:
+    """The share of all CPUs' time that other processes spent working over the next `seconds`: /proc/stat's busy
+    time less this process's own (its OpenMP threads may still spin after torch work). None where /proc/stat is
+    missing (macOS, Windows)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def ticks() -> tuple[int, int, float]:
         with open("/proc/stat") as f:  # cpu user nice system idle iowait irq softirq steal ...
             values = [int(v) for v in f.readline().split()[1:9]]
-        return sum(values), values[3] + values[4]
+        own = os.times()
+        return sum(values), values[3] + values[4], (own.user + own.system) * tick
 
     try:
-        total_before, idle_before = ticks()
+        total_before, idle_before, own_before = ticks()
         time.sleep(seconds)
-        total_after, idle_after = ticks()
+        total_after, idle_after, own_after = ticks()
     except (OSError, ValueError, IndexError):
         return None
     total = total_after - total_before
-    return 1 - (idle_after - idle_before) / total if total > 0 else None
+    others = total - (idle_after - idle_before) - (own_after - own_before)
+    return min(1.0, max(0.0, others / total)) if total > 0 else None
 
 
 def machine_load() -> dict:
