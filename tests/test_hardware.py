@@ -163,7 +163,12 @@ def test_the_busy_share_is_sampled_from_proc_stat():
 def test_this_process_own_threads_are_not_other_work():
     import threading
     stop = threading.Event()
-    spinner = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)])  # a core kept busy, in-process
+
+    def spin() -> None:  # a core kept busy by this process
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin)
     spinner.start()
     try:
         share = hardware.cpu_busy_share(0.2)

@@ -110,19 +110,17 @@ def cpu_busy_share(seconds: float = 0.1) -> float | None:
     """The share of all CPUs' time that other processes spent working over the next `seconds`: /proc/stat's busy
     time less this process's own (its OpenMP threads may still spin after torch work). None where /proc/stat is
     missing (macOS, Windows)."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
     def ticks() -> tuple[int, int, float]:
         with open("/proc/stat") as f:  # cpu user nice system idle iowait irq softirq steal ...
             values = [int(v) for v in f.readline().split()[1:9]]
         own = os.times()
-        return sum(values), values[3] + values[4], (own.user + own.system) * tick
+        return sum(values), values[3] + values[4], (own.user + own.system) * os.sysconf("SC_CLK_TCK")
 
     try:
         total_before, idle_before, own_before = ticks()
         time.sleep(seconds)
         total_after, idle_after, own_after = ticks()
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
     total = total_after - total_before
     others = total - (idle_after - idle_before) - (own_after - own_before)
