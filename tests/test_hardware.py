@@ -63,9 +63,13 @@ def test_choose_precision_times_every_candidate_on_this_machine():
 def test_the_precision_timing_is_measured_once_per_architecture_and_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("EXITWISE_CACHE_DIR", str(tmp_path))
     data = random_image_set(100)
+    # seeded weights on which every precision agreed with fp32 on all 100 images (measured on Zen 4), so the choice
+    # rests on the timing alone; unseeded, a bf16 agreement of 98% on some random weights flipped it now and then
+    torch.manual_seed(5)
     first, check = choose_precision(create_model("digits-convnet"), data, "auto", check_images=100)
     assert check["timing_cached"] is False
     monkeypatch.setattr(hardware, "seconds_per_call", lambda *a, **k: pytest.fail("timed again"))
+    torch.manual_seed(6)
     again, cached = choose_precision(create_model("digits-convnet"), data, "auto", check_images=100)  # new weights
     assert again == first and cached["timing_cached"] is True
     assert [t["ms_per_image"] for t in cached["tried"]] == [t["ms_per_image"] for t in check["tried"]]
