@@ -105,6 +105,33 @@ def test_attach_writes_a_model_folder_the_study_and_loader_accept(tmp_path, caps
     assert (exported.exits == ours.exits).mean() >= 0.99 and (exported.predictions == ours.predictions).mean() >= 0.99
 
 
+@pytest.fixture(scope="module")
+def attached_study(tmp_path_factory):
+    """A folder with a model folder `a1` (attached, trained jointly for 2 epochs on digits) and its study `s1`, both written by
+    the CLI as a user would."""
+    root = tmp_path_factory.mktemp("newcomer")
+    (root / "my_model.py").write_text(USER_MODEL)
+    namespace = {}
+    exec(compile(USER_MODEL, str(root / "my_model.py"), "exec"), namespace)
+    save_file(namespace["build"]().state_dict(), str(root / "my.safetensors"))
+    assert main([str(a) for a in attach_args(root / "my_model.py", root / "my.safetensors", root / "a1", "--joint")]) == 0
+    assert main(["study", "--model-dir", str(root / "a1"), "--dataset", "digits", "--out", str(root / "s1"),
+                 "--precision", "fp32", "--no-progress"]) == 0
+    return root
+
+
+def test_export_takes_a_relative_model_folder_with_its_studys_thresholds(attached_study, capsys, monkeypatch):
+    pytest.importorskip("exitwise.onnx_runtime")
+    monkeypatch.chdir(attached_study)  # as the docs show: relative paths, while early_exit.json names it absolutely
+    code, io = run(capsys, "export", "--model-dir", "a1", "--thresholds", "s1/early_exit.json", "--out", "x1",
+                   "--exporter", "torchscript")
+    assert code == 0, io.err
+    manifest = json.loads((attached_study / "x1" / "manifest.json").read_text())
+    assert manifest["thresholds"] == json.loads((attached_study / "s1" / "early_exit.json").read_text())["thresholds"]
+    code, io = run(capsys, "export", "--model", "b-resnet11", "--thresholds", "s1/early_exit.json", "--out", "x2")
+    assert code == 2 and "is for model" in io.err and not (attached_study / "x2").exists()  # another model still is
+
+
 def test_frozen_training_leaves_the_final_exit_alone_and_the_heads_learn(tmp_path, user):
     _, weights, build = user
     model = build()

@@ -281,6 +281,13 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
     return export_onnx(early_exit, out, weights_sha256=sha256, exporter=exporter)
 
 
+def _model_key(name: str | Path) -> str:
+    """What identifies a model: a registered name as it is, a model folder by its resolved path (so a relative
+    `--model-dir a1` matches the absolute path a study or calibration wrote)."""
+    from .byom import is_model_dir
+    return str(Path(name).resolve()) if is_model_dir(name) else str(name)
+
+
 def _read_setting(path: str | Path, model: str) -> dict:
     """A thresholds file: {policy, thresholds, [temperatures], [class_names], [model]}; refused if it names
     another model or lacks a key."""
@@ -292,6 +299,6 @@ def _read_setting(path: str | Path, model: str) -> dict:
     missing = [k for k in ("policy", "thresholds") if not isinstance(setting, dict) or k not in setting]
     if missing:
         raise UserError(f"thresholds file {str(path)!r} lacks {' and '.join(missing)}")
-    if setting.get("model", model) != model:
+    if _model_key(setting.get("model", model)) != _model_key(model):
         raise UserError(f"thresholds file {str(path)!r} is for model {setting['model']!r}, not {model!r}")
     return setting
