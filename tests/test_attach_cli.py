@@ -132,6 +132,26 @@ def test_export_takes_a_relative_model_folder_with_its_studys_thresholds(attache
     assert code == 2 and "is for model" in io.err and not (attached_study / "x2").exists()  # another model still is
 
 
+def test_calibrate_on_an_attached_models_study_writes_a_model_export_accepts(attached_study, capsys):
+    onnx_runtime = pytest.importorskip("exitwise.onnx_runtime")
+    code, io = run(capsys, "calibrate", "--from", attached_study / "s1", "--out", attached_study / "c1",
+                   "--within-points", "5")
+    assert code == 0, io.err
+    assert "early_exit.json" in io.out
+    calibrated = EarlyExitModel.load(attached_study / "c1")
+    doc = json.loads((attached_study / "c1" / "calibration.json").read_text())
+    assert calibrated.model_name == str((attached_study / "a1").resolve()) and calibrated.network.num_exits == 3
+    assert doc["result"]["thresholds"] == json.loads((attached_study / "c1" / "early_exit.json").read_text())["thresholds"]
+    code, io = run(capsys, "export", "--from", attached_study / "c1", "--out", attached_study / "x3",
+                   "--exporter", "torchscript")
+    assert code == 0, io.err
+    digits = load_splits("digits").test
+    images = digits.images.permute(0, 3, 1, 2).float().div(255).numpy()
+    exported = onnx_runtime.OnnxEarlyExit.load(attached_study / "x3").run(images)
+    ours = calibrated.run(digits, precision="fp32")
+    assert (exported.exits == ours.exits).mean() >= 0.99
+
+
 def test_frozen_training_leaves_the_final_exit_alone_and_the_heads_learn(tmp_path, user):
     _, weights, build = user
     model = build()

@@ -234,9 +234,11 @@ def _study_network(cache: ExitLogits, source: str | Path) -> MultiExitNetwork:
 
 
 def _early_exit_model(cache: ExitLogits, policy, thresholds: np.ndarray) -> EarlyExitModel | None:
-    """The calibrated thresholds on the study's network (weights named, not loaded), if the cache says which."""
+    """The calibrated thresholds on the study's network (weights named, not loaded), if the cache says which: a
+    registered model, or a folder `exitwise attach` wrote (rebuilt with its own weights, as the study's is)."""
+    from .byom import is_model_dir
     model = cache.info.get("model") or {}
-    if model.get("name") not in MODELS or not model.get("weights"):
+    if not model.get("weights") or not (model.get("name") in MODELS or is_model_dir(model.get("name") or "")):
         return None
     return EarlyExitModel(create_model(model["name"]), policy, thresholds, model["name"],
                           tuple((cache.info.get("dataset") or {}).get("classes") or ()) or None)
