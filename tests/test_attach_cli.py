@@ -207,6 +207,21 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, user
     assert not out.exists()
 
 
+def test_without_weights_attach_refuses_unless_random_init_or_joint_is_asked_for(tmp_path, capsys, user):
+    path, weights, _ = user
+    no_weights = [str(a) for a in attach_args(path, weights, tmp_path / "a", "--epochs", "1")]
+    i = no_weights.index("--weights")
+    del no_weights[i:i + 2]
+    code, io = run(capsys, *no_weights)
+    assert code == 2 and io.err.count("\n") == 1 and "--random-init" in io.err and "--joint" in io.err, io.err
+    assert not (tmp_path / "a").exists()
+    for flag, out in (("--random-init", tmp_path / "b"), ("--joint", tmp_path / "c")):
+        args = [str(out) if a == str(tmp_path / "a") else a for a in no_weights]
+        code, io = run(capsys, *args, flag)
+        assert code == 0, io.err
+        assert json.loads((out / "attach.json").read_text())["weights"] is None
+
+
 def test_a_model_folder_whose_user_weights_changed_is_refused(tmp_path, capsys, user):
     path, weights, _ = user
     out = tmp_path / "mine"

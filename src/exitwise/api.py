@@ -104,13 +104,18 @@ def attach_model(*, model_file: str, exits: Sequence[str], dataset: str, data_di
                  freeze_backbone: bool = True, max_head_fraction: float = 0.25, token_pool: str = "mean",
                  head: str | Sequence[str] = "auto", output_key: str | None = None, resume: str | Path | None = None,
                  download: bool = False, val_size: int | None = None, split_seed: int = 0, progress: bool = True,
-                 splits: Splits | None = None, **recipe) -> dict | None:
+                 splits: Splits | None = None, random_init: bool = False, **recipe) -> dict | None:
     """`exitwise attach`: build the user's model from FILE:FUNCTION (running their code), load their weights, attach
     exits, train them, and write into `out` the heads' weights, the card and `attach.json` (what rebuilds it).
     `splits` (from Python) replaces the data set named by `dataset` and `data_dir`. `head`: one kind for every
-    exit or one per exit; attach.json records what `auto` chose."""
+    exit or one per exit; attach.json records what `auto` chose. Without `weights`, heads on a frozen backbone would
+    learn from FUNCTION()'s random initialisation: refused unless `random_init` (or `freeze_backbone=False`, which
+    trains the whole network)."""
     from .byom import ATTACH_FILE, attach, attach_spec, build_user_model, load_user_weights
     from .models.heads import check_head_options
+    if weights is None and freeze_backbone and not random_init:
+        raise UserError("no --weights: the exits would train on a frozen, randomly initialised backbone; give "
+                        "--weights FILE, --joint to train the whole network, or --random-init to mean it")
     check_writable_dir(out)
     check_head_options(token_pool, head)  # before any work
     model = build_user_model(model_file)

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--model-file", required=True, help="FILE:FUNCTION; FUNCTION() returns your nn.Module (your "
                                                          "code runs; normalize inputs inside the model)")
     att.add_argument("--weights", type=Path, help="your model's state_dict (.safetensors or a PyTorch state_dict)")
+    att.add_argument("--random-init", action="store_true", help="without --weights: train the heads on the frozen "
+                     "backbone as FUNCTION() initialises it (it must then be deterministic: it is rebuilt by running "
+                     "FUNCTION() again); without this flag, --weights or --joint, attach refuses")
     att.add_argument("--exits", required=True, help="comma-separated submodule names (model.named_modules()), "
                                                     "in forward order")
     att.add_argument("--out", type=Path, required=True, help="output folder: attach.json, model.safetensors (the "
@@ -215,7 +218,7 @@ def cmd_attach(args: argparse.Namespace) -> None:
                         image_size=args.image_size, freeze_backbone=not args.joint,
                         max_head_fraction=args.max_head_fraction, token_pool=args.token_pool,
                         head=[kind.strip() for kind in args.head.split(",")], output_key=args.output_key,
-                        resume=args.resume, download=args.download,
+                        resume=args.resume, download=args.download, random_init=args.random_init,
                         val_size=args.val_size, split_seed=args.split_seed, progress=not args.no_progress, **recipe)
     if card is not None:
         accuracy = ", ".join(f"{a:.2%}" for a in card["test_accuracy"] or [])
