@@ -290,6 +290,9 @@ def cmd_cache(args: argparse.Namespace) -> None:
             measured.unlink(missing_ok=True)
 
 
+# the commands that run models: glibc's malloc thresholds raised first (exitwise.allocator)
+RUN_MODELS = ("study", "train", "attach", "calibrate", "export")
+
 COMMANDS = {"study": cmd_study, "train": cmd_train, "attach": cmd_attach, "calibrate": cmd_calibrate,
             "export": cmd_export, "predict": cmd_predict, "models": cmd_models, "cache": cmd_cache}
 
@@ -297,6 +300,9 @@ COMMANDS = {"study": cmd_study, "train": cmd_train, "attach": cmd_attach, "calib
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command in RUN_MODELS:
+            from .allocator import keep_freed_memory
+            keep_freed_memory()
         COMMANDS[args.command](args)
     except UserError as e:
         print(f"exitwise: error: {e}", file=sys.stderr)
