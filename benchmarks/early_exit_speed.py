@@ -5,8 +5,8 @@
 For each model (shipped weights unless --weights) on the 10k CIFAR-10 test images: the full network
 (every stage and the final classifier, no side exits) and real early exit at the fastest setting on
 the validation frontiers of the exit policies (entropy, max-prob and margin unless --policy) whose
-test accuracy is within 0.5 points of the final exit's (validation never saw test; test only picks
-among the validation-chosen settings, as the issue asks).
+validation accuracy is within 0.5 points of the final exit's validation accuracy, as the study picks
+(`fastest_within`); the test split only reports the chosen setting, never picks it.
 Wall time at batch 256 and at batch 1, the ratio of the two, and the mean-MACs ratio; beside them the cost
 model's prediction from per-stage times (is early exit as fast as its stage times say, or does the runtime lose time?).
 Each timing is the best of --repeats runs, the full network and early exit taking turns, so a burst from
@@ -28,13 +28,25 @@ from exitwise.early_exit import EarlyExitModel
 from exitwise.frontiers import latency_frontier
 from exitwise.models import shipped_models
 from exitwise.hardware import describe_load, machine, machine_load, resolve_device, tune
-from exitwise.policies import exit_arrays, get_policy
+from exitwise.policies import ExitArrays, exit_arrays, get_policy
 from exitwise.results import Setting
 from exitwise.runtime import all_exit_logits, run_backbone, warm_up
 
 from timing_common import best_of_interleaved
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def fastest_within(settings: list[Setting], val: dict[str, ExitArrays], within_points: float, macs: np.ndarray,
+                   per_sample: np.ndarray) -> Setting:
+    """The setting predicted fastest on the validation split among those whose validation accuracy is within
+    `within_points` of the final exit's there (the study's rule; test data plays no part)."""
+    floor = next(iter(val.values())).correct[-1].mean() - within_points / 100
+    def on_val(s: Setting) -> dict:
+        return analysis.evaluate(val[s.policy].scores, val[s.policy].correct,
+                                 analysis.as_thresholds(s.thresholds, len(macs)), macs, per_sample)
+    return min((r["predicted_seconds"], i, s) for i, s in enumerate(settings)
+               if (r := on_val(s))["accuracy"] >= floor)[2]
 
 
 def main() -> None:
@@ -61,7 +73,9 @@ def main() -> None:
     print(f"machine: {machine(device).describe()}")
     print(describe_load(load))
     print(f"{len(splits.test)} test images, policies "
-          f"{', '.join(p.name for p in policies)}, best of {args.repeats} runs per timing")
+          f"{', '.join(p.name for p in policies)}, best of {args.repeats} runs per timing; the setting is the "
+          f"fastest within {args.within_points:g} points of the final exit on the {len(splits.val)} validation "
+          f"images (as the study picks), its accuracy reported on test")
     for name in models:
         model, info = load_model(name, args.weights if len(models) == 1 else None)
         macs, full_macs = exit_macs(model), backbone_macs(model)
@@ -80,14 +94,10 @@ def main() -> None:
         final = (test.logits[-1].argmax(-1) == splits.test.labels.numpy()).mean()  # the final exit's accuracy
         settings = [Setting("no early exit", policies[0].name, (None,) * (model.num_exits - 1))]  # always in reach
         settings += latency_frontier(arrays["val"], per_sample)
-        ok = []
-        for s in settings:
-            test_arrays = arrays["test"][s.policy]
-            r = analysis.evaluate(test_arrays.scores, test_arrays.correct,
-                                  analysis.as_thresholds(s.thresholds, model.num_exits), macs, per_sample)
-            if r["accuracy"] >= final - args.within_points / 100:
-                ok.append((r["predicted_seconds"], s, r))
-        _, setting, chosen = min(ok, key=lambda x: x[0])
+        setting = fastest_within(settings, arrays["val"], args.within_points, macs, per_sample)
+        test_arrays = arrays["test"][setting.policy]  # reported on test, chosen on validation
+        chosen = analysis.evaluate(test_arrays.scores, test_arrays.correct,
+                                   analysis.as_thresholds(setting.thresholds, model.num_exits), macs, per_sample)
         early_exit = early_exit.with_setting(setting.policy, setting.thresholds)
         policy = early_exit.policy
         one = splits.test.subset(torch.arange(min(args.batch1_images, len(splits.test))))
@@ -99,9 +109,9 @@ def main() -> None:
         timed = ", ".join(f"{t['precision']} {t['ms_per_image']:.2f}" for t in check["tried"]) if check else "not timed"
         print(f"\n{name} ({info['weights']}, precision {precision} (ms/image in the probe: {timed}), "
               f"micro-batch {micro_batch})")
-        print(f"  full network: accuracy {final:.2%}, {full_macs / 1e6:.2f} M MACs, "
+        print(f"  full network: test accuracy {final:.2%}, {full_macs / 1e6:.2f} M MACs, "
               f"batch 256: {full256.seconds:.2f} s, batch 1: {full1.seconds:.2f} s for {len(one)} images")
-        print(f"  early exit:   accuracy {accuracy:.2%}, {chosen['mean_cost'] / 1e6:.2f} M MACs, "
+        print(f"  early exit:   test accuracy {accuracy:.2%}, {chosen['mean_cost'] / 1e6:.2f} M MACs, "
               f"batch 256: {early256.seconds:.2f} s, batch 1: {early1.seconds:.2f} s; exit shares "
               + ", ".join(f"{s:.1%}" for s in chosen["exit_shares"]))
         print(f"  policy {policy.name}, thresholds: {', '.join('never' if t is None else f'{t:.3f}' for t in setting.thresholds)}")

@@ -1,0 +1,41 @@
+"""The timing benchmarks choose what they time as the study does: on validation data, never on test."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from exitwise.policies import ExitArrays
+from exitwise.results import NEVER, Setting
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    sys.path.insert(0, str(BENCHMARKS))  # the benchmarks import their shared timing_common
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_early_exit_speed_picks_the_fastest_setting_within_points_on_validation():
+    fastest_within = load_benchmark("early_exit_speed").fastest_within
+    # two exits, 100 validation samples; the final exit is right on 90 of them
+    correct = np.ones((2, 100), dtype=bool)
+    correct[1, :10] = False
+    correct[0, :30] = False                       # exit 0 is wrong on the first 30
+    scores = np.zeros((2, 100))
+    scores[0, :30] = np.linspace(0.5, 0.9, 30)    # ...which it scores less confident than the rest (0)
+    val = {"entropy": ExitArrays(scores, correct)}
+    macs, per_sample = np.array([1.0, 4.0]), np.array([1e-3, 3e-3])
+    never = Setting("no early exit", "entropy", (NEVER,))
+    everyone = Setting("all leave at exit 0", "entropy", (1.0,))          # 70% on validation
+    confident = Setting("the confident leave at exit 0", "entropy", (0.1,))  # 70 leave, all right: 90% + 0
+    # the final exit has 90% on validation: within 0.5 points, `everyone` (70%) is out and `confident` is fastest
+    assert fastest_within([never, everyone, confident], val, 0.5, macs, per_sample) == confident
+    assert fastest_within([never, everyone], val, 0.5, macs, per_sample) == never
+    assert fastest_within([never, everyone, confident], val, 25, macs, per_sample) == everyone
