@@ -32,7 +32,8 @@ import torch
 from exitwise.allocator import USER_SETTINGS, keep_freed_memory
 from exitwise.api import load_model
 from exitwise.data import load_splits
-from exitwise.hardware import AGREEMENT_REQUIRED, describe_load, machine, machine_load
+from exitwise.config import AGREEMENT_REQUIRED
+from exitwise.device import describe_load, machine, machine_load
 from exitwise.runtime import all_exit_logits, prepare
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

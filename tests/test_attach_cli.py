@@ -94,7 +94,7 @@ def test_attach_writes_a_model_folder_the_study_and_loader_accept(tmp_path, caps
     assert results["model"]["name"] == str(out.resolve()) and len(results["exits"]) == 3
     chosen = EarlyExitModel.load(tmp_path / "study")  # the study's early_exit.json names the model folder
     assert chosen.model_name == str(out.resolve()) and chosen.network.num_exits == 3
-    onnx_runtime = pytest.importorskip("exitwise.onnx_runtime")  # and it deploys: --model-dir with its thresholds
+    onnx_runtime = pytest.importorskip("exitwise.deploy.onnx_runtime")  # and it deploys: --model-dir with its thresholds
     code, io = run(capsys, "export", "--model-dir", out, "--thresholds", tmp_path / "study" / "early_exit.json",
                    "--out", tmp_path / "onnx", "--exporter", "torchscript")
     assert code == 0, io.err
@@ -121,7 +121,7 @@ def attached_study(tmp_path_factory):
 
 
 def test_export_takes_a_relative_model_folder_with_its_studys_thresholds(attached_study, capsys, monkeypatch):
-    pytest.importorskip("exitwise.onnx_runtime")
+    pytest.importorskip("exitwise.deploy.onnx_runtime")
     monkeypatch.chdir(attached_study)  # as the docs show: relative paths, while early_exit.json names it absolutely
     code, io = run(capsys, "export", "--model-dir", "a1", "--thresholds", "s1/early_exit.json", "--out", "x1",
                    "--exporter", "torchscript")
@@ -133,7 +133,7 @@ def test_export_takes_a_relative_model_folder_with_its_studys_thresholds(attache
 
 
 def test_calibrate_on_an_attached_models_study_writes_a_model_export_accepts(attached_study, capsys):
-    onnx_runtime = pytest.importorskip("exitwise.onnx_runtime")
+    onnx_runtime = pytest.importorskip("exitwise.deploy.onnx_runtime")
     code, io = run(capsys, "calibrate", "--from", attached_study / "s1", "--out", attached_study / "c1",
                    "--within-points", "5")
     assert code == 0, io.err

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from exitwise.policies import ExitArrays
-from exitwise.results import NEVER, Setting
+from exitwise.study.results import NEVER, Setting
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

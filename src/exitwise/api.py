@@ -8,26 +8,28 @@ from typing import Sequence
 
 import numpy as np
 
-from . import __version__, analysis, calibration
+from . import __version__
+from .study import analysis, calibration
 from .data import Splits, load_splits
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, file_sha256, staged_output
 from .errors import UserError
-from .logits_cache import ExitLogits, load_logits
+from .study.logits_cache import ExitLogits, load_logits
 from .early_exit import EarlyExitModel
-from .frontiers import policy_frontiers
-from .hardware import check_micro_batch, check_precision, resolve_device
+from .study.frontiers import policy_frontiers
+from .config import check_micro_batch, check_precision
+from .device import resolve_device
 from .models import (MODELS, check_fits, check_unchanged, create_model, load_weights, shipped_card, shipped_weights,
                      weight_files)
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
-from .results import Mark, StudyResults, to_json
+from .study.results import Mark, StudyResults, to_json
 from .study import StudyConfig, run_study, time_stages, write_study
 
 
 def load_model(name: str | Path, weights: str | Path | None = None) -> tuple[MultiExitNetwork, dict]:
     """A registered model with its weights (given, or shipped with the package), or the attached model in a folder
     `exitwise attach` wrote (its own weights), and a description of either."""
-    from .byom import is_model_dir
+    from .models.attach import is_model_dir
     if weights is None and is_model_dir(name):
         model = create_model(name)
         path = Path(name) / "model.safetensors"
@@ -68,7 +70,7 @@ def train(*, dataset: str, data_dir: str | Path | None, model: str, out: str | P
           split_seed: int = 0, progress: bool = True, device: str = "auto", image_size: int | None = None,
           **recipe) -> dict | None:
     """Train a registered model on a dataset's train split; returns the model card (None on ranks > 0)."""
-    from .hardware import resolve_device
+    from .device import resolve_device
     from .train import TrainConfig, train as run_training
     check_writable_dir(out)
     resolve_device(device)
@@ -111,7 +113,7 @@ def attach_model(*, model_file: str, exits: Sequence[str], dataset: str, data_di
     exit or one per exit; attach.json records what `auto` chose. Without `weights`, heads on a frozen backbone would
     learn from FUNCTION()'s random initialisation: refused unless `random_init` (or `freeze_backbone=False`, which
     trains the whole network)."""
-    from .byom import ATTACH_FILE, attach, attach_spec, build_user_model, load_user_weights
+    from .models.attach import ATTACH_FILE, attach, attach_spec, build_user_model, load_user_weights
     from .models.heads import check_head_options
     if weights is None and freeze_backbone and not random_init:
         raise UserError("no --weights: the exits would train on a frozen, randomly initialised backbone; give "
@@ -217,7 +219,7 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
            "evaluated": "thresholds" if ok else "closest setting",
            "calibration_split": _evaluation(val, thresholds, cache), "test": on_test, "frontier": to_json(frontier)}
     early_exit = _early_exit_model(cache, exit_policy, thresholds) if ok else None
-    from .report import frontier_png
+    from .study.report import frontier_png
     with staged_output(out) as stage:
         atomic_write_json(stage / "calibration.json", doc)
         atomic_write_bytes(stage / "frontier.png", frontier_png(frontier))
@@ -229,7 +231,7 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
 
 def _study_network(cache: ExitLogits, source: str | Path) -> MultiExitNetwork:
     """The network a study's logits came from, with the weights it names (checked unchanged by SHA-256)."""
-    from .byom import is_model_dir
+    from .models.attach import is_model_dir
     model = cache.info.get("model") or {}
     if not model.get("name") or not model.get("weights"):
         raise UserError(f"{str(source)!r} does not name the model and weights it came from: cannot re-time its stages")
@@ -241,7 +243,7 @@ def _study_network(cache: ExitLogits, source: str | Path) -> MultiExitNetwork:
 def _early_exit_model(cache: ExitLogits, policy, thresholds: np.ndarray) -> EarlyExitModel | None:
     """The calibrated thresholds on the study's network (weights named, not loaded), if the cache says which: a
     registered model, or a folder `exitwise attach` wrote (rebuilt with its own weights, as the study's is)."""
-    from .byom import is_model_dir
+    from .models.attach import is_model_dir
     model = cache.info.get("model") or {}
     if not model.get("weights") or not (model.get("name") in MODELS or is_model_dir(model.get("name") or "")):
         return None
@@ -291,7 +293,7 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
 def _model_key(name: str | Path) -> str:
     """What identifies a model: a registered name as it is, a model folder by its resolved path (so a relative
     `--model-dir a1` matches the absolute path a study or calibration wrote)."""
-    from .byom import is_model_dir
+    from .models.attach import is_model_dir
     return str(Path(name).resolve()) if is_model_dir(name) else str(name)
 
 
