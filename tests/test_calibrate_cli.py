@@ -7,6 +7,7 @@ import torch
 
 from exitwise.study import analysis
 from exitwise.study.logits_cache import ExitLogits, save_logits
+from exitwise.study.results import Measurements
 from exitwise.policies import get_policy
 
 from test_cli import assert_user_error, run_cli
@@ -29,7 +30,7 @@ def make_cache(path, nan: bool = False):
     if nan:
         test_logits[1, 7, 2] = np.nan
     save_logits(ExitLogits(val_logits, val_labels, test_logits, test_labels, np.array(EXIT_MACS),
-                           np.array(STAGE_SECONDS), {"batch_size": 64}), path)
+                           np.array(STAGE_SECONDS), Measurements(batch_size=64)), path)
     return path
 
 

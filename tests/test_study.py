@@ -57,6 +57,25 @@ def test_analyse_is_a_pure_function_of_the_cached_logits(tmp_path, digits):
     assert [e.accuracy for e in first.exits] == (cache.test_logits.argmax(-1) == cache.test_labels).mean(1).tolist()
 
 
+def test_the_measurements_are_typed_and_stored_under_the_keys_they_always_had(tmp_path, digits):
+    from safetensors import safe_open
+    _, splits, config, cache = digits
+    m = cache.measurements
+    assert m.precision == "fp32" and m.batch_size == config.batch_size and m.dataset == splits.describe()
+    assert m.measured.fixed_cutoff.cutoff == config.cutoff and len(m.measured.fixed_cutoff.stage_seconds) == 3
+    save_logits(cache, tmp_path / "logits.safetensors")
+    with safe_open(str(tmp_path / "logits.safetensors"), framework="np") as f:
+        stored = json.loads(f.metadata()["info"])
+    assert list(stored) == ["model", "dataset", "precision", "batch_size", "micro_batch", "machine", "created",
+                            "software", "precision_check", "micro_batch_probe", "backbone_macs", "measured"]
+    assert list(stored["measured"]) == ["machine_load_at_start", "all_exits_seconds", "full_network_seconds",
+                                        "fixed_cutoff"]
+    assert list(stored["measured"]["fixed_cutoff"]) == ["policy", "cutoff", "images", "seconds", "stage_seconds"]
+    assert load_logits(tmp_path).measurements == m
+    old = {k: v for k, v in stored.items() if k not in ("backbone_macs", "measured")}  # a cache from before them
+    assert type(m).from_json(old).measured.fixed_cutoff is None
+
+
 def test_calibrate_writes_an_early_exit_model_that_runs_what_it_reports(tmp_path, digits):
     _, splits, _, cache = digits
     (tmp_path / "study").mkdir()

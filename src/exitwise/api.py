@@ -176,12 +176,13 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
     check_micro_batch(micro_batch)
     check_writable_dir(out)
     cache = load_logits(source)
-    timing = {"source": "the study's cost model", "device": (cache.info.get("machine") or {}).get("device"),
+    info = cache.measurements
+    timing = {"source": "the study's cost model", "device": (info.machine or {}).get("device"),
               "stage_seconds_per_sample": cache.stage_seconds_per_sample.tolist()}
     if device is not None:
         per_sample, retimed = time_stages(_study_network(cache, source), device, precision or
-                                          cache.info.get("precision") or "auto", micro_batch,
-                                          batch_size=cache.info.get("batch_size") or 256)
+                                          info.precision or "auto", micro_batch,
+                                          batch_size=info.batch_size or 256)
         cache = dataclasses.replace(cache, stage_seconds_per_sample=per_sample)
         timing = {"source": "re-timed (study.time_stages)", **retimed}
 
@@ -211,8 +212,8 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
                 on_test["ms_per_sample" if unit == "ms" else "mean_macs"], on_test["accuracy"])
     frontier = dataclasses.replace(frontier, marks=(mark,))
     doc = {"exitwise_version": __version__, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "source": str(source), "study": cache.info, "policy": policy, "meaning": exit_policy.meaning,
-           "cost": {"unit": unit, "batch_size": cache.info.get("batch_size")}, "timing": timing,
+           "source": str(source), "study": info.to_json(), "policy": policy, "meaning": exit_policy.meaning,
+           "cost": {"unit": unit, "batch_size": info.batch_size}, "timing": timing,
            "within_points": within_points,
            "temperatures": None if temperatures is None else temperatures.tolist(),
            "temperature_report": temperature_report, "result": result,
@@ -224,7 +225,7 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
         atomic_write_json(stage / "calibration.json", doc)
         atomic_write_bytes(stage / "frontier.png", frontier_png(frontier))
         if early_exit is not None:
-            model = cache.info["model"]
+            model = info.model
             early_exit.write(stage, weights=model["weights"], weights_sha256=model.get("weights_sha256"))
     return doc
 
@@ -232,7 +233,7 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
 def _study_network(cache: ExitLogits, source: str | Path) -> MultiExitNetwork:
     """The network a study's logits came from, with the weights it names (checked unchanged by SHA-256)."""
     from .models.attach import is_model_dir
-    model = cache.info.get("model") or {}
+    model = cache.measurements.model
     if not model.get("name") or not model.get("weights"):
         raise UserError(f"{str(source)!r} does not name the model and weights it came from: cannot re-time its stages")
     if model.get("weights_sha256"):
@@ -244,11 +245,11 @@ def _early_exit_model(cache: ExitLogits, policy, thresholds: np.ndarray) -> Earl
     """The calibrated thresholds on the study's network (weights named, not loaded), if the cache says which: a
     registered model, or a folder `exitwise attach` wrote (rebuilt with its own weights, as the study's is)."""
     from .models.attach import is_model_dir
-    model = cache.info.get("model") or {}
+    model = cache.measurements.model
     if not model.get("weights") or not (model.get("name") in MODELS or is_model_dir(model.get("name") or "")):
         return None
     return EarlyExitModel(create_model(model["name"]), policy, thresholds, model["name"],
-                          tuple((cache.info.get("dataset") or {}).get("classes") or ()) or None)
+                          tuple(cache.measurements.dataset.get("classes") or ()) or None)
 
 
 def _evaluation(arrays: ExitArrays, thresholds: np.ndarray, cache: ExitLogits) -> dict:

@@ -16,6 +16,7 @@ from safetensors.torch import save
 
 from ..errors import UserError
 from ..io import atomic_write_bytes
+from .results import Measurements
 
 FILENAME = "logits.safetensors"
 ARRAYS = ("val_logits", "val_labels", "test_logits", "test_labels", "exit_macs", "stage_seconds_per_sample")
@@ -29,12 +30,12 @@ class ExitLogits:
     test_labels: np.ndarray   # (N_test,) int64
     exit_macs: np.ndarray     # (K,) MACs of a sample leaving at exit k
     stage_seconds_per_sample: np.ndarray  # (K,) measured seconds of stage k and its head, per sample
-    info: dict                # model, dataset, precision, batch size
+    measurements: Measurements  # model, dataset, precision, batch size, machine, times (the file's "info")
 
 
 def save_logits(cache: ExitLogits, path: str | Path) -> None:
     tensors = {name: torch.from_numpy(np.ascontiguousarray(getattr(cache, name))) for name in ARRAYS}
-    atomic_write_bytes(path, save(tensors, metadata={"info": json.dumps(cache.info)}))
+    atomic_write_bytes(path, save(tensors, metadata={"info": json.dumps(cache.measurements.to_json())}))
 
 
 def load_logits(path: str | Path) -> ExitLogits:
@@ -46,8 +47,8 @@ def load_logits(path: str | Path) -> ExitLogits:
         raise UserError(f"no logits file at {str(path)!r} (a study's output directory holds {FILENAME})")
     try:
         with safe_open(str(path), framework="np") as f:
-            info = json.loads((f.metadata() or {}).get("info", "{}"))
-            cache = ExitLogits(**{name: f.get_tensor(name) for name in ARRAYS}, info=info)
+            info = Measurements.from_json(json.loads((f.metadata() or {}).get("info", "{}")))
+            cache = ExitLogits(**{name: f.get_tensor(name) for name in ARRAYS}, measurements=info)
     except Exception as e:  # a corrupt or foreign file fails in many ways
         raise UserError(f"cannot read logits file {str(path)!r}: {str(e).splitlines()[0][:160]}") from None
     if cache.test_logits.ndim != 3 or cache.val_logits.ndim != 3:

@@ -255,6 +255,53 @@ class StudyResults:
         return from_json(cls, doc)
 
 
+# ---- what `measure` records beside the logits (logits.safetensors' metadata "info")
+
+
+@dataclass(frozen=True)
+class FixedCutoffRun:
+    """The real early-exit run at the study's fixed cutoff, on the first `images` test images."""
+    policy: str
+    cutoff: float
+    images: int
+    seconds: float
+    stage_seconds: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class MeasuredTimes:
+    """The times `measure` took (null where a cache predates them)."""
+    machine_load_at_start: dict | None = None
+    all_exits_seconds: float | None = None     # the all-exits pass over the test split
+    full_network_seconds: float | None = None  # that pass without its side heads' time
+    fixed_cutoff: FixedCutoffRun | None = None
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """How a study's logits were measured: the model, data, precision, batch, machine and times. Every field has a
+    default, so an older cache missing some still reads."""
+    model: dict = field(default_factory=dict)    # name, weights, weights_sha256, shipped, num_exits
+    dataset: dict = field(default_factory=dict)  # `Splits.describe()`
+    precision: str = ""
+    batch_size: int | None = None
+    micro_batch: int | None = None
+    machine: dict | None = None                  # `device.machine(device).to_json()`
+    created: str = ""
+    software: dict = field(default_factory=dict)
+    precision_check: dict | None = None
+    micro_batch_probe: dict | None = None
+    backbone_macs: float | None = None           # the full network's MACs per sample, no side heads
+    measured: MeasuredTimes = field(default_factory=MeasuredTimes)
+
+    def to_json(self) -> dict:
+        return to_json(self)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Measurements:
+        return from_json(cls, doc)
+
+
 # ---- one JSON mapping for every dataclass above: fields by name; properties are written too (read back: skipped)
 
 

@@ -33,8 +33,9 @@ from ..config import check_micro_batch, check_precision
 from ..device import machine, machine_load, resolve_device
 from ..tune import tune
 from ..policies import POLICIES, ExitArrays, exit_arrays, get_policy
-from .results import (NEVER, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FullNetwork, Gap, Leavers, Mark, Oracle,
-                      Outcome, Overthinking, Setting, StudyResults, SweepPoint, TimedRun, TimingCheck, TimingModel)
+from .results import (NEVER, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FixedCutoffRun, FullNetwork, Gap, Leavers,
+                      Mark, MeasuredTimes, Measurements, Oracle, Outcome, Overthinking, Setting, StudyResults,
+                      SweepPoint, TimedRun, TimingCheck, TimingModel)
 from ..runtime import Run, all_exit_logits, run_early_exit, warm_up
 
 DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
@@ -109,18 +110,17 @@ def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_
     reach = analysis.reach_counts(fixed_run.exits, k_exits)
     per_sample = np.where(reach >= config.batch_size, seconds_per_sample(fixed_run, reach),
                           seconds_per_sample(test_run, np.full(k_exits, len(splits.test))))
-    measured = {"machine_load_at_start": load, "all_exits_seconds": test_run.seconds,
-                "full_network_seconds": test_run.trunk_seconds,
-                "fixed_cutoff": {"policy": config.policy, "cutoff": config.cutoff, "images": len(timed),
-                                 "seconds": fixed_run.seconds, "stage_seconds": fixed_run.stage_seconds}}
-    info = {"model": model_info, "dataset": splits.describe(), "precision": precision, "batch_size": config.batch_size,
-            "micro_batch": micro_batch, "machine": machine(device).to_json(),
-            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "software": software_versions(),
-            "precision_check": tuned.precision_check, "micro_batch_probe": tuned.micro_batch_probe, "backbone_macs": full_macs,
-            "measured": measured}
+    measured = MeasuredTimes(load, test_run.seconds, test_run.trunk_seconds,
+                             FixedCutoffRun(config.policy, config.cutoff, len(timed), fixed_run.seconds,
+                                            tuple(fixed_run.stage_seconds)))
+    info = Measurements(model=model_info, dataset=splits.describe(), precision=precision, batch_size=config.batch_size,
+                        micro_batch=micro_batch, machine=machine(device).to_json(),
+                        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), software=software_versions(),
+                        precision_check=tuned.precision_check, micro_batch_probe=tuned.micro_batch_probe,
+                        backbone_macs=full_macs, measured=measured)
     return ExitLogits(val_logits=val_run.logits, val_labels=splits.val.labels.numpy(), test_logits=test_run.logits,
                       test_labels=splits.test.labels.numpy(), exit_macs=np.asarray(exit_macs(model), dtype=np.int64),
-                      stage_seconds_per_sample=per_sample, info=info)
+                      stage_seconds_per_sample=per_sample, measurements=info)
 
 
 def time_stages(model: MultiExitNetwork, device: str = "auto", precision: str = "auto", micro_batch: int | None = None,
@@ -185,22 +185,23 @@ def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
     val, test = by_policy[config.policy]
     ev = Evaluator(by_policy, macs, per_sample)
     max_cutoff = get_policy(config.policy).max_score(num_classes)
-    info, n_test = cache.info, cache.test_labels.size
-    measured = info.get("measured") or {}
+    info, n_test = cache.measurements, cache.test_labels.size
+    measured = info.measured
 
-    full_seconds = measured.get("full_network_seconds")
+    full_seconds = measured.full_network_seconds
     full_network = FullNetwork(accuracy=float(test.correct[-1].mean()),
-                               mean_macs=info.get("backbone_macs", float(macs[-1])), measured_seconds=full_seconds,
+                               mean_macs=float(macs[-1]) if info.backbone_macs is None else info.backbone_macs,
+                               measured_seconds=full_seconds,
                                ms_per_image=None if full_seconds is None else 1e3 * full_seconds / n_test)
     exits = tuple(Exit(k, int(macs[k]), float(test.correct[k].mean()), float(val.correct[k].mean()))
                   for k in range(k_exits))
 
     fixed = ev.evaluate(1, config.policy, np.full(k_exits - 1, config.cutoff))
-    fixed_run = measured.get("fixed_cutoff") or {}
-    if (fixed_run.get("policy"), fixed_run.get("cutoff")) != (config.policy, config.cutoff):
-        fixed_run = {}  # measured at another setting: not this one's time
-    stage_seconds = fixed_run.get("stage_seconds") or [None] * k_exits
-    fixed_seconds, fixed_images = fixed_run.get("seconds"), fixed_run.get("images", n_test)
+    fixed_run = measured.fixed_cutoff
+    if fixed_run is not None and (fixed_run.policy, fixed_run.cutoff) != (config.policy, config.cutoff):
+        fixed_run = None  # measured at another setting: not this one's time
+    stage_seconds = fixed_run.stage_seconds if fixed_run is not None else [None] * k_exits
+    fixed_seconds, fixed_images = (fixed_run.seconds, fixed_run.images) if fixed_run is not None else (None, n_test)
     fixed_cutoff = FixedCutoff(
         cutoff=config.cutoff, test=outcome(fixed),
         per_exit=tuple(Leavers(k, fixed["exit_counts"][k], fixed["exit_accuracy"][k], stage_seconds[k])
@@ -222,20 +223,20 @@ def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
                                  config.num_cutoffs, spaces)
     marks = [Mark(f"fixed cutoff {config.cutoff:g}", fixed["mean_cost"], fixed["accuracy"])]
     marks += [Mark(name, c.test.mean_macs, c.test.accuracy) for name, c in best.items()]
-    all_exits = measured.get("all_exits_seconds")
+    all_exits = measured.all_exits_seconds
     checks = () if all_exits is None else (
         TimingCheck("all exits, no early exit", float(per_sample.sum() * n_test), all_exits),)
     return StudyResults(
-        exitwise_version=__version__, created=info.get("created", ""), software=info.get("software", {}),
-        dataset=info.get("dataset", {}), model=info.get("model", {}), machine=info.get("machine"),
-        precision=info.get("precision", ""), precision_check=info.get("precision_check"),
-        batch_size=info.get("batch_size", config.batch_size), micro_batch=info.get("micro_batch"),
-        micro_batch_probe=info.get("micro_batch_probe"),
+        exitwise_version=__version__, created=info.created, software=info.software,
+        dataset=info.dataset, model=info.model, machine=info.machine,
+        precision=info.precision, precision_check=info.precision_check,
+        batch_size=config.batch_size if info.batch_size is None else info.batch_size, micro_batch=info.micro_batch,
+        micro_batch_probe=info.micro_batch_probe,
         policy=config.policy, max_cutoff=max_cutoff, exits=exits, full_network=full_network,
         fixed_cutoff=fixed_cutoff, sweep=sweep, calibration=tuple(founding_methods + targets), best=best,
         oracle=oracle_report(test, macs, fixed, fixed_exits, full_network, best),
         frontiers=dataclasses.replace(frontiers, marks=tuple(marks)),
-        timing_model=TimingModel(tuple(per_sample.tolist()), checks, measured.get("machine_load_at_start")))
+        timing_model=TimingModel(tuple(per_sample.tolist()), checks, measured.machine_load_at_start))
 
 
 def choose(ev: Evaluator, config: StudyConfig, founding_methods: list[CalibrationEntry], cutoffs: np.ndarray,
