@@ -25,6 +25,7 @@ from exitwise.api import load_model
 from exitwise.models.costs import exit_macs
 from exitwise.data import load_splits
 from exitwise.policies import get_policy
+from exitwise.study.results import SearchResult
 from exitwise.device import machine
 from exitwise.tune import choose_precision
 from exitwise.runtime import all_exit_logits, prepare
@@ -35,8 +36,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 def thresholds_per_method(scores, correct, macs, target: float, delta: float, test_size: int, max_score: float,
                           seed: int) -> dict[str, np.ndarray | None]:
     """Each method's thresholds from the calibration half, None where it reports the target unreachable."""
-    def ok(result: dict) -> np.ndarray | None:
-        return None if result["status"] != "ok" else analysis.as_thresholds(result["thresholds"], len(macs))
+    def ok(result: SearchResult) -> np.ndarray | None:
+        return None if result.status != "ok" else np.asarray(result.thresholds)
     return {
         "empirical": ok(calibration.empirical_thresholds(scores, correct, macs, target)),
         "guaranteed": ok(calibration.guaranteed_thresholds(scores, correct, macs, target, delta,

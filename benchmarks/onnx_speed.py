@@ -71,7 +71,7 @@ def main() -> None:
         arrays = exit_arrays(all_exit_logits(model, val, **mb).logits, val.labels.numpy(), policy)
         goal = calibration.relative_target(arrays.correct, 0.5)
         found = calibration.empirical_thresholds(arrays.scores, arrays.correct, exit_macs(network), goal)
-        thresholds = found["thresholds"] if found["status"] == "ok" else found["closest"]["thresholds"]
+        thresholds = found.thresholds if found.status == "ok" else found.closest.thresholds
         early_exit = EarlyExitModel.create(network, name, policy, thresholds)
         with tempfile.TemporaryDirectory() as folder:
             export_onnx(early_exit, folder, exporter=args.exporter)

@@ -7,7 +7,7 @@ import torch
 
 from exitwise.study import analysis
 from exitwise.study.logits_cache import ExitLogits, save_logits
-from exitwise.study.results import Measurements
+from exitwise.study.results import CalibrationReport, Measurements, SearchResult
 from exitwise.policies import get_policy
 
 from test_cli import assert_user_error, run_cli
@@ -118,6 +118,19 @@ def test_an_unreachable_target_is_reported_with_what_is_reachable_and_the_closes
     best = r["closest"]["accuracy"]
     assert best == doc["calibration_split"]["accuracy"]
     assert "status: unreachable" in stdout and reachable in stdout and "closest setting" in stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["--target", "0.55", "--guarantee", "--temperature-scaling", "--policy", "max-prob"],
+    ["--target", "0.999"],
+    ["--budget-ms", "0.3", "--cost", "latency"],
+])
+def test_calibration_json_is_the_typed_report_and_reads_back_to_what_was_written(tmp_path, capsys, cache, args):
+    doc, _ = calibrate(capsys, cache, tmp_path / "out", *args)
+    report = CalibrationReport.from_json(doc)
+    assert report.to_json() == doc
+    assert isinstance(report.result, SearchResult) and report.result.status in ("ok", "unreachable")
+    assert report.study.batch_size == 64 and report.cost.batch_size == 64
 
 
 @pytest.mark.parametrize("args, words", [

@@ -6,6 +6,7 @@ confident) and its chance of being right at exit k (1 - u (1 - 0.15 k)); later e
 import numpy as np
 import pytest
 
+from exitwise.study.results import NEVER
 from exitwise.study import analysis, calibration
 from exitwise.errors import UserError
 
@@ -37,9 +38,9 @@ def best_shared_cutoff_cost(scores, correct, target) -> float:
 def test_empirical_meets_its_target_on_the_split_it_saw_and_beats_every_shared_cutoff(target):
     scores, correct = generate(2000, np.random.default_rng(0))
     r = calibration.empirical_thresholds(scores, correct, COSTS, target)
-    assert r["status"] == "ok"
-    accuracy, cost = accuracy_and_cost(scores, correct, r["thresholds"])
-    assert accuracy >= target and (accuracy, cost) == (r["accuracy"], r["mean_cost"])
+    assert r.status == "ok"
+    accuracy, cost = accuracy_and_cost(scores, correct, r.thresholds)
+    assert accuracy >= target and (accuracy, cost) == (r.accuracy, r.mean_cost)
     assert cost <= best_shared_cutoff_cost(scores, correct, target)
     assert cost >= analysis.oracle_cost_at(correct, COSTS, target)  # nothing beats hindsight
 
@@ -47,11 +48,11 @@ def test_empirical_meets_its_target_on_the_split_it_saw_and_beats_every_shared_c
 def test_empirical_reports_an_unreachable_target_with_what_is_reachable():
     scores, correct = generate(1000, np.random.default_rng(1))
     r = calibration.empirical_thresholds(scores, correct, COSTS, 0.99)
-    assert r["status"] == "unreachable" and r["thresholds"] is None
-    best = r["closest"]
-    assert r["reachable"]["max_accuracy"] == best["accuracy"] < 0.99
-    assert accuracy_and_cost(scores, correct, best["thresholds"])[0] == best["accuracy"]
-    assert best["accuracy"] >= correct[-1].mean()  # at least as accurate as no early exit
+    assert r.status == "unreachable" and r.thresholds is None
+    best = r.closest
+    assert r.reachable["max_accuracy"] == best.accuracy < 0.99
+    assert accuracy_and_cost(scores, correct, best.thresholds)[0] == best.accuracy
+    assert best.accuracy >= correct[-1].mean()  # at least as accurate as no early exit
 
 
 def test_guaranteed_accuracy_over_a_new_test_set_misses_the_target_at_most_delta_of_the_time():
@@ -64,13 +65,13 @@ def test_guaranteed_accuracy_over_a_new_test_set_misses_the_target_at_most_delta
         scores, correct = generate(n, rng)
         test_scores, test_correct = generate(m, rng)
         r = calibration.guaranteed_thresholds(scores, correct, COSTS, target, delta, test_size=m, levels=24, seed=seed)
-        if r["status"] == "ok":
-            accuracy, cost = accuracy_and_cost(test_scores, test_correct, r["thresholds"])
+        if r.status == "ok":
+            accuracy, cost = accuracy_and_cost(test_scores, test_correct, r.thresholds)
             missed += accuracy < target
             costs.append(cost)
         e = calibration.empirical_thresholds(scores, correct, COSTS, target, levels=24) if seed < 40 else None
         if e is not None:
-            empirical_missed += accuracy_and_cost(test_scores, test_correct, e["thresholds"])[0] < target
+            empirical_missed += accuracy_and_cost(test_scores, test_correct, e.thresholds)[0] < target
     assert missed / 200 <= delta + 0.04
     assert len(costs) >= 150 and np.mean(costs) < COSTS[-1] - 0.5  # not vacuous: it exits early, a lot
     assert empirical_missed / 40 > 0.25
@@ -85,21 +86,21 @@ def test_guaranteed_expected_accuracy_holds_at_the_promised_rate():
     for seed in range(120):
         scores, correct = generate(600, rng)
         r = calibration.guaranteed_thresholds(scores, correct, COSTS, target, delta, levels=24, seed=seed)
-        missed += r["status"] == "ok" and accuracy_and_cost(*population, r["thresholds"])[0] < target
+        missed += r.status == "ok" and accuracy_and_cost(*population, r.thresholds)[0] < target
     assert missed / 120 <= delta + 0.06
 
 
 def test_guaranteed_says_what_it_promises_and_reports_an_uncertifiable_target():
     scores, correct = generate(2000, np.random.default_rng(4))
     r = calibration.guaranteed_thresholds(scores, correct, COSTS, 0.65, 0.1, test_size=1000)
-    assert r["status"] == "ok" and r["certifiable_target"] >= 0.65
-    assert "exchangeable" in r["assumption"] and "1000 new samples" in r["guarantee"]
-    assert r["samples"] == {"ordering": 1000, "testing": 1000}
+    assert r.status == "ok" and r.certifiable_target >= 0.65
+    assert "exchangeable" in r.assumption and "1000 new samples" in r.guarantee
+    assert r.samples == {"ordering": 1000, "testing": 1000}
     final = correct[-1].mean()
     r = calibration.guaranteed_thresholds(scores, correct, COSTS, final, 0.1)  # no margin left for sampling error
-    assert r["status"] == "unreachable" and r["thresholds"] is None
-    assert r["reachable"]["max_certifiable_target"] < final
-    assert r["closest"]["thresholds"] == [None, None, None]
+    assert r.status == "unreachable" and r.thresholds is None
+    assert r.reachable["max_certifiable_target"] < final
+    assert r.closest.thresholds == (NEVER, NEVER, NEVER)
 
 
 def test_p_values_are_exact_tails():
@@ -127,10 +128,10 @@ def test_budget_is_respected_and_more_budget_never_costs_accuracy():
     previous = 0.0
     for budget in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0):
         r = calibration.budget_thresholds(scores, correct, COSTS, budget)
-        accuracy, cost = accuracy_and_cost(scores, correct, r["thresholds"])
-        assert r["status"] == "ok" and cost <= budget + 1e-12 and accuracy == r["accuracy"] >= previous
+        accuracy, cost = accuracy_and_cost(scores, correct, r.thresholds)
+        assert r.status == "ok" and cost <= budget + 1e-12 and accuracy == r.accuracy >= previous
         previous = accuracy
-    assert calibration.budget_thresholds(scores, correct, COSTS, 1.0)["exit_shares"][0] == 1.0
+    assert calibration.budget_thresholds(scores, correct, COSTS, 1.0).exit_shares[0] == 1.0
     with pytest.raises(UserError, match="cheapest exit's cost 1"):
         calibration.budget_thresholds(scores, correct, COSTS, 0.99)
 
@@ -245,18 +246,18 @@ def test_fast_searches_equal_the_slow_one_setting_at_a_time_reference(costs):
     across calls change no threshold, cost or accuracy."""
     scores, correct = generate(700, np.random.default_rng(8))
     scores = np.round(scores, 1)  # coarse: many exact ties in cost and accuracy, so tie-breaking is checked
-    json = analysis.thresholds_to_json
+    json = lambda t: tuple(t.tolist())  # noqa: E731  (the one form of thresholds: floats, -inf never)
     path = calibration.threshold_path(scores, correct, costs, 24)
     assert len(path) > 40 and all((a == b).all() for a, b in zip(path, reference_path(scores, correct, costs, 24)))
     for target in (0.6, 0.66, 0.7, 0.99):
         r = calibration.empirical_thresholds(scores, correct, costs, target, levels=24)
         slow = reference_search(scores, correct, costs, lambda c, a: (c, -a), lambda c, a: a >= target, 24)
-        assert r["thresholds"] == (None if slow is None else json(slow))
+        assert r.thresholds == (None if slow is None else json(slow))
     for budget in (1.3 * costs[0], costs[1], 0.5 * (costs[2] + costs[3])):
         r = calibration.budget_thresholds(scores, correct, costs, budget, levels=24)
         limit = budget * (1 + 1e-12)
         slow = reference_search(scores, correct, costs, lambda c, a: (-a, c), lambda c, a: c <= limit, 24)
-        assert r["thresholds"] == json(slow)
+        assert r.thresholds == json(slow)
     slow_front = analysis.non_dominated(analysis.cost_accuracy_points(
         scores, correct, costs, reference_starts(scores, correct, costs, 24)))
     assert calibration.pareto_frontier(scores, correct, costs, levels=24) == slow_front
@@ -264,14 +265,14 @@ def test_fast_searches_equal_the_slow_one_setting_at_a_time_reference(costs):
     slow_path = reference_path(scores[:, learn], correct[:, learn], costs, 24)
     for target in (0.55, 0.6, 0.65, 0.99):
         r = calibration.guaranteed_thresholds(scores, correct, costs, target, 0.1, test_size=500, levels=24)
-        assert (r["status"] == "ok") == (target < 0.9)
+        assert (r.status == "ok") == (target < 0.9)
         certified = None
         for t in slow_path:
             errors = round(350 * (1 - reference_outcome(scores[:, test], correct[:, test], costs, t)[1]))
             if calibration.accuracy_p_value(errors, 350, target, 500) > 0.1:
                 break
             certified = t
-        assert r["thresholds"] == (None if certified is None else json(certified))
+        assert r.thresholds == (None if certified is None else json(certified))
 
 
 def test_p_values_agree_with_exact_rational_arithmetic():

@@ -10,7 +10,7 @@ import pytest
 from exitwise.study.report import PLOTS, format_calibration, format_summary, frontier_png, write_report
 from exitwise.study import results as results_module
 from exitwise.errors import UserError
-from exitwise.study.results import Frontiers, StudyResults, from_json, to_json
+from exitwise.study.results import CalibrationReport, Frontiers, StudyResults, from_json, to_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXIT_ACCURACY = [0.5912, 0.7034, 0.7718]
@@ -236,9 +236,10 @@ def calibration_doc(result: dict, within_points: float | None = None) -> dict:
     """Shaped like what `api.calibrate` returns."""
     split = {"samples": 1000, "accuracy": 0.7512, "mean_macs": 5.6e6, "ms_per_sample": 0.5442,
              "exit_shares": [0.78, 0.1, 0.12]}
-    return {"policy": "entropy", "meaning": "leave when the entropy is <= t nats", "within_points": within_points,
-            "cost": {"unit": "MACs", "batch_size": 256}, "temperatures": None, "temperature_report": None,
-            "result": result, "calibration_split": split, "test": {**split, "accuracy": 0.7388}}
+    return CalibrationReport.from_json(
+        {"policy": "entropy", "meaning": "leave when the entropy is <= t nats", "within_points": within_points,
+         "cost": {"unit": "MACs", "batch_size": 256}, "temperatures": None, "temperature_report": None,
+         "result": result, "calibration_split": split, "test": {**split, "accuracy": 0.7388}})
 
 
 def test_calibration_summary_states_the_guarantee_and_its_assumption():
@@ -255,7 +256,8 @@ def test_calibration_summary_of_an_unreachable_target_says_what_is_reachable():
     text = format_calibration(calibration_doc(
         {"method": "empirical", "status": "unreachable", "target": 0.9, "thresholds": None,
          "message": "accuracy 0.9000 is not reachable on the calibration split", "reachable": {"max_accuracy": 0.8234},
-         "closest": {"thresholds": [0.123, 0.204], "accuracy": 0.8234}}, within_points=1.0))
+         "closest": {"thresholds": [0.123, 0.204], "accuracy": 0.8234, "mean_cost": 5.6e6,
+                     "exit_shares": [0.78, 0.1, 0.12]}}, within_points=1.0))
     assert "status: unreachable" in text and "max accuracy 0.8234" in text
     assert "closest setting: thresholds 0.123, 0.204" in text and "1 point below" in text
 

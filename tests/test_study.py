@@ -82,11 +82,11 @@ def test_calibrate_writes_an_early_exit_model_that_runs_what_it_reports(tmp_path
     save_logits(cache, tmp_path / "study" / "logits.safetensors")
     doc = calibrate(tmp_path / "study", tmp_path / "cal", within_points=1.0, policy="max-prob")
     model = EarlyExitModel.load(tmp_path / "cal")
-    assert model.policy.name == "max-prob" and model.to_json()["thresholds"] == doc["result"]["thresholds"]
+    assert model.policy.name == "max-prob" and tuple(model.thresholds.tolist()) == doc.result.thresholds
     run = model.run(splits.test, precision="fp32")
     assert run.exits.tolist() == analysis.exit_points(
         exit_arrays(cache.test_logits, cache.test_labels, "max-prob").scores, model.thresholds).tolist()
-    assert (run.predictions == splits.test.labels.numpy()).mean() == doc["test"]["accuracy"]
+    assert (run.predictions == splits.test.labels.numpy()).mean() == doc.test.accuracy
 
 
 def test_calibrate_re_times_the_stages_on_a_device_and_predicts_time_from_those(tmp_path, digits):
@@ -95,14 +95,14 @@ def test_calibrate_re_times_the_stages_on_a_device_and_predicts_time_from_those(
     save_logits(cache, tmp_path / "study" / "logits.safetensors")
     doc = calibrate(tmp_path / "study", tmp_path / "cal", within_points=1.0, cost="latency", device="cpu",
                     micro_batch=32)
-    timing = doc["timing"]
+    timing = doc.timing
     assert (timing["device"], timing["precision"], timing["micro_batch"]) == ("cpu", "fp32", 32)  # the study's fp32
     assert timing["machine"]["cpu"] and timing["images"] > 0
     per_sample = np.array(timing["stage_seconds_per_sample"])
     assert (per_sample > 0).all() and per_sample.tolist() != cache.stage_seconds_per_sample.tolist()
     test = exit_arrays(cache.test_logits, cache.test_labels, "entropy")
-    exits = analysis.exit_points(test.scores, analysis.as_thresholds(doc["result"]["thresholds"], len(per_sample)))
-    assert doc["test"]["ms_per_sample"] == pytest.approx(
+    exits = analysis.exit_points(test.scores, analysis.as_thresholds(doc.result.thresholds, len(per_sample)))
+    assert doc.test.ms_per_sample == pytest.approx(
         1e3 * analysis.reach_counts(exits, len(per_sample)) @ per_sample / len(exits))
 
 
@@ -111,7 +111,7 @@ def test_calibrate_writes_no_early_exit_model_for_an_unreachable_target(tmp_path
     (tmp_path / "study").mkdir()
     save_logits(cache, tmp_path / "study" / "logits.safetensors")
     doc = calibrate(tmp_path / "study", tmp_path / "cal", target=1.0, guarantee=True)
-    assert doc["result"]["status"] == "unreachable" and not (tmp_path / "cal" / "early_exit.json").exists()
+    assert doc.result.status == "unreachable" and not (tmp_path / "cal" / "early_exit.json").exists()
 
 
 def test_real_runs_time_the_first_images_while_accuracy_counts_every_test_image(digits):

@@ -22,7 +22,7 @@ from .models import (MODELS, check_fits, check_unchanged, create_model, load_wei
                      weight_files)
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
-from .study.results import Mark, StudyResults, to_json
+from .study.results import CalibrationReport, CostUnit, Mark, SplitOutcome, StudyResults
 from .study import StudyConfig, run_study, time_stages, write_study
 
 
@@ -144,7 +144,7 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
               within_points: float | None = None, budget_macs: float | None = None, budget_ms: float | None = None,
               guarantee: bool = False, delta: float = calibration.DEFAULT_DELTA, cost: str = "macs",
               temperature_scaling: bool = False, device: str | None = None, precision: str | None = None,
-              micro_batch: int | None = None) -> dict:
+              micro_batch: int | None = None) -> CalibrationReport:
     """Exit thresholds from a study's cached logits, in seconds: chosen on its validation split for exactly one goal
     (an accuracy target, a target `within_points` of the final exit's accuracy, or a budget in MACs or milliseconds
     per sample), then evaluated on its test split. Writes calibration.json, frontier.png and (when the cache names
@@ -200,29 +200,27 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
     result = calibration.thresholds_for_goal(val.scores, val.correct, costs, target=target,
                                              within_points=within_points, budget=budget, guarantee=guarantee,
                                              delta=delta, test_size=test.scores.shape[1])
-    ok = result["status"] == "ok"
-    thresholds = analysis.as_thresholds(result["thresholds"] if ok else result["closest"]["thresholds"],
-                                        cache.exit_macs.size)
+    ok = result.status == "ok"
+    thresholds = np.asarray(result.thresholds if ok else result.closest.thresholds, dtype=np.float64)
     on_test = _evaluation(test, thresholds, cache)
     founding = (val, test) if exit_policy is get_policy("entropy") else tuple(
         exit_arrays(getattr(cache, f"{split}_logits"), getattr(cache, f"{split}_labels"), "entropy")
         for split in ("val", "test"))
     frontier = policy_frontiers({policy: (val, test)}, founding, costs, unit, StudyConfig.desired_accuracies)
-    mark = Mark(f"{'chosen' if ok else 'closest'} setting ({result['method']})",
-                on_test["ms_per_sample" if unit == "ms" else "mean_macs"], on_test["accuracy"])
+    mark = Mark(f"{'chosen' if ok else 'closest'} setting ({result.method})",
+                on_test.ms_per_sample if unit == "ms" else on_test.mean_macs, on_test.accuracy)
     frontier = dataclasses.replace(frontier, marks=(mark,))
-    doc = {"exitwise_version": __version__, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "source": str(source), "study": info.to_json(), "policy": policy, "meaning": exit_policy.meaning,
-           "cost": {"unit": unit, "batch_size": info.batch_size}, "timing": timing,
-           "within_points": within_points,
-           "temperatures": None if temperatures is None else temperatures.tolist(),
-           "temperature_report": temperature_report, "result": result,
-           "evaluated": "thresholds" if ok else "closest setting",
-           "calibration_split": _evaluation(val, thresholds, cache), "test": on_test, "frontier": to_json(frontier)}
+    doc = CalibrationReport(
+        exitwise_version=__version__, created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        source=str(source), study=info, policy=policy, meaning=exit_policy.meaning,
+        cost=CostUnit(unit, info.batch_size), timing=timing, within_points=within_points,
+        temperatures=None if temperatures is None else tuple(temperatures.tolist()),
+        temperature_report=temperature_report, result=result, evaluated="thresholds" if ok else "closest setting",
+        calibration_split=_evaluation(val, thresholds, cache), test=on_test, frontier=frontier)
     early_exit = _early_exit_model(cache, exit_policy, thresholds) if ok else None
     from .study.report import frontier_png
     with staged_output(out) as stage:
-        atomic_write_json(stage / "calibration.json", doc)
+        atomic_write_json(stage / "calibration.json", doc.to_json())
         atomic_write_bytes(stage / "frontier.png", frontier_png(frontier))
         if early_exit is not None:
             model = info.model
@@ -252,12 +250,11 @@ def _early_exit_model(cache: ExitLogits, policy, thresholds: np.ndarray) -> Earl
                           tuple(cache.measurements.dataset.get("classes") or ()) or None)
 
 
-def _evaluation(arrays: ExitArrays, thresholds: np.ndarray, cache: ExitLogits) -> dict:
+def _evaluation(arrays: ExitArrays, thresholds: np.ndarray, cache: ExitLogits) -> SplitOutcome:
     """Accuracy, mean MACs, predicted milliseconds per sample (from the study's stage times) and exit shares."""
     r = analysis.evaluate(arrays.scores, arrays.correct, thresholds, cache.exit_macs, cache.stage_seconds_per_sample)
     n = arrays.scores.shape[1]
-    return {"samples": n, "accuracy": r["accuracy"], "mean_macs": r["mean_cost"],
-            "ms_per_sample": 1000 * r["predicted_seconds"] / n, "exit_shares": r["exit_shares"]}
+    return SplitOutcome(n, r["accuracy"], r["mean_cost"], 1000 * r["predicted_seconds"] / n, tuple(r["exit_shares"]))
 
 
 

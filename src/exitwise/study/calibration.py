@@ -9,8 +9,9 @@ cumulative cost per exit (K,) - MACs, or milliseconds per sample - and returns K
 * `guaranteed_thresholds`: Learn then Test - accuracy on new data >= target with probability >= 1 - delta.
 * `budget_thresholds`: the most accurate setting whose mean cost fits a budget.
 * `pareto_frontier`: the non-dominated (cost, accuracy) settings.
-Results are JSON-able dicts with a `status`: "ok", or "unreachable" with what is reachable and the
-closest setting; an unreachable target is never silently replaced by another. The searches on one
+Results are `results.SearchResult`s with a `status`: "ok", or "unreachable" with what is reachable and the
+closest setting; an unreachable target is never silently replaced by another. Thresholds leave here in the one
+form used between functions: a tuple of floats, -inf for "never leave" (null only in JSON). The searches on one
 split share its `SearchSpace` (most of their work): build it once and pass it as `space=`.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from . import analysis
 from ..policies import check_finite_logits
 from ..errors import UserError
+from .results import Found, SearchResult
 
 DEFAULT_DELTA = 0.1  # allowed failure probability of a guarantee unless the caller says otherwise
 ASSUMPTION = ("calibration samples and future samples are exchangeable (for example i.i.d. from one "
@@ -320,10 +322,17 @@ def _search(space: SearchSpace, key: Callable, feasible: Callable) -> np.ndarray
     return thresholds
 
 
-def _setting(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, thresholds: np.ndarray) -> dict:
+def _setting(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, thresholds: np.ndarray,
+             certifiable_target: float | None = None) -> Found:
     r = analysis.evaluate(scores, correct, thresholds, costs)
-    return {"thresholds": analysis.thresholds_to_json(thresholds), "accuracy": r["accuracy"],
-            "mean_cost": r["mean_cost"], "exit_shares": r["exit_shares"]}
+    return Found(tuple(thresholds.tolist()), r["accuracy"], r["mean_cost"], tuple(r["exit_shares"]),
+                 certifiable_target)
+
+
+def _found(found: Found) -> dict:
+    """A found setting as SearchResult fields."""
+    return {"thresholds": found.thresholds, "accuracy": found.accuracy, "mean_cost": found.mean_cost,
+            "exit_shares": found.exit_shares, "certifiable_target": found.certifiable_target}
 
 
 def _most_accurate(space: SearchSpace) -> np.ndarray:
@@ -331,12 +340,12 @@ def _most_accurate(space: SearchSpace) -> np.ndarray:
 
 
 def empirical_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], target: float,
-                         levels: int = 64, space: SearchSpace | None = None) -> dict:
+                         levels: int = 64, space: SearchSpace | None = None) -> SearchResult:
     """The cheapest thresholds (mean cost) whose accuracy on this split is >= target. No promise for new data.
 
-    Returns {"method": "empirical", "status": "ok", "target", "thresholds", "accuracy", "mean_cost",
-    "exit_shares"}, or status "unreachable" with "thresholds": None, "message", "reachable"
-    {"max_accuracy"} and "closest" (the most accurate setting). `space`: this split's, if built already.
+    Status "ok" with `target`, `thresholds`, `accuracy`, `mean_cost`, `exit_shares`; or "unreachable" with
+    `message`, `reachable` {"max_accuracy"} and `closest` (the most accurate setting). `space`: this split's, if
+    built already.
     """
     target = check_desired_accuracy(target)
     costs = check_costs(costs, scores.shape[0])
@@ -344,11 +353,11 @@ def empirical_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequenc
     thresholds = _search(space, lambda c, a: (c, -a), lambda c, a: a >= target)
     if thresholds is None:
         closest = _setting(scores, correct, costs, _most_accurate(space))
-        return {"method": "empirical", "status": "unreachable", "target": target, "thresholds": None,
-                "message": f"accuracy {target:.4f} is not reachable on the calibration split: "
-                           f"the most accurate thresholds reach {closest['accuracy']:.4f}",
-                "reachable": {"max_accuracy": closest["accuracy"]}, "closest": closest}
-    return {"method": "empirical", "status": "ok", "target": target, **_setting(scores, correct, costs, thresholds)}
+        return SearchResult("empirical", "unreachable", target=target,
+                            message=f"accuracy {target:.4f} is not reachable on the calibration split: "
+                                    f"the most accurate thresholds reach {closest.accuracy:.4f}",
+                            reachable={"max_accuracy": closest.accuracy}, closest=closest)
+    return SearchResult("empirical", "ok", target=target, **_found(_setting(scores, correct, costs, thresholds)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -421,7 +430,7 @@ def ordering_split(n: int, path_fraction: float = 0.5, seed: int = 0) -> tuple[n
 
 def guaranteed_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], target: float,
                           delta: float, test_size: int | None = None, levels: int = 64, path_fraction: float = 0.5,
-                          seed: int = 0, ordering: SearchSpace | None = None) -> dict:
+                          seed: int = 0, ordering: SearchSpace | None = None) -> SearchResult:
     """Thresholds whose accuracy on new data is >= target with probability >= 1 - delta (Learn then Test).
 
     The accuracy guaranteed is the expected one (test_size None) or the one measured over `test_size` new
@@ -430,12 +439,10 @@ def guaranteed_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequen
     `seed` draws that split: keep it independent of any random draw that made the calibration and test
     sets (numpy generators seeded alike draw related permutations). `ordering`: the search space of the
     ordering samples (`ordering_split`), if built already for another target.
-    Returns {"method": "guaranteed", "status": "ok", "target", "delta", "test_size", "thresholds",
-    "accuracy", "mean_cost", "exit_shares" (these three on the whole calibration split),
-    "certifiable_target" (the highest target the returned setting passes), "samples" {"ordering",
-    "testing"}, "guarantee", "assumption", "procedure"}; or status "unreachable" ("thresholds": None,
-    "message") when even no early exit is not certified, with "reachable" {"max_certifiable_target"} and
-    "closest" (no early exit).
+    Status "ok" with `target`, `delta`, `test_size`, `thresholds`, `accuracy`, `mean_cost`, `exit_shares` (these
+    three on the whole calibration split), `certifiable_target` (the highest target the returned setting passes),
+    `samples` {"ordering", "testing"}, `guarantee`, `assumption`, `procedure`; or "unreachable" (`message`) when even
+    no early exit is not certified, with `reachable` {"max_certifiable_target"} and `closest` (no early exit).
     """
     target, delta = check_desired_accuracy(target), check_delta(delta)
     costs = check_costs(costs, scores.shape[0])
@@ -459,28 +466,29 @@ def guaranteed_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequen
             "assumption": ASSUMPTION, "procedure": PROCEDURE}
     if certified is None:
         bound = certifiable_target(all_errors[0], len(test), delta, test_size)
-        return {"method": "guaranteed", "status": "unreachable", **base, "thresholds": None,
-                "message": f"accuracy {target:.4f} cannot be guaranteed at delta {delta:g} from {len(test)} testing "
-                           f"samples: even without early exit the most that can be certified is {bound:.4f}",
-                "reachable": {"max_certifiable_target": bound},
-                "closest": {**_setting(scores, correct, costs, path[0]), "certifiable_target": bound}}
+        return SearchResult("guaranteed", "unreachable", **base,
+                            message=f"accuracy {target:.4f} cannot be guaranteed at delta {delta:g} from {len(test)} "
+                                    f"testing samples: even without early exit the most that can be certified is "
+                                    f"{bound:.4f}",
+                            reachable={"max_certifiable_target": bound},
+                            closest=_setting(scores, correct, costs, path[0], bound))
     thresholds, errors = certified
-    return {"method": "guaranteed", "status": "ok", **base, **_setting(scores, correct, costs, thresholds),
-            "certifiable_target": certifiable_target(errors, len(test), delta, test_size)}
+    bound = certifiable_target(errors, len(test), delta, test_size)
+    return SearchResult("guaranteed", "ok", **base, **_found(_setting(scores, correct, costs, thresholds, bound)))
 
 
 def budget_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], budget: float,
-                      levels: int = 64, space: SearchSpace | None = None) -> dict:
+                      levels: int = 64, space: SearchSpace | None = None) -> SearchResult:
     """The most accurate thresholds whose mean cost on this split is within `budget` (same unit as costs).
 
-    Returns {"method": "budget", "status": "ok", "budget", "thresholds", "accuracy", "mean_cost", "exit_shares"}.
+    Status "ok" with `budget`, `thresholds`, `accuracy`, `mean_cost`, `exit_shares`.
     A budget below the first exit's cost is a UserError; any other budget is reachable (all leave first).
     """
     costs = check_costs(costs, scores.shape[0])
     budget = check_budget(budget, costs)
     limit = budget * (1 + 1e-12)  # a mean of equal costs may round one ulp above them
     thresholds = _search(_space(scores, correct, costs, levels, space), lambda c, a: (-a, c), lambda c, a: c <= limit)
-    return {"method": "budget", "status": "ok", "budget": budget, **_setting(scores, correct, costs, thresholds)}
+    return SearchResult("budget", "ok", budget=budget, **_found(_setting(scores, correct, costs, thresholds)))
 
 
 def pareto_frontier(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], levels: int = 64,
@@ -496,7 +504,8 @@ def pareto_frontier(scores: np.ndarray, correct: np.ndarray, costs: Sequence[flo
 
 def thresholds_for_goal(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], *,
                         target: float | None = None, within_points: float | None = None, budget: float | None = None,
-                        guarantee: bool = False, delta: float = DEFAULT_DELTA, test_size: int | None = None) -> dict:
+                        guarantee: bool = False, delta: float = DEFAULT_DELTA,
+                        test_size: int | None = None) -> SearchResult:
     """One goal's search on this split: a `budget`, else an accuracy `target` (or the final exit's accuracy minus
     `within_points` points), met empirically or, with `guarantee`, by Learn then Test at `delta`."""
     if budget is not None:

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from ..io import atomic_write_bytes
 from ..device import Machine
-from .results import NEVER, Frontiers, Gap, Overthinking, StudyResults
+from .results import NEVER, CalibrationReport, Frontiers, Gap, Overthinking, StudyResults
 
 DPI = 120
 Table = tuple[list[str], list[list[str]]]
@@ -541,38 +541,38 @@ def format_summary(results: StudyResults) -> str:
                         _text_table(oracle_table(r))])
 
 
-def calibration_split_table(doc: dict) -> Table:
-    rows = [[name, _pct(e["accuracy"]), _macs(e["mean_macs"]), f"{e['ms_per_sample']:.4f}", _shares(e["exit_shares"])]
-            for name, e in (("calibration (validation)", doc["calibration_split"]), ("test", doc["test"]))]
-    return ["split", "accuracy", "mean MACs", f"ms per sample (batch {doc['cost']['batch_size']})",
+def calibration_split_table(doc: CalibrationReport) -> Table:
+    rows = [[name, _pct(e.accuracy), _macs(e.mean_macs), f"{e.ms_per_sample:.4f}", _shares(e.exit_shares)]
+            for name, e in (("calibration (validation)", doc.calibration_split), ("test", doc.test))]
+    return ["split", "accuracy", "mean MACs", f"ms per sample (batch {doc.cost.batch_size})",
             "exit shares (%)"], rows
 
 
-def format_calibration(doc: dict) -> str:
+def format_calibration(doc: CalibrationReport) -> str:
     """What `exitwise calibrate` prints: the goal, the status, the thresholds (or what is reachable and the closest
     setting), and accuracy and cost on the calibration and test splits."""
-    r, unit = doc["result"], doc["cost"]["unit"]
-    points = doc["within_points"]
-    if "budget" in r:
-        goal = f"most accurate within {r['budget']:g} {unit} per sample"
+    r, unit = doc.result, doc.cost.unit
+    points = doc.within_points
+    if r.budget is not None:
+        goal = f"most accurate within {r.budget:g} {unit} per sample"
     else:
-        goal = f"target accuracy {r['target']:.4f}" + (
+        goal = f"target accuracy {r.target:.4f}" + (
             f" ({points:g} point{'s' * (points != 1)} below the final exit's calibration accuracy)"
             if points is not None else "") + f", least mean {unit}"
-    lines = [f"{doc['policy']} policy ({doc['meaning']}), {r['method']}: {goal}", f"status: {r['status']}"]
-    if r["status"] == "ok":
-        lines.append(f"thresholds: {_thresholds(r['thresholds'])}")
+    lines = [f"{doc.policy} policy ({doc.meaning}), {r.method}: {goal}", f"status: {r.status}"]
+    if r.status == "ok":
+        lines.append(f"thresholds: {_thresholds(r.thresholds)}")
     else:
-        reachable = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r["reachable"].items())
-        lines += [r["message"], f"reachable: {reachable}",
-                  f"closest setting: thresholds {_thresholds(r['closest']['thresholds'])} (evaluated below)"]
-    if "guarantee" in r:
-        lines += [f"guarantee: {r['guarantee']}", f"assumption: {r['assumption']}"]
-    if doc["temperatures"] is not None:
-        ece = "; ".join(f"{e['ece_before']:.3f} -> {e['ece_after']:.3f}" for e in doc["temperature_report"]["test"])
-        lines += [f"temperatures per exit: {', '.join(f'{t:.3f}' for t in doc['temperatures'])}",
+        reachable = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in r.reachable.items())
+        lines += [r.message, f"reachable: {reachable}",
+                  f"closest setting: thresholds {_thresholds(r.closest.thresholds)} (evaluated below)"]
+    if r.guarantee is not None:
+        lines += [f"guarantee: {r.guarantee}", f"assumption: {r.assumption}"]
+    if doc.temperatures is not None:
+        ece = "; ".join(f"{e['ece_before']:.3f} -> {e['ece_after']:.3f}" for e in doc.temperature_report["test"])
+        lines += [f"temperatures per exit: {', '.join(f'{t:.3f}' for t in doc.temperatures)}",
                   f"test calibration error (ECE) per exit, before -> after: {ece}"]
-    timing = doc.get("timing") or {}
+    timing = doc.timing or {}
     if timing.get("machine"):
         lines.append(f"stage times re-timed: {Machine(**timing['machine']).describe()}, "
                      f"{timing['precision']}, micro-batch {timing['micro_batch']}")

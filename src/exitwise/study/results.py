@@ -302,6 +302,89 @@ class Measurements:
         return from_json(cls, doc)
 
 
+# ---- `exitwise calibrate`: a threshold search's result and calibration.json
+
+
+@dataclass(frozen=True)
+class Found:
+    """A setting a search found on the calibration split, with its accuracy, mean cost (in the search's unit) and
+    exit shares there."""
+    thresholds: Thresholds
+    accuracy: float
+    mean_cost: float
+    exit_shares: tuple[float, ...]
+    certifiable_target: float | None = None  # "guaranteed" only: the highest target this setting passes
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One calibration search (`calibration.empirical_thresholds`, `guaranteed_thresholds`, `budget_thresholds`):
+    `status` "ok" with the setting found, or "unreachable" (then `thresholds` is None) with a `message`, what is
+    `reachable` and the `closest` setting. Fields that do not apply to the method are None."""
+    method: str                   # "empirical", "guaranteed" or "budget"
+    status: str                   # "ok" or "unreachable"
+    target: float | None = None   # the accuracy asked for (empirical, guaranteed)
+    budget: float | None = None   # the mean cost allowed (budget)
+    thresholds: Thresholds | None = None
+    accuracy: float | None = None
+    mean_cost: float | None = None
+    exit_shares: tuple[float, ...] | None = None
+    certifiable_target: float | None = None
+    delta: float | None = None    # guaranteed: the allowed failure probability
+    test_size: int | None = None  # guaranteed: the new samples the accuracy is promised over (None: expected)
+    samples: dict[str, int] | None = None  # guaranteed: {"ordering", "testing"} calibration samples
+    guarantee: str | None = None
+    assumption: str | None = None
+    procedure: str | None = None
+    message: str | None = None
+    reachable: dict[str, float] | None = None  # {"max_accuracy"} or {"max_certifiable_target"}
+    closest: Found | None = None
+
+
+@dataclass(frozen=True)
+class CostUnit:
+    unit: str                # "MACs" or "ms" (milliseconds per sample at the study's batch size)
+    batch_size: int | None
+
+
+@dataclass(frozen=True)
+class SplitOutcome:
+    """Calibrated thresholds on one split's cached scores."""
+    samples: int
+    accuracy: float
+    mean_macs: float
+    ms_per_sample: float     # predicted from the stage times used (`CalibrationReport.timing`)
+    exit_shares: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """Everything calibration.json holds (docs/results-schema.md)."""
+    exitwise_version: str = ""
+    created: str = ""
+    source: str = ""
+    study: Measurements = field(default_factory=Measurements)
+    policy: str = ""
+    meaning: str = ""
+    cost: CostUnit | None = None
+    timing: dict | None = None    # where the stage times came from (`study.time_stages`' evidence when re-timed)
+    within_points: float | None = None
+    temperatures: tuple[float, ...] | None = None
+    temperature_report: dict | None = None
+    result: SearchResult | None = None
+    evaluated: str = "thresholds"  # or "closest setting" (unreachable)
+    calibration_split: SplitOutcome | None = None
+    test: SplitOutcome | None = None
+    frontier: Frontiers | None = None
+
+    def to_json(self) -> dict:
+        return to_json(self)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> CalibrationReport:
+        return from_json(cls, doc)
+
+
 # ---- one JSON mapping for every dataclass above: fields by name; properties are written too (read back: skipped)
 
 

@@ -291,15 +291,13 @@ def target_calibration(val: ExitArrays, test: ExitArrays, macs: Sequence[float],
     for method, (search, entry_delta) in searches.items():
         lowest_unreachable = math.inf
         for d in sorted(desired):
-            r = search(d) if d < lowest_unreachable else {"status": "unreachable"}
-            if r["status"] == "ok":
-                thr = analysis.as_thresholds(r["thresholds"], len(macs))  # calibration's results are JSON-style
-                t = analysis.evaluate(test.scores, test.correct, thr, macs, per_sample)
-                entries.append(CalibrationEntry(method, d, "ok", tuple(thr.tolist()), r["accuracy"], outcome(t),
-                                                entry_delta))
+            r = search(d) if d < lowest_unreachable else None
+            if r is not None and r.status == "ok":
+                t = analysis.evaluate(test.scores, test.correct, np.asarray(r.thresholds), macs, per_sample)
+                entries.append(CalibrationEntry(method, d, "ok", r.thresholds, r.accuracy, outcome(t), entry_delta))
             else:
                 lowest_unreachable = d
-                entries.append(CalibrationEntry(method, d, r["status"], None, None, None, entry_delta))
+                entries.append(CalibrationEntry(method, d, "unreachable", None, None, None, entry_delta))
     return entries
 
 
