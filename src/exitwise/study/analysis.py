@@ -77,12 +77,13 @@ def latency_costs(stage_seconds_per_sample: Sequence[float]) -> np.ndarray:
 
 def cost_accuracy_points(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float],
                          settings: Sequence[np.ndarray]) -> list[dict]:
-    """{"cost", "accuracy", "thresholds"} of each threshold setting on this split (cost: mean per sample)."""
+    """{"cost", "accuracy", "thresholds"} of each threshold setting on this split (cost: mean per sample;
+    thresholds as a tuple of floats, -inf never)."""
     points = []
     for thresholds in settings:
-        r = evaluate(scores, correct, np.asarray(thresholds, dtype=np.float64), costs)
-        points.append({"cost": r["mean_cost"], "accuracy": r["accuracy"],
-                       "thresholds": thresholds_to_json(np.asarray(thresholds, dtype=np.float64))})
+        t = np.asarray(thresholds, dtype=np.float64)
+        r = evaluate(scores, correct, t, costs)
+        points.append({"cost": r["mean_cost"], "accuracy": r["accuracy"], "thresholds": tuple(t.tolist())})
     return points
 
 

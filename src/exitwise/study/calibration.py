@@ -498,7 +498,7 @@ def pareto_frontier(scores: np.ndarray, correct: np.ndarray, costs: Sequence[flo
     `analysis.cost_accuracy_points`."""
     costs = check_costs(costs, scores.shape[0])
     space = _space(scores, correct, costs, levels, space)
-    return analysis.non_dominated([{"cost": c, "accuracy": a, "thresholds": analysis.thresholds_to_json(t)}
+    return analysis.non_dominated([{"cost": c, "accuracy": a, "thresholds": tuple(t.tolist())}
                                    for c, a, t in zip(space.cost, space.accuracy, space.candidates)])
 
 

@@ -23,18 +23,13 @@ def latency_frontier(val_by_policy: dict[str, ExitArrays], stage_seconds_per_sam
     costs = analysis.latency_costs(stage_seconds_per_sample)
     settings = []
     for name, val in val_by_policy.items():
-        settings += [Setting(f"frontier point {i + 1}", name, _thresholds(p, len(costs)))
+        settings += [Setting(f"frontier point {i + 1}", name, p["thresholds"])
                      for i, p in enumerate(calibration.pareto_frontier(val.scores, val.correct, costs))]
     return settings
 
 
-def _thresholds(point: dict, num_exits: int) -> tuple[float, ...]:
-    """A calibration or analysis result's JSON-style thresholds as floats (-inf: never leave)."""
-    return tuple(analysis.as_thresholds(point["thresholds"], num_exits).tolist())
-
-
 def _points(raw: list[dict], num_exits: int, **extra) -> tuple[CostPoint, ...]:
-    return tuple(CostPoint(p["cost"], p["accuracy"], _thresholds(p, num_exits) if "thresholds" in p else None,
+    return tuple(CostPoint(p["cost"], p["accuracy"], p.get("thresholds"),
                            **{k: v[i] for k, v in extra.items()}) for i, p in enumerate(raw))
 
 
@@ -49,7 +44,7 @@ def policy_frontiers(by_policy: dict[str, Split], founding: Split, costs: Sequen
     for name, (val, test) in by_policy.items():
         chosen = calibration.pareto_frontier(val.scores, val.correct, costs, space=(spaces or {}).get(name))
         on_test = analysis.cost_accuracy_points(test.scores, test.correct, costs,
-                                                [analysis.as_thresholds(p["thresholds"], len(costs)) for p in chosen])
+                                                [p["thresholds"] for p in chosen])
         policies[name] = _points(on_test, len(costs), val_cost=[p["cost"] for p in chosen],
                                  val_accuracy=[p["accuracy"] for p in chosen])
     val, test = founding
