@@ -8,40 +8,21 @@ from typing import Sequence
 
 import numpy as np
 
-from . import __version__
+from .config import __version__
 from .study import analysis, calibration
 from .data import Splits, load_splits
-from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, file_sha256, staged_output
+from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
 from .errors import UserError
 from .study.logits_cache import ExitLogits, load_logits
 from .early_exit import EarlyExitModel
 from .study.frontiers import policy_frontiers
 from .config import check_micro_batch, check_precision
 from .device import resolve_device
-from .models import (MODELS, check_fits, check_unchanged, create_model, load_weights, shipped_card, shipped_weights,
-                     weight_files)
+from .models import MODELS, ModelRef, check_fits, create_model, load_model, load_network, shipped_card, shipped_weights
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
 from .study.results import CalibrationReport, CostUnit, Mark, SplitOutcome, StudyResults
 from .study import StudyConfig, run_study, time_stages, write_study
-
-
-def load_model(name: str | Path, weights: str | Path | None = None) -> tuple[MultiExitNetwork, dict]:
-    """A registered model with its weights (given, or shipped with the package), or the attached model in a folder
-    `exitwise attach` wrote (its own weights), and a description of either."""
-    from .models.attach import is_model_dir
-    if weights is None and is_model_dir(name):
-        model = create_model(name)
-        path = Path(name) / "model.safetensors"
-        return model, {"name": str(Path(name).resolve()), "weights": str(path), "weights_sha256": file_sha256(path),
-                       "shipped": False, "num_exits": model.num_exits}
-    model = create_model(name)
-    path = Path(weights) if weights is not None else shipped_weights(name)
-    if path is None:
-        raise UserError(f"no weights ship with model {name!r}: pass --weights FILE")
-    load_weights(model, path)
-    return model, {"name": name, "weights": str(path), "weights_sha256": file_sha256(*weight_files(path)),
-                   "shipped": weights is None, "num_exits": model.num_exits}
 
 
 def study(*, dataset: str, data_dir: str | Path | None, model: str, out: str | Path,
@@ -52,11 +33,11 @@ def study(*, dataset: str, data_dir: str | Path | None, model: str, out: str | P
     `exitwise attach` wrote."""
     config = StudyConfig(**settings)
     check_writable_dir(out)  # fail before the long work, not after it
-    net, info = load_model(model, weights)
+    net, ref = load_model(model, weights)
     splits = load_splits(dataset, data_dir, download=download, val_size=val_size,
                          split_seed=split_seed, progress=config.progress, image_size=image_size)
     check_fits(net, splits.test, splits.dataset)
-    done = run_study(net, splits, config, info)
+    done = run_study(net, splits, config, ref)
     write_study(done, out)
     return done.results
 
@@ -230,13 +211,7 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
 
 def _study_network(cache: ExitLogits, source: str | Path) -> MultiExitNetwork:
     """The network a study's logits came from, with the weights it names (checked unchanged by SHA-256)."""
-    from .models.attach import is_model_dir
-    model = cache.measurements.model
-    if not model.get("name") or not model.get("weights"):
-        raise UserError(f"{str(source)!r} does not name the model and weights it came from: cannot re-time its stages")
-    if model.get("weights_sha256"):
-        check_unchanged(model["weights"], model["weights_sha256"], str(source))
-    return load_model(model["name"], None if is_model_dir(model["name"]) else model["weights"])[0]
+    return load_network(ModelRef.from_json(cache.measurements.model, str(source)), str(source))
 
 
 def _early_exit_model(cache: ExitLogits, policy, thresholds: np.ndarray) -> EarlyExitModel | None:
@@ -278,12 +253,12 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
         if thresholds is None:
             raise UserError("--model needs --thresholds FILE (JSON with policy and thresholds, e.g. an early_exit.json)")
         setting = _read_setting(thresholds, model)
-        net, info = load_model(model, weights)
+        net, ref = load_model(model, weights)
         classes = setting.get("class_names") or (shipped_card(model)["dataset"].get("classes")
                                                  if weights is None and shipped_weights(model) else None)
         early_exit = EarlyExitModel.create(net, model, setting["policy"], setting["thresholds"],
                                            setting.get("temperatures"), classes)
-        sha256 = info["weights_sha256"]
+        sha256 = ref.weights_sha256
     check_writable_dir(out)
     return export_onnx(early_exit, out, weights_sha256=sha256, exporter=exporter)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .errors import UserError
 
+__version__ = "0.1.0"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("bf16", "mixed", "fp32")
 AGREEMENT_REQUIRED = 0.99  # a reduced precision may change at most 1% of any exit's predictions

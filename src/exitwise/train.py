@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from . import __version__
+from .config import __version__
 from .models.costs import exit_macs, head_report
 from .data import ImageSet, Splits
 from .errors import UserError

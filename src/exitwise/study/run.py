@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import __version__
+from ..config import __version__
 from . import analysis, calibration
 from ..models.costs import backbone_macs, exit_macs
 from ..data import ImageSet, Splits
@@ -28,7 +28,7 @@ from ..errors import UserError
 from .frontiers import Split, latency_frontier, policy_frontiers
 from ..io import atomic_write_json, staged_output
 from .logits_cache import FILENAME as LOGITS_FILENAME, ExitLogits, save_logits
-from ..models.base import MultiExitNetwork
+from ..models import ModelRef, MultiExitNetwork
 from ..config import check_micro_batch, check_precision
 from ..device import machine, machine_load, resolve_device
 from ..tune import tune
@@ -89,7 +89,7 @@ def seconds_per_sample(run: Run, reach: np.ndarray) -> np.ndarray:
 # ---- 1. measure: everything that needs the model
 
 
-def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> ExitLogits:
+def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, ref: ModelRef) -> ExitLogits:
     """Every exit's logits on validation and test, and the per-stage cost model: the precision probe, one
     all-exits pass per split, and a real early-exit run at the fixed cutoff (what `logits.safetensors` holds)."""
     k_exits = model.num_exits
@@ -113,8 +113,8 @@ def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_
     measured = MeasuredTimes(load, test_run.seconds, test_run.trunk_seconds,
                              FixedCutoffRun(config.policy, config.cutoff, len(timed), fixed_run.seconds,
                                             tuple(fixed_run.stage_seconds)))
-    info = Measurements(model=model_info, dataset=splits.describe(), precision=precision, batch_size=config.batch_size,
-                        micro_batch=micro_batch, machine=machine(device).to_json(),
+    info = Measurements(model=ref.to_json(), dataset=splits.describe(), precision=precision,
+                        batch_size=config.batch_size, micro_batch=micro_batch, machine=machine(device).to_json(),
                         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), software=software_versions(),
                         precision_check=tuned.precision_check, micro_batch_probe=tuned.micro_batch_probe,
                         backbone_macs=full_macs, measured=measured)
@@ -370,12 +370,12 @@ class Study:
     early_exit: EarlyExitModel  # the fastest setting within `within_points`, as early_exit.json names it
 
 
-def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> Study:
+def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, ref: ModelRef) -> Study:
     """The whole study: measure, analyse, verify."""
-    logits = measure(model, splits, config, model_info)
+    logits = measure(model, splits, config, ref)
     results = verify(model, splits.test, analyse(logits, config), config)
     chosen = results.best.fastest_within_points.setting
-    return Study(results, logits, EarlyExitModel.create(model, model_info["name"], chosen.policy, chosen.thresholds,
+    return Study(results, logits, EarlyExitModel.create(model, ref.name, chosen.policy, chosen.thresholds,
                                                         class_names=splits.test.classes))
 
 
