@@ -30,7 +30,7 @@ from exitwise.models import shipped_models
 from exitwise.device import describe_load, machine, machine_load, resolve_device
 from exitwise.tune import tune
 from exitwise.policies import ExitArrays, exit_arrays, get_policy
-from exitwise.study.results import Setting
+from exitwise.study.results import NEVER, Setting
 from exitwise.runtime import all_exit_logits, run_backbone, warm_up
 
 from timing_common import best_of_interleaved
@@ -93,7 +93,7 @@ def main() -> None:
         arrays = {split: {p.name: exit_arrays(r.logits, d.labels, p) for p in policies}
                   for split, r, d in (("val", val, splits.val), ("test", test, splits.test))}
         final = (test.logits[-1].argmax(-1) == splits.test.labels.numpy()).mean()  # the final exit's accuracy
-        settings = [Setting("no early exit", policies[0].name, (None,) * (model.num_exits - 1))]  # always in reach
+        settings = [Setting("no early exit", policies[0].name, (NEVER,) * (model.num_exits - 1))]  # always in reach
         settings += latency_frontier(arrays["val"], per_sample)
         setting = fastest_within(settings, arrays["val"], args.within_points, macs, per_sample)
         test_arrays = arrays["test"][setting.policy]  # reported on test, chosen on validation
@@ -115,7 +115,7 @@ def main() -> None:
         print(f"  early exit:   test accuracy {accuracy:.2%}, {chosen['mean_cost'] / 1e6:.2f} M MACs, "
               f"batch 256: {early256.seconds:.2f} s, batch 1: {early1.seconds:.2f} s; exit shares "
               + ", ".join(f"{s:.1%}" for s in chosen["exit_shares"]))
-        print(f"  policy {policy.name}, thresholds: {', '.join('never' if t is None else f'{t:.3f}' for t in setting.thresholds)}")
+        print(f"  policy {policy.name}, thresholds: {', '.join('never' if t == NEVER else f'{t:.3f}' for t in setting.thresholds)}")
         print(f"  speed-up: batch 256 {full256.seconds / early256.seconds:.2f}x, batch 1 {full1.seconds / early1.seconds:.2f}x, "
               f"MACs {full_macs / chosen['mean_cost']:.2f}x")
         predicted = chosen["predicted_seconds"]

@@ -130,7 +130,7 @@ def configurations_table(r: StudyResults) -> Table:
             return ["-", "-"]
         return [f"{ms:.4f}", f"{full.ms_per_image / ms:.2f}x"]
 
-    rows = [["full network", "no early exit", _thresholds([None] * (k - 1)), _pct(full.accuracy),
+    rows = [["full network", "no early exit", _thresholds((NEVER,) * (k - 1)), _pct(full.accuracy),
              _macs(full.mean_macs), *time(full.ms_per_image)],
             ["fixed cutoff", f"cutoff {fixed.cutoff:.3f}", _thresholds([fixed.cutoff] * (k - 1)),
              _pct(fixed.test.accuracy), _macs(fixed.test.mean_macs), *time(fixed.ms_per_image)]]

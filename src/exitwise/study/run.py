@@ -339,7 +339,7 @@ def verify(model: MultiExitNetwork, test_data, results: StudyResults, config: St
     per_sample = np.asarray(results.timing_model.stage_seconds_per_sample)
     k_exits = len(results.exits)
     base = EarlyExitModel.create(model, results.model.get("name", ""), results.policy,
-                                 [None] * (k_exits - 1)).prepare(results.precision, resolve_device(config.device))
+                                 (NEVER,) * (k_exits - 1)).prepare(results.precision, resolve_device(config.device))
 
     def timed(s: Setting) -> TimedRun:
         run = base.with_setting(s.policy, s.thresholds).run(subset, batch_size=results.batch_size,
