@@ -95,10 +95,12 @@ def test_calibrate_re_times_the_stages_on_a_device_and_predicts_time_from_those(
     save_logits(cache, tmp_path / "study" / "logits.safetensors")
     doc = calibrate(tmp_path / "study", tmp_path / "cal", within_points=1.0, cost="latency", device="cpu",
                     micro_batch=32)
+    written = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert written == doc.to_json() and type(doc).from_json(written) == doc  # re-timing evidence reads back too
     timing = doc.timing
-    assert (timing["device"], timing["precision"], timing["micro_batch"]) == ("cpu", "fp32", 32)  # the study's fp32
-    assert timing["machine"]["cpu"] and timing["images"] > 0
-    per_sample = np.array(timing["stage_seconds_per_sample"])
+    assert (timing.device, timing.precision, timing.micro_batch) == ("cpu", "fp32", 32)  # the study's fp32
+    assert timing.machine["cpu"] and timing.images > 0
+    per_sample = np.array(timing.stage_seconds_per_sample)
     assert (per_sample > 0).all() and per_sample.tolist() != cache.stage_seconds_per_sample.tolist()
     test = exit_arrays(cache.test_logits, cache.test_labels, "entropy")
     exits = analysis.exit_points(test.scores, analysis.as_thresholds(doc.result.thresholds, len(per_sample)))

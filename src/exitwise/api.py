@@ -21,7 +21,7 @@ from .device import resolve_device
 from .models import MODELS, ModelRef, check_fits, create_model, load_model, load_network, shipped_card, shipped_weights
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
-from .study.results import CalibrationReport, CostUnit, Mark, SplitOutcome, StudyResults
+from .study.results import CalibrationReport, CostUnit, Mark, SplitOutcome, StageTimes, StudyResults, from_json
 from .study import StudyConfig, run_study, time_stages, write_study
 
 
@@ -158,14 +158,14 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
     check_writable_dir(out)
     cache = load_logits(source)
     info = cache.measurements
-    timing = {"source": "the study's cost model", "device": (info.machine or {}).get("device"),
-              "stage_seconds_per_sample": cache.stage_seconds_per_sample.tolist()}
+    timing = StageTimes("the study's cost model", (info.machine or {}).get("device"),
+                        tuple(cache.stage_seconds_per_sample.tolist()))
     if device is not None:
         per_sample, retimed = time_stages(_study_network(cache, source), device, precision or
                                           info.precision or "auto", micro_batch,
                                           batch_size=info.batch_size or 256)
         cache = dataclasses.replace(cache, stage_seconds_per_sample=per_sample)
-        timing = {"source": "re-timed (study.time_stages)", **retimed}
+        timing = from_json(StageTimes, {"source": "re-timed (study.time_stages)", **retimed})
 
     temperatures, temperature_report = None, None
     if temperature_scaling:

@@ -572,8 +572,7 @@ def format_calibration(doc: CalibrationReport) -> str:
         ece = "; ".join(f"{e['ece_before']:.3f} -> {e['ece_after']:.3f}" for e in doc.temperature_report["test"])
         lines += [f"temperatures per exit: {', '.join(f'{t:.3f}' for t in doc.temperatures)}",
                   f"test calibration error (ECE) per exit, before -> after: {ece}"]
-    timing = doc.timing or {}
-    if timing.get("machine"):
-        lines.append(f"stage times re-timed: {Machine(**timing['machine']).describe()}, "
-                     f"{timing['precision']}, micro-batch {timing['micro_batch']}")
+    if doc.timing is not None and doc.timing.machine:
+        lines.append(f"stage times re-timed: {Machine(**doc.timing.machine).describe()}, "
+                     f"{doc.timing.precision}, micro-batch {doc.timing.micro_batch}")
     return "\n".join(lines) + "\n\n" + _text_table(calibration_split_table(doc))

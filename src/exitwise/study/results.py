@@ -358,6 +358,24 @@ class SplitOutcome:
 
 
 @dataclass(frozen=True)
+class StageTimes:
+    """The stage times a calibration used: the study's cost model, or re-timed (`study.time_stages`, whose
+    evidence fills the other fields; null for the study's own)."""
+    source: str                   # "the study's cost model" or "re-timed (study.time_stages)"
+    device: str | None
+    stage_seconds_per_sample: tuple[float, ...]
+    machine: dict | None = None
+    machine_load_at_start: dict | None = None
+    precision: str | None = None
+    precision_check: dict | None = None
+    micro_batch: int | None = None
+    micro_batch_probe: dict | None = None
+    batch_size: int | None = None
+    images: int | None = None
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class CalibrationReport:
     """Everything calibration.json holds (docs/results-schema.md)."""
     exitwise_version: str = ""
@@ -367,7 +385,7 @@ class CalibrationReport:
     policy: str = ""
     meaning: str = ""
     cost: CostUnit | None = None
-    timing: dict | None = None    # where the stage times came from (`study.time_stages`' evidence when re-timed)
+    timing: StageTimes | None = None
     within_points: float | None = None
     temperatures: tuple[float, ...] | None = None
     temperature_report: dict | None = None
