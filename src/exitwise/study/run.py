@@ -19,63 +19,22 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..config import __version__
+from ..config import __version__, check_micro_batch, check_precision
+from .config import StudyConfig
 from . import analysis, calibration
 from ..models.costs import backbone_macs, exit_macs
 from ..data import ImageSet, Splits
 from ..early_exit import EarlyExitModel
-from ..errors import UserError
 from .frontiers import Split, latency_frontier, policy_frontiers
 from ..io import atomic_write_json, staged_output
 from .logits_cache import FILENAME as LOGITS_FILENAME, ExitLogits, save_logits
 from ..models import ModelRef, MultiExitNetwork
-from ..config import check_micro_batch, check_precision
 from ..device import machine, machine_load, resolve_device
 from ..tune import tune
 from ..policies import POLICIES, ExitArrays, exit_arrays, get_policy
 from .results import (NEVER, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FullNetwork, Gap, Leavers, Mark, Oracle,
                       Outcome, Overthinking, Setting, StudyResults, SweepPoint, TimedRun, TimingCheck, TimingModel)
 from ..runtime import Run, all_exit_logits, run_early_exit, warm_up
-
-DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
-
-
-@dataclass
-class StudyConfig:
-    cutoff: float = 0.6
-    num_cutoffs: int = 100
-    desired_accuracies: tuple[float, ...] = DEFAULT_DESIRED
-    methods: tuple[str, ...] = ("per-exit", "seed-percentile")
-    policy: str = "entropy"
-    batch_size: int = 256
-    precision: str = "auto"      # auto: the fastest of fp32, bf16, mixed measured here that agrees with fp32
-    precision_check_images: int = 1000
-    device: str = "auto"         # auto: cuda, else mps, else cpu
-    micro_batch: int | None = None  # rows through the network together; None: the fastest, measured here
-    timing_check_images: int = 1000  # the first test images every real early-exit run is timed on
-    within_points: float = 0.5
-    delta: float = calibration.DEFAULT_DELTA  # allowed failure probability of the "guaranteed" calibration
-    progress: bool = True
-
-    def __post_init__(self):
-        self.desired_accuracies, self.methods = tuple(self.desired_accuracies), tuple(self.methods)
-        if not np.isfinite(self.cutoff) or self.cutoff < 0:
-            raise UserError(f"cutoff must be a non-negative number, got {self.cutoff}")
-        for d in self.desired_accuracies:
-            calibration.check_desired_accuracy(d)
-        calibration.check_delta(self.delta)
-        unknown = [m for m in self.methods if m not in calibration.METHODS]
-        if unknown:
-            raise UserError(f"unknown calibration method {unknown[0]!r}; known: {', '.join(calibration.METHODS)}")
-        if self.batch_size < 1:
-            raise UserError(f"batch size must be positive, got {self.batch_size}")
-        if get_policy(self.policy).max_score(2) <= 0:  # patience: thresholds are -p, no cutoff range to sweep
-            raise UserError(f"the study sweeps cutoffs from 0 up: use entropy, max-prob or margin; the "
-                            f"{self.policy!r} policy is in every study's frontiers and in `exitwise calibrate`")
-        check_precision(self.precision)
-        check_micro_batch(self.micro_batch)
-        resolve_device(self.device)
-
 
 def seconds_per_sample(run: Run, reach: np.ndarray) -> np.ndarray:
     """Each stage's measured time over the samples that ran it; the loop's time outside the stages
