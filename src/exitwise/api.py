@@ -211,12 +211,13 @@ def _evaluation(arrays: ExitArrays, thresholds: np.ndarray, cache: ExitLogits) -
 
 def export(out: str | Path, *, source: str | Path | None = None, model: str | None = None,
            weights: str | Path | None = None, thresholds: str | Path | None = None,
-           exporter: str = "dynamo") -> dict:
+           exporter: str = "dynamo", micro_batch: int | None = None) -> dict:
     """An early-exit model as one ONNX graph per stage and per head plus manifest.json in `out` (docs/deploy.md).
 
     The model is `source`, a saved EarlyExitModel (a study's or calibration's output folder, or its
     early_exit.json); or the registered `model` with `weights` (default: shipped) and `thresholds`, a JSON
-    file with `policy`, `thresholds` and optional `temperatures` and `class_names` (an early_exit.json is one)."""
+    file with `policy`, `thresholds` and optional `temperatures` and `class_names` (an early_exit.json is one).
+    `micro_batch`: the runner's, recorded in the manifest (default: measured fastest here)."""
     from .early_exit import saved_weights_sha256
     from .export import export_onnx
     if (source is None) == (model is None):
@@ -236,7 +237,7 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
                                            setting.get("temperatures"), classes)
         sha256 = ref.weights_sha256
     check_writable_dir(out)
-    return export_onnx(early_exit, out, weights_sha256=sha256, exporter=exporter)
+    return export_onnx(early_exit, out, weights_sha256=sha256, exporter=exporter, micro_batch=micro_batch)
 
 
 def _read_setting(path: str | Path, model: str) -> dict:
