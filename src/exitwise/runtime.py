@@ -27,7 +27,7 @@ from .progress import progress_bar
 
 # Every runtime function splits a caller's batch into `micro_batch`-row pieces that each go through the whole
 # network while their activations stay in cache (on the AMX machine 64 rows ran 1.5-2x faster per image than
-# 256); predictions are unchanged. `hardware.choose_micro_batch` measures the best size for a machine.
+# 256); predictions are unchanged. `tune.choose_micro_batch` measures the best size for a machine.
 
 
 class _InDtype(torch.nn.Module):
@@ -96,7 +96,7 @@ def prepare(model: MultiExitNetwork, precision: str = "fp32", device: str | torc
     CPUs). "mixed": the first stage (raw pixels) and every exit head (they decide who leaves) in fp32,
     the other stages in bf16: on the founding network bf16 everywhere changes up to 1% of an exit's
     predictions, mixed at most 0.2%. "fp32": the reference. Which is fastest depends on the machine
-    (`hardware.choose_precision`). The copy lives on `device`; the runtime moves each batch there.
+    (`tune.choose_precision`). The copy lives on `device`; the runtime moves each batch there.
     """
     check_precision(precision, allow_auto=False)
     net = copy.deepcopy(model).eval()
