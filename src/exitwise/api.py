@@ -7,20 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import __version__
-from .study import analysis, calibration
+from .config import AttachConfig, DataConfig, TrainConfig, __version__
 from .data import Splits, load_splits
-from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
-from .errors import UserError
-from .study.logits_cache import ExitLogits, load_logits
 from .early_exit import EarlyExitModel
-from .study.frontiers import policy_frontiers
-from .config import AttachConfig, DataConfig, TrainConfig
+from .errors import UserError
+from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
 from .models import MODELS, ModelRef, check_fits, create_model, load_model, load_network, shipped_card, shipped_weights
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
+from .study import CalibrateConfig, StudyConfig, analysis, calibration, run_study, time_stages, write_study
+from .study.frontiers import policy_frontiers
+from .study.logits_cache import ExitLogits, load_logits
 from .study.results import CalibrationReport, CostUnit, Mark, SplitOutcome, StageTimes, StudyResults, from_json
-from .study import CalibrateConfig, StudyConfig, run_study, time_stages, write_study
 
 
 def study(*, model: str | Path, out: str | Path, data: DataConfig = DataConfig(), weights: str | Path | None = None,
