@@ -1,8 +1,8 @@
 """`TorchRunner`: an `EarlyExitModel` as a `deploy.runner.Runner`, on the offline runtime's pieces.
 
-The network is `runtime.prepare`d in the precision `hardware.tune` chooses (as `EarlyExitModel.run` does) and
+The network is `runtime.prepare`d in the precision `tune.tune` chooses (as `EarlyExitModel.run` does) and
 runs in the micro-batch it measures; a stage is `runtime.run_stage`, the exit decision the policy's own `step`
-and `analysis.leaves`, compaction `runtime.keep_rows`. So a served sample leaves where `EarlyExitModel.run`
+and `exit_rule.leaves`, compaction `runtime.keep_rows`. So a served sample leaves where `EarlyExitModel.run`
 lets it leave. `early_exit=False` is the baseline: the same network, side heads skipped, nobody leaves early.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .analysis import leaves
 from .deploy.runner import StepOut, model_name
 from .early_exit import EarlyExitModel
 from .errors import UserError
+from .exit_rule import leaves
 from .runtime import device_of, keep_rows, run_stage
 
 TUNE_IMAGES = 256  # random images the precision and micro-batch are chosen on (a server has no data set)
@@ -29,7 +29,7 @@ class TorchRunner:
                  micro_batch: int | None = None, name: str | None = None):
         if model.precision is None:
             from .data import ImageSet
-            from .hardware import tune
+            from .tune import tune
             c, h, w = model.network.input_shape
             g = torch.Generator().manual_seed(0)
             data = ImageSet(torch.randint(0, 256, (TUNE_IMAGES, h, w, c), dtype=torch.uint8, generator=g),
@@ -37,7 +37,7 @@ class TorchRunner:
             tuned = tune(model.network, data, precision, micro_batch, check_images=TUNE_IMAGES)
             self.network, self.precision, self.micro_batch = tuned.network, tuned.precision, tuned.micro_batch
         else:
-            from .hardware import DEFAULT_MICRO_BATCH
+            from .config import DEFAULT_MICRO_BATCH
             self.network, self.precision = model.network, model.precision
             self.micro_batch = micro_batch or DEFAULT_MICRO_BATCH
         self.model, self.early_exit = model, early_exit

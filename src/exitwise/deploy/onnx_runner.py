@@ -7,14 +7,16 @@ from typing import Sequence
 
 import numpy as np
 
-from ..onnx_runtime import MICRO_BATCH, OnnxEarlyExit, as_input, softmax
+from ..config import DEFAULT_MICRO_BATCH
+from ..exit_rule import softmax
+from .onnx_runtime import OnnxEarlyExit, as_input
 from .runner import StepOut, model_name
 
 
 class OnnxRunner:
     platform = "onnxruntime"
 
-    def __init__(self, model: OnnxEarlyExit, early_exit: bool = True, micro_batch: int = MICRO_BATCH):
+    def __init__(self, model: OnnxEarlyExit, early_exit: bool = True, micro_batch: int = DEFAULT_MICRO_BATCH):
         self.model, self.early_exit, self.micro_batch = model, early_exit, micro_batch
         self.num_exits = model.num_exits
         self.input_shape = tuple(model.input_shape)
