@@ -8,6 +8,7 @@ one-line JSON body `{"error": "..."}`; SIGTERM stops accepting, answers what was
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from concurrent.futures import Future
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..errors import UserError
 from .metrics import Metrics
 from .oip import BadRequest, decode_images, infer_response, model_metadata, parse_infer, predictions
 from .runner import Runner
@@ -204,12 +206,15 @@ def serve(runner: Runner, config: ServeConfig = ServeConfig(), log_level: str = 
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((config.host, config.port))
+        sock.listen(2048)  # connections queue from the moment the line below is printed
     except OSError as e:
         app.state.scheduler.close(1)
-        from ..errors import UserError
         raise UserError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False,
                                            timeout_graceful_shutdown=config.scheduler.timeout_ms / 1e3 + 5))
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so the exit is 0
+        signal.signal(signal.SIGTERM, lambda *_: None)
     print(f"exitwise: serving {runner.name} ({runner.platform}) on http://{host}:{port}", flush=True)
     server.run(sockets=[sock])
