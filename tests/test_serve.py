@@ -193,11 +193,16 @@ def test_served_answers_equal_early_exit_model_run_on_torch(digits):
         assert server.metric("exitwise_batch_size_count", stage="1") >= 1
     finally:
         server.stop()
+    assert_same_as_run(model, data, expected, exits, predictions)
+    assert set(exits) == {0, 1, 2}
+
+
+def assert_same_as_run(model, data, expected, exits, predictions) -> None:
+    """Served exits and predictions equal `EarlyExitModel.run`'s, but where a score is within NEAR of a threshold."""
     scores = model.policy.scores(torch.from_numpy(all_exit_logits(prepare(model.network), data).logits)).numpy()[:-1]
     borderline = (np.abs(scores - model.thresholds.astype(np.float32)[:, None]) <= NEAR).any(0)
     differ = (exits != expected.exits) | (predictions != expected.predictions)
     assert not (differ & ~borderline).any()
-    assert set(exits) == {0, 1, 2}
 
 
 def test_no_early_exit_serves_the_full_network(digits):
@@ -429,3 +434,47 @@ def test_serve_refuses_bad_flags_in_one_line(digits, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def cifar_test_jpegs(n: int, every: int = 10) -> tuple[list[bytes], list[int], tuple[str, ...]]:
+    """Every `every`-th CIFAR-10 test image of the shared archive as its JPEG bytes (the first n), with labels."""
+    import tarfile
+    from conftest import CIFAR_JPG
+    if not CIFAR_JPG.is_file():
+        pytest.skip("../shared/data/cifar10-jpg.tar.gz not present")
+    found = []
+    with tarfile.open(CIFAR_JPG, "r|gz") as archive:
+        for member in archive:
+            if member.isfile() and member.name.startswith("test/"):
+                found.append((member.name, archive.extractfile(member).read()))
+    found.sort()
+    classes = tuple(sorted({name.split("/")[1] for name, _ in found}))
+    chosen = found[::every][:n]
+    return [b for _, b in chosen], [classes.index(name.split("/")[1]) for name, _ in chosen], classes
+
+
+@pytest.mark.cifar
+def test_shipped_b_resnet11_serves_its_cards_calibrated_setting_as_early_exit_model_run():
+    from exitwise.data import ImageSet
+    from exitwise.deploy.oip import decode_images
+    from exitwise.models import shipped_card
+    from exitwise.serve_torch import load_early_exit
+    blobs, labels, classes = cifar_test_jpegs(200)
+    model = load_early_exit(model="b-resnet11")
+    setting = shipped_card("b-resnet11")["calibrated"]
+    assert model.policy.name == setting["policy"] and model.to_json()["thresholds"] == setting["thresholds"]
+    data = ImageSet(torch.from_numpy(decode_images(blobs, (3, 32, 32))), torch.tensor(labels), classes)
+    expected = model.run(data, precision="fp32")
+    server = Running(TorchRunner(model, precision="fp32", micro_batch=64))
+    try:
+        def send(i):
+            files = [("files", (f"{j}.jpg", b, "image/jpeg")) for j, b in enumerate(blobs[i:i + 20])]
+            return server.client.post("/v1/predict", files=files).json()["predictions"]
+        with ThreadPoolExecutor(4) as pool:
+            rows = [r for part in pool.map(send, range(0, 200, 20)) for r in part]
+    finally:
+        server.stop()
+    exits, predictions = np.array([r["exit"] for r in rows]), np.array([r["class_index"] for r in rows])
+    assert_same_as_run(model, data, expected, exits, predictions)
+    assert rows[0]["class"] in classes and (predictions == np.array(labels)).mean() > 0.8
+    assert len(set(exits)) >= 3  # the calibrated setting lets samples out early
