@@ -478,3 +478,26 @@ def test_shipped_b_resnet11_serves_its_cards_calibrated_setting_as_early_exit_mo
     assert_same_as_run(model, data, expected, exits, predictions)
     assert rows[0]["class"] in classes and (predictions == np.array(labels)).mean() > 0.8
     assert len(set(exits)) >= 3  # the calibrated setting lets samples out early
+
+
+def test_tritonclient_speaks_to_the_server(digits, onnx_server):
+    """docs/serve.md's tritonclient example, binary tensors both ways (skipped without tritonclient[http])."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    _, data, out = digits
+    images = data.images.numpy()[:5]
+    expected = OnnxEarlyExit.load(out / "onnx").run(images)
+    client = httpclient.InferenceServerClient(onnx_server.url.removeprefix("http://"))
+    try:
+        assert client.is_server_ready() and client.get_model_metadata("digits-convnet")["name"] == "digits-convnet"
+        encoded = httpclient.InferInput("image", [5], "BYTES")
+        encoded.set_data_from_numpy(np.array([png(im) for im in images], dtype=np.object_))
+        pixels = httpclient.InferInput("image", [5, 1, 8, 8], "UINT8")
+        pixels.set_data_from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        for tensor in (encoded, pixels):
+            result = client.infer("digits-convnet", [tensor])
+            assert result.as_numpy("exit").tolist() == expected.exits.tolist()
+            assert result.as_numpy("class_index").tolist() == expected.predictions.tolist()
+            assert [label.decode() if isinstance(label, bytes) else label for label in result.as_numpy("label")] == [
+                "abcdefghij"[c] for c in expected.predictions]
+    finally:
+        client.close()
