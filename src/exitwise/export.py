@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from .config import __version__
 from .models.costs import stage_and_head_macs
 from .early_exit import EarlyExitModel
 from .errors import UserError

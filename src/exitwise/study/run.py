@@ -19,63 +19,22 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import __version__
+from ..config import __version__, check_micro_batch, check_precision
+from .config import StudyConfig
 from . import analysis, calibration
 from ..models.costs import backbone_macs, exit_macs
 from ..data import ImageSet, Splits
 from ..early_exit import EarlyExitModel
-from ..errors import UserError
 from .frontiers import Split, latency_frontier, policy_frontiers
 from ..io import atomic_write_json, staged_output
 from .logits_cache import FILENAME as LOGITS_FILENAME, ExitLogits, save_logits
-from ..models.base import MultiExitNetwork
-from ..config import check_micro_batch, check_precision
+from ..models import ModelRef, MultiExitNetwork
 from ..device import machine, machine_load, resolve_device
 from ..tune import tune
 from ..policies import POLICIES, ExitArrays, exit_arrays, get_policy
 from .results import (NEVER, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FullNetwork, Gap, Leavers, Mark, Oracle,
                       Outcome, Overthinking, Setting, StudyResults, SweepPoint, TimedRun, TimingCheck, TimingModel)
 from ..runtime import Run, all_exit_logits, run_early_exit, warm_up
-
-DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
-
-
-@dataclass
-class StudyConfig:
-    cutoff: float = 0.6
-    num_cutoffs: int = 100
-    desired_accuracies: tuple[float, ...] = DEFAULT_DESIRED
-    methods: tuple[str, ...] = ("per-exit", "seed-percentile")
-    policy: str = "entropy"
-    batch_size: int = 256
-    precision: str = "auto"      # auto: the fastest of fp32, bf16, mixed measured here that agrees with fp32
-    precision_check_images: int = 1000
-    device: str = "auto"         # auto: cuda, else mps, else cpu
-    micro_batch: int | None = None  # rows through the network together; None: the fastest, measured here
-    timing_check_images: int = 1000  # the first test images every real early-exit run is timed on
-    within_points: float = 0.5
-    delta: float = calibration.DEFAULT_DELTA  # allowed failure probability of the "guaranteed" calibration
-    progress: bool = True
-
-    def __post_init__(self):
-        self.desired_accuracies, self.methods = tuple(self.desired_accuracies), tuple(self.methods)
-        if not np.isfinite(self.cutoff) or self.cutoff < 0:
-            raise UserError(f"cutoff must be a non-negative number, got {self.cutoff}")
-        for d in self.desired_accuracies:
-            calibration.check_desired_accuracy(d)
-        calibration.check_delta(self.delta)
-        unknown = [m for m in self.methods if m not in calibration.METHODS]
-        if unknown:
-            raise UserError(f"unknown calibration method {unknown[0]!r}; known: {', '.join(calibration.METHODS)}")
-        if self.batch_size < 1:
-            raise UserError(f"batch size must be positive, got {self.batch_size}")
-        if get_policy(self.policy).max_score(2) <= 0:  # patience: thresholds are -p, no cutoff range to sweep
-            raise UserError(f"the study sweeps cutoffs from 0 up: use entropy, max-prob or margin; the "
-                            f"{self.policy!r} policy is in every study's frontiers and in `exitwise calibrate`")
-        check_precision(self.precision)
-        check_micro_batch(self.micro_batch)
-        resolve_device(self.device)
-
 
 def seconds_per_sample(run: Run, reach: np.ndarray) -> np.ndarray:
     """Each stage's measured time over the samples that ran it; the loop's time outside the stages
@@ -88,7 +47,7 @@ def seconds_per_sample(run: Run, reach: np.ndarray) -> np.ndarray:
 # ---- 1. measure: everything that needs the model
 
 
-def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> ExitLogits:
+def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, ref: ModelRef) -> ExitLogits:
     """Every exit's logits on validation and test, and the per-stage cost model: the precision probe, one
     all-exits pass per split, and a real early-exit run at the fixed cutoff (what `logits.safetensors` holds)."""
     k_exits = model.num_exits
@@ -113,7 +72,7 @@ def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_
                 "full_network_seconds": test_run.trunk_seconds,
                 "fixed_cutoff": {"policy": config.policy, "cutoff": config.cutoff, "images": len(timed),
                                  "seconds": fixed_run.seconds, "stage_seconds": fixed_run.stage_seconds}}
-    info = {"model": model_info, "dataset": splits.describe(), "precision": precision, "batch_size": config.batch_size,
+    info = {"model": ref.to_json(), "dataset": splits.describe(), "precision": precision, "batch_size": config.batch_size,
             "micro_batch": micro_batch, "machine": machine(device).to_json(),
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "software": software_versions(),
             "precision_check": tuned.precision_check, "micro_batch_probe": tuned.micro_batch_probe, "backbone_macs": full_macs,
@@ -371,12 +330,12 @@ class Study:
     early_exit: EarlyExitModel  # the fastest setting within `within_points`, as early_exit.json names it
 
 
-def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> Study:
+def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, ref: ModelRef) -> Study:
     """The whole study: measure, analyse, verify."""
-    logits = measure(model, splits, config, model_info)
+    logits = measure(model, splits, config, ref)
     results = verify(model, splits.test, analyse(logits, config), config)
     chosen = results.best.fastest_within_points.setting
-    return Study(results, logits, EarlyExitModel.create(model, model_info["name"], chosen.policy, chosen.thresholds,
+    return Study(results, logits, EarlyExitModel.create(model, ref.name, chosen.policy, chosen.thresholds,
                                                         class_names=splits.test.classes))
 
 
