@@ -367,9 +367,6 @@ def test_a_client_that_leaves_has_its_samples_dropped(digits):
 
 
 CLI = "from exitwise.cli import main\nsys.exit(main(sys.argv[1:]))"
-# the server alone, as `exitwise serve --export` runs it, for as long as exitwise.cli imports torch at its top
-SERVER = ("from exitwise.deploy.onnx_runner import OnnxRunner\nfrom exitwise.deploy.server import ServeConfig, serve\n"
-          "serve(OnnxRunner.load(sys.argv[3]), ServeConfig(port=0))")
 
 
 def start_cli_server(args: list[str], block_torch: bool = False, code: str = CLI) -> tuple[subprocess.Popen, str]:
@@ -410,12 +407,9 @@ def test_sigterm_answers_what_was_accepted_refuses_new_requests_and_exits_0(digi
         process.kill()
 
 
-@pytest.mark.parametrize("code", [SERVER, pytest.param(CLI, marks=pytest.mark.xfail(
-    strict=True, reason="exitwise.cli imports torch at its top until issue 24's rewrite of cli.py lands"))],
-    ids=["server", "cli"])
-def test_the_onnx_server_runs_without_torch(digits, code):
+def test_the_onnx_server_runs_without_torch(digits):
     _, data, out = digits
-    process, url = start_cli_server(["--export", str(out / "onnx")], block_torch=True, code=code)
+    process, url = start_cli_server(["--export", str(out / "onnx")], block_torch=True)
     try:
         answer = httpx.post(url + "/v1/predict", content=png(data.images[0].numpy()), timeout=20)
         assert answer.status_code == 200 and answer.json()["predictions"][0]["exit"] in (0, 1, 2)

@@ -20,12 +20,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
 from ..errors import UserError
 from .metrics import Metrics
 from .oip import BadRequest, decode_images, infer_response, model_metadata, parse_infer, predictions
 from .runner import Runner
 from .scheduler import Answer, Expired, QueueFull, Scheduler, SchedulerConfig
+
+
+def _version() -> str:
+    """exitwise's version, as installed (the package's `__version__` is a layer above deploy/)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("exitwise")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         yield
         await asyncio.get_running_loop().run_in_executor(None, scheduler.close, timeout + 5)
 
-    app = FastAPI(title="exitwise", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="exitwise", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler, app.state.metrics, app.state.runner = scheduler, metrics, runner
 
     def check_model(model: str) -> None:
@@ -136,7 +144,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.get("/v2")
     async def server_metadata():
-        return {"name": "exitwise", "version": __version__, "extensions": ["binary_tensor_data"]}
+        return {"name": "exitwise", "version": _version(), "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/models/{model}")
     async def metadata(model: str):
