@@ -31,8 +31,8 @@ import uvicorn
 from exitwise.api import export
 from exitwise.deploy.onnx_runner import OnnxRunner
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
-from exitwise.deploy.scheduler import SchedulerConfig
-from exitwise.deploy.server import ServeConfig, create_app
+from exitwise.config import SchedulerConfig, ServeConfig
+from exitwise.deploy.server import create_app
 from exitwise.early_exit import EarlyExitModel
 from exitwise.models import create_model
 from exitwise.policies import get_policy

@@ -18,7 +18,7 @@ from exitwise.api import export
 from exitwise.deploy.onnx_runner import OnnxRunner
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.deploy.ray_serve import start_on_ray
-from exitwise.deploy.server import ServeConfig
+from exitwise.config import ServeConfig
 from exitwise.early_exit import EarlyExitModel
 from exitwise.models import create_model
 

@@ -13,7 +13,8 @@ from typing import Callable
 
 from ..errors import UserError
 from .runner import Runner
-from .server import ServeConfig, create_app
+from ..config import ServeConfig
+from .server import create_app
 
 APP_NAME = "exitwise"
 

@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -20,11 +19,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..config import ServeConfig
 from ..errors import UserError
 from .metrics import Metrics
 from .oip import BadRequest, decode_images, infer_response, model_metadata, parse_infer, predictions
 from .runner import Runner
-from .scheduler import Answer, Expired, QueueFull, Scheduler, SchedulerConfig
+from .scheduler import Answer, Expired, QueueFull, Scheduler
 
 
 def _version() -> str:
@@ -34,15 +34,6 @@ def _version() -> str:
         return version("exitwise")
     except PackageNotFoundError:
         return "unknown"
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Everything `exitwise serve` sets besides the model (defaults here only)."""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_mb: float = 16.0
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
 def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
