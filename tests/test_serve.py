@@ -343,25 +343,32 @@ def test_under_three_times_the_sustainable_load_every_request_gets_an_answer(dig
     assert counts.get(200, 0) > 0 and counts.get(503, 0) + counts.get(504, 0) > 0, counts
 
 
-def test_a_client_that_leaves_has_its_samples_dropped(digits):
-    _, _, out = digits
-    config = ServeConfig(scheduler=SchedulerConfig(max_batch=64, max_wait_ms=800))
-    server = Running(OnnxRunner.load(out / "onnx"), config)
+class FirstStageSlow(SlowRunner):
+    def step(self, k, features, state):
+        if k == 0:
+            time.sleep(0.6)
+        return self.runner.step(k, features, state)
+
+
+def test_a_client_that_leaves_mid_request_has_its_samples_dropped_from_later_stages(digits):
+    _, data, out = digits
+    expected = OnnxEarlyExit.load(out / "onnx").run(data.images.numpy())
+    deep = data.images.numpy()[expected.exits == 2][:3]  # these would run every stage
+    server = Running(FirstStageSlow(OnnxRunner.load(out / "onnx")))
     try:
-        body = json.dumps(zeros_request(3)).encode()
+        body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(deep.shape),
+                                       "parameters": {"layout": "NHWC"}, "data": deep.ravel().tolist()}]}).encode()
         with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=5) as s:
             s.sendall(b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            deadline = time.monotonic() + 5
-            while server.metric("exitwise_samples_inside") < 3 and time.monotonic() < deadline:
-                time.sleep(0.02)
-        # gone before its batch ran: its 3 samples are dropped when the first stage would take them
-        deadline = time.monotonic() + 5
-        while server.metric("exitwise_dropped_samples_total", reason="disconnected") < 3 and time.monotonic() < deadline:
+            time.sleep(0.3)  # stage 0 is running their batch; then the client goes away
+        deadline = time.monotonic() + 10
+        while server.metric("exitwise_samples_inside") > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert server.metric("exitwise_batch_size_count", stage="0") == 1  # stage 0 ran them
         assert server.metric("exitwise_dropped_samples_total", reason="disconnected") == 3
-        assert server.metric("exitwise_batch_size_count", stage="0") == 0  # nothing of theirs ran
-        assert server.metric("exitwise_samples_inside") == 0
+        assert server.metric("exitwise_batch_size_count", stage="1") == 0  # and nothing after it did
+        assert server.metric("exitwise_rejected_requests_total", reason="disconnected") == 1
     finally:
         server.stop()
 
