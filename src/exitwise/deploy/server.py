@@ -62,6 +62,8 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
             futures = scheduler.submit(images)
         except QueueFull as e:
             raise BadRequest(503, f"overloaded, try again: {e}") from None
+        if not futures:
+            return []
         loop = asyncio.get_running_loop()
         all_done = loop.create_future()
         left, lock = [len(futures)], threading.Lock()
@@ -86,7 +88,9 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
                     f.cancel()
                 raise BadRequest(499, "client disconnected")
             raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
-        errors = [f.exception() for f in futures if f.cancelled() or f.exception() is not None]
+        if any(f.cancelled() for f in futures):
+            raise BadRequest(499, "client disconnected")
+        errors = [f.exception() for f in futures if f.exception() is not None]
         if any(isinstance(e, Expired) for e in errors):
             raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
         if errors:
