@@ -106,3 +106,8 @@ def test_no_import_circles():
 
 def test_the_shims_are_imported_by_nothing_inside():
     assert [a for a, (inside, _) in GRAPH.items() for b in inside if b in SHIMS] == []
+
+
+def test_device_facts_are_a_leaf_and_tuning_sits_above_the_runtime():
+    assert all(layer(b) == 0 for b in GRAPH["device"][0])
+    assert "runtime" in GRAPH["tune"][0] and "tune" not in GRAPH["runtime"][0]

@@ -7,20 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import __version__
-from .study import analysis, calibration
+from .config import AttachConfig, DataConfig, TrainConfig, __version__
 from .data import Splits, load_splits
-from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
-from .errors import UserError
-from .study.logits_cache import ExitLogits, load_logits
 from .early_exit import EarlyExitModel
-from .study.frontiers import policy_frontiers
-from .config import AttachConfig, DataConfig, TrainConfig
+from .errors import UserError
+from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
 from .models import MODELS, ModelRef, check_fits, create_model, load_model, load_network, shipped_card, shipped_weights
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
+from .study import CalibrateConfig, StudyConfig, analysis, calibration, run_study, time_stages, write_study
+from .study.frontiers import policy_frontiers
+from .study.logits_cache import ExitLogits, load_logits
 from .study.results import Mark, StudyResults, to_json
-from .study import CalibrateConfig, StudyConfig, run_study, time_stages, write_study
 
 
 def study(*, model: str | Path, out: str | Path, data: DataConfig = DataConfig(), weights: str | Path | None = None,
@@ -211,12 +209,13 @@ def _evaluation(arrays: ExitArrays, thresholds: np.ndarray, cache: ExitLogits) -
 
 def export(out: str | Path, *, source: str | Path | None = None, model: str | None = None,
            weights: str | Path | None = None, thresholds: str | Path | None = None,
-           exporter: str = "dynamo") -> dict:
+           exporter: str = "dynamo", micro_batch: int | None = None) -> dict:
     """An early-exit model as one ONNX graph per stage and per head plus manifest.json in `out` (docs/deploy.md).
 
     The model is `source`, a saved EarlyExitModel (a study's or calibration's output folder, or its
     early_exit.json); or the registered `model` with `weights` (default: shipped) and `thresholds`, a JSON
-    file with `policy`, `thresholds` and optional `temperatures` and `class_names` (an early_exit.json is one)."""
+    file with `policy`, `thresholds` and optional `temperatures` and `class_names` (an early_exit.json is one).
+    `micro_batch`: the runner's, recorded in the manifest (default: measured fastest here)."""
     from .early_exit import saved_weights_sha256
     from .export import export_onnx
     if (source is None) == (model is None):
@@ -236,7 +235,7 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
                                            setting.get("temperatures"), classes)
         sha256 = ref.weights_sha256
     check_writable_dir(out)
-    return export_onnx(early_exit, out, weights_sha256=sha256, exporter=exporter)
+    return export_onnx(early_exit, out, weights_sha256=sha256, exporter=exporter, micro_batch=micro_batch)
 
 
 def _read_setting(path: str | Path, model: str) -> dict:

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--micro-batch", type=int, help="with --device: rows per micro-batch (default: measured there)")
 
     export = sub.add_parser("export", help="an early-exit model as one ONNX graph per stage and per head plus "
-                                           "manifest.json, for exitwise.onnx_runtime and `exitwise predict`")
+                                           "manifest.json, for exitwise.deploy.onnx_runtime and `exitwise predict`")
     export.add_argument("--from", dest="source", type=Path,
                         help="a saved early-exit model: a study's or calibration's output folder (early_exit.json)")
     export.add_argument("--model", help="or a registered model (see `exitwise models`), with --thresholds")
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="output directory")
     export.add_argument("--exporter", default="dynamo", help="dynamo (default: torch.export, falling back to "
                                                              "torchscript per graph where it fails) or torchscript")
+    export.add_argument("--micro-batch", type=int, help="rows the runner sends through the graphs together, recorded "
+                                                        "in the manifest (default: the fastest, measured here)")
 
     pred = sub.add_parser("predict", help="classify images with an ONNX export (early exit on ONNX Runtime, no torch)")
     pred.add_argument("--export", type=Path, required=True, help="a folder written by `exitwise export`")
@@ -190,7 +192,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise UserError("give --model or --model-dir, not both")
     model = str(args.model_dir) if args.model_dir else args.model
     manifest = export(args.out, source=args.source, model=model, weights=args.weights,
-                      thresholds=args.thresholds, exporter=args.exporter)
+                      thresholds=args.thresholds, exporter=args.exporter, micro_batch=args.micro_batch)
     graphs = manifest["stages"] + manifest["heads"]
     exporters = sorted({g["exporter"] for g in graphs})
     print(f"exported {manifest['model']} ({len(manifest['stages'])} stages, {len(manifest['heads'])} heads; "

@@ -72,9 +72,9 @@ class EarlyExitModel:
     def run(self, data, *, precision: str | None = None, batch_size: int = 256, micro_batch: int | None = None,
             progress: bool = False):
         """Real early exit over an ImageSet (see `runtime.run_early_exit`): each sample's exit and prediction.
-        Runs a prepared model as it is (micro-batch default: `hardware.DEFAULT_MICRO_BATCH`); otherwise prepares
+        Runs a prepared model as it is (micro-batch default: `config.DEFAULT_MICRO_BATCH`); otherwise prepares
         a copy for this run in `precision` (default "auto") and the micro-batch measured fastest on this machine
-        (`hardware.tune`)."""
+        (`tune.tune`)."""
         from .config import DEFAULT_MICRO_BATCH
         from .tune import tune
         from .runtime import run_early_exit

@@ -311,7 +311,7 @@ def _finish(model: MultiExitNetwork, name: str, splits: Splits, config: TrainCon
             "train_seconds": seconds, "precision": config.precision, "precision_probe": precision_probe,
             "machine": {**machine(device).to_json(), "platform": platform.platform(), "processes": world},
             "val_accuracy": history[-1]["val_accuracy"] if history else None, "test_accuracy": test,
-            "exit_macs": exit_macs(model), "heads": head_report(model, getattr(model, "exit_names", None)),
+            "exit_macs": exit_macs(model), "heads": head_report(model, model.exit_names),
             "history": history, "weights": WEIGHTS, "exitwise_version": __version__}
     atomic_write_json(out / CARD, card)
     return card
