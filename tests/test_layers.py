@@ -12,7 +12,7 @@ LAYERS = [
     ("core", {"errors", "io", "progress", "images", "config", "exit_rule", "allocator"}),
     ("models, deploy", {"models", "deploy"}),
     ("wings", {"device", "policies", "runtime", "tune", "data", "train"}),
-    ("study, early_exit, export", {"study", "early_exit", "export"}),
+    ("study, early_exit, export", {"study", "early_exit", "export", "serve_torch"}),
     ("api", {"api"}),
     ("cli", {"cli", "__main__", ""}),  # "": the package itself, whose lazy `exitwise.attach` and `train_exits` reach down
 ]

@@ -173,3 +173,34 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+
+SERVE_RULES = ("deepest", "oldest", "request-level")  # which stage the serving scheduler runs next
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """`exitwise serve`'s batching (`deploy.scheduler`). With `max_wait_ms` 0 the worker never waits for a batch to
+    fill: what arrived while it ran the last one forms the next, so batches grow with the load by themselves."""
+    max_batch: int = option(64, "rows per stage call at most")
+    max_wait_ms: float = option(0.0, "how long the first stage waits for a full batch when nothing else waits")
+    max_queue: int = option(1024, "samples inside the server at most; more are refused with 503 at once")
+    timeout_ms: float = option(10_000.0, "a request not answered by then gets 504; its samples are dropped")
+    schedule: str = option("deepest", f"which stage runs next: {', '.join(SERVE_RULES)}")
+    first: int = 0               # the stages this scheduler runs: first..last (None: to the final exit)
+    last: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SERVE_RULES:
+            raise UserError(f"unknown schedule {self.schedule!r}; known: {', '.join(SERVE_RULES)}")
+        if self.max_batch < 1 or self.max_queue < 1 or not self.max_wait_ms >= 0 or not self.timeout_ms > 0:
+            raise UserError("max batch and max queue must be at least 1, max wait at least 0, timeout above 0")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `exitwise serve` sets besides the model."""
+    host: str = option("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
+    port: int = option(8000, "port (0: any free port, printed at start)")
+    max_body_mb: float = option(16.0, "request bodies over this many MiB get 413")
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
