@@ -1,0 +1,1 @@
+"""Deployment: the ONNX runner, predict, serving and tiers. Never imports torch."""
