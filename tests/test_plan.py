@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from exitwise.deploy.plan import (Link, NetworkCosts, Tier, placements, plan, parse_link, parse_tier,
-                                  reach_shares)
+                                  reach_shares, WireCost)
 from exitwise.errors import UserError
 
 # Three stages: 10, 20, 40 ms per image where the study timed them; half the images reach stage 1, a fifth
@@ -49,7 +49,7 @@ def test_minimize_traffic_within_a_latency_bound():
 
 def test_a_cheaper_wire_format_is_taken_only_within_the_tolerance():
     # int8 changes 0.05% of the answers at the cut after stage 0, 0.08% after stage 1: within 0.1 points
-    measured = NetworkCosts(**{**COSTS.__dict__, "wire_disagreement": {"int8": (0.0005, 0.0008)}})
+    measured = NetworkCosts(**{**COSTS.__dict__, "wire": WireCost(2000, {"int8": (0.0005, 0.0008)})})
     c = plan(TIERS, LINKS, measured, minimize="traffic", max_latency_ms=100).choice
     # 250 B of int8 features for a fifth of the images: .2 * 250 = 50 B; .2 * (40 + .25) ms on the link
     assert c.wire == "int8" and math.isclose(c.traffic_bytes, 50) and math.isclose(c.latency_ms, 88 + 8.05)

@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="list the decoded data sets cached to start runs fast (EXITWISE_CACHE_DIR "
                                          "or the user cache dir)")
     cache.add_argument("--clear", action="store_true", help="delete them (they are decoded again when needed)")
+    _add_plan_parser(sub)
     return parser
 
 
@@ -287,8 +288,79 @@ def cmd_cache(args: argparse.Namespace) -> None:
             measured.unlink(missing_ok=True)
 
 
+# `exitwise plan`: where to cut the network across tiers (exitwise.deploy.plan, docs/tiers.md)
+
+def _add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="place a study's stages on tiers (device, edge, cloud) from measured costs: "
+                                    "every placement's predicted latency and bytes per link; writes the best")
+    p.add_argument("--from", dest="source", type=Path, required=True, help="a study's output folder (logits, "
+                                                                              "thresholds, stage times)")
+    p.add_argument("--export", type=Path, help="its ONNX export (feature shapes; its thresholds are served); "
+                                               "default: the shapes from the study's model (needs torch)")
+    p.add_argument("--tier", action="append", default=[], required=True,
+                   help="NAME[:speed=S] (S x the speed of the machine the study timed on) or NAME:stage-ms=a/b/.. "
+                        "(measured there); in order, first the one the images arrive at")
+    p.add_argument("--link", action="append", default=[], help="FROM-TO:mbps=M,rtt-ms=R, one per consecutive pair")
+    p.add_argument("--minimize", default="latency", help="latency (default) or traffic")
+    p.add_argument("--max-latency-ms", type=float, help="only placements predicted within this latency per image")
+    p.add_argument("--images", nargs="+", type=Path, help="with --export: images (files, folders, .tar.gz) to "
+                                                          "measure fp16 and int8 features' cost; without, fp32 only")
+    p.add_argument("--wire-tolerance", type=float, help="most answers (percentage points) a cheaper wire format "
+                                                        "may change, summed over its cuts (default 0.1)")
+    p.add_argument("--out", type=Path, required=True, help="plan.json to write")
+
+
+def _feature_values_from_model(study: Path) -> tuple[tuple[int, ...], int]:
+    """Values in each stage's output but the last, and the input's bytes as uint8 pixels, by running zeros."""
+    import torch
+    from .early_exit import EarlyExitModel
+    net = EarlyExitModel.load(study).network.eval()
+    x, values = torch.zeros(1, *net.input_shape), []
+    with torch.no_grad():
+        for stage in net.stages[:-1]:
+            x = stage(x)
+            values.append(x[0].numel())
+    return tuple(values), int(torch.Size(net.input_shape).numel())
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from .deploy import plan as planning
+    from .io import atomic_write_json
+    tiers = [planning.parse_tier(t) for t in args.tier]
+    links = planning.check_chain(tiers, [planning.parse_link(l) for l in args.link])
+    if not args.out.parent.is_dir() or args.out.is_dir():
+        raise UserError(f"--out {str(args.out)!r}: give a file in an existing folder")
+    if args.images and not args.export:
+        raise UserError("--images measures the wire formats on an ONNX export: give --export too")
+    wire, setting = None, None
+    if args.export:
+        from .onnx_runtime import OnnxEarlyExit
+        runner = OnnxEarlyExit.load(args.export)
+        values, input_bytes = planning.export_shapes(runner.manifest)
+        setting = runner.manifest
+        if args.images:
+            from .images import read_images
+            wire = planning.measure_wire(runner, read_images(args.images, runner.input_shape)[1])
+    else:
+        values, input_bytes = _feature_values_from_model(args.source)
+    costs = planning.study_costs(args.source, values, input_bytes, wire, setting)
+    tolerance = planning.WIRE_TOLERANCE_POINTS if args.wire_tolerance is None else args.wire_tolerance
+    result = planning.plan(tiers, links, costs, minimize=args.minimize, max_latency_ms=args.max_latency_ms,
+                           wire_tolerance_points=tolerance)
+    print(planning.format_candidates(result))
+    if wire is not None:
+        for fmt, shares in wire.disagreement.items():
+            print(f"{fmt}: answers changed per cut (after stage 0, 1, ...) on {wire.images} images: "
+                  + ", ".join(f"{100 * s:.2f}%" for s in shares))
+    atomic_write_json(args.out, result.to_json())
+    c = result.choice
+    print(f"chosen (*): {c.latency_ms:.1f} ms and {c.traffic_bytes:,.0f} B over the links per image, wire {c.wire}; "
+          f"written: {args.out.resolve()}")
+
+
 COMMANDS = {"study": cmd_study, "train": cmd_train, "attach": cmd_attach, "calibrate": cmd_calibrate,
-            "export": cmd_export, "predict": cmd_predict, "models": cmd_models, "cache": cmd_cache}
+            "export": cmd_export, "predict": cmd_predict, "models": cmd_models, "cache": cmd_cache,
+            "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

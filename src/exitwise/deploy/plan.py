@@ -28,7 +28,7 @@ import itertools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -83,21 +83,31 @@ class Link:
 
 
 @dataclass(frozen=True)
+class WireCost:
+    """The measured cost of the lossy wire formats: per format, per cut (after stage 0, 1, ..., K-2)."""
+    images: int
+    disagreement: dict                 # format -> shares of images whose exit or prediction differs from fp32's
+    accuracy_change_points: dict | None = None  # format -> accuracy minus fp32's accuracy, in points (with labels)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class NetworkCosts:
     """What the planner knows of the network: K stages, per sample."""
     stage_seconds: tuple[float, ...]     # (K,) seconds of stage k and its head, on the machine the study timed on
     reach: tuple[float, ...]             # (K,) share of images that run stage k at the chosen thresholds
     feature_values: tuple[int, ...]      # (K - 1,) values in stage k's output (what a cut after stage k sends)
     input_bytes: int                     # the original image: uint8 pixels
-    wire_disagreement: dict = field(default_factory=dict)  # format -> (K - 1,) share of images whose exit or
-    #                                      prediction changes when the features cross after stage k in it
+    wire: WireCost | None = None         # the lossy formats' measured cost; without it only fp32 is used
 
     def __post_init__(self) -> None:
         k = len(self.stage_seconds)
         if k < 1 or len(self.reach) != k or len(self.feature_values) != k - 1:
             raise UserError(f"network costs disagree: {k} stage times, {len(self.reach)} reach shares, "
                             f"{len(self.feature_values)} feature sizes (need K, K and K - 1)")
-        for fmt, shares in self.wire_disagreement.items():
+        for fmt, shares in (self.wire.disagreement if self.wire else {}).items():
             if fmt not in FORMATS or len(shares) != k - 1:
                 raise UserError(f"wire disagreement for {fmt!r}: need one share per cut ({k - 1})")
 
@@ -108,7 +118,7 @@ class NetworkCosts:
     def to_json(self) -> dict:
         return {"stage_seconds": list(self.stage_seconds), "reach": list(self.reach),
                 "feature_values": list(self.feature_values), "input_bytes": self.input_bytes,
-                "wire_disagreement": {f: list(v) for f, v in self.wire_disagreement.items()}}
+                "wire": self.wire.to_json() if self.wire else None}
 
 
 @dataclass(frozen=True)
@@ -201,7 +211,7 @@ def _wire_for(cuts: Sequence[int], costs: NetworkCosts, tolerance_points: float)
     for fmt in CHEAPEST_FIRST:
         if fmt == "fp32":
             return fmt, 0.0
-        shares = costs.wire_disagreement.get(fmt)
+        shares = costs.wire.disagreement.get(fmt) if costs.wire else None
         if shares is not None:
             total = float(sum(shares[c - 1] for c in cuts))
             if 100 * total <= tolerance_points + 1e-12:
@@ -338,6 +348,9 @@ def parse_link(text: str) -> Link:
                 _number(options["rtt-ms"], f"--link {text!r}"))
 
 
+_SHORT = {"input": "image", "features": "feat", "nothing": ""}
+
+
 def format_candidates(p: Plan) -> str:
     """Every candidate as a table row: each tier's stages, the wire format, latency, bytes per link."""
     names = [t.name for t in p.tiers]
@@ -347,7 +360,7 @@ def format_candidates(p: Plan) -> str:
     rows = [f"   {head}"]
     for i, c in enumerate(p.candidates):
         stages = "  ".join(f"{(f'{r[0]}-{r[1]}' if r else '-'):>8s}" for r in c.stages)
-        traffic = "  ".join(f"{x.bytes:>10.0f} {x.payload[:5]:>5s}" for x in c.links)
+        traffic = "  ".join(f"{x.bytes:>10.0f} {_SHORT[x.payload]:>5s}" for x in c.links)
         rows.append(f"{'*' if i == p.chosen else ' '}  {stages}  {c.wire:>4s}  {c.latency_ms:8.2f}  {traffic}")
     return "\n".join(rows)
 
@@ -415,27 +428,20 @@ def export_shapes(manifest: dict) -> tuple[tuple[int, ...], int]:
     return values, int(np.prod(manifest["input"]["shape"][1:]))
 
 
-def study_costs(folder: str | Path, feature_values: Sequence[int], input_bytes: int,
-                wire_disagreement: dict | None = None) -> NetworkCosts:
-    """The planner's inputs from a study: its stage times and the reach of each stage at its thresholds."""
+def study_costs(folder: str | Path, feature_values: Sequence[int], input_bytes: int, wire: WireCost | None = None,
+                setting: dict | None = None) -> NetworkCosts:
+    """The planner's inputs from a study: its stage times and the reach of each stage at its thresholds, or at
+    `setting`'s (policy, temperatures, thresholds: an export's manifest, which is what the tiers will serve)."""
     logits, seconds, config = read_study(folder)
+    if setting is not None:
+        if len(setting["thresholds"]) != len(config["thresholds"]):
+            raise UserError(f"the export has {len(setting['thresholds']) + 1} exits, the study {len(seconds)}")
+        config = setting
     if len(feature_values) != len(seconds) - 1:
         raise UserError(f"the export has {len(feature_values) + 1} stages, the study {len(seconds)}")
     reach = reach_shares(exit_scores(logits, config.get("policy", "entropy"), config.get("temperatures")),
                          config["thresholds"])
-    return NetworkCosts(tuple(float(s) for s in seconds), reach, tuple(feature_values), int(input_bytes),
-                        dict(wire_disagreement or {}))
-
-
-@dataclass(frozen=True)
-class WireCost:
-    """The measured cost of the lossy wire formats: per format, per cut (after stage 0, 1, ..., K-2)."""
-    images: int
-    disagreement: dict                 # format -> shares of images whose exit or prediction differs from fp32's
-    accuracy_change_points: dict | None = None  # format -> accuracy minus fp32's accuracy, in points (with labels)
-
-    def to_json(self) -> dict:
-        return asdict(self)
+    return NetworkCosts(tuple(float(s) for s in seconds), reach, tuple(feature_values), int(input_bytes), wire)
 
 
 def measure_wire(runner, images: np.ndarray, formats: Sequence[str] = ("fp16", "int8"),
