@@ -15,7 +15,7 @@ import tempfile
 
 from exitwise.api import attach_model, load_model
 from exitwise.data import load_splits
-from exitwise.hardware import describe_load, machine, machine_load
+from exitwise.device import describe_load, machine, machine_load
 from exitwise.models.heads import MAP_HEAD_KINDS
 from exitwise.study import StudyConfig, run_study
 

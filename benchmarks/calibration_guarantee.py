@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exitwise import analysis, calibration
+from exitwise.study import analysis, calibration
 from exitwise.api import load_model
-from exitwise.costs import exit_macs
+from exitwise.models.costs import exit_macs
 from exitwise.data import load_splits
 from exitwise.policies import get_policy
-from exitwise.hardware import choose_precision, machine
+from exitwise.device import machine
+from exitwise.tune import choose_precision
 from exitwise.runtime import all_exit_logits, prepare
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

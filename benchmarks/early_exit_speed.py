@@ -20,16 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exitwise import analysis
+from exitwise.study import analysis
 from exitwise.api import load_model
-from exitwise.costs import backbone_macs, exit_macs
+from exitwise.models.costs import backbone_macs, exit_macs
 from exitwise.data import load_splits
 from exitwise.early_exit import EarlyExitModel
-from exitwise.frontiers import latency_frontier
+from exitwise.study.frontiers import latency_frontier
 from exitwise.models import shipped_models
-from exitwise.hardware import describe_load, machine, machine_load, resolve_device, tune
+from exitwise.device import describe_load, machine, machine_load, resolve_device
+from exitwise.tune import tune
 from exitwise.policies import exit_arrays, get_policy
-from exitwise.results import Setting
+from exitwise.study.results import Setting
 from exitwise.runtime import all_exit_logits, run_backbone, warm_up
 
 from timing_common import best_of_interleaved

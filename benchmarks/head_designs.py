@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from exitwise.api import ATTACH_DEFAULTS
-from exitwise.byom import attach, build_user_model, feature_shapes, load_user_weights
-from exitwise.costs import module_macs
+from exitwise.models.attach import attach, build_user_model, feature_shapes, load_user_weights
+from exitwise.models.costs import module_macs
 from exitwise.data import load_splits
-from exitwise.hardware import choose_train_precision, machine
+from exitwise.device import machine
+from exitwise.tune import choose_train_precision
 from exitwise.models.heads import MAP_HEAD_KINDS, map_head
 from exitwise.train import TrainConfig, augment
 

@@ -8,7 +8,7 @@ within 0.5 points of the final exit's validation accuracy), the model exported w
 (default exporter) into a temporary folder, then on the first --images test images: the full network
 (every stage and the final head, no side exits) and real early exit, on torch (the inference copy in the
 precision and micro-batch measured fastest on this machine, as the study chooses them) and on ONNX Runtime
-(`exitwise.onnx_runtime`: fp32, its 64-row micro-batches). Each timing is the best of --repeats runs, torch and
+(`exitwise.deploy.onnx_runtime`: fp32, its 64-row micro-batches). Each timing is the best of --repeats runs, torch and
 ONNX Runtime taking turns. The two runtimes' exits are compared too.
 """
 from __future__ import annotations
@@ -21,15 +21,16 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from exitwise import calibration
+from exitwise.study import calibration
 from exitwise.api import load_model
-from exitwise.costs import exit_macs
+from exitwise.models.costs import exit_macs
 from exitwise.data import load_splits
 from exitwise.early_exit import EarlyExitModel
 from exitwise.export import export_onnx
-from exitwise.hardware import describe_load, machine, machine_load, tune
+from exitwise.device import describe_load, machine, machine_load
+from exitwise.tune import tune
 from exitwise.models import shipped_models
-from exitwise.onnx_runtime import OnnxEarlyExit
+from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.policies import exit_arrays, get_policy
 from exitwise.runtime import all_exit_logits, run_backbone, run_early_exit, warm_up
 

@@ -28,7 +28,8 @@ import torch
 
 from exitwise.api import load_model
 from exitwise.data import load_splits
-from exitwise.hardware import AGREEMENT_REQUIRED, describe_load, machine, machine_load
+from exitwise.config import AGREEMENT_REQUIRED
+from exitwise.device import describe_load, machine, machine_load
 from exitwise.runtime import all_exit_logits, prepare
 from exitwise.study import StudyConfig, run_study, write_study
 

@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from exitwise.logits_cache import load_logits
-from exitwise.results import StudyResults, to_json
+from exitwise.study.logits_cache import load_logits
+from exitwise.study.results import StudyResults, to_json
 from exitwise.study import StudyConfig, analyse
 
 

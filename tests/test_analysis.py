@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from exitwise import analysis
+from exitwise.study import analysis
 from exitwise.errors import UserError
 
 # 3 exits x 4 samples; lower score = more confident

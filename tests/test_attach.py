@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from exitwise import attach
-from exitwise.costs import head_report, stage_and_head_macs
+from exitwise.models.costs import head_report, stage_and_head_macs
 from exitwise.errors import UserError
 from exitwise.models.heads import MixedPool, TokenHead
 from exitwise.runtime import all_exit_logits, prepare

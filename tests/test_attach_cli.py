@@ -94,7 +94,7 @@ def test_attach_writes_a_model_folder_the_study_and_loader_accept(tmp_path, caps
     assert results["model"]["name"] == str(out.resolve()) and len(results["exits"]) == 3
     chosen = EarlyExitModel.load(tmp_path / "study")  # the study's early_exit.json names the model folder
     assert chosen.model_name == str(out.resolve()) and chosen.network.num_exits == 3
-    onnx_runtime = pytest.importorskip("exitwise.onnx_runtime")  # and it deploys: --model-dir with its thresholds
+    onnx_runtime = pytest.importorskip("exitwise.deploy.onnx_runtime")  # and it deploys: --model-dir with its thresholds
     code, io = run(capsys, "export", "--model-dir", out, "--thresholds", tmp_path / "study" / "early_exit.json",
                    "--out", tmp_path / "onnx", "--exporter", "torchscript")
     assert code == 0, io.err

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from exitwise import analysis
-from exitwise.logits_cache import ExitLogits, save_logits
+from exitwise.study import analysis
+from exitwise.study.logits_cache import ExitLogits, save_logits
 from exitwise.policies import get_policy
 
 from test_cli import assert_user_error, run_cli
@@ -46,7 +46,7 @@ def calibrate(capsys, cache, out, *args):
 
 def on_test(cache, doc) -> dict:
     """The written thresholds re-applied to the cached test logits, independently of the command."""
-    from exitwise.logits_cache import load_logits
+    from exitwise.study.logits_cache import load_logits
     c = load_logits(cache)
     policy = get_policy(doc["policy"])
     if doc["temperatures"]:

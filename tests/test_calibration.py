@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from exitwise import analysis, calibration
+from exitwise.study import analysis, calibration
 from exitwise.errors import UserError
 
 

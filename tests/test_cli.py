@@ -11,7 +11,7 @@ from exitwise.cli import main
 from exitwise.data import CIFAR10_CLASSES
 from exitwise.early_exit import EarlyExitModel
 from exitwise.models import create_model
-from exitwise.results import StudyResults
+from exitwise.study.results import StudyResults
 
 
 def make_tree(root, per_class=3, size=32, skip_class=None):
@@ -146,7 +146,7 @@ def test_failure_mid_study_leaves_an_existing_output_dir_untouched(tmp_path, cap
         (out_dir / "accuracy_vs_cutoff.png").write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr("exitwise.report.write_report", broken_report)
+    monkeypatch.setattr("exitwise.study.report.write_report", broken_report)
     with pytest.raises(OSError):
         main([str(a) for a in study_args(make_tree(tmp_path / "d", 1), seed_weights, out)])
     assert sorted(p.name for p in out.iterdir()) == ["results.json"]

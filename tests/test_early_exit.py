@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from exitwise import analysis
+from exitwise.study import analysis
 from exitwise.early_exit import CONFIG_FILE, EarlyExitModel
 from exitwise.errors import UserError
 from exitwise.models import create_model

@@ -6,7 +6,7 @@ confident) and its chance of being right at exit k (1 - u (1 - 0.15 k)); later e
 import numpy as np
 import pytest
 
-from exitwise import analysis, calibration
+from exitwise.study import analysis, calibration
 from exitwise.errors import UserError
 
 COSTS = np.array([1.0, 2.0, 3.0, 4.0])  # cumulative cost of leaving at each exit

@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from exitwise import hardware
+from exitwise import device, tune
+from exitwise.config import AGREEMENT_REQUIRED
+from exitwise.device import machine, resolve_device
 from exitwise.errors import UserError
-from exitwise.hardware import (AGREEMENT_REQUIRED, choose_micro_batch, choose_precision, choose_train_precision,
-                               machine, pick_precision, resolve_device)
+from exitwise.tune import choose_micro_batch, choose_precision, choose_train_precision, pick_precision
 from exitwise.models import create_model
 from exitwise.runtime import prepare
 
@@ -68,7 +69,7 @@ def test_the_precision_timing_is_measured_once_per_architecture_and_machine(tmp_
     torch.manual_seed(5)
     first, check = choose_precision(create_model("digits-convnet"), data, "auto", check_images=100)
     assert check["timing_cached"] is False
-    monkeypatch.setattr(hardware, "seconds_per_call", lambda *a, **k: pytest.fail("timed again"))
+    monkeypatch.setattr(tune, "seconds_per_call", lambda *a, **k: pytest.fail("timed again"))
     torch.manual_seed(6)
     again, cached = choose_precision(create_model("digits-convnet"), data, "auto", check_images=100)  # new weights
     assert again == first and cached["timing_cached"] is True
@@ -80,7 +81,7 @@ def test_the_micro_batch_probe_runs_once_per_model_and_machine(tmp_path, monkeyp
     size, probe = choose_micro_batch(model, data, torch.device("cpu"), "fp32", batch_size=128, cache_dir=tmp_path)
     assert size in (16, 32, 64, 128) and set(probe["ms_per_image"]) == {"16", "32", "64", "128"}
     assert not probe["cached"]
-    monkeypatch.setattr(hardware, "seconds_per_call", lambda *a, **k: pytest.fail("probed again"))
+    monkeypatch.setattr(tune, "seconds_per_call", lambda *a, **k: pytest.fail("probed again"))
     again, cached = choose_micro_batch(model, data, torch.device("cpu"), "fp32", batch_size=128, cache_dir=tmp_path)
     assert again == size and cached["cached"]
     other = prepare(create_model("seed-branchynet"))  # another architecture is probed afresh
@@ -131,39 +132,39 @@ def test_tune_prepares_the_model_in_what_it_measured(tmp_path, monkeypatch):
     monkeypatch.setenv("EXITWISE_CACHE_DIR", str(tmp_path))
     torch.manual_seed(0)
     data = random_image_set(100)
-    tuned = hardware.tune(create_model("digits-convnet"), data, check_images=100, batch_size=64)
+    tuned = tune.tune(create_model("digits-convnet"), data, check_images=100, batch_size=64)
     assert tuned.precision == tuned.precision_check["precision"]
     assert tuned.micro_batch == tuned.micro_batch_probe["micro_batch"] and tuned.network.training is False
-    given = hardware.tune(create_model("digits-convnet"), data, "fp32", micro_batch=8)
+    given = tune.tune(create_model("digits-convnet"), data, "fp32", micro_batch=8)
     assert (given.precision, given.micro_batch, given.precision_check, given.micro_batch_probe) == ("fp32", 8, None, None)
 
 
 def test_busy_is_decided_by_what_other_processes_do_now_not_by_the_trailing_load_average(monkeypatch):
-    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # a job that ended a minute ago
-    monkeypatch.setattr(hardware, "cpu_busy_share", lambda: 0.02)
-    assert hardware.machine_load()["busy"] is False
-    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a job that has just started
-    monkeypatch.setattr(hardware, "cpu_busy_share", lambda: 0.6)
-    load = hardware.machine_load()
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # a job that ended a minute ago
+    monkeypatch.setattr(device, "cpu_busy_share", lambda: 0.02)
+    assert device.machine_load()["busy"] is False
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a job that has just started
+    monkeypatch.setattr(device, "cpu_busy_share", lambda: 0.6)
+    load = device.machine_load()
     assert load["busy"] is True and load["busy_share"] == 0.6
-    assert "other work used 60% of them just now" in hardware.describe_load(load) and "BUSY" in hardware.describe_load(load)
+    assert "other work used 60% of them just now" in device.describe_load(load) and "BUSY" in device.describe_load(load)
 
 
 def test_without_proc_stat_the_load_average_decides(monkeypatch):
-    monkeypatch.setattr(hardware, "cpu_busy_share", lambda: None)
-    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (99.0, 0.0, 0.0))
-    load = hardware.machine_load()
+    monkeypatch.setattr(device, "cpu_busy_share", lambda: None)
+    monkeypatch.setattr(device.os, "getloadavg", lambda: (99.0, 0.0, 0.0))
+    load = device.machine_load()
     assert load["busy"] is True and load["busy_share"] is None
-    assert "other work" not in hardware.describe_load(load)
+    assert "other work" not in device.describe_load(load)
 
 
-@pytest.mark.skipif(not hardware.Path("/proc/stat").is_file(), reason="needs /proc/stat (Linux)")
+@pytest.mark.skipif(not device.Path("/proc/stat").is_file(), reason="needs /proc/stat (Linux)")
 def test_the_busy_share_is_sampled_from_proc_stat():
-    share = hardware.cpu_busy_share(0.05)
+    share = device.cpu_busy_share(0.05)
     assert share is not None and 0.0 <= share <= 1.0
 
 
-@pytest.mark.skipif(not hardware.Path("/proc/stat").is_file(), reason="needs /proc/stat (Linux)")
+@pytest.mark.skipif(not device.Path("/proc/stat").is_file(), reason="needs /proc/stat (Linux)")
 def test_this_process_own_threads_are_not_other_work():
     import threading
     stop = threading.Event()
@@ -175,8 +176,8 @@ def test_this_process_own_threads_are_not_other_work():
     spinner = threading.Thread(target=spin)
     spinner.start()
     try:
-        share = hardware.cpu_busy_share(0.2)
+        share = device.cpu_busy_share(0.2)
     finally:
         stop.set()
         spinner.join()
-    assert share is not None and share < 0.5 / hardware.os.cpu_count()  # counted, the busy core would be 1 / cpus
+    assert share is not None and share < 0.5 / device.os.cpu_count()  # counted, the busy core would be 1 / cpus

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from exitwise.costs import backbone_macs, exit_macs, stage_and_head_macs
+from exitwise.models.costs import backbone_macs, exit_macs, stage_and_head_macs
 from exitwise.errors import UserError
 from exitwise.models import MODELS, create_model, load_weights, register_model
 

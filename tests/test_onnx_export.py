@@ -19,12 +19,12 @@ pytest.importorskip("onnxscript")
 from exitwise import export as export_module
 from exitwise.api import export, load_model
 from exitwise.cli import main
-from exitwise.costs import exit_macs
+from exitwise.models.costs import exit_macs
 from exitwise.data import ImageSet, load_splits
 from exitwise.early_exit import EarlyExitModel
 from exitwise.errors import UserError
 from exitwise.models import create_model
-from exitwise.onnx_runtime import OnnxEarlyExit, Policy
+from exitwise.deploy.onnx_runtime import OnnxEarlyExit, Policy
 from exitwise.policies import get_policy
 from exitwise.runtime import all_exit_logits, prepare, run_early_exit
 
@@ -121,7 +121,7 @@ def test_runtime_and_predict_work_with_torch_blocked(digits, tmp_path):
     _, data, out = digits
     Image.fromarray(data.images[0, :, :, 0].numpy()).save(tmp_path / "a.png")
     code = (f"import sys; sys.modules['torch'] = None\n"
-            f"from exitwise.predict import predict, write_predictions\n"
+            f"from exitwise.deploy.predict import predict, write_predictions\n"
             f"write_predictions(predict({str(out / 'onnx')!r}, [{str(tmp_path / 'a.png')!r}]), {str(tmp_path / 'p.json')!r})")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from exitwise import analysis, calibration
+from exitwise.study import analysis, calibration
 from exitwise.errors import UserError
 from exitwise.models import create_model
 from exitwise.models.base import MultiExitNetwork

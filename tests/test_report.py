@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from exitwise.report import PLOTS, format_calibration, format_summary, frontier_png, write_report
-from exitwise import results as results_module
+from exitwise.study.report import PLOTS, format_calibration, format_summary, frontier_png, write_report
+from exitwise.study import results as results_module
 from exitwise.errors import UserError
-from exitwise.results import Frontiers, StudyResults, from_json, to_json
+from exitwise.study.results import Frontiers, StudyResults, from_json, to_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXIT_ACCURACY = [0.5912, 0.7034, 0.7718]

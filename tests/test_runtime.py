@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from exitwise import analysis
+from exitwise.study import analysis
 from exitwise.models import create_model
 from exitwise.policies import entropy, get_policy
-from exitwise.hardware import DEFAULT_MICRO_BATCH as MICRO_BATCH
+from exitwise.config import DEFAULT_MICRO_BATCH as MICRO_BATCH
 from exitwise.runtime import fold_batch_norms, all_exit_logits, prepare, run_backbone, run_early_exit
 
 from conftest import random_image_set

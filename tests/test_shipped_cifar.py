@@ -34,7 +34,7 @@ def test_shipped_weights_reproduce_their_cards_check_subset_in_fp32(name, cifar_
 
 
 def test_the_smallest_shipped_model_reproduces_its_cards_full_test_accuracy(cifar_test):
-    from exitwise.costs import backbone_macs
+    from exitwise.models.costs import backbone_macs
     from exitwise.models import create_model
     name = min(shipped_models("cifar10"), key=lambda n: backbone_macs(create_model(n)))
     model, _ = load_model(name)

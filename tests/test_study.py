@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from exitwise import analysis
+from exitwise.study import analysis
 from exitwise.api import calibrate, load_model
 from exitwise.data import load_splits
 from exitwise.early_exit import EarlyExitModel
-from exitwise.logits_cache import load_logits, save_logits
+from exitwise.study.logits_cache import load_logits, save_logits
 from exitwise.policies import exit_arrays
-from exitwise.results import StudyResults
+from exitwise.study.results import StudyResults
 from exitwise.study import StudyConfig, analyse, measure, timing_subset
-from exitwise.frontiers import latency_frontier
+from exitwise.study.frontiers import latency_frontier
 from exitwise.policies import ExitArrays
 
 MACS = [10, 30, 100]

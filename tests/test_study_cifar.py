@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from exitwise import analysis
+from exitwise.study import analysis
 from exitwise.cli import main
-from exitwise.logits_cache import load_logits
+from exitwise.study.logits_cache import load_logits
 from exitwise.policies import get_policy
 
 from conftest import CIFAR_JPG, SEED_WEIGHTS

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import exitwise.train as train_module
-from exitwise.costs import exit_macs
+from exitwise.models.costs import exit_macs
 from exitwise.data import ImageSet, Splits
 from exitwise.errors import UserError
 from exitwise.models import create_model, load_weights

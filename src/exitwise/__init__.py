@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "attach":
-        from .byom import attach
+        from .models.attach import attach
         return attach
     if name == "train_exits":
         from .api import train_exits

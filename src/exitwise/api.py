@@ -8,26 +8,28 @@ from typing import Sequence
 
 import numpy as np
 
-from . import __version__, analysis, calibration
+from . import __version__
+from .study import analysis, calibration
 from .data import Splits, load_splits
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, file_sha256, staged_output
 from .errors import UserError
-from .logits_cache import ExitLogits, load_logits
+from .study.logits_cache import ExitLogits, load_logits
 from .early_exit import EarlyExitModel
-from .frontiers import policy_frontiers
-from .hardware import check_micro_batch, check_precision, resolve_device
+from .study.frontiers import policy_frontiers
+from .config import check_micro_batch, check_precision
+from .device import resolve_device
 from .models import (MODELS, check_fits, check_unchanged, create_model, load_weights, shipped_card, shipped_weights,
                      weight_files)
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
-from .results import Mark, StudyResults, to_json
+from .study.results import Mark, StudyResults, to_json
 from .study import StudyConfig, run_study, time_stages, write_study
 
 
 def load_model(name: str | Path, weights: str | Path | None = None) -> tuple[MultiExitNetwork, dict]:
     """A registered model with its weights (given, or shipped with the package), or the attached model in a folder
     `exitwise attach` wrote (its own weights), and a description of either."""
-    from .byom import is_model_dir
+    from .models.attach import is_model_dir
     if weights is None and is_model_dir(name):
         model = create_model(name)
         path = Path(name) / "model.safetensors"
@@ -68,7 +70,7 @@ def train(*, dataset: str, data_dir: str | Path | None, model: str, out: str | P
           split_seed: int = 0, progress: bool = True, device: str = "auto", image_size: int | None = None,
           **recipe) -> dict | None:
     """Train a registered model on a dataset's train split; returns the model card (None on ranks > 0)."""
-    from .hardware import resolve_device
+    from .device import resolve_device
     from .train import TrainConfig, train as run_training
     check_writable_dir(out)
     resolve_device(device)
@@ -109,7 +111,7 @@ def attach_model(*, model_file: str, exits: Sequence[str], dataset: str, data_di
     exits, train them, and write into `out` the heads' weights, the card and `attach.json` (what rebuilds it).
     `splits` (from Python) replaces the data set named by `dataset` and `data_dir`. `head`: one kind for every
     exit or one per exit; attach.json records what `auto` chose."""
-    from .byom import ATTACH_FILE, attach, attach_spec, build_user_model, load_user_weights
+    from .models.attach import ATTACH_FILE, attach, attach_spec, build_user_model, load_user_weights
     from .models.heads import check_head_options
     check_writable_dir(out)
     check_head_options(token_pool, head)  # before any work
@@ -212,7 +214,7 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
            "evaluated": "thresholds" if ok else "closest setting",
            "calibration_split": _evaluation(val, thresholds, cache), "test": on_test, "frontier": to_json(frontier)}
     early_exit = _early_exit_model(cache, exit_policy, thresholds) if ok else None
-    from .report import frontier_png
+    from .study.report import frontier_png
     with staged_output(out) as stage:
         atomic_write_json(stage / "calibration.json", doc)
         atomic_write_bytes(stage / "frontier.png", frontier_png(frontier))
@@ -224,7 +226,7 @@ def calibrate(source: str | Path, out: str | Path, *, policy: str = "entropy", t
 
 def _study_network(cache: ExitLogits, source: str | Path) -> MultiExitNetwork:
     """The network a study's logits came from, with the weights it names (checked unchanged by SHA-256)."""
-    from .byom import is_model_dir
+    from .models.attach import is_model_dir
     model = cache.info.get("model") or {}
     if not model.get("name") or not model.get("weights"):
         raise UserError(f"{str(source)!r} does not name the model and weights it came from: cannot re-time its stages")

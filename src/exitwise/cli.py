@@ -7,10 +7,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from . import calibration
+from .study import calibration
 from .api import calibrate
 from .errors import UserError
-from .hardware import AGREEMENT_REQUIRED
+from .config import AGREEMENT_REQUIRED
 from .study import StudyConfig
 
 CALIBRATE_DEFAULTS = {p.name: p.default for p in inspect.signature(calibrate).parameters.values()
@@ -187,7 +187,7 @@ def cmd_study(args: argparse.Namespace) -> None:
                     model=args.model_dir or args.model, weights=args.weights, out=args.out, val_size=args.val_size,
                     split_seed=args.split_seed, image_size=args.image_size,
                     **{**settings, "progress": not args.no_progress})
-    from .report import format_summary
+    from .study.report import format_summary
     print(format_summary(results))
     print(f"\nreport: {(args.out / 'report.html').resolve()}")
 
@@ -228,7 +228,7 @@ def cmd_attach(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from .report import format_calibration
+    from .study.report import format_calibration
     doc = calibrate(args.source, args.out, policy=args.policy, target=args.target, within_points=args.within_points,
                     budget_macs=args.budget_macs, budget_ms=args.budget_ms, guarantee=args.guarantee,
                     delta=args.delta, cost=args.cost, temperature_scaling=args.temperature_scaling,
@@ -254,7 +254,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from .predict import check_output, format_predictions, predict, write_predictions
+    from .deploy.predict import check_output, format_predictions, predict, write_predictions
     if args.out is not None:
         check_output(args.out)
     rows = predict(args.export, args.images, batch_size=args.batch_size, progress=not args.no_progress)
@@ -280,7 +280,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
         print(f"{e['bytes'] / 2**20:8.1f} MiB  {e['path']}  ({e['source'] or 'unfinished entry'})")
     total = sum(e["bytes"] for e in entries) / 2**20
     print(f"{'deleted' if args.clear else 'cached'}: {len(entries)} decoded data sets, {total:.1f} MiB")
-    from .hardware import probe_cache
+    from .tune import probe_cache
     measured = probe_cache()
     if measured.is_file():
         print(f"{'deleted' if args.clear else 'cached'}: precision and micro-batch measurements {measured}")

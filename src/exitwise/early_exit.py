@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .analysis import as_thresholds, thresholds_to_json
+from .exit_rule import as_thresholds, thresholds_to_json
 from .errors import UserError
 from .io import atomic_write_json, file_sha256, staged_output
 from .models.base import MultiExitNetwork
@@ -75,7 +75,8 @@ class EarlyExitModel:
         Runs a prepared model as it is (micro-batch default: `hardware.DEFAULT_MICRO_BATCH`); otherwise prepares
         a copy for this run in `precision` (default "auto") and the micro-batch measured fastest on this machine
         (`hardware.tune`)."""
-        from .hardware import DEFAULT_MICRO_BATCH, tune
+        from .config import DEFAULT_MICRO_BATCH
+        from .tune import tune
         from .runtime import run_early_exit
         if self.precision is not None and precision not in (None, self.precision):
             raise ValueError(f"this early-exit model is prepared in {self.precision}, not {precision}")
@@ -125,7 +126,7 @@ class EarlyExitModel:
         if config.get("weights_sha256"):
             from .models import check_unchanged
             check_unchanged(weights, config["weights_sha256"], str(config_path))
-        from .byom import is_model_dir
+        from .models.attach import is_model_dir
         own = is_model_dir(config["model"]) and weights.resolve() == (Path(config["model"]) / WEIGHTS_FILE).resolve()
         network = create_model(config["model"]) if own else load_weights(create_model(config["model"]), weights)
         return cls.create(network, config["model"], config["policy"], config["thresholds"],

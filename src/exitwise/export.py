@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .costs import stage_and_head_macs
+from .models.costs import stage_and_head_macs
 from .early_exit import EarlyExitModel
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, staged_output
-from .onnx_runtime import FORMAT, MANIFEST, manifest_digest
+from .deploy.onnx_runtime import FORMAT, MANIFEST, manifest_digest
 
 OPSET = 18
 CHECK_ROWS = 5     # rows of the numerical check (not the export's example batch size, so the batch is dynamic)

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .analysis import leaves
+from .exit_rule import leaves
 from .errors import UserError
-from .hardware import DEFAULT_MICRO_BATCH, check_precision, synchronize
+from .config import DEFAULT_MICRO_BATCH, check_precision
+from .device import synchronize
 from .models.base import MultiExitNetwork
 from .policies import ExitPolicy
 from .progress import progress_bar

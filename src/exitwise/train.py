@@ -38,10 +38,11 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from . import __version__
-from .costs import exit_macs, head_report
+from .models.costs import exit_macs, head_report
 from .data import ImageSet, Splits
 from .errors import UserError
-from .hardware import choose_train_precision, machine, resolve_device
+from .tune import choose_train_precision
+from .device import machine, resolve_device
 from .io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 from .models import check_fits
 from .models.base import MultiExitNetwork

@@ -27,7 +27,7 @@ def create_model(name: str | Path) -> MultiExitNetwork:
     if str(name) in MODELS:
         model = MODELS[str(name)]()
     else:
-        from ..byom import is_model_dir, load_attached
+        from .attach import is_model_dir, load_attached
         if not is_model_dir(name):
             raise UserError(f"unknown model {str(name)!r} (nor a folder written by exitwise attach); "
                             f"known models: {', '.join(sorted(MODELS))}")

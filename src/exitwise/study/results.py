@@ -249,7 +249,7 @@ class StudyResults:
     @classmethod
     def from_json(cls, doc: dict) -> StudyResults:
         if doc.get("schema_version") != SCHEMA_VERSION:
-            from .errors import UserError
+            from ..errors import UserError
             raise UserError(f"results schema {doc.get('schema_version', 1)} is not {SCHEMA_VERSION} "
                             f"(see docs/results-schema.md)")
         return from_json(cls, doc)

@@ -6,9 +6,9 @@ import io
 from pathlib import Path
 from typing import Sequence
 
-from .errors import UserError
-from .images import read_images
-from .io import atomic_write_json, atomic_write_text
+from ..errors import UserError
+from ..images import read_images
+from ..io import atomic_write_json, atomic_write_text
 from .onnx_runtime import OnnxEarlyExit
 
 OUTPUT_SUFFIXES = (".csv", ".json")

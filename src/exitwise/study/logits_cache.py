@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from .errors import UserError
-from .io import atomic_write_bytes
+from ..errors import UserError
+from ..io import atomic_write_bytes
 
 FILENAME = "logits.safetensors"
 ARRAYS = ("val_logits", "val_labels", "test_logits", "test_labels", "exit_macs", "stage_seconds_per_sample")

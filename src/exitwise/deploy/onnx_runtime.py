@@ -13,61 +13,24 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .errors import UserError
-from .io import file_sha256
-from .progress import progress_bar
+from ..config import DEFAULT_MICRO_BATCH
+from ..errors import UserError
+from ..exit_rule import SCORES, softmax
+from ..io import file_sha256
+from ..progress import progress_bar
 
 FORMAT = "exitwise.onnx-export/1"
 MANIFEST = "manifest.json"
-MICRO_BATCH = 64  # rows that go through the stages together: `hardware.DEFAULT_MICRO_BATCH` (that module needs torch)
 
 
 def manifest_digest(manifest: dict) -> str:
     """SHA-256 of the manifest's content (every key but `manifest_sha256`), canonical JSON."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
-
-
-# Exit scores: numpy versions of exitwise.policies (lower = more confident), float32 throughout.
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def entropy(logits: np.ndarray) -> np.ndarray:
-    """Entropy of the softmax in nats, from the log-softmax (as `policies.entropy`)."""
-    log_p = _log_softmax(logits)
-    return np.maximum(-(np.exp(log_p) * log_p).sum(-1), np.float32(0))
-
-
-def _one_minus_top(p: np.ndarray) -> np.ndarray:
-    """1 - the largest probability, summed from the others so a confident score keeps its digits."""
-    others = p.copy()
-    others[np.arange(len(p)), p.argmax(-1)] = 0
-    return others.sum(-1)
-
-
-def one_minus_max_prob(logits: np.ndarray) -> np.ndarray:
-    return _one_minus_top(softmax(logits))
-
-
-def one_minus_margin(logits: np.ndarray) -> np.ndarray:
-    p = softmax(logits)
-    return _one_minus_top(p) + np.partition(p, -2, axis=-1)[:, -2]
-
-
-SCORES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "entropy": entropy, "max-prob": one_minus_max_prob, "margin": one_minus_margin}
 
 
 @dataclass(frozen=True)
@@ -158,7 +121,7 @@ class OnnxEarlyExit:
         return x, self.heads[k].run(None, {"x": x})[0]
 
     def run(self, images: np.ndarray, *, thresholds: Sequence[float] | None = None, batch_size: int = 256,
-            micro_batch: int = MICRO_BATCH, progress: bool = False) -> Prediction:
+            micro_batch: int = DEFAULT_MICRO_BATCH, progress: bool = False) -> Prediction:
         """Real early exit over `images` (see `as_input`), with the export's thresholds unless given.
 
         The schedule of `runtime.run_early_exit`: each batch of `batch_size` enters in `micro_batch`-row
@@ -210,7 +173,8 @@ class OnnxEarlyExit:
                 run_waiting(k, 1)
         return Prediction(exits, predictions, probabilities, time.perf_counter() - start)
 
-    def run_backbone(self, images: np.ndarray, *, batch_size: int = 256, micro_batch: int = MICRO_BATCH) -> Prediction:
+    def run_backbone(self, images: np.ndarray, *, batch_size: int = 256,
+                     micro_batch: int = DEFAULT_MICRO_BATCH) -> Prediction:
         """Every stage and the final head only (no side exits): the baseline, as `runtime.run_backbone`."""
         n, last = len(images), self.num_exits - 1
         predictions, probabilities = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from . import analysis
-from .policies import check_finite_logits
-from .errors import UserError
+from ..policies import check_finite_logits
+from ..errors import UserError
 
 DEFAULT_DELTA = 0.1  # allowed failure probability of a guarantee unless the caller says otherwise
 ASSUMPTION = ("calibration samples and future samples are exchangeable (for example i.i.d. from one "

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .models.base import MultiExitNetwork
+from .base import MultiExitNetwork
 
 
 COUNTED = (nn.modules.conv._ConvNd, nn.Linear, nn.TransformerEncoderLayer)

@@ -16,8 +16,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .io import atomic_write_bytes
-from .hardware import Machine
+from ..io import atomic_write_bytes
+from ..device import Machine
 from .results import NEVER, Frontiers, Gap, Overthinking, StudyResults
 
 DPI = 120

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from . import analysis, calibration
-from .policies import ExitArrays, get_policy
+from ..policies import ExitArrays, get_policy
 from .results import CostPoint, Frontiers, Setting
 
 Split = tuple[ExitArrays, ExitArrays]  # (validation, test)

@@ -28,11 +28,11 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .costs import head_report, module_macs
-from .errors import UserError
-from .io import file_sha256
-from .models import check_state_fits, read_state_dict, weight_files
-from .models.base import MultiExitNetwork
-from .models.heads import HeadFactory, check_head_options, default_head_factory, map_head_kind
+from ..errors import UserError
+from ..io import file_sha256
+from .weights import check_state_fits, read_state_dict, weight_files
+from .base import MultiExitNetwork
+from .heads import HeadFactory, check_head_options, default_head_factory, map_head_kind
 
 OUTPUT_KEY = "logits"
 
@@ -381,7 +381,7 @@ def attach_spec(model_file: str, weights: str | Path | None, exits: Sequence[str
 
 def load_attached(model_dir: str | Path) -> MultiExitNetwork:
     """Rebuild the multi-exit network that `exitwise attach` wrote to `model_dir` (its model file runs)."""
-    from .models import check_unchanged, read_state_dict
+    from .weights import check_unchanged, read_state_dict
     folder = Path(model_dir)
     try:
         spec = json.loads((folder / ATTACH_FILE).read_text())

@@ -19,20 +19,23 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import __version__, analysis, calibration
-from .costs import backbone_macs, exit_macs
-from .data import ImageSet, Splits
-from .early_exit import EarlyExitModel
-from .errors import UserError
+from .. import __version__
+from . import analysis, calibration
+from ..models.costs import backbone_macs, exit_macs
+from ..data import ImageSet, Splits
+from ..early_exit import EarlyExitModel
+from ..errors import UserError
 from .frontiers import Split, latency_frontier, policy_frontiers
-from .io import atomic_write_json, staged_output
+from ..io import atomic_write_json, staged_output
 from .logits_cache import FILENAME as LOGITS_FILENAME, ExitLogits, save_logits
-from .models.base import MultiExitNetwork
-from .hardware import check_micro_batch, check_precision, machine, machine_load, resolve_device, tune
-from .policies import POLICIES, ExitArrays, exit_arrays, get_policy
+from ..models.base import MultiExitNetwork
+from ..config import check_micro_batch, check_precision
+from ..device import machine, machine_load, resolve_device
+from ..tune import tune
+from ..policies import POLICIES, ExitArrays, exit_arrays, get_policy
 from .results import (NEVER, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FullNetwork, Gap, Leavers, Mark, Oracle,
                       Outcome, Overthinking, Setting, StudyResults, SweepPoint, TimedRun, TimingCheck, TimingModel)
-from .runtime import Run, all_exit_logits, run_early_exit, warm_up
+from ..runtime import Run, all_exit_logits, run_early_exit, warm_up
 
 DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
 

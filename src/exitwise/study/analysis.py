@@ -9,29 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import UserError
-
-
-def as_thresholds(values: Sequence[float | None], num_exits: int) -> np.ndarray:
-    """One threshold per side exit as a float array (None -> -inf), checked for length and NaN."""
-    if len(values) != num_exits - 1:
-        raise UserError(f"expected {num_exits - 1} thresholds (one per side exit), got {len(values)}")
-    out = np.array([-np.inf if v is None else v for v in values], dtype=np.float64)
-    if np.isnan(out).any():
-        raise UserError("thresholds must be numbers, not NaN")
-    return out
-
-
-def thresholds_to_json(thresholds: np.ndarray) -> list[float | None]:
-    """-inf (never leave) becomes None so the JSON stays standard."""
-    return [None if np.isneginf(t) else float(t) for t in thresholds]
-
-
-def leaves(scores, thresholds):
-    """The exit rule, the one place it is written: a sample leaves where its score is at or below the threshold.
-    numpy arrays or torch tensors alike (analysis, calibration and the runtime all call this); a NaN score
-    never leaves."""
-    return scores <= thresholds
+from ..exit_rule import as_thresholds, leaves, thresholds_to_json  # noqa: F401  (analysis.leaves etc. stay valid)
 
 
 def exit_points(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:

@@ -1,0 +1,157 @@
+"""Weights I/O: `load_weights(model, path)`, (sharded) checkpoints read and written, the weights shipped in the package.
+
+Weights are one .safetensors file or, past a size limit, shards indexed as Hugging Face does it
+(`NAME.safetensors.index.json` mapping each tensor to its `NAME-0000i-of-0000n.safetensors` shard).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .base import MultiExitNetwork
+from .registry import MODELS
+
+SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+INDEX_SUFFIX = ".safetensors.index.json"
+MAX_SHARD_BYTES = 6 << 20  # shipped files stay under the repository's 8 MiB limit
+
+
+def check_fits(model: MultiExitNetwork, images, dataset: str) -> None:
+    """Refuse a data set (an ImageSet: uint8 (N, H, W, C) images and class names) the model cannot take."""
+    n, h, w, c = images.images.shape
+    if tuple(model.input_shape) != (c, h, w) or model.num_classes != len(images.classes):
+        mc, mh, mw = model.input_shape
+        raise UserError(f"the model takes {mc}x{mh}x{mw} images of {model.num_classes} classes, but "
+                        f"{dataset} has {c}x{h}x{w} images of {len(images.classes)} classes")
+
+
+def shipped_weights(name: str) -> Path | None:
+    """The safetensors file (or shard index) shipped for model `name`, or None if the package carries none."""
+    for path in (SHIPPED_WEIGHTS_DIR / f"{name}.safetensors", SHIPPED_WEIGHTS_DIR / f"{name}{INDEX_SUFFIX}"):
+        if path.is_file():
+            return path
+    return None
+
+
+def shipped_card(name: str) -> dict:
+    """The model card (recipe, per-exit accuracy, MACs) shipped beside model `name`'s weights."""
+    return json.loads((SHIPPED_WEIGHTS_DIR / f"{name}.json").read_text())
+
+
+def shipped_models(dataset: str) -> list[str]:
+    """Registered models whose shipped weights were trained on `dataset` (by their model card)."""
+    return [n for n in MODELS if shipped_weights(n) and shipped_card(n)["dataset"]["name"] == dataset]
+
+
+def _shard_map(index: Path) -> dict[str, str]:
+    """An index's tensor -> shard file map, refusing shards that are not .safetensors files beside it."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = set(weight_map.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"cannot read shard index {str(index)!r}: {e}") from None
+    bad = [s for s in shards if not (isinstance(s, str) and s.endswith(".safetensors") and Path(s).name == s)]
+    if bad:
+        raise UserError(f"shard index {str(index)!r} names {bad[0]!r}: shards are .safetensors files beside it")
+    return weight_map
+
+
+def _shards(index: Path, weight_map: dict[str, str]) -> list[Path]:
+    return [index.parent / name for name in sorted(set(weight_map.values()))]
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """Every file that makes up the weights at `path`: the file itself, or a shard index and its shards."""
+    path = Path(path)
+    if not path.name.endswith(INDEX_SUFFIX):
+        return [path]
+    return [path] + _shards(path, _shard_map(path))
+
+
+def check_unchanged(path: str | Path, sha256: str, named_by: str) -> None:
+    """Refuse weights that a saved file (`named_by`) names by path and SHA-256 when they are missing or changed."""
+    from ..io import file_sha256
+    if not Path(path).is_file() or file_sha256(*weight_files(path)) != sha256:
+        raise UserError(f"{named_by!r} names weights {str(path)!r} that are missing or changed (SHA-256 differs)")
+
+
+def save_sharded(state: dict[str, torch.Tensor], index_path: str | Path, metadata: dict[str, str] | None = None,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
+    """Write `state` as safetensors shards of at most `max_shard_bytes` of tensor data, then their index.
+
+    Each file is written atomically, the index last; overwriting a sharded checkpoint in place is not
+    atomic as a whole (a crash can leave new shards beside the old index): write to a fresh directory."""
+    from safetensors.torch import save
+    from ..io import atomic_write_bytes, atomic_write_json
+    index_path = Path(index_path)
+    if not index_path.name.endswith(INDEX_SUFFIX):
+        raise ValueError(f"a shard index is named NAME{INDEX_SUFFIX}, not {index_path.name}")
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in state.items():
+        if groups[-1] and size + tensor.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += tensor.nbytes
+    stem = index_path.name[:-len(INDEX_SUFFIX)]
+    names = [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    for name, keys in zip(names, groups):
+        atomic_write_bytes(index_path.parent / name, save({k: state[k].contiguous() for k in keys}, metadata=metadata))
+    total = sum(t.nbytes for t in state.values())
+    atomic_write_json(index_path, {"metadata": {"total_size": total, **(metadata or {})},
+                                   "weight_map": {k: name for name, keys in zip(names, groups) for k in keys}})
+    return [index_path.parent / name for name in names]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read tensors from a .safetensors file, a shard index or a PyTorch state_dict, never unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file not found: {str(path)!r}")
+    if path.name.endswith(INDEX_SUFFIX):
+        weight_map = _shard_map(path)
+        state = {}
+        for shard in _shards(path, weight_map):
+            state.update(read_state_dict(shard))
+        missing = set(weight_map) - set(state)
+        if missing:
+            raise UserError(f"the shards of {str(path)!r} lack {len(missing)} tensors, e.g. {sorted(missing)[0]!r}")
+        return state
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path), device="cpu")
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign files raise many different types
+        raise UserError(f"cannot read weights {str(path)!r}: {str(e).splitlines()[0][:200]}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # an exitwise training checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{str(path)!r} is not a state_dict of tensors")
+    return state
+
+
+def load_weights(model: MultiExitNetwork, path: str | Path) -> MultiExitNetwork:
+    """Load a checkpoint into `model`, refusing one with missing, extra or mis-shaped tensors."""
+    state = model.convert_state_dict(read_state_dict(path))
+    check_state_fits(model, state, path)
+    model.load_state_dict(state)
+    return model
+
+
+def check_state_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse a state dict with missing, extra or mis-shaped tensors, naming them."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    misshaped = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
+    problems = [f"{label}: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+                for label, names in (("missing", missing), ("unexpected", extra), ("wrong shape", misshaped))
+                if names]
+    if problems:
+        raise UserError(f"weights {str(path)!r} do not fit {type(model).__name__}: " + "; ".join(problems))
