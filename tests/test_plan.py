@@ -122,3 +122,16 @@ def test_bad_plans_are_refused():
         plan(TIERS, LINKS, COSTS, minimize="energy")
     with pytest.raises(UserError, match="K - 1"):
         NetworkCosts((1.0, 1.0), (1.0, 0.5), (), 10)
+
+
+def test_the_planner_runs_without_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from exitwise.deploy.plan import Link, NetworkCosts, Tier, plan\n"
+            "costs = NetworkCosts((0.01, 0.02), (1.0, 0.5), (100,), 300)\n"
+            "print(plan((Tier('a'), Tier('b')), (Link('a', 'b', 1, 1),), costs).chosen)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr

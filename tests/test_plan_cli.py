@@ -13,9 +13,9 @@ from exitwise.api import export
 from exitwise.cli import main
 from exitwise.deploy.plan import measure_wire
 from exitwise.early_exit import EarlyExitModel
-from exitwise.logits_cache import ExitLogits, save_logits
+from exitwise.study.logits_cache import ExitLogits, save_logits
 from exitwise.models import create_model
-from exitwise.onnx_runtime import OnnxEarlyExit
+from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.policies import get_policy
 from exitwise.runtime import all_exit_logits, prepare
 

@@ -334,7 +334,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         raise UserError("--images measures the wire formats on an ONNX export: give --export too")
     wire, setting = None, None
     if args.export:
-        from .onnx_runtime import OnnxEarlyExit
+        from .deploy.onnx_runtime import OnnxEarlyExit
         runner = OnnxEarlyExit.load(args.export)
         values, input_bytes = planning.export_shapes(runner.manifest)
         setting = runner.manifest

@@ -33,9 +33,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from safetensors import safe_open
 
 from ..errors import UserError
-from .wire import BYTES_PER_VALUE, FORMATS
+from ..exit_rule import as_thresholds, leaves
+from .onnx_runtime import Policy, as_input
+from .wire import BYTES_PER_VALUE, FORMATS, decode, encode
 
 PLAN_FORMAT = "exitwise.tier-plan/1"
 WIRE_TOLERANCE_POINTS = 0.1   # largest disagreement with fp32 (percentage points) a cheaper wire format may add
@@ -382,7 +385,6 @@ def read_plan(path: str | Path) -> dict:
 
 def exit_scores(logits: np.ndarray, policy: str, temperatures: Sequence[float] | None) -> np.ndarray:
     """(K - 1, N) side-exit scores of a (K, N, C) stack of logits, with the export runner's numpy policy."""
-    from ..onnx_runtime import Policy
     rule = Policy(policy, tuple(temperatures) if temperatures else None)
     state, scores = rule.init_state(logits.shape[1]), []
     for k in range(logits.shape[0] - 1):
@@ -392,12 +394,12 @@ def exit_scores(logits: np.ndarray, policy: str, temperatures: Sequence[float] |
 
 
 def reach_shares(scores: np.ndarray, thresholds: Sequence[float | None]) -> tuple[float, ...]:
-    """Share of images that run each of the K stages, by the one exit rule (`analysis.exit_points`)."""
-    from ..analysis import as_thresholds, exit_points, reach_counts
-    k = len(scores) + 1
-    stacked = np.concatenate([scores, np.zeros((1, scores.shape[1]), scores.dtype)])  # the last row is unused
-    exits = exit_points(stacked, as_thresholds(list(thresholds), k))
-    return tuple(float(r) for r in reach_counts(exits, k) / scores.shape[1])
+    """Share of images that run each of the K stages: those that did not leave (`exit_rule.leaves`) before it."""
+    thr, staying, reach = as_thresholds(list(thresholds), len(scores) + 1), np.ones(scores.shape[1], bool), [1.0]
+    for k in range(len(scores)):
+        staying &= ~leaves(scores[k], thr[k])
+        reach.append(float(staying.mean()))
+    return tuple(reach)
 
 
 def read_study(folder: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -409,7 +411,6 @@ def read_study(folder: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
         if not path.is_file():
             raise UserError(f"{str(folder)!r} is not a study's output folder: no {path.name}")
     try:
-        from safetensors import safe_open
         with safe_open(str(logits_path), framework="np") as f:
             logits, seconds = f.get_tensor("val_logits"), f.get_tensor("stage_seconds_per_sample")
         config = json.loads(config_path.read_text())
@@ -450,8 +451,6 @@ def measure_wire(runner, images: np.ndarray, formats: Sequence[str] = ("fp16", "
     the survivors' features cross that cut encoded in the format (`runner`: an `OnnxEarlyExit`, whose
     `_stage(k, x)` gives (features, logits)); with `labels`, also each accuracy change. The int8 scales come
     from all the survivors at once (a tier takes them from each batch it forwards)."""
-    from ..onnx_runtime import as_input
-    from .wire import decode, encode
     k_exits, n = runner.num_exits, len(images)
     x = as_input(images)
     features, logits = [], []
