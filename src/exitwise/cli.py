@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--batch-size", type=int, default=256)
     pred.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
 
+    _add_serve_parser(sub)
     sub.add_parser("models", help="list the registered models and whether weights ship for them")
     cache = sub.add_parser("cache", help="list the decoded data sets cached to start runs fast (EXITWISE_CACHE_DIR "
                                          "or the user cache dir)")
@@ -361,6 +362,68 @@ def cmd_plan(args: argparse.Namespace) -> None:
 COMMANDS = {"study": cmd_study, "train": cmd_train, "attach": cmd_attach, "calibrate": cmd_calibrate,
             "export": cmd_export, "predict": cmd_predict, "models": cmd_models, "cache": cmd_cache,
             "plan": cmd_plan}
+
+
+def _add_serve_parser(sub) -> None:
+    from .deploy.scheduler import RULES, SchedulerConfig
+    d = SchedulerConfig()
+    p = sub.add_parser("serve", help="an HTTP inference server (Open Inference Protocol, /v1/predict, /metrics) whose "
+                                     "batches re-form at every exit; needs `pip install 'exitwise[serve]'`")
+    p.add_argument("--model", help="a registered model with its shipped weights and calibrated setting")
+    p.add_argument("--weights", type=Path, help="other weights for --model (then with --no-early-exit)")
+    p.add_argument("--from", dest="source", type=Path, help="a study's or calibration's folder (early_exit.json)")
+    p.add_argument("--export", type=Path, help="an `exitwise export` folder: served on ONNX Runtime, without torch")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"rows per stage call (default {d.max_batch})")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="how long the first stage waits for a "
+                   f"full batch when nothing else waits (default {d.max_wait_ms:g})")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="samples inside at most; more get 503 "
+                   f"(default {d.max_queue})")
+    p.add_argument("--timeout-ms", type=float, default=d.timeout_ms, help="a request not answered by then gets 504 "
+                   f"(default {d.timeout_ms:g})")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies get 413 (default 16)")
+    p.add_argument("--schedule", default=d.rule, help=f"which stage runs next: {', '.join(RULES)} "
+                   f"(default {d.rule})")
+    p.add_argument("--no-early-exit", action="store_true", help="the same network without side exits: the baseline")
+    p.add_argument("--precision", default="auto", help="torch models: auto (timed here), fp32, bf16 or mixed")
+    p.add_argument("--micro-batch", type=int, help="torch models: rows per network call (default: measured)")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (`pip install 'exitwise[ray]'`)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the server (default 1)")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import functools
+    from .deploy.scheduler import SchedulerConfig
+    given = [f for f, v in (("--model", args.model), ("--from", args.source), ("--export", args.export)) if v]
+    if len(given) != 1:
+        raise UserError("give one of --model NAME, --from DIR or --export DIR")
+    if args.weights and not args.model:
+        raise UserError("--weights goes with --model")
+    try:
+        import fastapi, prometheus_client, uvicorn  # noqa: F401,E401
+    except ImportError as e:
+        raise UserError(f"serving needs {e.name}: pip install 'exitwise[serve]'") from None
+    from .deploy.server import ServeConfig
+    config = ServeConfig(args.host, args.port, args.max_body_mb, SchedulerConfig(
+        args.max_batch, args.max_wait_ms, args.max_queue, args.timeout_ms, args.schedule))
+    if args.export:
+        from .deploy.onnx_runner import OnnxRunner
+        make_runner = functools.partial(OnnxRunner.load, args.export, early_exit=not args.no_early_exit)
+    else:
+        from .serve_torch import make_runner as torch_runner
+        make_runner = functools.partial(torch_runner, model=args.model, weights=args.weights, source=args.source,
+                                        early_exit=not args.no_early_exit, precision=args.precision,
+                                        micro_batch=args.micro_batch)
+    if args.ray:
+        from .deploy.ray_serve import serve_on_ray
+        serve_on_ray(make_runner, config, replicas=args.replicas)
+        return
+    from .deploy.server import serve
+    serve(make_runner(), config)
+
+
+COMMANDS["serve"] = cmd_serve
 
 
 def main(argv: list[str] | None = None) -> int:

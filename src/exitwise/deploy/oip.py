@@ -1,0 +1,194 @@
+"""The Open Inference Protocol (KServe V2, spoken by Triton, KServe and Seldon) and `/v1/predict`: requests to
+uint8 images, answers to JSON. Pure functions; a request that cannot be served raises `BadRequest` (4xx).
+
+Inputs of `POST /v2/models/{name}/infer` (one input, any name):
+* UINT8 pixels, shape [N, C, H, W] (NCHW), or [N, H, W, C] with `"parameters": {"layout": "NHWC"}`
+  (a shape that only fits NHWC is read as NHWC); `data` a flat row-major list, or binary (below);
+* BYTES, shape [N]: encoded images (JPEG, PNG, ...): base64 strings in JSON, raw bytes in binary.
+Binary data (Triton's binary tensor extension, what tritonclient sends): the request body is the JSON header
+(`Inference-Header-Content-Length` bytes) then each input's bytes, its size in `parameters.binary_data_size`;
+BYTES elements are each a 4-byte little-endian length and the bytes.
+Outputs, per image: `class_index` (INT64), `label` (BYTES), `probability` (FP32), `exit` (INT64).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from ..images import decode_image
+from .scheduler import Answer
+
+OUTPUTS = (("class_index", "INT64"), ("label", "BYTES"), ("probability", "FP32"), ("exit", "INT64"))
+INPUT_NAME = "image"
+
+
+class BadRequest(Exception):
+    """A request the server refuses: an HTTP status and a one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, " ".join(str(message).split())
+
+
+def model_metadata(name: str, shape: Sequence[int], platform: str) -> dict:
+    c, h, w = shape
+    return {"name": name, "versions": ["1"], "platform": platform,
+            "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, c, h, w],
+                        "parameters": {"layout": "NCHW (or NHWC with parameters.layout); or BYTES [-1] of "
+                                                 "encoded images (JPEG, PNG)"}}],
+            "outputs": [{"name": n, "datatype": t, "shape": [-1]} for n, t in OUTPUTS]}
+
+
+def decode_images(blobs: Sequence[bytes], shape: Sequence[int], names: Sequence[str] | None = None) -> np.ndarray:
+    """Encoded images to uint8 (N, H, W, C); an image that is not one, or of another size, is refused."""
+    c, h, w = shape
+    out = np.empty((len(blobs), h, w, c), dtype=np.uint8)
+    for i, blob in enumerate(blobs):
+        where = names[i] if names else f"#{i}"
+        if not blob:
+            raise BadRequest(400, f"image {where} is empty")
+        try:
+            pixels = decode_image(blob, where, c)
+        except UserError as e:
+            raise BadRequest(400, str(e)) from None
+        if pixels.shape != out.shape[1:]:
+            raise BadRequest(400, f"image {where} is {pixels.shape[1]}x{pixels.shape[0]}, but the model takes {w}x{h}")
+        out[i] = pixels
+    if not len(out):
+        raise BadRequest(400, "no image in the request")
+    return out
+
+
+def parse_infer(body: bytes, header_length: str | None, shape: Sequence[int]) -> tuple[np.ndarray, dict]:
+    """An infer request's images as uint8 (N, H, W, C), and its JSON (for `id` and `outputs`)."""
+    if not body:
+        raise BadRequest(400, "empty request body: expected an inference request in JSON")
+    size = len(body)
+    if header_length is not None:
+        try:
+            size = int(header_length)
+        except ValueError:
+            raise BadRequest(400, "Inference-Header-Content-Length is not a number") from None
+        if not 0 < size <= len(body):
+            raise BadRequest(400, f"Inference-Header-Content-Length {size} does not fit a body of {len(body)} bytes")
+    try:
+        request = json.loads(body[:size])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(400, f"malformed JSON: {e}") from None
+    inputs = request.get("inputs") if isinstance(request, dict) else None
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise BadRequest(400, "expected exactly one input in 'inputs' (the images)")
+    tensor = inputs[0]
+    binary = body[size:]
+    params = tensor.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest(400, "input parameters must be an object")
+    if "binary_data_size" in params:
+        n = params["binary_data_size"]
+        if not isinstance(n, int) or n != len(binary):
+            raise BadRequest(400, f"binary_data_size {n} but {len(binary)} bytes follow the JSON header")
+    elif binary:
+        raise BadRequest(400, "bytes after the JSON header but no binary_data_size")
+    else:
+        binary = None
+    tensor_shape = tensor.get("shape")
+    if not (isinstance(tensor_shape, list) and all(isinstance(d, int) and d >= 0 for d in tensor_shape)):
+        raise BadRequest(400, "input 'shape' must be a list of non-negative integers")
+    datatype = tensor.get("datatype")
+    if datatype == "UINT8":
+        return _pixels(tensor, tensor_shape, binary, params, shape), request
+    if datatype == "BYTES":
+        return _encoded(tensor, tensor_shape, binary, shape), request
+    raise BadRequest(400, f"input datatype {datatype!r} is not served: send UINT8 pixels or BYTES encoded images")
+
+
+def _pixels(tensor: dict, tensor_shape: list, binary: bytes | None, params: dict, shape: Sequence[int]) -> np.ndarray:
+    c, h, w = shape
+    layout = params.get("layout")
+    if layout not in (None, "NCHW", "NHWC"):
+        raise BadRequest(400, f"layout {layout!r}: NCHW or NHWC")
+    if layout is None:
+        layout = "NHWC" if tensor_shape[1:] == [h, w, c] and tensor_shape[1:] != [c, h, w] else "NCHW"
+    want = [c, h, w] if layout == "NCHW" else [h, w, c]
+    if len(tensor_shape) != 4 or tensor_shape[1:] != want or tensor_shape[0] < 1:
+        raise BadRequest(400, f"input shape {tensor_shape}: the model takes UINT8 [N, {', '.join(map(str, want))}] "
+                              f"({layout})")
+    count = math.prod(tensor_shape)
+    if binary is not None:
+        if len(binary) != count:
+            raise BadRequest(400, f"{len(binary)} bytes of UINT8 data for shape {tensor_shape} ({count} values)")
+        pixels = np.frombuffer(binary, dtype=np.uint8)
+    else:
+        data = tensor.get("data")
+        if not isinstance(data, list):
+            raise BadRequest(400, "input 'data' must be a list of integers 0..255")
+        try:
+            values = np.asarray(data, dtype=np.int64).reshape(-1)
+        except (ValueError, TypeError, OverflowError):
+            raise BadRequest(400, "input 'data' must be a list of integers 0..255") from None
+        if values.size != count:
+            raise BadRequest(400, f"{values.size} values of data for shape {tensor_shape} ({count} values)")
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise BadRequest(400, "UINT8 data must be integers 0..255")
+        pixels = values.astype(np.uint8)
+    pixels = pixels.reshape(tensor_shape)
+    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1) if layout == "NCHW" else pixels)
+
+
+def _encoded(tensor: dict, tensor_shape: list, binary: bytes | None, shape: Sequence[int]) -> np.ndarray:
+    if len(tensor_shape) != 1 or tensor_shape[0] < 1:
+        raise BadRequest(400, f"BYTES input shape {tensor_shape}: expected [N], one encoded image per element")
+    if binary is not None:
+        blobs, at = [], 0
+        while at < len(binary):
+            if at + 4 > len(binary):
+                raise BadRequest(400, "truncated BYTES element length in the binary data")
+            (n,) = struct.unpack_from("<I", binary, at)
+            blobs.append(binary[at + 4:at + 4 + n])
+            if len(blobs[-1]) != n:
+                raise BadRequest(400, "truncated BYTES element in the binary data")
+            at += 4 + n
+    else:
+        data = tensor.get("data")
+        if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+            raise BadRequest(400, "BYTES data in JSON must be a list of base64 strings (one encoded image each)")
+        try:
+            blobs = [base64.b64decode(d, validate=True) for d in data]
+        except (binascii.Error, ValueError):
+            raise BadRequest(400, "BYTES data in JSON must be base64 strings") from None
+    if len(blobs) != tensor_shape[0]:
+        raise BadRequest(400, f"{len(blobs)} BYTES elements for shape {tensor_shape}")
+    return decode_images(blobs, shape)
+
+
+def infer_response(name: str, request: dict, answers: Sequence[Answer], class_names: Sequence[str] | None) -> dict:
+    """The V2 response: every output (or those the request names), one value per image."""
+    values = {"class_index": [a.prediction for a in answers],
+              "label": [class_names[a.prediction] if class_names else str(a.prediction) for a in answers],
+              "probability": [round(a.probability, 6) for a in answers],
+              "exit": [a.exit for a in answers]}
+    wanted = [o.get("name") for o in request.get("outputs") or [] if isinstance(o, dict)]
+    unknown = [w for w in wanted if w not in values]
+    if unknown:
+        raise BadRequest(400, f"unknown output {unknown[0]!r}; outputs: {', '.join(values)}")
+    outputs = [{"name": n, "datatype": t, "shape": [len(answers)], "data": values[n]}
+               for n, t in OUTPUTS if not wanted or n in wanted]
+    response = {"model_name": name, "outputs": outputs}
+    if isinstance(request.get("id"), str):
+        response["id"] = request["id"]
+    return response
+
+
+def predictions(answers: Sequence[Answer], class_names: Sequence[str] | None,
+                names: Sequence[str | None]) -> list[dict]:
+    """`/v1/predict`'s rows, as `exitwise predict` writes them."""
+    return [{"image": n, "class": class_names[a.prediction] if class_names else str(a.prediction),
+             "class_index": a.prediction, "probability": round(a.probability, 6), "exit": a.exit}
+            for n, a in zip(names, answers)]

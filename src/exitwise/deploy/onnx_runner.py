@@ -1,0 +1,69 @@
+"""`OnnxRunner`: an ONNX export (`exitwise export`) as a `Runner`, on the sessions, policy and thresholds of
+`OnnxEarlyExit`, so a served sample leaves where `OnnxEarlyExit.run` lets it leave. Never imports torch."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..config import DEFAULT_MICRO_BATCH
+from ..exit_rule import softmax
+from .onnx_runtime import OnnxEarlyExit, as_input
+from .runner import StepOut, model_name
+
+
+class OnnxRunner:
+    platform = "onnxruntime"
+
+    def __init__(self, model: OnnxEarlyExit, early_exit: bool = True, micro_batch: int = DEFAULT_MICRO_BATCH):
+        self.model, self.early_exit, self.micro_batch = model, early_exit, micro_batch
+        self.num_exits = model.num_exits
+        self.input_shape = tuple(model.input_shape)
+        self.class_names = tuple(model.class_names) if model.class_names else None
+        self.name = model_name(str(model.manifest["model"]))
+        self.thresholds = model.thresholds.astype(np.float32)  # compared in float32, as `OnnxEarlyExit.run` does
+
+    @classmethod
+    def load(cls, folder: str | Path, early_exit: bool = True, threads: int | None = None) -> OnnxRunner:
+        return cls(OnnxEarlyExit.load(folder, threads=threads), early_exit)
+
+    def to_input(self, images: np.ndarray) -> np.ndarray:
+        return as_input(images)
+
+    def init_state(self, n: int) -> np.ndarray:
+        return self.model.policy.init_state(n)
+
+    def step(self, k: int, features: np.ndarray, state: np.ndarray) -> StepOut:
+        last = k == self.num_exits - 1
+        head = last or self.early_exit
+        parts = [self._stage(k, features[i:i + self.micro_batch], head)
+                 for i in range(0, max(len(features), 1), self.micro_batch)]
+        x = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+        if not head:
+            return StepOut(x, None, None, None, state)
+        logits = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
+        if last:
+            leave = np.ones(len(x), dtype=bool)
+        else:
+            scores, state = self.model.policy.step(k, logits, state)
+            leave = scores <= self.thresholds[k]
+        predictions = logits.argmax(-1)
+        p = softmax(self.model.policy.scale(k, logits))
+        return StepOut(x, leave, predictions, p[np.arange(len(p)), predictions].astype(np.float32), state)
+
+    def _stage(self, k: int, x: np.ndarray, head: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        x = self.model.stages[k].run(None, {"x": x})[0]
+        return x, self.model.heads[k].run(None, {"x": x})[0] if head else None
+
+    def take(self, features: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return features[rows]
+
+    def concat(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def to_numpy(self, features: np.ndarray) -> np.ndarray:
+        return features
+
+    def from_numpy(self, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array, dtype=np.float32)

@@ -1,0 +1,55 @@
+"""What the server runs: a multi-exit network as stages that a scheduler calls one at a time (torch-free).
+
+A `Runner` is the network cut at its exits. The scheduler (`exitwise.deploy.scheduler`) never sees torch
+or ONNX Runtime: it hands a runner's own `features` back to it, and gets numpy out.
+
+    features = runner.to_input(uint8 (N, H, W, C) pixels)        # stage 0's input
+    out = runner.step(k, features, state)                       # stage k and its exit decision
+    out.features, out.state                                     # go on to stage k + 1 (rows that stay)
+    out.leave                                                   # (N,) bool, None: no head ran here, nobody leaves
+    out.predictions, out.probabilities                          # (N,) int64 / float32 at exit k
+    runner.take(features, rows), runner.concat([f1, f2])        # compaction and re-batching
+    runner.to_numpy(features), runner.from_numpy(array)         # features over the wire (tiers)
+
+`state` is the exit policy's per-sample memory, a numpy array with one row per sample (patience keeps
+two int64 columns; the other policies none): the scheduler indexes it like the features.
+Implementations: `OnnxRunner` (`exitwise.deploy.onnx_runner`, ONNX Runtime) and `TorchRunner`
+(`exitwise.serve_torch`, the offline runtime's prepared network).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StepOut:
+    """One stage and its exit for N rows."""
+    features: Any                   # the runner's features after stage k, all N rows
+    leave: np.ndarray | None        # (N,) bool: rows that leave at exit k; None: this exit's head was skipped
+    predictions: np.ndarray | None  # (N,) int64 class at exit k (None when the head was skipped)
+    probabilities: np.ndarray | None  # (N,) float32 softmax probability of that class (temperature-scaled)
+    state: np.ndarray               # (N, S) the policy's state after exit k
+
+
+class Runner(Protocol):
+    num_exits: int
+    input_shape: tuple[int, int, int]      # (C, H, W) of the images it takes
+    class_names: tuple[str, ...] | None
+    name: str                              # the model's name in the protocol
+    platform: str                          # "onnxruntime" or "pytorch", for the metadata
+
+    def to_input(self, images: np.ndarray) -> Any: ...        # uint8 (N, H, W, C) -> stage 0's features
+    def init_state(self, n: int) -> np.ndarray: ...
+    def step(self, k: int, features: Any, state: np.ndarray) -> StepOut: ...
+    def take(self, features: Any, rows: np.ndarray) -> Any: ...  # rows: bool mask or int index
+    def concat(self, parts: Sequence[Any]) -> Any: ...
+    def to_numpy(self, features: Any) -> np.ndarray: ...
+    def from_numpy(self, array: np.ndarray) -> Any: ...
+
+
+def model_name(name: str) -> str:
+    """The name a model goes by in the protocol: a registered name as it is, an attached model's folder by its name."""
+    return name.rstrip("/").rsplit("/", 1)[-1] if "/" in name else name

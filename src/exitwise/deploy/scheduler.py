@@ -1,0 +1,333 @@
+"""The stage-level dynamic batcher: batches re-form at every exit, on one worker thread (torch-free).
+
+Requests queue at the first stage. When the worker is free it runs one stage on one batch: up to
+`max_batch` rows of what waits there (oldest first). The samples that leave at that stage's exit are
+answered at once (each sample has its own `concurrent.futures.Future`); the survivors join the queue of
+the next stage, where they batch with the survivors of other batches. Which non-empty stage runs next
+is the `rule`:
+
+* `deepest`: the stage with the most samples waiting (ties: the later stage), so batches are large;
+* `oldest`: the stage holding the sample that arrived first, so the oldest request finishes first;
+* `request-level`: no re-forming: a batch runs all its stages together (compacting as the offline
+  runtime does) and is answered when its last sample is done; the baseline that shows what
+  re-forming buys.
+
+The first stage waits up to `max_wait_ms` for a full batch when nothing else is waiting; later stages
+never wait (the worker never idles while samples wait there). Before every stage, samples whose
+future was cancelled (the client went away) or whose deadline passed (`timeout_ms`, answered with
+`Expired`) are dropped. `submit` refuses at once (`QueueFull`) when `max_queue` samples are inside.
+
+A scheduler may hold only the stages `first..last` of a network (tiers): features enter at `first`
+(`submit_features`) and the samples still there after `last` are handed to `forward` instead of being
+answered.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import UserError
+from .runner import Runner
+
+RULES = ("deepest", "oldest", "request-level")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The knobs (the CLI's `exitwise serve` flags). With `max_wait_ms` 0 the worker never waits for a batch
+    to fill: what arrived while it ran the last one forms the next, so batches grow with the load by themselves."""
+    max_batch: int = 64          # rows per stage call at most
+    max_wait_ms: float = 0.0     # how long the first stage waits for max_batch rows when nothing else waits
+    max_queue: int = 1024        # samples inside (waiting or running) at most; more are refused (503)
+    timeout_ms: float = 10_000   # a sample not answered by then is dropped and answered 504
+    rule: str = "deepest"
+    first: int = 0               # the stages this scheduler runs: first..last (None: to the final exit)
+    last: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise UserError(f"unknown schedule {self.rule!r}; known: {', '.join(RULES)}")
+        if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.timeout_ms <= 0:
+            raise UserError("max batch and max queue must be at least 1, max wait at least 0, timeout above 0")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A served sample: the exit it left at, its class there and that class's probability."""
+    exit: int
+    prediction: int
+    probability: float
+
+
+class QueueFull(Exception):
+    """The scheduler holds `max_queue` samples (or is closing): try again later."""
+
+
+class Expired(Exception):
+    """The sample's deadline passed before it was answered."""
+
+
+@dataclass(eq=False)
+class Sample:
+    """One image inside the scheduler: its future, when it arrived and when it must be answered (monotonic s)."""
+    future: Future
+    arrival: float
+    deadline: float
+
+
+class Observer:
+    """What the scheduler reports (the server's metrics); this one ignores it."""
+
+    def batch(self, stage: int, rows: int) -> None: ...
+    def left(self, exit: int, rows: int) -> None: ...
+    def dropped(self, reason: str, rows: int) -> None: ...
+
+
+@dataclass(eq=False)
+class _Chunk:
+    """Rows waiting at a stage together: features (numpy at the entry stage), policy state, their samples."""
+    data: Any
+    state: np.ndarray
+    samples: list[Sample]
+    oldest: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.oldest = min(s.arrival for s in self.samples)
+
+
+Forward = Callable[[np.ndarray, np.ndarray, list[Sample]], None]
+
+
+class Scheduler:
+    """`Scheduler(runner, config).start()`; `submit(images)` -> one future per image, resolving to an `Answer`."""
+
+    def __init__(self, runner: Runner, config: SchedulerConfig = SchedulerConfig(), forward: Forward | None = None,
+                 observer: Observer | None = None):
+        last = runner.num_exits - 1 if config.last is None else config.last
+        if not 0 <= config.first <= last < runner.num_exits:
+            raise UserError(f"stages {config.first}..{last} are not within the model's 0..{runner.num_exits - 1}")
+        if last < runner.num_exits - 1 and forward is None:
+            raise UserError(f"stages {config.first}..{last} end before the final exit: give a forward callback")
+        self.runner, self.config, self.forward = runner, config, forward
+        self.observer = observer or Observer()
+        self.first, self.last = config.first, last
+        self.queues: dict[int, collections.deque[_Chunk]] = {k: collections.deque() for k in range(config.first, last + 1)}
+        self._inside = 0
+        self._accepting = True
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="exitwise-scheduler", daemon=True)
+
+    def start(self) -> Scheduler:
+        self._thread.start()
+        return self
+
+    # the caller's side (any thread)
+
+    def submit(self, images: np.ndarray) -> list[Future]:
+        """uint8 (N, H, W, C) images into the first stage (which must be stage 0)."""
+        if self.first != 0:
+            raise ValueError("this scheduler starts at a later stage: submit_features")
+        return self._enter(images, self.runner.init_state(len(images)))
+
+    def submit_features(self, features: np.ndarray, state: np.ndarray) -> list[Future]:
+        """Features (`runner.to_numpy` of stage first - 1's output) and policy state into stage `first`."""
+        if len(features) != len(state):
+            raise ValueError(f"{len(features)} rows of features but {len(state)} of state")
+        return self._enter(features, state)
+
+    def _enter(self, data: np.ndarray, state: np.ndarray) -> list[Future]:
+        now = time.monotonic()
+        deadline = now + self.config.timeout_ms / 1e3
+        samples = [Sample(Future(), now, deadline) for _ in range(len(data))]
+        with self._cond:
+            if not self._accepting:
+                raise QueueFull("the server is shutting down")
+            if self._inside + len(samples) > self.config.max_queue:
+                self.observer.dropped("queue_full", len(samples))
+                raise QueueFull(f"{self._inside} samples queued; at most {self.config.max_queue}")
+            if samples:
+                self._inside += len(samples)
+                self.queues[self.first].append(_Chunk(data, state, samples))
+                self._cond.notify()
+        return [s.future for s in samples]
+
+    def depth(self, stage: int) -> int:
+        """Samples waiting at `stage` (not counting a batch running there)."""
+        with self._cond:
+            return sum(len(c.samples) for c in self.queues.get(stage, ()))
+
+    @property
+    def inside(self) -> int:
+        """Samples accepted and not yet answered, dropped or forwarded."""
+        return self._inside
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and self._thread.is_alive()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Refuse new samples, answer those inside (no more waiting for full batches), stop the worker.
+        True when it finished within `timeout` seconds."""
+        with self._cond:
+            self._accepting = False
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # the worker's side
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    stage, wait = self._pick(time.monotonic())
+                    if stage is not None:
+                        break
+                    if not self._accepting and self._inside == 0:
+                        return
+                    self._cond.wait(wait)
+                chunk = self._pop(stage)
+            self._run(stage, chunk)
+
+    def _pick(self, now: float) -> tuple[int | None, float | None]:
+        """The stage to run now, or (None, seconds to wait; None: until notified)."""
+        waiting = {k: q for k, q in self.queues.items() if q}
+        if not waiting:
+            return None, None
+        later = [k for k in waiting if k != self.first]
+        if not later:
+            entry = waiting[self.first]
+            due = entry[0].oldest + self.config.max_wait_ms / 1e3
+            rows = sum(len(c.samples) for c in entry)
+            if rows >= self.config.max_batch or now >= due or not self._accepting:
+                return self.first, None
+            return None, due - now
+        if self.config.rule == "oldest":
+            return min(waiting, key=lambda k: (min(c.oldest for c in waiting[k]), -k)), None
+        return max(waiting, key=lambda k: (sum(len(c.samples) for c in waiting[k]), k)), None
+
+    def _pop(self, stage: int) -> _Chunk:
+        """Up to max_batch rows from the front of `stage`'s queue, as one chunk (a chunk too big is split)."""
+        queue, parts, rows = self.queues[stage], [], 0
+        while queue and rows < self.config.max_batch:
+            room = self.config.max_batch - rows
+            chunk = queue[0]
+            if len(chunk.samples) <= room:
+                parts.append(queue.popleft())
+            else:
+                head, tail = np.arange(room), np.arange(room, len(chunk.samples))
+                parts.append(self._take(stage, chunk, head))
+                queue[0] = self._take(stage, chunk, tail)
+            rows += len(parts[-1].samples)
+        if len(parts) == 1:
+            return parts[0]
+        data = (np.concatenate([p.data for p in parts]) if stage == self.first
+                else self.runner.concat([p.data for p in parts]))
+        return _Chunk(data, np.concatenate([p.state for p in parts]), [s for p in parts for s in p.samples])
+
+    def _take(self, stage: int, chunk: _Chunk, rows: np.ndarray) -> _Chunk:
+        data = chunk.data[rows] if stage == self.first else self.runner.take(chunk.data, rows)
+        return _Chunk(data, chunk.state[rows], [chunk.samples[i] for i in rows])
+
+    def _live(self, stage: int, chunk: _Chunk) -> _Chunk | None:
+        """The chunk without samples whose client left or whose deadline passed (those are settled here)."""
+        now = time.monotonic()
+        gone = [s.future.cancelled() for s in chunk.samples]
+        late = [not g and now > s.deadline for g, s in zip(gone, chunk.samples)]
+        if not any(gone) and not any(late):
+            return chunk
+        if any(gone):
+            self.observer.dropped("disconnected", sum(gone))
+            self._finish([s for s, g in zip(chunk.samples, gone) if g])
+        if any(late):
+            self.observer.dropped("timeout", sum(late))
+            self._finish([s for s, t in zip(chunk.samples, late) if t], error=Expired("deadline passed"))
+        keep = np.flatnonzero(~(np.array(gone) | np.array(late)))
+        return self._take(stage, chunk, keep) if len(keep) else None
+
+    def _run(self, stage: int, chunk: _Chunk) -> None:
+        """Stage `stage` on `chunk`, then (request-level) every later stage on its survivors. A batch that fails
+        (a broken model) fails its own samples, never the server."""
+        done: list[tuple[Sample, Answer]] = []
+        answer_now = self.config.rule != "request-level"
+        for k in range(stage, self.last + 1):
+            chunk = self._live(k, chunk)
+            if chunk is None:
+                break
+            try:
+                survivors, answers = self._stage(k, chunk)
+            except Exception as e:
+                self._finish(chunk.samples, error=e)
+                break
+            if answer_now:
+                self._answer(answers)
+            else:
+                done += answers
+            if survivors is None:
+                break
+            if k == self.last:
+                try:
+                    self.forward(self.runner.to_numpy(survivors.data), survivors.state, survivors.samples)
+                except Exception as e:
+                    self._finish(survivors.samples, error=e)
+                else:
+                    self._settled(len(survivors.samples))
+                break
+            if answer_now:
+                with self._cond:
+                    self.queues[k + 1].append(survivors)
+                break
+            chunk = survivors
+        self._answer(done)
+
+    def _stage(self, k: int, chunk: _Chunk) -> tuple[_Chunk | None, list[tuple[Sample, Answer]]]:
+        """Stage k for the chunk: the survivors (None: nobody stays) and the answers of those that leave."""
+        features = (chunk.data if k != self.first else
+                    self.runner.to_input(chunk.data) if self.first == 0 else self.runner.from_numpy(chunk.data))
+        out = self.runner.step(k, features, chunk.state)
+        self.observer.batch(k, len(chunk.samples))
+        answers = []
+        if out.leave is None:
+            stay = np.ones(len(chunk.samples), dtype=bool)
+        else:
+            leaving = np.flatnonzero(out.leave)
+            answers = [(chunk.samples[i], Answer(k, int(out.predictions[i]), float(out.probabilities[i])))
+                       for i in leaving]
+            self.observer.left(k, len(leaving))
+            stay = ~out.leave
+        rows = np.flatnonzero(stay)
+        if not len(rows):
+            return None, answers
+        features = out.features if len(rows) == len(stay) else self.runner.take(out.features, rows)
+        return _Chunk(features, out.state[rows], [chunk.samples[i] for i in rows]), answers
+
+    def _answer(self, answers: list[tuple[Sample, Answer]]) -> None:
+        for sample, answer in answers:
+            if not sample.future.done():
+                try:
+                    sample.future.set_result(answer)
+                except Exception:  # cancelled meanwhile by its client
+                    pass
+        self._settled(len(answers))
+
+    def _finish(self, samples: list[Sample], error: Exception | None = None) -> None:
+        for s in samples:
+            if error is not None and not s.future.done():
+                try:
+                    s.future.set_exception(error)
+                except Exception:
+                    pass
+        self._settled(len(samples))
+
+    def _settled(self, n: int) -> None:
+        if n:
+            with self._cond:
+                self._inside -= n
+                self._cond.notify()

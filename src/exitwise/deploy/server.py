@@ -1,0 +1,215 @@
+"""The HTTP server: a FastAPI app over one `Scheduler`, run by uvicorn (`exitwise serve`; `pip install 'exitwise[serve]'`).
+
+Endpoints: the Open Inference Protocol (`exitwise.deploy.oip`) under /v2, `POST /v1/predict` (image files: a raw
+body or multipart, several at once) and `GET /metrics` (Prometheus). Decoding runs on the event loop, inference
+on the scheduler's worker thread, so the server accepts while it computes. Every refusal is a 4xx/5xx with a
+one-line JSON body `{"error": "..."}`; SIGTERM stops accepting, answers what was accepted, then exits 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from .metrics import Metrics
+from .oip import BadRequest, decode_images, infer_response, model_metadata, parse_infer, predictions
+from .runner import Runner
+from .scheduler import Answer, Expired, QueueFull, Scheduler, SchedulerConfig
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `exitwise serve` sets besides the model (defaults here only)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_mb: float = 16.0
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
+    """The app, its scheduler started; the scheduler drains when the app shuts down (uvicorn's lifespan)."""
+    metrics = Metrics()
+    scheduler = Scheduler(runner, config.scheduler, observer=metrics).start()
+    metrics.watch(scheduler)
+    limit = int(config.max_body_mb * 2**20)
+    timeout = config.scheduler.timeout_ms / 1e3
+    name, shape = runner.name, tuple(runner.input_shape)
+
+    async def lifespan(app):
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, scheduler.close, timeout + 5)
+
+    app = FastAPI(title="exitwise", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.scheduler, app.state.metrics, app.state.runner = scheduler, metrics, runner
+
+    def check_model(model: str) -> None:
+        if model != name:
+            raise BadRequest(404, f"unknown model {model!r}; this server serves {name!r}")
+
+    async def answer(request: Request, images: np.ndarray) -> list[Answer]:
+        """The images through the scheduler; a client that leaves has its samples cancelled (dropped downstream)."""
+        try:
+            futures = scheduler.submit(images)
+        except QueueFull as e:
+            raise BadRequest(503, f"overloaded, try again: {e}") from None
+        loop = asyncio.get_running_loop()
+        all_done = loop.create_future()
+        left, lock = [len(futures)], threading.Lock()
+
+        def one_done(_: Future) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                loop.call_soon_threadsafe(lambda: all_done.done() or all_done.set_result(None))
+
+        for f in futures:
+            f.add_done_callback(one_done)
+        watch = asyncio.ensure_future(request.receive())
+        try:
+            done, _ = await asyncio.wait({all_done, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if all_done not in done:
+            if watch in done and not watch.cancelled() and watch.result().get("type") == "http.disconnect":
+                for f in futures:
+                    f.cancel()
+                raise BadRequest(499, "client disconnected")
+            raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
+        errors = [f.exception() for f in futures if f.cancelled() or f.exception() is not None]
+        if any(isinstance(e, Expired) for e in errors):
+            raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
+        if errors:
+            raise BadRequest(500, f"inference failed: {errors[0]}")
+        return [f.result() for f in futures]
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise BadRequest(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise BadRequest(413, f"request body is over the limit of {limit} bytes")
+        return bytes(body)
+
+    @app.middleware("http")
+    async def timed(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        path = request.url.path
+        endpoint = ("infer" if path.endswith("/infer") else "predict" if path == "/v1/predict"
+                    else "metrics" if path == "/metrics" else "other")
+        metrics.latency.labels(endpoint=endpoint, code=str(response.status_code)).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(BadRequest)
+    async def refused(request: Request, e: BadRequest):
+        reason = {413: "too_large", 404: "unknown_model", 499: "disconnected", 503: "overloaded", 504: "timeout",
+                  500: "failed"}.get(e.status, "bad_request")
+        metrics.rejected.labels(reason=reason).inc()
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        metrics.rejected.labels(reason="bad_request").inc()
+        return JSONResponse({"error": " ".join(str(e.detail).split())}, status_code=e.status_code)
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        ok = scheduler.accepting
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": "exitwise", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/models/{model}")
+    async def metadata(model: str):
+        check_model(model)
+        return model_metadata(name, shape, runner.platform)
+
+    @app.get("/v2/models/{model}/ready")
+    async def model_ready(model: str):
+        check_model(model)
+        ok = scheduler.accepting
+        return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
+
+    @app.post("/v2/models/{model}/infer")
+    async def infer(model: str, request: Request):
+        check_model(model)
+        images, parsed = parse_infer(await read_body(request), request.headers.get("inference-header-content-length"),
+                                     shape)
+        answers = await answer(request, images)
+        return JSONResponse(infer_response(name, parsed, answers, runner.class_names))
+
+    @app.post("/v1/predict")
+    async def predict(request: Request):
+        body = await read_body(request)
+        blobs, names = await _files(request, body)
+        answers = await answer(request, decode_images(blobs, shape, [n or f"#{i}" for i, n in enumerate(names)]))
+        return {"model": name, "predictions": predictions(answers, runner.class_names, names)}
+
+    @app.get("/metrics")
+    async def scrape():
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+async def _files(request: Request, body: bytes) -> tuple[Sequence[bytes], list[str | None]]:
+    """The image files of a `/v1/predict` request: every file part of a multipart body, or the raw body."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if not body:
+            raise BadRequest(400, "empty request body: send an image file (or several as multipart/form-data)")
+        return [body], [None]
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, stream(), max_files=4096, max_fields=4096).parse()
+    except (MultiPartException, ValueError, KeyError) as e:
+        raise BadRequest(400, f"malformed multipart body: {e}") from None
+    files = [v for _, v in form.multi_items() if not isinstance(v, str)]
+    if not files:
+        raise BadRequest(400, "no file in the multipart body")
+    return [await f.read() for f in files], [f.filename for f in files]
+
+
+def serve(runner: Runner, config: ServeConfig = ServeConfig(), log_level: str = "warning") -> None:
+    """Run the server until SIGTERM or SIGINT; then accepted requests are answered and it returns. Port 0: any free
+    port; the line printed on start says which."""
+    import socket
+
+    import uvicorn
+    app = create_app(runner, config)
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as e:
+        app.state.scheduler.close(1)
+        from ..errors import UserError
+        raise UserError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False,
+                                           timeout_graceful_shutdown=config.scheduler.timeout_ms / 1e3 + 5))
+    print(f"exitwise: serving {runner.name} ({runner.platform}) on http://{host}:{port}", flush=True)
+    server.run(sockets=[sock])

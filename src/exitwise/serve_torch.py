@@ -1,0 +1,121 @@
+"""`TorchRunner`: an `EarlyExitModel` as a `deploy.runner.Runner`, on the offline runtime's pieces.
+
+The network is `runtime.prepare`d in the precision `tune.tune` chooses (as `EarlyExitModel.run` does) and
+runs in the micro-batch it measures; a stage is `runtime.run_stage`, the exit decision the policy's own `step`
+and `exit_rule.leaves`, compaction `runtime.keep_rows`. So a served sample leaves where `EarlyExitModel.run`
+lets it leave. `early_exit=False` is the baseline: the same network, side heads skipped, nobody leaves early.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .deploy.runner import StepOut, model_name
+from .early_exit import EarlyExitModel
+from .errors import UserError
+from .exit_rule import leaves
+from .runtime import device_of, keep_rows, run_stage
+
+TUNE_IMAGES = 256  # random images the precision and micro-batch are chosen on (a server has no data set)
+
+
+class TorchRunner:
+    platform = "pytorch"
+
+    def __init__(self, model: EarlyExitModel, *, early_exit: bool = True, precision: str = "auto",
+                 micro_batch: int | None = None, name: str | None = None):
+        if model.precision is None:
+            from .data import ImageSet
+            from .tune import tune
+            c, h, w = model.network.input_shape
+            g = torch.Generator().manual_seed(0)
+            data = ImageSet(torch.randint(0, 256, (TUNE_IMAGES, h, w, c), dtype=torch.uint8, generator=g),
+                            torch.zeros(TUNE_IMAGES, dtype=torch.int64), tuple(model.class_names or ()))
+            tuned = tune(model.network, data, precision, micro_batch, check_images=TUNE_IMAGES)
+            self.network, self.precision, self.micro_batch = tuned.network, tuned.precision, tuned.micro_batch
+        else:
+            from .config import DEFAULT_MICRO_BATCH
+            self.network, self.precision = model.network, model.precision
+            self.micro_batch = micro_batch or DEFAULT_MICRO_BATCH
+        self.model, self.early_exit = model, early_exit
+        self.policy = model.policy
+        self.device = device_of(self.network)
+        self.num_exits = self.network.num_exits
+        self.input_shape = tuple(self.network.input_shape)
+        self.class_names = tuple(model.class_names) if model.class_names else None
+        self.name = name or model_name(model.model_name)
+        thr = torch.as_tensor(np.asarray(model.thresholds, dtype=np.float64), dtype=torch.float32)
+        self.thresholds = list(thr.to(self.device).unbind())  # as `runtime.run_early_exit` makes them
+
+    def to_input(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, C) to float32 (N, C, H, W) in [0, 1], channels_last: what `ImageSet.batches` yields."""
+        return torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+
+    def init_state(self, n: int) -> np.ndarray:
+        return self.policy.init_state(n).numpy()
+
+    @torch.inference_mode()
+    def step(self, k: int, features: torch.Tensor, state: np.ndarray) -> StepOut:
+        last = k == self.num_exits - 1
+        head = last or self.early_exit
+        pieces = features.split(self.micro_batch) if len(features) > self.micro_batch else [features]
+        if not head:
+            x = [self.network.stages[k](p) for p in pieces]
+            return StepOut(x[0] if len(x) == 1 else torch.cat(x), None, None, None, state)
+        outs = [run_stage(self.network, k, p) for p in pieces]
+        x = outs[0][0] if len(outs) == 1 else torch.cat([o[0] for o in outs])
+        logits = outs[0][1] if len(outs) == 1 else torch.cat([o[1] for o in outs])
+        if last:
+            leave = torch.ones(len(x), dtype=torch.bool)
+        else:
+            scores, new_state = self.policy.step(k, logits, torch.from_numpy(state).to(self.device))
+            leave, state = leaves(scores, self.thresholds[k]), new_state.cpu().numpy()
+        scaled = logits if self.policy.temperatures is None else logits / self.policy.temperatures[k]
+        p, predictions = torch.softmax(scaled.float(), -1).max(-1)
+        return StepOut(x, leave.cpu().numpy(), predictions.cpu().numpy(), p.cpu().numpy(), state)
+
+    def take(self, features: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        return keep_rows(features, torch.from_numpy(np.asarray(rows)).to(self.device))
+
+    def concat(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        return parts[0] if len(parts) == 1 else torch.cat(list(parts))
+
+    def to_numpy(self, features: torch.Tensor) -> np.ndarray:
+        return features.float().cpu().numpy()
+
+    def from_numpy(self, array: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def load_early_exit(*, model: str | None = None, weights: str | Path | None = None, source: str | Path | None = None,
+                    early_exit: bool = True) -> EarlyExitModel:
+    """The early-exit model `exitwise serve` runs: a saved one (`source`: early_exit.json or its folder), or a
+    registered model with its shipped weights and the calibrated setting its card carries (`calibrated`)."""
+    if source is not None:
+        return EarlyExitModel.load(source)
+    from .api import load_model
+    from .models import shipped_card, shipped_weights
+    network, _ = load_model(model, weights)
+    card = shipped_card(model) if shipped_weights(model) else {}
+    setting = card.get("calibrated")
+    classes = card.get("dataset", {}).get("classes") if isinstance(card.get("dataset"), dict) else None
+    if setting is None or weights is not None:
+        if early_exit:
+            why = "other weights than the shipped ones" if weights is not None else "no calibrated setting"
+            raise UserError(f"model {model!r} with {why}: serve a study's or calibration's folder (--from DIR), "
+                            "or the full network (--no-early-exit)")
+        return EarlyExitModel.create(network, model, "entropy", [None] * (network.num_exits - 1),
+                                     class_names=classes)
+    return EarlyExitModel.create(network, model, setting["policy"], setting["thresholds"],
+                                 setting.get("temperatures"), classes)
+
+
+def make_runner(*, model: str | None = None, weights: str | Path | None = None, source: str | Path | None = None,
+                early_exit: bool = True, precision: str = "auto", micro_batch: int | None = None) -> TorchRunner:
+    """`exitwise serve --model/--from`'s runner (a module-level function, so Ray can ship it to replicas)."""
+    return TorchRunner(load_early_exit(model=model, weights=weights, source=source, early_exit=early_exit),
+                       early_exit=early_exit, precision=precision, micro_batch=micro_batch)

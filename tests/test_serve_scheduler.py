@@ -1,0 +1,205 @@
+"""The stage-level batcher, on a fake numpy runner whose every decision is known in advance.
+
+A sample is one number d (its "difficulty"): it leaves at exit d, predicting class 10 * d + its row's
+value mod 10. The fake records every stage call, so re-batching, dropping and forwarding are visible.
+"""
+import threading
+import time
+from concurrent.futures import wait
+
+import numpy as np
+import pytest
+
+from exitwise.deploy.runner import StepOut
+from exitwise.deploy.scheduler import Answer, Expired, Observer, QueueFull, Scheduler, SchedulerConfig
+from exitwise.errors import UserError
+
+
+class FakeRunner:
+    num_exits, input_shape, class_names, name, platform = 4, (1, 1, 1), None, "fake", "numpy"
+
+    def __init__(self):
+        self.calls: list[tuple[int, int]] = []   # (stage, rows) of every step
+        self.gate = threading.Event()            # step waits for it (set: no waiting)
+        self.gate.set()
+
+    def to_input(self, images):
+        return images.reshape(len(images), 1).astype(np.float64)
+
+    def init_state(self, n):
+        return np.zeros((n, 1), dtype=np.int64)
+
+    def step(self, k, features, state):
+        self.gate.wait(10)
+        self.calls.append((k, len(features)))
+        d = features[:, 0].astype(int) % 4
+        leave = d <= k if k < 3 else np.ones(len(d), dtype=bool)
+        return StepOut(features + 100, leave, (features[:, 0] % 10 + 10 * k).astype(np.int64),
+                       np.full(len(d), 0.5, dtype=np.float32), state + 1)
+
+    def take(self, features, rows):
+        return features[rows]
+
+    def concat(self, parts):
+        return np.concatenate(parts)
+
+    def to_numpy(self, features):
+        return features
+
+    def from_numpy(self, array):
+        return array
+
+
+class Counts(Observer):
+    def __init__(self):
+        self.batches, self.exits, self.drops = [], {}, {}
+
+    def batch(self, stage, rows):
+        self.batches.append((stage, rows))
+
+    def left(self, exit, rows):
+        self.exits[exit] = self.exits.get(exit, 0) + rows
+
+    def dropped(self, reason, rows):
+        self.drops[reason] = self.drops.get(reason, 0) + rows
+
+
+def images(values):
+    return np.asarray(values, dtype=np.uint8).reshape(-1, 1, 1, 1)
+
+
+def results(futures, timeout=10):
+    done, pending = wait(futures, timeout)
+    assert not pending
+    return [f.result() for f in futures]
+
+
+@pytest.mark.parametrize("rule", ["deepest", "oldest", "request-level"])
+def test_every_sample_leaves_at_its_own_exit_under_every_rule(rule):
+    runner = FakeRunner()
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=8, rule=rule)).start()
+    values = np.arange(40) % 256
+    answers = results(scheduler.submit(images(values)))
+    assert [a.exit for a in answers] == list(values % 4)
+    # the prediction is made from the features at the exit taken: 100 added per stage run before it
+    assert [a.prediction for a in answers] == [(v + 100 * (v % 4)) % 10 + 10 * (v % 4) for v in values]
+    assert scheduler.close(5) and scheduler.inside == 0
+
+
+def test_survivors_of_different_batches_run_together_at_the_next_stage():
+    runner = FakeRunner()
+    runner.gate.clear()  # the first batch blocks in stage 0 while two more requests arrive
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4)).start()
+    first = scheduler.submit(images([1, 1, 0, 0]))
+    time.sleep(0.1)
+    second = scheduler.submit(images([1, 1, 0, 0]))
+    runner.gate.set()
+    results(first + second)
+    # stage 0 ran each batch of 4; the two survivors of each met at stage 1 as one batch of 4
+    assert runner.calls == [(0, 4), (0, 4), (1, 4)]
+    scheduler.close(5)
+
+
+def test_request_level_runs_each_batch_to_the_end_before_the_next():
+    runner = FakeRunner()
+    runner.gate.clear()
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, rule="request-level")).start()
+    first = scheduler.submit(images([1, 1, 0, 0]))
+    time.sleep(0.1)
+    second = scheduler.submit(images([1, 1, 0, 0]))
+    runner.gate.set()
+    results(first + second)
+    assert runner.calls == [(0, 4), (1, 2), (0, 4), (1, 2)]
+    scheduler.close(5)
+
+
+def test_the_first_stage_waits_for_a_full_batch_at_most_max_wait():
+    runner = FakeRunner()
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=3, max_wait_ms=300)).start()
+    a = scheduler.submit(images([0]))
+    time.sleep(0.05)
+    b = scheduler.submit(images([0, 0]))  # the batch is full now: it runs at once
+    results(a + b, timeout=0.2)
+    start = time.monotonic()
+    results(scheduler.submit(images([0])), timeout=2)  # alone: it runs when its wait is over
+    assert time.monotonic() - start >= 0.25
+    assert runner.calls == [(0, 3), (0, 1)]
+    scheduler.close(5)
+
+
+def test_a_full_queue_refuses_at_once_and_a_closed_one_too():
+    runner = FakeRunner()
+    runner.gate.clear()
+    counts = Counts()
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=2, max_queue=4), observer=counts).start()
+    held = scheduler.submit(images([0, 0, 0]))
+    with pytest.raises(QueueFull):
+        scheduler.submit(images([0, 0]))
+    assert counts.drops == {"queue_full": 2}
+    runner.gate.set()
+    results(held)
+    scheduler.close(5)
+    with pytest.raises(QueueFull):
+        scheduler.submit(images([0]))
+
+
+def test_late_and_abandoned_samples_are_dropped_before_the_next_stage():
+    runner = FakeRunner()
+    runner.gate.clear()
+    counts = Counts()
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=8, timeout_ms=200), observer=counts).start()
+    futures = scheduler.submit(images([3, 3, 3, 3]))  # all would run every stage
+    time.sleep(0.05)
+    futures[0].cancel()  # its client went away while stage 0 ran
+    time.sleep(0.3)      # and the others' deadline passes
+    runner.gate.set()
+    wait(futures[1:], 5)
+    assert all(isinstance(f.exception(), Expired) for f in futures[1:])
+    assert counts.drops == {"disconnected": 1, "timeout": 3}
+    assert runner.calls == [(0, 4)]  # nobody ran stage 1
+    assert scheduler.close(5) and scheduler.inside == 0
+
+
+def test_a_stage_range_forwards_its_survivors_to_the_next_tier():
+    """Tier A runs stages 0-1 and forwards the rest's features; tier B runs 2-3 on them: the same answers as one."""
+    lower, upper = FakeRunner(), FakeRunner()
+    tier_b = Scheduler(upper, SchedulerConfig(first=2)).start()
+
+    def forward(features, state, samples):
+        assert state[:, 0].tolist() == [2] * len(samples)  # the policy state travels with the features
+        for sample, future in zip(samples, tier_b.submit_features(features, state)):
+            future.add_done_callback(lambda f, s=sample: s.future.set_result(f.result()))
+
+    tier_a = Scheduler(lower, SchedulerConfig(last=1), forward=forward).start()
+    values = np.arange(20)
+    answers = results(tier_a.submit(images(values)))
+    whole = Scheduler(FakeRunner()).start()
+    assert answers == results(whole.submit(images(values)))
+    assert {k for k, _ in lower.calls} == {0, 1} and {k for k, _ in upper.calls} == {2, 3}
+    for s in (tier_a, tier_b, whole):
+        assert s.close(5)
+
+
+def test_a_range_that_stops_early_needs_a_forward_and_a_failing_batch_fails_only_its_samples():
+    with pytest.raises(UserError, match="give a forward callback"):
+        Scheduler(FakeRunner(), SchedulerConfig(last=1))
+    with pytest.raises(UserError, match="not within"):
+        Scheduler(FakeRunner(), SchedulerConfig(first=2, last=7), forward=lambda *a: None)
+    runner = FakeRunner()
+    scheduler = Scheduler(runner, SchedulerConfig()).start()
+    good_step = runner.step
+    runner.step = lambda k, f, s: (_ for _ in ()).throw(RuntimeError("broken"))
+    bad = scheduler.submit(images([0, 1]))
+    wait(bad, 5)
+    assert all(isinstance(f.exception(), RuntimeError) for f in bad)
+    runner.step = good_step
+    assert results(scheduler.submit(images([0]))) == [Answer(0, 0, 0.5)]
+    assert scheduler.close(5) and scheduler.inside == 0
+
+
+def test_close_answers_what_was_accepted():
+    runner = FakeRunner()
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=64, max_wait_ms=60_000)).start()
+    futures = scheduler.submit(images([3, 2, 1]))  # would wait a minute for a full batch
+    assert scheduler.close(5)
+    assert [f.result(0).exit for f in futures] == [3, 2, 1]
