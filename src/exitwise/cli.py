@@ -390,6 +390,7 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--micro-batch", type=int, help="torch models: rows per network call (default: measured)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (`pip install 'exitwise[ray]'`)")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the server (default 1)")
+    _add_tier_args(p)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -405,8 +406,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise UserError(f"serving needs {e.name}: pip install 'exitwise[serve]'") from None
     from .deploy.server import ServeConfig
+    tier = _tier_config(args)
     config = ServeConfig(args.host, args.port, args.max_body_mb, SchedulerConfig(
-        args.max_batch, args.max_wait_ms, args.max_queue, args.timeout_ms, args.schedule))
+        args.max_batch, args.max_wait_ms, args.max_queue, args.timeout_ms, args.schedule,
+        *((tier.first, tier.last) if tier else ())), tier=tier)
     if args.export:
         from .deploy.onnx_runner import OnnxRunner
         make_runner = functools.partial(OnnxRunner.load, args.export, early_exit=not args.no_early_exit)
@@ -421,6 +424,59 @@ def cmd_serve(args: argparse.Namespace) -> None:
         return
     from .deploy.server import serve
     serve(make_runner(), config)
+
+
+# `exitwise serve` as one tier of a chain (exitwise.deploy.tiers, docs/tiers.md)
+
+def _add_tier_args(p) -> None:
+    p.add_argument("--stages", help="with --export: serve only stages FIRST-LAST (a tier); samples still in after "
+                                    "LAST go to --next")
+    p.add_argument("--next", help="the next tier's URL (http://HOST:PORT), where survivors' features go")
+    p.add_argument("--plan", type=Path, help="a plan.json of `exitwise plan`: take this --tier's stages and wire "
+                                             "format from its choice")
+    p.add_argument("--tier", help="this tier's name (in --plan; in answers and /metrics)")
+    p.add_argument("--wire", help="features to --next as fp32, fp16 or int8 (default: the plan's, else fp32)")
+    p.add_argument("--forward-timeout-ms", type=float, default=5000.0, help="the next tier not answering by then: "
+                   "answer at this tier's last exit, marked degraded (default 5000)")
+
+
+def _tier_config(args: argparse.Namespace):
+    """The TierConfig that --stages/--plan/--tier/--next ask for (None: the whole network), checked."""
+    if all(v is None for v in (args.stages, args.next, args.plan, args.tier)):
+        return None
+    from .deploy.onnx_runtime import read_manifest
+    from .deploy.plan import read_plan
+    from .deploy.tiers import TierConfig, check_url, parse_stages
+    if args.next is not None:
+        check_url(args.next)
+    if not args.export or args.ray:
+        raise UserError("a tier serves an ONNX export (--export DIR), without --ray")
+    k = len(read_manifest(args.export)["stages"])
+    wire = args.wire
+    if args.plan:
+        if args.stages is not None or not args.tier:
+            raise UserError("--plan takes this tier's stages from the plan: give --tier NAME, not --stages")
+        doc = read_plan(args.plan)
+        names = [t["name"] for t in doc["tiers"]]
+        if args.tier not in names:
+            raise UserError(f"tier {args.tier!r} is not in {str(args.plan)!r} (its tiers: {', '.join(names)})")
+        if len(doc["costs"]["stage_seconds"]) != k:
+            raise UserError(f"{str(args.plan)!r} plans {len(doc['costs']['stage_seconds'])} stages; the export has {k}")
+        stages = doc["choice"]["stages"][names.index(args.tier)]
+        if not stages:
+            raise UserError(f"tier {args.tier!r} holds no stages in {str(args.plan)!r}: nothing to serve there")
+        first, last = stages
+        wire = wire or doc["choice"]["wire"]
+    elif args.stages is not None:
+        first, last = parse_stages(args.stages, k)
+    else:
+        raise UserError("a tier needs its stages: --stages FIRST-LAST, or --plan plan.json --tier NAME")
+    if last < k - 1 and not args.next:
+        raise UserError(f"stages {first}-{last} end before the final exit (stage {k - 1}): give --next URL")
+    if last == k - 1 and args.next:
+        raise UserError(f"stages {first}-{last} end the network: this tier has nothing to send to --next")
+    return TierConfig(args.tier or f"stages{first}-{last}", first, last, args.next, wire or "fp32",
+                      args.forward_timeout_ms)
 
 
 COMMANDS["serve"] = cmd_serve

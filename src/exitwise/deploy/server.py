@@ -24,6 +24,7 @@ from .metrics import Metrics
 from .oip import BadRequest, decode_images, infer_response, model_metadata, parse_infer, predictions
 from .runner import Runner
 from .scheduler import Answer, Expired, QueueFull, Scheduler, SchedulerConfig
+from .tiers import Forwarder, TierAnswer, TierConfig, add_tier_routes
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,15 @@ class ServeConfig:
     port: int = 8000
     max_body_mb: float = 16.0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tier: TierConfig | None = None   # one tier of a chain (exitwise.deploy.tiers): its name, stages, next tier
 
 
 def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
     """The app, its scheduler started; the scheduler drains when the app shuts down (uvicorn's lifespan)."""
     metrics = Metrics()
-    scheduler = Scheduler(runner, config.scheduler, observer=metrics).start()
+    tier = config.tier
+    forward = Forwarder(runner, tier, metrics) if tier is not None and tier.next_url else None
+    scheduler = Scheduler(runner, config.scheduler, forward=forward, observer=metrics).start()
     metrics.watch(scheduler)
     limit = int(config.max_body_mb * 2**20)
     timeout = config.scheduler.timeout_ms / 1e3
@@ -57,6 +61,8 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
 
     async def answer(request: Request, images: np.ndarray) -> list[Answer]:
         """The images through the scheduler; a client that leaves has its samples cancelled (dropped downstream)."""
+        if scheduler.first != 0:
+            raise BadRequest(409, f"this tier starts at stage {scheduler.first}: send images to the first tier")
         try:
             futures = scheduler.submit(images)
         except QueueFull as e:
@@ -90,7 +96,10 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
             raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
         if errors:
             raise BadRequest(500, f"inference failed: {errors[0]}")
-        return [f.result() for f in futures]
+        if tier is None:
+            return [f.result() for f in futures]
+        return [a if isinstance(a, TierAnswer) else TierAnswer(a.exit, a.prediction, a.probability, tier.name)
+                for a in (f.result() for f in futures)]
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -164,6 +173,9 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         blobs, names = await _files(request, body)
         answers = await answer(request, decode_images(blobs, shape, [n or f"#{i}" for i, n in enumerate(names)]))
         return {"model": name, "predictions": predictions(answers, runner.class_names, names)}
+
+    if tier is not None:
+        add_tier_routes(app, runner, tier)
 
     @app.get("/metrics")
     async def scrape():

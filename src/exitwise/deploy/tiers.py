@@ -1,0 +1,240 @@
+"""Tier chaining: one `exitwise serve` per tier, each holding a contiguous range of stages (docs/tiers.md).
+
+A tier's scheduler runs its stages `first..last`; the samples that leave at its exits are answered there; the
+survivors after `last` go to the next tier in batches (the batches the scheduler formed at `last`), as features
+in a wire format (`exitwise.deploy.wire`) with the exit policy's state, by `POST /v2/tiers/features` (below).
+The next tier answers each row (or forwards it on), and the answers come back through every tier to the client,
+each saying which exit and which tier answered.
+
+Faults: when the next tier cannot be reached, refuses, answers badly or not within `forward_timeout_ms`, the
+batch is answered by this tier's own last exit (recomputed from the features it holds), marked degraded and
+counted in /metrics (`exitwise_degraded_samples`); for `retry_after_ms` after a failure the next tier is not
+tried (batches are answered degraded at once), then forwarding resumes on the next batch that gets through.
+No sample is lost: every forwarded sample is answered, by the next tier or degraded.
+
+`POST /v2/tiers/features` body: a 4-byte little-endian length, a JSON header {"stage": the first stage to run,
+"state": the policy state, one list per row}, then one wire payload of the features (`wire.encode`). Answer:
+{"tier": name, "answers": [[exit, class, probability, tier, degraded], ...]} in row order. Errors: 4xx/5xx with
+a one-line JSON body, as every other endpoint.
+"""
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import logging
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from ..errors import UserError
+from ..exit_rule import softmax
+from .oip import BadRequest
+from .scheduler import Answer, Expired, QueueFull, Sample
+from .wire import FORMATS, decode, encode
+
+ENDPOINT = "/v2/tiers/features"
+_log = logging.getLogger("exitwise.tiers")
+FORWARD_THREADS = 4     # batches in flight to the next tier at once
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """What makes a server a tier: its name, its stages, where survivors go and how."""
+    name: str
+    first: int
+    last: int
+    next_url: str | None = None       # None: this tier ends the network
+    wire: str = "fp32"
+    forward_timeout_ms: float = 5000.0
+    retry_after_ms: float = 500.0
+
+    def __post_init__(self) -> None:
+        if self.wire not in FORMATS:
+            raise UserError(f"unknown wire format {self.wire!r}; choose one of {', '.join(FORMATS)}")
+        if self.next_url is not None:
+            check_url(self.next_url)
+        if self.forward_timeout_ms <= 0 or self.retry_after_ms < 0:
+            raise UserError("the forward timeout must be above 0 ms and the retry pause at least 0 ms")
+
+
+def check_url(url: str) -> tuple[str, int, str]:
+    """(host, port, path prefix) of an http:// URL, or a one-line UserError."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 80
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme != "http" or not parts.hostname or parts.query or parts.fragment:
+        raise UserError(f"--next {url!r} is not a URL of the next tier (http://HOST:PORT)")
+    return parts.hostname, port, parts.path.rstrip("/")
+
+
+def parse_stages(text: str, num_stages: int) -> tuple[int, int]:
+    """`2-3` or `2` -> (first, last), within 0..num_stages-1, first <= last."""
+    try:
+        ends = [int(v) for v in text.split("-")]
+    except ValueError:
+        ends = []
+    if len(ends) not in (1, 2):
+        raise UserError(f"--stages {text!r}: expected FIRST-LAST (e.g. 0-1) or one stage")
+    first, last = ends[0], ends[-1]
+    if first > last:
+        raise UserError(f"--stages {text!r}: stages out of order ({first} after {last})")
+    if first < 0 or last >= num_stages:
+        raise UserError(f"--stages {text!r}: the model has stages 0-{num_stages - 1}")
+    return first, last
+
+
+def encode_features(stage: int, features: np.ndarray, state: np.ndarray, wire: str) -> bytes:
+    head = json.dumps({"stage": stage, "state": state.tolist()}, separators=(",", ":")).encode()
+    return struct.pack("<I", len(head)) + head + encode(features, wire)
+
+
+def decode_features(body: bytes, state_columns: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(stage, float32 features, int64 state) of a features request; UserError when malformed."""
+    if len(body) < 4:
+        raise UserError("malformed features request: too short")
+    (n,) = struct.unpack("<I", body[:4])
+    try:
+        head = json.loads(body[4:4 + n])
+        stage, state = head["stage"], np.asarray(head["state"], dtype=np.int64)
+    except (ValueError, KeyError, TypeError, OverflowError):
+        raise UserError("malformed features request: its header is not the JSON expected") from None
+    features = decode(body[4 + n:])
+    if not isinstance(stage, int) or isinstance(stage, bool) or state.size != len(features) * state_columns:
+        raise UserError(f"malformed features request: state of shape {state.shape} for {len(features)} rows")
+    return stage, features, state.reshape(len(features), state_columns)
+
+
+@dataclass(frozen=True)
+class TierAnswer(Answer):
+    """An answer that says which tier gave it, and whether it is a degraded one (the next tier failed)."""
+    tier: str = ""
+    degraded: bool = False
+
+
+class Forwarder:
+    """The scheduler's `forward` hook: survivors' features to the next tier, off the scheduler's thread."""
+
+    def __init__(self, runner, config: TierConfig, metrics=None):
+        self.runner, self.config = runner, config
+        self.host, self.port, prefix = check_url(config.next_url)
+        self.path = prefix + ENDPOINT
+        self.pool = ThreadPoolExecutor(FORWARD_THREADS, thread_name_prefix="exitwise-forward")
+        self.down_until = 0.0
+        self.lock = threading.Lock()
+        self.counters = _counters(metrics)
+
+    def __call__(self, features: np.ndarray, state: np.ndarray, samples: list[Sample]) -> None:
+        self.pool.submit(self._send, features, state, samples)
+
+    def _send(self, features: np.ndarray, state: np.ndarray, samples: list[Sample]) -> None:
+        try:
+            with self.lock:
+                resting = time.monotonic() < self.down_until
+            answers = None if resting else self._post(features, state, len(samples))
+            self.counters["forwarded"].inc(len(samples)) if answers else None
+        except Exception as e:  # any failure of the next tier: refused, down, too slow, a bad answer
+            answers = None
+            _log.warning("exitwise: tier %s: the next tier %s failed (%s); answering at exit %d, degraded",
+                         self.config.name, self.config.next_url, str(e).splitlines()[0][:160] or type(e).__name__,
+                         self.config.last)
+            with self.lock:
+                self.down_until = time.monotonic() + self.config.retry_after_ms / 1e3
+        if answers is None:
+            try:
+                answers = self._degraded(features)
+            except Exception as e:  # a broken model: fail these samples, never hang them
+                for s in samples:
+                    _settle(s, error=e)
+                return
+            self.counters["degraded"].inc(len(samples))
+        for s, a in zip(samples, answers):
+            _settle(s, a)
+
+    def _post(self, features: np.ndarray, state: np.ndarray, rows: int) -> list[TierAnswer]:
+        body = encode_features(self.config.last + 1, features, state, self.config.wire)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.config.forward_timeout_ms / 1e3)
+        try:
+            conn.request("POST", self.path, body, {"Content-Type": "application/octet-stream"})
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            conn.close()
+        self.counters["bytes"].inc(len(body))
+        if response.status != 200:
+            raise RuntimeError(f"the next tier answered {response.status}")
+        rows_back = json.loads(data)["answers"]
+        if len(rows_back) != rows:
+            raise RuntimeError(f"the next tier answered {len(rows_back)} rows of {rows}")
+        return [TierAnswer(int(e), int(c), float(p), str(t), bool(d)) for e, c, p, t, d in rows_back]
+
+    def _degraded(self, features: np.ndarray) -> list[TierAnswer]:
+        """This tier's last exit on the features it holds (its head, run again: only on the degraded path)."""
+        k, model = self.config.last, self.runner.model
+        logits = model.heads[k].run(None, {"x": features})[0]
+        predictions = logits.argmax(-1)
+        p = softmax(model.policy.scale(k, logits))[np.arange(len(logits)), predictions]
+        return [TierAnswer(k, int(c), float(q), self.config.name, True) for c, q in zip(predictions, p)]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _settle(sample: Sample, answer: Answer | None = None, error: Exception | None = None) -> None:
+    if sample.future.done():
+        return
+    try:
+        sample.future.set_exception(error) if error is not None else sample.future.set_result(answer)
+    except Exception:  # cancelled meanwhile by its client
+        pass
+
+
+def _counters(metrics) -> dict:
+    """The tier's counters in the server's registry (or inert ones without a server)."""
+    if metrics is None:
+        class _Null:
+            def inc(self, n=1): ...
+        return {k: _Null() for k in ("forwarded", "degraded", "bytes")}
+    from prometheus_client import Counter
+    r = metrics.registry
+    return {"forwarded": Counter("exitwise_forwarded_samples", "Samples answered by the next tier", registry=r),
+            "degraded": Counter("exitwise_degraded_samples", "Samples answered by this tier's last exit because "
+                                "the next tier failed (down, refused, too slow)", registry=r),
+            "bytes": Counter("exitwise_forwarded_bytes", "Bytes of features sent to the next tier", registry=r)}
+
+
+def add_tier_routes(app, runner, config: TierConfig) -> None:
+    """`POST /v2/tiers/features` on a server whose scheduler starts at `config.first`."""
+    scheduler = app.state.scheduler
+    columns = runner.init_state(0).shape[1]
+
+    @app.post(ENDPOINT)
+    async def features(request: Request):
+        try:
+            stage, x, state = decode_features(await request.body(), columns)
+        except UserError as e:
+            raise BadRequest(400, str(e)) from None
+        if stage != config.first:
+            raise BadRequest(409, f"tier {config.name} holds stages {config.first}-{config.last}; features for stage "
+                                  f"{stage} belong elsewhere")
+        try:
+            futures = scheduler.submit_features(x, state)
+        except QueueFull as e:
+            raise BadRequest(503, f"overloaded, try again: {e}") from None
+        try:
+            answers = await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)),
+                                             scheduler.config.timeout_ms / 1e3 + 1)
+        except (Expired, asyncio.TimeoutError):
+            raise BadRequest(504, "not answered in time") from None
+        rows = [[a.exit, a.prediction, a.probability, getattr(a, "tier", "") or config.name,
+                 getattr(a, "degraded", False)] for a in answers]
+        return JSONResponse({"tier": config.name, "answers": rows})

@@ -1,0 +1,181 @@
+"""Tiers on 127.0.0.1: a chain of `exitwise serve` processes answers as single-process early exit does, degrades
+to its own last exit when the next tier dies (and forwards again when it is back), and refuses bad chains."""
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from exitwise.api import export
+from exitwise.cli import main
+from exitwise.deploy.onnx_runtime import OnnxEarlyExit
+from exitwise.early_exit import EarlyExitModel
+from exitwise.models import create_model
+from exitwise.policies import get_policy
+from exitwise.runtime import all_exit_logits, prepare
+
+from conftest import random_image_set
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+NEAR = 1e-5  # fp32 rounding across batch sizes: a score this close to its threshold may go either way
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A random-weight digits-convnet (three stages), thresholds that let a third out at each side exit, exported."""
+    torch.manual_seed(0)
+    net, policy = create_model("digits-convnet"), get_policy("entropy")
+    data = random_image_set(120, seed=3)
+    scores = policy.scores(torch.from_numpy(all_exit_logits(prepare(net), data).logits)).numpy()
+    thresholds = np.array([np.quantile(scores[0], 0.33), np.quantile(scores[1], 0.5)])
+    out = tmp_path_factory.mktemp("tiers")
+    EarlyExitModel(net, policy, thresholds, "digits-convnet", tuple("0123456789")).save(out / "model")
+    export(out / "onnx", source=out / "model")
+    return out / "onnx", data.images.numpy()
+
+
+class Tier:
+    """One `exitwise serve` process on a port of its own (0: the OS picks), stopped at the end of the test."""
+
+    def __init__(self, export: Path, *args: str, port: int = 0):
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "exitwise", "serve", "--export", str(export),
+                                      "--port", str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        deadline, line = time.monotonic() + 60, ""
+        while "serving" not in line:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready or self.proc.poll() is not None:
+                self.stop()
+                raise AssertionError(f"tier did not start: {self.proc.stderr.read()[-2000:]}")
+            line = self.proc.stdout.readline()
+        self.url = line.strip().rsplit(" ", 1)[-1]
+        self.port = int(self.url.rsplit(":", 1)[-1])
+        while True:  # the line comes when the port is bound; ready once it listens
+            try:
+                urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise AssertionError("tier did not get ready within 60 s") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def _infer(url: str, images: np.ndarray) -> dict:
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(images.shape),
+                                   "parameters": {"layout": "NHWC"}, "data": images.reshape(-1).tolist()}]})
+    request = urllib.request.Request(f"{url}/v2/models/digits-convnet/infer", body.encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        doc = json.loads(response.read())
+    out = {o["name"]: o["data"] for o in doc["outputs"]}
+    return {"exit": np.array(out["exit"]), "class": np.array(out["class_index"]), **doc.get("parameters", {})}
+
+
+def _borderline(export: Path, images: np.ndarray) -> np.ndarray:
+    """Images with a side-exit score within NEAR of its threshold (their exit may differ by batch composition)."""
+    model = OnnxEarlyExit.load(export)
+    x, state = images.transpose(0, 3, 1, 2).astype(np.float32) / 255, model.policy.init_state(len(images))
+    near = np.zeros(len(images), dtype=bool)
+    for k in range(model.num_exits - 1):
+        x, logits = model._stage(k, x)
+        scores, state = model.policy.step(k, logits, state)
+        near = near | (np.abs(scores - np.float32(model.thresholds[k])) <= NEAR)
+    return near
+
+
+def test_a_three_tier_chain_answers_as_single_process_early_exit(digits):
+    export_dir, images = digits
+    expected = OnnxEarlyExit.load(export_dir).run(images)
+    cloud = Tier(export_dir, "--stages", "2-2", "--tier", "cloud")
+    edge = Tier(export_dir, "--stages", "1-1", "--next", cloud.url, "--tier", "edge")
+    device = Tier(export_dir, "--stages", "0-0", "--next", edge.url, "--tier", "device", "--max-wait-ms", "5")
+    try:
+        got = [_infer(device.url, images[i:i + 40]) for i in range(0, len(images), 40)]
+        metrics = urllib.request.urlopen(f"{device.url}/metrics", timeout=30).read().decode()
+    finally:
+        for tier in (device, edge, cloud):
+            tier.stop()
+    exits = np.concatenate([g["exit"] for g in got])
+    classes = np.concatenate([g["class"] for g in got])
+    tiers = sum((g["tier"] for g in got), [])
+    differ = (exits != expected.exits) | (classes != expected.predictions)
+    assert not (differ & ~_borderline(export_dir, images)).any()
+    assert set(exits) == {0, 1, 2}  # every tier answers some
+    assert [("device", "edge", "cloud")[e] for e in exits] == tiers  # each tier answers at its own exit
+    assert not any(sum((g["degraded"] for g in got), []))
+    assert "exitwise_forwarded_samples_total" in metrics
+
+
+def _counter(url: str, name: str) -> float:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_the_next_tier_killed_mid_run_gives_degraded_answers_then_forwarding_resumes(digits):
+    export_dir, images = digits
+    expected = OnnxEarlyExit.load(export_dir).run(images)
+    cloud = Tier(export_dir, "--stages", "1-2", "--tier", "cloud")
+    device = Tier(export_dir, "--stages", "0-0", "--next", cloud.url, "--tier", "device",
+                  "--forward-timeout-ms", "2000")
+    try:
+        before = _infer(device.url, images[:40])
+        assert not any(before["degraded"]) and "cloud" in before["tier"]
+        cloud.stop()  # the next tier is gone: every request is still answered, by the device's exit 0
+        during = _infer(device.url, images[40:80])
+        assert len(during["exit"]) == 40
+        stayed = expected.exits[40:80] > 0
+        assert all(during["degraded"][i] == bool(stayed[i]) for i in range(40))
+        assert set(during["exit"][stayed]) == {0} and {during["tier"][i] for i in np.flatnonzero(stayed)} == {"device"}
+        assert _counter(device.url, "exitwise_degraded_samples_total") == stayed.sum()
+        cloud = Tier(export_dir, "--stages", "1-2", "--tier", "cloud", port=cloud.port)  # back on its port
+        time.sleep(0.6)  # past the pause after a failure (500 ms)
+        after = _infer(device.url, images[80:120])
+        assert not any(after["degraded"]) and "cloud" in after["tier"]
+    finally:
+        device.stop()
+        cloud.stop()
+
+
+def test_bad_tiers_exit_2_in_one_line(digits, tmp_path, capsys):
+    export_dir = str(digits[0])
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "exitwise.tier-plan/1", "tiers": [{"name": "device"}, {"name": "cloud"}],
+                                "costs": {"stage_seconds": [1, 1, 1]},
+                                "choice": {"stages": [None, [0, 2]], "wire": "fp32"}}))
+    cases = [(["--stages", "0-1", "--next", "localhost:8001"], "not a URL"),
+             (["--stages", "0-1", "--next", "ftp://127.0.0.1:1"], "not a URL"),
+             (["--stages", "2-1", "--next", "http://127.0.0.1:1"], "out of order"),
+             (["--stages", "0-5"], "stages 0-2"),
+             (["--stages", "0-1"], "give --next"),
+             (["--stages", "1-2", "--next", "http://127.0.0.1:1"], "nothing to send"),
+             (["--plan", str(plan), "--tier", "device"], "holds no stages"),
+             (["--plan", str(plan), "--tier", "edge"], "not in"),
+             (["--stages", ""], "FIRST-LAST")]
+    for args, message in cases:
+        assert main(["serve", "--export", export_dir, "--port", "0", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (args, err)
