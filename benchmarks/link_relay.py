@@ -1,5 +1,6 @@
 """An emulated network link for the tier benchmarks and tests: a TCP relay on 127.0.0.1 that delays every byte by
-half the round-trip time in each direction and caps each direction's rate with a token bucket.
+half the round-trip time in each direction and caps each direction's rate with a token bucket; and
+`ServeProcess`, one `exitwise serve` tier in a process of its own.
 
 This machine's kernel has no `netem` qdisc, so the delay is added in user space. Test and benchmark tooling, not
 product: bounded in lifetime (`max_seconds`), listening on 127.0.0.1 only, on a port the OS picks.
@@ -10,8 +11,15 @@ product: bounded in lifetime (`max_seconds`), listening on 127.0.0.1 only, on a 
 from __future__ import annotations
 
 import asyncio
+import os
+import select
+import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
+from pathlib import Path
 
 CHUNK = 16 * 1024  # bytes read at once, and the token bucket's depth (the largest burst at full speed)
 
@@ -127,3 +135,44 @@ class _Counting:
         data = await self.reader.read(n)
         self.relay.bytes_forwarded += len(data)
         return data
+
+
+class ServeProcess:
+    """`exitwise serve --export EXPORT --port PORT *args` in a process of its own (port 0: the OS picks), ready
+    (answering /v2/health/ready) when constructed, within `start_seconds`; `stop()` sends SIGTERM."""
+
+    def __init__(self, export: str | Path, *args: str, port: int = 0, start_seconds: float = 60.0):
+        src = Path(__file__).resolve().parents[1] / "src"
+        env = {**os.environ, "PYTHONPATH": str(src)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "exitwise", "serve", "--export", str(export),
+                                      "--port", str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        deadline, line = time.monotonic() + start_seconds, ""
+        while "serving" not in line:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"the tier did not start: {self.proc.stderr.read()[-2000:]}")
+            line = self.proc.stdout.readline()
+        self.url = line.strip().rsplit(" ", 1)[-1]
+        self.port = int(self.url.rsplit(":", 1)[-1])
+        while True:  # the line comes when the port is bound; ready once it listens
+            try:
+                urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the tier did not get ready within {start_seconds:g} s") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()

@@ -1,10 +1,6 @@
 """Tiers on 127.0.0.1: a chain of `exitwise serve` processes answers as single-process early exit does, degrades
 to its own last exit when the next tier dies (and forwards again when it is back), and refuses bad chains."""
 import json
-import os
-import select
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -29,7 +25,9 @@ from exitwise.runtime import all_exit_logits, prepare
 
 from conftest import random_image_set
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from link_relay import ServeProcess as Tier  # noqa: E402
+
 NEAR = 1e-5  # fp32 rounding across batch sizes: a score this close to its threshold may go either way
 
 
@@ -45,43 +43,6 @@ def digits(tmp_path_factory):
     EarlyExitModel(net, policy, thresholds, "digits-convnet", tuple("0123456789")).save(out / "model")
     export(out / "onnx", source=out / "model")
     return out / "onnx", data.images.numpy()
-
-
-class Tier:
-    """One `exitwise serve` process on a port of its own (0: the OS picks), stopped at the end of the test."""
-
-    def __init__(self, export: Path, *args: str, port: int = 0):
-        env = {**os.environ, "PYTHONPATH": str(SRC)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "exitwise", "serve", "--export", str(export),
-                                      "--port", str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
-        deadline, line = time.monotonic() + 60, ""
-        while "serving" not in line:
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready or self.proc.poll() is not None:
-                self.stop()
-                raise AssertionError(f"tier did not start: {self.proc.stderr.read()[-2000:]}")
-            line = self.proc.stdout.readline()
-        self.url = line.strip().rsplit(" ", 1)[-1]
-        self.port = int(self.url.rsplit(":", 1)[-1])
-        while True:  # the line comes when the port is bound; ready once it listens
-            try:
-                urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise AssertionError("tier did not get ready within 60 s") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 def _infer(url: str, images: np.ndarray) -> dict:
