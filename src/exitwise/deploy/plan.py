@@ -210,7 +210,10 @@ def _tier_seconds(tier: Tier, costs: NetworkCosts) -> np.ndarray:
 
 
 def _wire_for(cuts: Sequence[int], costs: NetworkCosts, tolerance_points: float) -> tuple[str, float]:
-    """The cheapest format whose disagreement summed over the feature cuts is within the tolerance."""
+    """The cheapest format whose disagreement summed over the feature cuts is within the tolerance (fp32 where no
+    features cross)."""
+    if not cuts:
+        return "fp32", 0.0
     for fmt in CHEAPEST_FIRST:
         if fmt == "fp32":
             return fmt, 0.0
