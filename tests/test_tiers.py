@@ -126,7 +126,7 @@ def test_bad_tiers_exit_2_in_one_line(digits, tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"format": "exitwise.tier-plan/1", "tiers": [{"name": "device"}, {"name": "cloud"}],
                                 "costs": {"stage_seconds": [1, 1, 1]},
-                                "choice": {"stages": [None, [0, 2]], "wire": "fp32"}}))
+                                "choice": {"stages": [None, [0, 2]], "wire": "fp32", "links": []}}))
     cases = [(["--stages", "0-1", "--next", "localhost:8001"], "not a URL"),
              (["--stages", "0-1", "--next", "ftp://127.0.0.1:1"], "not a URL"),
              (["--stages", "2-1", "--next", "http://127.0.0.1:1"], "out of order"),

@@ -467,6 +467,12 @@ def _tier_config(args: argparse.Namespace):
             raise UserError(f"tier {args.tier!r} holds no stages in {str(args.plan)!r}: nothing to serve there")
         first, last = stages
         wire = wire or doc["choice"]["wire"]
+        at = names.index(args.tier)
+        for i in (at - 1, at):  # the links into and out of this tier
+            if 0 <= i < len(doc["choice"]["links"]) and doc["choice"]["links"][i]["payload"] == "input":
+                print(f"exitwise: note: the plan sends the image across {names[i]}-{names[i + 1]} (the next tier "
+                      f"recomputes); tiers send features (serving the image crossing is not implemented)",
+                      file=sys.stderr)
     elif args.stages is not None:
         first, last = parse_stages(args.stages, k)
     else:
