@@ -140,3 +140,29 @@ def test_bad_tiers_exit_2_in_one_line(digits, tmp_path, capsys):
         assert main(["serve", "--export", export_dir, "--port", "0", *args]) == 2, args
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (args, err)
+
+
+def test_a_tier_takes_its_stages_and_wire_format_from_the_plan(digits, tmp_path):
+    from exitwise.cli import _tier_config, build_parser
+    from exitwise.deploy.plan import Link, NetworkCosts, Tier as PlanTier, WireCost, plan
+    # a slow last stage that a 10x faster cloud takes; 10 values cross after stage 1 (int8 changes nothing)
+    costs = NetworkCosts((0.001, 0.001, 0.5), (1.0, 0.1, 0.05), (10, 10), 1000, WireCost(100, {"int8": (0.0, 0.0)}))
+    doc = plan((PlanTier("device"), PlanTier("cloud", 10)), (Link("device", "cloud", 1, 10),), costs).to_json()
+    assert doc["choice"]["stages"] == [[0, 1], [2, 2]] and doc["choice"]["wire"] == "int8"
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    args = build_parser().parse_args(["serve", "--export", str(digits[0]), "--plan", str(tmp_path / "plan.json"),
+                                      "--tier", "device", "--next", "http://127.0.0.1:9"])
+    config = _tier_config(args)
+    assert (config.name, config.first, config.last, config.wire) == ("device", 0, 1, "int8")
+
+
+def test_features_requests_round_trip_and_malformed_ones_are_refused():
+    from exitwise.deploy.tiers import decode_features, encode_features
+    from exitwise.errors import UserError
+    x, state = np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.array([[1, 2], [3, 4]])
+    stage, y, s = decode_features(encode_features(1, x, state, "fp32"), 2)
+    assert stage == 1 and np.array_equal(x, y) and np.array_equal(state, s)
+    with pytest.raises(UserError, match="state"):
+        decode_features(encode_features(1, x, state, "fp32"), 3)
+    with pytest.raises(UserError, match="malformed"):
+        decode_features(b"\x05\x00\x00\x00{bad}", 0)
