@@ -14,6 +14,7 @@ from __future__ import annotations
 import tempfile
 
 from exitwise.api import attach_model, load_model
+from exitwise.config import AttachConfig
 from exitwise.data import load_splits
 from exitwise.device import describe_load, machine, machine_load
 from exitwise.models.heads import MAP_HEAD_KINDS
@@ -37,9 +38,8 @@ def main() -> None:
           f"validation and {len(splits.test)} test images")
     for kind in args.kinds.split(","):
         with tempfile.TemporaryDirectory() as out:
-            card = attach_model(model_file=RESNET18, weights=args.weights, exits=args.exits.split(","),
-                                dataset="cifar10", data_dir=args.data, out=out, head=kind, epochs=args.epochs,
-                                splits=train_splits, progress=False)
+            spec = AttachConfig(model_file=RESNET18, weights=args.weights, exits=args.exits.split(","), head=kind)
+            card = attach_model(spec, out, splits=train_splits, epochs=args.epochs, progress=False)
             network, info = load_model(out)
             results = run_study(network, splits, StudyConfig(progress=False), info).results
         fastest = results.best.fastest_within_points

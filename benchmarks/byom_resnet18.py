@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from exitwise.api import attach_model
+from exitwise.config import AttachConfig
 from exitwise.data import load_splits
 
 from byom_common import HERE, RESNET18, resnet18_parser
@@ -32,9 +33,9 @@ def main() -> None:
     splits = load_splits("cifar10", args.data)
     if args.images:
         splits = splits.sample(args.images)
-    card = attach_model(model_file=RESNET18, weights=args.weights,
-                        exits=args.exits.split(","), dataset="cifar10", data_dir=args.data, out=args.out,
-                        epochs=args.epochs, head=args.head.split(","), distill=args.distill, splits=splits)
+    spec = AttachConfig(model_file=RESNET18, weights=args.weights, exits=args.exits.split(","),
+                        head=args.head.split(","))
+    card = attach_model(spec, args.out, splits=splits, epochs=args.epochs, distill=args.distill)
     final = card["test_accuracy"][-1]
     print(f"final exit {final:.2%} on test; the model's own card (its training run's test split): "
           f"{load_card(args.weights)}")

@@ -98,7 +98,7 @@ def main() -> None:
                                             lambda: early_exit.run(one, batch_size=1, **mb))
         accuracy = (early256.predictions == splits.test.labels.numpy()).mean()
         timed = ", ".join(f"{t['precision']} {t['ms_per_image']:.2f}" for t in check["tried"]) if check else "not timed"
-        print(f"\n{name} ({info['weights']}, precision {precision} (ms/image in the probe: {timed}), "
+        print(f"\n{name} ({info.weights}, precision {precision} (ms/image in the probe: {timed}), "
               f"micro-batch {micro_batch})")
         print(f"  full network: accuracy {final:.2%}, {full_macs / 1e6:.2f} M MACs, "
               f"batch 256: {full256.seconds:.2f} s, batch 1: {full1.seconds:.2f} s for {len(one)} images")

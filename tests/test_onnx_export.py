@@ -120,9 +120,10 @@ def test_the_manifest_describes_the_export(digits):
 def test_runtime_and_predict_work_with_torch_blocked(digits, tmp_path):
     _, data, out = digits
     Image.fromarray(data.images[0, :, :, 0].numpy()).save(tmp_path / "a.png")
-    code = (f"import sys; sys.modules['torch'] = None\n"
-            f"from exitwise.deploy.predict import predict, write_predictions\n"
-            f"write_predictions(predict({str(out / 'onnx')!r}, [{str(tmp_path / 'a.png')!r}]), {str(tmp_path / 'p.json')!r})")
+    code = (f"import sys; sys.modules['torch'] = None\n"  # `import torch` now raises: the command must not need it
+            f"from exitwise.cli import main\n"
+            f"sys.exit(main(['predict', '--export', {str(out / 'onnx')!r}, {str(tmp_path / 'a.png')!r}, "
+            f"'--out', {str(tmp_path / 'p.json')!r}, '--no-progress']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from exitwise.deploy.runner import StepOut
-from exitwise.deploy.scheduler import Answer, Expired, Observer, QueueFull, Scheduler, SchedulerConfig
+from exitwise.config import SchedulerConfig
+from exitwise.deploy.scheduler import Answer, Expired, Observer, QueueFull, Scheduler
 from exitwise.errors import UserError
 
 
@@ -77,7 +78,7 @@ def results(futures, timeout=10):
 @pytest.mark.parametrize("rule", ["deepest", "oldest", "request-level"])
 def test_every_sample_leaves_at_its_own_exit_under_every_rule(rule):
     runner = FakeRunner()
-    scheduler = Scheduler(runner, SchedulerConfig(max_batch=8, rule=rule)).start()
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=8, schedule=rule)).start()
     values = np.arange(40) % 256
     answers = results(scheduler.submit(images(values)))
     assert [a.exit for a in answers] == list(values % 4)
@@ -103,7 +104,7 @@ def test_survivors_of_different_batches_run_together_at_the_next_stage():
 def test_request_level_runs_each_batch_to_the_end_before_the_next():
     runner = FakeRunner()
     runner.gate.clear()
-    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, rule="request-level")).start()
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, schedule="request-level")).start()
     first = scheduler.submit(images([1, 1, 0, 0]))
     time.sleep(0.1)
     second = scheduler.submit(images([1, 1, 0, 0]))

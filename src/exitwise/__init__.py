@@ -1,8 +1,8 @@
 """exitwise: early-exit inference with multi-exit neural networks.
 
 `exitwise.attach(model, exits, num_classes, input_shape)` and `exitwise.train_exits(network, splits, out)` put exits
-on any PyTorch model (see `exitwise.byom`); imported on first use, so `import exitwise` stays light."""
-__version__ = "0.1.0"
+on any PyTorch model (see `exitwise.models.attach`); imported on first use, so `import exitwise` stays light."""
+from .config import __version__  # noqa: F401
 
 
 def __getattr__(name: str):

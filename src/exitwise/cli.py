@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .study import calibration
-from .api import calibrate
+from .config import AGREEMENT_REQUIRED, AttachConfig, DataConfig, TrainConfig, flags, float_list, given
 from .errors import UserError
-from .config import AGREEMENT_REQUIRED
-from .study import StudyConfig
+from .study.config import CALIBRATION_METHODS, CalibrateConfig, StudyConfig
 
-CALIBRATE_DEFAULTS = {p.name: p.default for p in inspect.signature(calibrate).parameters.values()
-                      if p.default is not inspect.Parameter.empty}
+# torch-free at the top: `exitwise --help` and `exitwise predict` never load it; each command imports its work
+STUDY_DEFAULTS = {f.name: f.default for f in fields(StudyConfig)}
+CALIBRATE_DEFAULTS = {f.name: f.default for f in fields(CalibrateConfig)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,22 +20,14 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+def _add_flags(p: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of the options dataclass `cls` that has a help text (`config.option`)."""
+    for flag, kwargs in flags(cls):
+        p.add_argument(flag, **kwargs)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="cifar10", help="cifar10, digits (ships with scikit-learn) or folder (any "
-                                                        "train/<class>/*, test/<class>/* image tree or .tar.gz of one)")
-    p.add_argument("--image-size", type=int, help="--dataset folder: resize every image to this size squared")
-    p.add_argument("--data-dir", type=Path, help="cifar-10-batches-py/, an image-folder tree train/<class>/*, "
-                                                 "test/<class>/*, or a .tar.gz of either")
-    p.add_argument("--download", action="store_true", help="fetch the official CIFAR-10 archive into --data-dir")
-    p.add_argument("--val-size", type=int, help="images held out from train for validation (cifar10: 5000)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")
+    _add_flags(p, DataConfig)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
 
 
@@ -60,18 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--weights", type=Path, help="checkpoint (.safetensors, a shard index NAME.safetensors"
                        ".index.json, or a PyTorch state_dict); default: the weights shipped for --model")
     study.add_argument("--out", type=Path, required=True, help="output directory")
-    d = StudyConfig()  # every default below is StudyConfig's; a flag not given leaves it
-    study.add_argument("--policy", help=f"exit score: entropy (nats), max-prob or margin (default {d.policy}); "
+    d = STUDY_DEFAULTS  # every default below is StudyConfig's; a flag not given leaves it
+    study.add_argument("--policy", help=f"exit score: entropy (nats), max-prob or margin (default {d['policy']}); "
                                         "every policy's frontier is in the results anyway")
-    study.add_argument("--cutoff", type=float, help=f"the fixed cutoff (entropy: nats; default {d.cutoff:g})")
-    study.add_argument("--desired-accuracies", type=_float_list, help="comma-separated targets for calibration "
-                       f"(default {','.join(f'{a:.2f}' for a in d.desired_accuracies)})")
+    study.add_argument("--cutoff", type=float, help=f"the fixed cutoff (entropy: nats; default {d['cutoff']:g})")
+    study.add_argument("--desired-accuracies", type=float_list, help="comma-separated targets for calibration "
+                       f"(default {','.join(f'{a:.2f}' for a in d['desired_accuracies'])})")
     study.add_argument("--method", action="append", dest="methods", help="calibration method, repeatable: "
-                       f"{' and/or '.join(calibration.METHODS)} (default: {', '.join(d.methods)})")
-    study.add_argument("--batch-size", type=int, help=f"images per batch (default {d.batch_size})")
+                       f"{' and/or '.join(CALIBRATION_METHODS)} (default: {', '.join(d['methods'])})")
+    study.add_argument("--batch-size", type=int, help=f"images per batch (default {d['batch_size']})")
     study.add_argument("--precision", help=f"auto (the fastest of fp32, bf16 and mixed, timed on this machine, whose "
                        f"predictions agree with fp32 on >= {AGREEMENT_REQUIRED:.0%} of test images at every exit), "
-                       f"bf16, mixed or fp32 (default {d.precision})".replace("%", "%%"))
+                       f"bf16, mixed or fp32 (default {d['precision']})".replace("%", "%%"))
     _add_machine_args(study)
 
     train = sub.add_parser("train", help="joint multi-exit training (BranchyNet); checkpoints every epoch, "
@@ -81,48 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="output directory: checkpoint.pt, "
                                                                "model.safetensors, model.json")
     train.add_argument("--resume", type=Path, help="continue from this checkpoint.pt exactly")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int, help="global batch size (split across torchrun processes)")
-    train.add_argument("--lr", type=float, help="peak learning rate")
-    train.add_argument("--weight-decay", type=float)
-    train.add_argument("--label-smoothing", type=float)
-    train.add_argument("--exit-weights", type=_float_list, help="loss weight per exit, comma-separated")
-    train.add_argument("--distill", type=float, help="0..1: how much side exits learn from the final exit's "
-                                                     "softened predictions instead of the labels (default 0)")
-    train.add_argument("--distill-temperature", type=float, help="temperature of those predictions (default 3)")
-    train.add_argument("--side-gradient", type=float, help="0..1: share of the side exits' gradient that reaches "
-                                                           "the layers shared with the final exit (default 1: joint)")
-    train.add_argument("--cutout", type=int, help="side of a random square zeroed in each training image (0: off)")
-    train.add_argument("--schedule", help="onecycle or cosine")
-    train.add_argument("--precision", help="auto (default: bf16 autocast where a timed step says it is faster "
-                                           "than fp32 here), bf16 or fp32")
-    train.add_argument("--seed", type=int)
+    _add_flags(train, TrainConfig)
     _add_machine_args(train, micro_batch=False)
 
     att = sub.add_parser("attach", help="exits on your own PyTorch model: builds it from --model-file (running that "
                                         "file), attaches exits at --exits, trains them, writes a model folder")
     _add_data_args(att)
-    att.add_argument("--model-file", required=True, help="FILE:FUNCTION; FUNCTION() returns your nn.Module (your "
-                                                         "code runs; normalize inputs inside the model)")
-    att.add_argument("--weights", type=Path, help="your model's state_dict (.safetensors or a PyTorch state_dict)")
-    att.add_argument("--exits", required=True, help="comma-separated submodule names (model.named_modules()), "
-                                                    "in forward order")
+    _add_flags(att, AttachConfig)
     att.add_argument("--out", type=Path, required=True, help="output folder: attach.json, model.safetensors (the "
                                                              "heads), model.json (the card), checkpoint.pt")
     att.add_argument("--joint", action="store_true", help="train the whole network with the heads (default: the "
                                                           "backbone is frozen and the final exit stays your model)")
-    att.add_argument("--max-head-fraction", type=float, default=0.25, help="a head's MACs budget, as a fraction "
-                                                                           "of the stage it follows")
-    att.add_argument("--token-pool", default="mean", help="token features: mean or cls")
-    att.add_argument("--head", default="auto", help="(C, H, W) features: auto (the richest within the budget), "
-                                                    "conv-pool, conv, pool or gap; or one per exit, comma-separated "
-                                                    "(see docs/bring-your-own-model.md)")
-    att.add_argument("--output-key", help="the logits' key when the model returns a dict (default: logits)")
     att.add_argument("--resume", type=Path, help="continue from this checkpoint.pt exactly")
-    for flag, kind in (("--epochs", int), ("--batch-size", int), ("--lr", float), ("--weight-decay", float),
-                       ("--label-smoothing", float), ("--distill", float), ("--cutout", int), ("--seed", int)):
-        att.add_argument(flag, type=kind)
-    att.add_argument("--precision", help="auto (default: the faster here, timed), bf16 or fp32")
+    _add_flags(att, TrainConfig)
 
     cal = sub.add_parser("calibrate", help="exit thresholds from a study's cached logits in seconds: chosen on its "
                                            "validation split, evaluated on its test split; writes calibration.json "
@@ -153,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--micro-batch", type=int, help="with --device: rows per micro-batch (default: measured there)")
 
     export = sub.add_parser("export", help="an early-exit model as one ONNX graph per stage and per head plus "
-                                           "manifest.json, for exitwise.onnx_runtime and `exitwise predict`")
+                                           "manifest.json, for exitwise.deploy.onnx_runtime and `exitwise predict`")
     export.add_argument("--from", dest="source", type=Path,
                         help="a saved early-exit model: a study's or calibration's output folder (early_exit.json)")
     export.add_argument("--model", help="or a registered model (see `exitwise models`), with --thresholds")
@@ -164,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="output directory")
     export.add_argument("--exporter", default="dynamo", help="dynamo (default: torch.export, falling back to "
                                                              "torchscript per graph where it fails) or torchscript")
+    export.add_argument("--micro-batch", type=int, help="rows the runner sends through the graphs together, recorded "
+                                                        "in the manifest (default: the fastest, measured here)")
 
     pred = sub.add_parser("predict", help="classify images with an ONNX export (early exit on ONNX Runtime, no torch)")
     pred.add_argument("--export", type=Path, required=True, help="a folder written by `exitwise export`")
@@ -183,24 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_study(args: argparse.Namespace) -> None:
     from .api import study
-    settings = {f.name: getattr(args, f.name) for f in fields(StudyConfig) if getattr(args, f.name, None) is not None}
-    results = study(dataset=args.dataset, data_dir=args.data_dir, download=args.download,
-                    model=args.model_dir or args.model, weights=args.weights, out=args.out, val_size=args.val_size,
-                    split_seed=args.split_seed, image_size=args.image_size,
-                    **{**settings, "progress": not args.no_progress})
     from .study.report import format_summary
+    settings = given(args, StudyConfig)
+    results = study(model=args.model_dir or args.model, weights=args.weights, out=args.out,
+                    data=DataConfig(**given(args, DataConfig)), **{**settings, "progress": not args.no_progress})
     print(format_summary(results))
     print(f"\nreport: {(args.out / 'report.html').resolve()}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .api import train
-    from .train import TrainConfig
-    recipe = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    card = train(dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model,
-                 image_size=args.image_size,
-                 out=args.out, resume=args.resume, val_size=args.val_size, split_seed=args.split_seed,
-                 progress=not args.no_progress, device=args.device, **recipe)
+    card = train(model=args.model, out=args.out, data=DataConfig(**given(args, DataConfig)), resume=args.resume,
+                 progress=not args.no_progress, device=args.device, **given(args, TrainConfig))
     if card is not None:
         accuracy = ", ".join(f"{a:.2%}" for a in card["test_accuracy"] or [])
         print(f"trained {card['model']} in {card['train_seconds']:.0f} s; test accuracy per exit: {accuracy}")
@@ -209,16 +166,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_attach(args: argparse.Namespace) -> None:
     from .api import attach_model
-    from .train import TrainConfig
-    recipe = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-              if f.name != "freeze_backbone" and getattr(args, f.name, None) is not None}
-    card = attach_model(model_file=args.model_file, exits=[e.strip() for e in args.exits.split(",") if e.strip()],
-                        dataset=args.dataset, data_dir=args.data_dir, out=args.out, weights=args.weights,
-                        image_size=args.image_size, freeze_backbone=not args.joint,
-                        max_head_fraction=args.max_head_fraction, token_pool=args.token_pool,
-                        head=[kind.strip() for kind in args.head.split(",")], output_key=args.output_key,
-                        resume=args.resume, download=args.download,
-                        val_size=args.val_size, split_seed=args.split_seed, progress=not args.no_progress, **recipe)
+    spec = AttachConfig(**given(args, AttachConfig), freeze_backbone=not args.joint)
+    card = attach_model(spec, args.out, data=DataConfig(**given(args, DataConfig)), resume=args.resume,
+                        progress=not args.no_progress, **given(args, TrainConfig))
     if card is not None:
         accuracy = ", ".join(f"{a:.2%}" for a in card["test_accuracy"] or [])
         print(f"trained the exits in {card['train_seconds']:.0f} s; test accuracy per exit: {accuracy}")
@@ -229,11 +179,9 @@ def cmd_attach(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
+    from .api import calibrate
     from .study.report import format_calibration
-    doc = calibrate(args.source, args.out, policy=args.policy, target=args.target, within_points=args.within_points,
-                    budget_macs=args.budget_macs, budget_ms=args.budget_ms, guarantee=args.guarantee,
-                    delta=args.delta, cost=args.cost, temperature_scaling=args.temperature_scaling,
-                    device=args.device, precision=args.precision, micro_batch=args.micro_batch)
+    doc = calibrate(args.source, args.out, CalibrateConfig(**given(args, CalibrateConfig)))
     print(format_calibration(doc))
     early_exit = ", early_exit.json" if (args.out / "early_exit.json").is_file() else ""
     print(f"\nwritten: {(args.out / 'calibration.json').resolve()}, frontier.png{early_exit}")
@@ -245,7 +193,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise UserError("give --model or --model-dir, not both")
     model = str(args.model_dir) if args.model_dir else args.model
     manifest = export(args.out, source=args.source, model=model, weights=args.weights,
-                      thresholds=args.thresholds, exporter=args.exporter)
+                      thresholds=args.thresholds, exporter=args.exporter, micro_batch=args.micro_batch)
     graphs = manifest["stages"] + manifest["heads"]
     exporters = sorted({g["exporter"] for g in graphs})
     print(f"exported {manifest['model']} ({len(manifest['stages'])} stages, {len(manifest['heads'])} heads; "
@@ -365,26 +313,15 @@ COMMANDS = {"study": cmd_study, "train": cmd_train, "attach": cmd_attach, "calib
 
 
 def _add_serve_parser(sub) -> None:
-    from .deploy.scheduler import RULES, SchedulerConfig
-    d = SchedulerConfig()
+    from .config import SchedulerConfig, ServeConfig
     p = sub.add_parser("serve", help="an HTTP inference server (Open Inference Protocol, /v1/predict, /metrics) whose "
                                      "batches re-form at every exit; needs `pip install 'exitwise[serve]'`")
     p.add_argument("--model", help="a registered model with its shipped weights and calibrated setting")
     p.add_argument("--weights", type=Path, help="other weights for --model (then with --no-early-exit)")
     p.add_argument("--from", dest="source", type=Path, help="a study's or calibration's folder (early_exit.json)")
     p.add_argument("--export", type=Path, help="an `exitwise export` folder: served on ONNX Runtime, without torch")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"rows per stage call (default {d.max_batch})")
-    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="how long the first stage waits for a "
-                   f"full batch when nothing else waits (default {d.max_wait_ms:g})")
-    p.add_argument("--max-queue", type=int, default=d.max_queue, help="samples inside at most; more get 503 "
-                   f"(default {d.max_queue})")
-    p.add_argument("--timeout-ms", type=float, default=d.timeout_ms, help="a request not answered by then gets 504 "
-                   f"(default {d.timeout_ms:g})")
-    p.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies get 413 (default 16)")
-    p.add_argument("--schedule", default=d.rule, help=f"which stage runs next: {', '.join(RULES)} "
-                   f"(default {d.rule})")
+    _add_flags(p, ServeConfig)
+    _add_flags(p, SchedulerConfig)
     p.add_argument("--no-early-exit", action="store_true", help="the same network without side exits: the baseline")
     p.add_argument("--precision", default="auto", help="torch models: auto (timed here), fp32, bf16 or mixed")
     p.add_argument("--micro-batch", type=int, help="torch models: rows per network call (default: measured)")
@@ -395,21 +332,22 @@ def _add_serve_parser(sub) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import functools
-    from .deploy.scheduler import SchedulerConfig
-    given = [f for f, v in (("--model", args.model), ("--from", args.source), ("--export", args.export)) if v]
-    if len(given) != 1:
+    from .config import SchedulerConfig, ServeConfig, check_micro_batch, check_precision
+    given_models = [f for f, v in (("--model", args.model), ("--from", args.source), ("--export", args.export)) if v]
+    if len(given_models) != 1:
         raise UserError("give one of --model NAME, --from DIR or --export DIR")
     if args.weights and not args.model:
         raise UserError("--weights goes with --model")
+    check_precision(args.precision)
+    check_micro_batch(args.micro_batch)
     try:
         import fastapi, prometheus_client, uvicorn  # noqa: F401,E401
     except ImportError as e:
         raise UserError(f"serving needs {e.name}: pip install 'exitwise[serve]'") from None
-    from .deploy.server import ServeConfig
     tier = _tier_config(args)
-    config = ServeConfig(args.host, args.port, args.max_body_mb, SchedulerConfig(
-        args.max_batch, args.max_wait_ms, args.max_queue, args.timeout_ms, args.schedule,
-        *((tier.first, tier.last) if tier else ())), tier=tier)
+    config = ServeConfig(**given(args, ServeConfig, skip=("scheduler", "tier")), tier=tier,
+                         scheduler=SchedulerConfig(**given(args, SchedulerConfig),
+                                                   **({"first": tier.first, "last": tier.last} if tier else {})))
     if args.export:
         from .deploy.onnx_runner import OnnxRunner
         make_runner = functools.partial(OnnxRunner.load, args.export, early_exit=not args.no_early_exit)
@@ -446,7 +384,8 @@ def _tier_config(args: argparse.Namespace):
         return None
     from .deploy.onnx_runtime import read_manifest
     from .deploy.plan import read_plan
-    from .deploy.tiers import TierConfig, check_url, parse_stages
+    from .config import TierConfig, check_url
+    from .deploy.tiers import parse_stages
     if args.next is not None:
         check_url(args.next)
     if not args.export or args.ray:

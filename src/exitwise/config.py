@@ -1,12 +1,25 @@
-"""Defaults and the choices they are checked against, in one place and torch-free (the CLI and `deploy/` read them)."""
+"""Defaults and options in one place, torch-free: the CLI builds its flags from these dataclasses' fields (a field
+with a `help` is a flag) without importing torch, and `deploy/` reads its defaults here."""
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
 from .errors import UserError
+
+__version__ = "0.1.0"
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("bf16", "mixed", "fp32")
 AGREEMENT_REQUIRED = 0.99  # a reduced precision may change at most 1% of any exit's predictions
 DEFAULT_MICRO_BATCH = 64   # used when nothing is measured (tests, explicit runs); best on the AMX machine
+DEFAULT_DELTA = 0.1        # allowed failure probability of a calibration guarantee unless the caller says otherwise
+SCHEDULES = ("onecycle", "cosine")
+TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def check_precision(precision: str, allow_auto: bool = True) -> str:
@@ -20,3 +33,209 @@ def check_micro_batch(micro_batch: int | None) -> int | None:
     if micro_batch is not None and micro_batch < 1:
         raise UserError(f"micro-batch must be a positive number of rows, got {micro_batch}")
     return micro_batch
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", parse: Callable[[str], Any] | None = None) -> Any:
+    """A dataclass field that is also a command-line flag (--field-name): its help and, where the type alone does not
+    say it, how to parse the text."""
+    return field(default=default, metadata={"help": help, "parse": parse})
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    import argparse
+    try:
+        return tuple(float(v) for v in comma_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def flags(cls) -> list[tuple[str, dict]]:
+    """(flag, argparse keywords) for each field of `cls` with a help text, in field order. Every default is None, so
+    a flag not given leaves the dataclass's default; `given(args, cls)` collects the ones given."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("help"):
+            continue
+        kind = hints[f.name]
+        kwargs: dict = {"help": f.metadata["help"], "dest": f.name}
+        if kind is bool:
+            kwargs.update(action="store_true", default=None)
+        else:
+            plain = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+            kwargs["type"] = f.metadata.get("parse") or plain
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs["required"] = True
+        out.append(("--" + f.name.replace("_", "-"), kwargs))
+    return out
+
+
+def given(args, cls, skip: tuple[str, ...] = ()) -> dict:
+    """The fields of `cls` that the parsed `args` give (not None), as keywords."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if f.name not in skip and getattr(args, f.name, None) is not None}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data set, where from, and how train is split into train and validation."""
+    dataset: str = option("cifar10", "cifar10, digits (ships with scikit-learn) or folder (any train/<class>/*, "
+                                     "test/<class>/* image tree or .tar.gz of one)")
+    data_dir: Path | None = option(None, "cifar-10-batches-py/, an image-folder tree train/<class>/*, "
+                                         "test/<class>/*, or a .tar.gz of either")
+    download: bool = option(False, "fetch the official CIFAR-10 archive into --data-dir")
+    val_size: int | None = option(None, "images held out from train for validation (cifar10: 5000)")
+    split_seed: int = option(0, "seed of the train/validation split")
+    image_size: int | None = option(None, "--dataset folder: resize every image to this size squared")
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "data_dir": None if self.data_dir is None else str(self.data_dir)}
+
+
+@dataclass(frozen=True)
+class AttachConfig:
+    """Exits on the user's own model: how to build it, where the exits go and what the heads may cost."""
+    model_file: str = option(help="FILE:FUNCTION; FUNCTION() returns your nn.Module (your code runs; normalize "
+                                  "inputs inside the model)")
+    exits: tuple[str, ...] = option(help="comma-separated submodule names (model.named_modules()), in forward order",
+                                    parse=comma_list)
+    weights: Path | None = option(None, "your model's state_dict (.safetensors or a PyTorch state_dict)")
+    freeze_backbone: bool = True  # the CLI's --joint turns it off: the whole network trains with the heads
+    max_head_fraction: float = option(0.25, "a head's MACs budget, as a fraction of the stage it follows "
+                                            "(default 0.25)")
+    token_pool: str = option("mean", "token features: mean or cls (default mean)")
+    head: str | tuple[str, ...] = option("auto", "(C, H, W) features: auto (the richest within the budget), "
+                                                 "conv-pool, conv, pool or gap; or one per exit, comma-separated "
+                                                 "(see docs/bring-your-own-model.md)", parse=comma_list)
+    output_key: str | None = option(None, "the logits' key when the model returns a dict (default: logits)")
+
+    def __post_init__(self):
+        object.__setattr__(self, "exits", tuple(self.exits))
+        if not isinstance(self.head, str):
+            object.__setattr__(self, "head", tuple(self.head))
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "weights": None if self.weights is None else str(self.weights)}
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe. Defaults are for CIFAR-10; for digits use crop_padding=1, flip=False."""
+
+    epochs: int = option(40, "passes over the training split")
+    batch_size: int = option(256, "global batch size (split across torchrun processes)")
+    lr: float = option(0.2, "peak learning rate")
+    momentum: float = 0.9                      # Nesterov
+    weight_decay: float = option(5e-4, "weight decay")
+    label_smoothing: float = option(0.1, "label smoothing of every exit's cross-entropy")
+    exit_weights: tuple[float, ...] | None = option(None, "loss weight per exit, comma-separated (default: 1 each, "
+                                                          "all exits matter equally)", parse=float_list)
+    distill: float = option(0.0, "0..1: how much side exits learn from the final exit's softened predictions "
+                                 "instead of the labels (default 0)")
+    distill_temperature: float = option(3.0, "temperature of those predictions (default 3)")
+    side_gradient: float = option(1.0, "0..1: share of the side exits' gradient that reaches the layers shared "
+                                       "with the final exit (default 1: joint, BranchyNet; 0: heads only, SDN)")
+    crop_padding: int = 4                      # random crop of the zero-padded image; 0 turns it off
+    flip: bool = True                          # random horizontal flip
+    cutout: int = option(0, "side of a random square zeroed in each training image (DeVries & Taylor 2017; 0: off)")
+    precision: str = option("auto", "auto (default: bf16 autocast where a timed step says it is faster than fp32 "
+                                    "here), bf16 or fp32")
+    seed: int = option(0, "seed of the data order, augmentation and initialisation")
+    schedule: str = option("onecycle", "onecycle (30%% warmup, cosine down) or cosine (5%% linear warmup)")
+    freeze_backbone: bool = False              # train the side heads only, on the features of the frozen network
+
+    def __post_init__(self):
+        if self.exit_weights is not None:
+            self.exit_weights = tuple(float(w) for w in self.exit_weights)
+            if any(not math.isfinite(w) or w < 0 for w in self.exit_weights) or not any(self.exit_weights):
+                raise UserError(f"exit weights must be non-negative and not all zero, got {self.exit_weights}")
+        checks = [(self.epochs >= 1, "epochs must be at least 1"),
+                  (self.batch_size >= 1, "batch size must be at least 1"),
+                  (self.lr > 0, "learning rate must be positive"),
+                  (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+                  (self.weight_decay >= 0, "weight decay must be non-negative"),
+                  (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+                  (0 <= self.distill <= 1, "distillation weight must be in [0, 1]"),
+                  (self.distill_temperature > 0, "distillation temperature must be positive"),
+                  (0 <= self.side_gradient <= 1, "side gradient must be in [0, 1]"),
+                  (self.crop_padding >= 0, "crop padding must be non-negative"),
+                  (self.cutout >= 0, "cutout size must be non-negative"),
+                  (self.seed >= 0, "seed must be non-negative"),
+                  (self.precision in TRAIN_PRECISIONS, f"precision must be one of {', '.join(TRAIN_PRECISIONS)}"),
+                  (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}")]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+SERVE_RULES = ("deepest", "oldest", "request-level")  # which stage the serving scheduler runs next
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """`exitwise serve`'s batching (`deploy.scheduler`). With `max_wait_ms` 0 the worker never waits for a batch to
+    fill: what arrived while it ran the last one forms the next, so batches grow with the load by themselves."""
+    max_batch: int = option(64, "rows per stage call at most")
+    max_wait_ms: float = option(0.0, "how long the first stage waits for a full batch when nothing else waits")
+    max_queue: int = option(1024, "samples inside the server at most; more are refused with 503 at once")
+    timeout_ms: float = option(10_000.0, "a request not answered by then gets 504; its samples are dropped")
+    schedule: str = option("deepest", f"which stage runs next: {', '.join(SERVE_RULES)}")
+    first: int = 0               # the stages this scheduler runs: first..last (None: to the final exit)
+    last: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SERVE_RULES:
+            raise UserError(f"unknown schedule {self.schedule!r}; known: {', '.join(SERVE_RULES)}")
+        if self.max_batch < 1 or self.max_queue < 1 or not self.max_wait_ms >= 0 or not self.timeout_ms > 0:
+            raise UserError("max batch and max queue must be at least 1, max wait at least 0, timeout above 0")
+
+
+WIRE_FORMATS = ("fp32", "fp16", "int8")  # features between tiers (`deploy.wire`), from the largest to the smallest
+
+
+def check_url(url: str) -> tuple[str, int, str]:
+    """(host, port, path prefix) of the next tier's http:// URL, or a one-line UserError."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 80
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme != "http" or not parts.hostname or parts.query or parts.fragment:
+        raise UserError(f"--next {url!r} is not a URL of the next tier (http://HOST:PORT)")
+    return parts.hostname, port, parts.path.rstrip("/")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """What makes `exitwise serve` one tier of a chain (`deploy.tiers`): its name, its stages first..last, where
+    the survivors go (None: this tier ends the network) and how."""
+    name: str
+    first: int
+    last: int
+    next_url: str | None = None
+    wire: str = "fp32"
+    forward_timeout_ms: float = 5000.0   # the next tier not answering by then: this tier's last exit, degraded
+    retry_after_ms: float = 500.0        # after a failure, batches are answered degraded at once for this long
+
+    def __post_init__(self) -> None:
+        if self.wire not in WIRE_FORMATS:
+            raise UserError(f"unknown wire format {self.wire!r}; choose one of {', '.join(WIRE_FORMATS)}")
+        if self.next_url is not None:
+            check_url(self.next_url)
+        if not self.forward_timeout_ms > 0 or not self.retry_after_ms >= 0:
+            raise UserError("the forward timeout must be above 0 ms and the retry pause at least 0 ms")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `exitwise serve` sets besides the model."""
+    host: str = option("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
+    port: int = option(8000, "port (0: any free port, printed at start)")
+    max_body_mb: float = option(16.0, "request bodies over this many MiB get 413")
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tier: TierConfig | None = None       # one tier of a chain; None: the whole network

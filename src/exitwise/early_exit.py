@@ -22,7 +22,7 @@ import numpy as np
 from .exit_rule import as_thresholds, thresholds_to_json
 from .errors import UserError
 from .io import atomic_write_json, file_sha256, staged_output
-from .models.base import MultiExitNetwork
+from .models import MultiExitNetwork, load_network, reference, weight_files
 from .policies import ExitPolicy, get_policy
 
 FORMAT = "exitwise.early-exit-model/1"
@@ -72,9 +72,9 @@ class EarlyExitModel:
     def run(self, data, *, precision: str | None = None, batch_size: int = 256, micro_batch: int | None = None,
             progress: bool = False):
         """Real early exit over an ImageSet (see `runtime.run_early_exit`): each sample's exit and prediction.
-        Runs a prepared model as it is (micro-batch default: `hardware.DEFAULT_MICRO_BATCH`); otherwise prepares
+        Runs a prepared model as it is (micro-batch default: `config.DEFAULT_MICRO_BATCH`); otherwise prepares
         a copy for this run in `precision` (default "auto") and the micro-batch measured fastest on this machine
-        (`hardware.tune`)."""
+        (`tune.tune`)."""
         from .config import DEFAULT_MICRO_BATCH
         from .tune import tune
         from .runtime import run_early_exit
@@ -112,7 +112,6 @@ class EarlyExitModel:
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in self.network.state_dict().items()}, str(folder / WEIGHTS_FILE))
         else:
-            from .models import weight_files
             config.update(weights=str(Path(weights).resolve()),
                           weights_sha256=weights_sha256 or file_sha256(*weight_files(weights)))
         atomic_write_json(folder / CONFIG_FILE, config)
@@ -120,15 +119,10 @@ class EarlyExitModel:
     @classmethod
     def load(cls, path: str | Path) -> EarlyExitModel:
         """Rebuild a saved early-exit model: the registered network, its weights, policy and thresholds."""
-        from .models import create_model, load_weights
         config_path, config = _read_config(path)
         weights = Path(config["weights"]) if config.get("weights") else config_path.parent / WEIGHTS_FILE
-        if config.get("weights_sha256"):
-            from .models import check_unchanged
-            check_unchanged(weights, config["weights_sha256"], str(config_path))
-        from .models.attach import is_model_dir
-        own = is_model_dir(config["model"]) and weights.resolve() == (Path(config["model"]) / WEIGHTS_FILE).resolve()
-        network = create_model(config["model"]) if own else load_weights(create_model(config["model"]), weights)
+        ref = reference(config["model"], weights, config.get("weights_sha256"), config["num_exits"])
+        network = load_network(ref, str(config_path))
         return cls.create(network, config["model"], config["policy"], config["thresholds"],
                           config.get("temperatures"), config.get("class_names"))
 

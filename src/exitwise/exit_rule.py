@@ -5,6 +5,7 @@ entry per side exit, where -inf means "never leave here"; the final exit takes t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -34,7 +35,7 @@ def leaves(scores, thresholds):
     return scores <= thresholds
 
 
-# Exit scores: numpy versions of exitwise.policies (lower = more confident), float32 throughout.
+# Exit scores: numpy twins of exitwise.policies (lower = more confident), float32 throughout.
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(-1, keepdims=True)
@@ -68,5 +69,48 @@ def one_minus_margin(logits: np.ndarray) -> np.ndarray:
     return _one_minus_top(p) + np.partition(p, -2, axis=-1)[:, -2]
 
 
-SCORES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "entropy": entropy, "max-prob": one_minus_max_prob, "margin": one_minus_margin}
+@dataclass(frozen=True)
+class NumpyScore:
+    """An exit policy's score in numpy (float32), exit by exit as `policies.ExitPolicy.step`: what ONNX Runtime runs.
+    Each row is scored alone from its (temperature-scaled) logits; `PatienceScore` carries state between exits."""
+    name: str
+    score: Callable[[np.ndarray], np.ndarray] | None = None  # (N, C) float32 logits -> (N,) float32 scores
+    scaled = True  # the logits come divided by the exit's temperature (where the policy has temperatures)
+
+    def init_state(self, n: int) -> np.ndarray:
+        """Per-sample memory carried from exit to exit (one row per sample; none here)."""
+        return np.empty((n, 0), dtype=np.int64)
+
+    def step(self, logits: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.score(logits), state
+
+
+class PatienceScore(NumpyScore):
+    """PABEE's patience: -(exits just before, in a row, predicting the same class); as `policies.PatiencePolicy`."""
+    scaled = False
+
+    def init_state(self, n: int) -> np.ndarray:
+        """Rows of (previous exit's prediction, its run of agreeing exits before it); -1: no exit yet."""
+        return np.stack([np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)], 1)
+
+    def step(self, logits: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        prediction = logits.argmax(-1)
+        run = np.where(prediction == state[:, 0], state[:, 1] + 1, 0)
+        return (-run).astype(np.float32), np.stack([prediction, run], 1)
+
+
+SCORES: dict[str, NumpyScore] = {}  # the policies torch-free code can run, by name; `policies.register_policy` adds
+
+
+def register_score(score: NumpyScore) -> NumpyScore:
+    """Make a numpy score runnable by its policy's name (`policies.register_policy` calls this for its policy's)."""
+    if SCORES.get(score.name, score) is not score:
+        raise ValueError(f"a numpy score for exit policy {score.name!r} is registered already")
+    SCORES[score.name] = score
+    return score
+
+
+ENTROPY = register_score(NumpyScore("entropy", entropy))
+MAX_PROB = register_score(NumpyScore("max-prob", one_minus_max_prob))
+MARGIN = register_score(NumpyScore("margin", one_minus_margin))
+PATIENCE = register_score(PatienceScore("patience"))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from .config import __version__, check_micro_batch
 from .models.costs import stage_and_head_macs
 from .early_exit import EarlyExitModel
 from .errors import UserError
@@ -90,13 +90,30 @@ def _normalization(model: EarlyExitModel) -> dict | None:
             "where": "inside stage 0: feed [0, 1] pixels, not normalized ones"}
 
 
+def _measured_micro_batch(network: torch.nn.Module, images: int = 256) -> tuple[int, dict]:
+    """The micro-batch `tune` measures fastest here for the fp32 network, on random images of its input shape (a
+    dense network's time does not depend on pixel values), and the probe's evidence."""
+    from .data import ImageSet
+    from .tune import tune
+    c, h, w = network.input_shape
+    pixels = torch.randint(0, 256, (images, h, w, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = ImageSet.from_tensors(pixels, torch.zeros(images, dtype=torch.long))
+    tuned = tune(network, data, "fp32", None, torch.device("cpu"), images, check_images=0)
+    return tuned.micro_batch, tuned.micro_batch_probe
+
+
 def export_onnx(model: EarlyExitModel, out: str | Path, *, weights_sha256: str | None = None,
-                exporter: str = "dynamo") -> dict:
+                exporter: str = "dynamo", micro_batch: int | None = None) -> dict:
     """Write `out`/stage{k}.onnx, head{k}.onnx and manifest.json (see docs/deploy.md); return the manifest.
 
     `exporter`: "dynamo" (torch.export; modules it cannot take fall back to "torchscript") or "torchscript".
-    Refuses (UserError, nothing written) a graph whose output on ONNX Runtime differs from torch's by more
-    than MAX_ERROR of the output's scale."""
+    Refuses (UserError, nothing written) a policy without a numpy score (the runner has no torch), and a graph
+    whose output on ONNX Runtime differs from torch's by more than MAX_ERROR of the output's scale. The manifest
+    records the micro-batch the runner uses: `micro_batch`, or the one `tune` measures fastest here in fp32."""
+    if model.policy.numpy is None:
+        raise UserError(f"exit policy {model.policy.name!r} has no numpy score, so ONNX Runtime cannot run it: "
+                        f"register it with numpy=exit_rule.NumpyScore(...)")
+    check_micro_batch(micro_batch)
     try:
         import onnx  # noqa: F401  (the dynamo exporter needs onnx and onnxscript)
         import onnxruntime  # noqa: F401
@@ -108,6 +125,7 @@ def export_onnx(model: EarlyExitModel, out: str | Path, *, weights_sha256: str |
         raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     from .runtime import prepare
     net = prepare(model.network, "fp32")
+    micro_batch, probe = (micro_batch, None) if micro_batch is not None else _measured_micro_batch(model.network)
     stage_macs, head_macs = stage_and_head_macs(model.network)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, *net.input_shape, generator=g)  # example batch for tracing (batch 2: not specialized as 1)
@@ -140,6 +158,7 @@ def export_onnx(model: EarlyExitModel, out: str | Path, *, weights_sha256: str |
         "opset": OPSET, "check": {"rows": CHECK_ROWS, "max_error_allowed": MAX_ERROR,
                                   "error": "max |onnxruntime - torch| / max(1, max |torch|) on uniform [0, 1] inputs"},
         "exit_macs": np.cumsum([s + h for s, h in zip(stage_macs, head_macs)]).tolist(),
+        "micro_batch": micro_batch, "micro_batch_probe": probe,
         **entries,
     }
     for entry in manifest["stages"] + manifest["heads"]:

@@ -2,7 +2,7 @@
 
 Every policy maps logits to an uncertainty score where lower means more confident, so one rule
 ("leave at the first side exit whose score is at or below its threshold") serves them all, and all
-the threshold machinery (`exitwise.analysis`, `exitwise.calibration`) is shared.
+the threshold machinery (`exitwise.exit_rule`, `exitwise.study.calibration`) is shared.
 
 | policy   | score                                    | threshold t means                               |
 | -------- | ---------------------------------------- | ----------------------------------------------- |
@@ -17,6 +17,9 @@ which is exactly what the runtime calls, so the two cannot disagree. (A policy s
 runs its `step` over all exits in one call: the same tensor ops, bit for bit, but not K small ones,
 which are slow when torch's threads share a busy CPU.) The state is a tensor with one row per sample,
 so the runtime keeps it in step with compaction by indexing it like the batch.
+
+A new policy is one `register_policy` call. Its `numpy` twin (an `exit_rule.NumpyScore`) is what the ONNX runner
+runs without torch; a policy without one works everywhere but there, and `exitwise export` refuses it up front.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .exit_rule import ENTROPY, MARGIN, MAX_PROB, PATIENCE, NumpyScore, register_score
 
 
 def check_finite_logits(logits: np.ndarray | torch.Tensor) -> None:
@@ -69,6 +73,11 @@ class ExitPolicy:
     unit: str
     meaning: str  # what a threshold t means, for the user
     temperatures: tuple[float, ...] | None = None  # exit k's logits are divided by temperatures[k]
+    numpy: NumpyScore | None = None  # the same score in numpy, for the ONNX runner; None: not exportable
+
+    def __post_init__(self) -> None:
+        if self.numpy is not None and self.numpy.name != self.name:
+            raise ValueError(f"policy {self.name!r} has the numpy score of {self.numpy.name!r}")
 
     def with_temperatures(self, temperatures: Sequence[float]) -> ExitPolicy:
         """The same policy on temperature-scaled logits (see `calibration.fit_temperatures`)."""
@@ -140,20 +149,24 @@ POLICIES: dict[str, ExitPolicy] = {}
 
 
 def register_policy(policy: ExitPolicy) -> ExitPolicy:
-    """Make an exit policy available by its name to the study, `exitwise calibrate` and saved models."""
+    """Make an exit policy available by its name to the study, `exitwise calibrate`, saved models and (with its
+    `numpy` twin) the ONNX runner: the one registration a new policy needs."""
     if policy.name in POLICIES:
         raise ValueError(f"exit policy {policy.name!r} is registered already")
+    if policy.numpy is not None:
+        register_score(policy.numpy)
     POLICIES[policy.name] = policy
     return policy
 
 
-register_policy(ExitPolicy("entropy", entropy, lambda c: math.log(c), "nats", "leave when the entropy is <= t nats"))
+register_policy(ExitPolicy("entropy", entropy, lambda c: math.log(c), "nats", "leave when the entropy is <= t nats",
+                           numpy=ENTROPY))
 register_policy(ExitPolicy("max-prob", one_minus_max_prob, lambda c: 1.0 - 1.0 / c, "1 - max probability",
-                           "leave when the top class probability is >= 1 - t"))
+                           "leave when the top class probability is >= 1 - t", numpy=MAX_PROB))
 register_policy(ExitPolicy("margin", one_minus_margin, lambda c: 1.0, "1 - top-two margin",
-                           "leave when the top two probabilities differ by >= 1 - t"))
+                           "leave when the top two probabilities differ by >= 1 - t", numpy=MARGIN))
 register_policy(PatiencePolicy("patience", None, lambda c: 0.0, "-(agreeing exits before)",
-                               "t = -p: leave once p + 1 consecutive exits predict the same class"))
+                               "t = -p: leave once p + 1 consecutive exits predict the same class", numpy=PATIENCE))
 
 
 def get_policy(name: str) -> ExitPolicy:

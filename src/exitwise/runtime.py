@@ -27,7 +27,7 @@ from .progress import progress_bar
 
 # Every runtime function splits a caller's batch into `micro_batch`-row pieces that each go through the whole
 # network while their activations stay in cache (on the AMX machine 64 rows ran 1.5-2x faster per image than
-# 256); predictions are unchanged. `hardware.choose_micro_batch` measures the best size for a machine.
+# 256); predictions are unchanged. `tune.choose_micro_batch` measures the best size for a machine.
 
 
 class _InDtype(torch.nn.Module):
@@ -96,7 +96,7 @@ def prepare(model: MultiExitNetwork, precision: str = "fp32", device: str | torc
     CPUs). "mixed": the first stage (raw pixels) and every exit head (they decide who leaves) in fp32,
     the other stages in bf16: on the founding network bf16 everywhere changes up to 1% of an exit's
     predictions, mixed at most 0.2%. "fp32": the reference. Which is fastest depends on the machine
-    (`hardware.choose_precision`). The copy lives on `device`; the runtime moves each batch there.
+    (`tune.choose_precision`). The copy lives on `device`; the runtime moves each batch there.
     """
     check_precision(precision, allow_auto=False)
     net = copy.deepcopy(model).eval()
@@ -170,12 +170,12 @@ def warm_up(model: MultiExitNetwork, data, batch_size: int = 256, batches: int =
 def all_exit_logits(model: MultiExitNetwork, data, batch_size: int = 256, progress: bool = False,
                     micro_batch: int = DEFAULT_MICRO_BATCH) -> Run:
     """Every sample through every stage and head of a `prepare`d model: each exit's logits, per-stage time."""
-    k_exits, device = model.num_exits, device_of(model)
-    stage_seconds, head_seconds = [0.0] * k_exits, [0.0] * k_exits
-    chunks: list[list[torch.Tensor]] = [[] for _ in range(k_exits)]
+    num_exits, device = model.num_exits, device_of(model)
+    stage_seconds, head_seconds = [0.0] * num_exits, [0.0] * num_exits
+    chunks: list[list[torch.Tensor]] = [[] for _ in range(num_exits)]
     start = time.perf_counter()
     for x in _micro_batches(data, batch_size, micro_batch, device, progress, "all exits"):
-        for k in range(k_exits):
+        for k in range(num_exits):
             t0 = time.perf_counter()
             x = model.stages[k](x)
             synchronize(device)
@@ -187,7 +187,7 @@ def all_exit_logits(model: MultiExitNetwork, data, batch_size: int = 256, progre
             head_seconds[k] += t2 - t1
     seconds = time.perf_counter() - start
     logits = torch.stack([torch.cat(c) for c in chunks]).cpu().numpy()
-    return Run(exits=np.full(len(data), k_exits - 1), predictions=logits[-1].argmax(-1),
+    return Run(exits=np.full(len(data), num_exits - 1), predictions=logits[-1].argmax(-1),
                stage_seconds=stage_seconds, seconds=seconds, logits=logits, head_seconds=head_seconds)
 
 
@@ -218,22 +218,22 @@ def run_early_exit(model: MultiExitNetwork, data, thresholds: Sequence[float], p
     Thresholds of -inf never let a sample leave, so `[-inf] * (K - 1)` runs the full network
     (every side head included, as in the founding system's loop).
     """
-    k_exits, device = model.num_exits, device_of(model)
+    num_exits, device = model.num_exits, device_of(model)
     thr = torch.as_tensor(np.asarray(thresholds, dtype=np.float64), dtype=torch.float32)
-    if thr.shape != (k_exits - 1,):
-        raise UserError(f"expected {k_exits - 1} thresholds, got {tuple(thr.shape)}")
+    if thr.shape != (num_exits - 1,):
+        raise UserError(f"expected {num_exits - 1} thresholds, got {tuple(thr.shape)}")
     thr = list(thr.to(device).unbind())  # one 0-d tensor per exit, made once
     exits = torch.empty(len(data), dtype=torch.int64, device=device)
     predictions = torch.empty(len(data), dtype=torch.int64, device=device)
-    stage_seconds = [0.0] * k_exits
-    waiting: list[list[_Rows]] = [[] for _ in range(k_exits)]
+    stage_seconds = [0.0] * num_exits
+    waiting: list[list[_Rows]] = [[] for _ in range(num_exits)]
 
     def advance(k: int, rows: _Rows) -> None:
         """Stage k and its exit decision for `rows`; the samples that stay wait at stage k + 1."""
         t0 = time.perf_counter()
         x, logits = run_stage(model, k, rows.x)
         leave, state = None, rows.state
-        if k < k_exits - 1:
+        if k < num_exits - 1:
             scores, state = policy.step(k, logits, state)
             leave = leaves(scores, thr[k])
         if leave is None or bool(leave.all()):  # everyone leaves: no indexing (batch 1 lives here)
@@ -263,9 +263,9 @@ def run_early_exit(model: MultiExitNetwork, data, thresholds: Sequence[float], p
             index = torch.arange(offset, offset + len(x), device=device)
             advance(0, _Rows(x, index, policy.init_state(len(x)).to(device)))
             offset += len(x)
-            for k in range(1, k_exits):
+            for k in range(1, num_exits):
                 run_waiting(k, micro_batch)
-        for k in range(1, k_exits):  # the batch is done: the rest go on as they are
+        for k in range(1, num_exits):  # the batch is done: the rest go on as they are
             run_waiting(k, 1)
     seconds = time.perf_counter() - start
     return Run(exits=exits.cpu().numpy(), predictions=predictions.cpu().numpy(), stage_seconds=stage_seconds,

@@ -97,8 +97,7 @@ def load_early_exit(*, model: str | None = None, weights: str | Path | None = No
     registered model with its shipped weights and the calibrated setting its card carries (`calibrated`)."""
     if source is not None:
         return EarlyExitModel.load(source)
-    from .api import load_model
-    from .models import shipped_card, shipped_weights
+    from .models import load_model, shipped_card, shipped_weights
     network, _ = load_model(model, weights)
     card = shipped_card(model) if shipped_weights(model) else {}
     setting = card.get("calibrated")

@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
-from . import __version__
+from .config import TrainConfig, __version__
 from .models.costs import exit_macs, head_report
 from .data import ImageSet, Splits
 from .errors import UserError
@@ -48,57 +48,8 @@ from .models import check_fits
 from .models.base import MultiExitNetwork
 from .progress import progress_bar
 
-SCHEDULES = ("onecycle", "cosine")
-TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
 CHECKPOINT_FORMAT = "exitwise-train-checkpoint-v1"
 CHECKPOINT, WEIGHTS, CARD = "checkpoint.pt", "model.safetensors", "model.json"
-
-
-@dataclass
-class TrainConfig:
-    """The training recipe. Defaults are for CIFAR-10; for digits use crop_padding=1, flip=False."""
-
-    epochs: int = 40
-    batch_size: int = 256                      # global: split across ranks under torchrun
-    lr: float = 0.2                            # peak learning rate
-    momentum: float = 0.9                      # Nesterov
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    exit_weights: tuple[float, ...] | None = None  # None: 1.0 for every exit (all exits matter equally)
-    distill: float = 0.0                       # side exits learn from the final exit's predictions this much; 0: off
-    distill_temperature: float = 3.0           # softens the final exit's predictions for distillation
-    side_gradient: float = 1.0                 # share of the side exits' gradient that reaches the layers they share
-                                               # with the final exit; 1: joint (BranchyNet), 0: heads only (SDN)
-    crop_padding: int = 4                      # random crop of the zero-padded image; 0 turns it off
-    flip: bool = True                          # random horizontal flip
-    cutout: int = 0                            # side of a square zeroed at a random place (DeVries & Taylor 2017); 0: off
-    precision: str = "auto"                    # "bf16" autocast, "fp32", or "auto": the faster here, timed
-    seed: int = 0
-    schedule: str = "onecycle"                 # "onecycle": 30% warmup, cosine down; "cosine": 5% linear warmup
-    freeze_backbone: bool = False              # train the side heads only, on the features of the frozen network
-
-    def __post_init__(self):
-        if self.exit_weights is not None:
-            self.exit_weights = tuple(float(w) for w in self.exit_weights)
-            if any(not math.isfinite(w) or w < 0 for w in self.exit_weights) or not any(self.exit_weights):
-                raise UserError(f"exit weights must be non-negative and not all zero, got {self.exit_weights}")
-        checks = [(self.epochs >= 1, "epochs must be at least 1"),
-                  (self.batch_size >= 1, "batch size must be at least 1"),
-                  (self.lr > 0, "learning rate must be positive"),
-                  (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-                  (self.weight_decay >= 0, "weight decay must be non-negative"),
-                  (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
-                  (0 <= self.distill <= 1, "distillation weight must be in [0, 1]"),
-                  (self.distill_temperature > 0, "distillation temperature must be positive"),
-                  (0 <= self.side_gradient <= 1, "side gradient must be in [0, 1]"),
-                  (self.crop_padding >= 0, "crop padding must be non-negative"),
-                  (self.cutout >= 0, "cutout size must be non-negative"),
-                  (self.seed >= 0, "seed must be non-negative"),
-                  (self.precision in TRAIN_PRECISIONS, f"precision must be one of {', '.join(TRAIN_PRECISIONS)}"),
-                  (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}")]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
 
 
 def joint_loss(logits: list[torch.Tensor], labels: torch.Tensor, weights: list[float] | tuple[float, ...],
@@ -360,7 +311,7 @@ def _finish(model: MultiExitNetwork, name: str, splits: Splits, config: TrainCon
             "train_seconds": seconds, "precision": config.precision, "precision_probe": precision_probe,
             "machine": {**machine(device).to_json(), "platform": platform.platform(), "processes": world},
             "val_accuracy": history[-1]["val_accuracy"] if history else None, "test_accuracy": test,
-            "exit_macs": exit_macs(model), "heads": head_report(model, getattr(model, "exit_names", None)),
+            "exit_macs": exit_macs(model), "heads": head_report(model, model.exit_names),
             "history": history, "weights": WEIGHTS, "exitwise_version": __version__}
     atomic_write_json(out / CARD, card)
     return card

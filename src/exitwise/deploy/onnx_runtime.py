@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import DEFAULT_MICRO_BATCH
 from ..errors import UserError
-from ..exit_rule import SCORES, softmax
+from ..exit_rule import SCORES, leaves, softmax
 from ..io import file_sha256
 from ..progress import progress_bar
 
@@ -35,19 +35,16 @@ def manifest_digest(manifest: dict) -> str:
 
 @dataclass(frozen=True)
 class Policy:
-    """An exit policy by name (entropy, max-prob, margin, patience), with optional per-exit temperatures."""
+    """An exit policy by name (one of `exit_rule.SCORES`), with optional per-exit temperatures."""
     name: str
     temperatures: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in (*SCORES, "patience"):
+        if self.name not in SCORES:
             raise UserError(f"unknown exit policy {self.name!r} in the export")
 
     def init_state(self, n: int) -> np.ndarray:
-        """Per-sample memory: patience keeps (previous prediction, its run of agreeing exits); -1 = none yet."""
-        if self.name == "patience":
-            return np.stack([np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)], 1)
-        return np.empty((n, 0), dtype=np.int64)
+        return SCORES[self.name].init_state(n)
 
     def scale(self, k: int, logits: np.ndarray) -> np.ndarray:
         """Exit k's float32 logits divided by its temperature (if any)."""
@@ -56,11 +53,8 @@ class Policy:
 
     def step(self, k: int, logits: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N,) float32 scores at exit k and the new state, as `ExitPolicy.step`."""
-        if self.name != "patience":
-            return SCORES[self.name](self.scale(k, logits)), state
-        prediction = logits.argmax(-1)
-        run = np.where(prediction == state[:, 0], state[:, 1] + 1, 0)
-        return (-run).astype(np.float32), np.stack([prediction, run], 1)
+        score = SCORES[self.name]
+        return score.step(self.scale(k, logits) if score.scaled else logits, state)
 
 
 @dataclass(frozen=True)
@@ -120,30 +114,36 @@ class OnnxEarlyExit:
         x = self.stages[k].run(None, {"x": x})[0]
         return x, self.heads[k].run(None, {"x": x})[0]
 
+    @property
+    def micro_batch(self) -> int:
+        """The micro-batch the export recorded (measured where it was made), else the default."""
+        return self.manifest.get("micro_batch") or DEFAULT_MICRO_BATCH
+
     def run(self, images: np.ndarray, *, thresholds: Sequence[float] | None = None, batch_size: int = 256,
-            micro_batch: int = DEFAULT_MICRO_BATCH, progress: bool = False) -> Prediction:
+            micro_batch: int | None = None, progress: bool = False) -> Prediction:
         """Real early exit over `images` (see `as_input`), with the export's thresholds unless given.
 
         The schedule of `runtime.run_early_exit`: each batch of `batch_size` enters in `micro_batch`-row
         pieces; the samples that stay wait at the next stage until `micro_batch` rows have gathered, and
-        every sample of a batch has left before the next batch starts. A sample leaves at the first side
-        exit whose score is <= its threshold (float32, as in torch); -inf never lets one leave."""
-        k_exits, n = self.num_exits, len(images)
+        every sample of a batch has left before the next batch starts (`micro_batch` default: the manifest's).
+        A sample leaves at the first side exit whose score is <= its threshold (float32, as in torch); -inf never
+        lets one leave."""
+        num_exits, n, micro_batch = self.num_exits, len(images), micro_batch or self.micro_batch
         thr = np.asarray(self.thresholds if thresholds is None else thresholds, dtype=np.float64).astype(np.float32)
-        if thr.shape != (k_exits - 1,):
-            raise UserError(f"expected {k_exits - 1} thresholds, got {thr.shape}")
+        if thr.shape != (num_exits - 1,):
+            raise UserError(f"expected {num_exits - 1} thresholds, got {thr.shape}")
         if batch_size < 1 or micro_batch < 1:
             raise UserError(f"batch size and micro-batch must be at least 1, got {batch_size} and {micro_batch}")
         exits = np.empty(n, dtype=np.int64)
         predictions = np.empty(n, dtype=np.int64)
         probabilities = np.empty(n, dtype=np.float32)
-        waiting: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(k_exits)]
+        waiting: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(num_exits)]
 
         def advance(k: int, x: np.ndarray, index: np.ndarray, state: np.ndarray) -> None:
             x, logits = self._stage(k, x)
-            if k < k_exits - 1:
+            if k < num_exits - 1:
                 scores, state = self.policy.step(k, logits, state)
-                leave = scores <= thr[k]
+                leave = leaves(scores, thr[k])
             else:
                 leave = np.ones(len(index), dtype=bool)
             out = index[leave]
@@ -167,16 +167,15 @@ class OnnxEarlyExit:
             for i in range(b, min(b + batch_size, n), micro_batch):
                 rows = as_input(images[i:min(i + micro_batch, b + batch_size, n)])
                 advance(0, rows, np.arange(i, i + len(rows)), self.policy.init_state(len(rows)))
-                for k in range(1, k_exits):
+                for k in range(1, num_exits):
                     run_waiting(k, micro_batch)
-            for k in range(1, k_exits):  # the batch is done: the rest go on as they are
+            for k in range(1, num_exits):  # the batch is done: the rest go on as they are
                 run_waiting(k, 1)
         return Prediction(exits, predictions, probabilities, time.perf_counter() - start)
 
-    def run_backbone(self, images: np.ndarray, *, batch_size: int = 256,
-                     micro_batch: int = DEFAULT_MICRO_BATCH) -> Prediction:
+    def run_backbone(self, images: np.ndarray, *, batch_size: int = 256, micro_batch: int | None = None) -> Prediction:
         """Every stage and the final head only (no side exits): the baseline, as `runtime.run_backbone`."""
-        n, last = len(images), self.num_exits - 1
+        n, last, micro_batch = len(images), self.num_exits - 1, micro_batch or self.micro_batch
         predictions, probabilities = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
         start = time.perf_counter()
         for b in range(0, n, batch_size):

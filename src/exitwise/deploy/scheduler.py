@@ -4,7 +4,7 @@ Requests queue at the first stage. When the worker is free it runs one stage on 
 `max_batch` rows of what waits there (oldest first). The samples that leave at that stage's exit are
 answered at once (each sample has its own `concurrent.futures.Future`); the survivors join the queue of
 the next stage, where they batch with the survivors of other batches. Which non-empty stage runs next
-is the `rule`:
+is `SchedulerConfig.schedule` (`exitwise serve --schedule`):
 
 * `deepest`: the stage with the most samples waiting (ties: the later stage), so batches are large;
 * `oldest`: the stage holding the sample that arrived first, so the oldest request finishes first;
@@ -32,30 +32,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..config import SchedulerConfig
 from ..errors import UserError
 from .runner import Runner
-
-RULES = ("deepest", "oldest", "request-level")
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """The knobs (the CLI's `exitwise serve` flags). With `max_wait_ms` 0 the worker never waits for a batch
-    to fill: what arrived while it ran the last one forms the next, so batches grow with the load by themselves."""
-    max_batch: int = 64          # rows per stage call at most
-    max_wait_ms: float = 0.0     # how long the first stage waits for max_batch rows when nothing else waits
-    max_queue: int = 1024        # samples inside (waiting or running) at most; more are refused (503)
-    timeout_ms: float = 10_000   # a sample not answered by then is dropped and answered 504
-    rule: str = "deepest"
-    first: int = 0               # the stages this scheduler runs: first..last (None: to the final exit)
-    last: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise UserError(f"unknown schedule {self.rule!r}; known: {', '.join(RULES)}")
-        if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.timeout_ms <= 0:
-            raise UserError("max batch and max queue must be at least 1, max wait at least 0, timeout above 0")
-
 
 @dataclass(frozen=True)
 class Answer:
@@ -209,7 +188,7 @@ class Scheduler:
             if rows >= self.config.max_batch or now >= due or not self._accepting:
                 return self.first, None
             return None, due - now
-        if self.config.rule == "oldest":
+        if self.config.schedule == "oldest":
             return min(waiting, key=lambda k: (min(c.oldest for c in waiting[k]), -k)), None
         return max(waiting, key=lambda k: (sum(len(c.samples) for c in waiting[k]), k)), None
 
@@ -256,7 +235,7 @@ class Scheduler:
         """Stage `stage` on `chunk`, then (request-level) every later stage on its survivors. A batch that fails
         (a broken model) fails its own samples, never the server."""
         done: list[tuple[Sample, Answer]] = []
-        answer_now = self.config.rule != "request-level"
+        answer_now = self.config.schedule != "request-level"
         for k in range(stage, self.last + 1):
             chunk = self._live(k, chunk)
             if chunk is None:

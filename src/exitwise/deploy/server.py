@@ -8,10 +8,10 @@ one-line JSON body `{"error": "..."}`; SIGTERM stops accepting, answers what was
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -19,22 +19,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from ..config import ServeConfig
+from ..errors import UserError
 from .metrics import Metrics
 from .oip import BadRequest, decode_images, infer_response, model_metadata, parse_infer, predictions
 from .runner import Runner
-from .scheduler import Answer, Expired, QueueFull, Scheduler, SchedulerConfig
-from .tiers import Forwarder, TierAnswer, TierConfig, add_tier_routes
+from .scheduler import Answer, Expired, QueueFull, Scheduler
+from .tiers import Forwarder, TierAnswer, add_tier_routes
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    """Everything `exitwise serve` sets besides the model (defaults here only)."""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_mb: float = 16.0
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    tier: TierConfig | None = None   # one tier of a chain (exitwise.deploy.tiers): its name, stages, next tier
+def _version() -> str:
+    """exitwise's version, as installed (the package's `__version__` is a layer above deploy/)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("exitwise")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
@@ -52,7 +52,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         yield
         await asyncio.get_running_loop().run_in_executor(None, scheduler.close, timeout + 5)
 
-    app = FastAPI(title="exitwise", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="exitwise", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler, app.state.metrics, app.state.runner = scheduler, metrics, runner
 
     def check_model(model: str) -> None:
@@ -67,6 +67,8 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
             futures = scheduler.submit(images)
         except QueueFull as e:
             raise BadRequest(503, f"overloaded, try again: {e}") from None
+        if not futures:
+            return []
         loop = asyncio.get_running_loop()
         all_done = loop.create_future()
         left, lock = [len(futures)], threading.Lock()
@@ -91,7 +93,9 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
                     f.cancel()
                 raise BadRequest(499, "client disconnected")
             raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
-        errors = [f.exception() for f in futures if f.cancelled() or f.exception() is not None]
+        if any(f.cancelled() for f in futures):
+            raise BadRequest(499, "client disconnected")
+        errors = [f.exception() for f in futures if f.exception() is not None]
         if any(isinstance(e, Expired) for e in errors):
             raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
         if errors:
@@ -112,15 +116,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
                 raise BadRequest(413, f"request body is over the limit of {limit} bytes")
         return bytes(body)
 
-    @app.middleware("http")
-    async def timed(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        path = request.url.path
-        endpoint = ("infer" if path.endswith("/infer") else "predict" if path == "/v1/predict"
-                    else "metrics" if path == "/metrics" else "other")
-        metrics.latency.labels(endpoint=endpoint, code=str(response.status_code)).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(_Timed, metrics=metrics)
 
     @app.exception_handler(BadRequest)
     async def refused(request: Request, e: BadRequest):
@@ -135,6 +131,11 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         metrics.rejected.labels(reason="bad_request").inc()
         return JSONResponse({"error": " ".join(str(e.detail).split())}, status_code=e.status_code)
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception):
+        metrics.rejected.labels(reason="failed").inc()
+        return JSONResponse({"error": " ".join(f"internal error: {type(e).__name__}: {e}".split())}, status_code=500)
+
     @app.get("/v2/health/live")
     async def live():
         return {"live": True}
@@ -146,7 +147,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.get("/v2")
     async def server_metadata():
-        return {"name": "exitwise", "version": __version__, "extensions": ["binary_tensor_data"]}
+        return {"name": "exitwise", "version": _version(), "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/models/{model}")
     async def metadata(model: str):
@@ -184,6 +185,32 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
     return app
 
 
+class _Timed:
+    """ASGI middleware: each HTTP request's time to its answer, by endpoint and status (a pure ASGI wrapper, which
+    costs less per request than Starlette's BaseHTTPMiddleware)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope["path"]
+            endpoint = ("infer" if path.endswith("/infer") else "predict" if path == "/v1/predict"
+                        else "metrics" if path == "/metrics" else "other")
+            self.metrics.latency.labels(endpoint=endpoint, code=str(status[0])).observe(time.perf_counter() - start)
+
+
 async def _files(request: Request, body: bytes) -> tuple[Sequence[bytes], list[str | None]]:
     """The image files of a `/v1/predict` request: every file part of a multipart body, or the raw body."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -216,12 +243,15 @@ def serve(runner: Runner, config: ServeConfig = ServeConfig(), log_level: str = 
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((config.host, config.port))
+        sock.listen(2048)  # connections queue from the moment the line below is printed
     except OSError as e:
         app.state.scheduler.close(1)
-        from ..errors import UserError
         raise UserError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False,
                                            timeout_graceful_shutdown=config.scheduler.timeout_ms / 1e3 + 5))
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so the exit is 0
+        signal.signal(signal.SIGTERM, lambda *_: None)
     print(f"exitwise: serving {runner.name} ({runner.platform}) on http://{host}:{port}", flush=True)
     server.run(sockets=[sock])

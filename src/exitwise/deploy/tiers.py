@@ -28,53 +28,21 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from ..config import TierConfig, check_url
 from ..errors import UserError
 from ..exit_rule import softmax
 from .oip import BadRequest
 from .scheduler import Answer, Expired, QueueFull, Sample
-from .wire import FORMATS, decode, encode
+from .wire import decode, encode
 
 ENDPOINT = "/v2/tiers/features"
 _log = logging.getLogger("exitwise.tiers")
 FORWARD_THREADS = 4     # batches in flight to the next tier at once
-
-
-@dataclass(frozen=True)
-class TierConfig:
-    """What makes a server a tier: its name, its stages, where survivors go and how."""
-    name: str
-    first: int
-    last: int
-    next_url: str | None = None       # None: this tier ends the network
-    wire: str = "fp32"
-    forward_timeout_ms: float = 5000.0
-    retry_after_ms: float = 500.0
-
-    def __post_init__(self) -> None:
-        if self.wire not in FORMATS:
-            raise UserError(f"unknown wire format {self.wire!r}; choose one of {', '.join(FORMATS)}")
-        if self.next_url is not None:
-            check_url(self.next_url)
-        if self.forward_timeout_ms <= 0 or self.retry_after_ms < 0:
-            raise UserError("the forward timeout must be above 0 ms and the retry pause at least 0 ms")
-
-
-def check_url(url: str) -> tuple[str, int, str]:
-    """(host, port, path prefix) of an http:// URL, or a one-line UserError."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port or 80
-    except ValueError:
-        parts, port = None, None
-    if parts is None or parts.scheme != "http" or not parts.hostname or parts.query or parts.fragment:
-        raise UserError(f"--next {url!r} is not a URL of the next tier (http://HOST:PORT)")
-    return parts.hostname, port, parts.path.rstrip("/")
 
 
 def parse_stages(text: str, num_stages: int) -> tuple[int, int]:

@@ -12,10 +12,10 @@ import struct
 
 import numpy as np
 
+from ..config import WIRE_FORMATS as FORMATS  # from the largest payload to the smallest
 from ..errors import UserError
 
 MAGIC = b"EXW1"
-FORMATS = ("fp32", "fp16", "int8")   # from the largest payload to the smallest
 BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "int8": 1}
 MAX_HEADER = 1 << 16                  # bytes; a longer header is refused as malformed
 _DTYPE = {"fp32": "<f4", "fp16": "<f2", "int8": "i1"}

@@ -326,6 +326,7 @@ def attach(model: nn.Module, exits: Sequence[str], num_classes: int, input_shape
 
 ATTACH_FORMAT = "exitwise.attached-model/1"
 ATTACH_FILE = "attach.json"
+ATTACHED_WEIGHTS = "model.safetensors"  # the trained heads (or whole network) beside attach.json
 
 
 def build_user_model(spec: str) -> nn.Module:
@@ -376,7 +377,7 @@ def attach_spec(model_file: str, weights: str | Path | None, exits: Sequence[str
             "weights_sha256": file_sha256(*weight_files(weights)) if weights else None, "exits": list(exits),
             "num_classes": num_classes, "input_shape": list(input_shape), "max_head_fraction": max_head_fraction,
             "token_pool": token_pool, "head": head, "output_key": output_key, "heads_only": freeze_backbone,
-            "weights_file": "model.safetensors"}
+            "weights_file": ATTACHED_WEIGHTS}
 
 
 def load_attached(model_dir: str | Path) -> MultiExitNetwork:

@@ -16,6 +16,8 @@ from torch import nn
 class MultiExitNetwork(nn.Module):
     """Stages and heads; exit k reads the output of stage k."""
     name: str | None = None  # the registered name, set by `models.create_model`
+    exit_names: list[str] | None = None  # an attached model's: the modules its side exits follow (`attach`)
+    head_kinds: list[str | None] | None = None  # an attached model's: the head kind `auto` chose per side exit
 
     def __init__(self, stages: list[nn.Module], heads: list[nn.Module], num_classes: int,
                  input_shape: tuple[int, int, int]):

@@ -107,7 +107,7 @@ def head_report(model: MultiExitNetwork, names: list[str] | None = None,
     heads); warns of heads over `max_fraction` of it."""
     import warnings
     stages, heads = stage_and_head_macs(model)
-    kinds = getattr(model, "head_kinds", None) or [None] * len(heads)
+    kinds = model.head_kinds or [None] * len(heads)
     report = []
     for k, (s, h) in enumerate(zip(stages[:-1], heads[:-1])):
         name = names[k] if names else f"exit {k + 1}"

@@ -101,16 +101,16 @@ def overthinking(correct: np.ndarray, exit_macs: Sequence[float], exits: np.ndar
     `exits` is where each sample left (default: the final exit, i.e. the full network). Wasted cost
     is summed over samples correct somewhere and divided by all N, so it compares with the mean cost.
     """
-    k_exits, n = correct.shape
+    num_exits, n = correct.shape
     costs = np.asarray(exit_macs, dtype=np.float64)
-    exits = np.full(n, k_exits - 1) if exits is None else np.asarray(exits)
+    exits = np.full(n, num_exits - 1) if exits is None else np.asarray(exits)
     any_right = correct.any(axis=0)
     first_right = correct.argmax(axis=0)
     earlier = any_right & (first_right < exits)
     wasted = np.where(earlier, costs[exits] - costs[first_right], 0.0).sum() / n
     return {"samples": int(n),
             "correct_somewhere": int(any_right.sum()),
-            "correct_earlier_wrong_final": int((earlier & ~correct[-1] & (exits == k_exits - 1)).sum()),
+            "correct_earlier_wrong_final": int((earlier & ~correct[-1] & (exits == num_exits - 1)).sum()),
             "correct_earlier_wrong_at_exit": int((earlier & ~correct[exits, np.arange(n)]).sum()),
             "wasted_cost_per_sample": float(wasted),
             "wasted_share": float(wasted / costs[exits].mean())}

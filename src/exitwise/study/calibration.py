@@ -25,9 +25,9 @@ import torch
 
 from . import analysis
 from ..policies import check_finite_logits
+from ..config import DEFAULT_DELTA
 from ..errors import UserError
 
-DEFAULT_DELTA = 0.1  # allowed failure probability of a guarantee unless the caller says otherwise
 ASSUMPTION = ("calibration samples and future samples are exchangeable (for example i.i.d. from one "
               "distribution, or a random split of one data set)")
 PROCEDURE = ("Learn then Test (Angelopoulos, Bates et al. 2021): settings from no early exit to the cheapest are "

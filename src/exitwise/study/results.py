@@ -224,7 +224,7 @@ class StudyResults:
     software: dict
     dataset: dict
     model: dict
-    machine: dict | None  # `hardware.machine(device).to_json()`
+    machine: dict | None  # `device.machine(device).to_json()`
     precision: str
     precision_check: dict | None
     batch_size: int

@@ -19,63 +19,22 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import __version__
+from ..config import __version__, check_micro_batch, check_precision
+from .config import StudyConfig
 from . import analysis, calibration
 from ..models.costs import backbone_macs, exit_macs
 from ..data import ImageSet, Splits
 from ..early_exit import EarlyExitModel
-from ..errors import UserError
 from .frontiers import Split, latency_frontier, policy_frontiers
 from ..io import atomic_write_json, staged_output
 from .logits_cache import FILENAME as LOGITS_FILENAME, ExitLogits, save_logits
-from ..models.base import MultiExitNetwork
-from ..config import check_micro_batch, check_precision
+from ..models import ModelRef, MultiExitNetwork
 from ..device import machine, machine_load, resolve_device
 from ..tune import tune
 from ..policies import POLICIES, ExitArrays, exit_arrays, get_policy
 from .results import (NEVER, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FullNetwork, Gap, Leavers, Mark, Oracle,
                       Outcome, Overthinking, Setting, StudyResults, SweepPoint, TimedRun, TimingCheck, TimingModel)
 from ..runtime import Run, all_exit_logits, run_early_exit, warm_up
-
-DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
-
-
-@dataclass
-class StudyConfig:
-    cutoff: float = 0.6
-    num_cutoffs: int = 100
-    desired_accuracies: tuple[float, ...] = DEFAULT_DESIRED
-    methods: tuple[str, ...] = ("per-exit", "seed-percentile")
-    policy: str = "entropy"
-    batch_size: int = 256
-    precision: str = "auto"      # auto: the fastest of fp32, bf16, mixed measured here that agrees with fp32
-    precision_check_images: int = 1000
-    device: str = "auto"         # auto: cuda, else mps, else cpu
-    micro_batch: int | None = None  # rows through the network together; None: the fastest, measured here
-    timing_check_images: int = 1000  # the first test images every real early-exit run is timed on
-    within_points: float = 0.5
-    delta: float = calibration.DEFAULT_DELTA  # allowed failure probability of the "guaranteed" calibration
-    progress: bool = True
-
-    def __post_init__(self):
-        self.desired_accuracies, self.methods = tuple(self.desired_accuracies), tuple(self.methods)
-        if not np.isfinite(self.cutoff) or self.cutoff < 0:
-            raise UserError(f"cutoff must be a non-negative number, got {self.cutoff}")
-        for d in self.desired_accuracies:
-            calibration.check_desired_accuracy(d)
-        calibration.check_delta(self.delta)
-        unknown = [m for m in self.methods if m not in calibration.METHODS]
-        if unknown:
-            raise UserError(f"unknown calibration method {unknown[0]!r}; known: {', '.join(calibration.METHODS)}")
-        if self.batch_size < 1:
-            raise UserError(f"batch size must be positive, got {self.batch_size}")
-        if get_policy(self.policy).max_score(2) <= 0:  # patience: thresholds are -p, no cutoff range to sweep
-            raise UserError(f"the study sweeps cutoffs from 0 up: use entropy, max-prob or margin; the "
-                            f"{self.policy!r} policy is in every study's frontiers and in `exitwise calibrate`")
-        check_precision(self.precision)
-        check_micro_batch(self.micro_batch)
-        resolve_device(self.device)
-
 
 def seconds_per_sample(run: Run, reach: np.ndarray) -> np.ndarray:
     """Each stage's measured time over the samples that ran it; the loop's time outside the stages
@@ -88,10 +47,10 @@ def seconds_per_sample(run: Run, reach: np.ndarray) -> np.ndarray:
 # ---- 1. measure: everything that needs the model
 
 
-def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> ExitLogits:
+def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, ref: ModelRef) -> ExitLogits:
     """Every exit's logits on validation and test, and the per-stage cost model: the precision probe, one
     all-exits pass per split, and a real early-exit run at the fixed cutoff (what `logits.safetensors` holds)."""
-    k_exits = model.num_exits
+    num_exits = model.num_exits
     load = machine_load()
     device = resolve_device(config.device)
     full_macs = float(backbone_macs(model))
@@ -105,15 +64,16 @@ def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_
     # per-sample seconds of each stage, from the real early-exit run at the fixed cutoff (compaction and exit
     # decisions included); stages too few samples reached fall back to the all-exits pass
     timed = timing_subset(splits.test, config)
-    fixed_run = run_early_exit(net, timed, np.full(k_exits - 1, config.cutoff), get_policy(config.policy), **run_kwargs)
-    reach = analysis.reach_counts(fixed_run.exits, k_exits)
+    fixed_run = run_early_exit(net, timed, np.full(num_exits - 1, config.cutoff), get_policy(config.policy),
+                               **run_kwargs)
+    reach = analysis.reach_counts(fixed_run.exits, num_exits)
     per_sample = np.where(reach >= config.batch_size, seconds_per_sample(fixed_run, reach),
-                          seconds_per_sample(test_run, np.full(k_exits, len(splits.test))))
+                          seconds_per_sample(test_run, np.full(num_exits, len(splits.test))))
     measured = {"machine_load_at_start": load, "all_exits_seconds": test_run.seconds,
                 "full_network_seconds": test_run.trunk_seconds,
                 "fixed_cutoff": {"policy": config.policy, "cutoff": config.cutoff, "images": len(timed),
                                  "seconds": fixed_run.seconds, "stage_seconds": fixed_run.stage_seconds}}
-    info = {"model": model_info, "dataset": splits.describe(), "precision": precision, "batch_size": config.batch_size,
+    info = {"model": ref.to_json(), "dataset": splits.describe(), "precision": precision, "batch_size": config.batch_size,
             "micro_batch": micro_batch, "machine": machine(device).to_json(),
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "software": software_versions(),
             "precision_check": tuned.precision_check, "micro_batch_probe": tuned.micro_batch_probe, "backbone_macs": full_macs,
@@ -179,7 +139,7 @@ def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
     """Everything the study reports from the cached logits alone: a pure function of `cache` and `config`
     (the times in it are the ones `measure` recorded, and the cost model's predictions from them)."""
     macs, per_sample = cache.exit_macs, cache.stage_seconds_per_sample
-    k_exits, _, num_classes = cache.test_logits.shape
+    num_exits, _, num_classes = cache.test_logits.shape
     by_policy = {name: (exit_arrays(cache.val_logits, cache.val_labels, p),
                         exit_arrays(cache.test_logits, cache.test_labels, p)) for name, p in POLICIES.items()}
     val, test = by_policy[config.policy]
@@ -193,18 +153,18 @@ def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
                                mean_macs=info.get("backbone_macs", float(macs[-1])), measured_seconds=full_seconds,
                                ms_per_image=None if full_seconds is None else 1e3 * full_seconds / n_test)
     exits = tuple(Exit(k, int(macs[k]), float(test.correct[k].mean()), float(val.correct[k].mean()))
-                  for k in range(k_exits))
+                  for k in range(num_exits))
 
-    fixed = ev.evaluate(1, config.policy, np.full(k_exits - 1, config.cutoff))
+    fixed = ev.evaluate(1, config.policy, np.full(num_exits - 1, config.cutoff))
     fixed_run = measured.get("fixed_cutoff") or {}
     if (fixed_run.get("policy"), fixed_run.get("cutoff")) != (config.policy, config.cutoff):
         fixed_run = {}  # measured at another setting: not this one's time
-    stage_seconds = fixed_run.get("stage_seconds") or [None] * k_exits
+    stage_seconds = fixed_run.get("stage_seconds") or [None] * num_exits
     fixed_seconds, fixed_images = fixed_run.get("seconds"), fixed_run.get("images", n_test)
     fixed_cutoff = FixedCutoff(
         cutoff=config.cutoff, test=outcome(fixed),
         per_exit=tuple(Leavers(k, fixed["exit_counts"][k], fixed["exit_accuracy"][k], stage_seconds[k])
-                       for k in range(k_exits)),
+                       for k in range(num_exits)),
         measured_seconds=fixed_seconds, timed_images=None if fixed_seconds is None else fixed_images,
         ms_per_image=None if fixed_seconds is None else 1e3 * fixed_seconds / fixed_images)
 
@@ -215,8 +175,8 @@ def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
     spaces = {name: calibration.SearchSpace.build(v.scores, v.correct, macs) for name, (v, _) in by_policy.items()}
     targets = target_calibration(val, test, macs, per_sample, config.desired_accuracies, config.delta,
                                  spaces[config.policy])
-    best = choose(ev, config, founding_methods, cutoffs, k_exits)
-    fixed_exits = analysis.exit_points(test.scores, np.full(k_exits - 1, config.cutoff))
+    best = choose(ev, config, founding_methods, cutoffs, num_exits)
+    fixed_exits = analysis.exit_points(test.scores, np.full(num_exits - 1, config.cutoff))
 
     frontiers = policy_frontiers(by_policy, by_policy["entropy"], macs, "MACs", config.desired_accuracies,
                                  config.num_cutoffs, spaces)
@@ -239,7 +199,7 @@ def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
 
 
 def choose(ev: Evaluator, config: StudyConfig, founding_methods: list[CalibrationEntry], cutoffs: np.ndarray,
-           k_exits: int) -> Best:
+           num_exits: int) -> Best:
     """The two settings the study runs for real, both chosen on validation (accuracy, predicted time) and
     evaluated on test: the founding rule (best accuracy per second) among the calibrated sets of the founding
     methods, as the founding system chose; and the fastest within `within_points` of the final exit's validation
@@ -247,8 +207,8 @@ def choose(ev: Evaluator, config: StudyConfig, founding_methods: list[Calibratio
     calibrated_sets = [Setting(f"{c.method} {c.desired_accuracy:.2f}", config.policy, c.thresholds)
                        for c in founding_methods]
     founding = max(calibrated_sets, key=lambda s: (lambda r: r["accuracy"] / r["predicted_seconds"])(ev.val(s)))
-    candidates = [Setting("no early exit", config.policy, (NEVER,) * (k_exits - 1))] + calibrated_sets
-    candidates += [Setting(f"cutoff {c:.3f}", config.policy, (float(c),) * (k_exits - 1)) for c in cutoffs]
+    candidates = [Setting("no early exit", config.policy, (NEVER,) * (num_exits - 1))] + calibrated_sets
+    candidates += [Setting(f"cutoff {c:.3f}", config.policy, (float(c),) * (num_exits - 1)) for c in cutoffs]
     candidates += latency_frontier({name: v for name, (v, _) in ev.by_policy.items()}, ev.per_sample)
     floor = ev.by_policy[config.policy][0].correct[-1].mean() - config.within_points / 100
     on_val = [ev.val(s) for s in candidates]
@@ -338,14 +298,14 @@ def verify(model: MultiExitNetwork, test_data, results: StudyResults, config: St
     time them and check the cost model's predictions."""
     subset = timing_subset(test_data, config)
     per_sample = np.asarray(results.timing_model.stage_seconds_per_sample)
-    k_exits = len(results.exits)
+    num_exits = len(results.exits)
     base = EarlyExitModel.create(model, results.model.get("name", ""), results.policy,
-                                 [None] * (k_exits - 1)).prepare(results.precision, resolve_device(config.device))
+                                 [None] * (num_exits - 1)).prepare(results.precision, resolve_device(config.device))
 
     def timed(s: Setting) -> TimedRun:
         run = base.with_setting(s.policy, s.thresholds).run(subset, batch_size=results.batch_size,
                                                             micro_batch=results.micro_batch)
-        predicted = float(analysis.reach_counts(run.exits, k_exits) @ per_sample)
+        predicted = float(analysis.reach_counts(run.exits, num_exits) @ per_sample)
         return TimedRun(len(subset), run.seconds, predicted)
 
     best, checks = {}, []
@@ -357,7 +317,7 @@ def verify(model: MultiExitNetwork, test_data, results: StudyResults, config: St
         checks.append(TimingCheck(f"{choice.setting.label}, {choice.setting.policy} ({len(subset)} images)",
                                   t.predicted_seconds, t.measured_seconds))
     for cutoff in (0.1 * results.max_cutoff, 0.5 * results.max_cutoff):
-        t = timed(Setting("", results.policy, (cutoff,) * (k_exits - 1)))
+        t = timed(Setting("", results.policy, (cutoff,) * (num_exits - 1)))
         checks.append(TimingCheck(f"cutoff {cutoff:.3f} ({len(subset)} images)", t.predicted_seconds,
                                   t.measured_seconds))
     timing = dataclasses.replace(results.timing_model, checks=tuple(checks) + results.timing_model.checks)
@@ -371,12 +331,12 @@ class Study:
     early_exit: EarlyExitModel  # the fastest setting within `within_points`, as early_exit.json names it
 
 
-def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, model_info: dict) -> Study:
+def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, ref: ModelRef) -> Study:
     """The whole study: measure, analyse, verify."""
-    logits = measure(model, splits, config, model_info)
+    logits = measure(model, splits, config, ref)
     results = verify(model, splits.test, analyse(logits, config), config)
     chosen = results.best.fastest_within_points.setting
-    return Study(results, logits, EarlyExitModel.create(model, model_info["name"], chosen.policy, chosen.thresholds,
+    return Study(results, logits, EarlyExitModel.create(model, ref.name, chosen.policy, chosen.thresholds,
                                                         class_names=splits.test.classes))
 
 

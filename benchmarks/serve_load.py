@@ -1,0 +1,307 @@
+"""Does serving keep early exit's gain? An open-loop load test of `exitwise serve`, measured in one run.
+
+    python benchmarks/serve_load.py [--model b-resnet11] [--seconds 10] [--rates 0.3,0.5,0.7,1,1.5,2,2.5,3]
+    python benchmarks/serve_load.py --images 200 --seconds 1 --rates 0.5,1 --sequential 10 --offline-images 256  # smoke
+
+Three servers of the same model, each a separate `exitwise serve` process on 127.0.0.1, one at a time:
+(a) the full network (--no-early-exit) with the same stage-level dynamic batching, (b) early exit (the card's
+calibrated setting, --schedule as given; (b') the same with each of --also-schedules, to choose the default
+rule), (c) early exit with request-level batching (a batch runs all its
+stages together, as the offline runtime does, and is answered when it is done). All three run in the precision
+and micro-batch measured once here, so they differ only in what is compared.
+
+The client (this process) sends CIFAR-10 test images as JPEG bytes to /v1/predict at Poisson arrival times
+(fixed seed), open loop: a request is sent at its time whatever the answers before it, over a pool of
+keep-alive connections. Rates are multiples of (a)'s capacity (its throughput with --concurrency requests
+always in flight). Per server and rate: achieved throughput, p50/p95/p99 latency of the answered requests,
+refusals (503/504), accuracy of the answers, mean batch size per stage (from /metrics) and the client's own
+CPU time (it shares the machine's cores with the server). Printed at the end:
+* the highest tested rate each server sustains (every request answered, p99 under 100 ms);
+* the p50 and p99 ratios (a)/(b) at the rate nearest 70% of (a)'s capacity;
+* the served throughput ratio (b)/(a) (capacities) beside the offline ratio at batch 256 (`EarlyExitModel.run`
+  vs `run_backbone`, same precision and micro-batch) measured in this run, and their quotient (target >= 0.9);
+* the server's overhead at batch 1: sequential single-image requests to (b), mean latency minus
+  `EarlyExitModel.run`'s time per image at batch 1 on the same images (target <= 1 ms).
+Timings are only meaningful on a quiet machine: pause other work first.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exitwise.data import ImageSet
+from exitwise.deploy.oip import decode_images
+from exitwise.device import describe_load, machine, machine_load
+from exitwise.runtime import run_backbone, run_early_exit, warm_up
+from exitwise.serve_torch import load_early_exit
+from exitwise.tune import tune
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SRC = Path(__file__).resolve().parents[1] / "src"
+P99_LIMIT = 0.1
+
+
+def test_jpegs(archive: Path, n: int, seed: int = 0) -> tuple[list[bytes], np.ndarray, tuple[str, ...]]:
+    """n CIFAR-10 test images (a seeded sample) as their JPEG bytes, their labels and the class names."""
+    found = []
+    with tarfile.open(archive, "r|gz") as tar:
+        for member in tar:
+            if member.isfile() and member.name.startswith("test/"):
+                found.append((member.name, tar.extractfile(member).read()))
+    found.sort()
+    classes = tuple(sorted({name.split("/")[1] for name, _ in found}))
+    pick = np.random.default_rng(seed).permutation(len(found))[:n]
+    return ([found[i][1] for i in pick], np.array([classes.index(found[i][0].split("/")[1]) for i in pick]),
+            classes)
+
+
+class Server:
+    """`exitwise serve ARGS --port 0` in its own process, until `stop` (SIGTERM)."""
+
+    def __init__(self, args: list[str]):
+        code = "import sys\nfrom exitwise.cli import main\nsys.exit(main(sys.argv[1:]))"
+        self.process = subprocess.Popen([sys.executable, "-c", code, "serve", *args, "--port", "0"],
+                                        stdout=subprocess.PIPE, text=True,
+                                        env={**os.environ, "PYTHONPATH": str(SRC)})
+        line = self.process.stdout.readline()
+        if " on http://" not in line:
+            self.process.kill()
+            raise SystemExit(f"server did not start: {line!r}")
+        host, port = line.rsplit("http://", 1)[1].strip().rsplit(":", 1)
+        self.host, self.port = host, int(port)
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics by its full name (with labels)."""
+        status, body = asyncio.run(_one_request(self.host, self.port, b"GET", b"/metrics", b""))
+        out = {}
+        for line in body.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    length = next(int(v) for k, v in (l.split(":", 1) for l in lines[1:] if ":" in l) if k.lower() == "content-length")
+    return status, await reader.readexactly(length)
+
+
+def _request(method: bytes, path: bytes, body: bytes, content_type: bytes = b"image/jpeg") -> bytes:
+    return (method + b" " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: " + content_type +
+            b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+async def _one_request(host: str, port: int, method: bytes, path: bytes, body: bytes) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(_request(method, path, body))
+    result = await _read_response(reader)
+    writer.close()
+    return result
+
+
+class Pool:
+    """Keep-alive connections to the server; one request in flight per connection."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port, self.free = host, port, []
+
+    async def post(self, body: bytes) -> tuple[int, bytes]:
+        reader, writer = self.free.pop() if self.free else await asyncio.open_connection(self.host, self.port)
+        writer.write(_request(b"POST", b"/v1/predict", body))
+        status, answer = await _read_response(reader)
+        self.free.append((reader, writer))
+        return status, answer
+
+
+async def _load(host: str, port: int, blobs: list[bytes], arrivals: np.ndarray | None, concurrency: int,
+                seconds: float) -> list[tuple[int, float, int | None]]:
+    """(status, latency, predicted class) per request: open loop at `arrivals` (seconds from the start), or closed
+    loop with `concurrency` requests always in flight for `seconds`."""
+    pool, results, start = Pool(host, port), [], time.perf_counter()
+
+    async def one(i: int, at: float) -> None:
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        sent = time.perf_counter()
+        status, body = await pool.post(blobs[i % len(blobs)])
+        predicted = json.loads(body)["predictions"][0]["class_index"] if status == 200 else None
+        results.append((i, status, time.perf_counter() - sent, predicted))
+
+    if arrivals is not None:
+        await asyncio.gather(*(one(i, t) for i, t in enumerate(arrivals)))
+    else:
+        counter = iter(range(10**9))
+
+        async def worker() -> None:
+            while time.perf_counter() - start < seconds:
+                await one(next(counter), 0.0)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return sorted(results)
+
+
+async def _sequential(host: str, port: int, blobs: list[bytes]) -> float:
+    """Seconds for `blobs` sent one at a time over one keep-alive connection, each answered before the next."""
+    pool = Pool(host, port)
+    start = time.perf_counter()
+    for blob in blobs:
+        status, _ = await pool.post(blob)
+        if status != 200:
+            raise SystemExit(f"a sequential request got {status}")
+    return time.perf_counter() - start
+
+
+def run_load(server: Server, blobs, labels, rate: float | None, seconds: float, concurrency: int, seed: int) -> dict:
+    """One load run against `server`: open loop at `rate` per second, or closed loop (rate None)."""
+    arrivals = None
+    if rate is not None:
+        rng = np.random.default_rng(seed)
+        arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * seconds * 1.2) + 10))
+        arrivals = arrivals[arrivals < seconds]
+    before, cpu0, wall0 = server.metrics(), time.process_time(), time.perf_counter()
+    results = asyncio.run(_load(server.host, server.port, blobs, arrivals, concurrency, seconds))
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    after = server.metrics()
+    ok = [(i, lat, p) for i, s, lat, p in results if s == 200]
+    latencies = np.array([lat for _, lat, _ in ok]) if ok else np.array([np.inf])
+    batches = {}
+    for k in range(8):
+        count = after.get(f'exitwise_batch_size_count{{stage="{k}"}}', 0) - before.get(
+            f'exitwise_batch_size_count{{stage="{k}"}}', 0)
+        total = after.get(f'exitwise_batch_size_sum{{stage="{k}"}}', 0) - before.get(
+            f'exitwise_batch_size_sum{{stage="{k}"}}', 0)
+        if count:
+            batches[k] = total / count
+    return {"rate": rate, "requests": len(results), "answered": len(ok), "refused": len(results) - len(ok),
+            "throughput": len(ok) / wall, "p50": float(np.percentile(latencies, 50)),
+            "p95": float(np.percentile(latencies, 95)), "p99": float(np.percentile(latencies, 99)),
+            "accuracy": float(np.mean([p == labels[i % len(labels)] for i, _, p in ok])) if ok else 0.0,
+            "batches": batches, "client_cpu_share": cpu / wall}
+
+
+def offline(model, network, micro_batch: int, data: ImageSet, sequential: int) -> dict:
+    """Offline, same precision and micro-batch: batch-256 seconds of early exit and of the full network (best of 3,
+    in turns), and early exit's seconds per image at batch 1 (best of 3)."""
+    warm_up(network, data, micro_batch=micro_batch)
+    early, full = [], []
+    for _ in range(3):
+        early.append(run_early_exit(network, data, model.thresholds, model.policy, 256, micro_batch=micro_batch).seconds)
+        full.append(run_backbone(network, data, 256, micro_batch=micro_batch).seconds)
+    one = data.subset(torch.arange(min(sequential, len(data))))
+    batch1 = min(run_early_exit(network, one, model.thresholds, model.policy, 1, micro_batch=micro_batch).seconds
+                 for _ in range(3)) / len(one)
+    return {"early_s": min(early), "full_s": min(full), "ratio": min(full) / min(early), "batch1_s": batch1}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=SHARED / "data/cifar10-jpg.tar.gz")
+    p.add_argument("--model", default="b-resnet11")
+    p.add_argument("--images", type=int, default=2000, help="test images the load cycles through")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each load run")
+    p.add_argument("--rates", default="0.3,0.5,0.7,1,1.5,2,2.5,3", help="multiples of the full network's capacity")
+    p.add_argument("--concurrency", type=int, default=64, help="requests in flight when measuring capacity")
+    p.add_argument("--sequential", type=int, default=300, help="single-image requests for the batch-1 overhead")
+    p.add_argument("--offline-images", type=int, default=2560)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=0.0)
+    p.add_argument("--schedule", default="deepest", help="the scheduling rule of (b)")
+    p.add_argument("--also-schedules", default="oldest", help="comma-separated rules also run as early-exit servers "
+                                                              "(b'), to compare with (b); empty: none")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    blobs, labels, classes = test_jpegs(args.data, args.images, args.seed)
+    images = decode_images(blobs, (3, 32, 32))
+    data = ImageSet(torch.from_numpy(images), torch.from_numpy(labels), classes)
+    model = load_early_exit(model=args.model)
+    tuned = tune(model.network, data, args.precision)
+    print(f"{args.model} on {machine().describe()}; {describe_load(machine_load())}")
+    print(f"precision {tuned.precision}, micro-batch {tuned.micro_batch}; setting {model.policy.name} "
+          f"{[round(float(t), 4) for t in model.thresholds]}")
+    reps = -(-args.offline_images // len(data))
+    big = ImageSet(data.images.repeat(reps, 1, 1, 1)[:args.offline_images], data.labels.repeat(reps)[:args.offline_images],
+                   classes)
+    off = offline(model, tuned.network, tuned.micro_batch, big, args.sequential)
+    print(f"offline batch 256: full {off['full_s']:.3f} s, early exit {off['early_s']:.3f} s, ratio {off['ratio']:.2f}x; "
+          f"early exit at batch 1: {1e3 * off['batch1_s']:.3f} ms/image")
+
+    common = ["--model", args.model, "--precision", tuned.precision, "--micro-batch", str(tuned.micro_batch),
+              "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "100000",
+              "--timeout-ms", "30000"]
+    servers = {"a full network": ["--no-early-exit"], "b early exit": ["--schedule", args.schedule],
+               "c request-level": ["--schedule", "request-level"]}
+    servers.update({f"b' {rule}": ["--schedule", rule] for rule in args.also_schedules.split(",") if rule})
+    multiples = [float(r) for r in args.rates.split(",")]
+    table, capacity, overhead = {}, {}, None
+    for name, extra in servers.items():
+        server = Server(common + extra)
+        try:
+            run_load(server, blobs, labels, None, min(2.0, args.seconds), 8, args.seed)  # warm-up
+            capacity[name] = run_load(server, blobs, labels, None, args.seconds, args.concurrency, args.seed)
+            full_capacity = capacity["a full network"]["throughput"]
+            table[name] = [run_load(server, blobs, labels, m * full_capacity, args.seconds, 0, args.seed + i)
+                           for i, m in enumerate(multiples)]
+            if name == "b early exit":
+                asyncio.run(_sequential(server.host, server.port, blobs[:args.sequential]))  # warm-up
+                seconds = asyncio.run(_sequential(server.host, server.port, blobs[:args.sequential]))
+                overhead = seconds / args.sequential - off["batch1_s"]
+        finally:
+            server.stop()
+
+    print(f"\n{'server':18s} {'offered/s':>9s} {'answered/s':>10s} {'refused':>7s} {'p50 ms':>7s} {'p95 ms':>7s} "
+          f"{'p99 ms':>7s} {'acc':>6s} {'client CPU':>10s}  mean batch per stage")
+    for name, rows in table.items():
+        c = capacity[name]
+        print(f"{name:18s} {'capacity':>9s} {c['throughput']:10.1f} {c['refused']:7d} {1e3 * c['p50']:7.1f} "
+              f"{1e3 * c['p95']:7.1f} {1e3 * c['p99']:7.1f} {c['accuracy']:6.2%} {c['client_cpu_share']:10.0%}  "
+              f"{', '.join(f'{b:.1f}' for b in c['batches'].values())}")
+        for r in rows:
+            print(f"{'':18s} {r['rate']:9.1f} {r['throughput']:10.1f} {r['refused']:7d} {1e3 * r['p50']:7.1f} "
+                  f"{1e3 * r['p95']:7.1f} {1e3 * r['p99']:7.1f} {r['accuracy']:6.2%} {r['client_cpu_share']:10.0%}  "
+                  f"{', '.join(f'{b:.1f}' for b in r['batches'].values())}")
+    print()
+    for name, rows in table.items():
+        ok = [r["rate"] for r in rows if r["refused"] == 0 and r["p99"] < P99_LIMIT]
+        print(f"{name}: highest tested rate with p99 < {1e3 * P99_LIMIT:.0f} ms: "
+              f"{f'{max(ok):.1f}/s' if ok else 'none'}")
+    at = int(np.argmin([abs(m - 0.7) for m in multiples]))
+    a, b = table["a full network"][at], table["b early exit"][at]
+    print(f"at {multiples[at]:.0%} of the full network's capacity ({a['rate']:.1f}/s): p50 full/early "
+          f"{a['p50'] / b['p50']:.2f}x (target >= 2), p99 full/early {a['p99'] / b['p99']:.2f}x (target >= 1)")
+    served = capacity["b early exit"]["throughput"] / capacity["a full network"]["throughput"]
+    print(f"served throughput ratio early/full {served:.2f}x; offline batch-256 ratio {off['ratio']:.2f}x; "
+          f"served/offline {served / off['ratio']:.2f} (target >= 0.9)")
+    print(f"request-level batching: capacity {capacity['c request-level']['throughput']:.1f}/s vs stage-level "
+          f"{capacity['b early exit']['throughput']:.1f}/s ({args.schedule})")
+    for name in (n for n in capacity if n.startswith("b'")):
+        r, b = table[name][at], table["b early exit"][at]
+        print(f"schedule {name[3:]} vs {args.schedule}: capacity {capacity[name]['throughput']:.1f}/s vs "
+              f"{capacity['b early exit']['throughput']:.1f}/s; at the 70% rate p50 {1e3 * r['p50']:.1f} vs "
+              f"{1e3 * b['p50']:.1f} ms, p99 {1e3 * r['p99']:.1f} vs {1e3 * b['p99']:.1f} ms")
+    print(f"server overhead at batch 1: {1e3 * overhead:.3f} ms per request over EarlyExitModel.run "
+          f"(sequential over one keep-alive connection; target <= 1 ms)")
+
+
+if __name__ == "__main__":
+    main()

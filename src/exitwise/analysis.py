@@ -1,0 +1,2 @@
+"""Moved to `exitwise.study.analysis`; kept for one release."""
+from .study.analysis import *  # noqa: F401,F403

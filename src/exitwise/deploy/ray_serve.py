@@ -1,0 +1,64 @@
+"""`exitwise serve --ray --replicas N`: the same app as a Ray Serve deployment (`pip install 'exitwise[ray]'`).
+
+Each replica builds its own runner (`make_runner`, shipped to it by Ray) and its own scheduler, so batches form
+per replica; Ray's HTTP proxy spreads requests over the replicas, on one machine or a cluster. `ray.init()`
+joins the cluster that `RAY_ADDRESS` names (e.g. `auto` on a node of a cluster started with `ray start`), else
+starts a local one. The model's files (an export folder, weights) must be at the same path on every node.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Callable
+
+from ..errors import UserError
+from .runner import Runner
+from ..config import ServeConfig
+from .server import create_app
+
+APP_NAME = "exitwise"
+
+
+def deployment(make_runner: Callable[[], Runner], config: ServeConfig, replicas: int = 1):
+    """The bound Ray Serve application: `replicas` copies of `create_app(make_runner(), config)`."""
+    from ray import serve
+
+    @serve.deployment(num_replicas=replicas, max_ongoing_requests=config.scheduler.max_queue)
+    @serve.ingress()
+    class ExitwiseServer:
+        def __init__(self, make_runner, config):
+            self.exitwise_app = create_app(make_runner(), config)
+
+        def __serve_build_asgi_app__(self):
+            return self.exitwise_app
+
+    return ExitwiseServer.bind(make_runner, config)
+
+
+def start_on_ray(make_runner: Callable[[], Runner], config: ServeConfig, replicas: int = 1) -> str:
+    """Deploy on the Ray cluster this process is connected to (or a new local one); returns the URL."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise UserError("--ray needs Ray Serve: pip install 'exitwise[ray]'") from None
+    if replicas < 1:
+        raise UserError(f"--replicas must be at least 1, got {replicas}")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(deployment(make_runner, config, replicas), name=APP_NAME, route_prefix="/")
+    return f"http://{config.host}:{config.port}"
+
+
+def serve_on_ray(make_runner: Callable[[], Runner], config: ServeConfig, replicas: int = 1) -> None:
+    """`start_on_ray`, then wait for SIGTERM or SIGINT and take the application down."""
+    url = start_on_ray(make_runner, config, replicas)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"exitwise: serving on Ray Serve ({replicas} replicas) at {url}", flush=True)
+    stop.wait()
+    from ray import serve
+    serve.delete(APP_NAME)
+    serve.shutdown()

@@ -1,0 +1,504 @@
+"""`exitwise serve`: real HTTP on 127.0.0.1 (free ports), tiny digits models, every loop bounded in count and time.
+
+Served answers equal the offline runs (`OnnxEarlyExit.run`, `EarlyExitModel.run`) on the same images; bad input
+gets a one-line 4xx and the server keeps serving; overload gets 503 + Retry-After or 504, never silence;
+SIGTERM drains; a client that leaves has its samples dropped; the ONNX server never imports torch.
+"""
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+for module in ("fastapi", "uvicorn", "prometheus_client", "httpx", "onnxruntime", "onnxscript"):
+    pytest.importorskip(module)
+import httpx
+import uvicorn
+
+from exitwise.api import export
+from exitwise.deploy.onnx_runner import OnnxRunner
+from exitwise.deploy.onnx_runtime import OnnxEarlyExit
+from exitwise.config import SchedulerConfig, ServeConfig
+from exitwise.deploy.server import create_app
+from exitwise.early_exit import EarlyExitModel
+from exitwise.models import create_model
+from exitwise.policies import get_policy
+from exitwise.runtime import all_exit_logits, prepare
+from exitwise.serve_torch import TorchRunner
+
+from conftest import random_image_set
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+NEAR = 1e-5  # fp32 rounding: a sample whose score is this close to a threshold may go either way
+INFER = "/v2/models/digits-convnet/infer"
+
+
+class Running:
+    """An app served by uvicorn on a thread of this process, on a free port of 127.0.0.1."""
+
+    def __init__(self, runner, config=ServeConfig()):
+        self.app = create_app(runner, config)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.server.started
+        self.client = httpx.Client(base_url=self.url, timeout=20)
+
+    def metric(self, name: str, **labels) -> float:
+        """One sample of /metrics (0 when absent)."""
+        want = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+        for line in self.client.get("/metrics").text.splitlines():
+            if line.startswith(name + want + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(20)
+        assert not self.thread.is_alive()
+
+
+def _spread_thresholds(net, data, policy, shares=(0.3, 0.3)) -> list[float]:
+    scores = policy.scores(torch.from_numpy(all_exit_logits(prepare(net), data).logits)).numpy()
+    return [float(np.quantile(scores[k], s)) for k, s in enumerate(shares)]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A random-weight digits-convnet whose thresholds use every exit, saved and exported to ONNX."""
+    torch.manual_seed(0)
+    net = create_model("digits-convnet")
+    policy = get_policy("margin").with_temperatures([1.5, 0.7, 1.0])
+    data = random_image_set(120, seed=1)
+    model = EarlyExitModel(net, policy, np.array(_spread_thresholds(net, data, policy)), "digits-convnet",
+                           tuple("abcdefghij"))
+    out = tmp_path_factory.mktemp("serve")
+    model.save(out / "model")
+    export(out / "onnx", source=out / "model", exporter="torchscript")
+    return model, data, out
+
+
+@pytest.fixture(scope="module")
+def onnx_server(digits):
+    server = Running(OnnxRunner.load(digits[2] / "onnx"), ServeConfig(scheduler=SchedulerConfig(max_batch=16)))
+    yield server
+    server.stop()
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def infer_pixels(client, images: np.ndarray, layout="NHWC") -> dict:
+    pixels = images if layout == "NHWC" else images.transpose(0, 3, 1, 2)
+    tensor = {"name": "image", "datatype": "UINT8", "shape": list(pixels.shape), "data": pixels.ravel().tolist()}
+    if layout == "NHWC":
+        tensor["parameters"] = {"layout": "NHWC"}
+    response = client.post(INFER, json={"id": "r1", "inputs": [tensor]})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def infer_binary_bytes(client, blobs: list[bytes]) -> dict:
+    """BYTES over the binary tensor extension, as tritonclient sends them."""
+    data = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(blobs)],
+                                     "parameters": {"binary_data_size": len(data)}}]}).encode()
+    response = client.post(INFER, content=header + data, headers={"Inference-Header-Content-Length": str(len(header))})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def columns(response: dict) -> dict:
+    return {o["name"]: o["data"] for o in response["outputs"]}
+
+
+def test_served_answers_equal_the_onnx_runtime_whatever_the_request_form(digits, onnx_server):
+    _, data, out = digits
+    images = data.images.numpy()
+    expected = OnnxEarlyExit.load(out / "onnx").run(images)
+    rows = {}
+
+    def send(i: int) -> None:  # 12 requests of 10 images each, in four forms, four at a time
+        part = images[10 * i:10 * i + 10]
+        form = i % 4
+        if form == 0:
+            got = columns(infer_pixels(onnx_server.client, part, "NHWC"))
+        elif form == 1:
+            got = columns(infer_pixels(onnx_server.client, part, "NCHW"))
+        elif form == 2:
+            got = columns(infer_binary_bytes(onnx_server.client, [png(im) for im in part]))
+        else:
+            files = [("files", (f"{j}.png", png(im), "image/png")) for j, im in enumerate(part)]
+            answer = onnx_server.client.post("/v1/predict", files=files).json()["predictions"]
+            got = {"class_index": [a["class_index"] for a in answer], "exit": [a["exit"] for a in answer],
+                   "probability": [a["probability"] for a in answer], "label": [a["class"] for a in answer]}
+        for j in range(len(part)):
+            rows[10 * i + j] = {k: v[j] for k, v in got.items()}
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(send, range(12)))
+    order = sorted(rows)
+    assert order == list(range(120))
+    assert [rows[i]["exit"] for i in order] == expected.exits.tolist()
+    assert [rows[i]["class_index"] for i in order] == expected.predictions.tolist()
+    assert [rows[i]["label"] for i in order] == ["abcdefghij"[c] for c in expected.predictions]
+    np.testing.assert_allclose([rows[i]["probability"] for i in order], expected.probabilities, atol=2e-6)
+    assert set(expected.exits) == {0, 1, 2}
+
+
+def test_a_raw_image_body_and_base64_json_bytes_are_served_too(digits, onnx_server):
+    _, data, _ = digits
+    image = data.images[0].numpy()
+    raw = onnx_server.client.post("/v1/predict", content=png(image), headers={"content-type": "image/png"}).json()
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(png(image)).decode()]}
+    b64 = columns(onnx_server.client.post(INFER, json={"inputs": [tensor]}).json())
+    assert raw["model"] == "digits-convnet" and raw["predictions"][0]["class_index"] == b64["class_index"][0]
+    assert raw["predictions"][0]["exit"] == b64["exit"][0]
+
+
+def test_served_answers_equal_early_exit_model_run_on_torch(digits):
+    model, data, _ = digits
+    expected = model.run(data, precision="fp32", micro_batch=64)
+    server = Running(TorchRunner(model, precision="fp32", micro_batch=64),
+                     ServeConfig(scheduler=SchedulerConfig(max_batch=16)))
+    try:
+        images = data.images.numpy()
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: columns(infer_pixels(server.client, images[i:i + 6])), range(0, 120, 6)))
+        exits = np.concatenate([a["exit"] for a in answers])
+        predictions = np.concatenate([a["class_index"] for a in answers])
+        assert server.metric("exitwise_batch_size_count", stage="1") >= 1
+    finally:
+        server.stop()
+    assert_same_as_run(model, data, expected, exits, predictions)
+    assert set(exits) == {0, 1, 2}
+
+
+def assert_same_as_run(model, data, expected, exits, predictions) -> None:
+    """Served exits and predictions equal `EarlyExitModel.run`'s, but where a score is within NEAR of a threshold."""
+    scores = model.policy.scores(torch.from_numpy(all_exit_logits(prepare(model.network), data).logits)).numpy()[:-1]
+    borderline = (np.abs(scores - model.thresholds.astype(np.float32)[:, None]) <= NEAR).any(0)
+    differ = (exits != expected.exits) | (predictions != expected.predictions)
+    assert not (differ & ~borderline).any()
+
+
+def test_no_early_exit_serves_the_full_network(digits):
+    _, data, out = digits
+    expected = OnnxEarlyExit.load(out / "onnx").run_backbone(data.images.numpy())
+    server = Running(OnnxRunner.load(out / "onnx", early_exit=False))
+    try:
+        got = columns(infer_pixels(server.client, data.images.numpy()[:40]))
+        assert set(got["exit"]) == {2}
+        assert got["class_index"] == expected.predictions[:40].tolist()
+        assert server.metric("exitwise_exits_total", exit="0") == 0
+    finally:
+        server.stop()
+
+
+def test_health_metadata_and_metrics(onnx_server):
+    client = onnx_server.client
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert client.get("/v2/models/digits-convnet/ready").status_code == 200
+    meta = client.get("/v2/models/digits-convnet").json()
+    assert meta["name"] == "digits-convnet" and meta["platform"] == "onnxruntime"
+    assert meta["inputs"][0]["datatype"] == "UINT8" and meta["inputs"][0]["shape"] == [-1, 1, 8, 8]
+    assert [o["name"] for o in meta["outputs"]] == ["class_index", "label", "probability", "exit"]
+    before = onnx_server.metric("exitwise_request_seconds_count", code="200", endpoint="infer")
+    infer_pixels(client, np.zeros((3, 8, 8, 1), dtype=np.uint8))
+    assert onnx_server.metric("exitwise_request_seconds_count", code="200", endpoint="infer") == before + 1
+    text = client.get("/metrics").text
+    for name in ("exitwise_exits_total", "exitwise_batch_size_bucket", "exitwise_queue_depth",
+                 "exitwise_request_seconds_bucket"):
+        assert name in text
+
+
+def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_path):
+    _, data, out = digits
+    server = Running(OnnxRunner.load(out / "onnx"), ServeConfig(max_body_mb=0.01))
+    jpeg = io.BytesIO()
+    Image.fromarray(data.images[0, :, :, 0].numpy()).save(jpeg, format="JPEG")
+    pixels = lambda shape, datatype="UINT8": {"inputs": [{"name": "image", "datatype": datatype, "shape": shape,
+                                                          "data": [0] * int(np.prod(shape))}]}
+    cases = [
+        ("/v1/predict", {"content": b"not an image"}, 400, "cannot decode image"),
+        ("/v1/predict", {"content": jpeg.getvalue()[:len(jpeg.getvalue()) // 2]}, 400, "cannot decode image"),
+        ("/v1/predict", {"content": png(np.zeros((9, 8, 1), dtype=np.uint8))}, 400, "the model takes 8x8"),
+        ("/v1/predict", {"content": b""}, 400, "empty request body"),
+        ("/v1/predict", {"content": b"\x00" * 20_000}, 413, "over the limit"),
+        ("/v1/predict", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data; boundary=x"}},
+         400, "multipart"),
+        (INFER, {"content": b""}, 400, "empty request body"),
+        (INFER, {"content": b"{not json"}, 400, "malformed JSON"),
+        (INFER, {"json": pixels([1, 3, 8, 8])}, 400, "input shape [1, 3, 8, 8]"),
+        (INFER, {"json": pixels([1, 1, 8, 8], "FP32")}, 400, "datatype 'FP32' is not served"),
+        (INFER, {"json": {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 8, 8],
+                                      "data": [300] * 64}]}}, 400, "0..255"),
+        (INFER, {"json": {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 8, 8],
+                                      "data": [0] * 63}]}}, 400, "63 values"),
+        (INFER, {"json": {"inputs": []}}, 400, "exactly one input"),
+        (INFER, {"json": {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}},
+         400, "base64"),
+        ("/v2/models/other/infer", {"json": pixels([1, 1, 8, 8])}, 404, "unknown model 'other'"),
+        ("/v2/nothing", {"content": b""}, 404, "Not Found"),
+    ]
+    try:
+        for path, kwargs, status, message in cases:
+            response = server.client.post(path, **kwargs)
+            assert response.status_code == status, (path, response.text)
+            assert response.text.count("\n") == 0 and message in response.json()["error"], response.text
+            assert server.client.post(INFER, json=pixels([1, 1, 8, 8])).status_code == 200  # still serving
+        assert server.client.get("/v2/models/other").status_code == 404
+        assert server.metric("exitwise_rejected_requests_total", reason="bad_request") >= 12
+    finally:
+        server.stop()
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once_and_a_late_request_504(digits):
+    _, _, out = digits
+    config = ServeConfig(scheduler=SchedulerConfig(max_batch=64, max_wait_ms=60_000, max_queue=4, timeout_ms=1500))
+    server = Running(OnnxRunner.load(out / "onnx"), config)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(infer_status, server.client, 4)  # waits for a batch of 64 that never comes
+            deadline = time.monotonic() + 10
+            while server.metric("exitwise_samples_inside") < 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            start = time.monotonic()
+            refused = server.client.post(INFER, json=zeros_request(1))
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert time.monotonic() - start < 1.0 and "overloaded" in refused.json()["error"]
+            assert held.result(10) == 504
+        assert server.metric("exitwise_rejected_requests_total", reason="timeout") == 1
+    finally:
+        server.stop()
+
+
+def zeros_request(n: int) -> dict:
+    return {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [n, 1, 8, 8], "data": [0] * (64 * n)}]}
+
+
+def infer_status(client, n: int) -> int:
+    return client.post(INFER, json=zeros_request(n)).status_code
+
+
+class SlowRunner:
+    """The ONNX runner with every stage taking 20 ms more: a server of known, small capacity."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def step(self, k, features, state):
+        time.sleep(0.02)
+        return self.runner.step(k, features, state)
+
+
+def test_under_three_times_the_sustainable_load_every_request_gets_an_answer(digits):
+    _, _, out = digits
+    config = ServeConfig(scheduler=SchedulerConfig(max_batch=2, max_queue=8, timeout_ms=500))
+    server = Running(SlowRunner(OnnxRunner.load(out / "onnx")), config)
+    # at most 2 images per 20 ms stage call and up to 3 calls per image: about 33-100 images/s; offered: 150/s
+    rate, count = 150.0, 150
+    rng = np.random.default_rng(0)
+    arrivals = np.cumsum(rng.exponential(1 / rate, count))
+    start = time.monotonic()
+
+    def one(t: float) -> int:
+        time.sleep(max(0.0, start + t - time.monotonic()))
+        return infer_status(server.client, 1)
+
+    try:
+        with ThreadPoolExecutor(48) as pool:
+            statuses = list(pool.map(one, arrivals, timeout=60))
+    finally:
+        server.stop()
+    counts = {s: statuses.count(s) for s in set(statuses)}
+    assert set(counts) <= {200, 503, 504} and sum(counts.values()) == count, counts
+    assert counts.get(200, 0) > 0 and counts.get(503, 0) + counts.get(504, 0) > 0, counts
+
+
+class FirstStageSlow(SlowRunner):
+    def step(self, k, features, state):
+        if k == 0:
+            time.sleep(0.6)
+        return self.runner.step(k, features, state)
+
+
+def test_a_client_that_leaves_mid_request_has_its_samples_dropped_from_later_stages(digits):
+    _, data, out = digits
+    expected = OnnxEarlyExit.load(out / "onnx").run(data.images.numpy())
+    deep = data.images.numpy()[expected.exits == 2][:3]  # these would run every stage
+    server = Running(FirstStageSlow(OnnxRunner.load(out / "onnx")))
+    try:
+        body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(deep.shape),
+                                       "parameters": {"layout": "NHWC"}, "data": deep.ravel().tolist()}]}).encode()
+        with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=5) as s:
+            s.sendall(b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            time.sleep(0.3)  # stage 0 is running their batch; then the client goes away
+        deadline = time.monotonic() + 10
+        while server.metric("exitwise_samples_inside") > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.metric("exitwise_batch_size_count", stage="0") == 1  # stage 0 ran them
+        assert server.metric("exitwise_dropped_samples_total", reason="disconnected") == 3
+        assert server.metric("exitwise_batch_size_count", stage="1") == 0  # and nothing after it did
+        assert server.metric("exitwise_rejected_requests_total", reason="disconnected") == 1
+    finally:
+        server.stop()
+
+
+CLI = "from exitwise.cli import main\nsys.exit(main(sys.argv[1:]))"
+
+
+def start_cli_server(args: list[str], block_torch: bool = False, code: str = CLI) -> tuple[subprocess.Popen, str]:
+    """`exitwise serve ARGS --port 0` in its own process; returns it and its URL (from the line it prints)."""
+    code = "import sys\n" + ("sys.modules['torch'] = None\n" if block_torch else "") + code
+    process = subprocess.Popen([sys.executable, "-c", code, "serve", *args, "--port", "0"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
+    line = process.stdout.readline()  # bounded: the process prints it or dies
+    if "serving" not in line:
+        process.kill()
+        raise AssertionError(f"server did not start: {line} {process.stderr.read()}")
+    return process, line.split(" on ")[1].strip()
+
+
+def test_sigterm_answers_what_was_accepted_refuses_new_requests_and_exits_0(digits):
+    _, _, out = digits
+    process, url = start_cli_server(["--export", str(out / "onnx"), "--max-wait-ms", "1500"])
+    try:
+        client = httpx.Client(base_url=url, timeout=20)
+        with ThreadPoolExecutor(3) as pool:
+            accepted = [pool.submit(infer_status, client, 1) for _ in range(3)]
+            deadline = time.monotonic() + 10
+            while "exitwise_samples_inside 3.0" not in client.get("/metrics").text and time.monotonic() < deadline:
+                time.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            refused = False
+            for _ in range(100):  # bounded: the listening socket closes at once
+                try:
+                    httpx.get(url + "/v2/health/live", timeout=1)
+                except httpx.TransportError:
+                    refused = True
+                    break
+                time.sleep(0.02)
+            assert refused
+            assert [f.result(20) for f in accepted] == [200, 200, 200]
+        assert process.wait(30) == 0
+    finally:
+        process.kill()
+
+
+def test_the_onnx_server_runs_without_torch(digits):
+    _, data, out = digits
+    process, url = start_cli_server(["--export", str(out / "onnx")], block_torch=True)
+    try:
+        answer = httpx.post(url + "/v1/predict", content=png(data.images[0].numpy()), timeout=20)
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["exit"] in (0, 1, 2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        process.kill()
+
+
+def test_serve_refuses_bad_flags_in_one_line(digits, capsys):
+    from exitwise.cli import main
+    for argv, message in [(["serve"], "give one of --model NAME, --from DIR or --export DIR"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--schedule", "random"], "unknown schedule"),
+                          (["serve", "--model", "digits-convnet", "--weights", "x.safetensors"], "weights file not found"),
+                          (["serve", "--model", "digits-convnet"], "no calibrated setting")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+
+def cifar_test_jpegs(n: int, every: int = 10) -> tuple[list[bytes], list[int], tuple[str, ...]]:
+    """Every `every`-th CIFAR-10 test image of the shared archive as its JPEG bytes (the first n), with labels."""
+    import tarfile
+    from conftest import CIFAR_JPG
+    if not CIFAR_JPG.is_file():
+        pytest.skip("../shared/data/cifar10-jpg.tar.gz not present")
+    found = []
+    with tarfile.open(CIFAR_JPG, "r|gz") as archive:
+        for member in archive:
+            if member.isfile() and member.name.startswith("test/"):
+                found.append((member.name, archive.extractfile(member).read()))
+    found.sort()
+    classes = tuple(sorted({name.split("/")[1] for name, _ in found}))
+    chosen = found[::every][:n]
+    return [b for _, b in chosen], [classes.index(name.split("/")[1]) for name, _ in chosen], classes
+
+
+@pytest.mark.cifar
+def test_shipped_b_resnet11_serves_its_cards_calibrated_setting_as_early_exit_model_run():
+    from exitwise.data import ImageSet
+    from exitwise.deploy.oip import decode_images
+    from exitwise.models import shipped_card
+    from exitwise.serve_torch import load_early_exit
+    blobs, labels, classes = cifar_test_jpegs(200)
+    model = load_early_exit(model="b-resnet11")
+    setting = shipped_card("b-resnet11")["calibrated"]
+    assert model.policy.name == setting["policy"] and model.to_json()["thresholds"] == setting["thresholds"]
+    data = ImageSet(torch.from_numpy(decode_images(blobs, (3, 32, 32))), torch.tensor(labels), classes)
+    expected = model.run(data, precision="fp32")
+    server = Running(TorchRunner(model, precision="fp32", micro_batch=64))
+    try:
+        def send(i):
+            files = [("files", (f"{j}.jpg", b, "image/jpeg")) for j, b in enumerate(blobs[i:i + 20])]
+            return server.client.post("/v1/predict", files=files).json()["predictions"]
+        with ThreadPoolExecutor(4) as pool:
+            rows = [r for part in pool.map(send, range(0, 200, 20)) for r in part]
+    finally:
+        server.stop()
+    exits, predictions = np.array([r["exit"] for r in rows]), np.array([r["class_index"] for r in rows])
+    assert_same_as_run(model, data, expected, exits, predictions)
+    assert rows[0]["class"] in classes and (predictions == np.array(labels)).mean() > 0.8
+    assert len(set(exits)) >= 3  # the calibrated setting lets samples out early
+
+
+def test_tritonclient_speaks_to_the_server(digits, onnx_server):
+    """docs/serve.md's tritonclient example, binary tensors both ways (skipped without tritonclient[http])."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    _, data, out = digits
+    images = data.images.numpy()[:5]
+    expected = OnnxEarlyExit.load(out / "onnx").run(images)
+    client = httpclient.InferenceServerClient(onnx_server.url.removeprefix("http://"))
+    try:
+        assert client.is_server_ready() and client.get_model_metadata("digits-convnet")["name"] == "digits-convnet"
+        encoded = httpclient.InferInput("image", [5], "BYTES")
+        encoded.set_data_from_numpy(np.array([png(im) for im in images], dtype=np.object_))
+        pixels = httpclient.InferInput("image", [5, 1, 8, 8], "UINT8")
+        pixels.set_data_from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        for tensor in (encoded, pixels):
+            result = client.infer("digits-convnet", [tensor])
+            assert result.as_numpy("exit").tolist() == expected.exits.tolist()
+            assert result.as_numpy("class_index").tolist() == expected.predictions.tolist()
+            assert [label.decode() if isinstance(label, bytes) else label for label in result.as_numpy("label")] == [
+                "abcdefghij"[c] for c in expected.predictions]
+    finally:
+        client.close()
