@@ -29,6 +29,7 @@ from link_relay import LinkRelay, ServeProcess
 
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.deploy.plan import Link, Tier, export_shapes, measure_wire, plan, study_costs
+from exitwise.study.logits_cache import load_logits
 
 
 def infer_one(url: str, model: str, image: np.ndarray) -> tuple[float, dict]:
@@ -156,7 +157,8 @@ def main() -> None:
         full = runner.run_backbone(images).predictions
         wire = measure_wire(runner, images[:args.wire_images])
         values, input_bytes = export_shapes(runner.manifest)
-        costs = study_costs(study, values, input_bytes, wire, runner.manifest)
+        cache = load_logits(study)
+        costs = study_costs(cache.val_logits, cache.stage_seconds_per_sample, runner.manifest, values, input_bytes, wire)
         tiers = (Tier("device", args.device_speed), Tier("cloud"))
         rows = []
         from exitwise.device import describe_load, machine, machine_load

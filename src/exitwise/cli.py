@@ -259,17 +259,19 @@ def _add_plan_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="plan.json to write")
 
 
-def _feature_values_from_model(study: Path) -> tuple[tuple[int, ...], int]:
-    """Values in each stage's output but the last, and the input's bytes as uint8 pixels, by running zeros."""
+def _shapes_from_model(study: Path) -> tuple[tuple[int, ...], int, dict]:
+    """Values in each stage's output but the last and the input's bytes as uint8 pixels (by running zeros), and the
+    exit setting (early_exit.json) of a study's model."""
     import torch
     from .early_exit import EarlyExitModel
-    net = EarlyExitModel.load(study).network.eval()
+    model = EarlyExitModel.load(study)
+    net = model.network.eval()
     x, values = torch.zeros(1, *net.input_shape), []
     with torch.no_grad():
         for stage in net.stages[:-1]:
             x = stage(x)
             values.append(x[0].numel())
-    return tuple(values), int(torch.Size(net.input_shape).numel())
+    return tuple(values), int(torch.Size(net.input_shape).numel()), model.to_json()
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -281,6 +283,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
         raise UserError(f"--out {str(args.out)!r}: give a file in an existing folder")
     if args.images and not args.export:
         raise UserError("--images measures the wire formats on an ONNX export: give --export too")
+    from .study.logits_cache import load_logits
+    study = load_logits(args.source)
     wire, setting = None, None
     if args.export:
         from .deploy.onnx_runtime import OnnxEarlyExit
@@ -291,8 +295,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
             from .images import read_images
             wire = planning.measure_wire(runner, read_images(args.images, runner.input_shape)[1])
     else:
-        values, input_bytes = _feature_values_from_model(args.source)
-    costs = planning.study_costs(args.source, values, input_bytes, wire, setting)
+        values, input_bytes, setting = _shapes_from_model(args.source)
+    costs = planning.study_costs(study.val_logits, study.stage_seconds_per_sample, setting, values, input_bytes, wire)
     tolerance = planning.WIRE_TOLERANCE_POINTS if args.wire_tolerance is None else args.wire_tolerance
     result = planning.plan(tiers, links, costs, minimize=args.minimize, max_latency_ms=args.max_latency_ms,
                            wire_tolerance_points=tolerance)

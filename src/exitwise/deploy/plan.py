@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from safetensors import safe_open
 
 from ..errors import UserError
 from ..exit_rule import as_thresholds, leaves
@@ -384,7 +383,8 @@ def read_plan(path: str | Path) -> dict:
     return doc
 
 
-# Inputs from a study (its validation logits, thresholds and stage times) and an export (feature shapes, stages)
+# Inputs from a study (its validation logits, thresholds and stage times) and an export (feature shapes, stages);
+# the files are read by the caller (`exitwise plan`: study.logits_cache, early_exit.json)
 
 def exit_scores(logits: np.ndarray, policy: str, temperatures: Sequence[float] | None) -> np.ndarray:
     """(K - 1, N) side-exit scores of a (K, N, C) stack of logits, with the export runner's numpy policy."""
@@ -405,47 +405,27 @@ def reach_shares(scores: np.ndarray, thresholds: Sequence[float | None]) -> tupl
     return tuple(reach)
 
 
-def read_study(folder: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(validation logits (K, N, C), stage seconds per sample (K,), early_exit.json) of a study's output folder,
-    read with numpy (safetensors: nothing unpickled)."""
-    folder = Path(folder)
-    logits_path, config_path = folder / "logits.safetensors", folder / "early_exit.json"
-    for path in (logits_path, config_path):
-        if not path.is_file():
-            raise UserError(f"{str(folder)!r} is not a study's output folder: no {path.name}")
-    try:
-        with safe_open(str(logits_path), framework="np") as f:
-            logits, seconds = f.get_tensor("val_logits"), f.get_tensor("stage_seconds_per_sample")
-        config = json.loads(config_path.read_text())
-    except Exception as e:  # a corrupt or foreign file fails in many ways
-        raise UserError(f"cannot read the study in {str(folder)!r}: {str(e).splitlines()[0][:160]}") from None
-    if logits.ndim != 3 or seconds.shape != logits.shape[:1] or not np.isfinite(logits).all():
-        raise UserError(f"{str(logits_path)!r}: logits must be finite (exits, samples, classes) with one time per stage")
-    if not isinstance(config, dict) or len(config.get("thresholds") or []) != logits.shape[0] - 1:
-        raise UserError(f"{str(config_path)!r}: needs {logits.shape[0] - 1} thresholds, one per side exit")
-    return logits.astype(np.float32), seconds.astype(np.float64), config
-
-
 def export_shapes(manifest: dict) -> tuple[tuple[int, ...], int]:
     """(values in each stage's output but the last, bytes of one input image as uint8 pixels) from a manifest."""
     values = tuple(int(np.prod(s["output_shape"][1:])) for s in manifest["stages"][:-1])
     return values, int(np.prod(manifest["input"]["shape"][1:]))
 
 
-def study_costs(folder: str | Path, feature_values: Sequence[int], input_bytes: int, wire: WireCost | None = None,
-                setting: dict | None = None) -> NetworkCosts:
-    """The planner's inputs from a study: its stage times and the reach of each stage at its thresholds, or at
-    `setting`'s (policy, temperatures, thresholds: an export's manifest, which is what the tiers will serve)."""
-    logits, seconds, config = read_study(folder)
-    if setting is not None:
-        if len(setting["thresholds"]) != len(config["thresholds"]):
-            raise UserError(f"the export has {len(setting['thresholds']) + 1} exits, the study {len(seconds)}")
-        config = setting
-    if len(feature_values) != len(seconds) - 1:
-        raise UserError(f"the export has {len(feature_values) + 1} stages, the study {len(seconds)}")
-    reach = reach_shares(exit_scores(logits, config.get("policy", "entropy"), config.get("temperatures")),
-                         config["thresholds"])
-    return NetworkCosts(tuple(float(s) for s in seconds), reach, tuple(feature_values), int(input_bytes), wire)
+def study_costs(val_logits: np.ndarray, stage_seconds: Sequence[float], setting: dict, feature_values: Sequence[int],
+                input_bytes: int, wire: WireCost | None = None) -> NetworkCosts:
+    """The planner's inputs from a study: its validation logits (K, N, C) and per-sample stage times, and the reach
+    of each stage at `setting`'s policy, temperatures and thresholds (an early_exit.json, or an export's manifest:
+    what the tiers will serve)."""
+    k = len(stage_seconds)
+    if val_logits.ndim != 3 or val_logits.shape[0] != k or len(feature_values) != k - 1:
+        raise UserError(f"the study has {val_logits.shape[0]} exits and {k} stage times; the model has "
+                        f"{len(feature_values) + 1} stages")
+    if len(setting.get("thresholds") or []) != k - 1:
+        raise UserError(f"the exit setting needs {k - 1} thresholds, one per side exit")
+    reach = reach_shares(exit_scores(val_logits.astype(np.float32), setting.get("policy", "entropy"),
+                                     setting.get("temperatures")), setting["thresholds"])
+    return NetworkCosts(tuple(float(s) for s in stage_seconds), reach, tuple(int(v) for v in feature_values),
+                        int(input_bytes), wire)
 
 
 def measure_wire(runner, images: np.ndarray, formats: Sequence[str] = ("fp16", "int8"),
