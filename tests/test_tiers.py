@@ -166,3 +166,21 @@ def test_features_requests_round_trip_and_malformed_ones_are_refused():
         decode_features(encode_features(1, x, state, "fp32"), 3)
     with pytest.raises(UserError, match="malformed"):
         decode_features(b"\x05\x00\x00\x00{bad}", 0)
+
+
+def test_int8_features_on_the_wire_keep_almost_every_answer(digits):
+    export_dir, images = digits
+    expected = OnnxEarlyExit.load(export_dir).run(images)
+    cloud = Tier(export_dir, "--stages", "1-2", "--tier", "cloud")
+    device = Tier(export_dir, "--stages", "0-0", "--next", cloud.url, "--tier", "device", "--wire", "int8")
+    try:
+        got = _infer(device.url, images)
+        sent = _counter(device.url, "exitwise_forwarded_bytes_total")
+    finally:
+        device.stop()
+        cloud.stop()
+    same = (got["exit"] == expected.exits) & (got["class"] == expected.predictions)
+    assert same.mean() >= 0.95 and not any(got["degraded"])
+    values = int(np.prod(OnnxEarlyExit.load(export_dir).manifest["stages"][0]["output_shape"][1:]))  # 16x8x8
+    survivors = (expected.exits > 0).sum()
+    assert survivors * values <= sent < survivors * values * 1.5  # a byte per value and headers (fp32 takes 4)
