@@ -135,7 +135,9 @@ def test_bad_tiers_exit_2_in_one_line(digits, tmp_path, capsys):
              (["--stages", "1-2", "--next", "http://127.0.0.1:1"], "nothing to send"),
              (["--plan", str(plan), "--tier", "device"], "holds no stages"),
              (["--plan", str(plan), "--tier", "edge"], "not in"),
-             (["--stages", ""], "FIRST-LAST")]
+             (["--stages", ""], "FIRST-LAST"),
+             (["--stages", "0-1", "--next", "http://127.0.0.1:1", "--forward-timeout-ms", "900", "--timeout-ms",
+               "500"], "below --timeout-ms")]
     for args, message in cases:
         assert main(["serve", "--export", export_dir, "--port", "0", *args]) == 2, args
         err = capsys.readouterr().err

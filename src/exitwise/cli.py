@@ -378,8 +378,8 @@ def _add_tier_args(p) -> None:
                                              "format from its choice")
     p.add_argument("--tier", help="this tier's name (in --plan; in answers and /metrics)")
     p.add_argument("--wire", help="features to --next as fp32, fp16 or int8 (default: the plan's, else fp32)")
-    p.add_argument("--forward-timeout-ms", type=float, default=5000.0, help="the next tier not answering by then: "
-                   "answer at this tier's last exit, marked degraded (default 5000)")
+    p.add_argument("--forward-timeout-ms", type=float, help="the next tier not answering by then: answer at this "
+                   "tier's last exit, marked degraded (default 5000; below --timeout-ms)")
 
 
 def _tier_config(args: argparse.Namespace):
@@ -424,8 +424,14 @@ def _tier_config(args: argparse.Namespace):
         raise UserError(f"stages {first}-{last} end before the final exit (stage {k - 1}): give --next URL")
     if last == k - 1 and args.next:
         raise UserError(f"stages {first}-{last} end the network: this tier has nothing to send to --next")
-    return TierConfig(args.tier or f"stages{first}-{last}", first, last, args.next, wire or "fp32",
-                      args.forward_timeout_ms)
+    from .config import SchedulerConfig
+    tier = TierConfig(args.tier or f"stages{first}-{last}", first, last, args.next, wire or "fp32",
+                      **({} if args.forward_timeout_ms is None else {"forward_timeout_ms": args.forward_timeout_ms}))
+    timeout_ms = args.timeout_ms if args.timeout_ms is not None else SchedulerConfig().timeout_ms
+    if tier.next_url and not tier.forward_timeout_ms < timeout_ms:
+        raise UserError(f"--forward-timeout-ms {tier.forward_timeout_ms:g} must be below --timeout-ms {timeout_ms:g}, "
+                        f"so a degraded answer comes before the request's deadline")
+    return tier
 
 
 COMMANDS["serve"] = cmd_serve

@@ -109,7 +109,8 @@ class Forwarder:
             with self.lock:
                 resting = time.monotonic() < self.down_until
             answers = None if resting else self._post(features, state, len(samples))
-            self.counters["forwarded"].inc(len(samples)) if answers else None
+            if answers is not None:
+                self.counters["forwarded"].inc(len(samples))
         except Exception as e:  # any failure of the next tier: refused, down, too slow, a bad answer
             answers = None
             _log.warning("exitwise: tier %s: the next tier %s failed (%s); answering at exit %d, degraded",
@@ -153,9 +154,6 @@ class Forwarder:
         p = softmax(model.policy.scale(k, logits))[np.arange(len(logits)), predictions]
         return [TierAnswer(k, int(c), float(q), self.config.name, True) for c, q in zip(predictions, p)]
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-
 
 def _settle(sample: Sample, answer: Answer | None = None, error: Exception | None = None) -> None:
     if sample.future.done():
@@ -181,7 +179,10 @@ def _counters(metrics) -> dict:
 
 
 def add_tier_routes(app, runner, config: TierConfig) -> None:
-    """`POST /v2/tiers/features` on a server whose scheduler starts at `config.first`."""
+    """`POST /v2/tiers/features` on a server whose scheduler starts at `config.first` (> 0: the first tier takes
+    images only)."""
+    if config.first == 0:
+        return
     scheduler = app.state.scheduler
     columns = runner.init_state(0).shape[1]
 
