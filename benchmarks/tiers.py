@@ -71,7 +71,7 @@ def drive(url: str, model: str, images: np.ndarray, concurrency: int) -> tuple[n
 
 
 def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float, wire: str,
-            concurrency: int) -> dict:
+            send_images: bool, concurrency: int) -> dict:
     """Serve `placement` ((device stages, cloud stages), None: none) over the emulated link; measure it."""
     device_stages, cloud_stages = placement
     procs, relay = [], None
@@ -84,6 +84,7 @@ def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float
             url = f"http://127.0.0.1:{relay.port}"  # all-cloud: the device only sends the image
         else:
             extra = ["--next", f"http://127.0.0.1:{relay.port}", "--wire", wire] if relay else []
+            extra += ["--send-images"] if relay and send_images else []
             device = ServeProcess(export, "--stages", f"{device_stages[0]}-{device_stages[1]}", "--tier", "device",
                                   *extra)
             procs.append(device)
@@ -171,7 +172,8 @@ def main() -> None:
             named = {"all-cloud": (None, (0, k - 1)), "all-device": ((0, k - 1), None), "plan": p.choice.stages}
             for name, placement in named.items():
                 c = next(c for c in p.candidates if c.stages == placement)
-                m = measure(placement, export, model, images, mbps, rtt, c.wire, args.concurrency)
+                m = measure(placement, export, model, images, mbps, rtt, c.wire, c.links[0].payload == "input",
+                            args.concurrency)
                 acc = 100 * float((m.pop("classes") == labels).mean())
                 label = f"{name} {'/'.join(f'{r[0]}-{r[1]}' if r else '-' for r in placement)}"
                 print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>16s} {c.wire:>4s} {c.latency_ms:8.2f} "

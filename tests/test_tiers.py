@@ -186,3 +186,20 @@ def test_int8_features_on_the_wire_keep_almost_every_answer(digits):
     values = int(np.prod(OnnxEarlyExit.load(export_dir).manifest["stages"][0]["output_shape"][1:]))  # 16x8x8
     survivors = (expected.exits > 0).sum()
     assert survivors * values <= sent < survivors * values * 1.5  # a byte per value and headers (fp32 takes 4)
+
+
+def test_the_first_tier_may_send_images_and_the_next_recomputes(digits):
+    export_dir, images = digits
+    expected = OnnxEarlyExit.load(export_dir).run(images)
+    cloud = Tier(export_dir, "--stages", "2-2", "--tier", "cloud")
+    device = Tier(export_dir, "--stages", "0-1", "--next", cloud.url, "--tier", "device", "--send-images")
+    try:
+        got = _infer(device.url, images)
+        sent = _counter(device.url, "exitwise_forwarded_bytes_total")
+    finally:
+        device.stop()
+        cloud.stop()
+    differ = (got["exit"] != expected.exits) | (got["class"] != expected.predictions)
+    assert not (differ & ~_borderline(export_dir, images)).any() and not any(got["degraded"])
+    survivors = (expected.exits == 2).sum()
+    assert survivors * 64 <= sent < survivors * 64 + 2000  # 8x8 uint8 pixels each, and one header per batch

@@ -74,3 +74,12 @@ def test_payloads_that_lie_about_their_content_are_refused():
         encode(np.array([[np.inf]], np.float32), "fp16")
     with pytest.raises(UserError, match="unknown wire format"):
         encode(np.ones((1, 1)), "bf16")
+
+
+def test_images_cross_exactly_as_uint8():
+    from exitwise.deploy.wire import IMAGE
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    got = decode(encode(pixels, IMAGE))
+    assert got.dtype == np.uint8 and np.array_equal(got, pixels)
+    with pytest.raises(UserError, match="uint8 images"):
+        encode(pixels.astype(np.float32), IMAGE)

@@ -378,6 +378,8 @@ def _add_tier_args(p) -> None:
                                              "format from its choice")
     p.add_argument("--tier", help="this tier's name (in --plan; in answers and /metrics)")
     p.add_argument("--wire", help="features to --next as fp32, fp16 or int8 (default: the plan's, else fp32)")
+    p.add_argument("--send-images", action="store_true", help="the first tier sends the survivors' images instead "
+                   "of their features (smaller for small images); the next tier recomputes the stages before its own")
     p.add_argument("--forward-timeout-ms", type=float, help="the next tier not answering by then: answer at this "
                    "tier's last exit, marked degraded (default 5000; below --timeout-ms)")
 
@@ -385,6 +387,8 @@ def _add_tier_args(p) -> None:
 def _tier_config(args: argparse.Namespace):
     """The TierConfig that --stages/--plan/--tier/--next ask for (None: the whole network), checked."""
     if all(v is None for v in (args.stages, args.next, args.plan, args.tier)):
+        if args.send_images:
+            raise UserError("--send-images goes with --next (a tier that forwards)")
         return None
     from .deploy.onnx_runtime import read_manifest
     from .deploy.plan import read_plan
@@ -410,12 +414,13 @@ def _tier_config(args: argparse.Namespace):
             raise UserError(f"tier {args.tier!r} holds no stages in {str(args.plan)!r}: nothing to serve there")
         first, last = stages
         wire = wire or doc["choice"]["wire"]
-        at = names.index(args.tier)
-        for i in (at - 1, at):  # the links into and out of this tier
-            if 0 <= i < len(doc["choice"]["links"]) and doc["choice"]["links"][i]["payload"] == "input":
-                print(f"exitwise: note: the plan sends the image across {names[i]}-{names[i + 1]} (the next tier "
-                      f"recomputes); tiers send features (serving the image crossing is not implemented)",
-                      file=sys.stderr)
+        at, links = names.index(args.tier), doc["choice"]["links"]
+        if at < len(links) and links[at]["payload"] == "input" and links[at]["cut"] > 0:
+            if first == 0:
+                args.send_images = True
+            else:  # only the first tier holds the images
+                print(f"exitwise: note: the plan sends the image across {names[at]}-{names[at + 1]}, but only the "
+                      f"first tier has the images: this tier sends features", file=sys.stderr)
     elif args.stages is not None:
         first, last = parse_stages(args.stages, k)
     else:
@@ -426,6 +431,7 @@ def _tier_config(args: argparse.Namespace):
         raise UserError(f"stages {first}-{last} end the network: this tier has nothing to send to --next")
     from .config import SchedulerConfig
     tier = TierConfig(args.tier or f"stages{first}-{last}", first, last, args.next, wire or "fp32",
+                      send_images=args.send_images and bool(args.next),
                       **({} if args.forward_timeout_ms is None else {"forward_timeout_ms": args.forward_timeout_ms}))
     timeout_ms = args.timeout_ms if args.timeout_ms is not None else SchedulerConfig().timeout_ms
     if tier.next_url and not tier.forward_timeout_ms < timeout_ms:

@@ -25,7 +25,7 @@ from .metrics import Metrics
 from .oip import BadRequest, decode_images, infer_response, model_metadata, parse_infer, predictions
 from .runner import Runner
 from .scheduler import Answer, Expired, QueueFull, Scheduler
-from .tiers import Forwarder, TierAnswer, add_tier_routes
+from .tiers import CarryImages, Forwarder, TierAnswer, add_tier_routes
 
 
 def _version() -> str:
@@ -42,7 +42,8 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
     metrics = Metrics()
     tier = config.tier
     forward = Forwarder(runner, tier, metrics) if tier is not None and tier.next_url else None
-    scheduler = Scheduler(runner, config.scheduler, forward=forward, observer=metrics).start()
+    scheduled = CarryImages(runner) if tier is not None and tier.send_images else runner
+    scheduler = Scheduler(scheduled, config.scheduler, forward=forward, observer=metrics).start()
     metrics.watch(scheduler)
     limit = int(config.max_body_mb * 2**20)
     timeout = config.scheduler.timeout_ms / 1e3

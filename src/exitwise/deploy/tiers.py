@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from fastapi import Request
@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..exit_rule import softmax
 from .oip import BadRequest
 from .scheduler import Answer, Expired, QueueFull, Sample
-from .wire import decode, encode
+from .wire import IMAGE, decode, encode
 
 ENDPOINT = "/v2/tiers/features"
 _log = logging.getLogger("exitwise.tiers")
@@ -67,7 +67,7 @@ def encode_features(stage: int, features: np.ndarray, state: np.ndarray, wire: s
 
 
 def decode_features(body: bytes, state_columns: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """(stage, float32 features, int64 state) of a features request; UserError when malformed."""
+    """(stage, float32 features or uint8 images, int64 state) of a features request; UserError when malformed."""
     if len(body) < 4:
         raise UserError("malformed features request: too short")
     (n,) = struct.unpack("<I", body[:4])
@@ -89,6 +89,33 @@ class TierAnswer(Answer):
     degraded: bool = False
 
 
+class CarryImages:
+    """A runner whose features carry each row's original image along (through compaction and re-batching), so the
+    first tier can send survivors' images instead of their features (`TierConfig.send_images`)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def to_input(self, images: np.ndarray):
+        return self.runner.to_input(images), images
+
+    def step(self, k: int, features, state: np.ndarray):
+        out = self.runner.step(k, features[0], state)
+        return replace(out, features=(out.features, features[1]))
+
+    def take(self, features, rows):
+        return self.runner.take(features[0], rows), features[1][rows]
+
+    def concat(self, parts):
+        return self.runner.concat([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def to_numpy(self, features):
+        return self.runner.to_numpy(features[0]), features[1]
+
+
 class Forwarder:
     """The scheduler's `forward` hook: survivors' features to the next tier, off the scheduler's thread."""
 
@@ -104,11 +131,12 @@ class Forwarder:
     def __call__(self, features: np.ndarray, state: np.ndarray, samples: list[Sample]) -> None:
         self.pool.submit(self._send, features, state, samples)
 
-    def _send(self, features: np.ndarray, state: np.ndarray, samples: list[Sample]) -> None:
+    def _send(self, features, state: np.ndarray, samples: list[Sample]) -> None:
+        features, images = features if self.config.send_images else (features, None)
         try:
             with self.lock:
                 resting = time.monotonic() < self.down_until
-            answers = None if resting else self._post(features, state, len(samples))
+            answers = None if resting else self._post(features if images is None else images, state, len(samples))
             if answers is not None:
                 self.counters["forwarded"].inc(len(samples))
         except Exception as e:  # any failure of the next tier: refused, down, too slow, a bad answer
@@ -130,7 +158,8 @@ class Forwarder:
             _settle(s, a)
 
     def _post(self, features: np.ndarray, state: np.ndarray, rows: int) -> list[TierAnswer]:
-        body = encode_features(self.config.last + 1, features, state, self.config.wire)
+        body = encode_features(self.config.last + 1, features, state,
+                               IMAGE if self.config.send_images else self.config.wire)
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.config.forward_timeout_ms / 1e3)
         try:
             conn.request("POST", self.path, body, {"Content-Type": "application/octet-stream"})
@@ -178,6 +207,14 @@ def _counters(metrics) -> dict:
             "bytes": Counter("exitwise_forwarded_bytes", "Bytes of features sent to the next tier", registry=r)}
 
 
+def _recompute(runner, images: np.ndarray, stages: int) -> np.ndarray:
+    """The features after stages 0..stages-1 of uint8 images (their heads are not run)."""
+    x = runner.to_input(images)
+    for k in range(stages):
+        x = runner.model.stages[k].run(None, {"x": x})[0]
+    return x
+
+
 def add_tier_routes(app, runner, config: TierConfig) -> None:
     """`POST /v2/tiers/features` on a server whose scheduler starts at `config.first` (> 0: the first tier takes
     images only)."""
@@ -195,6 +232,11 @@ def add_tier_routes(app, runner, config: TierConfig) -> None:
         if stage != config.first:
             raise BadRequest(409, f"tier {config.name} holds stages {config.first}-{config.last}; features for stage "
                                   f"{stage} belong elsewhere")
+        if x.dtype == np.uint8:  # the images, not features: stages 0..first-1 first (no exits: none left there)
+            c, h, w = runner.input_shape
+            if x.shape[1:] != (h, w, c):
+                raise BadRequest(400, f"images of shape {list(x.shape[1:])}; the model takes {[h, w, c]} (NHWC)")
+            x = await asyncio.get_running_loop().run_in_executor(None, _recompute, runner, x, config.first)
         try:
             futures = scheduler.submit_features(x, state)
         except QueueFull as e:

@@ -16,9 +16,10 @@ from ..config import WIRE_FORMATS as FORMATS  # from the largest payload to the 
 from ..errors import UserError
 
 MAGIC = b"EXW1"
-BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "int8": 1}
+IMAGE = "uint8"   # the original images (uint8 pixels), when a cut sends them instead of features: exact
+BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "int8": 1, IMAGE: 1}
 MAX_HEADER = 1 << 16                  # bytes; a longer header is refused as malformed
-_DTYPE = {"fp32": "<f4", "fp16": "<f2", "int8": "i1"}
+_DTYPE = {"fp32": "<f4", "fp16": "<f2", "int8": "i1", IMAGE: "u1"}
 
 
 def payload_bytes(shape: tuple[int, ...], fmt: str) -> int:
@@ -27,7 +28,12 @@ def payload_bytes(shape: tuple[int, ...], fmt: str) -> int:
 
 
 def encode(features: np.ndarray, fmt: str) -> bytes:
-    """`features` (float, at least 1-D, finite) as one payload in format `fmt`."""
+    """`features` (float, at least 1-D, finite) as one payload in format `fmt` (or uint8 images as `IMAGE`)."""
+    if fmt == IMAGE:
+        if features.dtype != np.uint8:
+            raise UserError(f"wire format {IMAGE} carries uint8 images, got {features.dtype}")
+        head = json.dumps({"format": fmt, "shape": list(features.shape)}, separators=(",", ":")).encode()
+        return MAGIC + struct.pack("<I", len(head)) + head + np.ascontiguousarray(features).tobytes()
     if fmt not in FORMATS:
         raise UserError(f"unknown wire format {fmt!r}; choose one of {', '.join(FORMATS)}")
     x = np.asarray(features, dtype=np.float32)
@@ -50,7 +56,7 @@ def encode(features: np.ndarray, fmt: str) -> bytes:
 
 
 def decode(payload: bytes) -> np.ndarray:
-    """The float32 features of a payload; a malformed one is refused (UserError, one line)."""
+    """The float32 features of a payload (uint8 for `IMAGE`); a malformed one is refused (UserError, one line)."""
     def bad(why: str) -> UserError:
         return UserError(f"malformed features payload: {why}")
 
@@ -64,7 +70,7 @@ def decode(payload: bytes) -> np.ndarray:
         header = json.loads(payload[8:8 + n])
     except ValueError:
         raise bad("the header is not JSON") from None
-    if not isinstance(header, dict) or header.get("format") not in FORMATS:
+    if not isinstance(header, dict) or header.get("format") not in (*FORMATS, IMAGE):
         raise bad(f"unknown format {header.get('format') if isinstance(header, dict) else header!r}")
     fmt, shape = header["format"], header.get("shape")
     if (not isinstance(shape, list) or not shape or
@@ -76,6 +82,8 @@ def decode(payload: bytes) -> np.ndarray:
     if len(body) != payload_bytes(tuple(shape), fmt):
         raise bad(f"{len(body)} bytes of values where shape {shape} in {fmt} takes {payload_bytes(tuple(shape), fmt)}")
     values = np.frombuffer(body, dtype=_DTYPE[fmt]).reshape(shape)
+    if fmt == IMAGE:
+        return values.copy()
     if fmt != "int8":
         out = values.astype(np.float32)
         if not np.isfinite(out).all():
