@@ -135,3 +135,13 @@ def test_the_planner_runs_without_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
+
+
+def test_only_the_first_tier_holding_stages_sends_the_image():
+    # stage 1's output (900 values: 3600 B in fp32) is larger than the 3000 B image too, but only the device has it
+    costs = NetworkCosts(**{**COSTS.__dict__, "feature_values": (1000, 900)})
+    tiers = (Tier("device", 0.25), Tier("edge"), Tier("cloud"))
+    links = (Link("device", "edge", 8, 10), Link("edge", "cloud", 8, 30))
+    c = next(c for c in plan(tiers, links, costs).candidates if c.stages == ((0, 0), (1, 1), (2, 2)))
+    assert [x.payload for x in c.links] == ["input", "features"]
+    assert [x.bytes for x in c.links] == [0.5 * 3000, 0.2 * 3600]

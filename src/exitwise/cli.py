@@ -416,11 +416,7 @@ def _tier_config(args: argparse.Namespace):
         wire = wire or doc["choice"]["wire"]
         at, links = names.index(args.tier), doc["choice"]["links"]
         if at < len(links) and links[at]["payload"] == "input" and links[at]["cut"] > 0:
-            if first == 0:
-                args.send_images = True
-            else:  # only the first tier holds the images
-                print(f"exitwise: note: the plan sends the image across {names[at]}-{names[at + 1]}, but only the "
-                      f"first tier has the images: this tier sends features", file=sys.stderr)
+            args.send_images = True  # the plan sends the image on, not the features (the first tier only)
     elif args.stages is not None:
         first, last = parse_stages(args.stages, k)
     else:

@@ -11,8 +11,9 @@ A pure function of typed inputs (`plan`); the cost model (also in docs/tiers.md)
   The study's times are per-sample times at its batch size, so a tier's batching is in them.
 * link i (tier i -> tier i + 1) at cut c: c = K carries nothing; c = 0 carries every input image; else the
   survivors (share reach[c]) cross, each paying the link's round trip plus its bytes over the bandwidth:
-  reach[c] * (RTT + bytes * 8 / bandwidth). The bytes are stage c-1's output in the wire format, or the original
-  image (uint8 pixels) where that is smaller than the fp32 features; then the next tier holding stages recomputes stages 0..c-1 for
+  reach[c] * (RTT + bytes * 8 / bandwidth). The bytes are stage c-1's output in the wire format, or, at the
+  cut after the first tier holding stages (the only one with the images), the original image (uint8 pixels)
+  where that is smaller than the fp32 features; then the next tier holding stages recomputes stages 0..c-1 for
   the survivors (charged at its speed with their heads' time included: an upper bound). Queueing and the wait
   for a batch to fill are not modelled; the answer's return bytes (a few per image) are not counted.
 * wire format: per candidate the smallest format (int8, then fp16, then fp32) whose measured disagreement with
@@ -236,11 +237,12 @@ def candidate(stages: tuple[tuple[int, int] | None, ...], tiers: Sequence[Tier],
     def feature_bytes(c: int, fmt: str) -> int:
         return costs.feature_values[c - 1] * BYTES_PER_VALUE[fmt]
 
-    fp32_cuts = [c for c in set(cuts) if 0 < c < k and feature_bytes(c, "fp32") <= costs.input_bytes]
-    wire, disagreement = _wire_for(sorted(fp32_cuts), costs, tolerance_points)
-    # features where they are smaller than the image in the chosen format (the format's choice used the fp32
-    # sizes, so a cut that sends the image in fp32 does too: no disagreement is ever added by the image)
-    sends_input = {c: c == 0 or (c < k and c not in fp32_cuts) for c in set(cuts)}
+    # Only the first tier holding stages has the images: its cut may send the image where that is smaller than the
+    # fp32 features (then its format choice adds no disagreement); every later cut sends features.
+    first_cut = min((c for c in cuts if 0 < c < k), default=None)
+    sends_input = {c: c == 0 or (c == first_cut and feature_bytes(c, "fp32") > costs.input_bytes) for c in set(cuts)}
+    feature_cuts = sorted(c for c in set(cuts) if 0 < c < k and not sends_input[c])
+    wire, disagreement = _wire_for(feature_cuts, costs, tolerance_points)
     compute = 0.0
     holder = {s: i for i, r in enumerate(stages) if r for s in range(r[0], r[1] + 1)}
     for s in range(k):
