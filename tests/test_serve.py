@@ -502,3 +502,11 @@ def test_tritonclient_speaks_to_the_server(digits, onnx_server):
                 "abcdefghij"[c] for c in expected.predictions]
     finally:
         client.close()
+
+
+def test_an_infer_request_may_name_the_outputs_it_wants(onnx_server):
+    request = {**zeros_request(2), "id": "x7", "outputs": [{"name": "exit"}, {"name": "label"}]}
+    answer = onnx_server.client.post(INFER, json=request).json()
+    assert answer["id"] == "x7" and [o["name"] for o in answer["outputs"]] == ["label", "exit"]
+    wrong = onnx_server.client.post(INFER, json={**zeros_request(1), "outputs": [{"name": "logits"}]})
+    assert wrong.status_code == 400 and "unknown output 'logits'" in wrong.json()["error"]

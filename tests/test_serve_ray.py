@@ -3,9 +3,7 @@
 Skipped without the ray extra (`pip install 'exitwise[ray]'`). Ray takes tens of seconds to start here."""
 import functools
 import socket
-import time
 
-import numpy as np
 import pytest
 
 for module in ("fastapi", "uvicorn", "prometheus_client", "httpx", "onnxruntime", "onnxscript"):

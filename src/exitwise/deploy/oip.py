@@ -168,16 +168,25 @@ def _encoded(tensor: dict, tensor_shape: list, binary: bytes | None, shape: Sequ
     return decode_images(blobs, shape)
 
 
+def requested_outputs(request: dict) -> list[str]:
+    """The outputs an infer request names (none: all), refused before any work when one is unknown."""
+    outputs = request.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise BadRequest(400, "'outputs' must be a list")
+    wanted = [o.get("name") for o in outputs if isinstance(o, dict)]
+    unknown = [w for w in wanted if w not in dict(OUTPUTS)]
+    if unknown:
+        raise BadRequest(400, f"unknown output {unknown[0]!r}; outputs: {', '.join(n for n, _ in OUTPUTS)}")
+    return wanted
+
+
 def infer_response(name: str, request: dict, answers: Sequence[Answer], class_names: Sequence[str] | None) -> dict:
     """The V2 response: every output (or those the request names), one value per image."""
     values = {"class_index": [a.prediction for a in answers],
               "label": [class_names[a.prediction] if class_names else str(a.prediction) for a in answers],
               "probability": [round(a.probability, 6) for a in answers],
               "exit": [a.exit for a in answers]}
-    wanted = [o.get("name") for o in request.get("outputs") or [] if isinstance(o, dict)]
-    unknown = [w for w in wanted if w not in values]
-    if unknown:
-        raise BadRequest(400, f"unknown output {unknown[0]!r}; outputs: {', '.join(values)}")
+    wanted = requested_outputs(request)
     outputs = [{"name": n, "datatype": t, "shape": [len(answers)], "data": values[n]}
                for n, t in OUTPUTS if not wanted or n in wanted]
     response = {"model_name": name, "outputs": outputs}

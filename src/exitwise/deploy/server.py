@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import ServeConfig
 from ..errors import UserError
 from .metrics import Metrics
-from .oip import BadRequest, decode_images, infer_response, model_metadata, parse_infer, predictions
+from .oip import (BadRequest, decode_images, infer_response, model_metadata, parse_infer, predictions,
+                  requested_outputs)
 from .runner import Runner
 from .scheduler import Answer, Expired, QueueFull, Scheduler
 from .tiers import CarryImages, Forwarder, TierAnswer, add_tier_routes
@@ -166,6 +167,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         check_model(model)
         images, parsed = parse_infer(await read_body(request), request.headers.get("inference-header-content-length"),
                                      shape)
+        requested_outputs(parsed)
         answers = await answer(request, images)
         return JSONResponse(infer_response(name, parsed, answers, runner.class_names))
 
