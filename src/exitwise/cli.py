@@ -250,7 +250,7 @@ def _add_plan_parser(sub) -> None:
                    help="NAME[:speed=S] (S x the speed of the machine the study timed on) or NAME:stage-ms=a/b/.. "
                         "(measured there); in order, first the one the images arrive at")
     p.add_argument("--link", action="append", default=[], help="FROM-TO:mbps=M,rtt-ms=R, one per consecutive pair")
-    p.add_argument("--minimize", default="latency", help="latency (default) or traffic")
+    p.add_argument("--minimize", help="latency (default) or traffic")
     p.add_argument("--max-latency-ms", type=float, help="only placements predicted within this latency per image")
     p.add_argument("--images", nargs="+", type=Path, help="with --export: images (files, folders, .tar.gz) to "
                                                           "measure fp16 and int8 features' cost; without, fp32 only")
@@ -298,8 +298,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
         values, input_bytes, setting = _shapes_from_model(args.source)
     costs = planning.study_costs(study.val_logits, study.stage_seconds_per_sample, setting, values, input_bytes, wire)
     tolerance = planning.WIRE_TOLERANCE_POINTS if args.wire_tolerance is None else args.wire_tolerance
-    result = planning.plan(tiers, links, costs, minimize=args.minimize, max_latency_ms=args.max_latency_ms,
-                           wire_tolerance_points=tolerance)
+    result = planning.plan(tiers, links, costs, max_latency_ms=args.max_latency_ms, wire_tolerance_points=tolerance,
+                           **({"minimize": args.minimize} if args.minimize else {}))
     print(planning.format_candidates(result))
     if wire is not None:
         for fmt, shares in wire.disagreement.items():
