@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="list the decoded data sets cached to start runs fast (EXITWISE_CACHE_DIR "
                                          "or the user cache dir)")
     cache.add_argument("--clear", action="store_true", help="delete them (they are decoded again when needed)")
+    _add_plan_parser(sub)
     return parser
 
 
@@ -236,11 +237,83 @@ def cmd_cache(args: argparse.Namespace) -> None:
             measured.unlink(missing_ok=True)
 
 
-# the commands that run models: glibc's malloc thresholds raised first (exitwise.allocator)
-RUN_MODELS = ("study", "train", "attach", "calibrate", "export")
+# `exitwise plan`: where to cut the network across tiers (exitwise.deploy.plan, docs/tiers.md)
+
+def _add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="place a study's stages on tiers (device, edge, cloud) from measured costs: "
+                                    "every placement's predicted latency and bytes per link; writes the best")
+    p.add_argument("--from", dest="source", type=Path, required=True, help="a study's output folder (logits, "
+                                                                              "thresholds, stage times)")
+    p.add_argument("--export", type=Path, help="its ONNX export (feature shapes; its thresholds are served); "
+                                               "default: the shapes from the study's model (needs torch)")
+    p.add_argument("--tier", action="append", default=[], required=True,
+                   help="NAME[:speed=S] (S x the speed of the machine the study timed on) or NAME:stage-ms=a/b/.. "
+                        "(measured there); in order, first the one the images arrive at")
+    p.add_argument("--link", action="append", default=[], help="FROM-TO:mbps=M,rtt-ms=R, one per consecutive pair")
+    p.add_argument("--minimize", help="latency (default) or traffic")
+    p.add_argument("--max-latency-ms", type=float, help="only placements predicted within this latency per image")
+    p.add_argument("--images", nargs="+", type=Path, help="with --export: images (files, folders, .tar.gz) to "
+                                                          "measure fp16 and int8 features' cost; without, fp32 only")
+    p.add_argument("--wire-tolerance", type=float, help="most answers (percentage points) a cheaper wire format "
+                                                        "may change, summed over its cuts (default 0.1)")
+    p.add_argument("--out", type=Path, required=True, help="plan.json to write")
+
+
+def _shapes_from_model(study: Path) -> tuple[tuple[int, ...], int, dict]:
+    """Values in each stage's output but the last and the input's bytes as uint8 pixels (by running zeros), and the
+    exit setting (early_exit.json) of a study's model."""
+    import torch
+    from .early_exit import EarlyExitModel
+    model = EarlyExitModel.load(study)
+    net = model.network.eval()
+    x, values = torch.zeros(1, *net.input_shape), []
+    with torch.no_grad():
+        for stage in net.stages[:-1]:
+            x = stage(x)
+            values.append(x[0].numel())
+    return tuple(values), int(torch.Size(net.input_shape).numel()), model.to_json()
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from .deploy import plan as planning
+    from .io import atomic_write_json
+    tiers = [planning.parse_tier(t) for t in args.tier]
+    links = planning.check_chain(tiers, [planning.parse_link(l) for l in args.link])
+    if not args.out.parent.is_dir() or args.out.is_dir():
+        raise UserError(f"--out {str(args.out)!r}: give a file in an existing folder")
+    if args.images and not args.export:
+        raise UserError("--images measures the wire formats on an ONNX export: give --export too")
+    from .study.logits_cache import load_logits
+    study = load_logits(args.source)
+    wire, setting = None, None
+    if args.export:
+        from .deploy.onnx_runtime import OnnxEarlyExit
+        runner = OnnxEarlyExit.load(args.export)
+        values, input_bytes = planning.export_shapes(runner.manifest)
+        setting = runner.manifest
+        if args.images:
+            from .images import read_images
+            wire = planning.measure_wire(runner, read_images(args.images, runner.input_shape)[1])
+    else:
+        values, input_bytes, setting = _shapes_from_model(args.source)
+    costs = planning.study_costs(study.val_logits, study.stage_seconds_per_sample, setting, values, input_bytes, wire)
+    tolerance = planning.WIRE_TOLERANCE_POINTS if args.wire_tolerance is None else args.wire_tolerance
+    result = planning.plan(tiers, links, costs, max_latency_ms=args.max_latency_ms, wire_tolerance_points=tolerance,
+                           **({"minimize": args.minimize} if args.minimize else {}))
+    print(planning.format_candidates(result))
+    if wire is not None:
+        for fmt, shares in wire.disagreement.items():
+            print(f"{fmt}: answers changed per cut (after stage 0, 1, ...) on {wire.images} images: "
+                  + ", ".join(f"{100 * s:.2f}%" for s in shares))
+    atomic_write_json(args.out, result.to_json())
+    c = result.choice
+    print(f"chosen (*): {c.latency_ms:.1f} ms and {c.traffic_bytes:,.0f} B over the links per image, wire {c.wire}; "
+          f"written: {args.out.resolve()}")
+
 
 COMMANDS = {"study": cmd_study, "train": cmd_train, "attach": cmd_attach, "calibrate": cmd_calibrate,
-            "export": cmd_export, "predict": cmd_predict, "models": cmd_models, "cache": cmd_cache}
+            "export": cmd_export, "predict": cmd_predict, "models": cmd_models, "cache": cmd_cache,
+            "plan": cmd_plan}
 
 
 def _add_serve_parser(sub) -> None:
@@ -258,6 +331,7 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--micro-batch", type=int, help="torch models: rows per network call (default: measured)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (`pip install 'exitwise[ray]'`)")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the server (default 1)")
+    _add_tier_args(p)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -274,8 +348,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         import fastapi, prometheus_client, uvicorn  # noqa: F401,E401
     except ImportError as e:
         raise UserError(f"serving needs {e.name}: pip install 'exitwise[serve]'") from None
-    config = ServeConfig(**given(args, ServeConfig, skip=("scheduler",)),
-                         scheduler=SchedulerConfig(**given(args, SchedulerConfig)))
+    tier = _tier_config(args)
+    config = ServeConfig(**given(args, ServeConfig, skip=("scheduler", "tier")), tier=tier,
+                         scheduler=SchedulerConfig(**given(args, SchedulerConfig),
+                                                   **({"first": tier.first, "last": tier.last} if tier else {})))
     if args.export:
         from .deploy.onnx_runner import OnnxRunner
         make_runner = functools.partial(OnnxRunner.load, args.export, early_exit=not args.no_early_exit)
@@ -292,7 +368,79 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(make_runner(), config)
 
 
+# `exitwise serve` as one tier of a chain (exitwise.deploy.tiers, docs/tiers.md)
+
+def _add_tier_args(p) -> None:
+    p.add_argument("--stages", help="with --export: serve only stages FIRST-LAST (a tier); samples still in after "
+                                    "LAST go to --next")
+    p.add_argument("--next", help="the next tier's URL (http://HOST:PORT), where survivors' features go")
+    p.add_argument("--plan", type=Path, help="a plan.json of `exitwise plan`: take this --tier's stages and wire "
+                                             "format from its choice")
+    p.add_argument("--tier", help="this tier's name (in --plan; in answers and /metrics)")
+    p.add_argument("--wire", help="features to --next as fp32, fp16 or int8 (default: the plan's, else fp32)")
+    p.add_argument("--send-images", action="store_true", help="the first tier sends the survivors' images instead "
+                   "of their features (smaller for small images); the next tier recomputes the stages before its own")
+    p.add_argument("--forward-timeout-ms", type=float, help="the next tier not answering by then: answer at this "
+                   "tier's last exit, marked degraded (default 5000; below --timeout-ms)")
+
+
+def _tier_config(args: argparse.Namespace):
+    """The TierConfig that --stages/--plan/--tier/--next ask for (None: the whole network), checked."""
+    if all(v is None for v in (args.stages, args.next, args.plan, args.tier)):
+        if args.send_images:
+            raise UserError("--send-images goes with --next (a tier that forwards)")
+        return None
+    from .deploy.onnx_runtime import read_manifest
+    from .deploy.plan import read_plan
+    from .config import TierConfig, check_url
+    from .deploy.tiers import parse_stages
+    if args.next is not None:
+        check_url(args.next)
+    if not args.export or args.ray:
+        raise UserError("a tier serves an ONNX export (--export DIR), without --ray")
+    k = len(read_manifest(args.export)["stages"])
+    wire = args.wire
+    if args.plan:
+        if args.stages is not None or not args.tier:
+            raise UserError("--plan takes this tier's stages from the plan: give --tier NAME, not --stages")
+        doc = read_plan(args.plan)
+        names = [t["name"] for t in doc["tiers"]]
+        if args.tier not in names:
+            raise UserError(f"tier {args.tier!r} is not in {str(args.plan)!r} (its tiers: {', '.join(names)})")
+        if len(doc["costs"]["stage_seconds"]) != k:
+            raise UserError(f"{str(args.plan)!r} plans {len(doc['costs']['stage_seconds'])} stages; the export has {k}")
+        stages = doc["choice"]["stages"][names.index(args.tier)]
+        if not stages:
+            raise UserError(f"tier {args.tier!r} holds no stages in {str(args.plan)!r}: nothing to serve there")
+        first, last = stages
+        wire = wire or doc["choice"]["wire"]
+        at, links = names.index(args.tier), doc["choice"]["links"]
+        if at < len(links) and links[at]["payload"] == "input" and links[at]["cut"] > 0:
+            args.send_images = True  # the plan sends the image on, not the features (the first tier only)
+    elif args.stages is not None:
+        first, last = parse_stages(args.stages, k)
+    else:
+        raise UserError("a tier needs its stages: --stages FIRST-LAST, or --plan plan.json --tier NAME")
+    if last < k - 1 and not args.next:
+        raise UserError(f"stages {first}-{last} end before the final exit (stage {k - 1}): give --next URL")
+    if last == k - 1 and args.next:
+        raise UserError(f"stages {first}-{last} end the network: this tier has nothing to send to --next")
+    from .config import SchedulerConfig
+    tier = TierConfig(args.tier or f"stages{first}-{last}", first, last, args.next, wire or "fp32",
+                      send_images=args.send_images and bool(args.next),
+                      **({} if args.forward_timeout_ms is None else {"forward_timeout_ms": args.forward_timeout_ms}))
+    timeout_ms = args.timeout_ms if args.timeout_ms is not None else SchedulerConfig().timeout_ms
+    if tier.next_url and not tier.forward_timeout_ms < timeout_ms:
+        raise UserError(f"--forward-timeout-ms {tier.forward_timeout_ms:g} must be below --timeout-ms {timeout_ms:g}, "
+                        f"so a degraded answer comes before the request's deadline")
+    return tier
+
+
 COMMANDS["serve"] = cmd_serve
+
+
+# the commands that run models: glibc's malloc thresholds raised first (exitwise.allocator)
+RUN_MODELS = ("study", "train", "attach", "calibrate", "export", "serve")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,6 +197,46 @@ class SchedulerConfig:
             raise UserError("max batch and max queue must be at least 1, max wait at least 0, timeout above 0")
 
 
+WIRE_FORMATS = ("fp32", "fp16", "int8")  # features between tiers (`deploy.wire`), from the largest to the smallest
+
+
+def check_url(url: str) -> tuple[str, int, str]:
+    """(host, port, path prefix) of the next tier's http:// URL, or a one-line UserError."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 80
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme != "http" or not parts.hostname or parts.query or parts.fragment:
+        raise UserError(f"--next {url!r} is not a URL of the next tier (http://HOST:PORT)")
+    return parts.hostname, port, parts.path.rstrip("/")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """What makes `exitwise serve` one tier of a chain (`deploy.tiers`): its name, its stages first..last, where
+    the survivors go (None: this tier ends the network) and how."""
+    name: str
+    first: int
+    last: int
+    next_url: str | None = None
+    wire: str = "fp32"
+    forward_timeout_ms: float = 5000.0   # the next tier not answering by then: this tier's last exit, degraded
+    retry_after_ms: float = 500.0        # after a failure, batches are answered degraded at once for this long
+    send_images: bool = False            # the first tier sends survivors' images, not features (the next recomputes)
+
+    def __post_init__(self) -> None:
+        if self.wire not in WIRE_FORMATS:
+            raise UserError(f"unknown wire format {self.wire!r}; choose one of {', '.join(WIRE_FORMATS)}")
+        if self.next_url is not None:
+            check_url(self.next_url)
+        if self.send_images and self.first != 0:
+            raise UserError(f"tier {self.name}: only the first tier holds the images to send on")
+        if not self.forward_timeout_ms > 0 or not self.retry_after_ms >= 0:
+            raise UserError("the forward timeout must be above 0 ms and the retry pause at least 0 ms")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Everything `exitwise serve` sets besides the model."""
@@ -204,3 +244,4 @@ class ServeConfig:
     port: int = option(8000, "port (0: any free port, printed at start)")
     max_body_mb: float = option(16.0, "request bodies over this many MiB get 413")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tier: TierConfig | None = None       # one tier of a chain; None: the whole network

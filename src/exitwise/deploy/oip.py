@@ -190,6 +190,8 @@ def infer_response(name: str, request: dict, answers: Sequence[Answer], class_na
     outputs = [{"name": n, "datatype": t, "shape": [len(answers)], "data": values[n]}
                for n, t in OUTPUTS if not wanted or n in wanted]
     response = {"model_name": name, "outputs": outputs}
+    if answers and hasattr(answers[0], "tier"):  # a tier of a chain: who answered, and whether degraded
+        response["parameters"] = {"tier": [a.tier for a in answers], "degraded": [a.degraded for a in answers]}
     if isinstance(request.get("id"), str):
         response["id"] = request["id"]
     return response
@@ -199,5 +201,6 @@ def predictions(answers: Sequence[Answer], class_names: Sequence[str] | None,
                 names: Sequence[str | None]) -> list[dict]:
     """`/v1/predict`'s rows, as `exitwise predict` writes them."""
     return [{"image": n, "class": class_names[a.prediction] if class_names else str(a.prediction),
-             "class_index": a.prediction, "probability": round(a.probability, 6), "exit": a.exit}
+             "class_index": a.prediction, "probability": round(a.probability, 6), "exit": a.exit,
+             **({"tier": a.tier, "degraded": a.degraded} if hasattr(a, "tier") else {})}
             for n, a in zip(names, answers)]

@@ -26,6 +26,7 @@ from .oip import (BadRequest, decode_images, infer_response, model_metadata, par
                   requested_outputs)
 from .runner import Runner
 from .scheduler import Answer, Expired, QueueFull, Scheduler
+from .tiers import CarryImages, Forwarder, TierAnswer, add_tier_routes
 
 
 def _version() -> str:
@@ -40,7 +41,10 @@ def _version() -> str:
 def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
     """The app, its scheduler started; the scheduler drains when the app shuts down (uvicorn's lifespan)."""
     metrics = Metrics()
-    scheduler = Scheduler(runner, config.scheduler, observer=metrics).start()
+    tier = config.tier
+    forward = Forwarder(runner, tier, metrics) if tier is not None and tier.next_url else None
+    scheduled = CarryImages(runner) if tier is not None and tier.send_images else runner
+    scheduler = Scheduler(scheduled, config.scheduler, forward=forward, observer=metrics).start()
     metrics.watch(scheduler)
     limit = int(config.max_body_mb * 2**20)
     timeout = config.scheduler.timeout_ms / 1e3
@@ -59,6 +63,8 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
 
     async def answer(request: Request, images: np.ndarray) -> list[Answer]:
         """The images through the scheduler; a client that leaves has its samples cancelled (dropped downstream)."""
+        if scheduler.first != 0:
+            raise BadRequest(409, f"this tier starts at stage {scheduler.first}: send images to the first tier")
         try:
             futures = scheduler.submit(images)
         except QueueFull as e:
@@ -96,7 +102,10 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
             raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
         if errors:
             raise BadRequest(500, f"inference failed: {errors[0]}")
-        return [f.result() for f in futures]
+        if tier is None:
+            return [f.result() for f in futures]
+        return [a if isinstance(a, TierAnswer) else TierAnswer(a.exit, a.prediction, a.probability, tier.name)
+                for a in (f.result() for f in futures)]
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -168,6 +177,9 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         blobs, names = await _files(request, body)
         answers = await answer(request, decode_images(blobs, shape, [n or f"#{i}" for i, n in enumerate(names)]))
         return {"model": name, "predictions": predictions(answers, runner.class_names, names)}
+
+    if tier is not None:
+        add_tier_routes(app, runner, tier)
 
     @app.get("/metrics")
     async def scrape():

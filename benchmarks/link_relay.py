@@ -1,0 +1,178 @@
+"""An emulated network link for the tier benchmarks and tests: a TCP relay on 127.0.0.1 that delays every byte by
+half the round-trip time in each direction and caps each direction's rate with a token bucket; and
+`ServeProcess`, one `exitwise serve` tier in a process of its own.
+
+This machine's kernel has no `netem` qdisc, so the delay is added in user space. Test and benchmark tooling, not
+product: bounded in lifetime (`max_seconds`), listening on 127.0.0.1 only, on a port the OS picks.
+
+    with LinkRelay(target_port, mbps=20, rtt_ms=40) as relay:
+        ... connect to 127.0.0.1:relay.port instead of target_port ...
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+CHUNK = 16 * 1024  # bytes read at once, and the token bucket's depth (the largest burst at full speed)
+
+
+class _Direction:
+    """One direction of one connection: chunks wait out the one-way delay, then the rate's tokens, in order."""
+
+    def __init__(self, delay: float, bytes_per_second: float | None):
+        self.delay, self.rate = delay, bytes_per_second
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tokens, self.filled_at = float(CHUNK), time.monotonic()
+
+    async def pace(self, n: int) -> None:
+        if self.rate is None:
+            return
+        while True:
+            now = time.monotonic()
+            self.tokens = min(float(CHUNK), self.tokens + (now - self.filled_at) * self.rate)
+            self.filled_at = now
+            if self.tokens >= n:
+                self.tokens -= n
+                return
+            await asyncio.sleep((n - self.tokens) / self.rate)
+
+    async def read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while data := await reader.read(CHUNK):
+                self.queue.put_nowait((time.monotonic() + self.delay, data))
+        except (ConnectionError, OSError):
+            pass
+        self.queue.put_nowait((time.monotonic() + self.delay, b""))
+
+    async def write(self, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                due, data = await self.queue.get()
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                if not data:
+                    break
+                await self.pace(len(data))
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+
+class LinkRelay:
+    """Relays 127.0.0.1:`port` to 127.0.0.1:`target_port` with `rtt_ms` of added round trip and at most `mbps`
+    Mbit/s (10^6 bits) each way (None: no cap), in a thread of its own, for at most `max_seconds`."""
+
+    def __init__(self, target_port: int, *, mbps: float | None = None, rtt_ms: float = 0.0,
+                 max_seconds: float = 600.0):
+        self.target_port, self.delay = target_port, rtt_ms / 2000
+        self.rate = None if mbps is None else mbps * 1e6 / 8
+        self.max_seconds = max_seconds
+        self.port = 0
+        self.bytes_forwarded = 0  # client -> target, the traffic a tier sends on
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            target_reader, target_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        up, down = _Direction(self.delay, self.rate), _Direction(self.delay, self.rate)
+        counting = _Counting(reader, self)
+        await asyncio.gather(up.read(counting), up.write(target_writer), down.read(target_reader), down.write(writer))
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        try:
+            await asyncio.wait_for(self._stop.wait(), self.max_seconds)
+        except asyncio.TimeoutError:
+            pass
+        server.close()
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()
+
+    def start(self) -> LinkRelay:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the link relay did not start within 10 s")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def __enter__(self) -> LinkRelay:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class _Counting:
+    """A reader that adds what it reads to the relay's `bytes_forwarded`."""
+
+    def __init__(self, reader: asyncio.StreamReader, relay: LinkRelay):
+        self.reader, self.relay = reader, relay
+
+    async def read(self, n: int) -> bytes:
+        data = await self.reader.read(n)
+        self.relay.bytes_forwarded += len(data)
+        return data
+
+
+class ServeProcess:
+    """`exitwise serve --export EXPORT --port PORT *args` in a process of its own (port 0: the OS picks), ready
+    (answering /v2/health/ready) when constructed, within `start_seconds`; `stop()` sends SIGTERM."""
+
+    def __init__(self, export: str | Path, *args: str, port: int = 0, start_seconds: float = 60.0):
+        src = Path(__file__).resolve().parents[1] / "src"
+        env = {**os.environ, "PYTHONPATH": str(src)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "exitwise", "serve", "--export", str(export),
+                                      "--port", str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        deadline, line = time.monotonic() + start_seconds, ""
+        while "serving" not in line:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"the tier did not start: {self.proc.stderr.read()[-2000:]}")
+            line = self.proc.stdout.readline()
+        self.url = line.strip().rsplit(" ", 1)[-1]
+        self.port = int(self.url.rsplit(":", 1)[-1])
+        while True:  # the line comes when the port is bound; ready once it listens
+            try:
+                urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the tier did not get ready within {start_seconds:g} s") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()

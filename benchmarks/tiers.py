@@ -1,0 +1,193 @@
+"""Tiers over emulated links: measured end-to-end latency (p50/p99, mean) and bytes per image of all-cloud (the
+device sends every image), all-device, and the planner's choice, with the planner's prediction beside each.
+
+Two tiers, "device" and "cloud", both `exitwise serve` processes on this machine, joined by `LinkRelay`
+(benchmarks/link_relay.py: the link's RTT and rate in user space, as the kernel has no netem). The device's
+slower compute is not emulated: the planner is told the speeds given (`--device-speed`, default 1: this machine).
+Clients send one image per request (binary V2 infer), `--concurrency` at a time.
+
+    python benchmarks/tiers.py --study runs/b-resnet11-study --export runs/b-resnet11-onnx \\
+        --data-dir ../shared/data/cifar10-jpg.tar.gz --images 1000 --links 1:100,20:40,100:20,1000:5
+    python benchmarks/tiers.py --tiny      # smoke run: random-weight digits-convnet, 40 images, one link
+
+Run it alone on a quiet machine: the figures are timings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from link_relay import LinkRelay, ServeProcess
+
+from exitwise.deploy.onnx_runtime import OnnxEarlyExit
+from exitwise.deploy.plan import Link, Tier, export_shapes, measure_wire, plan, study_costs
+from exitwise.study.logits_cache import load_logits
+
+
+def infer_one(url: str, model: str, image: np.ndarray) -> tuple[float, dict]:
+    """One image as binary V2 infer; (seconds, the response)."""
+    head = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, *image.shape],
+                                   "parameters": {"layout": "NHWC", "binary_data_size": image.size}}]}).encode()
+    request = urllib.request.Request(f"{url}/v2/models/{model}/infer", head + image.tobytes(),
+                                     {"Content-Type": "application/octet-stream",
+                                      "Inference-Header-Content-Length": str(len(head))})
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=120) as response:
+        doc = json.loads(response.read())
+    return time.perf_counter() - start, doc
+
+
+def drive(url: str, model: str, images: np.ndarray, concurrency: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every image once, `concurrency` requests in flight: (seconds per image, predicted class, degraded count)."""
+    seconds, classes, degraded, lock, next_i = np.zeros(len(images)), np.zeros(len(images), int), [0], \
+        threading.Lock(), [0]
+
+    def worker():
+        while True:
+            with lock:
+                i, next_i[0] = next_i[0], next_i[0] + 1
+            if i >= len(images):
+                return
+            s, doc = infer_one(url, model, images[i])
+            out = {o["name"]: o["data"] for o in doc["outputs"]}
+            seconds[i], classes[i] = s, out["class_index"][0]
+            with lock:
+                degraded[0] += sum(doc.get("parameters", {}).get("degraded", []))
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return seconds, classes, degraded[0]
+
+
+def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float, wire: str,
+            send_images: bool, concurrency: int) -> dict:
+    """Serve `placement` ((device stages, cloud stages), None: none) over the emulated link; measure it."""
+    device_stages, cloud_stages = placement
+    procs, relay = [], None
+    try:
+        if cloud_stages is not None:
+            cloud = ServeProcess(export, "--stages", f"{cloud_stages[0]}-{cloud_stages[1]}", "--tier", "cloud")
+            procs.append(cloud)
+            relay = LinkRelay(cloud.port, mbps=mbps, rtt_ms=rtt_ms, max_seconds=3600).start()
+        if device_stages is None:
+            url = f"http://127.0.0.1:{relay.port}"  # all-cloud: the device only sends the image
+        else:
+            extra = ["--next", f"http://127.0.0.1:{relay.port}", "--wire", wire] if relay else []
+            extra += ["--send-images"] if relay and send_images else []
+            device = ServeProcess(export, "--stages", f"{device_stages[0]}-{device_stages[1]}", "--tier", "device",
+                                  *extra)
+            procs.append(device)
+            url = device.url
+        infer_one(url, model, images[0])  # warm up the sessions and the connection path
+        sent_before = relay.bytes_forwarded if relay else 0
+        seconds, classes, degraded = drive(url, model, images, concurrency)
+        sent = (relay.bytes_forwarded - sent_before) if relay else 0
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        if relay:
+            relay.stop()
+    return {"p50_ms": 1000 * float(np.percentile(seconds, 50)), "p99_ms": 1000 * float(np.percentile(seconds, 99)),
+            "mean_ms": 1000 * float(seconds.mean()), "bytes_per_image": sent / len(images),
+            "degraded": degraded, "classes": classes}
+
+
+def tiny_setup(folder: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    """A random-weight digits-convnet 'study' (logits, made-up stage times) and its export; 40 images."""
+    import torch
+
+    from exitwise.api import export
+    from exitwise.data import load_splits
+    from exitwise.early_exit import EarlyExitModel
+    from exitwise.models import create_model
+    from exitwise.policies import get_policy
+    from exitwise.runtime import all_exit_logits, prepare
+    from exitwise.study.logits_cache import ExitLogits, save_logits
+    torch.manual_seed(0)
+    splits = load_splits("digits", progress=False)
+    net, policy = create_model("digits-convnet"), get_policy("entropy")
+    run = all_exit_logits(prepare(net), splits.val)
+    scores = policy.scores(torch.from_numpy(run.logits)).numpy()
+    thresholds = [float(np.quantile(scores[0], 0.3)), float(np.quantile(scores[1], 0.5))]
+    EarlyExitModel(net, policy, np.array(thresholds), "digits-convnet", tuple("0123456789")).save(folder / "study")
+    labels = splits.val.labels.numpy()
+    save_logits(ExitLogits(run.logits, labels, run.logits.copy(), labels.copy(), np.array([1, 2, 3]),
+                           np.array([2e-4, 3e-4, 5e-4]), {}), folder / "study" / "logits.safetensors")
+    export(folder / "onnx", source=folder / "study")
+    return folder / "study", folder / "onnx", splits.test.images[:40].numpy(), splits.test.labels[:40].numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--study", type=Path, help="a study's output folder (logits, thresholds, stage times)")
+    ap.add_argument("--export", type=Path, help="its ONNX export")
+    ap.add_argument("--data-dir", type=Path, help="CIFAR-10 (the test images are served)")
+    ap.add_argument("--images", type=int, default=1000, help="test images served per placement and link")
+    ap.add_argument("--links", default="1:100,20:40,100:20,1000:5", help="MBPS:RTT_MS,... (the emulated links)")
+    ap.add_argument("--device-speed", type=float, default=1.0, help="the device's speed told to the planner")
+    ap.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    ap.add_argument("--wire-images", type=int, default=500, help="validation images to measure the wire formats on")
+    ap.add_argument("--tiny", action="store_true", help="smoke run on a random-weight digits-convnet")
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            study, export, images, labels = tiny_setup(Path(tmp))
+            links = [(20.0, 20.0)]
+        else:
+            if not (args.study and args.export and args.data_dir):
+                ap.error("give --study, --export and --data-dir (or --tiny)")
+            from exitwise.data import load_splits
+            splits = load_splits("cifar10", args.data_dir, progress=False)
+            study, export = args.study, args.export
+            images, labels = splits.test.images[:args.images].numpy(), splits.test.labels[:args.images].numpy()
+            links = [tuple(float(v) for v in item.split(":")) for item in args.links.split(",")]
+        runner = OnnxEarlyExit.load(export)
+        model, k = runner.manifest["model"].rstrip("/").rsplit("/", 1)[-1], runner.num_exits
+        full = runner.run_backbone(images).predictions
+        wire = measure_wire(runner, images[:args.wire_images])
+        values, input_bytes = export_shapes(runner.manifest)
+        cache = load_logits(study)
+        costs = study_costs(cache.val_logits, cache.stage_seconds_per_sample, runner.manifest, values, input_bytes, wire)
+        tiers = (Tier("device", args.device_speed), Tier("cloud"))
+        rows = []
+        from exitwise.device import describe_load, machine, machine_load
+        print(f"machine: {machine().describe()}; {describe_load(machine_load())}")
+        print(f"model {model}; {len(images)} images; full network accuracy {100 * (full == labels).mean():.2f}%")
+        print(f"{'link':>14s} {'placement':>16s} {'wire':>4s} {'pred ms':>8s} {'mean ms':>8s} {'p50 ms':>8s} "
+              f"{'p99 ms':>8s} {'B/img':>9s} {'pred B':>9s} {'acc %':>6s} {'degr':>4s}")
+        for mbps, rtt in links:
+            p = plan(tiers, (Link("device", "cloud", mbps, rtt),), costs)
+            named = {"all-cloud": (None, (0, k - 1)), "all-device": ((0, k - 1), None), "plan": p.choice.stages}
+            for name, placement in named.items():
+                c = next(c for c in p.candidates if c.stages == placement)
+                m = measure(placement, export, model, images, mbps, rtt, c.wire, c.links[0].payload == "input",
+                            args.concurrency)
+                acc = 100 * float((m.pop("classes") == labels).mean())
+                label = f"{name} {'/'.join(f'{r[0]}-{r[1]}' if r else '-' for r in placement)}"
+                print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>16s} {c.wire:>4s} {c.latency_ms:8.2f} "
+                      f"{m['mean_ms']:8.2f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['bytes_per_image']:9.0f} "
+                      f"{c.traffic_bytes:9.0f} {acc:6.2f} {m['degraded']:4d}")
+                rows.append({"mbps": mbps, "rtt_ms": rtt, "placement": name, "stages": placement, "wire": c.wire,
+                             "predicted_ms": c.latency_ms, "predicted_bytes": c.traffic_bytes, "accuracy": acc, **m})
+        if args.out:
+            from exitwise.io import atomic_write_json
+            from exitwise.device import machine, machine_load
+            atomic_write_json(args.out, {"machine": machine().describe(), "load": machine_load(), "images": len(images), "rows": rows,
+                                         "full_network_accuracy": 100 * float((full == labels).mean()),
+                                         "wire": wire.to_json()})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

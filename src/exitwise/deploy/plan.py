@@ -1,0 +1,480 @@
+"""The tier planner: where to cut a multi-exit network across tiers (device, edge, cloud), from measured costs.
+
+A pure function of typed inputs (`plan`); the cost model (also in docs/tiers.md), per image, in expectation:
+
+* a placement gives each tier, in order, a contiguous range of stages, possibly none. Every way of cutting
+  stages 0..K-1 into such ranges is a candidate: cut c_i is the number of stages on tiers 0..i. A tier with
+  no stages before the first stage relays the input; tiers after the last stage receive nothing (the network
+  ends at the last tier holding stages).
+* compute: stage k runs for the share `reach[k]` of images that did not leave before it, at the per-sample
+  seconds of the tier holding it (measured there, or the study's times divided by the tier's relative speed).
+  The study's times are per-sample times at its batch size, so a tier's batching is in them.
+* link i (tier i -> tier i + 1) at cut c: c = K carries nothing; c = 0 carries every input image; else the
+  survivors (share reach[c]) cross, each paying the link's round trip plus its bytes over the bandwidth:
+  reach[c] * (RTT + bytes * 8 / bandwidth). The bytes are stage c-1's output in the wire format, or, at the
+  cut after the first tier holding stages (the only one with the images), the original image (uint8 pixels)
+  where that is smaller than the fp32 features; then the next tier holding stages recomputes stages 0..c-1 for
+  the survivors (charged at its speed with their heads' time included: an upper bound). Queueing and the wait
+  for a batch to fill are not modelled; the answer's return bytes (a few per image) are not counted.
+* wire format: per candidate the smallest format (int8, then fp16, then fp32) whose measured disagreement with
+  fp32, summed over the cuts where it carries features, is at most the tolerance (default 0.1 points);
+  unmeasured formats are never chosen; fp32 is exact.
+* choice: the candidate with the lowest expected latency (or the fewest bytes over all links, with
+  `minimize="traffic"`) among those within `max_latency_ms`; ties go to the other quantity, then to the
+  earlier candidate.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from ..exit_rule import as_thresholds, leaves
+from .onnx_runtime import Policy, as_input
+from .wire import BYTES_PER_VALUE, FORMATS, decode, encode
+
+PLAN_FORMAT = "exitwise.tier-plan/1"
+WIRE_TOLERANCE_POINTS = 0.1   # largest disagreement with fp32 (percentage points) a cheaper wire format may add
+MINIMIZE = ("latency", "traffic")
+CHEAPEST_FIRST = tuple(reversed(FORMATS))   # int8, fp16, fp32
+_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A machine in the chain: its name, its speed relative to the machine the study timed on, or its own
+    measured per-sample seconds per stage (which then win)."""
+    name: str
+    speed: float = 1.0
+    stage_seconds: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise UserError(f"tier name {self.name!r}: use letters, digits and _ only")
+        if not (math.isfinite(self.speed) and self.speed > 0):
+            raise UserError(f"tier {self.name}: speed must be a positive number, got {self.speed}")
+        if self.stage_seconds is not None and not all(math.isfinite(s) and s >= 0 for s in self.stage_seconds):
+            raise UserError(f"tier {self.name}: stage times must be non-negative numbers")
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"stage_seconds": list(self.stage_seconds) if self.stage_seconds else None}
+
+
+@dataclass(frozen=True)
+class Link:
+    """The network between two consecutive tiers: bandwidth in Mbit/s (10^6 bits) and round-trip time in ms."""
+    source: str
+    target: str
+    mbps: float
+    rtt_ms: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.mbps) and self.mbps > 0):
+            raise UserError(f"link {self.source}-{self.target}: mbps must be a positive number, got {self.mbps}")
+        if not (math.isfinite(self.rtt_ms) and self.rtt_ms >= 0):
+            raise UserError(f"link {self.source}-{self.target}: rtt-ms must be a number >= 0, got {self.rtt_ms}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class WireCost:
+    """The measured cost of the lossy wire formats: per format, per cut (after stage 0, 1, ..., K-2)."""
+    images: int
+    disagreement: dict                 # format -> shares of images whose exit or prediction differs from fp32's
+    accuracy_change_points: dict | None = None  # format -> accuracy minus fp32's accuracy, in points (with labels)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class NetworkCosts:
+    """What the planner knows of the network: K stages, per sample."""
+    stage_seconds: tuple[float, ...]     # (K,) seconds of stage k and its head, on the machine the study timed on
+    reach: tuple[float, ...]             # (K,) share of images that run stage k at the chosen thresholds
+    feature_values: tuple[int, ...]      # (K - 1,) values in stage k's output (what a cut after stage k sends)
+    input_bytes: int                     # the original image: uint8 pixels
+    wire: WireCost | None = None         # the lossy formats' measured cost; without it only fp32 is used
+
+    def __post_init__(self) -> None:
+        k = len(self.stage_seconds)
+        if k < 1 or len(self.reach) != k or len(self.feature_values) != k - 1:
+            raise UserError(f"network costs disagree: {k} stage times, {len(self.reach)} reach shares, "
+                            f"{len(self.feature_values)} feature sizes (need K, K and K - 1)")
+        for fmt, shares in (self.wire.disagreement if self.wire else {}).items():
+            if fmt not in FORMATS or len(shares) != k - 1:
+                raise UserError(f"wire disagreement for {fmt!r}: need one share per cut ({k - 1})")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_seconds)
+
+    def to_json(self) -> dict:
+        return {"stage_seconds": list(self.stage_seconds), "reach": list(self.reach),
+                "feature_values": list(self.feature_values), "input_bytes": self.input_bytes,
+                "wire": self.wire.to_json() if self.wire else None}
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """What one link carries per image, in expectation."""
+    cut: int            # stages held before the link (0: the input; K: nothing crosses)
+    payload: str        # "input", "features" or "nothing"
+    share: float        # of images that cross
+    bytes: float        # expected bytes per image (share x bytes per crossing image)
+    seconds: float      # expected seconds per image: share x (RTT + bytes / bandwidth)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One placement: each tier's [first, last] stages (None: none), its wire format and predicted costs."""
+    stages: tuple[tuple[int, int] | None, ...]
+    wire: str
+    wire_disagreement: float       # share of images whose answer may change by the wire format (upper bound)
+    compute_seconds: float
+    links: tuple[Crossing, ...]
+
+    @property
+    def latency_ms(self) -> float:
+        return 1000 * (self.compute_seconds + sum(c.seconds for c in self.links))
+
+    @property
+    def traffic_bytes(self) -> float:
+        return sum(c.bytes for c in self.links)
+
+    def to_json(self) -> dict:
+        return {"stages": [list(r) if r else None for r in self.stages], "wire": self.wire,
+                "wire_disagreement": self.wire_disagreement, "compute_seconds": self.compute_seconds,
+                "latency_ms": self.latency_ms, "traffic_bytes": self.traffic_bytes,
+                "links": [c.to_json() for c in self.links]}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every candidate and the chosen one: what `exitwise plan` writes and `exitwise serve --plan` reads."""
+    tiers: tuple[Tier, ...]
+    links: tuple[Link, ...]
+    costs: NetworkCosts
+    minimize: str
+    max_latency_ms: float | None
+    wire_tolerance_points: float
+    candidates: tuple[Candidate, ...]
+    chosen: int
+
+    @property
+    def choice(self) -> Candidate:
+        return self.candidates[self.chosen]
+
+    def stages_of(self, tier: str) -> tuple[int, int] | None:
+        """The [first, last] stages the chosen placement gives `tier` (None: none)."""
+        names = [t.name for t in self.tiers]
+        if tier not in names:
+            raise UserError(f"tier {tier!r} is not in the plan (its tiers: {', '.join(names)})")
+        return self.choice.stages[names.index(tier)]
+
+    def to_json(self) -> dict:
+        return {"format": PLAN_FORMAT, "minimize": self.minimize, "max_latency_ms": self.max_latency_ms,
+                "wire_tolerance_points": self.wire_tolerance_points,
+                "tiers": [t.to_json() for t in self.tiers], "links": [l.to_json() for l in self.links],
+                "costs": self.costs.to_json(), "chosen": self.chosen, "choice": self.choice.to_json(),
+                "candidates": [c.to_json() for c in self.candidates]}
+
+
+def placements(num_stages: int, num_tiers: int) -> list[tuple[tuple[int, int] | None, ...]]:
+    """Every way to give tiers, in order, contiguous (possibly empty) ranges covering stages 0..K-1."""
+    out = []
+    for cuts in itertools.combinations_with_replacement(range(num_stages + 1), num_tiers - 1):
+        bounds = (0, *cuts, num_stages)
+        out.append(tuple((a, b - 1) if b > a else None for a, b in zip(bounds, bounds[1:])))
+    return out
+
+
+def _tier_seconds(tier: Tier, costs: NetworkCosts) -> np.ndarray:
+    if tier.stage_seconds is not None:
+        if len(tier.stage_seconds) != costs.num_stages:
+            raise UserError(f"tier {tier.name}: {len(tier.stage_seconds)} stage times for {costs.num_stages} stages")
+        return np.asarray(tier.stage_seconds, dtype=np.float64)
+    return np.asarray(costs.stage_seconds, dtype=np.float64) / tier.speed
+
+
+def _wire_for(cuts: Sequence[int], costs: NetworkCosts, tolerance_points: float) -> tuple[str, float]:
+    """The cheapest format whose disagreement summed over the feature cuts is within the tolerance (fp32 where no
+    features cross)."""
+    if not cuts:
+        return "fp32", 0.0
+    for fmt in CHEAPEST_FIRST:
+        if fmt == "fp32":
+            return fmt, 0.0
+        shares = costs.wire.disagreement.get(fmt) if costs.wire else None
+        if shares is not None:
+            total = float(sum(shares[c - 1] for c in cuts))
+            if 100 * total <= tolerance_points + 1e-12:
+                return fmt, total
+    raise AssertionError("unreachable")
+
+
+def candidate(stages: tuple[tuple[int, int] | None, ...], tiers: Sequence[Tier], links: Sequence[Link],
+              costs: NetworkCosts, tolerance_points: float = WIRE_TOLERANCE_POINTS) -> Candidate:
+    """The predicted costs of one placement (see the module's docstring)."""
+    k = costs.num_stages
+    reach = np.asarray(costs.reach, dtype=np.float64)
+    cuts = [r[1] + 1 if r else None for r in stages[:-1]]
+    for i in range(len(cuts)):  # an empty tier's cut is the one before it
+        cuts[i] = cuts[i] if cuts[i] is not None else (cuts[i - 1] if i else 0)
+
+    def feature_bytes(c: int, fmt: str) -> int:
+        return costs.feature_values[c - 1] * BYTES_PER_VALUE[fmt]
+
+    # Only the first tier holding stages has the images: its cut may send the image where that is smaller than the
+    # fp32 features (then its format choice adds no disagreement); every later cut sends features.
+    first_cut = min((c for c in cuts if 0 < c < k), default=None)
+    sends_input = {c: c == 0 or (c == first_cut and feature_bytes(c, "fp32") > costs.input_bytes) for c in set(cuts)}
+    feature_cuts = sorted(c for c in set(cuts) if 0 < c < k and not sends_input[c])
+    wire, disagreement = _wire_for(feature_cuts, costs, tolerance_points)
+    compute = 0.0
+    holder = {s: i for i, r in enumerate(stages) if r for s in range(r[0], r[1] + 1)}
+    for s in range(k):
+        compute += reach[s] * _tier_seconds(tiers[holder[s]], costs)[s]
+    for c, is_input in sends_input.items():
+        if is_input and 0 < c < k:  # the tier holding stage c first reruns stages 0..c-1 for the survivors
+            compute += reach[c] * _tier_seconds(tiers[holder[c]], costs)[:c].sum()
+    crossings = []
+    for c, link in zip(cuts, links):
+        if c == k:
+            crossings.append(Crossing(c, "nothing", 0.0, 0.0, 0.0))
+            continue
+        share = float(reach[c]) if c else 1.0
+        size = costs.input_bytes if sends_input[c] else feature_bytes(c, wire)
+        seconds = share * (link.rtt_ms / 1000 + size * 8 / (link.mbps * 1e6))
+        crossings.append(Crossing(c, "input" if sends_input[c] else "features", share, share * size, seconds))
+    return Candidate(stages, wire, disagreement, float(compute), tuple(crossings))
+
+
+def check_chain(tiers: Sequence[Tier], links: Sequence[Link]) -> tuple[Link, ...]:
+    """The links in tier order, one per consecutive pair; anything else is a UserError naming the problem."""
+    names = [t.name for t in tiers]
+    if not tiers:
+        raise UserError("give at least one --tier")
+    if len(set(names)) != len(names):
+        raise UserError(f"tier names must differ: {', '.join(names)}")
+    by_pair = {}
+    for link in links:
+        for end in (link.source, link.target):
+            if end not in names:
+                raise UserError(f"link {link.source}-{link.target}: no tier named {end!r} (tiers: {', '.join(names)})")
+        pair = (link.source, link.target)
+        if names.index(link.target) != names.index(link.source) + 1:
+            raise UserError(f"link {link.source}-{link.target}: links join consecutive tiers, in order "
+                            f"({' -> '.join(names)})")
+        if pair in by_pair:
+            raise UserError(f"link {link.source}-{link.target} given twice")
+        by_pair[pair] = link
+    missing = [f"{a}-{b}" for a, b in zip(names, names[1:]) if (a, b) not in by_pair]
+    if missing:
+        raise UserError(f"no link {', '.join(missing)}: give --link {missing[0]}:mbps=M,rtt-ms=R")
+    return tuple(by_pair[p] for p in zip(names, names[1:]))
+
+
+def plan(tiers: Sequence[Tier], links: Sequence[Link], costs: NetworkCosts, *, minimize: str = "latency",
+         max_latency_ms: float | None = None, wire_tolerance_points: float = WIRE_TOLERANCE_POINTS) -> Plan:
+    """Every placement of the stages on `tiers` with its predicted latency and traffic, and the best one."""
+    if minimize not in MINIMIZE:
+        raise UserError(f"--minimize {minimize!r}: choose latency or traffic")
+    if max_latency_ms is not None and not max_latency_ms > 0:
+        raise UserError(f"--max-latency-ms must be positive, got {max_latency_ms}")
+    links = check_chain(tiers, links)
+    for t in tiers:
+        _tier_seconds(t, costs)
+    candidates = tuple(candidate(p, tiers, links, costs, wire_tolerance_points)
+                       for p in placements(costs.num_stages, len(tiers)))
+    allowed = [i for i, c in enumerate(candidates) if max_latency_ms is None or c.latency_ms <= max_latency_ms]
+    if not allowed:
+        fastest = min(c.latency_ms for c in candidates)
+        raise UserError(f"no placement meets --max-latency-ms {max_latency_ms:g} (the fastest takes {fastest:.1f} ms)")
+
+    def key(i: int) -> tuple:
+        c = candidates[i]
+        return (c.latency_ms, c.traffic_bytes, i) if minimize == "latency" else (c.traffic_bytes, c.latency_ms, i)
+
+    return Plan(tuple(tiers), links, costs, minimize, max_latency_ms, wire_tolerance_points, candidates,
+                min(allowed, key=key))
+
+
+# Command-line syntax: --tier NAME[:speed=S | :stage-ms=a/b/c], --link A-B:mbps=M,rtt-ms=R
+
+def _options(text: str, what: str, allowed: Sequence[str]) -> tuple[str, dict[str, str]]:
+    name, _, rest = text.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in allowed or key in options:
+            raise UserError(f"{what} {text!r}: expected {'/'.join(allowed)}=VALUE options, got {item!r}")
+        options[key] = value
+    return name, options
+
+
+def _number(value: str, where: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"{where}: {value!r} is not a number") from None
+
+
+def parse_tier(text: str) -> Tier:
+    """`cloud`, `device:speed=0.25` (4x slower than where the study timed) or `edge:stage-ms=0.1/0.2/...`."""
+    name, options = _options(text, "--tier", ("speed", "stage-ms"))
+    if not name:
+        raise UserError(f"--tier {text!r}: expected NAME[:speed=S] or NAME:stage-ms=a/b/...")
+    if len(options) > 1:
+        raise UserError(f"--tier {text!r}: give speed or stage-ms, not both")
+    if "stage-ms" in options:
+        ms = tuple(_number(v, f"--tier {text!r}") for v in options["stage-ms"].split("/"))
+        return Tier(name, stage_seconds=tuple(m / 1000 for m in ms))
+    return Tier(name, _number(options.get("speed", "1"), f"--tier {text!r}"))
+
+
+def parse_link(text: str) -> Link:
+    """`device-cloud:mbps=20,rtt-ms=40`."""
+    pair, options = _options(text, "--link", ("mbps", "rtt-ms"))
+    ends = pair.split("-")
+    if len(ends) != 2 or not all(ends) or set(options) != {"mbps", "rtt-ms"}:
+        raise UserError(f"--link {text!r}: expected FROM-TO:mbps=M,rtt-ms=R")
+    return Link(ends[0], ends[1], _number(options["mbps"], f"--link {text!r}"),
+                _number(options["rtt-ms"], f"--link {text!r}"))
+
+
+_SHORT = {"input": "image", "features": "feat", "nothing": ""}
+
+
+def format_candidates(p: Plan) -> str:
+    """Every candidate as a table row: each tier's stages, the wire format, latency, bytes per link."""
+    names = [t.name for t in p.tiers]
+    link_names = [f"{l.source}->{l.target}" for l in p.links]
+    head = "  ".join(f"{n:>8s}" for n in names) + f"  {'wire':>4s}  {'ms/img':>8s}  " + \
+        "  ".join(f"{n + ' B/img':>16s}" for n in link_names)
+    rows = [f"   {head}"]
+    for i, c in enumerate(p.candidates):
+        stages = "  ".join(f"{(f'{r[0]}-{r[1]}' if r else '-'):>8s}" for r in c.stages)
+        traffic = "  ".join(f"{x.bytes:>10.0f} {_SHORT[x.payload]:>5s}" for x in c.links)
+        rows.append(f"{'*' if i == p.chosen else ' '}  {stages}  {c.wire:>4s}  {c.latency_ms:8.2f}  {traffic}")
+    return "\n".join(rows)
+
+
+def read_plan(path: str | Path) -> dict:
+    """A plan.json, checked for its format (for `exitwise serve --plan`)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"no plan at {str(path)!r}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read plan {str(path)!r}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
+        raise UserError(f"{str(path)!r} is not an exitwise tier plan ({PLAN_FORMAT})")
+    return doc
+
+
+# Inputs from a study (its validation logits, thresholds and stage times) and an export (feature shapes, stages);
+# the files are read by the caller (`exitwise plan`: study.logits_cache, early_exit.json)
+
+def exit_scores(logits: np.ndarray, policy: str, temperatures: Sequence[float] | None) -> np.ndarray:
+    """(K - 1, N) side-exit scores of a (K, N, C) stack of logits, with the export runner's numpy policy."""
+    rule = Policy(policy, tuple(temperatures) if temperatures else None)
+    state, scores = rule.init_state(logits.shape[1]), []
+    for k in range(logits.shape[0] - 1):
+        s, state = rule.step(k, logits[k], state)
+        scores.append(s)
+    return np.stack(scores) if scores else np.empty((0, logits.shape[1]), np.float32)
+
+
+def reach_shares(scores: np.ndarray, thresholds: Sequence[float | None]) -> tuple[float, ...]:
+    """Share of images that run each of the K stages: those that did not leave (`exit_rule.leaves`) before it."""
+    thr, staying, reach = as_thresholds(list(thresholds), len(scores) + 1), np.ones(scores.shape[1], bool), [1.0]
+    for k in range(len(scores)):
+        staying &= ~leaves(scores[k], thr[k])
+        reach.append(float(staying.mean()))
+    return tuple(reach)
+
+
+def export_shapes(manifest: dict) -> tuple[tuple[int, ...], int]:
+    """(values in each stage's output but the last, bytes of one input image as uint8 pixels) from a manifest."""
+    values = tuple(int(np.prod(s["output_shape"][1:])) for s in manifest["stages"][:-1])
+    return values, int(np.prod(manifest["input"]["shape"][1:]))
+
+
+def study_costs(val_logits: np.ndarray, stage_seconds: Sequence[float], setting: dict, feature_values: Sequence[int],
+                input_bytes: int, wire: WireCost | None = None) -> NetworkCosts:
+    """The planner's inputs from a study: its validation logits (K, N, C) and per-sample stage times, and the reach
+    of each stage at `setting`'s policy, temperatures and thresholds (an early_exit.json, or an export's manifest:
+    what the tiers will serve)."""
+    k = len(stage_seconds)
+    if val_logits.ndim != 3 or val_logits.shape[0] != k or len(feature_values) != k - 1:
+        raise UserError(f"the study has {val_logits.shape[0]} exits and {k} stage times; the model has "
+                        f"{len(feature_values) + 1} stages")
+    if len(setting.get("thresholds") or []) != k - 1:
+        raise UserError(f"the exit setting needs {k - 1} thresholds, one per side exit")
+    reach = reach_shares(exit_scores(val_logits.astype(np.float32), setting.get("policy", "entropy"),
+                                     setting.get("temperatures")), setting["thresholds"])
+    return NetworkCosts(tuple(float(s) for s in stage_seconds), reach, tuple(int(v) for v in feature_values),
+                        int(input_bytes), wire)
+
+
+def measure_wire(runner, images: np.ndarray, formats: Sequence[str] = ("fp16", "int8"),
+                 labels: np.ndarray | None = None) -> WireCost:
+    """Per format and cut, the share of `images` whose exit or prediction differs from the fp32 early exit when
+    the survivors' features cross that cut encoded in the format (`runner`: an `OnnxEarlyExit`, whose
+    `_stage(k, x)` gives (features, logits)); with `labels`, also each accuracy change. The int8 scales come
+    from all the survivors at once (a tier takes them from each batch it forwards)."""
+    k_exits, n = runner.num_exits, len(images)
+    x = as_input(images)
+    features, logits = [], []
+    for k in range(k_exits):  # every stage on every image: the reference and the features at every cut
+        x, out = runner._stage(k, x)
+        features.append(x)
+        logits.append(out)
+    thr = runner.thresholds.astype(np.float32)
+
+    def decide(logits_from: list[np.ndarray], k0: int, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exit and prediction of rows that reach stage k0, from their logits at stages k0..K-1."""
+        rows = len(state)
+        exits, preds, open_ = np.full(rows, k_exits - 1), logits_from[-1].argmax(-1), np.ones(rows, bool)
+        for k in range(k0, k_exits - 1):
+            scores, state = runner.policy.step(k, logits_from[k - k0], state)
+            leave = open_ & (scores <= thr[k])
+            exits[leave], preds[leave] = k, logits_from[k - k0][leave].argmax(-1)
+            open_ &= ~leave
+        return exits, preds
+
+    ref_exits, ref_preds = decide(logits, 0, runner.policy.init_state(n))
+    states, state = [runner.policy.init_state(n)], runner.policy.init_state(n)
+    for k in range(k_exits - 1):
+        state = runner.policy.step(k, logits[k], state)[1]
+        states.append(state)
+    result: dict = {fmt: [] for fmt in formats}
+    accuracy: dict = {fmt: [] for fmt in formats}
+    right = None if labels is None else np.asarray(labels)
+    for fmt in formats:
+        for cut in range(1, k_exits):
+            exits, preds = ref_exits.copy(), ref_preds.copy()
+            rows = np.flatnonzero(ref_exits >= cut)
+            if len(rows):
+                y, later = decode(encode(features[cut - 1][rows], fmt)), []
+                for k in range(cut, k_exits):
+                    y, out = runner._stage(k, y)
+                    later.append(out)
+                exits[rows], preds[rows] = decide(later, cut, states[cut][rows])
+            result[fmt].append(float(((exits != ref_exits) | (preds != ref_preds)).mean()))
+            if right is not None:
+                accuracy[fmt].append(float(100 * ((preds == right).mean() - (ref_preds == right).mean())))
+    return WireCost(n, result, None if right is None else accuracy)

@@ -1,0 +1,251 @@
+"""Tier chaining: one `exitwise serve` per tier, each holding a contiguous range of stages (docs/tiers.md).
+
+A tier's scheduler runs its stages `first..last`; the samples that leave at its exits are answered there; the
+survivors after `last` go to the next tier in batches (the batches the scheduler formed at `last`), as features
+in a wire format (`exitwise.deploy.wire`) with the exit policy's state, by `POST /v2/tiers/features` (below).
+The next tier answers each row (or forwards it on), and the answers come back through every tier to the client,
+each saying which exit and which tier answered.
+
+Faults: when the next tier cannot be reached, refuses, answers badly or not within `forward_timeout_ms`, the
+batch is answered by this tier's own last exit (recomputed from the features it holds), marked degraded and
+counted in /metrics (`exitwise_degraded_samples`); for `retry_after_ms` after a failure the next tier is not
+tried (batches are answered degraded at once), then forwarding resumes on the next batch that gets through.
+No sample is lost: every forwarded sample is answered, by the next tier or degraded.
+
+`POST /v2/tiers/features` body: a 4-byte little-endian length, a JSON header {"stage": the first stage to run,
+"state": the policy state, one list per row}, then one wire payload of the features (`wire.encode`). Answer:
+{"tier": name, "answers": [[exit, class, probability, tier, degraded], ...]} in row order. Errors: 4xx/5xx with
+a one-line JSON body, as every other endpoint.
+"""
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import logging
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from ..config import TierConfig, check_url
+from ..errors import UserError
+from ..exit_rule import softmax
+from .oip import BadRequest
+from .scheduler import Answer, Expired, QueueFull, Sample
+from .wire import IMAGE, decode, encode
+
+ENDPOINT = "/v2/tiers/features"
+_log = logging.getLogger("exitwise.tiers")
+FORWARD_THREADS = 4     # batches in flight to the next tier at once
+
+
+def parse_stages(text: str, num_stages: int) -> tuple[int, int]:
+    """`2-3` or `2` -> (first, last), within 0..num_stages-1, first <= last."""
+    try:
+        ends = [int(v) for v in text.split("-")]
+    except ValueError:
+        ends = []
+    if len(ends) not in (1, 2):
+        raise UserError(f"--stages {text!r}: expected FIRST-LAST (e.g. 0-1) or one stage")
+    first, last = ends[0], ends[-1]
+    if first > last:
+        raise UserError(f"--stages {text!r}: stages out of order ({first} after {last})")
+    if first < 0 or last >= num_stages:
+        raise UserError(f"--stages {text!r}: the model has stages 0-{num_stages - 1}")
+    return first, last
+
+
+def encode_features(stage: int, features: np.ndarray, state: np.ndarray, wire: str) -> bytes:
+    head = json.dumps({"stage": stage, "state": state.tolist()}, separators=(",", ":")).encode()
+    return struct.pack("<I", len(head)) + head + encode(features, wire)
+
+
+def decode_features(body: bytes, state_columns: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(stage, float32 features or uint8 images, int64 state) of a features request; UserError when malformed."""
+    if len(body) < 4:
+        raise UserError("malformed features request: too short")
+    (n,) = struct.unpack("<I", body[:4])
+    try:
+        head = json.loads(body[4:4 + n])
+        stage, state = head["stage"], np.asarray(head["state"], dtype=np.int64)
+    except (ValueError, KeyError, TypeError, OverflowError):
+        raise UserError("malformed features request: its header is not the JSON expected") from None
+    features = decode(body[4 + n:])
+    if not isinstance(stage, int) or isinstance(stage, bool) or state.size != len(features) * state_columns:
+        raise UserError(f"malformed features request: state of shape {state.shape} for {len(features)} rows")
+    return stage, features, state.reshape(len(features), state_columns)
+
+
+@dataclass(frozen=True)
+class TierAnswer(Answer):
+    """An answer that says which tier gave it, and whether it is a degraded one (the next tier failed)."""
+    tier: str = ""
+    degraded: bool = False
+
+
+class CarryImages:
+    """A runner whose features carry each row's original image along (through compaction and re-batching), so the
+    first tier can send survivors' images instead of their features (`TierConfig.send_images`)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def to_input(self, images: np.ndarray):
+        return self.runner.to_input(images), images
+
+    def step(self, k: int, features, state: np.ndarray):
+        out = self.runner.step(k, features[0], state)
+        return replace(out, features=(out.features, features[1]))
+
+    def take(self, features, rows):
+        return self.runner.take(features[0], rows), features[1][rows]
+
+    def concat(self, parts):
+        return self.runner.concat([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def to_numpy(self, features):
+        return self.runner.to_numpy(features[0]), features[1]
+
+
+class Forwarder:
+    """The scheduler's `forward` hook: survivors' features to the next tier, off the scheduler's thread."""
+
+    def __init__(self, runner, config: TierConfig, metrics=None):
+        self.runner, self.config = runner, config
+        self.host, self.port, prefix = check_url(config.next_url)
+        self.path = prefix + ENDPOINT
+        self.pool = ThreadPoolExecutor(FORWARD_THREADS, thread_name_prefix="exitwise-forward")
+        self.down_until = 0.0
+        self.lock = threading.Lock()
+        self.counters = _counters(metrics)
+
+    def __call__(self, features: np.ndarray, state: np.ndarray, samples: list[Sample]) -> None:
+        self.pool.submit(self._send, features, state, samples)
+
+    def _send(self, features, state: np.ndarray, samples: list[Sample]) -> None:
+        features, images = features if self.config.send_images else (features, None)
+        try:
+            with self.lock:
+                resting = time.monotonic() < self.down_until
+            answers = None if resting else self._post(features if images is None else images, state, len(samples))
+            if answers is not None:
+                self.counters["forwarded"].inc(len(samples))
+        except Exception as e:  # any failure of the next tier: refused, down, too slow, a bad answer
+            answers = None
+            _log.warning("exitwise: tier %s: the next tier %s failed (%s); answering at exit %d, degraded",
+                         self.config.name, self.config.next_url, str(e).splitlines()[0][:160] or type(e).__name__,
+                         self.config.last)
+            with self.lock:
+                self.down_until = time.monotonic() + self.config.retry_after_ms / 1e3
+        if answers is None:
+            try:
+                answers = self._degraded(features)
+            except Exception as e:  # a broken model: fail these samples, never hang them
+                for s in samples:
+                    _settle(s, error=e)
+                return
+            self.counters["degraded"].inc(len(samples))
+        for s, a in zip(samples, answers):
+            _settle(s, a)
+
+    def _post(self, features: np.ndarray, state: np.ndarray, rows: int) -> list[TierAnswer]:
+        body = encode_features(self.config.last + 1, features, state,
+                               IMAGE if self.config.send_images else self.config.wire)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.config.forward_timeout_ms / 1e3)
+        try:
+            conn.request("POST", self.path, body, {"Content-Type": "application/octet-stream"})
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            conn.close()
+        self.counters["bytes"].inc(len(body))
+        if response.status != 200:
+            raise RuntimeError(f"the next tier answered {response.status}")
+        rows_back = json.loads(data)["answers"]
+        if len(rows_back) != rows:
+            raise RuntimeError(f"the next tier answered {len(rows_back)} rows of {rows}")
+        return [TierAnswer(int(e), int(c), float(p), str(t), bool(d)) for e, c, p, t, d in rows_back]
+
+    def _degraded(self, features: np.ndarray) -> list[TierAnswer]:
+        """This tier's last exit on the features it holds (its head, run again: only on the degraded path)."""
+        k, model = self.config.last, self.runner.model
+        logits = model.heads[k].run(None, {"x": features})[0]
+        predictions = logits.argmax(-1)
+        p = softmax(model.policy.scale(k, logits))[np.arange(len(logits)), predictions]
+        return [TierAnswer(k, int(c), float(q), self.config.name, True) for c, q in zip(predictions, p)]
+
+
+def _settle(sample: Sample, answer: Answer | None = None, error: Exception | None = None) -> None:
+    if sample.future.done():
+        return
+    try:
+        sample.future.set_exception(error) if error is not None else sample.future.set_result(answer)
+    except Exception:  # cancelled meanwhile by its client
+        pass
+
+
+def _counters(metrics) -> dict:
+    """The tier's counters in the server's registry (or inert ones without a server)."""
+    if metrics is None:
+        class _Null:
+            def inc(self, n=1): ...
+        return {k: _Null() for k in ("forwarded", "degraded", "bytes")}
+    from prometheus_client import Counter
+    r = metrics.registry
+    return {"forwarded": Counter("exitwise_forwarded_samples", "Samples answered by the next tier", registry=r),
+            "degraded": Counter("exitwise_degraded_samples", "Samples answered by this tier's last exit because "
+                                "the next tier failed (down, refused, too slow)", registry=r),
+            "bytes": Counter("exitwise_forwarded_bytes", "Bytes of features sent to the next tier", registry=r)}
+
+
+def _recompute(runner, images: np.ndarray, stages: int) -> np.ndarray:
+    """The features after stages 0..stages-1 of uint8 images (their heads are not run)."""
+    x = runner.to_input(images)
+    for k in range(stages):
+        x = runner.model.stages[k].run(None, {"x": x})[0]
+    return x
+
+
+def add_tier_routes(app, runner, config: TierConfig) -> None:
+    """`POST /v2/tiers/features` on a server whose scheduler starts at `config.first` (> 0: the first tier takes
+    images only)."""
+    if config.first == 0:
+        return
+    scheduler = app.state.scheduler
+    columns = runner.init_state(0).shape[1]
+
+    @app.post(ENDPOINT)
+    async def features(request: Request):
+        try:
+            stage, x, state = decode_features(await request.body(), columns)
+        except UserError as e:
+            raise BadRequest(400, str(e)) from None
+        if stage != config.first:
+            raise BadRequest(409, f"tier {config.name} holds stages {config.first}-{config.last}; features for stage "
+                                  f"{stage} belong elsewhere")
+        if x.dtype == np.uint8:  # the images, not features: stages 0..first-1 first (no exits: none left there)
+            c, h, w = runner.input_shape
+            if x.shape[1:] != (h, w, c):
+                raise BadRequest(400, f"images of shape {list(x.shape[1:])}; the model takes {[h, w, c]} (NHWC)")
+            x = await asyncio.get_running_loop().run_in_executor(None, _recompute, runner, x, config.first)
+        try:
+            futures = scheduler.submit_features(x, state)
+        except QueueFull as e:
+            raise BadRequest(503, f"overloaded, try again: {e}") from None
+        try:
+            answers = await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)),
+                                             scheduler.config.timeout_ms / 1e3 + 1)
+        except (Expired, asyncio.TimeoutError):
+            raise BadRequest(504, "not answered in time") from None
+        rows = [[a.exit, a.prediction, a.probability, getattr(a, "tier", "") or config.name,
+                 getattr(a, "degraded", False)] for a in answers]
+        return JSONResponse({"tier": config.name, "answers": rows})

@@ -1,0 +1,64 @@
+"""The emulated link of the tier benchmarks adds its round trip and holds to its rate (lower bounds only: a busy
+machine may always be slower)."""
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from link_relay import LinkRelay  # noqa: E402
+
+
+def _echo_server() -> tuple[socket.socket, int]:
+    """An echo server on 127.0.0.1 (a port the OS picks) serving connections in daemon threads."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(30)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=lambda c=conn: [c.sendall(d) for d in iter(lambda: c.recv(65536), b"")],
+                             daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+def _round_trip(port: int, payload: bytes) -> tuple[float, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        start = time.perf_counter()
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += s.recv(65536)
+        return time.perf_counter() - start, got
+
+
+def test_the_relay_adds_its_round_trip_and_passes_bytes_unchanged():
+    server, port = _echo_server()
+    with LinkRelay(port, rtt_ms=100, max_seconds=30) as relay:
+        seconds, got = _round_trip(relay.port, b"ping")
+        assert got == b"ping" and seconds >= 0.095  # the echo crosses the link both ways: one RTT
+        assert relay.bytes_forwarded == 4
+    server.close()
+
+
+def test_the_relay_caps_the_rate():
+    server, port = _echo_server()
+    payload = bytes(range(256)) * 800  # 200 KiB: at 8 Mbit/s (1 MB/s) each way, >= 0.18 s after the 16 KiB burst
+    with LinkRelay(port, mbps=8, max_seconds=30) as relay:
+        seconds, got = _round_trip(relay.port, payload)
+    assert got == payload and seconds >= (len(payload) - 16 * 1024) / 1e6 * 0.95
+    server.close()
+
+
+def test_the_relay_stops_by_itself():
+    server, port = _echo_server()
+    relay = LinkRelay(port, max_seconds=0.2).start()
+    relay._thread.join(5)
+    assert not relay._thread.is_alive()
+    server.close()

@@ -1,0 +1,147 @@
+"""The tier planner: on made-up costs it picks what a hand calculation picks; bad tiers and links are refused."""
+import math
+
+import numpy as np
+import pytest
+
+from exitwise.deploy.plan import (Link, NetworkCosts, Tier, placements, plan, parse_link, parse_tier,
+                                  reach_shares, WireCost)
+from exitwise.errors import UserError
+
+# Three stages: 10, 20, 40 ms per image where the study timed them; half the images reach stage 1, a fifth
+# stage 2. Stage 0 outputs 1000 values (4000 B in fp32, more than the 3000 B image), stage 1 250 values.
+COSTS = NetworkCosts(stage_seconds=(0.010, 0.020, 0.040), reach=(1.0, 0.5, 0.2), feature_values=(1000, 250),
+                     input_bytes=3000)
+TIERS = (Tier("device", speed=0.25), Tier("cloud"))
+LINKS = (Link("device", "cloud", mbps=8, rtt_ms=40),)  # 8 Mbit/s = 1 byte per microsecond
+
+# By hand (ms per image; a crossing costs share x (40 ms + bytes / 1000 bytes per ms)):
+#   cloud holds all: compute 10 + .5*20 + .2*40 = 28; every image crosses: 40 + 3 = 43            -> 71.0, 3000 B
+#   device 0, cloud 1-2: compute 10/.25 + 10 + 8 = 58; the image (3000 B < 4000 B of features)
+#       crosses for half: .5*(40 + 3) = 21.5; cloud reruns stage 0 for them: .5*10 = 5           -> 84.5, 1500 B
+#   device 0-1, cloud 2: compute 40 + .5*20/.25 + 8 = 88; 1000 B of features for a fifth:
+#       .2*(40 + 1) = 8.2                                                                         -> 96.2,  200 B
+#   device holds all: 40 + 40 + .2*40/.25 = 112; nothing crosses                                  -> 112.0,   0 B
+HAND = {((0, 2),): (71.0, 3000), ((0, 0), (1, 2)): (84.5, 1500), ((0, 1), (2, 2)): (96.2, 200), ((0, 2), None): (112.0, 0)}
+
+
+def _key(stages):
+    return tuple(r for r in stages if r) if stages[0] is None else stages
+
+
+def test_every_candidate_costs_what_the_hand_calculation_says():
+    p = plan(TIERS, LINKS, COSTS)
+    assert len(p.candidates) == 4
+    for c in p.candidates:
+        latency, traffic = HAND[_key(c.stages)]
+        assert math.isclose(c.latency_ms, latency, rel_tol=1e-9) and math.isclose(c.traffic_bytes, traffic)
+    assert p.choice.stages == (None, (0, 2))  # fastest: send every image to the cloud
+    assert [x.payload for x in p.candidates[1].links] == ["input"]
+
+
+def test_minimize_traffic_within_a_latency_bound():
+    assert plan(TIERS, LINKS, COSTS, minimize="traffic").choice.stages == ((0, 2), None)
+    bounded = plan(TIERS, LINKS, COSTS, minimize="traffic", max_latency_ms=100)
+    assert bounded.choice.stages == ((0, 1), (2, 2)) and bounded.choice.wire == "fp32"
+    with pytest.raises(UserError, match="fastest takes 71.0 ms"):
+        plan(TIERS, LINKS, COSTS, max_latency_ms=50)
+
+
+def test_a_cheaper_wire_format_is_taken_only_within_the_tolerance():
+    # int8 changes 0.05% of the answers at the cut after stage 0, 0.08% after stage 1: within 0.1 points
+    measured = NetworkCosts(**{**COSTS.__dict__, "wire": WireCost(2000, {"int8": (0.0005, 0.0008)})})
+    c = plan(TIERS, LINKS, measured, minimize="traffic", max_latency_ms=100).choice
+    # 250 B of int8 features for a fifth of the images: .2 * 250 = 50 B; .2 * (40 + .25) ms on the link
+    assert c.wire == "int8" and math.isclose(c.traffic_bytes, 50) and math.isclose(c.latency_ms, 88 + 8.05)
+    strict = plan(TIERS, LINKS, measured, minimize="traffic", max_latency_ms=100, wire_tolerance_points=0.05)
+    assert strict.choice.wire == "fp32"
+
+
+def test_placements_cover_every_split_in_order():
+    every = placements(3, 3)
+    assert len(every) == math.comb(3 + 2, 2)
+    for stages in every:
+        held = [s for r in stages if r for s in range(r[0], r[1] + 1)]
+        assert held == [0, 1, 2]
+
+
+def test_an_empty_middle_tier_relays_and_each_link_pays():
+    tiers = (Tier("device", 0.25), Tier("edge"), Tier("cloud"))
+    links = (Link("device", "edge", 8, 10), Link("edge", "cloud", 8, 30))
+    c = next(c for c in plan(tiers, links, COSTS).candidates if c.stages == ((0, 1), None, (2, 2)))
+    assert [x.cut for x in c.links] == [2, 2]  # the same 1000 B of features cross both links
+    assert math.isclose(c.latency_ms, 88 + .2 * (10 + 1) + .2 * (30 + 1))
+
+
+def test_reach_shares_follow_the_exit_rule():
+    scores = np.array([[0.1, 0.5, 0.9, 0.15], [0.0, 0.4, 0.9, 0.9]], np.float32)
+    assert reach_shares(scores, [0.2, 0.5]) == (1.0, 0.5, 0.25)
+    assert reach_shares(scores, [None, None]) == (1.0, 1.0, 1.0)
+
+
+def test_tier_and_link_syntax():
+    assert parse_tier("cloud") == Tier("cloud", 1.0)
+    assert parse_tier("device:speed=0.25") == Tier("device", 0.25)
+    assert parse_tier("edge:stage-ms=1/2/4") == Tier("edge", stage_seconds=(0.001, 0.002, 0.004))
+    assert parse_link("device-cloud:mbps=20,rtt-ms=40") == Link("device", "cloud", 20, 40)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("device:speed=fast", "not a number"), ("device:speed=0", "positive"), ("device:sped=2", "options"),
+    (":speed=1", "NAME"), ("dev-ice", "letters"), ("edge:speed=1,stage-ms=1/2", "not both")])
+def test_bad_tiers_are_refused_in_one_line(text, match):
+    with pytest.raises(UserError, match=match):
+        parse_tier(text)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("device-cloud", "FROM-TO"), ("device:mbps=2,rtt-ms=1", "FROM-TO"), ("a-b-c:mbps=1,rtt-ms=1", "FROM-TO"),
+    ("device-cloud:mbps=-1,rtt-ms=4", "positive"), ("device-cloud:mbps=1", "FROM-TO"),
+    ("device-cloud:mbps=1,rtt-ms=x", "not a number")])
+def test_bad_links_are_refused_in_one_line(text, match):
+    with pytest.raises(UserError, match=match):
+        parse_link(text)
+
+
+@pytest.mark.parametrize("links,match", [
+    ((), "no link device-cloud"),
+    ((Link("device", "edge", 1, 1),), "no tier named 'edge'"),
+    ((Link("cloud", "device", 1, 1),), "consecutive"),
+    ((LINKS[0], LINKS[0]), "twice")])
+def test_bad_chains_are_refused(links, match):
+    with pytest.raises(UserError, match=match):
+        plan(TIERS, links, COSTS)
+
+
+def test_bad_plans_are_refused():
+    with pytest.raises(UserError, match="differ"):
+        plan((Tier("a"), Tier("a")), (Link("a", "a", 1, 1),), COSTS)
+    with pytest.raises(UserError, match="3 stages"):
+        plan((Tier("a", stage_seconds=(1.0,)), Tier("b")), (Link("a", "b", 1, 1),), COSTS)
+    with pytest.raises(UserError, match="latency or traffic"):
+        plan(TIERS, LINKS, COSTS, minimize="energy")
+    with pytest.raises(UserError, match="K - 1"):
+        NetworkCosts((1.0, 1.0), (1.0, 0.5), (), 10)
+
+
+def test_the_planner_runs_without_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from exitwise.deploy.plan import Link, NetworkCosts, Tier, plan\n"
+            "costs = NetworkCosts((0.01, 0.02), (1.0, 0.5), (100,), 300)\n"
+            "print(plan((Tier('a'), Tier('b')), (Link('a', 'b', 1, 1),), costs).chosen)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+
+
+def test_only_the_first_tier_holding_stages_sends_the_image():
+    # stage 1's output (900 values: 3600 B in fp32) is larger than the 3000 B image too, but only the device has it
+    costs = NetworkCosts(**{**COSTS.__dict__, "feature_values": (1000, 900)})
+    tiers = (Tier("device", 0.25), Tier("edge"), Tier("cloud"))
+    links = (Link("device", "edge", 8, 10), Link("edge", "cloud", 8, 30))
+    c = next(c for c in plan(tiers, links, costs).candidates if c.stages == ((0, 0), (1, 1), (2, 2)))
+    assert [x.payload for x in c.links] == ["input", "features"]
+    assert [x.bytes for x in c.links] == [0.5 * 3000, 0.2 * 3600]

@@ -1,0 +1,100 @@
+"""`exitwise plan` on a tiny study and its ONNX export: the reach shares, feature sizes and wire costs it plans from."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from exitwise.api import export
+from exitwise.cli import main
+from exitwise.deploy.plan import measure_wire
+from exitwise.early_exit import EarlyExitModel
+from exitwise.study.logits_cache import ExitLogits, save_logits
+from exitwise.models import create_model
+from exitwise.deploy.onnx_runtime import OnnxEarlyExit
+from exitwise.policies import get_policy
+from exitwise.runtime import all_exit_logits, prepare
+
+from conftest import random_image_set
+
+TIERS = ["--tier", "device:speed=0.25", "--tier", "cloud", "--link", "device-cloud:mbps=20,rtt-ms=40"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A study folder (early_exit.json, logits.safetensors with made-up stage times) of a random-weight
+    digits-convnet whose thresholds let about a third of the validation images out at each side exit, its
+    export, and its validation images as PNG files."""
+    torch.manual_seed(0)
+    net, policy = create_model("digits-convnet"), get_policy("entropy")
+    val = random_image_set(300, seed=1)
+    logits = all_exit_logits(prepare(net), val).logits
+    scores = policy.scores(torch.from_numpy(logits)).numpy()
+    thresholds = [float(np.quantile(scores[0], 0.33)), float(np.quantile(scores[1], 0.5))]
+    out = tmp_path_factory.mktemp("plan-study")
+    EarlyExitModel(net, policy, np.array(thresholds), "digits-convnet", tuple("0123456789")).save(out / "study")
+    save_logits(ExitLogits(logits, val.labels.numpy(), logits.copy(), val.labels.numpy().copy(), np.array([1, 2, 3]),
+                           np.array([1e-4, 2e-4, 4e-4]), {}), out / "study" / "logits.safetensors")
+    export(out / "onnx", source=out / "study")
+    (out / "images").mkdir()
+    for i, pixels in enumerate(val.images.numpy()):
+        Image.fromarray(pixels[:, :, 0]).save(out / "images" / f"{i:03d}.png")
+    return out, val, scores, thresholds
+
+
+def test_plan_from_a_study_and_its_export(study, capsys):
+    out, val, scores, thresholds = study
+    assert main(["plan", "--from", str(out / "study"), "--export", str(out / "onnx"), *TIERS,
+                 "--images", str(out / "images"), "--out", str(out / "plan.json")]) == 0
+    doc = json.loads((out / "plan.json").read_text())
+    runner = OnnxEarlyExit.load(out / "onnx")
+    shares = np.bincount(runner.run(val.images.numpy()).exits, minlength=3)
+    reach = shares[::-1].cumsum()[::-1] / len(val.images)
+    assert np.allclose(doc["costs"]["reach"], reach, atol=2 / 300)  # the export's run, but for borderline scores
+    assert doc["costs"]["feature_values"] == [int(np.prod(s["output_shape"][1:])) for s in runner.manifest["stages"][:2]]
+    assert doc["costs"]["input_bytes"] == 64 and len(doc["candidates"]) == 4
+    assert set(doc["costs"]["wire"]["disagreement"]) == {"fp16", "int8"}
+    assert doc["choice"] == doc["candidates"][doc["chosen"]]
+    table = capsys.readouterr().out
+    assert table.count("\n*") == 1 and "written:" in table
+
+
+def test_the_feature_sizes_from_the_model_equal_the_exports(study):
+    out = study[0]
+    args = ["plan", "--from", str(out / "study"), *TIERS]
+    assert main([*args, "--out", str(out / "a.json")]) == 0
+    assert main([*args, "--export", str(out / "onnx"), "--out", str(out / "b.json")]) == 0
+    a, b = (json.loads((out / f).read_text())["costs"] for f in ("a.json", "b.json"))
+    assert a["feature_values"] == b["feature_values"] and a["input_bytes"] == b["input_bytes"]
+
+
+def test_fp32_on_the_wire_changes_nothing_and_int8_little(study):
+    out, val = study[0], study[1]
+    cost = measure_wire(OnnxEarlyExit.load(out / "onnx"), val.images.numpy(), ("fp32", "fp16", "int8"),
+                        labels=val.labels.numpy())
+    assert cost.disagreement["fp32"] == [0.0, 0.0] and cost.accuracy_change_points["fp32"] == [0.0, 0.0]
+    assert max(cost.disagreement["fp16"]) <= 0.02 and max(cost.disagreement["int8"]) <= 0.1
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--tier", "edge:speed=x"], "not a number"),
+    (["--link", "device-edge:mbps=1,rtt-ms=1"], "no tier named 'edge'"),
+    (["--minimize", "cost"], "latency or traffic"),
+    (["--images", "nowhere"], "give --export too"),
+])
+def test_bad_tiers_and_links_exit_2_in_one_line(study, tmp_path, capsys, extra, message):
+    out = study[0]
+    assert main(["plan", "--from", str(out / "study"), *TIERS, *extra, "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "p.json").exists()
+
+
+def test_a_missing_link_exits_2(study, tmp_path, capsys):
+    out = study[0]
+    assert main(["plan", "--from", str(out / "study"), "--tier", "device", "--tier", "cloud",
+                 "--out", str(tmp_path / "p.json")]) == 2
+    assert "no link device-cloud" in capsys.readouterr().err

@@ -1,0 +1,205 @@
+"""Tiers on 127.0.0.1: a chain of `exitwise serve` processes answers as single-process early exit does, degrades
+to its own last exit when the next tier dies (and forwards again when it is back), and refuses bad chains."""
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from exitwise.api import export
+from exitwise.cli import main
+from exitwise.deploy.onnx_runtime import OnnxEarlyExit
+from exitwise.early_exit import EarlyExitModel
+from exitwise.models import create_model
+from exitwise.policies import get_policy
+from exitwise.runtime import all_exit_logits, prepare
+
+from conftest import random_image_set
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from link_relay import ServeProcess as Tier  # noqa: E402
+
+NEAR = 1e-5  # fp32 rounding across batch sizes: a score this close to its threshold may go either way
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A random-weight digits-convnet (three stages), thresholds that let a third out at each side exit, exported."""
+    torch.manual_seed(0)
+    net, policy = create_model("digits-convnet"), get_policy("entropy")
+    data = random_image_set(120, seed=3)
+    scores = policy.scores(torch.from_numpy(all_exit_logits(prepare(net), data).logits)).numpy()
+    thresholds = np.array([np.quantile(scores[0], 0.33), np.quantile(scores[1], 0.5)])
+    out = tmp_path_factory.mktemp("tiers")
+    EarlyExitModel(net, policy, thresholds, "digits-convnet", tuple("0123456789")).save(out / "model")
+    export(out / "onnx", source=out / "model")
+    return out / "onnx", data.images.numpy()
+
+
+def _infer(url: str, images: np.ndarray) -> dict:
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(images.shape),
+                                   "parameters": {"layout": "NHWC"}, "data": images.reshape(-1).tolist()}]})
+    request = urllib.request.Request(f"{url}/v2/models/digits-convnet/infer", body.encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        doc = json.loads(response.read())
+    out = {o["name"]: o["data"] for o in doc["outputs"]}
+    return {"exit": np.array(out["exit"]), "class": np.array(out["class_index"]), **doc.get("parameters", {})}
+
+
+def _borderline(export: Path, images: np.ndarray) -> np.ndarray:
+    """Images with a side-exit score within NEAR of its threshold (their exit may differ by batch composition)."""
+    model = OnnxEarlyExit.load(export)
+    x, state = images.transpose(0, 3, 1, 2).astype(np.float32) / 255, model.policy.init_state(len(images))
+    near = np.zeros(len(images), dtype=bool)
+    for k in range(model.num_exits - 1):
+        x, logits = model._stage(k, x)
+        scores, state = model.policy.step(k, logits, state)
+        near = near | (np.abs(scores - np.float32(model.thresholds[k])) <= NEAR)
+    return near
+
+
+def test_a_three_tier_chain_answers_as_single_process_early_exit(digits):
+    export_dir, images = digits
+    expected = OnnxEarlyExit.load(export_dir).run(images)
+    cloud = Tier(export_dir, "--stages", "2-2", "--tier", "cloud")
+    edge = Tier(export_dir, "--stages", "1-1", "--next", cloud.url, "--tier", "edge")
+    device = Tier(export_dir, "--stages", "0-0", "--next", edge.url, "--tier", "device", "--max-wait-ms", "5")
+    try:
+        got = [_infer(device.url, images[i:i + 40]) for i in range(0, len(images), 40)]
+        metrics = urllib.request.urlopen(f"{device.url}/metrics", timeout=30).read().decode()
+    finally:
+        for tier in (device, edge, cloud):
+            tier.stop()
+    exits = np.concatenate([g["exit"] for g in got])
+    classes = np.concatenate([g["class"] for g in got])
+    tiers = sum((g["tier"] for g in got), [])
+    differ = (exits != expected.exits) | (classes != expected.predictions)
+    assert not (differ & ~_borderline(export_dir, images)).any()
+    assert set(exits) == {0, 1, 2}  # every tier answers some
+    assert [("device", "edge", "cloud")[e] for e in exits] == tiers  # each tier answers at its own exit
+    assert not any(sum((g["degraded"] for g in got), []))
+    assert "exitwise_forwarded_samples_total" in metrics
+
+
+def _counter(url: str, name: str) -> float:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_the_next_tier_killed_mid_run_gives_degraded_answers_then_forwarding_resumes(digits):
+    export_dir, images = digits
+    expected = OnnxEarlyExit.load(export_dir).run(images)
+    cloud = Tier(export_dir, "--stages", "1-2", "--tier", "cloud")
+    device = Tier(export_dir, "--stages", "0-0", "--next", cloud.url, "--tier", "device",
+                  "--forward-timeout-ms", "2000")
+    try:
+        before = _infer(device.url, images[:40])
+        assert not any(before["degraded"]) and "cloud" in before["tier"]
+        cloud.stop()  # the next tier is gone: every request is still answered, by the device's exit 0
+        during = _infer(device.url, images[40:80])
+        assert len(during["exit"]) == 40
+        stayed = expected.exits[40:80] > 0
+        assert all(during["degraded"][i] == bool(stayed[i]) for i in range(40))
+        assert set(during["exit"][stayed]) == {0} and {during["tier"][i] for i in np.flatnonzero(stayed)} == {"device"}
+        assert _counter(device.url, "exitwise_degraded_samples_total") == stayed.sum()
+        cloud = Tier(export_dir, "--stages", "1-2", "--tier", "cloud", port=cloud.port)  # back on its port
+        time.sleep(0.6)  # past the pause after a failure (500 ms)
+        after = _infer(device.url, images[80:120])
+        assert not any(after["degraded"]) and "cloud" in after["tier"]
+    finally:
+        device.stop()
+        cloud.stop()
+
+
+def test_bad_tiers_exit_2_in_one_line(digits, tmp_path, capsys):
+    export_dir = str(digits[0])
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "exitwise.tier-plan/1", "tiers": [{"name": "device"}, {"name": "cloud"}],
+                                "costs": {"stage_seconds": [1, 1, 1]},
+                                "choice": {"stages": [None, [0, 2]], "wire": "fp32", "links": []}}))
+    cases = [(["--stages", "0-1", "--next", "localhost:8001"], "not a URL"),
+             (["--stages", "0-1", "--next", "ftp://127.0.0.1:1"], "not a URL"),
+             (["--stages", "2-1", "--next", "http://127.0.0.1:1"], "out of order"),
+             (["--stages", "0-5"], "stages 0-2"),
+             (["--stages", "0-1"], "give --next"),
+             (["--stages", "1-2", "--next", "http://127.0.0.1:1"], "nothing to send"),
+             (["--plan", str(plan), "--tier", "device"], "holds no stages"),
+             (["--plan", str(plan), "--tier", "edge"], "not in"),
+             (["--stages", ""], "FIRST-LAST"),
+             (["--stages", "0-1", "--next", "http://127.0.0.1:1", "--forward-timeout-ms", "900", "--timeout-ms",
+               "500"], "below --timeout-ms")]
+    for args, message in cases:
+        assert main(["serve", "--export", export_dir, "--port", "0", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (args, err)
+
+
+def test_a_tier_takes_its_stages_and_wire_format_from_the_plan(digits, tmp_path):
+    from exitwise.cli import _tier_config, build_parser
+    from exitwise.deploy.plan import Link, NetworkCosts, Tier as PlanTier, WireCost, plan
+    # a slow last stage that a 10x faster cloud takes; 10 values cross after stage 1 (int8 changes nothing)
+    costs = NetworkCosts((0.001, 0.001, 0.5), (1.0, 0.1, 0.05), (10, 10), 1000, WireCost(100, {"int8": (0.0, 0.0)}))
+    doc = plan((PlanTier("device"), PlanTier("cloud", 10)), (Link("device", "cloud", 1, 10),), costs).to_json()
+    assert doc["choice"]["stages"] == [[0, 1], [2, 2]] and doc["choice"]["wire"] == "int8"
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    args = build_parser().parse_args(["serve", "--export", str(digits[0]), "--plan", str(tmp_path / "plan.json"),
+                                      "--tier", "device", "--next", "http://127.0.0.1:9"])
+    config = _tier_config(args)
+    assert (config.name, config.first, config.last, config.wire) == ("device", 0, 1, "int8")
+
+
+def test_features_requests_round_trip_and_malformed_ones_are_refused():
+    from exitwise.deploy.tiers import decode_features, encode_features
+    from exitwise.errors import UserError
+    x, state = np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.array([[1, 2], [3, 4]])
+    stage, y, s = decode_features(encode_features(1, x, state, "fp32"), 2)
+    assert stage == 1 and np.array_equal(x, y) and np.array_equal(state, s)
+    with pytest.raises(UserError, match="state"):
+        decode_features(encode_features(1, x, state, "fp32"), 3)
+    with pytest.raises(UserError, match="malformed"):
+        decode_features(b"\x05\x00\x00\x00{bad}", 0)
+
+
+def test_int8_features_on_the_wire_keep_almost_every_answer(digits):
+    export_dir, images = digits
+    expected = OnnxEarlyExit.load(export_dir).run(images)
+    cloud = Tier(export_dir, "--stages", "1-2", "--tier", "cloud")
+    device = Tier(export_dir, "--stages", "0-0", "--next", cloud.url, "--tier", "device", "--wire", "int8")
+    try:
+        got = _infer(device.url, images)
+        sent = _counter(device.url, "exitwise_forwarded_bytes_total")
+    finally:
+        device.stop()
+        cloud.stop()
+    same = (got["exit"] == expected.exits) & (got["class"] == expected.predictions)
+    assert same.mean() >= 0.95 and not any(got["degraded"])
+    values = int(np.prod(OnnxEarlyExit.load(export_dir).manifest["stages"][0]["output_shape"][1:]))  # 16x8x8
+    survivors = (expected.exits > 0).sum()
+    assert survivors * values <= sent < survivors * values * 1.5  # a byte per value and headers (fp32 takes 4)
+
+
+def test_the_first_tier_may_send_images_and_the_next_recomputes(digits):
+    export_dir, images = digits
+    expected = OnnxEarlyExit.load(export_dir).run(images)
+    cloud = Tier(export_dir, "--stages", "2-2", "--tier", "cloud")
+    device = Tier(export_dir, "--stages", "0-1", "--next", cloud.url, "--tier", "device", "--send-images")
+    try:
+        got = _infer(device.url, images)
+        sent = _counter(device.url, "exitwise_forwarded_bytes_total")
+    finally:
+        device.stop()
+        cloud.stop()
+    differ = (got["exit"] != expected.exits) | (got["class"] != expected.predictions)
+    assert not (differ & ~_borderline(export_dir, images)).any() and not any(got["degraded"])
+    survivors = (expected.exits == 2).sum()
+    assert survivors * 64 <= sent < survivors * 64 + 2000  # 8x8 uint8 pixels each, and one header per batch
