@@ -114,6 +114,7 @@ def tiny_setup(folder: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
     from exitwise.policies import get_policy
     from exitwise.runtime import all_exit_logits, prepare
     from exitwise.study.logits_cache import ExitLogits, save_logits
+    from exitwise.study.results import Measurements
     torch.manual_seed(0)
     splits = load_splits("digits", progress=False)
     net, policy = create_model("digits-convnet"), get_policy("entropy")
@@ -123,7 +124,7 @@ def tiny_setup(folder: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
     EarlyExitModel(net, policy, np.array(thresholds), "digits-convnet", tuple("0123456789")).save(folder / "study")
     labels = splits.val.labels.numpy()
     save_logits(ExitLogits(run.logits, labels, run.logits.copy(), labels.copy(), np.array([1, 2, 3]),
-                           np.array([2e-4, 3e-4, 5e-4]), {}), folder / "study" / "logits.safetensors")
+                           np.array([2e-4, 3e-4, 5e-4]), Measurements()), folder / "study" / "logits.safetensors")
     export(folder / "onnx", source=folder / "study")
     return folder / "study", folder / "onnx", splits.test.images[:40].numpy(), splits.test.labels[:40].numpy()
 

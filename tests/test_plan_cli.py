@@ -14,6 +14,7 @@ from exitwise.cli import main
 from exitwise.deploy.plan import measure_wire
 from exitwise.early_exit import EarlyExitModel
 from exitwise.study.logits_cache import ExitLogits, save_logits
+from exitwise.study.results import Measurements
 from exitwise.models import create_model
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.policies import get_policy
@@ -38,7 +39,7 @@ def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan-study")
     EarlyExitModel(net, policy, np.array(thresholds), "digits-convnet", tuple("0123456789")).save(out / "study")
     save_logits(ExitLogits(logits, val.labels.numpy(), logits.copy(), val.labels.numpy().copy(), np.array([1, 2, 3]),
-                           np.array([1e-4, 2e-4, 4e-4]), {}), out / "study" / "logits.safetensors")
+                           np.array([1e-4, 2e-4, 4e-4]), Measurements()), out / "study" / "logits.safetensors")
     export(out / "onnx", source=out / "study")
     (out / "images").mkdir()
     for i, pixels in enumerate(val.images.numpy()):
