@@ -62,6 +62,7 @@ def test_choose_precision_times_every_candidate_on_this_machine():
 
 
 def test_the_precision_timing_is_measured_once_per_architecture_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(tune, "machine_load", lambda: {"busy": False, "busy_share": 0.0})  # as on a quiet machine
     monkeypatch.setenv("EXITWISE_CACHE_DIR", str(tmp_path))
     data = random_image_set(100)
     # seeded weights on which every precision agreed with fp32 on all 100 images (measured on Zen 4), so the choice
@@ -77,6 +78,7 @@ def test_the_precision_timing_is_measured_once_per_architecture_and_machine(tmp_
 
 
 def test_the_micro_batch_probe_runs_once_per_model_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(tune, "machine_load", lambda: {"busy": False, "busy_share": 0.0})  # as on a quiet machine
     model, data = prepare(create_model("digits-convnet")), random_image_set(300)
     size, probe = choose_micro_batch(model, data, torch.device("cpu"), "fp32", batch_size=128, cache_dir=tmp_path)
     assert size in (16, 32, 64, 128) and set(probe["ms_per_image"]) == {"16", "32", "64", "128"}
@@ -88,6 +90,16 @@ def test_the_micro_batch_probe_runs_once_per_model_and_machine(tmp_path, monkeyp
     with pytest.raises(pytest.fail.Exception):
         choose_micro_batch(other, random_image_set(300, shape=(32, 32, 3)), torch.device("cpu"), "fp32",
                            cache_dir=tmp_path)
+
+
+def test_a_probe_timed_while_the_machine_is_busy_is_used_once_and_not_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(tune, "machine_load", lambda: {"busy": True, "busy_share": 0.9})
+    model, data = prepare(create_model("digits-convnet")), random_image_set(64)
+    size, probe = choose_micro_batch(model, data, torch.device("cpu"), "fp32", batch_size=64, cache_dir=tmp_path)
+    assert not probe["cached"] and probe["busy_share"] == 0.9 and not (tmp_path / "probes.json").exists()
+    monkeypatch.setattr(tune, "machine_load", lambda: {"busy": False, "busy_share": 0.0})
+    again, probe = choose_micro_batch(model, data, torch.device("cpu"), "fp32", batch_size=64, cache_dir=tmp_path)
+    assert not probe["cached"] and (tmp_path / "probes.json").exists()  # measured afresh, and now kept
 
 
 def test_training_precision_is_timed_without_touching_the_model_or_the_rng():
@@ -120,6 +132,7 @@ def test_the_machine_names_its_cpu():
 
 
 def test_cache_clear_forgets_the_measured_micro_batches(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tune, "machine_load", lambda: {"busy": False, "busy_share": 0.0})  # as on a quiet machine
     from exitwise.cli import main
     monkeypatch.setenv("EXITWISE_CACHE_DIR", str(tmp_path))
     choose_micro_batch(prepare(create_model("digits-convnet")), random_image_set(64), torch.device("cpu"), "fp32")

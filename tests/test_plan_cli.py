@@ -11,7 +11,7 @@ pytest.importorskip("onnxscript")
 
 from exitwise.api import export
 from exitwise.cli import main
-from exitwise.deploy.plan import measure_wire
+from exitwise.deploy.plan import measure_wire, parse_tier
 from exitwise.early_exit import EarlyExitModel
 from exitwise.study.logits_cache import ExitLogits, save_logits
 from exitwise.study.results import Measurements
@@ -99,3 +99,19 @@ def test_a_missing_link_exits_2(study, tmp_path, capsys):
     assert main(["plan", "--from", str(out / "study"), "--tier", "device", "--tier", "cloud",
                  "--out", str(tmp_path / "p.json")]) == 2
     assert "no link device-cloud" in capsys.readouterr().err
+
+
+def test_measure_prints_this_machines_stage_times_as_a_tiers_stage_ms(study, capsys):
+    out = study[0]
+    assert main(["plan", "--measure", "--export", str(out / "onnx")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("stage-ms=")
+    tier = parse_tier(f"edge:{line}")
+    assert len(tier.stage_seconds) == 3 and all(s > 0 for s in tier.stage_seconds)
+
+
+def test_measure_needs_an_export_and_planning_needs_a_study_tiers_and_out(study, tmp_path, capsys):
+    assert main(["plan", "--measure"]) == 2
+    assert "give --export" in capsys.readouterr().err
+    assert main(["plan", *TIERS, "--out", str(tmp_path / "p.json")]) == 2
+    assert "needs --from" in capsys.readouterr().err

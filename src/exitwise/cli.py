@@ -242,11 +242,11 @@ def cmd_cache(args: argparse.Namespace) -> None:
 def _add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="place a study's stages on tiers (device, edge, cloud) from measured costs: "
                                     "every placement's predicted latency and bytes per link; writes the best")
-    p.add_argument("--from", dest="source", type=Path, required=True, help="a study's output folder (logits, "
-                                                                              "thresholds, stage times)")
+    p.add_argument("--from", dest="source", type=Path, help="a study's output folder (logits, thresholds, "
+                                                             "stage times)")
     p.add_argument("--export", type=Path, help="its ONNX export (feature shapes; its thresholds are served); "
                                                "default: the shapes from the study's model (needs torch)")
-    p.add_argument("--tier", action="append", default=[], required=True,
+    p.add_argument("--tier", action="append", default=[],
                    help="NAME[:speed=S] (S x the speed of the machine the study timed on) or NAME:stage-ms=a/b/.. "
                         "(measured there); in order, first the one the images arrive at")
     p.add_argument("--link", action="append", default=[], help="FROM-TO:mbps=M,rtt-ms=R, one per consecutive pair")
@@ -256,7 +256,9 @@ def _add_plan_parser(sub) -> None:
                                                           "measure fp16 and int8 features' cost; without, fp32 only")
     p.add_argument("--wire-tolerance", type=float, help="most answers (percentage points) a cheaper wire format "
                                                         "may change, summed over its cuts (default 0.1)")
-    p.add_argument("--out", type=Path, required=True, help="plan.json to write")
+    p.add_argument("--out", type=Path, help="plan.json to write")
+    p.add_argument("--measure", action="store_true", help="instead of planning: time each stage of --export here "
+                   "(ONNX Runtime, batch 64) and print them as a tier's stage-ms=; run it on the tier's machine")
 
 
 def _shapes_from_model(study: Path) -> tuple[tuple[int, ...], int, dict]:
@@ -277,6 +279,16 @@ def _shapes_from_model(study: Path) -> tuple[tuple[int, ...], int, dict]:
 def cmd_plan(args: argparse.Namespace) -> None:
     from .deploy import plan as planning
     from .io import atomic_write_json
+    if args.measure:
+        if not args.export:
+            raise UserError("--measure times the stages of an ONNX export: give --export")
+        from .deploy.onnx_runtime import OnnxEarlyExit
+        seconds = planning.measure_stages(OnnxEarlyExit.load(args.export))
+        print("stage-ms=" + "/".join(f"{1000 * s:.4g}" for s in seconds))
+        return
+    missing = [flag for flag, v in (("--from", args.source), ("--tier", args.tier), ("--out", args.out)) if not v]
+    if missing:
+        raise UserError(f"exitwise plan needs {', '.join(missing)} (or --measure with --export)")
     tiers = [planning.parse_tier(t) for t in args.tier]
     links = planning.check_chain(tiers, [planning.parse_link(l) for l in args.link])
     if not args.out.parent.is_dir() or args.out.is_dir():

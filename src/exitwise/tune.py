@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import AGREEMENT_REQUIRED, DEFAULT_MICRO_BATCH, PRECISIONS, check_precision
-from .device import machine, seconds_per_call
+from .device import machine, machine_load, seconds_per_call
 from .models.base import MultiExitNetwork
 from .runtime import all_exit_logits, prepare
 
@@ -152,15 +152,18 @@ def cached_probe(kind: str, model: torch.nn.Module, precision: str, device: torc
                  measure: Callable[[], dict], cache_dir: Path | None = None) -> dict:
     """`measure()`'s answer, timed once per architecture, precision, device, CPU, threads, torch version and
     `setting` and kept in the cache directory's `probes.json`; the entry names its machine and says whether it came
-    from the cache ("cached")."""
+    from the cache ("cached"). A probe timed while other work kept the CPUs busy (`device.machine_load`) is used
+    once and not kept, so a busy moment does not decide every later run on this machine."""
     host = machine(device)
     key = "|".join((kind, architecture_fingerprint(model), precision, str(device), host.cpu, str(host.threads),
                     host.torch, setting))
     path = probe_cache(cache_dir)
     entry = _read_json(path).get(key)
     if entry is None:
-        entry = {**measure(), "machine": host.to_json()}
-        _write_json_entry(path, key, entry)
+        load = machine_load()
+        entry = {**measure(), "machine": host.to_json(), "busy_share": load["busy_share"]}
+        if not load["busy"]:
+            _write_json_entry(path, key, entry)
         return {**entry, "cached": False}
     return {**entry, "cached": True}
 

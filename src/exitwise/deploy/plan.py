@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -428,6 +429,25 @@ def study_costs(val_logits: np.ndarray, stage_seconds: Sequence[float], setting:
                                      setting.get("temperatures")), setting["thresholds"])
     return NetworkCosts(tuple(float(s) for s in stage_seconds), reach, tuple(int(v) for v in feature_values),
                         int(input_bytes), wire)
+
+
+def measure_stages(runner, batch: int = 64, repeats: int = 5, seed: int = 0) -> tuple[float, ...]:
+    """Per-sample seconds of each stage with its head on this machine (`runner`: an `OnnxEarlyExit`): the fastest
+    of `repeats` calls on `batch` random images after an untimed one. Run on a tier's own machine
+    (`exitwise plan --measure`), they are that tier's `stage-ms=`."""
+    c, h, w = runner.input_shape
+    x = as_input(np.random.default_rng(seed).integers(0, 256, (batch, h, w, c), dtype=np.uint8))
+    seconds = []
+    for k in range(runner.num_exits):
+        out, _ = runner._stage(k, x)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            runner._stage(k, x)
+            best = min(best, time.perf_counter() - start)
+        seconds.append(best / batch)
+        x = out
+    return tuple(seconds)
 
 
 def measure_wire(runner, images: np.ndarray, formats: Sequence[str] = ("fp16", "int8"),
