@@ -137,16 +137,58 @@ class _Counting:
         return data
 
 
+class CpuLimit:
+    """A slower machine, emulated: a cgroup (v1 `cpu` controller, or v2 with `cpu`) this process creates, whose
+    processes get at most `share` of one CPU (a 10 ms period, so a throttled process waits at most ~10 ms).
+    `command(argv)` starts argv inside it. Needs root; `available()` says whether this machine allows it."""
+
+    V1, V2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
+    PERIOD_US = 10_000
+
+    def __init__(self, share: float):
+        self.share = share
+        name = f"exitwise-bench-{os.getpid()}"
+        if (self.V1 / "cpu.cfs_quota_us").exists():
+            self.path = self.V1 / name
+            self.path.mkdir()
+            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(int(share * self.PERIOD_US)))
+        else:
+            self.path = self.V2 / name
+            self.path.mkdir()
+            (self.path / "cpu.max").write_text(f"{int(share * self.PERIOD_US)} {self.PERIOD_US}")
+
+    @classmethod
+    def available(cls) -> bool:
+        v2 = (cls.V2 / "cgroup.controllers").exists() and "cpu" in (cls.V2 / "cgroup.controllers").read_text()
+        return os.geteuid() == 0 and ((cls.V1 / "cpu.cfs_quota_us").exists() or v2)
+
+    def command(self, argv: list[str]) -> list[str]:
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.path), *argv]
+
+    def close(self) -> None:
+        try:
+            self.path.rmdir()  # its processes have ended
+        except OSError:
+            pass
+
+
+def exitwise_command(*args: str) -> tuple[list[str], dict]:
+    """`python -m exitwise *args` with this checkout's src/ first on the path: (argv, environment)."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    return [sys.executable, "-m", "exitwise", *args], {**os.environ, "PYTHONPATH": str(src)}
+
+
 class ServeProcess:
     """`exitwise serve --export EXPORT --port PORT *args` in a process of its own (port 0: the OS picks), ready
-    (answering /v2/health/ready) when constructed, within `start_seconds`; `stop()` sends SIGTERM."""
+    (answering /v2/health/ready) when constructed, within `start_seconds`; `stop()` sends SIGTERM. `limit`: run it
+    inside a `CpuLimit` (an emulated slower machine)."""
 
-    def __init__(self, export: str | Path, *args: str, port: int = 0, start_seconds: float = 60.0):
-        src = Path(__file__).resolve().parents[1] / "src"
-        env = {**os.environ, "PYTHONPATH": str(src)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "exitwise", "serve", "--export", str(export),
-                                      "--port", str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
+    def __init__(self, export: str | Path, *args: str, port: int = 0, start_seconds: float = 60.0,
+                 limit: CpuLimit | None = None):
+        argv, env = exitwise_command("serve", "--export", str(export), "--port", str(port), *args)
+        self.proc = subprocess.Popen(limit.command(argv) if limit else argv, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
         deadline, line = time.monotonic() + start_seconds, ""
         while "serving" not in line:
             ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))

@@ -2,9 +2,10 @@
 device sends every image), all-device, and the planner's choice, with the planner's prediction beside each.
 
 Two tiers, "device" and "cloud", both `exitwise serve` processes on this machine, joined by `LinkRelay`
-(benchmarks/link_relay.py: the link's RTT and rate in user space, as the kernel has no netem). The device's
-slower compute is not emulated: the planner is told the speeds given (`--device-speed`, default 1: this machine).
-Clients send one image per request (binary V2 infer), `--concurrency` at a time.
+(benchmarks/link_relay.py: the link's RTT and rate in user space, as the kernel has no netem). The device is
+emulated as a slower machine: its tier runs in a cgroup limited to `--device-cpu-share` of one CPU (default 0.25).
+The planner gets each tier's stage and request times as measured there (`exitwise plan --measure`, batch 1, the
+device's inside the same cgroup). Clients send one image per request (binary V2 infer), `--concurrency` at a time (default 1).
 
     python benchmarks/tiers.py --study runs/b-resnet11-study --export runs/b-resnet11-onnx \\
         --data-dir ../shared/data/cifar10-jpg.tar.gz --images 1000 --links 1:100,20:40,100:20,1000:5
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import threading
@@ -25,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from link_relay import LinkRelay, ServeProcess
+from link_relay import CpuLimit, LinkRelay, ServeProcess, exitwise_command
 
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
-from exitwise.deploy.plan import Link, Tier, export_shapes, measure_wire, plan, study_costs
+from exitwise.deploy.plan import Link, Tier, export_shapes, measure_wire, parse_tier, plan, study_costs
 from exitwise.study.logits_cache import load_logits
 
 
@@ -70,8 +72,15 @@ def drive(url: str, model: str, images: np.ndarray, concurrency: int) -> tuple[n
     return seconds, classes, degraded[0]
 
 
+def measured_tier(name: str, export: Path, limit: CpuLimit | None) -> Tier:
+    """A tier with its stage and request times measured there: `exitwise plan --measure`, inside `limit`."""
+    argv, env = exitwise_command("plan", "--measure", "--export", str(export))
+    out = subprocess.run(limit.command(argv) if limit else argv, env=env, capture_output=True, text=True, check=True)
+    return parse_tier(f"{name}:{out.stdout.strip().splitlines()[-1]}")
+
+
 def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float, wire: str,
-            send_images: bool, concurrency: int) -> dict:
+            send_images: bool, concurrency: int, limit: CpuLimit | None) -> dict:
     """Serve `placement` ((device stages, cloud stages), None: none) over the emulated link; measure it."""
     device_stages, cloud_stages = placement
     procs, relay = [], None
@@ -86,7 +95,7 @@ def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float
             extra = ["--next", f"http://127.0.0.1:{relay.port}", "--wire", wire] if relay else []
             extra += ["--send-images"] if relay and send_images else []
             device = ServeProcess(export, "--stages", f"{device_stages[0]}-{device_stages[1]}", "--tier", "device",
-                                  *extra)
+                                  *extra, limit=limit)
             procs.append(device)
             url = device.url
         infer_one(url, model, images[0])  # warm up the sessions and the connection path
@@ -136,8 +145,9 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, help="CIFAR-10 (the test images are served)")
     ap.add_argument("--images", type=int, default=1000, help="test images served per placement and link")
     ap.add_argument("--links", default="1:100,20:40,100:20,1000:5", help="MBPS:RTT_MS,... (the emulated links)")
-    ap.add_argument("--device-speed", type=float, default=1.0, help="the device's speed told to the planner")
-    ap.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    ap.add_argument("--device-cpu-share", type=float, default=0.25, help="the device tier runs in a cgroup limited "
+                    "to this share of one CPU (an emulated slower device; 0: no limit)")
+    ap.add_argument("--concurrency", type=int, default=1, help="requests in flight (1: each image's latency alone)")
     ap.add_argument("--wire-images", type=int, default=500, help="validation images to measure the wire formats on")
     ap.add_argument("--tiny", action="store_true", help="smoke run on a random-weight digits-convnet")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -161,11 +171,19 @@ def main() -> None:
         values, input_bytes = export_shapes(runner.manifest)
         cache = load_logits(study)
         costs = study_costs(cache.val_logits, cache.stage_seconds_per_sample, runner.manifest, values, input_bytes, wire)
-        tiers = (Tier("device", args.device_speed), Tier("cloud"))
+        limit = CpuLimit(args.device_cpu_share) if args.device_cpu_share > 0 and CpuLimit.available() else None
+        if args.device_cpu_share > 0 and limit is None:
+            print("no cgroup cpu controller here (or not root): the device runs as fast as the cloud")
+        tiers = (measured_tier("device", export, limit), measured_tier("cloud", export, None))
         rows = []
         from exitwise.device import describe_load, machine, machine_load
         print(f"machine: {machine().describe()}; {describe_load(machine_load())}")
-        print(f"model {model}; {len(images)} images; full network accuracy {100 * (full == labels).mean():.2f}%")
+        print(f"model {model}; {len(images)} images; full network accuracy {100 * (full == labels).mean():.2f}%; "
+              f"{args.concurrency} request(s) in flight")
+        for t in tiers:
+            print(f"{t.name}: stage ms per image (plan --measure, batch 1"
+                  f"{f', in {limit.share:g} of a CPU' if t.name == 'device' and limit else ''}): "
+                  + ", ".join(f"{1000 * v:.3f}" for v in t.stage_seconds) + f"; request {1000 * t.request_seconds:.2f}")
         print(f"{'link':>14s} {'placement':>16s} {'wire':>4s} {'pred ms':>8s} {'mean ms':>8s} {'p50 ms':>8s} "
               f"{'p99 ms':>8s} {'B/img':>9s} {'pred B':>9s} {'acc %':>6s} {'degr':>4s}")
         for mbps, rtt in links:
@@ -174,7 +192,7 @@ def main() -> None:
             for name, placement in named.items():
                 c = next(c for c in p.candidates if c.stages == placement)
                 m = measure(placement, export, model, images, mbps, rtt, c.wire, c.links[0].payload == "input",
-                            args.concurrency)
+                            args.concurrency, limit)
                 acc = 100 * float((m.pop("classes") == labels).mean())
                 label = f"{name} {'/'.join(f'{r[0]}-{r[1]}' if r else '-' for r in placement)}"
                 print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>16s} {c.wire:>4s} {c.latency_ms:8.2f} "
@@ -182,6 +200,8 @@ def main() -> None:
                       f"{c.traffic_bytes:9.0f} {acc:6.2f} {m['degraded']:4d}")
                 rows.append({"mbps": mbps, "rtt_ms": rtt, "placement": name, "stages": placement, "wire": c.wire,
                              "predicted_ms": c.latency_ms, "predicted_bytes": c.traffic_bytes, "accuracy": acc, **m})
+        if limit:
+            limit.close()
         if args.out:
             from exitwise.io import atomic_write_json
             from exitwise.device import machine, machine_load

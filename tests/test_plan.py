@@ -73,6 +73,18 @@ def test_an_empty_middle_tier_relays_and_each_link_pays():
     assert math.isclose(c.latency_ms, 88 + .2 * (10 + 1) + .2 * (30 + 1))
 
 
+def test_each_tier_an_image_enters_adds_its_request_cost_at_the_share_that_enters_it():
+    tiers = (Tier("device", 0.25, request_seconds=0.004), Tier("edge", request_seconds=0.002),
+             Tier("cloud", request_seconds=0.001))
+    links = (Link("device", "edge", 8, 10), Link("edge", "cloud", 8, 30))
+    by_stages = {c.stages: c for c in plan(tiers, links, COSTS).candidates}
+    split = by_stages[((0, 1), None, (2, 2))]  # device takes every image; 0.2 reach the cloud through the relay
+    assert math.isclose(split.request_seconds, 0.004 + .2 * 0.002 + .2 * 0.001)
+    assert math.isclose(split.latency_ms, 88 + .2 * (10 + 1) + .2 * (30 + 1) + 4 + .2 * 2 + .2 * 1)
+    all_cloud = by_stages[(None, None, (0, 2))]  # the device holds nothing: the image goes on unopened
+    assert math.isclose(all_cloud.request_seconds, 0.002 + 0.001)
+
+
 def test_reach_shares_follow_the_exit_rule():
     scores = np.array([[0.1, 0.5, 0.9, 0.15], [0.0, 0.4, 0.9, 0.9]], np.float32)
     assert reach_shares(scores, [0.2, 0.5]) == (1.0, 0.5, 0.25)
@@ -83,12 +95,16 @@ def test_tier_and_link_syntax():
     assert parse_tier("cloud") == Tier("cloud", 1.0)
     assert parse_tier("device:speed=0.25") == Tier("device", 0.25)
     assert parse_tier("edge:stage-ms=1/2/4") == Tier("edge", stage_seconds=(0.001, 0.002, 0.004))
+    assert parse_tier("edge:stage-ms=1/2/4,request-ms=2") == Tier("edge", stage_seconds=(0.001, 0.002, 0.004),
+                                                                  request_seconds=0.002)
+    assert parse_tier("cloud:request-ms=0.5") == Tier("cloud", 1.0, request_seconds=0.0005)
     assert parse_link("device-cloud:mbps=20,rtt-ms=40") == Link("device", "cloud", 20, 40)
 
 
 @pytest.mark.parametrize("text,match", [
     ("device:speed=fast", "not a number"), ("device:speed=0", "positive"), ("device:sped=2", "options"),
-    (":speed=1", "NAME"), ("dev-ice", "letters"), ("edge:speed=1,stage-ms=1/2", "not both")])
+    (":speed=1", "NAME"), ("dev-ice", "letters"), ("edge:speed=1,stage-ms=1/2", "not both"),
+    ("edge:request-ms=-1", ">= 0")])
 def test_bad_tiers_are_refused_in_one_line(text, match):
     with pytest.raises(UserError, match=match):
         parse_tier(text)

@@ -107,7 +107,7 @@ def test_measure_prints_this_machines_stage_times_as_a_tiers_stage_ms(study, cap
     line = capsys.readouterr().out.strip()
     assert line.startswith("stage-ms=")
     tier = parse_tier(f"edge:{line}")
-    assert len(tier.stage_seconds) == 3 and all(s > 0 for s in tier.stage_seconds)
+    assert len(tier.stage_seconds) == 3 and all(s > 0 for s in tier.stage_seconds) and tier.request_seconds > 0
 
 
 def test_measure_needs_an_export_and_planning_needs_a_study_tiers_and_out(study, tmp_path, capsys):

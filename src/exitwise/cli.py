@@ -258,7 +258,10 @@ def _add_plan_parser(sub) -> None:
                                                         "may change, summed over its cuts (default 0.1)")
     p.add_argument("--out", type=Path, help="plan.json to write")
     p.add_argument("--measure", action="store_true", help="instead of planning: time each stage of --export here "
-                   "(ONNX Runtime, batch 64) and print them as a tier's stage-ms=; run it on the tier's machine")
+                   "(ONNX Runtime) and a request through its server, and print them as a tier's "
+                   "stage-ms=...,request-ms=...; run it on the tier's machine")
+    p.add_argument("--measure-batch", type=int, default=1, help="with --measure: images per timed call (default 1: "
+                                                                 "an image's latency on a lightly loaded tier)")
 
 
 def _shapes_from_model(study: Path) -> tuple[tuple[int, ...], int, dict]:
@@ -283,8 +286,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
         if not args.export:
             raise UserError("--measure times the stages of an ONNX export: give --export")
         from .deploy.onnx_runtime import OnnxEarlyExit
-        seconds = planning.measure_stages(OnnxEarlyExit.load(args.export))
-        print("stage-ms=" + "/".join(f"{1000 * s:.4g}" for s in seconds))
+        if args.measure_batch < 1:
+            raise UserError(f"--measure-batch must be at least 1, got {args.measure_batch}")
+        runner = OnnxEarlyExit.load(args.export)
+        seconds = planning.measure_stages(runner, batch=args.measure_batch)
+        request = planning.measure_request(runner, seconds)
+        print("stage-ms=" + "/".join(f"{1000 * s:.4g}" for s in seconds) + f",request-ms={1000 * request:.4g}")
         return
     missing = [flag for flag, v in (("--from", args.source), ("--tier", args.tier), ("--out", args.out)) if not v]
     if missing:

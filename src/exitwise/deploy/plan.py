@@ -16,6 +16,9 @@ A pure function of typed inputs (`plan`); the cost model (also in docs/tiers.md)
   where that is smaller than the fp32 features; then the next tier holding stages recomputes stages 0..c-1 for
   the survivors (charged at its speed with their heads' time included: an upper bound). Queueing and the wait
   for a batch to fill are not modelled; the answer's return bytes (a few per image) are not counted.
+* requests: each tier an image enters adds its `request_seconds` (HTTP, decoding, the answer): the first tier for
+  every image (unless it holds no stages: the image starts there unopened), each later tier for the share
+  crossing to it.
 * wire format: per candidate the smallest format (int8, then fp16, then fp32) whose measured disagreement with
   fp32, summed over the cuts where it carries features, is at most the tolerance (default 0.1 points);
   unmeasured formats are never chosen; fp32 is exact.
@@ -51,10 +54,12 @@ _NAME = re.compile(r"[A-Za-z0-9_]+\Z")
 @dataclass(frozen=True)
 class Tier:
     """A machine in the chain: its name, its speed relative to the machine the study timed on, or its own
-    measured per-sample seconds per stage (which then win)."""
+    measured per-sample seconds per stage (which then win); and what taking one image in costs it beyond its stages
+    (the request: HTTP, decoding, the answer; measured by `exitwise plan --measure`, 0 unless given)."""
     name: str
     speed: float = 1.0
     stage_seconds: tuple[float, ...] | None = None
+    request_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -63,6 +68,8 @@ class Tier:
             raise UserError(f"tier {self.name}: speed must be a positive number, got {self.speed}")
         if self.stage_seconds is not None and not all(math.isfinite(s) and s >= 0 for s in self.stage_seconds):
             raise UserError(f"tier {self.name}: stage times must be non-negative numbers")
+        if not (math.isfinite(self.request_seconds) and self.request_seconds >= 0):
+            raise UserError(f"tier {self.name}: request-ms must be a number >= 0, got {1000 * self.request_seconds}")
 
     def to_json(self) -> dict:
         return asdict(self) | {"stage_seconds": list(self.stage_seconds) if self.stage_seconds else None}
@@ -146,10 +153,11 @@ class Candidate:
     wire_disagreement: float       # share of images whose answer may change by the wire format (upper bound)
     compute_seconds: float
     links: tuple[Crossing, ...]
+    request_seconds: float = 0.0   # the tiers' request costs: the first tier's, and each receiving tier's x share
 
     @property
     def latency_ms(self) -> float:
-        return 1000 * (self.compute_seconds + sum(c.seconds for c in self.links))
+        return 1000 * (self.compute_seconds + self.request_seconds + sum(c.seconds for c in self.links))
 
     @property
     def traffic_bytes(self) -> float:
@@ -158,6 +166,7 @@ class Candidate:
     def to_json(self) -> dict:
         return {"stages": [list(r) if r else None for r in self.stages], "wire": self.wire,
                 "wire_disagreement": self.wire_disagreement, "compute_seconds": self.compute_seconds,
+                "request_seconds": self.request_seconds,
                 "latency_ms": self.latency_ms, "traffic_bytes": self.traffic_bytes,
                 "links": [c.to_json() for c in self.links]}
 
@@ -252,15 +261,17 @@ def candidate(stages: tuple[tuple[int, int] | None, ...], tiers: Sequence[Tier],
         if is_input and 0 < c < k:  # the tier holding stage c first reruns stages 0..c-1 for the survivors
             compute += reach[c] * _tier_seconds(tiers[holder[c]], costs)[:c].sum()
     crossings = []
-    for c, link in zip(cuts, links):
+    requests = tiers[0].request_seconds if stages[0] else 0.0  # images arrive at the first tier (or skip a relay)
+    for c, link, target in zip(cuts, links, tiers[1:]):
         if c == k:
             crossings.append(Crossing(c, "nothing", 0.0, 0.0, 0.0))
             continue
         share = float(reach[c]) if c else 1.0
+        requests += share * target.request_seconds
         size = costs.input_bytes if sends_input[c] else feature_bytes(c, wire)
         seconds = share * (link.rtt_ms / 1000 + size * 8 / (link.mbps * 1e6))
         crossings.append(Crossing(c, "input" if sends_input[c] else "features", share, share * size, seconds))
-    return Candidate(stages, wire, disagreement, float(compute), tuple(crossings))
+    return Candidate(stages, wire, disagreement, float(compute), tuple(crossings), float(requests))
 
 
 def check_chain(tiers: Sequence[Tier], links: Sequence[Link]) -> tuple[Link, ...]:
@@ -335,15 +346,16 @@ def _number(value: str, where: str) -> float:
 
 def parse_tier(text: str) -> Tier:
     """`cloud`, `device:speed=0.25` (4x slower than where the study timed) or `edge:stage-ms=0.1/0.2/...`."""
-    name, options = _options(text, "--tier", ("speed", "stage-ms"))
+    name, options = _options(text, "--tier", ("speed", "stage-ms", "request-ms"))
     if not name:
-        raise UserError(f"--tier {text!r}: expected NAME[:speed=S] or NAME:stage-ms=a/b/...")
-    if len(options) > 1:
+        raise UserError(f"--tier {text!r}: expected NAME[:speed=S] or NAME:stage-ms=a/b/...[,request-ms=R]")
+    if "speed" in options and "stage-ms" in options:
         raise UserError(f"--tier {text!r}: give speed or stage-ms, not both")
+    request = _number(options.get("request-ms", "0"), f"--tier {text!r}") / 1000
     if "stage-ms" in options:
         ms = tuple(_number(v, f"--tier {text!r}") for v in options["stage-ms"].split("/"))
-        return Tier(name, stage_seconds=tuple(m / 1000 for m in ms))
-    return Tier(name, _number(options.get("speed", "1"), f"--tier {text!r}"))
+        return Tier(name, stage_seconds=tuple(m / 1000 for m in ms), request_seconds=request)
+    return Tier(name, _number(options.get("speed", "1"), f"--tier {text!r}"), request_seconds=request)
 
 
 def parse_link(text: str) -> Link:
@@ -431,10 +443,10 @@ def study_costs(val_logits: np.ndarray, stage_seconds: Sequence[float], setting:
                         int(input_bytes), wire)
 
 
-def measure_stages(runner, batch: int = 64, repeats: int = 5, seed: int = 0) -> tuple[float, ...]:
+def measure_stages(runner, batch: int = 1, repeats: int = 20, seed: int = 0) -> tuple[float, ...]:
     """Per-sample seconds of each stage with its head on this machine (`runner`: an `OnnxEarlyExit`): the fastest
-    of `repeats` calls on `batch` random images after an untimed one. Run on a tier's own machine
-    (`exitwise plan --measure`), they are that tier's `stage-ms=`."""
+    of `repeats` calls on `batch` random images after an untimed one (batch 1: an image's latency on a lightly
+    loaded tier). Run on a tier's own machine (`exitwise plan --measure`), they are that tier's `stage-ms=`."""
     c, h, w = runner.input_shape
     x = as_input(np.random.default_rng(seed).integers(0, 256, (batch, h, w, c), dtype=np.uint8))
     seconds = []
@@ -448,6 +460,64 @@ def measure_stages(runner, batch: int = 64, repeats: int = 5, seed: int = 0) -> 
         seconds.append(best / batch)
         x = out
     return tuple(seconds)
+
+
+def measure_request(runner, stage_seconds: Sequence[float], requests: int = 40) -> float:
+    """Seconds a one-image request costs this machine's `exitwise serve` beyond the stages it runs: the median of
+    `requests` sequential binary V2 infer requests to the real server (uvicorn on 127.0.0.1, a free port, in this
+    process, so the client's own work is included) less the `stage_seconds` of the stages each image ran
+    (`runner`: an `OnnxEarlyExit`). Needs the serve extra."""
+    import http.client
+    import socket
+    import threading
+    try:
+        import uvicorn
+        from .server import create_app
+    except ImportError as e:
+        raise UserError(f"--measure times a request through the server: pip install 'exitwise[serve]' ({e.name})") \
+            from None
+    from .onnx_runner import OnnxRunner
+    served = OnnxRunner(runner)
+    app = create_app(served)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    c, h, w = runner.input_shape
+    image = np.random.default_rng(0).integers(0, 256, (1, h, w, c), dtype=np.uint8)
+    head = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(image.shape),
+                                   "parameters": {"layout": "NHWC", "binary_data_size": image.size}}]}).encode()
+    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+    cumulative = np.cumsum(stage_seconds)
+    extra = []
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise UserError("the server for --measure did not start")
+            time.sleep(0.01)
+        connection = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=30)
+        for i in range(requests + 3):  # the first three warm the connection and the sessions
+            start = time.perf_counter()
+            connection.request("POST", f"/v2/models/{served.name}/infer", head + image.tobytes(), headers)
+            response = connection.getresponse()
+            body = response.read()
+            took = time.perf_counter() - start
+            if response.status != 200:
+                raise UserError(f"--measure: the server answered {response.status}: {body[:200]!r}")
+            if i >= 3:
+                length = int(response.getheader("Inference-Header-Content-Length") or len(body))
+                outputs = {o["name"]: o for o in json.loads(body[:length])["outputs"]}
+                exit_taken = int(outputs["exit"]["data"][0]) if "data" in outputs["exit"] else served.num_exits - 1
+                extra.append(took - cumulative[exit_taken])
+        connection.close()
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        app.state.scheduler.close(5)
+    return max(0.0, float(np.median(extra)))
 
 
 def measure_wire(runner, images: np.ndarray, formats: Sequence[str] = ("fp16", "int8"),
