@@ -1,5 +1,5 @@
 """An emulated network link for the tier benchmarks and tests: a TCP relay on 127.0.0.1 that delays every byte by
-half the round-trip time in each direction and caps each direction's rate with a token bucket; and
+half the round-trip time in each direction and sends each direction's bytes at the link's rate; and
 `ServeProcess`, one `exitwise serve` tier in a process of its own.
 
 This machine's kernel has no `netem` qdisc, so the delay is added in user space. Test and benchmark tooling, not
@@ -21,28 +21,24 @@ import time
 import urllib.request
 from pathlib import Path
 
-CHUNK = 16 * 1024  # bytes read at once, and the token bucket's depth (the largest burst at full speed)
+CHUNK = 16 * 1024  # bytes read at once
 
 
 class _Direction:
-    """One direction of one connection: chunks wait out the one-way delay, then the rate's tokens, in order."""
+    """One direction of one connection: chunks wait out the one-way delay, then go over a serial line of the rate
+    (each byte takes 8 / rate seconds, one after another: no burst), in order."""
 
     def __init__(self, delay: float, bytes_per_second: float | None):
         self.delay, self.rate = delay, bytes_per_second
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.tokens, self.filled_at = float(CHUNK), time.monotonic()
+        self.free_at = time.monotonic()  # when the line has sent what it was given
 
     async def pace(self, n: int) -> None:
         if self.rate is None:
             return
-        while True:
-            now = time.monotonic()
-            self.tokens = min(float(CHUNK), self.tokens + (now - self.filled_at) * self.rate)
-            self.filled_at = now
-            if self.tokens >= n:
-                self.tokens -= n
-                return
-            await asyncio.sleep((n - self.tokens) / self.rate)
+        now = time.monotonic()
+        self.free_at = max(self.free_at, now) + n / self.rate
+        await asyncio.sleep(self.free_at - now)
 
     async def read(self, reader: asyncio.StreamReader) -> None:
         try:

@@ -126,7 +126,17 @@ class Pool:
         self.host, self.port, self.free = host, port, []
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
-        reader, writer = self.free.pop() if self.free else await asyncio.open_connection(self.host, self.port)
+        if self.free:  # a kept-alive connection, unless the server closed it while it sat idle (uvicorn: after 5 s)
+            reader, writer = self.free.pop()
+            writer.write(_request(b"POST", b"/v1/predict", body))
+            try:
+                status, answer = await _read_response(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+            else:
+                self.free.append((reader, writer))
+                return status, answer
+        reader, writer = await asyncio.open_connection(self.host, self.port)
         writer.write(_request(b"POST", b"/v1/predict", body))
         status, answer = await _read_response(reader)
         self.free.append((reader, writer))

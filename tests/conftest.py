@@ -19,6 +19,14 @@ def random_image_set(n: int, shape=(8, 8, 1), num_classes: int = 10, seed: int =
 
 
 @pytest.fixture
+def spread_thresholds(net, data, policy, shares=(0.3, 0.3)) -> list[float]:
+    """Thresholds that let about `shares` of the samples out at the side exits (so every exit is used)."""
+    import numpy as np
+    from exitwise.runtime import all_exit_logits, prepare
+    scores = policy.scores(torch.from_numpy(all_exit_logits(prepare(net), data).logits)).numpy()
+    return [float(np.quantile(scores[k], s)) for k, s in enumerate(shares)]
+
+
 def needs_cifar():
     if not (CIFAR_JPG.is_file() and SEED_WEIGHTS.is_file()):
         pytest.skip("../shared CIFAR-10 copy or seed weights not present")

@@ -28,16 +28,10 @@ from exitwise.deploy.onnx_runtime import OnnxEarlyExit, Policy
 from exitwise.policies import get_policy
 from exitwise.runtime import all_exit_logits, prepare, run_early_exit
 
-from conftest import CIFAR_JPG, random_image_set
+from conftest import CIFAR_JPG, random_image_set, spread_thresholds
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 NEAR = 1e-5  # fp32 rounding: a sample whose score is this close to a threshold may go either way
-
-
-def _spread_thresholds(net, data, policy, shares=(0.3, 0.3)) -> list[float]:
-    """Thresholds that let about `shares` of the samples out at the side exits (so every exit is used)."""
-    scores = policy.scores(torch.from_numpy(all_exit_logits(prepare(net), data).logits)).numpy()
-    return [float(np.quantile(scores[k], s)) for k, s in enumerate(shares)]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def digits(tmp_path_factory):
     net = create_model("digits-convnet")
     policy = get_policy("margin").with_temperatures([1.5, 0.7, 1.0])
     data = random_image_set(400, seed=1)
-    model = EarlyExitModel(net, policy, np.array(_spread_thresholds(net, data, policy)), "digits-convnet",
+    model = EarlyExitModel(net, policy, np.array(spread_thresholds(net, data, policy)), "digits-convnet",
                            tuple("0123456789"))
     out = tmp_path_factory.mktemp("digits-export")
     model.save(out / "model")

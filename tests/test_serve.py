@@ -39,7 +39,7 @@ from exitwise.policies import get_policy
 from exitwise.runtime import all_exit_logits, prepare
 from exitwise.serve_torch import TorchRunner
 
-from conftest import random_image_set
+from conftest import random_image_set, spread_thresholds
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 NEAR = 1e-5  # fp32 rounding: a sample whose score is this close to a threshold may go either way
@@ -78,11 +78,6 @@ class Running:
         assert not self.thread.is_alive()
 
 
-def _spread_thresholds(net, data, policy, shares=(0.3, 0.3)) -> list[float]:
-    scores = policy.scores(torch.from_numpy(all_exit_logits(prepare(net), data).logits)).numpy()
-    return [float(np.quantile(scores[k], s)) for k, s in enumerate(shares)]
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """A random-weight digits-convnet whose thresholds use every exit, saved and exported to ONNX."""
@@ -90,7 +85,7 @@ def digits(tmp_path_factory):
     net = create_model("digits-convnet")
     policy = get_policy("margin").with_temperatures([1.5, 0.7, 1.0])
     data = random_image_set(120, seed=1)
-    model = EarlyExitModel(net, policy, np.array(_spread_thresholds(net, data, policy)), "digits-convnet",
+    model = EarlyExitModel(net, policy, np.array(spread_thresholds(net, data, policy)), "digits-convnet",
                            tuple("abcdefghij"))
     out = tmp_path_factory.mktemp("serve")
     model.save(out / "model")

@@ -12,7 +12,8 @@ from .data import Splits, load_splits
 from .early_exit import EarlyExitModel
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
-from .models import MODELS, ModelRef, check_fits, create_model, load_model, load_network, shipped_card, shipped_weights
+from .models import (ModelRef, check_fits, create_model, load_model, load_network, model_key, shipped_card,
+                     shipped_weights)
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
 from .study import CalibrateConfig, StudyConfig, analysis, calibration, run_study, time_stages, write_study
@@ -197,11 +198,12 @@ def _study_network(cache: ExitLogits, source: str | Path) -> MultiExitNetwork:
 def _early_exit_model(cache: ExitLogits, policy, thresholds: np.ndarray) -> EarlyExitModel | None:
     """The calibrated thresholds on the study's network (weights named, not loaded), if the cache says which: a
     registered model, or a folder `exitwise attach` wrote (rebuilt with its own weights, as the study's is)."""
-    from .models.attach import is_model_dir
-    model = cache.measurements.model
-    if not model.get("weights") or not (model.get("name") in MODELS or is_model_dir(model.get("name") or "")):
+    try:
+        ref = ModelRef.from_json(cache.measurements.model, "the study's logits")
+        network = create_model(ref.name)  # resolves a name or an attached folder, or says it can't
+    except UserError:
         return None
-    return EarlyExitModel(create_model(model["name"]), policy, thresholds, model["name"],
+    return EarlyExitModel(network, policy, thresholds, ref.name,
                           tuple(cache.measurements.dataset.get("classes") or ()) or None)
 
 
@@ -244,13 +246,6 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
     return export_onnx(early_exit, out, weights_sha256=sha256, exporter=exporter, micro_batch=micro_batch)
 
 
-def _model_key(name: str | Path) -> str:
-    """What identifies a model: a registered name as it is, a model folder by its resolved path (so a relative
-    `--model-dir a1` matches the absolute path a study or calibration wrote)."""
-    from .models.attach import is_model_dir
-    return str(Path(name).resolve()) if is_model_dir(name) else str(name)
-
-
 def _read_setting(path: str | Path, model: str) -> dict:
     """A thresholds file: {policy, thresholds, [temperatures], [class_names], [model]}; refused if it names
     another model or lacks a key."""
@@ -262,6 +257,6 @@ def _read_setting(path: str | Path, model: str) -> dict:
     missing = [k for k in ("policy", "thresholds") if not isinstance(setting, dict) or k not in setting]
     if missing:
         raise UserError(f"thresholds file {str(path)!r} lacks {' and '.join(missing)}")
-    if _model_key(setting.get("model", model)) != _model_key(model):
+    if model_key(setting.get("model", model)) != model_key(model):
         raise UserError(f"thresholds file {str(path)!r} is for model {setting['model']!r}, not {model!r}")
     return setting

@@ -58,6 +58,12 @@ def create_model(name: str | Path) -> MultiExitNetwork:
     return model
 
 
+def model_key(name: str | Path) -> str:
+    """How saved files name a model: a registered name as it is, an attached folder by its absolute path (as
+    `create_model` names it), so a relative `--model-dir a1` matches what a study or calibration wrote."""
+    return str(name) if str(name) in MODELS or not is_model_dir(name) else str(Path(name).resolve())
+
+
 def _own_weights(name: str | Path, weights: str | Path | None) -> bool:
     """Whether these are an attached folder's own weights, which `create_model` loads with the folder."""
     if str(name) in MODELS or not is_model_dir(name):
