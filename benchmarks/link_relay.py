@@ -135,11 +135,12 @@ class _Counting:
 
 class CpuLimit:
     """A slower machine, emulated: a cgroup (v1 `cpu` controller, or v2 with `cpu`) this process creates, whose
-    processes get at most `share` of one CPU (a 10 ms period, so a throttled process waits at most ~10 ms).
+    processes get 1 ms of CPU (the least quota the kernel takes) in every 1 / `share` ms, so work of a few
+    milliseconds or more runs about 1 / `share` times slower, as on a slower CPU, instead of in full-speed bursts.
     `command(argv)` starts argv inside it. Needs root; `available()` says whether this machine allows it."""
 
     V1, V2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
-    PERIOD_US = 10_000
+    QUOTA_US = 1_000
 
     def __init__(self, share: float):
         self.share = share
@@ -147,12 +148,12 @@ class CpuLimit:
         if (self.V1 / "cpu.cfs_quota_us").exists():
             self.path = self.V1 / name
             self.path.mkdir()
-            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
-            (self.path / "cpu.cfs_quota_us").write_text(str(int(share * self.PERIOD_US)))
+            (self.path / "cpu.cfs_period_us").write_text(str(round(self.QUOTA_US / share)))
+            (self.path / "cpu.cfs_quota_us").write_text(str(self.QUOTA_US))
         else:
             self.path = self.V2 / name
             self.path.mkdir()
-            (self.path / "cpu.max").write_text(f"{int(share * self.PERIOD_US)} {self.PERIOD_US}")
+            (self.path / "cpu.max").write_text(f"{self.QUOTA_US} {round(self.QUOTA_US / share)}")
 
     @classmethod
     def available(cls) -> bool:

@@ -18,7 +18,6 @@ def random_image_set(n: int, shape=(8, 8, 1), num_classes: int = 10, seed: int =
     return ImageSet(images, labels, tuple(str(i) for i in range(num_classes)))
 
 
-@pytest.fixture
 def spread_thresholds(net, data, policy, shares=(0.3, 0.3)) -> list[float]:
     """Thresholds that let about `shares` of the samples out at the side exits (so every exit is used)."""
     import numpy as np
@@ -27,6 +26,7 @@ def spread_thresholds(net, data, policy, shares=(0.3, 0.3)) -> list[float]:
     return [float(np.quantile(scores[k], s)) for k, s in enumerate(shares)]
 
 
+@pytest.fixture
 def needs_cifar():
     if not (CIFAR_JPG.is_file() and SEED_WEIGHTS.is_file()):
         pytest.skip("../shared CIFAR-10 copy or seed weights not present")

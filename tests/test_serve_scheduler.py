@@ -87,10 +87,10 @@ def test_every_sample_leaves_at_its_own_exit_under_every_rule(rule):
     assert scheduler.close(5) and scheduler.inside == 0
 
 
-def test_survivors_of_different_batches_run_together_at_the_next_stage():
+def test_under_deepest_survivors_of_different_batches_run_together_at_the_next_stage():
     runner = FakeRunner()
     runner.gate.clear()  # the first batch blocks in stage 0 while two more requests arrive
-    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4)).start()
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, schedule="deepest")).start()
     first = scheduler.submit(images([1, 1, 0, 0]))
     time.sleep(0.1)
     second = scheduler.submit(images([1, 1, 0, 0]))
@@ -98,6 +98,20 @@ def test_survivors_of_different_batches_run_together_at_the_next_stage():
     results(first + second)
     # stage 0 ran each batch of 4; the two survivors of each met at stage 1 as one batch of 4
     assert runner.calls == [(0, 4), (0, 4), (1, 4)]
+    scheduler.close(5)
+
+
+def test_under_oldest_the_earliest_samples_go_on_first():
+    runner = FakeRunner()
+    runner.gate.clear()
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, schedule="oldest")).start()
+    first = scheduler.submit(images([1, 1, 0, 0]))
+    time.sleep(0.1)
+    second = scheduler.submit(images([1, 1, 0, 0]))
+    runner.gate.set()
+    results(first + second)
+    # the first batch's two survivors are older than the second batch: they run stage 1 before it runs stage 0
+    assert runner.calls == [(0, 4), (1, 2), (0, 4), (1, 2)]
     scheduler.close(5)
 
 

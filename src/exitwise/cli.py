@@ -288,7 +288,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         from .deploy.onnx_runtime import OnnxEarlyExit
         if args.measure_batch < 1:
             raise UserError(f"--measure-batch must be at least 1, got {args.measure_batch}")
-        runner = OnnxEarlyExit.load(args.export)
+        runner = OnnxEarlyExit.load(args.export, spin=False)  # as `exitwise serve` runs it
         seconds = planning.measure_stages(runner, batch=args.measure_batch)
         request = planning.measure_request(runner, seconds)
         print("stage-ms=" + "/".join(f"{1000 * s:.4g}" for s in seconds) + f",request-ms={1000 * request:.4g}")

@@ -26,7 +26,7 @@ class OnnxRunner:
 
     @classmethod
     def load(cls, folder: str | Path, early_exit: bool = True, threads: int | None = None) -> OnnxRunner:
-        return cls(OnnxEarlyExit.load(folder, threads=threads), early_exit)
+        return cls(OnnxEarlyExit.load(folder, threads=threads, spin=False), early_exit)
 
     def to_input(self, images: np.ndarray) -> np.ndarray:
         return as_input(images)

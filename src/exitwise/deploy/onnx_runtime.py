@@ -92,8 +92,10 @@ class OnnxEarlyExit:
         return len(self.stages)
 
     @classmethod
-    def load(cls, folder: str | Path, threads: int | None = None) -> OnnxEarlyExit:
-        """Open an export, checking the manifest's own digest and every graph's SHA-256 first."""
+    def load(cls, folder: str | Path, threads: int | None = None, spin: bool = True) -> OnnxEarlyExit:
+        """Open an export, checking the manifest's own digest and every graph's SHA-256 first. `spin=False`: ONNX
+        Runtime's threads sleep between calls instead of spinning, which a server wants (its event loop and HTTP
+        work share the cores; spinning threads take their CPU, and a CPU quota's)."""
         folder = Path(folder)
         manifest = read_manifest(folder)
         try:
@@ -103,6 +105,8 @@ class OnnxEarlyExit:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         def session(entry: dict):
             return ort.InferenceSession(str(folder / entry["file"]), options, providers=["CPUExecutionProvider"])

@@ -507,6 +507,7 @@ def measure_request(runner, stage_seconds: Sequence[float], requests: int = 40) 
             time.sleep(0.01)
         connection = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=30)
         for i in range(requests + 3):  # the first three warm the connection and the sessions
+            time.sleep(0.02)  # each request alone: the client's own work (in this process) is done before it
             connection.request("POST", f"/v2/models/{served.name}/infer", head + image.tobytes(), headers)
             response = connection.getresponse()
             body = response.read()

@@ -6,8 +6,9 @@ answered at once (each sample has its own `concurrent.futures.Future`); the surv
 the next stage, where they batch with the survivors of other batches. Which non-empty stage runs next
 is `SchedulerConfig.schedule` (`exitwise serve --schedule`):
 
+* `oldest` (the default): the stage holding the sample that arrived first, so the oldest request finishes first;
+  measured best on b-resnet11 (docs/serve.md: more throughput and lower latency than `deepest`);
 * `deepest`: the stage with the most samples waiting (ties: the later stage), so batches are large;
-* `oldest`: the stage holding the sample that arrived first, so the oldest request finishes first;
 * `request-level`: no re-forming: a batch runs all its stages together (compacting as the offline
   runtime does) and is answered when its last sample is done; the baseline that shows what
   re-forming buys.
