@@ -77,6 +77,25 @@ def test_the_precision_timing_is_measured_once_per_architecture_and_machine(tmp_
     assert [t["ms_per_image"] for t in cached["tried"]] == [t["ms_per_image"] for t in check["tried"]]
 
 
+def test_the_agreement_check_runs_once_per_weights_and_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXITWISE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tune, "machine_load", lambda: {"busy": False, "busy_share": 0.0})
+    monkeypatch.setattr(tune, "pick_precision", lambda speed, agreement, auto: (
+        {"precision": "bf16", "agreement_with_fp32": float(min(agreement("bf16")))}, []))
+    data = random_image_set(100)
+    torch.manual_seed(5)
+    model = create_model("digits-convnet")
+    first = choose_precision(model, data, "auto", check_images=100)[1]
+    assert first["agreement_cached"] == []
+    real = tune.all_exit_logits
+    monkeypatch.setattr(tune, "all_exit_logits", lambda *a, **k: pytest.fail("checked again"))
+    again = choose_precision(model, data, "auto", check_images=100)[1]
+    assert again["agreement_cached"] == ["bf16"] and again["agreement_with_fp32"] == first["agreement_with_fp32"]
+    monkeypatch.setattr(tune, "all_exit_logits", real)
+    torch.manual_seed(6)  # other weights are checked afresh
+    assert choose_precision(create_model("digits-convnet"), data, "auto", check_images=100)[1]["agreement_cached"] == []
+
+
 def test_the_micro_batch_probe_runs_once_per_model_and_machine(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "machine_load", lambda: {"busy": False, "busy_share": 0.0})  # as on a quiet machine
     model, data = prepare(create_model("digits-convnet")), random_image_set(300)
