@@ -6,8 +6,8 @@
 writes the card's `calibrated` key (policy, temperatures, thresholds, validation and test accuracy, mean MACs),
 which `exitwise serve --model NAME` serves. Only a study of the shipped weights is accepted.
 """
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from exitwise.exit_rule import as_thresholds
@@ -44,7 +44,9 @@ def calibrated(study: Path) -> tuple[str, dict]:
 
 
 if __name__ == "__main__":
-    name, entry = calibrated(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", type=Path, help="a study of a shipped model's shipped weights")
+    name, entry = calibrated(parser.parse_args().study)
     card = shipped_card(name)
     card["calibrated"] = entry
     atomic_write_json(SHIPPED_WEIGHTS_DIR / f"{name}.json", card)

@@ -11,6 +11,7 @@ Prints each difference and exits 1 if there is one.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -110,16 +111,20 @@ def config_of(r: dict) -> StudyConfig:
 
 
 def main() -> int:
-    old_dir = Path(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("old", type=Path, help="a study's output folder (results.json, logits.safetensors)")
+    parser.add_argument("new", type=Path, nargs="?", help="another study's folder (default: re-analyse OLD's logits)")
+    args = parser.parse_args()
+    old_dir = args.old
     old = json.loads((old_dir / "results.json").read_text())
-    if len(sys.argv) > 2:
-        new, what = json.loads((Path(sys.argv[2]) / "results.json").read_text()), f"{sys.argv[2]}/results.json"
+    if args.new is not None:
+        new, what = json.loads((args.new / "results.json").read_text()), f"{args.new}/results.json"
     else:
         new = to_json(analyse(load_logits(old_dir), config_of(old)))
         StudyResults.from_json(new)  # and the typed results read back
         what = "this code's analyse of the same logits"
     a, b = figures(old), figures(new)
-    if len(sys.argv) > 2:  # a separate run measured its own stage times: predicted seconds differ by design
+    if args.new is not None:  # a separate run measured its own stage times: predicted seconds differ by design
         for f in (a, b):
             f.pop("stage_seconds_per_sample")
             for item in [*f["sweep"], *(c for c in f["calibration"] if c["test"])]:
