@@ -32,7 +32,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import torch
 
 from exitwise.data import ImageSet
 from exitwise.deploy.oip import decode_images
+from exitwise.images import read_tar
 from exitwise.device import describe_load, machine, machine_load
 from exitwise.runtime import run_backbone, run_early_exit, warm_up
 from exitwise.serve_torch import load_early_exit
@@ -53,16 +53,11 @@ P99_LIMIT = 0.1
 
 def test_jpegs(archive: Path, n: int, seed: int = 0) -> tuple[list[bytes], np.ndarray, tuple[str, ...]]:
     """n CIFAR-10 test images (a seeded sample) as their JPEG bytes, their labels and the class names."""
-    found = []
-    with tarfile.open(archive, "r|gz") as tar:
-        for member in tar:
-            if member.isfile() and member.name.startswith("test/"):
-                found.append((member.name, tar.extractfile(member).read()))
-    found.sort()
-    classes = tuple(sorted({name.split("/")[1] for name, _ in found}))
-    pick = np.random.default_rng(seed).permutation(len(found))[:n]
-    return ([found[i][1] for i in pick], np.array([classes.index(found[i][0].split("/")[1]) for i in pick]),
-            classes)
+    files = read_tar(archive)
+    names = sorted(name for name in files.names if name.startswith("test/"))
+    classes = tuple(sorted({name.split("/")[1] for name in names}))
+    pick = [names[i] for i in np.random.default_rng(seed).permutation(len(names))[:n]]
+    return [files.read(name) for name in pick], np.array([classes.index(name.split("/")[1]) for name in pick]), classes
 
 
 class Server:

@@ -434,19 +434,15 @@ def test_serve_refuses_bad_flags_in_one_line(digits, capsys):
 
 def cifar_test_jpegs(n: int, every: int = 10) -> tuple[list[bytes], list[int], tuple[str, ...]]:
     """Every `every`-th CIFAR-10 test image of the shared archive as its JPEG bytes (the first n), with labels."""
-    import tarfile
     from conftest import CIFAR_JPG
+    from exitwise.images import read_tar
     if not CIFAR_JPG.is_file():
         pytest.skip("../shared/data/cifar10-jpg.tar.gz not present")
-    found = []
-    with tarfile.open(CIFAR_JPG, "r|gz") as archive:
-        for member in archive:
-            if member.isfile() and member.name.startswith("test/"):
-                found.append((member.name, archive.extractfile(member).read()))
-    found.sort()
-    classes = tuple(sorted({name.split("/")[1] for name, _ in found}))
-    chosen = found[::every][:n]
-    return [b for _, b in chosen], [classes.index(name.split("/")[1]) for name, _ in chosen], classes
+    files = read_tar(CIFAR_JPG)
+    names = sorted(name for name in files.names if name.startswith("test/"))
+    classes = tuple(sorted({name.split("/")[1] for name in names}))
+    chosen = names[::every][:n]
+    return [files.read(name) for name in chosen], [classes.index(name.split("/")[1]) for name in chosen], classes
 
 
 @pytest.mark.cifar

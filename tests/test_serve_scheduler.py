@@ -51,6 +51,21 @@ class FakeRunner:
         return array
 
 
+def two_batches(schedule: str) -> list[tuple[int, int]]:
+    """The stage calls for two batches of [1, 1, 0, 0] under `schedule`, the second arriving while stage 0 runs
+    the first."""
+    runner = FakeRunner()
+    runner.gate.clear()  # the first batch blocks in stage 0 while the second arrives
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, schedule=schedule)).start()
+    first = scheduler.submit(images([1, 1, 0, 0]))
+    time.sleep(0.1)
+    second = scheduler.submit(images([1, 1, 0, 0]))
+    runner.gate.set()
+    results(first + second)
+    scheduler.close(5)
+    return runner.calls
+
+
 class Counts(Observer):
     def __init__(self):
         self.batches, self.exits, self.drops = [], {}, {}
@@ -88,44 +103,17 @@ def test_every_sample_leaves_at_its_own_exit_under_every_rule(rule):
 
 
 def test_under_deepest_survivors_of_different_batches_run_together_at_the_next_stage():
-    runner = FakeRunner()
-    runner.gate.clear()  # the first batch blocks in stage 0 while two more requests arrive
-    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, schedule="deepest")).start()
-    first = scheduler.submit(images([1, 1, 0, 0]))
-    time.sleep(0.1)
-    second = scheduler.submit(images([1, 1, 0, 0]))
-    runner.gate.set()
-    results(first + second)
     # stage 0 ran each batch of 4; the two survivors of each met at stage 1 as one batch of 4
-    assert runner.calls == [(0, 4), (0, 4), (1, 4)]
-    scheduler.close(5)
+    assert two_batches("deepest") == [(0, 4), (0, 4), (1, 4)]
 
 
 def test_under_oldest_the_earliest_samples_go_on_first():
-    runner = FakeRunner()
-    runner.gate.clear()
-    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, schedule="oldest")).start()
-    first = scheduler.submit(images([1, 1, 0, 0]))
-    time.sleep(0.1)
-    second = scheduler.submit(images([1, 1, 0, 0]))
-    runner.gate.set()
-    results(first + second)
     # the first batch's two survivors are older than the second batch: they run stage 1 before it runs stage 0
-    assert runner.calls == [(0, 4), (1, 2), (0, 4), (1, 2)]
-    scheduler.close(5)
+    assert two_batches("oldest") == [(0, 4), (1, 2), (0, 4), (1, 2)]
 
 
 def test_request_level_runs_each_batch_to_the_end_before_the_next():
-    runner = FakeRunner()
-    runner.gate.clear()
-    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, schedule="request-level")).start()
-    first = scheduler.submit(images([1, 1, 0, 0]))
-    time.sleep(0.1)
-    second = scheduler.submit(images([1, 1, 0, 0]))
-    runner.gate.set()
-    results(first + second)
-    assert runner.calls == [(0, 4), (1, 2), (0, 4), (1, 2)]
-    scheduler.close(5)
+    assert two_batches("request-level") == [(0, 4), (1, 2), (0, 4), (1, 2)]
 
 
 def test_the_first_stage_waits_for_a_full_batch_at_most_max_wait():

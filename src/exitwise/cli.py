@@ -260,8 +260,8 @@ def _add_plan_parser(sub) -> None:
     p.add_argument("--measure", action="store_true", help="instead of planning: time each stage of --export here "
                    "(ONNX Runtime) and a request through its server, and print them as a tier's "
                    "stage-ms=...,request-ms=...; run it on the tier's machine")
-    p.add_argument("--measure-batch", type=int, default=1, help="with --measure: images per timed call (default 1: "
-                                                                 "an image's latency on a lightly loaded tier)")
+    p.add_argument("--measure-batch", type=int, help="with --measure: images per timed call (default 1: an image's "
+                                                      "latency on a lightly loaded tier)")
 
 
 def _shapes_from_model(study: Path) -> tuple[tuple[int, ...], int, dict]:
@@ -286,10 +286,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
         if not args.export:
             raise UserError("--measure times the stages of an ONNX export: give --export")
         from .deploy.onnx_runtime import OnnxEarlyExit
-        if args.measure_batch < 1:
-            raise UserError(f"--measure-batch must be at least 1, got {args.measure_batch}")
+        batch = planning.MEASURE_BATCH if args.measure_batch is None else args.measure_batch
+        if batch < 1:
+            raise UserError(f"--measure-batch must be at least 1, got {batch}")
         runner = OnnxEarlyExit.load(args.export, spin=False)  # as `exitwise serve` runs it
-        seconds = planning.measure_stages(runner, batch=args.measure_batch)
+        seconds = planning.measure_stages(runner, batch=batch)
         request = planning.measure_request(runner, seconds)
         print("stage-ms=" + "/".join(f"{1000 * s:.4g}" for s in seconds) + f",request-ms={1000 * request:.4g}")
         return

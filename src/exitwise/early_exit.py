@@ -12,7 +12,6 @@ exit. Saved as a folder of two files, never pickled:
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,8 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .exit_rule import as_thresholds, thresholds_to_json
-from .errors import UserError
-from .io import atomic_write_json, file_sha256, staged_output
+from .io import atomic_write_json, file_sha256, read_format_json, staged_output
 from .models import MultiExitNetwork, load_network, reference, weight_files
 from .policies import ExitPolicy, get_policy
 
@@ -131,13 +129,7 @@ def _read_config(path: str | Path) -> tuple[Path, dict]:
     """The path and content of a saved early-exit model's `early_exit.json` (`path`: it or its folder)."""
     path = Path(path)
     config_path = path / CONFIG_FILE if path.is_dir() else path
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read early-exit model {str(config_path)!r}: {e}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise UserError(f"{str(config_path)!r} is not an exitwise early-exit model ({FORMAT})")
-    return config_path, config
+    return config_path, read_format_json(config_path, FORMAT, "early-exit model")
 
 
 def saved_weights_sha256(path: str | Path) -> str:

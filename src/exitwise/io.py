@@ -1,4 +1,5 @@
-"""Atomic file output: a reader sees the old file or the complete new one, never half of one."""
+"""Atomic file output (a reader sees the old file or the complete new one, never half of one), and reading back the
+JSON files exitwise writes."""
 from __future__ import annotations
 
 import hashlib
@@ -96,3 +97,18 @@ def file_sha256(*paths: str | Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def read_format_json(path: str | Path, fmt: str, what: str, missing: str | None = None) -> dict:
+    """A JSON file exitwise wrote, `{"format": fmt, ...}`; refused in one line (`what` names it) when missing
+    (`missing`: that line), unreadable or of another format."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(missing or f"no {what} at {str(path)!r}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {what} {str(path)!r}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise UserError(f"{str(path)!r} is not an exitwise {what} ({fmt})")
+    return doc

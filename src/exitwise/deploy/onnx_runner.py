@@ -7,8 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import DEFAULT_MICRO_BATCH
-from ..exit_rule import softmax
+from ..exit_rule import leaves, softmax
 from .onnx_runtime import OnnxEarlyExit, as_input
 from .runner import StepOut, model_name
 
@@ -16,8 +15,9 @@ from .runner import StepOut, model_name
 class OnnxRunner:
     platform = "onnxruntime"
 
-    def __init__(self, model: OnnxEarlyExit, early_exit: bool = True, micro_batch: int = DEFAULT_MICRO_BATCH):
-        self.model, self.early_exit, self.micro_batch = model, early_exit, micro_batch
+    def __init__(self, model: OnnxEarlyExit, early_exit: bool = True, micro_batch: int | None = None):
+        self.model, self.early_exit = model, early_exit
+        self.micro_batch = micro_batch or model.micro_batch  # default: the one measured at export (the manifest's)
         self.num_exits = model.num_exits
         self.input_shape = tuple(model.input_shape)
         self.class_names = tuple(model.class_names) if model.class_names else None
@@ -47,7 +47,7 @@ class OnnxRunner:
             leave = np.ones(len(x), dtype=bool)
         else:
             scores, state = self.model.policy.step(k, logits, state)
-            leave = scores <= self.thresholds[k]
+            leave = leaves(scores, self.thresholds[k])
         predictions = logits.argmax(-1)
         p = softmax(self.model.policy.scale(k, logits))
         return StepOut(x, leave, predictions, p[np.arange(len(p)), predictions].astype(np.float32), state)

@@ -20,7 +20,7 @@ import numpy as np
 from ..config import DEFAULT_MICRO_BATCH
 from ..errors import UserError
 from ..exit_rule import SCORES, leaves, softmax
-from ..io import file_sha256
+from ..io import file_sha256, read_format_json
 from ..progress import progress_bar
 
 FORMAT = "exitwise.onnx-export/1"
@@ -197,14 +197,8 @@ def read_manifest(folder: str | Path) -> dict:
     """The manifest of an export, refused (UserError) when missing, edited, or when a graph is missing or changed."""
     folder = Path(folder)
     path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{str(folder)!r} is not an exitwise ONNX export: no {MANIFEST}") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {str(path)!r}: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UserError(f"{str(path)!r} is not an exitwise ONNX export manifest ({FORMAT})")
+    manifest = read_format_json(path, FORMAT, "ONNX export manifest",
+                                missing=f"{str(folder)!r} is not an exitwise ONNX export: no {MANIFEST}")
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise UserError(f"{str(path)!r} was changed after export (its SHA-256 differs): export again")
     for entry in manifest["stages"] + manifest["heads"]:

@@ -40,6 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..io import read_format_json
 from ..exit_rule import as_thresholds, leaves
 from .onnx_runtime import Policy, as_input
 from .wire import BYTES_PER_VALUE, FORMATS, decode, encode
@@ -387,15 +388,7 @@ def format_candidates(p: Plan) -> str:
 
 def read_plan(path: str | Path) -> dict:
     """A plan.json, checked for its format (for `exitwise serve --plan`)."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"no plan at {str(path)!r}") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read plan {str(path)!r}: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
-        raise UserError(f"{str(path)!r} is not an exitwise tier plan ({PLAN_FORMAT})")
-    return doc
+    return read_format_json(path, PLAN_FORMAT, "tier plan")
 
 
 # Inputs from a study (its validation logits, thresholds and stage times) and an export (feature shapes, stages);
@@ -443,7 +436,10 @@ def study_costs(val_logits: np.ndarray, stage_seconds: Sequence[float], setting:
                         int(input_bytes), wire)
 
 
-def measure_stages(runner, batch: int = 1, repeats: int = 20, seed: int = 0) -> tuple[float, ...]:
+MEASURE_BATCH = 1  # `exitwise plan --measure`: images per timed call (an image's latency on a lightly loaded tier)
+
+
+def measure_stages(runner, batch: int = MEASURE_BATCH, repeats: int = 20, seed: int = 0) -> tuple[float, ...]:
     """Per-sample seconds of each stage with its head on this machine (`runner`: an `OnnxEarlyExit`): the fastest
     of `repeats` calls on `batch` random images after an untimed one (batch 1: an image's latency on a lightly
     loaded tier). Run on a tier's own machine (`exitwise plan --measure`), they are that tier's `stage-ms=`."""
@@ -511,7 +507,8 @@ def measure_request(runner, stage_seconds: Sequence[float], requests: int = 40) 
             connection.request("POST", f"/v2/models/{served.name}/infer", head + image.tobytes(), headers)
             response = connection.getresponse()
             body = response.read()
-            while len(inside) <= i and time.monotonic() < deadline + 60:  # the app notes its time just after it
+            noted = time.monotonic() + 5
+            while len(inside) <= i and time.monotonic() < noted:  # the app notes its time just after answering
                 time.sleep(0.0005)
             took = inside[i]
             if response.status != 200:
@@ -550,7 +547,7 @@ def measure_wire(runner, images: np.ndarray, formats: Sequence[str] = ("fp16", "
         exits, preds, open_ = np.full(rows, k_exits - 1), logits_from[-1].argmax(-1), np.ones(rows, bool)
         for k in range(k0, k_exits - 1):
             scores, state = runner.policy.step(k, logits_from[k - k0], state)
-            leave = open_ & (scores <= thr[k])
+            leave = open_ & leaves(scores, thr[k])
             exits[leave], preds[leave] = k, logits_from[k - k0][leave].argmax(-1)
             open_ &= ~leave
         return exits, preds
