@@ -147,7 +147,8 @@ def test_the_machine_names_its_cpu():
     m = machine()
     assert m.cpu and m.threads >= 1 and m.capability == torch.backends.cpu.get_cpu_capability()
     assert m.cpu in m.describe() and set(m.to_json()) == {"cpu", "capability", "native_bf16", "threads", "torch",
-                                                         "device"}
+                                                         "device", "accelerator"}
+    assert m.accelerator is None  # a CPU has no GPU name
 
 
 def test_cache_clear_forgets_the_measured_micro_batches(tmp_path, monkeypatch, capsys):

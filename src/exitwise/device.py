@@ -25,14 +25,16 @@ class Machine:
     threads: int
     torch: str
     device: str
+    accelerator: str | None = None  # the GPU's name when `device` is one (CUDA, or Apple's MPS)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         bf16 = "native bf16" if self.native_bf16 else "no native bf16"
+        on = f" ({self.accelerator})" if self.accelerator else ""
         return (f"{self.cpu} ({self.capability}, {bf16}), {self.threads} threads, torch {self.torch}, "
-                f"device {self.device}")
+                f"device {self.device}{on}")
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -51,10 +53,14 @@ def _cpuinfo() -> dict[str, str]:
 def machine(device: str | torch.device = "cpu") -> Machine:
     info = _cpuinfo()
     flags = set(info.get("flags", "").split())
+    device = torch.device(device)
+    accelerator = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else "Apple MPS" if device.type == "mps" else None)
     return Machine(cpu=info.get("model name") or platform.processor() or platform.machine(),
                    capability=torch.backends.cpu.get_cpu_capability(),
                    native_bf16=bool(flags & {"amx_bf16", "avx512_bf16"}),
-                   threads=torch.get_num_threads(), torch=torch.__version__, device=str(device))
+                   threads=torch.get_num_threads(), torch=torch.__version__, device=str(device),
+                   accelerator=accelerator)
 
 
 def resolve_device(name: str) -> torch.device:

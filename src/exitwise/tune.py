@@ -180,7 +180,7 @@ def cached_probe(kind: str, model: torch.nn.Module, precision: str, device: torc
     once and not kept, so a busy moment does not decide every later run on this machine."""
     host = machine(device)
     key = "|".join((kind, architecture_fingerprint(model), precision, str(device), host.cpu, str(host.threads),
-                    host.torch, setting))
+                    host.torch, setting) + ((host.accelerator,) if host.accelerator else ()))
     path = probe_cache(cache_dir)
     entry = _read_json(path).get(key)
     if entry is None:
