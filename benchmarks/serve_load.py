@@ -22,6 +22,8 @@ CPU time (it shares the machine's cores with the server). Printed at the end:
 * the p50 and p99 ratios (a)/(b) at the rate nearest 70% of (a)'s capacity;
 * the served throughput ratio (b)/(a) (capacities) beside the offline ratio at batch 256 (`EarlyExitModel.run`
   vs `run_backbone`, same precision and micro-batch) measured in this run, and their quotient (target >= 0.9);
+* overload: (b) as users start it (default --max-queue and --timeout-ms) at --overload times its capacity:
+  answered, refused (503/504) and the answered requests' latency;
 * the server's overhead at batch 1: sequential single-image requests to (b) (best of --repeats), mean latency minus
   `EarlyExitModel.run`'s time per image at batch 1 on the same images (target <= 1 ms).
 Timings are only meaningful on a quiet machine: pause other work first.
@@ -198,7 +200,9 @@ def run_load(server: Server, blobs, labels, rate: float | None, seconds: float, 
             f'exitwise_batch_size_sum{{stage="{k}"}}', 0)
         if count:
             batches[k] = total / count
-    return {"rate": rate, "requests": len(results), "answered": len(ok), "refused": len(results) - len(ok),
+    statuses = {code: sum(1 for _, c, _, _ in results if c == code) for code in sorted({c for _, c, _, _ in results})}
+    return {"rate": rate, "offered": None if arrivals is None else len(arrivals), "statuses": statuses,
+            "requests": len(results), "answered": len(ok), "refused": len(results) - len(ok),
             "throughput": len(ok) / wall, "p50": float(np.percentile(latencies, 50)),
             "p95": float(np.percentile(latencies, 95)), "p99": float(np.percentile(latencies, 99)),
             "accuracy": float(np.mean([p == labels[i % len(labels)] for i, _, p in ok])) if ok else 0.0,
@@ -228,6 +232,8 @@ def main() -> None:
     p.add_argument("--rates", default="0.3,0.5,0.7,1,1.5,2,2.5,3", help="multiples of the full network's capacity")
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight when measuring capacity")
     p.add_argument("--repeats", type=int, default=3, help="capacity runs per server, in turns (the best counts)")
+    p.add_argument("--overload", type=float, default=3.0, help="then (b) with the default --max-queue and "
+                                                               "--timeout-ms at this multiple of its capacity (0: no)")
     p.add_argument("--sequential", type=int, default=300, help="single-image requests for the batch-1 overhead")
     p.add_argument("--offline-images", type=int, default=2560)
     p.add_argument("--max-batch", type=int, default=64)
@@ -271,16 +277,26 @@ def main() -> None:
                 run = run_load(server, blobs, labels, None, args.seconds, args.concurrency, args.seed)
                 if name not in capacity or run["throughput"] > capacity[name]["throughput"]:
                     capacity[name] = run
+        b = running["b early exit"]  # batch 1 before the overloaded rates, on the servers as they came up
+        asyncio.run(_sequential(b.host, b.port, blobs[:args.sequential]))  # warm-up
+        overhead = min(asyncio.run(_sequential(b.host, b.port, blobs[:args.sequential])) / args.sequential
+                       for _ in range(args.repeats)) - off["batch1_s"]
         full_capacity = capacity["a full network"]["throughput"]
         for name, server in running.items():
             table[name] = [run_load(server, blobs, labels, m * full_capacity, args.seconds, 0, args.seed + i)
                            for i, m in enumerate(multiples)]
-        b = running["b early exit"]
-        asyncio.run(_sequential(b.host, b.port, blobs[:args.sequential]))  # warm-up
-        overhead = min(asyncio.run(_sequential(b.host, b.port, blobs[:args.sequential])) / args.sequential
-                       for _ in range(args.repeats)) - off["batch1_s"]
     finally:
         for server in running.values():
+            server.stop()
+    overload = None
+    if args.overload:  # (b) as users start it (the default --max-queue and --timeout-ms) at --overload x its capacity
+        server = Server([a for a in common if a not in ("--max-queue", "100000", "--timeout-ms", "30000")]
+                        + servers["b early exit"])
+        try:
+            run_load(server, blobs, labels, None, min(2.0, args.seconds), 8, args.seed)  # warm-up
+            overload = run_load(server, blobs, labels, args.overload * capacity["b early exit"]["throughput"],
+                                args.seconds, 0, args.seed)
+        finally:
             server.stop()
 
     print(f"\n{'server':18s} {'offered/s':>9s} {'answered/s':>10s} {'refused':>7s} {'p50 ms':>7s} {'p95 ms':>7s} "
@@ -313,6 +329,12 @@ def main() -> None:
         print(f"schedule {name[3:]} vs {args.schedule}: capacity {capacity[name]['throughput']:.1f}/s vs "
               f"{capacity['b early exit']['throughput']:.1f}/s; at the 70% rate p50 {1e3 * r['p50']:.1f} vs "
               f"{1e3 * b['p50']:.1f} ms, p99 {1e3 * r['p99']:.1f} vs {1e3 * b['p99']:.1f} ms")
+    if overload is not None:
+        o = overload
+        print(f"overload: (b) with the default --max-queue and --timeout-ms offered {o['rate']:.0f}/s "
+              f"({args.overload:g}x its capacity): {o['offered']} requests sent, {o['requests']} got an answer "
+              f"(status: count {o['statuses']}), {o['throughput']:.0f}/s predictions; answered p50 "
+              f"{1e3 * o['p50']:.1f} ms, p99 {1e3 * o['p99']:.1f} ms")
     print(f"server overhead at batch 1: {1e3 * overhead:.3f} ms per request over EarlyExitModel.run "
           f"(sequential over one keep-alive connection; target <= 1 ms)")
 
