@@ -89,6 +89,14 @@ class Server:
                 out[name] = float(value)
         return out
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds the server process used so far: all its threads, and its main thread (the event loop)."""
+        def used(stat: str) -> float:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        pid = self.process.pid
+        return used(f"/proc/{pid}/stat"), used(f"/proc/{pid}/task/{pid}/stat")
+
     def stop(self) -> None:
         self.process.terminate()
         try:
@@ -186,9 +194,10 @@ def run_load(server: Server, blobs, labels, rate: float | None, seconds: float, 
         rng = np.random.default_rng(seed)
         arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * seconds * 1.2) + 10))
         arrivals = arrivals[arrivals < seconds]
-    before, cpu0, wall0 = server.metrics(), time.process_time(), time.perf_counter()
+    before, cpu0, wall0, server0 = server.metrics(), time.process_time(), time.perf_counter(), server.cpu_seconds()
     results = asyncio.run(_load(server.host, server.port, blobs, arrivals, concurrency, seconds))
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    server_cpu, loop_cpu = (b - a for a, b in zip(server0, server.cpu_seconds()))
     after = server.metrics()
     ok = [(i, lat, p) for i, s, lat, p in results if s == 200]
     latencies = np.array([lat for _, lat, _ in ok]) if ok else np.array([np.inf])
@@ -206,7 +215,9 @@ def run_load(server: Server, blobs, labels, rate: float | None, seconds: float, 
             "throughput": len(ok) / wall, "p50": float(np.percentile(latencies, 50)),
             "p95": float(np.percentile(latencies, 95)), "p99": float(np.percentile(latencies, 99)),
             "accuracy": float(np.mean([p == labels[i % len(labels)] for i, _, p in ok])) if ok else 0.0,
-            "batches": batches, "client_cpu_share": cpu / wall}
+            "batches": batches, "client_cpu_share": cpu / wall, "client_cpu_per_request": cpu / max(len(results), 1),
+            "server_cpu_per_request": server_cpu / max(len(results), 1),
+            "loop_cpu_per_request": loop_cpu / max(len(results), 1)}
 
 
 def offline(model, network, micro_batch: int, data: ImageSet, sequential: int) -> dict:
@@ -319,6 +330,15 @@ def main() -> None:
     a, b = table["a full network"][at], table["b early exit"][at]
     print(f"at {multiples[at]:.0%} of the full network's capacity ({a['rate']:.1f}/s): p50 full/early "
           f"{a['p50'] / b['p50']:.2f}x (target >= 2), p99 full/early {a['p99'] / b['p99']:.2f}x (target >= 1)")
+    print("CPU per request at capacity (ms; server: all its threads, of which its event loop; client):")
+    for name, c in capacity.items():
+        print(f"  {name:18s} server {1e3 * c['server_cpu_per_request']:.3f} (event loop "
+              f"{1e3 * c['loop_cpu_per_request']:.3f}), client {1e3 * c['client_cpu_per_request']:.3f}")
+    fixed = {n: capacity[n]["loop_cpu_per_request"] + capacity[n]["client_cpu_per_request"] for n in capacity}
+    a_cpu, b_cpu = (capacity[n]["server_cpu_per_request"] + capacity[n]["client_cpu_per_request"]
+                    for n in ("a full network", "b early exit"))
+    print(f"  CPU-bound served ratio (full / early CPU per request, client included): {a_cpu / b_cpu:.2f}x; without "
+          f"the event loop's and client's work: {(a_cpu - fixed['a full network']) / (b_cpu - fixed['b early exit']):.2f}x")
     served = capacity["b early exit"]["throughput"] / capacity["a full network"]["throughput"]
     print(f"served throughput ratio early/full {served:.2f}x; offline batch-256 ratio {off['ratio']:.2f}x; "
           f"served/offline {served / off['ratio']:.2f} (target >= 0.9)")
