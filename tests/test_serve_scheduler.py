@@ -206,3 +206,15 @@ def test_close_answers_what_was_accepted():
     futures = scheduler.submit(images([3, 2, 1]))  # would wait a minute for a full batch
     assert scheduler.close(5)
     assert [f.result(0).exit for f in futures] == [3, 2, 1]
+
+
+def test_samples_waiting_for_a_batch_to_fill_leave_at_their_deadline_and_free_their_place():
+    runner, counts = FakeRunner(), Counts()
+    config = SchedulerConfig(max_batch=64, max_wait_ms=60_000, max_queue=2, timeout_ms=200)
+    scheduler = Scheduler(runner, config, observer=counts).start()
+    late = scheduler.submit(images([3, 3]))  # a batch of 64 never fills
+    wait(late, 5)
+    assert all(isinstance(f.exception(), Expired) for f in late) and scheduler.inside == 0
+    assert counts.drops == {"timeout": 2} and runner.calls == []
+    assert len(scheduler.submit(images([1, 1]))) == 2  # their places are free again
+    scheduler.close(5)

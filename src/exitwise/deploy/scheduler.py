@@ -188,7 +188,12 @@ class Scheduler:
             rows = sum(len(c.samples) for c in entry)
             if rows >= self.config.max_batch or now >= due or not self._accepting:
                 return self.first, None
-            return None, due - now
+            expires = entry[0].oldest + self.config.timeout_ms / 1e3  # the first chunk holds the oldest sample
+            if now > expires:  # waiting for a batch to fill, samples past their deadline leave and free their place
+                live = (self._live(self.first, c) for c in list(entry))
+                self.queues[self.first] = collections.deque(c for c in live if c is not None)
+                return self._pick(now)
+            return None, min(due, expires) - now + 1e-3
         if self.config.schedule == "oldest":
             return min(waiting, key=lambda k: (min(c.oldest for c in waiting[k]), -k)), None
         return max(waiting, key=lambda k: (sum(len(c.samples) for c in waiting[k]), k)), None
