@@ -75,6 +75,7 @@ class LinkRelay:
         self.max_seconds = max_seconds
         self.port = 0
         self.bytes_forwarded = 0  # client -> target, the traffic a tier sends on
+        self.bytes_returned = 0   # target -> client, the answers
         self._ready = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
         self._stop: asyncio.Event | None = None
@@ -87,8 +88,11 @@ class LinkRelay:
             writer.close()
             return
         up, down = _Direction(self.delay, self.rate), _Direction(self.delay, self.rate)
-        counting = _Counting(reader, self)
-        await asyncio.gather(up.read(counting), up.write(target_writer), down.read(target_reader), down.write(writer))
+        try:
+            await asyncio.gather(up.read(_Counting(reader, self, "bytes_forwarded")), up.write(target_writer),
+                                 down.read(_Counting(target_reader, self, "bytes_returned")), down.write(writer))
+        except asyncio.CancelledError:  # the relay stops: its connections end with it
+            pass
 
     async def _main(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
@@ -122,28 +126,30 @@ class LinkRelay:
 
 
 class _Counting:
-    """A reader that adds what it reads to the relay's `bytes_forwarded`."""
+    """A reader that adds what it reads to the relay's counter `field`."""
 
-    def __init__(self, reader: asyncio.StreamReader, relay: LinkRelay):
-        self.reader, self.relay = reader, relay
+    def __init__(self, reader: asyncio.StreamReader, relay: LinkRelay, field: str):
+        self.reader, self.relay, self.field = reader, relay, field
 
     async def read(self, n: int) -> bytes:
         data = await self.reader.read(n)
-        self.relay.bytes_forwarded += len(data)
+        setattr(self.relay, self.field, getattr(self.relay, self.field) + len(data))
         return data
 
 
 class CpuLimit:
     """A slower machine, emulated: a cgroup (v1 `cpu` controller, or v2 with `cpu`) this process creates, whose
     processes get 1 ms of CPU (the least quota the kernel takes) in every 1 / `share` ms, so work of a few
-    milliseconds or more runs about 1 / `share` times slower, as on a slower CPU, instead of in full-speed bursts.
-    `command(argv)` starts argv inside it. Needs root; `available()` says whether this machine allows it."""
+    milliseconds or more runs about 1 / `share` times slower, as on a slower CPU, instead of in full-speed bursts
+    (shorter work still can: time it as a sustained run, `plan.measure_stages`). `cpu`: also pin it to that one CPU
+    (`taskset`), a single-core device whose threads share the one core. `command(argv)` starts argv inside it.
+    Needs root; `available()` says whether this machine allows it."""
 
     V1, V2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
     QUOTA_US = 1_000
 
-    def __init__(self, share: float):
-        self.share = share
+    def __init__(self, share: float, cpu: int | None = None):
+        self.share, self.cpu = share, cpu
         name = f"exitwise-bench-{os.getpid()}"
         if (self.V1 / "cpu.cfs_quota_us").exists():
             self.path = self.V1 / name
@@ -161,7 +167,8 @@ class CpuLimit:
         return os.geteuid() == 0 and ((cls.V1 / "cpu.cfs_quota_us").exists() or v2)
 
     def command(self, argv: list[str]) -> list[str]:
-        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.path), *argv]
+        pin = ["taskset", "-c", str(self.cpu)] if self.cpu is not None else []
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.path), *pin, *argv]
 
     def close(self) -> None:
         try:
@@ -179,19 +186,21 @@ def exitwise_command(*args: str) -> tuple[list[str], dict]:
 class ServeProcess:
     """`exitwise serve --export EXPORT --port PORT *args` in a process of its own (port 0: the OS picks), ready
     (answering /v2/health/ready) when constructed, within `start_seconds`; `stop()` sends SIGTERM. `limit`: run it
-    inside a `CpuLimit` (an emulated slower machine)."""
+    inside a `CpuLimit` (an emulated slower machine). `export` None: no --export (a relay, or --model/--from)."""
 
-    def __init__(self, export: str | Path, *args: str, port: int = 0, start_seconds: float = 60.0,
+    def __init__(self, export: str | Path | None, *args: str, port: int = 0, start_seconds: float = 60.0,
                  limit: CpuLimit | None = None):
-        argv, env = exitwise_command("serve", "--export", str(export), "--port", str(port), *args)
+        model = ["--export", str(export)] if export is not None else []
+        argv, env = exitwise_command("serve", *model, "--port", str(port), *args)
         self.proc = subprocess.Popen(limit.command(argv) if limit else argv, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=env)
         deadline, line = time.monotonic() + start_seconds, ""
         while "serving" not in line:
             ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
             if not ready or self.proc.poll() is not None:
+                why = self.proc.stderr.read()[-2000:] if self.proc.poll() is not None else "no answer in time"
                 self.stop()
-                raise RuntimeError(f"the tier did not start: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"the tier did not start: {why}")
             line = self.proc.stdout.readline()
         self.url = line.strip().rsplit(" ", 1)[-1]
         self.port = int(self.url.rsplit(":", 1)[-1])
