@@ -206,6 +206,9 @@ def main() -> None:
         values, input_bytes = export_shapes(runner.manifest)
         cache = load_logits(study)
         costs = study_costs(cache.val_logits, cache.stage_seconds_per_sample, runner.manifest, values, input_bytes, wire)
+        from exitwise.device import describe_load, machine, machine_load
+        host = machine().describe()  # before this process leaves the device's CPU to it
+        print(f"machine: {host}; {describe_load(machine_load())}")
         limit = CpuLimit(args.device_cpu_share, cpu=os.cpu_count() - 1) \
             if args.device_cpu_share > 0 and CpuLimit.available() else None
         if args.device_cpu_share > 0 and limit is None:
@@ -216,8 +219,6 @@ def main() -> None:
                                                           measured_tier("cloud", export, model, calibration, None))
         tiers = (device, cloud)
         rows = []
-        from exitwise.device import describe_load, machine, machine_load
-        print(f"machine: {machine().describe()}; {describe_load(machine_load())}")
         print(f"model {model}; {len(images)} images; full network accuracy {100 * (full == labels).mean():.2f}%; "
               f"{args.concurrency} request(s) in flight")
         for t, inside in ((device, device_inside), (cloud, cloud_inside)):
@@ -243,14 +244,14 @@ def main() -> None:
                 print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>18s} {c.wire:>4s} {c.latency_ms:8.2f} "
                       f"{m['mean_ms']:8.2f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['bytes_per_image']:9.0f} "
                       f"{c.traffic_bytes:9.0f} {acc:6.2f} {m['degraded']:4d}")
-                rows.append({"mbps": mbps, "rtt_ms": rtt, "measured_rtt_ms": measured_rtt, "placement": name, "stages": placement, "wire": c.wire,
-                             "predicted_ms": c.latency_ms, "predicted_bytes": c.traffic_bytes, "accuracy": acc, **m})
+                rows.append({"mbps": mbps, "rtt_ms": rtt, "measured_rtt_ms": measured_rtt, "placement": name,
+                             "stages": placement, "wire": c.wire, "predicted_ms": c.latency_ms, "predicted_bytes": c.traffic_bytes, "accuracy": acc, **m})
         if limit:
             limit.close()
         if args.out:
             from exitwise.io import atomic_write_json
-            from exitwise.device import machine, machine_load
-            atomic_write_json(args.out, {"machine": machine().describe(), "load": machine_load(), "images": len(images), "rows": rows,
+            atomic_write_json(args.out, {"machine": host, "load": machine_load(), "images": len(images), "rows": rows,
+                                         "tiers": [t.to_json() for t in tiers],
                                          "full_network_accuracy": 100 * float((full == labels).mean()),
                                          "wire": wire.to_json()})
 
