@@ -465,3 +465,30 @@ def test_a_sample_of_splits_is_seeded_and_draws_from_every_split():
     a, b = splits.sample(50), splits.sample(50)
     assert [len(s) for s in (a.train, a.val, a.test)] == [50, 50, 50]
     assert torch.equal(a.test.images, b.test.images) and not torch.equal(a.test.images, splits.test.images[:50])
+
+
+@pytest.mark.parametrize("mode, channels, subsampling", [("RGB", 3, 0), ("RGB", 3, 2), ("RGB", 1, 2), ("L", 1, 0),
+                                                         ("L", 3, 0), ("CMYK", 3, 0)])
+def test_every_jpeg_decodes_to_the_pixels_pil_gives_whichever_decoder_runs(mode, channels, subsampling):
+    import io
+    from exitwise.images import _plain_jpeg, decode_image
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 4), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode) if mode != "CMYK" else Image.fromarray(pixels, "CMYK")
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, **({"subsampling": subsampling} if mode != "L" else {}))
+    with Image.open(io.BytesIO(buffer.getvalue())) as reference:
+        expected = np.asarray(reference.convert("RGB" if channels == 3 else "L"))
+    got = decode_image(buffer.getvalue(), "x.jpg", channels)
+    fast = _plain_jpeg(buffer.getvalue(), channels) is not None  # simplejpeg for colour as RGB, grey as grey
+    assert fast == ((mode, channels) in {("RGB", 3), ("L", 1)})
+    assert got.shape == (24, 40, channels) and got.dtype == np.uint8
+    assert (got.reshape(expected.shape) == expected).all()
+
+
+def test_a_truncated_jpeg_is_refused_in_one_line():
+    import io
+    from exitwise.images import decode_image
+    buffer = io.BytesIO()
+    Image.fromarray(random_pixels(1, 0)[0]).save(buffer, "JPEG")
+    with pytest.raises(UserError, match="cannot decode image cut.jpg"):
+        decode_image(buffer.getvalue()[:300], "cut.jpg")

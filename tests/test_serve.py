@@ -192,6 +192,20 @@ def test_served_answers_equal_early_exit_model_run_on_torch(digits):
     assert set(exits) == {0, 1, 2}
 
 
+def test_a_small_batch_runs_on_one_torch_thread_and_a_large_one_on_all(digits):
+    model, data, _ = digits
+    runner = TorchRunner(model, precision="fp32", micro_batch=64, one_thread_rows=4)
+    images, threads = data.images.numpy(), torch.get_num_threads()
+    try:
+        small = runner.step(0, runner.to_input(images[:4]), runner.init_state(4))
+        assert torch.get_num_threads() == 1
+        large = runner.step(0, runner.to_input(images[:40]), runner.init_state(40))
+        assert torch.get_num_threads() == runner.threads == threads
+        assert (small.predictions == large.predictions[:4]).all() and (small.leave == large.leave[:4]).all()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def assert_same_as_run(model, data, expected, exits, predictions) -> None:
     """Served exits and predictions equal `EarlyExitModel.run`'s, but where a score is within NEAR of a threshold."""
     scores = model.policy.scores(torch.from_numpy(all_exit_logits(prepare(model.network), data).logits)).numpy()[:-1]
@@ -288,6 +302,31 @@ def test_a_full_queue_answers_503_with_retry_after_at_once_and_a_late_request_50
             assert time.monotonic() - start < 1.0 and "overloaded" in refused.json()["error"]
             assert held.result(10) == 504
         assert server.metric("exitwise_rejected_requests_total", reason="timeout") == 1
+    finally:
+        server.stop()
+
+
+def test_past_max_queue_requests_in_flight_another_is_refused_before_its_body_is_read(digits):
+    _, _, out = digits
+    config = ServeConfig(scheduler=SchedulerConfig(max_batch=64, max_wait_ms=60_000, max_queue=2, timeout_ms=3000))
+    server = Running(OnnxRunner.load(out / "onnx"), config)
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(infer_status, server.client, 1) for _ in range(2)]  # wait for a batch of 64
+            deadline = time.monotonic() + 10
+            while server.metric("exitwise_samples_inside") < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with socket.create_connection((host, int(port)), timeout=5) as raw:  # headers only: the body never comes
+                raw.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            f"Content-Length: 100000\r\n\r\n".encode())
+                answer = raw.recv(4096).decode()
+            assert answer.startswith("HTTP/1.1 503") and "retry-after: 1" in answer.lower()
+            assert '{"error": "overloaded, try again: 2 requests in flight; at most 2"}' in answer
+            assert [h.result(10) for h in held] == [504, 504]
+        after = server.client.post(INFER, json=zeros_request(1))  # the two 504s left the count of requests in flight
+        assert "requests in flight" not in after.json()["error"]   # (their samples still wait in the queue: 503 there)
+        assert server.metric("exitwise_rejected_requests_total", reason="overloaded") == 2  # in flight, queue full
     finally:
         server.stop()
 

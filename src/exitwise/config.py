@@ -17,6 +17,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("bf16", "mixed", "fp32")
 AGREEMENT_REQUIRED = 0.99  # a reduced precision may change at most 1% of any exit's predictions
 DEFAULT_MICRO_BATCH = 64   # used when nothing is measured (tests, explicit runs); best on the AMX machine
+SERVE_ONE_THREAD_ROWS = 4  # a served batch of at most this many rows runs on one intra-op thread (docs/serve.md)
 DEFAULT_DELTA = 0.1        # allowed failure probability of a calibration guarantee unless the caller says otherwise
 SCHEDULES = ("onecycle", "cosine")
 TRAIN_PRECISIONS = ("auto", "bf16", "fp32")

@@ -8,6 +8,7 @@ one-line JSON body `{"error": "..."}`; SIGTERM stops accepting, answers what was
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -118,7 +119,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
                 raise BadRequest(413, f"request body is over the limit of {limit} bytes")
         return bytes(body)
 
-    app.add_middleware(_Timed, metrics=metrics)
+    app.add_middleware(_Timed, metrics=metrics, max_inflight=config.scheduler.max_queue)
 
     @app.exception_handler(BadRequest)
     async def refused(request: Request, e: BadRequest):
@@ -162,21 +163,24 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         ok = scheduler.accepting
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
-    @app.post("/v2/models/{model}/infer")
-    async def infer(model: str, request: Request):
-        check_model(model)
+    # The two inference routes are plain Starlette routes: FastAPI's parameter solving and response encoding
+    # cost more per request than the rest of the route (docs/serve.md, the server's overhead).
+    async def infer(request: Request) -> JSONResponse:
+        check_model(request.path_params["model"])
         images, parsed = parse_infer(await read_body(request), request.headers.get("inference-header-content-length"),
                                      shape)
         requested_outputs(parsed)
         answers = await answer(request, images)
         return JSONResponse(infer_response(name, parsed, answers, runner.class_names))
 
-    @app.post("/v1/predict")
-    async def predict(request: Request):
+    async def predict(request: Request) -> JSONResponse:
         body = await read_body(request)
         blobs, names = await _files(request, body)
         answers = await answer(request, decode_images(blobs, shape, [n or f"#{i}" for i, n in enumerate(names)]))
-        return {"model": name, "predictions": predictions(answers, runner.class_names, names)}
+        return JSONResponse({"model": name, "predictions": predictions(answers, runner.class_names, names)})
+
+    app.add_route("/v2/models/{model}/infer", infer, methods=["POST"])
+    app.add_route("/v1/predict", predict, methods=["POST"])
 
     if tier is not None:
         add_tier_routes(app, runner, tier)
@@ -189,28 +193,43 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
 
 
 class _Timed:
-    """ASGI middleware: each HTTP request's time to its answer, by endpoint and status (a pure ASGI wrapper, which
-    costs less per request than Starlette's BaseHTTPMiddleware)."""
+    """ASGI middleware: each HTTP request's time to its answer, by endpoint and status, and admission: while
+    `max_inflight` inference requests (`--max-queue`) are being handled, another is answered 503 with Retry-After
+    at once, before its body is read, so past capacity the server refuses instead of letting requests wait in the
+    event loop, where no deadline counts (a pure ASGI wrapper: it costs less per request than Starlette's
+    BaseHTTPMiddleware)."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, max_inflight: int):
+        self.app, self.metrics, self.max_inflight, self.inflight = app, metrics, max_inflight, 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
+        start, status, path = time.perf_counter(), [500], scope["path"]
+        endpoint = ("infer" if path.endswith("/infer") else "predict" if path == "/v1/predict"
+                    else "features" if path == "/v2/tiers/features" else "metrics" if path == "/metrics" else "other")
+        inference = endpoint in ("infer", "predict", "features")
+        if inference and self.inflight >= self.max_inflight:
+            self.metrics.rejected.labels(reason="overloaded").inc()
+            body = json.dumps({"error": f"overloaded, try again: {self.inflight} requests in flight; at most "
+                                        f"{self.max_inflight}"}).encode()
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1")]})
+            await send({"type": "http.response.body", "body": body})
+            self.metrics.latency.labels(endpoint=endpoint, code="503").observe(time.perf_counter() - start)
+            return
 
         async def send_status(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
 
+        self.inflight += inference
         try:
             await self.app(scope, receive, send_status)
         finally:
-            path = scope["path"]
-            endpoint = ("infer" if path.endswith("/infer") else "predict" if path == "/v1/predict"
-                        else "metrics" if path == "/metrics" else "other")
+            self.inflight -= inference
             self.metrics.latency.labels(endpoint=endpoint, code=str(status[0])).observe(time.perf_counter() - start)
 
 
@@ -261,7 +280,8 @@ def _run(app, config: ServeConfig, what: str, close, log_level: str) -> None:
         close()
         raise UserError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False,
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, proxy_headers=False,
+                                           server_header=False, date_header=False,
                                            timeout_graceful_shutdown=config.scheduler.timeout_ms / 1e3 + 5))
     if threading.current_thread() is threading.main_thread():
         # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so the exit is 0
