@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,12 +66,13 @@ class _Direction:
 
 
 class LinkRelay:
-    """Relays 127.0.0.1:`port` to 127.0.0.1:`target_port` with `rtt_ms` of added round trip and at most `mbps`
-    Mbit/s (10^6 bits) each way (None: no cap), in a thread of its own, for at most `max_seconds`."""
+    """Relays 127.0.0.1:`port` to `target_host`:`target_port` (127.0.0.1, or a `NetnsLink`'s address) with
+    `rtt_ms` of added round trip and at most `mbps` Mbit/s (10^6 bits) each way (None: no cap), in a thread of its
+    own, for at most `max_seconds`."""
 
     def __init__(self, target_port: int, *, mbps: float | None = None, rtt_ms: float = 0.0,
-                 max_seconds: float = 600.0):
-        self.target_port, self.delay = target_port, rtt_ms / 2000
+                 max_seconds: float = 600.0, target_host: str = "127.0.0.1"):
+        self.target_port, self.target_host, self.delay = target_port, target_host, rtt_ms / 2000
         self.rate = None if mbps is None else mbps * 1e6 / 8
         self.max_seconds = max_seconds
         self.port = 0
@@ -83,7 +85,7 @@ class LinkRelay:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            target_reader, target_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            target_reader, target_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
             writer.close()
             return
@@ -177,6 +179,47 @@ class CpuLimit:
             pass
 
 
+class NetnsLink:
+    """A network namespace this process creates, joined to this one by a veth pair whose two ends the kernel's
+    token bucket (`tbf`) limits to `mbps` Mbit/s each way, with a burst of one full-size packet: the rate in the
+    kernel instead of in `LinkRelay` (the kernel here has no `netem`, so the round trip still comes from a relay
+    with no rate cap in front). `command(argv)` runs argv inside (a server there listens on `host`). Needs root
+    and iproute2; `close()` deletes the namespace and the pair with it. `index`: one of several at once."""
+
+    BURST_BYTES = 1600  # one Ethernet frame (and tbf's least workable burst): a serial line, nearly
+
+    def __init__(self, mbps: float, index: int = 0):
+        tag = f"{os.getpid() % 100000}{index}"
+        self.name, outer, inner = f"exw{tag}", f"exw{tag}a", f"exw{tag}b"
+        net = f"10.{200 + index % 50}.{os.getpid() % 250}"
+        self.host, self.mbps = f"{net}.2", mbps
+        tbf = ["root", "tbf", "rate", f"{mbps * 1000:g}kbit", "burst", str(self.BURST_BYTES), "latency", "2s"]
+        steps = [["ip", "netns", "add", self.name],
+                 ["ip", "link", "add", outer, "type", "veth", "peer", "name", inner],
+                 ["ip", "link", "set", inner, "netns", self.name],
+                 ["ip", "addr", "add", f"{net}.1/30", "dev", outer], ["ip", "link", "set", outer, "up"],
+                 ["ip", "-n", self.name, "addr", "add", f"{self.host}/30", "dev", inner],
+                 ["ip", "-n", self.name, "link", "set", inner, "up"], ["ip", "-n", self.name, "link", "set", "lo", "up"],
+                 ["tc", "qdisc", "add", "dev", outer, *tbf],
+                 ["ip", "netns", "exec", self.name, "tc", "qdisc", "add", "dev", inner, *tbf]]
+        try:
+            for step in steps:
+                subprocess.run(step, check=True, capture_output=True, text=True, timeout=30)
+        except subprocess.CalledProcessError as e:
+            self.close()
+            raise RuntimeError(f"{' '.join(e.cmd)}: {e.stderr.strip()}") from None
+
+    @staticmethod
+    def available() -> bool:
+        return os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
+
+    def command(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
+
+
 def exitwise_command(*args: str) -> tuple[list[str], dict]:
     """`python -m exitwise *args` with this checkout's src/ first on the path: (argv, environment)."""
     src = Path(__file__).resolve().parents[1] / "src"
@@ -186,12 +229,15 @@ def exitwise_command(*args: str) -> tuple[list[str], dict]:
 class ServeProcess:
     """`exitwise serve --export EXPORT --port PORT *args` in a process of its own (port 0: the OS picks), ready
     (answering /v2/health/ready) when constructed, within `start_seconds`; `stop()` sends SIGTERM. `limit`: run it
-    inside a `CpuLimit` (an emulated slower machine). `export` None: no --export (a relay, or --model/--from)."""
+    inside a `CpuLimit` (an emulated slower machine), `netns`: inside a `NetnsLink`'s namespace, listening on its
+    address. `export` None: no --export (a relay, or --model/--from)."""
 
     def __init__(self, export: str | Path | None, *args: str, port: int = 0, start_seconds: float = 60.0,
-                 limit: CpuLimit | None = None):
+                 limit: CpuLimit | None = None, netns: NetnsLink | None = None):
         model = ["--export", str(export)] if export is not None else []
-        argv, env = exitwise_command("serve", *model, "--port", str(port), *args)
+        host = ["--host", netns.host] if netns else []
+        argv, env = exitwise_command("serve", *model, *host, "--port", str(port), *args)
+        argv = netns.command(argv) if netns else argv
         self.proc = subprocess.Popen(limit.command(argv) if limit else argv, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=env)
         deadline, line = time.monotonic() + start_seconds, ""

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from link_relay import CpuLimit, LinkRelay, ServeProcess, exitwise_command
+from link_relay import CpuLimit, LinkRelay, NetnsLink, ServeProcess, exitwise_command
 
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.deploy.plan import (Link, Tier, export_shapes, measure_request_at, measure_wire, parse_tier, plan,
@@ -94,34 +94,48 @@ def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit
     return replace(inside, request_seconds=request), inside.request_seconds
 
 
+def link(port: int, mbps: float, rtt_ms: float, netns: NetnsLink | None, max_seconds: float = 3600) -> LinkRelay:
+    """The emulated link to a server on `port`: a relay adding the RTT and the rate, or (`netns`: the server is in
+    that namespace) the RTT only, the namespace's tbf giving the rate."""
+    return LinkRelay(port, mbps=None if netns else mbps, rtt_ms=rtt_ms, max_seconds=max_seconds,
+                     target_host=netns.host if netns else "127.0.0.1").start()
+
+
 def effective_rtt_ms(export: Path, model: str, image: np.ndarray, mbps: float, rtt_ms: float,
-                     requests: int = 30) -> float:
-    """The emulated link's round trip as a one-image request meets it: the median request through `LinkRelay`
-    less the median direct one, less its bytes' time at the rate both ways (the relay's own work is in the rest)."""
-    server = ServeProcess(export)
+                     netns: NetnsLink | None, requests: int = 30) -> float:
+    """The emulated link's round trip as a one-image request meets it: the median request over the link less the
+    median one to a server on 127.0.0.1, less its bytes' time at the rate both ways (the relay's own work is in
+    the rest)."""
+    near = ServeProcess(export)
+    far = ServeProcess(export, netns=netns) if netns else near
+    relay = None
     try:
-        direct = np.median([infer_one(server.url, model, image)[0] for _ in range(requests)])
-        with LinkRelay(server.port, mbps=mbps, rtt_ms=rtt_ms, max_seconds=600) as relay:
-            url = f"http://127.0.0.1:{relay.port}"
-            infer_one(url, model, image)
-            up, down = relay.bytes_forwarded, relay.bytes_returned
-            relayed = np.median([infer_one(url, model, image)[0] for _ in range(requests)])
-            per_request = (relay.bytes_forwarded - up + relay.bytes_returned - down) / requests
+        direct = np.median([infer_one(near.url, model, image)[0] for _ in range(requests)])
+        relay = link(far.port, mbps, rtt_ms, netns, 600)
+        url = f"http://127.0.0.1:{relay.port}"
+        infer_one(url, model, image)
+        up, down = relay.bytes_forwarded, relay.bytes_returned
+        relayed = np.median([infer_one(url, model, image)[0] for _ in range(requests)])
+        per_request = (relay.bytes_forwarded - up + relay.bytes_returned - down) / requests
     finally:
-        server.stop()
+        if relay:
+            relay.stop()
+        for server in {near, far}:
+            server.stop()
     return 1000 * (relayed - direct - per_request * 8 / (mbps * 1e6))
 
 
 def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float, wire: str,
-            send_images: bool, concurrency: int, limit: CpuLimit | None) -> dict:
+            send_images: bool, concurrency: int, limit: CpuLimit | None, netns: NetnsLink | None) -> dict:
     """Serve `placement` ((device stages, cloud stages), None: none) over the emulated link; measure it."""
     device_stages, cloud_stages = placement
     procs, relay = [], None
     try:
         if cloud_stages is not None:
-            cloud = ServeProcess(export, "--stages", f"{cloud_stages[0]}-{cloud_stages[1]}", "--tier", "cloud")
+            cloud = ServeProcess(export, "--stages", f"{cloud_stages[0]}-{cloud_stages[1]}", "--tier", "cloud",
+                                 netns=netns)
             procs.append(cloud)
-            relay = LinkRelay(cloud.port, mbps=mbps, rtt_ms=rtt_ms, max_seconds=3600).start()
+            relay = link(cloud.port, mbps, rtt_ms, netns)
         if device_stages is None:
             url = f"http://127.0.0.1:{relay.port}"  # all-cloud: the device only sends the image
         else:
@@ -180,6 +194,9 @@ def main() -> None:
     ap.add_argument("--links", default="1:100,20:40,100:20,1000:5", help="MBPS:RTT_MS,... (the emulated links)")
     ap.add_argument("--device-cpu-share", type=float, default=0.25, help="the device tier runs pinned to one CPU, in "
                     "a cgroup limited to this share of it (an emulated slower device; 0: no limit)")
+    ap.add_argument("--link-rate", choices=("relay", "tbf"), default="relay", help="what limits a link's rate: "
+                    "the relay (a serial line, in user space) or tbf on a veth pair into a network namespace this "
+                    "run creates, the cloud inside (the relay then adds the RTT only)")
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight (1: each image's latency alone)")
     ap.add_argument("--wire-images", type=int, default=500, help="validation images to measure the wire formats on")
     ap.add_argument("--tiny", action="store_true", help="smoke run on a random-weight digits-convnet")
@@ -227,33 +244,50 @@ def main() -> None:
                   + ", ".join(f"{1000 * v:.3f}" for v in t.stage_seconds) + f"; request {1000 * t.request_seconds:.2f} "
                   f"from its clients (plan --measure, its client inside: {1000 * inside:.2f})")
         for mbps, rtt in links:
-            measured_rtt = effective_rtt_ms(export, model, calibration[0], mbps, rtt)
-            print(f"link {mbps:g} Mbit/s, {rtt:g} ms: its round trip measured through the relay {measured_rtt:.2f} ms")
-            print(f"{'link':>14s} {'placement':>18s} {'wire':>4s} {'pred ms':>8s} {'mean ms':>8s} {'p50 ms':>8s} "
-                  f"{'p99 ms':>8s} {'B/img':>9s} {'pred B':>9s} {'acc %':>6s} {'degr':>4s}")
-            p = plan(tiers, (Link("device", "cloud", mbps, measured_rtt),), costs)
-            split = min((c for c in p.candidates if all(c.stages)), key=lambda c: c.latency_ms)
-            named = {"all-cloud": (None, (0, k - 1)), "all-device": ((0, k - 1), None), "best split": split.stages,
-                     "plan": p.choice.stages}
-            for name, placement in named.items():
-                c = next(c for c in p.candidates if c.stages == placement)
-                m = measure(placement, export, model, images, mbps, rtt, c.wire, c.links[0].payload == "input",
-                            args.concurrency, limit)
-                acc = 100 * float((m.pop("classes") == labels).mean())
-                label = f"{name} {'/'.join(f'{r[0]}-{r[1]}' if r else '-' for r in placement)}"
-                print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>18s} {c.wire:>4s} {c.latency_ms:8.2f} "
-                      f"{m['mean_ms']:8.2f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['bytes_per_image']:9.0f} "
-                      f"{c.traffic_bytes:9.0f} {acc:6.2f} {m['degraded']:4d}")
-                rows.append({"mbps": mbps, "rtt_ms": rtt, "measured_rtt_ms": measured_rtt, "placement": name,
-                             "stages": placement, "wire": c.wire, "predicted_ms": c.latency_ms, "predicted_bytes": c.traffic_bytes, "accuracy": acc, **m})
+            netns = NetnsLink(mbps) if args.link_rate == "tbf" else None
+            try:
+                rows += run_link(args, export, model, images, labels, calibration, tiers, costs, k, mbps, rtt, limit,
+                                 netns)
+            finally:
+                if netns:
+                    netns.close()
         if limit:
             limit.close()
         if args.out:
             from exitwise.io import atomic_write_json
             atomic_write_json(args.out, {"machine": host, "load": machine_load(), "images": len(images), "rows": rows,
-                                         "tiers": [t.to_json() for t in tiers],
+                                         "tiers": [t.to_json() for t in tiers], "link_rate": args.link_rate,
                                          "full_network_accuracy": 100 * float((full == labels).mean()),
                                          "wire": wire.to_json()})
+
+
+def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndarray, calibration: np.ndarray,
+             tiers: tuple[Tier, Tier], costs, k: int, mbps: float, rtt: float, limit: CpuLimit | None,
+             netns: NetnsLink | None) -> list[dict]:
+    """all-cloud, all-device, the best split and the plan's choice over one link: printed, and returned as rows."""
+    rows = []
+    measured_rtt = effective_rtt_ms(export, model, calibration[0], mbps, rtt, netns)
+    print(f"link {mbps:g} Mbit/s ({'tbf' if netns else 'relay'}), {rtt:g} ms: its round trip measured "
+          f"{measured_rtt:.2f} ms")
+    print(f"{'link':>14s} {'placement':>18s} {'wire':>4s} {'pred ms':>8s} {'mean ms':>8s} {'p50 ms':>8s} "
+          f"{'p99 ms':>8s} {'B/img':>9s} {'pred B':>9s} {'acc %':>6s} {'degr':>4s}")
+    p = plan(tiers, (Link("device", "cloud", mbps, measured_rtt),), costs)
+    split = min((c for c in p.candidates if all(c.stages)), key=lambda c: c.latency_ms)
+    named = {"all-cloud": (None, (0, k - 1)), "all-device": ((0, k - 1), None), "best split": split.stages,
+             "plan": p.choice.stages}
+    for name, placement in named.items():
+        c = next(c for c in p.candidates if c.stages == placement)
+        m = measure(placement, export, model, images, mbps, rtt, c.wire, c.links[0].payload == "input",
+                    args.concurrency, limit, netns)
+        acc = 100 * float((m.pop("classes") == labels).mean())
+        label = f"{name} {'/'.join(f'{r[0]}-{r[1]}' if r else '-' for r in placement)}"
+        print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>18s} {c.wire:>4s} {c.latency_ms:8.2f} "
+              f"{m['mean_ms']:8.2f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['bytes_per_image']:9.0f} "
+              f"{c.traffic_bytes:9.0f} {acc:6.2f} {m['degraded']:4d}")
+        rows.append({"mbps": mbps, "rtt_ms": rtt, "measured_rtt_ms": measured_rtt, "placement": name,
+                     "stages": placement, "wire": c.wire, "predicted_ms": c.latency_ms,
+                     "predicted_bytes": c.traffic_bytes, "accuracy": acc, **m})
+    return rows
 
 
 if __name__ == "__main__":
