@@ -7,7 +7,8 @@ emulated as a slower single-core machine: its tier runs pinned to one CPU (the l
 `--device-cpu-share` of it (default 0.25: 1 ms of CPU in every 4 ms); everything else (this client, the relays,
 the cloud tier) runs on the other CPUs.
 The planner gets each tier's stage times as measured there (`exitwise plan --measure`, batch 1, the device's
-inside the same cgroup), its request cost as its clients see it (`plan.measure_request_at`, from this process),
+inside the same cgroup), its request cost as its clients see it (`plan.measure_request_at`, from this process;
+both the median of three fresh processes),
 and each link's round trip as measured through the relay (its nominal RTT plus the relay's own work). Clients
 send one image per request (binary V2 infer), `--concurrency` at a time (default 1).
 
@@ -20,7 +21,6 @@ Run it alone on a quiet machine: the figures are timings.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import json
 import os
 import subprocess
@@ -79,19 +79,31 @@ def drive(url: str, model: str, images: np.ndarray, concurrency: int) -> tuple[n
     return seconds, classes, degraded[0]
 
 
-def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit: CpuLimit | None) -> tuple[Tier, float]:
+def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit: CpuLimit | None,
+                  starts: int = 3) -> tuple[Tier, float]:
     """A tier with its stage times measured there (`exitwise plan --measure`, inside `limit`) and its request cost
     as its clients see it (`plan.measure_request_at` from this process, outside `limit`, against the whole network
-    served inside it, on `images`); and the request cost `plan --measure` gave (its client inside `limit`)."""
+    served inside it, on `images`), each the median over `starts` fresh processes (a process's speed varies from
+    one start to the next); and the request cost `plan --measure` gave (its client inside `limit`)."""
     argv, env = exitwise_command("plan", "--measure", "--export", str(export))
-    out = subprocess.run(limit.command(argv) if limit else argv, env=env, capture_output=True, text=True, check=True)
-    inside = parse_tier(f"{name}:{out.stdout.strip().splitlines()[-1]}")
-    served = ServeProcess(export, limit=limit)
-    try:
-        request = measure_request_at(served.url, model, inside.stage_seconds, images)
-    finally:
-        served.stop()
-    return replace(inside, request_seconds=request), inside.request_seconds
+    inside = []
+    for _ in range(starts):
+        out = subprocess.run(limit.command(argv) if limit else argv, env=env, capture_output=True, text=True,
+                             check=True)
+        inside.append(parse_tier(f"{name}:{out.stdout.strip().splitlines()[-1]}"))
+    stages = tuple(float(v) for v in np.median([t.stage_seconds for t in inside], axis=0))
+    requests = []
+    for _ in range(starts):
+        served = ServeProcess(export, limit=limit)
+        try:
+            requests.append(measure_request_at(served.url, model, stages, images))
+        finally:
+            served.stop()
+    print(f"{name}, {starts} starts: stage ms " + "; ".join("/".join(f"{1000 * v:.2f}" for v in t.stage_seconds)
+                                                          for t in inside)
+          + "; request ms from its clients " + "/".join(f"{1000 * r:.2f}" for r in requests))
+    tier = Tier(name, stage_seconds=stages, request_seconds=float(np.median(requests)))
+    return tier, float(np.median([t.request_seconds for t in inside]))
 
 
 def link(port: int, mbps: float, rtt_ms: float, netns: NetnsLink | None, max_seconds: float = 3600) -> LinkRelay:

@@ -430,15 +430,11 @@ def _relay_config(args: argparse.Namespace, given_models: list[str]):
             flags = given_models + [f for f, v in (("--stages", args.stages), ("--plan", args.plan)) if v is not None]
             raise UserError(f"--relay holds no stages and runs no model: drop {', '.join(flags)}")
     elif args.plan is not None and args.tier and args.stages is None:
-        from .deploy.plan import read_plan
-        doc = read_plan(args.plan)
-        names = [t["name"] for t in doc["tiers"]]
-        if args.tier not in names:
-            raise UserError(f"tier {args.tier!r} is not in {str(args.plan)!r} (its tiers: {', '.join(names)})")
+        doc, at = _plan_tier(args)
         held = doc["choice"]["stages"]
-        if held[names.index(args.tier)]:
+        if held[at]:
             return None
-        if not any(held[names.index(args.tier) + 1:]):
+        if not any(held[at + 1:]):
             raise UserError(f"tier {args.tier!r} comes after the network ends in {str(args.plan)!r} (no tier after it "
                             "holds stages): nothing to serve there")
     else:
@@ -450,6 +446,16 @@ def _relay_config(args: argparse.Namespace, given_models: list[str]):
         raise UserError(f"a relay forwards what it gets as it is: drop {', '.join(flags)}")
     return RelayConfig(args.tier or "relay", args.next,
                        **({} if args.forward_timeout_ms is None else {"timeout_ms": args.forward_timeout_ms}))
+
+
+def _plan_tier(args: argparse.Namespace) -> tuple[dict, int]:
+    """`--plan`'s document and `--tier`'s place in it (one line, exit 2, when the plan has no such tier)."""
+    from .deploy.plan import read_plan
+    doc = read_plan(args.plan)
+    names = [t["name"] for t in doc["tiers"]]
+    if args.tier not in names:
+        raise UserError(f"tier {args.tier!r} is not in {str(args.plan)!r} (its tiers: {', '.join(names)})")
+    return doc, names.index(args.tier)
 
 
 def _is_tier(args: argparse.Namespace) -> bool:
@@ -464,7 +470,6 @@ def _tier_config(args: argparse.Namespace, num_stages: int | None = None):
             raise UserError("--send-images goes with --next (a tier that forwards)")
         return None
     from .deploy.onnx_runtime import read_manifest
-    from .deploy.plan import read_plan
     from .config import TierConfig, check_url
     from .deploy.tiers import parse_stages
     if args.next is not None:
@@ -476,16 +481,12 @@ def _tier_config(args: argparse.Namespace, num_stages: int | None = None):
     if args.plan:
         if args.stages is not None or not args.tier:
             raise UserError("--plan takes this tier's stages from the plan: give --tier NAME, not --stages")
-        doc = read_plan(args.plan)
-        names = [t["name"] for t in doc["tiers"]]
-        if args.tier not in names:
-            raise UserError(f"tier {args.tier!r} is not in {str(args.plan)!r} (its tiers: {', '.join(names)})")
+        doc, at = _plan_tier(args)
         if len(doc["costs"]["stage_seconds"]) != k:
-            raise UserError(f"{str(args.plan)!r} plans {len(doc['costs']['stage_seconds'])} stages; the export has {k}")
-        stages = doc["choice"]["stages"][names.index(args.tier)]
-        first, last = stages  # a tier with none is a relay (`_relay_config`)
+            raise UserError(f"{str(args.plan)!r} plans {len(doc['costs']['stage_seconds'])} stages; the model has {k}")
+        first, last = doc["choice"]["stages"][at]  # a tier with none is a relay (`_relay_config`)
         wire = wire or doc["choice"]["wire"]
-        at, links = names.index(args.tier), doc["choice"]["links"]
+        links = doc["choice"]["links"]
         if at < len(links) and links[at]["payload"] == "input" and links[at]["cut"] > 0:
             args.send_images = True  # the plan sends the image on, not the features (the first tier only)
     elif args.stages is not None:
