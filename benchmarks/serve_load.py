@@ -22,6 +22,8 @@ CPU time (it shares the machine's cores with the server). Printed at the end:
 * the p50 and p99 ratios (a)/(b) at the rate nearest 70% of (a)'s capacity;
 * the served throughput ratio (b)/(a) (capacities) beside the offline ratio at batch 256 (`EarlyExitModel.run`
   vs `run_backbone`, same precision and micro-batch) measured in this run, and their quotient (target >= 0.9);
+* overload: (b) as users start it (default --max-queue and --timeout-ms) at --overload times its capacity:
+  answered, refused (503/504) and the answered requests' latency;
 * the server's overhead at batch 1: sequential single-image requests to (b) (best of --repeats), mean latency minus
   `EarlyExitModel.run`'s time per image at batch 1 on the same images (target <= 1 ms).
 Timings are only meaningful on a quiet machine: pause other work first.
@@ -86,6 +88,14 @@ class Server:
                 name, value = line.rsplit(" ", 1)
                 out[name] = float(value)
         return out
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds the server process used so far: all its threads, and its main thread (the event loop)."""
+        def used(stat: str) -> float:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        pid = self.process.pid
+        return used(f"/proc/{pid}/stat"), used(f"/proc/{pid}/task/{pid}/stat")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -184,9 +194,10 @@ def run_load(server: Server, blobs, labels, rate: float | None, seconds: float, 
         rng = np.random.default_rng(seed)
         arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * seconds * 1.2) + 10))
         arrivals = arrivals[arrivals < seconds]
-    before, cpu0, wall0 = server.metrics(), time.process_time(), time.perf_counter()
+    before, cpu0, wall0, server0 = server.metrics(), time.process_time(), time.perf_counter(), server.cpu_seconds()
     results = asyncio.run(_load(server.host, server.port, blobs, arrivals, concurrency, seconds))
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    server_cpu, loop_cpu = (b - a for a, b in zip(server0, server.cpu_seconds()))
     after = server.metrics()
     ok = [(i, lat, p) for i, s, lat, p in results if s == 200]
     latencies = np.array([lat for _, lat, _ in ok]) if ok else np.array([np.inf])
@@ -198,11 +209,15 @@ def run_load(server: Server, blobs, labels, rate: float | None, seconds: float, 
             f'exitwise_batch_size_sum{{stage="{k}"}}', 0)
         if count:
             batches[k] = total / count
-    return {"rate": rate, "requests": len(results), "answered": len(ok), "refused": len(results) - len(ok),
+    statuses = {code: sum(1 for _, c, _, _ in results if c == code) for code in sorted({c for _, c, _, _ in results})}
+    return {"rate": rate, "offered": None if arrivals is None else len(arrivals), "statuses": statuses,
+            "requests": len(results), "answered": len(ok), "refused": len(results) - len(ok),
             "throughput": len(ok) / wall, "p50": float(np.percentile(latencies, 50)),
             "p95": float(np.percentile(latencies, 95)), "p99": float(np.percentile(latencies, 99)),
             "accuracy": float(np.mean([p == labels[i % len(labels)] for i, _, p in ok])) if ok else 0.0,
-            "batches": batches, "client_cpu_share": cpu / wall}
+            "batches": batches, "client_cpu_share": cpu / wall, "client_cpu_per_request": cpu / max(len(results), 1),
+            "server_cpu_per_request": server_cpu / max(len(results), 1),
+            "loop_cpu_per_request": loop_cpu / max(len(results), 1)}
 
 
 def offline(model, network, micro_batch: int, data: ImageSet, sequential: int) -> dict:
@@ -228,6 +243,8 @@ def main() -> None:
     p.add_argument("--rates", default="0.3,0.5,0.7,1,1.5,2,2.5,3", help="multiples of the full network's capacity")
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight when measuring capacity")
     p.add_argument("--repeats", type=int, default=3, help="capacity runs per server, in turns (the best counts)")
+    p.add_argument("--overload", type=float, default=3.0, help="then (b) with the default --max-queue and "
+                                                               "--timeout-ms at this multiple of its capacity (0: no)")
     p.add_argument("--sequential", type=int, default=300, help="single-image requests for the batch-1 overhead")
     p.add_argument("--offline-images", type=int, default=2560)
     p.add_argument("--max-batch", type=int, default=64)
@@ -271,16 +288,26 @@ def main() -> None:
                 run = run_load(server, blobs, labels, None, args.seconds, args.concurrency, args.seed)
                 if name not in capacity or run["throughput"] > capacity[name]["throughput"]:
                     capacity[name] = run
+        b = running["b early exit"]  # batch 1 before the overloaded rates, on the servers as they came up
+        asyncio.run(_sequential(b.host, b.port, blobs[:args.sequential]))  # warm-up
+        overhead = min(asyncio.run(_sequential(b.host, b.port, blobs[:args.sequential])) / args.sequential
+                       for _ in range(args.repeats)) - off["batch1_s"]
         full_capacity = capacity["a full network"]["throughput"]
         for name, server in running.items():
             table[name] = [run_load(server, blobs, labels, m * full_capacity, args.seconds, 0, args.seed + i)
                            for i, m in enumerate(multiples)]
-        b = running["b early exit"]
-        asyncio.run(_sequential(b.host, b.port, blobs[:args.sequential]))  # warm-up
-        overhead = min(asyncio.run(_sequential(b.host, b.port, blobs[:args.sequential])) / args.sequential
-                       for _ in range(args.repeats)) - off["batch1_s"]
     finally:
         for server in running.values():
+            server.stop()
+    overload = None
+    if args.overload:  # (b) as users start it (the default --max-queue and --timeout-ms) at --overload x its capacity
+        server = Server([a for a in common if a not in ("--max-queue", "100000", "--timeout-ms", "30000")]
+                        + servers["b early exit"])
+        try:
+            run_load(server, blobs, labels, None, min(2.0, args.seconds), 8, args.seed)  # warm-up
+            overload = run_load(server, blobs, labels, args.overload * capacity["b early exit"]["throughput"],
+                                args.seconds, 0, args.seed)
+        finally:
             server.stop()
 
     print(f"\n{'server':18s} {'offered/s':>9s} {'answered/s':>10s} {'refused':>7s} {'p50 ms':>7s} {'p95 ms':>7s} "
@@ -303,6 +330,15 @@ def main() -> None:
     a, b = table["a full network"][at], table["b early exit"][at]
     print(f"at {multiples[at]:.0%} of the full network's capacity ({a['rate']:.1f}/s): p50 full/early "
           f"{a['p50'] / b['p50']:.2f}x (target >= 2), p99 full/early {a['p99'] / b['p99']:.2f}x (target >= 1)")
+    print("CPU per request at capacity (ms; server: all its threads, of which its event loop; client):")
+    for name, c in capacity.items():
+        print(f"  {name:18s} server {1e3 * c['server_cpu_per_request']:.3f} (event loop "
+              f"{1e3 * c['loop_cpu_per_request']:.3f}), client {1e3 * c['client_cpu_per_request']:.3f}")
+    fixed = {n: capacity[n]["loop_cpu_per_request"] + capacity[n]["client_cpu_per_request"] for n in capacity}
+    a_cpu, b_cpu = (capacity[n]["server_cpu_per_request"] + capacity[n]["client_cpu_per_request"]
+                    for n in ("a full network", "b early exit"))
+    print(f"  CPU-bound served ratio (full / early CPU per request, client included): {a_cpu / b_cpu:.2f}x; without "
+          f"the event loop's and client's work: {(a_cpu - fixed['a full network']) / (b_cpu - fixed['b early exit']):.2f}x")
     served = capacity["b early exit"]["throughput"] / capacity["a full network"]["throughput"]
     print(f"served throughput ratio early/full {served:.2f}x; offline batch-256 ratio {off['ratio']:.2f}x; "
           f"served/offline {served / off['ratio']:.2f} (target >= 0.9)")
@@ -313,6 +349,12 @@ def main() -> None:
         print(f"schedule {name[3:]} vs {args.schedule}: capacity {capacity[name]['throughput']:.1f}/s vs "
               f"{capacity['b early exit']['throughput']:.1f}/s; at the 70% rate p50 {1e3 * r['p50']:.1f} vs "
               f"{1e3 * b['p50']:.1f} ms, p99 {1e3 * r['p99']:.1f} vs {1e3 * b['p99']:.1f} ms")
+    if overload is not None:
+        o = overload
+        print(f"overload: (b) with the default --max-queue and --timeout-ms offered {o['rate']:.0f}/s "
+              f"({args.overload:g}x its capacity): {o['offered']} requests sent, {o['requests']} got an answer "
+              f"(status: count {o['statuses']}), {o['throughput']:.0f}/s predictions; answered p50 "
+              f"{1e3 * o['p50']:.1f} ms, p99 {1e3 * o['p99']:.1f} ms")
     print(f"server overhead at batch 1: {1e3 * overhead:.3f} ms per request over EarlyExitModel.run "
           f"(sequential over one keep-alive connection; target <= 1 ms)")
 

@@ -50,6 +50,7 @@ class TorchRunner:
         self.model, self.early_exit = model, early_exit
         self.threads, self.one_thread_rows = torch.get_num_threads(), one_thread_rows
         self.policy = model.policy
+        self._state_row = self.policy.init_state(1).numpy()
         self.device = device_of(self.network)
         self.num_exits = self.network.num_exits
         self.input_shape = tuple(self.network.input_shape)
@@ -63,7 +64,7 @@ class TorchRunner:
         return torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)
 
     def init_state(self, n: int) -> np.ndarray:
-        return self.policy.init_state(n).numpy()
+        return np.repeat(self._state_row, n, axis=0)  # no torch call on the server's event loop
 
     @torch.inference_mode()
     def step(self, k: int, features: torch.Tensor, state: np.ndarray) -> StepOut:

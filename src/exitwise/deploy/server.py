@@ -72,29 +72,39 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
             raise BadRequest(503, f"overloaded, try again: {e}") from None
         if not futures:
             return []
+        # the first of: every answer, the client leaving, the deadline (one future and a few callbacks: cheaper per
+        # request than asyncio.wait)
         loop = asyncio.get_running_loop()
-        all_done = loop.create_future()
+        ended = loop.create_future()
         left, lock = [len(futures)], threading.Lock()
+
+        def end(why: str) -> None:
+            if not ended.done():
+                ended.set_result(why)
 
         def one_done(_: Future) -> None:
             with lock:
                 left[0] -= 1
                 last = left[0] == 0
             if last:
-                loop.call_soon_threadsafe(lambda: all_done.done() or all_done.set_result(None))
+                loop.call_soon_threadsafe(end, "answered")
 
         for f in futures:
             f.add_done_callback(one_done)
         watch = asyncio.ensure_future(request.receive())
+        watch.add_done_callback(lambda w: w.cancelled() or w.exception() is not None
+                                or w.result().get("type") != "http.disconnect" or end("gone"))
+        late = loop.call_later(timeout, end, "late")
         try:
-            done, _ = await asyncio.wait({all_done, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            why = await ended
         finally:
+            late.cancel()
             watch.cancel()
-        if all_done not in done:
-            if watch in done and not watch.cancelled() and watch.result().get("type") == "http.disconnect":
-                for f in futures:
-                    f.cancel()
-                raise BadRequest(499, "client disconnected")
+        if why == "gone":
+            for f in futures:
+                f.cancel()
+            raise BadRequest(499, "client disconnected")
+        if why == "late":
             raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
         if any(f.cancelled() for f in futures):
             raise BadRequest(499, "client disconnected")
