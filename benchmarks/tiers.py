@@ -21,6 +21,7 @@ Run it alone on a quiet machine: the figures are timings.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import subprocess
@@ -242,6 +243,8 @@ def main() -> None:
             if args.device_cpu_share > 0 and CpuLimit.available() else None
         if args.device_cpu_share > 0 and limit is None:
             print("no cgroup cpu controller here (or not root): the device runs as fast as the cloud")
+        if limit:
+            atexit.register(limit.close)  # also when the run fails (its tiers have stopped by then)
         if limit and os.cpu_count() > 1:  # the device's CPU is its own: everything else (the client, the relays,
             os.sched_setaffinity(0, set(range(os.cpu_count())) - {limit.cpu})  # the cloud) runs on the others
         (device, device_inside), (cloud, cloud_inside) = (measured_tier("device", export, model, calibration, limit),
@@ -263,8 +266,6 @@ def main() -> None:
             finally:
                 if netns:
                     netns.close()
-        if limit:
-            limit.close()
         if args.out:
             from exitwise.io import atomic_write_json
             atomic_write_json(args.out, {"machine": host, "load": machine_load(), "images": len(images), "rows": rows,
