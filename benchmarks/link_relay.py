@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,16 +66,18 @@ class _Direction:
 
 
 class LinkRelay:
-    """Relays 127.0.0.1:`port` to 127.0.0.1:`target_port` with `rtt_ms` of added round trip and at most `mbps`
-    Mbit/s (10^6 bits) each way (None: no cap), in a thread of its own, for at most `max_seconds`."""
+    """Relays 127.0.0.1:`port` to `target_host`:`target_port` (127.0.0.1, or a `NetnsLink`'s address) with
+    `rtt_ms` of added round trip and at most `mbps` Mbit/s (10^6 bits) each way (None: no cap), in a thread of its
+    own, for at most `max_seconds`."""
 
     def __init__(self, target_port: int, *, mbps: float | None = None, rtt_ms: float = 0.0,
-                 max_seconds: float = 600.0):
-        self.target_port, self.delay = target_port, rtt_ms / 2000
+                 max_seconds: float = 600.0, target_host: str = "127.0.0.1"):
+        self.target_port, self.target_host, self.delay = target_port, target_host, rtt_ms / 2000
         self.rate = None if mbps is None else mbps * 1e6 / 8
         self.max_seconds = max_seconds
         self.port = 0
         self.bytes_forwarded = 0  # client -> target, the traffic a tier sends on
+        self.bytes_returned = 0   # target -> client, the answers
         self._ready = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
         self._stop: asyncio.Event | None = None
@@ -82,13 +85,16 @@ class LinkRelay:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            target_reader, target_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            target_reader, target_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
             writer.close()
             return
         up, down = _Direction(self.delay, self.rate), _Direction(self.delay, self.rate)
-        counting = _Counting(reader, self)
-        await asyncio.gather(up.read(counting), up.write(target_writer), down.read(target_reader), down.write(writer))
+        try:
+            await asyncio.gather(up.read(_Counting(reader, self, "bytes_forwarded")), up.write(target_writer),
+                                 down.read(_Counting(target_reader, self, "bytes_returned")), down.write(writer))
+        except asyncio.CancelledError:  # the relay stops: its connections end with it
+            pass
 
     async def _main(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
@@ -122,28 +128,30 @@ class LinkRelay:
 
 
 class _Counting:
-    """A reader that adds what it reads to the relay's `bytes_forwarded`."""
+    """A reader that adds what it reads to the relay's counter `field`."""
 
-    def __init__(self, reader: asyncio.StreamReader, relay: LinkRelay):
-        self.reader, self.relay = reader, relay
+    def __init__(self, reader: asyncio.StreamReader, relay: LinkRelay, field: str):
+        self.reader, self.relay, self.field = reader, relay, field
 
     async def read(self, n: int) -> bytes:
         data = await self.reader.read(n)
-        self.relay.bytes_forwarded += len(data)
+        setattr(self.relay, self.field, getattr(self.relay, self.field) + len(data))
         return data
 
 
 class CpuLimit:
     """A slower machine, emulated: a cgroup (v1 `cpu` controller, or v2 with `cpu`) this process creates, whose
     processes get 1 ms of CPU (the least quota the kernel takes) in every 1 / `share` ms, so work of a few
-    milliseconds or more runs about 1 / `share` times slower, as on a slower CPU, instead of in full-speed bursts.
-    `command(argv)` starts argv inside it. Needs root; `available()` says whether this machine allows it."""
+    milliseconds or more runs about 1 / `share` times slower, as on a slower CPU, instead of in full-speed bursts
+    (shorter work still can: time it as a sustained run, `plan.measure_stages`). `cpu`: also pin it to that one CPU
+    (`taskset`), a single-core device whose threads share the one core. `command(argv)` starts argv inside it.
+    Needs root; `available()` says whether this machine allows it."""
 
     V1, V2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
     QUOTA_US = 1_000
 
-    def __init__(self, share: float):
-        self.share = share
+    def __init__(self, share: float, cpu: int | None = None):
+        self.share, self.cpu = share, cpu
         name = f"exitwise-bench-{os.getpid()}"
         if (self.V1 / "cpu.cfs_quota_us").exists():
             self.path = self.V1 / name
@@ -161,13 +169,55 @@ class CpuLimit:
         return os.geteuid() == 0 and ((cls.V1 / "cpu.cfs_quota_us").exists() or v2)
 
     def command(self, argv: list[str]) -> list[str]:
-        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.path), *argv]
+        pin = ["taskset", "-c", str(self.cpu)] if self.cpu is not None else []
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.path), *pin, *argv]
 
     def close(self) -> None:
         try:
             self.path.rmdir()  # its processes have ended
         except OSError:
             pass
+
+
+class NetnsLink:
+    """A network namespace this process creates, joined to this one by a veth pair whose two ends the kernel's
+    token bucket (`tbf`) limits to `mbps` Mbit/s each way, with a burst of one full-size packet: the rate in the
+    kernel instead of in `LinkRelay` (the kernel here has no `netem`, so the round trip still comes from a relay
+    with no rate cap in front). `command(argv)` runs argv inside (a server there listens on `host`). Needs root
+    and iproute2; `close()` deletes the namespace and the pair with it. `index`: one of several at once."""
+
+    BURST_BYTES = 1600  # one Ethernet frame (and tbf's least workable burst): a serial line, nearly
+
+    def __init__(self, mbps: float, index: int = 0):
+        tag = f"{os.getpid() % 100000}{index}"
+        self.name, outer, inner = f"exw{tag}", f"exw{tag}a", f"exw{tag}b"
+        net = f"10.{200 + index % 50}.{os.getpid() % 250}"
+        self.host, self.mbps = f"{net}.2", mbps
+        tbf = ["root", "tbf", "rate", f"{mbps * 1000:g}kbit", "burst", str(self.BURST_BYTES), "latency", "2s"]
+        steps = [["ip", "netns", "add", self.name],
+                 ["ip", "link", "add", outer, "type", "veth", "peer", "name", inner],
+                 ["ip", "link", "set", inner, "netns", self.name],
+                 ["ip", "addr", "add", f"{net}.1/30", "dev", outer], ["ip", "link", "set", outer, "up"],
+                 ["ip", "-n", self.name, "addr", "add", f"{self.host}/30", "dev", inner],
+                 ["ip", "-n", self.name, "link", "set", inner, "up"], ["ip", "-n", self.name, "link", "set", "lo", "up"],
+                 ["tc", "qdisc", "add", "dev", outer, *tbf],
+                 ["ip", "netns", "exec", self.name, "tc", "qdisc", "add", "dev", inner, *tbf]]
+        try:
+            for step in steps:
+                subprocess.run(step, check=True, capture_output=True, text=True, timeout=30)
+        except subprocess.CalledProcessError as e:
+            self.close()
+            raise RuntimeError(f"{' '.join(e.cmd)}: {e.stderr.strip()}") from None
+
+    @staticmethod
+    def available() -> bool:
+        return os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
+
+    def command(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
 
 
 def exitwise_command(*args: str) -> tuple[list[str], dict]:
@@ -179,19 +229,24 @@ def exitwise_command(*args: str) -> tuple[list[str], dict]:
 class ServeProcess:
     """`exitwise serve --export EXPORT --port PORT *args` in a process of its own (port 0: the OS picks), ready
     (answering /v2/health/ready) when constructed, within `start_seconds`; `stop()` sends SIGTERM. `limit`: run it
-    inside a `CpuLimit` (an emulated slower machine)."""
+    inside a `CpuLimit` (an emulated slower machine), `netns`: inside a `NetnsLink`'s namespace, listening on its
+    address. `export` None: no --export (a relay, or --model/--from)."""
 
-    def __init__(self, export: str | Path, *args: str, port: int = 0, start_seconds: float = 60.0,
-                 limit: CpuLimit | None = None):
-        argv, env = exitwise_command("serve", "--export", str(export), "--port", str(port), *args)
+    def __init__(self, export: str | Path | None, *args: str, port: int = 0, start_seconds: float = 60.0,
+                 limit: CpuLimit | None = None, netns: NetnsLink | None = None):
+        model = ["--export", str(export)] if export is not None else []
+        host = ["--host", netns.host] if netns else []
+        argv, env = exitwise_command("serve", *model, *host, "--port", str(port), *args)
+        argv = netns.command(argv) if netns else argv
         self.proc = subprocess.Popen(limit.command(argv) if limit else argv, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=env)
         deadline, line = time.monotonic() + start_seconds, ""
         while "serving" not in line:
             ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
             if not ready or self.proc.poll() is not None:
+                why = self.proc.stderr.read()[-2000:] if self.proc.poll() is not None else "no answer in time"
                 self.stop()
-                raise RuntimeError(f"the tier did not start: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"the tier did not start: {why}")
             line = self.proc.stdout.readline()
         self.url = line.strip().rsplit(" ", 1)[-1]
         self.port = int(self.url.rsplit(":", 1)[-1])

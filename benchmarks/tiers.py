@@ -3,9 +3,14 @@ device sends every image), all-device, and the planner's choice, with the planne
 
 Two tiers, "device" and "cloud", both `exitwise serve` processes on this machine, joined by `LinkRelay`
 (benchmarks/link_relay.py: the link's RTT and rate in user space, as the kernel has no netem). The device is
-emulated as a slower machine: its tier runs in a cgroup limited to `--device-cpu-share` of one CPU (default 0.25).
-The planner gets each tier's stage and request times as measured there (`exitwise plan --measure`, batch 1, the
-device's inside the same cgroup). Clients send one image per request (binary V2 infer), `--concurrency` at a time (default 1).
+emulated as a slower single-core machine: its tier runs pinned to one CPU (the last) in a cgroup limited to
+`--device-cpu-share` of it (default 0.25: 1 ms of CPU in every 4 ms); everything else (this client, the relays,
+the cloud tier) runs on the other CPUs.
+The planner gets each tier's stage times as measured there (`exitwise plan --measure`, batch 1, the device's
+inside the same cgroup), its request cost as its clients see it (`plan.measure_request_at`, from this process;
+both the median of three fresh processes),
+and each link's round trip as measured through the relay (its nominal RTT plus the relay's own work). Clients
+send one image per request (binary V2 infer), `--concurrency` at a time (default 1).
 
     python benchmarks/tiers.py --study runs/b-resnet11-study --export runs/b-resnet11-onnx \\
         --data-dir ../shared/data/cifar10-jpg.tar.gz --images 1000 --links 1:100,20:40,100:20,1000:5
@@ -16,7 +21,9 @@ Run it alone on a quiet machine: the figures are timings.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,10 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from link_relay import CpuLimit, LinkRelay, ServeProcess, exitwise_command
+from link_relay import CpuLimit, LinkRelay, NetnsLink, ServeProcess, exitwise_command
 
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
-from exitwise.deploy.plan import Link, Tier, export_shapes, measure_wire, parse_tier, plan, study_costs
+from exitwise.deploy.plan import (Link, Tier, export_shapes, measure_request_at, measure_wire, parse_tier, plan,
+                                  study_costs)
 from exitwise.study.logits_cache import load_logits
 
 
@@ -72,23 +80,75 @@ def drive(url: str, model: str, images: np.ndarray, concurrency: int) -> tuple[n
     return seconds, classes, degraded[0]
 
 
-def measured_tier(name: str, export: Path, limit: CpuLimit | None) -> Tier:
-    """A tier with its stage and request times measured there: `exitwise plan --measure`, inside `limit`."""
+def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit: CpuLimit | None,
+                  starts: int = 3) -> tuple[Tier, float]:
+    """A tier with its stage times measured there (`exitwise plan --measure`, inside `limit`) and its request cost
+    as its clients see it (`plan.measure_request_at` from this process, outside `limit`, against the whole network
+    served inside it, on `images`), each the median over `starts` fresh processes (a process's speed varies from
+    one start to the next); and the request cost `plan --measure` gave (its client inside `limit`)."""
     argv, env = exitwise_command("plan", "--measure", "--export", str(export))
-    out = subprocess.run(limit.command(argv) if limit else argv, env=env, capture_output=True, text=True, check=True)
-    return parse_tier(f"{name}:{out.stdout.strip().splitlines()[-1]}")
+    inside = []
+    for _ in range(starts):
+        out = subprocess.run(limit.command(argv) if limit else argv, env=env, capture_output=True, text=True,
+                             check=True)
+        inside.append(parse_tier(f"{name}:{out.stdout.strip().splitlines()[-1]}"))
+    stages = tuple(float(v) for v in np.median([t.stage_seconds for t in inside], axis=0))
+    requests = []
+    for _ in range(starts):
+        served = ServeProcess(export, limit=limit)
+        try:
+            requests.append(measure_request_at(served.url, model, stages, images))
+        finally:
+            served.stop()
+    print(f"{name}, {starts} starts: stage ms " + "; ".join("/".join(f"{1000 * v:.2f}" for v in t.stage_seconds)
+                                                          for t in inside)
+          + "; request ms from its clients " + "/".join(f"{1000 * r:.2f}" for r in requests))
+    tier = Tier(name, stage_seconds=stages, request_seconds=float(np.median(requests)))
+    return tier, float(np.median([t.request_seconds for t in inside]))
+
+
+def link(port: int, mbps: float, rtt_ms: float, netns: NetnsLink | None, max_seconds: float = 3600) -> LinkRelay:
+    """The emulated link to a server on `port`: a relay adding the RTT and the rate, or (`netns`: the server is in
+    that namespace) the RTT only, the namespace's tbf giving the rate."""
+    return LinkRelay(port, mbps=None if netns else mbps, rtt_ms=rtt_ms, max_seconds=max_seconds,
+                     target_host=netns.host if netns else "127.0.0.1").start()
+
+
+def effective_rtt_ms(export: Path, model: str, image: np.ndarray, mbps: float, rtt_ms: float,
+                     netns: NetnsLink | None, requests: int = 30) -> float:
+    """The emulated link's round trip as a one-image request meets it: the median request over the link less the
+    median one to a server on 127.0.0.1, less its bytes' time at the rate both ways (the relay's own work is in
+    the rest)."""
+    near = ServeProcess(export)
+    far = ServeProcess(export, netns=netns) if netns else near
+    relay = None
+    try:
+        direct = np.median([infer_one(near.url, model, image)[0] for _ in range(requests)])
+        relay = link(far.port, mbps, rtt_ms, netns, 600)
+        url = f"http://127.0.0.1:{relay.port}"
+        infer_one(url, model, image)
+        up, down = relay.bytes_forwarded, relay.bytes_returned
+        relayed = np.median([infer_one(url, model, image)[0] for _ in range(requests)])
+        per_request = (relay.bytes_forwarded - up + relay.bytes_returned - down) / requests
+    finally:
+        if relay:
+            relay.stop()
+        for server in {near, far}:
+            server.stop()
+    return 1000 * (relayed - direct - per_request * 8 / (mbps * 1e6))
 
 
 def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float, wire: str,
-            send_images: bool, concurrency: int, limit: CpuLimit | None) -> dict:
+            send_images: bool, concurrency: int, limit: CpuLimit | None, netns: NetnsLink | None) -> dict:
     """Serve `placement` ((device stages, cloud stages), None: none) over the emulated link; measure it."""
     device_stages, cloud_stages = placement
     procs, relay = [], None
     try:
         if cloud_stages is not None:
-            cloud = ServeProcess(export, "--stages", f"{cloud_stages[0]}-{cloud_stages[1]}", "--tier", "cloud")
+            cloud = ServeProcess(export, "--stages", f"{cloud_stages[0]}-{cloud_stages[1]}", "--tier", "cloud",
+                                 netns=netns)
             procs.append(cloud)
-            relay = LinkRelay(cloud.port, mbps=mbps, rtt_ms=rtt_ms, max_seconds=3600).start()
+            relay = link(cloud.port, mbps, rtt_ms, netns)
         if device_stages is None:
             url = f"http://127.0.0.1:{relay.port}"  # all-cloud: the device only sends the image
         else:
@@ -145,8 +205,11 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, help="CIFAR-10 (the test images are served)")
     ap.add_argument("--images", type=int, default=1000, help="test images served per placement and link")
     ap.add_argument("--links", default="1:100,20:40,100:20,1000:5", help="MBPS:RTT_MS,... (the emulated links)")
-    ap.add_argument("--device-cpu-share", type=float, default=0.25, help="the device tier runs in a cgroup limited "
-                    "to this share of one CPU (an emulated slower device; 0: no limit)")
+    ap.add_argument("--device-cpu-share", type=float, default=0.25, help="the device tier runs pinned to one CPU, in "
+                    "a cgroup limited to this share of it (an emulated slower device; 0: no limit)")
+    ap.add_argument("--link-rate", choices=("relay", "tbf"), default="relay", help="what limits a link's rate: "
+                    "the relay (a serial line, in user space) or tbf on a veth pair into a network namespace this "
+                    "run creates, the cloud inside (the relay then adds the RTT only)")
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight (1: each image's latency alone)")
     ap.add_argument("--wire-images", type=int, default=500, help="validation images to measure the wire formats on")
     ap.add_argument("--tiny", action="store_true", help="smoke run on a random-weight digits-convnet")
@@ -155,6 +218,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             study, export, images, labels = tiny_setup(Path(tmp))
+            calibration = images
             links = [(20.0, 20.0)]
         else:
             if not (args.study and args.export and args.data_dir):
@@ -163,6 +227,7 @@ def main() -> None:
             splits = load_splits("cifar10", args.data_dir, progress=False)
             study, export = args.study, args.export
             images, labels = splits.test.images[:args.images].numpy(), splits.test.labels[:args.images].numpy()
+            calibration = splits.val.images[:100].numpy()  # the request costs are measured on these
             links = [tuple(float(v) for v in item.split(":")) for item in args.links.split(",")]
         runner = OnnxEarlyExit.load(export)
         model, k = runner.manifest["model"].rstrip("/").rsplit("/", 1)[-1], runner.num_exits
@@ -171,43 +236,71 @@ def main() -> None:
         values, input_bytes = export_shapes(runner.manifest)
         cache = load_logits(study)
         costs = study_costs(cache.val_logits, cache.stage_seconds_per_sample, runner.manifest, values, input_bytes, wire)
-        limit = CpuLimit(args.device_cpu_share) if args.device_cpu_share > 0 and CpuLimit.available() else None
+        from exitwise.device import describe_load, machine, machine_load
+        host = machine().describe()  # before this process leaves the device's CPU to it
+        print(f"machine: {host}; {describe_load(machine_load())}")
+        limit = CpuLimit(args.device_cpu_share, cpu=os.cpu_count() - 1) \
+            if args.device_cpu_share > 0 and CpuLimit.available() else None
         if args.device_cpu_share > 0 and limit is None:
             print("no cgroup cpu controller here (or not root): the device runs as fast as the cloud")
-        tiers = (measured_tier("device", export, limit), measured_tier("cloud", export, None))
+        if limit:
+            atexit.register(limit.close)  # also when the run fails (its tiers have stopped by then)
+        if limit and os.cpu_count() > 1:  # the device's CPU is its own: everything else (the client, the relays,
+            os.sched_setaffinity(0, set(range(os.cpu_count())) - {limit.cpu})  # the cloud) runs on the others
+        (device, device_inside), (cloud, cloud_inside) = (measured_tier("device", export, model, calibration, limit),
+                                                          measured_tier("cloud", export, model, calibration, None))
+        tiers = (device, cloud)
         rows = []
-        from exitwise.device import describe_load, machine, machine_load
-        print(f"machine: {machine().describe()}; {describe_load(machine_load())}")
         print(f"model {model}; {len(images)} images; full network accuracy {100 * (full == labels).mean():.2f}%; "
               f"{args.concurrency} request(s) in flight")
-        for t in tiers:
+        for t, inside in ((device, device_inside), (cloud, cloud_inside)):
             print(f"{t.name}: stage ms per image (plan --measure, batch 1"
-                  f"{f', in {limit.share:g} of a CPU' if t.name == 'device' and limit else ''}): "
-                  + ", ".join(f"{1000 * v:.3f}" for v in t.stage_seconds) + f"; request {1000 * t.request_seconds:.2f}")
-        print(f"{'link':>14s} {'placement':>16s} {'wire':>4s} {'pred ms':>8s} {'mean ms':>8s} {'p50 ms':>8s} "
-              f"{'p99 ms':>8s} {'B/img':>9s} {'pred B':>9s} {'acc %':>6s} {'degr':>4s}")
+                  f"{f', in {limit.share:g} of CPU {limit.cpu}' if t.name == 'device' and limit else ''}): "
+                  + ", ".join(f"{1000 * v:.3f}" for v in t.stage_seconds) + f"; request {1000 * t.request_seconds:.2f} "
+                  f"from its clients (plan --measure, its client inside: {1000 * inside:.2f})")
         for mbps, rtt in links:
-            p = plan(tiers, (Link("device", "cloud", mbps, rtt),), costs)
-            named = {"all-cloud": (None, (0, k - 1)), "all-device": ((0, k - 1), None), "plan": p.choice.stages}
-            for name, placement in named.items():
-                c = next(c for c in p.candidates if c.stages == placement)
-                m = measure(placement, export, model, images, mbps, rtt, c.wire, c.links[0].payload == "input",
-                            args.concurrency, limit)
-                acc = 100 * float((m.pop("classes") == labels).mean())
-                label = f"{name} {'/'.join(f'{r[0]}-{r[1]}' if r else '-' for r in placement)}"
-                print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>16s} {c.wire:>4s} {c.latency_ms:8.2f} "
-                      f"{m['mean_ms']:8.2f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['bytes_per_image']:9.0f} "
-                      f"{c.traffic_bytes:9.0f} {acc:6.2f} {m['degraded']:4d}")
-                rows.append({"mbps": mbps, "rtt_ms": rtt, "placement": name, "stages": placement, "wire": c.wire,
-                             "predicted_ms": c.latency_ms, "predicted_bytes": c.traffic_bytes, "accuracy": acc, **m})
-        if limit:
-            limit.close()
+            netns = NetnsLink(mbps) if args.link_rate == "tbf" else None
+            try:
+                rows += run_link(args, export, model, images, labels, calibration, tiers, costs, k, mbps, rtt, limit,
+                                 netns)
+            finally:
+                if netns:
+                    netns.close()
         if args.out:
             from exitwise.io import atomic_write_json
-            from exitwise.device import machine, machine_load
-            atomic_write_json(args.out, {"machine": machine().describe(), "load": machine_load(), "images": len(images), "rows": rows,
+            atomic_write_json(args.out, {"machine": host, "load": machine_load(), "images": len(images), "rows": rows,
+                                         "tiers": [t.to_json() for t in tiers], "link_rate": args.link_rate,
                                          "full_network_accuracy": 100 * float((full == labels).mean()),
                                          "wire": wire.to_json()})
+
+
+def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndarray, calibration: np.ndarray,
+             tiers: tuple[Tier, Tier], costs, k: int, mbps: float, rtt: float, limit: CpuLimit | None,
+             netns: NetnsLink | None) -> list[dict]:
+    """all-cloud, all-device, the best split and the plan's choice over one link: printed, and returned as rows."""
+    rows = []
+    measured_rtt = effective_rtt_ms(export, model, calibration[0], mbps, rtt, netns)
+    print(f"link {mbps:g} Mbit/s ({'tbf' if netns else 'relay'}), {rtt:g} ms: its round trip measured "
+          f"{measured_rtt:.2f} ms")
+    print(f"{'link':>14s} {'placement':>18s} {'wire':>4s} {'pred ms':>8s} {'mean ms':>8s} {'p50 ms':>8s} "
+          f"{'p99 ms':>8s} {'B/img':>9s} {'pred B':>9s} {'acc %':>6s} {'degr':>4s}")
+    p = plan(tiers, (Link("device", "cloud", mbps, measured_rtt),), costs)
+    split = min((c for c in p.candidates if all(c.stages)), key=lambda c: c.latency_ms)
+    named = {"all-cloud": (None, (0, k - 1)), "all-device": ((0, k - 1), None), "best split": split.stages,
+             "plan": p.choice.stages}
+    for name, placement in named.items():
+        c = next(c for c in p.candidates if c.stages == placement)
+        m = measure(placement, export, model, images, mbps, rtt, c.wire, c.links[0].payload == "input",
+                    args.concurrency, limit, netns)
+        acc = 100 * float((m.pop("classes") == labels).mean())
+        label = f"{name} {'/'.join(f'{r[0]}-{r[1]}' if r else '-' for r in placement)}"
+        print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>18s} {c.wire:>4s} {c.latency_ms:8.2f} "
+              f"{m['mean_ms']:8.2f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['bytes_per_image']:9.0f} "
+              f"{c.traffic_bytes:9.0f} {acc:6.2f} {m['degraded']:4d}")
+        rows.append({"mbps": mbps, "rtt_ms": rtt, "measured_rtt_ms": measured_rtt, "placement": name,
+                     "stages": placement, "wire": c.wire, "predicted_ms": c.latency_ms,
+                     "predicted_bytes": c.traffic_bytes, "accuracy": acc, **m})
+    return rows
 
 
 if __name__ == "__main__":

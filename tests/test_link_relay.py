@@ -62,3 +62,50 @@ def test_the_relay_stops_by_itself():
     relay._thread.join(5)
     assert not relay._thread.is_alive()
     server.close()
+
+
+def _netns_works() -> bool:
+    from link_relay import NetnsLink
+    if not NetnsLink.available():
+        return False
+    try:
+        NetnsLink(8, index=49).close()
+        return True
+    except (RuntimeError, OSError):
+        return False
+
+
+def test_a_namespace_link_holds_to_its_tbf_rate_and_is_removed_on_close():
+    import pytest
+    import subprocess
+    from link_relay import NetnsLink
+    if not _netns_works():
+        pytest.skip("needs root, iproute2 and network namespaces")
+    ns = NetnsLink(8, index=48)
+    echo = ("import socket\ns = socket.create_server(('%s', 7777)); s.settimeout(30)\nc, _ = s.accept()\n"
+            "while d := c.recv(65536): c.sendall(d)\n" % ns.host)
+    proc = subprocess.Popen(ns.command(["timeout", "30", sys.executable, "-c", echo]))
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                conn = socket.create_connection((ns.host, 7777), timeout=30)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the echo server in the namespace did not start"
+                time.sleep(0.05)
+        payload = bytes(range(256)) * 800  # 200 KiB at 8 Mbit/s (1 MB/s): >= 0.2 s less one packet's burst
+        with conn:
+            start = time.perf_counter()
+            conn.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                got += conn.recv(65536)
+            seconds = time.perf_counter() - start
+        assert got == payload and seconds >= (len(payload) - NetnsLink.BURST_BYTES) / 1e6 * 0.95
+    finally:
+        proc.kill()
+        proc.wait(10)
+        ns.close()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert ns.name not in listed.split()

@@ -3,6 +3,7 @@ to its own last exit when the next tier dies (and forwards again when it is back
 import json
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def test_bad_tiers_exit_2_in_one_line(digits, tmp_path, capsys):
              (["--stages", "0-5"], "stages 0-2"),
              (["--stages", "0-1"], "give --next"),
              (["--stages", "1-2", "--next", "http://127.0.0.1:1"], "nothing to send"),
-             (["--plan", str(plan), "--tier", "device"], "holds no stages"),
+             (["--plan", str(plan), "--tier", "device"], "forwards to the next tier: give --next"),
              (["--plan", str(plan), "--tier", "edge"], "not in"),
              (["--stages", ""], "FIRST-LAST"),
              (["--stages", "0-1", "--next", "http://127.0.0.1:1", "--forward-timeout-ms", "900", "--timeout-ms",
@@ -203,3 +204,117 @@ def test_the_first_tier_may_send_images_and_the_next_recomputes(digits):
     assert not (differ & ~_borderline(export_dir, images)).any() and not any(got["degraded"])
     survivors = (expected.exits == 2).sum()
     assert survivors * 64 <= sent < survivors * 64 + 2000  # 8x8 uint8 pixels each, and one header per batch
+
+
+def test_relays_hold_no_stages_and_pass_images_and_features_on_unchanged(digits):
+    """A relay before the first tier with stages carries the images, one between two tiers the features; the
+    answers equal single-process early exit and say which tier gave them (never the relay)."""
+    export_dir, images = digits
+    expected = OnnxEarlyExit.load(export_dir).run(images)
+    cloud = Tier(export_dir, "--stages", "2-2", "--tier", "cloud")
+    edge = Tier(None, "--relay", "--next", cloud.url, "--tier", "edge")
+    device = Tier(export_dir, "--stages", "0-1", "--next", edge.url, "--tier", "device")
+    gateway = Tier(None, "--relay", "--next", device.url, "--tier", "gateway")
+    try:
+        got = [_infer(gateway.url, images[i:i + 40]) for i in range(0, len(images), 40)]
+        relayed = _counter(edge.url, 'exitwise_relayed_requests_total{code="200"}')
+    finally:
+        for tier in (gateway, device, edge, cloud):
+            tier.stop()
+    exits = np.concatenate([g["exit"] for g in got])
+    classes = np.concatenate([g["class"] for g in got])
+    differ = (exits != expected.exits) | (classes != expected.predictions)
+    assert not (differ & ~_borderline(export_dir, images)).any()
+    assert set(exits) == {0, 1, 2} and relayed >= 1  # the cloud's answers came through the edge relay
+    assert sum((g["tier"] for g in got), []) == [("device", "device", "cloud")[e] for e in exits]
+    assert not any(sum((g["degraded"] for g in got), []))
+
+
+def test_a_relay_whose_next_tier_is_down_or_silent_answers_an_error_at_once_and_the_tier_before_degrades(digits):
+    import socket
+    export_dir, images = digits
+    silent = socket.socket()  # accepts connections and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    cloud = Tier(export_dir, "--stages", "1-2", "--tier", "cloud")
+    edge = Tier(None, "--relay", "--next", cloud.url, "--tier", "edge")
+    slow_edge = Tier(None, "--relay", "--next", f"http://127.0.0.1:{silent.getsockname()[1]}",
+                     "--forward-timeout-ms", "300")
+    device = Tier(export_dir, "--stages", "0-0", "--next", edge.url, "--tier", "device")
+    try:
+        cloud.stop()
+        for relay, status in ((edge, 502), (slow_edge, 504)):
+            start = time.monotonic()
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                _infer(relay.url, images[:4])
+            assert refused.value.code == status and time.monotonic() - start < 5
+            assert "the next tier" in json.loads(refused.value.read())["error"]
+        during = _infer(device.url, images[:40])  # the device degrades to its own exit, as when its next tier is down
+        assert len(during["exit"]) == 40 and set(during["exit"]) == {0} and any(during["degraded"])
+        assert _counter(edge.url, 'exitwise_relay_failures_total{reason="unreachable"}') >= 2
+    finally:
+        for tier in (device, slow_edge, edge):
+            tier.stop()
+        silent.close()
+
+
+def test_bad_relays_exit_2_in_one_line(digits, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "exitwise.tier-plan/1", "tiers": [{"name": "device"}, {"name": "cloud"}],
+                                "costs": {"stage_seconds": [1, 1, 1]},
+                                "choice": {"stages": [[0, 2], None], "wire": "fp32", "links": []}}))
+    cases = [(["--relay"], "give --next"),
+             (["--relay", "--next", "http://127.0.0.1:1", "--export", str(digits[0])], "drop --export"),
+             (["--relay", "--next", "http://127.0.0.1:1", "--stages", "0-1"], "drop --stages"),
+             (["--relay", "--next", "http://127.0.0.1:1", "--wire", "int8"], "drop --wire"),
+             (["--relay", "--next", "localhost:1"], "not a URL"),
+             (["--plan", str(plan), "--tier", "cloud", "--next", "http://127.0.0.1:1"], "after the network ends")]
+    for args, message in cases:
+        assert main(["serve", "--port", "0", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (args, err)
+
+
+def test_a_tier_the_plan_gives_no_stages_is_served_as_a_relay(tmp_path):
+    from exitwise.cli import _relay_config, build_parser
+    from exitwise.config import RelayConfig
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "exitwise.tier-plan/1",
+                                "tiers": [{"name": "device"}, {"name": "edge"}, {"name": "cloud"}],
+                                "costs": {"stage_seconds": [1, 1, 1]},
+                                "choice": {"stages": [[0, 0], None, [1, 2]], "wire": "fp32", "links": []}}))
+    args = build_parser().parse_args(["serve", "--export", "x", "--plan", str(plan), "--tier", "edge",
+                                      "--next", "http://127.0.0.1:9"])
+    assert _relay_config(args, ["--export"]) == RelayConfig("edge", "http://127.0.0.1:9")
+    args = build_parser().parse_args(["serve", "--export", "x", "--plan", str(plan), "--tier", "device",
+                                      "--next", "http://127.0.0.1:9"])
+    assert _relay_config(args, ["--export"]) is None  # it holds stage 0
+
+
+def test_a_torch_chain_answers_as_single_process_early_exit_and_degrades_on_torch_too(digits):
+    """`--from DIR` tiers (PyTorch): fp32 features across the links, the first tier sending images (the next
+    recomputes stage 0 on torch), answers equal to `EarlyExitModel.run`; the last tier gone, the middle one answers
+    at its own exit, degraded."""
+    from exitwise.data import ImageSet
+    export_dir, images = digits
+    folder = str(Path(export_dir).parent / "model")
+    model = EarlyExitModel.load(folder)
+    data = ImageSet(torch.from_numpy(images), torch.zeros(len(images), dtype=torch.int64), tuple("0123456789"))
+    expected = model.run(data, precision="fp32", micro_batch=64)
+    torch_tier = ("--from", folder, "--precision", "fp32", "--micro-batch", "64")
+    cloud = Tier(None, *torch_tier, "--stages", "2-2", "--tier", "cloud")
+    edge = Tier(None, *torch_tier, "--stages", "1-1", "--next", cloud.url, "--tier", "edge")
+    device = Tier(None, *torch_tier, "--stages", "0-0", "--next", edge.url, "--tier", "device", "--send-images")
+    try:
+        got = _infer(device.url, images)
+        cloud.stop()
+        during = _infer(device.url, images)
+    finally:
+        for tier in (device, edge, cloud):
+            tier.stop()
+    differ = (got["exit"] != expected.exits) | (got["class"] != expected.predictions)
+    assert not (differ & ~_borderline(export_dir, images)).any()
+    assert set(got["exit"]) == {0, 1, 2} and not any(got["degraded"])
+    assert got["tier"] == [("device", "edge", "cloud")[e] for e in got["exit"]]
+    assert set(during["exit"]) <= {0, 1} and any(during["degraded"])
+    assert all(t == "edge" for t, d in zip(during["tier"], during["degraded"]) if d)

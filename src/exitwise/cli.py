@@ -291,7 +291,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             raise UserError(f"--measure-batch must be at least 1, got {batch}")
         runner = OnnxEarlyExit.load(args.export, spin=False)  # as `exitwise serve` runs it
         seconds = planning.measure_stages(runner, batch=batch)
-        request = planning.measure_request(runner, seconds)
+        request = planning.measure_request(runner)
         print("stage-ms=" + "/".join(f"{1000 * s:.4g}" for s in seconds) + f",request-ms={1000 * request:.4g}")
         return
     missing = [flag for flag, v in (("--from", args.source), ("--tier", args.tier), ("--out", args.out)) if not v]
@@ -358,6 +358,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import functools
     from .config import SchedulerConfig, ServeConfig, check_micro_batch, check_precision
     given_models = [f for f, v in (("--model", args.model), ("--from", args.source), ("--export", args.export)) if v]
+    relay = _relay_config(args, given_models)
+    if relay is not None:
+        try:
+            import fastapi, prometheus_client, uvicorn  # noqa: F401,E401
+        except ImportError as e:
+            raise UserError(f"serving needs {e.name}: pip install 'exitwise[serve]'") from None
+        from .deploy.server import serve
+        serve(None, ServeConfig(**given(args, ServeConfig, skip=("scheduler", "tier", "relay")), relay=relay))
+        return
     if len(given_models) != 1:
         raise UserError("give one of --model NAME, --from DIR or --export DIR")
     if args.weights and not args.model:
@@ -368,10 +377,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         import fastapi, prometheus_client, uvicorn  # noqa: F401,E401
     except ImportError as e:
         raise UserError(f"serving needs {e.name}: pip install 'exitwise[serve]'") from None
-    tier = _tier_config(args)
-    config = ServeConfig(**given(args, ServeConfig, skip=("scheduler", "tier")), tier=tier,
-                         scheduler=SchedulerConfig(**given(args, SchedulerConfig),
-                                                   **({"first": tier.first, "last": tier.last} if tier else {})))
     if args.export:
         from .deploy.onnx_runner import OnnxRunner
         make_runner = functools.partial(OnnxRunner.load, args.export, early_exit=not args.no_early_exit)
@@ -380,19 +385,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
         make_runner = functools.partial(torch_runner, model=args.model, weights=args.weights, source=args.source,
                                         early_exit=not args.no_early_exit, precision=args.precision,
                                         micro_batch=args.micro_batch)
+    runner = None
+    if _is_tier(args) and not args.export and not args.ray:
+        if args.next is not None:
+            from .config import check_url
+            check_url(args.next)  # before the model loads
+        runner = make_runner()  # a torch tier: its stages are counted on the model
+    tier = _tier_config(args, None if runner is None else runner.num_exits)
+    config = ServeConfig(**given(args, ServeConfig, skip=("scheduler", "tier", "relay")), tier=tier,
+                         scheduler=SchedulerConfig(**given(args, SchedulerConfig),
+                                                   **({"first": tier.first, "last": tier.last} if tier else {})))
     if args.ray:
         from .deploy.ray_serve import serve_on_ray
         serve_on_ray(make_runner, config, replicas=args.replicas)
         return
     from .deploy.server import serve
-    serve(make_runner(), config)
+    serve(runner or make_runner(), config)
 
 
 # `exitwise serve` as one tier of a chain (exitwise.deploy.tiers, docs/tiers.md)
 
 def _add_tier_args(p) -> None:
-    p.add_argument("--stages", help="with --export: serve only stages FIRST-LAST (a tier); samples still in after "
-                                    "LAST go to --next")
+    p.add_argument("--stages", help="serve only stages FIRST-LAST (a tier); samples still in after LAST go to --next")
     p.add_argument("--next", help="the next tier's URL (http://HOST:PORT), where survivors' features go")
     p.add_argument("--plan", type=Path, help="a plan.json of `exitwise plan`: take this --tier's stages and wire "
                                              "format from its choice")
@@ -401,40 +415,78 @@ def _add_tier_args(p) -> None:
     p.add_argument("--send-images", action="store_true", help="the first tier sends the survivors' images instead "
                    "of their features (smaller for small images); the next tier recomputes the stages before its own")
     p.add_argument("--forward-timeout-ms", type=float, help="the next tier not answering by then: answer at this "
-                   "tier's last exit, marked degraded (default 5000; below --timeout-ms)")
+                   "tier's last exit, marked degraded (default 5000; below --timeout-ms); a relay answers 504 "
+                   "(default 10000)")
+    p.add_argument("--relay", action="store_true", help="a tier that holds no stages: forward every request to --next "
+                   "unchanged (images or features) and its answer back; runs no model (--plan does this by itself "
+                   "for a tier it gives no stages)")
 
 
-def _tier_config(args: argparse.Namespace):
-    """The TierConfig that --stages/--plan/--tier/--next ask for (None: the whole network), checked."""
-    if all(v is None for v in (args.stages, args.next, args.plan, args.tier)):
+def _relay_config(args: argparse.Namespace, given_models: list[str]):
+    """The RelayConfig of a tier that holds no stages (`--relay`, or `--plan` giving `--tier` none); else None."""
+    from .config import RelayConfig
+    if args.relay:
+        if given_models or args.stages is not None or args.plan is not None:
+            flags = given_models + [f for f, v in (("--stages", args.stages), ("--plan", args.plan)) if v is not None]
+            raise UserError(f"--relay holds no stages and runs no model: drop {', '.join(flags)}")
+    elif args.plan is not None and args.tier and args.stages is None:
+        doc, at = _plan_tier(args)
+        held = doc["choice"]["stages"]
+        if held[at]:
+            return None
+        if not any(held[at + 1:]):
+            raise UserError(f"tier {args.tier!r} comes after the network ends in {str(args.plan)!r} (no tier after it "
+                            "holds stages): nothing to serve there")
+    else:
+        return None
+    if not args.next:
+        raise UserError("a relay (a tier with no stages) forwards to the next tier: give --next URL")
+    if args.ray or args.wire or args.send_images:
+        flags = [f for f, v in (("--ray", args.ray), ("--wire", args.wire), ("--send-images", args.send_images)) if v]
+        raise UserError(f"a relay forwards what it gets as it is: drop {', '.join(flags)}")
+    return RelayConfig(args.tier or "relay", args.next,
+                       **({} if args.forward_timeout_ms is None else {"timeout_ms": args.forward_timeout_ms}))
+
+
+def _plan_tier(args: argparse.Namespace) -> tuple[dict, int]:
+    """`--plan`'s document and `--tier`'s place in it (one line, exit 2, when the plan has no such tier)."""
+    from .deploy.plan import read_plan
+    doc = read_plan(args.plan)
+    names = [t["name"] for t in doc["tiers"]]
+    if args.tier not in names:
+        raise UserError(f"tier {args.tier!r} is not in {str(args.plan)!r} (its tiers: {', '.join(names)})")
+    return doc, names.index(args.tier)
+
+
+def _is_tier(args: argparse.Namespace) -> bool:
+    return any(v is not None for v in (args.stages, args.next, args.plan, args.tier))
+
+
+def _tier_config(args: argparse.Namespace, num_stages: int | None = None):
+    """The TierConfig that --stages/--plan/--tier/--next ask for (None: the whole network), checked. `num_stages`:
+    the model's (None: read from the --export's manifest)."""
+    if not _is_tier(args):
         if args.send_images:
             raise UserError("--send-images goes with --next (a tier that forwards)")
         return None
     from .deploy.onnx_runtime import read_manifest
-    from .deploy.plan import read_plan
     from .config import TierConfig, check_url
     from .deploy.tiers import parse_stages
     if args.next is not None:
         check_url(args.next)
-    if not args.export or args.ray:
-        raise UserError("a tier serves an ONNX export (--export DIR), without --ray")
-    k = len(read_manifest(args.export)["stages"])
+    if args.ray:
+        raise UserError("a tier is served without --ray")
+    k = len(read_manifest(args.export)["stages"]) if num_stages is None else num_stages
     wire = args.wire
     if args.plan:
         if args.stages is not None or not args.tier:
             raise UserError("--plan takes this tier's stages from the plan: give --tier NAME, not --stages")
-        doc = read_plan(args.plan)
-        names = [t["name"] for t in doc["tiers"]]
-        if args.tier not in names:
-            raise UserError(f"tier {args.tier!r} is not in {str(args.plan)!r} (its tiers: {', '.join(names)})")
+        doc, at = _plan_tier(args)
         if len(doc["costs"]["stage_seconds"]) != k:
-            raise UserError(f"{str(args.plan)!r} plans {len(doc['costs']['stage_seconds'])} stages; the export has {k}")
-        stages = doc["choice"]["stages"][names.index(args.tier)]
-        if not stages:
-            raise UserError(f"tier {args.tier!r} holds no stages in {str(args.plan)!r}: nothing to serve there")
-        first, last = stages
+            raise UserError(f"{str(args.plan)!r} plans {len(doc['costs']['stage_seconds'])} stages; the model has {k}")
+        first, last = doc["choice"]["stages"][at]  # a tier with none is a relay (`_relay_config`)
         wire = wire or doc["choice"]["wire"]
-        at, links = names.index(args.tier), doc["choice"]["links"]
+        links = doc["choice"]["links"]
         if at < len(links) and links[at]["payload"] == "input" and links[at]["cut"] > 0:
             args.send_images = True  # the plan sends the image on, not the features (the first tier only)
     elif args.stages is not None:

@@ -239,6 +239,20 @@ class TierConfig:
 
 
 @dataclass(frozen=True)
+class RelayConfig:
+    """A tier that holds no stages (`deploy.tiers.create_relay_app`): it forwards every request to `next_url`
+    unchanged, images before the first tier with stages or features between two, and passes the answers back."""
+    name: str
+    next_url: str
+    timeout_ms: float = 10_000.0   # the next tier not answering by then: 504 (its own degraded answers come sooner)
+
+    def __post_init__(self) -> None:
+        check_url(self.next_url)
+        if not self.timeout_ms > 0:
+            raise UserError("the relay's forward timeout must be above 0 ms")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Everything `exitwise serve` sets besides the model."""
     host: str = option("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
@@ -246,3 +260,4 @@ class ServeConfig:
     max_body_mb: float = option(16.0, "request bodies over this many MiB get 413")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tier: TierConfig | None = None       # one tier of a chain; None: the whole network
+    relay: RelayConfig | None = None     # a tier with no stages: forwards everything, runs no model

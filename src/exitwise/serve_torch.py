@@ -85,9 +85,21 @@ class TorchRunner:
         else:
             scores, new_state = self.policy.step(k, logits, torch.from_numpy(state).to(self.device))
             leave, state = leaves(scores, self.thresholds[k]), new_state.cpu().numpy()
+        return StepOut(x, leave.cpu().numpy(), *self._answer(k, logits), state)
+
+    def _answer(self, k: int, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(class, its softmax probability at the policy's temperature) of exit k's logits."""
         scaled = logits if self.policy.temperatures is None else logits / self.policy.temperatures[k]
         p, predictions = torch.softmax(scaled.float(), -1).max(-1)
-        return StepOut(x, leave.cpu().numpy(), predictions.cpu().numpy(), p.cpu().numpy(), state)
+        return predictions.cpu().numpy(), p.cpu().numpy()
+
+    @torch.inference_mode()
+    def stage(self, k: int, features: torch.Tensor) -> torch.Tensor:
+        return self.network.stages[k](features)
+
+    @torch.inference_mode()
+    def answer(self, k: int, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._answer(k, self.network.heads[k](self.from_numpy(array)).float())
 
     def take(self, features: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         return keep_rows(features, torch.from_numpy(np.asarray(rows)).to(self.device))

@@ -48,9 +48,19 @@ class OnnxRunner:
         else:
             scores, state = self.model.policy.step(k, logits, state)
             leave = leaves(scores, self.thresholds[k])
+        return StepOut(x, leave, *self._answer(k, logits), state)
+
+    def _answer(self, k: int, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(class, its softmax probability at the policy's temperature) of exit k's logits."""
         predictions = logits.argmax(-1)
         p = softmax(self.model.policy.scale(k, logits))
-        return StepOut(x, leave, predictions, p[np.arange(len(p)), predictions].astype(np.float32), state)
+        return predictions, p[np.arange(len(p)), predictions].astype(np.float32)
+
+    def stage(self, k: int, features: np.ndarray) -> np.ndarray:
+        return self.model.stages[k].run(None, {"x": features})[0]
+
+    def answer(self, k: int, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._answer(k, self.model.heads[k].run(None, {"x": self.from_numpy(array)})[0])
 
     def _stage(self, k: int, x: np.ndarray, head: bool) -> tuple[np.ndarray, np.ndarray | None]:
         x = self.model.stages[k].run(None, {"x": x})[0]

@@ -39,6 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import check_url
 from ..errors import UserError
 from ..io import read_format_json
 from ..exit_rule import as_thresholds, leaves
@@ -437,33 +438,93 @@ def study_costs(val_logits: np.ndarray, stage_seconds: Sequence[float], setting:
 
 
 MEASURE_BATCH = 1  # `exitwise plan --measure`: images per timed call (an image's latency on a lightly loaded tier)
+SUSTAINED_SECONDS = 0.25  # `plan --measure` times each stage for at least this long (many CPU-quota periods)
 
 
-def measure_stages(runner, batch: int = MEASURE_BATCH, repeats: int = 20, seed: int = 0) -> tuple[float, ...]:
-    """Per-sample seconds of each stage with its head on this machine (`runner`: an `OnnxEarlyExit`): the fastest
-    of `repeats` calls on `batch` random images after an untimed one (batch 1: an image's latency on a lightly
-    loaded tier). Run on a tier's own machine (`exitwise plan --measure`), they are that tier's `stage-ms=`."""
+def measure_stages(runner, batch: int = MEASURE_BATCH, repeats: int = 20, seconds: float = SUSTAINED_SECONDS,
+                   seed: int = 0) -> tuple[float, ...]:
+    """Per-sample seconds of each stage with its head on this machine (`runner`: an `OnnxEarlyExit`): the mean of
+    back-to-back calls on `batch` random images over at least `repeats` calls and `seconds`, after an untimed one
+    (batch 1: an image's latency). The mean of a sustained run, not the fastest call: on a machine whose CPU is
+    shared or quota-limited (a cgroup, a VM's share) a short call can run in a burst at full speed, while a busy
+    tier pays the sustained rate. Run on a tier's own machine (`exitwise plan --measure`), they are that tier's
+    `stage-ms=`."""
     c, h, w = runner.input_shape
     x = as_input(np.random.default_rng(seed).integers(0, 256, (batch, h, w, c), dtype=np.uint8))
-    seconds = []
+    result = []
     for k in range(runner.num_exits):
         out, _ = runner._stage(k, x)
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
+        calls, start = 0, time.perf_counter()
+        while calls < repeats or time.perf_counter() - start < seconds:
             runner._stage(k, x)
-            best = min(best, time.perf_counter() - start)
-        seconds.append(best / batch)
+            calls += 1
+        result.append((time.perf_counter() - start) / calls / batch)
         x = out
-    return tuple(seconds)
+    return tuple(result)
 
 
-def measure_request(runner, stage_seconds: Sequence[float], requests: int = 40) -> float:
-    """Seconds a one-image request costs this machine's `exitwise serve` beyond the stages it runs: over `requests`
-    sequential binary V2 infer requests to the real server (uvicorn on 127.0.0.1, a free port, in this process),
-    the median of the app's time from the request's arrival to its answer (the client's own work excluded) less the
-    `stage_seconds` of the stages each image ran (`runner`: an `OnnxEarlyExit`). Needs the serve extra."""
+class _StepClock:
+    """A runner whose `step` calls add their wall time to `seconds` (what a served request spent in its stages)."""
+
+    def __init__(self, runner):
+        self.runner, self.seconds = runner, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def step(self, k, features, state):
+        start = time.perf_counter()
+        try:
+            return self.runner.step(k, features, state)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def _round_trips(host: str, port: int, model: str, images: np.ndarray, requests: int,
+                 after=lambda i: None) -> list[tuple[float, int]]:
+    """(seconds, exit taken) of `requests` one-image binary V2 infer requests sent back to back on one connection
+    (as a busy tier gets them), cycling through `images` (uint8 NHWC), after three untimed ones that warm the
+    connection and the sessions. `after(i)`: called when request i is answered."""
     import http.client
+    n, timed = len(images), []
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        for i in range(requests + 3):
+            image = images[i % n:i % n + 1]
+            head = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(image.shape),
+                                           "parameters": {"layout": "NHWC", "binary_data_size": image.size}}]})
+            headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+            start = time.perf_counter()
+            connection.request("POST", f"/v2/models/{model}/infer", head.encode() + image.tobytes(), headers)
+            response = connection.getresponse()
+            body = response.read()
+            took = time.perf_counter() - start
+            after(i)
+            if response.status != 200:
+                raise UserError(f"--measure: the server answered {response.status}: {body[:200]!r}")
+            length = int(response.getheader("Inference-Header-Content-Length") or len(body))
+            outputs = {o["name"]: o for o in json.loads(body[:length])["outputs"]}
+            if i >= 3:
+                timed.append((took, int(outputs["exit"]["data"][0]) if "data" in outputs["exit"] else -1))
+    except OSError as e:
+        raise UserError(f"--measure: cannot reach the server at {host}:{port} ({e})") from None
+    finally:
+        connection.close()
+    return timed
+
+
+def _measure_images(shape: Sequence[int], images: np.ndarray | None) -> np.ndarray:
+    c, h, w = shape
+    return images if images is not None else np.random.default_rng(0).integers(0, 256, (1, h, w, c), dtype=np.uint8)
+
+
+def measure_request(runner, requests: int = 100, images: np.ndarray | None = None) -> float:
+    """Seconds a one-image request costs this machine beyond its stages, HTTP on both ends included: over
+    `requests` binary V2 infer requests sent back to back (`images`, or one random image) to the real server
+    (uvicorn on 127.0.0.1, a free port, in this process), the mean round trip less the time the request's stage
+    calls took in that server (`runner.step`, timed as served, whichever exit the image takes). `runner`: an
+    `OnnxEarlyExit`. The client runs here too: on this machine's CPU, as an application sending from the tier's
+    own machine would. Needs the serve extra."""
     import socket
     import threading
     try:
@@ -473,14 +534,19 @@ def measure_request(runner, stage_seconds: Sequence[float], requests: int = 40) 
         raise UserError(f"--measure times a request through the server: pip install 'exitwise[serve]' ({e.name})") \
             from None
     from .onnx_runner import OnnxRunner
-    served = OnnxRunner(runner)
+    served = _StepClock(OnnxRunner(runner))
     app, inside = create_app(served), []
 
-    async def timed(scope, receive, send):  # the app's own time per request, as the client's is not the tier's
-        start = time.perf_counter()
+    async def timed(scope, receive, send):  # the time each request spent in its stages
+        in_stages = served.seconds
         await app(scope, receive, send)
         if scope["type"] == "http":
-            inside.append(time.perf_counter() - start)
+            inside.append(served.seconds - in_stages)
+
+    def noted(i: int) -> None:  # the app notes its time just after answering
+        deadline = time.monotonic() + 5
+        while len(inside) <= i and time.monotonic() < deadline:
+            time.sleep(0.0005)
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -488,42 +554,31 @@ def measure_request(runner, stage_seconds: Sequence[float], requests: int = 40) 
     server = uvicorn.Server(uvicorn.Config(timed, log_level="error", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    c, h, w = runner.input_shape
-    image = np.random.default_rng(0).integers(0, 256, (1, h, w, c), dtype=np.uint8)
-    head = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(image.shape),
-                                   "parameters": {"layout": "NHWC", "binary_data_size": image.size}}]}).encode()
-    headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
-    cumulative = np.cumsum(stage_seconds)
-    extra = []
     try:
         deadline = time.monotonic() + 30
         while not server.started:
             if time.monotonic() > deadline or not thread.is_alive():
                 raise UserError("the server for --measure did not start")
             time.sleep(0.01)
-        connection = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=30)
-        for i in range(requests + 3):  # the first three warm the connection and the sessions
-            time.sleep(0.02)  # each request alone: the client's own work (in this process) is done before it
-            connection.request("POST", f"/v2/models/{served.name}/infer", head + image.tobytes(), headers)
-            response = connection.getresponse()
-            body = response.read()
-            noted = time.monotonic() + 5
-            while len(inside) <= i and time.monotonic() < noted:  # the app notes its time just after answering
-                time.sleep(0.0005)
-            took = inside[i]
-            if response.status != 200:
-                raise UserError(f"--measure: the server answered {response.status}: {body[:200]!r}")
-            if i >= 3:
-                length = int(response.getheader("Inference-Header-Content-Length") or len(body))
-                outputs = {o["name"]: o for o in json.loads(body[:length])["outputs"]}
-                exit_taken = int(outputs["exit"]["data"][0]) if "data" in outputs["exit"] else served.num_exits - 1
-                extra.append(took - cumulative[exit_taken])
-        connection.close()
+        trips = _round_trips("127.0.0.1", sock.getsockname()[1], served.name,
+                             _measure_images(runner.input_shape, images), requests, noted)
     finally:
         server.should_exit = True
         thread.join(30)
         app.state.scheduler.close(5)
-    return max(0.0, float(np.median(extra)))
+    return max(0.0, float(np.mean([took - stages for (took, _), stages in zip(trips, inside[3:])])))
+
+
+def measure_request_at(url: str, model: str, stage_seconds: Sequence[float], images: np.ndarray,
+                       requests: int = 100) -> float:
+    """Seconds a one-image request costs a tier beyond its stages, as its client sees it: over `requests` binary V2
+    infer requests sent back to back from here to the tier serving the whole network at `url`, the mean round
+    trip less the `stage_seconds` (measured on the tier) of the stages up to the exit each answer names. For a
+    tier whose clients run elsewhere (`images`: uint8 NHWC, real ones, so the exits spread)."""
+    host, port, _ = check_url(url)
+    cumulative = np.cumsum(stage_seconds)
+    trips = _round_trips(host, port, model, images, requests)
+    return max(0.0, float(np.mean([took - cumulative[k] for took, k in trips])))
 
 
 def measure_wire(runner, images: np.ndarray, formats: Sequence[str] = ("fp16", "int8"),

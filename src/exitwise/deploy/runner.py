@@ -10,6 +10,9 @@ or ONNX Runtime: it hands a runner's own `features` back to it, and gets numpy o
     out.predictions, out.probabilities                          # (N,) int64 / float32 at exit k
     runner.take(features, rows), runner.concat([f1, f2])        # compaction and re-batching
     runner.to_numpy(features), runner.from_numpy(array)         # features over the wire (tiers)
+    runner.stage(k, features)                                   # stage k alone (a later tier given images)
+    runner.answer(k, array)                                     # exit k's class and probability on numpy features
+                                                                # after stage k, no exit decision (a degraded answer)
 
 `state` is the exit policy's per-sample memory, a numpy array with one row per sample (patience keeps
 two int64 columns; the other policies none): the scheduler indexes it like the features.
@@ -48,6 +51,8 @@ class Runner(Protocol):
     def concat(self, parts: Sequence[Any]) -> Any: ...
     def to_numpy(self, features: Any) -> np.ndarray: ...
     def from_numpy(self, array: np.ndarray) -> Any: ...
+    def stage(self, k: int, features: Any) -> Any: ...
+    def answer(self, k: int, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def model_name(name: str) -> str:

@@ -264,20 +264,30 @@ async def _files(request: Request, body: bytes) -> tuple[Sequence[bytes], list[s
     return [await f.read() for f in files], [f.filename for f in files]
 
 
-def serve(runner: Runner, config: ServeConfig = ServeConfig(), log_level: str = "warning") -> None:
+def serve(runner: Runner | None, config: ServeConfig = ServeConfig(), log_level: str = "warning") -> None:
     """Run the server until SIGTERM or SIGINT; then accepted requests are answered and it returns. Port 0: any free
-    port; the line printed on start says which."""
+    port; the line printed on start says which. With `config.relay`: a relay tier, no model (`runner` None)."""
+    if config.relay is not None:
+        from .tiers import create_relay_app
+        app, what = create_relay_app(config.relay, int(config.max_body_mb * 2**20)), f"relay {config.relay.name}"
+        close = lambda: None  # noqa: E731
+    else:
+        app, what = create_app(runner, config), f"{runner.name} ({runner.platform})"
+        close = lambda: app.state.scheduler.close(1)  # noqa: E731
+    _run(app, config, what, close, log_level)
+
+
+def _run(app, config: ServeConfig, what: str, close, log_level: str) -> None:
     import socket
 
     import uvicorn
-    app = create_app(runner, config)
     sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((config.host, config.port))
         sock.listen(2048)  # connections queue from the moment the line below is printed
     except OSError as e:
-        app.state.scheduler.close(1)
+        close()
         raise UserError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, proxy_headers=False,
@@ -286,5 +296,5 @@ def serve(runner: Runner, config: ServeConfig = ServeConfig(), log_level: str = 
     if threading.current_thread() is threading.main_thread():
         # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so the exit is 0
         signal.signal(signal.SIGTERM, lambda *_: None)
-    print(f"exitwise: serving {runner.name} ({runner.platform}) on http://{host}:{port}", flush=True)
+    print(f"exitwise: serving {what} on http://{host}:{port}", flush=True)
     server.run(sockets=[sock])

@@ -35,7 +35,6 @@ from fastapi.responses import JSONResponse
 
 from ..config import TierConfig, check_url
 from ..errors import UserError
-from ..exit_rule import softmax
 from .oip import BadRequest
 from .scheduler import Answer, Expired, QueueFull, Sample
 from .wire import IMAGE, decode, encode
@@ -177,10 +176,8 @@ class Forwarder:
 
     def _degraded(self, features: np.ndarray) -> list[TierAnswer]:
         """This tier's last exit on the features it holds (its head, run again: only on the degraded path)."""
-        k, model = self.config.last, self.runner.model
-        logits = model.heads[k].run(None, {"x": features})[0]
-        predictions = logits.argmax(-1)
-        p = softmax(model.policy.scale(k, logits))[np.arange(len(logits)), predictions]
+        k = self.config.last
+        predictions, p = self.runner.answer(k, features)
         return [TierAnswer(k, int(c), float(q), self.config.name, True) for c, q in zip(predictions, p)]
 
 
@@ -208,11 +205,11 @@ def _counters(metrics) -> dict:
 
 
 def _recompute(runner, images: np.ndarray, stages: int) -> np.ndarray:
-    """The features after stages 0..stages-1 of uint8 images (their heads are not run)."""
+    """The features after stages 0..stages-1 of uint8 images (their heads are not run), as numpy."""
     x = runner.to_input(images)
     for k in range(stages):
-        x = runner.model.stages[k].run(None, {"x": x})[0]
-    return x
+        x = runner.stage(k, x)
+    return runner.to_numpy(x)
 
 
 def add_tier_routes(app, runner, config: TierConfig) -> None:
@@ -249,3 +246,79 @@ def add_tier_routes(app, runner, config: TierConfig) -> None:
         rows = [[a.exit, a.prediction, a.probability, getattr(a, "tier", "") or config.name,
                  getattr(a, "degraded", False)] for a in answers]
         return JSONResponse({"tier": config.name, "answers": rows})
+
+
+# A relay: a tier that holds no stages (the planner's empty tier). Before the first tier with stages it carries the
+# images on; between two, the features. It runs no model and answers nothing itself: every request goes to the
+# next tier unchanged and its answer comes back unchanged. Its own endpoints: health and /metrics.
+_PASSED_HEADERS = ("content-type", "inference-header-content-length", "retry-after")
+
+
+def _relay_once(host: str, port: int, timeout: float, method: str, path: str, body: bytes,
+                headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+    """One request to the next tier: (status, body, the headers passed back)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body if method != "GET" else None, headers)
+        response = conn.getresponse()
+        data = response.read()
+        return response.status, data, {h: v for h in _PASSED_HEADERS if (v := response.getheader(h)) is not None}
+    finally:
+        conn.close()
+
+
+def create_relay_app(relay, max_body_bytes: int):
+    """The app of a relay tier (`relay`: a `RelayConfig`). When the next tier cannot be reached or answers
+    nothing it can read: 502 `{"error": ...}`; when it does not answer within `relay.timeout_ms`: 504. A relay
+    has no exit to fall back on (the tiers before it degrade by themselves when it fails)."""
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+    host, port, prefix = check_url(relay.next_url)
+    registry = CollectorRegistry()
+    relayed = Counter("exitwise_relayed_requests", "Requests passed to the next tier, by its status", ["code"],
+                      registry=registry)
+    relayed_bytes = Counter("exitwise_relayed_bytes", "Request bytes passed to the next tier", registry=registry)
+    failed = Counter("exitwise_relay_failures", "Requests the relay answered itself (the next tier failed), by "
+                     "reason (unreachable, timeout)", ["reason"], registry=registry)
+    pool = ThreadPoolExecutor(FORWARD_THREADS * 4, thread_name_prefix="exitwise-relay")
+    app = FastAPI(title="exitwise relay", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        return {"ready": True}
+
+    @app.get("/metrics")
+    async def scrape():
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.api_route("/{path:path}", methods=["GET", "POST"])
+    async def forward(path: str, request: Request):
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            return JSONResponse({"error": f"request body of {int(declared)} bytes is over the limit of "
+                                          f"{max_body_bytes} bytes"}, status_code=413)
+        body = await request.body()
+        target = prefix + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = {h: v for h in _PASSED_HEADERS if (v := request.headers.get(h)) is not None}
+        try:
+            status, data, back = await asyncio.get_running_loop().run_in_executor(
+                pool, _relay_once, host, port, relay.timeout_ms / 1e3, request.method, target, body, headers)
+        except TimeoutError:
+            failed.labels(reason="timeout").inc()
+            return JSONResponse({"error": f"relay {relay.name}: the next tier {relay.next_url} did not answer within "
+                                          f"{relay.timeout_ms:g} ms"}, status_code=504)
+        except (OSError, http.client.HTTPException) as e:
+            failed.labels(reason="unreachable").inc()
+            why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            return JSONResponse({"error": f"relay {relay.name}: the next tier {relay.next_url} failed ({why})"},
+                                status_code=502)
+        relayed.labels(code=str(status)).inc()
+        relayed_bytes.inc(len(body))
+        return Response(data, status_code=status, headers=back)
+
+    return app
