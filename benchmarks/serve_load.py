@@ -249,8 +249,8 @@ def main() -> None:
     p.add_argument("--offline-images", type=int, default=2560)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=0.0)
-    p.add_argument("--schedule", default="oldest", help="the scheduling rule of (b)")
-    p.add_argument("--also-schedules", default="deepest", help="comma-separated rules also run as early-exit servers "
+    p.add_argument("--schedule", default="deepest", help="the scheduling rule of (b)")
+    p.add_argument("--also-schedules", default="oldest", help="comma-separated rules also run as early-exit servers "
                                                               "(b'), to compare with (b); empty: none")
     p.add_argument("--precision", default="auto")
     p.add_argument("--seed", type=int, default=0)

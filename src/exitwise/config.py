@@ -176,7 +176,7 @@ class TrainConfig:
                 raise UserError(message)
 
 
-SERVE_RULES = ("oldest", "deepest", "request-level")  # which stage the serving scheduler runs next
+SERVE_RULES = ("deepest", "oldest", "request-level")  # which stage the serving scheduler runs next
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class SchedulerConfig:
     max_wait_ms: float = option(0.0, "how long the first stage waits for a full batch when nothing else waits")
     max_queue: int = option(1024, "samples inside the server at most; more are refused with 503 at once")
     timeout_ms: float = option(10_000.0, "a request not answered by then gets 504; its samples are dropped")
-    schedule: str = option("oldest", f"which stage runs next: {', '.join(SERVE_RULES)}")
+    schedule: str = option("deepest", f"which stage runs next: {', '.join(SERVE_RULES)}")
     first: int = 0               # the stages this scheduler runs: first..last (None: to the final exit)
     last: int | None = None
 

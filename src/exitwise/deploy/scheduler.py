@@ -6,9 +6,12 @@ answered at once (each sample has its own `concurrent.futures.Future`); the surv
 the next stage, where they batch with the survivors of other batches. Which non-empty stage runs next
 is `SchedulerConfig.schedule` (`exitwise serve --schedule`):
 
-* `oldest` (the default): the stage holding the sample that arrived first, so the oldest request finishes first;
-  measured best on b-resnet11 (docs/serve.md: more throughput and lower latency than `deepest`);
-* `deepest`: the stage with the most samples waiting (ties: the later stage), so batches are large;
+* `deepest` (the default): the stage with the most samples waiting (ties: the later stage), so batches are
+  large; measured best on b-resnet11 with today's server (docs/serve.md: more throughput, and a p99 at 70% of
+  the full network's capacity 2-6x lower than `oldest`, in both runs of 2026-12-04 after the server's
+  per-request work was cut);
+* `oldest`: the stage holding the sample that arrived first, so the oldest request finishes first (the default
+  before: it measured best against the slower server of an earlier session the same day);
 * `request-level`: no re-forming: a batch runs all its stages together (compacting as the offline
   runtime does) and is answered when its last sample is done; the baseline that shows what
   re-forming buys.
