@@ -185,7 +185,8 @@ class SchedulerConfig:
     fill: what arrived while it ran the last one forms the next, so batches grow with the load by themselves."""
     max_batch: int = option(64, "rows per stage call at most")
     max_wait_ms: float = option(0.0, "how long the first stage waits for a full batch when nothing else waits")
-    max_queue: int = option(1024, "samples inside the server at most; more are refused with 503 at once")
+    max_queue: int = option(1024, "samples inside the server, and inference requests in flight, at most; more are "
+                                  "refused with 503 at once")
     timeout_ms: float = option(10_000.0, "a request not answered by then gets 504; its samples are dropped")
     schedule: str = option("deepest", f"which stage runs next: {', '.join(SERVE_RULES)}")
     first: int = 0               # the stages this scheduler runs: first..last (None: to the final exit)
