@@ -7,7 +7,7 @@ For each model (shipped weights unless --weights) on the 10k CIFAR-10 test image
 the validation frontiers of the exit policies (entropy, max-prob and margin unless --policy) whose
 validation accuracy is within 0.5 points of the final exit's validation accuracy, as the study picks
 (`fastest_within`); the test split only reports the chosen setting, never picks it.
-Wall time at batch 256 and at batch 1, the ratio of the two, and the mean-MACs ratio; beside them the cost
+Wall time at batch 256 (`--batch-size`) and at batch 1, the ratio of the two, and the mean-MACs ratio; beside them the cost
 model's prediction from per-stage times (is early exit as fast as its stage times say, or does the runtime lose time?).
 Each timing is the best of --repeats runs, the full network and early exit taking turns, so a burst from
 another process or a drift of the machine's speed does not decide a ratio.
@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--weights", type=Path, help="weights for a single --model")
     p.add_argument("--within-points", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=256, help="the large batch timed beside batch 1")
     p.add_argument("--batch1-images", type=int, default=10000, help="test images timed at batch 1")
     p.add_argument("--policy", action="append", dest="policies", help="repeatable; default: entropy, max-prob, margin")
     p.add_argument("--precision", default="auto", help="auto (measured, as the study chooses), bf16, mixed or fp32")
@@ -80,7 +81,7 @@ def main() -> None:
     for name in models:
         model, info = load_model(name, args.weights if len(models) == 1 else None)
         macs, full_macs = exit_macs(model), backbone_macs(model)
-        tuned = tune(model, splits.test, args.precision, args.micro_batch, device)  # as the study does
+        tuned = tune(model, splits.test, args.precision, args.micro_batch, device, args.batch_size)  # as the study does
         precision, check, micro_batch = tuned.precision, tuned.precision_check, tuned.micro_batch
         model = tuned.network
         early_exit = EarlyExitModel(model, policies[0], np.full(model.num_exits - 1, -np.inf), name,
@@ -101,28 +102,29 @@ def main() -> None:
                                    analysis.as_thresholds(setting.thresholds, model.num_exits), macs, per_sample)
         early_exit = early_exit.with_setting(setting.policy, setting.thresholds)
         policy = early_exit.policy
+        big = args.batch_size
         one = splits.test.subset(torch.arange(min(args.batch1_images, len(splits.test))))
-        full256, early256 = best_of_interleaved(args.repeats, lambda: run_backbone(model, splits.test, 256, **mb),
-                                                lambda: early_exit.run(splits.test, batch_size=256, **mb))
+        full_big, early_big = best_of_interleaved(args.repeats, lambda: run_backbone(model, splits.test, big, **mb),
+                                                lambda: early_exit.run(splits.test, batch_size=big, **mb))
         full1, early1 = best_of_interleaved(args.repeats, lambda: run_backbone(model, one, 1, **mb),
                                             lambda: early_exit.run(one, batch_size=1, **mb))
-        accuracy = (early256.predictions == splits.test.labels.numpy()).mean()
+        accuracy = (early_big.predictions == splits.test.labels.numpy()).mean()
         timed = ", ".join(f"{t['precision']} {t['ms_per_image']:.2f}" for t in check["tried"]) if check else "not timed"
         print(f"\n{name} ({info.weights}, precision {precision} (ms/image in the probe: {timed}), "
               f"micro-batch {micro_batch})")
         print(f"  full network: test accuracy {final:.2%}, {full_macs / 1e6:.2f} M MACs, "
-              f"batch 256: {full256.seconds:.2f} s, batch 1: {full1.seconds:.2f} s for {len(one)} images")
+              f"batch {big}: {full_big.seconds:.2f} s, batch 1: {full1.seconds:.2f} s for {len(one)} images")
         print(f"  early exit:   test accuracy {accuracy:.2%}, {chosen['mean_cost'] / 1e6:.2f} M MACs, "
-              f"batch 256: {early256.seconds:.2f} s, batch 1: {early1.seconds:.2f} s; exit shares "
+              f"batch {big}: {early_big.seconds:.2f} s, batch 1: {early1.seconds:.2f} s; exit shares "
               + ", ".join(f"{s:.1%}" for s in chosen["exit_shares"]))
         print(f"  policy {policy.name}, thresholds: {', '.join('never' if t == NEVER else f'{t:.3f}' for t in setting.thresholds)}")
-        print(f"  speed-up: batch 256 {full256.seconds / early256.seconds:.2f}x, batch 1 {full1.seconds / early1.seconds:.2f}x, "
+        print(f"  speed-up: batch {big} {full_big.seconds / early_big.seconds:.2f}x, batch 1 {full1.seconds / early1.seconds:.2f}x, "
               f"MACs {full_macs / chosen['mean_cost']:.2f}x")
         predicted = chosen["predicted_seconds"]
         print(f"  cost model (stage times of the all-exits pass, ms/image with heads: "
               f"{', '.join(f'{1e3 * t:.3f}' for t in per_sample)}): full {test.trunk_seconds:.2f} s, early exit "
-              f"{predicted:.2f} s, {test.trunk_seconds / predicted:.2f}x; early exit at batch 256 measured "
-              f"{early256.seconds / predicted - 1:+.1%} against it")
+              f"{predicted:.2f} s, {test.trunk_seconds / predicted:.2f}x; early exit at batch {big} measured "
+              f"{early_big.seconds / predicted - 1:+.1%} against it")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def test_the_study_measures_on_the_gpu(tmp_path):
     assert cache.measurements.machine["device"].startswith("cuda")
 
 
-def test_training_on_the_gpu_learns_and_saves_cpu_weights(tmp_path):
+def test_training_on_the_gpu_learns_saves_cpu_weights_and_hands_the_model_back_on_the_cpu(tmp_path):
     from exitwise.train import TrainConfig, train
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -89,3 +89,4 @@ def test_training_on_the_gpu_learns_and_saves_cpu_weights(tmp_path):
     from safetensors.torch import load_file
     assert all(t.device.type == "cpu" for t in load_file(str(tmp_path / "model.safetensors")).values())
     assert json.loads((tmp_path / "model.json").read_text())
+    assert {p.device.type for p in net.parameters()} == {"cpu"}  # where the caller built it

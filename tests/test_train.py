@@ -196,18 +196,18 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, mon
     config = TrainConfig(epochs=2, **TINY)
     torch.manual_seed(0)
     straight = Toy()
-    train(straight, splits(), config, tmp_path / "straight", progress=False)
+    train(straight, splits(), config, tmp_path / "straight", progress=False, device="cpu")  # bit-exact on a CPU
 
     torch.manual_seed(0)
     with monkeypatch.context() as m:
         _interrupt_after_first_checkpoint(m)
         with pytest.raises(KeyboardInterrupt):
-            train(Toy(), splits(), config, tmp_path / "cut", progress=False)
+            train(Toy(), splits(), config, tmp_path / "cut", progress=False, device="cpu")
     assert not (tmp_path / "cut" / "model.safetensors").exists()
     torch.manual_seed(123)  # a different init and RNG state: all must come from the checkpoint
     resumed = Toy()
     card = train(resumed, splits(), None, tmp_path / "cut", resume=tmp_path / "cut" / "checkpoint.pt",
-                 progress=False)
+                 progress=False, device="cpu")
     assert state_equal(resumed.state_dict(), straight.state_dict())
     assert [h["epoch"] for h in card["history"]] == [1, 2]
     assert state_equal(load_file(tmp_path / "cut" / "model.safetensors"),
@@ -235,7 +235,7 @@ def setup():
 
 if __name__ == "__main__":
     model, data, config = setup()
-    train(model, data, config, sys.argv[1], progress=False)
+    train(model, data, config, sys.argv[1], progress=False, device="cpu")  # bit-exact on a CPU
 """
 
 
@@ -260,9 +260,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
 
     setup = runpy.run_path(str(script))["setup"]
     model, data, config = setup()
-    train(model, data, config, out, resume=out / "checkpoint.pt", progress=False)
+    train(model, data, config, out, resume=out / "checkpoint.pt", progress=False, device="cpu")
     straight, data, config = setup()
-    train(straight, data, config, tmp_path / "straight", progress=False)
+    train(straight, data, config, tmp_path / "straight", progress=False, device="cpu")
     assert state_equal(model.state_dict(), straight.state_dict())
 
 
@@ -274,7 +274,7 @@ def digest(model):
 model, data, config = setup()
 config = dataclasses.replace(config, epochs=1, freeze_backbone=FREEZE)
 before, stages = digest(model), digest(model.stages)
-card = train(model, data, config, sys.argv[1], progress=False)
+card = train(model, data, config, sys.argv[1], progress=False, device="cpu")  # gloo: two processes, one machine
 with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.txt"), "w") as f:
     f.write(f"{before} {digest(model)} {card is None} {stages == digest(model.stages)}")
 """
@@ -380,3 +380,12 @@ def test_bad_input_raises_user_error_and_overwrites_nothing(tmp_path):
     with pytest.raises(UserError, match="diverged .* lower the learning rate"):
         train(Toy(), splits(), TrainConfig(epochs=1, **{**TINY, "lr": 1e10}), tmp_path / "diverged")
     assert not (tmp_path / "diverged" / "model.safetensors").exists()
+
+
+def test_a_torchrun_process_without_a_gpu_of_its_own_is_told_in_one_line(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="no GPU of its own.*--nproc-per-node 1"):
+        train_module._rank_device(torch.device("cuda"))
+    assert train_module._rank_device(torch.device("cpu")) == torch.device("cpu")
+

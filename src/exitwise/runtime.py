@@ -118,7 +118,7 @@ def run_stage(model: MultiExitNetwork, k: int, x: torch.Tensor) -> tuple[torch.T
 
 
 def keep_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """x[keep] in one copy that stays channels_last (plain indexing returns NCHW, costing a second copy)."""
+    """x[keep] (a mask or row indices) in one copy that stays channels_last (plain indexing returns NCHW, costing a second copy)."""
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return x.permute(0, 2, 3, 1)[keep].permute(0, 3, 1, 2)
     return x[keep]
@@ -232,22 +232,15 @@ def run_early_exit(model: MultiExitNetwork, data, thresholds: Sequence[float], p
         """Stage k and its exit decision for `rows`; the samples that stay wait at stage k + 1."""
         t0 = time.perf_counter()
         x, logits = run_stage(model, k, rows.x)
-        leave, state = None, rows.state
+        exits[rows.index] = k  # every row: the ones that stay are written over at a later exit
+        predictions[rows.index] = logits.argmax(-1)
         if k < num_exits - 1:
-            scores, state = policy.step(k, logits, state)
-            leave = leaves(scores, thr[k])
-        if leave is None or bool(leave.all()):  # everyone leaves: no indexing (batch 1 lives here)
-            exits[rows.index] = k
-            predictions[rows.index] = logits.argmax(-1)
-        else:
-            if leave.any():
-                exits[rows.index[leave]] = k
-                predictions[rows.index[leave]] = logits[leave].argmax(-1)
-                stay = ~leave
-                rows = _Rows(keep_rows(x, stay), rows.index[stay], state[stay])
-            else:
-                rows = _Rows(x, rows.index, state)
-            waiting[k + 1].append(rows)
+            scores, state = policy.step(k, logits, rows.state)
+            stay = (~leaves(scores, thr[k])).nonzero().squeeze(1)  # the stage's one wait for the device
+            if len(stay) == len(rows.index):
+                waiting[k + 1].append(_Rows(x, rows.index, state))
+            elif len(stay):
+                waiting[k + 1].append(_Rows(keep_rows(x, stay), rows.index[stay], state[stay]))
         synchronize(device)
         stage_seconds[k] += time.perf_counter() - t0
 

@@ -178,8 +178,8 @@ def evaluate(model: MultiExitNetwork, data: ImageSet, batch_size: int = 512, pre
 def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, out_dir: str | Path, *,
           resume: str | Path | None = None, progress: bool = True, model_name: str | None = None,
           device: str = "auto") -> dict | None:
-    """Train `model` in place on `splits.train`, validating every exit after each epoch; return the model card
-    (None on ranks > 0).
+    """Train `model` in place on `splits.train` on `device`, validating every exit after each epoch; return the
+    model card (None on ranks > 0). The model comes back on the device it was on.
 
     Writes `out_dir/checkpoint.pt` after every epoch, then `model.safetensors` and `model.json`.
     `resume` continues a checkpoint exactly; its recipe is used when `config` is None.
@@ -203,12 +203,11 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
     if checkpoint is not None and checkpoint["world_size"] != world:
         raise UserError(f"checkpoint {str(resume)!r} was written by {checkpoint['world_size']} process(es); "
                         f"resume it with the same number, not {world}")
-    device = resolve_device(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device, home = _rank_device(resolve_device(device)), _device_of(model)
     model.to(device=device, memory_format=torch.channels_last)
     with _frozen(model, config.freeze_backbone):
         card = _train_loop(model, splits, config, out, name, checkpoint, resume, rank, world, device, progress)
+    model.to(home)  # the caller's model stays where it was built, like the weights it saved
     if world > 1:
         _barrier()  # every rank leaves with the outputs written
         if owns_group:
@@ -445,6 +444,17 @@ def _average_buffers(model: torch.nn.Module, world: int) -> None:
 
 def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _rank_device(device: torch.device) -> torch.device:
+    """This process's GPU under torchrun (one per process: LOCAL_RANK), or `device` as it is."""
+    if device.type != "cuda":
+        return device
+    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local_rank >= count:
+        raise UserError(f"process {local_rank} on this machine has no GPU of its own ({count} here): start at most "
+                        f"{count} per machine (torchrun --nproc-per-node {count}) or train on the CPU (--device cpu)")
+    return torch.device("cuda", local_rank)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

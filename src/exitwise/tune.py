@@ -23,6 +23,7 @@ from .runtime import all_exit_logits, prepare
 PRECISION_CHECK_IMAGES = 1000
 PROBE_ROWS = 32            # images per timed precision probe: a second or two even where bf16 is emulated
 MICRO_BATCH_SIZES = (16, 32, 64, 128, 256)
+GPU_MICRO_BATCH_SIZES = MICRO_BATCH_SIZES + (512, 1024, 2048, 4096)  # a GPU fills with more rows than a cache holds
 
 
 @torch.inference_mode()
@@ -146,9 +147,10 @@ def choose_micro_batch(prepared: MultiExitNetwork, data, device: torch.device, p
                        batch_size: int = 256, cache_dir: Path | None = None) -> tuple[int, dict]:
     """The micro-batch (rows run through the whole network together) that is fastest per image here.
 
-    Each size in MICRO_BATCH_SIZES up to `batch_size` runs the full network over the same images; the
-    answer is cached (`cached_probe`), so the probe runs once per machine and model."""
-    sizes = [m for m in MICRO_BATCH_SIZES if m <= batch_size] or [batch_size]
+    Each size in MICRO_BATCH_SIZES (GPU_MICRO_BATCH_SIZES on a GPU) up to `batch_size` runs the full network
+    over the same images; the answer is cached (`cached_probe`), so the probe runs once per machine and model."""
+    sizes = [m for m in (GPU_MICRO_BATCH_SIZES if device.type == "cuda" else MICRO_BATCH_SIZES)
+             if m <= batch_size] or [batch_size]
 
     @torch.inference_mode()
     def full_network(m: int, rows: torch.Tensor) -> None:

@@ -74,7 +74,7 @@ def stage_and_head_macs(model: MultiExitNetwork) -> tuple[list[int], list[int]]:
     """MACs for one sample of each stage and of each head."""
     was_training = model.training
     model.eval()
-    x = torch.zeros(1, *model.input_shape)
+    x = torch.zeros(1, *model.input_shape, device=next(model.parameters()).device)
     stages, heads = [], []
     for stage, head in zip(model.stages, model.heads):
         m, x = _macs(stage, x)
