@@ -43,3 +43,12 @@ def test_hf_model_gets_exits_that_learn_and_keeps_its_logits(build, frozen, tmp_
             assert torch.allclose(network.eval()(x)[-1], expected, atol=1e-5)
     accuracy = evaluate(network, splits.test, precision="fp32")
     assert min(accuracy[:-1]) > 0.2, accuracy  # twice chance (ten classes); measured 0.30 to 0.76
+
+
+def test_an_attached_vit_runs_on_the_device_its_weights_are_on():
+    """torch.export writes the tracing device into the ops that make tensors (the position ids' arange); the
+    stages make them on their input's device instead (on a GPU the CPU's arange broke training)."""
+    model, exits = vit()
+    network = attach(model.eval(), exits, num_classes=10, input_shape=(1, 8, 8), max_head_fraction=1.0).to("meta")
+    logits = network.eval()(torch.zeros(2, 1, 8, 8, device="meta"))
+    assert [l.device.type for l in logits] == ["meta"] * 3

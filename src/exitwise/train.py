@@ -196,14 +196,15 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
                         f"(from {str(out / CHECKPOINT)!r}) or choose another output directory")
     ensure_writable_dir(out)
 
-    rank, world, owns_group = _init_distributed()
+    device = resolve_device(device)
+    rank, world, owns_group = _init_distributed(device)
     if config.batch_size % world or len(splits.train) < config.batch_size // world * world:
         raise UserError(f"the batch size ({config.batch_size}) must be a multiple of the {world} processes, "
                         f"and each process needs a batch of train images")
     if checkpoint is not None and checkpoint["world_size"] != world:
         raise UserError(f"checkpoint {str(resume)!r} was written by {checkpoint['world_size']} process(es); "
                         f"resume it with the same number, not {world}")
-    device, home = _rank_device(resolve_device(device)), _device_of(model)
+    device, home = _rank_device(device), _device_of(model)
     model.to(device=device, memory_format=torch.channels_last)
     with _frozen(model, config.freeze_backbone):
         card = _train_loop(model, splits, config, out, name, checkpoint, resume, rank, world, device, progress)
@@ -406,12 +407,13 @@ def _warmup_cosine(total_steps: int, warmup_fraction: float = 0.05):
     return factor
 
 
-def _init_distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether we started the process group): torchrun sets WORLD_SIZE."""
+def _init_distributed(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world size, whether we started the process group): torchrun sets WORLD_SIZE. NCCL between GPUs,
+    gloo between CPUs."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return dist.get_rank(), dist.get_world_size(), True
     return 0, 1, False
 

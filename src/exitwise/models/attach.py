@@ -202,11 +202,23 @@ def _stage(root: nn.Module, nodes: list[fx.Node], inputs: dict[fx.Node, str], ou
         if n not in env and n.op not in ("placeholder", "output"):
             env[n] = graph.node_copy(n, lookup)
     graph.output(lookup(out))
+    _follow_input_device(graph, x)
     module = fx.GraphModule(root, graph)
     module.graph.eliminate_dead_code()
     module.graph.lint()
     module.recompile()
     return module
+
+
+def _follow_input_device(graph: fx.Graph, x: fx.Node) -> None:
+    """Ops that make tensors (`arange` for position ids) on the device the graph was traced on, torch.export writes
+    it in: make them on the stage input's device, so the stage runs on a GPU too."""
+    made = [n for n in graph.nodes if isinstance(n.kwargs.get("device"), torch.device)]
+    if made:
+        with graph.inserting_after(list(graph.find_nodes(op="placeholder"))[-1]):
+            device = graph.call_function(getattr, (x, "device"))
+        for n in made:
+            n.kwargs = {**n.kwargs, "device": device}
 
 
 def split(model: nn.Module, exits: Sequence[str], input_shape: Sequence[int],
