@@ -55,7 +55,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         yield
         await asyncio.get_running_loop().run_in_executor(None, scheduler.close, timeout + 5)
 
-    app = FastAPI(title="exitwise", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = _App(title="exitwise", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler, app.state.metrics, app.state.runner = scheduler, metrics, runner
 
     def check_model(model: str) -> None:
@@ -129,25 +129,31 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
                 raise BadRequest(413, f"request body is over the limit of {limit} bytes")
         return bytes(body)
 
-    app.add_middleware(_Timed, metrics=metrics, max_inflight=config.scheduler.max_queue)
-
-    @app.exception_handler(BadRequest)
-    async def refused(request: Request, e: BadRequest):
+    def refused(e: BadRequest) -> JSONResponse:
         reason = {413: "too_large", 404: "unknown_model", 499: "disconnected", 503: "overloaded", 504: "timeout",
                   500: "failed"}.get(e.status, "bad_request")
         metrics.rejected.labels(reason=reason).inc()
         headers = {"Retry-After": "1"} if e.status == 503 else None
         return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
 
+    async def on_refused(request: Request, e: BadRequest) -> JSONResponse:
+        return refused(e)
+
+    app.add_exception_handler(BadRequest, on_refused)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         metrics.rejected.labels(reason="bad_request").inc()
         return JSONResponse({"error": " ".join(str(e.detail).split())}, status_code=e.status_code)
 
-    @app.exception_handler(Exception)
-    async def failed(request: Request, e: Exception):
+    def failed(e: Exception) -> JSONResponse:
         metrics.rejected.labels(reason="failed").inc()
         return JSONResponse({"error": " ".join(f"internal error: {type(e).__name__}: {e}".split())}, status_code=500)
+
+    async def on_failed(request: Request, e: Exception) -> JSONResponse:
+        return failed(e)
+
+    app.add_exception_handler(Exception, on_failed)
 
     @app.get("/v2/health/live")
     async def live():
@@ -173,24 +179,24 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         ok = scheduler.accepting
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
-    # The two inference routes are plain Starlette routes: FastAPI's parameter solving and response encoding
-    # cost more per request than the rest of the route (docs/serve.md, the server's overhead).
-    async def infer(request: Request) -> JSONResponse:
-        check_model(request.path_params["model"])
+    # The two inference routes are answered by `_Front` itself, past FastAPI's routing and middlewares, which cost
+    # more per request than the rest of the route (docs/serve.md, the server's overhead).
+    async def infer(request: Request, model: str) -> JSONResponse:
+        check_model(model)
         images, parsed = parse_infer(await read_body(request), request.headers.get("inference-header-content-length"),
                                      shape)
         requested_outputs(parsed)
         answers = await answer(request, images)
         return JSONResponse(infer_response(name, parsed, answers, runner.class_names))
 
-    async def predict(request: Request) -> JSONResponse:
+    async def predict(request: Request, model: None) -> JSONResponse:
         body = await read_body(request)
         blobs, names = await _files(request, body)
         answers = await answer(request, decode_images(blobs, shape, [n or f"#{i}" for i, n in enumerate(names)]))
         return JSONResponse({"model": name, "predictions": predictions(answers, runner.class_names, names)})
 
-    app.add_route("/v2/models/{model}/infer", infer, methods=["POST"])
-    app.add_route("/v1/predict", predict, methods=["POST"])
+    app.front = _Front(super(_App, app).__call__, metrics, config.scheduler.max_queue,
+                       {"infer": infer, "predict": predict}, refused, failed)
 
     if tier is not None:
         add_tier_routes(app, runner, tier)
@@ -202,22 +208,45 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
     return app
 
 
-class _Timed:
-    """ASGI middleware: each HTTP request's time to its answer, by endpoint and status, and admission: while
-    `max_inflight` inference requests (`--max-queue`) are being handled, another is answered 503 with Retry-After
-    at once, before its body is read, so past capacity the server refuses instead of letting requests wait in the
-    event loop, where no deadline counts (a pure ASGI wrapper: it costs less per request than Starlette's
-    BaseHTTPMiddleware)."""
-
-    def __init__(self, app, metrics: Metrics, max_inflight: int):
-        self.app, self.metrics, self.max_inflight, self.inflight = app, metrics, max_inflight, 0
+class _App(FastAPI):
+    """FastAPI, with every HTTP request passing `front` first."""
+    front: "_Front"
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            return await self.front(scope, receive, send)
+        await super().__call__(scope, receive, send)
+
+
+def _inference_route(scope) -> tuple[str, str | None] | None:
+    """("infer", model) for POST /v2/models/{model}/infer, ("predict", None) for POST /v1/predict, else None."""
+    if scope["method"] != "POST":
+        return None
+    path = scope["path"]
+    if path == "/v1/predict":
+        return "predict", None
+    parts = path.split("/")
+    if len(parts) == 5 and parts[:3] == ["", "v2", "models"] and parts[4] == "infer" and parts[3]:
+        return "infer", parts[3]
+    return None
+
+
+class _Front:
+    """Pure ASGI, before FastAPI: each HTTP request's time to its answer, by endpoint and status; admission: while
+    `max_inflight` inference requests (`--max-queue`) are being handled, another is answered 503 with Retry-After at
+    once, before its body is read, so past capacity the server refuses instead of letting requests wait in the event
+    loop, where no deadline counts; and the two inference routes answered here (their errors as the app's handlers
+    answer them), past FastAPI's middlewares and routing. Every other request goes on to `app`."""
+
+    def __init__(self, app, metrics: Metrics, max_inflight: int, routes: dict, refused, failed):
+        self.app, self.metrics, self.max_inflight, self.inflight = app, metrics, max_inflight, 0
+        self.routes, self.refused, self.failed = routes, refused, failed
+
+    async def __call__(self, scope, receive, send):
         start, status, path = time.perf_counter(), [500], scope["path"]
-        endpoint = ("infer" if path.endswith("/infer") else "predict" if path == "/v1/predict"
-                    else "features" if path == "/v2/tiers/features" else "metrics" if path == "/metrics" else "other")
+        route = _inference_route(scope)
+        endpoint = (route[0] if route else "features" if path == "/v2/tiers/features"
+                    else "metrics" if path == "/metrics" else "other")
         inference = endpoint in ("infer", "predict", "features")
         if inference and self.inflight >= self.max_inflight:
             self.metrics.rejected.labels(reason="overloaded").inc()
@@ -237,7 +266,16 @@ class _Timed:
 
         self.inflight += inference
         try:
-            await self.app(scope, receive, send_status)
+            if route is None:
+                await self.app(scope, receive, send_status)
+            else:
+                try:
+                    response = await self.routes[route[0]](Request(scope, receive), route[1])
+                except BadRequest as e:
+                    response = self.refused(e)
+                except Exception as e:
+                    response = self.failed(e)
+                await response(scope, receive, send_status)
         finally:
             self.inflight -= inference
             self.metrics.latency.labels(endpoint=endpoint, code=str(status[0])).observe(time.perf_counter() - start)
