@@ -464,6 +464,7 @@ def test_serve_refuses_bad_flags_in_one_line(digits, capsys):
     from exitwise.cli import main
     for argv, message in [(["serve"], "give one of --model NAME, --from DIR or --export DIR"),
                           (["serve", "--export", str(digits[2] / "onnx"), "--schedule", "random"], "unknown schedule"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--workers", "0"], "workers must be at least 1"),
                           (["serve", "--model", "digits-convnet", "--weights", "x.safetensors"], "weights file not found"),
                           (["serve", "--model", "digits-convnet"], "no calibrated setting")]:
         assert main(argv) == 2

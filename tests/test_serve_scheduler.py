@@ -21,6 +21,7 @@ class FakeRunner:
 
     def __init__(self):
         self.calls: list[tuple[int, int]] = []   # (stage, rows) of every step
+        self.entered: list[int] = []              # the stage of every step begun (before the gate)
         self.gate = threading.Event()            # step waits for it (set: no waiting)
         self.gate.set()
 
@@ -31,6 +32,7 @@ class FakeRunner:
         return np.zeros((n, 1), dtype=np.int64)
 
     def step(self, k, features, state):
+        self.entered.append(k)
         self.gate.wait(10)
         self.calls.append((k, len(features)))
         d = features[:, 0].astype(int) % 4
@@ -53,10 +55,10 @@ class FakeRunner:
 
 def two_batches(schedule: str) -> list[tuple[int, int]]:
     """The stage calls for two batches of [1, 1, 0, 0] under `schedule`, the second arriving while stage 0 runs
-    the first."""
+    the first; one worker, so the order of the calls is the rule's alone."""
     runner = FakeRunner()
     runner.gate.clear()  # the first batch blocks in stage 0 while the second arrives
-    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, schedule=schedule)).start()
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, schedule=schedule, workers=1)).start()
     first = scheduler.submit(images([1, 1, 0, 0]))
     time.sleep(0.1)
     second = scheduler.submit(images([1, 1, 0, 0]))
@@ -218,3 +220,17 @@ def test_samples_waiting_for_a_batch_to_fill_leave_at_their_deadline_and_free_th
     assert counts.drops == {"timeout": 2} and runner.calls == []
     assert len(scheduler.submit(images([1, 1]))) == 2  # their places are free again
     scheduler.close(5)
+
+
+def test_two_workers_run_two_stage_calls_at_once_and_answer_as_one_does():
+    runner = FakeRunner()
+    runner.gate.clear()  # every stage call blocks until the gate opens
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, workers=2)).start()
+    futures = scheduler.submit(images([1, 1, 0, 0])) + scheduler.submit(images([3, 2, 1, 0]))
+    deadline = time.monotonic() + 5
+    while len(runner.entered) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runner.entered == [0, 0]  # both batches are in stage 0 at once
+    runner.gate.set()
+    assert [a.exit for a in results(futures)] == [1, 1, 0, 0, 3, 2, 1, 0]
+    assert scheduler.close(5) and scheduler.inside == 0 and not scheduler.accepting

@@ -377,14 +377,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
         import fastapi, prometheus_client, uvicorn  # noqa: F401,E401
     except ImportError as e:
         raise UserError(f"serving needs {e.name}: pip install 'exitwise[serve]'") from None
+    workers = SchedulerConfig(**given(args, SchedulerConfig)).workers  # the batching flags checked before the model loads
     if args.export:
+        import os
         from .deploy.onnx_runner import OnnxRunner
-        make_runner = functools.partial(OnnxRunner.load, args.export, early_exit=not args.no_early_exit)
+        threads = max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None  # the CPUs shared out
+        make_runner = functools.partial(OnnxRunner.load, args.export, early_exit=not args.no_early_exit,
+                                        threads=threads)
     else:
         from .serve_torch import make_runner as torch_runner
         make_runner = functools.partial(torch_runner, model=args.model, weights=args.weights, source=args.source,
                                         early_exit=not args.no_early_exit, precision=args.precision,
-                                        micro_batch=args.micro_batch)
+                                        micro_batch=args.micro_batch, workers=workers)
     runner = None
     if _is_tier(args) and not args.export and not args.ray:
         if args.next is not None:

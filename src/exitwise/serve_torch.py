@@ -8,7 +8,8 @@ lets it leave. `early_exit=False` is the baseline: the same network, side heads 
 A batch of at most `one_thread_rows` rows runs on one intra-op thread. The server's event loop shares the cores:
 a team of torch threads, each waiting at every operator for a member the event loop has preempted, costs more
 than a small batch's work (measured on b-resnet11, AMD Zen 4, 2 cores: sequential requests 2.9 -> 2.3 ms each,
-capacity unchanged; docs/serve.md). Larger batches use torch's threads as set when the runner was made.
+capacity unchanged; docs/serve.md). Larger batches use torch's threads as set when the runner was made, shared
+out among the scheduler's `workers` (threads running stage calls at once: each gets its share).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class TorchRunner:
 
     def __init__(self, model: EarlyExitModel, *, early_exit: bool = True, precision: str = "auto",
                  micro_batch: int | None = None, name: str | None = None,
-                 one_thread_rows: int = SERVE_ONE_THREAD_ROWS):
+                 one_thread_rows: int = SERVE_ONE_THREAD_ROWS, workers: int = 1):
         if model.precision is None:
             from .data import ImageSet
             from .tune import tune
@@ -48,7 +49,7 @@ class TorchRunner:
             self.network, self.precision = model.network, model.precision
             self.micro_batch = micro_batch or DEFAULT_MICRO_BATCH
         self.model, self.early_exit = model, early_exit
-        self.threads, self.one_thread_rows = torch.get_num_threads(), one_thread_rows
+        self.threads, self.one_thread_rows = max(1, torch.get_num_threads() // workers), one_thread_rows
         self.policy = model.policy
         self._state_row = self.policy.init_state(1).numpy()
         self.device = device_of(self.network)
@@ -69,7 +70,7 @@ class TorchRunner:
     @torch.inference_mode()
     def step(self, k: int, features: torch.Tensor, state: np.ndarray) -> StepOut:
         threads = 1 if len(features) <= self.one_thread_rows else self.threads
-        if threads != torch.get_num_threads():  # the scheduler's thread only: OpenMP's count is per thread
+        if threads != torch.get_num_threads():  # this worker thread only: OpenMP's count is per thread
             torch.set_num_threads(threads)
         last = k == self.num_exits - 1
         head = last or self.early_exit
@@ -138,7 +139,8 @@ def load_early_exit(*, model: str | None = None, weights: str | Path | None = No
 
 
 def make_runner(*, model: str | None = None, weights: str | Path | None = None, source: str | Path | None = None,
-                early_exit: bool = True, precision: str = "auto", micro_batch: int | None = None) -> TorchRunner:
+                early_exit: bool = True, precision: str = "auto", micro_batch: int | None = None,
+                workers: int = 1) -> TorchRunner:
     """`exitwise serve --model/--from`'s runner (a module-level function, so Ray can ship it to replicas)."""
     return TorchRunner(load_early_exit(model=model, weights=weights, source=source, early_exit=early_exit),
-                       early_exit=early_exit, precision=precision, micro_batch=micro_batch)
+                       early_exit=early_exit, precision=precision, micro_batch=micro_batch, workers=workers)

@@ -1,6 +1,6 @@
-"""The stage-level dynamic batcher: batches re-form at every exit, on one worker thread (torch-free).
+"""The stage-level dynamic batcher: batches re-form at every exit, on worker threads (torch-free).
 
-Requests queue at the first stage. When the worker is free it runs one stage on one batch: up to
+Requests queue at the first stage. When a worker is free it runs one stage on one batch: up to
 `max_batch` rows of what waits there (oldest first). The samples that leave at that stage's exit are
 answered at once (each sample has its own `concurrent.futures.Future`); the survivors join the queue of
 the next stage, where they batch with the survivors of other batches. Which non-empty stage runs next
@@ -104,10 +104,12 @@ class Scheduler:
         self._inside = 0
         self._accepting = True
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="exitwise-scheduler", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, name=f"exitwise-scheduler-{i}", daemon=True)
+                         for i in range(config.workers)]
 
     def start(self) -> Scheduler:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     # the caller's side (any thread)
@@ -152,17 +154,19 @@ class Scheduler:
 
     @property
     def accepting(self) -> bool:
-        return self._accepting and self._thread.is_alive()
+        return self._accepting and all(t.is_alive() for t in self._threads)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Refuse new samples, answer those inside (no more waiting for full batches), stop the worker.
-        True when it finished within `timeout` seconds."""
+        """Refuse new samples, answer those inside (no more waiting for full batches), stop the workers.
+        True when they finished within `timeout` seconds."""
         with self._cond:
             self._accepting = False
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
+            self._cond.notify_all()
+        end = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
 
     # the worker's side
 
@@ -271,6 +275,7 @@ class Scheduler:
             if answer_now:
                 with self._cond:
                     self.queues[k + 1].append(survivors)
+                    self._cond.notify()  # an idle worker may take them while this one picks again
                 break
             chunk = survivors
         self._answer(done)
@@ -318,4 +323,4 @@ class Scheduler:
         if n:
             with self._cond:
                 self._inside -= n
-                self._cond.notify()
+                self._cond.notify_all()  # closing: every worker sees the last sample go
