@@ -13,7 +13,8 @@ and micro-batch measured once here, so they differ only in what is compared.
 
 The client (this process) sends CIFAR-10 test images as JPEG bytes to /v1/predict at Poisson arrival times
 (fixed seed), open loop: a request is sent at its time whatever the answers before it, over a pool of
-keep-alive connections. Rates are multiples of (a)'s capacity: its throughput with --concurrency requests
+keep-alive connections (at most 2,000 open; a request waiting for one has the wait in its latency, which counts
+from the time it was due). Rates are multiples of (a)'s capacity: its throughput with --concurrency requests
 always in flight, the best of --repeats runs taken in turns with the other servers' (as the offline ratio is the
 best of 3 in turns). Per server and rate: achieved throughput, p50/p95/p99 latency of the answered requests,
 refusals (503/504), accuracy of the answers, mean batch size per stage (from /metrics) and the client's own
@@ -126,13 +127,21 @@ async def _one_request(host: str, port: int, method: bytes, path: bytes, body: b
     return result
 
 
+MAX_CONNECTIONS = 2000  # open at once at most: past it a request waits for one (its wait counts in its latency)
+
+
 class Pool:
-    """Keep-alive connections to the server; one request in flight per connection."""
+    """Keep-alive connections to the server; one request in flight per connection, at most `MAX_CONNECTIONS`."""
 
     def __init__(self, host: str, port: int):
         self.host, self.port, self.free = host, port, []
+        self.limit = asyncio.Semaphore(MAX_CONNECTIONS)
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
+        async with self.limit:
+            return await self._post(body)
+
+    async def _post(self, body: bytes) -> tuple[int, bytes]:
         if self.free:  # a kept-alive connection, unless the server closed it while it sat idle (uvicorn: after 5 s)
             reader, writer = self.free.pop()
             writer.write(_request(b"POST", b"/v1/predict", body))
@@ -158,7 +167,7 @@ async def _load(host: str, port: int, blobs: list[bytes], arrivals: np.ndarray |
 
     async def one(i: int, at: float) -> None:
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
-        sent = time.perf_counter()
+        sent = time.perf_counter() if arrivals is None else start + at  # open loop: from the time it was due
         status, body = await pool.post(blobs[i % len(blobs)])
         predicted = json.loads(body)["predictions"][0]["class_index"] if status == 200 else None
         results.append((i, status, time.perf_counter() - sent, predicted))
