@@ -11,7 +11,6 @@ second). Printed: the best of the rounds for each, and each capacity as a ratio 
 (this process, serve_load's) shares the machine's cores with the servers: compare variants within one run only.
 """
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -35,10 +34,10 @@ servers = {name: sl.Server(([] if "--export" in flags else base) + ["--max-batch
 sequential, capacity = {}, {}
 try:
     for server in servers.values():  # warm-up
-        asyncio.run(sl._sequential(server.host, server.port, blobs[:100]))
+        sl.run_async(sl._sequential(server.host, server.port, blobs[:100]))
     for _ in range(args.rounds):
         for name, server in servers.items():
-            ms = 1e3 * asyncio.run(sl._sequential(server.host, server.port, blobs[:args.sequential])) / args.sequential
+            ms = 1e3 * sl.run_async(sl._sequential(server.host, server.port, blobs[:args.sequential])) / args.sequential
             sequential[name] = min(sequential.get(name, float("inf")), ms)
             rate = sl.run_load(server, blobs, labels, None, args.seconds, args.concurrency, 0)["throughput"]
             capacity[name] = max(capacity.get(name, 0.0), rate)
