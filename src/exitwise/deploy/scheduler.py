@@ -4,7 +4,8 @@ Requests queue at the first stage. When a worker is free it runs one stage on on
 `max_batch` rows of what waits there (oldest first). The samples that leave at that stage's exit are
 answered at once (each sample has its own `concurrent.futures.Future`); the survivors join the queue of
 the next stage, where they batch with the survivors of other batches. Which non-empty stage runs next
-is `SchedulerConfig.schedule` (`exitwise serve --schedule`):
+is `SchedulerConfig.schedule` (`exitwise serve --schedule`); `SchedulerConfig.workers` threads do this at once, each
+taking the next batch when it is free:
 
 * `deepest` (the default): the stage with the most samples waiting (ties: the later stage), so batches are
   large; measured best on b-resnet11 with today's server (docs/serve.md: more throughput, and a p99 at 70% of
@@ -17,7 +18,7 @@ is `SchedulerConfig.schedule` (`exitwise serve --schedule`):
   re-forming buys.
 
 The first stage waits up to `max_wait_ms` for a full batch when nothing else is waiting; later stages
-never wait (the worker never idles while samples wait there). Before every stage, samples whose
+never wait (no worker idles while samples wait there). Before every stage, samples whose
 future was cancelled (the client went away) or whose deadline passed (`timeout_ms`, answered with
 `Expired`) are dropped. `submit` refuses at once (`QueueFull`) when `max_queue` samples are inside.
 
