@@ -27,7 +27,7 @@ from exitwise.runtime import all_exit_logits, prepare
 from conftest import random_image_set
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from link_relay import ServeProcess as Tier  # noqa: E402
+from link_relay import LinkRelay, ServeProcess as Tier  # noqa: E402
 
 NEAR = 1e-5  # fp32 rounding across batch sizes: a score this close to its threshold may go either way
 
@@ -204,6 +204,83 @@ def test_the_first_tier_may_send_images_and_the_next_recomputes(digits):
     assert not (differ & ~_borderline(export_dir, images)).any() and not any(got["degraded"])
     survivors = (expected.exits == 2).sum()
     assert survivors * 64 <= sent < survivors * 64 + 2000  # 8x8 uint8 pixels each, and one header per batch
+
+
+def test_the_image_crosses_the_second_link_too_and_the_chain_answers_as_single_process_early_exit(digits):
+    """The device sends the survivors' images to the edge, which forwards the images it got (not its features) to
+    the cloud; each recomputes the stages before its own. fp32: the answers equal single-process early exit."""
+    from exitwise.deploy.tiers import ENDPOINT, encode_features
+    export_dir, images = digits
+    expected = OnnxEarlyExit.load(export_dir).run(images)
+    cloud = Tier(export_dir, "--stages", "2-2", "--tier", "cloud")
+    edge = Tier(export_dir, "--stages", "1-1", "--next", cloud.url, "--tier", "edge", "--send-images")
+    device = Tier(export_dir, "--stages", "0-0", "--next", edge.url, "--tier", "device", "--send-images",
+                  "--max-wait-ms", "5")
+    try:
+        got = [_infer(device.url, images[i:i + 40]) for i in range(0, len(images), 40)]
+        sent = _counter(edge.url, "exitwise_forwarded_bytes_total")
+        features = encode_features(1, np.zeros((1, 16, 8, 8), np.float32), np.zeros((1, 0), np.int64), "fp32")
+        with pytest.raises(urllib.error.HTTPError) as refused:  # it sends images on: it cannot take features
+            urllib.request.urlopen(urllib.request.Request(edge.url + ENDPOINT, features), timeout=30)
+    finally:
+        for tier in (device, edge, cloud):
+            tier.stop()
+    exits = np.concatenate([g["exit"] for g in got])
+    classes = np.concatenate([g["class"] for g in got])
+    differ = (exits != expected.exits) | (classes != expected.predictions)
+    assert not (differ & ~_borderline(export_dir, images)).any()
+    assert set(exits) == {0, 1, 2} and not any(sum((g["degraded"] for g in got), []))
+    assert sum((g["tier"] for g in got), []) == [("device", "edge", "cloud")[e] for e in exits]
+    survivors = (expected.exits == 2).sum()
+    assert survivors * 64 <= sent < survivors * 64 + 2000  # 8x8 uint8 pixels each (features: 512 B), a header a batch
+    assert refused.value.code == 409 and "send it the images" in json.loads(refused.value.read())["error"]
+
+
+def test_a_plan_that_sends_the_image_across_the_second_link_makes_the_middle_tier_send_images(digits, tmp_path):
+    from exitwise.cli import _tier_config, build_parser
+    from exitwise.deploy.plan import HttpBytes, Link, NetworkCosts, Tier as PlanTier, plan
+    # 64 B images, 1024 B (stage 0) and 512 B (stage 1) of fp32 features; each tier slow (1 s) at the stages after
+    # its own: one stage each, and on 0.1 Mbit/s links the image crosses both (no HTTP bytes here)
+    costs = NetworkCosts((0.001,) * 3, (1.0, 0.5, 0.2), (256, 128), 64, infer_http=HttpBytes(0, 0),
+                         tier_http=HttpBytes(0, 0))
+    tiers = (PlanTier("device", stage_seconds=(0.001, 1, 1)), PlanTier("edge", stage_seconds=(0.001, 0.001, 1)),
+             PlanTier("cloud", stage_seconds=(0.001,) * 3))
+    doc = plan(tiers, (Link("device", "edge", 0.1, 1), Link("edge", "cloud", 0.1, 1)), costs).to_json()
+    assert doc["choice"]["stages"] == [[0, 0], [1, 1], [2, 2]]
+    assert [x["payload"] for x in doc["choice"]["links"]] == ["input", "input"]
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    for name, after in (("device", "edge"), ("edge", "cloud")):
+        args = build_parser().parse_args(["serve", "--export", str(digits[0]), "--plan", str(tmp_path / "plan.json"),
+                                          "--tier", name, "--next", "http://127.0.0.1:9"])
+        assert _tier_config(args).send_images, name
+
+
+def test_the_planners_http_bytes_are_what_a_chain_sends(digits):
+    """`INFER_HTTP` and `TIER_HTTP`, the bytes the planner adds to a crossing's payload (headers, framing, the answer
+    back), within 10% of what crosses counting links: one-image V2 requests passed on by a relay, and one-row
+    features requests with their answers."""
+    from exitwise.deploy.plan import INFER_HTTP, TIER_HTTP, _round_trips
+    export_dir, images = digits
+    cloud = Tier(export_dir, "--stages", "1-2", "--tier", "cloud")
+    to_cloud = LinkRelay(cloud.port, max_seconds=120).start()
+    device = Tier(export_dir, "--stages", "0-0", "--next", f"http://127.0.0.1:{to_cloud.port}", "--tier", "device")
+    to_device = LinkRelay(device.port, max_seconds=120).start()
+    relay = Tier(None, "--relay", "--next", f"http://127.0.0.1:{to_device.port}", "--tier", "gateway")
+    try:
+        _round_trips("127.0.0.1", relay.port, "digits-convnet", images, 27)  # 30 binary V2 requests, one at a time:
+        crossed = _counter(device.url, "exitwise_forwarded_samples_total")  # every features request holds one row
+    finally:
+        for tier in (relay, device, cloud):
+            tier.stop()
+        to_cloud.stop()
+        to_device.stop()
+    image, features = 8 * 8, 16 * 8 * 8 * 4  # the payloads: the image's pixels, stage 0's output in fp32
+    measured = {"infer": (to_device.bytes_forwarded / 30 - image, to_device.bytes_returned / 30),
+                "tier": (to_cloud.bytes_forwarded / crossed - features, to_cloud.bytes_returned / crossed)}
+    assert crossed >= 5
+    for (request, answer), http in zip(measured.values(), (INFER_HTTP, TIER_HTTP)):
+        assert abs(request - http.request) <= 0.1 * http.request and abs(answer - http.answer) <= 0.1 * http.answer, \
+            measured
 
 
 def test_relays_hold_no_stages_and_pass_images_and_features_on_unchanged(digits):

@@ -416,8 +416,9 @@ def _add_tier_args(p) -> None:
                                              "format from its choice")
     p.add_argument("--tier", help="this tier's name (in --plan; in answers and /metrics)")
     p.add_argument("--wire", help="features to --next as fp32, fp16 or int8 (default: the plan's, else fp32)")
-    p.add_argument("--send-images", action="store_true", help="the first tier sends the survivors' images instead "
-                   "of their features (smaller for small images); the next tier recomputes the stages before its own")
+    p.add_argument("--send-images", action="store_true", help="send the survivors' images instead of their features "
+                   "(smaller for small images); the next tier recomputes the stages before its own. A tier after the "
+                   "first must be sent the images then (the tier before it sends images too)")
     p.add_argument("--forward-timeout-ms", type=float, help="the next tier not answering by then: answer at this "
                    "tier's last exit, marked degraded (default 5000; below --timeout-ms); a relay answers 504 "
                    "(default 10000)")
@@ -492,7 +493,7 @@ def _tier_config(args: argparse.Namespace, num_stages: int | None = None):
         wire = wire or doc["choice"]["wire"]
         links = doc["choice"]["links"]
         if at < len(links) and links[at]["payload"] == "input" and links[at]["cut"] > 0:
-            args.send_images = True  # the plan sends the image on, not the features (the first tier only)
+            args.send_images = True  # the plan sends the image on, not the features
     elif args.stages is not None:
         first, last = parse_stages(args.stages, k)
     else:

@@ -229,15 +229,14 @@ class TierConfig:
     wire: str = "fp32"
     forward_timeout_ms: float = 5000.0   # the next tier not answering by then: this tier's last exit, degraded
     retry_after_ms: float = 500.0        # after a failure, batches are answered degraded at once for this long
-    send_images: bool = False            # the first tier sends survivors' images, not features (the next recomputes)
+    send_images: bool = False            # send survivors' images, not features (the next recomputes); a later tier
+                                         # must then be sent the images itself
 
     def __post_init__(self) -> None:
         if self.wire not in WIRE_FORMATS:
             raise UserError(f"unknown wire format {self.wire!r}; choose one of {', '.join(WIRE_FORMATS)}")
         if self.next_url is not None:
             check_url(self.next_url)
-        if self.send_images and self.first != 0:
-            raise UserError(f"tier {self.name}: only the first tier holds the images to send on")
         if not self.forward_timeout_ms > 0 or not self.retry_after_ms >= 0:
             raise UserError("the forward timeout must be above 0 ms and the retry pause at least 0 ms")
 

@@ -9,16 +9,20 @@ A pure function of typed inputs (`plan`); the cost model (also in docs/tiers.md)
 * compute: stage k runs for the share `reach[k]` of images that did not leave before it, at the per-sample
   seconds of the tier holding it (measured there, or the study's times divided by the tier's relative speed).
   The study's times are per-sample times at its batch size, so a tier's batching is in them.
-* link i (tier i -> tier i + 1) at cut c: c = K carries nothing; c = 0 carries every input image; else the
-  survivors (share reach[c]) cross, each paying the link's round trip plus its bytes over the bandwidth:
-  reach[c] * (RTT + bytes * 8 / bandwidth). The bytes are stage c-1's output in the wire format, or, at the
-  cut after the first tier holding stages (the only one with the images), the original image (uint8 pixels)
-  where that is smaller than the fp32 features; then the next tier holding stages recomputes stages 0..c-1 for
-  the survivors (charged at its speed with their heads' time included: an upper bound). Queueing and the wait
-  for a batch to fill are not modelled; the answer's return bytes (a few per image) are not counted.
-* requests: each tier an image enters adds its `request_seconds` (HTTP, decoding, the answer): the first tier for
-  every image (unless it holds no stages: the image starts there unopened), each later tier for the share
-  crossing to it.
+* link i (tier i -> tier i + 1) at cut c: c = K carries nothing; c = 0 carries every input image (a binary V2
+  infer request); else the survivors (share reach[c]) cross (a `POST /v2/tiers/features`), each paying the link's
+  round trip plus its bytes both ways over the bandwidth: reach[c] * (RTT + bytes * 8 / bandwidth). The bytes are
+  the payload (stage c-1's output in the wire format, or the original image as uint8 pixels), the request's HTTP
+  headers and framing, and the answer coming back (`HttpBytes`, measured: `INFER_HTTP`, `TIER_HTTP`).
+* images or features: a tier has the images only if every link before it carried them (the first tier holding
+  stages always has them), so the images can cross a leading run of the cuts; each cut that gets them sends the
+  image instead of the features, and the tier holding stage c first reruns stages 0..c-1 for the survivors
+  (charged at its speed with their heads' time included: an upper bound). Per placement the planner takes the
+  run (none, the first cut, the first two, ...) that is cheapest by the plan's rule (`minimize`); ties go to
+  features. Queueing and the wait for a batch to fill are not modelled.
+* requests: each tier an image enters adds its `request_seconds` (HTTP, decoding, the answer) where it holds
+  stages, its `relay_seconds` (passing the request on and the answer back) where it holds none: the first tier
+  for every image, each later tier for the share crossing to it.
 * wire format: per candidate the smallest format (int8, then fp16, then fp32) whose measured disagreement with
   fp32, summed over the cuts where it carries features, is at most the tolerance (default 0.1 points);
   unmeasured formats are never chosen; fp32 is exact.
@@ -54,14 +58,39 @@ _NAME = re.compile(r"[A-Za-z0-9_]+\Z")
 
 
 @dataclass(frozen=True)
+class HttpBytes:
+    """What one request of one image across a link adds to its payload: `request`, its request line, headers and
+    framing (beyond the image's pixels or the features' values), and `answer`, the whole answer coming back
+    (status line, headers, body)."""
+    request: int
+    answer: int
+
+    def __post_init__(self) -> None:
+        if min(self.request, self.answer) < 0:
+            raise UserError(f"HTTP bytes must be >= 0, got {self.request} and {self.answer}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# Measured (docs/tiers.md; tests/test_tiers.py checks them against a real chain): the bytes each way of one-image
+# requests through a counting TCP relay on 127.0.0.1, exitwise's own servers on both ends (headers of a few bytes
+# more or less with a longer host name, tier name or model name).
+INFER_HTTP = HttpBytes(request=330, answer=420)  # cut 0: a binary V2 infer request as a relay passes it on; its JSON
+TIER_HTTP = HttpBytes(request=220, answer=140)   # later cuts: `POST /v2/tiers/features`, one row and its answer
+
+
+@dataclass(frozen=True)
 class Tier:
     """A machine in the chain: its name, its speed relative to the machine the study timed on, or its own
     measured per-sample seconds per stage (which then win); and what taking one image in costs it beyond its stages
-    (the request: HTTP, decoding, the answer; measured by `exitwise plan --measure`, 0 unless given)."""
+    (the request: HTTP, decoding, the answer; measured by `exitwise plan --measure`, 0 unless given), or, where it
+    holds no stages, what passing one request on and its answer back costs it (a relay; 0 unless given)."""
     name: str
     speed: float = 1.0
     stage_seconds: tuple[float, ...] | None = None
     request_seconds: float = 0.0
+    relay_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -70,8 +99,9 @@ class Tier:
             raise UserError(f"tier {self.name}: speed must be a positive number, got {self.speed}")
         if self.stage_seconds is not None and not all(math.isfinite(s) and s >= 0 for s in self.stage_seconds):
             raise UserError(f"tier {self.name}: stage times must be non-negative numbers")
-        if not (math.isfinite(self.request_seconds) and self.request_seconds >= 0):
-            raise UserError(f"tier {self.name}: request-ms must be a number >= 0, got {1000 * self.request_seconds}")
+        for option, seconds in (("request-ms", self.request_seconds), ("relay-ms", self.relay_seconds)):
+            if not (math.isfinite(seconds) and seconds >= 0):
+                raise UserError(f"tier {self.name}: {option} must be a number >= 0, got {1000 * seconds}")
 
     def to_json(self) -> dict:
         return asdict(self) | {"stage_seconds": list(self.stage_seconds) if self.stage_seconds else None}
@@ -114,6 +144,8 @@ class NetworkCosts:
     feature_values: tuple[int, ...]      # (K - 1,) values in stage k's output (what a cut after stage k sends)
     input_bytes: int                     # the original image: uint8 pixels
     wire: WireCost | None = None         # the lossy formats' measured cost; without it only fp32 is used
+    infer_http: HttpBytes = INFER_HTTP   # what an image's request adds at cut 0 (the first tier relays it)
+    tier_http: HttpBytes = TIER_HTTP     # what a crossing adds at a later cut (features or the image)
 
     def __post_init__(self) -> None:
         k = len(self.stage_seconds)
@@ -131,7 +163,8 @@ class NetworkCosts:
     def to_json(self) -> dict:
         return {"stage_seconds": list(self.stage_seconds), "reach": list(self.reach),
                 "feature_values": list(self.feature_values), "input_bytes": self.input_bytes,
-                "wire": self.wire.to_json() if self.wire else None}
+                "wire": self.wire.to_json() if self.wire else None, "infer_http": self.infer_http.to_json(),
+                "tier_http": self.tier_http.to_json()}
 
 
 @dataclass(frozen=True)
@@ -140,8 +173,8 @@ class Crossing:
     cut: int            # stages held before the link (0: the input; K: nothing crosses)
     payload: str        # "input", "features" or "nothing"
     share: float        # of images that cross
-    bytes: float        # expected bytes per image (share x bytes per crossing image)
-    seconds: float      # expected seconds per image: share x (RTT + bytes / bandwidth)
+    bytes: float        # expected bytes per image, both ways: share x (payload + request headers + answer)
+    seconds: float      # expected seconds per image: share x RTT + bytes / bandwidth
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -155,7 +188,7 @@ class Candidate:
     wire_disagreement: float       # share of images whose answer may change by the wire format (upper bound)
     compute_seconds: float
     links: tuple[Crossing, ...]
-    request_seconds: float = 0.0   # the tiers' request costs: the first tier's, and each receiving tier's x share
+    request_seconds: float = 0.0   # the tiers' request (or relay) costs: the first tier's, each receiving tier's x share
 
     @property
     def latency_ms(self) -> float:
@@ -237,42 +270,54 @@ def _wire_for(cuts: Sequence[int], costs: NetworkCosts, tolerance_points: float)
     raise AssertionError("unreachable")
 
 
+def _rank(c: Candidate, minimize: str) -> tuple[float, float]:
+    """A candidate's place by the plan's rule: (latency, traffic) or (traffic, latency), lower first."""
+    return (c.latency_ms, c.traffic_bytes) if minimize == "latency" else (c.traffic_bytes, c.latency_ms)
+
+
 def candidate(stages: tuple[tuple[int, int] | None, ...], tiers: Sequence[Tier], links: Sequence[Link],
-              costs: NetworkCosts, tolerance_points: float = WIRE_TOLERANCE_POINTS) -> Candidate:
-    """The predicted costs of one placement (see the module's docstring)."""
+              costs: NetworkCosts, tolerance_points: float = WIRE_TOLERANCE_POINTS,
+              minimize: str = "latency") -> Candidate:
+    """The predicted costs of one placement (see the module's docstring): of the ways to send the images across a
+    leading run of its cuts (none, the first, the first two, ...), the cheapest by `minimize`."""
     k = costs.num_stages
-    reach = np.asarray(costs.reach, dtype=np.float64)
     cuts = [r[1] + 1 if r else None for r in stages[:-1]]
     for i in range(len(cuts)):  # an empty tier's cut is the one before it
         cuts[i] = cuts[i] if cuts[i] is not None else (cuts[i - 1] if i else 0)
+    inner = sorted({c for c in cuts if 0 < c < k})
+    options = [_costed(stages, cuts, set(inner[:n]), tiers, links, costs, tolerance_points)
+               for n in range(len(inner) + 1)]
+    return min(options, key=lambda c: _rank(c, minimize))  # ties: the fewest image cuts (min keeps the first)
 
-    def feature_bytes(c: int, fmt: str) -> int:
-        return costs.feature_values[c - 1] * BYTES_PER_VALUE[fmt]
 
-    # Only the first tier holding stages has the images: its cut may send the image where that is smaller than the
-    # fp32 features (then its format choice adds no disagreement); every later cut sends features.
-    first_cut = min((c for c in cuts if 0 < c < k), default=None)
-    sends_input = {c: c == 0 or (c == first_cut and feature_bytes(c, "fp32") > costs.input_bytes) for c in set(cuts)}
-    feature_cuts = sorted(c for c in set(cuts) if 0 < c < k and not sends_input[c])
+def _costed(stages: tuple[tuple[int, int] | None, ...], cuts: Sequence[int], image_cuts: set[int],
+            tiers: Sequence[Tier], links: Sequence[Link], costs: NetworkCosts, tolerance_points: float) -> Candidate:
+    """One placement's costs where the cuts in `image_cuts` (and cut 0) send the image and the others features."""
+    k = costs.num_stages
+    reach = np.asarray(costs.reach, dtype=np.float64)
+    feature_cuts = sorted({c for c in cuts if 0 < c < k} - image_cuts)
     wire, disagreement = _wire_for(feature_cuts, costs, tolerance_points)
-    compute = 0.0
     holder = {s: i for i, r in enumerate(stages) if r for s in range(r[0], r[1] + 1)}
-    for s in range(k):
-        compute += reach[s] * _tier_seconds(tiers[holder[s]], costs)[s]
-    for c, is_input in sends_input.items():
-        if is_input and 0 < c < k:  # the tier holding stage c first reruns stages 0..c-1 for the survivors
-            compute += reach[c] * _tier_seconds(tiers[holder[c]], costs)[:c].sum()
-    crossings = []
-    requests = tiers[0].request_seconds if stages[0] else 0.0  # images arrive at the first tier (or skip a relay)
-    for c, link, target in zip(cuts, links, tiers[1:]):
+    compute = sum(reach[s] * _tier_seconds(tiers[holder[s]], costs)[s] for s in range(k))
+    for c in image_cuts:  # the tier holding stage c first reruns stages 0..c-1 for the survivors
+        compute += reach[c] * _tier_seconds(tiers[holder[c]], costs)[:c].sum()
+
+    def cost_of(tier: int) -> float:  # what taking a request in costs a tier: with stages, or as a relay
+        return tiers[tier].request_seconds if stages[tier] else tiers[tier].relay_seconds
+
+    crossings, requests = [], cost_of(0)
+    for i, (c, link) in enumerate(zip(cuts, links)):
         if c == k:
             crossings.append(Crossing(c, "nothing", 0.0, 0.0, 0.0))
             continue
         share = float(reach[c]) if c else 1.0
-        requests += share * target.request_seconds
-        size = costs.input_bytes if sends_input[c] else feature_bytes(c, wire)
-        seconds = share * (link.rtt_ms / 1000 + size * 8 / (link.mbps * 1e6))
-        crossings.append(Crossing(c, "input" if sends_input[c] else "features", share, share * size, seconds))
+        requests += share * cost_of(i + 1)
+        images = c == 0 or c in image_cuts
+        payload = costs.input_bytes if images else costs.feature_values[c - 1] * BYTES_PER_VALUE[wire]
+        http = costs.infer_http if c == 0 else costs.tier_http
+        size = share * (payload + http.request + http.answer)
+        seconds = share * link.rtt_ms / 1000 + size * 8 / (link.mbps * 1e6)
+        crossings.append(Crossing(c, "input" if images else "features", share, size, seconds))
     return Candidate(stages, wire, disagreement, float(compute), tuple(crossings), float(requests))
 
 
@@ -311,19 +356,15 @@ def plan(tiers: Sequence[Tier], links: Sequence[Link], costs: NetworkCosts, *, m
     links = check_chain(tiers, links)
     for t in tiers:
         _tier_seconds(t, costs)
-    candidates = tuple(candidate(p, tiers, links, costs, wire_tolerance_points)
+    candidates = tuple(candidate(p, tiers, links, costs, wire_tolerance_points, minimize)
                        for p in placements(costs.num_stages, len(tiers)))
     allowed = [i for i, c in enumerate(candidates) if max_latency_ms is None or c.latency_ms <= max_latency_ms]
     if not allowed:
         fastest = min(c.latency_ms for c in candidates)
         raise UserError(f"no placement meets --max-latency-ms {max_latency_ms:g} (the fastest takes {fastest:.1f} ms)")
 
-    def key(i: int) -> tuple:
-        c = candidates[i]
-        return (c.latency_ms, c.traffic_bytes, i) if minimize == "latency" else (c.traffic_bytes, c.latency_ms, i)
-
     return Plan(tuple(tiers), links, costs, minimize, max_latency_ms, wire_tolerance_points, candidates,
-                min(allowed, key=key))
+                min(allowed, key=lambda i: (*_rank(candidates[i], minimize), i)))
 
 
 # Command-line syntax: --tier NAME[:speed=S | :stage-ms=a/b/c], --link A-B:mbps=M,rtt-ms=R
@@ -348,16 +389,17 @@ def _number(value: str, where: str) -> float:
 
 def parse_tier(text: str) -> Tier:
     """`cloud`, `device:speed=0.25` (4x slower than where the study timed) or `edge:stage-ms=0.1/0.2/...`."""
-    name, options = _options(text, "--tier", ("speed", "stage-ms", "request-ms"))
+    name, options = _options(text, "--tier", ("speed", "stage-ms", "request-ms", "relay-ms"))
     if not name:
-        raise UserError(f"--tier {text!r}: expected NAME[:speed=S] or NAME:stage-ms=a/b/...[,request-ms=R]")
+        raise UserError(f"--tier {text!r}: expected NAME[:speed=S] or NAME:stage-ms=a/b/...[,request-ms=R][,relay-ms=R]")
     if "speed" in options and "stage-ms" in options:
         raise UserError(f"--tier {text!r}: give speed or stage-ms, not both")
-    request = _number(options.get("request-ms", "0"), f"--tier {text!r}") / 1000
+    request, relay = (_number(options.get(o, "0"), f"--tier {text!r}") / 1000 for o in ("request-ms", "relay-ms"))
     if "stage-ms" in options:
         ms = tuple(_number(v, f"--tier {text!r}") for v in options["stage-ms"].split("/"))
-        return Tier(name, stage_seconds=tuple(m / 1000 for m in ms), request_seconds=request)
-    return Tier(name, _number(options.get("speed", "1"), f"--tier {text!r}"), request_seconds=request)
+        return Tier(name, stage_seconds=tuple(m / 1000 for m in ms), request_seconds=request, relay_seconds=relay)
+    return Tier(name, _number(options.get("speed", "1"), f"--tier {text!r}"), request_seconds=request,
+                relay_seconds=relay)
 
 
 def parse_link(text: str) -> Link:

@@ -89,8 +89,10 @@ class TierAnswer(Answer):
 
 
 class CarryImages:
-    """A runner whose features carry each row's original image along (through compaction and re-batching), so the
-    first tier can send survivors' images instead of their features (`TierConfig.send_images`)."""
+    """A runner whose features carry each row's original image along (through compaction and re-batching), so a
+    tier can send survivors' images instead of their features (`TierConfig.send_images`). On the first tier the
+    images come in as requests; on a later one the tier before sends them (`from_numpy` gets the uint8 images),
+    and its first `step` runs the stages before its own on them first (without their exits)."""
 
     def __init__(self, runner):
         self.runner = runner
@@ -101,9 +103,13 @@ class CarryImages:
     def to_input(self, images: np.ndarray):
         return self.runner.to_input(images), images
 
+    def from_numpy(self, images: np.ndarray):
+        return None, images  # features not computed yet: `step` does it, knowing its stage
+
     def step(self, k: int, features, state: np.ndarray):
-        out = self.runner.step(k, features[0], state)
-        return replace(out, features=(out.features, features[1]))
+        x, images = features
+        out = self.runner.step(k, _early_stages(self.runner, images, k) if x is None else x, state)
+        return replace(out, features=(out.features, images))
 
     def take(self, features, rows):
         return self.runner.take(features[0], rows), features[1][rows]
@@ -204,17 +210,22 @@ def _counters(metrics) -> dict:
             "bytes": Counter("exitwise_forwarded_bytes", "Bytes of features sent to the next tier", registry=r)}
 
 
-def _recompute(runner, images: np.ndarray, stages: int) -> np.ndarray:
-    """The features after stages 0..stages-1 of uint8 images (their heads are not run), as numpy."""
+def _early_stages(runner, images: np.ndarray, stages: int):
+    """The runner's features after stages 0..stages-1 of uint8 images (their heads are not run)."""
     x = runner.to_input(images)
     for k in range(stages):
         x = runner.stage(k, x)
-    return runner.to_numpy(x)
+    return x
+
+
+def _recompute(runner, images: np.ndarray, stages: int) -> np.ndarray:
+    return runner.to_numpy(_early_stages(runner, images, stages))
 
 
 def add_tier_routes(app, runner, config: TierConfig) -> None:
     """`POST /v2/tiers/features` on a server whose scheduler starts at `config.first` (> 0: the first tier takes
-    images only)."""
+    images only). A tier that sends images on (`config.send_images`) takes images only: it cannot make them from
+    features."""
     if config.first == 0:
         return
     scheduler = app.state.scheduler
@@ -229,11 +240,15 @@ def add_tier_routes(app, runner, config: TierConfig) -> None:
         if stage != config.first:
             raise BadRequest(409, f"tier {config.name} holds stages {config.first}-{config.last}; features for stage "
                                   f"{stage} belong elsewhere")
+        if config.send_images and x.dtype != np.uint8:
+            raise BadRequest(409, f"tier {config.name} sends the images on to the next tier: send it the images, not "
+                                  "features (--send-images on the tier before)")
         if x.dtype == np.uint8:  # the images, not features: stages 0..first-1 first (no exits: none left there)
             c, h, w = runner.input_shape
             if x.shape[1:] != (h, w, c):
                 raise BadRequest(400, f"images of shape {list(x.shape[1:])}; the model takes {[h, w, c]} (NHWC)")
-            x = await asyncio.get_running_loop().run_in_executor(None, _recompute, runner, x, config.first)
+            if not config.send_images:  # else the scheduler's runner (`CarryImages`) runs them, keeping the images
+                x = await asyncio.get_running_loop().run_in_executor(None, _recompute, runner, x, config.first)
         try:
             futures = scheduler.submit_features(x, state)
         except QueueFull as e:
