@@ -1,5 +1,6 @@
 """Tiers over emulated links: measured end-to-end latency (p50/p99, mean) and bytes per image of all-cloud (the
-device sends every image), all-device, and the planner's choice, with the planner's prediction beside each.
+device sends every image), all-device, and the planner's choice, with the planner's prediction beside each
+(bytes: both ways over the link, the requests with their headers and the answers, as the planner counts them).
 
 Two tiers, "device" and "cloud", both `exitwise serve` processes on this machine, joined by `LinkRelay`
 (benchmarks/link_relay.py: the link's RTT and rate in user space, as the kernel has no netem). The device is
@@ -159,9 +160,11 @@ def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float
             procs.append(device)
             url = device.url
         infer_one(url, model, images[0])  # warm up the sessions and the connection path
-        sent_before = relay.bytes_forwarded if relay else 0
+        def crossed() -> int:  # both ways, as the planner counts a link's bytes (the requests and their answers)
+            return relay.bytes_forwarded + relay.bytes_returned if relay else 0
+        before = crossed()
         seconds, classes, degraded = drive(url, model, images, concurrency)
-        sent = (relay.bytes_forwarded - sent_before) if relay else 0
+        sent = crossed() - before
     finally:
         for p in reversed(procs):
             p.stop()

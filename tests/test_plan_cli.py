@@ -101,7 +101,7 @@ def test_a_missing_link_exits_2(study, tmp_path, capsys):
     assert "no link device-cloud" in capsys.readouterr().err
 
 
-def test_measure_prints_this_machines_stage_times_as_a_tiers_stage_ms(study, capsys):
+def test_measure_prints_this_machines_stage_times_and_request_costs_as_a_tiers_options(study, capsys):
     for module in ("fastapi", "uvicorn", "prometheus_client"):  # the serve extra: it times a request too
         pytest.importorskip(module)
     out = study[0]
@@ -110,6 +110,7 @@ def test_measure_prints_this_machines_stage_times_as_a_tiers_stage_ms(study, cap
     assert line.startswith("stage-ms=")
     tier = parse_tier(f"edge:{line}")
     assert len(tier.stage_seconds) == 3 and all(s > 0 for s in tier.stage_seconds) and tier.request_seconds > 0
+    assert ",relay-ms=" in line  # a relay's own time (a hop more than straight to the server: 0 or more)
 
 
 def test_measure_needs_an_export_and_planning_needs_a_study_tiers_and_out(study, tmp_path, capsys):

@@ -248,7 +248,8 @@ def _add_plan_parser(sub) -> None:
                                                "default: the shapes from the study's model (needs torch)")
     p.add_argument("--tier", action="append", default=[],
                    help="NAME[:speed=S] (S x the speed of the machine the study timed on) or NAME:stage-ms=a/b/.. "
-                        "(measured there); in order, first the one the images arrive at")
+                        "(measured there), either with ,request-ms=R,relay-ms=Q (a request's cost there, with stages "
+                        "or as a relay); in order, first the one the images arrive at")
     p.add_argument("--link", action="append", default=[], help="FROM-TO:mbps=M,rtt-ms=R, one per consecutive pair")
     p.add_argument("--minimize", help="latency (default) or traffic")
     p.add_argument("--max-latency-ms", type=float, help="only placements predicted within this latency per image")
@@ -258,8 +259,8 @@ def _add_plan_parser(sub) -> None:
                                                         "may change, summed over its cuts (default 0.1)")
     p.add_argument("--out", type=Path, help="plan.json to write")
     p.add_argument("--measure", action="store_true", help="instead of planning: time each stage of --export here "
-                   "(ONNX Runtime) and a request through its server, and print them as a tier's "
-                   "stage-ms=...,request-ms=...; run it on the tier's machine")
+                   "(ONNX Runtime), a request through its server and through a relay, and print them as a tier's "
+                   "stage-ms=...,request-ms=...,relay-ms=...; run it on the tier's machine")
     p.add_argument("--measure-batch", type=int, help="with --measure: images per timed call (default 1: an image's "
                                                       "latency on a lightly loaded tier)")
 
@@ -291,8 +292,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
             raise UserError(f"--measure-batch must be at least 1, got {batch}")
         runner = OnnxEarlyExit.load(args.export, spin=False)  # as `exitwise serve` runs it
         seconds = planning.measure_stages(runner, batch=batch)
-        request = planning.measure_request(runner)
-        print("stage-ms=" + "/".join(f"{1000 * s:.4g}" for s in seconds) + f",request-ms={1000 * request:.4g}")
+        request, relay = planning.measure_request(runner), planning.measure_relay(runner)
+        print("stage-ms=" + "/".join(f"{1000 * s:.4g}" for s in seconds) + f",request-ms={1000 * request:.4g}"
+              f",relay-ms={1000 * relay:.4g}")
         return
     missing = [flag for flag, v in (("--from", args.source), ("--tier", args.tier), ("--out", args.out)) if not v]
     if missing:

@@ -560,6 +560,46 @@ def _measure_images(shape: Sequence[int], images: np.ndarray | None) -> np.ndarr
     return images if images is not None else np.random.default_rng(0).integers(0, 256, (1, h, w, c), dtype=np.uint8)
 
 
+class _Serving:
+    """`app` served by uvicorn on 127.0.0.1 (a free port) in a thread of this process, while inside the `with`."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+        import uvicorn
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> _Serving:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                self.__exit__()
+                raise UserError("the server for --measure did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def _serve_imports():
+    try:
+        import uvicorn  # noqa: F401
+        from .server import create_app
+        from .tiers import create_relay_app
+    except ImportError as e:
+        raise UserError(f"--measure times a request through the server: pip install 'exitwise[serve]' ({e.name})") \
+            from None
+    return create_app, create_relay_app
+
+
 def measure_request(runner, requests: int = 100, images: np.ndarray | None = None) -> float:
     """Seconds a one-image request costs this machine beyond its stages, HTTP on both ends included: over
     `requests` binary V2 infer requests sent back to back (`images`, or one random image) to the real server
@@ -567,14 +607,7 @@ def measure_request(runner, requests: int = 100, images: np.ndarray | None = Non
     calls took in that server (`runner.step`, timed as served, whichever exit the image takes). `runner`: an
     `OnnxEarlyExit`. The client runs here too: on this machine's CPU, as an application sending from the tier's
     own machine would. Needs the serve extra."""
-    import socket
-    import threading
-    try:
-        import uvicorn
-        from .server import create_app
-    except ImportError as e:
-        raise UserError(f"--measure times a request through the server: pip install 'exitwise[serve]' ({e.name})") \
-            from None
+    create_app, _ = _serve_imports()
     from .onnx_runner import OnnxRunner
     served = _StepClock(OnnxRunner(runner))
     app, inside = create_app(served), []
@@ -590,25 +623,38 @@ def measure_request(runner, requests: int = 100, images: np.ndarray | None = Non
         while len(inside) <= i and time.monotonic() < deadline:
             time.sleep(0.0005)
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    server = uvicorn.Server(uvicorn.Config(timed, log_level="error", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise UserError("the server for --measure did not start")
-            time.sleep(0.01)
-        trips = _round_trips("127.0.0.1", sock.getsockname()[1], served.name,
-                             _measure_images(runner.input_shape, images), requests, noted)
+        with _Serving(timed) as server:
+            trips = _round_trips("127.0.0.1", server.port, served.name, _measure_images(runner.input_shape, images),
+                                 requests, noted)
     finally:
-        server.should_exit = True
-        thread.join(30)
         app.state.scheduler.close(5)
     return max(0.0, float(np.mean([took - stages for (took, _), stages in zip(trips, inside[3:])])))
+
+
+def measure_relay(runner, requests: int = 100, images: np.ndarray | None = None) -> float:
+    """Seconds passing one request on costs this machine as a relay (a tier with no stages: `relay-ms`): over
+    `requests` one-image binary V2 infer requests sent back to back, the mean round trip through a real relay
+    (uvicorn on 127.0.0.1, in this process) to a server of `runner` less the mean round trip straight to that
+    server, the two alternating in rounds of ten. Needs the serve extra."""
+    create_app, create_relay_app = _serve_imports()
+    from ..config import RelayConfig, ServeConfig
+    from .onnx_runner import OnnxRunner
+    app = create_app(OnnxRunner(runner))
+    pixels = _measure_images(runner.input_shape, images)
+    try:
+        with _Serving(app) as server:
+            relay = create_relay_app(RelayConfig("measured", f"http://127.0.0.1:{server.port}"),
+                                     int(ServeConfig().max_body_mb * 2**20))
+            with _Serving(relay) as through:
+                direct, relayed = [], []
+                for _ in range(max(1, requests // 10)):
+                    for port, trips in ((server.port, direct), (through.port, relayed)):
+                        trips += [took for took, _ in _round_trips("127.0.0.1", port, app.state.runner.name, pixels,
+                                                                   10)]
+    finally:
+        app.state.scheduler.close(5)
+    return max(0.0, float(np.mean(relayed) - np.mean(direct)))
 
 
 def measure_request_at(url: str, model: str, stage_seconds: Sequence[float], images: np.ndarray,
