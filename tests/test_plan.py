@@ -43,6 +43,8 @@ def test_every_candidate_costs_what_the_hand_calculation_says():
     by_traffic = plan(TIERS, LINKS, COSTS, minimize="traffic").candidates[1]  # the image: fewer bytes
     assert [x.payload for x in by_traffic.links] == ["input"]
     assert math.isclose(by_traffic.latency_ms, 84.5) and math.isclose(by_traffic.traffic_bytes, 1500)
+    within = plan(TIERS, LINKS, COSTS, minimize="traffic", max_latency_ms=82)  # the image's 84.5 ms is over: features
+    assert within.choice.stages == ((0, 0), (1, 2)) and math.isclose(within.choice.traffic_bytes, 2000)
 
 
 def test_links_carry_the_requests_headers_and_the_answers_back():

@@ -18,8 +18,8 @@ A pure function of typed inputs (`plan`); the cost model (also in docs/tiers.md)
   stages always has them), so the images can cross a leading run of the cuts; each cut that gets them sends the
   image instead of the features, and the tier holding stage c first reruns stages 0..c-1 for the survivors
   (charged at its speed with their heads' time included: an upper bound). Per placement the planner takes the
-  run (none, the first cut, the first two, ...) that is cheapest by the plan's rule (`minimize`); ties go to
-  features. Queueing and the wait for a batch to fill are not modelled.
+  run (none, the first cut, the first two, ...) that is cheapest by the plan's rule (`minimize`, within
+  `max_latency_ms` where one is); ties go to features. Queueing and the wait for a batch to fill are not modelled.
 * requests: each tier an image enters adds its `request_seconds` (HTTP, decoding, the answer) where it holds
   stages, its `relay_seconds` (passing the request on and the answer back) where it holds none: the first tier
   for every image, each later tier for the share crossing to it.
@@ -277,9 +277,10 @@ def _rank(c: Candidate, minimize: str) -> tuple[float, float]:
 
 def candidate(stages: tuple[tuple[int, int] | None, ...], tiers: Sequence[Tier], links: Sequence[Link],
               costs: NetworkCosts, tolerance_points: float = WIRE_TOLERANCE_POINTS,
-              minimize: str = "latency") -> Candidate:
+              minimize: str = "latency", max_latency_ms: float | None = None) -> Candidate:
     """The predicted costs of one placement (see the module's docstring): of the ways to send the images across a
-    leading run of its cuts (none, the first, the first two, ...), the cheapest by `minimize`."""
+    leading run of its cuts (none, the first, the first two, ...), the cheapest by `minimize`, within
+    `max_latency_ms` where one is."""
     k = costs.num_stages
     cuts = [r[1] + 1 if r else None for r in stages[:-1]]
     for i in range(len(cuts)):  # an empty tier's cut is the one before it
@@ -287,7 +288,10 @@ def candidate(stages: tuple[tuple[int, int] | None, ...], tiers: Sequence[Tier],
     inner = sorted({c for c in cuts if 0 < c < k})
     options = [_costed(stages, cuts, set(inner[:n]), tiers, links, costs, tolerance_points)
                for n in range(len(inner) + 1)]
-    return min(options, key=lambda c: _rank(c, minimize))  # ties: the fewest image cuts (min keeps the first)
+    def over(c: Candidate) -> bool:
+        return max_latency_ms is not None and c.latency_ms > max_latency_ms
+
+    return min(options, key=lambda c: (over(c), *_rank(c, minimize)))  # ties: the fewest image cuts (the first)
 
 
 def _costed(stages: tuple[tuple[int, int] | None, ...], cuts: Sequence[int], image_cuts: set[int],
@@ -356,7 +360,7 @@ def plan(tiers: Sequence[Tier], links: Sequence[Link], costs: NetworkCosts, *, m
     links = check_chain(tiers, links)
     for t in tiers:
         _tier_seconds(t, costs)
-    candidates = tuple(candidate(p, tiers, links, costs, wire_tolerance_points, minimize)
+    candidates = tuple(candidate(p, tiers, links, costs, wire_tolerance_points, minimize, max_latency_ms)
                        for p in placements(costs.num_stages, len(tiers)))
     allowed = [i for i, c in enumerate(candidates) if max_latency_ms is None or c.latency_ms <= max_latency_ms]
     if not allowed:
