@@ -281,6 +281,10 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_
             assert response.text.count("\n") == 0 and message in response.json()["error"], response.text
             assert server.client.post(INFER, json=pixels([1, 1, 8, 8])).status_code == 200  # still serving
         assert server.client.get("/v2/models/other").status_code == 404
+        for path in ("/v1/predict", INFER):  # answered before FastAPI's routing: its refusals too
+            response = server.client.get(path)
+            assert response.status_code == 405 and "send POST" in response.json()["error"], response.text
+            assert response.headers["allow"] == "POST"
         assert server.metric("exitwise_rejected_requests_total", reason="bad_request") >= 12
     finally:
         server.stop()

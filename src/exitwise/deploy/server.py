@@ -133,7 +133,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         reason = {413: "too_large", 404: "unknown_model", 499: "disconnected", 503: "overloaded", 504: "timeout",
                   500: "failed"}.get(e.status, "bad_request")
         metrics.rejected.labels(reason=reason).inc()
-        headers = {"Retry-After": "1"} if e.status == 503 else None
+        headers = {"Retry-After": "1"} if e.status == 503 else {"Allow": "POST"} if e.status == 405 else None
         return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
 
     async def on_refused(request: Request, e: BadRequest) -> JSONResponse:
@@ -219,9 +219,7 @@ class _App(FastAPI):
 
 
 def _inference_route(scope) -> tuple[str, str | None] | None:
-    """("infer", model) for POST /v2/models/{model}/infer, ("predict", None) for POST /v1/predict, else None."""
-    if scope["method"] != "POST":
-        return None
+    """("infer", model) for /v2/models/{model}/infer, ("predict", None) for /v1/predict, else None."""
     path = scope["path"]
     if path == "/v1/predict":
         return "predict", None
@@ -270,6 +268,8 @@ class _Front:
                 await self.app(scope, receive, send_status)
             else:
                 try:
+                    if scope["method"] != "POST":
+                        raise BadRequest(405, f"{scope['method']} {path}: send POST")
                     response = await self.routes[route[0]](Request(scope, receive), route[1])
                 except BadRequest as e:
                     response = self.refused(e)
