@@ -189,7 +189,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         answers = await answer(request, images)
         return JSONResponse(infer_response(name, parsed, answers, runner.class_names))
 
-    async def predict(request: Request, model: None) -> JSONResponse:
+    async def predict(request: Request, _model: None) -> JSONResponse:  # /v1/predict names no model
         body = await read_body(request)
         blobs, names = await _files(request, body)
         answers = await answer(request, decode_images(blobs, shape, [n or f"#{i}" for i, n in enumerate(names)]))
