@@ -357,6 +357,7 @@ def _add_serve_parser(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import dataclasses
     import functools
     from .config import SchedulerConfig, ServeConfig, check_micro_batch, check_precision
     given_models = [f for f, v in (("--model", args.model), ("--from", args.source), ("--export", args.export)) if v]
@@ -379,18 +380,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
         import fastapi, prometheus_client, uvicorn  # noqa: F401,E401
     except ImportError as e:
         raise UserError(f"serving needs {e.name}: pip install 'exitwise[serve]'") from None
-    workers = SchedulerConfig(**given(args, SchedulerConfig)).workers  # the batching flags checked before the model loads
+    scheduling = SchedulerConfig(**given(args, SchedulerConfig))  # the batching flags checked before the model loads
     if args.export:
-        import os
         from .deploy.onnx_runner import OnnxRunner
-        threads = max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else None  # the CPUs shared out
         make_runner = functools.partial(OnnxRunner.load, args.export, early_exit=not args.no_early_exit,
-                                        threads=threads)
+                                        workers=scheduling.workers)
     else:
         from .serve_torch import make_runner as torch_runner
         make_runner = functools.partial(torch_runner, model=args.model, weights=args.weights, source=args.source,
                                         early_exit=not args.no_early_exit, precision=args.precision,
-                                        micro_batch=args.micro_batch, workers=workers)
+                                        micro_batch=args.micro_batch, workers=scheduling.workers)
     runner = None
     if _is_tier(args) and not args.export and not args.ray:
         if args.next is not None:
@@ -399,8 +398,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         runner = make_runner()  # a torch tier: its stages are counted on the model
     tier = _tier_config(args, None if runner is None else runner.num_exits)
     config = ServeConfig(**given(args, ServeConfig, skip=("scheduler", "tier", "relay")), tier=tier,
-                         scheduler=SchedulerConfig(**given(args, SchedulerConfig),
-                                                   **({"first": tier.first, "last": tier.last} if tier else {})))
+                         scheduler=dataclasses.replace(scheduling, first=tier.first, last=tier.last) if tier
+                         else scheduling)
     if args.ray:
         from .deploy.ray_serve import serve_on_ray
         serve_on_ray(make_runner, config, replicas=args.replicas)

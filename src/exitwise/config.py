@@ -179,6 +179,11 @@ class TrainConfig:
 SERVE_RULES = ("deepest", "oldest", "request-level")  # which stage the serving scheduler runs next
 
 
+def threads_per_worker(total: int, workers: int) -> int:
+    """A serving worker's share of `total` CPU threads when `workers` run stage calls at once (at least one)."""
+    return max(1, total // workers)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """`exitwise serve`'s batching (`deploy.scheduler`). With `max_wait_ms` 0 the worker never waits for a batch to
@@ -189,8 +194,9 @@ class SchedulerConfig:
                                   "refused with 503 at once")
     timeout_ms: float = option(10_000.0, "a request not answered by then gets 504; its samples are dropped")
     schedule: str = option("deepest", f"which stage runs next: {', '.join(SERVE_RULES)}")
-    workers: int = option(2, "threads running stage calls at once, sharing out the CPUs' threads (2: 1.1-1.4x "
-                             "the capacity of 1 on 2 cores, docs/serve.md)")
+    workers: int = option(2, "threads running stage calls at once, sharing out the CPUs' threads (2: a fixed "
+                             "choice, measured on a 2-core AMD Zen 4 only, 1.05-1.42x the capacity of 1; compare "
+                             "on your machine with benchmarks/serve_ab.py)")
     first: int = 0               # the stages this scheduler runs: first..last (None: to the final exit)
     last: int | None = None
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .config import SERVE_ONE_THREAD_ROWS
+from .config import SERVE_ONE_THREAD_ROWS, threads_per_worker
 from .deploy.runner import StepOut, model_name
 from .early_exit import EarlyExitModel
 from .errors import UserError
@@ -49,7 +49,8 @@ class TorchRunner:
             self.network, self.precision = model.network, model.precision
             self.micro_batch = micro_batch or DEFAULT_MICRO_BATCH
         self.model, self.early_exit = model, early_exit
-        self.threads, self.one_thread_rows = max(1, torch.get_num_threads() // workers), one_thread_rows
+        self.threads = threads_per_worker(torch.get_num_threads(), workers)
+        self.one_thread_rows = one_thread_rows
         self.policy = model.policy
         self._state_row = self.policy.init_state(1).numpy()
         self.device = device_of(self.network)

@@ -2,11 +2,13 @@
 `OnnxEarlyExit`, so a served sample leaves where `OnnxEarlyExit.run` lets it leave. Never imports torch."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ..config import threads_per_worker
 from ..exit_rule import leaves, softmax
 from .onnx_runtime import OnnxEarlyExit, as_input
 from .runner import StepOut, model_name
@@ -25,7 +27,12 @@ class OnnxRunner:
         self.thresholds = model.thresholds.astype(np.float32)  # compared in float32, as `OnnxEarlyExit.run` does
 
     @classmethod
-    def load(cls, folder: str | Path, early_exit: bool = True, threads: int | None = None) -> OnnxRunner:
+    def load(cls, folder: str | Path, early_exit: bool = True, threads: int | None = None,
+             workers: int = 1) -> OnnxRunner:
+        """The export's sessions with `threads` each, or (`workers` > 1) each worker's share of this process's CPUs,
+        or (one worker) ONNX Runtime's default."""
+        if threads is None and workers > 1:
+            threads = threads_per_worker(len(os.sched_getaffinity(0)), workers)
         return cls(OnnxEarlyExit.load(folder, threads=threads, spin=False), early_exit)
 
     def to_input(self, images: np.ndarray) -> np.ndarray:
