@@ -37,7 +37,8 @@ from exitwise.early_exit import EarlyExitModel
 from exitwise.models import create_model
 from exitwise.policies import get_policy
 from exitwise.runtime import all_exit_logits, prepare
-from exitwise.serve_torch import TorchRunner
+from exitwise.errors import UserError
+from exitwise.serve_torch import TorchRunner, make_runner
 
 from conftest import random_image_set, spread_thresholds
 
@@ -192,18 +193,23 @@ def test_served_answers_equal_early_exit_model_run_on_torch(digits):
     assert set(exits) == {0, 1, 2}
 
 
-def test_a_small_batch_runs_on_one_torch_thread_and_a_large_one_on_all(digits):
+def test_a_stage_call_runs_on_its_workers_share_of_the_torch_threads(digits):
     model, data, _ = digits
-    runner = TorchRunner(model, precision="fp32", micro_batch=64, one_thread_rows=4)
-    images, threads = data.images.numpy(), torch.get_num_threads()
+    threads = torch.get_num_threads()
+    runner = TorchRunner(model, precision="fp32", micro_batch=64, workers=2)
+    assert runner.threads == max(1, threads // 2)
+    images = data.images.numpy()
     try:
-        small = runner.step(0, runner.to_input(images[:4]), runner.init_state(4))
-        assert torch.get_num_threads() == 1
-        large = runner.step(0, runner.to_input(images[:40]), runner.init_state(40))
-        assert torch.get_num_threads() == runner.threads == threads
-        assert (small.predictions == large.predictions[:4]).all() and (small.leave == large.leave[:4]).all()
+        for rows in (1, 40):
+            runner.step(0, runner.to_input(images[:rows]), runner.init_state(rows))
+            assert torch.get_num_threads() == runner.threads
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_served_runner_is_built_off_the_callers_thread_and_its_errors_reach_the_caller():
+    with pytest.raises(UserError, match="no-such-model"):
+        make_runner(model="no-such-model")
 
 
 def assert_same_as_run(model, data, expected, exits, predictions) -> None:

@@ -17,7 +17,6 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("bf16", "mixed", "fp32")
 AGREEMENT_REQUIRED = 0.99  # a reduced precision may change at most 1% of any exit's predictions
 DEFAULT_MICRO_BATCH = 64   # used when nothing is measured (tests, explicit runs); best on the AMX machine
-SERVE_ONE_THREAD_ROWS = 4  # a served batch of at most this many rows runs on one intra-op thread (docs/serve.md)
 DEFAULT_DELTA = 0.1        # allowed failure probability of a calibration guarantee unless the caller says otherwise
 SCHEDULES = ("onecycle", "cosine")
 TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
@@ -194,9 +193,9 @@ class SchedulerConfig:
                                   "refused with 503 at once")
     timeout_ms: float = option(10_000.0, "a request not answered by then gets 504; its samples are dropped")
     schedule: str = option("deepest", f"which stage runs next: {', '.join(SERVE_RULES)}")
-    workers: int = option(2, "threads running stage calls at once, sharing out the CPUs' threads (2: a fixed "
-                             "choice, measured on a 2-core AMD Zen 4 only, 1.05-1.42x the capacity of 1; compare "
-                             "on your machine with benchmarks/serve_ab.py)")
+    workers: int = option(1, "threads running stage calls at once, sharing out the CPUs' threads (1: a fixed "
+                             "choice, measured on a 2-core AMD Zen 4 only: capacity within noise of 2, sequential "
+                             "requests 20-33%% faster; compare on your machine with benchmarks/serve_ab.py)")
     first: int = 0               # the stages this scheduler runs: first..last (None: to the final exit)
     last: int | None = None
 

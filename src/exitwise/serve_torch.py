@@ -5,11 +5,9 @@ runs in the micro-batch it measures; a stage is `runtime.run_stage`, the exit de
 and `exit_rule.leaves`, compaction `runtime.keep_rows`. So a served sample leaves where `EarlyExitModel.run`
 lets it leave. `early_exit=False` is the baseline: the same network, side heads skipped, nobody leaves early.
 
-A batch of at most `one_thread_rows` rows runs on one intra-op thread. The server's event loop shares the cores:
-a team of torch threads, each waiting at every operator for a member the event loop has preempted, costs more
-than a small batch's work (measured on b-resnet11, AMD Zen 4, 2 cores: sequential requests 2.9 -> 2.3 ms each,
-capacity unchanged; docs/serve.md). Larger batches use torch's threads as set when the runner was made, shared
-out among the scheduler's `workers` (threads running stage calls at once: each gets its share).
+A stage call uses torch's threads as set when the runner was made, shared out among the scheduler's `workers`
+(threads running stage calls at once: each gets its share). `make_runner` builds the runner in a thread of its
+own, so that only the threads running stage calls hold teams of OpenMP threads (see there).
 """
 from __future__ import annotations
 
@@ -19,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .config import SERVE_ONE_THREAD_ROWS, threads_per_worker
+from .config import threads_per_worker
 from .deploy.runner import StepOut, model_name
 from .early_exit import EarlyExitModel
 from .errors import UserError
@@ -33,8 +31,7 @@ class TorchRunner:
     platform = "pytorch"
 
     def __init__(self, model: EarlyExitModel, *, early_exit: bool = True, precision: str = "auto",
-                 micro_batch: int | None = None, name: str | None = None,
-                 one_thread_rows: int = SERVE_ONE_THREAD_ROWS, workers: int = 1):
+                 micro_batch: int | None = None, name: str | None = None, workers: int = 1):
         if model.precision is None:
             from .data import ImageSet
             from .tune import tune
@@ -50,7 +47,6 @@ class TorchRunner:
             self.micro_batch = micro_batch or DEFAULT_MICRO_BATCH
         self.model, self.early_exit = model, early_exit
         self.threads = threads_per_worker(torch.get_num_threads(), workers)
-        self.one_thread_rows = one_thread_rows
         self.policy = model.policy
         self._state_row = self.policy.init_state(1).numpy()
         self.device = device_of(self.network)
@@ -70,9 +66,8 @@ class TorchRunner:
 
     @torch.inference_mode()
     def step(self, k: int, features: torch.Tensor, state: np.ndarray) -> StepOut:
-        threads = 1 if len(features) <= self.one_thread_rows else self.threads
-        if threads != torch.get_num_threads():  # this worker thread only: OpenMP's count is per thread
-            torch.set_num_threads(threads)
+        if self.threads != torch.get_num_threads():  # this worker thread only: OpenMP's count is per thread
+            torch.set_num_threads(self.threads)
         last = k == self.num_exits - 1
         head = last or self.early_exit
         pieces = features.split(self.micro_batch) if len(features) > self.micro_batch else [features]
@@ -142,6 +137,26 @@ def load_early_exit(*, model: str | None = None, weights: str | Path | None = No
 def make_runner(*, model: str | None = None, weights: str | Path | None = None, source: str | Path | None = None,
                 early_exit: bool = True, precision: str = "auto", micro_batch: int | None = None,
                 workers: int = 1) -> TorchRunner:
-    """`exitwise serve --model/--from`'s runner (a module-level function, so Ray can ship it to replicas)."""
-    return TorchRunner(load_early_exit(model=model, weights=weights, source=source, early_exit=early_exit),
-                       early_exit=early_exit, precision=precision, micro_batch=micro_batch, workers=workers)
+    """`exitwise serve --model/--from`'s runner (a module-level function, so Ray can ship it to replicas), built in
+    a thread of its own that ends when it is built. Loading and tuning run torch on several threads, and GNU
+    OpenMP keeps a team of threads for each thread that did; while it holds more threads than there are CPUs
+    it stops spinning between parallel regions, and every operator then waits for sleeping threads to wake.
+    Built in this process's main thread, its team stayed for good, and a single image on two threads in a
+    scheduler worker took 2.8 ms instead of 1.1 (b-resnet11, AMD Zen 4, 2 cores; docs/serve.md)."""
+    import threading
+    built: list = []
+
+    def build() -> None:
+        try:
+            built.append(TorchRunner(load_early_exit(model=model, weights=weights, source=source,
+                                                     early_exit=early_exit), early_exit=early_exit,
+                                     precision=precision, micro_batch=micro_batch, workers=workers))
+        except BaseException as e:  # noqa: BLE001  re-raised in the caller's thread
+            built.append(e)
+
+    thread = threading.Thread(target=build, name="exitwise-load")
+    thread.start()
+    thread.join()
+    if isinstance(built[0], BaseException):
+        raise built[0]
+    return built[0]

@@ -571,11 +571,12 @@ class _Serving:
         import socket
         import threading
         import uvicorn
+        from .server import uvicorn_config
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", access_log=False))
+        self.server = uvicorn.Server(uvicorn_config(app, "error"))  # as `exitwise serve` runs it
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> _Serving:

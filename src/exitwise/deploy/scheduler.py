@@ -276,7 +276,8 @@ class Scheduler:
             if answer_now:
                 with self._cond:
                     self.queues[k + 1].append(survivors)
-                    self._cond.notify()  # an idle worker may take them while this one picks again
+                    if sum(1 for q in self.queues.values() if q) > 1:  # this worker takes one queue next; an idle
+                        self._cond.notify()  # one is woken only for another (a futile wake costs both of them CPU)
                 break
             chunk = survivors
         self._answer(done)
@@ -324,4 +325,5 @@ class Scheduler:
         if n:
             with self._cond:
                 self._inside -= n
-                self._cond.notify_all()  # closing: every worker sees the last sample go
+                if not self._accepting:
+                    self._cond.notify_all()  # closing: every worker sees the last sample go

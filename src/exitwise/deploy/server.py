@@ -328,11 +328,51 @@ def _run(app, config: ServeConfig, what: str, close, log_level: str) -> None:
         close()
         raise UserError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, proxy_headers=False,
-                                           server_header=False, date_header=False,
-                                           timeout_graceful_shutdown=config.scheduler.timeout_ms / 1e3 + 5))
+    server = uvicorn.Server(uvicorn_config(app, log_level, config.scheduler.timeout_ms / 1e3 + 5))
     if threading.current_thread() is threading.main_thread():
         # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so the exit is 0
         signal.signal(signal.SIGTERM, lambda *_: None)
     print(f"exitwise: serving {what} on http://{host}:{port}", flush=True)
     server.run(sockets=[sock])
+
+
+def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | None = None):
+    """How exitwise runs uvicorn (`exitwise serve`, and the servers `plan --measure` times): no access log, no
+    Server and Date headers, and each response's head and body sent in one write (`_OneWrite`)."""
+    import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class OneWriteProtocol(AutoHTTPProtocol):  # httptools where installed (uvicorn[standard]), else h11
+        def connection_made(self, transport):
+            super().connection_made(_OneWrite(transport))
+
+    return uvicorn.Config(app, log_level=log_level, access_log=False, proxy_headers=False, server_header=False,
+                          date_header=False, http=OneWriteProtocol, timeout_graceful_shutdown=graceful_seconds)
+
+
+class _OneWrite:
+    """A transport whose writes in one turn of the event loop leave in one `write` at the end of the turn: uvicorn
+    writes a response's head and its body separately, two system calls and two TCP segments (TCP_NODELAY); a
+    fifth of the event loop's time per request went to them (docs/serve.md). Everything else is the transport's."""
+
+    def __init__(self, transport):
+        self._transport, self._pending, self._loop = transport, [], asyncio.get_running_loop()
+
+    def write(self, data) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
