@@ -11,7 +11,8 @@ The planner gets each tier's stage times as measured there (`exitwise plan --mea
 inside the same cgroup), its request cost as its clients see it (`plan.measure_request_at`, from this process;
 both the median of three fresh processes),
 and each link's round trip as measured through the relay (its nominal RTT plus the relay's own work). Clients
-send one image per request (binary V2 infer), `--concurrency` at a time (default 1).
+send one image per request (binary V2 infer) on a keep-alive connection each (as a device application keeps its
+connection open), `--concurrency` at a time (default 1).
 
     python benchmarks/tiers.py --study runs/b-resnet11-study --export runs/b-resnet11-onnx \\
         --data-dir ../shared/data/cifar10-jpg.tar.gz --images 1000 --links 1:100,20:40,100:20,1000:5
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import http.client
 import json
 import os
 import subprocess
@@ -30,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -43,35 +44,58 @@ from exitwise.deploy.plan import (Link, Tier, export_shapes, measure_request_at,
 from exitwise.study.logits_cache import load_logits
 
 
-def infer_one(url: str, model: str, image: np.ndarray) -> tuple[float, dict]:
-    """One image as binary V2 infer; (seconds, the response)."""
-    head = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, *image.shape],
-                                   "parameters": {"layout": "NHWC", "binary_data_size": image.size}}]}).encode()
-    request = urllib.request.Request(f"{url}/v2/models/{model}/infer", head + image.tobytes(),
-                                     {"Content-Type": "application/octet-stream",
-                                      "Inference-Header-Content-Length": str(len(head))})
-    start = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=120) as response:
-        doc = json.loads(response.read())
-    return time.perf_counter() - start, doc
+class Client:
+    """One client's keep-alive connection to a server at `url` (as a device application keeps its connection open:
+    accepting a connection per request would cost the server work a real client does not make it do)."""
+
+    def __init__(self, url: str):
+        host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+        self.connection = http.client.HTTPConnection(host, int(port), timeout=120)
+
+    def infer(self, model: str, image: np.ndarray) -> tuple[float, dict]:
+        """One image as binary V2 infer; (seconds, the response)."""
+        head = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, *image.shape],
+                                       "parameters": {"layout": "NHWC", "binary_data_size": image.size}}]}).encode()
+        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+        start = time.perf_counter()
+        self.connection.request("POST", f"/v2/models/{model}/infer", head + image.tobytes(), headers)
+        response = self.connection.getresponse()
+        body = response.read()
+        took = time.perf_counter() - start
+        if response.status != 200:
+            raise RuntimeError(f"the tier answered {response.status}: {body[:200]!r}")
+        return took, json.loads(body)
+
+    def close(self) -> None:
+        self.connection.close()
 
 
-def drive(url: str, model: str, images: np.ndarray, concurrency: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Every image once, `concurrency` requests in flight: (seconds per image, predicted class, degraded count)."""
+def drive(url: str, model: str, images: np.ndarray, concurrency: int,
+          warmed=lambda: None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every image once, `concurrency` clients each sending one request at a time on its own keep-alive connection,
+    after one untimed request each (`warmed()` is called once all have had theirs): (seconds per image, predicted
+    class, degraded count)."""
     seconds, classes, degraded, lock, next_i = np.zeros(len(images)), np.zeros(len(images), int), [0], \
         threading.Lock(), [0]
+    ready = threading.Barrier(concurrency, action=warmed)
 
     def worker():
-        while True:
-            with lock:
-                i, next_i[0] = next_i[0], next_i[0] + 1
-            if i >= len(images):
-                return
-            s, doc = infer_one(url, model, images[i])
-            out = {o["name"]: o["data"] for o in doc["outputs"]}
-            seconds[i], classes[i] = s, out["class_index"][0]
-            with lock:
-                degraded[0] += sum(doc.get("parameters", {}).get("degraded", []))
+        client = Client(url)
+        try:
+            client.infer(model, images[0])  # the connection opened, the sessions warm
+            ready.wait()
+            while True:
+                with lock:
+                    i, next_i[0] = next_i[0], next_i[0] + 1
+                if i >= len(images):
+                    return
+                s, doc = client.infer(model, images[i])
+                out = {o["name"]: o["data"] for o in doc["outputs"]}
+                seconds[i], classes[i] = s, out["class_index"][0]
+                with lock:
+                    degraded[0] += sum(doc.get("parameters", {}).get("degraded", []))
+        finally:
+            client.close()
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
@@ -119,24 +143,33 @@ def effective_rtt_ms(export: Path, model: str, image: np.ndarray, mbps: float, r
                      netns: NetnsLink | None, requests: int = 30) -> float:
     """The emulated link's round trip as a one-image request meets it: the median request over the link less the
     median one to a server on 127.0.0.1, less its bytes' time at the rate both ways (the relay's own work is in
-    the rest)."""
+    the rest); each on one keep-alive connection, as the load is driven (`drive`)."""
     near = ServeProcess(export)
     far = ServeProcess(export, netns=netns) if netns else near
-    relay = None
+    relay, clients = None, []
+
+    def opened(url: str) -> Client:
+        client = Client(url)
+        clients.append(client)
+        client.infer(model, image)  # the connection opened
+        return client
+
     try:
-        direct = np.median([infer_one(near.url, model, image)[0] for _ in range(requests)])
+        direct = opened(near.url)
+        direct_s = np.median([direct.infer(model, image)[0] for _ in range(requests)])
         relay = link(far.port, mbps, rtt_ms, netns, 600)
-        url = f"http://127.0.0.1:{relay.port}"
-        infer_one(url, model, image)
+        relayed = opened(f"http://127.0.0.1:{relay.port}")
         up, down = relay.bytes_forwarded, relay.bytes_returned
-        relayed = np.median([infer_one(url, model, image)[0] for _ in range(requests)])
+        relayed_s = np.median([relayed.infer(model, image)[0] for _ in range(requests)])
         per_request = (relay.bytes_forwarded - up + relay.bytes_returned - down) / requests
     finally:
+        for client in clients:
+            client.close()
         if relay:
             relay.stop()
         for server in {near, far}:
             server.stop()
-    return 1000 * (relayed - direct - per_request * 8 / (mbps * 1e6))
+    return 1000 * (relayed_s - direct_s - per_request * 8 / (mbps * 1e6))
 
 
 def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float, wire: str,
@@ -159,12 +192,12 @@ def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float
                                   *extra, limit=limit)
             procs.append(device)
             url = device.url
-        infer_one(url, model, images[0])  # warm up the sessions and the connection path
         def crossed() -> int:  # both ways, as the planner counts a link's bytes (the requests and their answers)
             return relay.bytes_forwarded + relay.bytes_returned if relay else 0
-        before = crossed()
-        seconds, classes, degraded = drive(url, model, images, concurrency)
-        sent = crossed() - before
+        before = [0]
+        seconds, classes, degraded = drive(url, model, images, concurrency,
+                                           warmed=lambda: before.__setitem__(0, crossed()))
+        sent = crossed() - before[0]
     finally:
         for p in reversed(procs):
             p.stop()
