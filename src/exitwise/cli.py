@@ -286,11 +286,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if args.measure:
         if not args.export:
             raise UserError("--measure times the stages of an ONNX export: give --export")
-        from .deploy.onnx_runtime import OnnxEarlyExit
+        from .config import SchedulerConfig
+        from .deploy.onnx_runner import OnnxRunner
         batch = planning.MEASURE_BATCH if args.measure_batch is None else args.measure_batch
         if batch < 1:
             raise UserError(f"--measure-batch must be at least 1, got {batch}")
-        runner = OnnxEarlyExit.load(args.export, spin=False)  # as `exitwise serve` runs it
+        # the sessions as `exitwise serve` runs them: its default workers' share of this machine's threads each,
+        # no spinning (with ONNX Runtime's default thread count the stages timed differently: docs/tiers.md)
+        runner = OnnxRunner.load(args.export, workers=SchedulerConfig().workers).model
         seconds = planning.measure_stages(runner, batch=batch)
         request, relay = planning.measure_request(runner), planning.measure_relay(runner)
         print("stage-ms=" + "/".join(f"{1000 * s:.4g}" for s in seconds) + f",request-ms={1000 * request:.4g}"
