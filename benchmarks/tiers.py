@@ -254,7 +254,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             study, export, images, labels = tiny_setup(Path(tmp))
-            calibration = images
+            calibration = wire_on = images
             links = [(20.0, 20.0)]
         else:
             if not (args.study and args.export and args.data_dir):
@@ -264,14 +264,16 @@ def main() -> None:
             study, export = args.study, args.export
             images, labels = splits.test.images[:args.images].numpy(), splits.test.labels[:args.images].numpy()
             calibration = splits.val.images[:100].numpy()  # the request costs are measured on these
+            wire_on = splits.val.images[:args.wire_images].numpy()  # the plan's wire format is chosen on these
             links = [tuple(float(v) for v in item.split(":")) for item in args.links.split(",")]
         runner = OnnxEarlyExit.load(export)
         model, k = runner.manifest["model"].rstrip("/").rsplit("/", 1)[-1], runner.num_exits
         full = runner.run_backbone(images).predictions
-        wire = measure_wire(runner, images[:args.wire_images])
-        values, input_bytes = export_shapes(runner.manifest)
+        wire = measure_wire(runner, wire_on[:args.wire_images])
+        values, input_bytes, channels = export_shapes(runner.manifest)
         cache = load_logits(study)
-        costs = study_costs(cache.val_logits, cache.stage_seconds_per_sample, runner.manifest, values, input_bytes, wire)
+        costs = study_costs(cache.val_logits, cache.stage_seconds_per_sample, runner.manifest, values, input_bytes, wire,
+                            channels)
         from exitwise.device import describe_load, machine, machine_load
         host = machine().describe()  # before this process leaves the device's CPU to it
         print(f"machine: {host}; {describe_load(machine_load())}")
