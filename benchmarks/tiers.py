@@ -12,7 +12,8 @@ inside the same cgroup), its request cost as its clients see it (`plan.measure_r
 both the median of three fresh processes),
 and each link's round trip as measured through the relay (its nominal RTT plus the relay's own work). Clients
 send one image per request (binary V2 infer) on a keep-alive connection each (as a device application keeps its
-connection open), `--concurrency` at a time (default 1).
+connection open), `--concurrency` at a time (default 1); each placement is served by `--starts` fresh sets of
+processes in turn (default 3, as each cost is the median of three starts), the images split among them.
 
     python benchmarks/tiers.py --study runs/b-resnet11-study --export runs/b-resnet11-onnx \\
         --data-dir ../shared/data/cifar10-jpg.tar.gz --images 1000 --links 1:100,20:40,100:20,1000:5
@@ -173,8 +174,28 @@ def effective_rtt_ms(export: Path, model: str, image: np.ndarray, mbps: float, r
 
 
 def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float, wire: str,
-            send_images: bool, concurrency: int, limit: CpuLimit | None, netns: NetnsLink | None) -> dict:
-    """Serve `placement` ((device stages, cloud stages), None: none) over the emulated link; measure it."""
+            send_images: bool, concurrency: int, limit: CpuLimit | None, netns: NetnsLink | None,
+            starts: int = 1) -> dict:
+    """Serve `placement` ((device stages, cloud stages), None: none) over the emulated link; measure it: the images
+    split among `starts` fresh sets of processes in turn (a process's speed varies from one start to the next)."""
+    seconds, classes, degraded, sent = [], [], 0, 0
+    for part in np.array_split(images, starts):
+        s, c, d, b = _serve_once(placement, export, model, part, mbps, rtt_ms, wire, send_images, concurrency,
+                                 limit, netns)
+        seconds.append(s)
+        classes.append(c)
+        degraded, sent = degraded + d, sent + b
+    seconds = np.concatenate(seconds)
+    return {"p50_ms": 1000 * float(np.percentile(seconds, 50)), "p99_ms": 1000 * float(np.percentile(seconds, 99)),
+            "mean_ms": 1000 * float(seconds.mean()), "bytes_per_image": sent / len(images),
+            "degraded": degraded, "classes": np.concatenate(classes), "starts": starts,
+            "mean_ms_per_start": [1000 * float(s.mean()) for s in np.array_split(seconds, starts)]}
+
+
+def _serve_once(placement, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float, wire: str,
+                send_images: bool, concurrency: int, limit: CpuLimit | None,
+                netns: NetnsLink | None) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """`placement` served by fresh processes, `images` driven through it: (seconds, classes, degraded, bytes)."""
     device_stages, cloud_stages = placement
     procs, relay = [], None
     try:
@@ -197,15 +218,12 @@ def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float
         before = [0]
         seconds, classes, degraded = drive(url, model, images, concurrency,
                                            warmed=lambda: before.__setitem__(0, crossed()))
-        sent = crossed() - before[0]
+        return seconds, classes, degraded, crossed() - before[0]
     finally:
         for p in reversed(procs):
             p.stop()
         if relay:
             relay.stop()
-    return {"p50_ms": 1000 * float(np.percentile(seconds, 50)), "p99_ms": 1000 * float(np.percentile(seconds, 99)),
-            "mean_ms": 1000 * float(seconds.mean()), "bytes_per_image": sent / len(images),
-            "degraded": degraded, "classes": classes}
 
 
 def tiny_setup(folder: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
@@ -247,6 +265,8 @@ def main() -> None:
                     "the relay (a serial line, in user space) or tbf on a veth pair into a network namespace this "
                     "run creates, the cloud inside (the relay then adds the RTT only)")
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight (1: each image's latency alone)")
+    ap.add_argument("--starts", type=int, default=3, help="fresh processes per placement, in turn, the images split "
+                    "among them (a process's speed varies from one start to the next; the costs are medians of 3)")
     ap.add_argument("--wire-images", type=int, default=500, help="validation images to measure the wire formats on")
     ap.add_argument("--tiny", action="store_true", help="smoke run on a random-weight digits-convnet")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -329,12 +349,14 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
     for name, placement in named.items():
         c = next(c for c in p.candidates if c.stages == placement)
         m = measure(placement, export, model, images, mbps, rtt, c.wire, c.links[0].payload == "input",
-                    args.concurrency, limit, netns)
+                    args.concurrency, limit, netns, args.starts)
         acc = 100 * float((m.pop("classes") == labels).mean())
         label = f"{name} {'/'.join(f'{r[0]}-{r[1]}' if r else '-' for r in placement)}"
         print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>18s} {c.wire:>4s} {c.latency_ms:8.2f} "
               f"{m['mean_ms']:8.2f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['bytes_per_image']:9.0f} "
               f"{c.traffic_bytes:9.0f} {acc:6.2f} {m['degraded']:4d}")
+        if args.starts > 1:
+            print(f"{'':>33s} mean ms per start: " + ", ".join(f"{v:.2f}" for v in m["mean_ms_per_start"]))
         rows.append({"mbps": mbps, "rtt_ms": rtt, "measured_rtt_ms": measured_rtt, "placement": name,
                      "stages": placement, "wire": c.wire, "predicted_ms": c.latency_ms,
                      "predicted_bytes": c.traffic_bytes, "accuracy": acc, **m})
