@@ -12,8 +12,9 @@ A pure function of typed inputs (`plan`); the cost model (also in docs/tiers.md)
 * link i (tier i -> tier i + 1) at cut c: c = K carries nothing; c = 0 carries every input image (a binary V2
   infer request); else the survivors (share reach[c]) cross (a `POST /v2/tiers/features`), each paying the link's
   round trip plus its bytes both ways over the bandwidth: reach[c] * (RTT + bytes * 8 / bandwidth). The bytes are
-  the payload (stage c-1's output in the wire format, or the original image as uint8 pixels), the request's HTTP
-  headers and framing, and the answer coming back (`HttpBytes`, measured: `INFER_HTTP`, `TIER_HTTP`).
+  the payload (stage c-1's output in the wire format, with int8's scales for a batch of one, or the original image
+  as uint8 pixels), the request's HTTP headers and framing, and the answer coming back (`HttpBytes`, measured:
+  `INFER_HTTP`, `TIER_HTTP`).
 * images or features: a tier has the images only if every link before it carried them (the first tier holding
   stages always has them), so the images can cross a leading run of the cuts; each cut that gets them sends the
   image instead of the features, and the tier holding stage c first reruns stages 0..c-1 for the survivors
