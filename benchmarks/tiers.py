@@ -11,7 +11,9 @@ The planner gets each tier's stage times as measured there (`exitwise plan --mea
 inside the same cgroup), its request cost as its clients see it (`plan.measure_request_at`, from this process;
 both the median of three fresh processes),
 and each link's round trip as measured through the relay (its nominal RTT plus the relay's own work). Clients
-send one image per request (binary V2 infer), `--concurrency` at a time (default 1).
+send one image per request (binary V2 infer) on a keep-alive connection each (as a device application keeps its
+connection open), `--concurrency` at a time (default 1); each placement is served by `--starts` fresh sets of
+processes in turn (default 3, as each cost is the median of three starts), the images split among them.
 
     python benchmarks/tiers.py --study runs/b-resnet11-study --export runs/b-resnet11-onnx \\
         --data-dir ../shared/data/cifar10-jpg.tar.gz --images 1000 --links 1:100,20:40,100:20,1000:5
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import http.client
 import json
 import os
 import subprocess
@@ -30,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -43,35 +45,58 @@ from exitwise.deploy.plan import (Link, Tier, export_shapes, measure_request_at,
 from exitwise.study.logits_cache import load_logits
 
 
-def infer_one(url: str, model: str, image: np.ndarray) -> tuple[float, dict]:
-    """One image as binary V2 infer; (seconds, the response)."""
-    head = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, *image.shape],
-                                   "parameters": {"layout": "NHWC", "binary_data_size": image.size}}]}).encode()
-    request = urllib.request.Request(f"{url}/v2/models/{model}/infer", head + image.tobytes(),
-                                     {"Content-Type": "application/octet-stream",
-                                      "Inference-Header-Content-Length": str(len(head))})
-    start = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=120) as response:
-        doc = json.loads(response.read())
-    return time.perf_counter() - start, doc
+class Client:
+    """One client's keep-alive connection to a server at `url` (as a device application keeps its connection open:
+    accepting a connection per request would cost the server work a real client does not make it do)."""
+
+    def __init__(self, url: str):
+        host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+        self.connection = http.client.HTTPConnection(host, int(port), timeout=120)
+
+    def infer(self, model: str, image: np.ndarray) -> tuple[float, dict]:
+        """One image as binary V2 infer; (seconds, the response)."""
+        head = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, *image.shape],
+                                       "parameters": {"layout": "NHWC", "binary_data_size": image.size}}]}).encode()
+        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+        start = time.perf_counter()
+        self.connection.request("POST", f"/v2/models/{model}/infer", head + image.tobytes(), headers)
+        response = self.connection.getresponse()
+        body = response.read()
+        took = time.perf_counter() - start
+        if response.status != 200:
+            raise RuntimeError(f"the tier answered {response.status}: {body[:200]!r}")
+        return took, json.loads(body)
+
+    def close(self) -> None:
+        self.connection.close()
 
 
-def drive(url: str, model: str, images: np.ndarray, concurrency: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Every image once, `concurrency` requests in flight: (seconds per image, predicted class, degraded count)."""
+def drive(url: str, model: str, images: np.ndarray, concurrency: int,
+          warmed=lambda: None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every image once, `concurrency` clients each sending one request at a time on its own keep-alive connection,
+    after one untimed request each (`warmed()` is called once all have had theirs): (seconds per image, predicted
+    class, degraded count)."""
     seconds, classes, degraded, lock, next_i = np.zeros(len(images)), np.zeros(len(images), int), [0], \
         threading.Lock(), [0]
+    ready = threading.Barrier(concurrency, action=warmed)
 
     def worker():
-        while True:
-            with lock:
-                i, next_i[0] = next_i[0], next_i[0] + 1
-            if i >= len(images):
-                return
-            s, doc = infer_one(url, model, images[i])
-            out = {o["name"]: o["data"] for o in doc["outputs"]}
-            seconds[i], classes[i] = s, out["class_index"][0]
-            with lock:
-                degraded[0] += sum(doc.get("parameters", {}).get("degraded", []))
+        client = Client(url)
+        try:
+            client.infer(model, images[0])  # the connection opened, the sessions warm
+            ready.wait()
+            while True:
+                with lock:
+                    i, next_i[0] = next_i[0], next_i[0] + 1
+                if i >= len(images):
+                    return
+                s, doc = client.infer(model, images[i])
+                out = {o["name"]: o["data"] for o in doc["outputs"]}
+                seconds[i], classes[i] = s, out["class_index"][0]
+                with lock:
+                    degraded[0] += sum(doc.get("parameters", {}).get("degraded", []))
+        finally:
+            client.close()
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
@@ -119,29 +144,58 @@ def effective_rtt_ms(export: Path, model: str, image: np.ndarray, mbps: float, r
                      netns: NetnsLink | None, requests: int = 30) -> float:
     """The emulated link's round trip as a one-image request meets it: the median request over the link less the
     median one to a server on 127.0.0.1, less its bytes' time at the rate both ways (the relay's own work is in
-    the rest)."""
+    the rest); each on one keep-alive connection, as the load is driven (`drive`)."""
     near = ServeProcess(export)
     far = ServeProcess(export, netns=netns) if netns else near
-    relay = None
+    relay, clients = None, []
+
+    def opened(url: str) -> Client:
+        client = Client(url)
+        clients.append(client)
+        client.infer(model, image)  # the connection opened
+        return client
+
     try:
-        direct = np.median([infer_one(near.url, model, image)[0] for _ in range(requests)])
+        direct = opened(near.url)
+        direct_s = np.median([direct.infer(model, image)[0] for _ in range(requests)])
         relay = link(far.port, mbps, rtt_ms, netns, 600)
-        url = f"http://127.0.0.1:{relay.port}"
-        infer_one(url, model, image)
+        relayed = opened(f"http://127.0.0.1:{relay.port}")
         up, down = relay.bytes_forwarded, relay.bytes_returned
-        relayed = np.median([infer_one(url, model, image)[0] for _ in range(requests)])
+        relayed_s = np.median([relayed.infer(model, image)[0] for _ in range(requests)])
         per_request = (relay.bytes_forwarded - up + relay.bytes_returned - down) / requests
     finally:
+        for client in clients:
+            client.close()
         if relay:
             relay.stop()
         for server in {near, far}:
             server.stop()
-    return 1000 * (relayed - direct - per_request * 8 / (mbps * 1e6))
+    return 1000 * (relayed_s - direct_s - per_request * 8 / (mbps * 1e6))
 
 
 def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float, wire: str,
-            send_images: bool, concurrency: int, limit: CpuLimit | None, netns: NetnsLink | None) -> dict:
-    """Serve `placement` ((device stages, cloud stages), None: none) over the emulated link; measure it."""
+            send_images: bool, concurrency: int, limit: CpuLimit | None, netns: NetnsLink | None,
+            starts: int = 1) -> dict:
+    """Serve `placement` ((device stages, cloud stages), None: none) over the emulated link; measure it: the images
+    split among `starts` fresh sets of processes in turn (a process's speed varies from one start to the next)."""
+    seconds, classes, degraded, sent = [], [], 0, 0
+    for part in np.array_split(images, starts):
+        s, c, d, b = _serve_once(placement, export, model, part, mbps, rtt_ms, wire, send_images, concurrency,
+                                 limit, netns)
+        seconds.append(s)
+        classes.append(c)
+        degraded, sent = degraded + d, sent + b
+    seconds = np.concatenate(seconds)
+    return {"p50_ms": 1000 * float(np.percentile(seconds, 50)), "p99_ms": 1000 * float(np.percentile(seconds, 99)),
+            "mean_ms": 1000 * float(seconds.mean()), "bytes_per_image": sent / len(images),
+            "degraded": degraded, "classes": np.concatenate(classes), "starts": starts,
+            "mean_ms_per_start": [1000 * float(s.mean()) for s in np.array_split(seconds, starts)]}
+
+
+def _serve_once(placement, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float, wire: str,
+                send_images: bool, concurrency: int, limit: CpuLimit | None,
+                netns: NetnsLink | None) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """`placement` served by fresh processes, `images` driven through it: (seconds, classes, degraded, bytes)."""
     device_stages, cloud_stages = placement
     procs, relay = [], None
     try:
@@ -159,20 +213,17 @@ def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float
                                   *extra, limit=limit)
             procs.append(device)
             url = device.url
-        infer_one(url, model, images[0])  # warm up the sessions and the connection path
         def crossed() -> int:  # both ways, as the planner counts a link's bytes (the requests and their answers)
             return relay.bytes_forwarded + relay.bytes_returned if relay else 0
-        before = crossed()
-        seconds, classes, degraded = drive(url, model, images, concurrency)
-        sent = crossed() - before
+        before = [0]
+        seconds, classes, degraded = drive(url, model, images, concurrency,
+                                           warmed=lambda: before.__setitem__(0, crossed()))
+        return seconds, classes, degraded, crossed() - before[0]
     finally:
         for p in reversed(procs):
             p.stop()
         if relay:
             relay.stop()
-    return {"p50_ms": 1000 * float(np.percentile(seconds, 50)), "p99_ms": 1000 * float(np.percentile(seconds, 99)),
-            "mean_ms": 1000 * float(seconds.mean()), "bytes_per_image": sent / len(images),
-            "degraded": degraded, "classes": classes}
 
 
 def tiny_setup(folder: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
@@ -214,6 +265,8 @@ def main() -> None:
                     "the relay (a serial line, in user space) or tbf on a veth pair into a network namespace this "
                     "run creates, the cloud inside (the relay then adds the RTT only)")
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight (1: each image's latency alone)")
+    ap.add_argument("--starts", type=int, default=3, help="fresh processes per placement, in turn, the images split "
+                    "among them (a process's speed varies from one start to the next; the costs are medians of 3)")
     ap.add_argument("--wire-images", type=int, default=500, help="validation images to measure the wire formats on")
     ap.add_argument("--tiny", action="store_true", help="smoke run on a random-weight digits-convnet")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -221,7 +274,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             study, export, images, labels = tiny_setup(Path(tmp))
-            calibration = images
+            calibration = wire_on = images
             links = [(20.0, 20.0)]
         else:
             if not (args.study and args.export and args.data_dir):
@@ -231,14 +284,16 @@ def main() -> None:
             study, export = args.study, args.export
             images, labels = splits.test.images[:args.images].numpy(), splits.test.labels[:args.images].numpy()
             calibration = splits.val.images[:100].numpy()  # the request costs are measured on these
+            wire_on = splits.val.images[:args.wire_images].numpy()  # the plan's wire format is chosen on these
             links = [tuple(float(v) for v in item.split(":")) for item in args.links.split(",")]
         runner = OnnxEarlyExit.load(export)
         model, k = runner.manifest["model"].rstrip("/").rsplit("/", 1)[-1], runner.num_exits
         full = runner.run_backbone(images).predictions
-        wire = measure_wire(runner, images[:args.wire_images])
-        values, input_bytes = export_shapes(runner.manifest)
+        wire = measure_wire(runner, wire_on[:args.wire_images])
+        values, input_bytes, channels = export_shapes(runner.manifest)
         cache = load_logits(study)
-        costs = study_costs(cache.val_logits, cache.stage_seconds_per_sample, runner.manifest, values, input_bytes, wire)
+        costs = study_costs(cache.val_logits, cache.stage_seconds_per_sample, runner.manifest, values, input_bytes, wire,
+                            channels)
         from exitwise.device import describe_load, machine, machine_load
         host = machine().describe()  # before this process leaves the device's CPU to it
         print(f"machine: {host}; {describe_load(machine_load())}")
@@ -294,12 +349,14 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
     for name, placement in named.items():
         c = next(c for c in p.candidates if c.stages == placement)
         m = measure(placement, export, model, images, mbps, rtt, c.wire, c.links[0].payload == "input",
-                    args.concurrency, limit, netns)
+                    args.concurrency, limit, netns, args.starts)
         acc = 100 * float((m.pop("classes") == labels).mean())
         label = f"{name} {'/'.join(f'{r[0]}-{r[1]}' if r else '-' for r in placement)}"
         print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>18s} {c.wire:>4s} {c.latency_ms:8.2f} "
               f"{m['mean_ms']:8.2f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['bytes_per_image']:9.0f} "
               f"{c.traffic_bytes:9.0f} {acc:6.2f} {m['degraded']:4d}")
+        if args.starts > 1:
+            print(f"{'':>33s} mean ms per start: " + ", ".join(f"{v:.2f}" for v in m["mean_ms_per_start"]))
         rows.append({"mbps": mbps, "rtt_ms": rtt, "measured_rtt_ms": measured_rtt, "placement": name,
                      "stages": placement, "wire": c.wire, "predicted_ms": c.latency_ms,
                      "predicted_bytes": c.traffic_bytes, "accuracy": acc, **m})

@@ -4,8 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from exitwise.deploy.plan import (HttpBytes, Link, NetworkCosts, Tier, placements, plan, parse_link, parse_tier,
-                                  reach_shares, WireCost)
+from exitwise.deploy.plan import (INT8_SCALE_BYTES, HttpBytes, Link, NetworkCosts, Tier, placements, plan,
+                                  parse_link, parse_tier, reach_shares, WireCost)
+from exitwise.deploy.wire import BYTES_PER_VALUE, encode
 from exitwise.errors import UserError
 
 # Three stages: 10, 20, 40 ms per image where the study timed them; half the images reach stage 1, a fifth
@@ -79,6 +80,29 @@ def test_a_cheaper_wire_format_is_taken_only_within_the_tolerance():
     assert c.wire == "int8" and math.isclose(c.traffic_bytes, 50) and math.isclose(c.latency_ms, 88 + 8.05)
     strict = plan(TIERS, LINKS, measured, minimize="traffic", max_latency_ms=100, wire_tolerance_points=0.05)
     assert strict.choice.wire == "fp32"
+
+
+def test_int8_features_carry_a_scale_per_channel_with_each_crossing_image():
+    # stage 1's output is 10 channels of 25 values; int8 sends one scale per channel with every batch, and the
+    # planner pays a crossing per image (a batch of one): .2 * (250 + 10 * INT8_SCALE_BYTES) B over the link
+    measured = NetworkCosts(**{**COSTS.__dict__, "wire": WireCost(2000, {"int8": (0.0005, 0.0008)}),
+                               "feature_channels": (40, 10)})
+    c = plan(TIERS, LINKS, measured, minimize="traffic", max_latency_ms=100).choice
+    crossing = 250 + 10 * INT8_SCALE_BYTES
+    assert c.wire == "int8" and math.isclose(c.traffic_bytes, .2 * crossing)
+    assert math.isclose(c.latency_ms, 88 + .2 * (40 + crossing / 1000))
+    # fp32 sends no scales
+    strict = plan(TIERS, LINKS, measured, minimize="traffic", max_latency_ms=100, wire_tolerance_points=0.05)
+    assert strict.choice.wire == "fp32" and math.isclose(strict.choice.traffic_bytes, .2 * 1000)
+
+
+def test_the_int8_scale_bytes_are_what_the_wire_format_sends():
+    # one image's features, 64 channels whose magnitudes spread over four decades, a few all zero (after a ReLU)
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.normal(size=(1, 64, 8, 8))) * np.logspace(-2, 2, 64).reshape(1, 64, 1, 1)
+    x[:, :4] = 0
+    header = {fmt: len(encode(x.astype(np.float32), fmt)) - x.size * BYTES_PER_VALUE[fmt] for fmt in ("int8", "fp32")}
+    assert abs((header["int8"] - header["fp32"]) / 64 - INT8_SCALE_BYTES) <= 0.1 * INT8_SCALE_BYTES
 
 
 def test_placements_cover_every_split_in_order():

@@ -265,19 +265,20 @@ def _add_plan_parser(sub) -> None:
                                                       "latency on a lightly loaded tier)")
 
 
-def _shapes_from_model(study: Path) -> tuple[tuple[int, ...], int, dict]:
-    """Values in each stage's output but the last and the input's bytes as uint8 pixels (by running zeros), and the
-    exit setting (early_exit.json) of a study's model."""
+def _shapes_from_model(study: Path) -> tuple[tuple[int, ...], int, tuple[int, ...], dict]:
+    """Values in each stage's output but the last, the input's bytes as uint8 pixels, the channels of each stage's
+    output but the last (by running zeros), and the exit setting (early_exit.json) of a study's model."""
     import torch
     from .early_exit import EarlyExitModel
     model = EarlyExitModel.load(study)
     net = model.network.eval()
-    x, values = torch.zeros(1, *net.input_shape), []
+    x, values, channels = torch.zeros(1, *net.input_shape), [], []
     with torch.no_grad():
         for stage in net.stages[:-1]:
             x = stage(x)
             values.append(x[0].numel())
-    return tuple(values), int(torch.Size(net.input_shape).numel()), model.to_json()
+            channels.append(x.shape[1] if x.ndim > 1 else 1)
+    return tuple(values), int(torch.Size(net.input_shape).numel()), tuple(channels), model.to_json()
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -286,11 +287,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if args.measure:
         if not args.export:
             raise UserError("--measure times the stages of an ONNX export: give --export")
-        from .deploy.onnx_runtime import OnnxEarlyExit
+        from .config import SchedulerConfig
+        from .deploy.onnx_runner import OnnxRunner
         batch = planning.MEASURE_BATCH if args.measure_batch is None else args.measure_batch
         if batch < 1:
             raise UserError(f"--measure-batch must be at least 1, got {batch}")
-        runner = OnnxEarlyExit.load(args.export, spin=False)  # as `exitwise serve` runs it
+        # the sessions as `exitwise serve` runs them: its default workers' share of this machine's threads each,
+        # no spinning (with ONNX Runtime's default thread count the stages timed differently: docs/tiers.md)
+        runner = OnnxRunner.load(args.export, workers=SchedulerConfig().workers).model
         seconds = planning.measure_stages(runner, batch=batch)
         request, relay = planning.measure_request(runner), planning.measure_relay(runner)
         print("stage-ms=" + "/".join(f"{1000 * s:.4g}" for s in seconds) + f",request-ms={1000 * request:.4g}"
@@ -311,14 +315,15 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if args.export:
         from .deploy.onnx_runtime import OnnxEarlyExit
         runner = OnnxEarlyExit.load(args.export)
-        values, input_bytes = planning.export_shapes(runner.manifest)
+        values, input_bytes, channels = planning.export_shapes(runner.manifest)
         setting = runner.manifest
         if args.images:
             from .images import read_images
             wire = planning.measure_wire(runner, read_images(args.images, runner.input_shape)[1])
     else:
-        values, input_bytes, setting = _shapes_from_model(args.source)
-    costs = planning.study_costs(study.val_logits, study.stage_seconds_per_sample, setting, values, input_bytes, wire)
+        values, input_bytes, channels, setting = _shapes_from_model(args.source)
+    costs = planning.study_costs(study.val_logits, study.stage_seconds_per_sample, setting, values, input_bytes, wire,
+                                 channels)
     tolerance = planning.WIRE_TOLERANCE_POINTS if args.wire_tolerance is None else args.wire_tolerance
     result = planning.plan(tiers, links, costs, max_latency_ms=args.max_latency_ms, wire_tolerance_points=tolerance,
                            **({"minimize": args.minimize} if args.minimize else {}))

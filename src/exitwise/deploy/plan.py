@@ -12,8 +12,9 @@ A pure function of typed inputs (`plan`); the cost model (also in docs/tiers.md)
 * link i (tier i -> tier i + 1) at cut c: c = K carries nothing; c = 0 carries every input image (a binary V2
   infer request); else the survivors (share reach[c]) cross (a `POST /v2/tiers/features`), each paying the link's
   round trip plus its bytes both ways over the bandwidth: reach[c] * (RTT + bytes * 8 / bandwidth). The bytes are
-  the payload (stage c-1's output in the wire format, or the original image as uint8 pixels), the request's HTTP
-  headers and framing, and the answer coming back (`HttpBytes`, measured: `INFER_HTTP`, `TIER_HTTP`).
+  the payload (stage c-1's output in the wire format, with int8's scales for a batch of one, or the original image
+  as uint8 pixels), the request's HTTP headers and framing, and the answer coming back (`HttpBytes`, measured:
+  `INFER_HTTP`, `TIER_HTTP`).
 * images or features: a tier has the images only if every link before it carried them (the first tier holding
   stages always has them), so the images can cross a leading run of the cuts; each cut that gets them sends the
   image instead of the features, and the tier holding stage c first reruns stages 0..c-1 for the survivors
@@ -78,6 +79,9 @@ class HttpBytes:
 # more or less with a longer host name, tier name or model name).
 INFER_HTTP = HttpBytes(request=330, answer=420)  # cut 0: a binary V2 infer request as a relay passes it on; its JSON
 TIER_HTTP = HttpBytes(request=220, answer=140)   # later cuts: `POST /v2/tiers/features`, one row and its answer
+# int8's scales, one per channel per batch, travel as JSON numbers in the payload's header (`wire.encode`): about
+# this many bytes each (measured on real features: docs/tiers.md; tests/test_plan.py checks it against `encode`)
+INT8_SCALE_BYTES = 21
 
 
 @dataclass(frozen=True)
@@ -146,12 +150,17 @@ class NetworkCosts:
     wire: WireCost | None = None         # the lossy formats' measured cost; without it only fp32 is used
     infer_http: HttpBytes = INFER_HTTP   # what an image's request adds at cut 0 (the first tier relays it)
     tier_http: HttpBytes = TIER_HTTP     # what a crossing adds at a later cut (features or the image)
+    feature_channels: tuple[int, ...] | None = None  # (K - 1,) channels of stage k's output (int8 sends a scale
+                                                     # for each); None: not known, no scales counted
 
     def __post_init__(self) -> None:
         k = len(self.stage_seconds)
         if k < 1 or len(self.reach) != k or len(self.feature_values) != k - 1:
             raise UserError(f"network costs disagree: {k} stage times, {len(self.reach)} reach shares, "
                             f"{len(self.feature_values)} feature sizes (need K, K and K - 1)")
+        if self.feature_channels is not None and len(self.feature_channels) != k - 1:
+            raise UserError(f"network costs disagree: {len(self.feature_channels)} channel counts for {k} stages "
+                            f"(need K - 1)")
         for fmt, shares in (self.wire.disagreement if self.wire else {}).items():
             if fmt not in FORMATS or len(shares) != k - 1:
                 raise UserError(f"wire disagreement for {fmt!r}: need one share per cut ({k - 1})")
@@ -164,7 +173,8 @@ class NetworkCosts:
         return {"stage_seconds": list(self.stage_seconds), "reach": list(self.reach),
                 "feature_values": list(self.feature_values), "input_bytes": self.input_bytes,
                 "wire": self.wire.to_json() if self.wire else None, "infer_http": self.infer_http.to_json(),
-                "tier_http": self.tier_http.to_json()}
+                "tier_http": self.tier_http.to_json(),
+                "feature_channels": list(self.feature_channels) if self.feature_channels is not None else None}
 
 
 @dataclass(frozen=True)
@@ -317,12 +327,19 @@ def _costed(stages: tuple[tuple[int, int] | None, ...], cuts: Sequence[int], ima
         share = float(reach[c]) if c else 1.0
         requests += share * cost_of(i + 1)
         images = c == 0 or c in image_cuts
-        payload = costs.input_bytes if images else costs.feature_values[c - 1] * BYTES_PER_VALUE[wire]
+        payload = costs.input_bytes if images else feature_bytes(costs, c, wire)
         http = costs.infer_http if c == 0 else costs.tier_http
         size = share * (payload + http.request + http.answer)
         seconds = share * link.rtt_ms / 1000 + size * 8 / (link.mbps * 1e6)
         crossings.append(Crossing(c, "input" if images else "features", share, size, seconds))
     return Candidate(stages, wire, disagreement, float(compute), tuple(crossings), float(requests))
+
+
+def feature_bytes(costs: NetworkCosts, cut: int, wire: str) -> int:
+    """Bytes of the features crossing `cut` for one image in `wire`: their values, and int8's scales (one per
+    channel, sent with each batch: here a batch of one, as the planner pays the RTT and headers per image)."""
+    scales = costs.feature_channels[cut - 1] * INT8_SCALE_BYTES if wire == "int8" and costs.feature_channels else 0
+    return costs.feature_values[cut - 1] * BYTES_PER_VALUE[wire] + scales
 
 
 def check_chain(tiers: Sequence[Tier], links: Sequence[Link]) -> tuple[Link, ...]:
@@ -460,14 +477,17 @@ def reach_shares(scores: np.ndarray, thresholds: Sequence[float | None]) -> tupl
     return tuple(reach)
 
 
-def export_shapes(manifest: dict) -> tuple[tuple[int, ...], int]:
-    """(values in each stage's output but the last, bytes of one input image as uint8 pixels) from a manifest."""
-    values = tuple(int(np.prod(s["output_shape"][1:])) for s in manifest["stages"][:-1])
-    return values, int(np.prod(manifest["input"]["shape"][1:]))
+def export_shapes(manifest: dict) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+    """(values in each stage's output but the last, bytes of one input image as uint8 pixels, channels of each
+    stage's output but the last) from a manifest."""
+    outputs = [s["output_shape"] for s in manifest["stages"][:-1]]
+    return (tuple(int(np.prod(o[1:])) for o in outputs), int(np.prod(manifest["input"]["shape"][1:])),
+            tuple(int(o[1]) if len(o) > 1 else 1 for o in outputs))
 
 
 def study_costs(val_logits: np.ndarray, stage_seconds: Sequence[float], setting: dict, feature_values: Sequence[int],
-                input_bytes: int, wire: WireCost | None = None) -> NetworkCosts:
+                input_bytes: int, wire: WireCost | None = None,
+                feature_channels: Sequence[int] | None = None) -> NetworkCosts:
     """The planner's inputs from a study: its validation logits (K, N, C) and per-sample stage times, and the reach
     of each stage at `setting`'s policy, temperatures and thresholds (an early_exit.json, or an export's manifest:
     what the tiers will serve)."""
@@ -480,7 +500,8 @@ def study_costs(val_logits: np.ndarray, stage_seconds: Sequence[float], setting:
     reach = reach_shares(exit_scores(val_logits.astype(np.float32), setting.get("policy", "entropy"),
                                      setting.get("temperatures")), setting["thresholds"])
     return NetworkCosts(tuple(float(s) for s in stage_seconds), reach, tuple(int(v) for v in feature_values),
-                        int(input_bytes), wire)
+                        int(input_bytes), wire, feature_channels=None if feature_channels is None else
+                        tuple(int(c) for c in feature_channels))
 
 
 MEASURE_BATCH = 1  # `exitwise plan --measure`: images per timed call (an image's latency on a lightly loaded tier)
