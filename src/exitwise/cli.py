@@ -292,8 +292,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
         batch = planning.MEASURE_BATCH if args.measure_batch is None else args.measure_batch
         if batch < 1:
             raise UserError(f"--measure-batch must be at least 1, got {batch}")
-        # the sessions as `exitwise serve` runs them: its default workers' share of this machine's threads each,
-        # no spinning (with ONNX Runtime's default thread count the stages timed differently: docs/tiers.md)
+        # the sessions as `exitwise serve` runs them: its default workers' share of the CPUs this process may run
+        # on, no spinning (with ONNX Runtime's default thread count the stages timed differently: docs/tiers.md)
         runner = OnnxRunner.load(args.export, workers=SchedulerConfig().workers).model
         seconds = planning.measure_stages(runner, batch=batch)
         request, relay = planning.measure_request(runner), planning.measure_relay(runner)

@@ -29,9 +29,9 @@ class OnnxRunner:
     @classmethod
     def load(cls, folder: str | Path, early_exit: bool = True, threads: int | None = None,
              workers: int = 1) -> OnnxRunner:
-        """The export's sessions with `threads` each, or (`workers` > 1) each worker's share of this process's CPUs,
-        or (one worker) ONNX Runtime's default."""
-        if threads is None and workers > 1:
+        """The export's sessions with `threads` each, or each worker's share of the CPUs this process may run on
+        (ONNX Runtime's own default counts the machine's cores, also where the process is pinned to fewer)."""
+        if threads is None:
             threads = threads_per_worker(len(os.sched_getaffinity(0)), workers)
         return cls(OnnxEarlyExit.load(folder, threads=threads, spin=False), early_exit)
 
