@@ -395,3 +395,41 @@ def test_a_torch_chain_answers_as_single_process_early_exit_and_degrades_on_torc
     assert got["tier"] == [("device", "edge", "cloud")[e] for e in got["exit"]]
     assert set(during["exit"]) <= {0, 1} and any(during["degraded"])
     assert all(t == "edge" for t, d in zip(during["tier"], during["degraded"]) if d)
+
+
+def test_a_tier_keeps_its_connection_to_the_next_one_and_reopens_it_when_the_next_tier_closed_it():
+    import http.server
+    import threading
+    from exitwise.deploy.tiers import KeptConnections
+    accepted = []
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive
+
+        def setup(self):
+            accepted.append(self.client_address)
+            super().setup()
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        kept = KeptConnections("127.0.0.1", server.server_address[1], timeout=5)
+        assert [kept.request("POST", "/", b"x%d" % i, {})[:2] for i in range(3)] == [(200, b"x0"), (200, b"x1"),
+                                                                                      (200, b"x2")]
+        assert len(accepted) == 1  # three crossings, one TCP connection
+        kept.local.conn.sock.shutdown(2)  # as if the next tier had closed it while idle
+        assert kept.request("POST", "/", b"again", {})[:2] == (200, b"again")
+        assert len(accepted) == 2
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -129,6 +129,7 @@ class Forwarder:
         self.host, self.port, prefix = check_url(config.next_url)
         self.path = prefix + ENDPOINT
         self.pool = ThreadPoolExecutor(FORWARD_THREADS, thread_name_prefix="exitwise-forward")
+        self.connections = KeptConnections(self.host, self.port, config.forward_timeout_ms / 1e3)
         self.down_until = 0.0
         self.lock = threading.Lock()
         self.counters = _counters(metrics)
@@ -165,16 +166,11 @@ class Forwarder:
     def _post(self, features: np.ndarray, state: np.ndarray, rows: int) -> list[TierAnswer]:
         body = encode_features(self.config.last + 1, features, state,
                                IMAGE if self.config.send_images else self.config.wire)
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.config.forward_timeout_ms / 1e3)
-        try:
-            conn.request("POST", self.path, body, {"Content-Type": "application/octet-stream"})
-            response = conn.getresponse()
-            data = response.read()
-        finally:
-            conn.close()
+        status, data, _ = self.connections.request("POST", self.path, body,
+                                                   {"Content-Type": "application/octet-stream"})
         self.counters["bytes"].inc(len(body))
-        if response.status != 200:
-            raise RuntimeError(f"the next tier answered {response.status}")
+        if status != 200:
+            raise RuntimeError(f"the next tier answered {status}")
         rows_back = json.loads(data)["answers"]
         if len(rows_back) != rows:
             raise RuntimeError(f"the next tier answered {len(rows_back)} rows of {rows}")
@@ -269,17 +265,45 @@ def add_tier_routes(app, runner, config: TierConfig) -> None:
 _PASSED_HEADERS = ("content-type", "inference-header-content-length", "retry-after")
 
 
-def _relay_once(host: str, port: int, timeout: float, method: str, path: str, body: bytes,
+class KeptConnections:
+    """Keep-alive HTTP connections to the next tier, one per calling thread, so that a crossing pays no TCP
+    handshake (a round trip of the link). A kept connection the next tier closed while it sat idle (uvicorn closes
+    them after 5 s) is opened again once; on any other failure it is closed and the error raised."""
+
+    STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+    def __init__(self, host: str, port: int, timeout: float):
+        self.host, self.port, self.timeout, self.local = host, port, timeout, threading.local()
+
+    def request(self, method: str, path: str, body: bytes | None,
+                headers: dict[str, str]) -> tuple[int, bytes, http.client.HTTPResponse]:
+        """(status, body, the response) of one request."""
+        while True:
+            conn, reused = getattr(self.local, "conn", None), True
+            if conn is None:
+                conn, reused = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout), False
+                self.local.conn = conn
+            try:
+                conn.request(method, path, body, headers)
+                response = conn.getresponse()
+                data = response.read()
+            except Exception as e:
+                conn.close()
+                self.local.conn = None
+                if reused and isinstance(e, self.STALE):
+                    continue
+                raise
+            if response.will_close:
+                conn.close()
+                self.local.conn = None
+            return response.status, data, response
+
+
+def _relay_once(connections: KeptConnections, method: str, path: str, body: bytes,
                 headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
     """One request to the next tier: (status, body, the headers passed back)."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request(method, path, body if method != "GET" else None, headers)
-        response = conn.getresponse()
-        data = response.read()
-        return response.status, data, {h: v for h in _PASSED_HEADERS if (v := response.getheader(h)) is not None}
-    finally:
-        conn.close()
+    status, data, response = connections.request(method, path, body if method != "GET" else None, headers)
+    return status, data, {h: v for h in _PASSED_HEADERS if (v := response.getheader(h)) is not None}
 
 
 def create_relay_app(relay, max_body_bytes: int):
@@ -297,6 +321,7 @@ def create_relay_app(relay, max_body_bytes: int):
     failed = Counter("exitwise_relay_failures", "Requests the relay answered itself (the next tier failed), by "
                      "reason (unreachable, timeout)", ["reason"], registry=registry)
     pool = ThreadPoolExecutor(FORWARD_THREADS * 4, thread_name_prefix="exitwise-relay")
+    connections = KeptConnections(host, port, relay.timeout_ms / 1e3)
     app = FastAPI(title="exitwise relay", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/v2/health/live")
@@ -322,7 +347,7 @@ def create_relay_app(relay, max_body_bytes: int):
         headers = {h: v for h in _PASSED_HEADERS if (v := request.headers.get(h)) is not None}
         try:
             status, data, back = await asyncio.get_running_loop().run_in_executor(
-                pool, _relay_once, host, port, relay.timeout_ms / 1e3, request.method, target, body, headers)
+                pool, _relay_once, connections, request.method, target, body, headers)
         except TimeoutError:
             failed.labels(reason="timeout").inc()
             return JSONResponse({"error": f"relay {relay.name}: the next tier {relay.next_url} did not answer within "
