@@ -124,3 +124,29 @@ def test_real_runs_time_the_first_images_while_accuracy_counts_every_test_image(
     assert fixed.ms_per_image == pytest.approx(1e3 * fixed.measured_seconds / 100)
     assert sum(e.count for e in fixed.per_exit) == len(splits.test)
     assert torch.equal(timing_subset(splits.test, config).images, splits.test.images[:100])
+
+
+def test_every_real_early_exit_run_is_timed_on_its_second_pass(monkeypatch, digits):
+    """A first pass sets up kernels for each survivor count (6x a later one on a GPU): the study reports the second."""
+    import exitwise.runtime
+    import exitwise.study.run as study_run
+    from exitwise.study import verify
+    net, splits, config, _ = digits
+    config = dataclasses.replace(config, timing_check_images=100)
+    calls = []
+
+    def counted(real):
+        def run(*args, **kwargs):
+            result = real(*args, **kwargs)
+            result = dataclasses.replace(result, seconds=float(len(calls) + 1))  # the n-th call takes n seconds
+            calls.append(result.seconds)
+            return result
+        return run
+
+    monkeypatch.setattr(study_run, "run_early_exit", counted(study_run.run_early_exit))
+    monkeypatch.setattr(exitwise.runtime, "run_early_exit", counted(exitwise.runtime.run_early_exit))
+    results = analyse(measure(net, splits, config, load_model("digits-convnet")[1]), config)
+    assert calls == [1.0, 2.0] and results.fixed_cutoff.measured_seconds == 2.0
+    checks = verify(net, splits.test, results, config).timing_model.checks
+    real = [c.measured_seconds for c in checks if "images)" in c.label]
+    assert len(calls) == 2 + 2 * len(real) and real == calls[3::2]  # each setting's second pass, never its first
