@@ -288,8 +288,8 @@ def oracle_report(test: ExitArrays, macs: Sequence[float], fixed: dict, fixed_ex
 
 def second_pass(run: Callable[[], Run]) -> Run:
     """The second of two identical early-exit runs: the first sets up kernels for every survivor count it meets
-    (on a GPU about 6x the time of a later pass, on these CPUs up to a fifth more: docs/measured.md), so every real
-    run the study reports is timed warm, as the full network's pass is (after the validation pass)."""
+    (on the H200 about 6x the time of a later pass, on the Zen 4 CPU 2-10% more, `benchmarks/first_pass.py`), so
+    every real run the study reports is timed warm, as the full network's pass is (after the validation pass)."""
     run()
     return run()
 
