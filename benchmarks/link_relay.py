@@ -230,7 +230,7 @@ class ServeProcess:
     """`exitwise serve --export EXPORT --port PORT *args` in a process of its own (port 0: the OS picks), ready
     (answering /v2/health/ready) when constructed, within `start_seconds`; `stop()` sends SIGTERM. `limit`: run it
     inside a `CpuLimit` (an emulated slower machine), `netns`: inside a `NetnsLink`'s namespace, listening on its
-    address. `export` None: no --export (a relay, or --model/--from)."""
+    address. `export` None: no --export (a relay, or --model/--from). After `stop()`, `log` is what it wrote to stderr."""
 
     def __init__(self, export: str | Path | None, *args: str, port: int = 0, start_seconds: float = 60.0,
                  limit: CpuLimit | None = None, netns: NetnsLink | None = None):
@@ -268,5 +268,7 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        if not self.proc.stderr.closed:
+            self.log = self.proc.stderr.read()  # what the process logged (it has exited: no wait)
         for stream in (self.proc.stdout, self.proc.stderr):
             stream.close()

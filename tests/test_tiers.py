@@ -236,6 +236,24 @@ def test_the_image_crosses_the_second_link_too_and_the_chain_answers_as_single_p
     assert refused.value.code == 409 and "send it the images" in json.loads(refused.value.read())["error"]
 
 
+def test_a_tier_whose_next_refuses_what_it_sends_answers_degraded_and_logs_the_next_tiers_reason(digits):
+    """The edge sends images on, so it takes images only; a device sending it features (no --send-images) is
+    refused, answers at its own exit, and its log says why in the edge's words."""
+    export_dir, images = digits
+    cloud = Tier(export_dir, "--stages", "2-2", "--tier", "cloud")
+    edge = Tier(export_dir, "--stages", "1-1", "--next", cloud.url, "--tier", "edge", "--send-images")
+    device = Tier(export_dir, "--stages", "0-0", "--next", edge.url, "--tier", "device")
+    try:
+        got = _infer(device.url, images[:40])
+    finally:
+        for tier in (device, edge, cloud):
+            tier.stop()
+    forwarded = np.array(got["degraded"])
+    assert forwarded.any() and set(got["exit"][forwarded]) == {0}  # the survivors answered at the device's exit
+    log = device.log
+    assert "the next tier answered 409" in log and "--send-images on the tier before" in log, log[-2000:]
+
+
 def test_a_plan_that_sends_the_image_across_the_second_link_makes_the_middle_tier_send_images(digits, tmp_path):
     from exitwise.cli import _tier_config, build_parser
     from exitwise.deploy.plan import HttpBytes, Link, NetworkCosts, Tier as PlanTier, plan

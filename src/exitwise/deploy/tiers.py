@@ -148,7 +148,7 @@ class Forwarder:
         except Exception as e:  # any failure of the next tier: refused, down, too slow, a bad answer
             answers = None
             _log.warning("exitwise: tier %s: the next tier %s failed (%s); answering at exit %d, degraded",
-                         self.config.name, self.config.next_url, str(e).splitlines()[0][:160] or type(e).__name__,
+                         self.config.name, self.config.next_url, str(e).splitlines()[0][:400] or type(e).__name__,
                          self.config.last)
             with self.lock:
                 self.down_until = time.monotonic() + self.config.retry_after_ms / 1e3
@@ -170,7 +170,7 @@ class Forwarder:
                                                    {"Content-Type": "application/octet-stream"})
         self.counters["bytes"].inc(len(body))
         if status != 200:
-            raise RuntimeError(f"the next tier answered {status}")
+            raise RuntimeError(f"the next tier answered {status}{_why(data)}")
         rows_back = json.loads(data)["answers"]
         if len(rows_back) != rows:
             raise RuntimeError(f"the next tier answered {len(rows_back)} rows of {rows}")
@@ -181,6 +181,14 @@ class Forwarder:
         k = self.config.last
         predictions, p = self.runner.answer(k, features)
         return [TierAnswer(k, int(c), float(q), self.config.name, True) for c, q in zip(predictions, p)]
+
+
+def _why(body: bytes) -> str:
+    """': <the error>' of a refusal's one-line JSON body (a misconfigured chain says why), else ''."""
+    try:
+        return f": {json.loads(body)['error']}"
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 def _settle(sample: Sample, answer: Answer | None = None, error: Exception | None = None) -> None:
