@@ -43,6 +43,17 @@ def test_int8_on_vectors_and_payload_sizes():
     assert len(encode(np.zeros((64, 32, 32, 32), np.float32), "int8")) < 64 * 32 * 32 * 32 * 1.01
 
 
+def test_int8_scales_travel_as_float32_and_scales_sent_as_json_numbers_still_decode():
+    x = np.random.default_rng(2).normal(size=(3, 192, 8, 8)).astype(np.float32)
+    payload = encode(x, "int8")
+    assert len(payload) - x.size < 192 * 4 + 80  # 4 bytes a scale and a short header (JSON numbers took about 21)
+    head_length = struct.unpack("<I", payload[4:8])[0]
+    header = json.loads(payload[8:8 + head_length])
+    scales = np.frombuffer(payload[8 + head_length:][:192 * 4], "<f4")
+    as_json = _with_header({**header, "scales": scales.tolist()}, payload[8 + head_length + 192 * 4:])
+    np.testing.assert_array_equal(decode(as_json), decode(payload))
+
+
 @pytest.mark.parametrize("payload,why", [
     (b"", "does not start"),
     (b"NOPE" + b"\0" * 20, "does not start"),
@@ -68,6 +79,11 @@ def test_payloads_that_lie_about_their_content_are_refused():
         decode(_with_header({"format": "fp32", "shape": [2, -3]}, b""))
     with pytest.raises(UserError, match="scales"):
         decode(_with_header({"format": "int8", "shape": [1, 2], "scales": [1.0]}, b"\1\1"))
+    with pytest.raises(UserError, match="scales"):  # float32 scales before the values: one negative, one NaN
+        decode(_with_header({"format": "int8", "shape": [1, 2], "scales": "float32"},
+                            np.array([-1, np.nan], "<f4").tobytes() + b"\1\1"))
+    with pytest.raises(UserError, match="bytes of values"):  # the scales missing
+        decode(_with_header({"format": "int8", "shape": [1, 2], "scales": "float32"}, b"\1\1"))
     with pytest.raises(UserError, match="NaN"):
         decode(_with_header({"format": "fp32", "shape": [1]}, np.array([np.nan], "<f4").tobytes()))
     with pytest.raises(UserError, match="NaN"):

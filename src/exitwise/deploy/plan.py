@@ -79,9 +79,9 @@ class HttpBytes:
 # more or less with a longer host name, tier name or model name).
 INFER_HTTP = HttpBytes(request=330, answer=420)  # cut 0: a binary V2 infer request as a relay passes it on; its JSON
 TIER_HTTP = HttpBytes(request=220, answer=140)   # later cuts: `POST /v2/tiers/features`, one row and its answer
-# int8's scales, one per channel per batch, travel as JSON numbers in the payload's header (`wire.encode`): about
-# this many bytes each (measured on real features: docs/tiers.md; tests/test_plan.py checks it against `encode`)
-INT8_SCALE_BYTES = 21
+# int8's scales, one per channel per batch, travel as float32 before the values (`wire.encode`; tests/test_plan.py
+# checks it against `encode`)
+INT8_SCALE_BYTES = 4
 
 
 @dataclass(frozen=True)
