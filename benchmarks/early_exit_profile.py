@@ -18,16 +18,6 @@ from exitwise.policies import get_policy
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--data", type=Path, default=SHARED / "data/cifar10-jpg.tar.gz")
-p.add_argument("--device", default="auto")
-p.add_argument("--batch-size", type=int, default=256, help="also the micro-batch")
-args = p.parse_args()
-device = resolve_device(args.device)
-test = load_splits("cifar10", args.data, progress=False).test
-net = runtime.prepare(load_model("b-resnet11")[0], "fp32", device)
-policy, thresholds, size = get_policy("margin"), [0.608] * 3, dict(batch_size=args.batch_size, micro_batch=args.batch_size)
-
 
 def seconds(fn) -> float:
     start = time.perf_counter()
@@ -35,13 +25,29 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-print(f"machine: {machine(device).describe()}; {len(test)} images, batch {args.batch_size}")
-early = [seconds(lambda: runtime.run_early_exit(net, test, thresholds, policy, **size)) for _ in range(4)]
-full = [seconds(lambda: runtime.run_backbone(net, test, **size)) for _ in range(3)]
-print("early exit passes (s):", ", ".join(f"{t:.3f}" for t in early))
-print("full network passes (s):", ", ".join(f"{t:.3f}" for t in full))
-print(f"early exit / full network, best pass each: {min(early) / min(full):.2f}")
-activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-with torch.profiler.profile(activities=activities) as prof:
-    runtime.run_early_exit(net, test, thresholds, policy, **size)
-print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=SHARED / "data/cifar10-jpg.tar.gz")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=256, help="also the micro-batch")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    test = load_splits("cifar10", args.data, progress=False).test
+    net = runtime.prepare(load_model("b-resnet11")[0], "fp32", device)
+    policy, thresholds = get_policy("margin"), [0.608] * 3
+    size = dict(batch_size=args.batch_size, micro_batch=args.batch_size)
+    print(f"machine: {machine(device).describe()}; {len(test)} images, batch {args.batch_size}")
+    early = [seconds(lambda: runtime.run_early_exit(net, test, thresholds, policy, **size)) for _ in range(4)]
+    full = [seconds(lambda: runtime.run_backbone(net, test, **size)) for _ in range(3)]
+    print("early exit passes (s):", ", ".join(f"{t:.3f}" for t in early))
+    print("full network passes (s):", ", ".join(f"{t:.3f}" for t in full))
+    print(f"early exit / full network, best pass each: {min(early) / min(full):.2f}")
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        runtime.run_early_exit(net, test, thresholds, policy, **size)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()

@@ -16,13 +16,14 @@ import argparse
 import concurrent.futures
 import re
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 from link_relay import ServeProcess
-from tiers import infer_one
+from tiers import Client
 
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 
@@ -56,8 +57,18 @@ def main() -> None:
         for name, stages in reversed(NODES):  # the last node first, so each --next is up
             more = ["--next", nodes[0].url, "--wire", args.wire] if nodes else []
             nodes.insert(0, ServeProcess(args.export, "--stages", stages, "--tier", name, *more))
+        local, clients = threading.local(), []
+
+        def ask(image: np.ndarray) -> dict:  # each thread on its own keep-alive connection
+            if not hasattr(local, "client"):
+                local.client = Client(nodes[0].url)
+                clients.append(local.client)
+            return local.client.infer(model, image)[1]
+
         with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
-            answers = list(pool.map(lambda image: infer_one(nodes[0].url, model, image)[1], images))
+            answers = list(pool.map(ask, images))
+        for client in clients:
+            client.close()
         outs = [{o["name"]: o["data"][0] for o in a["outputs"]} for a in answers]
         tiers = [a.get("parameters", {}).get("tier", ["?"])[0] for a in answers]
         exits, classes = np.array([o["exit"] for o in outs]), np.array([o["class_index"] for o in outs])

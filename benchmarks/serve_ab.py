@@ -18,34 +18,39 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_load as sl  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("variants", help='JSON: {"name": [flags, ...], ...}')
-p.add_argument("--data", type=Path, default=sl.SHARED / "data/cifar10-jpg.tar.gz")
-p.add_argument("--rounds", type=int, default=3)
-p.add_argument("--sequential", type=int, default=300)
-p.add_argument("--seconds", type=float, default=4.0)
-p.add_argument("--concurrency", type=int, default=64)
-args = p.parse_args()
-variants = json.loads(args.variants)
-blobs, labels, _ = sl.test_jpegs(args.data, 600)
-base = ["--model", "b-resnet11", "--precision", "bf16", "--micro-batch", "128"]
-servers = {name: sl.Server(([] if "--export" in flags else base) + ["--max-batch", "64", "--max-wait-ms", "0"] + flags)
-           for name, flags in variants.items()}
-sequential, capacity = {}, {}
-try:
-    for server in servers.values():  # warm-up
-        sl.run_async(sl._sequential(server.host, server.port, blobs[:100]))
-    for _ in range(args.rounds):
-        for name, server in servers.items():
-            ms = 1e3 * sl.run_async(sl._sequential(server.host, server.port, blobs[:args.sequential])) / args.sequential
-            sequential[name] = min(sequential.get(name, float("inf")), ms)
-            rate = sl.run_load(server, blobs, labels, None, args.seconds, args.concurrency, 0)["throughput"]
-            capacity[name] = max(capacity.get(name, 0.0), rate)
-finally:
-    for server in servers.values():
-        server.stop()
-first = next(iter(variants))
-print(f"best of {args.rounds} rounds, taken in turns; client in this process, {args.concurrency} in flight")
-for name in variants:
-    print(f"{name:>16}: batch 1 {sequential[name]:.3f} ms/request, capacity {capacity[name]:.0f}/s "
-          f"({capacity[name] / capacity[first]:.2f}x {first})")
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("variants", help='JSON: {"name": [flags, ...], ...}')
+    p.add_argument("--data", type=Path, default=sl.SHARED / "data/cifar10-jpg.tar.gz")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sequential", type=int, default=300)
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--concurrency", type=int, default=64)
+    args = p.parse_args()
+    variants = json.loads(args.variants)
+    blobs, labels, _ = sl.test_jpegs(args.data, 600)
+    base = ["--model", "b-resnet11", "--precision", "bf16", "--micro-batch", "128"]
+    servers = {name: sl.Server(([] if "--export" in flags else base) + ["--max-batch", "64", "--max-wait-ms", "0"] + flags)
+               for name, flags in variants.items()}
+    sequential, capacity = {}, {}
+    try:
+        for server in servers.values():  # warm-up
+            sl.run_async(sl._sequential(server.host, server.port, blobs[:100]))
+        for _ in range(args.rounds):
+            for name, server in servers.items():
+                ms = 1e3 * sl.run_async(sl._sequential(server.host, server.port, blobs[:args.sequential])) / args.sequential
+                sequential[name] = min(sequential.get(name, float("inf")), ms)
+                rate = sl.run_load(server, blobs, labels, None, args.seconds, args.concurrency, 0)["throughput"]
+                capacity[name] = max(capacity.get(name, 0.0), rate)
+    finally:
+        for server in servers.values():
+            server.stop()
+    first = next(iter(variants))
+    print(f"best of {args.rounds} rounds, taken in turns; client in this process, {args.concurrency} in flight")
+    for name in variants:
+        print(f"{name:>16}: batch 1 {sequential[name]:.3f} ms/request, capacity {capacity[name]:.0f}/s "
+              f"({capacity[name] / capacity[first]:.2f}x {first})")
+
+
+if __name__ == "__main__":
+    main()

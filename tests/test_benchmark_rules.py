@@ -1,9 +1,11 @@
-"""The timing benchmarks choose what they time as the study does: on validation data, never on test."""
+"""The timing benchmarks choose what they time as the study does: on validation data, never on test; and every
+benchmark still imports (they are run by hand, so nothing else notices when a name they use goes away)."""
 import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from exitwise.policies import ExitArrays
 from exitwise.study.results import NEVER, Setting
@@ -39,3 +41,10 @@ def test_early_exit_speed_picks_the_fastest_setting_within_points_on_validation(
     assert fastest_within([never, everyone, confident], val, 0.5, macs, per_sample) == confident
     assert fastest_within([never, everyone], val, 0.5, macs, per_sample) == never
     assert fastest_within([never, everyone, confident], val, 25, macs, per_sample) == everyone
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in BENCHMARKS.glob("*.py")))
+def test_every_benchmark_imports(name):
+    pytest.importorskip("fastapi")  # the serving benchmarks import the serve extra's modules
+    pytest.importorskip("onnxruntime")
+    load_benchmark(name)
