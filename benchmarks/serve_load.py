@@ -25,6 +25,8 @@ CPU time (it shares the machine's cores with the server). Printed at the end:
   `run_backbone`, same precision and micro-batch) measured in this run, and their quotient (target >= 0.9). Each is
   the median over --repeats rounds of the ratio of two runs back to back: the VM's speed drifts by 10-20% over
   minutes, and a pair run back to back sees one speed (best/best, the ratio of the best runs, is printed beside);
+  then the offline ratio again at the batch (b)'s first stage ran at capacity: early exit gains less at small
+  batches (benchmarks/batch_ratio.py), and a server's batches are what is waiting;
 * overload: (b) as users start it (default --max-queue and --timeout-ms) at --overload times its capacity:
   answered, refused (503/504) and the answered requests' latency;
 * the server's overhead at batch 1: sequential single-image requests to (b) (best of --repeats), mean latency minus
@@ -241,24 +243,27 @@ def run_load(server: Server, blobs, labels, rate: float | None, seconds: float, 
             "loop_cpu_per_request": loop_cpu / max(len(results), 1)}
 
 
-def offline(model, network, micro_batch: int, data: ImageSet, sequential: int, rounds: int) -> dict:
-    """Offline, same precision and micro-batch: batch-256 seconds of early exit and of the full network, the two
+def offline(model, network, micro_batch: int, data: ImageSet, sequential: int, rounds: int,
+            batch_size: int = 256) -> dict:
+    """Offline, same precision and micro-batch: `batch_size` seconds of early exit and of the full network, the two
     back to back in each of `rounds` rounds (the order alternating); the ratio is the median of the rounds' ratios
     (each round's pair sees the same machine speed, which drifts over minutes). Early exit's seconds per image at
-    batch 1: the best of 3."""
+    batch 1: the best of 3 (none when `sequential` is 0)."""
     warm_up(network, data, micro_batch=micro_batch)
     early, full = [], []
     for r in range(rounds):
         for run in ("early", "full") if r % 2 == 0 else ("full", "early"):
             if run == "early":
-                early.append(run_early_exit(network, data, model.thresholds, model.policy, 256,
+                early.append(run_early_exit(network, data, model.thresholds, model.policy, batch_size,
                                             micro_batch=micro_batch).seconds)
             else:
-                full.append(run_backbone(network, data, 256, micro_batch=micro_batch).seconds)
+                full.append(run_backbone(network, data, batch_size, micro_batch=micro_batch).seconds)
+    ratios = [f / e for f, e in zip(full, early)]
+    if not sequential:
+        return {"early_s": min(early), "full_s": min(full), "ratios": ratios, "ratio": float(np.median(ratios))}
     one = data.subset(torch.arange(min(sequential, len(data))))
     batch1 = min(run_early_exit(network, one, model.thresholds, model.policy, 1, micro_batch=micro_batch).seconds
                  for _ in range(3)) / len(one)
-    ratios = [f / e for f, e in zip(full, early)]
     return {"early_s": min(early), "full_s": min(full), "ratios": ratios, "ratio": float(np.median(ratios)),
             "batch1_s": batch1}
 
@@ -379,6 +384,11 @@ def main() -> None:
     print(f"served throughput ratio early/full {served:.2f}x (the median of the rounds' "
           f"{', '.join(f'{r:.2f}' for r in ratios)}; best/best {best:.2f}x); offline batch-256 ratio "
           f"{off['ratio']:.2f}x; served/offline {served / off['ratio']:.2f} (target >= 0.9)")
+    served_batch = max(1, round(capacity["b early exit"]["batches"].get(0, 256)))  # what the server's stage 0 ran
+    small = offline(model, tuned.network, tuned.micro_batch, big, 0, args.repeats, served_batch)
+    print(f"offline at batch {served_batch} (early exit's mean first-stage batch at capacity): {small['ratio']:.2f}x "
+          f"(rounds {', '.join(f'{r:.2f}' for r in small['ratios'])}); served/that {served / small['ratio']:.2f}: early exit "
+          f"gains less at small batches, and a server's batches are what is waiting")
     print(f"request-level batching: capacity {capacity['c request-level']['throughput']:.1f}/s vs stage-level "
           f"{capacity['b early exit']['throughput']:.1f}/s ({args.schedule})")
     for name in (n for n in capacity if n.startswith("b'")):
