@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from exitwise.allocator import keep_freed_memory
 from exitwise.data import load_splits
 from exitwise.device import describe_load, machine, machine_load
 from exitwise.runtime import run_backbone
@@ -32,6 +33,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="16,32,64,256")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
+    keep_freed_memory()  # as `exitwise study` runs models (exitwise.allocator)
     test = load_splits("cifar10", data_dir=args.data, progress=False).test
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))  # the test split is sorted by class
     test = test.subset(pick[:args.images])

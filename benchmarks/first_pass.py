@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exitwise.allocator import keep_freed_memory
 from exitwise.data import load_splits
 from exitwise.device import describe_load, machine, machine_load, resolve_device
 from exitwise.serve_torch import load_early_exit
@@ -31,6 +32,7 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
+    keep_freed_memory()  # as `exitwise study` runs models (exitwise.allocator)
     device = resolve_device(args.device)
     test = load_splits("cifar10", data_dir=args.data, progress=False).test
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))  # the test split is sorted by class

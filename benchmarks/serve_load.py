@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exitwise.allocator import keep_freed_memory
 from exitwise.data import ImageSet
 from exitwise.deploy.oip import decode_images
 from exitwise.images import read_tar
@@ -291,13 +292,17 @@ def main() -> None:
     p.add_argument("--precision", default="auto")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    # the offline reference runs as `exitwise study` runs it, and as the served processes (`exitwise serve`) do:
+    # with glibc's malloc thresholds raised (before 2026-12-04 21:45 UTC it ran without, up to a quarter slower)
+    raised = keep_freed_memory()
 
     blobs, labels, classes = test_jpegs(args.data, args.images, args.seed)
     images = decode_images(blobs, (3, 32, 32))
     data = ImageSet(torch.from_numpy(images), torch.from_numpy(labels), classes)
     model = load_early_exit(model=args.model)
     tuned = tune(model.network, data, args.precision)
-    print(f"{args.model} on {machine().describe()}; {describe_load(machine_load())}")
+    print(f"{args.model} on {machine().describe()}; {describe_load(machine_load())}; glibc malloc thresholds raised "
+          f"for the offline runs, as the CLI raises them: {'yes' if raised else 'no'}")
     print(f"precision {tuned.precision}, micro-batch {tuned.micro_batch}; setting {model.policy.name} "
           f"{[round(float(t), 4) for t in model.thresholds]}")
     reps = -(-args.offline_images // len(data))
