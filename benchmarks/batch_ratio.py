@@ -13,14 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from exitwise.allocator import keep_freed_memory
-from exitwise.data import load_splits
-from exitwise.device import describe_load, machine, machine_load
+from exitwise.device import describe_load, machine, machine_load, resolve_device
 from exitwise.runtime import run_backbone
-from exitwise.serve_torch import load_early_exit
-from exitwise.tune import tune
+
+from timing_common import card_setting_on_test
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -33,13 +29,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="16,32,64,256")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    keep_freed_memory()  # as `exitwise study` runs models (exitwise.allocator)
-    test = load_splits("cifar10", data_dir=args.data, progress=False).test
-    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))  # the test split is sorted by class
-    test = test.subset(pick[:args.images])
-    model = load_early_exit(model=args.model)
-    tuned = tune(model.network, test)
-    prepared = model.prepare(tuned.precision, "cpu")
+    test, model, tuned, prepared = card_setting_on_test(args.data, args.model, args.images, resolve_device("cpu"))
     print(f"{args.model} on {machine().describe()}; {describe_load(machine_load())}; precision {tuned.precision}, "
           f"micro-batch {tuned.micro_batch}; setting {model.policy.name} {[round(float(t), 4) for t in model.thresholds]}; "
           f"{len(test)} images")

@@ -13,13 +13,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from exitwise.allocator import keep_freed_memory
-from exitwise.data import load_splits
 from exitwise.device import describe_load, machine, machine_load, resolve_device
-from exitwise.serve_torch import load_early_exit
-from exitwise.tune import tune
+
+from timing_common import card_setting_on_test
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -32,16 +29,10 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    keep_freed_memory()  # as `exitwise study` runs models (exitwise.allocator)
     device = resolve_device(args.device)
-    test = load_splits("cifar10", data_dir=args.data, progress=False).test
-    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))  # the test split is sorted by class
-    test = test.subset(pick[:args.images])
-    model = load_early_exit(model=args.model)
-    tuned = tune(model.network, test, "auto", None, device)
+    test, model, tuned, prepared = card_setting_on_test(args.data, args.model, args.images, device)
     print(f"{args.model} on {machine(device).describe()}; {describe_load(machine_load())}; precision "
           f"{tuned.precision}, micro-batch {tuned.micro_batch}; {len(test)} images, batch 256")
-    prepared = model.prepare(tuned.precision, device)
     for scale in (1.0, 0.7, 1.3):
         thresholds = np.asarray(model.thresholds) * scale
         setting = prepared.with_setting(model.policy.name, thresholds)

@@ -259,12 +259,9 @@ def offline(model, network, micro_batch: int, data: ImageSet, sequential: int, r
                                             micro_batch=micro_batch).seconds)
             else:
                 full.append(run_backbone(network, data, batch_size, micro_batch=micro_batch).seconds)
-    ratios = [f / e for f, e in zip(full, early)]
-    if not sequential:
-        return {"early_s": min(early), "full_s": min(full), "ratios": ratios, "ratio": float(np.median(ratios))}
-    one = data.subset(torch.arange(min(sequential, len(data))))
+    ratios, one = [f / e for f, e in zip(full, early)], data.subset(torch.arange(min(sequential, len(data))))
     batch1 = min(run_early_exit(network, one, model.thresholds, model.policy, 1, micro_batch=micro_batch).seconds
-                 for _ in range(3)) / len(one)
+                 for _ in range(3)) / len(one) if sequential else None
     return {"early_s": min(early), "full_s": min(full), "ratios": ratios, "ratio": float(np.median(ratios)),
             "batch1_s": batch1}
 
@@ -293,7 +290,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     # the offline reference runs as `exitwise study` runs it, and as the served processes (`exitwise serve`) do:
-    # with glibc's malloc thresholds raised (before 2026-12-04 21:45 UTC it ran without, up to a quarter slower)
+    # with glibc's malloc thresholds raised (until the fifth session of 2026-12-04 it ran without: early exit up to a
+    # quarter slower, docs/serve.md)
     raised = keep_freed_memory()
 
     blobs, labels, classes = test_jpegs(args.data, args.images, args.seed)

@@ -248,8 +248,8 @@ def test_a_tier_whose_next_refuses_what_it_sends_answers_degraded_and_logs_the_n
     finally:
         for tier in (device, edge, cloud):
             tier.stop()
-    forwarded = np.array(got["degraded"])
-    assert forwarded.any() and set(got["exit"][forwarded]) == {0}  # the survivors answered at the device's exit
+    degraded = np.array(got["degraded"])
+    assert degraded.any() and set(got["exit"][degraded]) == {0}  # the survivors answered at the device's exit
     log = device.log
     assert "the next tier answered 409" in log and "--send-images on the tier before" in log, log[-2000:]
 

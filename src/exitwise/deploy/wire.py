@@ -84,12 +84,12 @@ def decode(payload: bytes) -> np.ndarray:
         raise bad("int8 features need a channel axis")
     body = payload[8 + n:]
     scales = header.get("scales")
-    prefix = 4 * shape[1] if fmt == "int8" and scales == SCALES else 0
-    if len(body) != prefix + payload_bytes(tuple(shape), fmt):
+    scale_bytes = 4 * shape[1] if fmt == "int8" and scales == SCALES else 0  # float32 scales before the values
+    if len(body) != scale_bytes + payload_bytes(tuple(shape), fmt):
         raise bad(f"{len(body)} bytes of values where shape {shape} in {fmt} takes "
-                  f"{prefix + payload_bytes(tuple(shape), fmt)}")
-    if prefix:
-        scales, body = np.frombuffer(body[:prefix], dtype="<f4").tolist(), body[prefix:]
+                  f"{scale_bytes + payload_bytes(tuple(shape), fmt)}")
+    if scale_bytes:
+        scales, body = np.frombuffer(body[:scale_bytes], dtype="<f4").tolist(), body[scale_bytes:]
     values = np.frombuffer(body, dtype=_DTYPE[fmt]).reshape(shape)
     if fmt == IMAGE:
         return values.copy()

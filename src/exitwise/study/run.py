@@ -310,8 +310,8 @@ def verify(model: MultiExitNetwork, test_data, results: StudyResults, config: St
                                  (NEVER,) * (num_exits - 1)).prepare(results.precision, resolve_device(config.device))
 
     def timed(s: Setting) -> TimedRun:
-        model = base.with_setting(s.policy, s.thresholds)
-        run = second_pass(lambda: model.run(subset, batch_size=results.batch_size, micro_batch=results.micro_batch))
+        setting = base.with_setting(s.policy, s.thresholds)
+        run = second_pass(lambda: setting.run(subset, batch_size=results.batch_size, micro_batch=results.micro_batch))
         predicted = float(analysis.reach_counts(run.exits, num_exits) @ per_sample)
         return TimedRun(len(subset), run.seconds, predicted)
 
