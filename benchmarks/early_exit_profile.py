@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from exitwise.allocator import keep_freed_memory
 from exitwise import runtime
 from exitwise.api import load_model
 from exitwise.data import load_splits
@@ -31,6 +32,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=256, help="also the micro-batch")
     args = p.parse_args()
+    keep_freed_memory()  # as the `exitwise` commands run models (exitwise.allocator)
     device = resolve_device(args.device)
     test = load_splits("cifar10", args.data, progress=False).test
     net = runtime.prepare(load_model("b-resnet11")[0], "fp32", device)

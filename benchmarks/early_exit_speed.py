@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exitwise.allocator import keep_freed_memory
 from exitwise.study import analysis
 from exitwise.api import load_model
 from exitwise.models.costs import backbone_macs, exit_macs
@@ -65,6 +66,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--images", type=int, help="N seeded validation and test images only (a smoke run)")
     args = p.parse_args()
+    keep_freed_memory()  # as the `exitwise` commands run models (exitwise.allocator)
     device = resolve_device(args.device)
     models = args.models or shipped_models("cifar10")
     splits = load_splits("cifar10", args.data, progress=False)

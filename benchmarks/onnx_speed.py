@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from exitwise.allocator import keep_freed_memory
 from exitwise.study import calibration
 from exitwise.api import load_model
 from exitwise.models.costs import exit_macs
@@ -49,6 +50,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--exporter", default="dynamo")
     args = p.parse_args()
+    keep_freed_memory()  # as the `exitwise` commands run models (exitwise.allocator)
     splits = load_splits("cifar10", args.data, progress=False)
     val = splits.val.subset(torch.arange(min(args.val_images, len(splits.val))))
     test = splits.test.subset(torch.arange(min(args.images, len(splits.test))))
