@@ -16,9 +16,7 @@ from pathlib import Path
 from exitwise.device import describe_load, machine, machine_load, resolve_device
 from exitwise.runtime import run_backbone
 
-from timing_common import card_setting_on_test
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from timing_common import SHARED, card_setting_on_test
 
 
 def main() -> None:

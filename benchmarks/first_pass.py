@@ -5,7 +5,7 @@
 The model's card setting and two more (its thresholds scaled by 0.7 and 1.3), each run --passes times in a row on
 --images CIFAR-10 test images (a seeded sample; batch 256, the precision and micro-batch `tune` measures here): every pass's
 seconds, and the first pass over the best later one. A new setting meets new survivor counts, so new batch shapes;
-a first pass pays for setting up their kernels (on a GPU about 6x a later pass: docs/measured.md).
+a first pass pays for setting up their kernels (on the H200 about 6x a later pass: docs/measured.md).
 """
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ import numpy as np
 
 from exitwise.device import describe_load, machine, machine_load, resolve_device
 
-from timing_common import card_setting_on_test
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from timing_common import SHARED, card_setting_on_test
 
 
 def main() -> None:

@@ -12,8 +12,8 @@
    look-up of the same pixels, to show what decoding costs the loop beyond its own time: simplejpeg lets go of
    Python's lock while it decodes, and taking it back from the scheduler's thread costs more than the decoding.
 
-The two halves' costs add up to what `benchmarks/serve_load.py` measures through real sockets, where both share
-the machine's cores with its client. Timings: run it alone on a quiet machine.
+`benchmarks/serve_load.py` measures the two together, through real sockets, sharing the machine's cores with its
+client. Timings: run it alone on a quiet machine.
 """
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def main() -> None:
     cpu, wall = loop_cpu_per_request(blobs, args.requests, 32)
     print(f"HTTP app on a free model, 32 requests in flight: event loop {1e6 * cpu:.0f} us of CPU per request "
           f"({1e6 * wall:.0f} us wall)")
-    pixels = {blob: decode_images([blob], (3, 32, 32)) for blob in blobs}
+    pixels = {blob: images[i:i + 1] for i, blob in enumerate(blobs)}
     decode = server.decode_images
     server.decode_images = lambda found, shape, names=None: pixels[found[0]].copy()
     try:

@@ -349,13 +349,12 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
              "best split": split, "plan": p.choice}
     measured = {}  # a candidate is served once: the plan's row is the measurement of the candidate it chose
     for name, c in named.items():
-        key = (c.stages, c.wire, c.links[0].payload if c.links else None)
-        again = key in measured
+        again = c in measured
         if not again:
             m = measure(c.stages, export, model, images, mbps, rtt, c.wire, c.links[0].payload == "input",
                         args.concurrency, limit, netns, args.starts)
-            measured[key] = (name, m, 100 * float((m.pop("classes") == labels).mean()))
-        first, m, acc = measured[key]
+            measured[c] = (name, m, 100 * float((m.pop("classes") == labels).mean()))
+        first, m, acc = measured[c]
         label = f"{name} {'/'.join(f'{r[0]}-{r[1]}' if r else '-' for r in c.stages)}"
         print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>18s} {c.wire:>4s} {c.latency_ms:8.2f} "
               f"{m['mean_ms']:8.2f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['bytes_per_image']:9.0f} "

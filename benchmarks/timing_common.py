@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the repository: CIFAR-10, the seed
+
 
 def best_of_interleaved(repeats: int, *runs: Callable[[], object]) -> list:
     """The fastest (by `.seconds`) of `repeats` calls of each run, called in turn (a, b, a, b, ...) so that a machine

@@ -49,7 +49,7 @@ from ..errors import UserError
 from ..io import read_format_json
 from ..exit_rule import as_thresholds, leaves
 from .onnx_runtime import Policy, as_input
-from .wire import BYTES_PER_VALUE, FORMATS, decode, encode
+from .wire import BYTES_PER_VALUE, FORMATS, SCALE_DTYPE, decode, encode
 
 PLAN_FORMAT = "exitwise.tier-plan/1"
 WIRE_TOLERANCE_POINTS = 0.1   # largest disagreement with fp32 (percentage points) a cheaper wire format may add
@@ -79,9 +79,8 @@ class HttpBytes:
 # more or less with a longer host name, tier name or model name).
 INFER_HTTP = HttpBytes(request=330, answer=420)  # cut 0: a binary V2 infer request as a relay passes it on; its JSON
 TIER_HTTP = HttpBytes(request=220, answer=140)   # later cuts: `POST /v2/tiers/features`, one row and its answer
-# int8's scales, one per channel per batch, travel as float32 before the values (`wire.encode`; tests/test_plan.py
-# checks it against `encode`)
-INT8_SCALE_BYTES = 4
+# int8's scales, one per channel per batch, travel before the values (`wire.encode`; tests/test_plan.py checks it)
+INT8_SCALE_BYTES = SCALE_DTYPE.itemsize
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ IMAGE = "uint8"   # the original images (uint8 pixels), when a cut sends them in
 BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "int8": 1, IMAGE: 1}
 MAX_HEADER = 1 << 16                  # bytes; a longer header is refused as malformed
 SCALES = "float32"                    # int8's header says its scales come first in the body, one float32 a channel
+SCALE_DTYPE = np.dtype("<f4")         # ... in this dtype (`plan` counts their bytes with it)
 _DTYPE = {"fp32": "<f4", "fp16": "<f2", "int8": "i1", IMAGE: "u1"}
 
 
@@ -52,7 +53,7 @@ def encode(features: np.ndarray, fmt: str) -> bytes:
         q = np.rint(np.divide(x, shaped, out=np.zeros_like(x), where=shaped > 0))
         values = np.clip(q, -127, 127).astype(np.int8)
         header["scales"] = SCALES  # 4 bytes each before the values (as JSON numbers they took about 21)
-        prefix = scales.astype("<f4").tobytes()
+        prefix = scales.astype(SCALE_DTYPE).tobytes()
     else:
         values, prefix = x.astype(_DTYPE[fmt]), b""
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -84,12 +85,12 @@ def decode(payload: bytes) -> np.ndarray:
         raise bad("int8 features need a channel axis")
     body = payload[8 + n:]
     scales = header.get("scales")
-    scale_bytes = 4 * shape[1] if fmt == "int8" and scales == SCALES else 0  # float32 scales before the values
+    scale_bytes = SCALE_DTYPE.itemsize * shape[1] if fmt == "int8" and scales == SCALES else 0
     if len(body) != scale_bytes + payload_bytes(tuple(shape), fmt):
         raise bad(f"{len(body)} bytes of values where shape {shape} in {fmt} takes "
                   f"{scale_bytes + payload_bytes(tuple(shape), fmt)}")
     if scale_bytes:
-        scales, body = np.frombuffer(body[:scale_bytes], dtype="<f4").tolist(), body[scale_bytes:]
+        scales, body = np.frombuffer(body[:scale_bytes], dtype=SCALE_DTYPE).tolist(), body[scale_bytes:]
     values = np.frombuffer(body, dtype=_DTYPE[fmt]).reshape(shape)
     if fmt == IMAGE:
         return values.copy()
