@@ -156,7 +156,7 @@ def test_digits_are_bundled_8x8_grayscale():
     assert splits.train.images.max() == 255 and splits.train.classes == tuple("0123456789")
     assert set(splits.test.labels.tolist()) == set(range(10))
     assert len(load_splits("digits", val_size=100).val) == 100
-    assert json.loads(json.dumps(splits.describe()))["source"] == "scikit-learn digits"
+    assert splits.describe().source == "scikit-learn digits"
 
 
 # --- ImageSet and Splits -------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_split_is_seeded_and_test_is_untouched(tmp_path):
 
 def test_describe_is_json(tmp_path):
     make_batches(tmp_path / "b")
-    description = json.loads(json.dumps(load(tmp_path / "b", tmp_path, val_size=5, split_seed=7).describe()))
+    description = json.loads(json.dumps(load(tmp_path / "b", tmp_path, val_size=5, split_seed=7).describe().to_json()))
     assert description == {"name": "cifar10", "source": str((tmp_path / "b").resolve()),
                            "classes": list(CIFAR10_CLASSES), "sizes": {"train": 10, "val": 5, "test": 3},
                            "split_seed": 7, "val_size": 5}

@@ -3,6 +3,8 @@ import dataclasses
 import json
 import math
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,7 +88,7 @@ def synthetic_doc(num_points: int = 20, dataset: str = "cifar10") -> dict:
         "dataset": {"name": dataset, "source": "/data/cifar10-jpg.tar.gz", "classes": [f"c{i}" for i in range(10)],
                     "sizes": {"train": 4000, "val": 1000, "test": n}, "split_seed": 0, "val_size": 1000},
         "model": {"name": "tiny-3exit", "weights": "/w/tiny.safetensors", "weights_sha256": "ab" * 32,
-                  "num_exits": 3},
+                  "shipped": False, "num_exits": 3},
         "machine": {"cpu": "Test CPU 9000", "capability": "AVX512", "native_bf16": True, "threads": 2,
                     "torch": "2.13.0", "device": "cpu"},
         "precision": "bf16", "precision_check": {"agreement_with_fp32": 0.998, "images": 1000, "required": 0.995},
@@ -201,8 +203,23 @@ def test_results_json_round_trips_through_the_typed_results():
     results = StudyResults.from_json(doc)
     assert StudyResults.from_json(results.to_json()) == results
     assert results.to_json()["timing_model"]["mean_abs_relative_error"] == pytest.approx((0.0494 + 0.037) / 2, abs=1e-3)
+    assert (results.model.name, results.dataset.sizes.test) == ("tiny-3exit", 1000)
+    assert [results.to_json()[k] for k in ("model", "dataset")] == [doc["model"], doc["dataset"]]  # as written
     with pytest.raises(UserError, match="schema 1"):
         StudyResults.from_json({k: v for k, v in doc.items() if k != "schema_version"})  # results.json before 2
+
+
+def test_results_json_reads_without_torch(tmp_path):
+    """The typed results, with their `model` and `dataset` (`exitwise.refs`), need no torch to read."""
+    (tmp_path / "results.json").write_text(json.dumps(synthetic_doc()))
+    code = ("import json, sys; sys.modules['torch'] = None\n"  # `import torch` now raises
+            "from exitwise.study.results import StudyResults\n"
+            f"r = StudyResults.from_json(json.loads(open({str(tmp_path / 'results.json')!r}).read()))\n"
+            "print(type(r.model).__name__, type(r.dataset).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ModelRef", "DatasetRef"]
 
 
 def test_oracle_and_overthinking_table_in_both_reports_and_the_summary(report):

@@ -71,9 +71,15 @@ def test_the_measurements_are_typed_and_stored_under_the_keys_they_always_had(tm
     assert list(stored["measured"]) == ["machine_load_at_start", "all_exits_seconds", "full_network_seconds",
                                         "fixed_cutoff"]
     assert list(stored["measured"]["fixed_cutoff"]) == ["policy", "cutoff", "images", "seconds", "stage_seconds"]
+    assert list(stored["model"]) == ["name", "weights", "weights_sha256", "shipped", "num_exits"]
+    assert stored["dataset"] == {"name": "digits", "source": "scikit-learn digits", "classes": list("0123456789"),
+                                 "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+                                 "split_seed": splits.split_seed, "val_size": len(splits.val)}
     assert load_logits(tmp_path).measurements == m
     old = {k: v for k, v in stored.items() if k not in ("backbone_macs", "measured")}  # a cache from before them
     assert type(m).from_json(old).measured.fixed_cutoff is None
+    unnamed = type(m).from_json({**old, "model": {}, "dataset": {}})  # what a cache measured without them holds
+    assert unnamed.model is unnamed.dataset is None and unnamed.precision == m.precision
 
 
 def test_calibrate_writes_an_early_exit_model_that_runs_what_it_reports(tmp_path, digits):

@@ -12,8 +12,7 @@ from .data import Splits, load_splits
 from .early_exit import EarlyExitModel
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
-from .models import (ModelRef, check_fits, create_model, load_model, load_network, model_key, shipped_card,
-                     shipped_weights)
+from .models import check_fits, create_model, load_model, load_network, model_key, shipped_card, shipped_weights
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
 from .study import CalibrateConfig, StudyConfig, analysis, calibration, run_study, time_stages, write_study
@@ -185,26 +184,29 @@ def calibrate(source: str | Path, out: str | Path, config: CalibrateConfig | Non
         atomic_write_json(stage / "calibration.json", doc.to_json())
         atomic_write_bytes(stage / "frontier.png", frontier_png(frontier))
         if early_exit is not None:
-            model = info.model
-            early_exit.write(stage, weights=model["weights"], weights_sha256=model.get("weights_sha256"))
+            early_exit.write(stage, weights=info.model.weights, weights_sha256=info.model.weights_sha256)
     return doc
 
 
 def _study_network(cache: ExitLogits, source: str | Path) -> MultiExitNetwork:
     """The network a study's logits came from, with the weights it names (checked unchanged by SHA-256)."""
-    return load_network(ModelRef.from_json(cache.measurements.model, str(source)), str(source))
+    ref = cache.measurements.model
+    if ref is None:
+        raise UserError(f"{str(source)!r} does not name the model and weights it came from")
+    return load_network(ref, str(source))
 
 
 def _early_exit_model(cache: ExitLogits, policy, thresholds: np.ndarray) -> EarlyExitModel | None:
     """The calibrated thresholds on the study's network (weights named, not loaded), if the cache says which: a
     registered model, or a folder `exitwise attach` wrote (rebuilt with its own weights, as the study's is)."""
+    ref, dataset = cache.measurements.model, cache.measurements.dataset
+    if ref is None:
+        return None
     try:
-        ref = ModelRef.from_json(cache.measurements.model, "the study's logits")
         network = create_model(ref.name)  # resolves a name or an attached folder, or says it can't
     except UserError:
         return None
-    return EarlyExitModel(network, policy, thresholds, ref.name,
-                          tuple(cache.measurements.dataset.get("classes") or ()) or None)
+    return EarlyExitModel(network, policy, thresholds, ref.name, (dataset.classes or None) if dataset else None)
 
 
 def _evaluation(arrays: ExitArrays, thresholds: np.ndarray, cache: ExitLogits) -> SplitOutcome:

@@ -28,6 +28,7 @@ from .errors import UserError
 from .images import ARCHIVE_SUFFIXES, Files, decode_image, list_dir, read_tar
 from .io import atomic_write_bytes, atomic_write_json
 from .progress import progress_bar
+from .refs import DatasetRef, SplitSizes
 
 try:  # numpy >= 2 moved these; both are pure array constructors
     from numpy._core.multiarray import _reconstruct
@@ -129,10 +130,10 @@ class Splits:
         train, val, test = (s.subset(_permutation(len(s), seed)[:n]) for s in (self.train, self.val, self.test))
         return Splits(train, val, test, self.dataset, self.source, self.split_seed)
 
-    def describe(self) -> dict:
-        return {"name": self.dataset, "source": self.source, "classes": list(self.test.classes),
-                "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
-                "split_seed": self.split_seed, "val_size": len(self.val)}
+    def describe(self) -> DatasetRef:
+        """These splits as a study's results, its logits and a model card record them."""
+        return DatasetRef(self.dataset, self.source, tuple(self.test.classes),
+                          SplitSizes(len(self.train), len(self.val), len(self.test)), self.split_seed, len(self.val))
 
 
 def load_splits(dataset: str, data_dir: str | Path | None = None, *, download: bool = False,

@@ -306,7 +306,7 @@ def _finish(model: MultiExitNetwork, name: str, splits: Splits, config: TrainCon
              for k, v in model.state_dict().items()
              if not config.freeze_backbone or k.split(".")[:2] in side}  # frozen: the rest is unchanged
     atomic_write_bytes(out / WEIGHTS, safetensors_bytes(state, metadata={"model": name}))
-    card = {"model": name, "num_exits": model.num_exits, "dataset": splits.describe(),
+    card = {"model": name, "num_exits": model.num_exits, "dataset": splits.describe().to_json(),
             "split_seed": splits.split_seed, "recipe": asdict(config), "epochs": config.epochs,
             "train_seconds": seconds, "precision": config.precision, "precision_probe": precision_probe,
             "machine": {**machine(device).to_json(), "platform": platform.platform(), "processes": world},

@@ -2,46 +2,20 @@
 
 `load_model(name, weights)` opens what a user names (weights given, shipped, or an attached folder's own) and returns
 the network with its `ModelRef`; `load_network(ref)` rebuilds the network a saved `ModelRef` names (a study's logits,
-an early_exit.json), refusing weights that are missing or changed since.
+an early_exit.json), refusing weights that are missing or changed since. `ModelRef` itself is torch-free, in
+`exitwise.refs` (re-exported here).
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
 from ..io import file_sha256
+from ..refs import ModelRef
 from .attach import ATTACHED_WEIGHTS, is_model_dir, load_attached
 from .base import MultiExitNetwork
 from .registry import MODELS
 from .weights import check_unchanged, load_weights, shipped_weights, weight_files
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A network and its weights, as results.json's `model` and a study's logits record them."""
-    name: str             # a registered model, or the absolute path of a folder `exitwise attach` wrote
-    weights: str          # the weights file (or shard index); an attached folder's own model.safetensors
-    weights_sha256: str   # of every file the weights are made of (a shard index, then its shards)
-    shipped: bool         # the weights came with the package
-    num_exits: int
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, doc: dict, named_by: str) -> ModelRef:
-        """The `model` a saved file (`named_by`) records; refused in one line if it lacks a field."""
-        fields = [f.name for f in dataclasses.fields(cls)]
-        missing = [k for k in fields if not isinstance(doc, dict) or doc.get(k) is None]
-        if missing:
-            raise UserError(f"{named_by!r} does not name the model and weights it came from (no {missing[0]})")
-        return cls(**{k: doc[k] for k in fields})
-
-    def __getitem__(self, key: str):
-        """`ref["weights_sha256"]`: the dict `api.load_model` returned before (kept for one release)."""
-        return self.to_json()[key]
 
 
 def create_model(name: str | Path) -> MultiExitNetwork:

@@ -58,12 +58,12 @@ def _exit_name(k: int, num_exits: int) -> str:
 
 
 def _n_test(r: StudyResults) -> int:
-    return r.dataset["sizes"]["test"]
+    return r.dataset.sizes.test
 
 
 def _cutoff_label(r: StudyResults) -> str:
     if r.policy == "entropy":
-        return f"entropy cutoff (nats; ln {len(r.dataset['classes'])} = {r.max_cutoff:.3f})"
+        return f"entropy cutoff (nats; ln {len(r.dataset.classes)} = {r.max_cutoff:.3f})"
     return f"{r.policy} cutoff"
 
 
@@ -73,17 +73,17 @@ def _cutoff_label(r: StudyResults) -> str:
 
 def setup_table(r: StudyResults) -> Table:
     ds, model, sw = r.dataset, r.model, r.software
-    sizes = ", ".join(f"{k} {v}" for k, v in ds["sizes"].items())
+    sizes = f"train {ds.sizes.train}, val {ds.sizes.val}, test {ds.sizes.test}"
     check = r.precision_check
     tried = [t for t in (check or {}).get("tried", []) if t.get("ms_per_image") is not None]
     timed = "; ms per image here: " + ", ".join(f"{t['precision']} {t['ms_per_image']:.3f}" for t in tried) if tried else ""
     precision = r.precision + (f" (agrees with fp32 on {_pct(check['agreement_with_fp32'])} of "
                                f"{check['images']} images{timed})" if check else "")
     host = r.machine
-    rows = [["dataset", f"{ds['name']}: {len(ds['classes'])} classes; {sizes}; split seed {ds['split_seed']}"],
-            ["source", str(ds["source"])],
-            ["model", f"{model['name']}, {model['num_exits']} exits"],
-            ["weights", f"{model['weights']} (sha256 {model['weights_sha256'][:16]})"],
+    rows = [["dataset", f"{ds.name}: {len(ds.classes)} classes; {sizes}; split seed {ds.split_seed}"],
+            ["source", str(ds.source)],
+            ["model", f"{model.name}, {model.num_exits} exits"],
+            ["weights", f"{model.weights} (sha256 {model.weights_sha256[:16]})"],
             ["exit policy", f"{r.policy}: leave at the first exit whose score is at or below its threshold"],
             ["precision", precision],
             ["batch size", str(r.batch_size) + (f", micro-batch {r.micro_batch}" if r.micro_batch else "")],
@@ -430,7 +430,7 @@ def _sections(r: StudyResults) -> list[Section]:
 
 
 def _title(r: StudyResults) -> str:
-    return f"exitwise report: {r.model['name']} on {r.dataset['name']}"
+    return f"exitwise report: {r.model.name} on {r.dataset.name}"
 
 
 def _words(table: Table) -> set[int]:
@@ -533,7 +533,7 @@ def format_summary(results: StudyResults) -> str:
     r = results
     error = r.timing_model.mean_abs_relative_error
     host = f", on {r.machine['cpu']}" if r.machine else ""
-    head = (f"{r.model['name']} on {r.dataset['name']} ({_n_test(r)} test images, {r.precision}{host}), "
+    head = (f"{r.model.name} on {r.dataset.name} ({_n_test(r)} test images, {r.precision}{host}), "
             f"timing model error {'-' if error is None else f'{error:.1%}'}")
     if warning := busy_warning(r):
         head += f"\n{warning}"

@@ -13,6 +13,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from ..refs import DatasetRef, ModelRef, missing_fields
+
 SCHEMA_VERSION = 2
 """2: typed results (this module). 1: the dictionary before it; see docs/results-schema.md for the renames."""
 
@@ -222,8 +224,8 @@ class StudyResults:
     exitwise_version: str
     created: str
     software: dict
-    dataset: dict
-    model: dict
+    dataset: DatasetRef
+    model: ModelRef
     machine: dict | None  # `device.machine(device).to_json()`
     precision: str
     precision_check: dict | None
@@ -280,9 +282,9 @@ class MeasuredTimes:
 @dataclass(frozen=True)
 class Measurements:
     """How a study's logits were measured: the model, data, precision, batch, machine and times. Every field has a
-    default, so an older cache missing some still reads."""
-    model: dict = field(default_factory=dict)    # name, weights, weights_sha256, shipped, num_exits
-    dataset: dict = field(default_factory=dict)  # `Splits.describe()`
+    default, so an older cache missing some still reads (`model`, `dataset`: None, also where one holds `{}`)."""
+    model: ModelRef | None = None
+    dataset: DatasetRef | None = None            # `Splits.describe()`
     precision: str = ""
     batch_size: int | None = None
     micro_batch: int | None = None
@@ -420,7 +422,8 @@ def to_json(value):
 
 
 def from_json(kind, value):
-    """`value` (parsed JSON) as type `kind`: dataclasses, X | None, tuple[X, ...], tuple[X, Y], dict[str, X]."""
+    """`value` (parsed JSON) as type `kind`: dataclasses, X | None, tuple[X, ...], tuple[X, Y], dict[str, X]; a
+    `ModelRef | None` or `DatasetRef | None` short of a field reads as None."""
     if value is None:
         return None
     origin, args = typing.get_origin(kind), typing.get_args(kind)
@@ -431,7 +434,10 @@ def from_json(kind, value):
         return kind(**{f.name: from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(kind)
                        if f.name in value})
     if origin in (typing.Union, types.UnionType):
-        return from_json(next(a for a in args if a is not type(None)), value)
+        inner = next(a for a in args if a is not type(None))
+        if inner in (ModelRef, DatasetRef) and missing_fields(inner, value):
+            return None  # a cache measured without them holds `{}`
+        return from_json(inner, value)
     if origin is tuple:
         items = zip(args, value) if Ellipsis not in args else ((args[0], v) for v in value)
         return tuple(from_json(a, v) for a, v in items)

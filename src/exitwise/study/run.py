@@ -73,7 +73,7 @@ def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, ref: M
     measured = MeasuredTimes(load, test_run.seconds, test_run.trunk_seconds,
                              FixedCutoffRun(config.policy, config.cutoff, len(timed), fixed_run.seconds,
                                             tuple(fixed_run.stage_seconds)))
-    info = Measurements(model=ref.to_json(), dataset=splits.describe(), precision=precision,
+    info = Measurements(model=ref, dataset=splits.describe(), precision=precision,
                         batch_size=config.batch_size, micro_batch=micro_batch, machine=machine(device).to_json(),
                         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), software=software_versions(),
                         precision_check=tuned.precision_check, micro_batch_probe=tuned.micro_batch_probe,
@@ -306,7 +306,7 @@ def verify(model: MultiExitNetwork, test_data, results: StudyResults, config: St
     subset = timing_subset(test_data, config)
     per_sample = np.asarray(results.timing_model.stage_seconds_per_sample)
     num_exits = len(results.exits)
-    base = EarlyExitModel.create(model, results.model.get("name", ""), results.policy,
+    base = EarlyExitModel.create(model, results.model.name, results.policy,
                                  (NEVER,) * (num_exits - 1)).prepare(results.precision, resolve_device(config.device))
 
     def timed(s: Setting) -> TimedRun:
@@ -360,6 +360,6 @@ def write_study(study: Study, out_dir: str | Path) -> Path:
     with staged_output(out_dir) as stage:
         atomic_write_json(stage / "results.json", study.results.to_json())
         save_logits(study.logits, stage / LOGITS_FILENAME)
-        study.early_exit.write(stage, weights=model["weights"], weights_sha256=model.get("weights_sha256"))
+        study.early_exit.write(stage, weights=model.weights, weights_sha256=model.weights_sha256)
         write_report(study.results, stage)
     return Path(out_dir)
