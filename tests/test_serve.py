@@ -470,6 +470,21 @@ def test_the_onnx_server_runs_without_torch(digits):
         process.kill()
 
 
+def test_what_was_loaded_before_serving_is_out_of_the_collectors_reach():
+    import gc
+
+    from exitwise.deploy.server import settle_heap
+    loaded = [{"a": [1]} for _ in range(100)]
+    settle_heap()
+    try:
+        assert gc.get_freeze_count() >= len(loaded)
+        assert not any(o is loaded for o in gc.get_objects())  # full collections no longer walk it
+        later = [[]]
+        assert any(o is later for o in gc.get_objects())  # what requests make later still is collected
+    finally:
+        gc.unfreeze()
+
+
 def test_serve_refuses_bad_flags_in_one_line(digits, capsys):
     from exitwise.cli import main
     for argv, message in [(["serve"], "give one of --model NAME, --from DIR or --export DIR"),

@@ -14,7 +14,7 @@ from typing import Callable
 from ..errors import UserError
 from .runner import Runner
 from ..config import ServeConfig
-from .server import create_app
+from .server import create_app, settle_heap
 
 APP_NAME = "exitwise"
 
@@ -28,6 +28,7 @@ def deployment(make_runner: Callable[[], Runner], config: ServeConfig, replicas:
     class ExitwiseServer:
         def __init__(self, make_runner, config):
             self.exitwise_app = create_app(make_runner(), config)
+            settle_heap()
 
         def __serve_build_asgi_app__(self):
             return self.exitwise_app

@@ -8,6 +8,7 @@ one-line JSON body `{"error": "..."}`; SIGTERM stops accepting, answers what was
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 import threading
@@ -332,8 +333,17 @@ def _run(app, config: ServeConfig, what: str, close, log_level: str) -> None:
     if threading.current_thread() is threading.main_thread():
         # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so the exit is 0
         signal.signal(signal.SIGTERM, lambda *_: None)
+    settle_heap()
     print(f"exitwise: serving {what} on http://{host}:{port}", flush=True)
     server.run(sockets=[sock])
+
+
+def settle_heap() -> None:
+    """Before serving: what is loaded (the model, torch, the libraries: hundreds of thousands of objects) moves out of
+    the garbage collector's reach for good, so its collections, which the requests' short-lived objects set off,
+    walk only what came after (the event loop's CPU per request 12-20% lower; docs/serve.md)."""
+    gc.collect()
+    gc.freeze()
 
 
 def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | None = None):
