@@ -232,3 +232,23 @@ def test_features_smaller_than_the_image_cross_the_second_link():
     c = next(c for c in plan(CHAIN, CHAIN_LINKS, costs).candidates if c.stages == ONE_EACH)
     assert [x.payload for x in c.links] == ["input", "features"] and math.isclose(c.latency_ms, 78.3)
     assert [x.bytes for x in c.links] == [0.5 * 3000, 0.2 * 2000]
+
+
+def test_stages_are_timed_without_garbage_collection_which_is_then_back_on():
+    import gc
+
+    from exitwise.deploy.plan import measure_stages
+    collecting = []
+
+    class Stages:  # what measure_stages needs of an OnnxEarlyExit
+        input_shape, num_exits = (3, 4, 4), 2
+
+        def _stage(self, k, x):
+            collecting.append(gc.isenabled())
+            return x, None
+
+    assert gc.isenabled()
+    seconds = measure_stages(Stages(), repeats=3, seconds=0)
+    assert len(seconds) == 2 and all(s >= 0 for s in seconds)
+    assert collecting == [True, False, False, False] * 2  # each stage's untimed call, then its timed ones
+    assert gc.isenabled()

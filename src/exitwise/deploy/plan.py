@@ -33,11 +33,13 @@ A pure function of typed inputs (`plan`); the cost model (also in docs/tiers.md)
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import math
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -507,6 +509,19 @@ MEASURE_BATCH = 1  # `exitwise plan --measure`: images per timed call (an image'
 SUSTAINED_SECONDS = 0.25  # `plan --measure` times each stage for at least this long (many CPU-quota periods)
 
 
+@contextmanager
+def _collector_paused():
+    """No garbage collection while timing, as `timeit` does: a full collection stops the process for milliseconds (a
+    tenth of a second beside torch), which a mean over a hundred calls would count as the cost being measured."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def measure_stages(runner, batch: int = MEASURE_BATCH, repeats: int = 20, seconds: float = SUSTAINED_SECONDS,
                    seed: int = 0) -> tuple[float, ...]:
     """Per-sample seconds of each stage with its head on this machine (`runner`: an `OnnxEarlyExit`): the mean of
@@ -520,11 +535,12 @@ def measure_stages(runner, batch: int = MEASURE_BATCH, repeats: int = 20, second
     result = []
     for k in range(runner.num_exits):
         out, _ = runner._stage(k, x)
-        calls, start = 0, time.perf_counter()
-        while calls < repeats or time.perf_counter() - start < seconds:
-            runner._stage(k, x)
-            calls += 1
-        result.append((time.perf_counter() - start) / calls / batch)
+        with _collector_paused():
+            calls, start = 0, time.perf_counter()
+            while calls < repeats or time.perf_counter() - start < seconds:
+                runner._stage(k, x)
+                calls += 1
+            result.append((time.perf_counter() - start) / calls / batch)
         x = out
     return tuple(result)
 
@@ -554,28 +570,30 @@ def _round_trips(host: str, port: int, model: str, images: np.ndarray, requests:
     import http.client
     n, timed = len(images), []
     connection = http.client.HTTPConnection(host, port, timeout=30)
-    try:
-        for i in range(requests + 3):
-            image = images[i % n:i % n + 1]
-            head = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(image.shape),
-                                           "parameters": {"layout": "NHWC", "binary_data_size": image.size}}]})
-            headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
-            start = time.perf_counter()
-            connection.request("POST", f"/v2/models/{model}/infer", head.encode() + image.tobytes(), headers)
-            response = connection.getresponse()
-            body = response.read()
-            took = time.perf_counter() - start
-            after(i)
-            if response.status != 200:
-                raise UserError(f"--measure: the server answered {response.status}: {body[:200]!r}")
-            length = int(response.getheader("Inference-Header-Content-Length") or len(body))
-            outputs = {o["name"]: o for o in json.loads(body[:length])["outputs"]}
-            if i >= 3:
-                timed.append((took, int(outputs["exit"]["data"][0]) if "data" in outputs["exit"] else -1))
-    except OSError as e:
-        raise UserError(f"--measure: cannot reach the server at {host}:{port} ({e})") from None
-    finally:
-        connection.close()
+    with _collector_paused():  # here and in a server in this process
+        try:
+            for i in range(requests + 3):
+                image = images[i % n:i % n + 1]
+                head = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(image.shape),
+                                               "parameters": {"layout": "NHWC", "binary_data_size": image.size}}]})
+                headers = {"Content-Type": "application/octet-stream",
+                           "Inference-Header-Content-Length": str(len(head))}
+                start = time.perf_counter()
+                connection.request("POST", f"/v2/models/{model}/infer", head.encode() + image.tobytes(), headers)
+                response = connection.getresponse()
+                body = response.read()
+                took = time.perf_counter() - start
+                after(i)
+                if response.status != 200:
+                    raise UserError(f"--measure: the server answered {response.status}: {body[:200]!r}")
+                length = int(response.getheader("Inference-Header-Content-Length") or len(body))
+                outputs = {o["name"]: o for o in json.loads(body[:length])["outputs"]}
+                if i >= 3:
+                    timed.append((took, int(outputs["exit"]["data"][0]) if "data" in outputs["exit"] else -1))
+        except OSError as e:
+            raise UserError(f"--measure: cannot reach the server at {host}:{port} ({e})") from None
+        finally:
+            connection.close()
     return timed
 
 

@@ -8,9 +8,8 @@ is `SchedulerConfig.schedule` (`exitwise serve --schedule`); `SchedulerConfig.wo
 taking the next batch when it is free:
 
 * `deepest` (the default): the stage with the most samples waiting (ties: the later stage), so batches are
-  large; measured best on b-resnet11 with today's server (docs/serve.md: more throughput, and a p99 at 70% of
-  the full network's capacity 2-6x lower than `oldest`, in both runs of 2026-12-04 after the server's
-  per-request work was cut);
+  large; on b-resnet11 (docs/serve.md) more throughput than `oldest` in most runs and a lower p50 under load,
+  while neither rule has the lower p99 in every run (`oldest`'s was lower at capacity on 2026-12-05);
 * `oldest`: the stage holding the sample that arrived first, so the oldest request finishes first (the default
   before: it measured best against the slower server of an earlier session the same day);
 * `request-level`: no re-forming: a batch runs all its stages together (compacting as the offline
