@@ -13,7 +13,8 @@ both the median of three fresh processes),
 and each link's round trip as measured through the relay (its nominal RTT plus the relay's own work). Clients
 send one image per request (binary V2 infer) on a keep-alive connection each (as a device application keeps its
 connection open), `--concurrency` at a time (default 1); each placement is served by `--starts` fresh sets of
-processes in turn (default 3, as each cost is the median of three starts), the images split among them.
+processes (default 3, as each cost is the median of three starts), the images split among them, the placements of a
+link taking turns start by start.
 
     python benchmarks/tiers.py --study runs/b-resnet11-study --export runs/b-resnet11-onnx \\
         --data-dir ../shared/data/cifar10-jpg.tar.gz --images 1000 --links 1:100,20:40,100:20,1000:5
@@ -176,23 +177,29 @@ def effective_rtt_ms(export: Path, model: str, image: np.ndarray, mbps: float, r
     return 1000 * (relayed_s - direct_s - per_request * 8 / (mbps * 1e6))
 
 
-def measure(placement, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float, wire: str,
-            send_images: bool, concurrency: int, limit: CpuLimit | None, netns: NetnsLink | None,
-            starts: int = 1) -> dict:
-    """Serve `placement` ((device stages, cloud stages), None: none) over the emulated link; measure it: the images
-    split among `starts` fresh sets of processes in turn (a process's speed varies from one start to the next)."""
-    seconds, classes, degraded, sent = [], [], 0, 0
-    for part in np.array_split(images, starts):
-        s, c, d, b = _serve_once(placement, export, model, part, mbps, rtt_ms, wire, send_images, concurrency,
-                                 limit, netns)
-        seconds.append(s)
-        classes.append(c)
-        degraded, sent = degraded + d, sent + b
-    seconds = np.concatenate(seconds)
+def measure_in_turns(placements: list, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float,
+                     concurrency: int, limit: CpuLimit | None, netns: NetnsLink | None, starts: int = 1) -> list[dict]:
+    """Each of `placements` ((device stages, cloud stages), wire, send_images) served over the emulated link and
+    measured: the images split among `starts` fresh sets of processes per placement, the placements taking turns
+    start by start, the order reversed each time (a process's speed varies from one start to the next, and the
+    machine's over minutes: a slow spell then falls on every placement, not on one)."""
+    parts = np.array_split(np.arange(len(images)), starts)
+    runs = [[] for _ in placements]
+    for s, part in enumerate(parts):
+        order = list(enumerate(placements))
+        for j, (stages, wire, send_images) in order if s % 2 == 0 else order[::-1]:
+            runs[j].append(_serve_once(stages, export, model, images[part], mbps, rtt_ms, wire, send_images,
+                                       concurrency, limit, netns))
+    return [_measured(r, len(images)) for r in runs]
+
+
+def _measured(runs: list, images: int) -> dict:
+    """One placement's starts ((seconds, classes, degraded, bytes) each), summed up."""
+    seconds = np.concatenate([r[0] for r in runs])
     return {"p50_ms": 1000 * float(np.percentile(seconds, 50)), "p99_ms": 1000 * float(np.percentile(seconds, 99)),
-            "mean_ms": 1000 * float(seconds.mean()), "bytes_per_image": sent / len(images),
-            "degraded": degraded, "classes": np.concatenate(classes), "starts": starts,
-            "mean_ms_per_start": [1000 * float(s.mean()) for s in np.array_split(seconds, starts)]}
+            "mean_ms": 1000 * float(seconds.mean()), "bytes_per_image": sum(r[3] for r in runs) / images,
+            "degraded": sum(r[2] for r in runs), "classes": np.concatenate([r[1] for r in runs]),
+            "starts": len(runs), "mean_ms_per_start": [1000 * float(r[0].mean()) for r in runs]}
 
 
 def _serve_once(placement, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float, wire: str,
@@ -350,13 +357,15 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
     named = {"all-cloud": next(c for c in p.candidates if c.stages == (None, (0, k - 1))),
              "all-device": next(c for c in p.candidates if c.stages == ((0, k - 1), None)),
              "best split": split, "plan": p.choice}
-    measured = {}  # a candidate is served once: the plan's row is the measurement of the candidate it chose
+    distinct = list(dict.fromkeys(named.values()))  # a candidate is served once: the plan's row is the
+    runs = measure_in_turns([(c.stages, c.wire, c.links[0].payload == "input") for c in distinct], export, model,
+                            images, mbps, rtt, args.concurrency, limit, netns, args.starts)  # measurement it chose
+    measured = {c: (next(n for n, d in named.items() if d == c), m, 100 * float((m.pop("classes") == labels).mean()))
+                for c, m in zip(distinct, runs)}
+    shown = set()
     for name, c in named.items():
-        again = c in measured
-        if not again:
-            m = measure(c.stages, export, model, images, mbps, rtt, c.wire, c.links[0].payload == "input",
-                        args.concurrency, limit, netns, args.starts)
-            measured[c] = (name, m, 100 * float((m.pop("classes") == labels).mean()))
+        again = c in shown
+        shown.add(c)
         first, m, acc = measured[c]
         label = f"{name} {'/'.join(f'{r[0]}-{r[1]}' if r else '-' for r in c.stages)}"
         print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>18s} {c.wire:>4s} {c.latency_ms:8.2f} "
