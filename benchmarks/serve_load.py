@@ -14,7 +14,8 @@ and micro-batch measured once here, so they differ only in what is compared.
 The client (this process, on uvloop where installed) sends CIFAR-10 test images as JPEG bytes to /v1/predict at Poisson arrival times
 (fixed seed), open loop: a request is sent at its time whatever the answers before it, over a pool of
 keep-alive connections (at most 2,000 open; a request waiting for one has the wait in its latency, which counts
-from the time it was due). Rates are multiples of (a)'s capacity: its throughput with --concurrency requests
+from the time it was due; 64 are open before a run's clock starts, and the client's heap is frozen then, so its own
+garbage collection, a tenth of a second beside torch, does not pause it mid-run). Rates are multiples of (a)'s capacity: its throughput with --concurrency requests
 always in flight, the best of --repeats rounds (in a round every server runs back to back, the order alternating
 from one round to the next). Per server and rate: achieved throughput, p50/p95/p99 latency of the answered requests,
 refusals (503/504), accuracy of the answers, mean batch size per stage (from /metrics) and the client's own
