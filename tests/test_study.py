@@ -156,3 +156,15 @@ def test_every_real_early_exit_run_is_timed_on_its_second_pass(monkeypatch, digi
     checks = verify(net, splits.test, results, config).timing_model.checks
     real = [c.measured_seconds for c in checks if "images)" in c.label]
     assert len(calls) == 2 + 2 * len(real) and real == calls[3::2]  # each setting's second pass, never its first
+
+
+def test_a_logits_cache_that_names_no_model_is_refused_in_one_line():
+    from exitwise.errors import UserError
+    from exitwise.study.logits_cache import ExitLogits
+    from exitwise.study.results import Measurements
+    rng = np.random.default_rng(0)
+    logits = lambda n: rng.normal(size=(3, n, 4)).astype(np.float32)  # noqa: E731
+    cache = ExitLogits(logits(20), rng.integers(0, 4, 20), logits(30), rng.integers(0, 4, 30),
+                       np.array([1e4, 2e4, 4e4]), np.array([1e-4, 2e-4, 4e-4]), Measurements())
+    with pytest.raises(UserError, match="does not name the model"):
+        analyse(cache, StudyConfig())

@@ -26,6 +26,7 @@ from ..models.costs import backbone_macs, exit_macs
 from ..data import ImageSet, Splits
 from ..early_exit import EarlyExitModel
 from .frontiers import Split, latency_frontier, policy_frontiers
+from ..errors import UserError
 from ..io import atomic_write_json, staged_output
 from .logits_cache import FILENAME as LOGITS_FILENAME, ExitLogits, save_logits
 from ..models import ModelRef, MultiExitNetwork
@@ -146,6 +147,9 @@ def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
     ev = Evaluator(by_policy, macs, per_sample)
     max_cutoff = get_policy(config.policy).max_score(num_classes)
     info, n_test = cache.measurements, cache.test_labels.size
+    if info.model is None or info.dataset is None:  # results.json always names both
+        raise UserError("the logits cache does not name the model and data it was measured on: make it with "
+                        "exitwise study")
     measured = info.measured
 
     full_seconds = measured.full_network_seconds
