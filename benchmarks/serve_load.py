@@ -15,8 +15,8 @@ The client (this process, on uvloop where installed) sends CIFAR-10 test images 
 (fixed seed), open loop: a request is sent at its time whatever the answers before it, over a pool of
 keep-alive connections (at most 2,000 open; a request waiting for one has the wait in its latency, which counts
 from the time it was due; 64 are open before a run's clock starts, and the client's heap is frozen then, so its own
-garbage collection, a tenth of a second beside torch, does not pause it mid-run). Rates are multiples of (a)'s capacity: its throughput with --concurrency requests
-always in flight, the best of --repeats rounds (in a round every server runs back to back, the order alternating
+garbage collection, 50-60 ms beside torch and the models, does not pause it mid-run). Rates are multiples of (a)'s
+capacity: its throughput with --concurrency requests always in flight, the best of --repeats rounds (in a round every server runs back to back, the order alternating
 from one round to the next). Per server and rate: achieved throughput, p50/p95/p99 latency of the answered requests,
 refusals (503/504), accuracy of the answers, mean batch size per stage (from /metrics) and the client's own
 CPU time (it shares the machine's cores with the server). Printed at the end:
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import subprocess
@@ -52,6 +51,7 @@ import torch
 from exitwise.allocator import keep_freed_memory
 from exitwise.data import ImageSet
 from exitwise.deploy.oip import decode_images
+from exitwise.deploy.server import settle_heap
 from exitwise.images import read_tar
 from exitwise.device import describe_load, machine, machine_load
 from exitwise.runtime import run_backbone, run_early_exit, warm_up
@@ -188,8 +188,8 @@ async def _load(host: str, port: int, blobs: list[bytes], arrivals: np.ndarray |
     loop with `concurrency` requests always in flight for `seconds`."""
     pool, results = Pool(host, port), []
     await pool.open(concurrency or OPEN_LOOP_CONNECTIONS)
-    gc.collect()  # this process holds torch and a model (the offline runs): a full collection walking them pauses
-    gc.freeze()   # the client for ~0.1 s, which the requests due meanwhile would count as the server's latency
+    settle_heap()  # this process holds torch and models (the offline runs): a full collection walking them stops
+    # the client for 50-60 ms, which the requests due meanwhile would count as the server's latency
 
     async def one(i: int, at: float) -> None:
         sent = time.perf_counter() if arrivals is None else start + at  # open loop: from the time it was due

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import gc
 import http.client
 import json
 import os
@@ -44,6 +43,7 @@ from link_relay import CpuLimit, LinkRelay, NetnsLink, ServeProcess, exitwise_co
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.deploy.plan import (Link, Tier, export_shapes, measure_request_at, measure_wire, parse_tier, plan,
                                   study_costs)
+from exitwise.deploy.server import settle_heap
 from exitwise.study.logits_cache import load_logits
 
 
@@ -78,8 +78,7 @@ def drive(url: str, model: str, images: np.ndarray, concurrency: int,
     """Every image once, `concurrency` clients each sending one request at a time on its own keep-alive connection,
     after one untimed request each (`warmed()` is called once all have had theirs): (seconds per image, predicted
     class, degraded count)."""
-    gc.collect()  # what this process holds leaves the collector's reach: a full collection walking it would stop
-    gc.freeze()   # the clients mid-request, their pause counted as the tiers' latency
+    settle_heap()  # a full garbage collection would stop the clients mid-request, counted as the tiers' latency
     seconds, classes, degraded, lock, next_i = np.zeros(len(images)), np.zeros(len(images), int), [0], \
         threading.Lock(), [0]
     ready = threading.Barrier(concurrency, action=warmed)
@@ -177,8 +176,9 @@ def effective_rtt_ms(export: Path, model: str, image: np.ndarray, mbps: float, r
     return 1000 * (relayed_s - direct_s - per_request * 8 / (mbps * 1e6))
 
 
-def measure_in_turns(placements: list, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float,
-                     concurrency: int, limit: CpuLimit | None, netns: NetnsLink | None, starts: int = 1) -> list[dict]:
+def measure_in_turns(placements: list, export: Path, model: str, images: np.ndarray, labels: np.ndarray,
+                     mbps: float, rtt_ms: float, concurrency: int, limit: CpuLimit | None, netns: NetnsLink | None,
+                     starts: int = 1) -> list[dict]:
     """Each of `placements` ((device stages, cloud stages), wire, send_images) served over the emulated link and
     measured: the images split among `starts` fresh sets of processes per placement, the placements taking turns
     start by start, the order reversed each time (a process's speed varies from one start to the next, and the
@@ -190,15 +190,16 @@ def measure_in_turns(placements: list, export: Path, model: str, images: np.ndar
         for j, (stages, wire, send_images) in order if s % 2 == 0 else order[::-1]:
             runs[j].append(_serve_once(stages, export, model, images[part], mbps, rtt_ms, wire, send_images,
                                        concurrency, limit, netns))
-    return [_measured(r, len(images)) for r in runs]
+    return [_measured(r, labels) for r in runs]
 
 
-def _measured(runs: list, images: int) -> dict:
+def _measured(runs: list, labels: np.ndarray) -> dict:
     """One placement's starts ((seconds, classes, degraded, bytes) each), summed up."""
     seconds = np.concatenate([r[0] for r in runs])
     return {"p50_ms": 1000 * float(np.percentile(seconds, 50)), "p99_ms": 1000 * float(np.percentile(seconds, 99)),
-            "mean_ms": 1000 * float(seconds.mean()), "bytes_per_image": sum(r[3] for r in runs) / images,
-            "degraded": sum(r[2] for r in runs), "classes": np.concatenate([r[1] for r in runs]),
+            "mean_ms": 1000 * float(seconds.mean()), "bytes_per_image": sum(r[3] for r in runs) / len(labels),
+            "degraded": sum(r[2] for r in runs),
+            "accuracy": 100 * float((np.concatenate([r[1] for r in runs]) == labels).mean()),
             "starts": len(runs), "mean_ms_per_start": [1000 * float(r[0].mean()) for r in runs]}
 
 
@@ -358,25 +359,24 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
              "all-device": next(c for c in p.candidates if c.stages == ((0, k - 1), None)),
              "best split": split, "plan": p.choice}
     distinct = list(dict.fromkeys(named.values()))  # a candidate is served once: the plan's row is the
-    runs = measure_in_turns([(c.stages, c.wire, c.links[0].payload == "input") for c in distinct], export, model,
-                            images, mbps, rtt, args.concurrency, limit, netns, args.starts)  # measurement it chose
-    measured = {c: (next(n for n, d in named.items() if d == c), m, 100 * float((m.pop("classes") == labels).mean()))
-                for c, m in zip(distinct, runs)}
-    shown = set()
+    measured = dict(zip(distinct, measure_in_turns(  # measurement of the candidate it chose
+        [(c.stages, c.wire, c.links[0].payload == "input") for c in distinct], export, model, images, labels, mbps,
+        rtt, args.concurrency, limit, netns, args.starts)))
+    first = {}  # each candidate's first name
     for name, c in named.items():
-        again = c in shown
-        shown.add(c)
-        first, m, acc = measured[c]
+        again = c in first
+        first.setdefault(c, name)
+        m = measured[c]
         label = f"{name} {'/'.join(f'{r[0]}-{r[1]}' if r else '-' for r in c.stages)}"
         print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>18s} {c.wire:>4s} {c.latency_ms:8.2f} "
               f"{m['mean_ms']:8.2f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['bytes_per_image']:9.0f} "
-              f"{c.traffic_bytes:9.0f} {acc:6.2f} {m['degraded']:4d}" + (f"  (= {first}: the same run)" if again else ""))
+              f"{c.traffic_bytes:9.0f} {m['accuracy']:6.2f} {m['degraded']:4d}"
+              + (f"  (= {first[c]}: the same run)" if again else ""))
         if args.starts > 1 and not again:
             print(f"{'':>33s} mean ms per start: " + ", ".join(f"{v:.2f}" for v in m["mean_ms_per_start"]))
         rows.append({"mbps": mbps, "rtt_ms": rtt, "measured_rtt_ms": measured_rtt, "placement": name,
                      "stages": c.stages, "wire": c.wire, "predicted_ms": c.latency_ms,
-                     "predicted_bytes": c.traffic_bytes, "accuracy": acc, "same_run_as": first if again else None,
-                     **m})
+                     "predicted_bytes": c.traffic_bytes, "same_run_as": first[c] if again else None, **m})
     return rows
 
 

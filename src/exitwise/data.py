@@ -133,7 +133,7 @@ class Splits:
     def describe(self) -> DatasetRef:
         """These splits as a study's results, its logits and a model card record them."""
         return DatasetRef(self.dataset, self.source, tuple(self.test.classes),
-                          SplitSizes(len(self.train), len(self.val), len(self.test)), self.split_seed, len(self.val))
+                          SplitSizes(len(self.train), len(self.val), len(self.test)), self.split_seed)
 
 
 def load_splits(dataset: str, data_dir: str | Path | None = None, *, download: bool = False,

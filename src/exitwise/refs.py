@@ -57,7 +57,11 @@ class DatasetRef:
     classes: tuple[str, ...]
     sizes: SplitSizes
     split_seed: int            # the seed that chose the validation images from train
-    val_size: int              # = sizes.val (the files have always had both)
+
+    @property
+    def val_size(self) -> int:
+        """= sizes.val; the files have always had both (written, not read back)."""
+        return self.sizes.val
 
     def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "classes": list(self.classes)}
+        return {**dataclasses.asdict(self), "classes": list(self.classes), "val_size": self.val_size}

@@ -511,8 +511,8 @@ SUSTAINED_SECONDS = 0.25  # `plan --measure` times each stage for at least this 
 
 @contextmanager
 def _collector_paused():
-    """No garbage collection while timing, as `timeit` does: a full collection stops the process for milliseconds (a
-    tenth of a second beside torch), which a mean over a hundred calls would count as the cost being measured."""
+    """No garbage collection while timing, as `timeit` does: a full collection stops the process for milliseconds (85
+    ms in a server holding torch and a model), which a mean over a hundred calls would count as the measured cost."""
     enabled = gc.isenabled()
     gc.disable()
     try:
