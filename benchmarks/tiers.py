@@ -136,7 +136,7 @@ def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit
     return tier, float(np.median([t.request_seconds for t in inside]))
 
 
-def link(port: int, mbps: float, rtt_ms: float, netns: NetnsLink | None, max_seconds: float = 3600) -> LinkRelay:
+def link(port: int, mbps: float | None, rtt_ms: float, netns: NetnsLink | None, max_seconds: float = 3600) -> LinkRelay:
     """The emulated link to a server on `port`: a relay adding the RTT and the rate, or (`netns`: the server is in
     that namespace) the RTT only, the namespace's tbf giving the rate."""
     return LinkRelay(port, mbps=None if netns else mbps, rtt_ms=rtt_ms, max_seconds=max_seconds,
@@ -203,7 +203,7 @@ def _measured(runs: list, labels: np.ndarray) -> dict:
             "starts": len(runs), "mean_ms_per_start": [1000 * float(r[0].mean()) for r in runs]}
 
 
-def _serve_once(placement, export: Path, model: str, images: np.ndarray, mbps: float, rtt_ms: float, wire: str,
+def _serve_once(placement, export: Path, model: str, images: np.ndarray, mbps: float | None, rtt_ms: float, wire: str,
                 send_images: bool, concurrency: int, limit: CpuLimit | None,
                 netns: NetnsLink | None) -> tuple[np.ndarray, np.ndarray, int, int]:
     """`placement` served by fresh processes, `images` driven through it: (seconds, classes, degraded, bytes)."""
@@ -235,6 +235,34 @@ def _serve_once(placement, export: Path, model: str, images: np.ndarray, mbps: f
             p.stop()
         if relay:
             relay.stop()
+
+
+def whole_test_set(rows: list[dict], export: Path, model: str, images: np.ndarray, labels: np.ndarray,
+                   concurrency: int) -> dict:
+    """Accuracy and bytes per image on `images` (the whole test set by default) of every placement the plan chose
+    and of all-cloud, each served once more by fresh processes over a relay that only counts the bytes (no delay, no
+    rate cap, no CPU limit: neither changes an answer or a byte), beside the full network's accuracy (ONNX Runtime,
+    every image to the final exit). The timed rows serve fewer images: an accuracy within 0.5 points of the full
+    network is a claim about the setting, and 1,000 images are too few to settle a difference that small."""
+    full = 100 * float((OnnxEarlyExit.load(export).run_backbone(images).predictions == labels).mean())
+    chosen = {}
+    for r in rows:
+        if r["placement"] in ("plan", "all-cloud"):
+            key = (r["stages"], r["wire"], r["send_images"])
+            chosen.setdefault(key, []).append(f"{r['placement']} {r['mbps']:g}Mb/{r['rtt_ms']:g}ms")
+    print(f"whole test set ({len(labels)} images, untimed, {concurrency} in flight): full network {full:.2f}%")
+    out = {"images": len(labels), "full_network_accuracy": full, "placements": []}
+    for (stages, wire, send_images), where in chosen.items():
+        _, classes, degraded, crossed = _serve_once(stages, export, model, images, None, 0.0, wire, send_images,
+                                                    concurrency, None, None)
+        accuracy = 100 * float((classes == labels).mean())
+        label = "/".join(f"{s[0]}-{s[1]}" if s else "-" for s in stages)
+        print(f"  {label:>9s} {wire}: accuracy {accuracy:.2f}% ({accuracy - full:+.2f} points against the full "
+              f"network), {crossed / len(labels):.0f} B/image over the link, {degraded} degraded; as "
+              + ", ".join(where))
+        out["placements"].append({"stages": stages, "wire": wire, "send_images": send_images, "accuracy": accuracy,
+                                  "bytes_per_image": crossed / len(labels), "degraded": degraded, "rows": where})
+    return out
 
 
 def tiny_setup(folder: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
@@ -279,14 +307,18 @@ def main() -> None:
     ap.add_argument("--starts", type=int, default=3, help="fresh processes per placement, in turn, the images split "
                     "among them (a process's speed varies from one start to the next; the costs are medians of 3)")
     ap.add_argument("--wire-images", type=int, default=500, help="validation images to measure the wire formats on")
+    ap.add_argument("--accuracy-images", type=int, default=0, help="afterwards, the placements the plan chose and "
+                    "all-cloud serve this many test images again, untimed, for their accuracy and bytes (0: the whole "
+                    "test set; -1: skip)")
+    ap.add_argument("--concurrency-untimed", type=int, default=8, help="requests in flight in that pass")
     ap.add_argument("--tiny", action="store_true", help="smoke run on a random-weight digits-convnet")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             study, export, images, labels = tiny_setup(Path(tmp))
-            calibration = wire_on = images
-            links = [(20.0, 20.0)]
+            calibration = wire_on = test_all = images
+            test_labels, links = labels, [(20.0, 20.0)]
         else:
             if not (args.study and args.export and args.data_dir):
                 ap.error("give --study, --export and --data-dir (or --tiny)")
@@ -294,6 +326,8 @@ def main() -> None:
             splits = load_splits("cifar10", args.data_dir, progress=False)
             study, export = args.study, args.export
             images, labels = splits.test.images[:args.images].numpy(), splits.test.labels[:args.images].numpy()
+            n = args.accuracy_images or len(splits.test.labels)
+            test_all, test_labels = splits.test.images[:n].numpy(), splits.test.labels[:n].numpy()
             calibration = splits.val.images[:100].numpy()  # the request costs are measured on these
             wire_on = splits.val.images[:args.wire_images].numpy()  # the plan's wire format is chosen on these
             links = [tuple(float(v) for v in item.split(":")) for item in args.links.split(",")]
@@ -335,12 +369,14 @@ def main() -> None:
             finally:
                 if netns:
                     netns.close()
+        whole = whole_test_set(rows, export, model, test_all, test_labels, args.concurrency_untimed) \
+            if args.accuracy_images >= 0 else None
         if args.out:
             from exitwise.io import atomic_write_json
             atomic_write_json(args.out, {"machine": host, "load": machine_load(), "images": len(images), "rows": rows,
                                          "tiers": [t.to_json() for t in tiers], "link_rate": args.link_rate,
                                          "full_network_accuracy": 100 * float((full == labels).mean()),
-                                         "wire": wire.to_json()})
+                                         "wire": wire.to_json(), "whole_test_set": whole})
 
 
 def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndarray, calibration: np.ndarray,
@@ -375,7 +411,8 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
         if args.starts > 1 and not again:
             print(f"{'':>33s} mean ms per start: " + ", ".join(f"{v:.2f}" for v in m["mean_ms_per_start"]))
         rows.append({"mbps": mbps, "rtt_ms": rtt, "measured_rtt_ms": measured_rtt, "placement": name,
-                     "stages": c.stages, "wire": c.wire, "predicted_ms": c.latency_ms,
+                     "stages": c.stages, "wire": c.wire, "send_images": c.links[0].payload == "input",
+                     "predicted_ms": c.latency_ms,
                      "predicted_bytes": c.traffic_bytes, "same_run_as": first[c] if again else None, **m})
     return rows
 
