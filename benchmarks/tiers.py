@@ -7,12 +7,12 @@ Two tiers, "device" and "cloud", both `exitwise serve` processes on this machine
 emulated as a slower single-core machine: its tier runs pinned to one CPU (the last) in a cgroup limited to
 `--device-cpu-share` of it (default 0.25: 1 ms of CPU in every 4 ms); everything else (this client, the relays,
 the cloud tier) runs on the other CPUs.
-The planner gets each tier's stage times as measured there (`exitwise plan --measure`, batch 1, the device's
-inside the same cgroup), its request cost as its clients see it (`plan.measure_request_at`, from this process;
-both the median of three fresh processes),
-and each link's round trip as measured through the relay (its nominal RTT plus the relay's own work). Clients
-send one image per request (binary V2 infer) on a keep-alive connection each (as a device application keeps its
-connection open), `--concurrency` at a time (default 1); each placement is served by `--starts` fresh sets of
+The planner gets each tier's stage times as measured there (`exitwise plan --measure`, batch 1, the device's inside
+the same cgroup), its request cost as its clients see it (`plan.measure_request_at`, from this process; both the
+median of three fresh processes; taken again just before each link's placements, as the VM's speed moves over
+minutes), and each link's round trip as measured through the relay (its nominal RTT plus the relay's own work).
+Clients send one image per request (binary V2 infer) on a keep-alive connection each (as a device application keeps
+its connection open), `--concurrency` at a time (default 1); each placement is served by `--starts` fresh sets of
 processes (default 3, as each cost is the median of three starts), the images split among them, the placements of a
 link taking turns start by start.
 
@@ -134,6 +134,18 @@ def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit
           + "; request ms from its clients " + "/".join(f"{1000 * r:.2f}" for r in requests))
     tier = Tier(name, stage_seconds=stages, request_seconds=float(np.median(requests)))
     return tier, float(np.median([t.request_seconds for t in inside]))
+
+
+def measure_tiers(export: Path, model: str, images: np.ndarray, limit: CpuLimit | None) -> tuple[Tier, Tier]:
+    """The device (inside `limit`) and the cloud, measured (`measured_tier`) and printed."""
+    (device, device_inside), (cloud, cloud_inside) = (measured_tier("device", export, model, images, limit),
+                                                      measured_tier("cloud", export, model, images, None))
+    for t, inside in ((device, device_inside), (cloud, cloud_inside)):
+        print(f"{t.name}: stage ms per image (plan --measure, batch 1"
+              f"{f', in {limit.share:g} of CPU {limit.cpu}' if t.name == 'device' and limit else ''}): "
+              + ", ".join(f"{1000 * v:.3f}" for v in t.stage_seconds) + f"; request {1000 * t.request_seconds:.2f} "
+              f"from its clients (plan --measure, its client inside: {1000 * inside:.2f})")
+    return device, cloud
 
 
 def link(port: int, mbps: float | None, rtt_ms: float, netns: NetnsLink | None, max_seconds: float = 3600) -> LinkRelay:
@@ -306,6 +318,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight (1: each image's latency alone)")
     ap.add_argument("--starts", type=int, default=3, help="fresh processes per placement, in turn, the images split "
                     "among them (a process's speed varies from one start to the next; the costs are medians of 3)")
+    ap.add_argument("--measure-each-link", action=argparse.BooleanOptionalAction, default=True, help="measure the "
+                    "tiers again just before each link's placements (the VM's speed moves over minutes: the costs "
+                    "then date from the minutes they predict; --no-measure-each-link: once, before the first link)")
     ap.add_argument("--wire-images", type=int, default=500, help="validation images to measure the wire formats on")
     ap.add_argument("--accuracy-images", type=int, default=0, help="afterwards, the placements the plan chose and "
                     "all-cloud serve this many test images again, untimed, for their accuracy and bytes (0: the whole "
@@ -350,18 +365,13 @@ def main() -> None:
             atexit.register(limit.close)  # also when the run fails (its tiers have stopped by then)
         if limit and os.cpu_count() > 1:  # the device's CPU is its own: everything else (the client, the relays,
             os.sched_setaffinity(0, set(range(os.cpu_count())) - {limit.cpu})  # the cloud) runs on the others
-        (device, device_inside), (cloud, cloud_inside) = (measured_tier("device", export, model, calibration, limit),
-                                                          measured_tier("cloud", export, model, calibration, None))
-        tiers = (device, cloud)
-        rows = []
+        rows, measured = [], []
         print(f"model {model}; {len(images)} images; full network accuracy {100 * (full == labels).mean():.2f}%; "
               f"{args.concurrency} request(s) in flight")
-        for t, inside in ((device, device_inside), (cloud, cloud_inside)):
-            print(f"{t.name}: stage ms per image (plan --measure, batch 1"
-                  f"{f', in {limit.share:g} of CPU {limit.cpu}' if t.name == 'device' and limit else ''}): "
-                  + ", ".join(f"{1000 * v:.3f}" for v in t.stage_seconds) + f"; request {1000 * t.request_seconds:.2f} "
-                  f"from its clients (plan --measure, its client inside: {1000 * inside:.2f})")
-        for mbps, rtt in links:
+        for i, (mbps, rtt) in enumerate(links):
+            if i == 0 or args.measure_each_link:
+                tiers = measure_tiers(export, model, calibration, limit)
+                measured.append({"before_link": [mbps, rtt], "tiers": [t.to_json() for t in tiers]})
             netns = NetnsLink(mbps) if args.link_rate == "tbf" else None
             try:
                 rows += run_link(args, export, model, images, labels, calibration, tiers, costs, k, mbps, rtt, limit,
@@ -374,7 +384,7 @@ def main() -> None:
         if args.out:
             from exitwise.io import atomic_write_json
             atomic_write_json(args.out, {"machine": host, "load": machine_load(), "images": len(images), "rows": rows,
-                                         "tiers": [t.to_json() for t in tiers], "link_rate": args.link_rate,
+                                         "measured_tiers": measured, "link_rate": args.link_rate,
                                          "full_network_accuracy": 100 * float((full == labels).mean()),
                                          "wire": wire.to_json(), "whole_test_set": whole})
 
