@@ -9,11 +9,11 @@ emulated as a slower single-core machine: its tier runs pinned to one CPU (the l
 the cloud tier) runs on the other CPUs.
 The planner gets each tier's stage times as measured there (`exitwise plan --measure`, batch 1, the device's inside
 the same cgroup), its request cost as its clients see it (`plan.measure_request_at`, from this process; both the
-median of three fresh processes; taken again just before each link's placements, as the VM's speed moves over
+median of `--starts` fresh processes; taken again just before each link's placements, as the VM's speed moves over
 minutes), and each link's round trip as measured through the relay (its nominal RTT plus the relay's own work).
 Clients send one image per request (binary V2 infer) on a keep-alive connection each (as a device application keeps
 its connection open), `--concurrency` at a time (default 1); each placement is served by `--starts` fresh sets of
-processes (default 3, as each cost is the median of three starts), the images split among them, the placements of a
+processes (default 3; each tier's costs are the median of as many), the images split among them, the placements of a
 link taking turns start by start.
 
     python benchmarks/tiers.py --study runs/b-resnet11-study --export runs/b-resnet11-onnx \\
@@ -136,10 +136,11 @@ def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit
     return tier, float(np.median([t.request_seconds for t in inside]))
 
 
-def measure_tiers(export: Path, model: str, images: np.ndarray, limit: CpuLimit | None) -> tuple[Tier, Tier]:
-    """The device (inside `limit`) and the cloud, measured (`measured_tier`) and printed."""
-    (device, device_inside), (cloud, cloud_inside) = (measured_tier("device", export, model, images, limit),
-                                                      measured_tier("cloud", export, model, images, None))
+def measure_tiers(export: Path, model: str, images: np.ndarray, limit: CpuLimit | None,
+                  starts: int) -> tuple[Tier, Tier]:
+    """The device (inside `limit`) and the cloud, measured (`measured_tier`, `starts` fresh processes) and printed."""
+    (device, device_inside), (cloud, cloud_inside) = (measured_tier("device", export, model, images, limit, starts),
+                                                      measured_tier("cloud", export, model, images, None, starts))
     for t, inside in ((device, device_inside), (cloud, cloud_inside)):
         print(f"{t.name}: stage ms per image (plan --measure, batch 1"
               f"{f', in {limit.share:g} of CPU {limit.cpu}' if t.name == 'device' and limit else ''}): "
@@ -317,7 +318,8 @@ def main() -> None:
                     "run creates, the cloud inside (the relay then adds the RTT only)")
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight (1: each image's latency alone)")
     ap.add_argument("--starts", type=int, default=3, help="fresh processes per placement, in turn, the images split "
-                    "among them (a process's speed varies from one start to the next; the costs are medians of 3)")
+                    "among them, and per tier for its costs (their median): a process's speed varies from one start "
+                    "to the next")
     ap.add_argument("--measure-each-link", action=argparse.BooleanOptionalAction, default=True, help="measure the "
                     "tiers again just before each link's placements (the VM's speed moves over minutes: the costs "
                     "then date from the minutes they predict; --no-measure-each-link: once, before the first link)")
@@ -370,7 +372,7 @@ def main() -> None:
               f"{args.concurrency} request(s) in flight")
         for i, (mbps, rtt) in enumerate(links):
             if i == 0 or args.measure_each_link:
-                tiers = measure_tiers(export, model, calibration, limit)
+                tiers = measure_tiers(export, model, calibration, limit, args.starts)
                 measured.append({"before_link": [mbps, rtt], "tiers": [t.to_json() for t in tiers]})
             netns = NetnsLink(mbps) if args.link_rate == "tbf" else None
             try:
