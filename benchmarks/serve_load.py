@@ -16,8 +16,9 @@ The client (this process, on uvloop where installed) sends CIFAR-10 test images 
 keep-alive connections (at most 2,000 open; a request waiting for one has the wait in its latency, which counts
 from the time it was due; 64 are open before a run's clock starts, and the client's heap is frozen then, so its own
 garbage collection, 50-60 ms beside torch and the models, does not pause it mid-run). Rates are multiples of (a)'s
-capacity: its throughput with --concurrency requests always in flight, the best of --repeats rounds (in a round every server runs back to back, the order alternating
-from one round to the next). Per server and rate: achieved throughput, p50/p95/p99 latency of the answered requests,
+capacity: its throughput with --concurrency requests always in flight (default 256: early exit's stage calls then run
+45-64 rows at --max-batch 64), the best of --repeats rounds (in a round every server runs back to back, the order alternating from one
+round to the next). Per server and rate: achieved throughput, p50/p95/p99 latency of the answered requests,
 refusals (503/504), accuracy of the answers, mean batch size per stage (from /metrics) and the client's own
 CPU time (it shares the machine's cores with the server). Printed at the end:
 * the highest tested rate each server sustains (every request answered, p99 under 100 ms);
@@ -288,7 +289,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=2000, help="test images the load cycles through")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each load run")
     p.add_argument("--rates", default="0.3,0.5,0.7,1,1.5,2,2.5,3", help="multiples of the full network's capacity")
-    p.add_argument("--concurrency", type=int, default=64, help="requests in flight when measuring capacity")
+    p.add_argument("--concurrency", type=int, default=256, help="requests in flight when measuring capacity (256: "
+                   "early exit's stage calls run 45-64 rows at --max-batch 64, and both servers answer more per second "
+                   "than at 64; benchmarks/serve_depth.py)")
     p.add_argument("--repeats", type=int, default=5, help="rounds: in each, every server's capacity run back to back "
                    "(the order alternating), and the offline pair; a server's capacity is its best round, the ratios "
                    "the median of the rounds' ratios")
