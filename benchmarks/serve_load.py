@@ -11,16 +11,16 @@ rule), (c) early exit with request-level batching (a batch runs all its
 stages together, as the offline runtime does, and is answered when it is done). All three run in the precision
 and micro-batch measured once here, so they differ only in what is compared.
 
-The client (this process, on uvloop where installed) sends CIFAR-10 test images as JPEG bytes to /v1/predict at Poisson arrival times
-(fixed seed), open loop: a request is sent at its time whatever the answers before it, over a pool of
-keep-alive connections (at most 2,000 open; a request waiting for one has the wait in its latency, which counts
-from the time it was due; 64 are open before a run's clock starts, and the client's heap is frozen then, so its own
-garbage collection, 50-60 ms beside torch and the models, does not pause it mid-run). Rates are multiples of (a)'s
-capacity: its throughput with --concurrency requests always in flight (default 256: early exit's stage calls then run
-45-64 rows at --max-batch 64), the best of --repeats rounds (in a round every server runs back to back, the order alternating from one
-round to the next). Per server and rate: achieved throughput, p50/p95/p99 latency of the answered requests,
-refusals (503/504), accuracy of the answers, mean batch size per stage (from /metrics) and the client's own
-CPU time (it shares the machine's cores with the server). Printed at the end:
+The client (this process, on uvloop where installed) sends CIFAR-10 test images as JPEG bytes to /v1/predict at
+Poisson arrival times (fixed seed), open loop: a request is sent at its time whatever the answers before it, over a
+pool of keep-alive connections (at most 2,000 open; a request waiting for one has the wait in its latency, which
+counts from the time it was due; 64 are open before a run's clock starts, and the client's heap is frozen then, so
+its own garbage collection, 50-60 ms beside torch and the models, does not pause it mid-run). Rates are multiples of
+(a)'s capacity: its throughput with --concurrency requests always in flight (default 256: early exit's stage calls
+then run 45-64 rows at --max-batch 64), the best of --repeats rounds (in a round every server runs back to back, the
+order alternating from one round to the next). Per server and rate: achieved throughput, p50/p95/p99 latency of the
+answered requests, refusals (503/504), accuracy of the answers, mean batch size per stage (from /metrics) and the
+client's own CPU time (it shares the machine's cores with the server). Printed at the end:
 * the highest tested rate each server sustains (every request answered, p99 under 100 ms);
 * the p50 and p99 ratios (a)/(b) at the rate nearest 70% of (a)'s capacity;
 * the served throughput ratio (b)/(a) beside the offline ratio at batch 256 (`EarlyExitModel.run` vs
