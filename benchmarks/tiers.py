@@ -13,7 +13,7 @@ median of `--starts` fresh processes; taken again just before each link's placem
 minutes), and each link's round trip as measured through the relay (its nominal RTT plus the relay's own work).
 Clients send one image per request (binary V2 infer) on a keep-alive connection each (as a device application keeps
 its connection open), `--concurrency` at a time (default 1); each placement is served by `--starts` fresh sets of
-processes (default 3; each tier's costs are the median of as many), the images split among them, the placements of a
+processes (default 6; each tier's costs are the median of as many), the images split among them, the placements of a
 link taking turns start by start.
 
     python benchmarks/tiers.py --study runs/b-resnet11-study --export runs/b-resnet11-onnx \\
@@ -317,9 +317,9 @@ def main() -> None:
                     "the relay (a serial line, in user space) or tbf on a veth pair into a network namespace this "
                     "run creates, the cloud inside (the relay then adds the RTT only)")
     ap.add_argument("--concurrency", type=int, default=1, help="requests in flight (1: each image's latency alone)")
-    ap.add_argument("--starts", type=int, default=3, help="fresh processes per placement, in turn, the images split "
-                    "among them, and per tier for its costs (their median): a process's speed varies from one start "
-                    "to the next")
+    ap.add_argument("--starts", type=int, default=6, help="fresh processes per placement, in turn, the images split "
+                    "among them, and per tier for its costs (their median): an emulated device's speed varies by up "
+                    "to 45%% from one start to the next (docs/tiers.md)")
     ap.add_argument("--measure-each-link", action=argparse.BooleanOptionalAction, default=True, help="measure the "
                     "tiers again just before each link's placements (the VM's speed moves over minutes: the costs "
                     "then date from the minutes they predict; --no-measure-each-link: once, before the first link)")
