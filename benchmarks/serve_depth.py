@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=6.0)
     args = p.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a log file fills in line by line, as the run goes
     variants = [tuple(int(v) for v in item.split("/")) for item in args.variants.split(",")]
     keep_freed_memory()  # as the CLI does, for the offline runs
     blobs, labels, classes = sl.test_jpegs(args.data, 2000, 0)
@@ -43,13 +44,13 @@ def main() -> None:
     model = load_early_exit(model="b-resnet11")
     tuned = tune(model.network, data, "auto")
     print(f"b-resnet11 on {machine().describe()}; {describe_load(machine_load())}; precision {tuned.precision}, "
-          f"micro-batch {tuned.micro_batch}", flush=True)
+          f"micro-batch {tuned.micro_batch}")
     big = ImageSet(data.images.repeat(2, 1, 1, 1)[:2560], data.labels.repeat(2)[:2560], classes)
 
     def offline(when: str) -> float:
         off = sl.offline(model, tuned.network, tuned.micro_batch, big, 0, args.rounds)
         print(f"offline batch 256 ratio {when}: {off['ratio']:.2f}x (rounds "
-              + ", ".join(f"{r:.2f}" for r in off["ratios"]) + ")", flush=True)
+              + ", ".join(f"{r:.2f}" for r in off["ratios"]) + ")")
         return off["ratio"]
 
     before = offline("before")

@@ -307,6 +307,7 @@ def main() -> None:
     p.add_argument("--precision", default="auto")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a log file fills in line by line, as the run goes
     # the offline reference runs as `exitwise study` runs it, and as the served processes (`exitwise serve`) do:
     # with glibc's malloc thresholds raised (until the fifth session of 2026-12-04 it ran without: early exit up to a
     # quarter slower, docs/serve.md)

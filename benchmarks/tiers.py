@@ -331,6 +331,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="smoke run on a random-weight digits-convnet")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a log file fills in line by line, as the run goes
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             study, export, images, labels = tiny_setup(Path(tmp))
