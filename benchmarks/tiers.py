@@ -149,7 +149,8 @@ def measure_tiers(export: Path, model: str, images: np.ndarray, limit: CpuLimit 
     return device, cloud
 
 
-def link(port: int, mbps: float | None, rtt_ms: float, netns: NetnsLink | None, max_seconds: float = 3600) -> LinkRelay:
+def link(port: int, mbps: float | None, rtt_ms: float, netns: NetnsLink | None,
+         max_seconds: float = 3600) -> LinkRelay:
     """The emulated link to a server on `port`: a relay adding the RTT and the rate, or (`netns`: the server is in
     that namespace) the RTT only, the namespace's tbf giving the rate."""
     return LinkRelay(port, mbps=None if netns else mbps, rtt_ms=rtt_ms, max_seconds=max_seconds,
@@ -216,8 +217,8 @@ def _measured(runs: list, labels: np.ndarray) -> dict:
             "starts": len(runs), "mean_ms_per_start": [1000 * float(r[0].mean()) for r in runs]}
 
 
-def _serve_once(placement, export: Path, model: str, images: np.ndarray, mbps: float | None, rtt_ms: float, wire: str,
-                send_images: bool, concurrency: int, limit: CpuLimit | None,
+def _serve_once(placement, export: Path, model: str, images: np.ndarray, mbps: float | None, rtt_ms: float,
+                wire: str, send_images: bool, concurrency: int, limit: CpuLimit | None,
                 netns: NetnsLink | None) -> tuple[np.ndarray, np.ndarray, int, int]:
     """`placement` served by fresh processes, `images` driven through it: (seconds, classes, degraded, bytes)."""
     device_stages, cloud_stages = placement
