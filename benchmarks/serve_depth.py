@@ -15,18 +15,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_load as sl  # noqa: E402
 
 from exitwise.allocator import keep_freed_memory  # noqa: E402
-from exitwise.data import ImageSet  # noqa: E402
-from exitwise.deploy.oip import decode_images  # noqa: E402
 from exitwise.deploy.server import settle_heap  # noqa: E402
 from exitwise.device import describe_load, machine, machine_load  # noqa: E402
-from exitwise.serve_torch import load_early_exit  # noqa: E402
-from exitwise.tune import tune  # noqa: E402
 
 
 def main() -> None:
@@ -39,13 +34,9 @@ def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)  # a log file fills in line by line, as the run goes
     variants = [tuple(int(v) for v in item.split("/")) for item in args.variants.split(",")]
     keep_freed_memory()  # as the CLI does, for the offline runs
-    blobs, labels, classes = sl.test_jpegs(args.data, 2000, 0)
-    data = ImageSet(torch.from_numpy(decode_images(blobs, (3, 32, 32))), torch.from_numpy(labels), classes)
-    model = load_early_exit(model="b-resnet11")
-    tuned = tune(model.network, data, "auto")
+    blobs, labels, model, tuned, big = sl.setup(args.data, 2000, 0, "b-resnet11", "auto", 2560)
     print(f"b-resnet11 on {machine().describe()}; {describe_load(machine_load())}; precision {tuned.precision}, "
           f"micro-batch {tuned.micro_batch}")
-    big = ImageSet(data.images.repeat(2, 1, 1, 1)[:2560], data.labels.repeat(2)[:2560], classes)
 
     def offline(when: str) -> float:
         off = sl.offline(model, tuned.network, tuned.micro_batch, big, 0, args.rounds)

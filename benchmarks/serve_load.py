@@ -260,6 +260,19 @@ def run_load(server: Server, blobs, labels, rate: float | None, seconds: float, 
             "loop_cpu_per_request": loop_cpu / max(len(results), 1)}
 
 
+def setup(archive: Path, n: int, seed: int, model_name: str, precision: str, offline_images: int):
+    """n test images as JPEG bytes and their labels, the model with the precision and micro-batch `tune` measures on
+    those images decoded, and `offline_images` of them decoded (repeated as needed) for the offline runs."""
+    blobs, labels, classes = test_jpegs(archive, n, seed)
+    data = ImageSet(torch.from_numpy(decode_images(blobs, (3, 32, 32))), torch.from_numpy(labels), classes)
+    model = load_early_exit(model=model_name)
+    tuned = tune(model.network, data, precision)
+    reps = -(-offline_images // len(data))
+    big = ImageSet(data.images.repeat(reps, 1, 1, 1)[:offline_images], data.labels.repeat(reps)[:offline_images],
+                   classes)
+    return blobs, labels, model, tuned, big
+
+
 def offline(model, network, micro_batch: int, data: ImageSet, sequential: int, rounds: int,
             batch_size: int = 256) -> dict:
     """Offline, same precision and micro-batch: `batch_size` seconds of early exit and of the full network, the two
@@ -313,18 +326,12 @@ def main() -> None:
     # quarter slower, docs/serve.md)
     raised = keep_freed_memory()
 
-    blobs, labels, classes = test_jpegs(args.data, args.images, args.seed)
-    images = decode_images(blobs, (3, 32, 32))
-    data = ImageSet(torch.from_numpy(images), torch.from_numpy(labels), classes)
-    model = load_early_exit(model=args.model)
-    tuned = tune(model.network, data, args.precision)
+    blobs, labels, model, tuned, big = setup(args.data, args.images, args.seed, args.model, args.precision,
+                                             args.offline_images)
     print(f"{args.model} on {machine().describe()}; {describe_load(machine_load())}; glibc malloc thresholds raised "
           f"for the offline runs, as the CLI raises them: {'yes' if raised else 'no'}")
     print(f"precision {tuned.precision}, micro-batch {tuned.micro_batch}; setting {model.policy.name} "
           f"{[round(float(t), 4) for t in model.thresholds]}")
-    reps = -(-args.offline_images // len(data))
-    big = ImageSet(data.images.repeat(reps, 1, 1, 1)[:args.offline_images], data.labels.repeat(reps)[:args.offline_images],
-                   classes)
     off = offline(model, tuned.network, tuned.micro_batch, big, args.sequential, args.repeats)
     print(f"offline batch 256: full {off['full_s']:.3f} s, early exit {off['early_s']:.3f} s (the best rounds); "
           f"ratio {off['ratio']:.2f}x, the median of the rounds' {', '.join(f'{r:.2f}' for r in off['ratios'])}; "

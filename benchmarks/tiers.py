@@ -110,7 +110,7 @@ def drive(url: str, model: str, images: np.ndarray, concurrency: int,
 
 
 def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit: CpuLimit | None,
-                  starts: int = 3) -> tuple[Tier, float]:
+                  starts: int) -> tuple[Tier, float]:
     """A tier with its stage times measured there (`exitwise plan --measure`, inside `limit`) and its request cost
     as its clients see it (`plan.measure_request_at` from this process, outside `limit`, against the whole network
     served inside it, on `images`), each the median over `starts` fresh processes (a process's speed varies from
@@ -345,7 +345,7 @@ def main() -> None:
             splits = load_splits("cifar10", args.data_dir, progress=False)
             study, export = args.study, args.export
             images, labels = splits.test.images[:args.images].numpy(), splits.test.labels[:args.images].numpy()
-            n = args.accuracy_images or len(splits.test.labels)
+            n = args.accuracy_images if args.accuracy_images > 0 else len(splits.test.labels)
             test_all, test_labels = splits.test.images[:n].numpy(), splits.test.labels[:n].numpy()
             calibration = splits.val.images[:100].numpy()  # the request costs are measured on these
             wire_on = splits.val.images[:args.wire_images].numpy()  # the plan's wire format is chosen on these
