@@ -406,8 +406,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
                          scheduler=dataclasses.replace(scheduling, first=tier.first, last=tier.last) if tier
                          else scheduling)
     if args.ray:
+        if config.processes > 1:
+            raise UserError("--ray spreads the server over --replicas: drop --processes")
         from .deploy.ray_serve import serve_on_ray
         serve_on_ray(make_runner, config, replicas=args.replicas)
+        return
+    if config.processes > 1:  # each process builds its own runner, on its share of the CPUs' threads
+        from .deploy.processes import serve_processes
+        serve_processes(functools.partial(make_runner, workers=scheduling.workers * config.processes), config)
         return
     from .deploy.server import serve
     serve(runner or make_runner(), config)

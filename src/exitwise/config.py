@@ -266,6 +266,15 @@ class ServeConfig:
     host: str = option("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
     port: int = option(8000, "port (0: any free port, printed at start)")
     max_body_mb: float = option(16.0, "request bodies over this many MiB get 413")
+    processes: int = option(1, "server processes on the one port, each with its own model, batches and 1/N of the "
+                               "CPUs' threads: more requests per second, a lone request slower (2 on a 2-core AMD Zen "
+                               "4: +18-20%% capacity; docs/serve.md)")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tier: TierConfig | None = None       # one tier of a chain; None: the whole network
     relay: RelayConfig | None = None     # a tier with no stages: forwards everything, runs no model
+
+    def __post_init__(self) -> None:
+        if self.processes < 1:
+            raise UserError(f"--processes must be at least 1, got {self.processes}")
+        if self.processes > 1 and self.relay is not None:
+            raise UserError("a relay tier runs no model: serve it in one process (drop --processes)")

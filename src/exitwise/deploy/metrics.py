@@ -1,5 +1,10 @@
-"""`GET /metrics`: Prometheus metrics of one server (its own registry, so several servers live in one process)."""
+"""`GET /metrics`: Prometheus metrics of one server (its own registry, so several servers live in one process), or
+of all the processes of `exitwise serve --processes N` (prometheus-client's multiprocess mode: every process writes
+its values to files in one folder, and a scrape of any of them adds them up)."""
 from __future__ import annotations
+
+import threading
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -9,27 +14,46 @@ LATENCY_BUCKETS = (.001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .075
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+GAUGE_SECONDS = 0.5  # multiprocess: how often each process writes its queue gauges (a scrape reads the files)
+
+
 class Metrics(Observer):
-    def __init__(self):
+    def __init__(self, multiprocess: bool = False):
         self.registry = CollectorRegistry()
+        self.multiprocess = multiprocess
         r = self.registry
+        live = {"multiprocess_mode": "livesum"}  # the gauges of the processes alive, added up (multiprocess only)
         self.latency = Histogram("exitwise_request_seconds", "Time from a request's arrival to its answer",
                                  ["endpoint", "code"], buckets=LATENCY_BUCKETS, registry=r)
         self.exits = Counter("exitwise_exits", "Samples answered at each exit", ["exit"], registry=r)
         self.batches = Histogram("exitwise_batch_size", "Rows per stage call", ["stage"], buckets=BATCH_BUCKETS,
                                  registry=r)
-        self.depth = Gauge("exitwise_queue_depth", "Samples waiting at each stage", ["stage"], registry=r)
-        self.inside = Gauge("exitwise_samples_inside", "Samples accepted and not yet answered", registry=r)
+        self.depth = Gauge("exitwise_queue_depth", "Samples waiting at each stage", ["stage"], registry=r, **live)
+        self.inside = Gauge("exitwise_samples_inside", "Samples accepted and not yet answered", registry=r, **live)
         self.rejected = Counter("exitwise_rejected_requests", "Requests answered with an error, by reason",
                                 ["reason"], registry=r)
         self.dropped_samples = Counter("exitwise_dropped_samples", "Samples the scheduler dropped or refused, "
                                        "by reason (disconnected, timeout, queue_full)", ["reason"], registry=r)
 
     def watch(self, scheduler: Scheduler) -> None:
-        """Queue depths and the samples inside are read from `scheduler` at each scrape."""
-        for k in scheduler.queues:
-            self.depth.labels(stage=str(k)).set_function(lambda k=k: scheduler.depth(k))
-        self.inside.set_function(lambda: scheduler.inside)
+        """Queue depths and the samples inside are read from `scheduler` at each scrape (multiprocess: written by a
+        thread every GAUGE_SECONDS, as another process's scrape cannot call this one)."""
+        if not self.multiprocess:
+            for k in scheduler.queues:
+                self.depth.labels(stage=str(k)).set_function(lambda k=k: scheduler.depth(k))
+            self.inside.set_function(lambda: scheduler.inside)
+            return
+
+        def write() -> None:
+            while True:
+                for k in scheduler.queues:
+                    self.depth.labels(stage=str(k)).set(scheduler.depth(k))
+                self.inside.set(scheduler.inside)
+                if not scheduler.accepting and scheduler.inside == 0:
+                    return
+                time.sleep(GAUGE_SECONDS)
+
+        threading.Thread(target=write, name="exitwise-gauges", daemon=True).start()
 
     def batch(self, stage: int, rows: int) -> None:
         self.batches.labels(stage=str(stage)).observe(rows)
@@ -42,4 +66,9 @@ class Metrics(Observer):
         self.dropped_samples.labels(reason=reason).inc(rows)
 
     def text(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)

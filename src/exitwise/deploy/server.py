@@ -42,7 +42,7 @@ def _version() -> str:
 
 def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
     """The app, its scheduler started; the scheduler drains when the app shuts down (uvicorn's lifespan)."""
-    metrics = Metrics()
+    metrics = Metrics(multiprocess=config.processes > 1)
     tier = config.tier
     forward = Forwarder(runner, tier, metrics) if tier is not None and tier.next_url else None
     scheduled = CarryImages(runner) if tier is not None and tier.send_images else runner
@@ -305,36 +305,51 @@ async def _files(request: Request, body: bytes) -> tuple[Sequence[bytes], list[s
 
 def serve(runner: Runner | None, config: ServeConfig = ServeConfig(), log_level: str = "warning") -> None:
     """Run the server until SIGTERM or SIGINT; then accepted requests are answered and it returns. Port 0: any free
-    port; the line printed on start says which. With `config.relay`: a relay tier, no model (`runner` None)."""
+    port; the line printed on start says which. With `config.relay`: a relay tier, no model (`runner` None).
+    (`config.processes` above 1: `deploy.processes.serve_processes`, which builds a runner in each process.)"""
     if config.relay is not None:
         from .tiers import create_relay_app
         app, what = create_relay_app(config.relay, int(config.max_body_mb * 2**20)), f"relay {config.relay.name}"
-        close = lambda: None  # noqa: E731
     else:
         app, what = create_app(runner, config), f"{runner.name} ({runner.platform})"
-        close = lambda: app.state.scheduler.close(1)  # noqa: E731
-    _run(app, config, what, close, log_level)
+    try:
+        sock = listen(config)
+    except UserError:
+        if config.relay is None:
+            app.state.scheduler.close(1)
+        raise
+    host, port = sock.getsockname()[:2]
+    print(f"exitwise: serving {what} on http://{host}:{port}", flush=True)
+    run_app(app, config, sock, log_level)
 
 
-def _run(app, config: ServeConfig, what: str, close, log_level: str) -> None:
+def listen(config: ServeConfig, reuse_port: bool = False, listening: bool = True):
+    """The listening socket on config.host:config.port (connections queue from here on), or a one-line UserError.
+    `reuse_port`: several processes' sockets share the port, the kernel spreading connections evenly over those
+    listening (`serve --processes`); `listening=False`: bound only, holding the port."""
     import socket
-
-    import uvicorn
     sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((config.host, config.port))
-        sock.listen(2048)  # connections queue from the moment the line below is printed
+        if listening:
+            sock.listen(2048)
     except OSError as e:
-        close()
+        sock.close()
         raise UserError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
-    host, port = sock.getsockname()[:2]
+    return sock
+
+
+def run_app(app, config: ServeConfig, sock, log_level: str = "warning") -> None:
+    """`app` served by uvicorn on `sock` until SIGTERM or SIGINT, which drain it (this process's main thread)."""
+    import uvicorn
     server = uvicorn.Server(uvicorn_config(app, log_level, config.scheduler.timeout_ms / 1e3 + 5))
     if threading.current_thread() is threading.main_thread():
         # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so the exit is 0
         signal.signal(signal.SIGTERM, lambda *_: None)
     settle_heap()
-    print(f"exitwise: serving {what} on http://{host}:{port}", flush=True)
     server.run(sockets=[sock])
 
 

@@ -1,0 +1,148 @@
+"""`exitwise serve --processes N`: N server processes on one port (SO_REUSEPORT, as `gunicorn --reuse-port`).
+
+Each process builds its own runner (`make_runner`, on its 1/N share of the CPUs' threads), scheduler and event
+loop, and listens on the port with a socket of its own: the kernel spreads connections evenly over them (one shared
+listening socket gave most connections to whichever process was waiting: +9-13% capacity instead of +18-20%). The
+processes start one after another (a torch model tunes its precision and micro-batch alone). Nothing is shared
+between them but the port and the metrics: prometheus-client's multiprocess mode (its files in a temporary folder),
+so `/metrics` from any process counts them all. This process
+only supervises: SIGTERM or SIGINT is passed on (each drains as one server does) and it exits 0 when they have; a
+process that dies takes the others down and the exit is 1.
+
+Why: on 2 cores, two processes of one thread each answered 18-20% more requests per second than one of two threads
+(b-resnet11, both networks; docs/serve.md): no thread waits at the end of every operator for a thread that lost its
+core to the event loop, and no event loop shares an interpreter lock with a worker of the other process. A lone
+request runs on one thread instead of all, so it is slower: the default stays 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Callable
+
+from ..config import ServeConfig
+from ..errors import UserError
+from .runner import Runner
+
+METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus-client when a server process imports it
+START_SECONDS = 600  # a process that has not built its model by then is taken as failed
+
+
+@dataclass(frozen=True)
+class Started:
+    """What a server process reports once its model is built and its app is about to serve (or why it failed)."""
+    what: str = ""          # "NAME (PLATFORM)"
+    error: str | None = None
+
+
+def serve_processes(make_runner: Callable[[], Runner], config: ServeConfig, log_level: str = "warning") -> None:
+    """Run `config.processes` servers on one socket until SIGTERM or SIGINT; returns when all have drained. A server
+    process that fails to start or dies: the others are stopped and a one-line UserError says which and why."""
+    from .server import listen
+    sock = listen(config, reuse_port=True, listening=False)  # holds the port (0: the one the OS picks) for them
+    host, port = sock.getsockname()[:2]
+    config = dataclasses.replace(config, port=port)
+    folder = tempfile.mkdtemp(prefix="exitwise-metrics-")
+    os.environ[METRICS_DIR] = folder  # the processes started below inherit it
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter each (no forked threads or OpenMP state)
+    children: list = []
+    stopping = [False]
+
+    def stop(*_) -> None:
+        stopping[0] = True
+        for child in children:
+            if child.is_alive():
+                child.terminate()  # SIGTERM: drain
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        what = ""
+        for i in range(config.processes):
+            receive, send = context.Pipe(duplex=False)
+            child = context.Process(target=_server_process, args=(make_runner, config, send, log_level),
+                                    name=f"exitwise-serve-{i}")
+            child.start()
+            children.append(child)
+            send.close()
+            started = _started(receive, child)
+            if started.error is not None:
+                raise UserError(started.error)
+            if stopping[0]:
+                return
+            what = started.what
+        print(f"exitwise: serving {what} in {config.processes} processes on http://{host}:{port}", flush=True)
+        while not stopping[0]:
+            ended = wait([c.sentinel for c in children], timeout=1.0)
+            if ended and not stopping[0]:
+                dead = next(c for c in children if c.sentinel in ended)
+                raise UserError(f"server process {dead.name} (pid {dead.pid}) exited with code {dead.exitcode}")
+        for child in children:
+            child.join()
+        failed = [c for c in children if c.exitcode != 0]
+        if failed:
+            raise UserError(f"server process {failed[0].name} exited with code {failed[0].exitcode} while draining")
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+        for child in children:
+            child.join(config.scheduler.timeout_ms / 1e3 + 10)
+            if child.is_alive():
+                child.kill()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+        os.environ.pop(METRICS_DIR, None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _started(receive, child) -> Started:
+    """The child's report, or why there is none (it died, or took longer than START_SECONDS)."""
+    ready = wait([receive, child.sentinel], timeout=START_SECONDS)
+    if receive in ready:
+        try:
+            return receive.recv()
+        except EOFError:
+            pass
+    if not ready:
+        return Started(error=f"server process {child.name} did not start within {START_SECONDS} s")
+    child.join(5)
+    return Started(error=f"server process {child.name} exited with code {child.exitcode} before it served")
+
+
+def _server_process(make_runner: Callable[[], Runner], config: ServeConfig, started, log_level: str) -> None:
+    """One server process: its runner built, then served on its own socket of the port until SIGTERM (then it
+    drains)."""
+    from .server import create_app, listen, run_app
+    os.setpgrp()  # Ctrl-C at a terminal reaches the supervisor alone, whose SIGTERM then drains this process once
+    _stop_with_parent()
+    try:
+        runner = make_runner()
+        app = create_app(runner, config)
+        sock = listen(config, reuse_port=True)
+    except UserError as e:
+        started.send(Started(error=str(e)))
+        return
+    started.send(Started(what=f"{runner.name} ({runner.platform})"))
+    started.close()
+    run_app(app, config, sock, log_level)
+
+
+def _stop_with_parent() -> None:
+    """SIGTERM to this process when its supervisor is gone (killed without passing a signal on)."""
+    import threading
+    import time
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exitwise-parent-watch", daemon=True).start()
