@@ -99,12 +99,15 @@ class Server:
         return out
 
     def cpu_seconds(self) -> tuple[float, float]:
-        """CPU seconds the server process used so far: all its threads, and its main thread (the event loop)."""
+        """CPU seconds the server used so far: all its threads, and its main threads (the event loops); with
+        `--processes N`, its server processes' too (its own main thread only supervises)."""
         def used(stat: str) -> float:
             fields = Path(stat).read_text().rsplit(")", 1)[1].split()
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
         pid = self.process.pid
-        return used(f"/proc/{pid}/stat"), used(f"/proc/{pid}/task/{pid}/stat")
+        pids = [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return (sum(used(f"/proc/{p}/stat") for p in pids),
+                sum(used(f"/proc/{p}/task/{p}/stat") for p in pids))
 
     def stop(self) -> None:
         self.process.terminate()

@@ -420,11 +420,13 @@ def test_a_client_that_leaves_mid_request_has_its_samples_dropped_from_later_sta
 CLI = "from exitwise.cli import main\nsys.exit(main(sys.argv[1:]))"
 
 
-def start_cli_server(args: list[str], block_torch: bool = False, code: str = CLI) -> tuple[subprocess.Popen, str]:
+def start_cli_server(args: list[str], block_torch: bool = False, code: str = CLI,
+                     env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """`exitwise serve ARGS --port 0` in its own process; returns it and its URL (from the line it prints)."""
     code = "import sys\n" + ("sys.modules['torch'] = None\n" if block_torch else "") + code
     process = subprocess.Popen([sys.executable, "-c", code, "serve", *args, "--port", "0"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(SRC), **(env or {})})
     line = process.stdout.readline()  # bounded: the process prints it or dies
     if "serving" not in line:
         process.kill()
@@ -456,6 +458,38 @@ def test_sigterm_answers_what_was_accepted_refuses_new_requests_and_exits_0(digi
         assert process.wait(30) == 0
     finally:
         process.kill()
+
+
+def test_processes_share_one_port_count_in_one_metrics_and_drain_on_sigterm(digits, tmp_path):
+    model, data, out = digits
+    onnx = OnnxEarlyExit.load(out / "onnx")
+    expected = onnx.run(data.images[:40].numpy()).predictions
+    process, url = start_cli_server(["--export", str(out / "onnx"), "--processes", "2"],
+                                    env={"TMPDIR": str(tmp_path)})  # where the metrics' folder goes
+    try:
+        got = [httpx.post(url + "/v1/predict", content=png(image), timeout=20).json()["predictions"][0]["class_index"]
+               for image in data.images[:40].numpy()]  # a connection each: the kernel spreads them
+        assert got == list(expected)
+        folder, = tmp_path.glob("exitwise-metrics-*")
+        assert len(list(folder.glob("counter_*.db"))) == 2  # exits were counted in both processes
+        for _ in range(4):  # whichever process answers the scrape counts every request
+            scrape = httpx.get(url + "/metrics", timeout=20).text
+            assert 'exitwise_request_seconds_count{code="200",endpoint="predict"} 40.0' in scrape
+            assert sum(float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines()
+                       if line.startswith("exitwise_exits_total{")) == 40
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert not folder.exists()
+    finally:
+        process.kill()
+
+
+def test_a_server_process_that_cannot_start_stops_the_others_in_one_line(tmp_path, capsys):
+    from exitwise.cli import main
+    (tmp_path / "empty").mkdir()
+    assert main(["serve", "--export", str(tmp_path / "empty"), "--processes", "2", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "manifest" in err, err
 
 
 def test_the_onnx_server_runs_without_torch(digits):
@@ -490,6 +524,12 @@ def test_serve_refuses_bad_flags_in_one_line(digits, capsys):
     for argv, message in [(["serve"], "give one of --model NAME, --from DIR or --export DIR"),
                           (["serve", "--export", str(digits[2] / "onnx"), "--schedule", "random"], "unknown schedule"),
                           (["serve", "--export", str(digits[2] / "onnx"), "--workers", "0"], "workers must be at least 1"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--processes", "0"],
+                           "--processes must be at least 1"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--ray", "--processes", "2"],
+                           "drop --processes"),
+                          (["serve", "--relay", "--next", "http://127.0.0.1:9", "--processes", "2"],
+                           "drop --processes"),
                           (["serve", "--model", "digits-convnet", "--weights", "x.safetensors"], "weights file not found"),
                           (["serve", "--model", "digits-convnet"], "no calibrated setting")]:
         assert main(argv) == 2
