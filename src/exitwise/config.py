@@ -268,7 +268,7 @@ class ServeConfig:
     max_body_mb: float = option(16.0, "request bodies over this many MiB get 413")
     processes: int = option(1, "server processes on the one port, each with its own model, batches and 1/N of the "
                                "CPUs' threads: more requests per second, a lone request slower (2 on a 2-core AMD Zen "
-                               "4: +18-20%% capacity; docs/serve.md)")
+                               "4: capacity +6-13%%, a lone request +25-38%%; docs/serve.md)")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tier: TierConfig | None = None       # one tier of a chain; None: the whole network
     relay: RelayConfig | None = None     # a tier with no stages: forwards everything, runs no model

@@ -1,18 +1,18 @@
 """`exitwise serve --processes N`: N server processes on one port (SO_REUSEPORT, as `gunicorn --reuse-port`).
 
 Each process builds its own runner (`make_runner`, on its 1/N share of the CPUs' threads), scheduler and event
-loop, and listens on the port with a socket of its own: the kernel spreads connections evenly over them (one shared
-listening socket gave most connections to whichever process was waiting: +9-13% capacity instead of +18-20%). The
+loop, and listens on the port with a socket of its own: the kernel spreads connections evenly over them. The
 processes start one after another (a torch model tunes its precision and micro-batch alone). Nothing is shared
 between them but the port and the metrics: prometheus-client's multiprocess mode (its files in a temporary folder),
-so `/metrics` from any process counts them all. This process
-only supervises: SIGTERM or SIGINT is passed on (each drains as one server does) and it exits 0 when they have; a
-process that dies takes the others down and the exit is 1.
+so `/metrics` from any process counts them all. This process only supervises: SIGTERM or SIGINT is passed on (each
+drains as one server does) and it returns when they have; a server process that fails to start or dies stops the
+others, and a one-line UserError says which (the CLI exits 2).
 
-Why: on 2 cores, two processes of one thread each answered 18-20% more requests per second than one of two threads
-(b-resnet11, both networks; docs/serve.md): no thread waits at the end of every operator for a thread that lost its
-core to the event loop, and no event loop shares an interpreter lock with a worker of the other process. A lone
-request runs on one thread instead of all, so it is slower: the default stays 1.
+Why: on few cores one process loses to itself. Torch's threads wait at the end of every operator for the one whose
+core the event loop took, and the event loop and the worker thread share one interpreter lock. On a 2-core AMD Zen 4
+two processes of one thread each answered 6-13% more requests per second than one of two threads (b-resnet11, early
+exit more than the full network), while a lone request took 25-38% longer on one thread: the default stays 1
+(docs/serve.md, Measured).
 """
 from __future__ import annotations
 
