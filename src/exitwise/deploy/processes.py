@@ -71,10 +71,10 @@ def serve_processes(make_runner: Callable[[], Runner], config: ServeConfig, log_
             children.append(child)
             send.close()
             started = _started(receive, child)
+            if stopping[0]:  # stopped while starting (its SIGTERM may have ended a process mid-build): not a failure
+                return
             if started.error is not None:
                 raise UserError(started.error)
-            if stopping[0]:
-                return
             what = started.what
         print(f"exitwise: serving {what} in {config.processes} processes on http://{host}:{port}", flush=True)
         while not stopping[0]:
