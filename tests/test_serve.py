@@ -484,6 +484,32 @@ def test_processes_share_one_port_count_in_one_metrics_and_drain_on_sigterm(digi
         process.kill()
 
 
+def test_server_processes_stop_when_their_supervisor_is_killed(digits):
+    process, _ = start_cli_server(["--export", str(digits[2] / "onnx"), "--processes", "2"])
+    children = [int(c) for c in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+    try:
+        assert len(children) >= 2  # the two servers (and multiprocessing's resource tracker)
+        process.kill()  # SIGKILL: nothing is passed on
+        process.wait(10)
+
+        def running(pid: int) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            except FileNotFoundError:
+                return False
+
+        deadline = time.monotonic() + 15
+        while any(running(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(running(c) for c in children)
+    finally:
+        for c in children:
+            try:
+                os.kill(c, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_a_server_process_that_cannot_start_stops_the_others_in_one_line(tmp_path, capsys):
     from exitwise.cli import main
     (tmp_path / "empty").mkdir()

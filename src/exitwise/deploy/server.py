@@ -307,17 +307,12 @@ def serve(runner: Runner | None, config: ServeConfig = ServeConfig(), log_level:
     """Run the server until SIGTERM or SIGINT; then accepted requests are answered and it returns. Port 0: any free
     port; the line printed on start says which. With `config.relay`: a relay tier, no model (`runner` None).
     (`config.processes` above 1: `deploy.processes.serve_processes`, which builds a runner in each process.)"""
+    sock = listen(config)  # before the app starts its scheduler: a port in use stops nothing that runs
     if config.relay is not None:
         from .tiers import create_relay_app
         app, what = create_relay_app(config.relay, int(config.max_body_mb * 2**20)), f"relay {config.relay.name}"
     else:
         app, what = create_app(runner, config), f"{runner.name} ({runner.platform})"
-    try:
-        sock = listen(config)
-    except UserError:
-        if config.relay is None:
-            app.state.scheduler.close(1)
-        raise
     host, port = sock.getsockname()[:2]
     print(f"exitwise: serving {what} on http://{host}:{port}", flush=True)
     run_app(app, config, sock, log_level)
