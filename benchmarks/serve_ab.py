@@ -3,8 +3,9 @@
     python benchmarks/serve_ab.py '{"w1": ["--workers", "1"], "w2": ["--workers", "2"]}'
     python benchmarks/serve_ab.py '{"onnx": ["--export", "model-onnx/"], "torch": []}' --rounds 5
 
-Each variant is `exitwise serve` with its flags on 127.0.0.1 (b-resnet11 in bf16, micro-batch 128, max batch 64,
-no waiting, unless the flags give --export; add --precision/--micro-batch to the flags to change them). Every
+Each variant is `exitwise serve` with its flags on 127.0.0.1: `--model b-resnet11` unless the flags give --export,
+everything else the product's defaults (each server measures its precision and micro-batch, as users' do; its
+serving line, printed first, says what it chose; add --precision/--micro-batch to the flags to fix them). Every
 round times each server in turn: --sequential single-image requests over one keep-alive connection (ms per
 request), then a closed-loop capacity run (--concurrency requests in flight for --seconds, requests answered per
 second). Printed: the best of the rounds for each, and each capacity as a ratio to the first variant's. The client
@@ -29,9 +30,10 @@ def main() -> None:
     args = p.parse_args()
     variants = json.loads(args.variants)
     blobs, labels, _ = sl.test_jpegs(args.data, 600)
-    base = ["--model", "b-resnet11", "--precision", "bf16", "--micro-batch", "128"]
-    servers = {name: sl.Server(([] if "--export" in flags else base) + ["--max-batch", "64", "--max-wait-ms", "0"] + flags)
-               for name, flags in variants.items()}
+    base = ["--model", "b-resnet11"]  # as users start it: precision and micro-batch measured by each server
+    servers = {name: sl.Server(([] if "--export" in flags else base) + flags) for name, flags in variants.items()}
+    for name, server in servers.items():
+        print(f"{name}: {server.serving}", flush=True)
     sequential, capacity = {}, {}
     try:
         for server in servers.values():  # warm-up

@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -82,6 +83,7 @@ class Server:
                                         stdout=subprocess.PIPE, text=True,
                                         env={**os.environ, "PYTHONPATH": str(SRC)})
         line = self.process.stdout.readline()
+        self.serving = line.strip()  # "exitwise: serving NAME (PLATFORM, PRECISION, micro-batch N) ... on URL"
         if " on http://" not in line:
             self.process.kill()
             raise SystemExit(f"server did not start: {line!r}")
@@ -322,6 +324,8 @@ def main() -> None:
                                                               "(b'), to compare with (b); empty: none")
     p.add_argument("--precision", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-flags", default="", help="more `exitwise serve` flags for every server, e.g. "
+                   "'--processes 2' (the batch-1 overhead is then against the offline run on all threads)")
     args = p.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # a log file fills in line by line, as the run goes
     # the offline reference runs as `exitwise study` runs it, and as the served processes (`exitwise serve`) do:
@@ -342,7 +346,7 @@ def main() -> None:
 
     common = ["--model", args.model, "--precision", tuned.precision, "--micro-batch", str(tuned.micro_batch),
               "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "100000",
-              "--timeout-ms", "30000"]
+              "--timeout-ms", "30000"] + shlex.split(args.server_flags)
     servers = {"a full network": ["--no-early-exit"], "b early exit": ["--schedule", args.schedule],
                "c request-level": ["--schedule", "request-level"]}
     servers.update({f"b' {rule}": ["--schedule", rule] for rule in args.also_schedules.split(",") if rule})
@@ -351,6 +355,7 @@ def main() -> None:
     try:
         for name, extra in servers.items():  # all up at once (an idle server takes no CPU), so capacities alternate
             running[name] = Server(common + extra)
+            print(f"{name}: {running[name].serving}")
             run_load(running[name], blobs, labels, None, min(2.0, args.seconds), 8, args.seed)  # warm-up
         rounds = []  # each server's capacity: the best of --repeats rounds; in a round the servers run back to back
         for r in range(args.repeats):

@@ -207,6 +207,14 @@ def test_a_stage_call_runs_on_its_workers_share_of_the_torch_threads(digits):
         torch.set_num_threads(threads)
 
 
+def test_the_serving_line_names_the_precision_and_micro_batch_the_runner_runs_in(digits):
+    from exitwise.deploy.runner import describe
+    model, _, out = digits
+    assert describe(TorchRunner(model, precision="fp32", micro_batch=48)) == "digits-convnet (pytorch, fp32, micro-batch 48)"
+    onnx = OnnxRunner.load(out / "onnx")
+    assert describe(onnx) == f"digits-convnet (onnxruntime, micro-batch {onnx.micro_batch})"
+
+
 def test_the_served_runner_is_built_off_the_callers_thread_and_its_errors_reach_the_caller():
     with pytest.raises(UserError, match="no-such-model"):
         make_runner(model="no-such-model")

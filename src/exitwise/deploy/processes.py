@@ -28,7 +28,7 @@ from typing import Callable
 
 from ..config import ServeConfig
 from ..errors import UserError
-from .runner import Runner
+from .runner import Runner, describe
 
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus-client when a server process imports it
 START_SECONDS = 600  # a process that has not built its model by then is taken as failed
@@ -37,7 +37,7 @@ START_SECONDS = 600  # a process that has not built its model by then is taken a
 @dataclass(frozen=True)
 class Started:
     """What a server process reports once its model is built and its app is about to serve (or why it failed)."""
-    what: str = ""          # "NAME (PLATFORM)"
+    what: str = ""          # `describe(runner)`: "NAME (PLATFORM, PRECISION, micro-batch N)"
     error: str | None = None
 
 
@@ -129,7 +129,7 @@ def _server_process(make_runner: Callable[[], Runner], config: ServeConfig, star
     except UserError as e:
         started.send(Started(error=str(e)))
         return
-    started.send(Started(what=f"{runner.name} ({runner.platform})"))
+    started.send(Started(what=describe(runner)))
     started.close()
     run_app(app, config, sock, log_level)
 

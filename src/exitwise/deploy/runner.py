@@ -43,6 +43,7 @@ class Runner(Protocol):
     class_names: tuple[str, ...] | None
     name: str                              # the model's name in the protocol
     platform: str                          # "onnxruntime" or "pytorch", for the metadata
+    micro_batch: int                       # rows per network call at most (larger stage calls are split)
 
     def to_input(self, images: np.ndarray) -> Any: ...        # uint8 (N, H, W, C) -> stage 0's features
     def init_state(self, n: int) -> np.ndarray: ...
@@ -58,3 +59,10 @@ class Runner(Protocol):
 def model_name(name: str) -> str:
     """The name a model goes by in the protocol: a registered name as it is, an attached model's folder by its name."""
     return name.rstrip("/").rsplit("/", 1)[-1] if "/" in name else name
+
+
+def describe(runner: Runner) -> str:
+    """The serving line's name for a runner: model, platform, and the precision (torch runners measure theirs,
+    `exitwise.tune`) and micro-batch its stages run in."""
+    precision = getattr(runner, "precision", None)
+    return f"{runner.name} ({runner.platform}{f', {precision}' if precision else ''}, micro-batch {runner.micro_batch})"

@@ -26,7 +26,7 @@ from ..errors import UserError
 from .metrics import Metrics
 from .oip import (BadRequest, decode_images, infer_response, model_metadata, parse_infer, predictions,
                   requested_outputs)
-from .runner import Runner
+from .runner import Runner, describe
 from .scheduler import Answer, Expired, QueueFull, Scheduler
 from .tiers import CarryImages, Forwarder, TierAnswer, add_tier_routes
 
@@ -312,7 +312,7 @@ def serve(runner: Runner | None, config: ServeConfig = ServeConfig(), log_level:
         from .tiers import create_relay_app
         app, what = create_relay_app(config.relay, int(config.max_body_mb * 2**20)), f"relay {config.relay.name}"
     else:
-        app, what = create_app(runner, config), f"{runner.name} ({runner.platform})"
+        app, what = create_app(runner, config), describe(runner)
     host, port = sock.getsockname()[:2]
     print(f"exitwise: serving {what} on http://{host}:{port}", flush=True)
     run_app(app, config, sock, log_level)
