@@ -96,6 +96,32 @@ def test_the_agreement_check_runs_once_per_weights_and_images(tmp_path, monkeypa
     assert choose_precision(create_model("digits-convnet"), data, "auto", check_images=100)[1]["agreement_cached"] == []
 
 
+def test_agreement_measured_before_on_real_images_is_used_instead_of_the_data_at_hand(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXITWISE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tune, "all_exit_logits", lambda *a, **k: pytest.fail("agreement measured on the data"))
+    model, data = create_model("digits-convnet"), random_image_set(100)
+    failing = {"bf16": [1.0, 1.0, 0.5], "mixed": [0.9, 1.0, 1.0]}
+    picked = tune.tune(model, data, "auto", micro_batch=16, check_images=100, agreement=failing)
+    assert picked.precision == "fp32"  # every reduced precision failed on the given agreement: fp32 always passes
+    assert set(picked.precision_check["agreement_given"]) <= {"bf16", "mixed"}
+    passing = {"bf16": [1.0, 1.0, 1.0], "mixed": [1.0, 1.0, 1.0]}
+    picked = tune.tune(model, data, "auto", micro_batch=16, check_images=100, agreement=passing)
+    fastest = min(picked.precision_check["tried"], key=lambda t: t["ms_per_image"])["precision"]
+    assert picked.precision == fastest and picked.precision_check["agreement_given"] == ([] if fastest == "fp32"
+                                                                                          else [fastest])
+
+
+def test_a_shipped_card_carries_each_reduced_precisions_agreement_on_real_images():
+    from exitwise.serve_torch import card_agreement
+    for name in ("b-resnet11", "b-resnet11-large", "seed-branchynet"):
+        agreement = card_agreement(name)
+        assert set(agreement) == {"bf16", "mixed"}, name
+        assert all(len(v) == create_model(name).num_exits and all(0.9 <= a <= 1 for a in v)
+                   for v in agreement.values()), name
+    assert card_agreement("b-resnet11", weights="other.safetensors") is None  # other weights: not these numbers
+    assert card_agreement("digits-convnet") is None  # no card check (its data is not CIFAR-10)
+
+
 def test_the_micro_batch_probe_runs_once_per_model_and_machine(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "machine_load", lambda: {"busy": False, "busy_share": 0.0})  # as on a quiet machine
     model, data = prepare(create_model("digits-convnet")), random_image_set(300)

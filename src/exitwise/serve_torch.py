@@ -23,6 +23,7 @@ from .early_exit import EarlyExitModel
 from .errors import UserError
 from .exit_rule import leaves
 from .runtime import device_of, keep_rows, run_stage
+from .tune import Agreement, tune
 
 TUNE_IMAGES = 256  # random images the precision and micro-batch are chosen on (a server has no data set)
 
@@ -31,22 +32,28 @@ class TorchRunner:
     platform = "pytorch"
 
     def __init__(self, model: EarlyExitModel, *, early_exit: bool = True, precision: str = "auto",
-                 micro_batch: int | None = None, name: str | None = None, workers: int = 1):
+                 micro_batch: int | None = None, name: str | None = None, workers: int = 1,
+                 agreement: Agreement | None = None):
+        self.threads = threads_per_worker(torch.get_num_threads(), workers)
         if model.precision is None:
             from .data import ImageSet
-            from .tune import tune
             c, h, w = model.network.input_shape
             g = torch.Generator().manual_seed(0)
             data = ImageSet(torch.randint(0, 256, (TUNE_IMAGES, h, w, c), dtype=torch.uint8, generator=g),
                             torch.zeros(TUNE_IMAGES, dtype=torch.int64), tuple(model.class_names or ()))
-            tuned = tune(model.network, data, precision, micro_batch, check_images=TUNE_IMAGES)
+            everyone = torch.get_num_threads()
+            torch.set_num_threads(self.threads)  # measured on the threads a stage call will run on (this thread's
+            try:                                 # count only: OpenMP's is per thread)
+                tuned = tune(model.network, data, precision, micro_batch, check_images=TUNE_IMAGES,
+                             agreement=agreement)
+            finally:
+                torch.set_num_threads(everyone)
             self.network, self.precision, self.micro_batch = tuned.network, tuned.precision, tuned.micro_batch
         else:
             from .config import DEFAULT_MICRO_BATCH
             self.network, self.precision = model.network, model.precision
             self.micro_batch = micro_batch or DEFAULT_MICRO_BATCH
         self.model, self.early_exit = model, early_exit
-        self.threads = threads_per_worker(torch.get_num_threads(), workers)
         self.policy = model.policy
         self._state_row = self.policy.init_state(1).numpy()
         self.device = device_of(self.network)
@@ -134,6 +141,16 @@ def load_early_exit(*, model: str | None = None, weights: str | Path | None = No
                                  setting.get("temperatures"), classes)
 
 
+def card_agreement(model: str | None, weights: str | Path | None = None) -> Agreement | None:
+    """Per exit, how often each reduced precision predicts as fp32 does on real validation images, as a shipped
+    model's card records it (`scripts/ship_weights.py`): what `tune` checks a precision against instead of the
+    server's random images. None for other weights, or a card without it."""
+    from .models import shipped_card, shipped_weights
+    if model is None or weights is not None or not shipped_weights(model):
+        return None
+    return shipped_card(model).get("precision_agreement", {}).get("per_exit")
+
+
 def make_runner(*, model: str | None = None, weights: str | Path | None = None, source: str | Path | None = None,
                 early_exit: bool = True, precision: str = "auto", micro_batch: int | None = None,
                 workers: int = 1) -> TorchRunner:
@@ -150,7 +167,8 @@ def make_runner(*, model: str | None = None, weights: str | Path | None = None, 
         try:
             built.append(TorchRunner(load_early_exit(model=model, weights=weights, source=source,
                                                      early_exit=early_exit), early_exit=early_exit,
-                                     precision=precision, micro_batch=micro_batch, workers=workers))
+                                     precision=precision, micro_batch=micro_batch, workers=workers,
+                                     agreement=card_agreement(model, weights)))
         except BaseException as e:  # noqa: BLE001  re-raised in the caller's thread
             built.append(e)
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from .runtime import all_exit_logits, prepare
 PRECISION_CHECK_IMAGES = 1000
 PROBE_ROWS = 32            # images per timed precision probe: a second or two even where bf16 is emulated
 MICRO_BATCH_SIZES = (16, 32, 64, 128, 256)
+Agreement = Mapping[str, Sequence[float]]  # precision -> share of images whose prediction equals fp32's, per exit
 GPU_MICRO_BATCH_SIZES = MICRO_BATCH_SIZES + (512, 1024, 2048, 4096)  # a GPU fills with more rows than a cache holds
 
 
@@ -53,8 +54,11 @@ def choose_precision(model: MultiExitNetwork, data, precision: str = "auto", dev
 
 
 def _prepared_in_chosen_precision(model: MultiExitNetwork, data, precision: str, device: torch.device,
-                                  check_images: int, micro_batch: int) -> tuple[MultiExitNetwork, str, dict | None]:
-    """`choose_precision`, also returning the inference copy in the chosen precision that it timed."""
+                                  check_images: int, micro_batch: int, known: Agreement | None = None,
+                                  ) -> tuple[MultiExitNetwork, str, dict | None]:
+    """`choose_precision`, also returning the inference copy in the chosen precision that it timed. `known`: per-exit
+    agreement with fp32 measured before on real images (a shipped model's card), used instead of measuring it on
+    `data` for the precisions it names."""
     check_precision(precision)
     if precision == "fp32" or check_images <= 0:
         chosen = precision if precision != "auto" else "fp32"
@@ -79,18 +83,21 @@ def _prepared_in_chosen_precision(model: MultiExitNetwork, data, precision: str,
         timing = {**timed(), "cached": False}
     speed = timing["ms_per_image"]
     reference: list[np.ndarray] = []
-    host, cache, cached, keys = machine(device), probe_cache(), [], []
+    host, cache, cached, keys, given = machine(device), probe_cache(), [], [], []
 
     def agreement(p: str) -> np.ndarray:
+        if known and p in known:
+            given.append(p)
+            return np.asarray(known[p], dtype=float)
         if not keys:  # it depends on the weights and the images as well: kept under both (hashed once, when needed),
             # so a second study of the same weights on the same data (this machine and torch) skips the check's passes
             keys.append("|".join(("agreement", weights_fingerprint(model), _digest(sample.images), str(device),
                                   host.cpu, host.torch, str(micro_batch))))
         checked = keys[0]
-        known = _read_json(cache).get(f"{checked}|{p}")
-        if known is not None:
+        stored = _read_json(cache).get(f"{checked}|{p}")
+        if stored is not None:
             cached.append(p)
-            return np.asarray(known["per_exit"])
+            return np.asarray(stored["per_exit"])
         if not reference:
             reference.append(all_exit_logits(copy_in("fp32"), sample, micro_batch=micro_batch).logits.argmax(-1))
         got = all_exit_logits(copy_in(p), sample, micro_batch=micro_batch).logits.argmax(-1)
@@ -101,7 +108,7 @@ def _prepared_in_chosen_precision(model: MultiExitNetwork, data, precision: str,
     chosen, tried = pick_precision(speed, agreement, auto=precision == "auto")
     return copy_in(chosen["precision"]), chosen["precision"], {
         "images": len(sample), "required": AGREEMENT_REQUIRED, "probe_images": timing["probe_images"],
-        "timing_cached": timing["cached"], "agreement_cached": cached, "tried": tried,
+        "timing_cached": timing["cached"], "agreement_cached": cached, "agreement_given": given, "tried": tried,
         "precision": chosen["precision"], "agreement_with_fp32": chosen["agreement_with_fp32"],
         "machine": machine(device).to_json()}
 
@@ -251,12 +258,14 @@ class Tuned:
 
 def tune(model: MultiExitNetwork, data, precision: str = "auto", micro_batch: int | None = None,
          device: torch.device | None = None, batch_size: int = 256,
-         check_images: int = PRECISION_CHECK_IMAGES) -> Tuned:
+         check_images: int = PRECISION_CHECK_IMAGES, agreement: Agreement | None = None) -> Tuned:
     """`choose_precision` (its timed inference copy), then `choose_micro_batch` (unless `micro_batch` is given):
-    what the study, the runtime's early-exit model and the benchmarks run."""
+    what the study, the runtime's early-exit model and the benchmarks run. `agreement`: per-exit agreement with
+    fp32 already measured on real images, by precision (a shipped model's card), instead of measuring it on `data`
+    (a server's random images, on which predictions are near-ties and a reduced precision flips more of them)."""
     device = device or torch.device("cpu")
     network, chosen, check = _prepared_in_chosen_precision(model, data, precision, device, check_images,
-                                                           micro_batch or DEFAULT_MICRO_BATCH)
+                                                           micro_batch or DEFAULT_MICRO_BATCH, agreement)
     probe = None
     if micro_batch is None:
         micro_batch, probe = choose_micro_batch(network, data, device, chosen, batch_size)
