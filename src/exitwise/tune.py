@@ -23,8 +23,8 @@ from .runtime import all_exit_logits, prepare
 PRECISION_CHECK_IMAGES = 1000
 PROBE_ROWS = 32            # images per timed precision probe: a second or two even where bf16 is emulated
 MICRO_BATCH_SIZES = (16, 32, 64, 128, 256)
-Agreement = Mapping[str, Sequence[float]]  # precision -> share of images whose prediction equals fp32's, per exit
 GPU_MICRO_BATCH_SIZES = MICRO_BATCH_SIZES + (512, 1024, 2048, 4096)  # a GPU fills with more rows than a cache holds
+Agreement = Mapping[str, Sequence[float]]  # precision -> share of images whose prediction equals fp32's, per exit
 
 
 @torch.inference_mode()
@@ -54,11 +54,11 @@ def choose_precision(model: MultiExitNetwork, data, precision: str = "auto", dev
 
 
 def _prepared_in_chosen_precision(model: MultiExitNetwork, data, precision: str, device: torch.device,
-                                  check_images: int, micro_batch: int, known: Agreement | None = None,
+                                  check_images: int, micro_batch: int, agreement: Agreement | None = None,
                                   ) -> tuple[MultiExitNetwork, str, dict | None]:
-    """`choose_precision`, also returning the inference copy in the chosen precision that it timed. `known`: per-exit
-    agreement with fp32 measured before on real images (a shipped model's card), used instead of measuring it on
-    `data` for the precisions it names."""
+    """`choose_precision`, also returning the inference copy in the chosen precision that it timed. `agreement`:
+    per-exit agreement with fp32 measured before on real images (a shipped model's card), used instead of measuring
+    it on `data` for the precisions it names."""
     check_precision(precision)
     if precision == "fp32" or check_images <= 0:
         chosen = precision if precision != "auto" else "fp32"
@@ -85,10 +85,10 @@ def _prepared_in_chosen_precision(model: MultiExitNetwork, data, precision: str,
     reference: list[np.ndarray] = []
     host, cache, cached, keys, given = machine(device), probe_cache(), [], [], []
 
-    def agreement(p: str) -> np.ndarray:
-        if known and p in known:
+    def agreement_of(p: str) -> np.ndarray:
+        if agreement and p in agreement:
             given.append(p)
-            return np.asarray(known[p], dtype=float)
+            return np.asarray(agreement[p], dtype=float)
         if not keys:  # it depends on the weights and the images as well: kept under both (hashed once, when needed),
             # so a second study of the same weights on the same data (this machine and torch) skips the check's passes
             keys.append("|".join(("agreement", weights_fingerprint(model), _digest(sample.images), str(device),
@@ -105,7 +105,7 @@ def _prepared_in_chosen_precision(model: MultiExitNetwork, data, precision: str,
         _write_json_entry(cache, f"{checked}|{p}", {"per_exit": shares.tolist(), "machine": host.to_json()})
         return shares
 
-    chosen, tried = pick_precision(speed, agreement, auto=precision == "auto")
+    chosen, tried = pick_precision(speed, agreement_of, auto=precision == "auto")
     return copy_in(chosen["precision"]), chosen["precision"], {
         "images": len(sample), "required": AGREEMENT_REQUIRED, "probe_images": timing["probe_images"],
         "timing_cached": timing["cached"], "agreement_cached": cached, "agreement_given": given, "tried": tried,
