@@ -4,6 +4,7 @@ Served answers equal the offline runs (`OnnxEarlyExit.run`, `EarlyExitModel.run`
 gets a one-line 4xx and the server keeps serving; overload gets 503 + Retry-After or 504, never silence;
 SIGTERM drains; a client that leaves has its samples dropped; the ONNX server never imports torch.
 """
+import asyncio
 import base64
 import io
 import json
@@ -32,7 +33,7 @@ from exitwise.api import export
 from exitwise.deploy.onnx_runner import OnnxRunner
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.config import SchedulerConfig, ServeConfig
-from exitwise.deploy.server import create_app
+from exitwise.deploy.server import _Handoff, _Slot, _Waiting, create_app, uvicorn_config
 from exitwise.early_exit import EarlyExitModel
 from exitwise.models import create_model
 from exitwise.policies import get_policy
@@ -50,12 +51,15 @@ INFER = "/v2/models/digits-convnet/infer"
 class Running:
     """An app served by uvicorn on a thread of this process, on a free port of 127.0.0.1."""
 
-    def __init__(self, runner, config=ServeConfig()):
+    def __init__(self, runner, config=ServeConfig(), as_exitwise_serve: bool = False):
+        """`as_exitwise_serve`: uvicorn configured as `exitwise serve` runs it (its own protocol), else plainly, as
+        another ASGI server would run the app."""
         self.app = create_app(runner, config)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(self.app) if as_exitwise_serve
+                                     else uvicorn.Config(self.app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -402,11 +406,12 @@ class FirstStageSlow(SlowRunner):
         return self.runner.step(k, features, state)
 
 
-def test_a_client_that_leaves_mid_request_has_its_samples_dropped_from_later_stages(digits):
+@pytest.mark.parametrize("as_exitwise_serve", [True, False], ids=["told-by-the-connection", "watching-receive"])
+def test_a_client_that_leaves_mid_request_has_its_samples_dropped_from_later_stages(digits, as_exitwise_serve):
     _, data, out = digits
     expected = OnnxEarlyExit.load(out / "onnx").run(data.images.numpy())
     deep = data.images.numpy()[expected.exits == 2][:3]  # these would run every stage
-    server = Running(FirstStageSlow(OnnxRunner.load(out / "onnx")))
+    server = Running(FirstStageSlow(OnnxRunner.load(out / "onnx")), as_exitwise_serve=as_exitwise_serve)
     try:
         body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(deep.shape),
                                        "parameters": {"layout": "NHWC"}, "data": deep.ravel().tolist()}]}).encode()
@@ -423,6 +428,31 @@ def test_a_client_that_leaves_mid_request_has_its_samples_dropped_from_later_sta
         assert server.metric("exitwise_rejected_requests_total", reason="disconnected") == 1
     finally:
         server.stop()
+
+
+def test_a_batch_of_answers_wakes_the_event_loop_once_and_each_request_when_its_last_image_is_answered():
+    loop = asyncio.new_event_loop()
+    try:
+        wakes = []
+        handoff = _Handoff(loop)
+        deliver = handoff.deliver
+        handoff.deliver = lambda: (wakes.append(len(handoff.settled)), deliver())
+        requests = [_Waiting(n, loop.create_future()) for n in (3, 2)]
+        slots = [_Slot(w, handoff) for w in requests for _ in range(w.left)]
+        worker = threading.Thread(target=lambda: [s.set_result(i) for i, s in enumerate(slots[:4])])
+        worker.start()
+        worker.join()  # four answers from the scheduler's thread while the loop sleeps
+        loop.run_until_complete(asyncio.sleep(0))
+        assert wakes == [4]  # one wake-up delivered all four
+        assert requests[0].ended.result() == "answered" and not requests[1].ended.done()
+        slots[4].set_exception(ValueError("broken"))
+        loop.run_until_complete(asyncio.sleep(0))
+        assert wakes == [4, 1] and requests[1].ended.result() == "answered"
+        assert [s.outcome for s in slots[:4]] == [0, 1, 2, 3] and isinstance(slots[4].outcome, ValueError)
+        slots[0].set_result(99)  # settled once: a second answer changes nothing
+        assert slots[0].outcome == 0 and not handoff.settled
+    finally:
+        loop.close()
 
 
 CLI = "from exitwise.cli import main\nsys.exit(main(sys.argv[1:]))"

@@ -202,6 +202,33 @@ def test_a_range_that_stops_early_needs_a_forward_and_a_failing_batch_fails_only
     assert scheduler.close(5) and scheduler.inside == 0
 
 
+def test_a_caller_may_give_its_own_futures_and_the_scheduler_settles_those():
+    class Slot:  # the least a sample's future must do
+        def __init__(self):
+            self.outcome, self.event = None, threading.Event()
+
+        def done(self):
+            return self.outcome is not None
+
+        def cancelled(self):
+            return False
+
+        def set_result(self, answer):
+            self.outcome = answer
+            self.event.set()
+
+        set_exception = set_result
+
+    scheduler = Scheduler(FakeRunner()).start()
+    slots = [Slot(), Slot()]
+    assert scheduler.submit(images([0, 2]), slots) == slots
+    assert all(s.event.wait(5) for s in slots)
+    assert [(s.outcome.exit, s.outcome.prediction) for s in slots] == [(0, 0), (2, 22)]
+    with pytest.raises(ValueError):
+        scheduler.submit(images([1]), [Slot(), Slot()])
+    scheduler.close(5)
+
+
 def test_close_answers_what_was_accepted():
     runner = FakeRunner()
     scheduler = Scheduler(runner, SchedulerConfig(max_batch=64, max_wait_ms=60_000)).start()

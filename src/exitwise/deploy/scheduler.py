@@ -58,7 +58,10 @@ class Expired(Exception):
 
 @dataclass(eq=False)
 class Sample:
-    """One image inside the scheduler: its future, when it arrived and when it must be answered (monotonic s)."""
+    """One image inside the scheduler: its future, when it arrived and when it must be answered (monotonic s).
+    The future is a `concurrent.futures.Future`, or the caller's own object with the same `done`, `cancelled`,
+    `set_result` and `set_exception` (`submit(..., futures=)`; the HTTP server's hand answers to its event loop
+    a batch at a time)."""
     future: Future
     arrival: float
     deadline: float
@@ -114,11 +117,12 @@ class Scheduler:
 
     # the caller's side (any thread)
 
-    def submit(self, images: np.ndarray) -> list[Future]:
-        """uint8 (N, H, W, C) images into the first stage (which must be stage 0)."""
+    def submit(self, images: np.ndarray, futures: list | None = None) -> list[Future]:
+        """uint8 (N, H, W, C) images into the first stage (which must be stage 0); `futures`: the caller's, one
+        per image (see `Sample`), else new ones."""
         if self.first != 0:
             raise ValueError("this scheduler starts at a later stage: submit_features")
-        return self._enter(images, self.runner.init_state(len(images)))
+        return self._enter(images, self.runner.init_state(len(images)), futures)
 
     def submit_features(self, features: np.ndarray, state: np.ndarray) -> list[Future]:
         """Features (`runner.to_numpy` of stage first - 1's output) and policy state into stage `first`."""
@@ -126,10 +130,13 @@ class Scheduler:
             raise ValueError(f"{len(features)} rows of features but {len(state)} of state")
         return self._enter(features, state)
 
-    def _enter(self, data: np.ndarray, state: np.ndarray) -> list[Future]:
+    def _enter(self, data: np.ndarray, state: np.ndarray, futures: list | None = None) -> list[Future]:
         now = time.monotonic()
         deadline = now + self.config.timeout_ms / 1e3
-        samples = [Sample(Future(), now, deadline) for _ in range(len(data))]
+        if futures is not None and len(futures) != len(data):
+            raise ValueError(f"{len(futures)} futures for {len(data)} rows")
+        samples = [Sample(f, now, deadline) for f in (futures if futures is not None else
+                                                       [Future() for _ in range(len(data))])]
         with self._cond:
             if not self._accepting:
                 raise QueueFull("the server is shutting down")

@@ -8,12 +8,12 @@ one-line JSON body `{"error": "..."}`; SIGTERM stops accepting, answers what was
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import json
 import signal
 import threading
 import time
-from concurrent.futures import Future
 from typing import Sequence
 
 import numpy as np
@@ -63,72 +63,49 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         if model != name:
             raise BadRequest(404, f"unknown model {model!r}; this server serves {name!r}")
 
-    async def answer(request: Request, images: np.ndarray) -> list[Answer]:
-        """The images through the scheduler; a client that leaves has its samples cancelled (dropped downstream)."""
+    handoff: list[_Handoff] = []  # made in the event loop, on the first request
+
+    async def answer(call: _Call, images: np.ndarray) -> list[Answer]:
+        """The images through the scheduler; a client that leaves has its samples cancelled (dropped downstream).
+        Each image's future is a `_Slot`, which the scheduler's thread settles and hands to the event loop a batch at
+        a time (one wake-up of the loop for every answer that arrived since the last, not one per answer)."""
         if scheduler.first != 0:
             raise BadRequest(409, f"this tier starts at stage {scheduler.first}: send images to the first tier")
+        if not len(images):
+            return []
+        loop = asyncio.get_running_loop()
+        if not handoff:
+            handoff.append(_Handoff(loop))
+        waiting = _Waiting(len(images), loop.create_future())
+        slots = [_Slot(waiting, handoff[0]) for _ in range(len(images))]
         try:
-            futures = scheduler.submit(images)
+            scheduler.submit(images, slots)
         except QueueFull as e:
             raise BadRequest(503, f"overloaded, try again: {e}") from None
-        if not futures:
-            return []
-        # the first of: every answer, the client leaving, the deadline (one future and a few callbacks: cheaper per
-        # request than asyncio.wait)
-        loop = asyncio.get_running_loop()
-        ended = loop.create_future()
-        left, lock = [len(futures)], threading.Lock()
-
-        def end(why: str) -> None:
-            if not ended.done():
-                ended.set_result(why)
-
-        def one_done(_: Future) -> None:
-            with lock:
-                left[0] -= 1
-                last = left[0] == 0
-            if last:
-                loop.call_soon_threadsafe(end, "answered")
-
-        for f in futures:
-            f.add_done_callback(one_done)
-        watch = asyncio.ensure_future(request.receive())
-        watch.add_done_callback(lambda w: w.cancelled() or w.exception() is not None
-                                or w.result().get("type") != "http.disconnect" or end("gone"))
-        late = loop.call_later(timeout, end, "late")
+        # the first of: every answer, the client leaving, the deadline
+        stop_watching = call.on_disconnect(waiting.end)
+        late = loop.call_later(timeout, waiting.end, "late")
         try:
-            why = await ended
+            why = await waiting.ended
         finally:
             late.cancel()
-            watch.cancel()
+            stop_watching()
         if why == "gone":
-            for f in futures:
-                f.cancel()
+            for s in slots:
+                s.cancel()
             raise BadRequest(499, "client disconnected")
         if why == "late":
             raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
-        if any(f.cancelled() for f in futures):
-            raise BadRequest(499, "client disconnected")
-        errors = [f.exception() for f in futures if f.exception() is not None]
+        outcomes = [s.outcome for s in slots]
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
         if any(isinstance(e, Expired) for e in errors):
             raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
         if errors:
             raise BadRequest(500, f"inference failed: {errors[0]}")
         if tier is None:
-            return [f.result() for f in futures]
+            return outcomes
         return [a if isinstance(a, TierAnswer) else TierAnswer(a.exit, a.prediction, a.probability, tier.name)
-                for a in (f.result() for f in futures)]
-
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise BadRequest(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise BadRequest(413, f"request body is over the limit of {limit} bytes")
-        return bytes(body)
+                for a in outcomes]
 
     def refused(e: BadRequest) -> JSONResponse:
         reason = {413: "too_large", 404: "unknown_model", 499: "disconnected", 503: "overloaded", 504: "timeout",
@@ -180,21 +157,20 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         ok = scheduler.accepting
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
-    # The two inference routes are answered by `_Front` itself, past FastAPI's routing and middlewares, which cost
-    # more per request than the rest of the route (docs/serve.md, the server's overhead).
-    async def infer(request: Request, model: str) -> JSONResponse:
+    # The two inference routes are answered by `_Front` itself, past FastAPI's routing, middlewares, request and
+    # response objects, which cost more per request than the rest of the route (docs/serve.md, the server's overhead).
+    async def infer(call: _Call, model: str) -> dict:
         check_model(model)
-        images, parsed = parse_infer(await read_body(request), request.headers.get("inference-header-content-length"),
-                                     shape)
+        images, parsed = parse_infer(await call.body(limit), call.header("inference-header-content-length"), shape)
         requested_outputs(parsed)
-        answers = await answer(request, images)
-        return JSONResponse(infer_response(name, parsed, answers, runner.class_names))
+        answers = await answer(call, images)
+        return infer_response(name, parsed, answers, runner.class_names)
 
-    async def predict(request: Request, _model: None) -> JSONResponse:  # /v1/predict names no model
-        body = await read_body(request)
-        blobs, names = await _files(request, body)
-        answers = await answer(request, decode_images(blobs, shape, [n or f"#{i}" for i, n in enumerate(names)]))
-        return JSONResponse({"model": name, "predictions": predictions(answers, runner.class_names, names)})
+    async def predict(call: _Call, _model: None) -> dict:  # /v1/predict names no model
+        body = await call.body(limit)
+        blobs, names = await _files(call, body)
+        answers = await answer(call, decode_images(blobs, shape, [n or f"#{i}" for i, n in enumerate(names)]))
+        return {"model": name, "predictions": predictions(answers, runner.class_names, names)}
 
     app.front = _Front(super(_App, app).__call__, metrics, config.scheduler.max_queue,
                        {"infer": infer, "predict": predict}, refused, failed)
@@ -240,9 +216,16 @@ class _Front:
     def __init__(self, app, metrics: Metrics, max_inflight: int, routes: dict, refused, failed):
         self.app, self.metrics, self.max_inflight, self.inflight = app, metrics, max_inflight, 0
         self.routes, self.refused, self.failed = routes, refused, failed
+        self.latency: dict[tuple[str, int], object] = {}  # the histogram's child by (endpoint, status)
+
+    def observe(self, endpoint: str, status: int, start: float) -> None:
+        child = self.latency.get((endpoint, status))
+        if child is None:
+            child = self.latency[endpoint, status] = self.metrics.latency.labels(endpoint=endpoint, code=str(status))
+        child.observe(time.perf_counter() - start)
 
     async def __call__(self, scope, receive, send):
-        start, status, path = time.perf_counter(), [500], scope["path"]
+        start, path = time.perf_counter(), scope["path"]
         route = _inference_route(scope)
         endpoint = (route[0] if route else "features" if path == "/v2/tiers/features"
                     else "metrics" if path == "/metrics" else "other")
@@ -251,50 +234,169 @@ class _Front:
             self.metrics.rejected.labels(reason="overloaded").inc()
             body = json.dumps({"error": f"overloaded, try again: {self.inflight} requests in flight; at most "
                                         f"{self.max_inflight}"}).encode()
-            await send({"type": "http.response.start", "status": 503, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"retry-after", b"1")]})
-            await send({"type": "http.response.body", "body": body})
-            self.metrics.latency.labels(endpoint=endpoint, code="503").observe(time.perf_counter() - start)
+            await _send_json(send, 503, body, [(b"retry-after", b"1")])
+            self.observe(endpoint, 503, start)
             return
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
         self.inflight += inference
+        status = 500
         try:
             if route is None:
+                async def send_status(message):
+                    nonlocal status
+                    if message["type"] == "http.response.start":
+                        status = message["status"]
+                    await send(message)
+
                 await self.app(scope, receive, send_status)
+                return
+            try:
+                if scope["method"] != "POST":
+                    raise BadRequest(405, f"{scope['method']} {path}: send POST")
+                content = await self.routes[route[0]](_Call(scope, receive), route[1])
+            except BadRequest as e:
+                response = self.refused(e)
+            except Exception as e:
+                response = self.failed(e)
             else:
-                try:
-                    if scope["method"] != "POST":
-                        raise BadRequest(405, f"{scope['method']} {path}: send POST")
-                    response = await self.routes[route[0]](Request(scope, receive), route[1])
-                except BadRequest as e:
-                    response = self.refused(e)
-                except Exception as e:
-                    response = self.failed(e)
-                await response(scope, receive, send_status)
+                status = 200
+                await _send_json(send, 200, json.dumps(content, ensure_ascii=False, allow_nan=False,
+                                                       separators=(",", ":")).encode())
+                return
+            status = response.status_code
+            await response(scope, receive, send)
         finally:
             self.inflight -= inference
-            self.metrics.latency.labels(endpoint=endpoint, code=str(status[0])).observe(time.perf_counter() - start)
+            self.observe(endpoint, status, start)
 
 
-async def _files(request: Request, body: bytes) -> tuple[Sequence[bytes], list[str | None]]:
+async def _send_json(send, status: int, body: bytes, headers: list | None = None) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or ())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Call:
+    """One inference request at the ASGI level: its headers, its body (read up to a limit), and a watch on its
+    connection. Under `exitwise serve`'s own uvicorn protocol the connection itself says when the client goes away
+    (`_OneWrite.on_lost`); under another server (Ray Serve's) a task waits on `receive` for the disconnect, which
+    costs the event loop more per request (docs/serve.md)."""
+
+    def __init__(self, scope, receive):
+        self.scope, self.receive = scope, receive
+        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+    async def body(self, limit: int) -> bytes:
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise BadRequest(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
+        parts, size, more = [], 0, True
+        while more:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise BadRequest(499, "client disconnected")
+            part = message.get("body", b"")
+            size += len(part)
+            if size > limit:
+                raise BadRequest(413, f"request body is over the limit of {limit} bytes")
+            parts.append(part)
+            more = message.get("more_body", False)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def on_disconnect(self, callback):
+        """`callback("gone")` once the client goes away; returns the function that stops watching."""
+        connection = getattr(getattr(self.receive, "__self__", None), "transport", None)
+        if isinstance(connection, _OneWrite):
+            connection.on_lost = lambda: callback("gone")
+            return connection.forget
+
+        def seen(watch) -> None:
+            if not watch.cancelled() and watch.exception() is None and watch.result().get("type") == "http.disconnect":
+                callback("gone")
+
+        watch = asyncio.ensure_future(self.receive())
+        watch.add_done_callback(seen)
+        return watch.cancel
+
+
+class _Waiting:
+    """A request waiting for its images' answers, on the event loop: how many are still out, and `ended`, which
+    resolves to why the wait ended ("answered", "gone", "late")."""
+    __slots__ = ("left", "ended")
+
+    def __init__(self, n: int, ended: asyncio.Future):
+        self.left, self.ended = n, ended
+
+    def end(self, why: str) -> None:
+        if not self.ended.done():
+            self.ended.set_result(why)
+
+
+class _Handoff:
+    """Settled `_Slot`s from the scheduler's threads to the event loop: the first slot settled after a delivery
+    schedules the next, which takes every slot settled meanwhile (a batch's answers: one wake-up of the loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.settled, self.scheduled = loop, collections.deque(), False
+
+    def put(self, slot: _Slot) -> None:  # any thread
+        self.settled.append(slot)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self.deliver)
+
+    def deliver(self) -> None:  # the event loop
+        self.scheduled = False  # before draining: a slot put from here on schedules another delivery
+        settled = self.settled
+        while settled:
+            waiting = settled.popleft().waiting
+            waiting.left -= 1
+            if waiting.left == 0:
+                waiting.end("answered")
+
+
+class _Slot:
+    """One image's future as the scheduler uses it (`Sample.future`): settled once, by a scheduler or forwarding
+    thread, with an `Answer` or an exception; cancelled by the event loop when its client goes away."""
+    __slots__ = ("waiting", "handoff", "outcome", "_cancelled")
+
+    def __init__(self, waiting: _Waiting, handoff: _Handoff):
+        self.waiting, self.handoff, self.outcome, self._cancelled = waiting, handoff, None, False
+
+    def done(self) -> bool:
+        return self._cancelled or self.outcome is not None
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def set_result(self, answer) -> None:
+        if self.outcome is None:
+            self.outcome = answer
+            self.handoff.put(self)
+
+    def set_exception(self, error: BaseException) -> None:
+        self.set_result(error)
+
+
+async def _files(call: _Call, body: bytes) -> tuple[Sequence[bytes], list[str | None]]:
     """The image files of a `/v1/predict` request: every file part of a multipart body, or the raw body."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if not (call.header("content-type") or "").startswith("multipart/form-data"):
         if not body:
             raise BadRequest(400, "empty request body: send an image file (or several as multipart/form-data)")
         return [body], [None]
+    from starlette.datastructures import Headers
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     async def stream():
         yield body
 
     try:
-        form = await MultiPartParser(request.headers, stream(), max_files=4096, max_fields=4096).parse()
+        form = await MultiPartParser(Headers(scope=call.scope), stream(), max_files=4096, max_fields=4096).parse()
     except (MultiPartException, ValueError, KeyError) as e:
         raise BadRequest(400, f"malformed multipart body: {e}") from None
     files = [v for _, v in form.multi_items() if not isinstance(v, str)]
@@ -367,6 +469,11 @@ def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | No
         def connection_made(self, transport):
             super().connection_made(_OneWrite(transport))
 
+        def connection_lost(self, exc):
+            if isinstance(self.transport, _OneWrite):
+                self.transport.lost()
+            super().connection_lost(exc)
+
     return uvicorn.Config(app, log_level=log_level, access_log=False, proxy_headers=False, server_header=False,
                           date_header=False, http=OneWriteProtocol, timeout_graceful_shutdown=graceful_seconds)
 
@@ -378,6 +485,14 @@ class _OneWrite:
 
     def __init__(self, transport):
         self._transport, self._pending, self._loop = transport, [], asyncio.get_running_loop()
+        self.on_lost = None  # the request in progress on this connection: called when the client goes away
+
+    def forget(self) -> None:
+        self.on_lost = None
+
+    def lost(self) -> None:
+        if self.on_lost is not None:
+            self.on_lost()
 
     def write(self, data) -> None:
         if not self._pending:
