@@ -2,7 +2,8 @@
 (closed loop, both `exitwise serve`) by requests in flight and --max-batch, beside the offline batch-256 ratio, in
 one run.
 
-    python benchmarks/serve_depth.py [--variants 64/64,256/64,256/128,512/128] [--rounds 5] [--seconds 6]
+    python benchmarks/serve_depth.py [--variants 64/64,256/64,256/128,512/128] [--rounds 5] [--seconds 6] \\
+        [--server-flags '--processes 2']
 
 Each variant IN_FLIGHT/MAX_BATCH: a full-network and an early-exit server (b-resnet11, the precision and
 micro-batch measured here, no waiting), each run closed loop with IN_FLIGHT requests always in flight for --seconds,
@@ -11,6 +12,7 @@ is the median of its rounds' ratios. The offline ratio (serve_load.offline) is m
 client (serve_load's, in this process) shares the machine's cores with the servers. Run it on a quiet machine.
 """
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -30,6 +32,8 @@ def main() -> None:
     p.add_argument("--variants", default="64/64,256/64,256/128,512/128", help="IN_FLIGHT/MAX_BATCH,...")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--server-flags", default="", help="more `exitwise serve` flags for every server, e.g. "
+                   "'--processes 2'")
     args = p.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # a log file fills in line by line, as the run goes
     variants = [tuple(int(v) for v in item.split("/")) for item in args.variants.split(",")]
@@ -46,7 +50,7 @@ def main() -> None:
 
     before = offline("before")
     common = ["--model", "b-resnet11", "--precision", tuned.precision, "--micro-batch", str(tuned.micro_batch),
-              "--max-wait-ms", "0", "--max-queue", "100000", "--timeout-ms", "30000"]
+              "--max-wait-ms", "0", "--max-queue", "100000", "--timeout-ms", "30000"] + shlex.split(args.server_flags)
     servers, ratios, best, batches = {}, {v: [] for v in variants}, {}, {}
     try:
         for mb in sorted({mb for _, mb in variants}):
