@@ -122,6 +122,41 @@ def test_a_shipped_card_carries_each_reduced_precisions_agreement_on_real_images
     assert card_agreement("digits-convnet") is None  # no card check (its data is not CIFAR-10)
 
 
+def test_a_served_study_folder_checks_precisions_against_what_its_study_measured_on_validation_images(
+        tmp_path, monkeypatch):
+    import json
+    from exitwise import serve_torch
+    from exitwise.api import study
+    from exitwise.config import DataConfig
+    monkeypatch.setenv("EXITWISE_CACHE_DIR", str(tmp_path / "cache"))
+    study(model="digits-convnet", out=tmp_path / "s", data=DataConfig(dataset="digits"), progress=False,
+          num_cutoffs=5, precision_check_images=100, timing_check_images=100)
+    check = json.loads((tmp_path / "s" / "results.json").read_text())["precision_check"]
+    measured = {t["precision"]: tuple(t["agreement_per_exit"]) for t in check["tried"]
+                if t["precision"] != "fp32" and t["agreement_per_exit"]}
+    assert serve_torch.folder_agreement(tmp_path / "s") == (measured or None)
+    monkeypatch.setattr(serve_torch, "TorchRunner", lambda model, **settings: settings["agreement"])
+    # the server is given the study's numbers, not its random images'
+    assert serve_torch.make_runner(source=tmp_path / "s" / "early_exit.json") == (measured or None)
+
+
+def test_a_folder_whose_study_ran_other_weights_gives_no_agreement(tmp_path):
+    import json
+    import shutil
+    from exitwise import serve_torch
+    from exitwise.api import study
+    from exitwise.config import DataConfig
+    study(model="digits-convnet", out=tmp_path / "s", data=DataConfig(dataset="digits"), progress=False,
+          num_cutoffs=5, precision_check_images=100, timing_check_images=100, precision="bf16")
+    assert serve_torch.folder_agreement(tmp_path / "s") is not None  # bf16 asked: its agreement was measured
+    results = json.loads((tmp_path / "s" / "results.json").read_text())
+    results["model"]["weights_sha256"] = "0" * 64
+    (tmp_path / "s" / "results.json").write_text(json.dumps(results))
+    assert serve_torch.folder_agreement(tmp_path / "s") is None
+    shutil.copy(tmp_path / "s" / "early_exit.json", tmp_path / "alone.json")
+    assert serve_torch.folder_agreement(tmp_path / "alone.json") is None  # no study beside it
+
+
 def test_the_micro_batch_probe_runs_once_per_model_and_machine(tmp_path, monkeypatch):
     monkeypatch.setattr(tune, "machine_load", lambda: {"busy": False, "busy_share": 0.0})  # as on a quiet machine
     model, data = prepare(create_model("digits-convnet")), random_image_set(300)

@@ -151,6 +151,28 @@ def card_agreement(model: str | None, weights: str | Path | None = None) -> Agre
     return shipped_card(model).get("precision_agreement", {}).get("per_exit")
 
 
+def folder_agreement(source: str | Path) -> Agreement | None:
+    """Per exit, how often each reduced precision predicted as fp32 did on the validation images of the study
+    that wrote `source` (its folder's results.json: `precision_check`, for the precisions the study checked), where
+    that study ran the weights `source` names (the same SHA-256): what `tune` checks a precision against instead of
+    the server's random images. None for a folder without them (a calibration's, or one moved away from its study)."""
+    import json
+    from .early_exit import saved_weights_sha256
+    from .study.results import StudyResults
+    folder = Path(source) if Path(source).is_dir() else Path(source).parent
+    try:
+        results = StudyResults.from_json(json.loads((folder / "results.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none there, or not a study's
+        return None
+    if results.model.weights_sha256 != saved_weights_sha256(source) or not results.precision_check:
+        return None
+    found = {t["precision"]: tuple(float(a) for a in t["agreement_per_exit"])
+             for t in results.precision_check.get("tried") or ()
+             if t.get("precision") in ("bf16", "mixed") and isinstance(t.get("agreement_per_exit"), list)
+             and len(t["agreement_per_exit"]) == results.model.num_exits}
+    return found or None
+
+
 def make_runner(*, model: str | None = None, weights: str | Path | None = None, source: str | Path | None = None,
                 early_exit: bool = True, precision: str = "auto", micro_batch: int | None = None,
                 workers: int = 1) -> TorchRunner:
@@ -168,7 +190,8 @@ def make_runner(*, model: str | None = None, weights: str | Path | None = None, 
             built.append(TorchRunner(load_early_exit(model=model, weights=weights, source=source,
                                                      early_exit=early_exit), early_exit=early_exit,
                                      precision=precision, micro_batch=micro_batch, workers=workers,
-                                     agreement=card_agreement(model, weights)))
+                                     agreement=card_agreement(model, weights) if source is None
+                                     else folder_agreement(source)))
         except BaseException as e:  # noqa: BLE001  re-raised in the caller's thread
             built.append(e)
 
