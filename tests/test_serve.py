@@ -33,7 +33,7 @@ from exitwise.api import export
 from exitwise.deploy.onnx_runner import OnnxRunner
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.config import SchedulerConfig, ServeConfig
-from exitwise.deploy.server import _Handoff, _Slot, _Waiting, create_app, uvicorn_config
+from exitwise.deploy.server import _Call, _Handoff, _OneWrite, _Slot, _Waiting, create_app, uvicorn_config
 from exitwise.early_exit import EarlyExitModel
 from exitwise.models import create_model
 from exitwise.policies import get_policy
@@ -453,6 +453,38 @@ def test_a_batch_of_answers_wakes_the_event_loop_once_and_each_request_when_its_
         assert slots[0].outcome == 0 and not handoff.settled
     finally:
         loop.close()
+
+
+def test_under_exitwise_serve_the_connection_tells_a_request_that_its_client_left():
+    class Transport:
+        closing = False
+
+        def is_closing(self):
+            return self.closing
+
+    class Cycle:  # uvicorn's request cycle: `receive` is its method, `transport` the connection's
+        def __init__(self, transport):
+            self.transport = _OneWrite(transport)
+
+        async def receive(self):
+            raise AssertionError("no task waits on receive")
+
+    async def check():
+        told = []
+        cycle = Cycle(Transport())
+        stop = _Call({"headers": []}, cycle.receive).on_disconnect(told.append)
+        assert told == []
+        cycle.transport.lost()  # the client went away
+        assert told == ["gone"]
+        stop()
+        cycle.transport.lost()
+        assert told == ["gone"]  # stopped watching: told once
+        closed = Transport()
+        closed.closing = True  # gone while its body was read
+        _Call({"headers": []}, Cycle(closed).receive).on_disconnect(told.append)
+        assert told == ["gone", "gone"]
+
+    asyncio.run(check())
 
 
 CLI = "from exitwise.cli import main\nsys.exit(main(sys.argv[1:]))"

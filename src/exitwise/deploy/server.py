@@ -309,8 +309,18 @@ class _Call:
         """`callback("gone")` once the client goes away; returns the function that stops watching."""
         connection = getattr(getattr(self.receive, "__self__", None), "transport", None)
         if isinstance(connection, _OneWrite):
-            connection.on_lost = lambda: callback("gone")
-            return connection.forget
+            if connection.is_closing():  # gone already (while its body was read or decoded)
+                callback("gone")
+
+            def lost() -> None:
+                callback("gone")
+
+            def stop() -> None:
+                if connection.on_lost is lost:
+                    connection.on_lost = None
+
+            connection.on_lost = lost
+            return stop
 
         def seen(watch) -> None:
             if not watch.cancelled() and watch.exception() is None and watch.result().get("type") == "http.disconnect":
@@ -486,9 +496,6 @@ class _OneWrite:
     def __init__(self, transport):
         self._transport, self._pending, self._loop = transport, [], asyncio.get_running_loop()
         self.on_lost = None  # the request in progress on this connection: called when the client goes away
-
-    def forget(self) -> None:
-        self.on_lost = None
 
     def lost(self) -> None:
         if self.on_lost is not None:
