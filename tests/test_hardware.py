@@ -122,11 +122,11 @@ def test_a_shipped_card_carries_each_reduced_precisions_agreement_on_real_images
     assert card_agreement("digits-convnet") is None  # no card check (its data is not CIFAR-10)
 
 
-def test_a_served_study_folder_checks_precisions_against_what_its_study_measured_on_validation_images(
+def test_a_served_study_or_calibration_checks_precisions_against_what_its_study_measured_on_validation_images(
         tmp_path, monkeypatch):
     import json
     from exitwise import serve_torch
-    from exitwise.api import study
+    from exitwise.api import calibrate, study
     from exitwise.config import DataConfig
     monkeypatch.setenv("EXITWISE_CACHE_DIR", str(tmp_path / "cache"))
     study(model="digits-convnet", out=tmp_path / "s", data=DataConfig(dataset="digits"), progress=False,
@@ -138,6 +138,8 @@ def test_a_served_study_folder_checks_precisions_against_what_its_study_measured
     monkeypatch.setattr(serve_torch, "TorchRunner", lambda model, **settings: settings["agreement"])
     # the server is given the study's numbers, not its random images'
     assert serve_torch.make_runner(source=tmp_path / "s" / "early_exit.json") == (measured or None)
+    calibrate(tmp_path / "s", tmp_path / "c", within_points=1.0)  # a calibration carries its study's measurements
+    assert serve_torch.make_runner(source=tmp_path / "c") == (measured or None)
 
 
 def test_a_folder_whose_study_ran_other_weights_gives_no_agreement(tmp_path):

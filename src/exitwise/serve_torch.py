@@ -153,24 +153,28 @@ def card_agreement(model: str | None, weights: str | Path | None = None) -> Agre
 
 def folder_agreement(source: str | Path) -> Agreement | None:
     """Per exit, how often each reduced precision predicted as fp32 did on the validation images of the study
-    that wrote `source` (its folder's results.json: `precision_check`, for the precisions the study checked), where
-    that study ran the weights `source` names (the same SHA-256): what `tune` checks a precision against instead of
-    the server's random images. None for a folder without them (a calibration's, or one moved away from its study)."""
+    behind `source` (for the precisions it checked): a study's folder's results.json, or a calibration's
+    calibration.json, which carries its study's measurements; only where that study ran the weights `source` names
+    (the same SHA-256). What `tune` checks a precision against instead of the server's random images. None for a
+    folder without them (one moved away from its study, or an older one)."""
     import json
     from .early_exit import saved_weights_sha256
-    from .study.results import StudyResults
+    from .study.results import CalibrationReport, StudyResults
     folder = Path(source) if Path(source).is_dir() else Path(source).parent
-    try:
-        results = StudyResults.from_json(json.loads((folder / "results.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none there, or not a study's
-        return None
-    if results.model.weights_sha256 != saved_weights_sha256(source) or not results.precision_check:
-        return None
-    found = {t["precision"]: tuple(float(a) for a in t["agreement_per_exit"])
-             for t in results.precision_check.get("tried") or ()
-             if t.get("precision") in ("bf16", "mixed") and isinstance(t.get("agreement_per_exit"), list)
-             and len(t["agreement_per_exit"]) == results.model.num_exits}
-    return found or None
+    for name, measured in (("results.json", lambda doc: StudyResults.from_json(doc)),
+                           ("calibration.json", lambda doc: CalibrationReport.from_json(doc).study)):
+        try:
+            found = measured(json.loads((folder / name).read_text()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none there, or not a study's
+            continue
+        if found.model is None or found.model.weights_sha256 != saved_weights_sha256(source):
+            return None
+        agreement = {t["precision"]: tuple(float(a) for a in t["agreement_per_exit"])
+                     for t in (found.precision_check or {}).get("tried") or ()
+                     if t.get("precision") in ("bf16", "mixed") and isinstance(t.get("agreement_per_exit"), list)
+                     and len(t["agreement_per_exit"]) == found.model.num_exits}
+        return agreement or None
+    return None
 
 
 def make_runner(*, model: str | None = None, weights: str | Path | None = None, source: str | Path | None = None,
