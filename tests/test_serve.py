@@ -554,6 +554,22 @@ def test_processes_share_one_port_count_in_one_metrics_and_drain_on_sigterm(digi
         process.kill()
 
 
+def test_a_torch_tier_runs_in_processes_and_answers_degraded_while_its_next_tier_is_down(digits):
+    model, data, out = digits
+    process, url = start_cli_server(["--from", str(out / "model"), "--stages", "0-1", "--next", "http://127.0.0.1:9",
+                                     "--processes", "2"])
+    images = data.images.numpy()
+    deep = images[OnnxEarlyExit.load(out / "onnx").run(images).exits == 2][:4]  # these would reach the next tier
+    try:
+        answers = [httpx.post(url + "/v1/predict", content=png(image), timeout=20).json()["predictions"][0]
+                   for image in deep]
+        assert len(answers) == 4 and all(a["exit"] == 1 and a["degraded"] for a in answers)  # its own last exit
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        process.kill()
+
+
 def test_server_processes_stop_when_their_supervisor_is_killed(digits):
     process, _ = start_cli_server(["--export", str(digits[2] / "onnx"), "--processes", "2"])
     children = [int(c) for c in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]

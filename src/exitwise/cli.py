@@ -395,13 +395,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
         make_runner = functools.partial(torch_runner, model=args.model, weights=args.weights, source=args.source,
                                         early_exit=not args.no_early_exit, precision=args.precision,
                                         micro_batch=args.micro_batch, workers=scheduling.workers)
-    runner = None
+    runner, exits = None, None
     if _is_tier(args) and not args.export and not args.ray:
         if args.next is not None:
             from .config import check_url
             check_url(args.next)  # before the model loads
-        runner = make_runner()  # a torch tier: its stages are counted on the model
-    tier = _tier_config(args, None if runner is None else runner.num_exits)
+        if args.processes > 1:  # a torch tier's stages are counted on the model; each process builds its own runner
+            from .serve_torch import load_early_exit
+            exits = load_early_exit(model=args.model, weights=args.weights, source=args.source,
+                                    early_exit=not args.no_early_exit).network.num_exits
+        else:
+            runner = make_runner()
+            exits = runner.num_exits
+    tier = _tier_config(args, exits)
     config = ServeConfig(**given(args, ServeConfig, skip=("scheduler", "tier", "relay")), tier=tier,
                          scheduler=dataclasses.replace(scheduling, first=tier.first, last=tier.last) if tier
                          else scheduling)
