@@ -487,6 +487,33 @@ def test_under_exitwise_serve_the_connection_tells_a_request_that_its_client_lef
     asyncio.run(check())
 
 
+def test_the_app_answers_under_one_event_loop_after_another(digits):
+    _, data, out = digits
+    app = create_app(OnnxRunner.load(out / "onnx"), ServeConfig(scheduler=SchedulerConfig(timeout_ms=3000)))
+
+    async def predict(blob: bytes) -> list[dict]:
+        sent, given = [], [False]
+
+        async def receive():
+            if not given[0]:
+                given[0] = True
+                return {"type": "http.request", "body": blob, "more_body": False}
+            await asyncio.sleep(3600)  # the client stays
+
+        async def send(message):
+            sent.append(message)
+
+        await app({"type": "http", "method": "POST", "path": "/v1/predict", "query_string": b"",
+                   "headers": [(b"content-type", b"image/png")]}, receive, send)
+        return sent
+
+    try:
+        for image in data.images[:2].numpy():  # asyncio.run: a new event loop each time
+            assert asyncio.run(predict(png(image)))[0]["status"] == 200
+    finally:
+        app.state.scheduler.close(5)
+
+
 CLI = "from exitwise.cli import main\nsys.exit(main(sys.argv[1:]))"
 
 

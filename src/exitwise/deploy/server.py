@@ -63,7 +63,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         if model != name:
             raise BadRequest(404, f"unknown model {model!r}; this server serves {name!r}")
 
-    handoff: list[_Handoff] = []  # made in the event loop, on the first request
+    handoff: list[_Handoff] = []  # the event loop's, made on its first request (a slot keeps the one it was made with)
 
     async def answer(call: _Call, images: np.ndarray) -> list[Answer]:
         """The images through the scheduler; a client that leaves has its samples cancelled (dropped downstream).
@@ -74,8 +74,8 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         if not len(images):
             return []
         loop = asyncio.get_running_loop()
-        if not handoff:
-            handoff.append(_Handoff(loop))
+        if not handoff or handoff[0].loop is not loop:  # the first request, or the app served by another loop now
+            handoff[:] = [_Handoff(loop)]
         waiting = _Waiting(len(images), loop.create_future())
         slots = [_Slot(waiting, handoff[0]) for _ in range(len(images))]
         try:
