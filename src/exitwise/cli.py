@@ -385,7 +385,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         import fastapi, prometheus_client, uvicorn  # noqa: F401,E401
     except ImportError as e:
         raise UserError(f"serving needs {e.name}: pip install 'exitwise[serve]'") from None
-    scheduling = SchedulerConfig(**given(args, SchedulerConfig))  # the batching flags checked before the model loads
+    scheduling = SchedulerConfig(**given(args, SchedulerConfig))  # the flags checked before the model loads
+    serving = ServeConfig(**given(args, ServeConfig, skip=("scheduler", "tier", "relay")))
     if args.export:
         from .deploy.onnx_runner import OnnxRunner
         make_runner = functools.partial(OnnxRunner.load, args.export, early_exit=not args.no_early_exit,
@@ -400,7 +401,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if args.next is not None:
             from .config import check_url
             check_url(args.next)  # before the model loads
-        if args.processes > 1:  # a torch tier's stages are counted on the model; each process builds its own runner
+        if serving.processes > 1:  # a torch tier's stages are counted on the model; each process builds its own runner
             from .serve_torch import load_early_exit
             exits = load_early_exit(model=args.model, weights=args.weights, source=args.source,
                                     early_exit=not args.no_early_exit).network.num_exits
@@ -408,9 +409,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             runner = make_runner()
             exits = runner.num_exits
     tier = _tier_config(args, exits)
-    config = ServeConfig(**given(args, ServeConfig, skip=("scheduler", "tier", "relay")), tier=tier,
-                         scheduler=dataclasses.replace(scheduling, first=tier.first, last=tier.last) if tier
-                         else scheduling)
+    config = dataclasses.replace(serving, tier=tier, scheduler=dataclasses.replace(
+        scheduling, first=tier.first, last=tier.last) if tier else scheduling)
     if args.ray:
         if config.processes > 1:
             raise UserError("--ray spreads the server over --replicas: drop --processes")
