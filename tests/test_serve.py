@@ -191,6 +191,10 @@ def test_served_answers_equal_early_exit_model_run_on_torch(digits):
         exits = np.concatenate([a["exit"] for a in answers])
         predictions = np.concatenate([a["class_index"] for a in answers])
         assert server.metric("exitwise_batch_size_count", stage="1") >= 1
+        for k in "012":  # every stage call timed
+            assert server.metric("exitwise_stage_seconds_count", stage=k) == server.metric(
+                "exitwise_batch_size_count", stage=k)
+        assert server.metric("exitwise_stage_seconds_sum", stage="0") > 0
     finally:
         server.stop()
     assert_same_as_run(model, data, expected, exits, predictions)
@@ -258,8 +262,8 @@ def test_health_metadata_and_metrics(onnx_server):
     infer_pixels(client, np.zeros((3, 8, 8, 1), dtype=np.uint8))
     assert onnx_server.metric("exitwise_request_seconds_count", code="200", endpoint="infer") == before + 1
     text = client.get("/metrics").text
-    for name in ("exitwise_exits_total", "exitwise_batch_size_bucket", "exitwise_queue_depth",
-                 "exitwise_request_seconds_bucket"):
+    for name in ("exitwise_exits_total", "exitwise_batch_size_bucket", "exitwise_stage_seconds_bucket",
+                 "exitwise_queue_depth", "exitwise_request_seconds_bucket"):
         assert name in text
 
 

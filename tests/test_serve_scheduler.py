@@ -72,7 +72,8 @@ class Counts(Observer):
     def __init__(self):
         self.batches, self.exits, self.drops = [], {}, {}
 
-    def batch(self, stage, rows):
+    def batch(self, stage, rows, seconds):
+        assert seconds >= 0
         self.batches.append((stage, rows))
 
     def left(self, exit, rows):

@@ -12,6 +12,7 @@ from .scheduler import Observer, Scheduler
 
 LATENCY_BUCKETS = (.001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .075, .1, .15, .2, .3, .5, 1, 2, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+STAGE_BUCKETS = (.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5)
 
 
 GAUGE_SECONDS = 0.5  # multiprocess: how often each process writes its queue gauges (a scrape reads the files)
@@ -28,6 +29,8 @@ class Metrics(Observer):
         self.exits = Counter("exitwise_exits", "Samples answered at each exit", ["exit"], registry=r)
         self.batches = Histogram("exitwise_batch_size", "Rows per stage call", ["stage"], buckets=BATCH_BUCKETS,
                                  registry=r)
+        self.stage_time = Histogram("exitwise_stage_seconds", "Time of one stage call (its stage, its exit's head and "
+                                    "decision) on its rows", ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.depth = Gauge("exitwise_queue_depth", "Samples waiting at each stage", ["stage"], registry=r, **live)
         self.inside = Gauge("exitwise_samples_inside", "Samples accepted and not yet answered", registry=r, **live)
         self.rejected = Counter("exitwise_rejected_requests", "Requests answered with an error, by reason",
@@ -55,8 +58,9 @@ class Metrics(Observer):
 
         threading.Thread(target=write, name="exitwise-gauges", daemon=True).start()
 
-    def batch(self, stage: int, rows: int) -> None:
+    def batch(self, stage: int, rows: int, seconds: float) -> None:
         self.batches.labels(stage=str(stage)).observe(rows)
+        self.stage_time.labels(stage=str(stage)).observe(seconds)
 
     def left(self, exit: int, rows: int) -> None:
         if rows:

@@ -70,7 +70,7 @@ class Sample:
 class Observer:
     """What the scheduler reports (the server's metrics); this one ignores it."""
 
-    def batch(self, stage: int, rows: int) -> None: ...
+    def batch(self, stage: int, rows: int, seconds: float) -> None: ...
     def left(self, exit: int, rows: int) -> None: ...
     def dropped(self, reason: str, rows: int) -> None: ...
 
@@ -292,8 +292,9 @@ class Scheduler:
         """Stage k for the chunk: the survivors (None: nobody stays) and the answers of those that leave."""
         features = (chunk.data if k != self.first else
                     self.runner.to_input(chunk.data) if self.first == 0 else self.runner.from_numpy(chunk.data))
+        start = time.perf_counter()
         out = self.runner.step(k, features, chunk.state)
-        self.observer.batch(k, len(chunk.samples))
+        self.observer.batch(k, len(chunk.samples), time.perf_counter() - start)
         answers = []
         if out.leave is None:
             stay = np.ones(len(chunk.samples), dtype=bool)
