@@ -27,6 +27,8 @@ client's own CPU time (it shares the machine's cores with the server). Printed a
   `run_backbone`, same precision and micro-batch) measured in this run, and their quotient (target >= 0.9). Each is
   the median over --repeats rounds of the ratio of two runs back to back: the VM's speed drifts by 10-20% over
   minutes, and a pair run back to back sees one speed (best/best, the ratio of the best runs, is printed beside);
+  then the quotient round by round: each capacity round's served ratio over an offline pair run right after it
+  (the servers idle), their median, so that the two sides of the target see the same minutes of the VM;
   then the offline ratio again at the batch (b)'s first stage ran at capacity: early exit gains less at small
   batches (benchmarks/batch_ratio.py), and a server's batches are what is waiting;
 * overload: (b) as users start it (default --max-queue and --timeout-ms) at --overload times its capacity:
@@ -358,10 +360,12 @@ def main() -> None:
             print(f"{name}: {running[name].serving}")
             run_load(running[name], blobs, labels, None, min(2.0, args.seconds), 8, args.seed)  # warm-up
         rounds = []  # each server's capacity: the best of --repeats rounds; in a round the servers run back to back
+        paired = []  # and each round's offline pair right after it (the servers idle): the same minutes' machine
         for r in range(args.repeats):
             order = list(running.items()) if r % 2 == 0 else list(running.items())[::-1]
             rounds.append({name: run_load(server, blobs, labels, None, args.seconds, args.concurrency, args.seed)
                            for name, server in order})
+            paired.append(offline(model, tuned.network, tuned.micro_batch, big, 0, 1)["ratio"])
             for name, run in rounds[-1].items():
                 if name not in capacity or run["throughput"] > capacity[name]["throughput"]:
                     capacity[name] = run
@@ -421,6 +425,10 @@ def main() -> None:
     print(f"served throughput ratio early/full {served:.2f}x (the median of the rounds' "
           f"{', '.join(f'{r:.2f}' for r in ratios)}; best/best {best:.2f}x); offline batch-256 ratio "
           f"{off['ratio']:.2f}x; served/offline {served / off['ratio']:.2f} (target >= 0.9)")
+    each = [r / o for r, o in zip(ratios, paired)]
+    print(f"served/offline round by round, each round's served ratio over the offline pair run right after it: "
+          f"median {float(np.median(each)):.2f} ({', '.join(f'{v:.2f}' for v in each)}; the offline pairs "
+          f"{', '.join(f'{o:.2f}' for o in paired)})")
     served_batch = max(1, round(capacity["b early exit"]["batches"].get(0, 256)))  # what the server's stage 0 ran
     small = offline(model, tuned.network, tuned.micro_batch, big, 0, args.repeats, served_batch)
     print(f"offline at batch {served_batch} (early exit's mean first-stage batch at capacity): {small['ratio']:.2f}x "
