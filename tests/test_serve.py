@@ -33,7 +33,8 @@ from exitwise.api import export
 from exitwise.deploy.onnx_runner import OnnxRunner
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.config import SchedulerConfig, ServeConfig
-from exitwise.deploy.server import _Call, _Handoff, _OneWrite, _Slot, _Waiting, create_app, uvicorn_config
+from exitwise.deploy.answers import Handoff, Slot, Waiting
+from exitwise.deploy.server import _Call, _OneWrite, create_app, uvicorn_config
 from exitwise.early_exit import EarlyExitModel
 from exitwise.models import create_model
 from exitwise.policies import get_policy
@@ -438,11 +439,11 @@ def test_a_batch_of_answers_wakes_the_event_loop_once_and_each_request_when_its_
     loop = asyncio.new_event_loop()
     try:
         wakes = []
-        handoff = _Handoff(loop)
+        handoff = Handoff(loop)
         deliver = handoff.deliver
         handoff.deliver = lambda: (wakes.append(len(handoff.settled)), deliver())
-        requests = [_Waiting(n, loop.create_future()) for n in (3, 2)]
-        slots = [_Slot(w, handoff) for w in requests for _ in range(w.left)]
+        requests = [Waiting(n, loop.create_future()) for n in (3, 2)]
+        slots = [Slot(w, handoff) for w in requests for _ in range(w.left)]
         worker = threading.Thread(target=lambda: [s.set_result(i) for i, s in enumerate(slots[:4])])
         worker.start()
         worker.join()  # four answers from the scheduler's thread while the loop sleeps

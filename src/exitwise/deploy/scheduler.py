@@ -60,8 +60,8 @@ class Expired(Exception):
 class Sample:
     """One image inside the scheduler: its future, when it arrived and when it must be answered (monotonic s).
     The future is a `concurrent.futures.Future`, or the caller's own object with the same `done`, `cancelled`,
-    `set_result` and `set_exception` (`submit(..., futures=)`; the HTTP server's hand answers to its event loop
-    a batch at a time)."""
+    `set_result` and `set_exception` (`submit(..., futures=)`; the HTTP server's, `deploy.answers.Slot`, hand
+    answers to its event loop a batch at a time)."""
     future: Future
     arrival: float
     deadline: float
@@ -124,11 +124,12 @@ class Scheduler:
             raise ValueError("this scheduler starts at a later stage: submit_features")
         return self._enter(images, self.runner.init_state(len(images)), futures)
 
-    def submit_features(self, features: np.ndarray, state: np.ndarray) -> list[Future]:
-        """Features (`runner.to_numpy` of stage first - 1's output) and policy state into stage `first`."""
+    def submit_features(self, features: np.ndarray, state: np.ndarray, futures: list | None = None) -> list[Future]:
+        """Features (`runner.to_numpy` of stage first - 1's output) and policy state into stage `first`; `futures`
+        as for `submit`."""
         if len(features) != len(state):
             raise ValueError(f"{len(features)} rows of features but {len(state)} of state")
-        return self._enter(features, state)
+        return self._enter(features, state, futures)
 
     def _enter(self, data: np.ndarray, state: np.ndarray, futures: list | None = None) -> list[Future]:
         now = time.monotonic()

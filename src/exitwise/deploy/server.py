@@ -8,7 +8,6 @@ one-line JSON body `{"error": "..."}`; SIGTERM stops accepting, answers what was
 from __future__ import annotations
 
 import asyncio
-import collections
 import gc
 import json
 import signal
@@ -26,6 +25,7 @@ from ..errors import UserError
 from .metrics import Metrics
 from .oip import (BadRequest, decode_images, infer_response, model_metadata, parse_infer, predictions,
                   requested_outputs)
+from .answers import Answers
 from .runner import Runner, describe
 from .scheduler import Answer, Expired, QueueFull, Scheduler
 from .tiers import CarryImages, Forwarder, TierAnswer, add_tier_routes
@@ -63,40 +63,24 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         if model != name:
             raise BadRequest(404, f"unknown model {model!r}; this server serves {name!r}")
 
-    handoff: list[_Handoff] = []  # the event loop's, made on its first request (a slot keeps the one it was made with)
+    answers = app.state.answers = Answers()
 
     async def answer(call: _Call, images: np.ndarray) -> list[Answer]:
-        """The images through the scheduler; a client that leaves has its samples cancelled (dropped downstream).
-        Each image's future is a `_Slot`, which the scheduler's thread settles and hands to the event loop a batch at
-        a time (one wake-up of the loop for every answer that arrived since the last, not one per answer)."""
+        """The images through the scheduler (`deploy.answers`); a client that leaves has its samples cancelled
+        (dropped downstream)."""
         if scheduler.first != 0:
             raise BadRequest(409, f"this tier starts at stage {scheduler.first}: send images to the first tier")
         if not len(images):
             return []
-        loop = asyncio.get_running_loop()
-        if not handoff or handoff[0].loop is not loop:  # the first request, or the app served by another loop now
-            handoff[:] = [_Handoff(loop)]
-        waiting = _Waiting(len(images), loop.create_future())
-        slots = [_Slot(waiting, handoff[0]) for _ in range(len(images))]
         try:
-            scheduler.submit(images, slots)
+            why, outcomes = await answers.wait(lambda slots: scheduler.submit(images, slots), len(images), timeout,
+                                               call.on_disconnect)
         except QueueFull as e:
             raise BadRequest(503, f"overloaded, try again: {e}") from None
-        # the first of: every answer, the client leaving, the deadline
-        stop_watching = call.on_disconnect(waiting.end)
-        late = loop.call_later(timeout, waiting.end, "late")
-        try:
-            why = await waiting.ended
-        finally:
-            late.cancel()
-            stop_watching()
         if why == "gone":
-            for s in slots:
-                s.cancel()
             raise BadRequest(499, "client disconnected")
         if why == "late":
             raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
-        outcomes = [s.outcome for s in slots]
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         if any(isinstance(e, Expired) for e in errors):
             raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
@@ -329,68 +313,6 @@ class _Call:
         watch = asyncio.ensure_future(self.receive())
         watch.add_done_callback(seen)
         return watch.cancel
-
-
-class _Waiting:
-    """A request waiting for its images' answers, on the event loop: how many are still out, and `ended`, which
-    resolves to why the wait ended ("answered", "gone", "late")."""
-    __slots__ = ("left", "ended")
-
-    def __init__(self, n: int, ended: asyncio.Future):
-        self.left, self.ended = n, ended
-
-    def end(self, why: str) -> None:
-        if not self.ended.done():
-            self.ended.set_result(why)
-
-
-class _Handoff:
-    """Settled `_Slot`s from the scheduler's threads to the event loop: the first slot settled after a delivery
-    schedules the next, which takes every slot settled meanwhile (a batch's answers: one wake-up of the loop)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.settled, self.scheduled = loop, collections.deque(), False
-
-    def put(self, slot: _Slot) -> None:  # any thread
-        self.settled.append(slot)
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_soon_threadsafe(self.deliver)
-
-    def deliver(self) -> None:  # the event loop
-        self.scheduled = False  # before draining: a slot put from here on schedules another delivery
-        settled = self.settled
-        while settled:
-            waiting = settled.popleft().waiting
-            waiting.left -= 1
-            if waiting.left == 0:
-                waiting.end("answered")
-
-
-class _Slot:
-    """One image's future as the scheduler uses it (`Sample.future`): settled once, by a scheduler or forwarding
-    thread, with an `Answer` or an exception; cancelled by the event loop when its client goes away."""
-    __slots__ = ("waiting", "handoff", "outcome", "_cancelled")
-
-    def __init__(self, waiting: _Waiting, handoff: _Handoff):
-        self.waiting, self.handoff, self.outcome, self._cancelled = waiting, handoff, None, False
-
-    def done(self) -> bool:
-        return self._cancelled or self.outcome is not None
-
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def cancel(self) -> None:
-        self._cancelled = True
-
-    def set_result(self, answer) -> None:
-        if self.outcome is None:
-            self.outcome = answer
-            self.handoff.put(self)
-
-    def set_exception(self, error: BaseException) -> None:
-        self.set_result(error)
 
 
 async def _files(call: _Call, body: bytes) -> tuple[Sequence[bytes], list[str | None]]:
