@@ -161,7 +161,7 @@ def folder_agreement(source: str | Path) -> Agreement | None:
     from .early_exit import saved_weights_sha256
     from .study.results import CalibrationReport, StudyResults
     folder = Path(source) if Path(source).is_dir() else Path(source).parent
-    for name, measured in (("results.json", lambda doc: StudyResults.from_json(doc)),
+    for name, measured in (("results.json", StudyResults.from_json),
                            ("calibration.json", lambda doc: CalibrationReport.from_json(doc).study)):
         try:
             found = measured(json.loads((folder / name).read_text()))

@@ -89,6 +89,8 @@ class Answers:
         """`submit(slots)` (its errors are the caller's), then (why the wait ended, each sample's outcome: an
         `Answer`, an exception, or None when unanswered). `on_disconnect(end)` calls `end("gone")` when the client
         leaves and returns the function that stops watching; the slots of a client gone are cancelled."""
+        if n == 0:
+            return "answered", []
         loop = asyncio.get_running_loop()
         if self.handoff is None or self.handoff.loop is not loop:
             self.handoff = Handoff(loop)

@@ -70,8 +70,6 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         (dropped downstream)."""
         if scheduler.first != 0:
             raise BadRequest(409, f"this tier starts at stage {scheduler.first}: send images to the first tier")
-        if not len(images):
-            return []
         try:
             why, outcomes = await answers.wait(lambda slots: scheduler.submit(images, slots), len(images), timeout,
                                                call.on_disconnect)

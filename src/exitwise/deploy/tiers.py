@@ -253,18 +253,16 @@ def add_tier_routes(app, runner, config: TierConfig) -> None:
                 raise BadRequest(400, f"images of shape {list(x.shape[1:])}; the model takes {[h, w, c]} (NHWC)")
             if not config.send_images:  # else the scheduler's runner (`CarryImages`) runs them, keeping the images
                 x = await asyncio.get_running_loop().run_in_executor(None, _recompute, runner, x, config.first)
-        answers = []
-        if len(x):
-            try:
-                why, answers = await app.state.answers.wait(lambda slots: scheduler.submit_features(x, state, slots),
-                                                            len(x), scheduler.config.timeout_ms / 1e3 + 1)
-            except QueueFull as e:
-                raise BadRequest(503, f"overloaded, try again: {e}") from None
-            errors = [a for a in answers if isinstance(a, BaseException)]
-            if why == "late" or any(isinstance(e, Expired) for e in errors):
-                raise BadRequest(504, "not answered in time")
-            if errors:
-                raise BadRequest(500, f"inference failed: {errors[0]}")
+        try:
+            why, answers = await app.state.answers.wait(lambda slots: scheduler.submit_features(x, state, slots),
+                                                        len(x), scheduler.config.timeout_ms / 1e3 + 1)
+        except QueueFull as e:
+            raise BadRequest(503, f"overloaded, try again: {e}") from None
+        errors = [a for a in answers if isinstance(a, BaseException)]
+        if why == "late" or any(isinstance(e, Expired) for e in errors):
+            raise BadRequest(504, "not answered in time")
+        if errors:
+            raise BadRequest(500, f"inference failed: {errors[0]}")
         rows = [[a.exit, a.prediction, a.probability, getattr(a, "tier", "") or config.name,
                  getattr(a, "degraded", False)] for a in answers]
         return JSONResponse({"tier": config.name, "answers": rows})
