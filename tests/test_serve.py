@@ -602,11 +602,13 @@ def test_a_torch_tier_runs_in_processes_and_answers_degraded_while_its_next_tier
         process.kill()
 
 
-def test_server_processes_stop_when_their_supervisor_is_killed(digits):
-    process, _ = start_cli_server(["--export", str(digits[2] / "onnx"), "--processes", "2"])
+def test_server_processes_stop_when_their_supervisor_is_killed_and_leave_no_metrics_folder(digits, tmp_path):
+    process, _ = start_cli_server(["--export", str(digits[2] / "onnx"), "--processes", "2"],
+                                  env={"TMPDIR": str(tmp_path)})  # where the metrics' folder goes
     children = [int(c) for c in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
     try:
         assert len(children) >= 2  # the two servers (and multiprocessing's resource tracker)
+        assert len(list(tmp_path.glob("exitwise-metrics-*"))) == 1
         process.kill()  # SIGKILL: nothing is passed on
         process.wait(10)
 
@@ -620,6 +622,7 @@ def test_server_processes_stop_when_their_supervisor_is_killed(digits):
         while any(running(c) for c in children) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(running(c) for c in children)
+        assert list(tmp_path.glob("exitwise-metrics-*")) == []  # the last process out removed it
     finally:
         for c in children:
             try:

@@ -22,6 +22,8 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Callable
@@ -121,7 +123,7 @@ def _server_process(make_runner: Callable[[], Runner], config: ServeConfig, star
     drains)."""
     from .server import create_app, listen, run_app
     os.setpgrp()  # Ctrl-C at a terminal reaches the supervisor alone, whose SIGTERM then drains this process once
-    _stop_with_parent()
+    orphaned = _stop_with_parent()
     try:
         runner = make_runner()
         app = create_app(runner, config)
@@ -132,17 +134,31 @@ def _server_process(make_runner: Callable[[], Runner], config: ServeConfig, star
     started.send(Started(what=describe(runner)))
     started.close()
     run_app(app, config, sock, log_level)
+    if orphaned.is_set():  # no supervisor to remove the metrics' folder: the last process out does
+        _leave_metrics(os.environ[METRICS_DIR])
 
 
-def _stop_with_parent() -> None:
-    """SIGTERM to this process when its supervisor is gone (killed without passing a signal on)."""
-    import threading
-    import time
-    parent = os.getppid()
+def _leave_metrics(folder: str) -> None:
+    """This process's metric files removed, and the folder too once no other process has files in it."""
+    for name in os.listdir(folder):
+        if name.rsplit(".", 1)[0].endswith(f"_{os.getpid()}"):
+            os.remove(os.path.join(folder, name))
+    try:
+        os.rmdir(folder)
+    except OSError:  # another process's files are still there: it removes the folder when it leaves
+        pass
+
+
+def _stop_with_parent() -> threading.Event:
+    """SIGTERM to this process when its supervisor is gone (killed without passing a signal on); the event returned
+    is set then."""
+    parent, orphaned = os.getppid(), threading.Event()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
+        orphaned.set()
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="exitwise-parent-watch", daemon=True).start()
+    return orphaned
