@@ -209,6 +209,24 @@ def test_export_from_a_model_name_and_a_thresholds_file(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_export_from_a_model_name_alone_takes_the_calibrated_setting_its_card_carries(tmp_path, capsys,
+                                                                                       monkeypatch):
+    from exitwise.models import weights
+    _one_line_error(capsys, ["export", "--model", "digits-convnet", "--out", str(tmp_path / "x")],
+                    "no calibrated setting shipped: give --thresholds FILE")  # its card has none
+    card = weights.shipped_card("digits-convnet")
+    monkeypatch.setattr(weights, "shipped_card", lambda name: {**card, "calibrated": {
+        "policy": "max-prob", "thresholds": [0.25, None], "temperatures": [1.5, 1.0]}})
+    assert main(["export", "--model", "digits-convnet", "--out", str(tmp_path / "onnx"),
+                 "--exporter", "torchscript"]) == 0
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert (manifest["policy"], manifest["thresholds"], manifest["temperatures"]) == ("max-prob", [0.25, None],
+                                                                                       [1.5, 1.0])
+    _one_line_error(capsys, ["export", "--model", "digits-convnet", "--weights", str(tmp_path / "w.safetensors"),
+                             "--out", str(tmp_path / "y")], "other weights than the shipped ones")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_a_graph_that_disagrees_with_torch_is_not_written(tmp_path, monkeypatch):
     monkeypatch.setattr(export_module, "MAX_ERROR", -1.0)  # any difference, even 0, is too large
     model = EarlyExitModel.create(create_model("digits-convnet"), "digits-convnet", "entropy", [0.5, 0.5])

@@ -12,7 +12,7 @@ from .data import Splits, load_splits
 from .early_exit import EarlyExitModel
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
-from .models import check_fits, create_model, load_model, load_network, model_key, shipped_card, shipped_weights
+from .models import calibrated_setting, check_fits, create_model, load_model, load_network, model_key, shipped_card, shipped_weights
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
 from .study import CalibrateConfig, StudyConfig, analysis, calibration, run_study, time_stages, write_study
@@ -224,7 +224,8 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
 
     The model is `source`, a saved EarlyExitModel (a study's or calibration's output folder, or its
     early_exit.json); or the registered `model` with `weights` (default: shipped) and `thresholds`, a JSON
-    file with `policy`, `thresholds` and optional `temperatures` and `class_names` (an early_exit.json is one).
+    file with `policy`, `thresholds` and optional `temperatures` and `class_names` (an early_exit.json is one;
+    default, for shipped weights: the calibrated setting their card carries, as `exitwise serve --model` serves).
     `micro_batch`: the runner's, recorded in the manifest (default: measured fastest here)."""
     from .early_exit import saved_weights_sha256
     from .export import export_onnx
@@ -235,9 +236,11 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
             raise UserError("--from DIR brings its own weights and thresholds: drop --weights and --thresholds")
         early_exit, sha256 = EarlyExitModel.load(source), saved_weights_sha256(source)
     else:
-        if thresholds is None:
-            raise UserError("--model needs --thresholds FILE (JSON with policy and thresholds, e.g. an early_exit.json)")
-        setting = _read_setting(thresholds, model)
+        setting = _read_setting(thresholds, model) if thresholds is not None else calibrated_setting(model, weights)
+        if setting is None:
+            why = "other weights than the shipped ones" if weights is not None else "no calibrated setting shipped"
+            raise UserError(f"model {model!r} with {why}: give --thresholds FILE (JSON with policy and thresholds, "
+                            "e.g. an early_exit.json)")
         net, ref = load_model(model, weights)
         classes = setting.get("class_names") or (shipped_card(model)["dataset"].get("classes")
                                                  if weights is None and shipped_weights(model) else None)

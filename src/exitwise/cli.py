@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "manifest.json, for exitwise.deploy.onnx_runtime and `exitwise predict`")
     export.add_argument("--from", dest="source", type=Path,
                         help="a saved early-exit model: a study's or calibration's output folder (early_exit.json)")
-    export.add_argument("--model", help="or a registered model (see `exitwise models`), with --thresholds")
+    export.add_argument("--model", help="or a registered model (see `exitwise models`): its shipped weights with the "
+                        "calibrated setting their card carries, or --thresholds")
     export.add_argument("--model-dir", type=Path, help="or a folder written by `exitwise attach`, with --thresholds")
     export.add_argument("--weights", type=Path, help="checkpoint for --model (default: its shipped weights)")
     export.add_argument("--thresholds", type=Path, help="JSON with policy, thresholds (null: never leave there) "

@@ -125,12 +125,12 @@ def load_early_exit(*, model: str | None = None, weights: str | Path | None = No
     registered model with its shipped weights and the calibrated setting its card carries (`calibrated`)."""
     if source is not None:
         return EarlyExitModel.load(source)
-    from .models import load_model, shipped_card, shipped_weights
+    from .models import calibrated_setting, load_model, shipped_card, shipped_weights
     network, _ = load_model(model, weights)
     card = shipped_card(model) if shipped_weights(model) else {}
-    setting = card.get("calibrated")
+    setting = calibrated_setting(model, weights)
     classes = card.get("dataset", {}).get("classes") if isinstance(card.get("dataset"), dict) else None
-    if setting is None or weights is not None:
+    if setting is None:
         if early_exit:
             why = "other weights than the shipped ones" if weights is not None else "no calibrated setting"
             raise UserError(f"model {model!r} with {why}: serve a study's or calibration's folder (--from DIR), "

@@ -41,6 +41,14 @@ def shipped_card(name: str) -> dict:
     return json.loads((SHIPPED_WEIGHTS_DIR / f"{name}.json").read_text())
 
 
+def calibrated_setting(name: str, weights: str | Path | None = None) -> dict | None:
+    """The early-exit setting ({policy, thresholds, [temperatures]}) chosen on validation for model `name`'s shipped
+    weights, as its card carries it (`scripts/card_calibrated.py`); None for other `weights` or a card without one."""
+    if weights is not None or name not in MODELS or not shipped_weights(name):
+        return None
+    return shipped_card(name).get("calibrated")
+
+
 def shipped_models(dataset: str) -> list[str]:
     """Registered models whose shipped weights were trained on `dataset` (by their model card)."""
     return [n for n in MODELS if shipped_weights(n) and shipped_card(n)["dataset"]["name"] == dataset]
