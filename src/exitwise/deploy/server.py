@@ -220,15 +220,18 @@ class _Front:
             self.observe(endpoint, 503, start)
             return
         self.inflight += inference
-        status = 500
+        status, released = 500, not inference
+
+        async def send_status(message):  # the slot is free once the answer starts, before the client can read it
+            nonlocal status, released
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if not released:
+                    self.inflight, released = self.inflight - 1, True
+            await send(message)
+
         try:
             if route is None:
-                async def send_status(message):
-                    nonlocal status
-                    if message["type"] == "http.response.start":
-                        status = message["status"]
-                    await send(message)
-
                 await self.app(scope, receive, send_status)
                 return
             try:
@@ -240,14 +243,13 @@ class _Front:
             except Exception as e:
                 response = self.failed(e)
             else:
-                status = 200
-                await _send_json(send, 200, json.dumps(content, ensure_ascii=False, allow_nan=False,
-                                                       separators=(",", ":")).encode())
+                await _send_json(send_status, 200, json.dumps(content, ensure_ascii=False, allow_nan=False,
+                                                              separators=(",", ":")).encode())
                 return
-            status = response.status_code
-            await response(scope, receive, send)
+            await response(scope, receive, send_status)
         finally:
-            self.inflight -= inference
+            if not released:
+                self.inflight -= 1
             self.observe(endpoint, status, start)
 
 
