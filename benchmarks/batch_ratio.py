@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from exitwise.device import describe_load, machine, machine_load, resolve_device
+from exitwise.device import machine, machine_load, resolve_device
 from exitwise.runtime import run_backbone
 
 from timing_common import SHARED, card_setting_on_test
@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     test, model, tuned, prepared = card_setting_on_test(args.data, args.model, args.images, resolve_device("cpu"))
-    print(f"{args.model} on {machine().describe()}; {describe_load(machine_load())}; precision {tuned.precision}, "
+    print(f"{args.model} on {machine().describe()}; {machine_load().describe()}; precision {tuned.precision}, "
           f"micro-batch {tuned.micro_batch}; setting {model.policy.name} {[round(float(t), 4) for t in model.thresholds]}; "
           f"{len(test)} images")
     sizes = [int(b) for b in args.batch_sizes.split(",")]

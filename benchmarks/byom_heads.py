@@ -16,7 +16,7 @@ import tempfile
 from exitwise.api import attach_model, load_model
 from exitwise.config import AttachConfig
 from exitwise.data import load_splits
-from exitwise.device import describe_load, machine, machine_load
+from exitwise.device import machine, machine_load
 from exitwise.models.heads import MAP_HEAD_KINDS
 from exitwise.study import StudyConfig, run_study
 
@@ -33,7 +33,7 @@ def main() -> None:
     if args.images:
         splits = splits.sample(args.images)
     train_splits = seeded_train_subset(splits, args.train_images)
-    print(f"machine: {machine().describe()}; {describe_load(machine_load())}")
+    print(f"machine: {machine().describe()}; {machine_load().describe()}")
     print(f"heads trained on {len(train_splits.train)} images for {args.epochs} epochs; study on {len(splits.val)} "
           f"validation and {len(splits.test)} test images")
     for kind in args.kinds.split(","):

@@ -28,7 +28,7 @@ from exitwise.data import load_splits
 from exitwise.early_exit import EarlyExitModel
 from exitwise.study.frontiers import latency_frontier
 from exitwise.models import shipped_models
-from exitwise.device import describe_load, machine, machine_load, resolve_device
+from exitwise.device import machine, machine_load, resolve_device
 from exitwise.tune import tune
 from exitwise.policies import ExitArrays, exit_arrays, get_policy
 from exitwise.study.results import NEVER, Setting
@@ -75,7 +75,7 @@ def main() -> None:
     policies = [get_policy(name) for name in args.policies or ("entropy", "max-prob", "margin")]
     load = machine_load()
     print(f"machine: {machine(device).describe()}")
-    print(describe_load(load))
+    print(load.describe())
     print(f"{len(splits.test)} test images, policies "
           f"{', '.join(p.name for p in policies)}, best of {args.repeats} runs per timing; the setting is the "
           f"fastest within {args.within_points:g} points of the final exit on the {len(splits.val)} validation "
@@ -111,7 +111,7 @@ def main() -> None:
         full1, early1 = best_of_interleaved(args.repeats, lambda: run_backbone(model, one, 1, **mb),
                                             lambda: early_exit.run(one, batch_size=1, **mb))
         accuracy = (early_big.predictions == splits.test.labels.numpy()).mean()
-        timed = ", ".join(f"{t['precision']} {t['ms_per_image']:.2f}" for t in check["tried"]) if check else "not timed"
+        timed = ", ".join(f"{t.precision} {t.ms_per_image:.2f}" for t in check.tried) if check else "not timed"
         print(f"\n{name} ({info.weights}, precision {precision} (ms/image in the probe: {timed}), "
               f"micro-batch {micro_batch})")
         print(f"  full network: test accuracy {final:.2%}, {full_macs / 1e6:.2f} M MACs, "

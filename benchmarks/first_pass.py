@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exitwise.device import describe_load, machine, machine_load, resolve_device
+from exitwise.device import machine, machine_load, resolve_device
 
 from timing_common import SHARED, card_setting_on_test
 
@@ -29,7 +29,7 @@ def main() -> None:
     args = p.parse_args()
     device = resolve_device(args.device)
     test, model, tuned, prepared = card_setting_on_test(args.data, args.model, args.images, device)
-    print(f"{args.model} on {machine(device).describe()}; {describe_load(machine_load())}; precision "
+    print(f"{args.model} on {machine(device).describe()}; {machine_load().describe()}; precision "
           f"{tuned.precision}, micro-batch {tuned.micro_batch}; {len(test)} images, batch 256")
     for scale in (1.0, 0.7, 1.3):
         thresholds = np.asarray(model.thresholds) * scale

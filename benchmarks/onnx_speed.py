@@ -28,7 +28,7 @@ from exitwise.models.costs import exit_macs
 from exitwise.data import load_splits
 from exitwise.early_exit import EarlyExitModel
 from exitwise.export import export_onnx
-from exitwise.device import describe_load, machine, machine_load
+from exitwise.device import machine, machine_load
 from exitwise.tune import tune
 from exitwise.models import shipped_models
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
@@ -59,7 +59,7 @@ def main() -> None:
     print(f"machine: {machine().describe()}")
     print(f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()} (CPUExecutionProvider used), "
           f"intra-op threads: default (one per physical core)")
-    print(describe_load(load))
+    print(load.describe())
     print(f"{len(test)} test images at batch 256, {len(one)} at batch 1; best of {args.repeats} runs; "
           f"ms per image; ratio = torch ms / ONNX Runtime ms (> 1: ONNX Runtime faster)\n")
     print(f"{'model':18s} {'run':12s} {'batch':>5s} {'torch':>8s} {'onnxrt':>8s} {'ratio':>6s}")
@@ -96,7 +96,7 @@ def main() -> None:
         shares = np.bincount(onnx_run.exits, minlength=network.num_exits) / len(test)
         print(f"{'':18s} thresholds {np.round(t, 4).tolist()} (validation target {goal:.4f}); exit shares "
               f"{np.round(shares, 3).tolist()}; same exit in both runtimes: {same:.2%}")
-    print(f"\nat the end: {describe_load(machine_load())}")
+    print(f"\nat the end: {machine_load().describe()}")
 
 
 if __name__ == "__main__":

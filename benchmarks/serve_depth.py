@@ -23,7 +23,7 @@ import serve_load as sl  # noqa: E402
 
 from exitwise.allocator import keep_freed_memory  # noqa: E402
 from exitwise.deploy.server import settle_heap  # noqa: E402
-from exitwise.device import describe_load, machine, machine_load  # noqa: E402
+from exitwise.device import machine, machine_load  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     variants = [tuple(int(v) for v in item.split("/")) for item in args.variants.split(",")]
     keep_freed_memory()  # as the CLI does, for the offline runs
     blobs, labels, model, tuned, big = sl.setup(args.data, 2000, 0, "b-resnet11", "auto", 2560)
-    print(f"b-resnet11 on {machine().describe()}; {describe_load(machine_load())}; precision {tuned.precision}, "
+    print(f"b-resnet11 on {machine().describe()}; {machine_load().describe()}; precision {tuned.precision}, "
           f"micro-batch {tuned.micro_batch}")
 
     def offline(when: str) -> float:

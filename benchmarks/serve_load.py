@@ -57,7 +57,7 @@ from exitwise.data import ImageSet
 from exitwise.deploy.oip import decode_images
 from exitwise.deploy.server import settle_heap
 from exitwise.images import read_tar
-from exitwise.device import describe_load, machine, machine_load
+from exitwise.device import machine, machine_load
 from exitwise.runtime import run_backbone, run_early_exit, warm_up
 from exitwise.serve_torch import load_early_exit
 from exitwise.tune import tune
@@ -337,7 +337,7 @@ def main() -> None:
 
     blobs, labels, model, tuned, big = setup(args.data, args.images, args.seed, args.model, args.precision,
                                              args.offline_images)
-    print(f"{args.model} on {machine().describe()}; {describe_load(machine_load())}; glibc malloc thresholds raised "
+    print(f"{args.model} on {machine().describe()}; {machine_load().describe()}; glibc malloc thresholds raised "
           f"for the offline runs, as the CLI raises them: {'yes' if raised else 'no'}")
     print(f"precision {tuned.precision}, micro-batch {tuned.micro_batch}; setting {model.policy.name} "
           f"{[round(float(t), 4) for t in model.thresholds]}")

@@ -33,7 +33,7 @@ from exitwise.allocator import USER_SETTINGS, keep_freed_memory
 from exitwise.api import load_model
 from exitwise.data import load_splits
 from exitwise.config import AGREEMENT_REQUIRED
-from exitwise.device import describe_load, machine, machine_load
+from exitwise.device import machine, machine_load
 from exitwise.runtime import all_exit_logits, prepare
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -78,7 +78,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS}  # the user's environment, no malloc help
     raised = keep_freed_memory()
 
-    print(f"machine: {machine().describe()}; {describe_load(machine_load())}; glibc malloc thresholds raised "
+    print(f"machine: {machine().describe()}; {machine_load().describe()}; glibc malloc thresholds raised "
           f"for the founding loop: {'yes' if raised else 'no (not glibc)'}; the study: `{' '.join(study_command(args, 'OUT'))}`")
     splits = load_splits(args.dataset, args.data, progress=False)
     model, info = load_model(args.model, args.weights)

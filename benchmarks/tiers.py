@@ -358,9 +358,9 @@ def main() -> None:
         cache = load_logits(study)
         costs = study_costs(cache.val_logits, cache.stage_seconds_per_sample, runner.manifest, values, input_bytes, wire,
                             channels)
-        from exitwise.device import describe_load, machine, machine_load
+        from exitwise.device import machine, machine_load
         host = machine().describe()  # before this process leaves the device's CPU to it
-        print(f"machine: {host}; {describe_load(machine_load())}")
+        print(f"machine: {host}; {machine_load().describe()}")
         limit = CpuLimit(args.device_cpu_share, cpu=os.cpu_count() - 1) \
             if args.device_cpu_share > 0 and CpuLimit.available() else None
         if args.device_cpu_share > 0 and limit is None:
@@ -387,7 +387,7 @@ def main() -> None:
             if args.accuracy_images >= 0 else None
         if args.out:
             from exitwise.io import atomic_write_json
-            atomic_write_json(args.out, {"machine": host, "load": machine_load(), "images": len(images), "rows": rows,
+            atomic_write_json(args.out, {"machine": host, "load": machine_load().to_json(), "images": len(images), "rows": rows,
                                          "measured_tiers": measured, "link_rate": args.link_rate,
                                          "full_network_accuracy": 100 * float((full == labels).mean()),
                                          "wire": wire.to_json(), "whole_test_set": whole})

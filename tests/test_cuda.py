@@ -58,7 +58,7 @@ def test_tuning_on_the_gpu_chooses_a_precision_and_micro_batch_it_measured_there
     tuned = tune(net, data, "auto", None, CUDA, batch_size=128, check_images=128)
     assert tuned.precision in ("fp32", "bf16", "mixed") and tuned.micro_batch >= 1
     assert next(tuned.network.parameters()).device.type == "cuda"
-    assert tuned.precision_check["machine"]["accelerator"] == torch.cuda.get_device_name(CUDA)
+    assert tuned.precision_check.machine.accelerator == torch.cuda.get_device_name(CUDA)
 
 
 def test_the_study_measures_on_the_gpu(tmp_path):
@@ -72,7 +72,7 @@ def test_the_study_measures_on_the_gpu(tmp_path):
     cache = measure(_model().network, splits, config, ref)
     assert cache.val_logits.shape[:2] == (3, 150) and cache.test_logits.shape[:2] == (3, 150)
     assert (np.array(cache.stage_seconds_per_sample) > 0).all()
-    assert cache.measurements.machine["device"].startswith("cuda")
+    assert cache.measurements.machine.device.startswith("cuda")
 
 
 def test_training_on_the_gpu_learns_saves_cpu_weights_and_hands_the_model_back_on_the_cpu(tmp_path):

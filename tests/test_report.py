@@ -91,7 +91,11 @@ def synthetic_doc(num_points: int = 20, dataset: str = "cifar10") -> dict:
                   "shipped": False, "num_exits": 3},
         "machine": {"cpu": "Test CPU 9000", "capability": "AVX512", "native_bf16": True, "threads": 2,
                     "torch": "2.13.0", "device": "cpu"},
-        "precision": "bf16", "precision_check": {"agreement_with_fp32": 0.998, "images": 1000, "required": 0.995},
+        "precision": "bf16", "precision_check": {
+            "precision": "bf16", "agreement_with_fp32": 0.998, "images": 1000, "required": 0.995,
+            "tried": [{"precision": "bf16", "ms_per_image": 0.05, "agreement_per_exit": [1.0, 0.999, 0.998],
+                       "agreement_with_fp32": 0.998}, {"precision": "fp32", "ms_per_image": 0.2,
+                                                       "agreement_with_fp32": 1.0}]},
         "batch_size": 256, "micro_batch": 64, "micro_batch_probe": None, "policy": "entropy", "max_cutoff": max_cutoff,
         "exits": [{"index": k, "accuracy": a, "val_accuracy": a + 0.01, "macs": m}
                   for k, (a, m) in enumerate(zip(EXIT_ACCURACY, macs))],
@@ -193,9 +197,12 @@ def test_a_busy_machine_is_called_out_in_the_summary_and_the_report(tmp_path):
     assert "other work used 55% of the CPUs' time" in format_summary(StudyResults.from_json(doc))
 
 
-def test_a_precision_given_rather_than_checked_reports_no_agreement(tmp_path):
-    write_report(synthetic_results(precision_check=None), tmp_path)
-    assert "agrees with fp32" not in (tmp_path / "report.md").read_text()
+def test_the_precision_reports_its_agreement_and_the_speeds_timed_unless_it_was_given(tmp_path):
+    write_report(synthetic_results(), tmp_path / "checked")
+    assert ("bf16 (agrees with fp32 on 99.80% of 1000 images; ms per image here: bf16 0.050, fp32 0.200)"
+            in (tmp_path / "checked" / "report.md").read_text())
+    write_report(synthetic_results(precision_check=None), tmp_path / "given")
+    assert "agrees with fp32" not in (tmp_path / "given" / "report.md").read_text()
 
 
 def test_results_json_round_trips_through_the_typed_results():

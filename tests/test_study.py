@@ -105,7 +105,7 @@ def test_calibrate_re_times_the_stages_on_a_device_and_predicts_time_from_those(
     assert written == doc.to_json() and type(doc).from_json(written) == doc  # re-timing evidence reads back too
     timing = doc.timing
     assert (timing.device, timing.precision, timing.micro_batch) == ("cpu", "fp32", 32)  # the study's fp32
-    assert timing.machine["cpu"] and timing.images > 0
+    assert timing.machine.cpu and timing.images > 0
     per_sample = np.array(timing.stage_seconds_per_sample)
     assert (per_sample > 0).all() and per_sample.tolist() != cache.stage_seconds_per_sample.tolist()
     test = exit_arrays(cache.test_logits, cache.test_labels, "entropy")

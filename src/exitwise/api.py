@@ -18,7 +18,7 @@ from .policies import ExitArrays, exit_arrays, get_policy
 from .study import CalibrateConfig, StudyConfig, analysis, calibration, run_study, time_stages, write_study
 from .study.frontiers import policy_frontiers
 from .study.logits_cache import ExitLogits, load_logits
-from .study.results import CalibrationReport, CostUnit, Mark, SplitOutcome, StageTimes, StudyResults, from_json
+from .study.results import CalibrationReport, CostUnit, Mark, SplitOutcome, StageTimes, StudyResults
 
 
 def study(*, model: str | Path, out: str | Path, data: DataConfig = DataConfig(), weights: str | Path | None = None,
@@ -138,14 +138,12 @@ def calibrate(source: str | Path, out: str | Path, config: CalibrateConfig | Non
     check_writable_dir(out)
     cache = load_logits(source)
     info = cache.measurements
-    timing = StageTimes("the study's cost model", (info.machine or {}).get("device"),
+    timing = StageTimes("the study's cost model", info.machine.device if info.machine else None,
                         tuple(cache.stage_seconds_per_sample.tolist()))
     if device is not None:
-        per_sample, retimed = time_stages(_study_network(cache, source), device, precision or
-                                          info.precision or "auto", micro_batch,
-                                          batch_size=info.batch_size or 256)
+        per_sample, timing = time_stages(_study_network(cache, source), device, precision or
+                                         info.precision or "auto", micro_batch, batch_size=info.batch_size or 256)
         cache = dataclasses.replace(cache, stage_seconds_per_sample=per_sample)
-        timing = from_json(StageTimes, {"source": "re-timed (study.time_stages)", **retimed})
 
     temperatures, temperature_report = None, None
     if c.temperature_scaling:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -12,29 +11,9 @@ import torch
 
 from .config import DEVICES
 from .errors import UserError
+from .refs import Load, Machine
 
 BUSY_SHARE = 0.25          # other work using a quarter of the CPUs' time makes timings slow and noisy
-
-
-@dataclass(frozen=True)
-class Machine:
-    """Where a figure was measured."""
-    cpu: str            # the CPU's model name
-    capability: str     # torch's widest CPU kernels here: AVX2, AVX512, ...
-    native_bf16: bool   # AMX or AVX512_BF16: bf16 in hardware, not emulated
-    threads: int
-    torch: str
-    device: str
-    accelerator: str | None = None  # the GPU's name when `device` is one (CUDA, or Apple's MPS)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    def describe(self) -> str:
-        bf16 = "native bf16" if self.native_bf16 else "no native bf16"
-        on = f" ({self.accelerator})" if self.accelerator else ""
-        return (f"{self.cpu} ({self.capability}, {bf16}), {self.threads} threads, torch {self.torch}, "
-                f"device {self.device}{on}")
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -105,7 +84,7 @@ def cpu_busy_share(seconds: float = 0.1) -> float | None:
     return min(1.0, max(0.0, others / total)) if total > 0 else None
 
 
-def machine_load() -> dict:
+def machine_load() -> Load:
     """How busy the CPUs were just before timed work, and whether that makes its times slow and noisy: other
     processes' share of the CPUs' time over a tenth of a second decides where /proc/stat exists (the 1-minute load
     average, also recorded, trails: it still counts a job that ended a minute ago), else the load average."""
@@ -113,15 +92,7 @@ def machine_load() -> dict:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     share = cpu_busy_share()
     busy = share >= BUSY_SHARE if share is not None else load is not None and load >= 0.75 * cpus
-    return {"load_average": load, "cpus": cpus, "busy_share": None if share is None else round(share, 3),
-            "busy": busy}
-
-
-def describe_load(load: dict) -> str:
-    """`machine_load()` in words, for a benchmark's header."""
-    share = "" if load["busy_share"] is None else f"other work used {load['busy_share']:.0%} of them just now, "
-    return (f"{load['cpus']} CPUs: {share}1-minute load average {load['load_average']}"
-            + (": BUSY, the timings below are not to be trusted" if load["busy"] else ""))
+    return Load(load, cpus, busy, None if share is None else round(share, 3))
 
 
 def seconds_per_call(fn: Callable[[], object], device: torch.device, min_seconds: float = 0.2,

@@ -23,6 +23,7 @@ from .models.costs import stage_and_head_macs
 from .early_exit import EarlyExitModel
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, staged_output
+from .refs import MicroBatchProbe
 from .deploy.onnx_runtime import FORMAT, MANIFEST, manifest_digest
 
 OPSET = 18
@@ -90,7 +91,7 @@ def _normalization(model: EarlyExitModel) -> dict | None:
             "where": "inside stage 0: feed [0, 1] pixels, not normalized ones"}
 
 
-def _measured_micro_batch(network: torch.nn.Module, images: int = 256) -> tuple[int, dict]:
+def _measured_micro_batch(network: torch.nn.Module, images: int = 256) -> tuple[int, MicroBatchProbe]:
     """The micro-batch `tune` measures fastest here for the fp32 network, on random images of its input shape (a
     dense network's time does not depend on pixel values), and the probe's evidence."""
     from .data import ImageSet
@@ -158,7 +159,7 @@ def export_onnx(model: EarlyExitModel, out: str | Path, *, weights_sha256: str |
         "opset": OPSET, "check": {"rows": CHECK_ROWS, "max_error_allowed": MAX_ERROR,
                                   "error": "max |onnxruntime - torch| / max(1, max |torch|) on uniform [0, 1] inputs"},
         "exit_macs": np.cumsum([s + h for s, h in zip(stage_macs, head_macs)]).tolist(),
-        "micro_batch": micro_batch, "micro_batch_probe": probe,
+        "micro_batch": micro_batch, "micro_batch_probe": probe.to_json() if probe else None,
         **entries,
     }
     for entry in manifest["stages"] + manifest["heads"]:

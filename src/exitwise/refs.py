@@ -1,6 +1,8 @@
-"""What a saved file records about where its figures came from: the network and its weights (`ModelRef`) and the data
-(`DatasetRef`), as results.json's and a study's logits' `model` and `dataset`. Torch-free, so those files read without
-torch; `models/ref.py` resolves a `ModelRef` to a network, `data.Splits.describe()` makes a `DatasetRef`.
+"""What a saved file records about where its figures came from: the network and its weights (`ModelRef`), the data
+(`DatasetRef`), the machine and how busy it was (`Machine`, `Load`), and the probes that chose the precision and the
+micro-batch (`PrecisionCheck`, `MicroBatchProbe`). Torch-free, so those files read without torch; `models/ref.py`
+resolves a `ModelRef` to a network, `data.Splits.describe()` makes a `DatasetRef`, `device` measures the machine and
+`tune` runs the probes.
 """
 from __future__ import annotations
 
@@ -65,3 +67,93 @@ class DatasetRef:
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "classes": list(self.classes), "val_size": self.val_size}
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where a figure was measured (`device.machine`)."""
+    cpu: str            # the CPU's model name
+    capability: str     # torch's widest CPU kernels here: AVX2, AVX512, ...
+    native_bf16: bool   # AMX or AVX512_BF16: bf16 in hardware, not emulated
+    threads: int
+    torch: str
+    device: str
+    accelerator: str | None = None  # the GPU's name when `device` is one (CUDA, or Apple's MPS)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        bf16 = "native bf16" if self.native_bf16 else "no native bf16"
+        on = f" ({self.accelerator})" if self.accelerator else ""
+        return (f"{self.cpu} ({self.capability}, {bf16}), {self.threads} threads, torch {self.torch}, "
+                f"device {self.device}{on}")
+
+
+@dataclass(frozen=True)
+class Load:
+    """How busy the CPUs were just before timed work (`device.machine_load`)."""
+    load_average: float | None  # over the last minute (trails: it still counts a job that ended a minute ago)
+    cpus: int
+    busy: bool                  # enough to make timings slow and noisy
+    busy_share: float | None = None  # other processes' share of the CPUs' time over a tenth of a second (None: no
+                                     # /proc/stat, or a file from before it was recorded)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """In words, for a benchmark's header."""
+        share = "" if self.busy_share is None else f"other work used {self.busy_share:.0%} of them just now, "
+        return (f"{self.cpus} CPUs: {share}1-minute load average {self.load_average}"
+                + (": BUSY, the timings below are not to be trusted" if self.busy else ""))
+
+
+@dataclass(frozen=True)
+class PrecisionTried:
+    """One precision in `tune.choose_precision`'s probe."""
+    precision: str
+    ms_per_image: float
+    agreement_per_exit: tuple[float, ...] | None = None  # share of images whose prediction equals fp32's (None: not
+    agreement_with_fp32: float | None = None              # checked); the lowest exit's share; fp32's own is 1.0
+
+
+@dataclass(frozen=True)
+class PrecisionCheck:
+    """The evidence for a chosen precision: every candidate timed, agreement with fp32 measured for those faster
+    than fp32 until one agreed on at least `required` of `images` images at every exit."""
+    precision: str
+    agreement_with_fp32: float | None
+    images: int
+    required: float
+    tried: tuple[PrecisionTried, ...]  # fastest first
+    probe_images: int | None = None    # images per timed call
+    timing_cached: bool = False        # the speeds came from this machine's probe cache
+    agreement_cached: tuple[str, ...] = ()  # precisions whose agreement came from the cache ...
+    agreement_given: tuple[str, ...] = ()   # ... or from the model's card, measured on real images
+    machine: Machine | None = None
+
+    def agreement(self, num_exits: int) -> dict[str, tuple[float, ...]] | None:
+        """The per-exit agreement with fp32 measured for the reduced precisions, by precision (None: none was)."""
+        found = {t.precision: t.agreement_per_exit for t in self.tried
+                 if t.precision != "fp32" and t.agreement_per_exit is not None and len(t.agreement_per_exit) == num_exits}
+        return found or None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class MicroBatchProbe:
+    """The evidence for a chosen micro-batch (`tune.choose_micro_batch`): the full network's time per image at each
+    size tried, on the same images."""
+    micro_batch: int
+    ms_per_image: dict[str, float]  # by micro-batch size
+    probe_images: int
+    precision: str
+    machine: Machine | None = None
+    busy_share: float | None = None  # other work's share of the CPUs as it was timed
+    cached: bool = False             # from this machine's probe cache
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)

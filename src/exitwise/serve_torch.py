@@ -169,11 +169,7 @@ def folder_agreement(source: str | Path) -> Agreement | None:
             continue
         if found.model is None or found.model.weights_sha256 != saved_weights_sha256(source):
             return None
-        agreement = {t["precision"]: tuple(float(a) for a in t["agreement_per_exit"])
-                     for t in (found.precision_check or {}).get("tried") or ()
-                     if t.get("precision") in ("bf16", "mixed") and isinstance(t.get("agreement_per_exit"), list)
-                     and len(t["agreement_per_exit"]) == found.model.num_exits}
-        return agreement or None
+        return found.precision_check.agreement(found.model.num_exits) if found.precision_check else None
     return None
 
 

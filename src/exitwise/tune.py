@@ -6,6 +6,7 @@ So each choice is a short timed probe on this machine, and every result records 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from .config import AGREEMENT_REQUIRED, DEFAULT_MICRO_BATCH, PRECISIONS, check_precision
 from .device import machine, machine_load, seconds_per_call
 from .models.base import MultiExitNetwork
+from .refs import Machine, MicroBatchProbe, PrecisionCheck, PrecisionTried
 from .runtime import all_exit_logits, prepare
 
 PRECISION_CHECK_IMAGES = 1000
@@ -39,7 +41,7 @@ def _forward_all(model: MultiExitNetwork, x: torch.Tensor) -> list[torch.Tensor]
 
 def choose_precision(model: MultiExitNetwork, data, precision: str = "auto", device: torch.device | None = None,
                      check_images: int = PRECISION_CHECK_IMAGES, micro_batch: int = DEFAULT_MICRO_BATCH,
-                     ) -> tuple[str, dict | None]:
+                     ) -> tuple[str, PrecisionCheck | None]:
     """The precision to run `model` in, and the evidence (None when fp32 is asked for).
 
     "auto": each of fp32, bf16 and mixed is timed on PROBE_ROWS images of `data`; the fastest whose
@@ -55,7 +57,7 @@ def choose_precision(model: MultiExitNetwork, data, precision: str = "auto", dev
 
 def _prepared_in_chosen_precision(model: MultiExitNetwork, data, precision: str, device: torch.device,
                                   check_images: int, micro_batch: int, agreement: Agreement | None = None,
-                                  ) -> tuple[MultiExitNetwork, str, dict | None]:
+                                  ) -> tuple[MultiExitNetwork, str, PrecisionCheck | None]:
     """`choose_precision`, also returning the inference copy in the chosen precision that it timed. `agreement`:
     per-exit agreement with fp32 measured before on real images (a shipped model's card), used instead of measuring
     it on `data` for the precisions it names."""
@@ -106,30 +108,28 @@ def _prepared_in_chosen_precision(model: MultiExitNetwork, data, precision: str,
         return shares
 
     chosen, tried = pick_precision(speed, agreement_of, auto=precision == "auto")
-    return copy_in(chosen["precision"]), chosen["precision"], {
-        "images": len(sample), "required": AGREEMENT_REQUIRED, "probe_images": timing["probe_images"],
-        "timing_cached": timing["cached"], "agreement_cached": cached, "agreement_given": given, "tried": tried,
-        "precision": chosen["precision"], "agreement_with_fp32": chosen["agreement_with_fp32"],
-        "machine": machine(device).to_json()}
+    return copy_in(chosen.precision), chosen.precision, PrecisionCheck(
+        chosen.precision, chosen.agreement_with_fp32, len(sample), AGREEMENT_REQUIRED, tried, timing["probe_images"],
+        timing["cached"], tuple(cached), tuple(given), host)
 
 
 def pick_precision(ms_per_image: dict[str, float], agreement: Callable[[str], np.ndarray],
-                   auto: bool = True) -> tuple[dict, list[dict]]:
+                   auto: bool = True) -> tuple[PrecisionTried, tuple[PrecisionTried, ...]]:
     """The decision of `choose_precision` from measured speeds: candidates in order of speed, the first that
     agrees with fp32 wins (fp32 always does); `agreement(p)` (per-exit shares) is asked only while nothing has
     won, so a candidate slower than the winner is never checked. Not `auto`: the one candidate, as asked."""
     tried, chosen = [], None
     for p in sorted(ms_per_image, key=ms_per_image.get):
-        entry = {"precision": p, "ms_per_image": ms_per_image[p], "agreement_per_exit": None,
-                 "agreement_with_fp32": 1.0 if p == "fp32" else None}
+        entry = PrecisionTried(p, ms_per_image[p], agreement_with_fp32=1.0 if p == "fp32" else None)
         if p != "fp32" and chosen is None:
             a = agreement(p)
-            entry.update(agreement_per_exit=[float(v) for v in a], agreement_with_fp32=float(np.min(a)))
+            entry = dataclasses.replace(entry, agreement_per_exit=tuple(float(v) for v in a),
+                                        agreement_with_fp32=float(np.min(a)))
         tried.append(entry)
-        passes = entry["agreement_with_fp32"] is not None and entry["agreement_with_fp32"] >= AGREEMENT_REQUIRED
+        passes = entry.agreement_with_fp32 is not None and entry.agreement_with_fp32 >= AGREEMENT_REQUIRED
         if chosen is None and (passes or not auto):
             chosen = entry
-    return chosen, tried
+    return chosen, tuple(tried)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -151,7 +151,7 @@ def architecture_fingerprint(model: torch.nn.Module) -> str:
 
 
 def choose_micro_batch(prepared: MultiExitNetwork, data, device: torch.device, precision: str,
-                       batch_size: int = 256, cache_dir: Path | None = None) -> tuple[int, dict]:
+                       batch_size: int = 256, cache_dir: Path | None = None) -> tuple[int, MicroBatchProbe]:
     """The micro-batch (rows run through the whole network together) that is fastest per image here.
 
     Each size in MICRO_BATCH_SIZES (GPU_MICRO_BATCH_SIZES on a GPU) up to `batch_size` runs the full network
@@ -178,7 +178,9 @@ def choose_micro_batch(prepared: MultiExitNetwork, data, device: torch.device, p
 
     setting = f"batch {batch_size}, images {tuple(data.images.shape[1:])}"
     probe = cached_probe("micro_batch", prepared, precision, device, setting, timed, cache_dir)
-    return probe["micro_batch"], probe
+    return probe["micro_batch"], MicroBatchProbe(probe["micro_batch"], probe["ms_per_image"], probe["probe_images"],
+                                                 precision, Machine(**probe["machine"]), probe["busy_share"],
+                                                 probe["cached"])
 
 
 def cached_probe(kind: str, model: torch.nn.Module, precision: str, device: torch.device, setting: str,
@@ -194,8 +196,8 @@ def cached_probe(kind: str, model: torch.nn.Module, precision: str, device: torc
     entry = _read_json(path).get(key)
     if entry is None:
         load = machine_load()
-        entry = {**measure(), "machine": host.to_json(), "busy_share": load["busy_share"]}
-        if not load["busy"]:
+        entry = {**measure(), "machine": host.to_json(), "busy_share": load.busy_share}
+        if not load.busy:
             _write_json_entry(path, key, entry)
         return {**entry, "cached": False}
     return {**entry, "cached": True}
@@ -252,8 +254,8 @@ class Tuned:
     network: MultiExitNetwork
     precision: str
     micro_batch: int
-    precision_check: dict | None
-    micro_batch_probe: dict | None
+    precision_check: PrecisionCheck | None
+    micro_batch_probe: MicroBatchProbe | None
 
 
 def tune(model: MultiExitNetwork, data, precision: str = "auto", micro_batch: int | None = None,

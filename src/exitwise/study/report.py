@@ -17,7 +17,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..io import atomic_write_bytes
-from ..device import Machine
 from .results import NEVER, CalibrationReport, Frontiers, Gap, Overthinking, StudyResults
 
 DPI = 120
@@ -75,10 +74,10 @@ def setup_table(r: StudyResults) -> Table:
     ds, model, sw = r.dataset, r.model, r.software
     sizes = f"train {ds.sizes.train}, val {ds.sizes.val}, test {ds.sizes.test}"
     check = r.precision_check
-    tried = [t for t in (check or {}).get("tried", []) if t.get("ms_per_image") is not None]
-    timed = "; ms per image here: " + ", ".join(f"{t['precision']} {t['ms_per_image']:.3f}" for t in tried) if tried else ""
-    precision = r.precision + (f" (agrees with fp32 on {_pct(check['agreement_with_fp32'])} of "
-                               f"{check['images']} images{timed})" if check else "")
+    tried = check.tried if check else ()
+    timed = "; ms per image here: " + ", ".join(f"{t.precision} {t.ms_per_image:.3f}" for t in tried) if tried else ""
+    precision = r.precision + (f" (agrees with fp32 on {_pct(check.agreement_with_fp32)} of "
+                               f"{check.images} images{timed})" if check else "")
     host = r.machine
     rows = [["dataset", f"{ds.name}: {len(ds.classes)} classes; {sizes}; split seed {ds.split_seed}"],
             ["source", str(ds.source)],
@@ -87,8 +86,8 @@ def setup_table(r: StudyResults) -> Table:
             ["exit policy", f"{r.policy}: leave at the first exit whose score is at or below its threshold"],
             ["precision", precision],
             ["batch size", str(r.batch_size) + (f", micro-batch {r.micro_batch}" if r.micro_batch else "")],
-            *([["machine", f"{host['cpu']} ({host['capability']}, {'native' if host['native_bf16'] else 'no native'} "
-                           f"bf16), device {host['device']}"]] if host else []),
+            *([["machine", f"{host.cpu} ({host.capability}, {'native' if host.native_bf16 else 'no native'} "
+                           f"bf16), device {host.device}"]] if host else []),
             ["software", f"exitwise {r.exitwise_version}, python {sw['python']}, torch {sw['torch']}, "
                          f"numpy {sw['numpy']}, {sw['cpu_threads']} CPU threads"],
             ["platform", str(sw["platform"])],
@@ -519,20 +518,20 @@ def _text_table(table: Table) -> str:
 
 def busy_warning(r: StudyResults) -> str:
     """A warning when the CPUs were busy as the study started (its times are then slow and noisy), else ''."""
-    load = r.timing_model.machine_load_at_start or {}
-    if not load.get("busy"):
+    load = r.timing_model.machine_load_at_start
+    if load is None or not load.busy:
         return ""
-    share = "" if load.get("busy_share") is None else f"other work used {load['busy_share']:.0%} of the CPUs' time, "
-    return (f"warning: the machine was busy when the study started ({share}1-minute load average "
-            f"{load['load_average']:.1f} on {load['cpus']} CPUs); if other work ran beside it, its measured times are "
-            f"slow and noisy")
+    share = "" if load.busy_share is None else f"other work used {load.busy_share:.0%} of the CPUs' time, "
+    average = "" if load.load_average is None else f"1-minute load average {load.load_average:.1f} on "
+    return (f"warning: the machine was busy when the study started ({share}{average}{load.cpus} CPUs); if other work "
+            f"ran beside it, its measured times are slow and noisy")
 
 
 def format_summary(results: StudyResults) -> str:
     """A plain-text summary for the terminal: the exits and the main configurations, fixed-width columns."""
     r = results
     error = r.timing_model.mean_abs_relative_error
-    host = f", on {r.machine['cpu']}" if r.machine else ""
+    host = f", on {r.machine.cpu}" if r.machine else ""
     head = (f"{r.model.name} on {r.dataset.name} ({_n_test(r)} test images, {r.precision}{host}), "
             f"timing model error {'-' if error is None else f'{error:.1%}'}")
     if warning := busy_warning(r):
@@ -573,6 +572,6 @@ def format_calibration(doc: CalibrationReport) -> str:
         lines += [f"temperatures per exit: {', '.join(f'{t:.3f}' for t in doc.temperatures)}",
                   f"test calibration error (ECE) per exit, before -> after: {ece}"]
     if doc.timing is not None and doc.timing.machine:
-        lines.append(f"stage times re-timed: {Machine(**doc.timing.machine).describe()}, "
+        lines.append(f"stage times re-timed: {doc.timing.machine.describe()}, "
                      f"{doc.timing.precision}, micro-batch {doc.timing.micro_batch}")
     return "\n".join(lines) + "\n\n" + _text_table(calibration_split_table(doc))

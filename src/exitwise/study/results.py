@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from ..refs import DatasetRef, ModelRef, missing_fields
+from ..refs import DatasetRef, Load, Machine, MicroBatchProbe, ModelRef, PrecisionCheck
 
 SCHEMA_VERSION = 2
 """2: typed results (this module). 1: the dictionary before it; see docs/results-schema.md for the renames."""
@@ -211,7 +211,7 @@ class TimingCheck:
 class TimingModel:
     stage_seconds_per_sample: tuple[float, ...]
     checks: tuple[TimingCheck, ...]
-    machine_load_at_start: dict | None
+    machine_load_at_start: Load | None
 
     @property
     def mean_abs_relative_error(self) -> float | None:
@@ -226,12 +226,12 @@ class StudyResults:
     software: dict
     dataset: DatasetRef
     model: ModelRef
-    machine: dict | None  # `device.machine(device).to_json()`
+    machine: Machine | None
     precision: str
-    precision_check: dict | None
+    precision_check: PrecisionCheck | None
     batch_size: int
     micro_batch: int | None
-    micro_batch_probe: dict | None
+    micro_batch_probe: MicroBatchProbe | None
     policy: str
     max_cutoff: float
     exits: tuple[Exit, ...]
@@ -273,7 +273,7 @@ class FixedCutoffRun:
 @dataclass(frozen=True)
 class MeasuredTimes:
     """The times `measure` took (null where a cache predates them)."""
-    machine_load_at_start: dict | None = None
+    machine_load_at_start: Load | None = None
     all_exits_seconds: float | None = None     # the all-exits pass over the test split
     full_network_seconds: float | None = None  # that pass without its side heads' time
     fixed_cutoff: FixedCutoffRun | None = None
@@ -288,11 +288,11 @@ class Measurements:
     precision: str = ""
     batch_size: int | None = None
     micro_batch: int | None = None
-    machine: dict | None = None                  # `device.machine(device).to_json()`
+    machine: Machine | None = None
     created: str = ""
     software: dict = field(default_factory=dict)
-    precision_check: dict | None = None
-    micro_batch_probe: dict | None = None
+    precision_check: PrecisionCheck | None = None
+    micro_batch_probe: MicroBatchProbe | None = None
     backbone_macs: float | None = None           # the full network's MACs per sample, no side heads
     measured: MeasuredTimes = field(default_factory=MeasuredTimes)
 
@@ -366,12 +366,12 @@ class StageTimes:
     source: str                   # "the study's cost model" or "re-timed (study.time_stages)"
     device: str | None
     stage_seconds_per_sample: tuple[float, ...]
-    machine: dict | None = None
-    machine_load_at_start: dict | None = None
+    machine: Machine | None = None
+    machine_load_at_start: Load | None = None
     precision: str | None = None
-    precision_check: dict | None = None
+    precision_check: PrecisionCheck | None = None
     micro_batch: int | None = None
-    micro_batch_probe: dict | None = None
+    micro_batch_probe: MicroBatchProbe | None = None
     batch_size: int | None = None
     images: int | None = None
     seconds: float | None = None
@@ -422,8 +422,8 @@ def to_json(value):
 
 
 def from_json(kind, value):
-    """`value` (parsed JSON) as type `kind`: dataclasses, X | None, tuple[X, ...], tuple[X, Y], dict[str, X]; a
-    `ModelRef | None` or `DatasetRef | None` short of a field reads as None."""
+    """`value` (parsed JSON) as type `kind`: dataclasses, X | None, tuple[X, ...], tuple[X, Y], dict[str, X]; an
+    `X | None` dataclass short of a field without a default reads as None."""
     if value is None:
         return None
     origin, args = typing.get_origin(kind), typing.get_args(kind)
@@ -435,8 +435,9 @@ def from_json(kind, value):
                        if f.name in value})
     if origin in (typing.Union, types.UnionType):
         inner = next(a for a in args if a is not type(None))
-        if inner in (ModelRef, DatasetRef) and missing_fields(inner, value):
-            return None  # a cache measured without them holds `{}`
+        if dataclasses.is_dataclass(inner) and any(f.name not in value for f in dataclasses.fields(inner)
+                                                   if f.default is f.default_factory is dataclasses.MISSING):
+            return None  # an older file's record short of a field (a cache measured without a model holds `{}`)
         return from_json(inner, value)
     if origin is tuple:
         items = zip(args, value) if Ellipsis not in args else ((args[0], v) for v in value)

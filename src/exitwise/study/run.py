@@ -35,7 +35,7 @@ from ..tune import tune
 from ..policies import POLICIES, ExitArrays, exit_arrays, get_policy
 from .results import (NEVER, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FixedCutoffRun, FullNetwork, Gap, Leavers,
                       Mark, MeasuredTimes, Measurements, Oracle, Outcome, Overthinking, Setting, StudyResults,
-                      SweepPoint, TimedRun, TimingCheck, TimingModel)
+                      StageTimes, SweepPoint, TimedRun, TimingCheck, TimingModel)
 from ..runtime import Run, all_exit_logits, run_early_exit, warm_up
 
 def seconds_per_sample(run: Run, reach: np.ndarray) -> np.ndarray:
@@ -75,7 +75,7 @@ def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, ref: M
                              FixedCutoffRun(config.policy, config.cutoff, len(timed), fixed_run.seconds,
                                             tuple(fixed_run.stage_seconds)))
     info = Measurements(model=ref, dataset=splits.describe(), precision=precision,
-                        batch_size=config.batch_size, micro_batch=micro_batch, machine=machine(device).to_json(),
+                        batch_size=config.batch_size, micro_batch=micro_batch, machine=machine(device),
                         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), software=software_versions(),
                         precision_check=tuned.precision_check, micro_batch_probe=tuned.micro_batch_probe,
                         backbone_macs=full_macs, measured=measured)
@@ -85,12 +85,12 @@ def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, ref: M
 
 
 def time_stages(model: MultiExitNetwork, device: str = "auto", precision: str = "auto", micro_batch: int | None = None,
-                images: int = 1024, batch_size: int = 256) -> tuple[np.ndarray, dict]:
+                images: int = 1024, batch_size: int = 256) -> tuple[np.ndarray, StageTimes]:
     """Each stage's seconds per sample (with its head) on `device`, from an all-exits pass over `images` random
     images of the model's input shape, in `precision` and the micro-batch measured fastest there (or given): a
     study's cost model re-timed for another device or machine, without its data (a dense network's time does not
     depend on pixel values; "auto" precision judges agreement with fp32 on those random images). Without compaction,
-    so a little under the stage times of a real early-exit run; the evidence comes back as a dict."""
+    so a little under the stage times of a real early-exit run; the evidence comes back with them (`StageTimes`)."""
     check_precision(precision)
     check_micro_batch(micro_batch)
     dev = resolve_device(device)
@@ -102,11 +102,9 @@ def time_stages(model: MultiExitNetwork, device: str = "auto", precision: str = 
     warm_up(tuned.network, data, batch_size, micro_batch=tuned.micro_batch)
     run = all_exit_logits(tuned.network, data, batch_size, micro_batch=tuned.micro_batch)
     per_sample = seconds_per_sample(run, np.full(model.num_exits, images))
-    return per_sample, {"device": str(dev), "machine": machine(dev).to_json(), "machine_load_at_start": load,
-                        "precision": tuned.precision, "precision_check": tuned.precision_check,
-                        "micro_batch": tuned.micro_batch, "micro_batch_probe": tuned.micro_batch_probe,
-                        "batch_size": batch_size, "images": images, "seconds": run.seconds,
-                        "stage_seconds_per_sample": per_sample.tolist()}
+    return per_sample, StageTimes(
+        "re-timed (study.time_stages)", str(dev), tuple(per_sample.tolist()), machine(dev), load, tuned.precision,
+        tuned.precision_check, tuned.micro_batch, tuned.micro_batch_probe, batch_size, images, run.seconds)
 
 
 # ---- 2. analyse: pure arrays
