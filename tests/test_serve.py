@@ -34,6 +34,8 @@ from exitwise.deploy.onnx_runner import OnnxRunner
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.config import SchedulerConfig, ServeConfig
 from exitwise.deploy.answers import Handoff, Slot, Waiting
+from exitwise.deploy.oip import BadRequest, answered
+from exitwise.deploy.scheduler import Answer, Expired
 from exitwise.deploy.server import _Call, _OneWrite, create_app, uvicorn_config
 from exitwise.early_exit import EarlyExitModel
 from exitwise.models import create_model
@@ -331,6 +333,16 @@ def test_a_full_queue_answers_503_with_retry_after_at_once_and_a_late_request_50
         assert server.metric("exitwise_rejected_requests_total", reason="timeout") == 1
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("why, outcomes, status", [
+    ("gone", [None], 499), ("late", [None], 504), ("answered", [Answer(0, 1, 0.9), Expired()], 504),
+    ("answered", [RuntimeError("stage 1 failed")], 500)])
+def test_a_wait_that_did_not_end_in_answers_is_refused_with_its_status(why, outcomes, status):
+    with pytest.raises(BadRequest) as refused:  # the same for the HTTP server's requests and a tier's features
+        answered(why, outcomes, 250)
+    assert refused.value.status == status
+    assert answered("answered", [Answer(0, 1, 0.9)], 250) == [Answer(0, 1, 0.9)]
 
 
 def test_past_max_queue_requests_in_flight_another_is_refused_before_its_body_is_read(digits):

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..images import decode_image
-from .scheduler import Answer
+from .scheduler import Answer, Expired
 
 OUTPUTS = (("class_index", "INT64"), ("label", "BYTES"), ("probability", "FP32"), ("exit", "INT64"))
 INPUT_NAME = "image"
@@ -35,6 +35,20 @@ class BadRequest(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, " ".join(str(message).split())
+
+
+def answered(why: str, outcomes: list, timeout_ms: float) -> list[Answer]:
+    """A request's samples as `Answers.wait` left them (why the wait ended, each sample's outcome): their answers,
+    or the refusal they call for: 499 the client left, 504 not answered within `timeout_ms` (the wait's deadline
+    passed, or the scheduler expired a sample), 500 inference failed."""
+    if why == "gone":
+        raise BadRequest(499, "client disconnected")
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    if why == "late" or any(isinstance(e, Expired) for e in errors):
+        raise BadRequest(504, f"not answered within {timeout_ms:g} ms")
+    if errors:
+        raise BadRequest(500, f"inference failed: {errors[0]}")
+    return outcomes
 
 
 def model_metadata(name: str, shape: Sequence[int], platform: str) -> dict:

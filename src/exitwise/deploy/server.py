@@ -23,11 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import ServeConfig
 from ..errors import UserError
 from .metrics import Metrics
-from .oip import (BadRequest, decode_images, infer_response, model_metadata, parse_infer, predictions,
+from .oip import (BadRequest, answered, decode_images, infer_response, model_metadata, parse_infer, predictions,
                   requested_outputs)
 from .answers import Answers
 from .runner import Runner, describe
-from .scheduler import Answer, Expired, QueueFull, Scheduler
+from .scheduler import Answer, QueueFull, Scheduler
 from .tiers import CarryImages, Forwarder, TierAnswer, add_tier_routes
 
 
@@ -75,15 +75,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
                                                call.on_disconnect)
         except QueueFull as e:
             raise BadRequest(503, f"overloaded, try again: {e}") from None
-        if why == "gone":
-            raise BadRequest(499, "client disconnected")
-        if why == "late":
-            raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
-        errors = [o for o in outcomes if isinstance(o, BaseException)]
-        if any(isinstance(e, Expired) for e in errors):
-            raise BadRequest(504, f"not answered within {config.scheduler.timeout_ms:g} ms")
-        if errors:
-            raise BadRequest(500, f"inference failed: {errors[0]}")
+        outcomes = answered(why, outcomes, config.scheduler.timeout_ms)
         if tier is None:
             return outcomes
         return [a if isinstance(a, TierAnswer) else TierAnswer(a.exit, a.prediction, a.probability, tier.name)

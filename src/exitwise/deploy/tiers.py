@@ -35,8 +35,8 @@ from fastapi.responses import JSONResponse
 
 from ..config import TierConfig, check_url
 from ..errors import UserError
-from .oip import BadRequest
-from .scheduler import Answer, Expired, QueueFull, Sample
+from .oip import BadRequest, answered
+from .scheduler import Answer, QueueFull, Sample
 from .wire import IMAGE, decode, encode
 
 ENDPOINT = "/v2/tiers/features"
@@ -258,11 +258,7 @@ def add_tier_routes(app, runner, config: TierConfig) -> None:
                                                         len(x), scheduler.config.timeout_ms / 1e3 + 1)
         except QueueFull as e:
             raise BadRequest(503, f"overloaded, try again: {e}") from None
-        errors = [a for a in answers if isinstance(a, BaseException)]
-        if why == "late" or any(isinstance(e, Expired) for e in errors):
-            raise BadRequest(504, "not answered in time")
-        if errors:
-            raise BadRequest(500, f"inference failed: {errors[0]}")
+        answers = answered(why, answers, scheduler.config.timeout_ms)
         rows = [[a.exit, a.prediction, a.probability, getattr(a, "tier", "") or config.name,
                  getattr(a, "degraded", False)] for a in answers]
         return JSONResponse({"tier": config.name, "answers": rows})
