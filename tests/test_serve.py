@@ -363,8 +363,13 @@ def test_past_max_queue_requests_in_flight_another_is_refused_before_its_body_is
             assert answer.startswith("HTTP/1.1 503") and "retry-after: 1" in answer.lower()
             assert '{"error": "overloaded, try again: 2 requests in flight; at most 2"}' in answer
             assert [h.result(10) for h in held] == [504, 504]
-        after = server.client.post(INFER, json=zeros_request(1))  # the two 504s freed their places: accepted, and
-        assert after.status_code == 504                           # it too waits for a batch that never fills
+        # each request's own timer answers 504 at its deadline; the scheduler drops its samples then too (a
+        # moment later, on its thread), and that frees their places in the queue
+        deadline = time.monotonic() + 10
+        while server.metric("exitwise_samples_inside") > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        after = server.client.post(INFER, json=zeros_request(1))  # accepted, and it too waits for a batch that
+        assert after.status_code == 504, after.text               # never fills
         assert server.metric("exitwise_rejected_requests_total", reason="overloaded") == 1
     finally:
         server.stop()
