@@ -83,8 +83,8 @@ def synthetic_doc(num_points: int = 20, dataset: str = "cifar10") -> dict:
                 "test": {**best["test"], "accuracy": 0.71}}
     return json.loads(json.dumps({
         "schema_version": 2, "exitwise_version": "0.1.0", "created": "2026-11-23T22:00:00Z",
-        "software": {"python": "3.11.9", "torch": "2.13.0", "numpy": "2.4.6", "platform": "Linux-x86_64",
-                     "cpu_threads": 2},
+        "software": {"exitwise": "0.1.0", "python": "3.11.9", "torch": "2.13.0", "numpy": "2.4.6",
+                     "platform": "Linux-x86_64", "cpu_threads": 2},
         "dataset": {"name": dataset, "source": "/data/cifar10-jpg.tar.gz", "classes": [f"c{i}" for i in range(10)],
                     "sizes": {"train": 4000, "val": 1000, "test": n}, "split_seed": 0, "val_size": 1000},
         "model": {"name": "tiny-3exit", "weights": "/w/tiny.safetensors", "weights_sha256": "ab" * 32,
@@ -197,10 +197,12 @@ def test_a_busy_machine_is_called_out_in_the_summary_and_the_report(tmp_path):
     assert "other work used 55% of the CPUs' time" in format_summary(StudyResults.from_json(doc))
 
 
-def test_the_precision_reports_its_agreement_and_the_speeds_timed_unless_it_was_given(tmp_path):
+def test_the_setup_names_the_precision_checked_the_machine_and_the_software_unless_not_measured(tmp_path):
     write_report(synthetic_results(), tmp_path / "checked")
-    assert ("bf16 (agrees with fp32 on 99.80% of 1000 images; ms per image here: bf16 0.050, fp32 0.200)"
-            in (tmp_path / "checked" / "report.md").read_text())
+    setup = (tmp_path / "checked" / "report.md").read_text()
+    assert "bf16 (agrees with fp32 on 99.80% of 1000 images; ms per image here: bf16 0.050, fp32 0.200)" in setup
+    assert "| Test CPU 9000 (AVX512, native bf16), device cpu |" in setup  # and where, with what, it was measured
+    assert "| exitwise 0.1.0, python 3.11.9, torch 2.13.0, numpy 2.4.6, 2 CPU threads |" in setup
     write_report(synthetic_results(precision_check=None), tmp_path / "given")
     assert "agrees with fp32" not in (tmp_path / "given" / "report.md").read_text()
 

@@ -1,5 +1,5 @@
 """What a saved file records about where its figures came from: the network and its weights (`ModelRef`), the data
-(`DatasetRef`), the machine and how busy it was (`Machine`, `Load`), and the probes that chose the precision and the
+(`DatasetRef`), the machine, its software and how busy it was (`Machine`, `Software`, `Load`), and the probes that chose the precision and the
 micro-batch (`PrecisionCheck`, `MicroBatchProbe`). Torch-free, so those files read without torch; `models/ref.py`
 resolves a `ModelRef` to a network, `data.Splits.describe()` makes a `DatasetRef`, `device` measures the machine and
 `tune` runs the probes.
@@ -88,6 +88,24 @@ class Machine:
         on = f" ({self.accelerator})" if self.accelerator else ""
         return (f"{self.cpu} ({self.capability}, {bf16}), {self.threads} threads, torch {self.torch}, "
                 f"device {self.device}{on}")
+
+
+@dataclass(frozen=True)
+class Software:
+    """The versions a figure was measured with (`study.software_versions`)."""
+    exitwise: str
+    python: str
+    torch: str
+    numpy: str
+    platform: str
+    cpu_threads: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        return (f"exitwise {self.exitwise}, python {self.python}, torch {self.torch}, numpy {self.numpy}, "
+                f"{self.cpu_threads} CPU threads")
 
 
 @dataclass(frozen=True)

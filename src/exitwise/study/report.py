@@ -88,9 +88,7 @@ def setup_table(r: StudyResults) -> Table:
             ["batch size", str(r.batch_size) + (f", micro-batch {r.micro_batch}" if r.micro_batch else "")],
             *([["machine", f"{host.cpu} ({host.capability}, {'native' if host.native_bf16 else 'no native'} "
                            f"bf16), device {host.device}"]] if host else []),
-            ["software", f"exitwise {r.exitwise_version}, python {sw['python']}, torch {sw['torch']}, "
-                         f"numpy {sw['numpy']}, {sw['cpu_threads']} CPU threads"],
-            ["platform", str(sw["platform"])],
+            *([["software", sw.describe()], ["platform", sw.platform]] if sw else []),
             ["created", r.created]]
     return ["item", "value"], rows
 

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from ..refs import DatasetRef, Load, Machine, MicroBatchProbe, ModelRef, PrecisionCheck
+from ..refs import DatasetRef, Load, Machine, MicroBatchProbe, ModelRef, PrecisionCheck, Software
 
 SCHEMA_VERSION = 2
 """2: typed results (this module). 1: the dictionary before it; see docs/results-schema.md for the renames."""
@@ -223,7 +223,7 @@ class StudyResults:
     """Everything results.json holds."""
     exitwise_version: str
     created: str
-    software: dict
+    software: Software | None
     dataset: DatasetRef
     model: ModelRef
     machine: Machine | None
@@ -290,7 +290,7 @@ class Measurements:
     micro_batch: int | None = None
     machine: Machine | None = None
     created: str = ""
-    software: dict = field(default_factory=dict)
+    software: Software | None = None
     precision_check: PrecisionCheck | None = None
     micro_batch_probe: MicroBatchProbe | None = None
     backbone_macs: float | None = None           # the full network's MACs per sample, no side heads

@@ -30,6 +30,7 @@ from ..errors import UserError
 from ..io import atomic_write_json, staged_output
 from .logits_cache import FILENAME as LOGITS_FILENAME, ExitLogits, save_logits
 from ..models import ModelRef, MultiExitNetwork
+from ..refs import Software
 from ..device import machine, machine_load, resolve_device
 from ..tune import tune
 from ..policies import POLICIES, ExitArrays, exit_arrays, get_policy
@@ -349,9 +350,9 @@ def run_study(model: MultiExitNetwork, splits: Splits, config: StudyConfig, ref:
                                                         class_names=splits.test.classes))
 
 
-def software_versions() -> dict:
-    return {"exitwise": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+def software_versions() -> Software:
+    return Software(__version__, platform.python_version(), torch.__version__, np.__version__, platform.platform(),
+                    torch.get_num_threads())
 
 
 def write_study(study: Study, out_dir: str | Path) -> Path:
