@@ -1,10 +1,11 @@
 """The tier planner: on made-up costs it picks what a hand calculation picks; bad tiers and links are refused."""
+import json
 import math
 
 import numpy as np
 import pytest
 
-from exitwise.deploy.plan import (INT8_SCALE_BYTES, HttpBytes, Link, NetworkCosts, Tier, placements, plan,
+from exitwise.deploy.plan import (INT8_SCALE_BYTES, HttpBytes, Link, NetworkCosts, Plan, Tier, placements, plan,
                                   parse_link, parse_tier, reach_shares, WireCost)
 from exitwise.deploy.wire import BYTES_PER_VALUE, encode
 from exitwise.errors import UserError
@@ -189,6 +190,21 @@ def test_bad_plans_are_refused():
         plan(TIERS, LINKS, COSTS, minimize="energy")
     with pytest.raises(UserError, match="K - 1"):
         NetworkCosts((1.0, 1.0), (1.0, 0.5), (), 10)
+
+
+def test_a_plan_reads_back_as_it_was_written_and_a_torn_one_is_refused():
+    wire = WireCost(500, {"fp16": [0.0, 0.0], "int8": [0.01, 0.0]}, {"fp16": [0.0, 0.0], "int8": [-0.2, 0.0]})
+    costs = NetworkCosts(COSTS.stage_seconds, COSTS.reach, COSTS.feature_values, COSTS.input_bytes, wire,
+                         feature_channels=(16, 32))
+    made = plan((Tier("device", stage_seconds=(0.04, 0.08, 0.16), request_seconds=0.001), Tier("cloud")), LINKS,
+                costs, max_latency_ms=200)
+    doc = json.loads(json.dumps(made.to_json()))
+    again = Plan.from_json(doc)
+    assert again.to_json() == doc and again.choice == made.choice and again.tiers == made.tiers
+    with pytest.raises(UserError, match="chose candidate 9"):
+        Plan.from_json({**doc, "chosen": 9})
+    with pytest.raises(UserError, match="do not place 1 tiers"):
+        Plan.from_json({**doc, "tiers": doc["tiers"][:1]})
 
 
 def test_the_planner_runs_without_torch():

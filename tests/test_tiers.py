@@ -1,5 +1,6 @@
 """Tiers on 127.0.0.1: a chain of `exitwise serve` processes answers as single-process early exit does, degrades
 to its own last exit when the next tier dies (and forwards again when it is back), and refuses bad chains."""
+import dataclasses
 import json
 import sys
 import time
@@ -19,6 +20,7 @@ pytest.importorskip("uvicorn")
 from exitwise.api import export
 from exitwise.cli import main
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
+from exitwise.deploy.plan import Link, NetworkCosts, Tier as PlanTier, plan as make_plan
 from exitwise.early_exit import EarlyExitModel
 from exitwise.models import create_model
 from exitwise.policies import get_policy
@@ -28,6 +30,17 @@ from conftest import random_image_set
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from link_relay import LinkRelay, ServeProcess as Tier  # noqa: E402
+
+def write_plan(path: Path, stages: tuple) -> Path:
+    """A plan.json for 3 stages whose chosen placement is `stages` (one (first, last) or None per tier; the tiers
+    named device, edge, cloud as many as there are)."""
+    names = ("device", "edge", "cloud") if len(stages) == 3 else ("device", "cloud")
+    made = make_plan(tuple(PlanTier(n) for n in names), tuple(Link(a, b, 100, 1) for a, b in zip(names, names[1:])),
+                     NetworkCosts((0.001,) * 3, (1.0, 0.5, 0.2), (10, 10), 64))
+    chosen = next(i for i, c in enumerate(made.candidates) if c.stages == stages)
+    path.write_text(json.dumps(dataclasses.replace(made, chosen=chosen).to_json()))
+    return path
+
 
 NEAR = 1e-5  # fp32 rounding across batch sizes: a score this close to its threshold may go either way
 
@@ -124,10 +137,9 @@ def test_the_next_tier_killed_mid_run_gives_degraded_answers_then_forwarding_res
 
 def test_bad_tiers_exit_2_in_one_line(digits, tmp_path, capsys):
     export_dir = str(digits[0])
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"format": "exitwise.tier-plan/1", "tiers": [{"name": "device"}, {"name": "cloud"}],
-                                "costs": {"stage_seconds": [1, 1, 1]},
-                                "choice": {"stages": [None, [0, 2]], "wire": "fp32", "links": []}}))
+    plan = write_plan(tmp_path / "plan.json", (None, (0, 2)))
+    torn = tmp_path / "torn.json"
+    torn.write_text(json.dumps({"format": "exitwise.tier-plan/1", "tiers": [{"name": "device"}], "chosen": 0}))
     cases = [(["--stages", "0-1", "--next", "localhost:8001"], "not a URL"),
              (["--stages", "0-1", "--next", "ftp://127.0.0.1:1"], "not a URL"),
              (["--stages", "2-1", "--next", "http://127.0.0.1:1"], "out of order"),
@@ -136,6 +148,7 @@ def test_bad_tiers_exit_2_in_one_line(digits, tmp_path, capsys):
              (["--stages", "1-2", "--next", "http://127.0.0.1:1"], "nothing to send"),
              (["--plan", str(plan), "--tier", "device"], "forwards to the next tier: give --next"),
              (["--plan", str(plan), "--tier", "edge"], "not in"),
+             (["--plan", str(torn), "--tier", "device"], "is not a whole tier plan"),
              (["--stages", ""], "FIRST-LAST"),
              (["--stages", "0-1", "--next", "http://127.0.0.1:1", "--forward-timeout-ms", "900", "--timeout-ms",
                "500"], "below --timeout-ms")]
@@ -354,10 +367,7 @@ def test_a_relay_whose_next_tier_is_down_or_silent_answers_an_error_at_once_and_
 
 
 def test_bad_relays_exit_2_in_one_line(digits, tmp_path, capsys):
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"format": "exitwise.tier-plan/1", "tiers": [{"name": "device"}, {"name": "cloud"}],
-                                "costs": {"stage_seconds": [1, 1, 1]},
-                                "choice": {"stages": [[0, 2], None], "wire": "fp32", "links": []}}))
+    plan = write_plan(tmp_path / "plan.json", ((0, 2), None))
     cases = [(["--relay"], "give --next"),
              (["--relay", "--next", "http://127.0.0.1:1", "--export", str(digits[0])], "drop --export"),
              (["--relay", "--next", "http://127.0.0.1:1", "--stages", "0-1"], "drop --stages"),
@@ -373,11 +383,7 @@ def test_bad_relays_exit_2_in_one_line(digits, tmp_path, capsys):
 def test_a_tier_the_plan_gives_no_stages_is_served_as_a_relay(tmp_path):
     from exitwise.cli import _relay_config, build_parser
     from exitwise.config import RelayConfig
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"format": "exitwise.tier-plan/1",
-                                "tiers": [{"name": "device"}, {"name": "edge"}, {"name": "cloud"}],
-                                "costs": {"stage_seconds": [1, 1, 1]},
-                                "choice": {"stages": [[0, 0], None, [1, 2]], "wire": "fp32", "links": []}}))
+    plan = write_plan(tmp_path / "plan.json", ((0, 0), None, (1, 2)))
     args = build_parser().parse_args(["serve", "--export", "x", "--plan", str(plan), "--tier", "edge",
                                       "--next", "http://127.0.0.1:9"])
     assert _relay_config(args, ["--export"]) == RelayConfig("edge", "http://127.0.0.1:9")

@@ -454,8 +454,8 @@ def _relay_config(args: argparse.Namespace, given_models: list[str]):
             flags = given_models + [f for f, v in (("--stages", args.stages), ("--plan", args.plan)) if v is not None]
             raise UserError(f"--relay holds no stages and runs no model: drop {', '.join(flags)}")
     elif args.plan is not None and args.tier and args.stages is None:
-        doc, at = _plan_tier(args)
-        held = doc["choice"]["stages"]
+        plan, at = _plan_tier(args)
+        held = plan.choice.stages
         if held[at]:
             return None
         if not any(held[at + 1:]):
@@ -472,14 +472,14 @@ def _relay_config(args: argparse.Namespace, given_models: list[str]):
                        **({} if args.forward_timeout_ms is None else {"timeout_ms": args.forward_timeout_ms}))
 
 
-def _plan_tier(args: argparse.Namespace) -> tuple[dict, int]:
-    """`--plan`'s document and `--tier`'s place in it (one line, exit 2, when the plan has no such tier)."""
+def _plan_tier(args: argparse.Namespace):
+    """`--plan` (a `deploy.plan.Plan`) and `--tier`'s place in it (one line, exit 2, when the plan has no such tier)."""
     from .deploy.plan import read_plan
-    doc = read_plan(args.plan)
-    names = [t["name"] for t in doc["tiers"]]
+    plan = read_plan(args.plan)
+    names = [t.name for t in plan.tiers]
     if args.tier not in names:
         raise UserError(f"tier {args.tier!r} is not in {str(args.plan)!r} (its tiers: {', '.join(names)})")
-    return doc, names.index(args.tier)
+    return plan, names.index(args.tier)
 
 
 def _is_tier(args: argparse.Namespace) -> bool:
@@ -505,13 +505,13 @@ def _tier_config(args: argparse.Namespace, num_stages: int | None = None):
     if args.plan:
         if args.stages is not None or not args.tier:
             raise UserError("--plan takes this tier's stages from the plan: give --tier NAME, not --stages")
-        doc, at = _plan_tier(args)
-        if len(doc["costs"]["stage_seconds"]) != k:
-            raise UserError(f"{str(args.plan)!r} plans {len(doc['costs']['stage_seconds'])} stages; the model has {k}")
-        first, last = doc["choice"]["stages"][at]  # a tier with none is a relay (`_relay_config`)
-        wire = wire or doc["choice"]["wire"]
-        links = doc["choice"]["links"]
-        if at < len(links) and links[at]["payload"] == "input" and links[at]["cut"] > 0:
+        plan, at = _plan_tier(args)
+        if plan.costs.num_stages != k:
+            raise UserError(f"{str(args.plan)!r} plans {plan.costs.num_stages} stages; the model has {k}")
+        first, last = plan.choice.stages[at]  # a tier with none is a relay (`_relay_config`)
+        wire = wire or plan.choice.wire
+        links = plan.choice.links
+        if at < len(links) and links[at].payload == "input" and links[at].cut > 0:
             args.send_images = True  # the plan sends the image on, not the features
     elif args.stages is not None:
         first, last = parse_stages(args.stages, k)

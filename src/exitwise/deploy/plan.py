@@ -233,19 +233,40 @@ class Plan:
     def choice(self) -> Candidate:
         return self.candidates[self.chosen]
 
-    def stages_of(self, tier: str) -> tuple[int, int] | None:
-        """The [first, last] stages the chosen placement gives `tier` (None: none)."""
-        names = [t.name for t in self.tiers]
-        if tier not in names:
-            raise UserError(f"tier {tier!r} is not in the plan (its tiers: {', '.join(names)})")
-        return self.choice.stages[names.index(tier)]
-
     def to_json(self) -> dict:
         return {"format": PLAN_FORMAT, "minimize": self.minimize, "max_latency_ms": self.max_latency_ms,
                 "wire_tolerance_points": self.wire_tolerance_points,
                 "tiers": [t.to_json() for t in self.tiers], "links": [l.to_json() for l in self.links],
                 "costs": self.costs.to_json(), "chosen": self.chosen, "choice": self.choice.to_json(),
                 "candidates": [c.to_json() for c in self.candidates]}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Plan:
+        """A plan as `to_json` wrote it (`choice` and the candidates' totals are derived, so not read); every
+        record checked again as when it was made."""
+        def ranges(stages):
+            return tuple(tuple(r) if r else None for r in stages)
+
+        def tier(t):
+            return Tier(**{**t, "stage_seconds": tuple(t["stage_seconds"]) if t.get("stage_seconds") else None})
+
+        costs = doc["costs"]
+        wire = costs.get("wire")
+        network = NetworkCosts(
+            tuple(costs["stage_seconds"]), tuple(costs["reach"]), tuple(costs["feature_values"]), costs["input_bytes"],
+            WireCost(**wire) if wire else None,
+            **{k: HttpBytes(**costs[k]) for k in ("infer_http", "tier_http") if costs.get(k)},
+            **({"feature_channels": tuple(costs["feature_channels"])} if costs.get("feature_channels") else {}))
+        candidates = tuple(Candidate(ranges(c["stages"]), c["wire"], c["wire_disagreement"], c["compute_seconds"],
+                                     tuple(Crossing(**x) for x in c["links"]), c.get("request_seconds", 0.0))
+                           for c in doc["candidates"])
+        tiers, links, chosen = tuple(tier(t) for t in doc["tiers"]), tuple(Link(**l) for l in doc["links"]), doc["chosen"]
+        if any(len(c.stages) != len(tiers) or len(c.links) != len(links) for c in candidates):
+            raise UserError(f"the plan's candidates do not place {len(tiers)} tiers over {len(links)} links")
+        if not 0 <= chosen < len(candidates):
+            raise UserError(f"the plan chose candidate {chosen} of {len(candidates)}")
+        return cls(tiers, links, network, doc["minimize"], doc["max_latency_ms"], doc["wire_tolerance_points"],
+                   candidates, chosen)
 
 
 def placements(num_stages: int, num_tiers: int) -> list[tuple[tuple[int, int] | None, ...]]:
@@ -451,9 +472,13 @@ def format_candidates(p: Plan) -> str:
     return "\n".join(rows)
 
 
-def read_plan(path: str | Path) -> dict:
-    """A plan.json, checked for its format (for `exitwise serve --plan`)."""
-    return read_format_json(path, PLAN_FORMAT, "tier plan")
+def read_plan(path: str | Path) -> Plan:
+    """A plan.json (for `exitwise serve --plan`); refused in one line when it is not one or not whole."""
+    doc = read_format_json(path, PLAN_FORMAT, "tier plan")
+    try:
+        return Plan.from_json(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{str(path)!r} is not a whole tier plan ({type(e).__name__}: {e})") from None
 
 
 # Inputs from a study (its validation logits, thresholds and stage times) and an export (feature shapes, stages);
