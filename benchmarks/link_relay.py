@@ -143,7 +143,7 @@ class CpuLimit:
     """A slower machine, emulated: a cgroup (v1 `cpu` controller, or v2 with `cpu`) this process creates, whose
     processes get 1 ms of CPU (the least quota the kernel takes) in every 1 / `share` ms, so work of a few
     milliseconds or more runs about 1 / `share` times slower, as on a slower CPU, instead of in full-speed bursts
-    (shorter work still can: time it as a sustained run, `plan.measure_stages`). `cpu`: also pin it to that one CPU
+    (shorter work still can: time it as a sustained run, `measure.measure_stages`). `cpu`: also pin it to that one CPU
     (`taskset`), a single-core device whose threads share the one core. `command(argv)` starts argv inside it.
     Needs root; `available()` says whether this machine allows it."""
 

@@ -8,7 +8,7 @@ emulated as a slower single-core machine: its tier runs pinned to one CPU (the l
 `--device-cpu-share` of it (default 0.25: 1 ms of CPU in every 4 ms); everything else (this client, the relays,
 the cloud tier) runs on the other CPUs.
 The planner gets each tier's stage times as measured there (`exitwise plan --measure`, batch 1, the device's inside
-the same cgroup), its request cost as its clients see it (`plan.measure_request_at`, from this process; both the
+the same cgroup), its request cost as its clients see it (`measure.measure_request_at`, from this process; both the
 median of `--starts` fresh processes; taken again just before each link's placements, as the VM's speed moves over
 minutes), and each link's round trip as measured through the relay (its nominal RTT plus the relay's own work).
 Clients send one image per request (binary V2 infer) on a keep-alive connection each (as a device application keeps
@@ -41,8 +41,8 @@ import numpy as np
 from link_relay import CpuLimit, LinkRelay, NetnsLink, ServeProcess, exitwise_command
 
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
-from exitwise.deploy.plan import (Link, Tier, export_shapes, measure_request_at, measure_wire, parse_tier, plan,
-                                  study_costs)
+from exitwise.deploy.measure import measure_request_at, measure_wire
+from exitwise.deploy.plan import Link, Tier, export_shapes, parse_tier, plan, study_costs
 from exitwise.deploy.server import settle_heap
 from exitwise.study.logits_cache import load_logits
 
@@ -112,7 +112,7 @@ def drive(url: str, model: str, images: np.ndarray, concurrency: int,
 def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit: CpuLimit | None,
                   starts: int) -> tuple[Tier, float]:
     """A tier with its stage times measured there (`exitwise plan --measure`, inside `limit`) and its request cost
-    as its clients see it (`plan.measure_request_at` from this process, outside `limit`, against the whole network
+    as its clients see it (`measure.measure_request_at` from this process, outside `limit`, against the whole network
     served inside it, on `images`), each the median over `starts` fresh processes (a process's speed varies from
     one start to the next); and the request cost `plan --measure` gave (its client inside `limit`)."""
     argv, env = exitwise_command("plan", "--measure", "--export", str(export))

@@ -253,7 +253,7 @@ def test_features_smaller_than_the_image_cross_the_second_link():
 def test_stages_are_timed_without_garbage_collection_which_is_then_back_on():
     import gc
 
-    from exitwise.deploy.plan import measure_stages
+    from exitwise.deploy.measure import measure_stages
     collecting = []
 
     class Stages:  # what measure_stages needs of an OnnxEarlyExit

@@ -11,7 +11,8 @@ pytest.importorskip("onnxscript")
 
 from exitwise.api import export
 from exitwise.cli import main
-from exitwise.deploy.plan import measure_wire, parse_tier
+from exitwise.deploy.measure import measure_wire
+from exitwise.deploy.plan import parse_tier
 from exitwise.early_exit import EarlyExitModel
 from exitwise.study.logits_cache import ExitLogits, save_logits
 from exitwise.study.results import Measurements

@@ -290,7 +290,8 @@ def test_the_planners_http_bytes_are_what_a_chain_sends(digits):
     """`INFER_HTTP` and `TIER_HTTP`, the bytes the planner adds to a crossing's payload (headers, framing, the answer
     back), within 10% of what crosses counting links: one-image V2 requests passed on by a relay, and one-row
     features requests with their answers."""
-    from exitwise.deploy.plan import INFER_HTTP, TIER_HTTP, _round_trips
+    from exitwise.deploy.measure import _round_trips
+    from exitwise.deploy.plan import INFER_HTTP, TIER_HTTP
     export_dir, images = digits
     cloud = Tier(export_dir, "--stages", "1-2", "--tier", "cloud")
     to_cloud = LinkRelay(cloud.port, max_seconds=120).start()

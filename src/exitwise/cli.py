@@ -283,21 +283,21 @@ def _shapes_from_model(study: Path) -> tuple[tuple[int, ...], int, tuple[int, ..
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from .deploy import plan as planning
+    from .deploy import measure, plan as planning
     from .io import atomic_write_json
     if args.measure:
         if not args.export:
             raise UserError("--measure times the stages of an ONNX export: give --export")
         from .config import SchedulerConfig
         from .deploy.onnx_runner import OnnxRunner
-        batch = planning.MEASURE_BATCH if args.measure_batch is None else args.measure_batch
+        batch = measure.MEASURE_BATCH if args.measure_batch is None else args.measure_batch
         if batch < 1:
             raise UserError(f"--measure-batch must be at least 1, got {batch}")
         # the sessions as `exitwise serve` runs them: its default workers' share of the CPUs this process may run
         # on, no spinning (with ONNX Runtime's default thread count the stages timed differently: docs/tiers.md)
         runner = OnnxRunner.load(args.export, workers=SchedulerConfig().workers).model
-        seconds = planning.measure_stages(runner, batch=batch)
-        request, relay = planning.measure_request(runner), planning.measure_relay(runner)
+        seconds = measure.measure_stages(runner, batch=batch)
+        request, relay = measure.measure_request(runner), measure.measure_relay(runner)
         print("stage-ms=" + "/".join(f"{1000 * s:.4g}" for s in seconds) + f",request-ms={1000 * request:.4g}"
               f",relay-ms={1000 * relay:.4g}")
         return
@@ -320,7 +320,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         setting = runner.manifest
         if args.images:
             from .images import read_images
-            wire = planning.measure_wire(runner, read_images(args.images, runner.input_shape)[1])
+            wire = measure.measure_wire(runner, read_images(args.images, runner.input_shape)[1])
     else:
         values, input_bytes, channels, setting = _shapes_from_model(args.source)
     costs = planning.study_costs(study.val_logits, study.stage_seconds_per_sample, setting, values, input_bytes, wire,
