@@ -222,9 +222,12 @@ def test_export_from_a_model_name_alone_takes_the_calibrated_setting_its_card_ca
     manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert (manifest["policy"], manifest["thresholds"], manifest["temperatures"]) == ("max-prob", [0.25, None],
                                                                                        [1.5, 1.0])
+    from safetensors.torch import save_file
+    save_file(create_model("digits-convnet").state_dict(), tmp_path / "w.safetensors")
     _one_line_error(capsys, ["export", "--model", "digits-convnet", "--weights", str(tmp_path / "w.safetensors"),
                              "--out", str(tmp_path / "y")], "other weights than the shipped ones")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    _one_line_error(capsys, ["export", "--model", "nope", "--out", str(tmp_path / "z")], "unknown model 'nope'")
+    assert not any((tmp_path / d).exists() for d in "xyz")
 
 
 def test_a_graph_that_disagrees_with_torch_is_not_written(tmp_path, monkeypatch):

@@ -278,7 +278,7 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_
     pixels = lambda shape, datatype="UINT8": {"inputs": [{"name": "image", "datatype": datatype, "shape": shape,
                                                           "data": [0] * int(np.prod(shape))}]}
     cases = [
-        ("/v1/predict", {"content": b"not an image"}, 400, "cannot decode image"),
+        ("/v1/predict", {"content": b"not an image"}, 400, "not an image format PIL reads"),
         ("/v1/predict", {"content": jpeg.getvalue()[:len(jpeg.getvalue()) // 2]}, 400, "cannot decode image"),
         ("/v1/predict", {"content": png(np.zeros((9, 8, 1), dtype=np.uint8))}, 400, "the model takes 8x8"),
         ("/v1/predict", {"content": b""}, 400, "empty request body"),
@@ -685,7 +685,16 @@ def test_what_was_loaded_before_serving_is_out_of_the_collectors_reach():
 
 def test_serve_refuses_bad_flags_in_one_line(digits, capsys):
     from exitwise.cli import main
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = str(taken.getsockname()[1])
     for argv, message in [(["serve"], "give one of --model NAME, --from DIR or --export DIR"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--port", "99999"], "--port must be 0-65535"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--port", port],
+                           f"cannot listen on 127.0.0.1:{port}"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--max-body-mb", "0"],
+                           "--max-body-mb must be above 0"),
                           (["serve", "--export", str(digits[2] / "onnx"), "--schedule", "random"], "unknown schedule"),
                           (["serve", "--export", str(digits[2] / "onnx"), "--workers", "0"], "workers must be at least 1"),
                           (["serve", "--export", str(digits[2] / "onnx"), "--processes", "0"],
@@ -699,6 +708,7 @@ def test_serve_refuses_bad_flags_in_one_line(digits, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+    taken.close()
 
 
 def cifar_test_jpegs(n: int, every: int = 10) -> tuple[list[bytes], list[int], tuple[str, ...]]:

@@ -234,12 +234,12 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
             raise UserError("--from DIR brings its own weights and thresholds: drop --weights and --thresholds")
         early_exit, sha256 = EarlyExitModel.load(source), saved_weights_sha256(source)
     else:
+        net, ref = load_model(model, weights)  # an unknown name or unreadable weights are refused first
         setting = _read_setting(thresholds, model) if thresholds is not None else calibrated_setting(model, weights)
         if setting is None:
             why = "other weights than the shipped ones" if weights is not None else "no calibrated setting shipped"
             raise UserError(f"model {model!r} with {why}: give --thresholds FILE (JSON with policy and thresholds, "
                             "e.g. an early_exit.json)")
-        net, ref = load_model(model, weights)
         classes = setting.get("class_names") or (shipped_card(model)["dataset"].get("classes")
                                                  if weights is None and shipped_weights(model) else None)
         early_exit = EarlyExitModel.create(net, model, setting["policy"], setting["thresholds"],

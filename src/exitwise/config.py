@@ -274,6 +274,10 @@ class ServeConfig:
     relay: RelayConfig | None = None     # a tier with no stages: forwards everything, runs no model
 
     def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be 0-65535, got {self.port}")
+        if not self.max_body_mb > 0:
+            raise UserError(f"--max-body-mb must be above 0, got {self.max_body_mb:g}")
         if self.processes < 1:
             raise UserError(f"--processes must be at least 1, got {self.processes}")
         if self.processes > 1 and self.relay is not None:

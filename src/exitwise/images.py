@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 try:  # libjpeg-turbo without PIL's per-image Python work: a CIFAR-size JPEG in 8 us instead of 69 (docs/serve.md)
     import simplejpeg
@@ -76,6 +76,8 @@ def decode_image(data: bytes, where: str, channels: int = 3, image_size: int | N
             if image_size is not None and converted.size != (image_size, image_size):
                 converted = converted.resize((image_size, image_size), Image.Resampling.BILINEAR)
             pixels = np.asarray(converted)
+    except UnidentifiedImageError:
+        raise UserError(f"cannot decode image {where}: not an image format PIL reads") from None
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         raise UserError(f"cannot decode image {where}: {e}") from None
     return pixels if pixels.ndim == 3 else pixels[..., None]
