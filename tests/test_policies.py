@@ -125,8 +125,8 @@ def test_temperature_scaling_repairs_overconfident_and_underconfident_exits():
     t = calibration.fit_temperatures(logits, labels.numpy())
     np.testing.assert_allclose(t, [3.0, 0.5], rtol=0.1)
     for row in calibration.temperature_report(logits, labels.numpy(), t):
-        assert row["nll_after"] < row["nll_before"] and row["ece_after"] < row["ece_before"]
-        assert row["ece_after"] < 0.03
+        assert row.nll_after < row.nll_before and row.ece_after < row.ece_before
+        assert row.ece_after < 0.03
 
 
 def test_ece_is_zero_when_confidence_matches_accuracy():

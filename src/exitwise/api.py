@@ -18,7 +18,8 @@ from .policies import ExitArrays, exit_arrays, get_policy
 from .study import CalibrateConfig, StudyConfig, analysis, calibration, run_study, time_stages, write_study
 from .study.frontiers import policy_frontiers
 from .study.logits_cache import ExitLogits, load_logits
-from .study.results import CalibrationReport, CostUnit, Mark, SplitOutcome, StageTimes, StudyResults
+from .study.results import (CalibrationReport, CostUnit, Mark, SplitOutcome, StageTimes, StudyResults,
+                            TemperatureReport)
 
 
 def study(*, model: str | Path, out: str | Path, data: DataConfig = DataConfig(), weights: str | Path | None = None,
@@ -149,9 +150,9 @@ def calibrate(source: str | Path, out: str | Path, config: CalibrateConfig | Non
     if c.temperature_scaling:
         temperatures = calibration.fit_temperatures(cache.val_logits, cache.val_labels)
         exit_policy = exit_policy.with_temperatures(temperatures)
-        temperature_report = {split: calibration.temperature_report(getattr(cache, f"{split}_logits"),
-                                                                    getattr(cache, f"{split}_labels"), temperatures)
-                              for split in ("val", "test")}
+        temperature_report = TemperatureReport(
+            calibration.temperature_report(cache.val_logits, cache.val_labels, temperatures),
+            calibration.temperature_report(cache.test_logits, cache.test_labels, temperatures))
     val = exit_arrays(cache.val_logits, cache.val_labels, exit_policy)
     test = exit_arrays(cache.test_logits, cache.test_labels, exit_policy)
     unit = "ms" if budget_ms is not None or (cost == "latency" and budget is None) else "MACs"

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--export", type=Path, required=True, help="a folder written by `exitwise export`")
     pred.add_argument("images", nargs="+", type=Path, help="image files, folders of them, or .tar.gz archives")
     pred.add_argument("--out", type=Path, help="write the predictions to a .csv or .json file instead of printing")
-    pred.add_argument("--batch-size", type=int, default=256)
+    pred.add_argument("--batch-size", type=int, default=256, help="images per batch (default %(default)s)")
     pred.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
 
     _add_serve_parser(sub)

@@ -28,7 +28,7 @@ from . import analysis
 from ..policies import check_finite_logits
 from ..config import DEFAULT_DELTA
 from ..errors import UserError
-from .results import Found, SearchResult
+from .results import ExitTemperature, Found, SearchResult
 
 ASSUMPTION = ("calibration samples and future samples are exchangeable (for example i.i.d. from one "
               "distribution, or a random split of one data set)")
@@ -126,14 +126,13 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int
     return float(np.abs(gap).sum() / len(right))
 
 
-def temperature_report(logits: np.ndarray, labels: np.ndarray, temperatures: np.ndarray) -> list[dict]:
+def temperature_report(logits: np.ndarray, labels: np.ndarray, temperatures: np.ndarray) -> tuple[ExitTemperature, ...]:
     """Per exit: the temperature, and NLL and ECE on these logits before and after dividing by it."""
     z, y = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.int64)
     t = torch.as_tensor(np.asarray(temperatures), dtype=torch.float64)
     before, after = _nll(z, y, torch.ones_like(t)), _nll(z, y, t)
-    return [{"exit": k, "temperature": float(t[k]), "nll_before": float(before[k]), "nll_after": float(after[k]),
-             "ece_before": expected_calibration_error(z[k], y),
-             "ece_after": expected_calibration_error(z[k] / t[k], y)} for k in range(len(t))]
+    return tuple(ExitTemperature(k, float(t[k]), float(before[k]), float(after[k]), expected_calibration_error(z[k], y),
+                                 expected_calibration_error(z[k] / t[k], y)) for k in range(len(t)))
 
 
 # ---- per-exit accuracy rules

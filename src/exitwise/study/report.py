@@ -566,7 +566,7 @@ def format_calibration(doc: CalibrationReport) -> str:
     if r.guarantee is not None:
         lines += [f"guarantee: {r.guarantee}", f"assumption: {r.assumption}"]
     if doc.temperatures is not None:
-        ece = "; ".join(f"{e['ece_before']:.3f} -> {e['ece_after']:.3f}" for e in doc.temperature_report["test"])
+        ece = "; ".join(f"{e.ece_before:.3f} -> {e.ece_after:.3f}" for e in doc.temperature_report.test)
         lines += [f"temperatures per exit: {', '.join(f'{t:.3f}' for t in doc.temperatures)}",
                   f"test calibration error (ECE) per exit, before -> after: {ece}"]
     if doc.timing is not None and doc.timing.machine:

@@ -378,6 +378,24 @@ class StageTimes:
 
 
 @dataclass(frozen=True)
+class ExitTemperature:
+    """One exit's softmax temperature (fitted on validation) and its fit on one split, before and after."""
+    exit: int
+    temperature: float
+    nll_before: float
+    nll_after: float
+    ece_before: float  # expected calibration error
+    ece_after: float
+
+
+@dataclass(frozen=True)
+class TemperatureReport:
+    """`--temperature-scaling`'s effect, per exit, on each split."""
+    val: tuple[ExitTemperature, ...]
+    test: tuple[ExitTemperature, ...]
+
+
+@dataclass(frozen=True)
 class CalibrationReport:
     """Everything calibration.json holds (docs/results-schema.md)."""
     exitwise_version: str = ""
@@ -390,7 +408,7 @@ class CalibrationReport:
     timing: StageTimes | None = None
     within_points: float | None = None
     temperatures: tuple[float, ...] | None = None
-    temperature_report: dict | None = None
+    temperature_report: TemperatureReport | None = None
     result: SearchResult | None = None
     evaluated: str = "thresholds"  # or "closest setting" (unreachable)
     calibration_split: SplitOutcome | None = None
