@@ -160,6 +160,29 @@ def test_unknown_model_and_unknown_flag(capsys):
     assert_user_error(code, err)
 
 
+def test_models_lists_each_network_with_its_cards_accuracy_and_calibrated_setting(capsys):
+    from exitwise.models import shipped_card
+    assert main(["models", "--json"]) == 0
+    entries = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
+    card, b11 = shipped_card("b-resnet11"), entries["b-resnet11"]
+    assert b11["shipped"] and b11["dataset"] == "cifar10" and b11["test_accuracy"] == card["test_accuracy"]
+    assert b11["exit_macs"] == card["exit_macs"] and b11["input_shape"] == [3, 32, 32]
+    assert (b11["setting"]["policy"], b11["setting"]["test_accuracy"]) == (card["calibrated"]["policy"],
+                                                                          card["calibrated"]["test_accuracy"])
+    assert not entries["b-resnet11-wide"]["shipped"] and entries["b-resnet11-wide"]["setting"] is None
+    assert main(["models"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("b-resnet11 "))
+    calibrated = card["calibrated"]
+    assert f"{calibrated['test_accuracy']:.2%} at {calibrated['mean_macs'] / 1e6:.1f} M MACs" in row
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
+    reader = subprocess.Popen([sys.executable, "-m", "exitwise", "models", "--json"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    reader.stdout.close()  # as `| head -0` does, long before the command has imported torch and writes
+    assert reader.wait(60) == 141 and reader.stderr.read() == b""  # 141: as a shell reports a writer SIGPIPE ended
+
+
 def test_console_entry_point_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "exitwise", "models"], capture_output=True, text=True)
     assert done.returncode == 0 and "seed-branchynet" in done.stdout

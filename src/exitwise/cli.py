@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -137,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
 
     _add_serve_parser(sub)
-    sub.add_parser("models", help="list the registered models and whether weights ship for them")
+    models = sub.add_parser("models", help="list the registered models: input, exits, cost, and for shipped weights "
+                            "their test accuracy and calibrated early-exit setting")
+    models.add_argument("--json", action="store_true", help="print the list as JSON instead of a table")
     cache = sub.add_parser("cache", help="list the decoded data sets cached to start runs fast (EXITWISE_CACHE_DIR "
                                          "or the user cache dir)")
     cache.add_argument("--clear", action="store_true", help="delete them (they are decoded again when needed)")
@@ -217,10 +221,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from .models import MODELS, shipped_weights
-    for name in sorted(MODELS):
-        weights = shipped_weights(name)
-        print(f"{name:20s} {'weights shipped' if weights else 'no shipped weights (pass --weights)'}")
+    from .models.catalog import catalog, format_catalog
+    entries = catalog()
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries], indent=2))
+        return
+    print(format_catalog(entries))
+    print("\nM MACs: per image, the network without its side exits; weights: the data set the shipped weights were "
+          "trained on (none: pass --weights FILE); test acc.: the final exit's")
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -552,4 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("exitwise: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output piped into a reader that stopped early (`| head`): as other tools, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the Python docs' recipe: no second error
+        return 141                                                      # when the interpreter flushes stdout)
     return 0
