@@ -422,8 +422,13 @@ def test_under_three_times_the_sustainable_load_every_request_gets_an_answer(dig
 
 
 class FirstStageSlow(SlowRunner):
+    def __init__(self, runner):
+        super().__init__(runner)
+        self.in_stage_0 = threading.Event()
+
     def step(self, k, features, state):
         if k == 0:
+            self.in_stage_0.set()
             time.sleep(0.6)
         return self.runner.step(k, features, state)
 
@@ -433,14 +438,15 @@ def test_a_client_that_leaves_mid_request_has_its_samples_dropped_from_later_sta
     _, data, out = digits
     expected = OnnxEarlyExit.load(out / "onnx").run(data.images.numpy())
     deep = data.images.numpy()[expected.exits == 2][:3]  # these would run every stage
-    server = Running(FirstStageSlow(OnnxRunner.load(out / "onnx")), as_exitwise_serve=as_exitwise_serve)
+    slow = FirstStageSlow(OnnxRunner.load(out / "onnx"))
+    server = Running(slow, as_exitwise_serve=as_exitwise_serve)
     try:
         body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(deep.shape),
                                        "parameters": {"layout": "NHWC"}, "data": deep.ravel().tolist()}]}).encode()
         with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=5) as s:
             s.sendall(b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            time.sleep(0.3)  # stage 0 is running their batch; then the client goes away
+            assert slow.in_stage_0.wait(10)  # stage 0 is running their batch; then the client goes away
         deadline = time.monotonic() + 10
         while server.metric("exitwise_samples_inside") > 0 and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -53,6 +53,14 @@ class FakeRunner:
         return array
 
 
+def until(condition, seconds: float = 10) -> None:
+    """Wait for `condition()` (a scheduler thread's doing), at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert condition()
+
+
 def two_batches(schedule: str) -> list[tuple[int, int]]:
     """The stage calls for two batches of [1, 1, 0, 0] under `schedule`, the second arriving while stage 0 runs
     the first; one worker, so the order of the calls is the rule's alone."""
@@ -60,7 +68,7 @@ def two_batches(schedule: str) -> list[tuple[int, int]]:
     runner.gate.clear()  # the first batch blocks in stage 0 while the second arrives
     scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, schedule=schedule, workers=1)).start()
     first = scheduler.submit(images([1, 1, 0, 0]))
-    time.sleep(0.1)
+    until(lambda: runner.entered)  # the first batch is in stage 0
     second = scheduler.submit(images([1, 1, 0, 0]))
     runner.gate.set()
     results(first + second)
@@ -155,7 +163,7 @@ def test_late_and_abandoned_samples_are_dropped_before_the_next_stage():
     counts = Counts()
     scheduler = Scheduler(runner, SchedulerConfig(max_batch=8, timeout_ms=200), observer=counts).start()
     futures = scheduler.submit(images([3, 3, 3, 3]))  # all would run every stage
-    time.sleep(0.05)
+    until(lambda: runner.entered)
     futures[0].cancel()  # its client went away while stage 0 ran
     time.sleep(0.3)      # and the others' deadline passes
     runner.gate.set()
@@ -255,9 +263,7 @@ def test_two_workers_run_two_stage_calls_at_once_and_answer_as_one_does():
     runner.gate.clear()  # every stage call blocks until the gate opens
     scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, workers=2)).start()
     futures = scheduler.submit(images([1, 1, 0, 0])) + scheduler.submit(images([3, 2, 1, 0]))
-    deadline = time.monotonic() + 5
-    while len(runner.entered) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    until(lambda: len(runner.entered) >= 2)
     assert runner.entered == [0, 0]  # both batches are in stage 0 at once
     runner.gate.set()
     assert [a.exit for a in results(futures)] == [1, 1, 0, 0, 3, 2, 1, 0]
