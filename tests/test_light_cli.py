@@ -25,6 +25,12 @@ def test_help_and_every_command_help_need_no_torch():
         assert "usage: exitwise" in done.stdout
 
 
+def test_a_command_that_needs_torch_says_so_in_one_line_where_it_is_not_installed():
+    done = run_without_torch("from exitwise.cli import main\nsys.exit(main(['models']))")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "exitwise models needs torch, which is not installed here: pip install exitwise" in done.stderr
+
+
 def test_a_user_mistake_is_reported_without_torch():
     done = run_without_torch("from exitwise.cli import main\nsys.exit(main(['calibrate', '--from', 'x']))")
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "required" in done.stderr

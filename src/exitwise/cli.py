@@ -546,8 +546,19 @@ COMMANDS["serve"] = cmd_serve
 # the commands that run models: glibc's malloc thresholds raised first (exitwise.allocator)
 RUN_MODELS = ("study", "train", "attach", "calibrate", "export", "serve")
 
+# a package a command needs and this install lacks (a slim one, e.g. `pip install --no-deps exitwise` for ONNX
+# serving, docs/serve.md): what brings it
+INSTALLS = {**dict.fromkeys(("torch", "safetensors", "matplotlib", "numpy", "PIL", "simplejpeg", "tqdm", "platformdirs"),
+                            "pip install exitwise (with its dependencies)"),
+            **dict.fromkeys(("onnx", "onnxruntime", "onnxscript"), "pip install 'exitwise[onnx]'"),
+            **dict.fromkeys(("fastapi", "starlette", "uvicorn", "prometheus_client", "multipart"),
+                            "pip install 'exitwise[serve]'"),
+            "ray": "pip install 'exitwise[ray]'", "sklearn": "pip install 'exitwise[demo]'",
+            "transformers": "pip install 'exitwise[hf]'"}
+
 
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
         if args.command in RUN_MODELS:
@@ -560,6 +571,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("exitwise: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        package = (e.name or "").split(".")[0]
+        if package not in INSTALLS:
+            raise
+        print(f"exitwise: error: exitwise {args.command if args else ''} needs {package}, which is not installed here: "
+              f"{INSTALLS[package]}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # the output piped into a reader that stopped early (`| head`): as other tools, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the Python docs' recipe: no second error
         return 141                                                      # when the interpreter flushes stdout)
