@@ -548,8 +548,8 @@ RUN_MODELS = ("study", "train", "attach", "calibrate", "export", "serve")
 
 # a package a command needs and this install lacks (a slim one, e.g. `pip install --no-deps exitwise` for ONNX
 # serving, docs/serve.md): what brings it
-INSTALLS = {**dict.fromkeys(("torch", "safetensors", "matplotlib", "numpy", "PIL", "simplejpeg", "tqdm", "platformdirs"),
-                            "pip install exitwise (with its dependencies)"),
+CORE = ("torch", "safetensors", "matplotlib", "numpy", "PIL", "simplejpeg", "tqdm", "platformdirs")
+INSTALLS = {**dict.fromkeys(CORE, "pip install exitwise (with its dependencies)"),
             **dict.fromkeys(("onnx", "onnxruntime", "onnxscript"), "pip install 'exitwise[onnx]'"),
             **dict.fromkeys(("fastapi", "starlette", "uvicorn", "prometheus_client", "multipart"),
                             "pip install 'exitwise[serve]'"),

@@ -1,8 +1,8 @@
 """What a saved file records about where its figures came from: the network and its weights (`ModelRef`), the data
-(`DatasetRef`), the machine, its software and how busy it was (`Machine`, `Software`, `Load`), and the probes that chose the precision and the
-micro-batch (`PrecisionCheck`, `MicroBatchProbe`). Torch-free, so those files read without torch; `models/ref.py`
-resolves a `ModelRef` to a network, `data.Splits.describe()` makes a `DatasetRef`, `device` measures the machine and
-`tune` runs the probes.
+(`DatasetRef`), the machine, its software and how busy it was (`Machine`, `Software`, `Load`), and the probes that
+chose the precision and the micro-batch (`PrecisionCheck`, `MicroBatchProbe`). Torch-free, so those files read
+without torch; `models/ref.py` resolves a `ModelRef` to a network, `data.Splits.describe()` makes a `DatasetRef`,
+`device` measures the machine and `tune` runs the probes.
 """
 from __future__ import annotations
 
@@ -153,8 +153,8 @@ class PrecisionCheck:
 
     def agreement(self, num_exits: int) -> dict[str, tuple[float, ...]] | None:
         """The per-exit agreement with fp32 measured for the reduced precisions, by precision (None: none was)."""
-        found = {t.precision: t.agreement_per_exit for t in self.tried
-                 if t.precision != "fp32" and t.agreement_per_exit is not None and len(t.agreement_per_exit) == num_exits}
+        found = {t.precision: t.agreement_per_exit for t in self.tried if t.precision != "fp32"
+                 and t.agreement_per_exit is not None and len(t.agreement_per_exit) == num_exits}
         return found or None
 
     def to_json(self) -> dict:

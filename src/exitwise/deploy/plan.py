@@ -255,7 +255,7 @@ class Plan:
         candidates = tuple(Candidate(ranges(c["stages"]), c["wire"], c["wire_disagreement"], c["compute_seconds"],
                                      tuple(Crossing(**x) for x in c["links"]), c.get("request_seconds", 0.0))
                            for c in doc["candidates"])
-        tiers, links, chosen = tuple(tier(t) for t in doc["tiers"]), tuple(Link(**l) for l in doc["links"]), doc["chosen"]
+        tiers, links, chosen = tuple(map(tier, doc["tiers"])), tuple(Link(**l) for l in doc["links"]), doc["chosen"]
         if any(len(c.stages) != len(tiers) or len(c.links) != len(links) for c in candidates):
             raise UserError(f"the plan's candidates do not place {len(tiers)} tiers over {len(links)} links")
         if not 0 <= chosen < len(candidates):

@@ -5,6 +5,6 @@ from . import seed_branchynet, digits_convnet, resnet  # noqa: F401  (each regis
 from .base import MultiExitNetwork  # noqa: F401  (re-exported: the package's names)
 from .ref import ModelRef, create_model, load_model, load_network, model_key, reference  # noqa: F401
 from .registry import MODELS, register_model  # noqa: F401
-from .weights import (INDEX_SUFFIX, MAX_SHARD_BYTES, SHIPPED_WEIGHTS_DIR, calibrated_setting, check_fits, check_state_fits,  # noqa: F401
-                      check_unchanged, load_weights, read_state_dict, save_sharded, shipped_card, shipped_models,
-                      shipped_weights, weight_files)
+from .weights import (INDEX_SUFFIX, MAX_SHARD_BYTES, SHIPPED_WEIGHTS_DIR, calibrated_setting,  # noqa: F401
+                      check_fits, check_state_fits, check_unchanged, load_weights, read_state_dict, save_sharded,
+                      shipped_card, shipped_models, shipped_weights, weight_files)
