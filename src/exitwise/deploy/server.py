@@ -212,18 +212,15 @@ class _Front:
             self.observe(endpoint, 503, start)
             return
         self.inflight += inference
-        status, released = 500, not inference
-
-        async def send_status(message):  # the slot is free once the answer starts, before the client can read it
-            nonlocal status, released
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                if not released:
-                    self.inflight, released = self.inflight - 1, True
-            await send(message)
-
+        status = 500
         try:
             if route is None:
+                async def send_status(message):
+                    nonlocal status
+                    if message["type"] == "http.response.start":
+                        status = message["status"]
+                    await send(message)
+
                 await self.app(scope, receive, send_status)
                 return
             try:
@@ -235,13 +232,14 @@ class _Front:
             except Exception as e:
                 response = self.failed(e)
             else:
-                await _send_json(send_status, 200, json.dumps(content, ensure_ascii=False, allow_nan=False,
-                                                              separators=(",", ":")).encode())
+                status = 200
+                await _send_json(send, 200, json.dumps(content, ensure_ascii=False, allow_nan=False,
+                                                       separators=(",", ":")).encode())
                 return
-            await response(scope, receive, send_status)
+            status = response.status_code
+            await response(scope, receive, send)
         finally:
-            if not released:
-                self.inflight -= 1
+            self.inflight -= inference
             self.observe(endpoint, status, start)
 
 
