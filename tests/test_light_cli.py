@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from exitwise.cli import build_parser
-from exitwise.config import AttachConfig, DataConfig, TrainConfig
+from exitwise.config import AttachConfig, DataConfig, SchedulerConfig, ServeConfig, TrainConfig
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 
@@ -60,3 +60,14 @@ def test_the_offered_calibration_methods_are_the_implemented_ones():
     from exitwise.study import calibration
     from exitwise.study.config import CALIBRATION_METHODS
     assert tuple(calibration.METHODS) == CALIBRATION_METHODS
+
+
+def test_a_flag_made_from_a_config_field_shows_its_default_in_the_help():
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    helps = {a.dest: a.help for a in serve._actions}
+    scheduler, server = SchedulerConfig(), ServeConfig()
+    assert helps["max_batch"].endswith(f"(default {scheduler.max_batch})")
+    assert helps["max_wait_ms"].endswith(f"(default {scheduler.max_wait_ms:g})")  # 0 is shown too
+    assert helps["timeout_ms"].endswith(f"(default {scheduler.timeout_ms:g})")
+    assert helps["port"].endswith(f"(default {server.port})")
+    assert "(default" not in helps["next"]  # None: nothing to show

@@ -62,7 +62,7 @@ def flags(cls) -> list[tuple[str, dict]]:
         if not f.metadata.get("help"):
             continue
         kind = hints[f.name]
-        kwargs: dict = {"help": f.metadata["help"], "dest": f.name}
+        kwargs: dict = {"help": f.metadata["help"] + _default_note(f), "dest": f.name}
         if kind is bool:
             kwargs.update(action="store_true", default=None)
         else:
@@ -72,6 +72,17 @@ def flags(cls) -> list[tuple[str, dict]]:
             kwargs["required"] = True
         out.append(("--" + f.name.replace("_", "-"), kwargs))
     return out
+
+
+def _default_note(f: dataclasses.Field) -> str:
+    """" (default X)" for a help text, unless the default is nothing to show (None, False, empty) or the text says it."""
+    value = f.default
+    if (value is dataclasses.MISSING or value is None or value is False or value in ((), "")
+            or "default" in f.metadata["help"]):
+        return ""
+    shown = (f"{value:g}" if isinstance(value, float) else ",".join(map(str, value)) if isinstance(value, tuple)
+             else str(value))
+    return f" (default {shown})"
 
 
 def given(args, cls, skip: tuple[str, ...] = ()) -> dict:
