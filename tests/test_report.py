@@ -297,3 +297,17 @@ def test_every_results_field_is_documented_in_the_schema():
                                                                           if isinstance(a, property)]
                if f"`{name}`" not in doc]
     assert not missing
+
+
+def test_an_older_files_evidence_reads_with_what_it_lacks_left_empty():
+    from exitwise.study.results import Measurements, from_json
+    doc = {"precision_check": {  # from before every candidate was timed
+        "precision": "bf16", "agreement_with_fp32": 0.999, "images": 2000, "required": 0.995,
+        "tried": [{"precision": "bf16", "agreement_per_exit": [1.0, 0.999], "agreement_with_fp32": 0.999}]},
+        "machine": {"cpu": "Old CPU"}}  # a record short of a field it cannot do without reads as null
+    old = from_json(Measurements, doc)
+    assert old.precision_check.tried[0].ms_per_image is None and old.precision_check.agreement_given == ()
+    assert old.machine is None and old.model is None
+    results = synthetic_doc()
+    results["timing_model"]["machine_load_at_start"] = {"load_average": 0.5, "cpus": 2, "busy": False}  # no share
+    assert StudyResults.from_json(results).timing_model.machine_load_at_start.busy_share is None

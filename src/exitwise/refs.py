@@ -131,7 +131,7 @@ class Load:
 class PrecisionTried:
     """One precision in `tune.choose_precision`'s probe."""
     precision: str
-    ms_per_image: float
+    ms_per_image: float | None = None  # None: not timed (files from before the probe timed every candidate)
     agreement_per_exit: tuple[float, ...] | None = None  # share of images whose prediction equals fp32's (None: not
     agreement_with_fp32: float | None = None              # checked); the lowest exit's share; fp32's own is 1.0
 

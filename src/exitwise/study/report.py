@@ -74,7 +74,7 @@ def setup_table(r: StudyResults) -> Table:
     ds, model, sw = r.dataset, r.model, r.software
     sizes = f"train {ds.sizes.train}, val {ds.sizes.val}, test {ds.sizes.test}"
     check = r.precision_check
-    tried = check.tried if check else ()
+    tried = [t for t in check.tried if t.ms_per_image is not None] if check else []
     timed = "; ms per image here: " + ", ".join(f"{t.precision} {t.ms_per_image:.3f}" for t in tried) if tried else ""
     precision = r.precision + (f" (agrees with fp32 on {_pct(check.agreement_with_fp32)} of "
                                f"{check.images} images{timed})" if check else "")
