@@ -123,8 +123,9 @@ class Load:
     def describe(self) -> str:
         """In words, for a benchmark's header."""
         share = "" if self.busy_share is None else f"other work used {self.busy_share:.0%} of them just now, "
-        return (f"{self.cpus} CPUs: {share}1-minute load average {self.load_average}"
-                + (": BUSY, the timings below are not to be trusted" if self.busy else ""))
+        average = "no load average" if self.load_average is None else f"1-minute load average {self.load_average}"
+        busy = ": BUSY, the timings below are not to be trusted" if self.busy else ""
+        return f"{self.cpus} CPUs: {share}{average}{busy}"
 
 
 @dataclass(frozen=True)
