@@ -235,8 +235,8 @@ def cmd_cache(args: argparse.Namespace) -> None:
     from .data import cache_entries, clear_cache
     entries = clear_cache() if args.clear else cache_entries()
     for e in entries:
-        print(f"{e['bytes'] / 2**20:8.1f} MiB  {e['path']}  ({e['source'] or 'unfinished entry'})")
-    total = sum(e["bytes"] for e in entries) / 2**20
+        print(f"{e.bytes / 2**20:8.1f} MiB  {e.path}  ({e.source or 'unfinished entry'})")
+    total = sum(e.bytes for e in entries) / 2**20
     print(f"{'deleted' if args.clear else 'cached'}: {len(entries)} decoded data sets, {total:.1f} MiB")
     from .tune import probe_cache
     measured = probe_cache()

@@ -392,8 +392,16 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("exitwise"))
 
 
-def cache_entries(cache_dir: str | Path | None = None) -> list[dict]:
-    """The decoded data sets in the cache: {"path", "source" (None for an unfinished entry), "bytes"}."""
+@dataclass(frozen=True)
+class CacheEntry:
+    """One decoded data set in the cache."""
+    path: str
+    source: str | None  # what was decoded (None: an unfinished entry)
+    bytes: int
+
+
+def cache_entries(cache_dir: str | Path | None = None) -> list[CacheEntry]:
+    """The decoded data sets in the cache."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entries = []
     found = sorted(p for pattern in ("cifar10-*", "folder-*") for p in root.glob(pattern)) if root.is_dir() else []
@@ -408,18 +416,18 @@ def cache_entries(cache_dir: str | Path | None = None) -> list[dict]:
             size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
         except OSError:  # a temporary file renamed while we looked: an entry being written
             size = 0
-        entries.append({"path": str(entry), "source": source, "bytes": size})
+        entries.append(CacheEntry(str(entry), source, size))
     return entries
 
 
-def clear_cache(cache_dir: str | Path | None = None) -> list[dict]:
+def clear_cache(cache_dir: str | Path | None = None) -> list[CacheEntry]:
     """Delete the cache's decoded data sets (its `cifar10-*` and `folder-*` entries); return what was deleted."""
     entries = cache_entries(cache_dir)
     for entry in entries:
         try:
-            shutil.rmtree(entry["path"])
+            shutil.rmtree(entry.path)
         except OSError as e:
-            raise UserError(f"cannot delete {entry['path']!r}: {e.strerror or e}") from None
+            raise UserError(f"cannot delete {entry.path!r}: {e.strerror or e}") from None
     return entries
 
 
@@ -455,8 +463,8 @@ def _write_cache(entry: Path, decoded: _Decoded, source: str) -> None:
         atomic_write_json(entry / "meta.json", {"version": CACHE_VERSION, "source": source,
                                                 "classes": list(decoded.classes)})
         for stale in cache_entries(entry.parent):  # the same source decoded before it changed
-            if stale["source"] == source and stale["path"] != str(entry):
-                shutil.rmtree(stale["path"], ignore_errors=True)
+            if stale.source == source and stale.path != str(entry):
+                shutil.rmtree(stale.path, ignore_errors=True)
     except OSError as e:
         warnings.warn(f"could not cache decoded images in {str(entry)!r}: {e.strerror or e}", stacklevel=3)
 
