@@ -1,8 +1,8 @@
 """What a saved file records about where its figures came from: the network and its weights (`ModelRef`), the data
 (`DatasetRef`), the machine, its software and how busy it was (`Machine`, `Software`, `Load`), and the probes that
-chose the precision and the micro-batch (`PrecisionCheck`, `MicroBatchProbe`). Torch-free, so those files read
-without torch; `models/ref.py` resolves a `ModelRef` to a network, `data.Splits.describe()` makes a `DatasetRef`,
-`device` measures the machine and `tune` runs the probes.
+chose the precision and the micro-batch (`PrecisionCheck`, `MicroBatchProbe`; for training `TrainPrecisionProbe`).
+Torch-free, so those files read without torch; `models/ref.py` resolves a `ModelRef` to a network,
+`data.Splits.describe()` makes a `DatasetRef`, `device` measures the machine and `tune` runs the probes.
 """
 from __future__ import annotations
 
@@ -157,6 +157,19 @@ class PrecisionCheck:
         found = {t.precision: t.agreement_per_exit for t in self.tried if t.precision != "fp32"
                  and t.agreement_per_exit is not None and len(t.agreement_per_exit) == num_exits}
         return found or None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainPrecisionProbe:
+    """The evidence for training's precision (`tune.choose_train_precision`): a training step's time per image in
+    fp32 and in bf16 autocast, on the same batch."""
+    precision: str
+    ms_per_image: dict[str, float]  # by precision
+    probe_images: int
+    machine: Machine | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

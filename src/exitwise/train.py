@@ -41,6 +41,7 @@ from .config import TrainConfig, __version__
 from .models.costs import exit_macs, head_report
 from .data import ImageSet, Splits
 from .errors import UserError
+from .refs import TrainPrecisionProbe
 from .tune import choose_train_precision
 from .device import machine, resolve_device
 from .io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
@@ -298,7 +299,7 @@ def _train_loop(model: MultiExitNetwork, splits: Splits, config: TrainConfig, ou
 
 
 def _finish(model: MultiExitNetwork, name: str, splits: Splits, config: TrainConfig, history: list[dict],
-            seconds: float, world: int, out: Path, device: torch.device, precision_probe: dict | None) -> dict:
+            seconds: float, world: int, out: Path, device: torch.device, precision_probe: TrainPrecisionProbe | None) -> dict:
     """Measure test accuracy, then write the weights and the model card (the card last: it marks completion)."""
     test = evaluate(model, splits.test, 2 * config.batch_size, config.precision) if len(splits.test) else None
     side = [["heads", str(k)] for k in range(model.num_exits - 1)]
@@ -308,7 +309,7 @@ def _finish(model: MultiExitNetwork, name: str, splits: Splits, config: TrainCon
     atomic_write_bytes(out / WEIGHTS, safetensors_bytes(state, metadata={"model": name}))
     card = {"model": name, "num_exits": model.num_exits, "dataset": splits.describe().to_json(),
             "split_seed": splits.split_seed, "recipe": asdict(config), "epochs": config.epochs,
-            "train_seconds": seconds, "precision": config.precision, "precision_probe": precision_probe,
+            "train_seconds": seconds, "precision": config.precision, "precision_probe": precision_probe.to_json() if precision_probe else None,
             "machine": {**machine(device).to_json(), "platform": platform.platform(), "processes": world},
             "val_accuracy": history[-1]["val_accuracy"] if history else None, "test_accuracy": test,
             "exit_macs": exit_macs(model), "heads": head_report(model, model.exit_names),

@@ -19,7 +19,7 @@ import torch
 from .config import AGREEMENT_REQUIRED, DEFAULT_MICRO_BATCH, PRECISIONS, check_precision
 from .device import machine, machine_load, seconds_per_call
 from .models.base import MultiExitNetwork
-from .refs import Machine, MicroBatchProbe, PrecisionCheck, PrecisionTried
+from .refs import Machine, MicroBatchProbe, PrecisionCheck, PrecisionTried, TrainPrecisionProbe
 from .runtime import all_exit_logits, prepare
 
 PRECISION_CHECK_IMAGES = 1000
@@ -229,7 +229,7 @@ def _write_json_entry(path: Path, key: str, entry: dict) -> None:
 
 
 def choose_train_precision(model: MultiExitNetwork, images: torch.Tensor, labels: torch.Tensor,
-                           device: torch.device) -> tuple[str, dict]:
+                           device: torch.device) -> tuple[str, TrainPrecisionProbe]:
     """bf16 autocast or fp32 for training, whichever runs a training step (forward and backward of every exit's
     loss) faster here, timed on a copy of `model` with the given batch; the model and the RNGs are untouched."""
     import copy
@@ -245,7 +245,7 @@ def choose_train_precision(model: MultiExitNetwork, images: torch.Tensor, labels
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         ms = {p: 1e3 * seconds_per_call(lambda p=p: step(p), device, max_calls=3) / len(x) for p in ("fp32", "bf16")}
     chosen = min(ms, key=ms.get)
-    return chosen, {"precision": chosen, "ms_per_image": ms, "probe_images": len(x), "machine": machine(device).to_json()}
+    return chosen, TrainPrecisionProbe(chosen, ms, len(x), machine(device))
 
 
 @dataclass(frozen=True)
