@@ -12,7 +12,8 @@ from .data import Splits, load_splits
 from .early_exit import EarlyExitModel
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
-from .models import calibrated_setting, check_fits, create_model, load_model, load_network, model_key, shipped_card, shipped_weights
+from .models import (calibrated_setting, check_fits, create_model, load_model, load_network, model_key,
+                     shipped_classes)
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
 from .study import CalibrateConfig, StudyConfig, analysis, calibration, run_study, time_stages, write_study
@@ -241,8 +242,7 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
             why = "other weights than the shipped ones" if weights is not None else "no calibrated setting shipped"
             raise UserError(f"model {model!r} with {why}: give --thresholds FILE (JSON with policy and thresholds, "
                             "e.g. an early_exit.json)")
-        classes = setting.get("class_names") or (shipped_card(model)["dataset"].get("classes")
-                                                 if weights is None and shipped_weights(model) else None)
+        classes = setting.get("class_names") or (shipped_classes(model) if weights is None else None)
         early_exit = EarlyExitModel.create(net, model, setting["policy"], setting["thresholds"],
                                            setting.get("temperatures"), classes)
         sha256 = ref.weights_sha256

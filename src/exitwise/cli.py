@@ -578,7 +578,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exitwise: error: exitwise {args.command if args else ''} needs {package}, which is not installed here: "
               f"{INSTALLS[package]}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the output piped into a reader that stopped early (`| head`): as other tools, quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the Python docs' recipe: no second error
-        return 141                                                      # when the interpreter flushes stdout)
+    except BrokenPipeError:
+        # the output piped into a reader that stopped early (`| head`): end quietly, as other tools do; stdout goes to
+        # devnull so the interpreter's last flush raises no second error (the recipe of Python's signal docs)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0

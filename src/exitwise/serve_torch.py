@@ -125,11 +125,9 @@ def load_early_exit(*, model: str | None = None, weights: str | Path | None = No
     registered model with its shipped weights and the calibrated setting its card carries (`calibrated`)."""
     if source is not None:
         return EarlyExitModel.load(source)
-    from .models import calibrated_setting, load_model, shipped_card, shipped_weights
+    from .models import calibrated_setting, load_model, shipped_classes
     network, _ = load_model(model, weights)
-    card = shipped_card(model) if shipped_weights(model) else {}
-    setting = calibrated_setting(model, weights)
-    classes = card.get("dataset", {}).get("classes") if isinstance(card.get("dataset"), dict) else None
+    setting, classes = calibrated_setting(model, weights), shipped_classes(model)
     if setting is None:
         if early_exit:
             why = "other weights than the shipped ones" if weights is not None else "no calibrated setting"

@@ -7,4 +7,4 @@ from .ref import ModelRef, create_model, load_model, load_network, model_key, re
 from .registry import MODELS, register_model  # noqa: F401
 from .weights import (INDEX_SUFFIX, MAX_SHARD_BYTES, SHIPPED_WEIGHTS_DIR, calibrated_setting,  # noqa: F401
                       check_fits, check_state_fits, check_unchanged, load_weights, read_state_dict, save_sharded,
-                      shipped_card, shipped_models, shipped_weights, weight_files)
+                      shipped_card, shipped_classes, shipped_models, shipped_weights, weight_files)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .costs import backbone_macs, exit_macs
 from .ref import create_model
 from .registry import MODELS
-from .weights import shipped_card, shipped_weights
+from .weights import calibrated_setting, shipped_card, shipped_weights
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,11 @@ def catalog() -> tuple[ModelEntry, ...]:
         entry = ModelEntry(name, tuple(network.input_shape), network.num_classes, backbone_macs(network),
                            tuple(exit_macs(network)))
         if shipped_weights(name):
-            card = shipped_card(name)
-            s = card.get("calibrated")
-            setting = s and ShippedSetting(s["rule"], s["policy"], tuple(s["thresholds"]), s["test_accuracy"],
-                                           s["mean_macs"], tuple(s["exit_shares"]))
+            card, s = shipped_card(name), calibrated_setting(name)
+            setting = None if s is None else ShippedSetting(s["rule"], s["policy"], tuple(s["thresholds"]),
+                                                            s["test_accuracy"], s["mean_macs"], tuple(s["exit_shares"]))
             entry = dataclasses.replace(entry, dataset=card["dataset"]["name"],
-                                        test_accuracy=tuple(card["test_accuracy"]), setting=setting or None)
+                                        test_accuracy=tuple(card["test_accuracy"]), setting=setting)
         entries.append(entry)
     return tuple(entries)
 

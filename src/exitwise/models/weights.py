@@ -49,6 +49,13 @@ def calibrated_setting(name: str, weights: str | Path | None = None) -> dict | N
     return shipped_card(name).get("calibrated")
 
 
+def shipped_classes(name: str) -> list[str] | None:
+    """The class names of the data set model `name`'s shipped weights were trained on (None: no weights ship)."""
+    if name not in MODELS or not shipped_weights(name):
+        return None
+    return shipped_card(name)["dataset"].get("classes")
+
+
 def shipped_models(dataset: str) -> list[str]:
     """Registered models whose shipped weights were trained on `dataset` (by their model card)."""
     return [n for n in MODELS if shipped_weights(n) and shipped_card(n)["dataset"]["name"] == dataset]
