@@ -1,4 +1,5 @@
 """Shared fixtures: tiny generated image sets and the location of ../shared."""
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,14 @@ from exitwise.data import ImageSet
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CIFAR_JPG = SHARED / "data" / "cifar10-jpg.tar.gz"
 SEED_WEIGHTS = SHARED / "seed" / "cifar10_branchyNet_m.h5"
+
+
+def until(condition, seconds: float = 10, every: float = 0.01) -> None:
+    """Wait for `condition()` (another thread's or process's doing), at most `seconds`; fail if it never holds."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(every)
+    assert condition()
 
 
 def random_image_set(n: int, shape=(8, 8, 1), num_classes: int = 10, seed: int = 0) -> ImageSet:

@@ -44,7 +44,7 @@ from exitwise.runtime import all_exit_logits, prepare
 from exitwise.errors import UserError
 from exitwise.serve_torch import TorchRunner, make_runner
 
-from conftest import random_image_set, spread_thresholds
+from conftest import random_image_set, spread_thresholds, until
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 NEAR = 1e-5  # fp32 rounding: a sample whose score is this close to a threshold may go either way
@@ -65,10 +65,7 @@ class Running:
                                      else uvicorn.Config(self.app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.server.started
+        until(lambda: self.server.started, 20)
         self.client = httpx.Client(base_url=self.url, timeout=20)
 
     def metric(self, name: str, **labels) -> float:
@@ -322,9 +319,7 @@ def test_a_full_queue_answers_503_with_retry_after_at_once_and_a_late_request_50
     try:
         with ThreadPoolExecutor(1) as pool:
             held = pool.submit(infer_status, server.client, 4)  # waits for a batch of 64 that never comes
-            deadline = time.monotonic() + 10
-            while server.metric("exitwise_samples_inside") < 4 and time.monotonic() < deadline:
-                time.sleep(0.02)
+            until(lambda: server.metric("exitwise_samples_inside") >= 4)
             start = time.monotonic()
             refused = server.client.post(INFER, json=zeros_request(1))
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
@@ -353,9 +348,7 @@ def test_past_max_queue_requests_in_flight_another_is_refused_before_its_body_is
     try:
         with ThreadPoolExecutor(2) as pool:
             held = [pool.submit(infer_status, server.client, 1) for _ in range(2)]  # wait for a batch of 64
-            deadline = time.monotonic() + 10
-            while server.metric("exitwise_samples_inside") < 2 and time.monotonic() < deadline:
-                time.sleep(0.02)
+            until(lambda: server.metric("exitwise_samples_inside") >= 2)
             with socket.create_connection((host, int(port)), timeout=5) as raw:  # headers only: the body never comes
                 raw.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                             f"Content-Length: 100000\r\n\r\n".encode())
@@ -365,9 +358,7 @@ def test_past_max_queue_requests_in_flight_another_is_refused_before_its_body_is
             assert [h.result(10) for h in held] == [504, 504]
         # each request's own timer answers 504 at its deadline; the scheduler drops its samples then too (a
         # moment later, on its thread), and that frees their places in the queue
-        deadline = time.monotonic() + 10
-        while server.metric("exitwise_samples_inside") > 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        until(lambda: server.metric("exitwise_samples_inside") == 0)
         after = server.client.post(INFER, json=zeros_request(1))  # accepted, and it too waits for a batch that
         assert after.status_code == 504, after.text               # never fills
         assert server.metric("exitwise_rejected_requests_total", reason="overloaded") == 1
@@ -447,9 +438,7 @@ def test_a_client_that_leaves_mid_request_has_its_samples_dropped_from_later_sta
             s.sendall(b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             assert slow.in_stage_0.wait(10)  # stage 0 is running their batch; then the client goes away
-        deadline = time.monotonic() + 10
-        while server.metric("exitwise_samples_inside") > 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        until(lambda: server.metric("exitwise_samples_inside") == 0)
         assert server.metric("exitwise_batch_size_count", stage="0") == 1  # stage 0 ran them
         assert server.metric("exitwise_dropped_samples_total", reason="disconnected") == 3
         assert server.metric("exitwise_batch_size_count", stage="1") == 0  # and nothing after it did
@@ -566,9 +555,7 @@ def test_sigterm_answers_what_was_accepted_refuses_new_requests_and_exits_0(digi
         client = httpx.Client(base_url=url, timeout=20)
         with ThreadPoolExecutor(3) as pool:
             accepted = [pool.submit(infer_status, client, 1) for _ in range(3)]
-            deadline = time.monotonic() + 10
-            while "exitwise_samples_inside 3.0" not in client.get("/metrics").text and time.monotonic() < deadline:
-                time.sleep(0.02)
+            until(lambda: "exitwise_samples_inside 3.0" in client.get("/metrics").text)
             process.send_signal(signal.SIGTERM)
             refused = False
             for _ in range(100):  # bounded: the listening socket closes at once
@@ -641,10 +628,7 @@ def test_server_processes_stop_when_their_supervisor_is_killed_and_leave_no_metr
             except FileNotFoundError:
                 return False
 
-        deadline = time.monotonic() + 15
-        while any(running(c) for c in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(running(c) for c in children)
+        until(lambda: not any(running(c) for c in children), 15, every=0.1)
         assert list(tmp_path.glob("exitwise-metrics-*")) == []  # the last process out removed it
     finally:
         for c in children:

@@ -15,6 +15,8 @@ from exitwise.config import SchedulerConfig
 from exitwise.deploy.scheduler import Answer, Expired, Observer, QueueFull, Scheduler
 from exitwise.errors import UserError
 
+from conftest import until
+
 
 class FakeRunner:
     num_exits, input_shape, class_names, name, platform = 4, (1, 1, 1), None, "fake", "numpy"
@@ -51,14 +53,6 @@ class FakeRunner:
 
     def from_numpy(self, array):
         return array
-
-
-def until(condition, seconds: float = 10) -> None:
-    """Wait for `condition()` (a scheduler thread's doing), at most `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert condition()
 
 
 def two_batches(schedule: str) -> list[tuple[int, int]]:
