@@ -1,0 +1,55 @@
+"""One JSON mapping for the frozen dataclasses that saved files are made of (results.json, calibration.json, an
+ONNX export's manifest.json, a model card): `to_json(value)` writes fields by name (and properties: derived, so
+`from_json` skips them); `from_json(kind, doc)` reads them back by the type hints. Thresholds are floats in memory,
+-inf (`NEVER`) for "never leave at this exit", written as null. Torch- and numpy-free.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+
+Thresholds = typing.NewType("Thresholds", tuple)  # one float per side exit; -inf: never leave there (JSON: null)
+NEVER = -math.inf
+
+
+def to_json(value):
+    if dataclasses.is_dataclass(value):
+        out = {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        out.update({name: to_json(getattr(value, name)) for name, attr in vars(type(value)).items()
+                    if isinstance(attr, property)})
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    return None if value == NEVER else value
+
+
+def from_json(kind, value):
+    """`value` (parsed JSON) as type `kind`: dataclasses, X | None, tuple[X, ...], tuple[X, Y], dict[str, X]; an
+    `X | None` dataclass short of a field without a default reads as None."""
+    if value is None:
+        return None
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Thresholds:
+        return tuple(NEVER if v is None else float(v) for v in value)
+    if dataclasses.is_dataclass(kind):
+        hints = typing.get_type_hints(kind)
+        return kind(**{f.name: from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(kind)
+                       if f.name in value})
+    if origin in (typing.Union, types.UnionType):
+        inner = next(a for a in args if a is not type(None))
+        if dataclasses.is_dataclass(inner) and any(f.name not in value for f in dataclasses.fields(inner)
+                                                   if f.default is f.default_factory is dataclasses.MISSING):
+            return None  # an older file's record short of a field (a cache measured without a model holds `{}`)
+        return from_json(inner, value)
+    if origin is tuple:
+        items = zip(args, value) if Ellipsis not in args else ((args[0], v) for v in value)
+        return tuple(from_json(a, v) for a, v in items)
+    if origin is dict:
+        return {k: from_json(args[1], v) for k, v in value.items()}
+    if kind is float:
+        return float(value)
+    return value
