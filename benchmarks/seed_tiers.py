@@ -51,7 +51,7 @@ def main() -> None:
     test = load_splits("cifar10", args.data_dir, progress=False).test
     images, labels = test.images[:args.images].numpy(), test.labels[:args.images].numpy()
     expected = runner.run(images)
-    model = runner.manifest["model"].rstrip("/").rsplit("/", 1)[-1]
+    model = runner.manifest.model.rstrip("/").rsplit("/", 1)[-1]
     nodes: list[ServeProcess] = []
     try:
         for name, stages in reversed(NODES):  # the last node first, so each --next is up

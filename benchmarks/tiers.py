@@ -351,13 +351,12 @@ def main() -> None:
             wire_on = splits.val.images[:args.wire_images].numpy()  # the plan's wire format is chosen on these
             links = [tuple(float(v) for v in item.split(":")) for item in args.links.split(",")]
         runner = OnnxEarlyExit.load(export)
-        model, k = runner.manifest["model"].rstrip("/").rsplit("/", 1)[-1], runner.num_exits
+        model, k = runner.manifest.model.rstrip("/").rsplit("/", 1)[-1], runner.num_exits
         full = runner.run_backbone(images).predictions
         wire = measure_wire(runner, wire_on[:args.wire_images])
-        values, input_bytes, channels = export_shapes(runner.manifest)
-        cache = load_logits(study)
-        costs = study_costs(cache.val_logits, cache.stage_seconds_per_sample, runner.manifest, values, input_bytes, wire,
-                            channels)
+        cache, m = load_logits(study), runner.manifest
+        costs = study_costs(cache.val_logits, cache.stage_seconds_per_sample, export_shapes(m), policy=m.policy,
+                            thresholds=m.thresholds, temperatures=m.temperatures, wire=wire)
         from exitwise.device import machine, machine_load
         host = machine().describe()  # before this process leaves the device's CPU to it
         print(f"machine: {host}; {machine_load().describe()}")

@@ -3,6 +3,7 @@
 Needs the onnx extra (onnx, onnxruntime, onnxscript); skipped without it.
 """
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -24,6 +25,8 @@ from exitwise.data import ImageSet, load_splits
 from exitwise.early_exit import EarlyExitModel
 from exitwise.errors import UserError
 from exitwise.models import create_model
+from exitwise.config import DEFAULT_MICRO_BATCH
+from exitwise.deploy.manifest import manifest_digest, read_manifest
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit, Policy
 from exitwise.policies import get_policy
 from exitwise.runtime import all_exit_logits, prepare, run_early_exit
@@ -109,6 +112,26 @@ def test_the_manifest_describes_the_export(digits):
     assert manifest["class_names"] == list("0123456789")
     from exitwise.io import file_sha256
     assert manifest["source_weights_sha256"] == file_sha256(out / "model" / "model.safetensors")
+    typed = read_manifest(out / "onnx")
+    assert typed.to_json() == manifest  # the file is the dataclass, key for key
+    assert typed.thresholds == tuple(model.thresholds) and typed.temperatures == (1.5, 0.7, 1.0)
+    assert typed.micro_batch == typed.micro_batch_probe.micro_batch
+
+
+def test_an_older_manifest_reads_and_an_incomplete_one_is_refused_in_one_line(digits, tmp_path, capsys):
+    _, data, out = digits
+    older = tmp_path / "older"
+    shutil.copytree(out / "onnx", older)
+    doc = json.loads((older / "manifest.json").read_text())
+    for key in ("micro_batch", "micro_batch_probe"):  # exports from before the micro-batch was measured
+        del doc[key]
+    (older / "manifest.json").write_text(json.dumps({**doc, "manifest_sha256": manifest_digest(doc)}))
+    manifest = read_manifest(older)
+    assert manifest.micro_batch is None and OnnxEarlyExit.load(older).micro_batch == DEFAULT_MICRO_BATCH
+    del doc["stages"]
+    (older / "manifest.json").write_text(json.dumps({**doc, "manifest_sha256": manifest_digest(doc)}))
+    image = str(_write_pngs(data, tmp_path / "images", 1)[0])
+    _one_line_error(capsys, ["predict", "--export", str(older), image], "is not a complete ONNX export manifest")
 
 
 def test_runtime_and_predict_work_with_torch_blocked(digits, tmp_path):
@@ -265,7 +288,7 @@ def test_a_module_the_dynamo_exporter_refuses_falls_back_to_torchscript(tmp_path
     monkeypatch.setattr(torch.onnx, "export", no_dynamo)
     model = EarlyExitModel.create(create_model("digits-convnet"), "digits-convnet", "entropy", [0.5, 0.5])
     manifest = export_module.export_onnx(model, tmp_path / "onnx")
-    assert {e["exporter"] for e in manifest["stages"] + manifest["heads"]} == {"torchscript"}
+    assert {g.exporter for g in manifest.graphs()} == {"torchscript"}
     monkeypatch.setattr(torch.onnx, "export", refuse)
     with pytest.raises(UserError, match=r"cannot export _InDtype to ONNX \(dynamo: no; torchscript: no\)"):
         export_module.export_onnx(model, tmp_path / "again")

@@ -193,7 +193,7 @@ def test_bad_plans_are_refused():
 
 
 def test_a_plan_reads_back_as_it_was_written_and_a_torn_one_is_refused():
-    wire = WireCost(500, {"fp16": [0.0, 0.0], "int8": [0.01, 0.0]}, {"fp16": [0.0, 0.0], "int8": [-0.2, 0.0]})
+    wire = WireCost(500, {"fp16": (0.0, 0.0), "int8": (0.01, 0.0)}, {"fp16": (0.0, 0.0), "int8": (-0.2, 0.0)})
     costs = NetworkCosts(COSTS.stage_seconds, COSTS.reach, COSTS.feature_values, COSTS.input_bytes, wire,
                          feature_channels=(16, 32))
     made = plan((Tier("device", stage_seconds=(0.04, 0.08, 0.16), request_seconds=0.001), Tier("cloud")), LINKS,

@@ -57,7 +57,7 @@ def test_plan_from_a_study_and_its_export(study, capsys):
     shares = np.bincount(runner.run(val.images.numpy()).exits, minlength=3)
     reach = shares[::-1].cumsum()[::-1] / len(val.images)
     assert np.allclose(doc["costs"]["reach"], reach, atol=2 / 300)  # the export's run, but for borderline scores
-    assert doc["costs"]["feature_values"] == [int(np.prod(s["output_shape"][1:])) for s in runner.manifest["stages"][:2]]
+    assert doc["costs"]["feature_values"] == [int(np.prod(g.output_shape[1:])) for g in runner.manifest.stages[:2]]
     assert doc["costs"]["input_bytes"] == 64 and len(doc["candidates"]) == 4
     assert set(doc["costs"]["wire"]["disagreement"]) == {"fp16", "int8"}
     assert doc["choice"] == doc["candidates"][doc["chosen"]]
@@ -78,7 +78,7 @@ def test_fp32_on_the_wire_changes_nothing_and_int8_little(study):
     out, val = study[0], study[1]
     cost = measure_wire(OnnxEarlyExit.load(out / "onnx"), val.images.numpy(), ("fp32", "fp16", "int8"),
                         labels=val.labels.numpy())
-    assert cost.disagreement["fp32"] == [0.0, 0.0] and cost.accuracy_change_points["fp32"] == [0.0, 0.0]
+    assert cost.disagreement["fp32"] == (0.0, 0.0) and cost.accuracy_change_points["fp32"] == (0.0, 0.0)
     assert max(cost.disagreement["fp16"]) <= 0.02 and max(cost.disagreement["int8"]) <= 0.1
 
 

@@ -59,7 +59,7 @@ def test_a_new_policy_runs_in_the_study_the_runtime_and_onnx_after_one_registrat
                  "--exporter", "torchscript", "--micro-batch", "32"]) == 0
     from exitwise.deploy.onnx_runtime import OnnxEarlyExit
     runner = OnnxEarlyExit.load(tmp_path / "onnx")
-    assert runner.manifest["policy"] == "logit-gap" and runner.micro_batch == 32
+    assert runner.manifest.policy == "logit-gap" and runner.micro_batch == 32
     onnx_run = runner.run(data.images.numpy())
     near = (np.abs(scores[:-1] - np.asarray(thresholds)[:, None]) <= 1e-5).any(0)  # may go either way
     assert ((onnx_run.exits == torch_run.exits) | near).all()
@@ -82,6 +82,6 @@ def test_the_export_records_the_micro_batch_measured_here_and_the_runner_uses_it
                  "--exporter", "torchscript"]) == 0
     from exitwise.deploy.onnx_runtime import OnnxEarlyExit
     runner = OnnxEarlyExit.load(tmp_path / "onnx")
-    probe = runner.manifest["micro_batch_probe"]
-    assert runner.micro_batch == runner.manifest["micro_batch"] == probe["micro_batch"]
-    assert str(runner.micro_batch) in probe["ms_per_image"] and probe["precision"] == "fp32"
+    probe = runner.manifest.micro_batch_probe
+    assert runner.micro_batch == runner.manifest.micro_batch == probe.micro_batch
+    assert str(runner.micro_batch) in probe.ms_per_image and probe.precision == "fp32"

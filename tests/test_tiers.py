@@ -197,7 +197,7 @@ def test_int8_features_on_the_wire_keep_almost_every_answer(digits):
         cloud.stop()
     same = (got["exit"] == expected.exits) & (got["class"] == expected.predictions)
     assert same.mean() >= 0.95 and not any(got["degraded"])
-    values = int(np.prod(OnnxEarlyExit.load(export_dir).manifest["stages"][0]["output_shape"][1:]))  # 16x8x8
+    values = int(np.prod(OnnxEarlyExit.load(export_dir).manifest.stages[0].output_shape[1:]))  # 16x8x8
     survivors = (expected.exits > 0).sum()
     assert survivors * values <= sent < survivors * values * 1.5  # a byte per value and headers (fp32 takes 4)
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from .config import AttachConfig, DataConfig, TrainConfig, __version__
 from .data import Splits, load_splits
+from .deploy.manifest import Manifest
 from .early_exit import EarlyExitModel
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
@@ -219,8 +220,9 @@ def _evaluation(arrays: ExitArrays, thresholds: np.ndarray, cache: ExitLogits) -
 
 def export(out: str | Path, *, source: str | Path | None = None, model: str | None = None,
            weights: str | Path | None = None, thresholds: str | Path | None = None,
-           exporter: str = "dynamo", micro_batch: int | None = None) -> dict:
-    """An early-exit model as one ONNX graph per stage and per head plus manifest.json in `out` (docs/deploy.md).
+           exporter: str = "dynamo", micro_batch: int | None = None) -> Manifest:
+    """An early-exit model as one ONNX graph per stage and per head plus manifest.json in `out` (docs/deploy.md);
+    returns the manifest.
 
     The model is `source`, a saved EarlyExitModel (a study's or calibration's output folder, or its
     early_exit.json); or the registered `model` with `weights` (default: shipped) and `thresholds`, a JSON

@@ -199,11 +199,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     model = str(args.model_dir) if args.model_dir else args.model
     manifest = export(args.out, source=args.source, model=model, weights=args.weights,
                       thresholds=args.thresholds, exporter=args.exporter, micro_batch=args.micro_batch)
-    graphs = manifest["stages"] + manifest["heads"]
-    exporters = sorted({g["exporter"] for g in graphs})
-    print(f"exported {manifest['model']} ({len(manifest['stages'])} stages, {len(manifest['heads'])} heads; "
-          f"policy {manifest['policy']}, thresholds {manifest['thresholds']}) with {', '.join(exporters)}; "
-          f"largest difference from torch {max(g['max_error'] for g in graphs):.1e}")
+    graphs = manifest.graphs()
+    exporters = sorted({g.exporter for g in graphs})
+    thresholds = manifest.to_json()["thresholds"]  # as the file has them: null for never
+    print(f"exported {manifest.model} ({len(manifest.stages)} stages, {len(manifest.heads)} heads; "
+          f"policy {manifest.policy}, thresholds {thresholds}) with {', '.join(exporters)}; "
+          f"largest difference from torch {max(g.max_error for g in graphs):.1e}")
     print(f"written: {args.out.resolve()}")
 
 
@@ -274,10 +275,10 @@ def _add_plan_parser(sub) -> None:
                                                       "latency on a lightly loaded tier)")
 
 
-def _shapes_from_model(study: Path) -> tuple[tuple[int, ...], int, tuple[int, ...], dict]:
-    """Values in each stage's output but the last, the input's bytes as uint8 pixels, the channels of each stage's
-    output but the last (by running zeros), and the exit setting (early_exit.json) of a study's model."""
+def _shapes_from_model(study: Path):
+    """The feature shapes of a study's model (by running zeros; `plan.FeatureShapes`) and the model (early_exit.json)."""
     import torch
+    from .deploy.plan import FeatureShapes
     from .early_exit import EarlyExitModel
     model = EarlyExitModel.load(study)
     net = model.network.eval()
@@ -287,7 +288,7 @@ def _shapes_from_model(study: Path) -> tuple[tuple[int, ...], int, tuple[int, ..
             x = stage(x)
             values.append(x[0].numel())
             channels.append(x.shape[1] if x.ndim > 1 else 1)
-    return tuple(values), int(torch.Size(net.input_shape).numel()), tuple(channels), model.to_json()
+    return FeatureShapes(tuple(values), int(torch.Size(net.input_shape).numel()), tuple(channels)), model
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -320,19 +321,20 @@ def cmd_plan(args: argparse.Namespace) -> None:
         raise UserError("--images measures the wire formats on an ONNX export: give --export too")
     from .study.logits_cache import load_logits
     study = load_logits(args.source)
-    wire, setting = None, None
+    wire = None
     if args.export:
         from .deploy.onnx_runtime import OnnxEarlyExit
         runner = OnnxEarlyExit.load(args.export)
-        values, input_bytes, channels = planning.export_shapes(runner.manifest)
-        setting = runner.manifest
+        m = runner.manifest
+        shapes, policy, thresholds, temperatures = planning.export_shapes(m), m.policy, m.thresholds, m.temperatures
         if args.images:
             from .images import read_images
             wire = measure.measure_wire(runner, read_images(args.images, runner.input_shape)[1])
     else:
-        values, input_bytes, channels, setting = _shapes_from_model(args.source)
-    costs = planning.study_costs(study.val_logits, study.stage_seconds_per_sample, setting, values, input_bytes, wire,
-                                 channels)
+        shapes, model = _shapes_from_model(args.source)
+        policy, thresholds, temperatures = model.policy.name, tuple(model.thresholds), model.policy.temperatures
+    costs = planning.study_costs(study.val_logits, study.stage_seconds_per_sample, shapes, policy=policy,
+                                 thresholds=thresholds, temperatures=temperatures, wire=wire)
     tolerance = planning.WIRE_TOLERANCE_POINTS if args.wire_tolerance is None else args.wire_tolerance
     result = planning.plan(tiers, links, costs, max_latency_ms=args.max_latency_ms, wire_tolerance_points=tolerance,
                            **({"minimize": args.minimize} if args.minimize else {}))
@@ -501,14 +503,14 @@ def _tier_config(args: argparse.Namespace, num_stages: int | None = None):
         if args.send_images:
             raise UserError("--send-images goes with --next (a tier that forwards)")
         return None
-    from .deploy.onnx_runtime import read_manifest
+    from .deploy.manifest import read_manifest
     from .config import TierConfig, check_url
     from .deploy.tiers import parse_stages
     if args.next is not None:
         check_url(args.next)
     if args.ray:
         raise UserError("a tier is served without --ray")
-    k = len(read_manifest(args.export)["stages"]) if num_stages is None else num_stages
+    k = len(read_manifest(args.export).stages) if num_stages is None else num_stages
     wire = args.wire
     if args.plan:
         if args.stages is not None or not args.tier:

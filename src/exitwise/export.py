@@ -24,7 +24,7 @@ from .early_exit import EarlyExitModel
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, staged_output
 from .refs import MicroBatchProbe
-from .deploy.onnx_runtime import FORMAT, MANIFEST, manifest_digest
+from .deploy.manifest import FORMAT, MANIFEST, ExportCheck, Graph, InputSpec, Manifest, Normalization
 
 OPSET = 18
 CHECK_ROWS = 5     # rows of the numerical check (not the export's example batch size, so the batch is dynamic)
@@ -81,14 +81,14 @@ def _max_error(graph: bytes, module: torch.nn.Module, x: torch.Tensor) -> tuple[
     return float(np.abs(got - expected.numpy()).max()) / scale, expected
 
 
-def _normalization(model: EarlyExitModel) -> dict | None:
+def _normalization(model: EarlyExitModel) -> Normalization | None:
     """The input normalization inside the first stage (exitwise models take [0, 1] pixels), if any."""
     from .models.resnet import Normalize
     found = [m for m in model.network.stages[0].modules() if isinstance(m, Normalize)]
     if not found:
         return None
-    return {"mean": found[0].mean.flatten().tolist(), "std": found[0].std.flatten().tolist(),
-            "where": "inside stage 0: feed [0, 1] pixels, not normalized ones"}
+    return Normalization(tuple(found[0].mean.flatten().tolist()), tuple(found[0].std.flatten().tolist()),
+                         "inside stage 0: feed [0, 1] pixels, not normalized ones")
 
 
 def _measured_micro_batch(network: torch.nn.Module, images: int = 256) -> tuple[int, MicroBatchProbe]:
@@ -104,8 +104,8 @@ def _measured_micro_batch(network: torch.nn.Module, images: int = 256) -> tuple[
 
 
 def export_onnx(model: EarlyExitModel, out: str | Path, *, weights_sha256: str | None = None,
-                exporter: str = "dynamo", micro_batch: int | None = None) -> dict:
-    """Write `out`/stage{k}.onnx, head{k}.onnx and manifest.json (see docs/deploy.md); return the manifest.
+                exporter: str = "dynamo", micro_batch: int | None = None) -> Manifest:
+    """Write `out`/stage{k}.onnx, head{k}.onnx and manifest.json (`deploy.manifest`); return the manifest.
 
     `exporter`: "dynamo" (torch.export; modules it cannot take fall back to "torchscript") or "torchscript".
     Refuses (UserError, nothing written) a policy without a numpy score (the runner has no torch), and a graph
@@ -132,7 +132,7 @@ def export_onnx(model: EarlyExitModel, out: str | Path, *, weights_sha256: str |
     x = torch.rand(2, *net.input_shape, generator=g)  # example batch for tracing (batch 2: not specialized as 1)
     check = torch.rand(CHECK_ROWS, *net.input_shape, generator=g)
     graphs: dict[str, bytes] = {}
-    entries: dict[str, list[dict]] = {"stages": [], "heads": []}
+    entries: dict[str, list[Graph]] = {"stage": [], "head": []}
     for k in range(net.num_exits):
         for kind, module, macs in (("stage", net.stages[k], stage_macs[k]), ("head", net.heads[k], head_macs[k])):
             graph, used = _onnx_bytes(module, x, exporter)
@@ -142,32 +142,28 @@ def export_onnx(model: EarlyExitModel, out: str | Path, *, weights_sha256: str |
                                 f"(more than {MAX_ERROR:g}); not exported")
             name = f"{kind}{k}.onnx"
             graphs[name] = graph
-            entries[f"{kind}s"].append({"file": name, "exporter": used, "macs": macs, "max_error": error,
-                                        "output_shape": ["batch", *output.shape[1:]]})
+            entries[kind].append(Graph(name, used, macs, error, ("batch", *output.shape[1:]),
+                                       hashlib.sha256(graph).hexdigest()))
             if kind == "stage":
                 with torch.no_grad():  # not inference_mode: the exporters refuse inference tensors
                     x, check = module(x).float(), output
-    manifest = {
-        "format": FORMAT, "exitwise_version": __version__, "torch_version": torch.__version__,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "model": model.model_name, "source_weights_sha256": weights_sha256,
-        "input": {"name": "x", "shape": ["batch", *net.input_shape], "dtype": "float32", "layout": "NCHW",
-                  "range": [0.0, 1.0], "pixels": "uint8 RGB (1 channel: grayscale) divided by 255",
-                  "normalization": _normalization(model)},
-        "num_classes": net.num_classes, "class_names": list(model.class_names) if model.class_names else None,
-        **{k: v for k, v in model.to_json().items() if k in ("policy", "temperatures", "thresholds")},
-        "opset": OPSET, "check": {"rows": CHECK_ROWS, "max_error_allowed": MAX_ERROR,
-                                  "error": "max |onnxruntime - torch| / max(1, max |torch|) on uniform [0, 1] inputs"},
-        "exit_macs": np.cumsum([s + h for s, h in zip(stage_macs, head_macs)]).tolist(),
-        "micro_batch": micro_batch, "micro_batch_probe": probe.to_json() if probe else None,
-        **entries,
-    }
-    for entry in manifest["stages"] + manifest["heads"]:
-        entry["sha256"] = hashlib.sha256(graphs[entry["file"]]).hexdigest()
-    manifest["manifest_sha256"] = manifest_digest(manifest)
+    manifest = Manifest(
+        format=FORMAT, exitwise_version=__version__, torch_version=torch.__version__,
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        model=model.model_name, source_weights_sha256=weights_sha256,
+        input=InputSpec("x", ("batch", *net.input_shape), "float32", "NCHW", (0.0, 1.0),
+                        "uint8 RGB (1 channel: grayscale) divided by 255", _normalization(model)),
+        num_classes=net.num_classes, policy=model.policy.name, thresholds=tuple(float(t) for t in model.thresholds),
+        opset=OPSET, check=ExportCheck(CHECK_ROWS, MAX_ERROR,
+                                       "max |onnxruntime - torch| / max(1, max |torch|) on uniform [0, 1] inputs"),
+        exit_macs=tuple(np.cumsum([s + h for s, h in zip(stage_macs, head_macs)]).tolist()),
+        stages=tuple(entries["stage"]), heads=tuple(entries["head"]), manifest_sha256="",
+        class_names=tuple(model.class_names) if model.class_names else None,
+        temperatures=None if model.policy.temperatures is None else tuple(map(float, model.policy.temperatures)),
+        micro_batch=micro_batch, micro_batch_probe=probe).sealed()
     with staged_output(out) as stage:
         for name, graph in graphs.items():
             atomic_write_bytes(stage / name, graph)
-        atomic_write_json(stage / MANIFEST, manifest)
+        atomic_write_json(stage / MANIFEST, manifest.to_json())
     return manifest
 

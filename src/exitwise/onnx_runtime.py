@@ -1,3 +1,5 @@
-"""Moved to `exitwise.deploy.onnx_runtime` (its numpy scores to `exitwise.exit_rule`); kept for one release."""
+"""Moved to `exitwise.deploy.onnx_runtime` (its manifest to `exitwise.deploy.manifest`, its numpy scores to
+`exitwise.exit_rule`); kept for one release."""
+from .deploy.manifest import *  # noqa: F401,F403
 from .deploy.onnx_runtime import *  # noqa: F401,F403
 from .exit_rule import *  # noqa: F401,F403

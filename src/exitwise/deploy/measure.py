@@ -275,4 +275,5 @@ def measure_wire(runner, images: np.ndarray, formats: Sequence[str] = ("fp16", "
             result[fmt].append(float(((exits != ref_exits) | (preds != ref_preds)).mean()))
             if right is not None:
                 accuracy[fmt].append(float(100 * ((preds == right).mean() - (ref_preds == right).mean())))
-    return WireCost(n, result, None if right is None else accuracy)
+    return WireCost(n, {f: tuple(v) for f, v in result.items()},
+                    None if right is None else {f: tuple(v) for f, v in accuracy.items()})

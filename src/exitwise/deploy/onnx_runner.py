@@ -23,7 +23,7 @@ class OnnxRunner:
         self.num_exits = model.num_exits
         self.input_shape = tuple(model.input_shape)
         self.class_names = tuple(model.class_names) if model.class_names else None
-        self.name = model_name(str(model.manifest["model"]))
+        self.name = model_name(model.manifest.model)
         self.thresholds = model.thresholds.astype(np.float32)  # compared in float32, as `OnnxEarlyExit.run` does
 
     @classmethod

@@ -1,6 +1,6 @@
 """Early exit on ONNX Runtime, without torch: runs an `exitwise export` folder as `runtime.run_early_exit` runs the model.
 
-An export is one ONNX graph per stage and per head and a `manifest.json` (see docs/deploy.md). Here
+An export is one ONNX graph per stage and per head and a `manifest.json` (`deploy.manifest`). Here
 each graph is an ONNX Runtime session; a batch enters in micro-batches, the samples that stay after
 an exit are compacted and wait at the next stage until a micro-batch has gathered (or the batch is
 done), exactly the schedule of the torch runtime, and the exit scores are the numpy twins of
@@ -8,8 +8,6 @@ done), exactly the schedule of the torch runtime, and the exit scores are the nu
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +18,8 @@ import numpy as np
 from ..config import DEFAULT_MICRO_BATCH
 from ..errors import UserError
 from ..exit_rule import SCORES, leaves, softmax
-from ..io import file_sha256, read_format_json
 from ..progress import progress_bar
-
-FORMAT = "exitwise.onnx-export/1"
-MANIFEST = "manifest.json"
-
-
-def manifest_digest(manifest: dict) -> str:
-    """SHA-256 of the manifest's content (every key but `manifest_sha256`), canonical JSON."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
+from .manifest import Graph, Manifest, read_manifest
 
 
 @dataclass(frozen=True)
@@ -79,13 +68,12 @@ def as_input(batch: np.ndarray) -> np.ndarray:
 class OnnxEarlyExit:
     """A loaded export: one ONNX Runtime session per stage and head, the policy and the thresholds."""
 
-    def __init__(self, folder: Path, manifest: dict, stages: list, heads: list):
+    def __init__(self, folder: Path, manifest: Manifest, stages: list, heads: list):
         self.folder, self.manifest, self.stages, self.heads = folder, manifest, stages, heads
-        self.policy = Policy(manifest["policy"], tuple(manifest["temperatures"]) if manifest.get("temperatures")
-                             else None)
-        self.thresholds = np.array([-np.inf if t is None else t for t in manifest["thresholds"]], dtype=np.float64)
-        self.input_shape = tuple(manifest["input"]["shape"][1:])
-        self.class_names = manifest.get("class_names")
+        self.policy = Policy(manifest.policy, manifest.temperatures or None)
+        self.thresholds = np.array(manifest.thresholds, dtype=np.float64)
+        self.input_shape = tuple(manifest.input.shape[1:])
+        self.class_names = manifest.class_names
 
     @property
     def num_exits(self) -> int:
@@ -108,10 +96,10 @@ class OnnxEarlyExit:
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
-        def session(entry: dict):
-            return ort.InferenceSession(str(folder / entry["file"]), options, providers=["CPUExecutionProvider"])
+        def session(graph: Graph):
+            return ort.InferenceSession(str(folder / graph.file), options, providers=["CPUExecutionProvider"])
 
-        return cls(folder, manifest, [session(e) for e in manifest["stages"]], [session(e) for e in manifest["heads"]])
+        return cls(folder, manifest, [session(g) for g in manifest.stages], [session(g) for g in manifest.heads])
 
     def _stage(self, k: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stage k then its head: (features, float32 logits)."""
@@ -121,7 +109,7 @@ class OnnxEarlyExit:
     @property
     def micro_batch(self) -> int:
         """The micro-batch the export recorded (measured where it was made), else the default."""
-        return self.manifest.get("micro_batch") or DEFAULT_MICRO_BATCH
+        return self.manifest.micro_batch or DEFAULT_MICRO_BATCH
 
     def run(self, images: np.ndarray, *, thresholds: Sequence[float] | None = None, batch_size: int = 256,
             micro_batch: int | None = None, progress: bool = False) -> Prediction:
@@ -192,19 +180,3 @@ class OnnxEarlyExit:
                 probabilities[i:i + len(x)] = softmax(self.policy.scale(last, logits)).max(-1)
         return Prediction(np.full(n, last), predictions, probabilities, time.perf_counter() - start)
 
-
-def read_manifest(folder: str | Path) -> dict:
-    """The manifest of an export, refused (UserError) when missing, edited, or when a graph is missing or changed."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    manifest = read_format_json(path, FORMAT, "ONNX export manifest",
-                                missing=f"{str(folder)!r} is not an exitwise ONNX export: no {MANIFEST}")
-    if manifest.get("manifest_sha256") != manifest_digest(manifest):
-        raise UserError(f"{str(path)!r} was changed after export (its SHA-256 differs): export again")
-    for entry in manifest["stages"] + manifest["heads"]:
-        graph = folder / entry["file"]
-        if not graph.is_file():
-            raise UserError(f"graph {str(graph)!r} named by the manifest is missing")
-        if file_sha256(graph) != entry["sha256"]:
-            raise UserError(f"graph {str(graph)!r} was changed after export (its SHA-256 differs from the manifest's)")
-    return manifest

@@ -44,7 +44,9 @@ import numpy as np
 
 from ..errors import UserError
 from ..io import read_format_json
+from ..records import from_json, to_json
 from ..exit_rule import as_thresholds, leaves
+from .manifest import Manifest
 from .onnx_runtime import Policy
 from .wire import BYTES_PER_VALUE, FORMATS, SCALE_DTYPE
 
@@ -129,11 +131,12 @@ class Link:
 class WireCost:
     """The measured cost of the lossy wire formats: per format, per cut (after stage 0, 1, ..., K-2)."""
     images: int
-    disagreement: dict                 # format -> shares of images whose exit or prediction differs from fp32's
-    accuracy_change_points: dict | None = None  # format -> accuracy minus fp32's accuracy, in points (with labels)
+    disagreement: dict[str, tuple[float, ...]]  # format -> shares of images whose exit or prediction differs from fp32's
+    accuracy_change_points: dict[str, tuple[float, ...]] | None = None  # format -> accuracy minus fp32's, in points
+                                                                        # (measured with labels)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return to_json(self)
 
 
 @dataclass(frozen=True)
@@ -249,7 +252,7 @@ class Plan:
         wire = costs.get("wire")
         network = NetworkCosts(
             tuple(costs["stage_seconds"]), tuple(costs["reach"]), tuple(costs["feature_values"]), costs["input_bytes"],
-            WireCost(**wire) if wire else None,
+            from_json(WireCost, wire) if wire else None,
             **{k: HttpBytes(**costs[k]) for k in ("infer_http", "tier_http") if costs.get(k)},
             **({"feature_channels": tuple(costs["feature_channels"])} if costs.get("feature_channels") else {}))
         candidates = tuple(Candidate(ranges(c["stages"]), c["wire"], c["wire_disagreement"], c["compute_seconds"],
@@ -498,28 +501,34 @@ def reach_shares(scores: np.ndarray, thresholds: Sequence[float | None]) -> tupl
     return tuple(reach)
 
 
-def export_shapes(manifest: dict) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
-    """(values in each stage's output but the last, bytes of one input image as uint8 pixels, channels of each
-    stage's output but the last) from a manifest."""
-    outputs = [s["output_shape"] for s in manifest["stages"][:-1]]
-    return (tuple(int(np.prod(o[1:])) for o in outputs), int(np.prod(manifest["input"]["shape"][1:])),
-            tuple(int(o[1]) if len(o) > 1 else 1 for o in outputs))
+@dataclass(frozen=True)
+class FeatureShapes:
+    """What can cross each cut: the values in each stage's output but the last, one input image's bytes as uint8
+    pixels, and the channels of each stage's output but the last (int8's scales are per channel)."""
+    values: tuple[int, ...]
+    input_bytes: int
+    channels: tuple[int, ...]
 
 
-def study_costs(val_logits: np.ndarray, stage_seconds: Sequence[float], setting: dict, feature_values: Sequence[int],
-                input_bytes: int, wire: WireCost | None = None,
-                feature_channels: Sequence[int] | None = None) -> NetworkCosts:
+def export_shapes(manifest: Manifest) -> FeatureShapes:
+    """The feature shapes an export's manifest records."""
+    outputs = [g.output_shape for g in manifest.stages[:-1]]
+    return FeatureShapes(tuple(int(np.prod(o[1:])) for o in outputs), int(np.prod(manifest.input.shape[1:])),
+                         tuple(int(o[1]) if len(o) > 1 else 1 for o in outputs))
+
+
+def study_costs(val_logits: np.ndarray, stage_seconds: Sequence[float], shapes: FeatureShapes, *, policy: str,
+                thresholds: Sequence[float | None], temperatures: Sequence[float] | None = None,
+                wire: WireCost | None = None) -> NetworkCosts:
     """The planner's inputs from a study: its validation logits (K, N, C) and per-sample stage times, and the reach
-    of each stage at `setting`'s policy, temperatures and thresholds (an early_exit.json, or an export's manifest:
-    what the tiers will serve)."""
+    of each stage at the exit setting the tiers will serve (`policy`, `thresholds` (None or -inf: never leave),
+    `temperatures`: an early_exit.json's, or an export's manifest's)."""
     k = len(stage_seconds)
-    if val_logits.ndim != 3 or val_logits.shape[0] != k or len(feature_values) != k - 1:
+    if val_logits.ndim != 3 or val_logits.shape[0] != k or len(shapes.values) != k - 1:
         raise UserError(f"the study has {val_logits.shape[0]} exits and {k} stage times; the model has "
-                        f"{len(feature_values) + 1} stages")
-    if len(setting.get("thresholds") or []) != k - 1:
+                        f"{len(shapes.values) + 1} stages")
+    if len(thresholds) != k - 1:
         raise UserError(f"the exit setting needs {k - 1} thresholds, one per side exit")
-    reach = reach_shares(exit_scores(val_logits.astype(np.float32), setting.get("policy", "entropy"),
-                                     setting.get("temperatures")), setting["thresholds"])
-    return NetworkCosts(tuple(float(s) for s in stage_seconds), reach, tuple(int(v) for v in feature_values),
-                        int(input_bytes), wire, feature_channels=None if feature_channels is None else
-                        tuple(int(c) for c in feature_channels))
+    reach = reach_shares(exit_scores(val_logits.astype(np.float32), policy, temperatures), thresholds)
+    return NetworkCosts(tuple(float(s) for s in stage_seconds), reach, shapes.values, shapes.input_bytes, wire,
+                        feature_channels=shapes.channels)
