@@ -43,8 +43,8 @@ def main() -> None:
             network, info = load_model(out)
             results = run_study(network, splits, StudyConfig(progress=False), info).results
         fastest = results.best.fastest_within_points
-        print(f"\n{kind}: trained in {card['train_seconds']:.0f} s; head MACs "
-              + ", ".join(f"{h['head_macs']:,} ({h['fraction']:.1%})" for h in card["heads"]))
+        print(f"\n{kind}: trained in {card.train_seconds:.0f} s; head MACs "
+              + ", ".join(f"{h['head_macs']:,} ({h['fraction']:.1%})" for h in card.heads))
         print("  test accuracy per exit: " + ", ".join(f"{e.accuracy:.2%}" for e in results.exits))
         print(f"  fastest within {results.best.within_points} points (validation): test accuracy "
               f"{fastest.test.accuracy:.2%} (full {results.full_network.accuracy:.2%}), MACs ratio "

@@ -16,6 +16,7 @@ from pathlib import Path
 from exitwise.api import attach_model
 from exitwise.config import AttachConfig
 from exitwise.data import load_splits
+from exitwise.models import ModelCard
 
 from byom_common import HERE, RESNET18, resnet18_parser
 
@@ -36,12 +37,12 @@ def main() -> None:
     spec = AttachConfig(model_file=RESNET18, weights=args.weights, exits=args.exits.split(","),
                         head=args.head.split(","))
     card = attach_model(spec, args.out, splits=splits, epochs=args.epochs, distill=args.distill)
-    final = card["test_accuracy"][-1]
+    final = card.test_accuracy[-1]
     print(f"final exit {final:.2%} on test; the model's own card (its training run's test split): "
           f"{load_card(args.weights)}")
-    print(f"head training: {card['train_seconds']:.0f} s for {args.epochs} epochs; test accuracy per exit "
-          + ", ".join(f"{a:.2%}" for a in card["test_accuracy"]))
-    for h in card["heads"]:
+    print(f"head training: {card.train_seconds:.0f} s for {args.epochs} epochs; test accuracy per exit "
+          + ", ".join(f"{a:.2%}" for a in card.test_accuracy))
+    for h in card.heads:
         print(f"  head after {h['exit']} ({h['kind']}): {h['head_macs']:,} MACs ({h['fraction']:.1%} of its stage)")
     subprocess.run([sys.executable, str(HERE / "early_exit_speed.py"), "--data", str(args.data), "--model",
                     str(args.out), "--repeats", str(args.repeats),
@@ -52,8 +53,10 @@ def main() -> None:
 
 def load_card(weights: Path) -> str:
     """The user's model's own test accuracy, from the card train_resnet18.py wrote beside its weights."""
-    card = weights.parent / "model.json"
-    return f"{json.loads(card.read_text())['test_accuracy'][0]:.2%}" if card.is_file() else "no card beside the weights"
+    path = weights.parent / "model.json"
+    if not path.is_file():
+        return "no card beside the weights"
+    return f"{ModelCard.from_json(json.loads(path.read_text())).test_accuracy[0]:.2%}"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,7 +26,9 @@ from exitwise.config import PRECISIONS
 from exitwise.data import load_splits
 from exitwise.device import machine
 from exitwise.io import atomic_write_bytes, atomic_write_json
-from exitwise.models import INDEX_SUFFIX, MAX_SHARD_BYTES, SHIPPED_WEIGHTS_DIR, save_sharded, shipped_card
+from exitwise.models import (INDEX_SUFFIX, MAX_SHARD_BYTES, SHIPPED_WEIGHTS_DIR, ModelCard, save_sharded,
+                            shipped_card)
+from exitwise.models.card import PrecisionAgreement
 from exitwise.runtime import all_exit_logits, prepare
 from exitwise.train import evaluate
 
@@ -41,21 +44,23 @@ def check_subset(name: str, data_source: Path) -> dict:
             "airplane ... truck, files sorted by name)", "precision": "fp32", "accuracy": accuracy}
 
 
-def precision_agreement(name: str, data_source: Path) -> dict:
+def precision_agreement(name: str, data_source: Path) -> PrecisionAgreement:
     """Per exit, the share of the first CHECK_IMAGES validation images on which each reduced precision predicts the
     class fp32 predicts (what `exitwise.tune` requires AGREEMENT_REQUIRED of)."""
     val = load_splits("cifar10", data_source, progress=False).val.subset(torch.arange(CHECK_IMAGES))
     model, _ = load_model(name)
     fp32 = all_exit_logits(prepare(model, "fp32"), val).logits.argmax(-1)
-    per_exit = {p: (all_exit_logits(prepare(model, p), val).logits.argmax(-1) == fp32).mean(1).round(4).tolist()
-                for p in PRECISIONS if p != "fp32"}
-    return {"split": "validation", "images": CHECK_IMAGES, "per_exit": per_exit, "machine": machine().describe()}
+    agree = {p: (all_exit_logits(prepare(model, p), val).logits.argmax(-1) == fp32).mean(1).round(4)
+             for p in PRECISIONS if p != "fp32"}
+    per_exit = {p: tuple(a.tolist()) for p, a in agree.items()}
+    return PrecisionAgreement("validation", CHECK_IMAGES, per_exit, machine().describe())
 
 
-def checks(name: str, data_source: Path) -> dict:
-    """The card's entries that the data set checks: `check_subset` and `precision_agreement`."""
-    return {"check_subset": check_subset(name, data_source),
-            "precision_agreement": precision_agreement(name, data_source)}
+def checked(card: ModelCard, name: str, data_source: Path) -> ModelCard:
+    """`card` with the entries that the data set checks of the shipped `name`: `check_subset` and
+    `precision_agreement`."""
+    return replace(card, check_subset=check_subset(name, data_source),
+                   precision_agreement=precision_agreement(name, data_source))
 
 
 def main() -> None:
@@ -67,13 +72,14 @@ def main() -> None:
     p.add_argument("--check-only", metavar="NAME", help="only refresh the checks of a shipped model's card")
     args = p.parse_args()
     if args.check_only:
-        card = {**shipped_card(args.check_only), **checks(args.check_only, args.check_data)}
-        atomic_write_json(SHIPPED_WEIGHTS_DIR / f"{args.check_only}.json", card)
-        print(f"{args.check_only}: check_subset {card['check_subset']['accuracy']}; precision agreement "
-              f"{card['precision_agreement']['per_exit']}")
+        card = checked(shipped_card(args.check_only), args.check_only, args.check_data)
+        atomic_write_json(SHIPPED_WEIGHTS_DIR / f"{args.check_only}.json", card.to_json())
+        print(f"{args.check_only}: check_subset {card.check_subset['accuracy']}; precision agreement "
+              f"{card.precision_agreement.per_exit}")
         return
+    # both read before anything is replaced
     state = load_file(str(args.run_dir / "model.safetensors"))
-    card = json.loads((args.run_dir / "model.json").read_text())  # both read before anything is replaced
+    card = ModelCard.from_json(json.loads((args.run_dir / "model.json").read_text()))
     if args.float16:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     for old in [SHIPPED_WEIGHTS_DIR / f"{args.name}.safetensors", *SHIPPED_WEIGHTS_DIR.glob(f"{args.name}-0*-of-0*"),
@@ -86,12 +92,12 @@ def main() -> None:
     else:
         weights = SHIPPED_WEIGHTS_DIR / f"{args.name}{INDEX_SUFFIX}"
         save_sharded(state, weights, metadata=metadata)
-    card["weights"] = weights.name
-    card["stored_dtypes"] = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})  # load as float32
-    atomic_write_json(SHIPPED_WEIGHTS_DIR / f"{args.name}.json", card)
+    dtypes = tuple(sorted({str(v.dtype).removeprefix("torch.") for v in state.values()}))  # float16 loads as float32
+    card = replace(card, weights=weights.name, stored_dtypes=dtypes)
+    atomic_write_json(SHIPPED_WEIGHTS_DIR / f"{args.name}.json", card.to_json())
     if args.check_data:
-        card.update(checks(args.name, args.check_data))
-        atomic_write_json(SHIPPED_WEIGHTS_DIR / f"{args.name}.json", card)
+        card = checked(card, args.name, args.check_data)
+        atomic_write_json(SHIPPED_WEIGHTS_DIR / f"{args.name}.json", card.to_json())
     for path in sorted(SHIPPED_WEIGHTS_DIR.glob(f"{args.name}*")):
         print(f"{path.stat().st_size / 2**20:6.2f} MiB  {path}")
 

@@ -41,7 +41,7 @@ def main() -> None:
     state = {k.removeprefix("stages.0."): v.detach().clone(memory_format=torch.contiguous_format)
              for k, v in network.state_dict().items()}
     save_file(state, str(args.out / "resnet18.safetensors"))
-    print(f"test accuracy {card['test_accuracy'][0]:.2%}; weights: {args.out / 'resnet18.safetensors'}")
+    print(f"test accuracy {card.test_accuracy[0]:.2%}; weights: {args.out / 'resnet18.safetensors'}")
 
 
 if __name__ == "__main__":

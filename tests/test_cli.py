@@ -165,15 +165,15 @@ def test_models_lists_each_network_with_its_cards_accuracy_and_calibrated_settin
     assert main(["models", "--json"]) == 0
     entries = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
     card, b11 = shipped_card("b-resnet11"), entries["b-resnet11"]
-    assert b11["shipped"] and b11["dataset"] == "cifar10" and b11["test_accuracy"] == card["test_accuracy"]
-    assert b11["exit_macs"] == card["exit_macs"] and b11["input_shape"] == [3, 32, 32]
-    assert (b11["setting"]["policy"], b11["setting"]["test_accuracy"]) == (card["calibrated"]["policy"],
-                                                                          card["calibrated"]["test_accuracy"])
+    assert b11["shipped"] and b11["dataset"] == "cifar10" and b11["test_accuracy"] == list(card.test_accuracy)
+    assert b11["exit_macs"] == list(card.exit_macs) and b11["input_shape"] == [3, 32, 32]
+    assert (b11["setting"]["policy"], b11["setting"]["test_accuracy"]) == (card.calibrated.policy,
+                                                                          card.calibrated.test_accuracy)
     assert not entries["b-resnet11-wide"]["shipped"] and entries["b-resnet11-wide"]["setting"] is None
     assert main(["models"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("b-resnet11 "))
-    calibrated = card["calibrated"]
-    assert f"{calibrated['test_accuracy']:.2%} at {calibrated['mean_macs'] / 1e6:.1f} M MACs" in row
+    calibrated = card.calibrated
+    assert f"{calibrated.test_accuracy:.2%} at {calibrated.mean_macs / 1e6:.1f} M MACs" in row
 
 
 def test_output_piped_into_a_reader_that_stops_early_ends_quietly():

@@ -1,4 +1,6 @@
 """The model registry, the seed network's layout, checkpoint loading and MACs."""
+import json
+
 import torch
 
 import pytest
@@ -8,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from exitwise.models.costs import backbone_macs, exit_macs, stage_and_head_macs
 from exitwise.errors import UserError
-from exitwise.models import MODELS, create_model, load_weights, register_model
+from exitwise.models import (INDEX_SUFFIX, MODELS, SHIPPED_WEIGHTS_DIR, ModelCard, create_model, load_weights,
+                             register_model)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -103,11 +106,18 @@ def test_shipped_weights_load_and_carry_a_model_card(name):
         pytest.skip(f"no weights ship for {name}")
     load_weights(create_model(name), path)
     card = shipped_card(name)
-    assert card["model"] == name and len(card["test_accuracy"]) == create_model(name).num_exits
+    assert card.model == name and len(card.test_accuracy) == create_model(name).num_exits
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in SHIPPED_WEIGHTS_DIR.glob("*.json")
+                                        if not p.name.endswith(INDEX_SUFFIX)))
+def test_a_shipped_card_reads_as_a_model_card_and_writes_back_byte_for_byte(path):
+    text = (SHIPPED_WEIGHTS_DIR / path).read_text()
+    card = ModelCard.from_json(json.loads(text))
+    assert json.dumps(card.to_json(), indent=2) + "\n" == text  # no key lost, none added, in the same order
 
 
 def test_every_shipped_file_is_under_the_8_mib_repository_limit():
-    from exitwise.models import SHIPPED_WEIGHTS_DIR
     sizes = {p.name: p.stat().st_size for p in SHIPPED_WEIGHTS_DIR.iterdir()}
     assert sizes and all(size < 8 << 20 for size in sizes.values()), sizes
 
@@ -137,7 +147,6 @@ def test_sharded_weights_load_like_one_file_and_hash_as_all_their_shards(tmp_pat
 
 @pytest.mark.parametrize("shard", ["net.safetensors.index.json", "../net-1.safetensors", None, 3])
 def test_a_shard_index_may_only_name_safetensors_files_beside_it(tmp_path, shard):
-    import json
     from exitwise.models import read_state_dict
     index = tmp_path / "net.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {"w": shard}}))

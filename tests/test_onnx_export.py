@@ -2,6 +2,7 @@
 
 Needs the onnx extra (onnx, onnxruntime, onnxscript); skipped without it.
 """
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -24,11 +25,12 @@ from exitwise.models.costs import exit_macs
 from exitwise.data import ImageSet, load_splits
 from exitwise.early_exit import EarlyExitModel
 from exitwise.errors import UserError
-from exitwise.models import create_model
+from exitwise.models import CalibratedSetting, create_model
 from exitwise.config import DEFAULT_MICRO_BATCH
 from exitwise.deploy.manifest import manifest_digest, read_manifest
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit, Policy
 from exitwise.policies import get_policy
+from exitwise.records import NEVER
 from exitwise.runtime import all_exit_logits, prepare, run_early_exit
 
 from conftest import CIFAR_JPG, random_image_set, spread_thresholds
@@ -238,8 +240,10 @@ def test_export_from_a_model_name_alone_takes_the_calibrated_setting_its_card_ca
     _one_line_error(capsys, ["export", "--model", "digits-convnet", "--out", str(tmp_path / "x")],
                     "no calibrated setting shipped: give --thresholds FILE")  # its card has none
     card = weights.shipped_card("digits-convnet")
-    monkeypatch.setattr(weights, "shipped_card", lambda name: {**card, "calibrated": {
-        "policy": "max-prob", "thresholds": [0.25, None], "temperatures": [1.5, 1.0]}})
+    setting = CalibratedSetting(rule="a test's", policy="max-prob", temperatures=(1.5, 1.0), thresholds=(0.25, NEVER),
+                                val_accuracy=0.9, test_accuracy=0.9, mean_macs=1e5, exit_shares=(0.5, 0.5, 0.0),
+                                study_precision="fp32", exitwise_version="0")
+    monkeypatch.setattr(weights, "shipped_card", lambda name: dataclasses.replace(card, calibrated=setting))
     assert main(["export", "--model", "digits-convnet", "--out", str(tmp_path / "onnx"),
                  "--exporter", "torchscript"]) == 0
     manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())

@@ -722,8 +722,8 @@ def test_shipped_b_resnet11_serves_its_cards_calibrated_setting_as_early_exit_mo
     from exitwise.serve_torch import load_early_exit
     blobs, labels, classes = cifar_test_jpegs(200)
     model = load_early_exit(model="b-resnet11")
-    setting = shipped_card("b-resnet11")["calibrated"]
-    assert model.policy.name == setting["policy"] and model.to_json()["thresholds"] == setting["thresholds"]
+    setting = shipped_card("b-resnet11").calibrated
+    assert model.policy.name == setting.policy and tuple(model.thresholds) == setting.thresholds
     data = ImageSet(torch.from_numpy(decode_images(blobs, (3, 32, 32))), torch.tensor(labels), classes)
     expected = model.run(data, precision="fp32")
     server = Running(TorchRunner(model, precision="fp32", micro_batch=64))

@@ -27,7 +27,7 @@ def cifar_test():
 
 @pytest.mark.parametrize("name", shipped_models("cifar10"))
 def test_shipped_weights_reproduce_their_cards_check_subset_in_fp32(name, cifar_test):
-    check = shipped_card(name)["check_subset"]
+    check = shipped_card(name).check_subset
     model, _ = load_model(name)  # the package's weights (float16 shards for the residual models)
     measured = evaluate(model, cifar_test.subset(torch.arange(check["images"])), precision=check["precision"])
     np.testing.assert_allclose(measured, check["accuracy"], atol=0.002)  # 2 of 1,000 images: CPU rounding
@@ -38,8 +38,8 @@ def test_the_smallest_shipped_model_reproduces_its_cards_full_test_accuracy(cifa
     from exitwise.models import create_model
     name = min(shipped_models("cifar10"), key=lambda n: backbone_macs(create_model(n)))
     model, _ = load_model(name)
-    np.testing.assert_allclose(evaluate(model, cifar_test), shipped_card(name)["test_accuracy"], atol=0.002)
+    np.testing.assert_allclose(evaluate(model, cifar_test), shipped_card(name).test_accuracy, atol=0.002)
 
 
 def test_a_shipped_model_reaches_91_percent_at_its_final_exit():
-    assert max(shipped_card(n)["test_accuracy"][-1] for n in shipped_models("cifar10")) >= 0.91
+    assert max(shipped_card(n).test_accuracy[-1] for n in shipped_models("cifar10")) >= 0.91

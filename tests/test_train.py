@@ -20,7 +20,7 @@ import exitwise.train as train_module
 from exitwise.models.costs import exit_macs
 from exitwise.data import ImageSet, Splits
 from exitwise.errors import UserError
-from exitwise.models import create_model, load_weights
+from exitwise.models import ModelCard, create_model, load_weights
 from exitwise.models.base import MultiExitNetwork
 from exitwise.train import TrainConfig, augment, evaluate, joint_loss, side_gradient_scaled, train
 
@@ -179,8 +179,8 @@ def test_training_on_a_separable_task_raises_every_exits_accuracy(tmp_path):
     before = evaluate(model, data.val, precision="bf16")
     card = train(model, data, TrainConfig(epochs=4, batch_size=64, crop_padding=1, flip=False, lr=0.1), tmp_path,
                  progress=False)
-    assert card["val_accuracy"][-1] >= 0.9 and card["test_accuracy"][-1] >= 0.9
-    assert all(after > b + 0.2 for after, b in zip(card["val_accuracy"], before))
+    assert card.val_accuracy[-1] >= 0.9 and card.test_accuracy[-1] >= 0.9
+    assert all(after > b + 0.2 for after, b in zip(card.val_accuracy, before))
 
 
 def _interrupt_after_first_checkpoint(monkeypatch):
@@ -209,7 +209,7 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, mon
     card = train(resumed, splits(), None, tmp_path / "cut", resume=tmp_path / "cut" / "checkpoint.pt",
                  progress=False, device="cpu")
     assert state_equal(resumed.state_dict(), straight.state_dict())
-    assert [h["epoch"] for h in card["history"]] == [1, 2]
+    assert [h["epoch"] for h in card.history] == [1, 2]
     assert state_equal(load_file(tmp_path / "cut" / "model.safetensors"),
                        load_file(tmp_path / "straight" / "model.safetensors"))
 
@@ -319,14 +319,16 @@ def test_outputs_are_a_model_card_safetensors_and_a_weights_only_checkpoint(tmp_
     torch.manual_seed(0)
     model, data = create_model("digits-convnet"), ten_classes(splits(split_seed=7))
     card = train(model, data, TrainConfig(epochs=1, **TINY), tmp_path, progress=False)
-    assert json.loads((tmp_path / "model.json").read_text()) == card
-    assert card["model"] == "digits-convnet" and card["split_seed"] == 7
-    assert card["dataset"] == data.describe().to_json()
-    assert card["recipe"]["epochs"] == card["epochs"] == 1 and card["precision"] == "fp32"
-    assert len(card["val_accuracy"]) == len(card["test_accuracy"]) == model.num_exits
-    assert card["test_accuracy"] == pytest.approx(evaluate(model, data.test, precision="fp32"))
-    assert card["exit_macs"] == exit_macs(model) and card["train_seconds"] > 0
-    assert {"platform", "torch", "threads"} <= card["machine"].keys()
+    written = json.loads((tmp_path / "model.json").read_text())
+    assert written == card.to_json() == ModelCard.from_json(written).to_json()  # the file round-trips exactly
+    assert card.model == "digits-convnet" and card.split_seed == 7 and card.dataset == data.describe()
+    assert card.recipe["epochs"] == card.epochs == 1 and card.precision == "fp32" and "precision_probe" not in written
+    assert len(card.val_accuracy) == len(card.test_accuracy) == model.num_exits
+    assert card.test_accuracy == pytest.approx(evaluate(model, data.test, precision="fp32"))
+    assert list(card.exit_macs) == exit_macs(model) and card.train_seconds > 0
+    assert {"platform", "torch", "threads"} <= card.machine.keys()
+    assert len(card.heads) == model.num_exits - 1
+    assert card["test_accuracy"] == written["test_accuracy"]  # the dict form, kept for one release
     loaded = load_weights(create_model("digits-convnet"), tmp_path / "model.safetensors")
     assert state_equal(loaded.state_dict(), {k: v.contiguous() for k, v in model.state_dict().items()})
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -337,12 +339,13 @@ def test_auto_precision_is_resolved_by_a_timed_step_recorded_and_kept_on_resume(
     torch.manual_seed(0)
     config = TrainConfig(epochs=1, **{**TINY, "precision": "auto"})
     card = train(create_model("digits-convnet"), ten_classes(splits()), config, tmp_path, progress=False)
-    probe = card["precision_probe"]
-    assert card["precision"] == card["recipe"]["precision"] == probe["precision"] in ("bf16", "fp32")
-    assert probe["precision"] == min(probe["ms_per_image"], key=probe["ms_per_image"].get)
-    assert card["machine"]["cpu"] and "native_bf16" in card["machine"]
+    probe = card.precision_probe
+    assert card.precision == card.recipe["precision"] == probe.precision in ("bf16", "fp32")
+    assert probe.precision == min(probe.ms_per_image, key=probe.ms_per_image.get)
+    assert card.machine["cpu"] and "native_bf16" in card.machine
+    assert ModelCard.from_json(json.loads((tmp_path / "model.json").read_text())) == card
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]
-    assert saved["precision"] == card["precision"]  # a resumed run trains in what "auto" chose, not a new probe
+    assert saved["precision"] == card.precision  # a resumed run trains in what "auto" chose, not a new probe
 
 
 def test_bad_input_raises_user_error_and_overwrites_nothing(tmp_path):

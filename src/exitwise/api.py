@@ -13,7 +13,7 @@ from .deploy.manifest import Manifest
 from .early_exit import EarlyExitModel
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
-from .models import (calibrated_setting, check_fits, create_model, load_model, load_network, model_key,
+from .models import (ModelCard, calibrated_setting, check_fits, create_model, load_model, load_network, model_key,
                      shipped_classes)
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
@@ -49,8 +49,9 @@ TRAIN_DEFAULTS = {"digits": {"crop_padding": 1, "flip": False, "epochs": 30, "ba
 
 
 def train(*, model: str, out: str | Path, data: DataConfig = DataConfig(), resume: str | Path | None = None,
-          progress: bool = True, device: str = "auto", **recipe) -> dict | None:
-    """Train a registered model on a dataset's train split; returns the model card (None on ranks > 0). `recipe`:
+          progress: bool = True, device: str = "auto", **recipe) -> ModelCard | None:
+    """Train a registered model on a dataset's train split; returns the model card (`model.json`'s, as a
+    `ModelCard`; None on ranks > 0). `recipe`:
     `TrainConfig` fields over TRAIN_DEFAULTS for the data set."""
     from .device import resolve_device
     from .train import train as run_training
@@ -69,11 +70,12 @@ ATTACH_DEFAULTS = {"epochs": 10, "lr": 0.05, "label_smoothing": 0.0}
 
 def train_exits(network: MultiExitNetwork, splits, out: str | Path, *, freeze_backbone: bool = True,
                 resume: str | Path | None = None, progress: bool = True, model_name: str = "attached",
-                **recipe) -> dict | None:
+                **recipe) -> ModelCard | None:
     """Train an attached network's exits on `splits` (see `attach`), with the backbone frozen (the final exit stays
     the user's model; only the side heads' weights are written) or, with `freeze_backbone=False`, jointly with the
     network (add `distill=...` to learn from the final exit). Checkpoints, resume, DDP and the model card are
-    `exitwise train`'s. `recipe`: TrainConfig fields over ATTACH_DEFAULTS (digits: TRAIN_DEFAULTS' augmentation)."""
+    `exitwise train`'s; returns the card (None on ranks > 0). `recipe`: TrainConfig fields over ATTACH_DEFAULTS
+    (digits: TRAIN_DEFAULTS' augmentation)."""
     from .train import train as run_training
     if resume is not None and not recipe:
         config = None
@@ -84,9 +86,10 @@ def train_exits(network: MultiExitNetwork, splits, out: str | Path, *, freeze_ba
 
 
 def attach_model(spec: AttachConfig, out: str | Path, *, data: DataConfig = DataConfig(), splits: Splits | None = None,
-                 resume: str | Path | None = None, progress: bool = True, **recipe) -> dict | None:
+                 resume: str | Path | None = None, progress: bool = True, **recipe) -> ModelCard | None:
     """`exitwise attach`: build the user's model from `spec.model_file` (running their code), load their weights,
-    attach exits, train them, and write into `out` the heads' weights, the card and `attach.json` (what rebuilds it).
+    attach exits, train them, and write into `out` the heads' weights, the card and `attach.json` (what rebuilds it);
+    returns the card (None on ranks > 0).
     `splits` (from Python) replaces the data set `data` names. `spec.head`: one kind for every exit or one per exit;
     attach.json records what `auto` chose. `recipe`: TrainConfig fields (see `train_exits`). Without `spec.weights`, heads
     on a frozen backbone would learn from FUNCTION()'s random initialisation: refused unless `spec.random_init` (or
@@ -239,14 +242,18 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
         early_exit, sha256 = EarlyExitModel.load(source), saved_weights_sha256(source)
     else:
         net, ref = load_model(model, weights)  # an unknown name or unreadable weights are refused first
-        setting = _read_setting(thresholds, model) if thresholds is not None else calibrated_setting(model, weights)
-        if setting is None:
+        classes = shipped_classes(model) if weights is None else None
+        if thresholds is not None:
+            setting = _read_setting(thresholds, model)
+            early_exit = EarlyExitModel.create(net, model, setting["policy"], setting["thresholds"],
+                                               setting.get("temperatures"), setting.get("class_names") or classes)
+        elif (calibrated := calibrated_setting(model, weights)) is not None:
+            early_exit = EarlyExitModel.create(net, model, calibrated.policy, calibrated.thresholds,
+                                               calibrated.temperatures, classes)
+        else:
             why = "other weights than the shipped ones" if weights is not None else "no calibrated setting shipped"
             raise UserError(f"model {model!r} with {why}: give --thresholds FILE (JSON with policy and thresholds, "
                             "e.g. an early_exit.json)")
-        classes = setting.get("class_names") or (shipped_classes(model) if weights is None else None)
-        early_exit = EarlyExitModel.create(net, model, setting["policy"], setting["thresholds"],
-                                           setting.get("temperatures"), classes)
         sha256 = ref.weights_sha256
     check_writable_dir(out)
     return export_onnx(early_exit, out, weights_sha256=sha256, exporter=exporter, micro_batch=micro_batch)

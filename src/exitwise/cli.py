@@ -164,8 +164,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     card = train(model=args.model, out=args.out, data=DataConfig(**given(args, DataConfig)), resume=args.resume,
                  progress=not args.no_progress, device=args.device, **given(args, TrainConfig))
     if card is not None:
-        accuracy = ", ".join(f"{a:.2%}" for a in card["test_accuracy"] or [])
-        print(f"trained {card['model']} in {card['train_seconds']:.0f} s; test accuracy per exit: {accuracy}")
+        accuracy = ", ".join(f"{a:.2%}" for a in card.test_accuracy or [])
+        print(f"trained {card.model} in {card.train_seconds:.0f} s; test accuracy per exit: {accuracy}")
         print(f"weights: {(args.out / 'model.safetensors').resolve()}")
 
 
@@ -175,9 +175,9 @@ def cmd_attach(args: argparse.Namespace) -> None:
     card = attach_model(spec, args.out, data=DataConfig(**given(args, DataConfig)), resume=args.resume,
                         progress=not args.no_progress, **given(args, TrainConfig))
     if card is not None:
-        accuracy = ", ".join(f"{a:.2%}" for a in card["test_accuracy"] or [])
-        print(f"trained the exits in {card['train_seconds']:.0f} s; test accuracy per exit: {accuracy}")
-        for h in card["heads"]:
+        accuracy = ", ".join(f"{a:.2%}" for a in card.test_accuracy or [])
+        print(f"trained the exits in {card.train_seconds:.0f} s; test accuracy per exit: {accuracy}")
+        for h in card.heads:
             kind = f" ({h['kind']})" if h.get("kind") else ""
             print(f"  head after {h['exit']}{kind}: {h['head_macs']:,} MACs, {h['fraction']:.1%} of its stage")
         print(f"model folder: {args.out.resolve()} (exitwise study --model-dir {args.out})")

@@ -135,8 +135,7 @@ def load_early_exit(*, model: str | None = None, weights: str | Path | None = No
                             "or the full network (--no-early-exit)")
         return EarlyExitModel.create(network, model, "entropy", [None] * (network.num_exits - 1),
                                      class_names=classes)
-    return EarlyExitModel.create(network, model, setting["policy"], setting["thresholds"],
-                                 setting.get("temperatures"), classes)
+    return EarlyExitModel.create(network, model, setting.policy, setting.thresholds, setting.temperatures, classes)
 
 
 def card_agreement(model: str | None, weights: str | Path | None = None) -> Agreement | None:
@@ -146,7 +145,8 @@ def card_agreement(model: str | None, weights: str | Path | None = None) -> Agre
     from .models import shipped_card, shipped_weights
     if model is None or weights is not None or not shipped_weights(model):
         return None
-    return shipped_card(model).get("precision_agreement", {}).get("per_exit")
+    agreement = shipped_card(model).precision_agreement
+    return None if agreement is None else agreement.per_exit
 
 
 def folder_agreement(source: str | Path) -> Agreement | None:

@@ -46,6 +46,7 @@ from .tune import choose_train_precision
 from .device import machine, resolve_device
 from .io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 from .models import check_fits
+from .models.card import ModelCard
 from .models.base import MultiExitNetwork
 from .progress import progress_bar
 
@@ -178,9 +179,9 @@ def evaluate(model: MultiExitNetwork, data: ImageSet, batch_size: int = 512, pre
 
 def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, out_dir: str | Path, *,
           resume: str | Path | None = None, progress: bool = True, model_name: str | None = None,
-          device: str = "auto") -> dict | None:
+          device: str = "auto") -> ModelCard | None:
     """Train `model` in place on `splits.train` on `device`, validating every exit after each epoch; return the
-    model card (None on ranks > 0). The model comes back on the device it was on.
+    model card (what `model.json` holds; None on ranks > 0). The model comes back on the device it was on.
 
     Writes `out_dir/checkpoint.pt` after every epoch, then `model.safetensors` and `model.json`.
     `resume` continues a checkpoint exactly; its recipe is used when `config` is None.
@@ -219,7 +220,7 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
 
 def _train_loop(model: MultiExitNetwork, splits: Splits, config: TrainConfig, out: Path, name: str,
                 checkpoint: dict | None, resume: str | Path | None, rank: int, world: int, device: torch.device,
-                progress: bool) -> dict | None:
+                progress: bool) -> ModelCard | None:
     trainer = _FrozenBackbone(model) if config.freeze_backbone else model
     net = _distributed(trainer) if world > 1 else trainer
 
@@ -299,7 +300,8 @@ def _train_loop(model: MultiExitNetwork, splits: Splits, config: TrainConfig, ou
 
 
 def _finish(model: MultiExitNetwork, name: str, splits: Splits, config: TrainConfig, history: list[dict],
-            seconds: float, world: int, out: Path, device: torch.device, precision_probe: TrainPrecisionProbe | None) -> dict:
+            seconds: float, world: int, out: Path, device: torch.device,
+            precision_probe: TrainPrecisionProbe | None) -> ModelCard:
     """Measure test accuracy, then write the weights and the model card (the card last: it marks completion)."""
     test = evaluate(model, splits.test, 2 * config.batch_size, config.precision) if len(splits.test) else None
     side = [["heads", str(k)] for k in range(model.num_exits - 1)]
@@ -307,15 +309,20 @@ def _finish(model: MultiExitNetwork, name: str, splits: Splits, config: TrainCon
              for k, v in model.state_dict().items()
              if not config.freeze_backbone or k.split(".")[:2] in side}  # frozen: the rest is unchanged
     atomic_write_bytes(out / WEIGHTS, safetensors_bytes(state, metadata={"model": name}))
-    card = {"model": name, "num_exits": model.num_exits, "dataset": splits.describe().to_json(),
-            "split_seed": splits.split_seed, "recipe": asdict(config), "epochs": config.epochs,
-            "train_seconds": seconds, "precision": config.precision, "precision_probe": precision_probe.to_json() if precision_probe else None,
-            "machine": {**machine(device).to_json(), "platform": platform.platform(), "processes": world},
-            "val_accuracy": history[-1]["val_accuracy"] if history else None, "test_accuracy": test,
-            "exit_macs": exit_macs(model), "heads": head_report(model, model.exit_names),
-            "history": history, "weights": WEIGHTS, "exitwise_version": __version__}
-    atomic_write_json(out / CARD, card)
+    card = ModelCard(model=name, num_exits=model.num_exits, dataset=splits.describe(), split_seed=splits.split_seed,
+                     recipe=asdict(config), epochs=config.epochs, train_seconds=seconds, precision=config.precision,
+                     precision_probe=precision_probe,
+                     machine={**machine(device).to_json(), "platform": platform.platform(), "processes": world},
+                     val_accuracy=_per_exit(history[-1]["val_accuracy"] if history else None),
+                     test_accuracy=_per_exit(test), exit_macs=tuple(exit_macs(model)),
+                     heads=tuple(head_report(model, model.exit_names)), history=tuple(history), weights=WEIGHTS,
+                     exitwise_version=__version__)
+    atomic_write_json(out / CARD, card.to_json())
     return card
+
+
+def _per_exit(accuracy: list[float] | None) -> tuple[float, ...] | None:
+    return None if accuracy is None else tuple(accuracy)
 
 
 def _check_inputs(model: MultiExitNetwork, splits: Splits, config: TrainConfig) -> None:

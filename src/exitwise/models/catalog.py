@@ -5,22 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .. import records
+from .card import CalibratedSetting
 from .costs import backbone_macs, exit_macs
 from .ref import create_model
 from .registry import MODELS
-from .weights import calibrated_setting, shipped_card, shipped_weights
-
-
-@dataclass(frozen=True)
-class ShippedSetting:
-    """The early-exit setting a shipped card carries (`scripts/card_calibrated.py`): chosen on validation, its
-    accuracy measured on test."""
-    rule: str                         # how it was chosen, e.g. "fastest within 0.5 points of the final exit, ..."
-    policy: str
-    thresholds: tuple[float | None, ...]
-    test_accuracy: float
-    mean_macs: float                  # per sample
-    exit_shares: tuple[float, ...]    # of the test samples leaving at each exit
+from .weights import shipped_card, shipped_weights
 
 
 @dataclass(frozen=True)
@@ -33,14 +23,14 @@ class ModelEntry:
     exit_macs: tuple[int, ...]         # cumulative MACs of a sample leaving at each exit, side exits included
     dataset: str | None = None         # what the shipped weights were trained on
     test_accuracy: tuple[float, ...] | None = None  # per exit, on that data set's test split
-    setting: ShippedSetting | None = None
+    setting: CalibratedSetting | None = None
 
     @property
     def shipped(self) -> bool:
         return self.dataset is not None
 
     def to_json(self) -> dict:
-        return {**dataclasses.asdict(self), "shipped": self.shipped}
+        return records.to_json(self)  # with `shipped`; a threshold of -inf (never leave) as null
 
 
 def catalog() -> tuple[ModelEntry, ...]:
@@ -51,11 +41,9 @@ def catalog() -> tuple[ModelEntry, ...]:
         entry = ModelEntry(name, tuple(network.input_shape), network.num_classes, backbone_macs(network),
                            tuple(exit_macs(network)))
         if shipped_weights(name):
-            card, s = shipped_card(name), calibrated_setting(name)
-            setting = None if s is None else ShippedSetting(s["rule"], s["policy"], tuple(s["thresholds"]),
-                                                            s["test_accuracy"], s["mean_macs"], tuple(s["exit_shares"]))
-            entry = dataclasses.replace(entry, dataset=card["dataset"]["name"],
-                                        test_accuracy=tuple(card["test_accuracy"]), setting=setting)
+            card = shipped_card(name)
+            entry = dataclasses.replace(entry, dataset=card.dataset.name, test_accuracy=card.test_accuracy,
+                                        setting=card.calibrated)
         entries.append(entry)
     return tuple(entries)
 

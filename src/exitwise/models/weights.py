@@ -12,6 +12,7 @@ import torch
 
 from ..errors import UserError
 from .base import MultiExitNetwork
+from .card import CalibratedSetting, ModelCard
 from .registry import MODELS
 
 SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -36,29 +37,29 @@ def shipped_weights(name: str) -> Path | None:
     return None
 
 
-def shipped_card(name: str) -> dict:
+def shipped_card(name: str) -> ModelCard:
     """The model card (recipe, per-exit accuracy, MACs) shipped beside model `name`'s weights."""
-    return json.loads((SHIPPED_WEIGHTS_DIR / f"{name}.json").read_text())
+    return ModelCard.from_json(json.loads((SHIPPED_WEIGHTS_DIR / f"{name}.json").read_text()))
 
 
-def calibrated_setting(name: str, weights: str | Path | None = None) -> dict | None:
-    """The early-exit setting ({policy, thresholds, [temperatures]}) chosen on validation for model `name`'s shipped
-    weights, as its card carries it (`scripts/card_calibrated.py`); None for other `weights` or a card without one."""
+def calibrated_setting(name: str, weights: str | Path | None = None) -> CalibratedSetting | None:
+    """The early-exit setting chosen on validation for model `name`'s shipped weights, as its card carries it
+    (`scripts/card_calibrated.py`); None for other `weights` or a card without one."""
     if weights is not None or name not in MODELS or not shipped_weights(name):
         return None
-    return shipped_card(name).get("calibrated")
+    return shipped_card(name).calibrated
 
 
-def shipped_classes(name: str) -> list[str] | None:
+def shipped_classes(name: str) -> tuple[str, ...] | None:
     """The class names of the data set model `name`'s shipped weights were trained on (None: no weights ship)."""
     if name not in MODELS or not shipped_weights(name):
         return None
-    return shipped_card(name)["dataset"].get("classes")
+    return shipped_card(name).dataset.classes
 
 
 def shipped_models(dataset: str) -> list[str]:
     """Registered models whose shipped weights were trained on `dataset` (by their model card)."""
-    return [n for n in MODELS if shipped_weights(n) and shipped_card(n)["dataset"]["name"] == dataset]
+    return [n for n in MODELS if shipped_weights(n) and shipped_card(n).dataset.name == dataset]
 
 
 def _shard_map(index: Path) -> dict[str, str]:
