@@ -146,6 +146,9 @@ def test_tier_and_link_syntax():
     assert parse_tier("cloud") == Tier("cloud", 1.0)
     assert parse_tier("device:speed=0.25") == Tier("device", 0.25)
     assert parse_tier("edge:stage-ms=1/2/4") == Tier("edge", stage_seconds=(0.001, 0.002, 0.004))
+    for tier in (Tier("edge", stage_seconds=(0.001, 0.0025), request_seconds=0.003, relay_seconds=0.0005),
+                 Tier("device", 0.25, request_seconds=0.002)):
+        assert parse_tier(f"{tier.name}:{tier.options()}") == tier  # what `plan --measure` prints, read back
     assert parse_tier("edge:stage-ms=1/2/4,request-ms=2") == Tier("edge", stage_seconds=(0.001, 0.002, 0.004),
                                                                   request_seconds=0.002)
     assert parse_tier("cloud:request-ms=0.5") == Tier("cloud", 1.0, request_seconds=0.0005)

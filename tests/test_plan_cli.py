@@ -9,10 +9,10 @@ from PIL import Image
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from exitwise.api import export
+from exitwise.api import export, plan_tiers
 from exitwise.cli import main
 from exitwise.deploy.measure import measure_wire
-from exitwise.deploy.plan import parse_tier
+from exitwise.deploy.plan import Link, Tier, parse_tier
 from exitwise.early_exit import EarlyExitModel
 from exitwise.study.logits_cache import ExitLogits, save_logits
 from exitwise.study.results import Measurements
@@ -72,6 +72,15 @@ def test_the_feature_sizes_from_the_model_equal_the_exports(study):
     assert main([*args, "--export", str(out / "onnx"), "--out", str(out / "b.json")]) == 0
     a, b = (json.loads((out / f).read_text())["costs"] for f in ("a.json", "b.json"))
     assert a["feature_values"] == b["feature_values"] and a["input_bytes"] == b["input_bytes"]
+
+
+def test_the_python_api_plans_what_the_command_writes(study, tmp_path):
+    out = study[0]
+    made = plan_tiers(out / "study", [Tier("device", 0.25), Tier("cloud")], [Link("device", "cloud", 20, 40)],
+                      export=out / "onnx")
+    assert main(["plan", "--from", str(out / "study"), "--export", str(out / "onnx"), *TIERS,
+                 "--out", str(tmp_path / "p.json")]) == 0
+    assert json.loads(json.dumps(made.to_json())) == json.loads((tmp_path / "p.json").read_text())
 
 
 def test_fp32_on_the_wire_changes_nothing_and_int8_little(study):

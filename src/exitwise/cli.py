@@ -275,70 +275,28 @@ def _add_plan_parser(sub) -> None:
                                                       "latency on a lightly loaded tier)")
 
 
-def _shapes_from_model(study: Path):
-    """The feature shapes of a study's model (by running zeros; `plan.FeatureShapes`) and the model (early_exit.json)."""
-    import torch
-    from .deploy.plan import FeatureShapes
-    from .early_exit import EarlyExitModel
-    model = EarlyExitModel.load(study)
-    net = model.network.eval()
-    x, values, channels = torch.zeros(1, *net.input_shape), [], []
-    with torch.no_grad():
-        for stage in net.stages[:-1]:
-            x = stage(x)
-            values.append(x[0].numel())
-            channels.append(x.shape[1] if x.ndim > 1 else 1)
-    return FeatureShapes(tuple(values), int(torch.Size(net.input_shape).numel()), tuple(channels)), model
-
-
 def cmd_plan(args: argparse.Namespace) -> None:
-    from .deploy import measure, plan as planning
-    from .io import atomic_write_json
+    from .deploy import plan as planning
     if args.measure:
         if not args.export:
             raise UserError("--measure times the stages of an ONNX export: give --export")
-        from .config import SchedulerConfig
-        from .deploy.onnx_runner import OnnxRunner
-        batch = measure.MEASURE_BATCH if args.measure_batch is None else args.measure_batch
-        if batch < 1:
-            raise UserError(f"--measure-batch must be at least 1, got {batch}")
-        # the sessions as `exitwise serve` runs them: its default workers' share of the CPUs this process may run
-        # on, no spinning (with ONNX Runtime's default thread count the stages timed differently: docs/tiers.md)
-        runner = OnnxRunner.load(args.export, workers=SchedulerConfig().workers).model
-        seconds = measure.measure_stages(runner, batch=batch)
-        request, relay = measure.measure_request(runner), measure.measure_relay(runner)
-        print("stage-ms=" + "/".join(f"{1000 * s:.4g}" for s in seconds) + f",request-ms={1000 * request:.4g}"
-              f",relay-ms={1000 * relay:.4g}")
+        from .deploy.measure import MEASURE_BATCH, measure_tier
+        tier = measure_tier(args.export, batch=MEASURE_BATCH if args.measure_batch is None else args.measure_batch)
+        print(tier.options())
         return
     missing = [flag for flag, v in (("--from", args.source), ("--tier", args.tier), ("--out", args.out)) if not v]
     if missing:
         raise UserError(f"exitwise plan needs {', '.join(missing)} (or --measure with --export)")
-    tiers = [planning.parse_tier(t) for t in args.tier]
-    links = planning.check_chain(tiers, [planning.parse_link(l) for l in args.link])
     if not args.out.parent.is_dir() or args.out.is_dir():
         raise UserError(f"--out {str(args.out)!r}: give a file in an existing folder")
-    if args.images and not args.export:
-        raise UserError("--images measures the wire formats on an ONNX export: give --export too")
-    from .study.logits_cache import load_logits
-    study = load_logits(args.source)
-    wire = None
-    if args.export:
-        from .deploy.onnx_runtime import OnnxEarlyExit
-        runner = OnnxEarlyExit.load(args.export)
-        m = runner.manifest
-        shapes, policy, thresholds, temperatures = planning.export_shapes(m), m.policy, m.thresholds, m.temperatures
-        if args.images:
-            from .images import read_images
-            wire = measure.measure_wire(runner, read_images(args.images, runner.input_shape)[1])
-    else:
-        shapes, model = _shapes_from_model(args.source)
-        policy, thresholds, temperatures = model.policy.name, tuple(model.thresholds), model.policy.temperatures
-    costs = planning.study_costs(study.val_logits, study.stage_seconds_per_sample, shapes, policy=policy,
-                                 thresholds=thresholds, temperatures=temperatures, wire=wire)
-    tolerance = planning.WIRE_TOLERANCE_POINTS if args.wire_tolerance is None else args.wire_tolerance
-    result = planning.plan(tiers, links, costs, max_latency_ms=args.max_latency_ms, wire_tolerance_points=tolerance,
-                           **({"minimize": args.minimize} if args.minimize else {}))
+    from .api import plan_tiers
+    from .io import atomic_write_json
+    result = plan_tiers(args.source, [planning.parse_tier(t) for t in args.tier],
+                        [planning.parse_link(l) for l in args.link], export=args.export, images=args.images,
+                        max_latency_ms=args.max_latency_ms, wire_tolerance_points=args.wire_tolerance,
+                        **({"minimize": args.minimize} if args.minimize else {}))
     print(planning.format_candidates(result))
+    wire = result.costs.wire
     if wire is not None:
         for fmt, shares in wire.disagreement.items():
             print(f"{fmt}: answers changed per cut (after stage 0, 1, ...) on {wire.images} images: "

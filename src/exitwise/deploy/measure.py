@@ -1,8 +1,8 @@
 """`exitwise plan --measure`: a tier's own costs, timed on the machine it runs on: each stage with its head
 (`measure_stages`), a request through the real server beyond its stages (`measure_request`, or from a client's side
 against a running tier, `measure_request_at`), passing a request on as a relay (`measure_relay`), and what the lossy
-wire formats change in the answers (`measure_wire`). Their results are the planner's inputs (`plan.Tier`,
-`plan.WireCost`); the planner itself stays a pure function.
+wire formats change in the answers (`measure_wire`). Their results are the planner's inputs (`plan.Tier`, all three
+at once: `measure_tier`; `plan.WireCost`); the planner itself stays a pure function.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ..config import check_url
 from ..errors import UserError
 from ..exit_rule import leaves
 from .onnx_runtime import as_input
-from .plan import WireCost
+from .plan import Tier, WireCost
 from .wire import decode, encode
 
 MEASURE_BATCH = 1  # `exitwise plan --measure`: images per timed call (an image's latency on a lightly loaded tier)
@@ -36,6 +36,21 @@ def _collector_paused():
     finally:
         if enabled:
             gc.enable()
+
+
+def measure_tier(export, name: str = "tier", batch: int = MEASURE_BATCH) -> Tier:
+    """`exitwise plan --measure`: tier `name`'s costs on this machine (run it there) for an ONNX export (a folder):
+    its stages (`measure_stages`, `batch` images per call), a request (`measure_request`) and a relay
+    (`measure_relay`), with the export's sessions as `exitwise serve` runs them (its default workers' share of the
+    CPUs this process may run on, no spinning; with ONNX Runtime's default thread count the stages timed
+    differently: docs/tiers.md)."""
+    from ..config import SchedulerConfig
+    from .onnx_runner import OnnxRunner
+    if batch < 1:
+        raise UserError(f"--measure-batch must be at least 1, got {batch}")
+    runner = OnnxRunner.load(export, workers=SchedulerConfig().workers).model
+    return Tier(name, stage_seconds=measure_stages(runner, batch=batch), request_seconds=measure_request(runner),
+                relay_seconds=measure_relay(runner))
 
 
 def measure_stages(runner, batch: int = MEASURE_BATCH, repeats: int = 20, seconds: float = SUSTAINED_SECONDS,

@@ -108,6 +108,13 @@ class Tier:
     def to_json(self) -> dict:
         return asdict(self) | {"stage_seconds": list(self.stage_seconds) if self.stage_seconds else None}
 
+    def options(self) -> str:
+        """What follows `NAME:` in `--tier` to give this tier back (`parse_tier`)."""
+        costs = ([f"stage-ms={'/'.join(f'{1000 * s:.4g}' for s in self.stage_seconds)}"] if self.stage_seconds
+                 else [f"speed={self.speed:g}"])
+        return ",".join(costs + [f"request-ms={1000 * self.request_seconds:.4g}",
+                                 f"relay-ms={1000 * self.relay_seconds:.4g}"])
+
 
 @dataclass(frozen=True)
 class Link:
