@@ -29,6 +29,7 @@ from exitwise.models import CalibratedSetting, create_model
 from exitwise.config import DEFAULT_MICRO_BATCH
 from exitwise.deploy.manifest import manifest_digest, read_manifest
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit, Policy
+from exitwise.deploy.predict import FIELDS, predict
 from exitwise.policies import get_policy
 from exitwise.records import NEVER
 from exitwise.runtime import all_exit_logits, prepare, run_early_exit
@@ -146,7 +147,9 @@ def test_runtime_and_predict_work_with_torch_blocked(digits, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "p.json").read_text())[0]["image"].endswith("a.png")
+    row = json.loads((tmp_path / "p.json").read_text())[0]
+    assert tuple(row) == FIELDS and row["image"].endswith("a.png")
+    assert [r.to_json() for r in predict(out / "onnx", [tmp_path / "a.png"], progress=False)] == [row]
 
 
 def _write_pngs(data: ImageSet, folder: Path, n: int) -> list[Path]:

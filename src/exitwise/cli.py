@@ -217,7 +217,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(format_predictions(rows))
         return
     write_predictions(rows, args.out)
-    shares = [sum(r["exit"] == k for r in rows) for k in range(max(r["exit"] for r in rows) + 1)]
+    shares = [sum(r.exit == k for r in rows) for k in range(max(r.exit for r in rows) + 1)]
     print(f"{len(rows)} images; images per exit: {shares}; written: {args.out.resolve()}")
 
 
