@@ -13,6 +13,7 @@ from exitwise.cli import main
 from exitwise.early_exit import EarlyExitModel
 from exitwise.data import ImageSet, load_splits, split_train
 from exitwise.models import create_model
+from exitwise.models.attach import AttachRecord
 from exitwise.train import evaluate
 
 USER_MODEL = textwrap.dedent('''
@@ -73,6 +74,8 @@ def test_attach_writes_a_model_folder_the_study_and_loader_accept(tmp_path, caps
     spec = json.loads((out / "attach.json").read_text())
     auto = spec["head"][1]  # what auto chose is recorded, so a later rule cannot change the rebuilt heads
     assert spec["exits"] == ["stem", "block1"] and spec["heads_only"] and spec["head"] == ["pool", auto] != "auto"
+    assert AttachRecord.from_json(spec).to_json() == spec  # the file is the record, key for key
+    assert AttachRecord.from_json({k: v for k, v in spec.items() if k != "head"}).head == "auto"  # an older file
     assert all(k.startswith("heads.") for k in load_file(str(out / "model.safetensors")))  # only the heads
     card = json.loads((out / "model.json").read_text())
     assert [h["exit"] for h in card["heads"]] == ["stem", "block1"]

@@ -115,9 +115,9 @@ def attach_model(spec: AttachConfig, out: str | Path, *, data: DataConfig = Data
                          spec.max_head_fraction, spec.token_pool, spec.output_key, spec.freeze_backbone,
                          network.head_kinds)
     card = train_exits(network, splits, out, freeze_backbone=spec.freeze_backbone, resume=resume, progress=progress,
-                       model_name=record["model_file"], **recipe)
+                       model_name=record.model_file, **recipe)
     if card is not None:
-        atomic_write_json(Path(out) / ATTACH_FILE, record)
+        atomic_write_json(Path(out) / ATTACH_FILE, record.to_json())
     return card
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -28,6 +29,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .costs import head_report, module_macs
+from .. import records
 from ..errors import UserError
 from ..io import file_sha256
 from .weights import check_state_fits, read_state_dict, weight_files
@@ -378,18 +380,44 @@ def is_model_dir(name: str | Path) -> bool:
     return (Path(name) / ATTACH_FILE).is_file()
 
 
+@dataclass(frozen=True)
+class AttachRecord:
+    """attach.json: what `load_attached` needs to rebuild an attached network, the model file and weights with their
+    SHA-256 (checked before they run), and how the exits were attached."""
+    format: str
+    model_file: str                  # /abs/path/file.py:FUNCTION
+    model_file_sha256: str
+    weights: str | None              # the user's weights, absolute path (None: the function's own initialisation)
+    weights_sha256: str | None
+    exits: tuple[str, ...]           # the submodules each side exit follows
+    num_classes: int
+    input_shape: tuple[int, ...]     # C, H, W
+    max_head_fraction: float
+    token_pool: str
+    output_key: str | None
+    heads_only: bool                 # weights_file holds the side heads only (the backbone frozen)
+    weights_file: str                # the trained weights beside attach.json
+    head: str | tuple[str | None, ...] = "auto"  # the head kind per side exit, as `auto` chose (older files: auto)
+
+    def to_json(self) -> dict:
+        return records.to_json(self)
+
+    @classmethod
+    def from_json(cls, doc: dict) -> AttachRecord:
+        record = records.from_json(cls, doc)
+        return record if isinstance(record.head, str) else replace(record, head=tuple(record.head))
+
+
 def attach_spec(model_file: str, weights: str | Path | None, exits: Sequence[str], num_classes: int,
                 input_shape: Sequence[int], max_head_fraction: float, token_pool: str, output_key: str | None,
-                freeze_backbone: bool, head: str | Sequence[str | None] = "auto") -> dict:
+                freeze_backbone: bool, head: str | Sequence[str | None] = "auto") -> AttachRecord:
     """What `load_attached` needs to rebuild the network: the model file and weights (with their SHA-256)."""
     file = Path(model_file.rpartition(":")[0]).resolve()
-    return {"format": ATTACH_FORMAT, "model_file": f"{file}:{model_file.rpartition(':')[2]}",
-            "model_file_sha256": file_sha256(file),
-            "weights": str(Path(weights).resolve()) if weights else None,
-            "weights_sha256": file_sha256(*weight_files(weights)) if weights else None, "exits": list(exits),
-            "num_classes": num_classes, "input_shape": list(input_shape), "max_head_fraction": max_head_fraction,
-            "token_pool": token_pool, "head": head, "output_key": output_key, "heads_only": freeze_backbone,
-            "weights_file": ATTACHED_WEIGHTS}
+    return AttachRecord(
+        ATTACH_FORMAT, f"{file}:{model_file.rpartition(':')[2]}", file_sha256(file),
+        str(Path(weights).resolve()) if weights else None, file_sha256(*weight_files(weights)) if weights else None,
+        tuple(exits), num_classes, tuple(input_shape), max_head_fraction, token_pool, output_key, freeze_backbone,
+        ATTACHED_WEIGHTS, head if isinstance(head, str) else tuple(head))
 
 
 def load_attached(model_dir: str | Path) -> MultiExitNetwork:
@@ -397,23 +425,28 @@ def load_attached(model_dir: str | Path) -> MultiExitNetwork:
     from .weights import check_unchanged, read_state_dict
     folder = Path(model_dir)
     try:
-        spec = json.loads((folder / ATTACH_FILE).read_text())
+        doc = json.loads((folder / ATTACH_FILE).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {str(folder / ATTACH_FILE)!r}: {e}") from None
-    if not isinstance(spec, dict) or spec.get("format") != ATTACH_FORMAT:
+    if not isinstance(doc, dict) or doc.get("format") != ATTACH_FORMAT:
         raise UserError(f"{str(folder / ATTACH_FILE)!r} is not an exitwise attached model ({ATTACH_FORMAT})")
-    model = build_user_model(spec["model_file"])
-    if spec["weights"]:
-        check_unchanged(spec["weights"], spec["weights_sha256"], str(folder / ATTACH_FILE))
-        load_user_weights(model, spec["weights"])
+    try:
+        spec = AttachRecord.from_json(doc)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{str(folder / ATTACH_FILE)!r} is not a complete attach record ({type(e).__name__}: {e})") \
+            from None
+    model = build_user_model(spec.model_file)
+    if spec.weights:
+        check_unchanged(spec.weights, spec.weights_sha256, str(folder / ATTACH_FILE))
+        load_user_weights(model, spec.weights)
     model.eval()
-    network = attach(model, spec["exits"], spec["num_classes"], spec["input_shape"],
-                     max_head_fraction=spec["max_head_fraction"], token_pool=spec["token_pool"],
-                     head=spec.get("head", "auto"), output_key=spec["output_key"], warn=False)  # warned at attach
-    state = read_state_dict(folder / spec["weights_file"])
+    network = attach(model, spec.exits, spec.num_classes, spec.input_shape, max_head_fraction=spec.max_head_fraction,
+                     token_pool=spec.token_pool, head=spec.head, output_key=spec.output_key,
+                     warn=False)  # warned at attach
+    state = read_state_dict(folder / spec.weights_file)
     expected = network.state_dict()
-    keys = [k for k in expected if k.startswith("heads.")] if spec["heads_only"] else list(expected)
+    keys = [k for k in expected if k.startswith("heads.")] if spec.heads_only else list(expected)
     if sorted(keys) != sorted(state):
-        raise UserError(f"{str(folder / spec['weights_file'])!r} does not fit the network its {ATTACH_FILE} builds")
-    network.load_state_dict(state, strict=not spec["heads_only"])
+        raise UserError(f"{str(folder / spec.weights_file)!r} does not fit the network its {ATTACH_FILE} builds")
+    network.load_state_dict(state, strict=not spec.heads_only)
     return network
