@@ -86,7 +86,7 @@ def main() -> None:
                                            len(test), policy.max_score(model.num_classes), int(rng.integers(2**31)))
             for method, thr in chosen.items():
                 r = None if thr is None else analysis.evaluate(scores[:, test], correct[:, test], thr, macs)
-                rows.setdefault(method, []).append(None if r is None else (r["accuracy"], r["mean_cost"]))
+                rows.setdefault(method, []).append(None if r is None else (r.accuracy, r.mean_cost))
         print(f"\ntarget {target:.4f}: {args.splits} splits, {half} calibration / {len(data) - half} test images "
               f"({time.perf_counter() - start:.0f} s)")
         print(f"  {'method':31s} {'below target':>12s} {'unreachable':>11s} {'test acc':>9s} {'M MACs':>7s}")

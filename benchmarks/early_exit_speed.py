@@ -44,11 +44,11 @@ def fastest_within(settings: list[Setting], val: dict[str, ExitArrays], within_p
     """The setting predicted fastest on the validation split among those whose validation accuracy is within
     `within_points` of the final exit's there (the study's rule; test data plays no part)."""
     floor = next(iter(val.values())).correct[-1].mean() - within_points / 100
-    def on_val(s: Setting) -> dict:
+    def on_val(s: Setting) -> analysis.Evaluation:
         return analysis.evaluate(val[s.policy].scores, val[s.policy].correct,
                                  analysis.as_thresholds(s.thresholds, len(macs)), macs, per_sample)
-    return min((r["predicted_seconds"], i, s) for i, s in enumerate(settings)
-               if (r := on_val(s))["accuracy"] >= floor)[2]
+    return min((r.predicted_seconds, i, s) for i, s in enumerate(settings)
+               if (r := on_val(s)).accuracy >= floor)[2]
 
 
 def main() -> None:
@@ -116,13 +116,13 @@ def main() -> None:
               f"micro-batch {micro_batch})")
         print(f"  full network: test accuracy {final:.2%}, {full_macs / 1e6:.2f} M MACs, "
               f"batch {big}: {full_big.seconds:.2f} s, batch 1: {full1.seconds:.2f} s for {len(one)} images")
-        print(f"  early exit:   test accuracy {accuracy:.2%}, {chosen['mean_cost'] / 1e6:.2f} M MACs, "
+        print(f"  early exit:   test accuracy {accuracy:.2%}, {chosen.mean_cost / 1e6:.2f} M MACs, "
               f"batch {big}: {early_big.seconds:.2f} s, batch 1: {early1.seconds:.2f} s; exit shares "
-              + ", ".join(f"{s:.1%}" for s in chosen["exit_shares"]))
+              + ", ".join(f"{s:.1%}" for s in chosen.exit_shares))
         print(f"  policy {policy.name}, thresholds: {', '.join('never' if t == NEVER else f'{t:.3f}' for t in setting.thresholds)}")
         print(f"  speed-up: batch {big} {full_big.seconds / early_big.seconds:.2f}x, batch 1 {full1.seconds / early1.seconds:.2f}x, "
-              f"MACs {full_macs / chosen['mean_cost']:.2f}x")
-        predicted = chosen["predicted_seconds"]
+              f"MACs {full_macs / chosen.mean_cost:.2f}x")
+        predicted = chosen.predicted_seconds
         print(f"  cost model (stage times of the all-exits pass, ms/image with heads: "
               f"{', '.join(f'{1e3 * t:.3f}' for t in per_sample)}): full {test.trunk_seconds:.2f} s, early exit "
               f"{predicted:.2f} s, {test.trunk_seconds / predicted:.2f}x; early exit at batch {big} measured "

@@ -36,7 +36,7 @@ def calibrated(study: Path) -> tuple[str, CalibratedSetting]:
         policy = policy.with_temperatures(model["temperatures"])
     val = exit_arrays(logits.val_logits, logits.val_labels, policy)
     thresholds = as_thresholds(model["thresholds"], len(val.scores))
-    val_accuracy = evaluate(val.scores, val.correct, thresholds, logits.exit_macs)["accuracy"]
+    val_accuracy = evaluate(val.scores, val.correct, thresholds, logits.exit_macs).accuracy
     return results["model"]["name"], records.from_json(CalibratedSetting, {  # the card's JSON, typed
         "rule": f"fastest within {results['best']['within_points']:g} points of the final exit, chosen on validation",
         "policy": model["policy"], "temperatures": model["temperatures"], "thresholds": model["thresholds"],

@@ -26,13 +26,13 @@ def test_minus_infinity_never_leaves_and_final_exit_takes_the_rest():
 
 def test_evaluate_weights_accuracy_by_samples_leaving_each_exit():
     r = analysis.evaluate(SCORES, CORRECT, np.array([0.5, 0.2]), MACS, stage_seconds_per_sample=[1.0, 2.0, 4.0])
-    assert r["exit_counts"] == [2, 1, 1]
-    assert r["exit_accuracy"] == [1.0, 1.0, 0.0]
-    assert r["accuracy"] == pytest.approx(3 / 4)
-    assert r["exit_shares"] == [0.5, 0.25, 0.25]
-    assert r["mean_cost"] == pytest.approx((10 + 30 + 10 + 100) / 4)
+    assert r.exit_counts == (2, 1, 1)
+    assert r.exit_accuracy == (1.0, 1.0, 0.0)
+    assert r.accuracy == pytest.approx(3 / 4)
+    assert r.exit_shares == (0.5, 0.25, 0.25)
+    assert r.mean_cost == pytest.approx((10 + 30 + 10 + 100) / 4)
     # 4 samples run stage 0, 2 run stage 1, 1 runs stage 2
-    assert r["predicted_seconds"] == pytest.approx(4 * 1.0 + 2 * 2.0 + 1 * 4.0)
+    assert r.predicted_seconds == pytest.approx(4 * 1.0 + 2 * 2.0 + 1 * 4.0)
 
 
 def test_reach_counts():
@@ -41,8 +41,8 @@ def test_reach_counts():
 
 def test_oracle_takes_first_correct_exit_and_pays_full_network_when_wrong_everywhere():
     r = analysis.oracle(CORRECT, MACS)
-    assert r["accuracy"] == pytest.approx(3 / 4)
-    assert r["mean_cost"] == pytest.approx((10 + 30 + 10 + 100) / 4)
+    assert r.accuracy == pytest.approx(3 / 4)
+    assert r.cost == pytest.approx((10 + 30 + 10 + 100) / 4)
 
 
 def test_sweep_is_monotone_in_exit_shares_of_the_final_exit():
@@ -50,10 +50,10 @@ def test_sweep_is_monotone_in_exit_shares_of_the_final_exit():
     scores = rng.uniform(0, 2.3, size=(4, 500))
     correct = rng.uniform(size=(4, 500)) < 0.7
     rows = analysis.sweep(scores, correct, np.linspace(0, 2.3, 20), [1, 2, 3, 4])
-    finals = [r["exit_shares"][-1] for r in rows]
+    finals = [r.exit_shares[-1] for r in rows]
     assert finals[0] == 1.0 and finals[-1] == 0.0
     assert all(a >= b for a, b in zip(finals, finals[1:]))
-    assert all(sum(r["exit_shares"]) == pytest.approx(1.0) for r in rows)
+    assert all(sum(r.exit_shares) == pytest.approx(1.0) for r in rows)
 
 
 def test_thresholds_json_round_trip_keeps_never_as_none():

@@ -45,7 +45,7 @@ def calibrate(capsys, cache, out, *args):
     return json.loads((out / "calibration.json").read_text()), stdout
 
 
-def on_test(cache, doc) -> dict:
+def on_test(cache, doc) -> analysis.Evaluation:
     """The written thresholds re-applied to the cached test logits, independently of the command."""
     from exitwise.study.logits_cache import load_logits
     c = load_logits(cache)
@@ -72,8 +72,8 @@ def test_each_goal_is_met_on_the_calibration_split_and_evaluated_on_test(tmp_pat
     assert r["status"] == "ok" and check(r)
     assert r["accuracy"] == doc["calibration_split"]["accuracy"]
     recomputed = on_test(cache, doc)
-    assert doc["test"]["accuracy"] == recomputed["accuracy"] and doc["test"]["samples"] == 400
-    assert doc["test"]["mean_macs"] == pytest.approx(recomputed["mean_cost"])
+    assert doc["test"]["accuracy"] == recomputed.accuracy and doc["test"]["samples"] == 400
+    assert doc["test"]["mean_macs"] == pytest.approx(recomputed.mean_cost)
     assert set(doc["frontier"]["policies"]) == {doc["policy"]} and doc["frontier"]["oracle"]
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert "status: ok" in stdout and f"{100 * doc['test']['accuracy']:.2f}%" in stdout

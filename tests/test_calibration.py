@@ -35,7 +35,7 @@ def test_per_exit_leavers_meet_the_target_on_the_split_they_were_chosen_on():
     for desired in (0.6, 0.75, 0.9):
         thr = calibration.per_exit(scores, correct, desired)
         r = analysis.evaluate(scores, correct, thr, [1, 2, 3, 4])
-        for acc, count in zip(r["exit_accuracy"][:-1], r["exit_counts"][:-1]):
+        for acc, count in zip(r.exit_accuracy[:-1], r.exit_counts[:-1]):
             assert count == 0 or acc >= desired
 
 

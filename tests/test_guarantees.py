@@ -24,13 +24,13 @@ def generate(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 def accuracy_and_cost(scores, correct, thresholds) -> tuple[float, float]:
     r = analysis.evaluate(scores, correct, analysis.as_thresholds(thresholds, len(COSTS)), COSTS)
-    return r["accuracy"], r["mean_cost"]
+    return r.accuracy, r.mean_cost
 
 
 def best_shared_cutoff_cost(scores, correct, target) -> float:
     """Exhaustive: the cost of every distinct shared cutoff (one per observed side-exit score) meeting the target."""
-    costs = [r["mean_cost"] for r in analysis.sweep(scores, correct, np.unique(scores[:-1]), COSTS)
-             if r["accuracy"] >= target]
+    costs = [r.mean_cost for r in analysis.sweep(scores, correct, np.unique(scores[:-1]), COSTS)
+             if r.accuracy >= target]
     return min(costs)
 
 
@@ -139,14 +139,14 @@ def test_budget_is_respected_and_more_budget_never_costs_accuracy():
 def test_frontier_is_non_dominated_monotone_and_beats_shared_cutoffs_up_to_its_grid():
     scores, correct = generate(1500, np.random.default_rng(6))
     front = calibration.pareto_frontier(scores, correct, COSTS)
-    cost = np.array([p["cost"] for p in front])
-    accuracy = np.array([p["accuracy"] for p in front])
+    cost = np.array([p.cost for p in front])
+    accuracy = np.array([p.accuracy for p in front])
     assert (np.diff(cost) > 0).all() and (np.diff(accuracy) > 0).all()
     for p in front[::10]:
-        assert accuracy_and_cost(scores, correct, p["thresholds"]) == (p["accuracy"], p["cost"])
+        assert accuracy_and_cost(scores, correct, p.thresholds) == (p.accuracy, p.cost)
     shared = analysis.sweep(scores, correct, np.linspace(-0.5, 1.5, 50), COSTS)
     for s in shared:  # within a shared cutoff's cost the frontier is as accurate, up to its grid of thresholds
-        assert accuracy[cost <= s["mean_cost"]].max() >= s["accuracy"] - 0.002
+        assert accuracy[cost <= s.mean_cost].max() >= s.accuracy - 0.002
 
 
 def test_oracle_cost_and_overthinking_on_a_hand_made_table():
@@ -159,13 +159,13 @@ def test_oracle_cost_and_overthinking_on_a_hand_made_table():
     assert analysis.oracle_cost_at(correct, costs, 0.75) == pytest.approx((1 + 2 + 1 + 1) / 4)
     assert np.isnan(analysis.oracle_cost_at(correct, costs, 1.0))
     gap = analysis.gap_to_oracle(0.75, 2.0, correct, costs)
-    assert gap["extra_cost"] == pytest.approx(0.75)
+    assert gap.extra_macs == pytest.approx(0.75)
     o = analysis.overthinking(correct, costs)  # the full network: everyone runs to exit 2
-    assert o["correct_earlier_wrong_final"] == 2  # samples 0 and 3
-    assert o["wasted_cost_per_sample"] == pytest.approx((3 + 2 + 0 + 3) / 4)
+    assert o.correct_earlier_wrong_final == 2  # samples 0 and 3
+    assert o.wasted_macs_per_sample == pytest.approx((3 + 2 + 0 + 3) / 4)
     policy = analysis.overthinking(correct, costs, exits=np.array([0, 2, 2, 1]))
-    assert policy["correct_earlier_wrong_at_exit"] == 1  # sample 3 left at exit 1, wrong, after exit 0 was right
-    assert policy["wasted_cost_per_sample"] == pytest.approx((0 + 2 + 0 + 1) / 4)
+    assert policy.correct_earlier_wrong_at_exit == 1  # sample 3 left at exit 1, wrong, after exit 0 was right
+    assert policy.wasted_macs_per_sample == pytest.approx((0 + 2 + 0 + 1) / 4)
 
 
 @pytest.mark.parametrize("call", [

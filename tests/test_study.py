@@ -32,9 +32,9 @@ def test_latency_frontier_gives_each_policys_non_dominated_settings_and_an_infor
     for name, arrays in val.items():
         points = [analysis.evaluate(arrays.scores, correct, analysis.as_thresholds(s.thresholds, k), MACS, seconds)
                   for s in settings if s.policy == name]
-        times, accuracies = [p["predicted_seconds"] for p in points], [p["accuracy"] for p in points]
+        times, accuracies = [p.predicted_seconds for p in points], [p.accuracy for p in points]
         assert len(points) > 1 and times == sorted(times) and accuracies == sorted(set(accuracies))
-        fastest_at_full_accuracy[name] = min(p["predicted_seconds"] for p in points if p["accuracy"] >= correct[-1].mean())
+        fastest_at_full_accuracy[name] = min(p.predicted_seconds for p in points if p.accuracy >= correct[-1].mean())
     assert fastest_at_full_accuracy["informative"] < min(0.8 * seconds.sum() * n, fastest_at_full_accuracy["noise"])
 
 

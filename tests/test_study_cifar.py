@@ -65,9 +65,9 @@ def test_per_exit_calibration_holds_on_the_validation_split_it_was_chosen_on(stu
     for entry in (c for c in results["calibration"] if c["method"] == "per-exit"):
         thr = analysis.as_thresholds(entry["thresholds"], 6)
         r = analysis.evaluate(scores, correct, thr, cache.exit_macs)
-        for acc, count in zip(r["exit_accuracy"][:-1], r["exit_counts"][:-1]):
+        for acc, count in zip(r.exit_accuracy[:-1], r.exit_counts[:-1]):
             assert count == 0 or acc >= entry["desired_accuracy"] - 1e-12
-        assert entry["val_accuracy"] == pytest.approx(r["accuracy"])
+        assert entry["val_accuracy"] == pytest.approx(r.accuracy)
 
 
 def test_reports_and_real_runs(study_dir):
@@ -93,7 +93,7 @@ def test_the_fastest_setting_is_scored_with_its_own_policy_and_stays_within_half
                                                                                   cache.test_labels)):
         scores = policy.scores(torch.from_numpy(logits)).numpy().astype(np.float64)
         on[split] = analysis.evaluate(scores, logits.argmax(-1) == labels, thr, cache.exit_macs)
-    assert on["test"]["accuracy"] == fastest["test"]["accuracy"]
-    assert on["test"]["exit_shares"] == fastest["test"]["exit_shares"]
+    assert on["test"].accuracy == fastest["test"]["accuracy"]
+    assert list(on["test"].exit_shares) == fastest["test"]["exit_shares"]
     final_val = (cache.val_logits[-1].argmax(-1) == cache.val_labels).mean()
-    assert on["val"]["accuracy"] >= final_val - 0.005
+    assert on["val"].accuracy >= final_val - 0.005

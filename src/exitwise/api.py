@@ -219,7 +219,7 @@ def _evaluation(arrays: ExitArrays, thresholds: np.ndarray, cache: ExitLogits) -
     """Accuracy, mean MACs, predicted milliseconds per sample (from the study's stage times) and exit shares."""
     r = analysis.evaluate(arrays.scores, arrays.correct, thresholds, cache.exit_macs, cache.stage_seconds_per_sample)
     n = arrays.scores.shape[1]
-    return SplitOutcome(n, r["accuracy"], r["mean_cost"], 1000 * r["predicted_seconds"] / n, tuple(r["exit_shares"]))
+    return SplitOutcome(n, r.accuracy, r.mean_cost, 1000 * r.predicted_seconds / n, r.exit_shares)
 
 
 

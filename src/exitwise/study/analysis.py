@@ -2,14 +2,35 @@
 
 Conventions: `scores` and `correct` are (K, N) arrays for K exits and N samples; `thresholds` has
 K - 1 entries, one per side exit, where -inf means "never leave here"; the final exit takes the rest.
+`exit_macs` is each exit's cumulative cost per sample: MACs, or any other cost (milliseconds) in the same unit
+throughout. Results are frozen dataclasses: `Evaluation` (here), and results.json's own types where they are the
+same quantity (`CostPoint`; `Gap` and `Overthinking`, whose fields say MACs, as results.json does, whatever the unit).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from ..exit_rule import as_thresholds, leaves, thresholds_to_json  # noqa: F401  (analysis.leaves etc. stay valid)
+from .results import CostPoint, Gap, Outcome, Overthinking
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One threshold setting on one split: accuracy, the mean of the per-exit costs, and per exit the share, count
+    and accuracy of the samples leaving there (None where none left)."""
+    accuracy: float
+    mean_cost: float
+    exit_shares: tuple[float, ...]
+    exit_counts: tuple[int, ...]
+    exit_accuracy: tuple[float | None, ...]
+    predicted_seconds: float | None = None  # the cost model's time for the whole split, given stage times
+
+    def outcome(self) -> Outcome:
+        """results.json's outcome of this setting, its costs being MACs."""
+        return Outcome(self.accuracy, self.mean_cost, self.exit_shares, self.predicted_seconds)
 
 
 def exit_points(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -32,42 +53,37 @@ def reach_counts(exits: np.ndarray, num_exits: int) -> np.ndarray:
 
 
 def evaluate(scores: np.ndarray, correct: np.ndarray, thresholds: np.ndarray, exit_macs: Sequence[int],
-             stage_seconds_per_sample: Sequence[float] | None = None) -> dict:
-    """Accuracy, exit shares, per-exit counts and accuracy, the mean of the per-exit costs `exit_macs` (MACs or
-    any other cumulative cost) and, given stage times, the predicted seconds for all N samples."""
+             stage_seconds_per_sample: Sequence[float] | None = None) -> Evaluation:
+    """Accuracy, exit shares, per-exit counts and accuracy, the mean of the per-exit costs `exit_macs` and, given
+    stage times, the predicted seconds for all N samples."""
     num_exits, n = scores.shape
     exits = exit_points(scores, thresholds)
     right = correct[exits, np.arange(n)]
     counts = np.bincount(exits, minlength=num_exits)
     hits = np.bincount(exits, weights=right, minlength=num_exits)
-    result = {
-        "accuracy": float(right.mean()),
-        "exit_shares": (counts / n).tolist(),
-        "exit_counts": counts.tolist(),
-        "exit_accuracy": [float(h / c) if c else None for h, c in zip(hits, counts)],
-        "mean_cost": float(np.asarray(exit_macs, dtype=np.float64)[exits].mean()),
-    }
-    if stage_seconds_per_sample is not None:
-        result["predicted_seconds"] = float(reach_counts(exits, num_exits) @ np.asarray(stage_seconds_per_sample))
-    return result
+    predicted = None if stage_seconds_per_sample is None else float(
+        reach_counts(exits, num_exits) @ np.asarray(stage_seconds_per_sample))
+    return Evaluation(accuracy=float(right.mean()),
+                      mean_cost=float(np.asarray(exit_macs, dtype=np.float64)[exits].mean()),
+                      exit_shares=tuple((counts / n).tolist()), exit_counts=tuple(counts.tolist()),
+                      exit_accuracy=tuple(float(h / c) if c else None for h, c in zip(hits, counts)),
+                      predicted_seconds=predicted)
 
 
-def oracle(correct: np.ndarray, exit_macs: Sequence[int]) -> dict:
-    """Each sample at its first correct exit; samples wrong everywhere pay the full network."""
+def oracle(correct: np.ndarray, exit_macs: Sequence[int]) -> CostPoint:
+    """(mean cost, accuracy) with each sample at its first correct exit; samples wrong everywhere pay the full
+    network."""
     any_right = correct.any(axis=0)
     first_right = np.where(any_right, correct.argmax(axis=0), correct.shape[0] - 1)
-    return {"accuracy": float(any_right.mean()),
-            "mean_cost": float(np.asarray(exit_macs, dtype=np.float64)[first_right].mean())}
+    return CostPoint(cost=float(np.asarray(exit_macs, dtype=np.float64)[first_right].mean()),
+                     accuracy=float(any_right.mean()))
 
 
 def sweep(scores: np.ndarray, correct: np.ndarray, cutoffs: np.ndarray, exit_macs: Sequence[int],
-          stage_seconds_per_sample: Sequence[float] | None = None) -> list[dict]:
-    """One shared cutoff for every side exit, for each value in `cutoffs`."""
-    rows = []
-    for cutoff in cutoffs:
-        r = evaluate(scores, correct, np.full(scores.shape[0] - 1, cutoff), exit_macs, stage_seconds_per_sample)
-        rows.append({"cutoff": float(cutoff), **r})
-    return rows
+          stage_seconds_per_sample: Sequence[float] | None = None) -> list[Evaluation]:
+    """One shared cutoff for every side exit: the evaluation of each value in `cutoffs`, in their order."""
+    return [evaluate(scores, correct, np.full(scores.shape[0] - 1, cutoff), exit_macs, stage_seconds_per_sample)
+            for cutoff in cutoffs]
 
 
 def latency_costs(stage_seconds_per_sample: Sequence[float]) -> np.ndarray:
@@ -76,27 +92,27 @@ def latency_costs(stage_seconds_per_sample: Sequence[float]) -> np.ndarray:
 
 
 def cost_accuracy_points(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float],
-                         settings: Sequence[np.ndarray]) -> list[dict]:
-    """{"cost", "accuracy", "thresholds"} of each threshold setting on this split (cost: mean per sample;
-    thresholds as a tuple of floats, -inf never)."""
+                         settings: Sequence[np.ndarray]) -> list[CostPoint]:
+    """Cost (mean per sample), accuracy and thresholds of each threshold setting on this split (thresholds as a
+    tuple of floats, -inf never)."""
     points = []
     for thresholds in settings:
         t = np.asarray(thresholds, dtype=np.float64)
         r = evaluate(scores, correct, t, costs)
-        points.append({"cost": r["mean_cost"], "accuracy": r["accuracy"], "thresholds": tuple(t.tolist())})
+        points.append(CostPoint(r.mean_cost, r.accuracy, tuple(t.tolist())))
     return points
 
 
-def non_dominated(points: Sequence[dict]) -> list[dict]:
+def non_dominated(points: Sequence[CostPoint]) -> list[CostPoint]:
     """The points no other point beats (no costlier and no less accurate, better in one), by rising cost."""
-    out: list[dict] = []
-    for p in sorted(points, key=lambda p: (p["cost"], -p["accuracy"])):
-        if not out or p["accuracy"] > out[-1]["accuracy"]:
+    out: list[CostPoint] = []
+    for p in sorted(points, key=lambda p: (p.cost, -p.accuracy)):
+        if not out or p.accuracy > out[-1].accuracy:
             out.append(p)
     return out
 
 
-def overthinking(correct: np.ndarray, exit_macs: Sequence[float], exits: np.ndarray | None = None) -> dict:
+def overthinking(correct: np.ndarray, exit_macs: Sequence[float], exits: np.ndarray | None = None) -> Overthinking:
     """Samples an earlier exit got right, and cost spent after each sample's first correct exit.
 
     `exits` is where each sample left (default: the final exit, i.e. the full network). Wasted cost
@@ -109,12 +125,10 @@ def overthinking(correct: np.ndarray, exit_macs: Sequence[float], exits: np.ndar
     first_right = correct.argmax(axis=0)
     earlier = any_right & (first_right < exits)
     wasted = np.where(earlier, costs[exits] - costs[first_right], 0.0).sum() / n
-    return {"samples": int(n),
-            "correct_somewhere": int(any_right.sum()),
-            "correct_earlier_wrong_final": int((earlier & ~correct[-1] & (exits == num_exits - 1)).sum()),
-            "correct_earlier_wrong_at_exit": int((earlier & ~correct[exits, np.arange(n)]).sum()),
-            "wasted_cost_per_sample": float(wasted),
-            "wasted_share": float(wasted / costs[exits].mean())}
+    return Overthinking(samples=int(n), correct_somewhere=int(any_right.sum()),
+                        correct_earlier_wrong_final=int((earlier & ~correct[-1] & (exits == num_exits - 1)).sum()),
+                        correct_earlier_wrong_at_exit=int((earlier & ~correct[exits, np.arange(n)]).sum()),
+                        wasted_macs_per_sample=float(wasted), wasted_share=float(wasted / costs[exits].mean()))
 
 
 def oracle_cost_at(correct: np.ndarray, exit_macs: Sequence[float], accuracy: float | np.ndarray) -> float | np.ndarray:
@@ -135,15 +149,15 @@ def oracle_cost_at(correct: np.ndarray, exit_macs: Sequence[float], accuracy: fl
     return float(out) if out.ndim == 0 else out
 
 
-def oracle_curve(correct: np.ndarray, exit_macs: Sequence[float], num: int = 100) -> list[dict]:
-    """{"accuracy", "cost"} of `oracle_cost_at` from the first exit's accuracy to the oracle's, for plots."""
+def oracle_curve(correct: np.ndarray, exit_macs: Sequence[float], num: int = 100) -> list[CostPoint]:
+    """Points of `oracle_cost_at` from the first exit's accuracy to the oracle's, for plots."""
     accuracies = np.linspace(correct[0].mean(), correct.any(axis=0).mean(), num)
     costs = oracle_cost_at(correct, exit_macs, accuracies)
-    return [{"accuracy": float(a), "cost": float(c)} for a, c in zip(accuracies, costs)]
+    return [CostPoint(float(c), float(a)) for a, c in zip(accuracies, costs)]
 
 
-def gap_to_oracle(accuracy: float, cost: float, correct: np.ndarray, exit_macs: Sequence[float]) -> dict:
+def gap_to_oracle(accuracy: float, mean_macs: float, correct: np.ndarray, exit_macs: Sequence[float]) -> Gap:
     """A setting's extra mean cost over the hindsight oracle at the same accuracy (`oracle_cost_at`)."""
     best = oracle_cost_at(correct, exit_macs, accuracy)
-    return {"accuracy": float(accuracy), "cost": float(cost), "oracle_cost": best, "extra_cost": float(cost - best),
-            "cost_ratio": float(cost / best)}
+    return Gap(accuracy=float(accuracy), mean_macs=float(mean_macs), oracle_macs=best,
+               extra_macs=float(mean_macs - best), cost_ratio=float(mean_macs / best))

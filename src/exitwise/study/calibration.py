@@ -28,7 +28,7 @@ from . import analysis
 from ..policies import check_finite_logits
 from ..config import DEFAULT_DELTA
 from ..errors import UserError
-from .results import ExitTemperature, Found, SearchResult
+from .results import CostPoint, ExitTemperature, Found, SearchResult
 
 ASSUMPTION = ("calibration samples and future samples are exchangeable (for example i.i.d. from one "
               "distribution, or a random split of one data set)")
@@ -324,8 +324,7 @@ def _search(space: SearchSpace, key: Callable, feasible: Callable) -> np.ndarray
 def _setting(scores: np.ndarray, correct: np.ndarray, costs: np.ndarray, thresholds: np.ndarray,
              certifiable_target: float | None = None) -> Found:
     r = analysis.evaluate(scores, correct, thresholds, costs)
-    return Found(tuple(thresholds.tolist()), r["accuracy"], r["mean_cost"], tuple(r["exit_shares"]),
-                 certifiable_target)
+    return Found(tuple(thresholds.tolist()), r.accuracy, r.mean_cost, r.exit_shares, certifiable_target)
 
 
 def _found(found: Found) -> dict:
@@ -491,13 +490,13 @@ def budget_thresholds(scores: np.ndarray, correct: np.ndarray, costs: Sequence[f
 
 
 def pareto_frontier(scores: np.ndarray, correct: np.ndarray, costs: Sequence[float], levels: int = 64,
-                    space: SearchSpace | None = None) -> list[dict]:
-    """Non-dominated {"cost", "accuracy", "thresholds"} settings on this split among the greedy path and all
-    shared cutoffs, by rising cost (and so rising accuracy). Re-evaluate the thresholds on another split with
+                    space: SearchSpace | None = None) -> list[CostPoint]:
+    """The non-dominated settings on this split among the greedy path and all shared cutoffs (cost, accuracy and
+    thresholds), by rising cost (and so rising accuracy). Re-evaluate the thresholds on another split with
     `analysis.cost_accuracy_points`."""
     costs = check_costs(costs, scores.shape[0])
     space = _space(scores, correct, costs, levels, space)
-    return analysis.non_dominated([{"cost": c, "accuracy": a, "thresholds": tuple(t.tolist())}
+    return analysis.non_dominated([CostPoint(c, a, tuple(t.tolist()))
                                    for c, a, t in zip(space.cost, space.accuracy, space.candidates)])
 
 

@@ -6,6 +6,7 @@ the hindsight oracle, all on one pair of axes in one cost unit (MACs or ms per s
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -23,14 +24,9 @@ def latency_frontier(val_by_policy: dict[str, ExitArrays], stage_seconds_per_sam
     costs = analysis.latency_costs(stage_seconds_per_sample)
     settings = []
     for name, val in val_by_policy.items():
-        settings += [Setting(f"frontier point {i + 1}", name, p["thresholds"])
+        settings += [Setting(f"frontier point {i + 1}", name, p.thresholds)
                      for i, p in enumerate(calibration.pareto_frontier(val.scores, val.correct, costs))]
     return settings
-
-
-def _points(raw: list[dict], num_exits: int, **extra) -> tuple[CostPoint, ...]:
-    return tuple(CostPoint(p["cost"], p["accuracy"], p.get("thresholds"),
-                           **{k: v[i] for k, v in extra.items()}) for i, p in enumerate(raw))
 
 
 def policy_frontiers(by_policy: dict[str, Split], founding: Split, costs: Sequence[float], unit: str,
@@ -43,10 +39,9 @@ def policy_frontiers(by_policy: dict[str, Split], founding: Split, costs: Sequen
     policies = {}
     for name, (val, test) in by_policy.items():
         chosen = calibration.pareto_frontier(val.scores, val.correct, costs, space=(spaces or {}).get(name))
-        on_test = analysis.cost_accuracy_points(test.scores, test.correct, costs,
-                                                [p["thresholds"] for p in chosen])
-        policies[name] = _points(on_test, len(costs), val_cost=[p["cost"] for p in chosen],
-                                 val_accuracy=[p["accuracy"] for p in chosen])
+        on_test = analysis.cost_accuracy_points(test.scores, test.correct, costs, [p.thresholds for p in chosen])
+        policies[name] = tuple(dataclasses.replace(t, val_cost=v.cost, val_accuracy=v.accuracy)
+                               for t, v in zip(on_test, chosen))
     val, test = founding
     num_exits, num_classes = len(costs), founding[1].logits.shape[-1]
     max_score = get_policy("entropy").max_score(num_classes)
@@ -54,6 +49,7 @@ def policy_frontiers(by_policy: dict[str, Split], founding: Split, costs: Sequen
     shared = analysis.cost_accuracy_points(test.scores, test.correct, costs, [np.full(num_exits - 1, c) for c in cutoffs])
     percentile = [calibration.seed_percentile(val.scores, val.correct, d, max_score) for d in desired]
     founding_points = analysis.cost_accuracy_points(test.scores, test.correct, costs, percentile)
-    return Frontiers(unit=unit, policies=policies, shared_cutoffs=_points(shared, num_exits),
-                     founding_percentile=_points(founding_points, num_exits, desired_accuracy=list(desired)),
-                     oracle=_points(analysis.oracle_curve(test.correct, costs), num_exits))
+    return Frontiers(unit=unit, policies=policies, shared_cutoffs=tuple(shared),
+                     founding_percentile=tuple(dataclasses.replace(p, desired_accuracy=d)
+                                               for p, d in zip(founding_points, desired)),
+                     oracle=tuple(analysis.oracle_curve(test.correct, costs)))

@@ -35,7 +35,7 @@ from ..device import machine, machine_load, resolve_device
 from ..tune import tune
 from ..policies import POLICIES, ExitArrays, exit_arrays, get_policy
 from .results import (NEVER, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FixedCutoffRun, FullNetwork, Gap, Leavers,
-                      Mark, MeasuredTimes, Measurements, Oracle, Outcome, Overthinking, Setting, StudyResults,
+                      Mark, MeasuredTimes, Measurements, Oracle, Outcome, Setting, StudyResults,
                       StageTimes, SweepPoint, TimedRun, TimingCheck, TimingModel)
 from ..runtime import Run, all_exit_logits, run_early_exit, warm_up
 
@@ -111,11 +111,6 @@ def time_stages(model: MultiExitNetwork, device: str = "auto", precision: str = 
 # ---- 2. analyse: pure arrays
 
 
-def outcome(r: dict) -> Outcome:
-    """An `analysis.evaluate` result in MACs as a typed outcome."""
-    return Outcome(r["accuracy"], r["mean_cost"], tuple(r["exit_shares"]), r.get("predicted_seconds"))
-
-
 @dataclass(frozen=True)
 class Evaluator:
     """Any setting's outcome on either split, from the cached scores of every policy: `by_policy[name]` is
@@ -124,15 +119,15 @@ class Evaluator:
     macs: np.ndarray
     per_sample: np.ndarray
 
-    def evaluate(self, split: int, policy: str, thresholds: np.ndarray) -> dict:
+    def evaluate(self, split: int, policy: str, thresholds: np.ndarray) -> analysis.Evaluation:
         arrays = self.by_policy[policy][split]
         return analysis.evaluate(arrays.scores, arrays.correct, thresholds, self.macs, self.per_sample)
 
-    def val(self, s: Setting) -> dict:
+    def val(self, s: Setting) -> analysis.Evaluation:
         return self.evaluate(0, s.policy, np.asarray(s.thresholds, dtype=np.float64))
 
     def test(self, s: Setting) -> Outcome:
-        return outcome(self.evaluate(1, s.policy, np.asarray(s.thresholds, dtype=np.float64)))
+        return self.evaluate(1, s.policy, np.asarray(s.thresholds, dtype=np.float64)).outcome()
 
 
 def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
@@ -166,14 +161,14 @@ def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
     stage_seconds = fixed_run.stage_seconds if fixed_run is not None else [None] * num_exits
     fixed_seconds, fixed_images = (fixed_run.seconds, fixed_run.images) if fixed_run is not None else (None, n_test)
     fixed_cutoff = FixedCutoff(
-        cutoff=config.cutoff, test=outcome(fixed),
-        per_exit=tuple(Leavers(k, fixed["exit_counts"][k], fixed["exit_accuracy"][k], stage_seconds[k])
+        cutoff=config.cutoff, test=fixed.outcome(),
+        per_exit=tuple(Leavers(k, fixed.exit_counts[k], fixed.exit_accuracy[k], stage_seconds[k])
                        for k in range(num_exits)),
         measured_seconds=fixed_seconds, timed_images=None if fixed_seconds is None else fixed_images,
         ms_per_image=None if fixed_seconds is None else 1e3 * fixed_seconds / fixed_images)
 
     cutoffs = np.linspace(0.0, max_cutoff, config.num_cutoffs)
-    sweep = tuple(SweepPoint(float(c), outcome(r))
+    sweep = tuple(SweepPoint(float(c), r.outcome())
                   for c, r in zip(cutoffs, analysis.sweep(test.scores, test.correct, cutoffs, macs, per_sample)))
     founding_methods = calibration_table(ev, config, max_cutoff)
     spaces = {name: calibration.SearchSpace.build(v.scores, v.correct, macs) for name, (v, _) in by_policy.items()}
@@ -184,7 +179,7 @@ def analyse(cache: ExitLogits, config: StudyConfig) -> StudyResults:
 
     frontiers = policy_frontiers(by_policy, by_policy["entropy"], macs, "MACs", config.desired_accuracies,
                                  config.num_cutoffs, spaces)
-    marks = [Mark(f"fixed cutoff {config.cutoff:g}", fixed["mean_cost"], fixed["accuracy"])]
+    marks = [Mark(f"fixed cutoff {config.cutoff:g}", fixed.mean_cost, fixed.accuracy)]
     marks += [Mark(name, c.test.mean_macs, c.test.accuracy) for name, c in best.items()]
     all_exits = measured.all_exits_seconds
     checks = () if all_exits is None else (
@@ -210,14 +205,14 @@ def choose(ev: Evaluator, config: StudyConfig, founding_methods: list[Calibratio
     accuracy among those, no early exit, the shared cutoffs and every policy's validation frontier of time."""
     calibrated_sets = [Setting(f"{c.method} {c.desired_accuracy:.2f}", config.policy, c.thresholds)
                        for c in founding_methods]
-    founding = max(calibrated_sets, key=lambda s: (lambda r: r["accuracy"] / r["predicted_seconds"])(ev.val(s)))
+    founding = max(calibrated_sets, key=lambda s: (lambda r: r.accuracy / r.predicted_seconds)(ev.val(s)))
     candidates = [Setting("no early exit", config.policy, (NEVER,) * (num_exits - 1))] + calibrated_sets
     candidates += [Setting(f"cutoff {c:.3f}", config.policy, (float(c),) * (num_exits - 1)) for c in cutoffs]
     candidates += latency_frontier({name: v for name, (v, _) in ev.by_policy.items()}, ev.per_sample)
     floor = ev.by_policy[config.policy][0].correct[-1].mean() - config.within_points / 100
     on_val = [ev.val(s) for s in candidates]
-    fastest = min((c for c in zip(candidates, on_val) if c[1]["accuracy"] >= floor),
-                  key=lambda c: c[1]["predicted_seconds"])[0]
+    fastest = min((c for c in zip(candidates, on_val) if c[1].accuracy >= floor),
+                  key=lambda c: c[1].predicted_seconds)[0]
     return Best(Choice(founding, ev.test(founding)), Choice(fastest, ev.test(fastest)), config.within_points)
 
 
@@ -230,7 +225,7 @@ def calibration_table(ev: Evaluator, config: StudyConfig, max_cutoff: float) -> 
         for desired in config.desired_accuracies:
             thr = calibration.METHODS[method](val.scores, val.correct, desired, max_cutoff)
             s = Setting("", config.policy, tuple(thr.tolist()))
-            entries.append(CalibrationEntry(method, desired, "ok", s.thresholds, ev.val(s)["accuracy"], ev.test(s)))
+            entries.append(CalibrationEntry(method, desired, "ok", s.thresholds, ev.val(s).accuracy, ev.test(s)))
     return entries
 
 
@@ -257,31 +252,26 @@ def target_calibration(val: ExitArrays, test: ExitArrays, macs: Sequence[float],
             r = search(d) if d < lowest_unreachable else None
             if r is not None and r.status == "ok":
                 t = analysis.evaluate(test.scores, test.correct, np.asarray(r.thresholds), macs, per_sample)
-                entries.append(CalibrationEntry(method, d, "ok", r.thresholds, r.accuracy, outcome(t), entry_delta))
+                entries.append(CalibrationEntry(method, d, "ok", r.thresholds, r.accuracy, t.outcome(), entry_delta))
             else:
                 lowest_unreachable = d
                 entries.append(CalibrationEntry(method, d, "unreachable", None, None, None, entry_delta))
     return entries
 
 
-def oracle_report(test: ExitArrays, macs: Sequence[float], fixed: dict, fixed_exits: np.ndarray, full: FullNetwork,
-                  best: Best) -> Oracle:
+def oracle_report(test: ExitArrays, macs: Sequence[float], fixed: analysis.Evaluation, fixed_exits: np.ndarray,
+                  full: FullNetwork, best: Best) -> Oracle:
     """The hindsight oracle, how often an earlier exit was right where the later one was wrong (overthinking),
     and how far the full network, the fixed cutoff and the best settings are from the oracle's curve."""
     correct = test.correct
 
     def gap(accuracy: float, mean_macs: float) -> Gap:
-        g = analysis.gap_to_oracle(accuracy, mean_macs, correct, macs)
-        return Gap(g["accuracy"], g["cost"], g["oracle_cost"], g["extra_cost"], g["cost_ratio"])
-
-    def overthinking(exits: np.ndarray | None = None) -> Overthinking:
-        o = analysis.overthinking(correct, macs, exits)
-        return Overthinking(o["samples"], o["correct_somewhere"], o["correct_earlier_wrong_final"],
-                            o["correct_earlier_wrong_at_exit"], o["wasted_cost_per_sample"], o["wasted_share"])
+        return analysis.gap_to_oracle(accuracy, mean_macs, correct, macs)
 
     o = analysis.oracle(correct, macs)
-    return Oracle(o["accuracy"], o["mean_cost"], overthinking(), overthinking(fixed_exits),
-                  gap(full.accuracy, macs[-1]), gap(fixed["accuracy"], fixed["mean_cost"]),
+    return Oracle(o.accuracy, o.cost, analysis.overthinking(correct, macs),
+                  analysis.overthinking(correct, macs, fixed_exits),
+                  gap(full.accuracy, macs[-1]), gap(fixed.accuracy, fixed.mean_cost),
                   gap(best.founding_rule.test.accuracy, best.founding_rule.test.mean_macs),
                   gap(best.fastest_within_points.test.accuracy, best.fastest_within_points.test.mean_macs))
 
