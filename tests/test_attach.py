@@ -107,7 +107,7 @@ def test_the_benchmarks_resnet18_is_cut_after_each_layer_group():
     model = _benchmark_model_file().build().eval()
     ee = attach(model, ["layer1", "layer2", "layer3"], num_classes=10, input_shape=(3, 32, 32))
     assert exact(model, ee, randn(2, 3, 32, 32))
-    assert all(r["head_macs"] <= 0.25 * r["stage_macs"] for r in head_report(ee))
+    assert all(r.head_macs <= 0.25 * r.stage_macs for r in head_report(ee))
 
 
 def test_attached_model_shares_the_user_models_parameters_and_leaves_its_mode_and_statistics_alone():
@@ -149,8 +149,8 @@ def test_heads_fit_the_budget_and_are_reported():
     model = TinyResNet().eval()
     ee = attach(model, ["layer1", "layer2"], num_classes=10, input_shape=(3, 32, 32), max_head_fraction=0.2)
     report = head_report(ee, ["layer1", "layer2"])
-    assert [r["exit"] for r in report] == ["layer1", "layer2"]
-    assert all(r["head_macs"] <= 0.2 * r["stage_macs"] for r in report)
+    assert [r.exit for r in report] == ["layer1", "layer2"]
+    assert all(r.head_macs <= 0.2 * r.stage_macs for r in report)
     assert isinstance(ee.heads[0][0], nn.Conv2d)  # a conv head fits a fifth of layer1's stage
 
 

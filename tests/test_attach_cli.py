@@ -12,7 +12,7 @@ from exitwise import attach
 from exitwise.cli import main
 from exitwise.early_exit import EarlyExitModel
 from exitwise.data import ImageSet, load_splits, split_train
-from exitwise.models import create_model
+from exitwise.models import ModelCard, create_model
 from exitwise.models.attach import AttachRecord
 from exitwise.train import evaluate
 
@@ -78,7 +78,8 @@ def test_attach_writes_a_model_folder_the_study_and_loader_accept(tmp_path, caps
     assert AttachRecord.from_json({k: v for k, v in spec.items() if k != "head"}).head == "auto"  # an older file
     assert all(k.startswith("heads.") for k in load_file(str(out / "model.safetensors")))  # only the heads
     card = json.loads((out / "model.json").read_text())
-    assert [h["exit"] for h in card["heads"]] == ["stem", "block1"]
+    assert [(h["exit"], h["kind"]) for h in card["heads"]] == [("stem", "pool"), ("block1", auto)]
+    assert ModelCard.from_json(card).to_json() == card  # heads with their kinds round-trip too
     network = create_model(out)  # rebuilt from the model file, the user's weights and the heads
     assert type(network.heads[0][0]).__name__ == "MixedPool" and network.head_kinds == ["pool", auto]
     model = build()

@@ -178,8 +178,8 @@ def cmd_attach(args: argparse.Namespace) -> None:
         accuracy = ", ".join(f"{a:.2%}" for a in card.test_accuracy or [])
         print(f"trained the exits in {card.train_seconds:.0f} s; test accuracy per exit: {accuracy}")
         for h in card.heads:
-            kind = f" ({h['kind']})" if h.get("kind") else ""
-            print(f"  head after {h['exit']}{kind}: {h['head_macs']:,} MACs, {h['fraction']:.1%} of its stage")
+            kind = f" ({h.kind})" if h.kind else ""
+            print(f"  head after {h.exit}{kind}: {h.head_macs:,} MACs, {h.fraction:.1%} of its stage")
         print(f"model folder: {args.out.resolve()} (exitwise study --model-dir {args.out})")
 
 

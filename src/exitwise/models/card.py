@@ -41,6 +41,20 @@ class PrecisionAgreement:
     machine: str                            # where it was measured, in words
 
 
+@dataclass(frozen=True)
+class HeadReport:
+    """A side head's cost beside the stage it follows (`costs.head_report`)."""
+    exit: str                               # the exit's name (an attached model: the submodule it follows)
+    head_macs: int
+    stage_macs: int
+    fraction: float                         # head_macs / stage_macs
+    kind: str | None = None                 # an attached model's head kind (`auto`'s choice); absent otherwise
+
+    def to_json(self) -> dict:
+        doc = records.to_json(self)
+        return doc if self.kind is not None else {k: v for k, v in doc.items() if k != "kind"}
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelCard:
     """A trained model's card. Fields in the order the file has them. Those with a None default are keys a card
@@ -63,7 +77,7 @@ class ModelCard:
     val_accuracy: tuple[float, ...] | None  # per exit, after the last epoch (None: no validation images)
     test_accuracy: tuple[float, ...] | None  # per exit (None: no test images)
     exit_macs: tuple[int, ...]       # cumulative, per sample leaving at each exit
-    heads: tuple[dict, ...] | None = None  # each side head's MACs and share of its stage (`costs.head_report`)
+    heads: tuple[HeadReport, ...] | None = None
     history: tuple[dict, ...]        # per epoch: loss, lr, accuracies, seconds
     weights: str                     # the weights file beside the card
     exitwise_version: str
@@ -74,7 +88,10 @@ class ModelCard:
     precision_agreement: PrecisionAgreement | None = None
 
     def to_json(self) -> dict:
-        return {k: v for k, v in records.to_json(self).items() if v is not None or k not in _MAY_LACK}
+        doc = {k: v for k, v in records.to_json(self).items() if v is not None or k not in _MAY_LACK}
+        if self.heads is not None:
+            doc["heads"] = [h.to_json() for h in self.heads]  # a head without a kind has no key for it
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict) -> ModelCard:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .base import MultiExitNetwork
+from .card import HeadReport
 
 
 COUNTED = (nn.modules.conv._ConvNd, nn.Linear, nn.TransformerEncoderLayer)
@@ -102,7 +103,7 @@ def backbone_macs(model: MultiExitNetwork) -> int:
 
 
 def head_report(model: MultiExitNetwork, names: list[str] | None = None,
-                max_fraction: float | None = None) -> list[dict]:
+                max_fraction: float | None = None) -> list[HeadReport]:
     """Each side head's MACs and its share of the stage it follows (and its kind, for an attached model's default
     heads); warns of heads over `max_fraction` of it."""
     import warnings
@@ -112,8 +113,7 @@ def head_report(model: MultiExitNetwork, names: list[str] | None = None,
     for k, (s, h) in enumerate(zip(stages[:-1], heads[:-1])):
         name = names[k] if names else f"exit {k + 1}"
         share = h / s if s else math.inf
-        report.append({"exit": name, "head_macs": h, "stage_macs": s, "fraction": share}
-                      | ({"kind": kinds[k]} if kinds[k] else {}))
+        report.append(HeadReport(name, h, s, share, kinds[k] or None))
         if max_fraction is not None and share > max_fraction:
             warnings.warn(f"the head after {name!r} costs {h:,} MACs, {share:.0%} of its stage's {s:,} "
                           f"(more than {max_fraction:.0%})", stacklevel=3)
