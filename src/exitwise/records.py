@@ -12,11 +12,19 @@ import typing
 
 Thresholds = typing.NewType("Thresholds", tuple)  # one float per side exit; -inf: never leave there (JSON: null)
 NEVER = -math.inf
+_ABSENT_WHEN_NONE = "absent_when_none"
+
+
+def optional():
+    """A field that defaults to None and is left out of the JSON while None: a key some files lack (older ones, or
+    those not of a kind that has it), so they read and write back as they are."""
+    return dataclasses.field(default=None, metadata={_ABSENT_WHEN_NONE: True})
 
 
 def to_json(value):
     if dataclasses.is_dataclass(value):
-        out = {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        out = {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)
+               if not (f.metadata.get(_ABSENT_WHEN_NONE) and getattr(value, f.name) is None)}
         out.update({name: to_json(getattr(value, name)) for name, attr in vars(type(value)).items()
                     if isinstance(attr, property)})
         return out
@@ -28,8 +36,9 @@ def to_json(value):
 
 
 def from_json(kind, value):
-    """`value` (parsed JSON) as type `kind`: dataclasses, X | None, tuple[X, ...], tuple[X, Y], dict[str, X]; an
-    `X | None` dataclass short of a field without a default reads as None."""
+    """`value` (parsed JSON) as type `kind`: dataclasses, unions (the member the value's JSON type fits, else the
+    first), tuple[X, ...], tuple[X, Y], dict[str, X]; an `X | None` dataclass short of a field without a default
+    reads as None."""
     if value is None:
         return None
     origin, args = typing.get_origin(kind), typing.get_args(kind)
@@ -40,7 +49,8 @@ def from_json(kind, value):
         return kind(**{f.name: from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(kind)
                        if f.name in value})
     if origin in (typing.Union, types.UnionType):
-        inner = next(a for a in args if a is not type(None))
+        members = [a for a in args if a is not type(None)]
+        inner = next((a for a in members if isinstance(value, _read_from(a))), members[0])
         if dataclasses.is_dataclass(inner) and any(f.name not in value for f in dataclasses.fields(inner)
                                                    if f.default is f.default_factory is dataclasses.MISSING):
             return None  # an older file's record short of a field (a cache measured without a model holds `{}`)
@@ -53,3 +63,12 @@ def from_json(kind, value):
     if kind is float:
         return float(value)
     return value
+
+
+def _read_from(kind) -> tuple[type, ...]:
+    """The JSON values type `kind` is read from (which member of a union a value is)."""
+    if kind is Thresholds or typing.get_origin(kind) is tuple:
+        return (list,)
+    if dataclasses.is_dataclass(kind) or typing.get_origin(kind) is dict:
+        return (dict,)
+    return (kind,) if isinstance(kind, type) else ()

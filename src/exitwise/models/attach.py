@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -404,8 +404,7 @@ class AttachRecord:
 
     @classmethod
     def from_json(cls, doc: dict) -> AttachRecord:
-        record = records.from_json(cls, doc)
-        return record if isinstance(record.head, str) else replace(record, head=tuple(record.head))
+        return records.from_json(cls, doc)
 
 
 def attach_spec(model_file: str, weights: str | Path | None, exits: Sequence[str], num_classes: int,

@@ -6,7 +6,6 @@ Torch-free.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from .. import records
@@ -48,16 +47,12 @@ class HeadReport:
     head_macs: int
     stage_macs: int
     fraction: float                         # head_macs / stage_macs
-    kind: str | None = None                 # an attached model's head kind (`auto`'s choice); absent otherwise
-
-    def to_json(self) -> dict:
-        doc = records.to_json(self)
-        return doc if self.kind is not None else {k: v for k, v in doc.items() if k != "kind"}
+    kind: str | None = records.optional()  # an attached model's head kind (`auto`'s choice); absent otherwise
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelCard:
-    """A trained model's card. Fields in the order the file has them. Those with a None default are keys a card
+    """A trained model's card. Fields in the order the file has them. The `records.optional()` ones are keys a card
     may lack (the shipped cards predate `precision_probe` and `heads`; only shipped ones may have the last five):
     `to_json` leaves them out while None, so every card round-trips exactly
     (`ModelCard.from_json(doc).to_json() == doc`) and no reader meets a null where it expected a key or nothing; a
@@ -72,26 +67,23 @@ class ModelCard:
     epochs: int
     train_seconds: float
     precision: str                   # what training ran in ("auto" resolved)
-    precision_probe: TrainPrecisionProbe | None = None  # the evidence when "auto" chose it
+    precision_probe: TrainPrecisionProbe | None = records.optional()  # the evidence when "auto" chose it
     machine: dict                    # device.machine()'s fields, platform and processes
     val_accuracy: tuple[float, ...] | None  # per exit, after the last epoch (None: no validation images)
     test_accuracy: tuple[float, ...] | None  # per exit (None: no test images)
     exit_macs: tuple[int, ...]       # cumulative, per sample leaving at each exit
-    heads: tuple[HeadReport, ...] | None = None
+    heads: tuple[HeadReport, ...] | None = records.optional()
     history: tuple[dict, ...]        # per epoch: loss, lr, accuracies, seconds
     weights: str                     # the weights file beside the card
     exitwise_version: str
-    note: str | None = None
-    stored_dtypes: tuple[str, ...] | None = None  # a shipped model's tensors as stored (float16 loads as float32)
-    check_subset: dict | None = None  # a shipped model's fp32 accuracy on a few test images, which tests reproduce
-    calibrated: CalibratedSetting | None = None
-    precision_agreement: PrecisionAgreement | None = None
+    note: str | None = records.optional()
+    stored_dtypes: tuple[str, ...] | None = records.optional()  # a shipped model's tensors as stored (float16 loads as float32)
+    check_subset: dict | None = records.optional()  # a shipped model's fp32 accuracy on a few test images, which tests reproduce
+    calibrated: CalibratedSetting | None = records.optional()
+    precision_agreement: PrecisionAgreement | None = records.optional()
 
     def to_json(self) -> dict:
-        doc = {k: v for k, v in records.to_json(self).items() if v is not None or k not in _MAY_LACK}
-        if self.heads is not None:
-            doc["heads"] = [h.to_json() for h in self.heads]  # a head without a kind has no key for it
-        return doc
+        return records.to_json(self)
 
     @classmethod
     def from_json(cls, doc: dict) -> ModelCard:
@@ -102,5 +94,3 @@ class ModelCard:
         one release)."""
         return self.to_json()[key]
 
-
-_MAY_LACK = {f.name for f in dataclasses.fields(ModelCard) if f.default is None}
