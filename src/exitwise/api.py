@@ -278,18 +278,18 @@ def _read_setting(path: str | Path, model: str) -> dict:
 
 
 def plan_tiers(source: str | Path, tiers: Sequence[Tier], links: Sequence[Link], *, export: str | Path | None = None,
-               images: str | Path | None = None, minimize: str = "latency", max_latency_ms: float | None = None,
-               wire_tolerance_points: float | None = None) -> Plan:
+               images: Sequence[str | Path] | None = None, minimize: str = "latency",
+               max_latency_ms: float | None = None, wire_tolerance_points: float = WIRE_TOLERANCE_POINTS) -> Plan:
     """`exitwise plan`: every placement of a study's stages on `tiers` (in order, joined by `links`), predicted from
     the study's stage times and validation logits (`source`: its folder) at the exit setting the tiers will serve,
     and the best one (docs/tiers.md). That setting and the feature shapes come from `export` (an ONNX export's
-    folder, what the tiers serve) or else from the study's early_exit.json; with `export`, `images` (files or a
-    folder) measure what the lossy wire formats change, so the plan may choose them."""
+    folder, what the tiers serve) or else from the study's early_exit.json; with `export`, `images` (image files,
+    folders, .tar.gz) measure what the lossy wire formats change, so the plan may choose them."""
     from .deploy import measure, plan as planning
     from .images import read_images
     if images is not None and export is None:
         raise UserError("--images measures the wire formats on an ONNX export: give --export too")
-    planning.check_chain(tiers, links)
+    planning.check_chain(tiers, links)  # before the logits and the export are read (`plan` checks it again)
     study, wire = load_logits(source), None
     if export is not None:
         from .deploy.onnx_runtime import OnnxEarlyExit
@@ -299,24 +299,13 @@ def plan_tiers(source: str | Path, tiers: Sequence[Tier], links: Sequence[Link],
         if images is not None:
             wire = measure.measure_wire(runner, read_images(images, runner.input_shape)[1])
     else:
+        from .models.attach import feature_shapes
         model = EarlyExitModel.load(source)
-        shapes = _feature_shapes(model.network)
+        net = model.network
+        shapes = FeatureShapes.of(net.input_shape, feature_shapes(net.stages[:-1], net.input_shape))
         policy, thresholds, temperatures = model.policy.name, tuple(model.thresholds), model.policy.temperatures
     costs = planning.study_costs(study.val_logits, study.stage_seconds_per_sample, shapes, policy=policy,
                                  thresholds=thresholds, temperatures=temperatures, wire=wire)
     return planning.plan(tiers, links, costs, minimize=minimize, max_latency_ms=max_latency_ms,
-                         wire_tolerance_points=WIRE_TOLERANCE_POINTS if wire_tolerance_points is None
-                         else wire_tolerance_points)
+                         wire_tolerance_points=wire_tolerance_points)
 
-
-def _feature_shapes(network: MultiExitNetwork) -> FeatureShapes:
-    """What can cross each cut of `network`, found by running zeros through its stages."""
-    import torch
-    net = network.eval()
-    x, values, channels = torch.zeros(1, *net.input_shape), [], []
-    with torch.no_grad():
-        for stage in net.stages[:-1]:
-            x = stage(x)
-            values.append(x[0].numel())
-            channels.append(x.shape[1] if x.ndim > 1 else 1)
-    return FeatureShapes(tuple(values), int(torch.Size(net.input_shape).numel()), tuple(channels))

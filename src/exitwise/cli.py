@@ -293,8 +293,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from .io import atomic_write_json
     result = plan_tiers(args.source, [planning.parse_tier(t) for t in args.tier],
                         [planning.parse_link(l) for l in args.link], export=args.export, images=args.images,
-                        max_latency_ms=args.max_latency_ms, wire_tolerance_points=args.wire_tolerance,
-                        **({"minimize": args.minimize} if args.minimize else {}))
+                        max_latency_ms=args.max_latency_ms,
+                        **{k: v for k, v in (("minimize", args.minimize),
+                                             ("wire_tolerance_points", args.wire_tolerance)) if v is not None})
     print(planning.format_candidates(result))
     wire = result.costs.wire
     if wire is not None:

@@ -516,12 +516,16 @@ class FeatureShapes:
     input_bytes: int
     channels: tuple[int, ...]
 
+    @classmethod
+    def of(cls, input_shape: Sequence[int], outputs: Sequence[Sequence[int]]) -> FeatureShapes:
+        """From one sample's input shape (C, H, W) and each stage's output shape for one sample, but the last's."""
+        return cls(tuple(int(np.prod(o)) for o in outputs), int(np.prod(input_shape)),
+                   tuple(int(o[0]) if len(o) else 1 for o in outputs))
+
 
 def export_shapes(manifest: Manifest) -> FeatureShapes:
     """The feature shapes an export's manifest records."""
-    outputs = [g.output_shape for g in manifest.stages[:-1]]
-    return FeatureShapes(tuple(int(np.prod(o[1:])) for o in outputs), int(np.prod(manifest.input.shape[1:])),
-                         tuple(int(o[1]) if len(o) > 1 else 1 for o in outputs))
+    return FeatureShapes.of(manifest.input.shape[1:], [g.output_shape[1:] for g in manifest.stages[:-1]])
 
 
 def study_costs(val_logits: np.ndarray, stage_seconds: Sequence[float], shapes: FeatureShapes, *, policy: str,
