@@ -59,6 +59,7 @@ class ExportCheck:
 
 @dataclass(frozen=True)
 class Manifest:
+    """manifest.json, key for key (docs/deploy.md says what each holds)."""
     format: str
     exitwise_version: str
     torch_version: str
