@@ -62,3 +62,14 @@ def test_saved_by_reference_the_weights_are_checked_by_hash(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     with pytest.raises(UserError, match="missing or changed"):
         EarlyExitModel.load(tmp_path / "ee")
+
+
+def test_a_shipped_model_runs_the_setting_its_card_carries_and_only_with_its_own_weights():
+    from exitwise.models import load_model, shipped_card
+    network, _ = load_model("b-resnet11")
+    card = shipped_card("b-resnet11")
+    model = EarlyExitModel.calibrated(network, "b-resnet11")
+    assert model.policy.name == card.calibrated.policy and model.class_names == card.dataset.classes
+    assert json.dumps(model.to_json()["thresholds"]) == json.dumps(list(card.calibrated.thresholds))
+    assert EarlyExitModel.calibrated(network, "b-resnet11", weights="other.safetensors") is None  # not its numbers
+    assert EarlyExitModel.calibrated(create_model("digits-convnet"), "digits-convnet") is None  # no setting ships

@@ -15,7 +15,7 @@ from .deploy.plan import WIRE_TOLERANCE_POINTS, FeatureShapes, Link, Plan, Tier
 from .early_exit import EarlyExitModel
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
-from .models import (ModelCard, calibrated_setting, check_fits, create_model, load_model, load_network, model_key,
+from .models import (ModelCard, check_fits, create_model, load_model, load_network, model_key,
                      shipped_classes)
 from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
@@ -244,15 +244,9 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
         early_exit, sha256 = EarlyExitModel.load(source), saved_weights_sha256(source)
     else:
         net, ref = load_model(model, weights)  # an unknown name or unreadable weights are refused first
-        classes = shipped_classes(model) if weights is None else None
         if thresholds is not None:
-            setting = _read_setting(thresholds, model)
-            early_exit = EarlyExitModel.create(net, model, setting["policy"], setting["thresholds"],
-                                               setting.get("temperatures"), setting.get("class_names") or classes)
-        elif (calibrated := calibrated_setting(model, weights)) is not None:
-            early_exit = EarlyExitModel.create(net, model, calibrated.policy, calibrated.thresholds,
-                                               calibrated.temperatures, classes)
-        else:
+            early_exit = _thresholds_file(thresholds, net, model, shipped_classes(model) if weights is None else None)
+        elif (early_exit := EarlyExitModel.calibrated(net, model, weights)) is None:
             why = "other weights than the shipped ones" if weights is not None else "no calibrated setting shipped"
             raise UserError(f"model {model!r} with {why}: give --thresholds FILE (JSON with policy and thresholds, "
                             "e.g. an early_exit.json)")
@@ -261,9 +255,10 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
     return export_onnx(early_exit, out, weights_sha256=sha256, exporter=exporter, micro_batch=micro_batch)
 
 
-def _read_setting(path: str | Path, model: str) -> dict:
-    """A thresholds file: {policy, thresholds, [temperatures], [class_names], [model]}; refused if it names
-    another model or lacks a key."""
+def _thresholds_file(path: str | Path, network: MultiExitNetwork, model: str,
+                     classes: Sequence[str] | None) -> EarlyExitModel:
+    """`network` with the setting of a thresholds file: {policy, thresholds, [temperatures], [class_names],
+    [model]} (an early_exit.json is one); refused if it names another model or lacks a key."""
     import json
     try:
         setting = json.loads(Path(path).read_text())
@@ -274,7 +269,8 @@ def _read_setting(path: str | Path, model: str) -> dict:
         raise UserError(f"thresholds file {str(path)!r} lacks {' and '.join(missing)}")
     if model_key(setting.get("model", model)) != model_key(model):
         raise UserError(f"thresholds file {str(path)!r} is for model {setting['model']!r}, not {model!r}")
-    return setting
+    return EarlyExitModel.create(network, model, setting["policy"], setting["thresholds"],
+                                 setting.get("temperatures"), setting.get("class_names") or classes)
 
 
 def plan_tiers(source: str | Path, tiers: Sequence[Tier], links: Sequence[Link], *, export: str | Path | None = None,

@@ -20,7 +20,7 @@ import numpy as np
 
 from .exit_rule import as_thresholds, thresholds_to_json
 from .io import atomic_write_json, file_sha256, read_format_json, staged_output
-from .models import MultiExitNetwork, load_network, reference, weight_files
+from .models import MultiExitNetwork, calibrated_setting, load_network, reference, shipped_classes, weight_files
 from .policies import ExitPolicy, get_policy
 
 FORMAT = "exitwise.early-exit-model/1"
@@ -52,6 +52,18 @@ class EarlyExitModel:
             exit_policy = exit_policy.with_temperatures(temperatures)
         return cls(network, exit_policy, as_thresholds(list(thresholds), network.num_exits), model_name,
                    tuple(class_names) if class_names is not None else None)
+
+    @classmethod
+    def calibrated(cls, network: MultiExitNetwork, model_name: str,
+                   weights: str | Path | None = None) -> EarlyExitModel | None:
+        """`network` with the early-exit setting the card of registered model `model_name`'s shipped weights
+        carries (chosen on validation: `scripts/card_calibrated.py`) and the card's class names; None for other
+        `weights`, or where no weights or no setting ship (each command words its own refusal)."""
+        setting = calibrated_setting(model_name, weights)
+        if setting is None:
+            return None
+        return cls.create(network, model_name, setting.policy, setting.thresholds, setting.temperatures,
+                          shipped_classes(model_name))
 
     def prepare(self, precision: str = "fp32", device: str = "cpu") -> EarlyExitModel:
         """This model with an inference copy of its network on `device` (`runtime.prepare`), to run many times

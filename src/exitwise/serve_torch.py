@@ -125,17 +125,17 @@ def load_early_exit(*, model: str | None = None, weights: str | Path | None = No
     registered model with its shipped weights and the calibrated setting its card carries (`calibrated`)."""
     if source is not None:
         return EarlyExitModel.load(source)
-    from .models import calibrated_setting, load_model, shipped_classes
+    from .models import load_model, shipped_classes
     network, _ = load_model(model, weights)
-    setting, classes = calibrated_setting(model, weights), shipped_classes(model)
-    if setting is None:
-        if early_exit:
-            why = "other weights than the shipped ones" if weights is not None else "no calibrated setting"
-            raise UserError(f"model {model!r} with {why}: serve a study's or calibration's folder (--from DIR), "
-                            "or the full network (--no-early-exit)")
-        return EarlyExitModel.create(network, model, "entropy", [None] * (network.num_exits - 1),
-                                     class_names=classes)
-    return EarlyExitModel.create(network, model, setting.policy, setting.thresholds, setting.temperatures, classes)
+    calibrated = EarlyExitModel.calibrated(network, model, weights)
+    if calibrated is not None:
+        return calibrated
+    if early_exit:
+        why = "other weights than the shipped ones" if weights is not None else "no calibrated setting"
+        raise UserError(f"model {model!r} with {why}: serve a study's or calibration's folder (--from DIR), "
+                        "or the full network (--no-early-exit)")
+    return EarlyExitModel.create(network, model, "entropy", [None] * (network.num_exits - 1),
+                                 class_names=shipped_classes(model) if weights is None else None)
 
 
 def card_agreement(model: str | None, weights: str | Path | None = None) -> Agreement | None:
