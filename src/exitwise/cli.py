@@ -357,6 +357,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(f"serving needs {e.name}: pip install 'exitwise[serve]'") from None
     scheduling = SchedulerConfig(**given(args, SchedulerConfig))  # the flags checked before the model loads
     serving = ServeConfig(**given(args, ServeConfig, skip=("scheduler", "tier", "relay")))
+    if serving.grpc_port is not None:
+        if args.ray:
+            raise UserError("--grpc-port with --ray: Ray Serve's proxy speaks HTTP here (drop --grpc-port)")
+        if _is_tier(args):
+            raise UserError("--grpc-port serves a whole model: tiers speak HTTP to each other (drop --grpc-port)")
+        try:
+            import grpc, google.protobuf  # noqa: F401,E401
+        except ImportError as e:
+            raise UserError(f"--grpc-port needs {e.name}: pip install 'exitwise[grpc]'") from None
     if args.export:
         from .deploy.onnx_runner import OnnxRunner
         make_runner = functools.partial(OnnxRunner.load, args.export, early_exit=not args.no_early_exit,

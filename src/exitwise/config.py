@@ -280,6 +280,9 @@ class ServeConfig:
     processes: int = option(1, "server processes on the one port, each with its own model, batches and 1/N of the "
                                "CPUs' threads: more requests per second, a lone request slower (2 on a 2-core AMD Zen "
                                "4: capacity +6-13%%, a lone request +25-38%%; docs/serve.md)")
+    grpc_port: int | None = option(None, "also serve the Open Inference Protocol over gRPC on this port (KServe V2's "
+                                         "GRPCInferenceService, as tritonclient.grpc speaks it; 0: any free port, "
+                                         "printed at start; pip install 'exitwise[grpc]')")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tier: TierConfig | None = None       # one tier of a chain; None: the whole network
     relay: RelayConfig | None = None     # a tier with no stages: forwards everything, runs no model
@@ -293,3 +296,10 @@ class ServeConfig:
             raise UserError(f"--processes must be at least 1, got {self.processes}")
         if self.processes > 1 and self.relay is not None:
             raise UserError("a relay tier runs no model: serve it in one process (drop --processes)")
+        if self.grpc_port is not None:
+            if not 0 <= self.grpc_port <= 65535 or self.grpc_port == self.port != 0:
+                raise UserError(f"--grpc-port must be 0-65535 and not --port, got {self.grpc_port}")
+            if self.processes > 1 and self.grpc_port == 0:
+                raise UserError("--grpc-port 0 with --processes: give a port, which every process listens on")
+            if self.tier is not None or self.relay is not None:
+                raise UserError("--grpc-port serves a whole model: tiers speak HTTP to each other (drop --grpc-port)")

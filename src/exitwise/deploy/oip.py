@@ -29,6 +29,10 @@ OUTPUTS = (("class_index", "INT64"), ("label", "BYTES"), ("probability", "FP32")
 INPUT_NAME = "image"
 
 
+REASONS = {413: "too_large", 404: "unknown_model", 499: "disconnected", 503: "overloaded", 504: "timeout",
+           500: "failed"}  # a refusal's label in `exitwise_rejected_requests_total` (else "bad_request")
+
+
 class BadRequest(Exception):
     """A request the server refuses: an HTTP status and a one-line message."""
 
@@ -112,14 +116,19 @@ def parse_infer(body: bytes, header_length: str | None, shape: Sequence[int]) ->
         raise BadRequest(400, "bytes after the JSON header but no binary_data_size")
     else:
         binary = None
-    tensor_shape = tensor.get("shape")
+    return tensor_images(tensor.get("datatype"), tensor.get("shape"), tensor, binary, params, shape), request
+
+
+def tensor_images(datatype, tensor_shape, tensor: dict, binary: bytes | None, params: dict,
+                  shape: Sequence[int]) -> np.ndarray:
+    """One input tensor's images as uint8 (N, H, W, C), over HTTP or gRPC (`oip_grpc`): UINT8 pixels or BYTES encoded
+    images, as `binary` (the raw bytes) or else `tensor["data"]` (a JSON list)."""
     if not (isinstance(tensor_shape, list) and all(isinstance(d, int) and d >= 0 for d in tensor_shape)):
         raise BadRequest(400, "input 'shape' must be a list of non-negative integers")
-    datatype = tensor.get("datatype")
     if datatype == "UINT8":
-        return _pixels(tensor, tensor_shape, binary, params, shape), request
+        return _pixels(tensor, tensor_shape, binary, params, shape)
     if datatype == "BYTES":
-        return _encoded(tensor, tensor_shape, binary, shape), request
+        return _encoded(tensor, tensor_shape, binary, shape)
     raise BadRequest(400, f"input datatype {datatype!r} is not served: send UINT8 pixels or BYTES encoded images")
 
 
@@ -194,12 +203,17 @@ def requested_outputs(request: dict) -> list[str]:
     return wanted
 
 
+def output_values(answers: Sequence[Answer], class_names: Sequence[str] | None) -> dict[str, list]:
+    """Each output's values, one per image (`OUTPUTS`)."""
+    return {"class_index": [a.prediction for a in answers],
+            "label": [class_names[a.prediction] if class_names else str(a.prediction) for a in answers],
+            "probability": [round(a.probability, 6) for a in answers],
+            "exit": [a.exit for a in answers]}
+
+
 def infer_response(name: str, request: dict, answers: Sequence[Answer], class_names: Sequence[str] | None) -> dict:
     """The V2 response: every output (or those the request names), one value per image."""
-    values = {"class_index": [a.prediction for a in answers],
-              "label": [class_names[a.prediction] if class_names else str(a.prediction) for a in answers],
-              "probability": [round(a.probability, 6) for a in answers],
-              "exit": [a.exit for a in answers]}
+    values = output_values(answers, class_names)
     wanted = requested_outputs(request)
     outputs = [{"name": n, "datatype": t, "shape": [len(answers)], "data": values[n]}
                for n, t in OUTPUTS if not wanted or n in wanted]

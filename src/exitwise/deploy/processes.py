@@ -48,6 +48,8 @@ def serve_processes(make_runner: Callable[[], Runner], config: ServeConfig, log_
     process that fails to start or dies: the others are stopped and a one-line UserError says which and why."""
     from .server import listen
     sock = listen(config, reuse_port=True, listening=False)  # holds the port (0: the one the OS picks) for them
+    held = [sock] if not config.grpc_port else [sock, listen(dataclasses.replace(
+        config, port=config.grpc_port, grpc_port=None), reuse_port=True, listening=False)]  # held for them too
     host, port = sock.getsockname()[:2]
     config = dataclasses.replace(config, port=port)
     folder = tempfile.mkdtemp(prefix="exitwise-metrics-")
@@ -79,6 +81,8 @@ def serve_processes(make_runner: Callable[[], Runner], config: ServeConfig, log_
                 raise UserError(started.error)
             what = started.what
         print(f"exitwise: serving {what} in {config.processes} processes on http://{host}:{port}", flush=True)
+        if config.grpc_port:  # as one process prints it
+            print(f"exitwise: gRPC (Open Inference Protocol) on {host}:{config.grpc_port}", flush=True)
         while not stopping[0]:
             ended = wait([c.sentinel for c in children], timeout=1.0)
             if ended and not stopping[0]:
@@ -99,7 +103,8 @@ def serve_processes(make_runner: Callable[[], Runner], config: ServeConfig, log_
                 child.kill()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        sock.close()
+        for held_sock in held:
+            held_sock.close()
         os.environ.pop(METRICS_DIR, None)
         shutil.rmtree(folder, ignore_errors=True)
 

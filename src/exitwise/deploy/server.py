@@ -8,6 +8,7 @@ one-line JSON body `{"error": "..."}`; SIGTERM stops accepting, answers what was
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import signal
@@ -23,8 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import ServeConfig
 from ..errors import UserError
 from .metrics import Metrics
-from .oip import (BadRequest, answered, decode_images, infer_response, model_metadata, parse_infer, predictions,
-                  requested_outputs)
+from .oip import (REASONS, BadRequest, answered, decode_images, infer_response, model_metadata, parse_infer,
+                  predictions, requested_outputs)
 from .answers import Answers
 from .runner import Runner, describe
 from .scheduler import Answer, QueueFull, Scheduler
@@ -53,7 +54,20 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
     name, shape = runner.name, tuple(runner.input_shape)
 
     async def lifespan(app):
+        grpc_server = None
+        if config.grpc_port is not None:  # the Open Inference Protocol over gRPC too, on this event loop
+            from . import oip_grpc
+            grpc_server, app.state.grpc_port = await oip_grpc.start(
+                config.host, config.grpc_port, oip_grpc.handler(
+                    name, runner.platform, shape, runner.class_names, _version(), lambda: scheduler.accepting, answer,
+                    lambda reason: metrics.rejected.labels(reason=reason).inc(),
+                    lambda status, start: app.front.observe("grpc", status, start)),
+                limit, reuse_port=config.processes > 1)
+            if config.processes == 1:
+                print(f"exitwise: gRPC (Open Inference Protocol) on {config.host}:{app.state.grpc_port}", flush=True)
         yield
+        if grpc_server is not None:  # new calls refused, those accepted answered
+            await grpc_server.stop(timeout + 5)
         await asyncio.get_running_loop().run_in_executor(None, scheduler.close, timeout + 5)
 
     app = _App(title="exitwise", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -82,9 +96,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
                 for a in outcomes]
 
     def refused(e: BadRequest) -> JSONResponse:
-        reason = {413: "too_large", 404: "unknown_model", 499: "disconnected", 503: "overloaded", 504: "timeout",
-                  500: "failed"}.get(e.status, "bad_request")
-        metrics.rejected.labels(reason=reason).inc()
+        metrics.rejected.labels(reason=REASONS.get(e.status, "bad_request")).inc()
         headers = {"Retry-After": "1"} if e.status == 503 else {"Allow": "POST"} if e.status == 405 else None
         return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
 
@@ -332,6 +344,8 @@ def serve(runner: Runner | None, config: ServeConfig = ServeConfig(), log_level:
     port; the line printed on start says which. With `config.relay`: a relay tier, no model (`runner` None).
     (`config.processes` above 1: `deploy.processes.serve_processes`, which builds a runner in each process.)"""
     sock = listen(config)  # before the app starts its scheduler: a port in use stops nothing that runs
+    if config.grpc_port:  # free now (the gRPC server binds it as the app starts)
+        listen(dataclasses.replace(config, port=config.grpc_port, grpc_port=None), listening=False).close()
     if config.relay is not None:
         from .tiers import create_relay_app
         app, what = create_relay_app(config.relay, int(config.max_body_mb * 2**20)), f"relay {config.relay.name}"

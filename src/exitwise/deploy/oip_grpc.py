@@ -1,0 +1,265 @@
+"""The Open Inference Protocol over gRPC: KServe V2's `inference.GRPCInferenceService`, the service Triton serves and
+`tritonclient.grpc` speaks (`exitwise serve --grpc-port PORT`; `pip install 'exitwise[grpc]'`).
+
+It runs beside the HTTP routes, on the same event loop, scheduler and metrics (`server.create_app` starts it), and
+answers as they do (`oip`): one input, UINT8 pixels [N, C, H, W] or [N, H, W, C] (`parameters.layout`), or BYTES
+encoded images [N], in `raw_input_contents` (what tritonclient sends) or `contents`; outputs `class_index`,
+`label`, `probability` and `exit` in `raw_output_contents` (what Triton answers). A refused request gets the gRPC
+status of its HTTP one, with the same one-line message. Served: ServerLive, ServerReady, ModelReady,
+ServerMetadata, ModelMetadata, ModelInfer; any other method answers UNIMPLEMENTED.
+
+The messages are built from `SCHEMA` at import (protobuf's descriptor pool, a pool of their own): no generated
+code, so any protobuf >= 4.21 reads them. Names and field numbers are KServe's grpc_predict_v2.proto
+(tests/test_serve_grpc.py compares them with tritonclient's).
+"""
+from __future__ import annotations
+
+import functools
+import struct
+import time
+from typing import Awaitable, Callable, Sequence
+
+import grpc
+import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from .oip import OUTPUTS, REASONS, BadRequest, model_metadata, output_values, requested_outputs, tensor_images
+from .scheduler import Answer
+
+SERVICE = "inference.GRPCInferenceService"
+_CODE = grpc.StatusCode
+STATUS = {400: _CODE.INVALID_ARGUMENT, 404: _CODE.NOT_FOUND, 409: _CODE.FAILED_PRECONDITION,
+          413: _CODE.RESOURCE_EXHAUSTED, 499: _CODE.CANCELLED, 503: _CODE.UNAVAILABLE, 504: _CODE.DEADLINE_EXCEEDED,
+          500: _CODE.INTERNAL}  # a refusal's gRPC status, by its HTTP one
+
+# KServe V2's messages: (field, number, type); "T*" repeated; "params" a map<string, InferParameter> (its
+# ParametersEntry); nested messages under their parent's name.
+SCHEMA: dict[str, list[tuple[str, int, str]]] = {
+    "ServerLiveRequest": [], "ServerLiveResponse": [("live", 1, "bool")],
+    "ServerReadyRequest": [], "ServerReadyResponse": [("ready", 1, "bool")],
+    "ModelReadyRequest": [("name", 1, "string"), ("version", 2, "string")],
+    "ModelReadyResponse": [("ready", 1, "bool")],
+    "ServerMetadataRequest": [],
+    "ServerMetadataResponse": [("name", 1, "string"), ("version", 2, "string"), ("extensions", 3, "string*")],
+    "ModelMetadataRequest": [("name", 1, "string"), ("version", 2, "string")],
+    "ModelMetadataResponse": [("name", 1, "string"), ("versions", 2, "string*"), ("platform", 3, "string"),
+                              ("inputs", 4, "ModelMetadataResponse.TensorMetadata*"),
+                              ("outputs", 5, "ModelMetadataResponse.TensorMetadata*")],
+    "ModelMetadataResponse.TensorMetadata": [("name", 1, "string"), ("datatype", 2, "string"), ("shape", 3, "int64*")],
+    "InferParameter": [("bool_param", 1, "bool"), ("int64_param", 2, "int64"), ("string_param", 3, "string"),
+                       ("double_param", 4, "double"), ("uint64_param", 5, "uint64")],  # one of them
+    "InferTensorContents": [("bool_contents", 1, "bool*"), ("int_contents", 2, "int32*"),
+                            ("int64_contents", 3, "int64*"), ("uint_contents", 4, "uint32*"), ("uint64_contents", 5, "uint64*"),
+                            ("fp32_contents", 6, "float*"), ("fp64_contents", 7, "double*"),
+                            ("bytes_contents", 8, "bytes*")],
+    "ModelInferRequest": [("model_name", 1, "string"), ("model_version", 2, "string"), ("id", 3, "string"),
+                          ("parameters", 4, "params"), ("inputs", 5, "ModelInferRequest.InferInputTensor*"),
+                          ("outputs", 6, "ModelInferRequest.InferRequestedOutputTensor*"),
+                          ("raw_input_contents", 7, "bytes*")],
+    "ModelInferRequest.InferInputTensor": [("name", 1, "string"), ("datatype", 2, "string"), ("shape", 3, "int64*"),
+                                           ("parameters", 4, "params"), ("contents", 5, "InferTensorContents")],
+    "ModelInferRequest.InferRequestedOutputTensor": [("name", 1, "string"), ("parameters", 2, "params")],
+    "ModelInferResponse": [("model_name", 1, "string"), ("model_version", 2, "string"), ("id", 3, "string"),
+                           ("parameters", 4, "params"), ("outputs", 5, "ModelInferResponse.InferOutputTensor*"),
+                           ("raw_output_contents", 6, "bytes*")],
+    "ModelInferResponse.InferOutputTensor": [("name", 1, "string"), ("datatype", 2, "string"), ("shape", 3, "int64*"),
+                                             ("parameters", 4, "params"), ("contents", 5, "InferTensorContents")],
+}
+_SCALARS = {"double": 1, "float": 2, "int64": 3, "uint64": 4, "int32": 5, "bool": 8, "string": 9, "bytes": 12,
+            "uint32": 13}
+_OPTIONAL, _REPEATED, _MESSAGE = 1, 3, 11
+
+
+def _file() -> descriptor_pb2.FileDescriptorProto:
+    """`SCHEMA` as a .proto file's descriptor (package `inference`, proto3)."""
+    file = descriptor_pb2.FileDescriptorProto(name="exitwise/grpc_predict_v2.proto", package="inference",
+                                              syntax="proto3")
+    made: dict[str, descriptor_pb2.DescriptorProto] = {}
+    for name, fields in SCHEMA.items():
+        parent, _, short = name.rpartition(".")
+        message = (made[parent].nested_type if parent else file.message_type).add(name=short)
+        made[name] = message
+        for field_name, number, kind in fields:
+            repeated, kind = kind.endswith("*"), kind.rstrip("*")
+            field = message.field.add(name=field_name, number=number, label=_REPEATED if repeated else _OPTIONAL)
+            if kind in _SCALARS:
+                field.type = _SCALARS[kind]
+            elif kind == "params":
+                entry = message.nested_type.add(name="ParametersEntry")
+                entry.options.map_entry = True
+                entry.field.add(name="key", number=1, label=_OPTIONAL, type=_SCALARS["string"])
+                entry.field.add(name="value", number=2, label=_OPTIONAL, type=_MESSAGE,
+                                type_name=".inference.InferParameter")
+                field.label, field.type, field.type_name = _REPEATED, _MESSAGE, f".inference.{name}.ParametersEntry"
+            else:
+                field.type, field.type_name = _MESSAGE, f".inference.{kind}"
+        if name == "InferParameter":
+            message.oneof_decl.add(name="parameter_choice")
+            for field in message.field:
+                field.oneof_index = 0
+    return file
+
+
+_POOL = descriptor_pool.DescriptorPool()
+_POOL.Add(_file())
+
+
+@functools.cache
+def message(name: str) -> type:
+    """The message class of `SCHEMA`'s `name` (e.g. "ModelInferRequest")."""
+    return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"inference.{name}"))
+
+
+def _parameter(value) -> object:
+    """An InferParameter's value (whichever of its fields is set)."""
+    which = value.WhichOneof("parameter_choice")
+    return None if which is None else getattr(value, which)
+
+
+def infer_images(request, shape: Sequence[int]) -> np.ndarray:
+    """A ModelInferRequest's images as uint8 (N, H, W, C), refused as over HTTP (`oip.tensor_images`)."""
+    if len(request.inputs) != 1:
+        raise BadRequest(400, "expected exactly one input in 'inputs' (the images)")
+    tensor, raw = request.inputs[0], request.raw_input_contents
+    if len(raw) > 1:
+        raise BadRequest(400, f"{len(raw)} raw_input_contents for one input")
+    params = {k: _parameter(v) for k, v in tensor.parameters.items()}
+    contents = tensor.contents
+    binary = raw[0] if raw else None
+    if binary is None and tensor.datatype == "BYTES":  # elements as the binary form has them: length, then bytes
+        binary = b"".join(struct.pack("<I", len(b)) + b for b in contents.bytes_contents)
+    data = None if binary is not None else list(contents.uint_contents)
+    return tensor_images(tensor.datatype, list(tensor.shape), {"data": data}, binary, params, shape)
+
+
+def infer_response(request, answers: Sequence[Answer], class_names: Sequence[str] | None):
+    """The ModelInferResponse: every output (or those the request names) as raw little-endian contents, as Triton
+    answers (BYTES: each element a 4-byte length, then its bytes)."""
+    wanted = requested_outputs({"outputs": [{"name": o.name} for o in request.outputs]})
+    values = output_values(answers, class_names)
+    response = message("ModelInferResponse")(model_name=request.model_name, model_version=request.model_version,
+                                             id=request.id)
+    for name, datatype in OUTPUTS:
+        if wanted and name not in wanted:
+            continue
+        response.outputs.add(name=name, datatype=datatype, shape=[len(answers)])
+        if datatype == "BYTES":
+            raw = b"".join(struct.pack("<I", len(v)) + v for v in (str(v).encode() for v in values[name]))
+        else:
+            raw = np.asarray(values[name], dtype=np.int64 if datatype == "INT64" else np.float32).tobytes()
+        response.raw_output_contents.append(raw)
+    return response
+
+
+class _GrpcCall:
+    """A gRPC call as `server.create_app`'s `answer` wants a request: a watch on its client leaving."""
+
+    def __init__(self, context):
+        self.context = context
+
+    def on_disconnect(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        """`callback("gone")` when the call ends before its answer (cancelled, or past the client's deadline)."""
+        watching = [True]
+
+        def ended(_context) -> None:
+            if watching[0]:
+                callback("gone")
+
+        self.context.add_done_callback(ended)
+        return lambda: watching.__setitem__(0, False)
+
+
+def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequence[str] | None, version: str,
+            ready: Callable[[], bool], answer: Callable[[object, np.ndarray], Awaitable[list[Answer]]],
+            refused: Callable[[str], None], observe: Callable[[int, float], None]) -> grpc.GenericRpcHandler:
+    """The service's methods for one model (`name`, served on `platform`, taking `shape` (C, H, W) images) of
+    exitwise `version`: `ready()` says whether it accepts; `answer(call, images)` runs images through the
+    scheduler (`server.create_app`'s); `refused(reason)` counts a refusal, `observe(status, start)` times an
+    infer call by the HTTP status it corresponds to."""
+    metadata = model_metadata(name, shape, platform)
+
+    def check(model: str, model_version: str = "") -> None:
+        if model != name:
+            raise BadRequest(404, f"unknown model {model!r}; this server serves {name!r}")
+        if model_version not in ("", "1"):
+            raise BadRequest(404, f"model {name!r} has version 1 only, not {model_version!r}")
+
+    async def refuse(context, e: BadRequest) -> None:
+        refused(REASONS.get(e.status, "bad_request"))
+        await context.abort(STATUS.get(e.status, grpc.StatusCode.INVALID_ARGUMENT), e.message)
+
+    async def server_live(request, context):
+        return message("ServerLiveResponse")(live=True)
+
+    async def server_ready(request, context):
+        return message("ServerReadyResponse")(ready=ready())
+
+    async def model_ready(request, context):
+        try:
+            check(request.name, request.version)
+        except BadRequest as e:
+            await refuse(context, e)
+        return message("ModelReadyResponse")(ready=ready())
+
+    async def server_metadata(request, context):
+        return message("ServerMetadataResponse")(name="exitwise", version=version)
+
+    async def get_model_metadata(request, context):
+        try:
+            check(request.name, request.version)
+        except BadRequest as e:
+            await refuse(context, e)
+        tensor = message("ModelMetadataResponse.TensorMetadata")
+        return message("ModelMetadataResponse")(
+            name=name, versions=metadata["versions"], platform=metadata["platform"],
+            inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in metadata["inputs"]],
+            outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in metadata["outputs"]])
+
+    async def model_infer(request, context):
+        start, status = time.perf_counter(), 500
+        try:
+            check(request.model_name, request.model_version)
+            images = infer_images(request, shape)
+            requested_outputs({"outputs": [{"name": o.name} for o in request.outputs]})  # before any work
+            response = infer_response(request, await answer(_GrpcCall(context), images), class_names)
+            status = 200
+            return response
+        except BadRequest as e:
+            status = e.status
+            await refuse(context, e)
+        except Exception as e:  # noqa: BLE001  a one-line INTERNAL, as HTTP's 500
+            await refuse(context, BadRequest(500, f"internal error: {type(e).__name__}: {e}"))
+        finally:
+            observe(status, start)
+
+    methods = {"ServerLive": (server_live, "ServerLiveRequest", "ServerLiveResponse"),
+               "ServerReady": (server_ready, "ServerReadyRequest", "ServerReadyResponse"),
+               "ModelReady": (model_ready, "ModelReadyRequest", "ModelReadyResponse"),
+               "ServerMetadata": (server_metadata, "ServerMetadataRequest", "ServerMetadataResponse"),
+               "ModelMetadata": (get_model_metadata, "ModelMetadataRequest", "ModelMetadataResponse"),
+               "ModelInfer": (model_infer, "ModelInferRequest", "ModelInferResponse")}
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        method: grpc.unary_unary_rpc_method_handler(fn, request_deserializer=message(request).FromString,
+                                                    response_serializer=message(response).SerializeToString)
+        for method, (fn, request, response) in methods.items()})
+
+
+async def start(host: str, port: int, rpc_handler: grpc.GenericRpcHandler, max_message_bytes: int,
+                reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
+    """A gRPC server on the running event loop, listening on host:port (0: any free port); (server, its port).
+    `reuse_port`: several processes share the port (`serve --processes`); else a port in use is refused."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port)),
+                                      ("grpc.max_receive_message_length", max_message_bytes),
+                                      ("grpc.max_send_message_length", max_message_bytes)])
+    server.add_generic_rpc_handlers((rpc_handler,))
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as e:
+        bound, why = 0, e
+    else:
+        why = "in use"
+    if not bound:
+        raise OSError(f"cannot listen on {address} for gRPC: {why}")
+    await server.start()
+    return server, bound

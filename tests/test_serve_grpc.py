@@ -1,0 +1,225 @@
+"""`exitwise serve --grpc-port`: the Open Inference Protocol over gRPC (KServe V2's GRPCInferenceService), spoken by
+tritonclient.grpc, beside HTTP on 127.0.0.1, tiny digits models, every loop bounded in count and time.
+
+Its messages are KServe's, field for field; its answers are the HTTP routes' (and so the offline runtime's); a bad
+request gets the gRPC status of its HTTP refusal with a one-line message and the server keeps serving; overload
+and lateness are UNAVAILABLE and DEADLINE_EXCEEDED; SIGTERM drains; the ONNX server still never imports torch.
+"""
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+grpc = pytest.importorskip("grpc")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from exitwise.config import SchedulerConfig, ServeConfig  # noqa: E402
+from exitwise.deploy import oip_grpc  # noqa: E402
+from exitwise.deploy.onnx_runner import OnnxRunner  # noqa: E402
+from exitwise.deploy.onnx_runtime import OnnxEarlyExit  # noqa: E402
+
+from conftest import until  # noqa: E402
+from test_serve import SRC, Running, digits, png, start_cli_server  # noqa: E402,F401  (digits: the fixture)
+
+MODEL = "digits-convnet"
+
+
+def grpc_client(server: Running):
+    return grpcclient.InferenceServerClient(f"127.0.0.1:{server.app.state.grpc_port}")
+
+
+@pytest.fixture(scope="module")
+def grpc_server(digits):
+    server = Running(OnnxRunner.load(digits[2] / "onnx"),
+                     ServeConfig(grpc_port=0, max_body_mb=0.01, scheduler=SchedulerConfig(max_batch=16)))
+    yield server
+    server.stop()
+
+
+def pixels_input(images: np.ndarray, layout: str = "NCHW"):
+    pixels = np.ascontiguousarray(images.transpose(0, 3, 1, 2) if layout == "NCHW" else images)
+    tensor = grpcclient.InferInput("image", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    if layout == "NHWC":  # tritonclient.grpc has no setter for an input's parameters: its message's
+        tensor._get_tensor().parameters["layout"].string_param = "NHWC"
+    return tensor
+
+
+def encoded_input(blobs: list[bytes]):
+    tensor = grpcclient.InferInput("image", [len(blobs)], "BYTES")
+    tensor.set_data_from_numpy(np.array(blobs, dtype=np.object_))
+    return tensor
+
+
+def refusal(call) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as refused:
+        call()
+    return refused.value
+
+
+def test_the_messages_are_kserve_v2s_field_for_field_as_tritonclient_has_them():
+    from google.protobuf import descriptor_pb2
+    from tritonclient.grpc import service_pb2
+
+    def fields(descriptor) -> list:
+        proto = descriptor_pb2.DescriptorProto()
+        descriptor.CopyToProto(proto)
+        inside = {n.name: [(f.name, f.number, f.label, f.type) for f in n.field] for n in proto.nested_type}
+        return [(f.name, f.number, f.label, f.type, inside.get(f.type_name.rsplit(".", 1)[-1])) for f in proto.field]
+
+    for name in oip_grpc.SCHEMA:
+        theirs = service_pb2.DESCRIPTOR.pool.FindMessageTypeByName(f"inference.{name}")
+        assert fields(oip_grpc.message(name).DESCRIPTOR) == fields(theirs), name
+
+
+def test_tritonclient_grpc_gets_what_http_answers_whatever_the_input_form(digits, grpc_server):
+    _, data, out = digits
+    images = data.images.numpy()[:6]
+    expected = OnnxEarlyExit.load(out / "onnx").run(images)
+    client = grpc_client(grpc_server)
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+        meta = client.get_model_metadata(MODEL, as_json=True)
+        assert meta["platform"] == "onnxruntime" and meta["inputs"][0]["shape"] == ["-1", "1", "8", "8"]
+        assert [o["name"] for o in meta["outputs"]] == ["class_index", "label", "probability", "exit"]
+        assert client.get_server_metadata(as_json=True)["name"] == "exitwise"
+        http = grpc_server.client.post("/v1/predict", files=[("f", png(im)) for im in images]).json()["predictions"]
+        for tensor in (pixels_input(images), pixels_input(images, "NHWC"), encoded_input([png(im) for im in images])):
+            result = client.infer(MODEL, [tensor], request_id="r9")
+            assert result.get_response().id == "r9"
+            assert result.as_numpy("exit").tolist() == expected.exits.tolist() == [p["exit"] for p in http]
+            assert result.as_numpy("class_index").tolist() == expected.predictions.tolist()
+            assert [b.decode() for b in result.as_numpy("label")] == [p["class"] for p in http]
+            np.testing.assert_allclose(result.as_numpy("probability"), [p["probability"] for p in http], atol=1e-6)
+        wanted = client.infer(MODEL, [pixels_input(images[:2])], outputs=[grpcclient.InferRequestedOutput("exit")])
+        assert [o.name for o in wanted.get_response().outputs] == ["exit"]
+    finally:
+        client.close()
+
+
+def test_a_bad_call_gets_the_status_of_its_http_refusal_in_one_line_and_the_server_keeps_serving(grpc_server):
+    client = grpc_client(grpc_server)
+    zeros = np.zeros((2, 8, 8, 1), dtype=np.uint8)
+    try:
+        before = grpc_server.metric("exitwise_rejected_requests_total", reason="bad_request")
+        cases = [  # (the call, its status, words of its message)
+            (lambda: client.infer("nope", [pixels_input(zeros)]), "StatusCode.NOT_FOUND", "unknown model 'nope'"),
+            (lambda: client.is_model_ready("nope"), "StatusCode.NOT_FOUND", "unknown model"),
+            (lambda: client.infer(MODEL, [pixels_input(np.zeros((2, 9, 8, 1), np.uint8), "NHWC")]),
+             "StatusCode.INVALID_ARGUMENT", "the model takes UINT8"),
+            (lambda: client.infer(MODEL, [encoded_input([b"not an image"])]), "StatusCode.INVALID_ARGUMENT",
+             "cannot decode image"),
+            (lambda: client.infer(MODEL, [pixels_input(zeros), pixels_input(zeros)]), "StatusCode.INVALID_ARGUMENT",
+             "exactly one input"),
+            (lambda: client.infer(MODEL, [pixels_input(zeros)], outputs=[grpcclient.InferRequestedOutput("logits")]),
+             "StatusCode.INVALID_ARGUMENT", "unknown output 'logits'"),
+            (lambda: client.infer(MODEL, [pixels_input(np.zeros((200, 8, 8, 1), np.uint8))]),  # over --max-body-mb
+             "StatusCode.RESOURCE_EXHAUSTED", ""),
+        ]
+        float_input = grpcclient.InferInput("image", [1, 1, 8, 8], "FP32")
+        float_input.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+        cases.append((lambda: client.infer(MODEL, [float_input]), "StatusCode.INVALID_ARGUMENT",
+                      "datatype 'FP32' is not served"))
+        for call, status, words in cases:
+            refused = refusal(call)
+            assert refused.status() == status and words in refused.message() and "\n" not in refused.message()
+        assert grpc_server.metric("exitwise_rejected_requests_total", reason="bad_request") == before + 5
+        assert client.infer(MODEL, [pixels_input(zeros)]).as_numpy("exit").shape == (2,)
+    finally:
+        client.close()
+
+
+def test_a_full_queue_is_unavailable_at_once_and_a_late_call_past_its_deadline(digits):
+    _, _, out = digits
+    config = ServeConfig(grpc_port=0, scheduler=SchedulerConfig(max_batch=64, max_wait_ms=60_000, max_queue=4,
+                                                                timeout_ms=1500))
+    server = Running(OnnxRunner.load(out / "onnx"), config)
+    client = grpc_client(server)
+    zeros = np.zeros((4, 8, 8, 1), dtype=np.uint8)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(refusal, lambda: client.infer(MODEL, [pixels_input(zeros)]))  # no batch of 64 comes
+            until(lambda: server.metric("exitwise_samples_inside") >= 4)
+            start = time.monotonic()
+            full = refusal(lambda: client.infer(MODEL, [pixels_input(zeros[:1])]))
+            assert full.status() == "StatusCode.UNAVAILABLE" and "overloaded" in full.message()
+            assert time.monotonic() - start < 1.0
+            assert held.result(10).status() == "StatusCode.DEADLINE_EXCEEDED"
+        assert server.metric("exitwise_rejected_requests_total", reason="timeout") == 1
+        assert server.metric("exitwise_request_seconds_count", code="503", endpoint="grpc") == 1
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_exitwise_serve_grpc_port_without_torch_and_sigterm_drains_it(digits):
+    _, data, out = digits
+    process, url = start_cli_server(["--export", str(out / "onnx"), "--grpc-port", "0", "--max-wait-ms", "1500"],
+                                    block_torch=True)
+    try:
+        line = process.stdout.readline()  # bounded: printed as the app starts
+        assert "gRPC" in line, line
+        client = grpcclient.InferenceServerClient(line.split(" on ")[1].strip())
+        images = data.images.numpy()[:3]
+        with ThreadPoolExecutor(3) as pool:
+            accepted = [pool.submit(client.infer, MODEL, [pixels_input(images[i:i + 1])]) for i in range(3)]
+            until(lambda: "exitwise_samples_inside 3.0" in httpx.get(url + "/metrics").text)
+            process.send_signal(signal.SIGTERM)
+            assert [f.result(20).as_numpy("exit").shape for f in accepted] == [(1,)] * 3
+        assert process.wait(30) == 0
+        client.close()
+    finally:
+        process.kill()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--grpc-port", "70000"], "--grpc-port must be 0-65535"),
+    (["--grpc-port", "0", "--processes", "2"], "--grpc-port 0 with --processes"),
+    (["--grpc-port", "9", "--ray"], "--grpc-port with --ray"),
+    (["--grpc-port", "9", "--stages", "0-1"], "tiers speak HTTP"),
+])
+def test_grpc_flags_that_cannot_work_are_refused_in_one_line(digits, flags, words):
+    _, _, out = digits
+    done = subprocess.run([sys.executable, "-m", "exitwise", "serve", "--export", str(out / "onnx"), *flags],
+                          capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(SRC), "PATH": ""})
+    assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_grpc_port_in_use_is_refused_before_serving(digits):
+    import socket
+    _, _, out = digits
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "exitwise", "serve", "--export", str(out / "onnx"), "--port", "0",
+                               "--grpc-port", str(port)], capture_output=True, text=True, timeout=60,
+                              env={"PYTHONPATH": str(SRC), "PATH": ""})
+    assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
+
+
+def test_server_processes_all_listen_on_the_grpc_port_and_drain_on_sigterm(digits):
+    import socket
+    _, data, out = digits
+    with socket.socket() as free:  # a port free just now, for every process to listen on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    process, url = start_cli_server(["--export", str(out / "onnx"), "--processes", "2", "--grpc-port", str(port)])
+    try:
+        clients = [grpcclient.InferenceServerClient(f"127.0.0.1:{port}") for _ in range(6)]  # a connection each
+        images = data.images.numpy()[:1]
+        assert all(c.infer(MODEL, [pixels_input(images)]).as_numpy("exit").shape == (1,) for c in clients)
+        count = 'exitwise_request_seconds_count{code="200",endpoint="grpc"} 6.0'
+        until(lambda: count in httpx.get(url + "/metrics").text)  # both processes' counts, added up
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        for c in clients:
+            c.close()
+    finally:
+        process.kill()
