@@ -21,6 +21,8 @@ APP_NAME = "exitwise"
 
 def deployment(make_runner: Callable[[], Runner], config: ServeConfig, replicas: int = 1):
     """The bound Ray Serve application: `replicas` copies of `create_app(make_runner(), config)`."""
+    if config.grpc_port is not None:  # each replica would listen on it; Ray Serve's proxy is HTTP here
+        raise UserError("--grpc-port with --ray: Ray Serve's proxy speaks HTTP here (drop --grpc-port)")
     from ray import serve
 
     @serve.deployment(num_replicas=replicas, max_ongoing_requests=config.scheduler.max_queue)
@@ -45,10 +47,11 @@ def start_on_ray(make_runner: Callable[[], Runner], config: ServeConfig, replica
         raise UserError("--ray needs Ray Serve: pip install 'exitwise[ray]'") from None
     if replicas < 1:
         raise UserError(f"--replicas must be at least 1, got {replicas}")
+    app = deployment(make_runner, config, replicas)  # refused here, before Ray starts
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(deployment(make_runner, config, replicas), name=APP_NAME, route_prefix="/")
+    serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{config.host}:{config.port}"
 
 
