@@ -179,6 +179,45 @@ class CpuLimit:
             pass
 
 
+class Stretch:
+    """A slower machine, emulated steadily: its processes pinned to `cpu` (taskset), and every ONNX Runtime session
+    call in them (a stage or a head: what `exitwise serve --export` and `plan --measure` run) followed by a sleep of
+    (1 / `share` - 1) times its duration (`stretch_onnxruntime`), so the model's work takes 1 / `share` of its time,
+    call by call. The rest of a tier's work (HTTP, decoding, forwarding) runs at full speed. Where `CpuLimit`'s quota
+    lets work run in full-speed bursts of 1 ms and spill into the next period, which made a fresh process's speed
+    move by 10% and more (docs/tiers.md), this one scales each call as a uniformly slower CPU would.
+    `command(argv)` starts argv, a `python -m exitwise ARGS` (inside a `NetnsLink`'s command or not), so."""
+
+    def __init__(self, share: float, cpu: int | None = None):
+        self.share, self.cpu = share, cpu
+
+    def command(self, argv: list[str]) -> list[str]:
+        i = argv.index("-m")  # argv[i - 1] is the interpreter, argv[i + 1] "exitwise"
+        pin = ["taskset", "-c", str(self.cpu)] if self.cpu is not None else []
+        code = (f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+                f"from link_relay import stretch_onnxruntime\nstretch_onnxruntime({1 / self.share - 1!r})\n"
+                "from exitwise.cli import main\nsys.exit(main(sys.argv[1:]))")
+        return [*argv[:i - 1], *pin, argv[i - 1], "-c", code, *argv[i + 2:]]
+
+    def close(self) -> None:
+        pass
+
+
+def stretch_onnxruntime(factor: float, clock=time.perf_counter, sleep=time.sleep) -> None:
+    """Every `onnxruntime.InferenceSession.run` in this process from now on followed by a sleep of `factor` times
+    its duration (`Stretch`)."""
+    import onnxruntime
+    run = onnxruntime.InferenceSession.run
+
+    def stretched(self, *args, **kwargs):
+        start = clock()
+        out = run(self, *args, **kwargs)
+        sleep(factor * (clock() - start))
+        return out
+
+    onnxruntime.InferenceSession.run = stretched
+
+
 class NetnsLink:
     """A network namespace this process creates, joined to this one by a veth pair whose two ends the kernel's
     token bucket (`tbf`) limits to `mbps` Mbit/s each way, with a burst of one full-size packet: the rate in the

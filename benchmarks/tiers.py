@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from link_relay import CpuLimit, LinkRelay, NetnsLink, ServeProcess, exitwise_command
+from link_relay import CpuLimit, LinkRelay, NetnsLink, ServeProcess, Stretch, exitwise_command
 
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.deploy.measure import measure_request_at, measure_wire
@@ -314,6 +314,9 @@ def main() -> None:
     ap.add_argument("--links", default="1:100,20:40,100:20,1000:5", help="MBPS:RTT_MS,... (the emulated links)")
     ap.add_argument("--device-cpu-share", type=float, default=0.25, help="the device tier runs pinned to one CPU, in "
                     "a cgroup limited to this share of it (an emulated slower device; 0: no limit)")
+    ap.add_argument("--device-emulation", choices=("quota", "stretch"), default="quota", help="how the device is "
+                    "made slower: quota, a cgroup's CPU quota (link_relay.CpuLimit); stretch, each model call followed "
+                    "by a sleep, the model's work taking 1/share of its time (link_relay.Stretch)")
     ap.add_argument("--link-rate", choices=("relay", "tbf"), default="relay", help="what limits a link's rate: "
                     "the relay (a serial line, in user space) or tbf on a veth pair into a network namespace this "
                     "run creates, the cloud inside (the relay then adds the RTT only)")
@@ -360,8 +363,11 @@ def main() -> None:
         from exitwise.device import machine, machine_load
         host = machine().describe()  # before this process leaves the device's CPU to it
         print(f"machine: {host}; {machine_load().describe()}")
-        limit = CpuLimit(args.device_cpu_share, cpu=os.cpu_count() - 1) \
-            if args.device_cpu_share > 0 and CpuLimit.available() else None
+        if args.device_emulation == "stretch":
+            limit = Stretch(args.device_cpu_share, cpu=os.cpu_count() - 1) if args.device_cpu_share > 0 else None
+        else:
+            limit = CpuLimit(args.device_cpu_share, cpu=os.cpu_count() - 1) \
+                if args.device_cpu_share > 0 and CpuLimit.available() else None
         if args.device_cpu_share > 0 and limit is None:
             print("no cgroup cpu controller here (or not root): the device runs as fast as the cloud")
         if limit:

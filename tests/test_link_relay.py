@@ -109,3 +109,26 @@ def test_a_namespace_link_holds_to_its_tbf_rate_and_is_removed_on_close():
         ns.close()
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert ns.name not in listed.split()
+
+
+def test_stretch_follows_every_onnx_runtime_call_with_a_sleep_of_its_duration_times_the_factor(monkeypatch):
+    ort = __import__("pytest").importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+    from link_relay import Stretch, stretch_onnxruntime
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    monkeypatch.setattr(ort.InferenceSession, "run", ort.InferenceSession.run)  # put back after the test
+    ticks, slept = iter([10.0, 10.002, 20.0, 20.005]), []
+    stretch_onnxruntime(3.0, clock=lambda: next(ticks), sleep=slept.append)
+    import numpy as np
+    for _ in range(2):
+        assert session.run(None, {"x": np.array([-1.0, 2.0], np.float32)})[0].tolist() == [0.0, 2.0]
+    assert np.allclose(slept, [0.006, 0.015])  # three times each call's 2 ms and 5 ms
+    argv = ["ip", "netns", "exec", "ns", sys.executable, "-m", "exitwise", "serve", "--port", "0"]
+    command = Stretch(0.25, cpu=1).command(argv)
+    assert command[:8] == ["ip", "netns", "exec", "ns", "taskset", "-c", "1", sys.executable]
+    assert command[8] == "-c" and "stretch_onnxruntime(3.0)" in command[9] and command[10:] == ["serve", "--port", "0"]
