@@ -73,6 +73,16 @@ def test_minimize_traffic_within_a_latency_bound():
         plan(TIERS, LINKS, COSTS, max_latency_ms=50)
 
 
+def test_a_tie_goes_to_the_placement_with_fewer_tiers_holding_stages():
+    # no image reaches stage 2: the device holding everything and the device 0-1 / cloud 2 split both send nothing
+    # and take 40 + .5*20/.25 = 80 ms; the split would run a cloud server that never gets an image
+    costs = NetworkCosts(**{**COSTS.__dict__, "reach": (1.0, 0.5, 0.0)})
+    p = plan(TIERS, LINKS, costs, minimize="traffic")
+    split = next(c for c in p.candidates if c.stages == ((0, 1), (2, 2)))
+    assert (split.latency_ms, split.traffic_bytes) == (p.choice.latency_ms, p.choice.traffic_bytes) == (80.0, 0)
+    assert p.choice.stages == ((0, 2), None)
+
+
 def test_a_cheaper_wire_format_is_taken_only_within_the_tolerance():
     # int8 changes 0.05% of the answers at the cut after stage 0, 0.08% after stage 1: within 0.1 points
     measured = NetworkCosts(**{**COSTS.__dict__, "wire": WireCost(2000, {"int8": (0.0005, 0.0008)})})

@@ -29,7 +29,8 @@ A pure function of typed inputs (`plan`); the cost model (also in docs/tiers.md)
   unmeasured formats are never chosen; fp32 is exact.
 * choice: the candidate with the lowest expected latency (or the fewest bytes over all links, with
   `minimize="traffic"`) among those within `max_latency_ms`; ties go to the other quantity, then to the
-  earlier candidate.
+  placement with fewer tiers holding stages (a tier given only stages no image reaches would be a server for
+  nothing), then to the earlier candidate.
 """
 from __future__ import annotations
 
@@ -312,6 +313,11 @@ def _rank(c: Candidate, minimize: str) -> tuple[float, float]:
     return (c.latency_ms, c.traffic_bytes) if minimize == "latency" else (c.traffic_bytes, c.latency_ms)
 
 
+def _holding(c: Candidate) -> int:
+    """How many tiers a placement runs stages on (servers to deploy)."""
+    return sum(r is not None for r in c.stages)
+
+
 def candidate(stages: tuple[tuple[int, int] | None, ...], tiers: Sequence[Tier], links: Sequence[Link],
               costs: NetworkCosts, tolerance_points: float = WIRE_TOLERANCE_POINTS,
               minimize: str = "latency", max_latency_ms: float | None = None) -> Candidate:
@@ -412,7 +418,7 @@ def plan(tiers: Sequence[Tier], links: Sequence[Link], costs: NetworkCosts, *, m
         raise UserError(f"no placement meets --max-latency-ms {max_latency_ms:g} (the fastest takes {fastest:.1f} ms)")
 
     return Plan(tuple(tiers), links, costs, minimize, max_latency_ms, wire_tolerance_points, candidates,
-                min(allowed, key=lambda i: (*_rank(candidates[i], minimize), i)))
+                min(allowed, key=lambda i: (*_rank(candidates[i], minimize), _holding(candidates[i]), i)))
 
 
 # Command-line syntax: --tier NAME[:speed=S | :stage-ms=a/b/c], --link A-B:mbps=M,rtt-ms=R
