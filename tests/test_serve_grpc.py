@@ -182,7 +182,6 @@ def test_exitwise_serve_grpc_port_without_torch_and_sigterm_drains_it(digits):
     (["--grpc-port", "70000"], "--grpc-port must be 0-65535"),
     (["--grpc-port", "0", "--processes", "2"], "--grpc-port 0 with --processes"),
     (["--grpc-port", "9", "--ray"], "--grpc-port with --ray"),
-    (["--grpc-port", "9", "--stages", "0-1"], "tiers speak HTTP"),
 ])
 def test_grpc_flags_that_cannot_work_are_refused_in_one_line(digits, flags, words):
     _, _, out = digits

@@ -135,6 +135,52 @@ def test_the_next_tier_killed_mid_run_gives_degraded_answers_then_forwarding_res
         cloud.stop()
 
 
+def test_the_first_tier_answers_over_grpc_too_saying_which_tier_answered_and_degrades_there_as_over_http(digits):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    import socket
+    export_dir, images = digits
+    expected = OnnxEarlyExit.load(export_dir).run(images)
+    with socket.socket() as s:  # a free port for the device's gRPC
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cloud = Tier(export_dir, "--stages", "1-2", "--tier", "cloud")
+    device = Tier(export_dir, "--stages", "0-0", "--next", cloud.url, "--tier", "device", "--grpc-port", str(port),
+                  "--forward-timeout-ms", "2000")
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+
+    def infer(batch: np.ndarray) -> tuple[np.ndarray, list, list]:
+        tensor = grpcclient.InferInput("image", list(batch.shape), "UINT8")
+        tensor.set_data_from_numpy(np.ascontiguousarray(batch))
+        tensor._get_tensor().parameters["layout"].string_param = "NHWC"
+        result = client.infer("digits-convnet", [tensor], client_timeout=60)
+        params = result.get_response().parameters
+        return (result.as_numpy("exit"), json.loads(params["tier"].string_param),
+                json.loads(params["degraded"].string_param))
+
+    try:
+        exits, tiers, degraded = infer(images[:40])
+        http = _infer(device.url, images[:40])
+        assert (exits == http["exit"]).all() and tiers == http["tier"] and degraded == http["degraded"]
+        differ = exits != expected.exits[:40]
+        assert not (differ & ~_borderline(export_dir, images[:40])).any()
+        assert {0, 1} <= set(exits) and tiers == [("device", "cloud", "cloud")[e] for e in exits]
+        assert not any(degraded)
+        cloud.stop()  # the next tier gone: the device answers at its own exit, marked degraded, over gRPC too
+        exits, tiers, degraded = infer(images[40:80])
+        stayed = expected.exits[40:80] > 0
+        assert degraded == stayed.tolist() and set(exits) == {0} and set(tiers) == {"device"}
+    finally:
+        client.close()
+        device.stop()
+        cloud.stop()
+
+
+def test_a_relay_takes_no_grpc_port(capsys):
+    assert main(["serve", "--relay", "--next", "http://127.0.0.1:9", "--grpc-port", "9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a relay runs no model" in err and len(err.splitlines()) == 1
+
+
 def test_bad_tiers_exit_2_in_one_line(digits, tmp_path, capsys):
     export_dir = str(digits[0])
     plan = write_plan(tmp_path / "plan.json", (None, (0, 2)))

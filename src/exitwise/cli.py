@@ -358,8 +358,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     scheduling = SchedulerConfig(**given(args, SchedulerConfig))  # the flags checked before the model loads
     serving = ServeConfig(**given(args, ServeConfig, skip=("scheduler", "tier", "relay")))
     if serving.grpc_port is not None:
-        if _is_tier(args):
-            raise UserError("--grpc-port serves a whole model: tiers speak HTTP to each other (drop --grpc-port)")
         try:
             import grpc, google.protobuf  # noqa: F401,E401
         except ImportError as e:

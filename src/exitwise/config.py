@@ -301,5 +301,5 @@ class ServeConfig:
                 raise UserError(f"--grpc-port must be 0-65535 and not --port, got {self.grpc_port}")
             if self.processes > 1 and self.grpc_port == 0:
                 raise UserError("--grpc-port 0 with --processes: give a port, which every process listens on")
-            if self.tier is not None or self.relay is not None:
-                raise UserError("--grpc-port serves a whole model: tiers speak HTTP to each other (drop --grpc-port)")
+            if self.relay is not None:
+                raise UserError("--grpc-port: a relay runs no model; give it to the first tier that holds stages")

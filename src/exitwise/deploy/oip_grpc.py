@@ -4,7 +4,9 @@
 It runs beside the HTTP routes, on the same event loop, scheduler and metrics (`server.create_app` starts it), and
 answers as they do (`oip`): one input, UINT8 pixels [N, C, H, W] or [N, H, W, C] (`parameters.layout`), or BYTES
 encoded images [N], in `raw_input_contents` (what tritonclient sends) or `contents`; outputs `class_index`,
-`label`, `probability` and `exit` in `raw_output_contents` (what Triton answers). A refused request gets the gRPC
+`label`, `probability` and `exit` in `raw_output_contents` (what Triton answers); on the first tier of a chain
+also the response's parameters `tier` and `degraded`, each a JSON list with one value per image (a V2 gRPC
+parameter is a scalar; over HTTP they are the lists themselves). A refused request gets the gRPC
 status of its HTTP one, with the same one-line message. Served: ServerLive, ServerReady, ModelReady,
 ServerMetadata, ModelMetadata, ModelInfer; any other method answers UNIMPLEMENTED.
 
@@ -15,6 +17,7 @@ code, so any protobuf >= 4.21 reads them. Names and field numbers are KServe's g
 from __future__ import annotations
 
 import functools
+import json
 import struct
 import time
 from typing import Awaitable, Callable, Sequence
@@ -148,6 +151,9 @@ def infer_response(request, answers: Sequence[Answer], class_names: Sequence[str
         else:
             raw = np.asarray(values[name], dtype=np.int64 if datatype == "INT64" else np.float32).tobytes()
         response.raw_output_contents.append(raw)
+    if answers and hasattr(answers[0], "tier"):  # a tier of a chain: who answered, and whether degraded
+        response.parameters["tier"].string_param = json.dumps([a.tier for a in answers])
+        response.parameters["degraded"].string_param = json.dumps([a.degraded for a in answers])
     return response
 
 
