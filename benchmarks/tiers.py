@@ -45,7 +45,7 @@ from link_relay import CpuLimit, LinkRelay, NetnsLink, ServeProcess, Stretch, ex
 
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.deploy.measure import measure_request_at, measure_wire
-from exitwise.deploy.plan import Link, Tier, export_shapes, parse_tier, plan, study_costs
+from exitwise.deploy.plan import Link, Tier, candidate, export_shapes, parse_tier, plan, study_costs
 from exitwise.deploy.server import settle_heap
 from exitwise.study.logits_cache import load_logits
 
@@ -195,14 +195,17 @@ def effective_rtt_ms(export: Path, model: str, image: np.ndarray, mbps: float, r
 
 def measure_in_turns(placements: list, export: Path, model: str, images: np.ndarray, labels: np.ndarray,
                      mbps: float, rtt_ms: float, concurrency: int, limit: CpuLimit | None, netns: NetnsLink | None,
-                     starts: int = 1) -> list[dict]:
+                     starts: int = 1, remeasure=None) -> list[dict]:
     """Each of `placements` ((device stages, cloud stages), wire, send_images) served over the emulated link and
     measured: the images split among `starts` fresh sets of processes per placement, the placements taking turns
     start by start, the order reversed each time (a process's speed varies from one start to the next, and the
-    machine's over minutes: a slow spell then falls on every placement, not on one)."""
+    machine's over minutes: a slow spell then falls on every placement, not on one). `remeasure`: called before
+    each start's turn (the tiers' costs measured again in the minutes they are served)."""
     parts = np.array_split(np.arange(len(images)), starts)
     runs = [[] for _ in placements]
     for s, part in enumerate(parts):
+        if remeasure:
+            remeasure()
         order = list(enumerate(placements))
         for j, (stages, wire, send_images) in order if s % 2 == 0 else order[::-1]:
             runs[j].append(_serve_once(stages, export, model, images[part], mbps, rtt_ms, wire, send_images,
@@ -330,6 +333,9 @@ def main() -> None:
     ap.add_argument("--measure-each-link", action=argparse.BooleanOptionalAction, default=True, help="measure the "
                     "tiers again just before each link's placements (the VM's speed moves over minutes: the costs "
                     "then date from the minutes they predict; --no-measure-each-link: once, before the first link)")
+    ap.add_argument("--measure-in-turns", action="store_true", help="also measure the tiers (one fresh process "
+                    "each) before every start's turn, and print each row's prediction from those costs' medians "
+                    "beside the plan's: what the cost model predicts from costs taken in the minutes it serves")
     ap.add_argument("--wire-images", type=int, default=500, help="validation images to measure the wire formats on")
     ap.add_argument("--accuracy-images", type=int, default=0, help="afterwards, the placements the plan chose and "
                     "all-cloud serve this many test images again, untimed, for their accuracy and bytes (0: the whole "
@@ -417,9 +423,22 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
              "all-device": next(c for c in p.candidates if c.stages == ((0, k - 1), None)),
              "best split": split, "plan": p.choice}
     distinct = list(dict.fromkeys(named.values()))  # a candidate is served once: the plan's row is the
-    measured = dict(zip(distinct, measure_in_turns(  # measurement of the candidate it chose
+    in_turns = []  # measurement of the candidate it chose
+    remeasure = (lambda: in_turns.append(measure_tiers(export, model, calibration, limit, 1))) \
+        if args.measure_in_turns else None
+    measured = dict(zip(distinct, measure_in_turns(
         [(c.stages, c.wire, c.links[0].payload == "input") for c in distinct], export, model, images, labels, mbps,
-        rtt, args.concurrency, limit, netns, args.starts)))
+        rtt, args.concurrency, limit, netns, args.starts, remeasure)))
+    at_serve = {}  # each candidate predicted again from the costs measured between its starts (their medians)
+    if in_turns:
+        serving = tuple(Tier(t.name, stage_seconds=tuple(float(v) for v in np.median([m[i].stage_seconds
+                                                                                     for m in in_turns], axis=0)),
+                           request_seconds=float(np.median([m[i].request_seconds for m in in_turns])))
+                      for i, t in enumerate(tiers))
+        print("costs measured between the starts (medians): " + "; ".join(
+            f"{t.name} stage ms {'/'.join(f'{1000 * v:.2f}' for v in t.stage_seconds)}, request "
+            f"{1000 * t.request_seconds:.2f}" for t in serving))
+        at_serve = {c: candidate(c.stages, serving, p.links, costs).latency_ms for c in distinct}
     first = {}  # each candidate's first name
     for name, c in named.items():
         again = c in first
@@ -429,13 +448,16 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
         print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>18s} {c.wire:>4s} {c.latency_ms:8.2f} "
               f"{m['mean_ms']:8.2f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['bytes_per_image']:9.0f} "
               f"{c.traffic_bytes:9.0f} {m['accuracy']:6.2f} {m['degraded']:4d}"
-              + (f"  (= {first[c]}: the same run)" if again else ""))
+              + (f"  (= {first[c]}: the same run)" if again else "")
+              + (f"  predicted from the costs between its starts: {at_serve[c]:.2f}" if c in at_serve and not again
+                 else ""))
         if args.starts > 1 and not again:
             print(f"{'':>33s} mean ms per start: " + ", ".join(f"{v:.2f}" for v in m["mean_ms_per_start"]))
         rows.append({"mbps": mbps, "rtt_ms": rtt, "measured_rtt_ms": measured_rtt, "placement": name,
                      "stages": c.stages, "wire": c.wire, "send_images": c.links[0].payload == "input",
                      "predicted_ms": c.latency_ms,
-                     "predicted_bytes": c.traffic_bytes, "same_run_as": first[c] if again else None, **m})
+                     "predicted_bytes": c.traffic_bytes, "predicted_at_serve_ms": at_serve.get(c),
+                     "same_run_as": first[c] if again else None, **m})
     return rows
 
 
