@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,7 @@ def drive(url: str, model: str, images: np.ndarray, concurrency: int,
     return seconds, classes, degraded[0]
 
 
-def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit: CpuLimit | None,
+def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit: CpuLimit | Stretch | None,
                   starts: int) -> tuple[Tier, float]:
     """A tier with its stage times measured there (`exitwise plan --measure`, inside `limit`) and its request cost
     as its clients see it (`measure.measure_request_at` from this process, outside `limit`, against the whole network
@@ -124,7 +125,8 @@ def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit
         out = subprocess.run(limit.command(argv) if limit else argv, env=env, capture_output=True, text=True,
                              check=True)
         inside.append(parse_tier(f"{name}:{out.stdout.strip().splitlines()[-1]}"))
-    stages = tuple(float(v) for v in np.median([t.stage_seconds for t in inside], axis=0))
+    at_inside = median_tier(inside)
+    stages = at_inside.stage_seconds
     requests = []
     for _ in range(starts):
         served = ServeProcess(export, limit=limit)
@@ -136,10 +138,17 @@ def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit
                                                           for t in inside)
           + "; request ms from its clients " + "/".join(f"{1000 * r:.2f}" for r in requests))
     tier = Tier(name, stage_seconds=stages, request_seconds=float(np.median(requests)))
-    return tier, float(np.median([t.request_seconds for t in inside]))
+    return tier, at_inside.request_seconds
 
 
-def measure_tiers(export: Path, model: str, images: np.ndarray, limit: CpuLimit | None,
+def median_tier(measured: Sequence[Tier]) -> Tier:
+    """One tier's measurements (the same tier, several processes) as one: each cost the median."""
+    return Tier(measured[0].name, stage_seconds=tuple(float(v) for v in np.median([t.stage_seconds for t in measured],
+                                                                                  axis=0)),
+                request_seconds=float(np.median([t.request_seconds for t in measured])))
+
+
+def measure_tiers(export: Path, model: str, images: np.ndarray, limit: CpuLimit | Stretch | None,
                   starts: int) -> tuple[Tier, Tier]:
     """The device (inside `limit`) and the cloud, measured (`measured_tier`, `starts` fresh processes) and printed."""
     (device, device_inside), (cloud, cloud_inside) = (measured_tier("device", export, model, images, limit, starts),
@@ -194,7 +203,7 @@ def effective_rtt_ms(export: Path, model: str, image: np.ndarray, mbps: float, r
 
 
 def measure_in_turns(placements: list, export: Path, model: str, images: np.ndarray, labels: np.ndarray,
-                     mbps: float, rtt_ms: float, concurrency: int, limit: CpuLimit | None, netns: NetnsLink | None,
+                     mbps: float, rtt_ms: float, concurrency: int, limit: CpuLimit | Stretch | None, netns: NetnsLink | None,
                      starts: int = 1, remeasure=None) -> list[dict]:
     """Each of `placements` ((device stages, cloud stages), wire, send_images) served over the emulated link and
     measured: the images split among `starts` fresh sets of processes per placement, the placements taking turns
@@ -224,7 +233,7 @@ def _measured(runs: list, labels: np.ndarray) -> dict:
 
 
 def _serve_once(placement, export: Path, model: str, images: np.ndarray, mbps: float | None, rtt_ms: float,
-                wire: str, send_images: bool, concurrency: int, limit: CpuLimit | None,
+                wire: str, send_images: bool, concurrency: int, limit: CpuLimit | Stretch | None,
                 netns: NetnsLink | None) -> tuple[np.ndarray, np.ndarray, int, int]:
     """`placement` served by fresh processes, `images` driven through it: (seconds, classes, degraded, bytes)."""
     device_stages, cloud_stages = placement
@@ -408,7 +417,7 @@ def main() -> None:
 
 
 def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndarray, calibration: np.ndarray,
-             tiers: tuple[Tier, Tier], costs, k: int, mbps: float, rtt: float, limit: CpuLimit | None,
+             tiers: tuple[Tier, Tier], costs, k: int, mbps: float, rtt: float, limit: CpuLimit | Stretch | None,
              netns: NetnsLink | None) -> list[dict]:
     """all-cloud, all-device, the best split and the plan's choice over one link: printed, and returned as rows."""
     rows = []
@@ -431,10 +440,7 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
         rtt, args.concurrency, limit, netns, args.starts, remeasure)))
     at_serve = {}  # each candidate predicted again from the costs measured between its starts (their medians)
     if in_turns:
-        serving = tuple(Tier(t.name, stage_seconds=tuple(float(v) for v in np.median([m[i].stage_seconds
-                                                                                     for m in in_turns], axis=0)),
-                           request_seconds=float(np.median([m[i].request_seconds for m in in_turns])))
-                      for i, t in enumerate(tiers))
+        serving = tuple(median_tier(measured) for measured in zip(*in_turns))
         print("costs measured between the starts (medians): " + "; ".join(
             f"{t.name} stage ms {'/'.join(f'{1000 * v:.2f}' for v in t.stage_seconds)}, request "
             f"{1000 * t.request_seconds:.2f}" for t in serving))

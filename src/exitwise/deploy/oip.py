@@ -211,6 +211,14 @@ def output_values(answers: Sequence[Answer], class_names: Sequence[str] | None) 
             "exit": [a.exit for a in answers]}
 
 
+def tier_parameters(answers: Sequence[Answer]) -> dict[str, list]:
+    """On a tier of a chain, the response's parameters: which tier answered each image and whether degraded; else
+    none."""
+    if not answers or not hasattr(answers[0], "tier"):
+        return {}
+    return {"tier": [a.tier for a in answers], "degraded": [a.degraded for a in answers]}
+
+
 def infer_response(name: str, request: dict, answers: Sequence[Answer], class_names: Sequence[str] | None) -> dict:
     """The V2 response: every output (or those the request names), one value per image."""
     values = output_values(answers, class_names)
@@ -218,8 +226,8 @@ def infer_response(name: str, request: dict, answers: Sequence[Answer], class_na
     outputs = [{"name": n, "datatype": t, "shape": [len(answers)], "data": values[n]}
                for n, t in OUTPUTS if not wanted or n in wanted]
     response = {"model_name": name, "outputs": outputs}
-    if answers and hasattr(answers[0], "tier"):  # a tier of a chain: who answered, and whether degraded
-        response["parameters"] = {"tier": [a.tier for a in answers], "degraded": [a.degraded for a in answers]}
+    if parameters := tier_parameters(answers):
+        response["parameters"] = parameters
     if isinstance(request.get("id"), str):
         response["id"] = request["id"]
     return response

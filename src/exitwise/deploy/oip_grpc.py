@@ -26,7 +26,8 @@ import grpc
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from .oip import OUTPUTS, REASONS, BadRequest, model_metadata, output_values, requested_outputs, tensor_images
+from .oip import (OUTPUTS, REASONS, BadRequest, model_metadata, output_values, requested_outputs, tensor_images,
+                  tier_parameters)
 from .scheduler import Answer
 
 SERVICE = "inference.GRPCInferenceService"
@@ -151,9 +152,8 @@ def infer_response(request, answers: Sequence[Answer], class_names: Sequence[str
         else:
             raw = np.asarray(values[name], dtype=np.int64 if datatype == "INT64" else np.float32).tobytes()
         response.raw_output_contents.append(raw)
-    if answers and hasattr(answers[0], "tier"):  # a tier of a chain: who answered, and whether degraded
-        response.parameters["tier"].string_param = json.dumps([a.tier for a in answers])
-        response.parameters["degraded"].string_param = json.dumps([a.degraded for a in answers])
+    for key, values in tier_parameters(answers).items():  # a V2 gRPC parameter is a scalar: each list as JSON
+        response.parameters[key].string_param = json.dumps(values)
     return response
 
 
