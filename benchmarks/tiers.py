@@ -438,13 +438,30 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
     measured = dict(zip(distinct, measure_in_turns(
         [(c.stages, c.wire, c.links[0].payload == "input") for c in distinct], export, model, images, labels, mbps,
         rtt, args.concurrency, limit, netns, args.starts, remeasure)))
-    at_serve = {}  # each candidate predicted again from the costs measured between its starts (their medians)
+    at_serve, in_turn_plan = {}, None  # each candidate predicted again from the costs measured between its starts
     if in_turns:
         serving = tuple(median_tier(measured) for measured in zip(*in_turns))
         print("costs measured between the starts (medians): " + "; ".join(
             f"{t.name} stage ms {'/'.join(f'{1000 * v:.2f}' for v in t.stage_seconds)}, request "
             f"{1000 * t.request_seconds:.2f}" for t in serving))
         at_serve = {c: candidate(c.stages, serving, p.links, costs).latency_ms for c in distinct}
+        again_plan = plan(serving, p.links, costs).choice  # the plan made from those costs instead
+        served = next((c for c in distinct if (c.stages, c.wire, c.links[0].payload)
+                       == (again_plan.stages, again_plan.wire, again_plan.links[0].payload)), None)
+        best = min(distinct, key=lambda c: measured[c]["mean_ms"])
+        stages = "/".join(f"{r[0]}-{r[1]}" if r else "-" for r in again_plan.stages)
+        in_turn_plan = {"stages": again_plan.stages, "wire": again_plan.wire,
+                        "send_images": again_plan.links[0].payload == "input",
+                        "predicted_ms": again_plan.latency_ms, "served": served is not None}
+        if served is None:
+            print(f"the plan from the costs between the starts: {stages} {again_plan.wire}, predicted "
+                  f"{again_plan.latency_ms:.2f} ms; not one of the placements served")
+        else:
+            m = measured[served]["mean_ms"]
+            in_turn_plan.update(measured_ms=m, best_measured_ms=measured[best]["mean_ms"])
+            print(f"the plan from the costs between the starts: {stages} {again_plan.wire}, predicted "
+                  f"{again_plan.latency_ms:.2f} ms, measured {m:.2f} ({100 * (m / again_plan.latency_ms - 1):+.1f}%),"
+                  f" {100 * (m / measured[best]['mean_ms'] - 1):+.1f}% against the best measured row")
     first = {}  # each candidate's first name
     for name, c in named.items():
         again = c in first
@@ -463,6 +480,7 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
                      "stages": c.stages, "wire": c.wire, "send_images": c.links[0].payload == "input",
                      "predicted_ms": c.latency_ms,
                      "predicted_bytes": c.traffic_bytes, "predicted_at_serve_ms": at_serve.get(c),
+                     "plan_at_serve": in_turn_plan if name == "plan" else None,
                      "same_run_as": first[c] if again else None, **m})
     return rows
 
