@@ -8,6 +8,7 @@ and lateness are UNAVAILABLE and DEADLINE_EXCEEDED; SIGTERM drains; the ONNX ser
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +26,7 @@ from exitwise.deploy.onnx_runner import OnnxRunner  # noqa: E402
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit  # noqa: E402
 
 from conftest import until  # noqa: E402
-from test_serve import SRC, Running, digits, png, start_cli_server  # noqa: E402,F401  (digits: the fixture)
+from test_serve import SRC, FirstStageSlow, Running, digits, png, start_cli_server  # noqa: E402,F401  (digits: the fixture)
 
 MODEL = "digits-convnet"
 
@@ -133,6 +134,72 @@ def test_a_bad_call_gets_the_status_of_its_http_refusal_in_one_line_and_the_serv
         assert client.infer(MODEL, [pixels_input(zeros)]).as_numpy("exit").shape == (2,)
     finally:
         client.close()
+
+
+def streamed(client, calls: list[tuple[str, list, str]]) -> tuple[dict, list[str]]:
+    """`calls` ((model, inputs, id) each) sent on one ModelStreamInfer stream, then the stream closed once all are
+    answered: (each answer by its id, the error messages)."""
+    answers, errors, lock = {}, [], threading.Lock()
+
+    def received(result, error):
+        with lock:
+            if error is not None:
+                errors.append(error.message())
+            else:
+                answers.setdefault(result.get_response().id, []).append(result)
+
+    client.start_stream(callback=received)
+    for model, inputs, request_id in calls:
+        client.async_stream_infer(model, inputs, request_id=request_id)
+    client.stop_stream()  # returns once every call is answered
+    return answers, errors
+
+
+def test_a_stream_of_calls_is_answered_call_by_call_and_a_refused_call_does_not_end_it(digits, grpc_server):
+    _, data, out = digits
+    images = data.images.numpy()[:6]
+    expected = OnnxEarlyExit.load(out / "onnx").run(images)
+    client = grpc_client(grpc_server)
+    try:
+        before = grpc_server.metric("exitwise_rejected_requests_total", reason="unknown_model")
+        calls = [(MODEL, [pixels_input(images[i:i + 1])], f"r{i}") for i in range(6)]
+        calls[3:3] = [("nope", [pixels_input(images[:1])], "bad-model"),
+                      (MODEL, [encoded_input([b"not an image"])], "bad-image")]
+        calls.append((MODEL, [pixels_input(images, "NHWC")], "all"))
+        answers, errors = streamed(client, calls)
+        assert sorted(answers) == ["all"] + [f"r{i}" for i in range(6)]  # each good call answered once
+        assert all(len(a) == 1 for a in answers.values())
+        for i in range(6):
+            assert answers[f"r{i}"][0].as_numpy("exit").tolist() == [expected.exits[i]]
+            assert answers[f"r{i}"][0].as_numpy("class_index").tolist() == [expected.predictions[i]]
+        assert answers["all"][0].as_numpy("exit").tolist() == expected.exits.tolist()
+        assert len(errors) == 2 and all("\n" not in e for e in errors)
+        assert any("unknown model 'nope'" in e for e in errors) and any("cannot decode image" in e for e in errors)
+        assert grpc_server.metric("exitwise_rejected_requests_total", reason="unknown_model") == before + 1
+    finally:
+        client.close()
+
+
+def test_a_stream_the_client_cancels_has_its_samples_dropped_from_later_stages(digits):
+    _, data, out = digits
+    expected = OnnxEarlyExit.load(out / "onnx").run(data.images.numpy())
+    deep = data.images.numpy()[expected.exits == 2][:3]  # these would run every stage
+    slow = FirstStageSlow(OnnxRunner.load(out / "onnx"))
+    server = Running(slow, ServeConfig(grpc_port=0))
+    client = grpc_client(server)
+    try:
+        client.start_stream(callback=lambda result, error: None)
+        client.async_stream_infer(MODEL, [pixels_input(deep)], request_id="deep")
+        assert slow.in_stage_0.wait(10)  # stage 0 is running their batch; then the client goes away
+        client.stop_stream(cancel_requests=True)
+        until(lambda: server.metric("exitwise_samples_inside") == 0)
+        assert server.metric("exitwise_dropped_samples_total", reason="disconnected") == 3
+        assert server.metric("exitwise_batch_size_count", stage="1") == 0  # nothing after stage 0 ran them
+        until(lambda: server.metric("exitwise_rejected_requests_total", reason="disconnected") == 1)
+        assert server.metric("exitwise_request_seconds_count", code="499", endpoint="grpc") == 1
+    finally:
+        client.close()
+        server.stop()
 
 
 def test_a_full_queue_is_unavailable_at_once_and_a_late_call_past_its_deadline(digits):

@@ -101,6 +101,10 @@ class Answers:
         late = loop.call_later(seconds, waiting.end, "late")
         try:
             why = await waiting.ended
+        except asyncio.CancelledError:  # the waiter was cancelled (a gRPC stream the client cancelled): no one
+            for s in slots:             # wants these answers any more
+                s.cancel()
+            raise
         finally:
             late.cancel()
             if stop_watching is not None:

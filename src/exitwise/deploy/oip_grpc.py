@@ -8,7 +8,10 @@ encoded images [N], in `raw_input_contents` (what tritonclient sends) or `conten
 also the response's parameters `tier` and `degraded`, each a JSON list with one value per image (a V2 gRPC
 parameter is a scalar; over HTTP they are the lists themselves). A refused request gets the gRPC
 status of its HTTP one, with the same one-line message. Served: ServerLive, ServerReady, ModelReady,
-ServerMetadata, ModelMetadata, ModelInfer; any other method answers UNIMPLEMENTED.
+ServerMetadata, ModelMetadata, ModelInfer, and ModelStreamInfer (tritonclient's `start_stream` /
+`async_stream_infer`: a stream of requests, each answered as soon as its images are, so out of order; the request's
+`id` comes back in its answer; a refused one is answered with its one-line `error_message` and the stream goes on,
+as Triton does); any other method answers UNIMPLEMENTED.
 
 The messages are built from `SCHEMA` at import (protobuf's descriptor pool, a pool of their own): no generated
 code, so any protobuf >= 4.21 reads them. Names and field numbers are KServe's grpc_predict_v2.proto
@@ -16,11 +19,12 @@ code, so any protobuf >= 4.21 reads them. Names and field numbers are KServe's g
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import struct
 import time
-from typing import Awaitable, Callable, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 import numpy as np
@@ -68,6 +72,7 @@ SCHEMA: dict[str, list[tuple[str, int, str]]] = {
                            ("raw_output_contents", 6, "bytes*")],
     "ModelInferResponse.InferOutputTensor": [("name", 1, "string"), ("datatype", 2, "string"), ("shape", 3, "int64*"),
                                              ("parameters", 4, "params"), ("contents", 5, "InferTensorContents")],
+    "ModelStreamInferResponse": [("error_message", 1, "string"), ("infer_response", 2, "ModelInferResponse")],
 }
 _SCALARS = {"double": 1, "float": 2, "int64": 3, "uint64": 4, "int32": 5, "bool": 8, "string": 9, "bytes": 12,
             "uint32": 13}
@@ -158,21 +163,23 @@ def infer_response(request, answers: Sequence[Answer], class_names: Sequence[str
 
 
 class _GrpcCall:
-    """A gRPC call as `server.create_app`'s `answer` wants a request: a watch on its client leaving."""
+    """A gRPC call (one ModelInfer, or a stream of them) as `server.create_app`'s `answer` wants a request: a watch
+    on its client leaving."""
 
     def __init__(self, context):
-        self.context = context
+        self.watching: dict[object, Callable[[str], None]] = {}
+        context.add_done_callback(self._ended)
+
+    def _ended(self, _context) -> None:
+        for callback in list(self.watching.values()):
+            callback("gone")
 
     def on_disconnect(self, callback: Callable[[str], None]) -> Callable[[], None]:
-        """`callback("gone")` when the call ends before its answer (cancelled, or past the client's deadline)."""
-        watching = [True]
-
-        def ended(_context) -> None:
-            if watching[0]:
-                callback("gone")
-
-        self.context.add_done_callback(ended)
-        return lambda: watching.__setitem__(0, False)
+        """`callback("gone")` when the call ends before the answer (cancelled, or past the client's deadline); the
+        function returned stops the watch (the answer came)."""
+        key = object()
+        self.watching[key] = callback
+        return lambda: self.watching.pop(key, None)
 
 
 def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequence[str] | None, version: str,
@@ -221,22 +228,62 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
             inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in metadata["inputs"]],
             outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in metadata["outputs"]])
 
-    async def model_infer(request, context):
+    async def infer(request, call: _GrpcCall):
+        """One ModelInferRequest: its ModelInferResponse, or the BadRequest it is refused with (counted)."""
         start, status = time.perf_counter(), 500
         try:
             check(request.model_name, request.model_version)
             images = infer_images(request, shape)
             requested_outputs({"outputs": [{"name": o.name} for o in request.outputs]})  # before any work
-            response = infer_response(request, await answer(_GrpcCall(context), images), class_names)
+            response = infer_response(request, await answer(call, images), class_names)
             status = 200
             return response
         except BadRequest as e:
             status = e.status
-            await refuse(context, e)
+            refusal = e
+        except asyncio.CancelledError:  # the call's stream was cancelled by its client
+            status = 499
+            refused(REASONS[499])
+            raise
         except Exception as e:  # noqa: BLE001  a one-line INTERNAL, as HTTP's 500
-            await refuse(context, BadRequest(500, f"internal error: {type(e).__name__}: {e}"))
+            refusal = BadRequest(500, f"internal error: {type(e).__name__}: {e}")
         finally:
             observe(status, start)
+        refused(REASONS.get(refusal.status, "bad_request"))
+        return refusal
+
+    async def model_infer(request, context):
+        response = await infer(request, _GrpcCall(context))
+        if isinstance(response, BadRequest):
+            await context.abort(STATUS.get(response.status, grpc.StatusCode.INVALID_ARGUMENT), response.message)
+        return response
+
+    async def model_stream_infer(requests: AsyncIterator, context):
+        """Every request of the stream taken at once, each answered when its images are (its id says which)."""
+        call, done = _GrpcCall(context), asyncio.Queue()
+        stream_answer, infer_answer = message("ModelStreamInferResponse"), message("ModelInferResponse")
+
+        async def one(request) -> None:
+            response = await infer(request, call)
+            done.put_nowait(stream_answer(infer_response=response) if not isinstance(response, BadRequest) else
+                            stream_answer(error_message=response.message, infer_response=infer_answer(
+                                model_name=request.model_name, model_version=request.model_version, id=request.id)))
+
+        async def read() -> None:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    async for request in requests:
+                        group.create_task(one(request))
+            finally:
+                done.put_nowait(None)  # the client closed its side and every request is answered (or it left)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await done.get()) is not None:
+                yield item
+            await reader  # the client's stream failed: so does this call
+        finally:
+            reader.cancel()
 
     methods = {"ServerLive": (server_live, "ServerLiveRequest", "ServerLiveResponse"),
                "ServerReady": (server_ready, "ServerReadyRequest", "ServerReadyResponse"),
@@ -244,10 +291,13 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
                "ServerMetadata": (server_metadata, "ServerMetadataRequest", "ServerMetadataResponse"),
                "ModelMetadata": (get_model_metadata, "ModelMetadataRequest", "ModelMetadataResponse"),
                "ModelInfer": (model_infer, "ModelInferRequest", "ModelInferResponse")}
-    return grpc.method_handlers_generic_handler(SERVICE, {
-        method: grpc.unary_unary_rpc_method_handler(fn, request_deserializer=message(request).FromString,
-                                                    response_serializer=message(response).SerializeToString)
-        for method, (fn, request, response) in methods.items()})
+    handlers = {method: grpc.unary_unary_rpc_method_handler(fn, request_deserializer=message(request).FromString,
+                                                            response_serializer=message(response).SerializeToString)
+                for method, (fn, request, response) in methods.items()}
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        model_stream_infer, request_deserializer=message("ModelInferRequest").FromString,
+        response_serializer=message("ModelStreamInferResponse").SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
 async def start(host: str, port: int, rpc_handler: grpc.GenericRpcHandler, max_message_bytes: int,
