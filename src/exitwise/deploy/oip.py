@@ -17,6 +17,7 @@ import binascii
 import json
 import math
 import struct
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -233,10 +234,35 @@ def infer_response(name: str, request: dict, answers: Sequence[Answer], class_na
     return response
 
 
+@dataclass(frozen=True)
+class ImagePrediction:
+    """One image's answer: its class at the exit it took (0 = first) and that class's softmax probability there; a
+    row of `exitwise predict`'s CSV or JSON and of `/v1/predict`'s answer (there with the tier that answered)."""
+    image: str | None   # the file's name (None: an image sent without one)
+    label: str          # the class name (its index, as text, when the model has none); "class" in the files
+    class_index: int
+    probability: float  # rounded to 6 places, as written
+    exit: int
+    tier: str | None = None        # served by a chain of tiers: the one that answered,
+    degraded: bool | None = None   # and whether it answered at its own last exit because the next was unreachable
+
+    @classmethod
+    def of(cls, image: str | None, class_index: int, probability: float, exit: int,
+           class_names: Sequence[str] | None, tier: str | None = None,
+           degraded: bool | None = None) -> ImagePrediction:
+        return cls(image, class_names[class_index] if class_names else str(class_index), int(class_index),
+                   round(float(probability), 6), int(exit), tier, degraded)
+
+    def to_json(self) -> dict:
+        """A row of the CSV or JSON output (`predict.FIELDS`), with `tier` and `degraded` where served by tiers."""
+        row = {"image": self.image, "class": self.label, "class_index": self.class_index,
+               "probability": self.probability, "exit": self.exit}
+        return row if self.tier is None else {**row, "tier": self.tier, "degraded": self.degraded}
+
+
 def predictions(answers: Sequence[Answer], class_names: Sequence[str] | None,
                 names: Sequence[str | None]) -> list[dict]:
     """`/v1/predict`'s rows, as `exitwise predict` writes them."""
-    return [{"image": n, "class": class_names[a.prediction] if class_names else str(a.prediction),
-             "class_index": a.prediction, "probability": round(a.probability, 6), "exit": a.exit,
-             **({"tier": a.tier, "degraded": a.degraded} if hasattr(a, "tier") else {})}
+    return [ImagePrediction.of(n, a.prediction, a.probability, a.exit, class_names, getattr(a, "tier", None),
+                               getattr(a, "degraded", None)).to_json()
             for n, a in zip(names, answers)]

@@ -3,32 +3,17 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
 from ..images import read_images
 from ..io import atomic_write_json, atomic_write_text
+from .oip import ImagePrediction
 from .onnx_runtime import OnnxEarlyExit
 
 OUTPUT_SUFFIXES = (".csv", ".json")
 FIELDS = ("image", "class", "class_index", "probability", "exit")
-
-
-@dataclass(frozen=True)
-class ImagePrediction:
-    """One image's answer: its class at the exit it took (0 = first) and that class's softmax probability there."""
-    image: str
-    label: str          # the class name (its index, as text, when the export has none); "class" in the files
-    class_index: int
-    probability: float  # rounded to 6 places, as written
-    exit: int
-
-    def to_json(self) -> dict:
-        """A row of the CSV or JSON output (`FIELDS`), as `/v1/predict` answers too."""
-        return {"image": self.image, "class": self.label, "class_index": self.class_index,
-                "probability": self.probability, "exit": self.exit}
 
 
 def predict(export: str | Path, paths: Sequence[str | Path], *, batch_size: int = 256,
@@ -37,8 +22,7 @@ def predict(export: str | Path, paths: Sequence[str | Path], *, batch_size: int 
     runner = OnnxEarlyExit.load(export)
     names, images = read_images(paths, runner.input_shape, progress=progress)
     result = runner.run(images, batch_size=batch_size, progress=progress)
-    classes = runner.class_names
-    return [ImagePrediction(name, classes[c] if classes else str(c), int(c), round(float(p), 6), int(e))
+    return [ImagePrediction.of(name, c, p, e, runner.class_names)
             for name, c, p, e in zip(names, result.predictions, result.probabilities, result.exits)]
 
 

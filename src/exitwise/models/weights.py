@@ -6,6 +6,7 @@ Weights are one .safetensors file or, past a size limit, shards indexed as Huggi
 from __future__ import annotations
 
 import json
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ def shipped_weights(name: str) -> Path | None:
     return None
 
 
+@cache  # package data: read once per process (a server's start asks for its setting, classes and agreement)
 def shipped_card(name: str) -> ModelCard:
     """The model card (recipe, per-exit accuracy, MACs) shipped beside model `name`'s weights."""
     return ModelCard.from_json(json.loads((SHIPPED_WEIGHTS_DIR / f"{name}.json").read_text()))
