@@ -16,8 +16,11 @@ median of `--starts` fresh processes; taken again just before each link's placem
 minutes), and each link's round trip as measured through the relay (its nominal RTT plus the relay's own work).
 Clients send one image per request (binary V2 infer) on a keep-alive connection each (as a device application keeps
 its connection open), `--concurrency` at a time (default 1); each placement is served by `--starts` fresh sets of
-processes (default 6; each tier's costs are the median of as many), the images split among them, the placements of a
-link taking turns start by start.
+processes (default 6; each tier's costs are the median of as many), the images split among them. With one request
+in flight, every placement of a link is up at once in each start and the images go to them in turn, request by
+request (a slow spell of the VM falls on them alike); with more, the placements take turns start by start. Before
+each start the tiers are measured again (`--measure-in-turns`, the default) and each row is also predicted from
+those costs, start by start: the cost model's error without the VM's drift between measuring and serving.
 
     python benchmarks/tiers.py --study runs/b-resnet11-study --export runs/b-resnet11-onnx \\
         --data-dir ../shared/data/cifar10-jpg.tar.gz --images 1000 --links 1:100,20:40,100:20,1000:5
@@ -141,6 +144,13 @@ def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit
     return tier, at_inside.request_seconds
 
 
+def mean_tier(measured: Sequence[Tier], weights: np.ndarray) -> Tier:
+    """One tier's measurements (the same tier, one per start) as one: each cost their mean, weighted."""
+    return Tier(measured[0].name, stage_seconds=tuple(float(v) for v in np.average(
+        [t.stage_seconds for t in measured], axis=0, weights=weights)),
+        request_seconds=float(np.average([t.request_seconds for t in measured], weights=weights)))
+
+
 def median_tier(measured: Sequence[Tier]) -> Tier:
     """One tier's measurements (the same tier, several processes) as one: each cost the median."""
     return Tier(measured[0].name, stage_seconds=tuple(float(v) for v in np.median([t.stage_seconds for t in measured],
@@ -209,12 +219,26 @@ def measure_in_turns(placements: list, export: Path, model: str, images: np.ndar
     measured: the images split among `starts` fresh sets of processes per placement, the placements taking turns
     start by start, the order reversed each time (a process's speed varies from one start to the next, and the
     machine's over minutes: a slow spell then falls on every placement, not on one). `remeasure`: called before
-    each start's turn (the tiers' costs measured again in the minutes they are served)."""
+    each start's turn (the tiers' costs measured again in the minutes they are served). With one request in flight
+    (`concurrency` 1) each start serves every placement at once, its processes all up, and the images go to them in
+    turn request by request (`drive_interleaved`): placements that run the same work then measure alike, where
+    start-by-start turns had measured them up to 28% apart on a VM whose speed moves within seconds."""
     parts = np.array_split(np.arange(len(images)), starts)
     runs = [[] for _ in placements]
     for s, part in enumerate(parts):
         if remeasure:
             remeasure()
+        if concurrency == 1:
+            served = []
+            try:
+                for stages, wire, send_images in placements:
+                    served.append(Served(stages, export, mbps, rtt_ms, wire, send_images, limit, netns))
+                for j, run in enumerate(drive_interleaved(served, model, images[part])):
+                    runs[j].append(run)
+            finally:
+                for one in served:
+                    one.stop()
+            continue
         order = list(enumerate(placements))
         for j, (stages, wire, send_images) in order if s % 2 == 0 else order[::-1]:
             runs[j].append(_serve_once(stages, export, model, images[part], mbps, rtt_ms, wire, send_images,
@@ -232,38 +256,80 @@ def _measured(runs: list, labels: np.ndarray) -> dict:
             "starts": len(runs), "mean_ms_per_start": [1000 * float(r[0].mean()) for r in runs]}
 
 
+class Served:
+    """One placement ((device stages, cloud stages), wire, send_images) served by fresh processes: the cloud tier,
+    the emulated link to it and the device tier; `url` takes the clients' requests; `crossed()` counts the link's
+    bytes both ways, as the planner does (the requests and their answers)."""
+
+    def __init__(self, placement, export: Path, mbps: float | None, rtt_ms: float, wire: str, send_images: bool,
+                 limit: CpuLimit | Stretch | None, netns: NetnsLink | None):
+        device_stages, cloud_stages = placement
+        self.procs, self.relay = [], None
+        try:
+            if cloud_stages is not None:
+                cloud = ServeProcess(export, "--stages", f"{cloud_stages[0]}-{cloud_stages[1]}", "--tier", "cloud",
+                                     netns=netns)
+                self.procs.append(cloud)
+                self.relay = link(cloud.port, mbps, rtt_ms, netns)
+            if device_stages is None:
+                self.url = f"http://127.0.0.1:{self.relay.port}"  # all-cloud: the device only sends the image
+            else:
+                extra = ["--next", f"http://127.0.0.1:{self.relay.port}", "--wire", wire] if self.relay else []
+                extra += ["--send-images"] if self.relay and send_images else []
+                device = ServeProcess(export, "--stages", f"{device_stages[0]}-{device_stages[1]}", "--tier",
+                                      "device", *extra, limit=limit)
+                self.procs.append(device)
+                self.url = device.url
+        except BaseException:
+            self.stop()
+            raise
+
+    def crossed(self) -> int:
+        return self.relay.bytes_forwarded + self.relay.bytes_returned if self.relay else 0
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        if self.relay:
+            self.relay.stop()
+
+
 def _serve_once(placement, export: Path, model: str, images: np.ndarray, mbps: float | None, rtt_ms: float,
                 wire: str, send_images: bool, concurrency: int, limit: CpuLimit | Stretch | None,
                 netns: NetnsLink | None) -> tuple[np.ndarray, np.ndarray, int, int]:
     """`placement` served by fresh processes, `images` driven through it: (seconds, classes, degraded, bytes)."""
-    device_stages, cloud_stages = placement
-    procs, relay = [], None
+    served = Served(placement, export, mbps, rtt_ms, wire, send_images, limit, netns)
     try:
-        if cloud_stages is not None:
-            cloud = ServeProcess(export, "--stages", f"{cloud_stages[0]}-{cloud_stages[1]}", "--tier", "cloud",
-                                 netns=netns)
-            procs.append(cloud)
-            relay = link(cloud.port, mbps, rtt_ms, netns)
-        if device_stages is None:
-            url = f"http://127.0.0.1:{relay.port}"  # all-cloud: the device only sends the image
-        else:
-            extra = ["--next", f"http://127.0.0.1:{relay.port}", "--wire", wire] if relay else []
-            extra += ["--send-images"] if relay and send_images else []
-            device = ServeProcess(export, "--stages", f"{device_stages[0]}-{device_stages[1]}", "--tier", "device",
-                                  *extra, limit=limit)
-            procs.append(device)
-            url = device.url
-        def crossed() -> int:  # both ways, as the planner counts a link's bytes (the requests and their answers)
-            return relay.bytes_forwarded + relay.bytes_returned if relay else 0
         before = [0]
-        seconds, classes, degraded = drive(url, model, images, concurrency,
-                                           warmed=lambda: before.__setitem__(0, crossed()))
-        return seconds, classes, degraded, crossed() - before[0]
+        seconds, classes, degraded = drive(served.url, model, images, concurrency,
+                                           warmed=lambda: before.__setitem__(0, served.crossed()))
+        return seconds, classes, degraded, served.crossed() - before[0]
     finally:
-        for p in reversed(procs):
-            p.stop()
-        if relay:
-            relay.stop()
+        served.stop()
+
+
+def drive_interleaved(served: list[Served], model: str, images: np.ndarray) -> list[tuple]:
+    """Every image through every placement of `served`, one request at a time: image i to each placement in turn
+    (the first one rotating), so that the machine's slow spells fall on them alike. (seconds, classes, degraded,
+    bytes) per placement, after one untimed request each."""
+    settle_heap()
+    clients = [Client(s.url) for s in served]
+    try:
+        for c in clients:
+            c.infer(model, images[0])  # the connections opened, the sessions warm
+        before = [s.crossed() for s in served]
+        n = len(served)
+        seconds, classes, degraded = np.zeros((n, len(images))), np.zeros((n, len(images)), int), [0] * n
+        for i, image in enumerate(images):
+            for j in ((i + r) % n for r in range(n)):
+                took, doc = clients[j].infer(model, image)
+                out = {o["name"]: o["data"] for o in doc["outputs"]}
+                seconds[j, i], classes[j, i] = took, out["class_index"][0]
+                degraded[j] += sum(doc.get("parameters", {}).get("degraded", []))
+        return [(seconds[j], classes[j], degraded[j], served[j].crossed() - before[j]) for j in range(n)]
+    finally:
+        for c in clients:
+            c.close()
 
 
 def whole_test_set(rows: list[dict], export: Path, model: str, images: np.ndarray, labels: np.ndarray,
@@ -342,9 +408,10 @@ def main() -> None:
     ap.add_argument("--measure-each-link", action=argparse.BooleanOptionalAction, default=True, help="measure the "
                     "tiers again just before each link's placements (the VM's speed moves over minutes: the costs "
                     "then date from the minutes they predict; --no-measure-each-link: once, before the first link)")
-    ap.add_argument("--measure-in-turns", action="store_true", help="also measure the tiers (one fresh process "
-                    "each) before every start's turn, and print each row's prediction from those costs' medians "
-                    "beside the plan's: what the cost model predicts from costs taken in the minutes it serves")
+    ap.add_argument("--measure-in-turns", action=argparse.BooleanOptionalAction, default=True, help="also measure "
+                    "the tiers (one fresh process each) before every start, and print each row's prediction from "
+                    "those costs, start by start, beside the plan's: the cost model's error without the drift "
+                    "between measuring and serving")
     ap.add_argument("--wire-images", type=int, default=500, help="validation images to measure the wire formats on")
     ap.add_argument("--accuracy-images", type=int, default=0, help="afterwards, the placements the plan chose and "
                     "all-cloud serve this many test images again, untimed, for their accuracy and bytes (0: the whole "
@@ -440,11 +507,16 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
         rtt, args.concurrency, limit, netns, args.starts, remeasure)))
     at_serve, in_turn_plan = {}, None  # each candidate predicted again from the costs measured between its starts
     if in_turns:
-        serving = tuple(median_tier(measured) for measured in zip(*in_turns))
-        print("costs measured between the starts (medians): " + "; ".join(
+        # each start predicted from the costs measured just before it, the starts weighted by their images: the
+        # prediction of the mean over the starts (latency is linear in the costs: the costs' means give the same)
+        weights = np.array([len(part) for part in np.array_split(np.arange(len(images)), args.starts)], float)
+        serving = tuple(mean_tier(measured, weights) for measured in zip(*in_turns))
+        print("costs measured between the starts (means): " + "; ".join(
             f"{t.name} stage ms {'/'.join(f'{1000 * v:.2f}' for v in t.stage_seconds)}, request "
             f"{1000 * t.request_seconds:.2f}" for t in serving))
-        at_serve = {c: candidate(c.stages, serving, p.links, costs).latency_ms for c in distinct}
+        per_start = {c: [candidate(c.stages, turn, p.links, costs).latency_ms for turn in in_turns]
+                     for c in distinct}
+        at_serve = {c: float(np.average(v, weights=weights)) for c, v in per_start.items()}
         again_plan = plan(serving, p.links, costs).choice  # the plan made from those costs instead
         served = next((c for c in distinct if (c.stages, c.wire, c.links[0].payload)
                        == (again_plan.stages, again_plan.wire, again_plan.links[0].payload)), None)
@@ -475,11 +547,14 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
               + (f"  predicted from the costs between its starts: {at_serve[c]:.2f}" if c in at_serve and not again
                  else ""))
         if args.starts > 1 and not again:
-            print(f"{'':>33s} mean ms per start: " + ", ".join(f"{v:.2f}" for v in m["mean_ms_per_start"]))
+            print(f"{'':>33s} mean ms per start: " + ", ".join(f"{v:.2f}" for v in m["mean_ms_per_start"])
+                  + ("; predicted from the costs before each: " + ", ".join(f"{v:.2f}" for v in per_start[c])
+                     if in_turns else ""))
         rows.append({"mbps": mbps, "rtt_ms": rtt, "measured_rtt_ms": measured_rtt, "placement": name,
                      "stages": c.stages, "wire": c.wire, "send_images": c.links[0].payload == "input",
                      "predicted_ms": c.latency_ms,
                      "predicted_bytes": c.traffic_bytes, "predicted_at_serve_ms": at_serve.get(c),
+                     "predicted_per_start_ms": per_start.get(c) if in_turns else None,
                      "plan_at_serve": in_turn_plan if name == "plan" else None,
                      "same_run_as": first[c] if again else None, **m})
     return rows
