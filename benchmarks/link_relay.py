@@ -186,16 +186,22 @@ class Stretch:
     call by call. The rest of a tier's work (HTTP, decoding, forwarding) runs at full speed. Where `CpuLimit`'s quota
     lets work run in full-speed bursts of 1 ms and spill into the next period, which made a fresh process's speed
     move by 10% and more (docs/tiers.md), this one scales each call as a uniformly slower CPU would.
-    `command(argv)` starts argv, a `python -m exitwise ARGS` (inside a `NetnsLink`'s command or not), so."""
+    `paced`: instead, each call padded to 1 / `share` times its graph's seconds per row measured once at the start
+    (`pace_costs`, {file name: seconds}) times its rows (`pace_onnxruntime`): the model's work at a fixed pace, as
+    on a machine of its own, whatever this VM's speed does later (it moved 2x within tens of seconds here, and a
+    stretched device with it). `command(argv)` starts argv, a `python -m exitwise ARGS` (inside a `NetnsLink`'s
+    command or not), so."""
 
-    def __init__(self, share: float, cpu: int | None = None):
-        self.share, self.cpu = share, cpu
+    def __init__(self, share: float, cpu: int | None = None, paced: dict[str, float] | None = None):
+        self.share, self.cpu, self.paced = share, cpu, paced
 
     def command(self, argv: list[str]) -> list[str]:
         i = argv.index("-m")  # argv[i - 1] is the interpreter, argv[i + 1] "exitwise"
         pin = ["taskset", "-c", str(self.cpu)] if self.cpu is not None else []
+        slow = (f"pace_onnxruntime({1 / self.share!r}, {self.paced!r})" if self.paced
+                else f"stretch_onnxruntime({1 / self.share - 1!r})")
         code = (f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
-                f"from link_relay import stretch_onnxruntime\nstretch_onnxruntime({1 / self.share - 1!r})\n"
+                f"from link_relay import pace_onnxruntime, stretch_onnxruntime\n{slow}\n"
                 "from exitwise.cli import main\nsys.exit(main(sys.argv[1:]))")
         return [*argv[:i - 1], *pin, argv[i - 1], "-c", code, *argv[i + 2:]]
 
@@ -216,6 +222,63 @@ def stretch_onnxruntime(factor: float, clock=time.perf_counter, sleep=time.sleep
         return out
 
     onnxruntime.InferenceSession.run = stretched
+
+
+def pace_onnxruntime(factor: float, seconds_per_row: dict[str, float], clock=time.perf_counter,
+                     sleep=time.sleep) -> None:
+    """Every `onnxruntime.InferenceSession.run` in this process from now on taking at least `factor` times its rows
+    times its graph file's `seconds_per_row` (a sleep after it makes up the rest; a file not named there is
+    stretched by `factor` - 1 instead)."""
+    import onnxruntime
+    run = onnxruntime.InferenceSession.run
+
+    def paced(self, output_names, input_feed, *args, **kwargs):
+        start = clock()
+        out = run(self, output_names, input_feed, *args, **kwargs)
+        per_row = seconds_per_row.get(Path(self._model_path or "").name)
+        took = clock() - start
+        if per_row is None:
+            sleep((factor - 1) * took)
+        else:
+            sleep(max(0.0, factor * len(next(iter(input_feed.values()))) * per_row - took))
+        return out
+
+    onnxruntime.InferenceSession.run = paced
+
+
+def pace_costs(export: str | Path, calls: int = 300) -> dict[str, float]:
+    """Each ONNX graph file of `export` (stages and heads): the median seconds of a call on one row of random input,
+    one thread, over `calls` calls after a warm-up, in this process (run it where the device runs: `pace_command`)."""
+    import numpy as np
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    rng, out = np.random.default_rng(0), {}
+    for path in sorted(Path(export).glob("*.onnx")):
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {}
+        for i in session.get_inputs():
+            shape = [1 if not isinstance(d, int) else d for d in i.shape]
+            dtype = np.uint8 if "uint8" in i.type else np.int64 if "int64" in i.type else np.float32
+            feed[i.name] = rng.random(shape).astype(dtype) if dtype == np.float32 else np.zeros(shape, dtype)
+        for _ in range(20):
+            session.run(None, feed)
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - start)
+        out[path.name] = float(np.median(times))
+    return out
+
+
+def pace_command(export: str | Path, cpu: int | None) -> list[str]:
+    """`pace_costs(export)` in a fresh interpreter pinned to `cpu`, printing its JSON."""
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    code = (f"import json, sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+            f"from link_relay import pace_costs\nprint(json.dumps(pace_costs({str(export)!r})))")
+    return [*pin, sys.executable, "-c", code]
 
 
 class NetnsLink:

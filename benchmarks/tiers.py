@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from link_relay import CpuLimit, LinkRelay, NetnsLink, ServeProcess, Stretch, exitwise_command
+from link_relay import CpuLimit, LinkRelay, NetnsLink, ServeProcess, Stretch, exitwise_command, pace_command
 
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.deploy.measure import measure_request_at, measure_wire
@@ -395,9 +395,11 @@ def main() -> None:
     ap.add_argument("--links", default="1:100,20:40,100:20,1000:5", help="MBPS:RTT_MS,... (the emulated links)")
     ap.add_argument("--device-cpu-share", type=float, default=0.25, help="the emulated device's speed, a share of "
                     "one CPU's (--device-emulation; 0: no emulation, the device tier served as the cloud's)")
-    ap.add_argument("--device-emulation", choices=("quota", "stretch"), default="stretch", help="how the device is "
-                    "made slower: quota, a cgroup's CPU quota (link_relay.CpuLimit); stretch, each model call followed "
-                    "by a sleep, the model's work taking 1/share of its time (link_relay.Stretch)")
+    ap.add_argument("--device-emulation", choices=("quota", "stretch", "pace"), default="stretch", help="how the "
+                    "device is made slower: quota, a cgroup's CPU quota (link_relay.CpuLimit); stretch, each model "
+                    "call followed by a sleep, the model's work taking 1/share of its time (link_relay.Stretch); "
+                    "pace, each model call padded to 1/share of its graph's time per row measured once at the start "
+                    "(a device whose speed holds whatever the VM's does)")
     ap.add_argument("--link-rate", choices=("relay", "tbf"), default="relay", help="what limits a link's rate: "
                     "the relay (a serial line, in user space) or tbf on a veth pair into a network namespace this "
                     "run creates, the cloud inside (the relay then adds the RTT only)")
@@ -448,8 +450,16 @@ def main() -> None:
         from exitwise.device import machine, machine_load
         host = machine().describe()  # before this process leaves the device's CPU to it
         print(f"machine: {host}; {machine_load().describe()}")
-        if args.device_emulation == "stretch":
-            limit = Stretch(args.device_cpu_share, cpu=os.cpu_count() - 1) if args.device_cpu_share > 0 else None
+        if args.device_emulation in ("stretch", "pace") and args.device_cpu_share > 0:
+            paced = None
+            if args.device_emulation == "pace":
+                paced = json.loads(subprocess.run(pace_command(export, os.cpu_count() - 1), capture_output=True,
+                                                  text=True, check=True).stdout)
+                print(f"device paced at 1/{args.device_cpu_share:g} of, ms per row on CPU {os.cpu_count() - 1}: "
+                      + ", ".join(f"{name} {1000 * v:.3f}" for name, v in paced.items()))
+            limit = Stretch(args.device_cpu_share, cpu=os.cpu_count() - 1, paced=paced)
+        elif args.device_emulation in ("stretch", "pace"):
+            limit = None
         else:
             limit = CpuLimit(args.device_cpu_share, cpu=os.cpu_count() - 1) \
                 if args.device_cpu_share > 0 and CpuLimit.available() else None

@@ -132,3 +132,27 @@ def test_stretch_follows_every_onnx_runtime_call_with_a_sleep_of_its_duration_ti
     command = Stretch(0.25, cpu=1).command(argv)
     assert command[:8] == ["ip", "netns", "exec", "ns", "taskset", "-c", "1", sys.executable]
     assert command[8] == "-c" and "stretch_onnxruntime(3.0)" in command[9] and command[10:] == ["serve", "--port", "0"]
+
+
+def test_pace_pads_every_onnx_runtime_call_to_its_rows_times_its_files_pace(monkeypatch, tmp_path):
+    ort = __import__("pytest").importorskip("onnxruntime")
+    from onnx import TensorProto, helper, save
+    from link_relay import Stretch, pace_costs, pace_onnxruntime
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    save(model, tmp_path / "stage0.onnx")
+    costs = pace_costs(tmp_path, calls=5)
+    assert list(costs) == ["stage0.onnx"] and 0 < costs["stage0.onnx"] < 0.1
+    session = ort.InferenceSession(str(tmp_path / "stage0.onnx"), providers=["CPUExecutionProvider"])
+    monkeypatch.setattr(ort.InferenceSession, "run", ort.InferenceSession.run)  # put back after the test
+    ticks, slept = iter([10.0, 10.002, 20.0, 20.005, 30.0, 30.05]), []
+    pace_onnxruntime(4.0, {"stage0.onnx": 0.001}, clock=lambda: next(ticks), sleep=slept.append)
+    import numpy as np
+    for rows in (1, 3, 1):  # 4 ms a row: 2 ms taken, then 5 ms of 12, then 50 ms (slower than the pace: no sleep)
+        assert session.run(None, {"x": np.ones((rows, 2), np.float32)})[0].shape == (rows, 2)
+    assert np.allclose(slept, [0.002, 0.007, 0.0])
+    command = Stretch(0.25, cpu=1, paced={"stage0.onnx": 0.001}).command([sys.executable, "-m", "exitwise", "serve"])
+    assert "pace_onnxruntime(4.0, {'stage0.onnx': 0.001})" in command[5]
