@@ -5,11 +5,13 @@ device sends every image), all-device, and the planner's choice, with the planne
 Two tiers, "device" and "cloud", both `exitwise serve` processes on this machine, joined by `LinkRelay`
 (benchmarks/link_relay.py: the link's RTT and rate in user space, as the kernel has no netem). The device is
 emulated as a slower single-core machine: its tier runs pinned to one CPU (the last), and each of its model calls
-is followed by a sleep, so that the model's work takes 1 / `--device-cpu-share` of its time (default 0.25: 4x;
-`--device-emulation stretch`, link_relay.Stretch); or (`--device-emulation quota`) in a cgroup limited to that share
-of the CPU (1 ms in every 4 ms: link_relay.CpuLimit), whose full-speed bursts and spills made a fresh process's
-speed move by 10% and more (docs/tiers.md). Everything else (this client, the relays, the cloud tier) runs on the
-other CPUs.
+is padded by a sleep to 1 / `--device-cpu-share` (default 0.25: 4x) of that graph's time per row, measured once at
+the start on that CPU (`--device-emulation pace`, the default: a device whose speed holds while this VM's moves);
+or each call is followed by a sleep of (1 / share - 1) times its own duration (`stretch`, link_relay.Stretch: the
+VM's drift, 2x within tens of seconds on some days, comes along); or (`quota`) it runs in a cgroup limited to that
+share of the CPU (1 ms in every 4 ms: link_relay.CpuLimit), whose full-speed bursts and spills made a fresh
+process's speed move by 10% and more (docs/tiers.md). Everything else (this client, the relays, the cloud tier)
+runs on the other CPUs.
 The planner gets each tier's stage times as measured there (`exitwise plan --measure`, batch 1, the device's inside
 the same cgroup), its request cost as its clients see it (`measure.measure_request_at`, from this process; both the
 median of `--starts` fresh processes; taken again just before each link's placements, as the VM's speed moves over
@@ -395,7 +397,7 @@ def main() -> None:
     ap.add_argument("--links", default="1:100,20:40,100:20,1000:5", help="MBPS:RTT_MS,... (the emulated links)")
     ap.add_argument("--device-cpu-share", type=float, default=0.25, help="the emulated device's speed, a share of "
                     "one CPU's (--device-emulation; 0: no emulation, the device tier served as the cloud's)")
-    ap.add_argument("--device-emulation", choices=("quota", "stretch", "pace"), default="stretch", help="how the "
+    ap.add_argument("--device-emulation", choices=("quota", "stretch", "pace"), default="pace", help="how the "
                     "device is made slower: quota, a cgroup's CPU quota (link_relay.CpuLimit); stretch, each model "
                     "call followed by a sleep, the model's work taking 1/share of its time (link_relay.Stretch); "
                     "pace, each model call padded to 1/share of its graph's time per row measured once at the start "
