@@ -169,7 +169,7 @@ class CpuLimit:
         return os.geteuid() == 0 and ((cls.V1 / "cpu.cfs_quota_us").exists() or v2)
 
     def command(self, argv: list[str]) -> list[str]:
-        pin = ["taskset", "-c", str(self.cpu)] if self.cpu is not None else []
+        pin = pinned(self.cpu)
         return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.path), *pin, *argv]
 
     def close(self) -> None:
@@ -197,7 +197,7 @@ class Stretch:
 
     def command(self, argv: list[str]) -> list[str]:
         i = argv.index("-m")  # argv[i - 1] is the interpreter, argv[i + 1] "exitwise"
-        pin = ["taskset", "-c", str(self.cpu)] if self.cpu is not None else []
+        pin = pinned(self.cpu)
         slow = (f"pace_onnxruntime({1 / self.share!r}, {self.paced!r})" if self.paced
                 else f"stretch_onnxruntime({1 / self.share - 1!r})")
         code = (f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
@@ -227,20 +227,15 @@ def stretch_onnxruntime(factor: float, clock=time.perf_counter, sleep=time.sleep
 def pace_onnxruntime(factor: float, seconds_per_row: dict[str, float], clock=time.perf_counter,
                      sleep=time.sleep) -> None:
     """Every `onnxruntime.InferenceSession.run` in this process from now on taking at least `factor` times its rows
-    times its graph file's `seconds_per_row` (a sleep after it makes up the rest; a file not named there is
-    stretched by `factor` - 1 instead)."""
+    times its graph file's `seconds_per_row` (a sleep after it makes up the rest)."""
     import onnxruntime
     run = onnxruntime.InferenceSession.run
 
     def paced(self, output_names, input_feed, *args, **kwargs):
         start = clock()
         out = run(self, output_names, input_feed, *args, **kwargs)
-        per_row = seconds_per_row.get(Path(self._model_path or "").name)
-        took = clock() - start
-        if per_row is None:
-            sleep((factor - 1) * took)
-        else:
-            sleep(max(0.0, factor * len(next(iter(input_feed.values()))) * per_row - took))
+        pace = factor * len(next(iter(input_feed.values()))) * seconds_per_row[Path(self._model_path).name]
+        sleep(max(0.0, pace - (clock() - start)))
         return out
 
     onnxruntime.InferenceSession.run = paced
@@ -248,20 +243,15 @@ def pace_onnxruntime(factor: float, seconds_per_row: dict[str, float], clock=tim
 
 def pace_costs(export: str | Path, calls: int = 300) -> dict[str, float]:
     """Each ONNX graph file of `export` (stages and heads): the median seconds of a call on one row of random input,
-    one thread, over `calls` calls after a warm-up, in this process (run it where the device runs: `pace_command`)."""
+    on one thread as a server runs it, over `calls` calls after a warm-up, in this process (run it where the device
+    runs: `pace_command`)."""
     import numpy as np
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    rng, out = np.random.default_rng(0), {}
-    for path in sorted(Path(export).glob("*.onnx")):
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {}
-        for i in session.get_inputs():
-            shape = [1 if not isinstance(d, int) else d for d in i.shape]
-            dtype = np.uint8 if "uint8" in i.type else np.int64 if "int64" in i.type else np.float32
-            feed[i.name] = rng.random(shape).astype(dtype) if dtype == np.float32 else np.zeros(shape, dtype)
+    from exitwise.deploy.onnx_runtime import OnnxEarlyExit
+    runner, rng, out = OnnxEarlyExit.load(export, threads=1, spin=False), np.random.default_rng(0), {}
+    m = runner.manifest
+    for graph, session in zip([*m.stages, *m.heads], [*runner.stages, *runner.heads]):
+        x = session.get_inputs()[0]  # "x", a dynamic batch
+        feed = {x.name: rng.random([1, *x.shape[1:]]).astype(np.float32)}
         for _ in range(20):
             session.run(None, feed)
         times = []
@@ -269,16 +259,21 @@ def pace_costs(export: str | Path, calls: int = 300) -> dict[str, float]:
             start = time.perf_counter()
             session.run(None, feed)
             times.append(time.perf_counter() - start)
-        out[path.name] = float(np.median(times))
+        out[graph.file] = float(np.median(times))
     return out
 
 
-def pace_command(export: str | Path, cpu: int | None) -> list[str]:
-    """`pace_costs(export)` in a fresh interpreter pinned to `cpu`, printing its JSON."""
-    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+def pinned(cpu: int | None) -> list[str]:
+    """The command prefix that runs a command on CPU `cpu` only (none: anywhere)."""
+    return ["taskset", "-c", str(cpu)] if cpu is not None else []
+
+
+def pace_command(export: str | Path, cpu: int | None) -> tuple[list[str], dict]:
+    """`pace_costs(export)` in a fresh interpreter pinned to `cpu`, printing its JSON: (argv, environment)."""
     code = (f"import json, sys\nsys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
             f"from link_relay import pace_costs\nprint(json.dumps(pace_costs({str(export)!r})))")
-    return [*pin, sys.executable, "-c", code]
+    argv, env = exitwise_command()
+    return [*pinned(cpu), argv[0], "-c", code], env
 
 
 class NetnsLink:

@@ -78,6 +78,12 @@ class Client:
             raise RuntimeError(f"the tier answered {response.status}: {body[:200]!r}")
         return took, json.loads(body)
 
+    def classify(self, model: str, image: np.ndarray) -> tuple[float, int, int]:
+        """One image: (seconds, the class it was given, 1 if answered degraded else 0)."""
+        took, doc = self.infer(model, image)
+        out = {o["name"]: o["data"] for o in doc["outputs"]}
+        return took, out["class_index"][0], sum(doc.get("parameters", {}).get("degraded", []))
+
     def close(self) -> None:
         self.connection.close()
 
@@ -102,11 +108,9 @@ def drive(url: str, model: str, images: np.ndarray, concurrency: int,
                     i, next_i[0] = next_i[0], next_i[0] + 1
                 if i >= len(images):
                     return
-                s, doc = client.infer(model, images[i])
-                out = {o["name"]: o["data"] for o in doc["outputs"]}
-                seconds[i], classes[i] = s, out["class_index"][0]
+                seconds[i], classes[i], was_degraded = client.classify(model, images[i])
                 with lock:
-                    degraded[0] += sum(doc.get("parameters", {}).get("degraded", []))
+                    degraded[0] += was_degraded
         finally:
             client.close()
 
@@ -130,7 +134,7 @@ def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit
         out = subprocess.run(limit.command(argv) if limit else argv, env=env, capture_output=True, text=True,
                              check=True)
         inside.append(parse_tier(f"{name}:{out.stdout.strip().splitlines()[-1]}"))
-    at_inside = median_tier(inside)
+    at_inside = combined_tier(inside)
     stages = at_inside.stage_seconds
     requests = []
     for _ in range(starts):
@@ -146,18 +150,14 @@ def measured_tier(name: str, export: Path, model: str, images: np.ndarray, limit
     return tier, at_inside.request_seconds
 
 
-def mean_tier(measured: Sequence[Tier], weights: np.ndarray) -> Tier:
-    """One tier's measurements (the same tier, one per start) as one: each cost their mean, weighted."""
-    return Tier(measured[0].name, stage_seconds=tuple(float(v) for v in np.average(
-        [t.stage_seconds for t in measured], axis=0, weights=weights)),
-        request_seconds=float(np.average([t.request_seconds for t in measured], weights=weights)))
+def combined_tier(measured: Sequence[Tier], weights: np.ndarray | None = None) -> Tier:
+    """One tier's measurements (the same tier, several processes) as one: each cost their median, or with
+    `weights` their weighted mean."""
+    def combine(values: list) -> np.ndarray:
+        return np.median(values, axis=0) if weights is None else np.average(values, axis=0, weights=weights)
 
-
-def median_tier(measured: Sequence[Tier]) -> Tier:
-    """One tier's measurements (the same tier, several processes) as one: each cost the median."""
-    return Tier(measured[0].name, stage_seconds=tuple(float(v) for v in np.median([t.stage_seconds for t in measured],
-                                                                                  axis=0)),
-                request_seconds=float(np.median([t.request_seconds for t in measured])))
+    return Tier(measured[0].name, stage_seconds=tuple(float(v) for v in combine([t.stage_seconds for t in measured])),
+                request_seconds=float(combine([t.request_seconds for t in measured])))
 
 
 def measure_tiers(export: Path, model: str, images: np.ndarray, limit: CpuLimit | Stretch | None,
@@ -212,6 +212,11 @@ def effective_rtt_ms(export: Path, model: str, image: np.ndarray, mbps: float, r
         for server in {near, far}:
             server.stop()
     return 1000 * (relayed_s - direct_s - per_request * 8 / (mbps * 1e6))
+
+
+def placement_label(stages) -> str:
+    """A placement's stages per tier as text: "0-2/3-3", "-/0-3"."""
+    return "/".join(f"{r[0]}-{r[1]}" if r else "-" for r in stages)
 
 
 def measure_in_turns(placements: list, export: Path, model: str, images: np.ndarray, labels: np.ndarray,
@@ -324,10 +329,8 @@ def drive_interleaved(served: list[Served], model: str, images: np.ndarray) -> l
         seconds, classes, degraded = np.zeros((n, len(images))), np.zeros((n, len(images)), int), [0] * n
         for i, image in enumerate(images):
             for j in ((i + r) % n for r in range(n)):
-                took, doc = clients[j].infer(model, image)
-                out = {o["name"]: o["data"] for o in doc["outputs"]}
-                seconds[j, i], classes[j, i] = took, out["class_index"][0]
-                degraded[j] += sum(doc.get("parameters", {}).get("degraded", []))
+                seconds[j, i], classes[j, i], was_degraded = clients[j].classify(model, image)
+                degraded[j] += was_degraded
         return [(seconds[j], classes[j], degraded[j], served[j].crossed() - before[j]) for j in range(n)]
     finally:
         for c in clients:
@@ -353,7 +356,7 @@ def whole_test_set(rows: list[dict], export: Path, model: str, images: np.ndarra
         _, classes, degraded, crossed = _serve_once(stages, export, model, images, None, 0.0, wire, send_images,
                                                     concurrency, None, None)
         accuracy = 100 * float((classes == labels).mean())
-        label = "/".join(f"{s[0]}-{s[1]}" if s else "-" for s in stages)
+        label = placement_label(stages)
         print(f"  {label:>9s} {wire}: accuracy {accuracy:.2f}% ({accuracy - full:+.2f} points against the full "
               f"network), {crossed / len(labels):.0f} B/image over the link, {degraded} degraded; as "
               + ", ".join(where))
@@ -455,8 +458,8 @@ def main() -> None:
         if args.device_emulation in ("stretch", "pace") and args.device_cpu_share > 0:
             paced = None
             if args.device_emulation == "pace":
-                paced = json.loads(subprocess.run(pace_command(export, os.cpu_count() - 1), capture_output=True,
-                                                  text=True, check=True).stdout)
+                argv, env = pace_command(export, os.cpu_count() - 1)
+                paced = json.loads(subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout)
                 print(f"device paced at 1/{args.device_cpu_share:g} of, ms per row on CPU {os.cpu_count() - 1}: "
                       + ", ".join(f"{name} {1000 * v:.3f}" for name, v in paced.items()))
             limit = Stretch(args.device_cpu_share, cpu=os.cpu_count() - 1, paced=paced)
@@ -522,7 +525,7 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
         # each start predicted from the costs measured just before it, the starts weighted by their images: the
         # prediction of the mean over the starts (latency is linear in the costs: the costs' means give the same)
         weights = np.array([len(part) for part in np.array_split(np.arange(len(images)), args.starts)], float)
-        serving = tuple(mean_tier(measured, weights) for measured in zip(*in_turns))
+        serving = tuple(combined_tier(measured, weights) for measured in zip(*in_turns))
         print("costs measured between the starts (means): " + "; ".join(
             f"{t.name} stage ms {'/'.join(f'{1000 * v:.2f}' for v in t.stage_seconds)}, request "
             f"{1000 * t.request_seconds:.2f}" for t in serving))
@@ -533,7 +536,7 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
         served = next((c for c in distinct if (c.stages, c.wire, c.links[0].payload)
                        == (again_plan.stages, again_plan.wire, again_plan.links[0].payload)), None)
         best = min(distinct, key=lambda c: measured[c]["mean_ms"])
-        stages = "/".join(f"{r[0]}-{r[1]}" if r else "-" for r in again_plan.stages)
+        stages = placement_label(again_plan.stages)
         in_turn_plan = {"stages": again_plan.stages, "wire": again_plan.wire,
                         "send_images": again_plan.links[0].payload == "input",
                         "predicted_ms": again_plan.latency_ms, "served": served is not None}
@@ -551,7 +554,7 @@ def run_link(args, export: Path, model: str, images: np.ndarray, labels: np.ndar
         again = c in first
         first.setdefault(c, name)
         m = measured[c]
-        label = f"{name} {'/'.join(f'{r[0]}-{r[1]}' if r else '-' for r in c.stages)}"
+        label = f"{name} {placement_label(c.stages)}"
         print(f"{f'{mbps:g}Mb/{rtt:g}ms':>14s} {label:>18s} {c.wire:>4s} {c.latency_ms:8.2f} "
               f"{m['mean_ms']:8.2f} {m['p50_ms']:8.2f} {m['p99_ms']:8.2f} {m['bytes_per_image']:9.0f} "
               f"{c.traffic_bytes:9.0f} {m['accuracy']:6.2f} {m['degraded']:4d}"

@@ -1,6 +1,7 @@
 """The emulated link of the tier benchmarks adds its round trip and holds to its rate (lower bounds only: a busy
 machine may always be slower)."""
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -8,6 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from link_relay import LinkRelay  # noqa: E402
+from test_serve import digits  # noqa: E402,F401  (the fixture: a digits-convnet export)
 
 
 def _echo_server() -> tuple[socket.socket, int]:
@@ -134,25 +136,21 @@ def test_stretch_follows_every_onnx_runtime_call_with_a_sleep_of_its_duration_ti
     assert command[8] == "-c" and "stretch_onnxruntime(3.0)" in command[9] and command[10:] == ["serve", "--port", "0"]
 
 
-def test_pace_pads_every_onnx_runtime_call_to_its_rows_times_its_files_pace(monkeypatch, tmp_path):
+def test_pace_pads_every_onnx_runtime_call_to_its_rows_times_its_files_pace(monkeypatch, digits):
     ort = __import__("pytest").importorskip("onnxruntime")
-    from onnx import TensorProto, helper, save
-    from link_relay import Stretch, pace_costs, pace_onnxruntime
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    save(model, tmp_path / "stage0.onnx")
-    costs = pace_costs(tmp_path, calls=5)
-    assert list(costs) == ["stage0.onnx"] and 0 < costs["stage0.onnx"] < 0.1
-    session = ort.InferenceSession(str(tmp_path / "stage0.onnx"), providers=["CPUExecutionProvider"])
+    import json
+    from link_relay import Stretch, pace_command, pace_onnxruntime
+    export = digits[2] / "onnx"
+    argv, env = pace_command(export, None)
+    costs = json.loads(subprocess.run(argv, env=env, capture_output=True, text=True, check=True, timeout=120).stdout)
+    assert sorted(costs) == sorted(p.name for p in export.glob("*.onnx")) and all(0 < v < 0.1 for v in costs.values())
+    session = ort.InferenceSession(str(export / "stage0.onnx"), providers=["CPUExecutionProvider"])
     monkeypatch.setattr(ort.InferenceSession, "run", ort.InferenceSession.run)  # put back after the test
     ticks, slept = iter([10.0, 10.002, 20.0, 20.005, 30.0, 30.05]), []
     pace_onnxruntime(4.0, {"stage0.onnx": 0.001}, clock=lambda: next(ticks), sleep=slept.append)
     import numpy as np
     for rows in (1, 3, 1):  # 4 ms a row: 2 ms taken, then 5 ms of 12, then 50 ms (slower than the pace: no sleep)
-        assert session.run(None, {"x": np.ones((rows, 2), np.float32)})[0].shape == (rows, 2)
+        assert len(session.run(None, {"x": np.ones((rows, 1, 8, 8), np.float32)})[0]) == rows
     assert np.allclose(slept, [0.002, 0.007, 0.0])
     command = Stretch(0.25, cpu=1, paced={"stage0.onnx": 0.001}).command([sys.executable, "-m", "exitwise", "serve"])
     assert "pace_onnxruntime(4.0, {'stage0.onnx': 0.001})" in command[5]

@@ -234,35 +234,42 @@ def infer_response(name: str, request: dict, answers: Sequence[Answer], class_na
     return response
 
 
+PREDICTION_FIELDS = ("image", "class", "class_index", "probability", "exit")  # a row of `exitwise predict`'s output
+
+
+def prediction_row(image: str | None, class_index: int, probability: float, exit: int,
+                   class_names: Sequence[str] | None) -> dict:
+    """One image's row of `exitwise predict`'s CSV or JSON and of `/v1/predict`'s answer (`PREDICTION_FIELDS`, a
+    literal here: it runs per image on the server): the class's name where the model has names, else its index
+    as text; the probability rounded to 6 places."""
+    return {"image": image, "class": class_names[class_index] if class_names else str(class_index),
+            "class_index": int(class_index), "probability": round(float(probability), 6), "exit": int(exit)}
+
+
 @dataclass(frozen=True)
 class ImagePrediction:
-    """One image's answer: its class at the exit it took (0 = first) and that class's softmax probability there; a
-    row of `exitwise predict`'s CSV or JSON and of `/v1/predict`'s answer (there with the tier that answered)."""
+    """One image's answer: its class at the exit it took (0 = first) and that class's softmax probability there;
+    `to_json()` is its row (`prediction_row`)."""
     image: str | None   # the file's name (None: an image sent without one)
     label: str          # the class name (its index, as text, when the model has none); "class" in the files
     class_index: int
     probability: float  # rounded to 6 places, as written
     exit: int
-    tier: str | None = None        # served by a chain of tiers: the one that answered,
-    degraded: bool | None = None   # and whether it answered at its own last exit because the next was unreachable
 
     @classmethod
     def of(cls, image: str | None, class_index: int, probability: float, exit: int,
-           class_names: Sequence[str] | None, tier: str | None = None,
-           degraded: bool | None = None) -> ImagePrediction:
-        return cls(image, class_names[class_index] if class_names else str(class_index), int(class_index),
-                   round(float(probability), 6), int(exit), tier, degraded)
+           class_names: Sequence[str] | None) -> ImagePrediction:
+        return cls(*prediction_row(image, class_index, probability, exit, class_names).values())  # in field order
 
     def to_json(self) -> dict:
-        """A row of the CSV or JSON output (`predict.FIELDS`), with `tier` and `degraded` where served by tiers."""
-        row = {"image": self.image, "class": self.label, "class_index": self.class_index,
-               "probability": self.probability, "exit": self.exit}
-        return row if self.tier is None else {**row, "tier": self.tier, "degraded": self.degraded}
+        return dict(zip(PREDICTION_FIELDS, (self.image, self.label, self.class_index, self.probability, self.exit)))
 
 
 def predictions(answers: Sequence[Answer], class_names: Sequence[str] | None,
                 names: Sequence[str | None]) -> list[dict]:
-    """`/v1/predict`'s rows, as `exitwise predict` writes them."""
-    return [ImagePrediction.of(n, a.prediction, a.probability, a.exit, class_names, getattr(a, "tier", None),
-                               getattr(a, "degraded", None)).to_json()
-            for n, a in zip(names, answers)]
+    """`/v1/predict`'s rows (`prediction_row`; on a tier of a chain with `tier` and `degraded`)."""
+    rows = [prediction_row(n, a.prediction, a.probability, a.exit, class_names) for n, a in zip(names, answers)]
+    for key, values in tier_parameters(answers).items():
+        for row, value in zip(rows, values):
+            row[key] = value
+    return rows

@@ -197,9 +197,15 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
         if model_version not in ("", "1"):
             raise BadRequest(404, f"model {name!r} has version 1 only, not {model_version!r}")
 
-    async def refuse(context, e: BadRequest) -> None:
+    def count(e: BadRequest) -> BadRequest:
         refused(REASONS.get(e.status, "bad_request"))
+        return e
+
+    async def abort(context, e: BadRequest) -> None:
         await context.abort(STATUS.get(e.status, grpc.StatusCode.INVALID_ARGUMENT), e.message)
+
+    async def refuse(context, e: BadRequest) -> None:
+        await abort(context, count(e))
 
     async def server_live(request, context):
         return message("ServerLiveResponse")(live=True)
@@ -243,19 +249,18 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
             refusal = e
         except asyncio.CancelledError:  # the call's stream was cancelled by its client
             status = 499
-            refused(REASONS[499])
+            count(BadRequest(499, "the client left"))
             raise
         except Exception as e:  # noqa: BLE001  a one-line INTERNAL, as HTTP's 500
             refusal = BadRequest(500, f"internal error: {type(e).__name__}: {e}")
         finally:
             observe(status, start)
-        refused(REASONS.get(refusal.status, "bad_request"))
-        return refusal
+        return count(refusal)
 
     async def model_infer(request, context):
         response = await infer(request, _GrpcCall(context))
         if isinstance(response, BadRequest):
-            await context.abort(STATUS.get(response.status, grpc.StatusCode.INVALID_ARGUMENT), response.message)
+            await abort(context, response)
         return response
 
     async def model_stream_infer(requests: AsyncIterator, context):

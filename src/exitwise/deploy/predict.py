@@ -9,11 +9,10 @@ from typing import Sequence
 from ..errors import UserError
 from ..images import read_images
 from ..io import atomic_write_json, atomic_write_text
-from .oip import ImagePrediction
+from .oip import PREDICTION_FIELDS as FIELDS, ImagePrediction
 from .onnx_runtime import OnnxEarlyExit
 
 OUTPUT_SUFFIXES = (".csv", ".json")
-FIELDS = ("image", "class", "class_index", "probability", "exit")
 
 
 def predict(export: str | Path, paths: Sequence[str | Path], *, batch_size: int = 256,
