@@ -471,6 +471,7 @@ def test_a_torch_chain_answers_as_single_process_early_exit_and_degrades_on_torc
 def test_a_tier_keeps_its_connection_to_the_next_one_and_reopens_it_when_the_next_tier_closed_it():
     import http.server
     import threading
+    from exitwise.config import NextURL
     from exitwise.deploy.tiers import KeptConnections
     accepted = []
 
@@ -494,7 +495,7 @@ def test_a_tier_keeps_its_connection_to_the_next_one_and_reopens_it_when_the_nex
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        kept = KeptConnections("127.0.0.1", server.server_address[1], timeout=5)
+        kept = KeptConnections(NextURL(False, "127.0.0.1", server.server_address[1]), timeout=5)
         assert [kept.request("POST", "/", b"x%d" % i, {})[:2] for i in range(3)] == [(200, b"x0"), (200, b"x1"),
                                                                                       (200, b"x2")]
         assert len(accepted) == 1  # three crossings, one TCP connection

@@ -372,11 +372,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                         early_exit=not args.no_early_exit, precision=args.precision,
                                         micro_batch=args.micro_batch, workers=scheduling.workers)
     runner, exits = None, None
-    if _is_tier(args) and not args.export and not args.ray:
+    if _is_tier(args) and not args.export:
         if args.next is not None:
             from .config import check_url
             check_url(args.next)  # before the model loads
-        if serving.processes > 1:  # a torch tier's stages are counted on the model; each process builds its own runner
+        if serving.processes > 1 or args.ray:  # a torch tier's stages counted on the model; each process (or
+            # replica) builds its own runner
             from .serve_torch import load_early_exit
             exits = load_early_exit(model=args.model, weights=args.weights, source=args.source,
                                     early_exit=not args.no_early_exit).network.num_exits
@@ -412,6 +413,8 @@ def _add_tier_args(p) -> None:
     p.add_argument("--send-images", action="store_true", help="send the survivors' images instead of their features "
                    "(smaller for small images); the next tier recomputes the stages before its own. A tier after the "
                    "first must be sent the images then (the tier before it sends images too)")
+    p.add_argument("--next-ca", type=Path, help="with --next https://...: a PEM file of the certificates that verify "
+                   "the next tier's (its own, when self-signed; default: the system's)")
     p.add_argument("--forward-timeout-ms", type=float, help="the next tier not answering by then: answer at this "
                    "tier's last exit, marked degraded (default 5000; below --timeout-ms); a relay answers 504 "
                    "(default 10000)")
@@ -442,7 +445,7 @@ def _relay_config(args: argparse.Namespace, given_models: list[str]):
     if args.ray or args.wire or args.send_images:
         flags = [f for f, v in (("--ray", args.ray), ("--wire", args.wire), ("--send-images", args.send_images)) if v]
         raise UserError(f"a relay forwards what it gets as it is: drop {', '.join(flags)}")
-    return RelayConfig(args.tier or "relay", args.next,
+    return RelayConfig(args.tier or "relay", args.next, next_ca=args.next_ca,
                        **({} if args.forward_timeout_ms is None else {"timeout_ms": args.forward_timeout_ms}))
 
 
@@ -464,16 +467,15 @@ def _tier_config(args: argparse.Namespace, num_stages: int | None = None):
     """The TierConfig that --stages/--plan/--tier/--next ask for (None: the whole network), checked. `num_stages`:
     the model's (None: read from the --export's manifest)."""
     if not _is_tier(args):
-        if args.send_images:
-            raise UserError("--send-images goes with --next (a tier that forwards)")
+        if args.send_images or args.next_ca:
+            raise UserError(f"{'--send-images' if args.send_images else '--next-ca'} goes with --next (a tier that "
+                            "forwards)")
         return None
     from .deploy.manifest import read_manifest
     from .config import TierConfig, check_url
     from .deploy.tiers import parse_stages
     if args.next is not None:
         check_url(args.next)
-    if args.ray:
-        raise UserError("a tier is served without --ray")
     k = len(read_manifest(args.export).stages) if num_stages is None else num_stages
     wire = args.wire
     if args.plan:
@@ -497,7 +499,7 @@ def _tier_config(args: argparse.Namespace, num_stages: int | None = None):
         raise UserError(f"stages {first}-{last} end the network: this tier has nothing to send to --next")
     from .config import SchedulerConfig
     tier = TierConfig(args.tier or f"stages{first}-{last}", first, last, args.next, wire or "fp32",
-                      send_images=args.send_images and bool(args.next),
+                      send_images=args.send_images and bool(args.next), next_ca=args.next_ca,
                       **({} if args.forward_timeout_ms is None else {"forward_timeout_ms": args.forward_timeout_ms}))
     timeout_ms = args.timeout_ms if args.timeout_ms is not None else SchedulerConfig().timeout_ms
     if tier.next_url and not tier.forward_timeout_ms < timeout_ms:

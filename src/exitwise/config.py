@@ -221,17 +221,60 @@ class SchedulerConfig:
 WIRE_FORMATS = ("fp32", "fp16", "int8")  # features between tiers (`deploy.wire`), from the largest to the smallest
 
 
-def check_url(url: str) -> tuple[str, int, str]:
-    """(host, port, path prefix) of the next tier's http:// URL, or a one-line UserError."""
+@dataclass(frozen=True)
+class NextURL:
+    """The next tier's URL, parsed: https (TLS) or http, host, port and path prefix."""
+    tls: bool
+    host: str
+    port: int
+    prefix: str = ""
+
+
+def check_url(url: str) -> NextURL:
+    """The next tier's http:// or https:// URL, parsed, or a one-line UserError."""
     from urllib.parse import urlsplit
     try:
         parts = urlsplit(url)
-        port = parts.port or 80
+        port = parts.port
     except ValueError:
         parts, port = None, None
-    if parts is None or parts.scheme != "http" or not parts.hostname or parts.query or parts.fragment:
-        raise UserError(f"--next {url!r} is not a URL of the next tier (http://HOST:PORT)")
-    return parts.hostname, port, parts.path.rstrip("/")
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+            or parts.fragment):
+        raise UserError(f"--next {url!r} is not a URL of the next tier (http://HOST:PORT or https://HOST:PORT)")
+    tls = parts.scheme == "https"
+    return NextURL(tls, parts.hostname, port or (443 if tls else 80), parts.path.rstrip("/"))
+
+
+def check_ca(ca: Path | None, url: str) -> None:
+    """`--next-ca`: a PEM file of certificates that verifies the next tier's (https only), or a one-line UserError."""
+    if ca is None:
+        return
+    if not check_url(url).tls:
+        raise UserError(f"--next-ca verifies an https:// next tier; {url!r} is plain http")
+    import ssl
+    try:
+        ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as e:
+        raise UserError(f"--next-ca {str(ca)!r}: cannot load certificates from it ({_reason(e)})") from None
+
+
+def check_tls_pair(certfile: Path | None, keyfile: Path | None) -> None:
+    """`--ssl-certfile` and `--ssl-keyfile`: both or neither, and a certificate chain with its key, or a one-line
+    UserError."""
+    if certfile is None and keyfile is None:
+        return
+    if certfile is None or keyfile is None:
+        raise UserError("--ssl-certfile and --ssl-keyfile go together: give both (PEM files) or neither")
+    import ssl
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(certfile), str(keyfile))
+    except (OSError, ssl.SSLError) as e:
+        raise UserError(f"--ssl-certfile {str(certfile)!r} with --ssl-keyfile {str(keyfile)!r}: cannot load a "
+                        f"certificate and its key ({_reason(e)})") from None
+
+
+def _reason(e: Exception) -> str:
+    return " ".join((getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e) or type(e).__name__).split())
 
 
 @dataclass(frozen=True)
@@ -247,12 +290,16 @@ class TierConfig:
     retry_after_ms: float = 500.0        # after a failure, batches are answered degraded at once for this long
     send_images: bool = False            # send survivors' images, not features (the next recomputes); a later tier
                                          # must then be sent the images itself
+    next_ca: Path | None = None          # certificates that verify an https next tier (None: the system's)
 
     def __post_init__(self) -> None:
         if self.wire not in WIRE_FORMATS:
             raise UserError(f"unknown wire format {self.wire!r}; choose one of {', '.join(WIRE_FORMATS)}")
         if self.next_url is not None:
             check_url(self.next_url)
+            check_ca(self.next_ca, self.next_url)
+        elif self.next_ca is not None:
+            raise UserError("--next-ca verifies the next tier: give --next https://HOST:PORT")
         if not self.forward_timeout_ms > 0 or not self.retry_after_ms >= 0:
             raise UserError("the forward timeout must be above 0 ms and the retry pause at least 0 ms")
 
@@ -264,9 +311,11 @@ class RelayConfig:
     name: str
     next_url: str
     timeout_ms: float = 10_000.0   # the next tier not answering by then: 504 (its own degraded answers come sooner)
+    next_ca: Path | None = None    # certificates that verify an https next tier (None: the system's)
 
     def __post_init__(self) -> None:
         check_url(self.next_url)
+        check_ca(self.next_ca, self.next_url)
         if not self.timeout_ms > 0:
             raise UserError("the relay's forward timeout must be above 0 ms")
 
@@ -283,6 +332,9 @@ class ServeConfig:
     grpc_port: int | None = option(None, "also serve the Open Inference Protocol over gRPC on this port (KServe V2's "
                                          "GRPCInferenceService, as tritonclient.grpc speaks it; 0: any free port, "
                                          "printed at start; pip install 'exitwise[grpc]')")
+    ssl_certfile: Path | None = option(None, "serve HTTPS (and gRPC over TLS) with this PEM certificate (chain); "
+                                             "with --ssl-keyfile")
+    ssl_keyfile: Path | None = option(None, "the PEM private key of --ssl-certfile")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tier: TierConfig | None = None       # one tier of a chain; None: the whole network
     relay: RelayConfig | None = None     # a tier with no stages: forwards everything, runs no model
@@ -294,6 +346,7 @@ class ServeConfig:
             raise UserError(f"--max-body-mb must be above 0, got {self.max_body_mb:g}")
         if self.processes < 1:
             raise UserError(f"--processes must be at least 1, got {self.processes}")
+        check_tls_pair(self.ssl_certfile, self.ssl_keyfile)
         if self.processes > 1 and self.relay is not None:
             raise UserError("a relay tier runs no model: serve it in one process (drop --processes)")
         if self.grpc_port is not None:
@@ -303,3 +356,8 @@ class ServeConfig:
                 raise UserError("--grpc-port 0 with --processes: give a port, which every process listens on")
             if self.relay is not None:
                 raise UserError("--grpc-port: a relay runs no model; give it to the first tier that holds stages")
+
+    @property
+    def scheme(self) -> str:
+        """How clients reach this server: https with a certificate, else http."""
+        return "https" if self.ssl_certfile is not None else "http"

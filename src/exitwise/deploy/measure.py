@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import check_url
+from ..config import NextURL, check_url
 from ..errors import UserError
 from ..exit_rule import leaves
 from .onnx_runtime import as_input
@@ -94,13 +94,13 @@ class _StepClock:
 
 
 def _round_trips(host: str, port: int, model: str, images: np.ndarray, requests: int,
-                 after=lambda i: None) -> list[tuple[float, int]]:
+                 after=lambda i: None, tls: bool = False) -> list[tuple[float, int]]:
     """(seconds, exit taken) of `requests` one-image binary V2 infer requests sent back to back on one connection
     (as a busy tier gets them), cycling through `images` (uint8 NHWC), after three untimed ones that warm the
     connection and the sessions. `after(i)`: called when request i is answered."""
-    import http.client
+    from .tiers import connect
     n, timed = len(images), []
-    connection = http.client.HTTPConnection(host, port, timeout=30)
+    connection = connect(NextURL(tls, host, port), timeout=30)
     with _collector_paused():  # here and in a server in this process
         try:
             for i in range(requests + 3):
@@ -237,9 +237,9 @@ def measure_request_at(url: str, model: str, stage_seconds: Sequence[float], ima
     infer requests sent back to back from here to the tier serving the whole network at `url`, the mean round
     trip less the `stage_seconds` (measured on the tier) of the stages up to the exit each answer names. For a
     tier whose clients run elsewhere (`images`: uint8 NHWC, real ones, so the exits spread)."""
-    host, port, _ = check_url(url)
+    at = check_url(url)
     cumulative = np.cumsum(stage_seconds)
-    trips = _round_trips(host, port, model, images, requests)
+    trips = _round_trips(at.host, at.port, model, images, requests, tls=at.tls)
     return max(0.0, float(np.mean([took - cumulative[k] for took, k in trips])))
 
 

@@ -46,7 +46,7 @@ class Started:
 def serve_processes(make_runner: Callable[[], Runner], config: ServeConfig, log_level: str = "warning") -> None:
     """Run `config.processes` servers on one socket until SIGTERM or SIGINT; returns when all have drained. A server
     process that fails to start or dies: the others are stopped and a one-line UserError says which and why."""
-    from .server import listen
+    from .server import grpc_line, listen
     sock = listen(config, reuse_port=True, listening=False)  # holds the port (0: the one the OS picks) for them
     held = [sock] if not config.grpc_port else [sock, listen(dataclasses.replace(
         config, port=config.grpc_port, grpc_port=None), reuse_port=True, listening=False)]  # held for them too
@@ -80,9 +80,10 @@ def serve_processes(make_runner: Callable[[], Runner], config: ServeConfig, log_
             if started.error is not None:
                 raise UserError(started.error)
             what = started.what
-        print(f"exitwise: serving {what} in {config.processes} processes on http://{host}:{port}", flush=True)
+        print(f"exitwise: serving {what} in {config.processes} processes on {config.scheme}://{host}:{port}",
+              flush=True)
         if config.grpc_port:  # as one process prints it
-            print(f"exitwise: gRPC (Open Inference Protocol) on {host}:{config.grpc_port}", flush=True)
+            print(grpc_line(config, host, config.grpc_port), flush=True)
         while not stopping[0]:
             ended = wait([c.sentinel for c in children], timeout=1.0)
             if ended and not stopping[0]:

@@ -47,12 +47,17 @@ def start_on_ray(make_runner: Callable[[], Runner], config: ServeConfig, replica
         raise UserError("--ray needs Ray Serve: pip install 'exitwise[ray]'") from None
     if replicas < 1:
         raise UserError(f"--replicas must be at least 1, got {replicas}")
-    app = deployment(make_runner, config, replicas)  # refused here, before Ray starts
+    tls = ({"ssl_certfile": str(config.ssl_certfile), "ssl_keyfile": str(config.ssl_keyfile)}
+           if config.scheme == "https" else {})  # Ray's HTTP proxy holds the certificate
+    if tls and "ssl_certfile" not in serve.config.HTTPOptions.model_fields:
+        raise UserError("--ssl-certfile with --ray: this Ray Serve's HTTP proxy takes no certificate; upgrade it "
+                        "(pip install -U 'ray[serve]')")
+    app = deployment(make_runner, config, replicas)  # refused here (and above), before Ray starts
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(http_options={"host": config.host, "port": config.port, **tls})
     serve.run(app, name=APP_NAME, route_prefix="/")
-    return f"http://{config.host}:{config.port}"
+    return f"{config.scheme}://{config.host}:{config.port}"
 
 
 def serve_on_ray(make_runner: Callable[[], Runner], config: ServeConfig, replicas: int = 1) -> None:

@@ -62,9 +62,9 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
                     name, runner.platform, shape, runner.class_names, _version(), lambda: scheduler.accepting, answer,
                     lambda reason: metrics.rejected.labels(reason=reason).inc(),
                     lambda status, start: app.front.observe("grpc", status, start)),
-                limit, reuse_port=config.processes > 1)
+                limit, reuse_port=config.processes > 1, tls=(config.ssl_certfile, config.ssl_keyfile))
             if config.processes == 1:
-                print(f"exitwise: gRPC (Open Inference Protocol) on {config.host}:{app.state.grpc_port}", flush=True)
+                print(grpc_line(config, config.host, app.state.grpc_port), flush=True)
         yield
         if grpc_server is not None:  # new calls refused, those accepted answered
             await grpc_server.stop(timeout + 5)
@@ -352,8 +352,13 @@ def serve(runner: Runner | None, config: ServeConfig = ServeConfig(), log_level:
     else:
         app, what = create_app(runner, config), describe(runner)
     host, port = sock.getsockname()[:2]
-    print(f"exitwise: serving {what} on http://{host}:{port}", flush=True)
+    print(f"exitwise: serving {what} on {config.scheme}://{host}:{port}", flush=True)
     run_app(app, config, sock, log_level)
+
+
+def grpc_line(config: ServeConfig, host: str, port: int) -> str:
+    """What a server prints when its gRPC port listens."""
+    return f"exitwise: gRPC (Open Inference Protocol{' over TLS' * (config.scheme == 'https')}) on {host}:{port}"
 
 
 def listen(config: ServeConfig, reuse_port: bool = False, listening: bool = True):
@@ -378,7 +383,8 @@ def listen(config: ServeConfig, reuse_port: bool = False, listening: bool = True
 def run_app(app, config: ServeConfig, sock, log_level: str = "warning") -> None:
     """`app` served by uvicorn on `sock` until SIGTERM or SIGINT, which drain it (this process's main thread)."""
     import uvicorn
-    server = uvicorn.Server(uvicorn_config(app, log_level, config.scheduler.timeout_ms / 1e3 + 5))
+    server = uvicorn.Server(uvicorn_config(app, log_level, config.scheduler.timeout_ms / 1e3 + 5,
+                                           config.ssl_certfile, config.ssl_keyfile))
     if threading.current_thread() is threading.main_thread():
         # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so the exit is 0
         signal.signal(signal.SIGTERM, lambda *_: None)
@@ -395,9 +401,11 @@ def settle_heap() -> None:
     gc.freeze()
 
 
-def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | None = None):
+def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | None = None,
+                   ssl_certfile=None, ssl_keyfile=None):
     """How exitwise runs uvicorn (`exitwise serve`, and the servers `plan --measure` times): no access log, no
-    Server and Date headers, and each response's head and body sent in one write (`_OneWrite`)."""
+    Server and Date headers, and each response's head and body sent in one write (`_OneWrite`); HTTPS with a
+    certificate and its key."""
     import uvicorn
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -411,7 +419,9 @@ def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | No
             super().connection_lost(exc)
 
     return uvicorn.Config(app, log_level=log_level, access_log=False, proxy_headers=False, server_header=False,
-                          date_header=False, http=OneWriteProtocol, timeout_graceful_shutdown=graceful_seconds)
+                          date_header=False, http=OneWriteProtocol, timeout_graceful_shutdown=graceful_seconds,
+                          ssl_certfile=None if ssl_certfile is None else str(ssl_certfile),
+                          ssl_keyfile=None if ssl_keyfile is None else str(ssl_keyfile))
 
 
 class _OneWrite:

@@ -23,6 +23,7 @@ import asyncio
 import http.client
 import json
 import logging
+import ssl
 import struct
 import threading
 import time
@@ -33,7 +34,7 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from ..config import TierConfig, check_url
+from ..config import NextURL, TierConfig, check_url
 from ..errors import UserError
 from .oip import BadRequest, answered
 from .scheduler import Answer, QueueFull, Sample
@@ -126,10 +127,10 @@ class Forwarder:
 
     def __init__(self, runner, config: TierConfig, metrics=None):
         self.runner, self.config = runner, config
-        self.host, self.port, prefix = check_url(config.next_url)
-        self.path = prefix + ENDPOINT
+        url = check_url(config.next_url)
+        self.path = url.prefix + ENDPOINT
         self.pool = ThreadPoolExecutor(FORWARD_THREADS, thread_name_prefix="exitwise-forward")
-        self.connections = KeptConnections(self.host, self.port, config.forward_timeout_ms / 1e3)
+        self.connections = KeptConnections(url, config.forward_timeout_ms / 1e3, config.next_ca)
         self.down_until = 0.0
         self.lock = threading.Lock()
         self.counters = _counters(metrics)
@@ -277,8 +278,9 @@ class KeptConnections:
 
     STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
-    def __init__(self, host: str, port: int, timeout: float):
-        self.host, self.port, self.timeout, self.local = host, port, timeout, threading.local()
+    def __init__(self, url: NextURL, timeout: float, ca=None):
+        self.url, self.timeout, self.local = url, timeout, threading.local()
+        self.context = ssl.create_default_context(cafile=None if ca is None else str(ca)) if url.tls else None
 
     def request(self, method: str, path: str, body: bytes | None,
                 headers: dict[str, str]) -> tuple[int, bytes, http.client.HTTPResponse]:
@@ -286,7 +288,7 @@ class KeptConnections:
         while True:
             conn, reused = getattr(self.local, "conn", None), True
             if conn is None:
-                conn, reused = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout), False
+                conn, reused = connect(self.url, self.timeout, self.context), False
                 self.local.conn = conn
             try:
                 conn.request(method, path, body, headers)
@@ -304,6 +306,14 @@ class KeptConnections:
             return response.status, data, response
 
 
+def connect(url: NextURL, timeout: float, context: ssl.SSLContext | None = None) -> http.client.HTTPConnection:
+    """A connection to `url`'s host: over TLS for https, verified by `context` (None: the system's certificates)."""
+    if url.tls:
+        return http.client.HTTPSConnection(url.host, url.port, timeout=timeout,
+                                           context=context or ssl.create_default_context())
+    return http.client.HTTPConnection(url.host, url.port, timeout=timeout)
+
+
 def _relay_once(connections: KeptConnections, method: str, path: str, body: bytes,
                 headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
     """One request to the next tier: (status, body, the headers passed back)."""
@@ -318,7 +328,7 @@ def create_relay_app(relay, max_body_bytes: int):
     from fastapi import FastAPI
     from fastapi.responses import Response
     from prometheus_client import CollectorRegistry, Counter, generate_latest
-    host, port, prefix = check_url(relay.next_url)
+    url = check_url(relay.next_url)
     registry = CollectorRegistry()
     relayed = Counter("exitwise_relayed_requests", "Requests passed to the next tier, by its status", ["code"],
                       registry=registry)
@@ -326,7 +336,7 @@ def create_relay_app(relay, max_body_bytes: int):
     failed = Counter("exitwise_relay_failures", "Requests the relay answered itself (the next tier failed), by "
                      "reason (unreachable, timeout)", ["reason"], registry=registry)
     pool = ThreadPoolExecutor(FORWARD_THREADS * 4, thread_name_prefix="exitwise-relay")
-    connections = KeptConnections(host, port, relay.timeout_ms / 1e3)
+    connections = KeptConnections(url, relay.timeout_ms / 1e3, relay.next_ca)
     app = FastAPI(title="exitwise relay", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/v2/health/live")
@@ -348,7 +358,7 @@ def create_relay_app(relay, max_body_bytes: int):
             return JSONResponse({"error": f"request body of {int(declared)} bytes is over the limit of "
                                           f"{max_body_bytes} bytes"}, status_code=413)
         body = await request.body()
-        target = prefix + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        target = url.prefix + request.url.path + (f"?{request.url.query}" if request.url.query else "")
         headers = {h: v for h in _PASSED_HEADERS if (v := request.headers.get(h)) is not None}
         try:
             status, data, back = await asyncio.get_running_loop().run_in_executor(
