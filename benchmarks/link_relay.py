@@ -328,11 +328,12 @@ class ServeProcess:
     """`exitwise serve --export EXPORT --port PORT *args` in a process of its own (port 0: the OS picks), ready
     (answering /v2/health/ready) when constructed, within `start_seconds`; `stop()` sends SIGTERM. `limit`: run it
     inside a `CpuLimit` (an emulated slower machine), `netns`: inside a `NetnsLink`'s namespace, listening on its
-    address. `export` None: no --export (a relay, or --model/--from). `ca`: the certificate that verifies an https
-    server's. After `stop()`, `log` is what it wrote to stderr."""
+    address. `export` None: no --export (a relay, or --model/--from). `context`: how to reach an https server (its
+    readiness is asked there). After `stop()`, `log` is what it wrote to stderr."""
 
     def __init__(self, export: str | Path | None, *args: str, port: int = 0, start_seconds: float = 60.0,
-                 limit: CpuLimit | None = None, netns: NetnsLink | None = None, ca: str | Path | None = None):
+                 limit: CpuLimit | None = None, netns: NetnsLink | None = None,
+                 context: ssl.SSLContext | None = None):
         model = ["--export", str(export)] if export is not None else []
         host = ["--host", netns.host] if netns else []
         argv, env = exitwise_command("serve", *model, *host, "--port", str(port), *args)
@@ -349,7 +350,6 @@ class ServeProcess:
             line = self.proc.stdout.readline()
         self.url = line.strip().rsplit(" ", 1)[-1]
         self.port = int(self.url.rsplit(":", 1)[-1])
-        context = ssl.create_default_context(cafile=ca) if self.url.startswith("https") else None
         while True:  # the line comes when the port is bound; ready once it listens
             try:
                 urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=5, context=context).close()

@@ -89,3 +89,12 @@ def test_a_cloud_tier_on_ray_serve_over_https_takes_a_device_tiers_survivors(dig
         if device is not None:
             device.stop()
         serve.shutdown()
+
+
+def test_mutual_tls_on_ray_is_refused_in_one_line(tmp_path):
+    """Ray Serve's proxy takes a CA file but asks clients for no certificate: refused, not left open."""
+    from exitwise.errors import UserError
+    cert, key = self_signed(tmp_path / "tls")
+    config = ServeConfig(port=free_port(), ssl_certfile=cert, ssl_keyfile=key, ssl_ca_certs=cert)
+    with pytest.raises(UserError, match="does not require client certificates"):
+        start_on_ray(lambda: None, config)

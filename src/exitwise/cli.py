@@ -415,6 +415,9 @@ def _add_tier_args(p) -> None:
                    "first must be sent the images then (the tier before it sends images too)")
     p.add_argument("--next-ca", type=Path, help="with --next https://...: a PEM file of the certificates that verify "
                    "the next tier's (its own, when self-signed; default: the system's)")
+    p.add_argument("--next-cert", type=Path, help="with --next https://...: the PEM certificate this tier shows the "
+                   "next one (which asks for it with --ssl-ca-certs); with --next-key")
+    p.add_argument("--next-key", type=Path, help="the PEM private key of --next-cert")
     p.add_argument("--forward-timeout-ms", type=float, help="the next tier not answering by then: answer at this "
                    "tier's last exit, marked degraded (default 5000; below --timeout-ms); a relay answers 504 "
                    "(default 10000)")
@@ -445,8 +448,13 @@ def _relay_config(args: argparse.Namespace, given_models: list[str]):
     if args.ray or args.wire or args.send_images:
         flags = [f for f, v in (("--ray", args.ray), ("--wire", args.wire), ("--send-images", args.send_images)) if v]
         raise UserError(f"a relay forwards what it gets as it is: drop {', '.join(flags)}")
-    return RelayConfig(args.tier or "relay", args.next, next_ca=args.next_ca,
+    return RelayConfig(args.tier or "relay", args.next, next_tls=_next_tls(args),
                        **({} if args.forward_timeout_ms is None else {"timeout_ms": args.forward_timeout_ms}))
+
+
+def _next_tls(args: argparse.Namespace):
+    from .config import ClientTLS
+    return ClientTLS(args.next_ca, args.next_cert, args.next_key)
 
 
 def _plan_tier(args: argparse.Namespace):
@@ -467,9 +475,9 @@ def _tier_config(args: argparse.Namespace, num_stages: int | None = None):
     """The TierConfig that --stages/--plan/--tier/--next ask for (None: the whole network), checked. `num_stages`:
     the model's (None: read from the --export's manifest)."""
     if not _is_tier(args):
-        if args.send_images or args.next_ca:
-            raise UserError(f"{'--send-images' if args.send_images else '--next-ca'} goes with --next (a tier that "
-                            "forwards)")
+        if args.send_images:
+            raise UserError("--send-images goes with --next (a tier that forwards)")
+        _next_tls(args).check(None)
         return None
     from .deploy.manifest import read_manifest
     from .config import TierConfig, check_url
@@ -499,7 +507,7 @@ def _tier_config(args: argparse.Namespace, num_stages: int | None = None):
         raise UserError(f"stages {first}-{last} end the network: this tier has nothing to send to --next")
     from .config import SchedulerConfig
     tier = TierConfig(args.tier or f"stages{first}-{last}", first, last, args.next, wire or "fp32",
-                      send_images=args.send_images and bool(args.next), next_ca=args.next_ca,
+                      send_images=args.send_images and bool(args.next), next_tls=_next_tls(args),
                       **({} if args.forward_timeout_ms is None else {"forward_timeout_ms": args.forward_timeout_ms}))
     timeout_ms = args.timeout_ms if args.timeout_ms is not None else SchedulerConfig().timeout_ms
     if tier.next_url and not tier.forward_timeout_ms < timeout_ms:

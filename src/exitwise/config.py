@@ -245,32 +245,66 @@ def check_url(url: str) -> NextURL:
     return NextURL(tls, parts.hostname, port or (443 if tls else 80), parts.path.rstrip("/"))
 
 
-def check_ca(ca: Path | None, url: str) -> None:
-    """`--next-ca`: a PEM file of certificates that verifies the next tier's (https only), or a one-line UserError."""
-    if ca is None:
-        return
-    if not check_url(url).tls:
-        raise UserError(f"--next-ca verifies an https:// next tier; {url!r} is plain http")
-    import ssl
-    try:
-        ssl.create_default_context(cafile=str(ca))
-    except (OSError, ssl.SSLError) as e:
-        raise UserError(f"--next-ca {str(ca)!r}: cannot load certificates from it ({_reason(e)})") from None
+@dataclass(frozen=True)
+class ClientTLS:
+    """How a tier speaks TLS to an https:// next tier: the certificates that verify the next tier's (`--next-ca`;
+    None: the system's), and the certificate with its key that this tier shows it (`--next-cert`, `--next-key`:
+    mutual TLS, for a next tier served with `--ssl-ca-certs`)."""
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def check(self, url: str | None) -> None:
+        """For `url` (the next tier's; None: there is none): the files load, or a one-line UserError."""
+        given = [f for f, v in (("--next-ca", self.ca), ("--next-cert", self.cert), ("--next-key", self.key)) if v]
+        if not given:
+            return
+        if url is None:
+            raise UserError(f"{given[0]} goes with --next https://HOST:PORT (a tier that forwards)")
+        if not check_url(url).tls:
+            raise UserError(f"{given[0]} is for an https:// next tier; {url!r} is plain http")
+        _check_pair(self.cert, self.key, "--next-cert", "--next-key", server=False)
+        self.context()
+
+    def context(self):
+        """The `ssl.SSLContext` of a connection to the next tier."""
+        import ssl
+        try:
+            context = ssl.create_default_context(cafile=None if self.ca is None else str(self.ca))
+        except (OSError, ssl.SSLError) as e:
+            raise UserError(f"--next-ca {str(self.ca)!r}: cannot load certificates from it ({_reason(e)})") from None
+        if self.cert is not None:
+            context.load_cert_chain(str(self.cert), str(self.key))
+        return context
 
 
-def check_tls_pair(certfile: Path | None, keyfile: Path | None) -> None:
-    """`--ssl-certfile` and `--ssl-keyfile`: both or neither, and a certificate chain with its key, or a one-line
-    UserError."""
+def _check_pair(certfile: Path | None, keyfile: Path | None, cert_flag: str, key_flag: str,
+                server: bool = True) -> None:
+    """A certificate (chain) and its key, both or neither, as PEM files that load together; or a one-line UserError."""
     if certfile is None and keyfile is None:
         return
     if certfile is None or keyfile is None:
-        raise UserError("--ssl-certfile and --ssl-keyfile go together: give both (PEM files) or neither")
+        raise UserError(f"{cert_flag} and {key_flag} go together: give both (PEM files) or neither")
     import ssl
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(certfile), str(keyfile))
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+            str(certfile), str(keyfile))
     except (OSError, ssl.SSLError) as e:
-        raise UserError(f"--ssl-certfile {str(certfile)!r} with --ssl-keyfile {str(keyfile)!r}: cannot load a "
+        raise UserError(f"{cert_flag} {str(certfile)!r} with {key_flag} {str(keyfile)!r}: cannot load a "
                         f"certificate and its key ({_reason(e)})") from None
+
+
+def _check_client_cas(ca: Path | None, certfile: Path | None) -> None:
+    """`--ssl-ca-certs`: with a certificate of the server's own, a PEM file that loads; or a one-line UserError."""
+    if ca is None:
+        return
+    if certfile is None:
+        raise UserError("--ssl-ca-certs checks clients' certificates over TLS: give --ssl-certfile and --ssl-keyfile")
+    import ssl
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
+    except (OSError, ssl.SSLError) as e:
+        raise UserError(f"--ssl-ca-certs {str(ca)!r}: cannot load certificates from it ({_reason(e)})") from None
 
 
 def _reason(e: Exception) -> str:
@@ -290,16 +324,14 @@ class TierConfig:
     retry_after_ms: float = 500.0        # after a failure, batches are answered degraded at once for this long
     send_images: bool = False            # send survivors' images, not features (the next recomputes); a later tier
                                          # must then be sent the images itself
-    next_ca: Path | None = None          # certificates that verify an https next tier (None: the system's)
+    next_tls: ClientTLS = ClientTLS()    # with an https next tier: how to verify it, and what to show it
 
     def __post_init__(self) -> None:
         if self.wire not in WIRE_FORMATS:
             raise UserError(f"unknown wire format {self.wire!r}; choose one of {', '.join(WIRE_FORMATS)}")
         if self.next_url is not None:
             check_url(self.next_url)
-            check_ca(self.next_ca, self.next_url)
-        elif self.next_ca is not None:
-            raise UserError("--next-ca verifies the next tier: give --next https://HOST:PORT")
+        self.next_tls.check(self.next_url)
         if not self.forward_timeout_ms > 0 or not self.retry_after_ms >= 0:
             raise UserError("the forward timeout must be above 0 ms and the retry pause at least 0 ms")
 
@@ -311,11 +343,11 @@ class RelayConfig:
     name: str
     next_url: str
     timeout_ms: float = 10_000.0   # the next tier not answering by then: 504 (its own degraded answers come sooner)
-    next_ca: Path | None = None    # certificates that verify an https next tier (None: the system's)
+    next_tls: ClientTLS = ClientTLS()  # with an https next tier: how to verify it, and what to show it
 
     def __post_init__(self) -> None:
         check_url(self.next_url)
-        check_ca(self.next_ca, self.next_url)
+        self.next_tls.check(self.next_url)
         if not self.timeout_ms > 0:
             raise UserError("the relay's forward timeout must be above 0 ms")
 
@@ -335,6 +367,8 @@ class ServeConfig:
     ssl_certfile: Path | None = option(None, "serve HTTPS (and gRPC over TLS) with this PEM certificate (chain); "
                                              "with --ssl-keyfile")
     ssl_keyfile: Path | None = option(None, "the PEM private key of --ssl-certfile")
+    ssl_ca_certs: Path | None = option(None, "with --ssl-certfile: serve only clients that show a certificate signed "
+                                             "by one of these (PEM; mutual TLS), over HTTPS and gRPC")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tier: TierConfig | None = None       # one tier of a chain; None: the whole network
     relay: RelayConfig | None = None     # a tier with no stages: forwards everything, runs no model
@@ -346,7 +380,8 @@ class ServeConfig:
             raise UserError(f"--max-body-mb must be above 0, got {self.max_body_mb:g}")
         if self.processes < 1:
             raise UserError(f"--processes must be at least 1, got {self.processes}")
-        check_tls_pair(self.ssl_certfile, self.ssl_keyfile)
+        _check_pair(self.ssl_certfile, self.ssl_keyfile, "--ssl-certfile", "--ssl-keyfile")
+        _check_client_cas(self.ssl_ca_certs, self.ssl_certfile)
         if self.processes > 1 and self.relay is not None:
             raise UserError("a relay tier runs no model: serve it in one process (drop --processes)")
         if self.grpc_port is not None:

@@ -34,7 +34,7 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from ..config import NextURL, TierConfig, check_url
+from ..config import ClientTLS, NextURL, TierConfig, check_url
 from ..errors import UserError
 from .oip import BadRequest, answered
 from .scheduler import Answer, QueueFull, Sample
@@ -130,7 +130,7 @@ class Forwarder:
         url = check_url(config.next_url)
         self.path = url.prefix + ENDPOINT
         self.pool = ThreadPoolExecutor(FORWARD_THREADS, thread_name_prefix="exitwise-forward")
-        self.connections = KeptConnections(url, config.forward_timeout_ms / 1e3, config.next_ca)
+        self.connections = KeptConnections(url, config.forward_timeout_ms / 1e3, config.next_tls)
         self.down_until = 0.0
         self.lock = threading.Lock()
         self.counters = _counters(metrics)
@@ -278,9 +278,9 @@ class KeptConnections:
 
     STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
-    def __init__(self, url: NextURL, timeout: float, ca=None):
+    def __init__(self, url: NextURL, timeout: float, tls: ClientTLS = ClientTLS()):
         self.url, self.timeout, self.local = url, timeout, threading.local()
-        self.context = ssl.create_default_context(cafile=None if ca is None else str(ca)) if url.tls else None
+        self.context = tls.context() if url.tls else None
 
     def request(self, method: str, path: str, body: bytes | None,
                 headers: dict[str, str]) -> tuple[int, bytes, http.client.HTTPResponse]:
@@ -299,6 +299,10 @@ class KeptConnections:
                 self.local.conn = None
                 if reused and isinstance(e, self.STALE):
                     continue
+                if self.context is not None and isinstance(e, (*self.STALE, ssl.SSLEOFError)):  # TLS 1.3: a client
+                    # certificate refused after the client's side of the handshake ended, seen as the peer gone
+                    raise ConnectionError(f"{e or type(e).__name__}: it closed a new TLS connection; does it want a "
+                                          "client certificate it trusts (--next-cert, --next-key)?") from e
                 raise
             if response.will_close:
                 conn.close()
@@ -336,7 +340,7 @@ def create_relay_app(relay, max_body_bytes: int):
     failed = Counter("exitwise_relay_failures", "Requests the relay answered itself (the next tier failed), by "
                      "reason (unreachable, timeout)", ["reason"], registry=registry)
     pool = ThreadPoolExecutor(FORWARD_THREADS * 4, thread_name_prefix="exitwise-relay")
-    connections = KeptConnections(url, relay.timeout_ms / 1e3, relay.next_ca)
+    connections = KeptConnections(url, relay.timeout_ms / 1e3, relay.next_tls)
     app = FastAPI(title="exitwise relay", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/v2/health/live")
