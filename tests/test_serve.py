@@ -596,6 +596,17 @@ def test_processes_share_one_port_count_in_one_metrics_and_drain_on_sigterm(digi
         process.kill()
 
 
+def test_processes_after_the_first_build_their_runners_with_the_precision_and_micro_batch_it_chose():
+    from exitwise.deploy.processes import Started, as_first
+
+    def make_runner(precision="auto", micro_batch=None):
+        return precision, micro_batch
+
+    assert as_first(make_runner, Started("m (pytorch, bf16, micro-batch 128)", precision="bf16", micro_batch=128))() \
+        == ("bf16", 128)
+    assert as_first(make_runner, Started("m (onnxruntime, micro-batch 64)", micro_batch=64)) is make_runner
+
+
 def test_a_torch_tier_runs_in_processes_and_answers_degraded_while_its_next_tier_is_down(digits):
     model, data, out = digits
     process, url = start_cli_server(["--from", str(out / "model"), "--stages", "0-1", "--next", "http://127.0.0.1:9",

@@ -17,6 +17,7 @@ exit more than the full network), while a lone request took 25-38% longer on one
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing
 import os
 import shutil
@@ -41,6 +42,17 @@ class Started:
     """What a server process reports once its model is built and its app is about to serve (or why it failed)."""
     what: str = ""          # `describe(runner)`: "NAME (PLATFORM, PRECISION, micro-batch N)"
     error: str | None = None
+    precision: str | None = None    # what a torch runner measured and chose (ONNX runners: None)
+    micro_batch: int | None = None
+
+
+def as_first(make_runner: Callable[[], Runner], first: Started) -> Callable[[], Runner]:
+    """The processes after the first build their runners with the precision and micro-batch that the first measured
+    and chose, so that every process answers alike (each measuring its own could pick bf16 in one and fp32 in
+    another). ONNX runners measure nothing here (their micro-batch is the export's): unchanged."""
+    if first.precision is None:
+        return make_runner
+    return functools.partial(make_runner, precision=first.precision, micro_batch=first.micro_batch)
 
 
 def serve_processes(make_runner: Callable[[], Runner], config: ServeConfig, log_level: str = "warning") -> None:
@@ -80,6 +92,8 @@ def serve_processes(make_runner: Callable[[], Runner], config: ServeConfig, log_
             if started.error is not None:
                 raise UserError(started.error)
             what = started.what
+            if i == 0:
+                make_runner = as_first(make_runner, started)
         print(f"exitwise: serving {what} in {config.processes} processes on {config.scheme}://{host}:{port}",
               flush=True)
         if config.grpc_port:  # as one process prints it
@@ -137,7 +151,8 @@ def _server_process(make_runner: Callable[[], Runner], config: ServeConfig, star
     except UserError as e:
         started.send(Started(error=str(e)))
         return
-    started.send(Started(what=describe(runner)))
+    started.send(Started(what=describe(runner), precision=getattr(runner, "precision", None),
+                         micro_batch=runner.micro_batch))
     started.close()
     run_app(app, config, sock, log_level)
     if orphaned.is_set():  # no supervisor to remove the metrics' folder: the last process out does
