@@ -2,13 +2,15 @@
 
     python benchmarks/serve_ab.py '{"w1": ["--workers", "1"], "w2": ["--workers", "2"]}'
     python benchmarks/serve_ab.py '{"onnx": ["--export", "model-onnx/"], "torch": []}' --rounds 5
+    python benchmarks/serve_ab.py '{"http": [], "https": ["--ssl-certfile", "cert.pem", "--ssl-keyfile", "key.pem"]}'
 
 Each variant is `exitwise serve` with its flags on 127.0.0.1: `--model b-resnet11` unless the flags give --export,
 everything else the product's defaults (each server measures its precision and micro-batch, as users' do; its
 serving line, printed first, says what it chose; add --precision/--micro-batch to the flags to fix them). Every
 round times each server in turn: --sequential single-image requests over one keep-alive connection (ms per
 request), then a closed-loop capacity run (--concurrency requests in flight for --seconds, requests answered per
-second). Printed: the best of the rounds for each, and each capacity as a ratio to the first variant's. The client
+second); over TLS where the flags give a certificate (the client trusts it). Printed: the best of the rounds for
+each, and each capacity as a ratio to the first variant's. The client
 (this process, serve_load's) shares the machine's cores with the servers: compare variants within one run only.
 """
 import argparse

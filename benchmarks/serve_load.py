@@ -44,6 +44,7 @@ import asyncio
 import json
 import os
 import shlex
+import ssl
 import subprocess
 import sys
 import time
@@ -86,11 +87,14 @@ class Server:
                                         env={**os.environ, "PYTHONPATH": str(SRC)})
         line = self.process.stdout.readline()
         self.serving = line.strip()  # "exitwise: serving NAME (PLATFORM, PRECISION, micro-batch N) ... on URL"
-        if " on http://" not in line:
+        if " on http://" not in line and " on https://" not in line:
             self.process.kill()
             raise SystemExit(f"server did not start: {line!r}")
-        host, port = line.rsplit("http://", 1)[1].strip().rsplit(":", 1)
+        scheme, address = line.rsplit(" on ", 1)[1].strip().split("://")
+        host, port = address.rsplit(":", 1)
         self.host, self.port = host, int(port)
+        if scheme == "https":  # the client trusts the server's own certificate (--ssl-certfile)
+            TLS[self.host, self.port] = ssl.create_default_context(cafile=args[args.index("--ssl-certfile") + 1])
 
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics by its full name (with labels)."""
@@ -134,8 +138,16 @@ def _request(method: bytes, path: bytes, body: bytes, content_type: bytes = b"im
             b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
+TLS: dict[tuple[str, int], ssl.SSLContext] = {}  # servers reached over TLS (`--ssl-certfile`), by address
+
+
+def _connect(host: str, port: int):
+    """(reader, writer) of a new connection to the server at host:port, over TLS where it serves https."""
+    return asyncio.open_connection(host, port, ssl=TLS.get((host, port)))
+
+
 async def _one_request(host: str, port: int, method: bytes, path: bytes, body: bytes) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await _connect(host, port)
     writer.write(_request(method, path, body))
     result = await _read_response(reader)
     writer.close()
@@ -166,7 +178,7 @@ class Pool:
 
     async def open(self, n: int) -> None:
         """`n` connections opened now, so a timed run does not start with the server accepting them."""
-        self.free += await asyncio.gather(*(asyncio.open_connection(self.host, self.port) for _ in range(n)))
+        self.free += await asyncio.gather(*(_connect(self.host, self.port) for _ in range(n)))
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
         async with self.limit:
@@ -183,7 +195,7 @@ class Pool:
             else:
                 self.free.append((reader, writer))
                 return status, answer
-        reader, writer = await asyncio.open_connection(self.host, self.port)
+        reader, writer = await _connect(self.host, self.port)
         writer.write(_request(b"POST", b"/v1/predict", body))
         status, answer = await _read_response(reader)
         self.free.append((reader, writer))
