@@ -123,6 +123,26 @@ def test_measure_prints_this_machines_stage_times_and_request_costs_as_a_tiers_o
     assert ",relay-ms=" in line  # a relay's own time (a hop more than straight to the server: 0 or more)
 
 
+def test_measure_with_a_certificate_times_the_request_over_tls_as_the_tier_will_serve_it(study, tmp_path, capsys,
+                                                                                           monkeypatch):
+    for module in ("fastapi", "uvicorn", "prometheus_client", "cryptography"):
+        pytest.importorskip(module)
+    import exitwise.deploy.tiers as tiers
+    from conftest import self_signed
+    cert, key = self_signed(tmp_path / "tls")
+    connect, spoken = tiers.connect, []
+    monkeypatch.setattr(tiers, "connect", lambda url, *args: spoken.append(url.tls) or connect(url, *args))
+    export = str(study[0] / "onnx")
+    assert main(["plan", "--measure", "--export", export, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]) == 0
+    tier = parse_tier(f"edge:{capsys.readouterr().out.strip()}")
+    assert tier.request_seconds > 0 and True in spoken  # a TLS client got its answers: the server spoke TLS
+    for args, message in ((["--measure", "--export", export, "--ssl-certfile", str(cert)], "go together"),
+                          ([*TIERS, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)], "go with --measure")):
+        assert main(["plan", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
 def test_measure_needs_an_export_and_planning_needs_a_study_tiers_and_out(study, tmp_path, capsys):
     assert main(["plan", "--measure"]) == 2
     assert "give --export" in capsys.readouterr().err

@@ -273,6 +273,9 @@ def _add_plan_parser(sub) -> None:
                    "stage-ms=...,request-ms=...,relay-ms=...; run it on the tier's machine")
     p.add_argument("--measure-batch", type=int, help="with --measure: images per timed call (default 1: an image's "
                                                       "latency on a lightly loaded tier)")
+    p.add_argument("--ssl-certfile", type=Path, help="with --measure: time the request over TLS with this PEM "
+                   "certificate, as the tier will serve it (with --ssl-keyfile)")
+    p.add_argument("--ssl-keyfile", type=Path, help="with --measure: the PEM private key of --ssl-certfile")
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -280,10 +283,15 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if args.measure:
         if not args.export:
             raise UserError("--measure times the stages of an ONNX export: give --export")
+        from .config import check_pair
         from .deploy.measure import MEASURE_BATCH, measure_tier
-        tier = measure_tier(args.export, batch=MEASURE_BATCH if args.measure_batch is None else args.measure_batch)
+        check_pair(args.ssl_certfile, args.ssl_keyfile, "--ssl-certfile", "--ssl-keyfile")
+        tier = measure_tier(args.export, batch=MEASURE_BATCH if args.measure_batch is None else args.measure_batch,
+                            tls=None if args.ssl_certfile is None else (args.ssl_certfile, args.ssl_keyfile))
         print(tier.options())
         return
+    if args.ssl_certfile or args.ssl_keyfile:
+        raise UserError("--ssl-certfile/--ssl-keyfile go with --measure (a request timed over TLS)")
     missing = [flag for flag, v in (("--from", args.source), ("--tier", args.tier), ("--out", args.out)) if not v]
     if missing:
         raise UserError(f"exitwise plan needs {', '.join(missing)} (or --measure with --export)")

@@ -263,7 +263,7 @@ class ClientTLS:
             raise UserError(f"{given[0]} goes with --next https://HOST:PORT (a tier that forwards)")
         if not check_url(url).tls:
             raise UserError(f"{given[0]} is for an https:// next tier; {url!r} is plain http")
-        _check_pair(self.cert, self.key, "--next-cert", "--next-key", server=False)
+        check_pair(self.cert, self.key, "--next-cert", "--next-key", server=False)
         self.context()
 
     def context(self):
@@ -278,7 +278,7 @@ class ClientTLS:
         return context
 
 
-def _check_pair(certfile: Path | None, keyfile: Path | None, cert_flag: str, key_flag: str,
+def check_pair(certfile: Path | None, keyfile: Path | None, cert_flag: str, key_flag: str,
                 server: bool = True) -> None:
     """A certificate (chain) and its key, both or neither, as PEM files that load together; or a one-line UserError."""
     if certfile is None and keyfile is None:
@@ -380,7 +380,7 @@ class ServeConfig:
             raise UserError(f"--max-body-mb must be above 0, got {self.max_body_mb:g}")
         if self.processes < 1:
             raise UserError(f"--processes must be at least 1, got {self.processes}")
-        _check_pair(self.ssl_certfile, self.ssl_keyfile, "--ssl-certfile", "--ssl-keyfile")
+        check_pair(self.ssl_certfile, self.ssl_keyfile, "--ssl-certfile", "--ssl-keyfile")
         _check_client_cas(self.ssl_ca_certs, self.ssl_certfile)
         if self.processes > 1 and self.relay is not None:
             raise UserError("a relay tier runs no model: serve it in one process (drop --processes)")

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import NextURL, check_url
+from ..config import ClientTLS, NextURL, check_url
 from ..errors import UserError
 from ..exit_rule import leaves
 from .onnx_runtime import as_input
@@ -38,9 +38,10 @@ def _collector_paused():
             gc.enable()
 
 
-def measure_tier(export, name: str = "tier", batch: int = MEASURE_BATCH) -> Tier:
+def measure_tier(export, name: str = "tier", batch: int = MEASURE_BATCH, tls: tuple | None = None) -> Tier:
     """`exitwise plan --measure`: tier `name`'s costs on this machine (run it there) for an ONNX export (a folder):
-    its stages (`measure_stages`, `batch` images per call), a request (`measure_request`) and a relay
+    its stages (`measure_stages`, `batch` images per call), a request (`measure_request`; over TLS with `tls`, a
+    (certificate, key) pair of PEM files, as a tier served with them takes its requests) and a relay
     (`measure_relay`), with the export's sessions as `exitwise serve` runs them (its default workers' share of the
     CPUs this process may run on, no spinning; with ONNX Runtime's default thread count the stages timed
     differently: docs/tiers.md)."""
@@ -49,8 +50,8 @@ def measure_tier(export, name: str = "tier", batch: int = MEASURE_BATCH) -> Tier
     if batch < 1:
         raise UserError(f"--measure-batch must be at least 1, got {batch}")
     runner = OnnxRunner.load(export, workers=SchedulerConfig().workers).model
-    return Tier(name, stage_seconds=measure_stages(runner, batch=batch), request_seconds=measure_request(runner),
-                relay_seconds=measure_relay(runner))
+    return Tier(name, stage_seconds=measure_stages(runner, batch=batch),
+                request_seconds=measure_request(runner, tls=tls), relay_seconds=measure_relay(runner))
 
 
 def measure_stages(runner, batch: int = MEASURE_BATCH, repeats: int = 20, seconds: float = SUSTAINED_SECONDS,
@@ -94,13 +95,14 @@ class _StepClock:
 
 
 def _round_trips(host: str, port: int, model: str, images: np.ndarray, requests: int,
-                 after=lambda i: None, tls: bool = False) -> list[tuple[float, int]]:
+                 after=lambda i: None, context=None) -> list[tuple[float, int]]:
     """(seconds, exit taken) of `requests` one-image binary V2 infer requests sent back to back on one connection
     (as a busy tier gets them), cycling through `images` (uint8 NHWC), after three untimed ones that warm the
-    connection and the sessions. `after(i)`: called when request i is answered."""
+    connection and the sessions. `after(i)`: called when request i is answered. `context`: an `ssl.SSLContext`
+    to speak TLS with (None: plain HTTP)."""
     from .tiers import connect
     n, timed = len(images), []
-    connection = connect(NextURL(tls, host, port), timeout=30)
+    connection = connect(NextURL(context is not None, host, port), 30, context)
     with _collector_paused():  # here and in a server in this process
         try:
             for i in range(requests + 3):
@@ -134,9 +136,10 @@ def _measure_images(shape: Sequence[int], images: np.ndarray | None) -> np.ndarr
 
 
 class _Serving:
-    """`app` served by uvicorn on 127.0.0.1 (a free port) in a thread of this process, while inside the `with`."""
+    """`app` served by uvicorn on 127.0.0.1 (a free port) in a thread of this process, while inside the `with`;
+    over TLS with `tls`, a (certificate, key) pair of PEM files."""
 
-    def __init__(self, app):
+    def __init__(self, app, tls: tuple | None = None):
         import socket
         import threading
         import uvicorn
@@ -145,7 +148,7 @@ class _Serving:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn_config(app, "error"))  # as `exitwise serve` runs it
+        self.server = uvicorn.Server(uvicorn_config(app, "error", None, *(tls or ())))  # as `exitwise serve` runs it
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> _Serving:
@@ -174,13 +177,15 @@ def _serve_imports():
     return create_app, create_relay_app
 
 
-def measure_request(runner, requests: int = 100, images: np.ndarray | None = None) -> float:
+def measure_request(runner, requests: int = 100, images: np.ndarray | None = None, tls: tuple | None = None) -> float:
     """Seconds a one-image request costs this machine beyond its stages, HTTP on both ends included: over
     `requests` binary V2 infer requests sent back to back (`images`, or one random image) to the real server
     (uvicorn on 127.0.0.1, a free port, in this process), the mean round trip less the time the request's stage
     calls took in that server (`runner.step`, timed as served, whichever exit the image takes). `runner`: an
     `OnnxEarlyExit`. The client runs here too: on this machine's CPU, as an application sending from the tier's
-    own machine would. Needs the serve extra."""
+    own machine would. `tls`: (certificate, key) PEM files: served over TLS with them, the client encrypting on a
+    kept connection without checking the certificate (it may name another host; the handshake is not timed).
+    Needs the serve extra."""
     create_app, _ = _serve_imports()
     from .onnx_runner import OnnxRunner
     served = _StepClock(OnnxRunner(runner))
@@ -198,12 +203,21 @@ def measure_request(runner, requests: int = 100, images: np.ndarray | None = Non
             time.sleep(0.0005)
 
     try:
-        with _Serving(timed) as server:
+        with _Serving(timed, tls) as server:
             trips = _round_trips("127.0.0.1", server.port, served.name, _measure_images(runner.input_shape, images),
-                                 requests, noted)
+                                 requests, noted, None if tls is None else _unchecked_tls())
     finally:
         app.state.scheduler.close(5)
     return max(0.0, float(np.mean([took - stages for (took, _), stages in zip(trips, inside[3:])])))
+
+
+def _unchecked_tls():
+    """A client's TLS context that encrypts without checking the server's certificate: for timing a server of this
+    process on 127.0.0.1 only."""
+    import ssl
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
 
 
 def measure_relay(runner, requests: int = 100, images: np.ndarray | None = None) -> float:
@@ -239,7 +253,7 @@ def measure_request_at(url: str, model: str, stage_seconds: Sequence[float], ima
     tier whose clients run elsewhere (`images`: uint8 NHWC, real ones, so the exits spread)."""
     at = check_url(url)
     cumulative = np.cumsum(stage_seconds)
-    trips = _round_trips(at.host, at.port, model, images, requests, tls=at.tls)
+    trips = _round_trips(at.host, at.port, model, images, requests, context=ClientTLS().context() if at.tls else None)
     return max(0.0, float(np.mean([took - cumulative[k] for took, k in trips])))
 
 
