@@ -210,36 +210,36 @@ class Stretch:
         pass
 
 
-def stretch_onnxruntime(factor: float, clock=time.perf_counter, sleep=time.sleep) -> None:
-    """Every `onnxruntime.InferenceSession.run` in this process from now on followed by a sleep of `factor` times
-    its duration (`Stretch`)."""
+def _pad_onnxruntime(pad, clock, sleep) -> None:
+    """Every `onnxruntime.InferenceSession.run` in this process from now on followed by a sleep of `pad(session,
+    input_feed, seconds the call took)` seconds (none when that is below zero)."""
     import onnxruntime
     run = onnxruntime.InferenceSession.run
 
-    def stretched(self, *args, **kwargs):
+    def padded(self, output_names, input_feed, *args, **kwargs):
         start = clock()
-        out = run(self, *args, **kwargs)
-        sleep(factor * (clock() - start))
+        out = run(self, output_names, input_feed, *args, **kwargs)
+        sleep(max(0.0, pad(self, input_feed, clock() - start)))
         return out
 
-    onnxruntime.InferenceSession.run = stretched
+    onnxruntime.InferenceSession.run = padded
+
+
+def stretch_onnxruntime(factor: float, clock=time.perf_counter, sleep=time.sleep) -> None:
+    """Every `onnxruntime.InferenceSession.run` in this process from now on followed by a sleep of `factor` times
+    its duration (`Stretch`)."""
+    _pad_onnxruntime(lambda session, feed, took: factor * took, clock, sleep)
 
 
 def pace_onnxruntime(factor: float, seconds_per_row: dict[str, float], clock=time.perf_counter,
                      sleep=time.sleep) -> None:
     """Every `onnxruntime.InferenceSession.run` in this process from now on taking at least `factor` times its rows
     times its graph file's `seconds_per_row` (a sleep after it makes up the rest)."""
-    import onnxruntime
-    run = onnxruntime.InferenceSession.run
+    def pad(session, feed, took: float) -> float:
+        rows = len(next(iter(feed.values())))
+        return factor * rows * seconds_per_row[Path(session._model_path).name] - took
 
-    def paced(self, output_names, input_feed, *args, **kwargs):
-        start = clock()
-        out = run(self, output_names, input_feed, *args, **kwargs)
-        pace = factor * len(next(iter(input_feed.values()))) * seconds_per_row[Path(self._model_path).name]
-        sleep(max(0.0, pace - (clock() - start)))
-        return out
-
-    onnxruntime.InferenceSession.run = paced
+    _pad_onnxruntime(pad, clock, sleep)
 
 
 def pace_costs(export: str | Path, calls: int = 300) -> dict[str, float]:

@@ -455,19 +455,18 @@ def main() -> None:
         from exitwise.device import machine, machine_load
         host = machine().describe()  # before this process leaves the device's CPU to it
         print(f"machine: {host}; {machine_load().describe()}")
-        if args.device_emulation in ("stretch", "pace") and args.device_cpu_share > 0:
-            paced = None
-            if args.device_emulation == "pace":
-                argv, env = pace_command(export, os.cpu_count() - 1)
-                paced = json.loads(subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout)
-                print(f"device paced at 1/{args.device_cpu_share:g} of, ms per row on CPU {os.cpu_count() - 1}: "
-                      + ", ".join(f"{name} {1000 * v:.3f}" for name, v in paced.items()))
-            limit = Stretch(args.device_cpu_share, cpu=os.cpu_count() - 1, paced=paced)
-        elif args.device_emulation in ("stretch", "pace"):
+        share, cpu, paced = args.device_cpu_share, os.cpu_count() - 1, None
+        if share > 0 and args.device_emulation == "pace":
+            argv, env = pace_command(export, cpu)
+            paced = json.loads(subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout)
+            print(f"device paced at 1/{share:g} of, ms per row on CPU {cpu}: "
+                  + ", ".join(f"{name} {1000 * v:.3f}" for name, v in paced.items()))
+        if share <= 0:
             limit = None
+        elif args.device_emulation == "quota":
+            limit = CpuLimit(share, cpu=cpu) if CpuLimit.available() else None
         else:
-            limit = CpuLimit(args.device_cpu_share, cpu=os.cpu_count() - 1) \
-                if args.device_cpu_share > 0 and CpuLimit.available() else None
+            limit = Stretch(share, cpu=cpu, paced=paced)
         if args.device_cpu_share > 0 and limit is None:
             print("no cgroup cpu controller here (or not root): the device runs as fast as the cloud")
         if limit:

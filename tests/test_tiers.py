@@ -19,6 +19,7 @@ pytest.importorskip("uvicorn")
 
 from exitwise.api import export
 from exitwise.cli import main
+from exitwise.config import NextURL
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.deploy.plan import Link, NetworkCosts, Tier as PlanTier, plan as make_plan
 from exitwise.early_exit import EarlyExitModel
@@ -59,12 +60,13 @@ def digits(tmp_path_factory):
     return out / "onnx", data.images.numpy()
 
 
-def _infer(url: str, images: np.ndarray) -> dict:
+def _infer(url: str, images: np.ndarray, context=None) -> dict:
+    """The V2 answer to `images` (`context`: the `ssl.SSLContext` of an https `url`)."""
     body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(images.shape),
                                    "parameters": {"layout": "NHWC"}, "data": images.reshape(-1).tolist()}]})
     request = urllib.request.Request(f"{url}/v2/models/digits-convnet/infer", body.encode(),
                                      {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
+    with urllib.request.urlopen(request, timeout=60, context=context) as response:
         doc = json.loads(response.read())
     out = {o["name"]: o["data"] for o in doc["outputs"]}
     return {"exit": np.array(out["exit"]), "class": np.array(out["class_index"]), **doc.get("parameters", {})}
@@ -345,7 +347,8 @@ def test_the_planners_http_bytes_are_what_a_chain_sends(digits):
     to_device = LinkRelay(device.port, max_seconds=120).start()
     relay = Tier(None, "--relay", "--next", f"http://127.0.0.1:{to_device.port}", "--tier", "gateway")
     try:
-        _round_trips("127.0.0.1", relay.port, "digits-convnet", images, 27)  # 30 binary V2 requests, one at a time:
+        # 30 binary V2 requests, one at a time:
+        _round_trips(NextURL(False, "127.0.0.1", relay.port), "digits-convnet", images, 27)
         crossed = _counter(device.url, "exitwise_forwarded_samples_total")  # every features request holds one row
     finally:
         for tier in (relay, device, cloud):
@@ -471,7 +474,6 @@ def test_a_torch_chain_answers_as_single_process_early_exit_and_degrades_on_torc
 def test_a_tier_keeps_its_connection_to_the_next_one_and_reopens_it_when_the_next_tier_closed_it():
     import http.server
     import threading
-    from exitwise.config import NextURL
     from exitwise.deploy.tiers import KeptConnections
     accepted = []
 

@@ -2,11 +2,9 @@
 clients that show a certificate those signed (mutual TLS); a tier sends its survivors to an `https://` next tier,
 checks its certificate (`--next-ca`, else the system's) and shows its own (`--next-cert`, `--next-key`); bad TLS
 flags exit 2 in one line. Certificates made here for 127.0.0.1, signed by their own keys."""
-import json
 import socket
 import ssl
 import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from exitwise.cli import main
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 
 from conftest import self_signed
-from test_tiers import Tier, _borderline, digits  # noqa: F401 (digits: the fixture)
+from test_tiers import Tier, _borderline, _infer, digits  # noqa: F401 (digits: the fixture)
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +31,6 @@ def _showing(ca, cert, key) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca))
     context.load_cert_chain(cert, key)
     return context
-
-
-def _infer(url: str, images: np.ndarray, context: ssl.SSLContext | None) -> dict:
-    body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(images.shape),
-                                   "parameters": {"layout": "NHWC"}, "data": images.reshape(-1).tolist()}]})
-    request = urllib.request.Request(f"{url}/v2/models/digits-convnet/infer", body.encode(),
-                                     {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60, context=context) as response:
-        doc = json.loads(response.read())
-    out = {o["name"]: o["data"] for o in doc["outputs"]}
-    return {"exit": np.array(out["exit"]), "class": np.array(out["class_index"]), **doc.get("parameters", {})}
 
 
 def test_a_chain_over_mutual_tls_answers_as_single_process_early_exit_and_each_side_checks_the_other(digits, tls):

@@ -283,11 +283,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if args.measure:
         if not args.export:
             raise UserError("--measure times the stages of an ONNX export: give --export")
-        from .config import check_pair
+        from .config import ServerTLS, check_pair
         from .deploy.measure import MEASURE_BATCH, measure_tier
         check_pair(args.ssl_certfile, args.ssl_keyfile, "--ssl-certfile", "--ssl-keyfile")
         tier = measure_tier(args.export, batch=MEASURE_BATCH if args.measure_batch is None else args.measure_batch,
-                            tls=None if args.ssl_certfile is None else (args.ssl_certfile, args.ssl_keyfile))
+                            tls=None if args.ssl_certfile is None else ServerTLS(args.ssl_certfile, args.ssl_keyfile))
         print(tier.options())
         return
     if args.ssl_certfile or args.ssl_keyfile:

@@ -278,6 +278,15 @@ class ClientTLS:
         return context
 
 
+@dataclass(frozen=True)
+class ServerTLS:
+    """How a server speaks TLS: its certificate (chain) and key (PEM files), and with `ca_certs` only to clients that
+    show a certificate those signed (mutual TLS; None: any client)."""
+    certfile: Path
+    keyfile: Path
+    ca_certs: Path | None = None
+
+
 def check_pair(certfile: Path | None, keyfile: Path | None, cert_flag: str, key_flag: str,
                 server: bool = True) -> None:
     """A certificate (chain) and its key, both or neither, as PEM files that load together; or a one-line UserError."""
@@ -393,6 +402,11 @@ class ServeConfig:
                 raise UserError("--grpc-port: a relay runs no model; give it to the first tier that holds stages")
 
     @property
+    def tls(self) -> ServerTLS | None:
+        """The TLS that --ssl-certfile, --ssl-keyfile and --ssl-ca-certs ask for (None: plain HTTP)."""
+        return None if self.ssl_certfile is None else ServerTLS(self.ssl_certfile, self.ssl_keyfile, self.ssl_ca_certs)
+
+    @property
     def scheme(self) -> str:
         """How clients reach this server: https with a certificate, else http."""
-        return "https" if self.ssl_certfile is not None else "http"
+        return "https" if self.tls else "http"

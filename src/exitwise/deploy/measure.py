@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import ClientTLS, NextURL, check_url
+from ..config import NextURL, ServerTLS, check_url
 from ..errors import UserError
 from ..exit_rule import leaves
 from .onnx_runtime import as_input
@@ -38,10 +38,10 @@ def _collector_paused():
             gc.enable()
 
 
-def measure_tier(export, name: str = "tier", batch: int = MEASURE_BATCH, tls: tuple | None = None) -> Tier:
+def measure_tier(export, name: str = "tier", batch: int = MEASURE_BATCH, tls: ServerTLS | None = None) -> Tier:
     """`exitwise plan --measure`: tier `name`'s costs on this machine (run it there) for an ONNX export (a folder):
-    its stages (`measure_stages`, `batch` images per call), a request (`measure_request`; over TLS with `tls`, a
-    (certificate, key) pair of PEM files, as a tier served with them takes its requests) and a relay
+    its stages (`measure_stages`, `batch` images per call), a request (`measure_request`; over `tls`, as a tier served
+    with it takes its requests) and a relay
     (`measure_relay`), with the export's sessions as `exitwise serve` runs them (its default workers' share of the
     CPUs this process may run on, no spinning; with ONNX Runtime's default thread count the stages timed
     differently: docs/tiers.md)."""
@@ -94,15 +94,15 @@ class _StepClock:
             self.seconds += time.perf_counter() - start
 
 
-def _round_trips(host: str, port: int, model: str, images: np.ndarray, requests: int,
-                 after=lambda i: None, context=None) -> list[tuple[float, int]]:
+def _round_trips(url: NextURL, model: str, images: np.ndarray, requests: int, after=lambda i: None,
+                 context=None) -> list[tuple[float, int]]:
     """(seconds, exit taken) of `requests` one-image binary V2 infer requests sent back to back on one connection
     (as a busy tier gets them), cycling through `images` (uint8 NHWC), after three untimed ones that warm the
-    connection and the sessions. `after(i)`: called when request i is answered. `context`: an `ssl.SSLContext`
-    to speak TLS with (None: plain HTTP)."""
+    connection and the sessions, to the server at `url` (over TLS for https, with `context`: `tiers.connect`).
+    `after(i)`: called when request i is answered."""
     from .tiers import connect
     n, timed = len(images), []
-    connection = connect(NextURL(context is not None, host, port), 30, context)
+    connection = connect(url, 30, context)
     with _collector_paused():  # here and in a server in this process
         try:
             for i in range(requests + 3):
@@ -124,7 +124,7 @@ def _round_trips(host: str, port: int, model: str, images: np.ndarray, requests:
                 if i >= 3:
                     timed.append((took, int(outputs["exit"]["data"][0]) if "data" in outputs["exit"] else -1))
         except OSError as e:
-            raise UserError(f"--measure: cannot reach the server at {host}:{port} ({e})") from None
+            raise UserError(f"--measure: cannot reach the server at {url.host}:{url.port} ({e})") from None
         finally:
             connection.close()
     return timed
@@ -137,9 +137,9 @@ def _measure_images(shape: Sequence[int], images: np.ndarray | None) -> np.ndarr
 
 class _Serving:
     """`app` served by uvicorn on 127.0.0.1 (a free port) in a thread of this process, while inside the `with`;
-    over TLS with `tls`, a (certificate, key) pair of PEM files."""
+    over `tls` where given."""
 
-    def __init__(self, app, tls: tuple | None = None):
+    def __init__(self, app, tls: ServerTLS | None = None):
         import socket
         import threading
         import uvicorn
@@ -148,7 +148,7 @@ class _Serving:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn_config(app, "error", None, *(tls or ())))  # as `exitwise serve` runs it
+        self.server = uvicorn.Server(uvicorn_config(app, "error", None, tls))  # as `exitwise serve` runs it
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> _Serving:
@@ -177,14 +177,15 @@ def _serve_imports():
     return create_app, create_relay_app
 
 
-def measure_request(runner, requests: int = 100, images: np.ndarray | None = None, tls: tuple | None = None) -> float:
+def measure_request(runner, requests: int = 100, images: np.ndarray | None = None,
+                    tls: ServerTLS | None = None) -> float:
     """Seconds a one-image request costs this machine beyond its stages, HTTP on both ends included: over
     `requests` binary V2 infer requests sent back to back (`images`, or one random image) to the real server
     (uvicorn on 127.0.0.1, a free port, in this process), the mean round trip less the time the request's stage
     calls took in that server (`runner.step`, timed as served, whichever exit the image takes). `runner`: an
     `OnnxEarlyExit`. The client runs here too: on this machine's CPU, as an application sending from the tier's
-    own machine would. `tls`: (certificate, key) PEM files: served over TLS with them, the client encrypting on a
-    kept connection without checking the certificate (it may name another host; the handshake is not timed).
+    own machine would. `tls`: the server speaks it, the client encrypting on a kept connection without checking the
+    certificate (it may name another host; the handshake is not timed).
     Needs the serve extra."""
     create_app, _ = _serve_imports()
     from .onnx_runner import OnnxRunner
@@ -204,8 +205,9 @@ def measure_request(runner, requests: int = 100, images: np.ndarray | None = Non
 
     try:
         with _Serving(timed, tls) as server:
-            trips = _round_trips("127.0.0.1", server.port, served.name, _measure_images(runner.input_shape, images),
-                                 requests, noted, None if tls is None else _unchecked_tls())
+            trips = _round_trips(NextURL(tls is not None, "127.0.0.1", server.port), served.name,
+                                 _measure_images(runner.input_shape, images), requests, noted,
+                                 None if tls is None else _unchecked_tls())
     finally:
         app.state.scheduler.close(5)
     return max(0.0, float(np.mean([took - stages for (took, _), stages in zip(trips, inside[3:])])))
@@ -238,8 +240,8 @@ def measure_relay(runner, requests: int = 100, images: np.ndarray | None = None)
                 direct, relayed = [], []
                 for _ in range(max(1, requests // 10)):
                     for port, trips in ((server.port, direct), (through.port, relayed)):
-                        trips += [took for took, _ in _round_trips("127.0.0.1", port, app.state.runner.name, pixels,
-                                                                   10)]
+                        trips += [took for took, _ in _round_trips(NextURL(False, "127.0.0.1", port),
+                                                                   app.state.runner.name, pixels, 10)]
     finally:
         app.state.scheduler.close(5)
     return max(0.0, float(np.mean(relayed) - np.mean(direct)))
@@ -253,7 +255,7 @@ def measure_request_at(url: str, model: str, stage_seconds: Sequence[float], ima
     tier whose clients run elsewhere (`images`: uint8 NHWC, real ones, so the exits spread)."""
     at = check_url(url)
     cumulative = np.cumsum(stage_seconds)
-    trips = _round_trips(at.host, at.port, model, images, requests, context=ClientTLS().context() if at.tls else None)
+    trips = _round_trips(at, model, images, requests)  # https: checked against the system's certificates
     return max(0.0, float(np.mean([took - cumulative[k] for took, k in trips])))
 
 

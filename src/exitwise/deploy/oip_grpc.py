@@ -31,6 +31,7 @@ import grpc
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from ..config import ServerTLS
 from .oip import (OUTPUTS, REASONS, BadRequest, model_metadata, output_values, requested_outputs, tensor_images,
                   tier_parameters)
 from .scheduler import Answer
@@ -307,21 +308,21 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
 
 
 async def start(host: str, port: int, rpc_handler: grpc.GenericRpcHandler, max_message_bytes: int,
-                reuse_port: bool = False, tls: tuple = (None, None, None)) -> tuple[grpc.aio.Server, int]:
+                reuse_port: bool = False, tls: ServerTLS | None = None) -> tuple[grpc.aio.Server, int]:
     """A gRPC server on the running event loop, listening on host:port (0: any free port); (server, its port).
     `reuse_port`: several processes share the port (`serve --processes`); else a port in use is refused. `tls`:
-    (certificate, key, client CAs) as PEM files: TLS with the certificate, and with client CAs for clients that show
-    a certificate they signed (mutual TLS) only; (None, None, None): plain."""
+    with its certificate, and with its client CAs for clients that show a certificate they signed only (None:
+    plain)."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port)),
                                       ("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", max_message_bytes)])
     server.add_generic_rpc_handlers((rpc_handler,))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        certfile, keyfile, cas = tls
-        bound = (server.add_insecure_port(address) if certfile is None else server.add_secure_port(
-            address, grpc.ssl_server_credentials([(Path(keyfile).read_bytes(), Path(certfile).read_bytes())],
-                                                 None if cas is None else Path(cas).read_bytes(), cas is not None)))
+        bound = (server.add_insecure_port(address) if tls is None else server.add_secure_port(
+            address, grpc.ssl_server_credentials([(Path(tls.keyfile).read_bytes(), Path(tls.certfile).read_bytes())],
+                                                 None if tls.ca_certs is None else Path(tls.ca_certs).read_bytes(),
+                                                 tls.ca_certs is not None)))
     except RuntimeError as e:
         bound, why = 0, e
     else:

@@ -47,9 +47,9 @@ def start_on_ray(make_runner: Callable[[], Runner], config: ServeConfig, replica
         raise UserError("--ray needs Ray Serve: pip install 'exitwise[ray]'") from None
     if replicas < 1:
         raise UserError(f"--replicas must be at least 1, got {replicas}")
-    tls = ({"ssl_certfile": str(config.ssl_certfile), "ssl_keyfile": str(config.ssl_keyfile)}
-           if config.scheme == "https" else {})  # Ray's HTTP proxy holds the certificate
-    if config.ssl_ca_certs is not None:  # Ray's proxy takes the CAs but asks clients for no certificate
+    tls = ({"ssl_certfile": str(config.tls.certfile), "ssl_keyfile": str(config.tls.keyfile)}
+           if config.tls else {})  # Ray's HTTP proxy holds the certificate
+    if config.tls and config.tls.ca_certs is not None:  # Ray's proxy takes the CAs, asks clients for no certificate
         raise UserError("--ssl-ca-certs with --ray: Ray Serve's HTTP proxy does not require client certificates; "
                         "put a proxy that does in front of it (drop --ssl-ca-certs)")
     if tls and "ssl_certfile" not in serve.config.HTTPOptions.model_fields:

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import ServeConfig
+from ..config import ServeConfig, ServerTLS
 from ..errors import UserError
 from .metrics import Metrics
 from .oip import (REASONS, BadRequest, answered, decode_images, infer_response, model_metadata, parse_infer,
@@ -62,8 +62,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
                     name, runner.platform, shape, runner.class_names, _version(), lambda: scheduler.accepting, answer,
                     lambda reason: metrics.rejected.labels(reason=reason).inc(),
                     lambda status, start: app.front.observe("grpc", status, start)),
-                limit, reuse_port=config.processes > 1,
-                tls=(config.ssl_certfile, config.ssl_keyfile, config.ssl_ca_certs))
+                limit, reuse_port=config.processes > 1, tls=config.tls)
             if config.processes == 1:
                 print(grpc_line(config, config.host, app.state.grpc_port), flush=True)
         yield
@@ -384,8 +383,7 @@ def listen(config: ServeConfig, reuse_port: bool = False, listening: bool = True
 def run_app(app, config: ServeConfig, sock, log_level: str = "warning") -> None:
     """`app` served by uvicorn on `sock` until SIGTERM or SIGINT, which drain it (this process's main thread)."""
     import uvicorn
-    server = uvicorn.Server(uvicorn_config(app, log_level, config.scheduler.timeout_ms / 1e3 + 5,
-                                           config.ssl_certfile, config.ssl_keyfile, config.ssl_ca_certs))
+    server = uvicorn.Server(uvicorn_config(app, log_level, config.scheduler.timeout_ms / 1e3 + 5, config.tls))
     if threading.current_thread() is threading.main_thread():
         # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so the exit is 0
         signal.signal(signal.SIGTERM, lambda *_: None)
@@ -403,10 +401,10 @@ def settle_heap() -> None:
 
 
 def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | None = None,
-                   ssl_certfile=None, ssl_keyfile=None, ssl_ca_certs=None):
+                   tls: ServerTLS | None = None):
     """How exitwise runs uvicorn (`exitwise serve`, and the servers `plan --measure` times): no access log, no
     Server and Date headers, and each response's head and body sent in one write (`_OneWrite`); HTTPS with a
-    certificate and its key, and with `ssl_ca_certs` only for clients that show a certificate they signed."""
+    `tls` (its client CAs: only for clients that show a certificate they signed)."""
     import ssl
     import uvicorn
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
@@ -422,10 +420,10 @@ def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | No
 
     return uvicorn.Config(app, log_level=log_level, access_log=False, proxy_headers=False, server_header=False,
                           date_header=False, http=OneWriteProtocol, timeout_graceful_shutdown=graceful_seconds,
-                          ssl_certfile=None if ssl_certfile is None else str(ssl_certfile),
-                          ssl_keyfile=None if ssl_keyfile is None else str(ssl_keyfile),
-                          ssl_ca_certs=None if ssl_ca_certs is None else str(ssl_ca_certs),
-                          ssl_cert_reqs=ssl.CERT_NONE if ssl_ca_certs is None else ssl.CERT_REQUIRED)
+                          **({} if tls is None else {
+                              "ssl_certfile": str(tls.certfile), "ssl_keyfile": str(tls.keyfile),
+                              "ssl_ca_certs": None if tls.ca_certs is None else str(tls.ca_certs),
+                              "ssl_cert_reqs": ssl.CERT_NONE if tls.ca_certs is None else ssl.CERT_REQUIRED}))
 
 
 class _OneWrite:
