@@ -43,7 +43,7 @@ def main() -> None:
           f"micro-batch {tuned.micro_batch}")
 
     def offline(when: str) -> float:
-        off = sl.offline(model, tuned.network, tuned.micro_batch, big, 0, args.rounds)
+        off = sl.offline(model, tuned.network, tuned.micro_batch, big, args.rounds)
         print(f"offline batch 256 ratio {when}: {off['ratio']:.2f}x (rounds "
               + ", ".join(f"{r:.2f}" for r in off["ratios"]) + ")")
         return off["ratio"]
