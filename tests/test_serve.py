@@ -775,6 +775,32 @@ def test_tritonclient_speaks_to_the_server(digits, onnx_server):
         client.close()
 
 
+def test_the_models_one_version_is_served_under_its_version_path_too(onnx_server):
+    """The protocol's optional `/versions/{version}` paths, which tritonclient takes when given a model_version."""
+    client, model = onnx_server.client, "/v2/models/digits-convnet"
+    assert client.get(model).json()["versions"] == ["1"]
+    assert client.get(f"{model}/versions/1").json() == client.get(model).json()
+    assert client.get(f"{model}/versions/1/ready").json() == {"name": "digits-convnet", "ready": True}
+    plain, versioned = (client.post(path, json=zeros_request(2)).json() for path in (INFER, f"{model}/versions/1/infer"))
+    assert versioned == plain and plain["model_version"] == "1"
+    for path in (f"{model}/versions/2", f"{model}/versions/2/ready"):
+        assert client.get(path).status_code == 404 and "version 1 only, not '2'" in client.get(path).json()["error"]
+    wrong = client.post(f"{model}/versions/2/infer", json=zeros_request(1))
+    assert wrong.status_code == 404 and wrong.json() == {"error": "model 'digits-convnet' has version 1 only, not '2'"}
+    assert client.post(f"{model}/versions//infer", json=zeros_request(1)).status_code == 404
+    httpclient = pytest.importorskip("tritonclient.http")
+    triton = httpclient.InferenceServerClient(onnx_server.url.removeprefix("http://"))
+    try:
+        pixels = httpclient.InferInput("image", [2, 1, 8, 8], "UINT8")
+        pixels.set_data_from_numpy(np.zeros((2, 1, 8, 8), dtype=np.uint8))
+        assert triton.is_model_ready("digits-convnet", "1")
+        assert triton.get_model_metadata("digits-convnet", "1")["name"] == "digits-convnet"
+        result = triton.infer("digits-convnet", [pixels], model_version="1")
+        assert result.as_numpy("exit").tolist() == [o["data"] for o in plain["outputs"] if o["name"] == "exit"][0]
+    finally:
+        triton.close()
+
+
 def test_an_infer_request_may_name_the_outputs_it_wants(onnx_server):
     request = {**zeros_request(2), "id": "x7", "outputs": [{"name": "exit"}, {"name": "label"}]}
     answer = onnx_server.client.post(INFER, json=request).json()

@@ -100,6 +100,9 @@ def test_tritonclient_grpc_gets_what_http_answers_whatever_the_input_form(digits
             np.testing.assert_allclose(result.as_numpy("probability"), [p["probability"] for p in http], atol=1e-6)
         wanted = client.infer(MODEL, [pixels_input(images[:2])], outputs=[grpcclient.InferRequestedOutput("exit")])
         assert [o.name for o in wanted.get_response().outputs] == ["exit"]
+        versioned = client.infer(MODEL, [pixels_input(images)], model_version="1")
+        assert versioned.get_response().model_version == "1" and versioned.as_numpy("exit").tolist() == [
+            p["exit"] for p in http]
     finally:
         client.close()
 
@@ -112,6 +115,8 @@ def test_a_bad_call_gets_the_status_of_its_http_refusal_in_one_line_and_the_serv
         cases = [  # (the call, its status, words of its message)
             (lambda: client.infer("nope", [pixels_input(zeros)]), "StatusCode.NOT_FOUND", "unknown model 'nope'"),
             (lambda: client.is_model_ready("nope"), "StatusCode.NOT_FOUND", "unknown model"),
+            (lambda: client.infer(MODEL, [pixels_input(zeros)], model_version="2"), "StatusCode.NOT_FOUND",
+             "version 1 only, not '2'"),
             (lambda: client.infer(MODEL, [pixels_input(np.zeros((2, 9, 8, 1), np.uint8), "NHWC")]),
              "StatusCode.INVALID_ARGUMENT", "the model takes UINT8"),
             (lambda: client.infer(MODEL, [encoded_input([b"not an image"])]), "StatusCode.INVALID_ARGUMENT",

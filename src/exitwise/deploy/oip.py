@@ -56,9 +56,20 @@ def answered(why: str, outcomes: list, timeout_ms: float) -> list[Answer]:
     return outcomes
 
 
+VERSION = "1"  # the one version of a served model (metadata's `versions`, a response's `model_version`)
+
+
+def check_model(served: str, model: str, version: str = "") -> None:
+    """A request's model name (and version, where its path or message names one) against the model served."""
+    if model != served:
+        raise BadRequest(404, f"unknown model {model!r}; this server serves {served!r}")
+    if version not in ("", VERSION):
+        raise BadRequest(404, f"model {served!r} has version {VERSION} only, not {version!r}")
+
+
 def model_metadata(name: str, shape: Sequence[int], platform: str) -> dict:
     c, h, w = shape
-    return {"name": name, "versions": ["1"], "platform": platform,
+    return {"name": name, "versions": [VERSION], "platform": platform,
             "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, c, h, w],
                         "parameters": {"layout": "NCHW (or NHWC with parameters.layout); or BYTES [-1] of "
                                                  "encoded images (JPEG, PNG)"}}],
@@ -226,7 +237,7 @@ def infer_response(name: str, request: dict, answers: Sequence[Answer], class_na
     wanted = requested_outputs(request)
     outputs = [{"name": n, "datatype": t, "shape": [len(answers)], "data": values[n]}
                for n, t in OUTPUTS if not wanted or n in wanted]
-    response = {"model_name": name, "outputs": outputs}
+    response = {"model_name": name, "model_version": VERSION, "outputs": outputs}
     if parameters := tier_parameters(answers):
         response["parameters"] = parameters
     if isinstance(request.get("id"), str):

@@ -32,8 +32,8 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from ..config import ServerTLS
-from .oip import (OUTPUTS, REASONS, BadRequest, model_metadata, output_values, requested_outputs, tensor_images,
-                  tier_parameters)
+from .oip import (OUTPUTS, REASONS, VERSION, BadRequest, check_model, model_metadata, output_values,
+                  requested_outputs, tensor_images, tier_parameters)
 from .scheduler import Answer
 
 SERVICE = "inference.GRPCInferenceService"
@@ -148,7 +148,7 @@ def infer_response(request, answers: Sequence[Answer], class_names: Sequence[str
     answers (BYTES: each element a 4-byte length, then its bytes)."""
     wanted = requested_outputs({"outputs": [{"name": o.name} for o in request.outputs]})
     values = output_values(answers, class_names)
-    response = message("ModelInferResponse")(model_name=request.model_name, model_version=request.model_version,
+    response = message("ModelInferResponse")(model_name=request.model_name, model_version=VERSION,
                                              id=request.id)
     for name, datatype in OUTPUTS:
         if wanted and name not in wanted:
@@ -193,12 +193,6 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
     infer call by the HTTP status it corresponds to."""
     metadata = model_metadata(name, shape, platform)
 
-    def check(model: str, model_version: str = "") -> None:
-        if model != name:
-            raise BadRequest(404, f"unknown model {model!r}; this server serves {name!r}")
-        if model_version not in ("", "1"):
-            raise BadRequest(404, f"model {name!r} has version 1 only, not {model_version!r}")
-
     def count(e: BadRequest) -> BadRequest:
         refused(REASONS.get(e.status, "bad_request"))
         return e
@@ -217,7 +211,7 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
 
     async def model_ready(request, context):
         try:
-            check(request.name, request.version)
+            check_model(name, request.name, request.version)
         except BadRequest as e:
             await refuse(context, e)
         return message("ModelReadyResponse")(ready=ready())
@@ -227,7 +221,7 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
 
     async def get_model_metadata(request, context):
         try:
-            check(request.name, request.version)
+            check_model(name, request.name, request.version)
         except BadRequest as e:
             await refuse(context, e)
         tensor = message("ModelMetadataResponse.TensorMetadata")
@@ -240,7 +234,7 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
         """One ModelInferRequest: its ModelInferResponse, or the BadRequest it is refused with (counted)."""
         start, status = time.perf_counter(), 500
         try:
-            check(request.model_name, request.model_version)
+            check_model(name, request.model_name, request.model_version)
             images = infer_images(request, shape)
             requested_outputs({"outputs": [{"name": o.name} for o in request.outputs]})  # before any work
             response = infer_response(request, await answer(call, images), class_names)

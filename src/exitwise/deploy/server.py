@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import ServeConfig, ServerTLS
 from ..errors import UserError
 from .metrics import Metrics
-from .oip import (REASONS, BadRequest, answered, decode_images, infer_response, model_metadata, parse_infer,
-                  predictions, requested_outputs)
+from .oip import (REASONS, BadRequest, answered, check_model, decode_images, infer_response, model_metadata,
+                  parse_infer, predictions, requested_outputs)
 from .answers import Answers
 from .runner import Runner, describe
 from .scheduler import Answer, QueueFull, Scheduler
@@ -72,10 +72,6 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
 
     app = _App(title="exitwise", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler, app.state.metrics, app.state.runner = scheduler, metrics, runner
-
-    def check_model(model: str) -> None:
-        if model != name:
-            raise BadRequest(404, f"unknown model {model!r}; this server serves {name!r}")
 
     answers = app.state.answers = Answers()
 
@@ -133,20 +129,22 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         return {"name": "exitwise", "version": _version(), "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/models/{model}")
-    async def metadata(model: str):
-        check_model(model)
+    @app.get("/v2/models/{model}/versions/{version}")
+    async def metadata(model: str, version: str = ""):
+        check_model(name, model, version)
         return model_metadata(name, shape, runner.platform)
 
     @app.get("/v2/models/{model}/ready")
-    async def model_ready(model: str):
-        check_model(model)
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    async def model_ready(model: str, version: str = ""):
+        check_model(name, model, version)
         ok = scheduler.accepting
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
     # The two inference routes are answered by `_Front` itself, past FastAPI's routing, middlewares, request and
     # response objects, which cost more per request than the rest of the route (docs/serve.md, the server's overhead).
-    async def infer(call: _Call, model: str) -> dict:
-        check_model(model)
+    async def infer(call: _Call, model: tuple[str, str]) -> dict:  # (name, version: "" where the path names none)
+        check_model(name, *model)
         images, parsed = parse_infer(await call.body(limit), call.header("inference-header-content-length"), shape)
         requested_outputs(parsed)
         answers = await answer(call, images)
@@ -181,14 +179,19 @@ class _App(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def _inference_route(scope) -> tuple[str, str | None] | None:
-    """("infer", model) for /v2/models/{model}/infer, ("predict", None) for /v1/predict, else None."""
+def _inference_route(scope) -> tuple[str, tuple[str, str] | None] | None:
+    """("infer", (model, "")) for /v2/models/{model}/infer, ("infer", (model, version)) for
+    /v2/models/{model}/versions/{version}/infer, ("predict", None) for /v1/predict, else None."""
     path = scope["path"]
     if path == "/v1/predict":
         return "predict", None
     parts = path.split("/")
-    if len(parts) == 5 and parts[:3] == ["", "v2", "models"] and parts[4] == "infer" and parts[3]:
-        return "infer", parts[3]
+    if parts[:3] != ["", "v2", "models"] or parts[-1] != "infer" or not all(parts[3:-1]):
+        return None
+    if len(parts) == 5:
+        return "infer", (parts[3], "")
+    if len(parts) == 7 and parts[4] == "versions":
+        return "infer", (parts[3], parts[5])
     return None
 
 
