@@ -205,8 +205,10 @@ class SchedulerConfig:
     timeout_ms: float = option(10_000.0, "a request not answered by then gets 504; its samples are dropped")
     schedule: str = option("deepest", f"which stage runs next: {', '.join(SERVE_RULES)}")
     workers: int = option(1, "threads running stage calls at once, sharing out the CPUs' threads (1: a fixed "
-                             "choice, measured on a 2-core AMD Zen 4 only: capacity within noise of 2, sequential "
-                             "requests 20-33%% faster; compare on your machine with benchmarks/serve_ab.py)")
+                             "choice, for a lone request's latency: on a 2-core AMD Zen 4 capacity within noise of 2, "
+                             "sequential requests 20-33%% faster; on a 2-core Intel Xeon with AMX 2 served 1.1-1.3x "
+                             "the requests per second, a lone request 6-23%% slower; docs/serve.md; compare on your "
+                             "machine with benchmarks/serve_ab.py)")
     first: int = 0               # the stages this scheduler runs: first..last (None: to the final exit)
     last: int | None = None
 
