@@ -177,6 +177,9 @@ def test_a_raw_image_body_and_base64_json_bytes_are_served_too(digits, onnx_serv
     b64 = columns(onnx_server.client.post(INFER, json={"inputs": [tensor]}).json())
     assert raw["model"] == "digits-convnet" and raw["predictions"][0]["class_index"] == b64["class_index"][0]
     assert raw["predictions"][0]["exit"] == b64["exit"][0]
+    nested = {"name": "image", "datatype": "UINT8", "shape": [1, 1, 8, 8],  # the protocol's nested row-major data
+              "data": image.transpose(2, 0, 1)[None].tolist()}
+    assert columns(onnx_server.client.post(INFER, json={"inputs": [nested]}).json()) == b64
 
 
 def test_served_answers_equal_early_exit_model_run_on_torch(digits):
@@ -291,6 +294,15 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_
         (INFER, {"json": {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 8, 8],
                                       "data": [0] * 63}]}}, 400, "63 values"),
         (INFER, {"json": {"inputs": []}}, 400, "exactly one input"),
+        (INFER, {"json": pixels([True, 1, 8, 8])}, 400, "'shape' must be a list of non-negative integers"),
+        (INFER, {"json": {"inputs": [{**pixels([1, 1, 8, 8])["inputs"][0], "data": [0.5] * 64}]}}, 400,
+         "integers 0..255"),  # as Triton does: JSON floats or booleans are not UINT8 values, never truncated
+        (INFER, {"json": {"inputs": [{**pixels([1, 1, 8, 8])["inputs"][0], "data": [True] * 64}]}}, 400,
+         "integers 0..255"),
+        (INFER, {"json": {"inputs": [{**pixels([1, 1, 8, 8])["inputs"][0], "parameters": []}]}}, 400,
+         "parameters must be an object"),
+        (INFER, {"json": {**pixels([1, 1, 8, 8]), "outputs": [5]}}, 400, "must be an object with a 'name'"),
+        (INFER, {"json": {**pixels([1, 1, 8, 8]), "id": 5}}, 400, "'id' must be a string"),
         (INFER, {"json": {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}},
          400, "base64"),
         ("/v2/models/other/infer", {"json": pixels([1, 1, 8, 8])}, 404, "unknown model 'other'"),

@@ -115,9 +115,11 @@ def parse_infer(body: bytes, header_length: str | None, shape: Sequence[int]) ->
     inputs = request.get("inputs") if isinstance(request, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequest(400, "expected exactly one input in 'inputs' (the images)")
+    if not isinstance(request.get("id", ""), str):
+        raise BadRequest(400, "the request's 'id' must be a string")
     tensor = inputs[0]
     binary = body[size:]
-    params = tensor.get("parameters") or {}
+    params = tensor.get("parameters", {})
     if not isinstance(params, dict):
         raise BadRequest(400, "input parameters must be an object")
     if "binary_data_size" in params:
@@ -135,7 +137,7 @@ def tensor_images(datatype, tensor_shape, tensor: dict, binary: bytes | None, pa
                   shape: Sequence[int]) -> np.ndarray:
     """One input tensor's images as uint8 (N, H, W, C), over HTTP or gRPC (`oip_grpc`): UINT8 pixels or BYTES encoded
     images, as `binary` (the raw bytes) or else `tensor["data"]` (a JSON list)."""
-    if not (isinstance(tensor_shape, list) and all(isinstance(d, int) and d >= 0 for d in tensor_shape)):
+    if not (isinstance(tensor_shape, list) and all(type(d) is int and d >= 0 for d in tensor_shape)):
         raise BadRequest(400, "input 'shape' must be a list of non-negative integers")
     if datatype == "UINT8":
         return _pixels(tensor, tensor_shape, binary, params, shape)
@@ -164,10 +166,12 @@ def _pixels(tensor: dict, tensor_shape: list, binary: bytes | None, params: dict
         data = tensor.get("data")
         if not isinstance(data, list):
             raise BadRequest(400, "input 'data' must be a list of integers 0..255")
-        try:
-            values = np.asarray(data, dtype=np.int64).reshape(-1)
+        try:  # as JSON gave them: floats, booleans or strings are not UINT8 values (a nested list is, row-major)
+            values = np.asarray(data).reshape(-1)
         except (ValueError, TypeError, OverflowError):
             raise BadRequest(400, "input 'data' must be a list of integers 0..255") from None
+        if values.size and values.dtype.kind not in "iu":
+            raise BadRequest(400, "input 'data' must be a list of integers 0..255")
         if values.size != count:
             raise BadRequest(400, f"{values.size} values of data for shape {tensor_shape} ({count} values)")
         if values.size and (values.min() < 0 or values.max() > 255):
@@ -208,7 +212,9 @@ def requested_outputs(request: dict) -> list[str]:
     outputs = request.get("outputs") or []
     if not isinstance(outputs, list):
         raise BadRequest(400, "'outputs' must be a list")
-    wanted = [o.get("name") for o in outputs if isinstance(o, dict)]
+    if not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
+        raise BadRequest(400, "each of 'outputs' must be an object with a 'name'")
+    wanted = [o["name"] for o in outputs]
     unknown = [w for w in wanted if w not in dict(OUTPUTS)]
     if unknown:
         raise BadRequest(400, f"unknown output {unknown[0]!r}; outputs: {', '.join(n for n, _ in OUTPUTS)}")
