@@ -35,7 +35,8 @@ from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.config import SchedulerConfig, ServeConfig
 from exitwise.deploy.answers import Handoff, Slot, Waiting
 from exitwise.deploy.oip import BadRequest, answered
-from exitwise.deploy.scheduler import Answer, Expired
+from exitwise.deploy.metrics import Metrics
+from exitwise.deploy.scheduler import Answer, Expired, Scheduler
 from exitwise.deploy.server import _Call, _OneWrite, create_app, uvicorn_config
 from exitwise.early_exit import EarlyExitModel
 from exitwise.models import create_model
@@ -218,12 +219,17 @@ def test_a_stage_call_runs_on_its_workers_share_of_the_torch_threads(digits):
         torch.set_num_threads(threads)
 
 
-def test_the_serving_line_names_the_precision_and_micro_batch_the_runner_runs_in(digits):
+def test_the_serving_line_and_the_model_info_metric_name_the_precision_and_micro_batch_the_runner_runs_in(digits):
     from exitwise.deploy.runner import describe
     model, _, out = digits
-    assert describe(TorchRunner(model, precision="fp32", micro_batch=48)) == "digits-convnet (pytorch, fp32, micro-batch 48)"
+    torch_runner = TorchRunner(model, early_exit=False, precision="fp32", micro_batch=48)
+    assert describe(torch_runner) == "digits-convnet (pytorch, fp32, micro-batch 48)"
     onnx = OnnxRunner.load(out / "onnx")
     assert describe(onnx) == f"digits-convnet (onnxruntime, micro-batch {onnx.micro_batch})"
+    metrics, scheduler = Metrics(), Scheduler(torch_runner, SchedulerConfig(workers=2))
+    metrics.serving(torch_runner, scheduler)
+    assert ('exitwise_model_info{early_exit="false",micro_batch="48",model="digits-convnet",platform="pytorch",'
+            'precision="fp32",stages="0-2",workers="2"} 1.0') in metrics.text().decode()
 
 
 def test_the_served_runner_is_built_off_the_callers_thread_and_its_errors_reach_the_caller():
@@ -268,6 +274,10 @@ def test_health_metadata_and_metrics(onnx_server):
     for name in ("exitwise_exits_total", "exitwise_batch_size_bucket", "exitwise_stage_seconds_bucket",
                  "exitwise_queue_depth", "exitwise_request_seconds_bucket"):
         assert name in text
+    assert ('exitwise_model_info{early_exit="true",micro_batch="%d",model="digits-convnet",platform="onnxruntime",'
+            'precision="",stages="0-2",workers="1"} 1.0' % onnx_server.app.state.runner.micro_batch) in text
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_gc_collections_total"):
+        assert name in text  # prometheus-client's standard process metrics, as ops dashboards expect
 
 
 def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_path):
@@ -601,6 +611,9 @@ def test_processes_share_one_port_count_in_one_metrics_and_drain_on_sigterm(digi
             assert 'exitwise_request_seconds_count{code="200",endpoint="predict"} 40.0' in scrape
             assert sum(float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines()
                        if line.startswith("exitwise_exits_total{")) == 40
+            info = [line for line in scrape.splitlines() if line.startswith("exitwise_model_info{")]
+            assert len(info) == 1 and info[0].endswith(" 1.0") and 'workers="1"' in info[0]  # one line, not one each
+            assert "process_cpu_seconds_total" not in scrape  # it would be the answering process's alone
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
         assert not folder.exists()

@@ -1,13 +1,17 @@
 """`GET /metrics`: Prometheus metrics of one server (its own registry, so several servers live in one process), or
 of all the processes of `exitwise serve --processes N` (prometheus-client's multiprocess mode: every process writes
-its values to files in one folder, and a scrape of any of them adds them up)."""
+its values to files in one folder, and a scrape of any of them adds them up). One server's also carry its process's
+CPU, memory and garbage collections (prometheus-client's standard `process_*` and `python_*` metrics; not with
+--processes, where a scrape would give the one process that answered it)."""
 from __future__ import annotations
 
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector,
+                               ProcessCollector, generate_latest)
 
+from .runner import Runner
 from .scheduler import Observer, Scheduler
 
 LATENCY_BUCKETS = (.001, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .075, .1, .15, .2, .3, .5, 1, 2, 5, 10)
@@ -37,6 +41,21 @@ class Metrics(Observer):
                                 ["reason"], registry=r)
         self.dropped_samples = Counter("exitwise_dropped_samples", "Samples the scheduler dropped or refused, "
                                        "by reason (disconnected, timeout, queue_full)", ["reason"], registry=r)
+        self.model = Gauge("exitwise_model_info", "The model served (always 1): its platform, the precision and "
+                           "micro-batch it runs in (a torch model's measured on this machine at start), whether "
+                           "samples leave early, its stages and the workers running them",
+                           ["model", "platform", "precision", "micro_batch", "early_exit", "stages", "workers"],
+                           registry=r, multiprocess_mode="livemax")
+        if not multiprocess:
+            for collector in (ProcessCollector, PlatformCollector, GCCollector):
+                collector(registry=r)
+
+    def serving(self, runner: Runner, scheduler: Scheduler) -> None:
+        """`exitwise_model_info` for `runner` under `scheduler`."""
+        self.model.labels(model=runner.name, platform=runner.platform, precision=getattr(runner, "precision", None)
+                          or "", micro_batch=str(runner.micro_batch),
+                          early_exit=str(getattr(runner, "early_exit", True)).lower(),
+                          stages=f"{scheduler.first}-{scheduler.last}", workers=str(scheduler.config.workers)).set(1)
 
     def watch(self, scheduler: Scheduler) -> None:
         """Queue depths and the samples inside are read from `scheduler` at each scrape (multiprocess: written by a

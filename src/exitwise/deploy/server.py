@@ -49,6 +49,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
     scheduled = CarryImages(runner) if tier is not None and tier.send_images else runner
     scheduler = Scheduler(scheduled, config.scheduler, forward=forward, observer=metrics).start()
     metrics.watch(scheduler)
+    metrics.serving(runner, scheduler)
     limit = int(config.max_body_mb * 2**20)
     timeout = config.scheduler.timeout_ms / 1e3
     name, shape = runner.name, tuple(runner.input_shape)
