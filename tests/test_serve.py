@@ -594,6 +594,24 @@ def test_sigterm_answers_what_was_accepted_refuses_new_requests_and_exits_0(digi
         process.kill()
 
 
+def test_access_log_writes_one_line_per_request_only_when_asked(digits):
+    _, data, out = digits
+    logged = {}
+    for flags in ([], ["--access-log"]):
+        process, url = start_cli_server(["--export", str(out / "onnx"), *flags])
+        try:
+            assert httpx.post(url + "/v1/predict", content=png(data.images[0].numpy()), timeout=20).status_code == 200
+            assert httpx.post(url + "/v1/predict", content=b"", timeout=20).status_code == 400
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+            logged[bool(flags)] = process.stdout.read()  # after the serving line
+        finally:
+            process.kill()
+    assert "/v1/predict" not in logged[False]
+    lines = [line for line in logged[True].splitlines() if "/v1/predict" in line]
+    assert len(lines) == 2 and '"POST /v1/predict HTTP/1.1" 200' in lines[0] and " 400" in lines[1], logged[True]
+
+
 def test_processes_share_one_port_count_in_one_metrics_and_drain_on_sigterm(digits, tmp_path):
     model, data, out = digits
     onnx = OnnxEarlyExit.load(out / "onnx")
@@ -727,6 +745,8 @@ def test_serve_refuses_bad_flags_in_one_line(digits, capsys):
                            "--processes must be at least 1"),
                           (["serve", "--export", str(digits[2] / "onnx"), "--ray", "--processes", "2"],
                            "drop --processes"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--ray", "--access-log"],
+                           "Ray Serve logs every request itself"),
                           (["serve", "--relay", "--next", "http://127.0.0.1:9", "--processes", "2"],
                            "drop --processes"),
                           (["serve", "--model", "digits-convnet", "--weights", "x.safetensors"], "weights file not found"),

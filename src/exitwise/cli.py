@@ -398,6 +398,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.ray:
         if config.processes > 1:
             raise UserError("--ray spreads the server over --replicas: drop --processes")
+        if config.access_log:
+            raise UserError("--access-log: under --ray, Ray Serve logs every request itself (its logs folder, "
+                            "/tmp/ray/session_latest/logs/serve): drop it")
         from .deploy.ray_serve import serve_on_ray
         serve_on_ray(make_runner, config, replicas=args.replicas)
         return

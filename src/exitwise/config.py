@@ -369,6 +369,8 @@ class ServeConfig:
     host: str = option("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
     port: int = option(8000, "port (0: any free port, printed at start)")
     max_body_mb: float = option(16.0, "request bodies over this many MiB get 413")
+    access_log: bool = option(False, "one line per request on stdout (client, method, path, status), as uvicorn "
+                                     "logs them; off by default: it costs the event loop time per request")
     processes: int = option(1, "server processes on the one port, each with its own model, batches and 1/N of the "
                                "CPUs' threads: more requests per second, a lone request slower (2 on a 2-core AMD Zen "
                                "4: capacity +6-13%%, a lone request +25-38%%; docs/serve.md)")

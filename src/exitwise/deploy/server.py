@@ -387,7 +387,8 @@ def listen(config: ServeConfig, reuse_port: bool = False, listening: bool = True
 def run_app(app, config: ServeConfig, sock, log_level: str = "warning") -> None:
     """`app` served by uvicorn on `sock` until SIGTERM or SIGINT, which drain it (this process's main thread)."""
     import uvicorn
-    server = uvicorn.Server(uvicorn_config(app, log_level, config.scheduler.timeout_ms / 1e3 + 5, config.tls))
+    server = uvicorn.Server(uvicorn_config(app, log_level, config.scheduler.timeout_ms / 1e3 + 5, config.tls,
+                                           config.access_log))
     if threading.current_thread() is threading.main_thread():
         # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so the exit is 0
         signal.signal(signal.SIGTERM, lambda *_: None)
@@ -405,10 +406,12 @@ def settle_heap() -> None:
 
 
 def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | None = None,
-                   tls: ServerTLS | None = None):
-    """How exitwise runs uvicorn (`exitwise serve`, and the servers `plan --measure` times): no access log, no
-    Server and Date headers, and each response's head and body sent in one write (`_OneWrite`); HTTPS with a
-    `tls` (its client CAs: only for clients that show a certificate they signed)."""
+                   tls: ServerTLS | None = None, access_log: bool = False):
+    """How exitwise runs uvicorn (`exitwise serve`, and the servers `plan --measure` times): no Server and Date
+    headers, and each response's head and body sent in one write (`_OneWrite`); HTTPS with a `tls` (its client CAs:
+    only for clients that show a certificate they signed); uvicorn's access log only with `access_log` (whatever
+    `log_level`)."""
+    import logging
     import ssl
     import uvicorn
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
@@ -422,12 +425,15 @@ def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | No
                 self.transport.lost()
             super().connection_lost(exc)
 
-    return uvicorn.Config(app, log_level=log_level, access_log=False, proxy_headers=False, server_header=False,
-                          date_header=False, http=OneWriteProtocol, timeout_graceful_shutdown=graceful_seconds,
-                          **({} if tls is None else {
-                              "ssl_certfile": str(tls.certfile), "ssl_keyfile": str(tls.keyfile),
-                              "ssl_ca_certs": None if tls.ca_certs is None else str(tls.ca_certs),
-                              "ssl_cert_reqs": ssl.CERT_NONE if tls.ca_certs is None else ssl.CERT_REQUIRED}))
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, proxy_headers=False, server_header=False,
+                            date_header=False, http=OneWriteProtocol, timeout_graceful_shutdown=graceful_seconds,
+                            **({} if tls is None else {
+                                "ssl_certfile": str(tls.certfile), "ssl_keyfile": str(tls.keyfile),
+                                "ssl_ca_certs": None if tls.ca_certs is None else str(tls.ca_certs),
+                                "ssl_cert_reqs": ssl.CERT_NONE if tls.ca_certs is None else ssl.CERT_REQUIRED}))
+    if access_log:  # its lines are INFO, under a quieter log level too
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    return config
 
 
 class _OneWrite:
