@@ -294,3 +294,23 @@ def test_server_processes_all_listen_on_the_grpc_port_and_drain_on_sigterm(digit
             c.close()
     finally:
         process.kill()
+
+
+def test_grpc_health_check_answers_as_grpc_health_v1_says_serving_then_not_serving_while_draining(digits):
+    """Raw bytes of grpc/health/v1/health.proto, as Kubernetes' gRPC probes send them: a HealthCheckRequest is field
+    1, the service name; the answer's field 1 is the ServingStatus (1 SERVING, 2 NOT_SERVING)."""
+    import grpc
+    server = Running(OnnxRunner.load(digits[2] / "onnx"), ServeConfig(grpc_port=0))
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.app.state.grpc_port}")
+    check = channel.unary_unary("/grpc.health.v1.Health/Check")  # bytes in, bytes out
+    try:
+        service = b"inference.GRPCInferenceService"
+        assert check(b"", timeout=10) == b"\x08\x01" == check(b"\x0a" + bytes([len(service)]) + service, timeout=10)
+        with pytest.raises(grpc.RpcError) as unknown:
+            check(b"\x0a\x04nope", timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND and "unknown service 'nope'" in unknown.value.details()
+        server.app.state.scheduler.close(10)  # what SIGTERM starts: the scheduler refuses new samples
+        assert check(b"", timeout=10) == b"\x08\x02"
+    finally:
+        channel.close()
+        server.stop()

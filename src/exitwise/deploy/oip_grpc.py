@@ -11,7 +11,9 @@ status of its HTTP one, with the same one-line message. Served: ServerLive, Serv
 ServerMetadata, ModelMetadata, ModelInfer, and ModelStreamInfer (tritonclient's `start_stream` /
 `async_stream_infer`: a stream of requests, each answered as soon as its images are, so out of order; the request's
 `id` comes back in its answer; a refused one is answered with its one-line `error_message` and the stream goes on,
-as Triton does); any other method answers UNIMPLEMENTED.
+as Triton does); any other method answers UNIMPLEMENTED. Beside it, gRPC's standard health service
+(`grpc.health.v1.Health/Check`, what Kubernetes' gRPC probes and grpc_health_probe call): SERVING while the server
+accepts, NOT_SERVING while it drains.
 
 The messages are built from `SCHEMA` at import (protobuf's descriptor pool, a pool of their own): no generated
 code, so any protobuf >= 4.21 reads them. Names and field numbers are KServe's grpc_predict_v2.proto
@@ -76,17 +78,20 @@ SCHEMA: dict[str, list[tuple[str, int, str]]] = {
                                              ("parameters", 4, "params"), ("contents", 5, "InferTensorContents")],
     "ModelStreamInferResponse": [("error_message", 1, "string"), ("infer_response", 2, "ModelInferResponse")],
 }
+HEALTH = "grpc.health.v1.Health"
+# grpc/health/v1/health.proto's messages; its `status` is the enum ServingStatus, written as the same varint as int32
+HEALTH_SCHEMA = {"HealthCheckRequest": [("service", 1, "string")], "HealthCheckResponse": [("status", 1, "int32")]}
+SERVING, NOT_SERVING = 1, 2  # ServingStatus values
 _SCALARS = {"double": 1, "float": 2, "int64": 3, "uint64": 4, "int32": 5, "bool": 8, "string": 9, "bytes": 12,
             "uint32": 13}
 _OPTIONAL, _REPEATED, _MESSAGE = 1, 3, 11
 
 
-def _file() -> descriptor_pb2.FileDescriptorProto:
-    """`SCHEMA` as a .proto file's descriptor (package `inference`, proto3)."""
-    file = descriptor_pb2.FileDescriptorProto(name="exitwise/grpc_predict_v2.proto", package="inference",
-                                              syntax="proto3")
+def _file(package: str, schema: dict[str, list[tuple[str, int, str]]]) -> descriptor_pb2.FileDescriptorProto:
+    """`schema` as a .proto file's descriptor (proto3)."""
+    file = descriptor_pb2.FileDescriptorProto(name=f"exitwise/{package}.proto", package=package, syntax="proto3")
     made: dict[str, descriptor_pb2.DescriptorProto] = {}
-    for name, fields in SCHEMA.items():
+    for name, fields in schema.items():
         parent, _, short = name.rpartition(".")
         message = (made[parent].nested_type if parent else file.message_type).add(name=short)
         made[name] = message
@@ -100,10 +105,10 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
                 entry.options.map_entry = True
                 entry.field.add(name="key", number=1, label=_OPTIONAL, type=_SCALARS["string"])
                 entry.field.add(name="value", number=2, label=_OPTIONAL, type=_MESSAGE,
-                                type_name=".inference.InferParameter")
-                field.label, field.type, field.type_name = _REPEATED, _MESSAGE, f".inference.{name}.ParametersEntry"
+                                type_name=f".{package}.InferParameter")
+                field.label, field.type, field.type_name = _REPEATED, _MESSAGE, f".{package}.{name}.ParametersEntry"
             else:
-                field.type, field.type_name = _MESSAGE, f".inference.{kind}"
+                field.type, field.type_name = _MESSAGE, f".{package}.{kind}"
         if name == "InferParameter":
             message.oneof_decl.add(name="parameter_choice")
             for field in message.field:
@@ -112,13 +117,14 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
 
 
 _POOL = descriptor_pool.DescriptorPool()
-_POOL.Add(_file())
+_POOL.Add(_file("inference", SCHEMA))
+_POOL.Add(_file("grpc.health.v1", HEALTH_SCHEMA))
 
 
 @functools.cache
-def message(name: str) -> type:
-    """The message class of `SCHEMA`'s `name` (e.g. "ModelInferRequest")."""
-    return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"inference.{name}"))
+def message(name: str, package: str = "inference") -> type:
+    """The message class of `SCHEMA`'s `name` (e.g. "ModelInferRequest"), or of `HEALTH_SCHEMA`'s in its package."""
+    return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"{package}.{name}"))
 
 
 def _parameter(value) -> object:
@@ -301,7 +307,22 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
-async def start(host: str, port: int, rpc_handler: grpc.GenericRpcHandler, max_message_bytes: int,
+def health(ready: Callable[[], bool]) -> grpc.GenericRpcHandler:
+    """grpc.health.v1's Check, for the whole server (service "") or its inference service: SERVING while `ready()`,
+    else NOT_SERVING; another service name NOT_FOUND (as the health protocol asks). Watch is not served."""
+    request, response = (message(name, "grpc.health.v1") for name in ("HealthCheckRequest", "HealthCheckResponse"))
+
+    async def check(call, context):
+        if call.service not in ("", SERVICE):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {call.service!r}; this server serves "
+                                                           f"{SERVICE!r} (or '' for the whole server)")
+        return response(status=SERVING if ready() else NOT_SERVING)
+
+    return grpc.method_handlers_generic_handler(HEALTH, {"Check": grpc.unary_unary_rpc_method_handler(
+        check, request_deserializer=request.FromString, response_serializer=response.SerializeToString)})
+
+
+async def start(host: str, port: int, rpc_handlers: Sequence[grpc.GenericRpcHandler], max_message_bytes: int,
                 reuse_port: bool = False, tls: ServerTLS | None = None) -> tuple[grpc.aio.Server, int]:
     """A gRPC server on the running event loop, listening on host:port (0: any free port); (server, its port).
     `reuse_port`: several processes share the port (`serve --processes`); else a port in use is refused. `tls`:
@@ -310,7 +331,7 @@ async def start(host: str, port: int, rpc_handler: grpc.GenericRpcHandler, max_m
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port)),
                                       ("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", max_message_bytes)])
-    server.add_generic_rpc_handlers((rpc_handler,))
+    server.add_generic_rpc_handlers(tuple(rpc_handlers))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = (server.add_insecure_port(address) if tls is None else server.add_secure_port(

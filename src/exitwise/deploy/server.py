@@ -59,10 +59,11 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         if config.grpc_port is not None:  # the Open Inference Protocol over gRPC too, on this event loop
             from . import oip_grpc
             grpc_server, app.state.grpc_port = await oip_grpc.start(
-                config.host, config.grpc_port, oip_grpc.handler(
+                config.host, config.grpc_port, [oip_grpc.handler(
                     name, runner.platform, shape, runner.class_names, _version(), lambda: scheduler.accepting, answer,
                     lambda reason: metrics.rejected.labels(reason=reason).inc(),
                     lambda status, start: app.front.observe("grpc", status, start)),
+                    oip_grpc.health(lambda: scheduler.accepting)],
                 limit, reuse_port=config.processes > 1, tls=config.tls)
             if config.processes == 1:
                 print(grpc_line(config, config.host, app.state.grpc_port), flush=True)
