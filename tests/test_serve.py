@@ -352,6 +352,33 @@ def test_a_full_queue_answers_503_with_retry_after_at_once_and_a_late_request_50
         server.stop()
 
 
+def test_a_request_may_set_a_sooner_deadline_as_tritonclient_sends_it(digits):
+    """Triton's request parameter `timeout` (microseconds): past it, 504, while the server's --timeout-ms is longer."""
+    _, _, out = digits
+    config = ServeConfig(scheduler=SchedulerConfig(max_batch=64, max_wait_ms=60_000, timeout_ms=60_000))
+    server = Running(OnnxRunner.load(out / "onnx"), config)
+    try:
+        start = time.monotonic()
+        late = server.client.post(INFER, json={**zeros_request(1), "parameters": {"timeout": 200_000}})
+        assert late.status_code == 504 and late.json() == {"error": "not answered within 200 ms"}
+        assert 0.19 <= time.monotonic() - start < 10
+        for bad in (-1, 1.5, "200", True):
+            refused = server.client.post(INFER, json={**zeros_request(1), "parameters": {"timeout": bad}})
+            assert refused.status_code == 400 and "parameters.timeout" in refused.json()["error"], refused.text
+        assert "'parameters' must be an object" in server.client.post(
+            INFER, json={**zeros_request(1), "parameters": [1]}).json()["error"]
+        httpclient = pytest.importorskip("tritonclient.http")
+        from tritonclient.utils import InferenceServerException
+        triton = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+        pixels = httpclient.InferInput("image", [1, 1, 8, 8], "UINT8")
+        pixels.set_data_from_numpy(np.zeros((1, 1, 8, 8), dtype=np.uint8))
+        with pytest.raises(InferenceServerException, match="not answered within 100 ms"):
+            triton.infer("digits-convnet", [pixels], timeout=100_000)
+        triton.close()
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("why, outcomes, status", [
     ("gone", [None], 499), ("late", [None], 504), ("answered", [Answer(0, 1, 0.9), Expired()], 504),
     ("answered", [RuntimeError("stage 1 failed")], 500)])

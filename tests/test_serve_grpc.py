@@ -224,6 +224,10 @@ def test_a_full_queue_is_unavailable_at_once_and_a_late_call_past_its_deadline(d
             assert time.monotonic() - start < 1.0
             assert held.result(10).status() == "StatusCode.DEADLINE_EXCEEDED"
         assert server.metric("exitwise_rejected_requests_total", reason="timeout") == 1
+        start = time.monotonic()  # a call's own deadline (Triton's `timeout` parameter, microseconds), sooner
+        hurried = refusal(lambda: client.infer(MODEL, [pixels_input(zeros[:1])], timeout=100_000))
+        assert hurried.status() == "StatusCode.DEADLINE_EXCEEDED" and "within 100 ms" in hurried.message()
+        assert time.monotonic() - start < 1.4  # before the server's 1500 ms
         assert server.metric("exitwise_request_seconds_count", code="503", endpoint="grpc") == 1
     finally:
         client.close()

@@ -135,6 +135,21 @@ def test_the_first_stage_waits_for_a_full_batch_at_most_max_wait():
     scheduler.close(5)
 
 
+def test_a_submission_may_set_a_sooner_deadline_which_ends_its_wait_for_a_full_batch():
+    runner = FakeRunner()
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=8, max_wait_ms=60_000, timeout_ms=60_000)).start()
+    patient = scheduler.submit(images([0]))
+    start = time.monotonic()
+    hurried = scheduler.submit(images([0, 0]), timeout_ms=100)  # behind a sample that may wait a minute
+    with pytest.raises(Expired):
+        hurried[0].result(10)
+    assert 0.09 <= time.monotonic() - start < 5 and isinstance(hurried[1].exception(1), Expired)
+    assert not patient[0].done() and runner.calls == []  # the first sample waits on for its batch
+    later = scheduler.submit(images([0]), timeout_ms=10**9)  # later than the config's: the config's holds
+    scheduler.close(5)  # no more waiting for full batches: the two left are answered together
+    assert all(isinstance(a, Answer) for a in results(patient + later)) and runner.calls[0] == (0, 2)
+
+
 def test_a_full_queue_refuses_at_once_and_a_closed_one_too():
     runner = FakeRunner()
     runner.gate.clear()

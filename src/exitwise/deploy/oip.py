@@ -207,6 +207,19 @@ def _encoded(tensor: dict, tensor_shape: list, binary: bytes | None, shape: Sequ
     return decode_images(blobs, shape)
 
 
+def request_timeout_ms(parameters) -> float | None:
+    """A request's own deadline in ms from its parameters' `timeout` (Triton's: whole microseconds, what tritonclient's
+    `infer(..., timeout=)` sends; 0 or none: the server's --timeout-ms alone)."""
+    if not isinstance(parameters, dict):
+        raise BadRequest(400, "the request's 'parameters' must be an object")
+    timeout = parameters.get("timeout")
+    if timeout is None or timeout == 0:
+        return None
+    if type(timeout) is not int or timeout < 0:
+        raise BadRequest(400, f"parameters.timeout {timeout!r}: a whole number of microseconds, 0 or more")
+    return timeout / 1e3
+
+
 def requested_outputs(request: dict) -> list[str]:
     """The outputs an infer request names (none: all), refused before any work when one is unknown."""
     outputs = request.get("outputs") or []

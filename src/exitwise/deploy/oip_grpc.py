@@ -35,7 +35,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from ..config import ServerTLS
 from .oip import (OUTPUTS, REASONS, VERSION, BadRequest, check_model, model_metadata, output_values,
-                  requested_outputs, tensor_images, tier_parameters)
+                  request_timeout_ms, requested_outputs, tensor_images, tier_parameters)
 from .scheduler import Answer
 
 SERVICE = "inference.GRPCInferenceService"
@@ -191,10 +191,10 @@ class _GrpcCall:
 
 
 def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequence[str] | None, version: str,
-            ready: Callable[[], bool], answer: Callable[[object, np.ndarray], Awaitable[list[Answer]]],
+            ready: Callable[[], bool], answer: Callable[[object, np.ndarray, float | None], Awaitable[list[Answer]]],
             refused: Callable[[str], None], observe: Callable[[int, float], None]) -> grpc.GenericRpcHandler:
     """The service's methods for one model (`name`, served on `platform`, taking `shape` (C, H, W) images) of
-    exitwise `version`: `ready()` says whether it accepts; `answer(call, images)` runs images through the
+    exitwise `version`: `ready()` says whether it accepts; `answer(call, images, timeout_ms)` runs images through the
     scheduler (`server.create_app`'s); `refused(reason)` counts a refusal, `observe(status, start)` times an
     infer call by the HTTP status it corresponds to."""
     metadata = model_metadata(name, shape, platform)
@@ -243,7 +243,8 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
             check_model(name, request.model_name, request.model_version)
             images = infer_images(request, shape)
             requested_outputs({"outputs": [{"name": o.name} for o in request.outputs]})  # before any work
-            response = infer_response(request, await answer(call, images), class_names)
+            timeout_ms = request_timeout_ms({k: _parameter(v) for k, v in request.parameters.items()})
+            response = infer_response(request, await answer(call, images, timeout_ms), class_names)
             status = 200
             return response
         except BadRequest as e:

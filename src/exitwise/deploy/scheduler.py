@@ -82,9 +82,11 @@ class _Chunk:
     state: np.ndarray
     samples: list[Sample]
     oldest: float = field(init=False)
+    deadline: float = field(init=False)  # its samples' earliest
 
     def __post_init__(self) -> None:
         self.oldest = min(s.arrival for s in self.samples)
+        self.deadline = min(s.deadline for s in self.samples)
 
 
 Forward = Callable[[np.ndarray, np.ndarray, list[Sample]], None]
@@ -117,12 +119,13 @@ class Scheduler:
 
     # the caller's side (any thread)
 
-    def submit(self, images: np.ndarray, futures: list | None = None) -> list[Future]:
+    def submit(self, images: np.ndarray, futures: list | None = None,
+               timeout_ms: float | None = None) -> list[Future]:
         """uint8 (N, H, W, C) images into the first stage (which must be stage 0); `futures`: the caller's, one
-        per image (see `Sample`), else new ones."""
+        per image (see `Sample`), else new ones; `timeout_ms`: their deadline, where sooner than the config's."""
         if self.first != 0:
             raise ValueError("this scheduler starts at a later stage: submit_features")
-        return self._enter(images, self.runner.init_state(len(images)), futures)
+        return self._enter(images, self.runner.init_state(len(images)), futures, timeout_ms)
 
     def submit_features(self, features: np.ndarray, state: np.ndarray, futures: list | None = None) -> list[Future]:
         """Features (`runner.to_numpy` of stage first - 1's output) and policy state into stage `first`; `futures`
@@ -131,9 +134,11 @@ class Scheduler:
             raise ValueError(f"{len(features)} rows of features but {len(state)} of state")
         return self._enter(features, state, futures)
 
-    def _enter(self, data: np.ndarray, state: np.ndarray, futures: list | None = None) -> list[Future]:
+    def _enter(self, data: np.ndarray, state: np.ndarray, futures: list | None = None,
+               timeout_ms: float | None = None) -> list[Future]:
         now = time.monotonic()
-        deadline = now + self.config.timeout_ms / 1e3
+        limit = self.config.timeout_ms if timeout_ms is None else min(timeout_ms, self.config.timeout_ms)
+        deadline = now + limit / 1e3
         if futures is not None and len(futures) != len(data):
             raise ValueError(f"{len(futures)} futures for {len(data)} rows")
         samples = [Sample(f, now, deadline) for f in (futures if futures is not None else
@@ -203,7 +208,7 @@ class Scheduler:
             rows = sum(len(c.samples) for c in entry)
             if rows >= self.config.max_batch or now >= due or not self._accepting:
                 return self.first, None
-            expires = entry[0].oldest + self.config.timeout_ms / 1e3  # the first chunk holds the oldest sample
+            expires = min(c.deadline for c in entry)  # a request may have set a sooner deadline than the config's
             if now > expires:  # waiting for a batch to fill, samples past their deadline leave and free their place
                 live = (self._live(self.first, c) for c in list(entry))
                 self.queues[self.first] = collections.deque(c for c in live if c is not None)

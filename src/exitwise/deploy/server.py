@@ -25,7 +25,7 @@ from ..config import ServeConfig, ServerTLS
 from ..errors import UserError
 from .metrics import Metrics
 from .oip import (REASONS, BadRequest, answered, check_model, decode_images, infer_response, model_metadata,
-                  parse_infer, predictions, requested_outputs)
+                  parse_infer, predictions, request_timeout_ms, requested_outputs)
 from .answers import Answers
 from .runner import Runner, describe
 from .scheduler import Answer, QueueFull, Scheduler
@@ -77,17 +77,18 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
 
     answers = app.state.answers = Answers()
 
-    async def answer(call: _Call, images: np.ndarray) -> list[Answer]:
-        """The images through the scheduler (`deploy.answers`); a client that leaves has its samples cancelled
-        (dropped downstream)."""
+    async def answer(call: _Call, images: np.ndarray, timeout_ms: float | None = None) -> list[Answer]:
+        """The images through the scheduler (`deploy.answers`), answered within `timeout_ms` where the request set a
+        deadline sooner than --timeout-ms; a client that leaves has its samples cancelled (dropped downstream)."""
         if scheduler.first != 0:
             raise BadRequest(409, f"this tier starts at stage {scheduler.first}: send images to the first tier")
+        within = config.scheduler.timeout_ms if timeout_ms is None else min(timeout_ms, config.scheduler.timeout_ms)
         try:
-            why, outcomes = await answers.wait(lambda slots: scheduler.submit(images, slots), len(images), timeout,
-                                               call.on_disconnect)
+            why, outcomes = await answers.wait(lambda slots: scheduler.submit(images, slots, within), len(images),
+                                               within / 1e3, call.on_disconnect)
         except QueueFull as e:
             raise BadRequest(503, f"overloaded, try again: {e}") from None
-        outcomes = answered(why, outcomes, config.scheduler.timeout_ms)
+        outcomes = answered(why, outcomes, within)
         if tier is None:
             return outcomes
         return [a if isinstance(a, TierAnswer) else TierAnswer(a.exit, a.prediction, a.probability, tier.name)
@@ -149,7 +150,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         check_model(name, *model)
         images, parsed = parse_infer(await call.body(limit), call.header("inference-header-content-length"), shape)
         requested_outputs(parsed)
-        answers = await answer(call, images)
+        answers = await answer(call, images, request_timeout_ms(parsed.get("parameters", {})))
         return infer_response(name, parsed, answers, runner.class_names)
 
     async def predict(call: _Call, _model: None) -> dict:  # /v1/predict names no model
