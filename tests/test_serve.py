@@ -873,6 +873,13 @@ def test_the_models_one_version_is_served_under_its_version_path_too(onnx_server
         triton.close()
 
 
+def test_null_fields_are_absent_fields(onnx_server):
+    """A client that serializes unset fields sends them as null: parameters (of the request or its input), id, outputs."""
+    request = zeros_request(1)
+    request["parameters"], request["inputs"][0]["parameters"], request["id"], request["outputs"] = None, None, None, None
+    assert onnx_server.client.post(INFER, json=request).status_code == 200
+
+
 def test_an_infer_request_may_name_the_outputs_it_wants(onnx_server):
     request = {**zeros_request(2), "id": "x7", "outputs": [{"name": "exit"}, {"name": "label"}]}
     answer = onnx_server.client.post(INFER, json=request).json()

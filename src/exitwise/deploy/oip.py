@@ -115,11 +115,12 @@ def parse_infer(body: bytes, header_length: str | None, shape: Sequence[int]) ->
     inputs = request.get("inputs") if isinstance(request, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequest(400, "expected exactly one input in 'inputs' (the images)")
-    if not isinstance(request.get("id", ""), str):
+    if not isinstance(request.get("id") or "", str):
         raise BadRequest(400, "the request's 'id' must be a string")
     tensor = inputs[0]
     binary = body[size:]
-    params = tensor.get("parameters", {})
+    params = tensor.get("parameters")
+    params = {} if params is None else params  # null: none (a list or a number is refused)
     if not isinstance(params, dict):
         raise BadRequest(400, "input parameters must be an object")
     if "binary_data_size" in params:
@@ -210,6 +211,8 @@ def _encoded(tensor: dict, tensor_shape: list, binary: bytes | None, shape: Sequ
 def request_timeout_ms(parameters) -> float | None:
     """A request's own deadline in ms from its parameters' `timeout` (Triton's: whole microseconds, what tritonclient's
     `infer(..., timeout=)` sends; 0 or none: the server's --timeout-ms alone)."""
+    if parameters is None:
+        return None
     if not isinstance(parameters, dict):
         raise BadRequest(400, "the request's 'parameters' must be an object")
     timeout = parameters.get("timeout")

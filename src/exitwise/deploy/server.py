@@ -150,7 +150,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         check_model(name, *model)
         images, parsed = parse_infer(await call.body(limit), call.header("inference-header-content-length"), shape)
         requested_outputs(parsed)
-        answers = await answer(call, images, request_timeout_ms(parsed.get("parameters", {})))
+        answers = await answer(call, images, request_timeout_ms(parsed.get("parameters")))
         return infer_response(name, parsed, answers, runner.class_names)
 
     async def predict(call: _Call, _model: None) -> dict:  # /v1/predict names no model
