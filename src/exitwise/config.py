@@ -212,6 +212,11 @@ class SchedulerConfig:
     first: int = 0               # the stages this scheduler runs: first..last (None: to the final exit)
     last: int | None = None
 
+    def within_ms(self, requested_ms: float | None = None) -> float:
+        """How long a request may take: its own deadline where it set one sooner (Triton's `timeout`), else
+        timeout_ms."""
+        return self.timeout_ms if requested_ms is None else min(requested_ms, self.timeout_ms)
+
     def __post_init__(self) -> None:
         if self.schedule not in SERVE_RULES:
             raise UserError(f"unknown schedule {self.schedule!r}; known: {', '.join(SERVE_RULES)}")
@@ -370,7 +375,7 @@ class ServeConfig:
     port: int = option(8000, "port (0: any free port, printed at start)")
     max_body_mb: float = option(16.0, "request bodies over this many MiB get 413")
     access_log: bool = option(False, "one line per request on stdout (client, method, path, status), as uvicorn "
-                                     "logs them; off by default: it costs the event loop time per request")
+                                     "logs them; off by default: each line is work on the event loop (its cost not measured)")
     processes: int = option(1, "server processes on the one port, each with its own model, batches and 1/N of the "
                                "CPUs' threads: more requests per second, a lone request slower (2 on a 2-core AMD Zen "
                                "4: capacity +6-13%%, a lone request +25-38%%; docs/serve.md)")

@@ -82,11 +82,9 @@ class _Chunk:
     state: np.ndarray
     samples: list[Sample]
     oldest: float = field(init=False)
-    deadline: float = field(init=False)  # its samples' earliest
 
     def __post_init__(self) -> None:
         self.oldest = min(s.arrival for s in self.samples)
-        self.deadline = min(s.deadline for s in self.samples)
 
 
 Forward = Callable[[np.ndarray, np.ndarray, list[Sample]], None]
@@ -137,8 +135,7 @@ class Scheduler:
     def _enter(self, data: np.ndarray, state: np.ndarray, futures: list | None = None,
                timeout_ms: float | None = None) -> list[Future]:
         now = time.monotonic()
-        limit = self.config.timeout_ms if timeout_ms is None else min(timeout_ms, self.config.timeout_ms)
-        deadline = now + limit / 1e3
+        deadline = now + self.config.within_ms(timeout_ms) / 1e3
         if futures is not None and len(futures) != len(data):
             raise ValueError(f"{len(futures)} futures for {len(data)} rows")
         samples = [Sample(f, now, deadline) for f in (futures if futures is not None else
@@ -208,7 +205,7 @@ class Scheduler:
             rows = sum(len(c.samples) for c in entry)
             if rows >= self.config.max_batch or now >= due or not self._accepting:
                 return self.first, None
-            expires = min(c.deadline for c in entry)  # a request may have set a sooner deadline than the config's
+            expires = min(s.deadline for c in entry for s in c.samples)  # a request's own may be sooner
             if now > expires:  # waiting for a batch to fill, samples past their deadline leave and free their place
                 live = (self._live(self.first, c) for c in list(entry))
                 self.queues[self.first] = collections.deque(c for c in live if c is not None)

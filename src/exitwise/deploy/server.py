@@ -82,9 +82,9 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         deadline sooner than --timeout-ms; a client that leaves has its samples cancelled (dropped downstream)."""
         if scheduler.first != 0:
             raise BadRequest(409, f"this tier starts at stage {scheduler.first}: send images to the first tier")
-        within = config.scheduler.timeout_ms if timeout_ms is None else min(timeout_ms, config.scheduler.timeout_ms)
+        within = config.scheduler.within_ms(timeout_ms)
         try:
-            why, outcomes = await answers.wait(lambda slots: scheduler.submit(images, slots, within), len(images),
+            why, outcomes = await answers.wait(lambda slots: scheduler.submit(images, slots, timeout_ms), len(images),
                                                within / 1e3, call.on_disconnect)
         except QueueFull as e:
             raise BadRequest(503, f"overloaded, try again: {e}") from None
