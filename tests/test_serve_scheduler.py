@@ -277,3 +277,15 @@ def test_two_workers_run_two_stage_calls_at_once_and_answer_as_one_does():
     runner.gate.set()
     assert [a.exit for a in results(futures)] == [1, 1, 0, 0, 3, 2, 1, 0]
     assert scheduler.close(5) and scheduler.inside == 0 and not scheduler.accepting
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_batch", 0, "--max-batch must be at least 1, got 0"),
+    ("max_queue", -3, "--max-queue must be at least 1, got -3"),
+    ("workers", 0, "--workers must be at least 1, got 0"),
+    ("max_wait_ms", -1.5, "--max-wait-ms must be at least 0, got -1.5"),
+    ("timeout_ms", 0, "--timeout-ms must be above 0, got 0"),
+    ("timeout_ms", float("nan"), "--timeout-ms must be above 0, got nan")])
+def test_a_bad_batching_setting_is_refused_by_its_flag_and_value(field, value, message):
+    with pytest.raises(UserError, match=f"^{message}$"):
+        SchedulerConfig(**{field: value})

@@ -220,9 +220,14 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SERVE_RULES:
             raise UserError(f"unknown schedule {self.schedule!r}; known: {', '.join(SERVE_RULES)}")
-        if (self.max_batch < 1 or self.max_queue < 1 or self.workers < 1 or not self.max_wait_ms >= 0
-                or not self.timeout_ms > 0):
-            raise UserError("max batch, max queue and workers must be at least 1, max wait at least 0, timeout above 0")
+        checks = [(self.max_batch >= 1, "--max-batch must be at least 1", self.max_batch),
+                  (self.max_queue >= 1, "--max-queue must be at least 1", self.max_queue),
+                  (self.workers >= 1, "--workers must be at least 1", self.workers),
+                  (self.max_wait_ms >= 0, "--max-wait-ms must be at least 0", self.max_wait_ms),
+                  (self.timeout_ms > 0, "--timeout-ms must be above 0", self.timeout_ms)]
+        for ok, message, value in checks:
+            if not ok:  # `not` also refuses NaN
+                raise UserError(f"{message}, got {value:g}")
 
 
 WIRE_FORMATS = ("fp32", "fp16", "int8")  # features between tiers (`deploy.wire`), from the largest to the smallest
@@ -348,8 +353,10 @@ class TierConfig:
         if self.next_url is not None:
             check_url(self.next_url)
         self.next_tls.check(self.next_url)
-        if not self.forward_timeout_ms > 0 or not self.retry_after_ms >= 0:
-            raise UserError("the forward timeout must be above 0 ms and the retry pause at least 0 ms")
+        if not self.forward_timeout_ms > 0:
+            raise UserError(f"--forward-timeout-ms must be above 0, got {self.forward_timeout_ms:g}")
+        if not self.retry_after_ms >= 0:
+            raise UserError(f"the retry pause must be at least 0 ms, got {self.retry_after_ms:g}")
 
 
 @dataclass(frozen=True)
@@ -365,7 +372,7 @@ class RelayConfig:
         check_url(self.next_url)
         self.next_tls.check(self.next_url)
         if not self.timeout_ms > 0:
-            raise UserError("the relay's forward timeout must be above 0 ms")
+            raise UserError(f"--forward-timeout-ms must be above 0, got {self.timeout_ms:g}")
 
 
 @dataclass(frozen=True)
