@@ -48,3 +48,13 @@ def test_every_benchmark_imports(name):
     pytest.importorskip("fastapi")  # the serving benchmarks import the serve extra's modules
     pytest.importorskip("onnxruntime")
     load_benchmark(name)
+
+
+def test_serve_parts_free_model_is_served_by_the_app():
+    """serve_parts times the app's event loop over its own cost-free runner: that runner must stay one the app takes."""
+    pytest.importorskip("fastapi")
+    simplejpeg = pytest.importorskip("simplejpeg")
+    serve_parts = load_benchmark("serve_parts")
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    cpu, wall = serve_parts.loop_cpu_per_request([simplejpeg.encode_jpeg(pixels)], 20, 4)  # raises unless all 200
+    assert 0 < cpu and 0 < wall
