@@ -776,6 +776,18 @@ def test_serve_refuses_bad_flags_in_one_line(digits, capsys):
                            "Ray Serve logs every request itself"),
                           (["serve", "--relay", "--next", "http://127.0.0.1:9", "--processes", "2"],
                            "drop --processes"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--replicas", "2"],
+                           "--replicas goes with --ray"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--ray", "--replicas", "0"],
+                           "expected 1 <= MIN <= MAX, got '0'"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--ray", "--replicas", "3-1"],
+                           "expected 1 <= MIN <= MAX, got '3-1'"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--ray", "--replicas", "two"],
+                           "expected N or MIN-MAX, got 'two'"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--ray", "--replicas", "2",
+                            "--target-ongoing", "8"], "give --replicas MIN-MAX"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--ray", "--replicas", "1-4",
+                            "--target-ongoing", "0"], "--target-ongoing must be at least 1, got 0"),
                           (["serve", "--model", "digits-convnet", "--weights", "x.safetensors"], "weights file not found"),
                           (["serve", "--model", "digits-convnet"], "no calibrated setting")]:
         assert main(argv) == 2

@@ -3,6 +3,8 @@
 Skipped without the ray extra (`pip install 'exitwise[ray]'`). Ray takes tens of seconds to start here."""
 import functools
 import socket
+import threading
+import time
 
 import numpy as np
 
@@ -17,8 +19,8 @@ import httpx
 from exitwise.api import export
 from exitwise.deploy.onnx_runner import OnnxRunner
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
-from exitwise.deploy.ray_serve import start_on_ray
-from exitwise.config import SchedulerConfig, ServeConfig, TierConfig
+from exitwise.deploy.ray_serve import replica_options, start_on_ray
+from exitwise.config import RayConfig, SchedulerConfig, ServeConfig, TierConfig
 from exitwise.early_exit import EarlyExitModel
 from exitwise.models import create_model
 
@@ -48,7 +50,7 @@ def test_two_replicas_on_ray_serve_answer_as_the_onnx_runtime(tmp_path, local_ra
     expected = OnnxEarlyExit.load(tmp_path / "onnx").run(images)
     try:
         url = start_on_ray(functools.partial(OnnxRunner.load, tmp_path / "onnx"), ServeConfig(port=free_port()),
-                           replicas=2)
+                           RayConfig(replicas=(2, 2)))
         body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(images.shape),
                             "parameters": {"layout": "NHWC"}, "data": images.ravel().tolist()}]}
         for _ in range(3):  # any replica answers the same
@@ -73,7 +75,7 @@ def test_a_cloud_tier_on_ray_serve_over_https_takes_a_device_tiers_survivors(dig
                                tier=TierConfig("cloud", 1, 2), scheduler=SchedulerConfig(first=1, last=2))
     device = None
     try:
-        url = start_on_ray(functools.partial(OnnxRunner.load, export_dir), cloud_config, replicas=2)
+        url = start_on_ray(functools.partial(OnnxRunner.load, export_dir), cloud_config, RayConfig(replicas=(2, 2)))
         assert url.startswith("https://")
         device = Tier(export_dir, "--stages", "0-0", "--next", url, "--next-ca", str(cert), "--tier", "device")
         body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [60, *images.shape[1:]],
@@ -98,3 +100,63 @@ def test_mutual_tls_on_ray_is_refused_in_one_line(tmp_path):
     config = ServeConfig(port=free_port(), ssl_certfile=cert, ssl_keyfile=key, ssl_ca_certs=cert)
     with pytest.raises(UserError, match="does not require client certificates"):
         start_on_ray(lambda: None, config)
+
+
+def _replicas_running() -> int:
+    return serve.status().applications["exitwise"].deployments["ExitwiseServer"].replica_states.get("RUNNING", 0)
+
+
+def test_autoscaled_replicas_grow_under_load_and_shrink_when_idle(digits, local_ray):
+    """--replicas 1-2: one replica while idle; with more requests in flight than the target, Ray Serve's autoscaler
+    adds the second (timings shortened from Ray's 30 s / 600 s for the test); idle again, back to one. The load is
+    4 client threads, each posting one request after another, bounded in count and time."""
+    export_dir, images = digits
+    body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [8, *images.shape[1:]],
+                        "parameters": {"layout": "NHWC"}, "data": images[:8].ravel().tolist()}]}
+    scaling = RayConfig(replicas=(1, 2), target_ongoing=1, upscale_delay_s=0.5, downscale_delay_s=1.0,
+                        look_back_period_s=1.0)
+    stop, statuses = threading.Event(), []
+
+    def client(url: str) -> None:
+        with httpx.Client(timeout=30) as http:
+            for _ in range(3000):
+                if stop.is_set():
+                    return
+                statuses.append(http.post(url + "/v2/models/digits-convnet/infer", json=body).status_code)
+
+    try:
+        url = start_on_ray(functools.partial(OnnxRunner.load, export_dir), ServeConfig(port=free_port()), scaling)
+        assert _replicas_running() == 1
+        threads = [threading.Thread(target=client, args=(url,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 90
+        while _replicas_running() < 2 and time.monotonic() < deadline and any(t.is_alive() for t in threads):
+            time.sleep(0.5)
+        grown = _replicas_running()
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert grown == 2 and statuses and set(statuses) == {200}
+        deadline = time.monotonic() + 90
+        while _replicas_running() > 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _replicas_running() == 1
+    finally:
+        stop.set()
+        serve.shutdown()
+
+
+def test_replicas_fixed_or_a_range_for_ray_serves_autoscaler():
+    """N: Ray's num_replicas. MIN-MAX: its autoscaler, aiming by default at a full first-stage batch per replica."""
+    from exitwise.errors import UserError
+    config = ServeConfig(scheduler=SchedulerConfig(max_batch=32, max_queue=100))
+    assert replica_options(RayConfig(replicas=(3, 3)), config) == {"num_replicas": 3}
+    scaled = replica_options(RayConfig(replicas=(1, 4), upscale_delay_s=5.0), config)["autoscaling_config"]
+    assert scaled == {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32,
+                      "upscale_delay_s": 5.0}  # the other timings: Ray Serve's defaults
+    assert replica_options(RayConfig(replicas=(1, 4), target_ongoing=8), config)["autoscaling_config"][
+        "target_ongoing_requests"] == 8
+    with pytest.raises(UserError, match="above --max-queue 100"):
+        replica_options(RayConfig(replicas=(1, 4), target_ongoing=101), config)
+    assert RayConfig(replicas=(1, 4)).describe() == "1-4 replicas, autoscaled"

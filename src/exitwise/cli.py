@@ -322,7 +322,7 @@ COMMANDS = {"study": cmd_study, "train": cmd_train, "attach": cmd_attach, "calib
 
 
 def _add_serve_parser(sub) -> None:
-    from .config import SchedulerConfig, ServeConfig
+    from .config import RayConfig, SchedulerConfig, ServeConfig
     p = sub.add_parser("serve", help="an HTTP inference server (Open Inference Protocol, /v1/predict, /metrics) whose "
                                      "batches re-form at every exit; needs `pip install 'exitwise[serve]'`")
     p.add_argument("--model", help="a registered model with its shipped weights and calibrated setting")
@@ -335,14 +335,17 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--precision", default="auto", help="torch models: auto (timed here), fp32, bf16 or mixed")
     p.add_argument("--micro-batch", type=int, help="torch models: rows per network call (default: measured)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (`pip install 'exitwise[ray]'`)")
-    p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the server (default 1)")
+    _add_flags(p, RayConfig)
     _add_tier_args(p)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import dataclasses
     import functools
-    from .config import SchedulerConfig, ServeConfig, check_micro_batch, check_precision
+    from .config import RayConfig, SchedulerConfig, ServeConfig, check_micro_batch, check_precision
+    scaling = RayConfig(**given(args, RayConfig))
+    if not args.ray and given(args, RayConfig):
+        raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in given(args, RayConfig))} goes with --ray")
     given_models = [f for f, v in (("--model", args.model), ("--from", args.source), ("--export", args.export)) if v]
     relay = _relay_config(args, given_models)
     if relay is not None:
@@ -402,7 +405,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise UserError("--access-log: under --ray, Ray Serve logs every request itself (its logs folder, "
                             "/tmp/ray/session_latest/logs/serve): drop it")
         from .deploy.ray_serve import serve_on_ray
-        serve_on_ray(make_runner, config, replicas=args.replicas)
+        serve_on_ray(make_runner, config, scaling)
         return
     if config.processes > 1:  # each process builds its own runner, on its share of the CPUs' threads
         from .deploy.processes import serve_processes

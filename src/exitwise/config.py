@@ -230,6 +230,53 @@ class SchedulerConfig:
                 raise UserError(f"{message}, got {value:g}")
 
 
+def replica_range(text: str) -> tuple[int, int]:
+    """`--replicas N` (N and N) or `MIN-MAX`, both at least 1."""
+    import argparse
+    low, _, high = text.partition("-")
+    try:
+        least, most = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
+    if not 1 <= least <= most:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {text!r}")
+    return least, most
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """`exitwise serve --ray`: how many copies of the server Ray Serve runs, a fixed number or between two that Ray
+    Serve's autoscaler chooses from. The autoscaler adds replicas while they average more than `target_ongoing`
+    requests in flight each (default: `--max-batch`, a full first-stage batch waiting on every replica: a batching
+    server needs requests waiting, where Ray's own default, 2, would scale one up that is barely batching), and
+    removes them when they average less. The timing fields are Ray Serve's (None: its defaults, a replica added
+    after 30 s above the target and removed after 600 s below it); tests set them short."""
+    replicas: tuple[int, int] = option((1, 1), "with --ray: N replicas, or MIN-MAX: Ray Serve's autoscaler keeps "
+                                               "between MIN and MAX (default 1)", parse=replica_range)
+    target_ongoing: int | None = option(None, "with --ray --replicas MIN-MAX: requests in flight per replica the "
+                                              "autoscaler aims at (default: --max-batch)")
+    upscale_delay_s: float | None = None
+    downscale_delay_s: float | None = None
+    look_back_period_s: float | None = None
+
+    def __post_init__(self) -> None:
+        least, most = self.replicas
+        if not 1 <= least <= most:
+            raise UserError(f"--replicas: expected N or MIN-MAX with 1 <= MIN <= MAX, got {least}-{most}")
+        if self.target_ongoing is not None and self.target_ongoing < 1:
+            raise UserError(f"--target-ongoing must be at least 1, got {self.target_ongoing}")
+        if self.target_ongoing is not None and not self.autoscaled:
+            raise UserError("--target-ongoing steers the autoscaler: give --replicas MIN-MAX")
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.replicas[0] < self.replicas[1]
+
+    def describe(self) -> str:
+        least, most = self.replicas
+        return f"{least}-{most} replicas, autoscaled" if self.autoscaled else f"{least} replica{'s' * (least > 1)}"
+
+
 WIRE_FORMATS = ("fp32", "fp16", "int8")  # features between tiers (`deploy.wire`), from the largest to the smallest
 
 
