@@ -114,7 +114,7 @@ def test_autoscaled_replicas_grow_under_load_and_shrink_when_idle(digits, local_
     body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [8, *images.shape[1:]],
                         "parameters": {"layout": "NHWC"}, "data": images[:8].ravel().tolist()}]}
     scaling = RayConfig(replicas=(1, 2), target_ongoing=1, upscale_delay_s=0.5, downscale_delay_s=1.0,
-                        look_back_period_s=1.0)
+                        look_back_period_s=10.5)  # Ray wants it above its metrics interval, 10 s
     stop, statuses = threading.Event(), []
 
     def client(url: str) -> None:

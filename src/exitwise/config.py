@@ -257,7 +257,7 @@ class RayConfig:
                                               "autoscaler aims at (default: --max-batch)")
     upscale_delay_s: float | None = None
     downscale_delay_s: float | None = None
-    look_back_period_s: float | None = None
+    look_back_period_s: float | None = None  # above Ray's metrics interval (10 s), which Ray warns it will enforce
 
     def __post_init__(self) -> None:
         least, most = self.replicas
