@@ -318,3 +318,25 @@ def test_grpc_health_check_answers_as_grpc_health_v1_says_serving_then_not_servi
     finally:
         channel.close()
         server.stop()
+
+
+def test_grpc_health_watch_streams_serving_then_not_serving_and_does_not_hold_the_drain(digits):
+    """Watch (what gRPC clients' own health checking streams) sends the status at once and again when it changes; an
+    unknown service gets SERVICE_UNKNOWN (3) and the stream stays open. On SIGTERM the server's own stream sends
+    NOT_SERVING and both end, so the process exits at once, not after the gRPC server's grace period (15 s here)."""
+    import grpc
+    _, _, out = digits
+    process, url = start_cli_server(["--export", str(out / "onnx"), "--grpc-port", "0"])
+    try:
+        line = process.stdout.readline()  # bounded: printed as the app starts
+        channel = grpc.insecure_channel(line.split(" on ")[1].strip())
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch")  # raw health.proto bytes, as in the test above
+        ours, other = watch(b"", timeout=30), watch(b"\x0a\x04nope", timeout=30)
+        assert next(ours) == b"\x08\x01" and next(other) == b"\x08\x03"
+        stopped = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert list(ours) == [b"\x08\x02"] and list(other) == []
+        assert process.wait(30) == 0 and time.monotonic() - stopped < 10
+        channel.close()
+    finally:
+        process.kill()

@@ -12,8 +12,8 @@ ServerMetadata, ModelMetadata, ModelInfer, and ModelStreamInfer (tritonclient's 
 `async_stream_infer`: a stream of requests, each answered as soon as its images are, so out of order; the request's
 `id` comes back in its answer; a refused one is answered with its one-line `error_message` and the stream goes on,
 as Triton does); any other method answers UNIMPLEMENTED. Beside it, gRPC's standard health service
-(`grpc.health.v1.Health/Check`, what Kubernetes' gRPC probes and grpc_health_probe call): SERVING while the server
-accepts, NOT_SERVING while it drains.
+(`grpc.health.v1.Health/Check`, what Kubernetes' gRPC probes and grpc_health_probe call, and `Watch`, what gRPC
+clients' own health checking streams): SERVING while the server accepts, NOT_SERVING while it drains.
 
 The messages are built from `SCHEMA` at import (protobuf's descriptor pool, a pool of their own): no generated
 code, so any protobuf >= 4.21 reads them. Names and field numbers are KServe's grpc_predict_v2.proto
@@ -81,7 +81,8 @@ SCHEMA: dict[str, list[tuple[str, int, str]]] = {
 HEALTH = "grpc.health.v1.Health"
 # grpc/health/v1/health.proto's messages; its `status` is the enum ServingStatus, written as the same varint as int32
 HEALTH_SCHEMA = {"HealthCheckRequest": [("service", 1, "string")], "HealthCheckResponse": [("status", 1, "int32")]}
-SERVING, NOT_SERVING = 1, 2  # ServingStatus values
+SERVING, NOT_SERVING, SERVICE_UNKNOWN = 1, 2, 3  # ServingStatus values (SERVICE_UNKNOWN: Watch only)
+WATCH_POLL_S = 0.25  # how often a Watch stream looks whether the server still accepts
 _SCALARS = {"double": 1, "float": 2, "int64": 3, "uint64": 4, "int32": 5, "bool": 8, "string": 9, "bytes": 12,
             "uint32": 13}
 _OPTIONAL, _REPEATED, _MESSAGE = 1, 3, 11
@@ -309,8 +310,11 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
 
 
 def health(ready: Callable[[], bool]) -> grpc.GenericRpcHandler:
-    """grpc.health.v1's Check, for the whole server (service "") or its inference service: SERVING while `ready()`,
-    else NOT_SERVING; another service name NOT_FOUND (as the health protocol asks). Watch is not served."""
+    """grpc.health.v1 for the whole server (service "") or its inference service: SERVING while `ready()`, else
+    NOT_SERVING. `Check` answers once (another service name: NOT_FOUND); `Watch` streams the status at once and again
+    when it changes, as the health protocol asks (another service name: SERVICE_UNKNOWN, the stream kept open). A
+    server that stops accepting never accepts again (it drains, then exits), so then every Watch stream ends, its
+    own service's after sending NOT_SERVING: the drain does not wait for the watchers."""
     request, response = (message(name, "grpc.health.v1") for name in ("HealthCheckRequest", "HealthCheckResponse"))
 
     async def check(call, context):
@@ -319,8 +323,21 @@ def health(ready: Callable[[], bool]) -> grpc.GenericRpcHandler:
                                                            f"{SERVICE!r} (or '' for the whole server)")
         return response(status=SERVING if ready() else NOT_SERVING)
 
-    return grpc.method_handlers_generic_handler(HEALTH, {"Check": grpc.unary_unary_rpc_method_handler(
-        check, request_deserializer=request.FromString, response_serializer=response.SerializeToString)})
+    async def watch(call, context):
+        known, sent = call.service in ("", SERVICE), None
+        while True:
+            accepting = ready()
+            now = (SERVING if accepting else NOT_SERVING) if known else SERVICE_UNKNOWN
+            if now != sent:
+                yield response(status=now)
+                sent = now
+            if not accepting:
+                return
+            await asyncio.sleep(WATCH_POLL_S)
+
+    codec = {"request_deserializer": request.FromString, "response_serializer": response.SerializeToString}
+    return grpc.method_handlers_generic_handler(HEALTH, {"Check": grpc.unary_unary_rpc_method_handler(check, **codec),
+                                                         "Watch": grpc.unary_stream_rpc_method_handler(watch, **codec)})
 
 
 async def start(host: str, port: int, rpc_handlers: Sequence[grpc.GenericRpcHandler], max_message_bytes: int,

@@ -68,9 +68,12 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
             if config.processes == 1:
                 print(grpc_line(config, config.host, app.state.grpc_port), flush=True)
         yield
-        if grpc_server is not None:  # new calls refused, those accepted answered
+        # the scheduler refuses new samples at once and answers those inside, while the gRPC server refuses new
+        # calls and waits for those accepted (its health streams see the drain and end: oip_grpc.health)
+        closing = asyncio.get_running_loop().run_in_executor(None, scheduler.close, timeout + 5)
+        if grpc_server is not None:
             await grpc_server.stop(timeout + 5)
-        await asyncio.get_running_loop().run_in_executor(None, scheduler.close, timeout + 5)
+        await closing
 
     app = _App(title="exitwise", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler, app.state.metrics, app.state.runner = scheduler, metrics, runner
