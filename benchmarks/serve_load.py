@@ -171,10 +171,11 @@ OPEN_LOOP_CONNECTIONS = 64  # kept-alive connections open before an open-loop ru
 
 
 class Pool:
-    """Keep-alive connections to the server; one request in flight per connection, at most `MAX_CONNECTIONS`."""
+    """Keep-alive connections to the server; one request in flight per connection, at most `MAX_CONNECTIONS`; every
+    body posted to /v1/predict as `content_type` (one JPEG; or a multipart form of several, serve_ab)."""
 
-    def __init__(self, host: str, port: int):
-        self.host, self.port, self.free = host, port, []
+    def __init__(self, host: str, port: int, content_type: bytes = b"image/jpeg"):
+        self.host, self.port, self.free, self.content_type = host, port, [], content_type
         self.limit = asyncio.Semaphore(MAX_CONNECTIONS)
 
     async def open(self, n: int) -> None:
@@ -188,7 +189,7 @@ class Pool:
     async def _post(self, body: bytes) -> tuple[int, bytes]:
         if self.free:  # a kept-alive connection, unless the server closed it while it sat idle (uvicorn: after 5 s)
             reader, writer = self.free.pop()
-            writer.write(_request(b"POST", b"/v1/predict", body))
+            writer.write(_request(b"POST", b"/v1/predict", body, self.content_type))
             try:
                 status, answer = await _read_response(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
@@ -197,17 +198,17 @@ class Pool:
                 self.free.append((reader, writer))
                 return status, answer
         reader, writer = await _connect(self.host, self.port)
-        writer.write(_request(b"POST", b"/v1/predict", body))
+        writer.write(_request(b"POST", b"/v1/predict", body, self.content_type))
         status, answer = await _read_response(reader)
         self.free.append((reader, writer))
         return status, answer
 
 
 async def _load(host: str, port: int, blobs: list[bytes], arrivals: np.ndarray | None, concurrency: int,
-                seconds: float) -> list[tuple[int, float, int | None]]:
-    """(status, latency, predicted class) per request: open loop at `arrivals` (seconds from the start), or closed
-    loop with `concurrency` requests always in flight for `seconds`."""
-    pool, results = Pool(host, port), []
+                seconds: float, content_type: bytes = b"image/jpeg") -> list[tuple[int, float, int | None]]:
+    """(status, latency, predicted class of its first image) per request: open loop at `arrivals` (seconds from the
+    start), or closed loop with `concurrency` requests always in flight for `seconds`."""
+    pool, results = Pool(host, port, content_type), []
     await pool.open(concurrency or OPEN_LOOP_CONNECTIONS)
     settle_heap()  # this process holds torch and models (the offline runs): a full collection walking them stops
     # the client for 50-60 ms, which the requests due meanwhile would count as the server's latency
@@ -266,15 +267,17 @@ async def batch1_overhead(server: Server, model, network, micro_batch: int, blob
     return out
 
 
-def run_load(server: Server, blobs, labels, rate: float | None, seconds: float, concurrency: int, seed: int) -> dict:
-    """One load run against `server`: open loop at `rate` per second, or closed loop (rate None)."""
+def run_load(server: Server, blobs, labels, rate: float | None, seconds: float, concurrency: int, seed: int,
+             content_type: bytes = b"image/jpeg") -> dict:
+    """One load run against `server`: open loop at `rate` per second, or closed loop (rate None). `labels[i]`: the
+    class of body i's (first) image."""
     arrivals = None
     if rate is not None:
         rng = np.random.default_rng(seed)
         arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * seconds * 1.2) + 10))
         arrivals = arrivals[arrivals < seconds]
     before, cpu0, wall0, server0 = server.metrics(), time.process_time(), time.perf_counter(), server.cpu_seconds()
-    results = run_async(_load(server.host, server.port, blobs, arrivals, concurrency, seconds))
+    results = run_async(_load(server.host, server.port, blobs, arrivals, concurrency, seconds, content_type))
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     server_cpu, loop_cpu = (b - a for a, b in zip(server0, server.cpu_seconds()))
     after = server.metrics()
