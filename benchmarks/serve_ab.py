@@ -92,7 +92,7 @@ def main() -> None:
               f"images/s; to {first}: capacity {np.median(ratios):.2f}x (rounds "
               f"{', '.join(f'{r:.2f}' for r in ratios)}), batch 1 "
               f"{np.median([s / f for s, f in zip(sequential[name], sequential[first])]):.2f}x")
-        if args.offline:
+        if args.offline and name != first:
             over = [r / o for r, o in zip(ratios, paired)]
             print(f"{'':>16}  that ratio over the round's offline ratio: median {np.median(over):.2f} (rounds "
                   f"{', '.join(f'{v:.2f}' for v in over)})")
