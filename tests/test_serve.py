@@ -784,6 +784,8 @@ def test_serve_refuses_bad_flags_in_one_line(digits, capsys):
                            "expected 1 <= MIN <= MAX, got '3-1'"),
                           (["serve", "--export", str(digits[2] / "onnx"), "--ray", "--replicas", "two"],
                            "expected N or MIN-MAX, got 'two'"),
+                          (["serve", "--export", str(digits[2] / "onnx"), "--ray", "--replicas", "3-"],
+                           "expected N or MIN-MAX, got '3-'"),
                           (["serve", "--export", str(digits[2] / "onnx"), "--ray", "--replicas", "2",
                             "--target-ongoing", "8"], "give --replicas MIN-MAX"),
                           (["serve", "--export", str(digits[2] / "onnx"), "--ray", "--replicas", "1-4",

@@ -233,9 +233,9 @@ class SchedulerConfig:
 def replica_range(text: str) -> tuple[int, int]:
     """`--replicas N` (N and N) or `MIN-MAX`, both at least 1."""
     import argparse
-    low, _, high = text.partition("-")
+    low, dash, high = text.partition("-")
     try:
-        least, most = int(low), int(high or low)
+        least, most = int(low), int(high if dash else low)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or MIN-MAX, got {text!r}") from None
     if not 1 <= least <= most:
