@@ -13,19 +13,32 @@ from exitwise.cli import main
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
-# how many blocks malloc holds as separate mmaps after a 4 MiB malloc/free
-PROBE = """
-import ctypes, sys
-from exitwise.allocator import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "raise" else False
-libc = ctypes.CDLL(None)
+TESTS = str(Path(__file__).resolve().parent)
+
+
 class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-libc.mallinfo2.restype, libc.malloc.restype = MallInfo2, ctypes.c_void_p
-before = libc.mallinfo2().hblks
-p = libc.malloc(4 << 20)
-print(applied, libc.mallinfo2().hblks - before)
-libc.free(ctypes.c_void_p(p))
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks "
+                                              "keepcost".split()]
+
+
+def mmapped_by_a_large_malloc() -> int:
+    """How many blocks malloc holds as separate mmaps while a 4 MiB block is allocated (1 with glibc's thresholds, 0
+    once raised: the block comes from the heap)."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype, libc.malloc.restype = MallInfo2, ctypes.c_void_p
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(4 << 20)
+    grown = libc.mallinfo2().hblks - before
+    libc.free(ctypes.c_void_p(block))
+    return grown
+
+
+PROBE = """
+import sys
+from exitwise.allocator import keep_freed_memory
+from test_allocator import mmapped_by_a_large_malloc
+applied = keep_freed_memory() if sys.argv[1] == "raise" else False
+print(applied, mmapped_by_a_large_malloc())
 """
 
 
@@ -36,7 +49,7 @@ def glibc_with_mallinfo2() -> bool:
 
 @pytest.mark.skipif(not glibc_with_mallinfo2(), reason="glibc >= 2.33 only")
 def test_on_glibc_a_large_block_comes_from_the_heap_once_raised():
-    env = {k: v for k, v in os.environ.items() if k not in allocator.USER_SETTINGS} | {"PYTHONPATH": SRC}
+    env = {k: v for k, v in os.environ.items() if k not in allocator.USER_SETTINGS} | {"PYTHONPATH": f"{SRC}:{TESTS}"}
     probe = lambda mode: subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True,  # noqa: E731
                                         text=True, check=True, timeout=60).stdout.split()
     assert probe("plain") == ["False", "1"]  # glibc's default: 4 MiB gets its own mmap, unmapped again on free
@@ -63,3 +76,23 @@ def test_the_commands_that_run_models_raise_the_thresholds_first(tmp_path, monke
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
     main([a.format(tmp=tmp_path) for a in argv])  # these fail on the missing input: the call comes before
     assert calls == ([1] if raised else [])
+
+
+def report_mmapped_blocks() -> None:
+    """A `make_runner` for a server process that fails on purpose, its one-line error the process's count."""
+    from exitwise.errors import UserError
+    raise UserError(f"mmapped blocks: {mmapped_by_a_large_malloc()}")
+
+
+@pytest.mark.skipif(not glibc_with_mallinfo2(), reason="glibc >= 2.33 only")
+def test_serve_processes_raise_the_thresholds_in_each_process_they_spawn(monkeypatch):
+    """`exitwise serve --processes N` raises them in its own process, which a spawned server process does not
+    inherit: each raises them itself, before its model is built."""
+    pytest.importorskip("fastapi")
+    from exitwise.config import ServeConfig
+    from exitwise.deploy.processes import serve_processes
+    from exitwise.errors import UserError
+    for name in allocator.USER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UserError, match="^mmapped blocks: 0$"):
+        serve_processes(report_mmapped_blocks, ServeConfig(port=0, processes=2))

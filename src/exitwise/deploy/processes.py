@@ -141,7 +141,9 @@ def _started(receive, child) -> Started:
 def _server_process(make_runner: Callable[[], Runner], config: ServeConfig, started, log_level: str) -> None:
     """One server process: its runner built, then served on its own socket of the port until SIGTERM (then it
     drains)."""
+    from ..allocator import keep_freed_memory
     from .server import create_app, listen, run_app
+    keep_freed_memory()  # as `exitwise serve` raised them in its own process: a spawned one starts with glibc's defaults
     os.setpgrp()  # Ctrl-C at a terminal reaches the supervisor alone, whose SIGTERM then drains this process once
     orphaned = _stop_with_parent()
     try:

@@ -13,6 +13,7 @@ import signal
 import threading
 from typing import Callable
 
+from ..allocator import keep_freed_memory
 from ..errors import UserError
 from .runner import Runner
 from ..config import RayConfig, ServeConfig
@@ -31,6 +32,7 @@ def deployment(make_runner: Callable[[], Runner], config: ServeConfig, scaling: 
     @serve.ingress()
     class ExitwiseServer:
         def __init__(self, make_runner, config):
+            keep_freed_memory()  # each replica is a process of Ray's, with glibc's defaults until then
             self.exitwise_app = create_app(make_runner(), config)
             settle_heap()
 
