@@ -2,9 +2,11 @@
 
 Skipped without the ray extra (`pip install 'exitwise[ray]'`). Ray takes tens of seconds to start here."""
 import functools
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -37,7 +39,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray instance for this module's tests (each takes its Serve application down itself)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    tests = str(Path(__file__).resolve().parent)  # where the replicas import this module's helpers from
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}})
     yield
     ray.shutdown()
 
@@ -160,3 +164,26 @@ def test_replicas_fixed_or_a_range_for_ray_serves_autoscaler():
     with pytest.raises(UserError, match="above --max-queue 100"):
         replica_options(RayConfig(replicas=(1, 4), target_ongoing=101), config)
     assert RayConfig(replicas=(1, 4)).describe() == "1-4 replicas, autoscaled"
+
+
+def runner_named_by_its_malloc(export_dir):
+    """A replica's runner whose model name tells how many separate mmaps a 4 MiB malloc made in the replica's process
+    (0: the malloc thresholds raised there, as `exitwise serve` raises them in its own)."""
+    from test_allocator import mmapped_by_a_large_malloc
+    runner = OnnxRunner.load(export_dir)
+    runner.name = f"mmapped-{mmapped_by_a_large_malloc()}"
+    return runner
+
+
+def test_each_replica_raises_the_malloc_thresholds_in_its_own_process(digits, local_ray, monkeypatch):
+    from test_allocator import glibc_with_mallinfo2
+    from exitwise import allocator
+    if not glibc_with_mallinfo2():
+        pytest.skip("glibc >= 2.33 only")
+    for name in allocator.USER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    try:
+        url = start_on_ray(functools.partial(runner_named_by_its_malloc, digits[0]), ServeConfig(port=free_port()))
+        assert httpx.get(url + "/v2/models/mmapped-0", timeout=30).status_code == 200
+    finally:
+        serve.shutdown()
