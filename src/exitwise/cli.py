@@ -343,9 +343,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import dataclasses
     import functools
     from .config import RayConfig, SchedulerConfig, ServeConfig, check_micro_batch, check_precision
-    scaling = RayConfig(**given(args, RayConfig))
-    if not args.ray and given(args, RayConfig):
-        raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in given(args, RayConfig))} goes with --ray")
+    ray_flags = given(args, RayConfig)
+    scaling = RayConfig(**ray_flags)
+    if ray_flags and not args.ray:
+        raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in ray_flags)} goes with --ray")
     given_models = [f for f, v in (("--model", args.model), ("--from", args.source), ("--export", args.export)) if v]
     relay = _relay_config(args, given_models)
     if relay is not None:
