@@ -9,7 +9,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "exitwise"
 LAYERS = [
-    ("core", {"errors", "io", "progress", "images", "config", "exit_rule", "allocator", "refs", "records"}),
+    ("core", {"errors", "io", "progress", "images", "config", "exit_rule", "allocator", "refs", "records",
+              "_moved"}),
     ("models, deploy", {"models", "deploy"}),
     ("wings", {"device", "policies", "runtime", "tune", "data", "train"}),
     ("study, early_exit, export", {"study", "early_exit", "export", "serve_torch"}),

@@ -1,6 +1,9 @@
 """The import paths of the previous release keep working for one more: each old module re-exports its new home's
-public names (the same objects), and the package itself imports none of them (tests/test_layers.py)."""
+public names (the same objects) and warns, naming the new home, that it goes; the package itself imports none of
+them (tests/test_layers.py)."""
 import importlib
+import sys
+import warnings
 
 import pytest
 
@@ -12,7 +15,9 @@ MOVED = {"byom": ["models.attach"], "costs": ["models.costs"], "hardware": ["con
 
 @pytest.mark.parametrize("old", sorted(MOVED))
 def test_an_old_path_re_exports_its_new_home(old):
-    shim = importlib.import_module(f"exitwise.{old}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        shim = importlib.import_module(f"exitwise.{old}")
     assert "kept for one release" in shim.__doc__
     for new in MOVED[old]:
         module = importlib.import_module(f"exitwise.{new}")
@@ -21,6 +26,15 @@ def test_an_old_path_re_exports_its_new_home(old):
         assert public and all(getattr(shim, n) is getattr(module, n) for n in public)
 
 
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_importing_an_old_path_warns_where_it_moved(old, monkeypatch):
+    monkeypatch.delitem(sys.modules, f"exitwise.{old}", raising=False)  # a module warns when it runs: the first import
+    with pytest.warns(DeprecationWarning, match=f"exitwise.{old} moved to .*exitwise.{MOVED[old][-1]}") as caught:
+        __import__(f"exitwise.{old}")  # as an `import` statement does
+    assert caught[0].filename == __file__  # the warning points at the line that imported the old path
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_the_old_names_people_used_still_resolve():
     from exitwise.analysis import as_thresholds, exit_points, leaves  # noqa: F401
     from exitwise.hardware import DEFAULT_MICRO_BATCH, machine, resolve_device, tune  # noqa: F401
