@@ -254,6 +254,31 @@ def test_exitwise_serve_grpc_port_without_torch_and_sigterm_drains_it(digits):
         process.kill()
 
 
+def test_sigterm_closes_the_grpc_port_at_once_while_http_requests_still_drain(digits):
+    """uvicorn answers the HTTP requests in flight before the app's shutdown; the gRPC port must not go on taking new
+    calls (and reporting SERVING) meanwhile: it drains from SIGTERM on, as the HTTP port does."""
+    _, data, out = digits
+    process, url = start_cli_server(["--export", str(out / "onnx"), "--grpc-port", "0", "--max-wait-ms", "3000"])
+    try:
+        line = process.stdout.readline()  # bounded: printed as the app starts
+        client = grpcclient.InferenceServerClient(line.split(" on ")[1].strip())
+        assert client.is_server_ready()
+        with ThreadPoolExecutor(1) as pool:  # an HTTP request waiting (3 s) for its batch to fill
+            waiting = pool.submit(httpx.post, url + "/v1/predict", content=png(data.images[0].numpy()), timeout=20)
+            until(lambda: "exitwise_samples_inside 1.0" in httpx.get(url + "/metrics").text)
+            stopped = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            late = refusal(lambda: client.infer(MODEL, [pixels_input(data.images.numpy()[:1])], client_timeout=10))
+            assert late.status() == "StatusCode.UNAVAILABLE", late
+            assert not waiting.done() and time.monotonic() - stopped < 2.5  # the HTTP request is still draining
+            assert waiting.result(20).status_code == 200
+        assert process.wait(30) == 0
+        client.close()
+    finally:
+        process.kill()
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--grpc-port", "70000"], "--grpc-port must be 0-65535"),
     (["--grpc-port", "0", "--processes", "2"], "--grpc-port 0 with --processes"),

@@ -53,6 +53,10 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
     limit = int(config.max_body_mb * 2**20)
     timeout = config.scheduler.timeout_ms / 1e3
     name, shape = runner.name, tuple(runner.input_shape)
+    drain = []  # the gRPC server's stop, once begun (`begin_drain`: as SIGTERM arrives, before HTTP drains)
+
+    def accepting() -> bool:
+        return scheduler.accepting and not drain
 
     async def lifespan(app):
         grpc_server = None
@@ -60,19 +64,28 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
             from . import oip_grpc
             grpc_server, app.state.grpc_port = await oip_grpc.start(
                 config.host, config.grpc_port, [oip_grpc.handler(
-                    name, runner.platform, shape, runner.class_names, _version(), lambda: scheduler.accepting, answer,
+                    name, runner.platform, shape, runner.class_names, _version(), accepting, answer,
                     lambda reason: metrics.rejected.labels(reason=reason).inc(),
                     lambda status, start: app.front.observe("grpc", status, start)),
-                    oip_grpc.health(lambda: scheduler.accepting)],
+                    oip_grpc.health(accepting)],
                 limit, reuse_port=config.processes > 1, tls=config.tls)
             if config.processes == 1:
                 print(grpc_line(config, config.host, app.state.grpc_port), flush=True)
+
+        def begin_drain() -> None:
+            """The gRPC server refuses new calls and waits for those accepted (its health streams see the drain and
+            end: oip_grpc.health), from SIGTERM on (`run_app`), while uvicorn still answers the HTTP requests in
+            flight."""
+            if not drain:
+                drain.append(asyncio.ensure_future(grpc_server.stop(timeout + 5)) if grpc_server is not None else None)
+
+        app.state.begin_drain = begin_drain
         yield
-        # the scheduler refuses new samples at once and answers those inside, while the gRPC server refuses new
-        # calls and waits for those accepted (its health streams see the drain and end: oip_grpc.health)
+        begin_drain()
+        # the scheduler refuses new samples at once and answers those inside, while the gRPC server drains
         closing = asyncio.get_running_loop().run_in_executor(None, scheduler.close, timeout + 5)
-        if grpc_server is not None:
-            await grpc_server.stop(timeout + 5)
+        if drain[0] is not None:
+            await drain[0]
         await closing
 
     app = _App(title="exitwise", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -127,7 +140,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.get("/v2/health/ready")
     async def ready():
-        ok = scheduler.accepting
+        ok = accepting()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @app.get("/v2")
@@ -144,7 +157,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
     @app.get("/v2/models/{model}/versions/{version}/ready")
     async def model_ready(model: str, version: str = ""):
         check_model(name, model, version)
-        ok = scheduler.accepting
+        ok = accepting()
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
     # The two inference routes are answered by `_Front` itself, past FastAPI's routing, middlewares, request and
@@ -392,8 +405,16 @@ def listen(config: ServeConfig, reuse_port: bool = False, listening: bool = True
 def run_app(app, config: ServeConfig, sock, log_level: str = "warning") -> None:
     """`app` served by uvicorn on `sock` until SIGTERM or SIGINT, which drain it (this process's main thread)."""
     import uvicorn
-    server = uvicorn.Server(uvicorn_config(app, log_level, config.scheduler.timeout_ms / 1e3 + 5, config.tls,
-                                           config.access_log))
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            begin = getattr(app.state, "begin_drain", None)  # the gRPC port drains from SIGTERM on, not only after
+            if begin is not None:  # uvicorn has answered every HTTP request in flight
+                begin()
+            await super().shutdown(sockets)
+
+    server = Server(uvicorn_config(app, log_level, config.scheduler.timeout_ms / 1e3 + 5, config.tls,
+                                   config.access_log))
     if threading.current_thread() is threading.main_thread():
         # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so the exit is 0
         signal.signal(signal.SIGTERM, lambda *_: None)
