@@ -719,6 +719,18 @@ def test_server_processes_stop_when_their_supervisor_is_killed_and_leave_no_metr
                 pass
 
 
+def test_a_server_process_that_dies_while_serving_stops_the_others_in_one_line_with_its_exit_code(digits):
+    process, _ = start_cli_server(["--export", str(digits[2] / "onnx"), "--processes", "2"])
+    try:
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        os.kill(int(children[-1]), signal.SIGKILL)  # the last started: a server (the first is the resource tracker)
+        assert process.wait(30) == 2
+        err = process.stderr.read()
+        assert err.count("\n") == 1 and f"(pid {children[-1]}) exited with code -9" in err, err  # not "code None"
+    finally:
+        process.kill()
+
+
 def test_a_server_process_that_cannot_start_stops_the_others_in_one_line(tmp_path, capsys):
     from exitwise.cli import main
     (tmp_path / "empty").mkdir()

@@ -102,6 +102,7 @@ def serve_processes(make_runner: Callable[[], Runner], config: ServeConfig, log_
             ended = wait([c.sentinel for c in children], timeout=1.0)
             if ended and not stopping[0]:
                 dead = next(c for c in children if c.sentinel in ended)
+                dead.join(5)  # its sentinel can come before its exit status (exitcode None until then)
                 raise UserError(f"server process {dead.name} (pid {dead.pid}) exited with code {dead.exitcode}")
         for child in children:
             child.join()
