@@ -183,6 +183,13 @@ def test_a_relay_takes_no_grpc_port(capsys):
     assert "a relay runs no model" in err and len(err.splitlines()) == 1
 
 
+def test_a_relay_refuses_the_options_of_a_model_it_does_not_run(capsys):
+    for flags in (["--weights", "w.pt"], ["--no-early-exit"], ["--precision", "bf16"], ["--micro-batch", "8"]):
+        assert main(["serve", "--relay", "--next", "http://127.0.0.1:9", "--port", "0", *flags]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert f"runs no model: drop {flags[0]}" in err and len(err.splitlines()) == 1, (flags, err)
+
+
 def test_bad_tiers_exit_2_in_one_line(digits, tmp_path, capsys):
     export_dir = str(digits[0])
     plan = write_plan(tmp_path / "plan.json", (None, (0, 2)))

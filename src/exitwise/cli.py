@@ -420,10 +420,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def _add_tier_args(p) -> None:
     p.add_argument("--stages", help="serve only stages FIRST-LAST (a tier); samples still in after LAST go to --next")
-    p.add_argument("--next", help="the next tier's URL (http://HOST:PORT), where survivors' features go")
+    p.add_argument("--next", help="the next tier's URL (http://HOST:PORT or https://HOST:PORT), where survivors go")
     p.add_argument("--plan", type=Path, help="a plan.json of `exitwise plan`: take this --tier's stages and wire "
                                              "format from its choice")
-    p.add_argument("--tier", help="this tier's name (in --plan; in answers and /metrics)")
+    p.add_argument("--tier", help="this tier's name (in --plan; in answers and in its log's warnings)")
     p.add_argument("--wire", help="features to --next as fp32, fp16 or int8 (default: the plan's, else fp32)")
     p.add_argument("--send-images", action="store_true", help="send the survivors' images instead of their features "
                    "(smaller for small images); the next tier recomputes the stages before its own. A tier after the "
@@ -445,8 +445,11 @@ def _relay_config(args: argparse.Namespace, given_models: list[str]):
     """The RelayConfig of a tier that holds no stages (`--relay`, or `--plan` giving `--tier` none); else None."""
     from .config import RelayConfig
     if args.relay:
-        if given_models or args.stages is not None or args.plan is not None:
-            flags = given_models + [f for f, v in (("--stages", args.stages), ("--plan", args.plan)) if v is not None]
+        model_flags = given_models + [f for f, given in (  # a model's own options too: never silently dropped
+            ("--weights", args.weights is not None), ("--no-early-exit", args.no_early_exit),
+            ("--precision", args.precision != "auto"), ("--micro-batch", args.micro_batch is not None)) if given]
+        if model_flags or args.stages is not None or args.plan is not None:
+            flags = model_flags + [f for f, v in (("--stages", args.stages), ("--plan", args.plan)) if v is not None]
             raise UserError(f"--relay holds no stages and runs no model: drop {', '.join(flags)}")
     elif args.plan is not None and args.tier and args.stages is None:
         plan, at = _plan_tier(args)
