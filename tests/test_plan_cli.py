@@ -148,3 +148,15 @@ def test_measure_needs_an_export_and_planning_needs_a_study_tiers_and_out(study,
     assert "give --export" in capsys.readouterr().err
     assert main(["plan", *TIERS, "--out", str(tmp_path / "p.json")]) == 2
     assert "needs --from" in capsys.readouterr().err
+
+
+def test_options_that_would_be_silently_ignored_or_meaningless_are_refused_in_one_line(study, tmp_path, capsys):
+    out = ["--from", str(study[0] / "study"), "--out", str(tmp_path / "p.json")]
+    for args, message in (([*TIERS, *out, "--measure-batch", "8"], "--measure-batch, --ssl-certfile and --ssl-keyfile "
+                                                                     "go with --measure"),
+                          ([*TIERS, *out, "--wire-tolerance", "-1"], "--wire-tolerance is in percentage points"),
+                          ([*TIERS, *out, "--wire-tolerance", "101"], "0-100, got 101")):
+        assert main(["plan", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "p.json").exists()

@@ -219,6 +219,15 @@ def test_a_stage_call_runs_on_its_workers_share_of_the_torch_threads(digits):
         torch.set_num_threads(threads)
 
 
+def test_pixels_straight_from_a_requests_bytes_are_taken_without_a_warning(digits, recwarn):
+    model, data, _ = digits
+    runner = TorchRunner(model, precision="fp32", micro_batch=64)
+    pixels = np.ascontiguousarray(data.images.numpy()[:3].transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+    read_only = np.frombuffer(pixels.tobytes(), dtype=np.uint8).reshape(pixels.shape)  # NHWC bytes as oip reads them
+    assert torch.equal(runner.to_input(read_only), runner.to_input(pixels))
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
 def test_the_serving_line_and_the_model_info_metric_name_the_precision_and_micro_batch_the_runner_runs_in(digits):
     from exitwise.deploy.runner import describe
     model, _, out = digits

@@ -190,6 +190,14 @@ def test_a_relay_refuses_the_options_of_a_model_it_does_not_run(capsys):
         assert f"runs no model: drop {flags[0]}" in err and len(err.splitlines()) == 1, (flags, err)
 
 
+def test_a_relay_refuses_batching_options_it_has_no_queue_for(capsys):
+    for flags in (["--max-batch", "8"], ["--timeout-ms", "100", "--workers", "2"], ["--schedule", "oldest"]):
+        assert main(["serve", "--relay", "--next", "http://127.0.0.1:9", "--port", "0", *flags]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        named = ", ".join(f for f in flags if f.startswith("--"))
+        assert f"(no batches, no queue): drop {named};" in err and len(err.splitlines()) == 1, (flags, err)
+
+
 def test_bad_tiers_exit_2_in_one_line(digits, tmp_path, capsys):
     export_dir = str(digits[0])
     plan = write_plan(tmp_path / "plan.json", (None, (0, 2)))

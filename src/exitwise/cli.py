@@ -290,8 +290,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
                             tls=None if args.ssl_certfile is None else ServerTLS(args.ssl_certfile, args.ssl_keyfile))
         print(tier.options())
         return
-    if args.ssl_certfile or args.ssl_keyfile:
-        raise UserError("--ssl-certfile/--ssl-keyfile go with --measure (a request timed over TLS)")
+    if args.ssl_certfile or args.ssl_keyfile or args.measure_batch is not None:
+        raise UserError("--measure-batch, --ssl-certfile and --ssl-keyfile go with --measure")
     missing = [flag for flag, v in (("--from", args.source), ("--tier", args.tier), ("--out", args.out)) if not v]
     if missing:
         raise UserError(f"exitwise plan needs {', '.join(missing)} (or --measure with --export)")
@@ -443,7 +443,7 @@ def _add_tier_args(p) -> None:
 
 def _relay_config(args: argparse.Namespace, given_models: list[str]):
     """The RelayConfig of a tier that holds no stages (`--relay`, or `--plan` giving `--tier` none); else None."""
-    from .config import RelayConfig
+    from .config import RelayConfig, SchedulerConfig
     if args.relay:
         model_flags = given_models + [f for f, given in (  # a model's own options too: never silently dropped
             ("--weights", args.weights is not None), ("--no-early-exit", args.no_early_exit),
@@ -466,6 +466,11 @@ def _relay_config(args: argparse.Namespace, given_models: list[str]):
     if args.ray or args.wire or args.send_images:
         flags = [f for f, v in (("--ray", args.ray), ("--wire", args.wire), ("--send-images", args.send_images)) if v]
         raise UserError(f"a relay forwards what it gets as it is: drop {', '.join(flags)}")
+    batching = given(args, SchedulerConfig)
+    if batching:  # a relay has no queue of its own: these would be silently ignored
+        flags = ", ".join("--" + k.replace("_", "-") for k in batching)
+        raise UserError(f"a relay forwards each request at once (no batches, no queue): drop {flags}; "
+                        "--forward-timeout-ms sets how long it waits")
     return RelayConfig(args.tier or "relay", args.next, next_tls=_next_tls(args),
                        **({} if args.forward_timeout_ms is None else {"timeout_ms": args.forward_timeout_ms}))
 

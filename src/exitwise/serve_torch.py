@@ -65,7 +65,9 @@ class TorchRunner:
         self.thresholds = list(thr.to(self.device).unbind())  # as `runtime.run_early_exit` makes them
 
     def to_input(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W, C) to float32 (N, C, H, W) in [0, 1], channels_last: what `ImageSet.batches` yields."""
+        """uint8 (N, H, W, C) to float32 (N, C, H, W) in [0, 1], channels_last: what `ImageSet.batches` yields.
+        A read-only array (a request's own bytes, `np.frombuffer`) is copied: torch warns on one, and never writes."""
+        images = images if images.flags.writeable else images.copy()
         return torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255)
 
     def init_state(self, n: int) -> np.ndarray:

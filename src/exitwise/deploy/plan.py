@@ -407,6 +407,8 @@ def plan(tiers: Sequence[Tier], links: Sequence[Link], costs: NetworkCosts, *, m
         raise UserError(f"--minimize {minimize!r}: choose latency or traffic")
     if max_latency_ms is not None and not max_latency_ms > 0:
         raise UserError(f"--max-latency-ms must be positive, got {max_latency_ms}")
+    if not 0 <= wire_tolerance_points <= 100:
+        raise UserError(f"--wire-tolerance is in percentage points, 0-100, got {wire_tolerance_points:g}")
     links = check_chain(tiers, links)
     for t in tiers:
         _tier_seconds(t, costs)
