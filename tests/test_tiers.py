@@ -191,6 +191,8 @@ def test_a_relay_refuses_the_options_of_a_model_it_does_not_run(capsys):
 
 
 def test_a_relay_refuses_batching_options_it_has_no_queue_for(capsys):
+    assert main(["serve", "--relay", "--next", "http://127.0.0.1:9", "--tier", "edge/1"]) == 2
+    assert "tier name 'edge/1': use letters, digits and _ only" in capsys.readouterr().err
     for flags in (["--max-batch", "8"], ["--timeout-ms", "100", "--workers", "2"], ["--schedule", "oldest"]):
         assert main(["serve", "--relay", "--next", "http://127.0.0.1:9", "--port", "0", *flags]) == 2, flags
         err = capsys.readouterr().err.strip()
@@ -213,6 +215,7 @@ def test_bad_tiers_exit_2_in_one_line(digits, tmp_path, capsys):
              (["--plan", str(plan), "--tier", "edge"], "not in"),
              (["--plan", str(torn), "--tier", "device"], "is not a whole tier plan"),
              (["--stages", ""], "FIRST-LAST"),
+             (["--stages", "0-1", "--next", "http://127.0.0.1:1", "--tier", "edge 1"], "tier name 'edge 1': use "),
              (["--stages", "0-1", "--next", "http://127.0.0.1:1", "--forward-timeout-ms", "900", "--timeout-ms",
                "500"], "below --timeout-ms")]
     for args, message in cases:

@@ -423,7 +423,7 @@ def _add_tier_args(p) -> None:
     p.add_argument("--next", help="the next tier's URL (http://HOST:PORT or https://HOST:PORT), where survivors go")
     p.add_argument("--plan", type=Path, help="a plan.json of `exitwise plan`: take this --tier's stages and wire "
                                              "format from its choice")
-    p.add_argument("--tier", help="this tier's name (in --plan; in answers and in its log's warnings)")
+    p.add_argument("--tier", help="this tier's name, letters, digits and _ (in --plan; in answers and in its log's warnings)")
     p.add_argument("--wire", help="features to --next as fp32, fp16 or int8 (default: the plan's, else fp32)")
     p.add_argument("--send-images", action="store_true", help="send the survivors' images instead of their features "
                    "(smaller for small images); the next tier recomputes the stages before its own. A tier after the "
@@ -529,7 +529,7 @@ def _tier_config(args: argparse.Namespace, num_stages: int | None = None):
     if last == k - 1 and args.next:
         raise UserError(f"stages {first}-{last} end the network: this tier has nothing to send to --next")
     from .config import SchedulerConfig
-    tier = TierConfig(args.tier or f"stages{first}-{last}", first, last, args.next, wire or "fp32",
+    tier = TierConfig(args.tier or f"stages{first}_{last}", first, last, args.next, wire or "fp32",
                       send_images=args.send_images and bool(args.next), next_tls=_next_tls(args),
                       **({} if args.forward_timeout_ms is None else {"forward_timeout_ms": args.forward_timeout_ms}))
     timeout_ms = args.timeout_ms if args.timeout_ms is not None else SchedulerConfig().timeout_ms

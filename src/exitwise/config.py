@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,6 +380,15 @@ def _reason(e: Exception) -> str:
     return " ".join((getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e) or type(e).__name__).split())
 
 
+_TIER_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
+
+
+def check_tier_name(name: str) -> None:
+    """A tier's name (`--tier`: in plans, answers and logs): letters, digits and _ only."""
+    if not _TIER_NAME.match(name):
+        raise UserError(f"tier name {name!r}: use letters, digits and _ only")
+
+
 @dataclass(frozen=True)
 class TierConfig:
     """What makes `exitwise serve` one tier of a chain (`deploy.tiers`): its name, its stages first..last, where
@@ -395,6 +405,7 @@ class TierConfig:
     next_tls: ClientTLS = ClientTLS()    # with an https next tier: how to verify it, and what to show it
 
     def __post_init__(self) -> None:
+        check_tier_name(self.name)
         if self.wire not in WIRE_FORMATS:
             raise UserError(f"unknown wire format {self.wire!r}; choose one of {', '.join(WIRE_FORMATS)}")
         if self.next_url is not None:
@@ -416,6 +427,7 @@ class RelayConfig:
     next_tls: ClientTLS = ClientTLS()  # with an https next tier: how to verify it, and what to show it
 
     def __post_init__(self) -> None:
+        check_tier_name(self.name)
         check_url(self.next_url)
         self.next_tls.check(self.next_url)
         if not self.timeout_ms > 0:

@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ..config import check_tier_name
 from ..errors import UserError
 from ..io import read_format_json
 from ..records import from_json, to_json
@@ -55,7 +55,6 @@ PLAN_FORMAT = "exitwise.tier-plan/1"
 WIRE_TOLERANCE_POINTS = 0.1   # largest disagreement with fp32 (percentage points) a cheaper wire format may add
 MINIMIZE = ("latency", "traffic")
 CHEAPEST_FIRST = tuple(reversed(FORMATS))   # int8, fp16, fp32
-_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
 
 
 @dataclass(frozen=True)
@@ -96,8 +95,7 @@ class Tier:
     relay_seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
-            raise UserError(f"tier name {self.name!r}: use letters, digits and _ only")
+        check_tier_name(self.name)
         if not (math.isfinite(self.speed) and self.speed > 0):
             raise UserError(f"tier {self.name}: speed must be a positive number, got {self.speed}")
         if self.stage_seconds is not None and not all(math.isfinite(s) and s >= 0 for s in self.stage_seconds):
