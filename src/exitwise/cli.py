@@ -423,7 +423,8 @@ def _add_tier_args(p) -> None:
     p.add_argument("--next", help="the next tier's URL (http://HOST:PORT or https://HOST:PORT), where survivors go")
     p.add_argument("--plan", type=Path, help="a plan.json of `exitwise plan`: take this --tier's stages and wire "
                                              "format from its choice")
-    p.add_argument("--tier", help="this tier's name, letters, digits and _ (in --plan; in answers and in its log's warnings)")
+    p.add_argument("--tier", help="this tier's name, letters, digits and _ (in --plan; in answers and in its log's "
+                                  "warnings)")
     p.add_argument("--wire", help="features to --next as fp32, fp16 or int8 (default: the plan's, else fp32)")
     p.add_argument("--send-images", action="store_true", help="send the survivors' images instead of their features "
                    "(smaller for small images); the next tier recomputes the stages before its own. A tier after the "
