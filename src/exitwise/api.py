@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import AttachConfig, DataConfig, TrainConfig, __version__
+from .config import ATTACH_DEFAULTS, AttachConfig, DataConfig, TrainConfig, __version__
 from .data import Splits, load_splits
 from .deploy.manifest import Manifest
 from .deploy.plan import WIRE_TOLERANCE_POINTS, FeatureShapes, Link, Plan, Tier
@@ -64,10 +64,6 @@ def train(*, model: str, out: str | Path, data: DataConfig = DataConfig(), resum
     config = None if resume is not None and not recipe else TrainConfig(**{**TRAIN_DEFAULTS.get(data.dataset, {}),
                                                                            **recipe})
     return run_training(net, splits, config, out, resume=resume, progress=progress, model_name=model, device=device)
-
-
-# heads on a frozen network learn in a few epochs
-ATTACH_DEFAULTS = {"epochs": 10, "lr": 0.05, "label_smoothing": 0.0}
 
 
 def train_exits(network: MultiExitNetwork, splits, out: str | Path, *, freeze_backbone: bool = True,

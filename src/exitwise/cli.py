@@ -8,7 +8,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import AGREEMENT_REQUIRED, AttachConfig, DataConfig, TrainConfig, flags, float_list, given
+from .config import (AGREEMENT_REQUIRED, ATTACH_DEFAULTS, AttachConfig, DataConfig, TrainConfig, flags, float_list,
+                     given)
 from .errors import UserError
 from .study.config import CALIBRATION_METHODS, CalibrateConfig, StudyConfig
 
@@ -22,9 +23,10 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def _add_flags(p: argparse.ArgumentParser, cls) -> None:
-    """One flag per field of the options dataclass `cls` that has a help text (`config.option`)."""
-    for flag, kwargs in flags(cls):
+def _add_flags(p: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
+    """One flag per field of the options dataclass `cls` that has a help text (`config.option`); `defaults`: the
+    command's own in place of some of the dataclass's, for the help."""
+    for flag, kwargs in flags(cls, defaults):
         p.add_argument(flag, **kwargs)
 
 
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--joint", action="store_true", help="train the whole network with the heads (default: the "
                                                           "backbone is frozen and the final exit stays your model)")
     att.add_argument("--resume", type=Path, help="continue from this checkpoint.pt exactly")
-    _add_flags(att, TrainConfig)
+    _add_flags(att, TrainConfig, ATTACH_DEFAULTS)
 
     cal = sub.add_parser("calibrate", help="exit thresholds from a study's cached logits in seconds: chosen on its "
                                            "validation split, evaluated on its test split; writes calibration.json "

@@ -54,16 +54,18 @@ def float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def flags(cls) -> list[tuple[str, dict]]:
+def flags(cls, defaults: dict | None = None) -> list[tuple[str, dict]]:
     """(flag, argparse keywords) for each field of `cls` with a help text, in field order. Every default is None, so
-    a flag not given leaves the dataclass's default; `given(args, cls)` collects the ones given."""
+    a flag not given leaves the dataclass's default; `given(args, cls)` collects the ones given. `defaults`: the
+    values a command puts in place of some of the dataclass's defaults, as its help shows them."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         if not f.metadata.get("help"):
             continue
         kind = hints[f.name]
-        kwargs: dict = {"help": f.metadata["help"] + _default_note(f), "dest": f.name}
+        kwargs: dict = {"help": f.metadata["help"] + _default_note(f, (defaults or {}).get(f.name, f.default)),
+                        "dest": f.name}
         if kind is bool:
             kwargs.update(action="store_true", default=None)
         else:
@@ -75,9 +77,8 @@ def flags(cls) -> list[tuple[str, dict]]:
     return out
 
 
-def _default_note(f: dataclasses.Field) -> str:
+def _default_note(f: dataclasses.Field, value: Any) -> str:
     """" (default X)" for a help text, unless the default is nothing to show (None, False, empty) or the text says it."""
-    value = f.default
     if (value is dataclasses.MISSING or value is None or value is False or value in ((), "")
             or "default" in f.metadata["help"]):
         return ""
@@ -185,6 +186,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+
+# `exitwise attach` (and `api.train_exits`) in place of TrainConfig's: heads on a frozen network learn in a few epochs
+ATTACH_DEFAULTS = {"epochs": 10, "lr": 0.05, "label_smoothing": 0.0}
 
 
 SERVE_RULES = ("deepest", "oldest", "request-level")  # which stage the serving scheduler runs next
