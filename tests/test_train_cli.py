@@ -1,11 +1,25 @@
-"""`exitwise train` and `exitwise attach` as their --help describes them: attach's help shows the defaults attach
-trains with, not `exitwise train`'s."""
+"""`exitwise train` and `exitwise attach` as their --help describes them: --seed seeds the initialisation too (one
+seed, the same weights), and attach's help shows the defaults attach trains with, not `exitwise train`'s."""
 import re
 
 import pytest
+from safetensors.torch import load_file
 
-from exitwise.cli import build_parser
+from exitwise.cli import build_parser, main
 from exitwise.config import ATTACH_DEFAULTS, TrainConfig
+
+
+def _train(out, *extra) -> dict:
+    assert main(["train", "--dataset", "digits", "--model", "digits-convnet", "--epochs", "1", "--precision", "fp32",
+                 "--no-progress", "--out", str(out), *extra]) == 0
+    return load_file(out / "model.safetensors")
+
+
+def test_one_seed_trains_the_same_weights_twice_and_another_seed_others(tmp_path):
+    pytest.importorskip("sklearn")
+    first, again, other = _train(tmp_path / "a"), _train(tmp_path / "b"), _train(tmp_path / "c", "--seed", "1")
+    assert all((first[k] == again[k]).all() for k in first)  # the initialisation is seeded, not left to chance
+    assert not all((first[k] == other[k]).all() for k in first)
 
 
 def _shown_default(command: str, flag: str) -> str:

@@ -59,11 +59,20 @@ def train(*, model: str, out: str | Path, data: DataConfig = DataConfig(), resum
     from .train import train as run_training
     check_writable_dir(out)
     resolve_device(device)
-    net = create_model(model)
-    splits = _splits(data, progress)
     config = None if resume is not None and not recipe else TrainConfig(**{**TRAIN_DEFAULTS.get(data.dataset, {}),
                                                                            **recipe})
+    net = _seeded((config or TrainConfig()).seed, create_model, model)  # a resumed run's weights: the checkpoint's
+    splits = _splits(data, progress)
     return run_training(net, splits, config, out, resume=resume, progress=progress, model_name=model, device=device)
+
+
+def _seeded(seed: int, build, *args, **kwargs):
+    """`build(*args, **kwargs)` with torch's random numbers seeded by `seed`: a model's initialisation, as `--seed`
+    promises; the caller's random state is left as it was."""
+    import torch
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(*args, **kwargs)
 
 
 def train_exits(network: MultiExitNetwork, splits, out: str | Path, *, freeze_backbone: bool = True,
@@ -104,9 +113,9 @@ def attach_model(spec: AttachConfig, out: str | Path, *, data: DataConfig = Data
         load_user_weights(model, spec.weights)
     splits = splits or _splits(data, progress)
     n, h, w, c = splits.train.images.shape
-    network = attach(model.eval(), spec.exits, len(splits.train.classes), (c, h, w),
-                     max_head_fraction=spec.max_head_fraction, token_pool=spec.token_pool, head=spec.head,
-                     output_key=spec.output_key)
+    network = _seeded(recipe.get("seed", TrainConfig.seed), attach, model.eval(), spec.exits,  # the heads' init
+                      len(splits.train.classes), (c, h, w), max_head_fraction=spec.max_head_fraction,
+                      token_pool=spec.token_pool, head=spec.head, output_key=spec.output_key)
     record = attach_spec(spec.model_file, spec.weights, spec.exits, len(splits.train.classes), (c, h, w),
                          spec.max_head_fraction, spec.token_pool, spec.output_key, spec.freeze_backbone,
                          network.head_kinds)
