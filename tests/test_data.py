@@ -297,9 +297,14 @@ def test_download_with_wrong_md5_leaves_nothing(tmp_path, served_archive):
     url, md5 = served_archive
     with pytest.raises(UserError, match="corrupt: MD5"):
         download_cifar10(tmp_path / "dl", url=url, md5="0" * 32, progress=False)
-    assert list((tmp_path / "dl").iterdir()) == []
+    assert not (tmp_path / "dl").exists()  # the folder it made goes too
     with pytest.raises(UserError, match="cannot download"):
         download_cifar10(tmp_path / "dl", url=url.replace("/served/", "/gone/"), md5=md5, progress=False)
+    assert not (tmp_path / "dl").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made stays, empty as it was
+    with pytest.raises(UserError, match="corrupt: MD5"):
+        download_cifar10(tmp_path / "mine", url=url, md5="0" * 32, progress=False)
+    assert list((tmp_path / "mine").iterdir()) == []
 
 
 # --- user mistakes -------------------------------------------------------------------------------------------

@@ -228,6 +228,7 @@ def test_export_from_a_model_name_and_a_thresholds_file(tmp_path, capsys):
                  "--exporter", "torchscript"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["thresholds"] == [0.2, None] and manifest["class_names"] == [str(i) for i in range(10)]
+    assert "thresholds [0.2, null])" in capsys.readouterr().out  # printed as the file has them
     assert {e["exporter"] for e in manifest["stages"]} == {"torchscript"}
     (tmp_path / "other.json").write_text(json.dumps({"model": "b-resnet11", "policy": "entropy",
                                                      "thresholds": [0.2, None]}))

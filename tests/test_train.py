@@ -362,6 +362,10 @@ def test_bad_input_raises_user_error_and_overwrites_nothing(tmp_path):
     with pytest.raises(UserError, match="cannot read checkpoint") as e:
         train(Toy(), splits(), None, tmp_path / "toy", resume=corrupt)
     assert "\n" not in str(e.value)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
+    with pytest.raises(UserError, match=r"'.*notes.txt': not a file torch.load reads \(UnpicklingError"):
+        train(Toy(), splits(), None, tmp_path / "toy", resume=notes)  # once just "...: 105"
     with pytest.raises(UserError, match="trained with lr=0.05"):
         train(Toy(), splits(), TrainConfig(epochs=1, **{**TINY, "lr": 0.1}), tmp_path / "toy",
               resume=tmp_path / "toy" / "checkpoint.pt")

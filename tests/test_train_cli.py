@@ -32,4 +32,11 @@ def _shown_default(command: str, flag: str) -> str:
                                          ("--label-smoothing", "label_smoothing")])
 def test_attach_help_shows_the_defaults_attach_trains_with(flag, field):
     assert float(_shown_default("attach", flag)) == ATTACH_DEFAULTS[field]
-    assert float(_shown_default("train", flag)) == getattr(TrainConfig(), field)
+    assert float(_shown_default("train", flag).split(";")[0]) == getattr(TrainConfig(), field)
+
+
+@pytest.mark.parametrize("flag, field", [("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", "lr")])
+def test_train_help_shows_the_digits_recipe_beside_cifars(flag, field):
+    from exitwise.config import TRAIN_DEFAULTS
+    cifar, digits = _shown_default("train", flag).split("; --dataset digits: ")
+    assert float(cifar) == getattr(TrainConfig(), field) and float(digits) == TRAIN_DEFAULTS["digits"][field]

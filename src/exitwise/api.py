@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import ATTACH_DEFAULTS, AttachConfig, DataConfig, TrainConfig, __version__
+from .config import ATTACH_DEFAULTS, TRAIN_DEFAULTS, AttachConfig, DataConfig, TrainConfig, __version__
 from .data import Splits, load_splits
 from .deploy.manifest import Manifest
 from .deploy.plan import WIRE_TOLERANCE_POINTS, FeatureShapes, Link, Plan, Tier
@@ -47,7 +47,6 @@ def _splits(data: DataConfig, progress: bool) -> Splits:
 
 
 # digits are 8x8 and not mirror-symmetric: a 1-pixel crop jitter and no flips; 30 epochs take seconds
-TRAIN_DEFAULTS = {"digits": {"crop_padding": 1, "flip": False, "epochs": 30, "batch_size": 64, "lr": 0.05}}
 
 
 def train(*, model: str, out: str | Path, data: DataConfig = DataConfig(), resume: str | Path | None = None,

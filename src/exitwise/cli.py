@@ -8,8 +8,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import (AGREEMENT_REQUIRED, ATTACH_DEFAULTS, AttachConfig, DataConfig, TrainConfig, flags, float_list,
-                     given)
+from .config import (AGREEMENT_REQUIRED, ATTACH_DEFAULTS, TRAIN_DEFAULTS, AttachConfig, DataConfig, TrainConfig, flags,
+                     float_list, given)
 from .errors import UserError
 from .study.config import CALIBRATION_METHODS, CalibrateConfig, StudyConfig
 
@@ -23,10 +23,11 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def _add_flags(p: argparse.ArgumentParser, cls, defaults: dict | None = None) -> None:
+def _add_flags(p: argparse.ArgumentParser, cls, defaults: dict | None = None,
+               per_dataset: dict | None = None) -> None:
     """One flag per field of the options dataclass `cls` that has a help text (`config.option`); `defaults`: the
-    command's own in place of some of the dataclass's, for the help."""
-    for flag, kwargs in flags(cls, defaults):
+    command's own in place of some of the dataclass's, `per_dataset`: a data set's own beside them, for the help."""
+    for flag, kwargs in flags(cls, defaults, per_dataset):
         p.add_argument(flag, **kwargs)
 
 
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="output directory: checkpoint.pt, "
                                                                "model.safetensors, model.json")
     train.add_argument("--resume", type=Path, help="continue from this checkpoint.pt exactly")
-    _add_flags(train, TrainConfig)
+    _add_flags(train, TrainConfig, per_dataset=TRAIN_DEFAULTS)
     _add_machine_args(train, micro_batch=False)
 
     att = sub.add_parser("attach", help="exits on your own PyTorch model: builds it from --model-file (running that "
@@ -203,7 +204,7 @@ def cmd_export(args: argparse.Namespace) -> None:
                       thresholds=args.thresholds, exporter=args.exporter, micro_batch=args.micro_batch)
     graphs = manifest.graphs()
     exporters = sorted({g.exporter for g in graphs})
-    thresholds = manifest.to_json()["thresholds"]  # as the file has them: null for never
+    thresholds = json.dumps(manifest.to_json()["thresholds"])  # as the file has them: null for never
     print(f"exported {manifest.model} ({len(manifest.stages)} stages, {len(manifest.heads)} heads; "
           f"policy {manifest.policy}, thresholds {thresholds}) with {', '.join(exporters)}; "
           f"largest difference from torch {max(g.max_error for g in graphs):.1e}")

@@ -54,17 +54,20 @@ def float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def flags(cls, defaults: dict | None = None) -> list[tuple[str, dict]]:
+def flags(cls, defaults: dict | None = None, per_dataset: dict[str, dict] | None = None) -> list[tuple[str, dict]]:
     """(flag, argparse keywords) for each field of `cls` with a help text, in field order. Every default is None, so
     a flag not given leaves the dataclass's default; `given(args, cls)` collects the ones given. `defaults`: the
-    values a command puts in place of some of the dataclass's defaults, as its help shows them."""
+    values a command puts in place of some of the dataclass's defaults, as its help shows them; `per_dataset`: a
+    data set's own defaults, shown beside them (`TRAIN_DEFAULTS`)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         if not f.metadata.get("help"):
             continue
         kind = hints[f.name]
-        kwargs: dict = {"help": f.metadata["help"] + _default_note(f, (defaults or {}).get(f.name, f.default)),
+        also = "".join(f"; --dataset {name}: {_shown(own[f.name])}" for name, own in (per_dataset or {}).items()
+                       if f.name in own)
+        kwargs: dict = {"help": f.metadata["help"] + _default_note(f, (defaults or {}).get(f.name, f.default), also),
                         "dest": f.name}
         if kind is bool:
             kwargs.update(action="store_true", default=None)
@@ -77,14 +80,18 @@ def flags(cls, defaults: dict | None = None) -> list[tuple[str, dict]]:
     return out
 
 
-def _default_note(f: dataclasses.Field, value: Any) -> str:
-    """" (default X)" for a help text, unless the default is nothing to show (None, False, empty) or the text says it."""
+def _default_note(f: dataclasses.Field, value: Any, also: str = "") -> str:
+    """" (default X)" for a help text, unless the default is nothing to show (None, False, empty) or the text says it;
+    `also`: what follows X (another data set's default)."""
     if (value is dataclasses.MISSING or value is None or value is False or value in ((), "")
             or "default" in f.metadata["help"]):
         return ""
-    shown = (f"{value:g}" if isinstance(value, float) else ",".join(map(str, value)) if isinstance(value, tuple)
-             else str(value))
-    return f" (default {shown})"
+    return f" (default {_shown(value)}{also})"
+
+
+def _shown(value: Any) -> str:
+    return (f"{value:g}" if isinstance(value, float) else ",".join(map(str, value)) if isinstance(value, tuple)
+            else str(value))
 
 
 def given(args, cls, skip: tuple[str, ...] = ()) -> dict:
@@ -188,6 +195,8 @@ class TrainConfig:
                 raise UserError(message)
 
 
+# a data set's own training recipe over TrainConfig's (CIFAR-10's): digits' 8x8 images, small and few
+TRAIN_DEFAULTS = {"digits": {"crop_padding": 1, "flip": False, "epochs": 30, "batch_size": 64, "lr": 0.05}}
 # `exitwise attach` (and `api.train_exits`) in place of TrainConfig's: heads on a frozen network learn in a few epochs
 ATTACH_DEFAULTS = {"epochs": 10, "lr": 0.05, "label_smoothing": 0.0}
 

@@ -180,6 +180,7 @@ def download_cifar10(data_dir: str | Path, url: str = CIFAR10_URL, md5: str = CI
     target = data_dir / Path(urllib.parse.urlparse(url).path).name
     if target.is_file() and _file_md5(target) == md5:
         return target
+    created = not data_dir.exists()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -203,6 +204,8 @@ def download_cifar10(data_dir: str | Path, url: str = CIFAR10_URL, md5: str = CI
         raise UserError(f"cannot download {url} to {str(data_dir)!r}: {getattr(e, 'reason', None) or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
+        if created and not target.is_file():  # a failed download leaves no folder it made behind
+            shutil.rmtree(data_dir, ignore_errors=True)
     return target
 
 

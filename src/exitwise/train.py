@@ -339,7 +339,9 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt or foreign files raise many different types
-        raise UserError(f"cannot read checkpoint {str(path)!r}: {str(e).splitlines()[0][:200]}") from None
+        why = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"cannot read checkpoint {str(path)!r}: not a file torch.load reads ({type(e).__name__}"
+                        f"{': ' + why if why else ''})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{str(path)!r} is not an exitwise training checkpoint")
     return checkpoint
