@@ -449,12 +449,17 @@ def _relay_config(args: argparse.Namespace, given_models: list[str]):
     """The RelayConfig of a tier that holds no stages (`--relay`, or `--plan` giving `--tier` none); else None."""
     from .config import RelayConfig, SchedulerConfig
     if args.relay:
-        model_flags = given_models + [f for f, given in (  # a model's own options too: never silently dropped
+        model_flags = given_models + [f for f, on in (  # a model's own options too: never silently dropped
             ("--weights", args.weights is not None), ("--no-early-exit", args.no_early_exit),
-            ("--precision", args.precision != "auto"), ("--micro-batch", args.micro_batch is not None)) if given]
+            ("--precision", args.precision != "auto"), ("--micro-batch", args.micro_batch is not None)) if on]
         if model_flags or args.stages is not None or args.plan is not None:
             flags = model_flags + [f for f, v in (("--stages", args.stages), ("--plan", args.plan)) if v is not None]
             raise UserError(f"--relay holds no stages and runs no model: drop {', '.join(flags)}")
+        batching = given(args, SchedulerConfig)
+        if batching:  # a relay has no queue of its own: these would be silently ignored (with --plan, the tiers'
+            flags = ", ".join("--" + k.replace("_", "-") for k in batching)  # one command line, they are not used)
+            raise UserError(f"a relay forwards each request at once (no batches, no queue): drop {flags}; "
+                            "--forward-timeout-ms sets how long it waits")
     elif args.plan is not None and args.tier and args.stages is None:
         plan, at = _plan_tier(args)
         held = plan.choice.stages
@@ -470,11 +475,6 @@ def _relay_config(args: argparse.Namespace, given_models: list[str]):
     if args.ray or args.wire or args.send_images:
         flags = [f for f, v in (("--ray", args.ray), ("--wire", args.wire), ("--send-images", args.send_images)) if v]
         raise UserError(f"a relay forwards what it gets as it is: drop {', '.join(flags)}")
-    batching = given(args, SchedulerConfig)
-    if batching:  # a relay has no queue of its own: these would be silently ignored
-        flags = ", ".join("--" + k.replace("_", "-") for k in batching)
-        raise UserError(f"a relay forwards each request at once (no batches, no queue): drop {flags}; "
-                        "--forward-timeout-ms sets how long it waits")
     return RelayConfig(args.tier or "relay", args.next, next_tls=_next_tls(args),
                        **({} if args.forward_timeout_ms is None else {"timeout_ms": args.forward_timeout_ms}))
 
