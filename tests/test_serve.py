@@ -112,6 +112,13 @@ def png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def unreadable_dds() -> bytes:
+    """A DDS file with its pixel format flags zeroed, on which PIL's reader raises NotImplementedError (not OSError)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="DDS")
+    return buffer.getvalue()[:80] + bytes(4) + buffer.getvalue()[84:]
+
+
 def infer_pixels(client, images: np.ndarray, layout="NHWC") -> dict:
     pixels = images if layout == "NHWC" else images.transpose(0, 3, 1, 2)
     tensor = {"name": "image", "datatype": "UINT8", "shape": list(pixels.shape), "data": pixels.ravel().tolist()}
@@ -300,6 +307,7 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_
         ("/v1/predict", {"content": b"not an image"}, 400, "not an image format PIL reads"),
         ("/v1/predict", {"content": jpeg.getvalue()[:len(jpeg.getvalue()) // 2]}, 400, "cannot decode image"),
         ("/v1/predict", {"content": png(np.zeros((9, 8, 1), dtype=np.uint8))}, 400, "the model takes 8x8"),
+        ("/v1/predict", {"content": unreadable_dds()}, 400, "cannot decode image #0: Unknown pixel format flags 0"),
         ("/v1/predict", {"content": b""}, 400, "empty request body"),
         ("/v1/predict", {"content": b"\x00" * 20_000}, 413, "over the limit"),
         ("/v1/predict", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data; boundary=x"}},

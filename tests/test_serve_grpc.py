@@ -26,7 +26,8 @@ from exitwise.deploy.onnx_runner import OnnxRunner  # noqa: E402
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit  # noqa: E402
 
 from conftest import until  # noqa: E402
-from test_serve import SRC, FirstStageSlow, Running, digits, png, start_cli_server  # noqa: E402,F401  (digits: the fixture)
+from test_serve import (SRC, FirstStageSlow, Running, digits, png, start_cli_server,  # noqa: E402,F401
+                        unreadable_dds)  # (digits: the fixture)
 
 MODEL = "digits-convnet"
 
@@ -121,6 +122,8 @@ def test_a_bad_call_gets_the_status_of_its_http_refusal_in_one_line_and_the_serv
              "StatusCode.INVALID_ARGUMENT", "the model takes UINT8"),
             (lambda: client.infer(MODEL, [encoded_input([b"not an image"])]), "StatusCode.INVALID_ARGUMENT",
              "cannot decode image"),
+            (lambda: client.infer(MODEL, [encoded_input([unreadable_dds()])]), "StatusCode.INVALID_ARGUMENT",
+             "cannot decode image #0: Unknown pixel format flags 0"),
             (lambda: client.infer(MODEL, [pixels_input(zeros), pixels_input(zeros)]), "StatusCode.INVALID_ARGUMENT",
              "exactly one input"),
             (lambda: client.infer(MODEL, [pixels_input(zeros)], outputs=[grpcclient.InferRequestedOutput("logits")]),
@@ -135,7 +138,7 @@ def test_a_bad_call_gets_the_status_of_its_http_refusal_in_one_line_and_the_serv
         for call, status, words in cases:
             refused = refusal(call)
             assert refused.status() == status and words in refused.message() and "\n" not in refused.message()
-        assert grpc_server.metric("exitwise_rejected_requests_total", reason="bad_request") == before + 5
+        assert grpc_server.metric("exitwise_rejected_requests_total", reason="bad_request") == before + 6
         assert client.infer(MODEL, [pixels_input(zeros)]).as_numpy("exit").shape == (2,)
     finally:
         client.close()

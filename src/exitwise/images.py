@@ -78,8 +78,9 @@ def decode_image(data: bytes, where: str, channels: int = 3, image_size: int | N
             pixels = np.asarray(converted)
     except UnidentifiedImageError:
         raise UserError(f"cannot decode image {where}: not an image format PIL reads") from None
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise UserError(f"cannot decode image {where}: {e}") from None
+    except Exception as e:  # noqa: BLE001  PIL's readers raise what they meet on a malformed file (OSError, ValueError,
+        # SyntaxError, a decompression bomb, but also NotImplementedError, AttributeError, ...): the file's fault each
+        raise UserError(f"cannot decode image {where}: {e or type(e).__name__}") from None
     return pixels if pixels.ndim == 3 else pixels[..., None]
 
 
