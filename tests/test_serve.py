@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -117,6 +118,39 @@ def unreadable_dds() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="DDS")
     return buffer.getvalue()[:80] + bytes(4) + buffer.getvalue()[84:]
+
+
+def declaring(format: str, width: int, height: int) -> bytes:
+    """An 8x8 grey PNG or JPEG whose header declares width x height pixels: a few hundred bytes that a decoder would
+    allocate (and, for the JPEG, fill) width x height pixels for."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format=format)
+    data = bytearray(buffer.getvalue())
+    if format == "PNG":  # IHDR: width, height, then its CRC over type and data
+        data[16:24] = struct.pack(">II", width, height)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    else:  # SOF0: length, precision, height, width
+        at = data.index(b"\xff\xc0")
+        data[at + 5:at + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_an_image_of_another_size_is_refused_from_its_header_before_its_pixels_are_decoded(monkeypatch):
+    """A decompression bomb under --max-body-mb (a 333-byte JPEG declaring 12000x12000 pixels took 0.45 s and a peak
+    of 585 MB to be refused, decoded first; on the server that time is the event loop's): the server takes images of
+    the model's size only, so it refuses one of another size as its header says, before either decoder runs (9000x9000:
+    under PIL's bomb limit, where simplejpeg would decode it)."""
+    from PIL import ImageFile
+    import exitwise.images
+    from exitwise.deploy.oip import decode_images
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.format))
+    if exitwise.images.simplejpeg is not None:
+        monkeypatch.setattr(exitwise.images.simplejpeg, "decode_jpeg", lambda *a, **k: decoded.append("simplejpeg"))
+    for format in ("PNG", "JPEG"):
+        with pytest.raises(BadRequest, match=r"^image #0 is 9000x9000, but the model takes 8x8$"):
+            decode_images([declaring(format, 9000, 9000)], (1, 8, 8))
+    assert decoded == []
 
 
 def infer_pixels(client, images: np.ndarray, layout="NHWC") -> dict:
@@ -308,6 +342,7 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_
         ("/v1/predict", {"content": jpeg.getvalue()[:len(jpeg.getvalue()) // 2]}, 400, "cannot decode image"),
         ("/v1/predict", {"content": png(np.zeros((9, 8, 1), dtype=np.uint8))}, 400, "the model takes 8x8"),
         ("/v1/predict", {"content": unreadable_dds()}, 400, "cannot decode image #0: Unknown pixel format flags 0"),
+        ("/v1/predict", {"content": declaring("PNG", 9000, 9000)}, 400, "is 9000x9000, but the model takes 8x8"),
         ("/v1/predict", {"content": b""}, 400, "empty request body"),
         ("/v1/predict", {"content": b"\x00" * 20_000}, 413, "over the limit"),
         ("/v1/predict", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data; boundary=x"}},

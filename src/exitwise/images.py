@@ -64,36 +64,47 @@ def read_tar(path: Path) -> Files:
     return Files(path, list(contents), contents.__getitem__)
 
 
-def decode_image(data: bytes, where: str, channels: int = 3, image_size: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, where: str, channels: int = 3, image_size: int | None = None,
+                 size: tuple[int, int] | None = None) -> np.ndarray:
     """(H, W, channels) uint8 pixels of an encoded image: RGB for 3 channels, grayscale for 1; resized
-    (bilinear) to `image_size` squared when given."""
-    pixels = _plain_jpeg(data, channels)
+    (bilinear) to `image_size` squared when given. `size` (H, W): an image of another size is refused as its header
+    says, before its pixels are decoded (a file of a few hundred bytes may declare 12000x12000 pixels)."""
+    pixels = _plain_jpeg(data, channels, size)
     if pixels is not None and (image_size is None or pixels.shape[:2] == (image_size, image_size)):
         return pixels
     try:
         with Image.open(io.BytesIO(data)) as image:
-            converted = image.convert("RGB" if channels == 3 else "L")
-            if image_size is not None and converted.size != (image_size, image_size):
-                converted = converted.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            pixels = np.asarray(converted)
+            width, height = image.size
+            if size is not None and (height, width) != tuple(size):
+                pixels = None  # refused below, undecoded
+            else:
+                converted = image.convert("RGB" if channels == 3 else "L")
+                if image_size is not None and converted.size != (image_size, image_size):
+                    converted = converted.resize((image_size, image_size), Image.Resampling.BILINEAR)
+                pixels = np.asarray(converted)
     except UnidentifiedImageError:
         raise UserError(f"cannot decode image {where}: not an image format PIL reads") from None
     except Exception as e:  # noqa: BLE001  PIL's readers raise what they meet on a malformed file (OSError, ValueError,
         # SyntaxError, a decompression bomb, but also NotImplementedError, AttributeError, ...): the file's fault each
         raise UserError(f"cannot decode image {where}: {e or type(e).__name__}") from None
+    if pixels is None:
+        raise UserError(f"image {where} is {width}x{height}, but the model takes {size[1]}x{size[0]}")
     return pixels if pixels.ndim == 3 else pixels[..., None]
 
 
-def _plain_jpeg(data: bytes, channels: int) -> np.ndarray | None:
+def _plain_jpeg(data: bytes, channels: int, size: tuple[int, int] | None = None) -> np.ndarray | None:
     """A colour JPEG as RGB (or a grey one as grey) through simplejpeg: the pixels PIL gives (both are
     libjpeg-turbo's; checked equal on all 60,000 CIFAR-10 JPEGs, tests/test_data.py checks a few), for a tenth
     of the time. None where PIL decides: not a JPEG, another colour space or a conversion, over PIL's
-    decompression-bomb limit, or anything simplejpeg refuses (PIL then decodes it or gives its own error)."""
+    decompression-bomb limit, not of `size` (H, W) where given, or anything simplejpeg refuses (PIL then decodes it
+    or gives its own error)."""
     if simplejpeg is None or not simplejpeg.is_jpeg(data):
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if (colorspace, channels) not in (("YCbCr", 3), ("Gray", 1)) or height * width > (Image.MAX_IMAGE_PIXELS or 2**62):
+            return None
+        if size is not None and (height, width) != tuple(size):
             return None
         return simplejpeg.decode_jpeg(data, colorspace="RGB" if channels == 3 else "GRAY")
     except ValueError:

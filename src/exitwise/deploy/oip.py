@@ -85,7 +85,7 @@ def decode_images(blobs: Sequence[bytes], shape: Sequence[int], names: Sequence[
         if not blob:
             raise BadRequest(400, f"image {where} is empty")
         try:
-            pixels = decode_image(blob, where, c)
+            pixels = decode_image(blob, where, c, size=(h, w))  # another size refused from its header, undecoded
         except UserError as e:
             raise BadRequest(400, str(e)) from None
         if pixels.shape != out.shape[1:]:
