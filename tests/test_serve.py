@@ -349,6 +349,9 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_
          400, "multipart"),
         (INFER, {"content": b""}, 400, "empty request body"),
         (INFER, {"content": b"{not json"}, 400, "malformed JSON"),
+        (INFER, {"content": b"[" * 5000 + b"]" * 5000}, 400, "malformed JSON: nested too deeply"),
+        (INFER, {"content": b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 8, 8], "data": '
+                            + b"[" * 2000 + b"0" + b"]" * 2000 + b"}]}"}, 400, "nested too deeply"),
         (INFER, {"json": pixels([1, 3, 8, 8])}, 400, "input shape [1, 3, 8, 8]"),
         (INFER, {"json": pixels([1, 1, 8, 8], "FP32")}, 400, "datatype 'FP32' is not served"),
         (INFER, {"json": {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 8, 8],

@@ -112,6 +112,8 @@ def parse_infer(body: bytes, header_length: str | None, shape: Sequence[int]) ->
         request = json.loads(body[:size])
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(400, f"malformed JSON: {e}") from None
+    except RecursionError:  # arrays or objects nested about a thousand deep: Python's parser gives up
+        raise BadRequest(400, "malformed JSON: nested too deeply") from None
     inputs = request.get("inputs") if isinstance(request, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequest(400, "expected exactly one input in 'inputs' (the images)")
