@@ -368,6 +368,8 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_
          "parameters must be an object"),
         (INFER, {"json": {**pixels([1, 1, 8, 8]), "outputs": [5]}}, 400, "must be an object with a 'name'"),
         (INFER, {"json": {**pixels([1, 1, 8, 8]), "id": 5}}, 400, "'id' must be a string"),
+        (INFER, {"json": {**pixels([1, 1, 8, 8]), "id": 0}}, 400, "'id' must be a string"),
+        (INFER, {"content": json.dumps({**pixels([1, 1, 8, 8]), "id": "\ud800"}).encode()}, 400, "lone surrogate"),
         (INFER, {"json": {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}},
          400, "base64"),
         ("/v2/models/other/infer", {"json": pixels([1, 1, 8, 8])}, 404, "unknown model 'other'"),

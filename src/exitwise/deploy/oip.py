@@ -117,8 +117,14 @@ def parse_infer(body: bytes, header_length: str | None, shape: Sequence[int]) ->
     inputs = request.get("inputs") if isinstance(request, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequest(400, "expected exactly one input in 'inputs' (the images)")
-    if not isinstance(request.get("id") or "", str):
+    request_id = request.get("id")  # null: none
+    if request_id is not None and not isinstance(request_id, str):
         raise BadRequest(400, "the request's 'id' must be a string")
+    if request_id and not request_id.isascii():  # it comes back in the answer, which is UTF-8
+        try:
+            request_id.encode()
+        except UnicodeEncodeError:
+            raise BadRequest(400, "the request's 'id' is not text: a lone surrogate (\\ud800-\\udfff)") from None
     tensor = inputs[0]
     binary = body[size:]
     params = tensor.get("parameters")
