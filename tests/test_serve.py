@@ -396,6 +396,9 @@ def test_a_full_queue_answers_503_with_retry_after_at_once_and_a_late_request_50
     config = ServeConfig(scheduler=SchedulerConfig(max_batch=64, max_wait_ms=60_000, max_queue=4, timeout_ms=1500))
     server = Running(OnnxRunner.load(out / "onnx"), config)
     try:
+        too_many = server.client.post(INFER, json=zeros_request(5))  # more than --max-queue: never fits, no retry
+        assert too_many.status_code == 413 and "retry-after" not in too_many.headers
+        assert too_many.json() == {"error": "5 images in one request; this server holds at most 4 (--max-queue)"}
         with ThreadPoolExecutor(1) as pool:
             held = pool.submit(infer_status, server.client, 4)  # waits for a batch of 64 that never comes
             until(lambda: server.metric("exitwise_samples_inside") >= 4)

@@ -218,6 +218,8 @@ def test_a_full_queue_is_unavailable_at_once_and_a_late_call_past_its_deadline(d
     client = grpc_client(server)
     zeros = np.zeros((4, 8, 8, 1), dtype=np.uint8)
     try:
+        too_many = refusal(lambda: client.infer(MODEL, [pixels_input(np.zeros((5, 8, 8, 1), np.uint8))]))
+        assert too_many.status() == "StatusCode.RESOURCE_EXHAUSTED" and "at most 4 (--max-queue)" in too_many.message()
         with ThreadPoolExecutor(1) as pool:
             held = pool.submit(refusal, lambda: client.infer(MODEL, [pixels_input(zeros)]))  # no batch of 64 comes
             until(lambda: server.metric("exitwise_samples_inside") >= 4)

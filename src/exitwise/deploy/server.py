@@ -98,6 +98,9 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         deadline sooner than --timeout-ms; a client that leaves has its samples cancelled (dropped downstream)."""
         if scheduler.first != 0:
             raise BadRequest(409, f"this tier starts at stage {scheduler.first}: send images to the first tier")
+        if len(images) > config.scheduler.max_queue:  # would never fit: not a 503 to retry
+            raise BadRequest(413, f"{len(images)} images in one request; this server holds at most "
+                                  f"{config.scheduler.max_queue} (--max-queue)")
         within = config.scheduler.within_ms(timeout_ms)
         try:
             why, outcomes = await answers.wait(lambda slots: scheduler.submit(images, slots, timeout_ms), len(images),
