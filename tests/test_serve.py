@@ -354,6 +354,8 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_
                             + b"[" * 2000 + b"0" + b"]" * 2000 + b"}]}"}, 400, "nested too deeply"),
         (INFER, {"json": pixels([1, 3, 8, 8])}, 400, "input shape [1, 3, 8, 8]"),
         (INFER, {"json": pixels([1, 1, 8, 8], "FP32")}, 400, "datatype 'FP32' is not served"),
+        (INFER, {"json": {"inputs": [{**pixels([1, 1, 8, 8])["inputs"][0], "shape": [1] * 3000}]}}, 400,
+         "1, 1 ... 1, 1, 1"),  # a message quoting a 9 KB shape, cut
         (INFER, {"json": {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 8, 8],
                                       "data": [300] * 64}]}}, 400, "0..255"),
         (INFER, {"json": {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 8, 8],
@@ -380,6 +382,7 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_
             response = server.client.post(path, **kwargs)
             assert response.status_code == status, (path, response.text)
             assert response.text.count("\n") == 0 and message in response.json()["error"], response.text
+            assert len(response.json()["error"]) <= 400  # whatever the request quoted
             assert server.client.post(INFER, json=pixels([1, 1, 8, 8])).status_code == 200  # still serving
         assert server.client.get("/v2/models/other").status_code == 404
         for path in ("/v1/predict", INFER):  # answered before FastAPI's routing: its refusals too

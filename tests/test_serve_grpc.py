@@ -115,6 +115,8 @@ def test_a_bad_call_gets_the_status_of_its_http_refusal_in_one_line_and_the_serv
         before = grpc_server.metric("exitwise_rejected_requests_total", reason="bad_request")
         cases = [  # (the call, its status, words of its message)
             (lambda: client.infer("nope", [pixels_input(zeros)]), "StatusCode.NOT_FOUND", "unknown model 'nope'"),
+            (lambda: client.infer(MODEL, [pixels_input(zeros).set_shape([1] * 6000)]), "StatusCode.INVALID_ARGUMENT",
+             "1, 1 ... 1, 1, 1"),  # its message cut, else too long for a gRPC header
             (lambda: client.is_model_ready("nope"), "StatusCode.NOT_FOUND", "unknown model"),
             (lambda: client.infer(MODEL, [pixels_input(zeros)], model_version="2"), "StatusCode.NOT_FOUND",
              "version 1 only, not '2'"),
@@ -138,7 +140,7 @@ def test_a_bad_call_gets_the_status_of_its_http_refusal_in_one_line_and_the_serv
         for call, status, words in cases:
             refused = refusal(call)
             assert refused.status() == status and words in refused.message() and "\n" not in refused.message()
-        assert grpc_server.metric("exitwise_rejected_requests_total", reason="bad_request") == before + 6
+        assert grpc_server.metric("exitwise_rejected_requests_total", reason="bad_request") == before + 7
         assert client.infer(MODEL, [pixels_input(zeros)]).as_numpy("exit").shape == (2,)
     finally:
         client.close()

@@ -34,12 +34,18 @@ REASONS = {413: "too_large", 404: "unknown_model", 499: "disconnected", 503: "ov
            500: "failed"}  # a refusal's label in `exitwise_rejected_requests_total` (else "bad_request")
 
 
+MESSAGE_CHARS = 400  # a refusal's message at most: it may quote what the client sent (a 16 MB 'datatype'), and over
+# gRPC it travels in a header (percent-encoded) that clients refuse past 8-16 KiB, so the call would fail otherwise
+
+
 class BadRequest(Exception):
-    """A request the server refuses: an HTTP status and a one-line message."""
+    """A request the server refuses: an HTTP status and a one-line message (its middle cut past MESSAGE_CHARS)."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, " ".join(str(message).split())
+        if len(self.message) > MESSAGE_CHARS:
+            self.message = f"{self.message[:MESSAGE_CHARS // 2 - 3]} ... {self.message[-(MESSAGE_CHARS // 2 - 2):]}"
 
 
 def answered(why: str, outcomes: list, timeout_ms: float) -> list[Answer]:
