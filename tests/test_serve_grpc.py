@@ -146,6 +146,28 @@ def test_a_bad_call_gets_the_status_of_its_http_refusal_in_one_line_and_the_serv
         client.close()
 
 
+def test_a_malformed_message_is_invalid_argument_in_one_line_and_ends_no_stream(grpc_server):
+    """Bytes that are not the method's protobuf message: refused as malformed JSON is over HTTP, where gRPC itself
+    answered UNKNOWN ('Unexpected <class ...DecodeError'>') and ended a whole stream for one such message."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_server.app.state.grpc_port}")
+    as_bytes = {"request_serializer": lambda data: data, "response_deserializer": lambda data: data}
+    good = oip_grpc.message("ModelInferRequest")(model_name=MODEL, id="good", inputs=[
+        {"name": "image", "datatype": "UINT8", "shape": [1, 1, 8, 8]}], raw_input_contents=[bytes(64)])
+    try:
+        for method in ("ModelInfer", "ModelReady", "ModelMetadata"):
+            with pytest.raises(grpc.RpcError) as refused:
+                channel.unary_unary(f"/{oip_grpc.SERVICE}/{method}", **as_bytes)(b"\xff\xff\xff", timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+            assert refused.value.details().startswith(f"malformed {method}Request: not a protobuf message")
+        stream = channel.stream_stream(f"/{oip_grpc.SERVICE}/ModelStreamInfer", request_serializer=lambda data: data,
+                                       response_deserializer=oip_grpc.message("ModelStreamInferResponse").FromString)
+        answers = list(stream(iter([b"\xff\xff\xff", good.SerializeToString()]), timeout=10))
+        assert sorted((a.infer_response.id, a.error_message[:28]) for a in answers) == [
+            ("", "malformed ModelInferRequest:"), ("good", "")]
+    finally:
+        channel.close()
+
+
 def streamed(client, calls: list[tuple[str, list, str]]) -> tuple[dict, list[str]]:
     """`calls` ((model, inputs, id) each) sent on one ModelStreamInfer stream, then the stream closed once all are
     answered: (each answer by its id, the error messages)."""

@@ -32,6 +32,7 @@ from typing import AsyncIterator, Awaitable, Callable, Sequence
 import grpc
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 
 from ..config import ServerTLS
 from .oip import (OUTPUTS, REASONS, VERSION, BadRequest, check_model, model_metadata, output_values,
@@ -128,6 +129,29 @@ def message(name: str, package: str = "inference") -> type:
     return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"{package}.{name}"))
 
 
+class _Malformed:
+    """What a request that is not its method's message deserializes to, so that the method refuses it as HTTP refuses
+    malformed JSON (400: INVALID_ARGUMENT, one line), where gRPC itself would answer UNKNOWN ('Unexpected <class
+    ...DecodeError'>: ...') and end a whole stream for one bad message. Its echoed fields are empty."""
+    model_name = model_version = id = ""
+
+    def __init__(self, name: str):
+        self.refusal = BadRequest(400, f"malformed {name}: not a protobuf message of that type")
+
+
+def _reader(name: str) -> Callable[[bytes], object]:
+    """The deserializer of `name`'s messages: the message, or a `_Malformed` one."""
+    parse = message(name).FromString
+
+    def read(data: bytes):
+        try:
+            return parse(data)
+        except DecodeError:
+            return _Malformed(name)
+
+    return read
+
+
 def _parameter(value) -> object:
     """An InferParameter's value (whichever of its fields is set)."""
     which = value.WhichOneof("parameter_choice")
@@ -210,6 +234,14 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
     async def refuse(context, e: BadRequest) -> None:
         await abort(context, count(e))
 
+    def unary(method):
+        """`method`, refusing a malformed request message first (ModelInfer's `infer` does so itself)."""
+        async def checked(request, context):
+            if isinstance(request, _Malformed):
+                await refuse(context, request.refusal)
+            return await method(request, context)
+        return checked
+
     async def server_live(request, context):
         return message("ServerLiveResponse")(live=True)
 
@@ -241,6 +273,8 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
         """One ModelInferRequest: its ModelInferResponse, or the BadRequest it is refused with (counted)."""
         start, status = time.perf_counter(), 500
         try:
+            if isinstance(request, _Malformed):
+                raise request.refusal
             check_model(name, request.model_name, request.model_version)
             images = infer_images(request, shape)
             requested_outputs({"outputs": [{"name": o.name} for o in request.outputs]})  # before any work
@@ -300,11 +334,12 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
                "ServerMetadata": (server_metadata, "ServerMetadataRequest", "ServerMetadataResponse"),
                "ModelMetadata": (get_model_metadata, "ModelMetadataRequest", "ModelMetadataResponse"),
                "ModelInfer": (model_infer, "ModelInferRequest", "ModelInferResponse")}
-    handlers = {method: grpc.unary_unary_rpc_method_handler(fn, request_deserializer=message(request).FromString,
+    handlers = {method: grpc.unary_unary_rpc_method_handler(fn if method == "ModelInfer" else unary(fn),
+                                                            request_deserializer=_reader(request),
                                                             response_serializer=message(response).SerializeToString)
                 for method, (fn, request, response) in methods.items()}
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-        model_stream_infer, request_deserializer=message("ModelInferRequest").FromString,
+        model_stream_infer, request_deserializer=_reader("ModelInferRequest"),
         response_serializer=message("ModelStreamInferResponse").SerializeToString)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
