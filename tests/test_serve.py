@@ -584,6 +584,26 @@ def test_a_batch_of_answers_wakes_the_event_loop_once_and_each_request_when_its_
         loop.close()
 
 
+def test_under_exitwise_serve_bytes_that_are_no_http_request_get_a_one_line_json_400(digits):
+    """uvicorn answers what its parser refuses itself (a negative Content-Length, a malformed request line, a TLS
+    hello on the plain port): under `exitwise serve` in the app's form, not uvicorn's text/plain."""
+    server = Running(OnnxRunner.load(digits[2] / "onnx"), as_exitwise_serve=True)
+    try:
+        for request in (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", b"HELLO\r\n\r\n",
+                        bytes.fromhex("160301002e010000")):
+            with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as sock:
+                sock.sendall(request)
+                answer = b""
+                while chunk := sock.recv(65536):  # the server closes the connection after its answer
+                    answer += chunk
+            head, body = answer.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head, answer
+            assert json.loads(body) == {"error": "Invalid HTTP request received."} and b"\n" not in body
+        assert server.client.post(INFER, json=zeros_request(1)).status_code == 200
+    finally:
+        server.stop()
+
+
 def test_under_exitwise_serve_the_connection_tells_a_request_that_its_client_left():
     class Transport:
         closing = False

@@ -449,6 +449,12 @@ def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | No
         def connection_made(self, transport):
             super().connection_made(_OneWrite(transport))
 
+        def send_400_response(self, msg: str) -> None:  # bytes that are no HTTP request: uvicorn's 400, as the app's
+            body = json.dumps({"error": msg}).encode()  # one-line JSON, not text/plain (then it closes, as uvicorn does)
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: "
+                                 b"%d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
         def connection_lost(self, exc):
             if isinstance(self.transport, _OneWrite):
                 self.transport.lost()
