@@ -604,6 +604,44 @@ def test_under_exitwise_serve_bytes_that_are_no_http_request_get_a_one_line_json
         server.stop()
 
 
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_under_exitwise_serve_a_request_head_over_64_kib_is_refused_and_large_bodies_still_pass(digits, parser,
+                                                                                             monkeypatch):
+    """httptools would hold a head of any length in memory (64 MB took 175 MB): the head is cut at HEAD_BYTES (431),
+    as h11 cuts it itself (400); a body is not a head, however it arrives."""
+    from uvicorn.protocols.http import auto
+    from exitwise.deploy.server import HEAD_BYTES
+    if parser == "h11":  # what uvicorn runs where httptools is not installed
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+        monkeypatch.setattr(auto, "AutoHTTPProtocol", H11Protocol)
+    else:
+        pytest.importorskip("httptools")
+    server = Running(OnnxRunner.load(digits[2] / "onnx"), as_exitwise_serve=True)
+    try:
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n")
+            sent = 0
+            try:
+                while sent < 4 * HEAD_BYTES:  # bounded: the server closes once past the limit
+                    sock.sendall(b"X-Filler: " + b"a" * 1000 + b"\r\n")
+                    sent += 1012
+            except OSError:
+                pass  # closed by the server while sending
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, body = answer.split(b"\r\n\r\n", 1)
+        status = b"431 " if parser == "httptools" else b"400 "
+        assert head.startswith(b"HTTP/1.1 " + status) and b"\n" not in body and json.loads(body)["error"], answer
+        big = json.dumps(zeros_request(8)).encode() + b" " * (5 * HEAD_BYTES)  # a body, not a head, however long
+        response = server.client.post(INFER, content=big, headers={"content-type": "application/json"})
+        assert response.status_code == 200, response.text
+        assert server.client.get("/v2/health/ready").status_code == 200
+    finally:
+        server.stop()
+
+
 def test_under_exitwise_serve_the_connection_tells_a_request_that_its_client_left():
     class Transport:
         closing = False

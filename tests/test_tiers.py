@@ -2,6 +2,7 @@
 to its own last exit when the next tier dies (and forwards again when it is back), and refuses bad chains."""
 import dataclasses
 import json
+import struct
 import sys
 import time
 import urllib.error
@@ -248,6 +249,9 @@ def test_features_requests_round_trip_and_malformed_ones_are_refused():
         decode_features(encode_features(1, x, state, "fp32"), 3)
     with pytest.raises(UserError, match="malformed"):
         decode_features(b"\x05\x00\x00\x00{bad}", 0)
+    deep = b"[" * 5000 + b"]" * 5000  # nested past Python's recursion: the client's mistake, not a 500
+    with pytest.raises(UserError, match="malformed features request: its header"):
+        decode_features(struct.pack("<I", len(deep)) + deep, 0)
 
 
 def test_int8_features_on_the_wire_keep_almost_every_answer(digits):

@@ -59,6 +59,7 @@ def test_int8_scales_travel_as_float32_and_scales_sent_as_json_numbers_still_dec
     (b"NOPE" + b"\0" * 20, "does not start"),
     (MAGIC + struct.pack("<I", 1000) + b"{}", "does not fit"),
     (MAGIC + struct.pack("<I", 3) + b"abc", "not JSON"),
+    (MAGIC + struct.pack("<I", 10000) + b"[" * 5000 + b"]" * 5000, "not JSON"),  # nested past Python's recursion
     (MAGIC + struct.pack("<I", 17) + b'{"format":"fp64"}', "unknown format"),
 ])
 def test_malformed_payloads_are_refused(payload, why):

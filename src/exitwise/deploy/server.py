@@ -31,6 +31,8 @@ from .runner import Runner, describe
 from .scheduler import Answer, QueueFull, Scheduler
 from .tiers import CarryImages, Forwarder, TierAnswer, add_tier_routes
 
+HEAD_BYTES = 64 * 1024  # a request's line and headers at most (431 past it; nginx's default allows 32 KiB)
+
 
 def _version() -> str:
     """exitwise's version, as installed (the package's `__version__` is a layer above deploy/)."""
@@ -446,13 +448,36 @@ def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | No
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     class OneWriteProtocol(AutoHTTPProtocol):  # httptools where installed (uvicorn[standard]), else h11
+        # bytes of a request's head (its line and headers) received so far; None: in its body, or under h11
+        _head: int | None = 0 if hasattr(AutoHTTPProtocol, "on_headers_complete") else None
+
         def connection_made(self, transport):
             super().connection_made(_OneWrite(transport))
 
+        def data_received(self, data) -> None:
+            """httptools holds a head in memory until it ends, however long (h11 stops at its own limit, given the
+            same): past HEAD_BYTES the request is refused with 431 and the connection closed."""
+            if self._head is not None:
+                self._head += len(data)  # all of it head if the head has not ended once this data is parsed
+            super().data_received(data)
+            if self._head is not None and self._head > HEAD_BYTES and not self.transport.is_closing():
+                self._refuse(b"431 Request Header Fields Too Large", f"request line and headers over {HEAD_BYTES} bytes")
+
+        def on_headers_complete(self) -> None:  # httptools' callbacks (h11 has none: its limit applies there)
+            self._head = None
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._head = 0
+
         def send_400_response(self, msg: str) -> None:  # bytes that are no HTTP request: uvicorn's 400, as the app's
-            body = json.dumps({"error": msg}).encode()  # one-line JSON, not text/plain (then it closes, as uvicorn does)
-            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: "
-                                 b"%d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            self._refuse(b"400 Bad Request", msg)  # one-line JSON, not text/plain (then it closes, as uvicorn does)
+
+        def _refuse(self, status: bytes, msg: str) -> None:
+            body = json.dumps({"error": msg}).encode()
+            self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: "
+                                 b"%d\r\nconnection: close\r\n\r\n%s" % (status, len(body), body))
             self.transport.close()
 
         def connection_lost(self, exc):
@@ -462,6 +487,7 @@ def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | No
 
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, proxy_headers=False, server_header=False,
                             date_header=False, http=OneWriteProtocol, timeout_graceful_shutdown=graceful_seconds,
+                            h11_max_incomplete_event_size=HEAD_BYTES,
                             **({} if tls is None else {
                                 "ssl_certfile": str(tls.certfile), "ssl_keyfile": str(tls.keyfile),
                                 "ssl_ca_certs": None if tls.ca_certs is None else str(tls.ca_certs),

@@ -74,7 +74,7 @@ def decode_features(body: bytes, state_columns: int) -> tuple[int, np.ndarray, n
     try:
         head = json.loads(body[4:4 + n])
         stage, state = head["stage"], np.asarray(head["state"], dtype=np.int64)
-    except (ValueError, KeyError, TypeError, OverflowError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):  # Recursion: nested ~1000 deep
         raise UserError("malformed features request: its header is not the JSON expected") from None
     features = decode(body[4 + n:])
     if not isinstance(stage, int) or isinstance(stage, bool) or state.size != len(features) * state_columns:

@@ -73,7 +73,7 @@ def decode(payload: bytes) -> np.ndarray:
         raise bad(f"header length {n} does not fit the {len(payload)}-byte payload")
     try:
         header = json.loads(payload[8:8 + n])
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested about a thousand deep
         raise bad("the header is not JSON") from None
     if not isinstance(header, dict) or header.get("format") not in (*FORMATS, IMAGE):
         raise bad(f"unknown format {header.get('format') if isinstance(header, dict) else header!r}")
