@@ -31,7 +31,7 @@ INPUT_NAME = "image"
 
 
 REASONS = {413: "too_large", 404: "unknown_model", 499: "disconnected", 503: "overloaded", 504: "timeout",
-           500: "failed"}  # a refusal's label in `exitwise_rejected_requests_total` (else "bad_request")
+           408: "slow_body", 500: "failed"}  # a refusal's label in `exitwise_rejected_requests_total` (else "bad_request")
 
 
 MESSAGE_CHARS = 400  # a refusal's message at most: it may quote what the client sent (a 16 MB 'datatype'), and over

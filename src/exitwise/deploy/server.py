@@ -169,13 +169,14 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
     # response objects, which cost more per request than the rest of the route (docs/serve.md, the server's overhead).
     async def infer(call: _Call, model: tuple[str, str]) -> dict:  # (name, version: "" where the path names none)
         check_model(name, *model)
-        images, parsed = parse_infer(await call.body(limit), call.header("inference-header-content-length"), shape)
+        body = await call.body(limit, timeout)
+        images, parsed = parse_infer(body, call.header("inference-header-content-length"), shape)
         requested_outputs(parsed)
         answers = await answer(call, images, request_timeout_ms(parsed.get("parameters")))
         return infer_response(name, parsed, answers, runner.class_names)
 
     async def predict(call: _Call, _model: None) -> dict:  # /v1/predict names no model
-        body = await call.body(limit)
+        body = await call.body(limit, timeout)
         blobs, names = await _files(call, body)
         answers = await answer(call, decode_images(blobs, shape, [n or f"#{i}" for i, n in enumerate(names)]))
         return {"model": name, "predictions": predictions(answers, runner.class_names, names)}
@@ -301,13 +302,16 @@ class _Call:
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
 
-    async def body(self, limit: int) -> bytes:
+    async def body(self, limit: int, within_s: float) -> bytes:
+        """The body, at most `limit` bytes (413), arriving within `within_s` seconds of its first part (408): a
+        client that trickles it would hold a place among the requests in flight. Most bodies come in one part, read
+        without a timer."""
         declared = self.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise BadRequest(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
-        parts, size, more = [], 0, True
-        while more:
-            message = await self.receive()
+        parts, size, deadline = [], 0, None
+        message = await self.receive()
+        while True:
             if message["type"] == "http.disconnect":
                 raise BadRequest(499, "client disconnected")
             part = message.get("body", b"")
@@ -315,8 +319,15 @@ class _Call:
             if size > limit:
                 raise BadRequest(413, f"request body is over the limit of {limit} bytes")
             parts.append(part)
-            more = message.get("more_body", False)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            if not message.get("more_body", False):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            deadline = deadline or asyncio.get_running_loop().time() + within_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await self.receive()
+            except TimeoutError:
+                raise BadRequest(408, f"the request body did not arrive within {within_s * 1e3:g} ms "
+                                      "(--timeout-ms)") from None
 
     def on_disconnect(self, callback):
         """`callback("gone")` once the client goes away; returns the function that stops watching."""
