@@ -32,6 +32,7 @@ from .scheduler import Answer, QueueFull, Scheduler
 from .tiers import CarryImages, Forwarder, TierAnswer, add_tier_routes
 
 HEAD_BYTES = 64 * 1024  # a request's line and headers at most (431 past it; nginx's default allows 32 KiB)
+LINGER_S = 2.0  # after a refusal the connection's writing side is shut, and it stays open for the client's bytes this long
 
 
 def _version() -> str:
@@ -303,15 +304,25 @@ class _Call:
         return self.headers.get(name)
 
     async def body(self, limit: int, within_s: float) -> bytes:
-        """The body, at most `limit` bytes (413), arriving within `within_s` seconds of its first part (408): a
-        client that trickles it would hold a place among the requests in flight. Most bodies come in one part, read
-        without a timer."""
+        """The body, at most `limit` bytes (413), all there within `within_s` seconds of the first wait for it (408):
+        a client that withholds or trickles it would hold a place among the requests in flight. A body that has
+        arrived with its headers (most do) is read without a timer."""
         declared = self.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise BadRequest(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
+        arrived = getattr(getattr(self.receive, "__self__", None), "message_event", None)  # uvicorn's: body waiting
         parts, size, deadline = [], 0, None
-        message = await self.receive()
         while True:
+            if deadline is None and (arrived.is_set() if arrived is not None else not parts):
+                message = await self.receive()  # there already (under another server: the first part, untimed)
+            else:
+                deadline = deadline or asyncio.get_running_loop().time() + within_s
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await self.receive()
+                except TimeoutError:
+                    raise BadRequest(408, f"the request body did not arrive within {within_s * 1e3:g} ms "
+                                          "(--timeout-ms)") from None
             if message["type"] == "http.disconnect":
                 raise BadRequest(499, "client disconnected")
             part = message.get("body", b"")
@@ -321,13 +332,6 @@ class _Call:
             parts.append(part)
             if not message.get("more_body", False):
                 return parts[0] if len(parts) == 1 else b"".join(parts)
-            deadline = deadline or asyncio.get_running_loop().time() + within_s
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await self.receive()
-            except TimeoutError:
-                raise BadRequest(408, f"the request body did not arrive within {within_s * 1e3:g} ms "
-                                      "(--timeout-ms)") from None
 
     def on_disconnect(self, callback):
         """`callback("gone")` once the client goes away; returns the function that stops watching."""
@@ -465,9 +469,13 @@ def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | No
         def connection_made(self, transport):
             super().connection_made(_OneWrite(transport))
 
+        _refused = False  # answered a refusal and closing: what the client still sends is dropped
+
         def data_received(self, data) -> None:
             """httptools holds a head in memory until it ends, however long (h11 stops at its own limit, given the
             same): past HEAD_BYTES the request is refused with 431 and the connection closed."""
+            if self._refused:
+                return
             if self._head is not None:
                 self._head += len(data)  # all of it head if the head has not ended once this data is parsed
             super().data_received(data)
@@ -486,10 +494,19 @@ def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | No
             self._refuse(b"400 Bad Request", msg)  # one-line JSON, not text/plain (then it closes, as uvicorn does)
 
         def _refuse(self, status: bytes, msg: str) -> None:
+            """The answer, then a lingering close: closing a socket that holds bytes the client sent and nobody
+            read sends a reset, which can destroy the answer before the client reads it; so the writing side is
+            shut (the client sees the answer and its end), what still comes is dropped, and the connection is
+            closed when the client closes it or after LINGER_S."""
             body = json.dumps({"error": msg}).encode()
             self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: "
                                  b"%d\r\nconnection: close\r\n\r\n%s" % (status, len(body), body))
-            self.transport.close()
+            if not self.transport.can_write_eof():  # TLS: no half close
+                self.transport.close()
+                return
+            self._refused = True
+            self.transport.write_eof()
+            asyncio.get_running_loop().call_later(LINGER_S, self.transport.close)
 
         def connection_lost(self, exc):
             if isinstance(self.transport, _OneWrite):
@@ -536,6 +553,10 @@ class _OneWrite:
     def close(self) -> None:
         self._flush()
         self._transport.close()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
 
     def __getattr__(self, name):
         return getattr(self._transport, name)
