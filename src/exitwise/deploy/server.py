@@ -32,7 +32,7 @@ from .scheduler import Answer, QueueFull, Scheduler
 from .tiers import CarryImages, Forwarder, TierAnswer, add_tier_routes
 
 HEAD_BYTES = 64 * 1024  # a request's line and headers at most (431 past it; nginx's default allows 32 KiB)
-LINGER_S = 2.0  # after a refusal the connection's writing side is shut, and it stays open for the client's bytes this long
+LINGER_S = 2.0  # after a refusal the connection's writing side is shut; it stays open for the client's bytes this long
 
 
 def _version() -> str:
@@ -480,7 +480,8 @@ def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | No
                 self._head += len(data)  # all of it head if the head has not ended once this data is parsed
             super().data_received(data)
             if self._head is not None and self._head > HEAD_BYTES and not self.transport.is_closing():
-                self._refuse(b"431 Request Header Fields Too Large", f"request line and headers over {HEAD_BYTES} bytes")
+                self._refuse(b"431 Request Header Fields Too Large",
+                             f"request line and headers over {HEAD_BYTES} bytes")
 
         def on_headers_complete(self) -> None:  # httptools' callbacks (h11 has none: its limit applies there)
             self._head = None
