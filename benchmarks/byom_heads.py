@@ -2,9 +2,9 @@
 
     python benchmarks/byom_heads.py --weights runs/resnet18/resnet18.safetensors [--epochs 2 --train-images 20000]
 
-For each kind (conv, pool, gap; see exitwise.models.heads) `exitwise attach` puts exits after layer1, layer2 and
-layer3 of the plain ResNet-18 (scripts/resnet18_cifar.py) and trains them with the backbone frozen, on the same
-seeded training images for the same epochs; then the whole study runs on the model folder. Printed per kind: each
+For each kind (conv-pool, conv, pool, gap; see exitwise.models.heads) `exitwise attach` puts exits after layer1,
+layer2 and layer3 of the plain ResNet-18 (scripts/resnet18_cifar.py) and trains them with the backbone frozen, on the
+same seeded training images for the same epochs; then the whole study runs on the model folder. Printed per kind: each
 head's MACs, each exit's test accuracy, and the study's fastest validation-chosen setting within 0.5 points of the
 final exit: its test accuracy, MACs ratio and measured wall-clock speed-up at batch 256 on the study's timing
 images. The kind with the best speed-up at equal accuracy pays.
@@ -17,6 +17,7 @@ from exitwise.api import attach_model, load_model
 from exitwise.config import AttachConfig
 from exitwise.data import load_splits
 from exitwise.device import machine, machine_load
+from exitwise.models import HeadReport
 from exitwise.models.heads import MAP_HEAD_KINDS
 from exitwise.study import StudyConfig, run_study
 
@@ -44,13 +45,18 @@ def main() -> None:
             results = run_study(network, splits, StudyConfig(progress=False), info).results
         fastest = results.best.fastest_within_points
         print(f"\n{kind}: trained in {card.train_seconds:.0f} s; head MACs "
-              + ", ".join(f"{h['head_macs']:,} ({h['fraction']:.1%})" for h in card.heads))
+              + head_costs(card.heads))
         print("  test accuracy per exit: " + ", ".join(f"{e.accuracy:.2%}" for e in results.exits))
         print(f"  fastest within {results.best.within_points} points (validation): test accuracy "
               f"{fastest.test.accuracy:.2%} (full {results.full_network.accuracy:.2%}), MACs ratio "
               f"{results.full_network.mean_macs / fastest.test.mean_macs:.2f}x, measured speed-up "
               f"{fastest.speedup:.2f}x ({results.precision}, micro-batch {results.micro_batch}); exit shares "
               + ", ".join(f"{s:.1%}" for s in fastest.test.exit_shares))
+
+
+def head_costs(heads: list[HeadReport]) -> str:
+    """Each side head's MACs and its share of its stage's, as printed."""
+    return ", ".join(f"{h.head_macs:,} ({h.fraction:.1%})" for h in heads)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 from exitwise.api import attach_model
 from exitwise.config import AttachConfig
 from exitwise.data import load_splits
-from exitwise.models import ModelCard
+from exitwise.models import HeadReport, ModelCard
 
 from byom_common import HERE, RESNET18, resnet18_parser
 
@@ -43,12 +43,17 @@ def main() -> None:
     print(f"head training: {card.train_seconds:.0f} s for {args.epochs} epochs; test accuracy per exit "
           + ", ".join(f"{a:.2%}" for a in card.test_accuracy))
     for h in card.heads:
-        print(f"  head after {h['exit']} ({h['kind']}): {h['head_macs']:,} MACs ({h['fraction']:.1%} of its stage)")
+        print(head_line(h))
     subprocess.run([sys.executable, str(HERE / "early_exit_speed.py"), "--data", str(args.data), "--model",
                     str(args.out), "--repeats", str(args.repeats),
                     "--batch1-images", str(args.batch1_images)]
                    + (["--images", str(args.images)] if args.images else []),
                    check=True)
+
+
+def head_line(h: HeadReport) -> str:
+    """A side head's MACs beside its stage's, as printed."""
+    return f"  head after {h.exit} ({h.kind}): {h.head_macs:,} MACs ({h.fraction:.1%} of its stage)"
 
 
 def load_card(weights: Path) -> str:

@@ -23,6 +23,7 @@ from exitwise.models.attach import attach, build_user_model, feature_shapes, loa
 from exitwise.models.costs import module_macs
 from exitwise.data import load_splits
 from exitwise.device import machine
+from exitwise.refs import TrainPrecisionProbe
 from exitwise.tune import choose_train_precision
 from exitwise.models.heads import MAP_HEAD_KINDS, map_head
 from exitwise.train import TrainConfig, augment
@@ -53,8 +54,7 @@ def main() -> None:
     kinds = [k for k in MAP_HEAD_KINDS if k != "auto"]
     heads = nn.ModuleList(nn.ModuleList(map_head(shape, 10, 1e18, kind) for kind in kinds) for shape in shapes)
     heads.to(memory_format=torch.channels_last)
-    timed = ", ".join(f"{name} {ms:.2f}" for name, ms in probe["ms_per_image"].items())
-    print(f"machine: {machine().describe()}; {precision} (ms per image of a training step: {timed}); "
+    print(f"machine: {machine().describe()}; {precision} (ms per image of a training step: {probe_times(probe)}); "
           f"{len(train_x)} training images, {args.epochs} epochs, validation on {len(splits.val)}")
     for exit_name, shape, row in zip(exits, shapes, heads):
         print(f"  {exit_name} {shape}: " + ", ".join(f"{kind} {module_macs(h, (1, *shape)) / 1e6:.2f} M MACs"
@@ -83,6 +83,11 @@ def main() -> None:
         print(f"epoch {epoch + 1} ({time.perf_counter() - start:.0f} s): " + "; ".join(
             f"{e} " + " ".join(f"{kind} {a:.1%}" for kind, a in zip(kinds, row)) for e, row in zip(exits, accuracy)),
             flush=True)
+
+
+def probe_times(probe: TrainPrecisionProbe) -> str:
+    """The training precision probe's time per image of each precision, as printed."""
+    return ", ".join(f"{name} {ms:.2f}" for name, ms in probe.ms_per_image.items())
 
 
 def features(trunk: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:

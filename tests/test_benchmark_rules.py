@@ -58,3 +58,16 @@ def test_serve_parts_free_model_is_served_by_the_app():
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     cpu, wall = serve_parts.loop_cpu_per_request([simplejpeg.encode_jpeg(pixels)], 20, 4)  # raises unless all 200
     assert 0 < cpu and 0 < wall
+
+
+def test_byom_benchmarks_print_a_cards_heads_and_the_training_probe():
+    """What the bring-your-own-model benchmarks print of an attached model's card and the training precision probe:
+    frozen records read by attribute (a card's heads were once dicts), as `exitwise attach` writes them."""
+    from exitwise.models import HeadReport
+    from exitwise.refs import TrainPrecisionProbe
+    heads = [HeadReport("layer1", 1_000, 40_000, 0.025, "conv"), HeadReport("layer2", 500, 50_000, 0.01, "gap")]
+    assert load_benchmark("byom_resnet18").head_line(heads[0]) == \
+        "  head after layer1 (conv): 1,000 MACs (2.5% of its stage)"
+    assert load_benchmark("byom_heads").head_costs(heads) == "1,000 (2.5%), 500 (1.0%)"
+    probe = TrainPrecisionProbe("fp32", {"fp32": 1.5, "bf16": 3.25}, 64)
+    assert load_benchmark("head_designs").probe_times(probe) == "fp32 1.50, bf16 3.25"
