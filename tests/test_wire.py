@@ -100,3 +100,18 @@ def test_images_cross_exactly_as_uint8():
     assert got.dtype == np.uint8 and np.array_equal(got, pixels)
     with pytest.raises(UserError, match="uint8 images"):
         encode(pixels.astype(np.float32), IMAGE)
+
+
+def test_shapes_and_scales_past_what_numpy_or_float32_hold_are_refused_not_raised():
+    """These raised OverflowError, ValueError or TypeError (a 500 at the tier), or decoded to infinities."""
+    for shape in ([2**62, 4], [2**32, 2**32], [10**30, 16]):  # int64 wraps to 0 bytes, or does not hold the size
+        with pytest.raises(UserError, match="bytes of values"):
+            decode(_with_header({"format": "fp32", "shape": shape}, b""))
+    with pytest.raises(UserError, match="shape"):  # more axes than numpy holds
+        decode(_with_header({"format": "fp32", "shape": [1] * 70}, b"\0" * 4))
+    for scales in ([10**400] * 2, [1e300] * 2):  # no float32
+        with pytest.raises(UserError, match="scales"):
+            decode(_with_header({"format": "int8", "shape": [1, 2], "scales": scales}, b"\1\1"))
+    with pytest.raises(UserError, match="overflow"):  # float32 scales, but times 127 they are not
+        decode(_with_header({"format": "int8", "shape": [1, 2], "scales": "float32"},
+                            np.array([3e38, 1], "<f4").tobytes() + b"\x7f\x7f"))

@@ -10,6 +10,7 @@ exact. numpy only (no torch).
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -21,14 +22,17 @@ MAGIC = b"EXW1"
 IMAGE = "uint8"   # the original images (uint8 pixels), when a cut sends them instead of features: exact
 BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "int8": 1, IMAGE: 1}
 MAX_HEADER = 1 << 16                  # bytes; a longer header is refused as malformed
+MAX_DIMS = 32                         # axes of a shape at most (numpy's own limit is 32 or 64, by version)
 SCALES = "float32"                    # int8's header says its scales come first in the body, one float32 a channel
 SCALE_DTYPE = np.dtype("<f4")         # ... in this dtype (`plan` counts their bytes with it)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # an int8 scale above it is not a float32 (a JSON one may be)
 _DTYPE = {"fp32": "<f4", "fp16": "<f2", "int8": "i1", IMAGE: "u1"}
 
 
 def payload_bytes(shape: tuple[int, ...], fmt: str) -> int:
-    """Bytes of the values of one payload (without the header and the int8 scales)."""
-    return int(np.prod(shape, dtype=np.int64)) * BYTES_PER_VALUE[fmt]
+    """Bytes of the values of one payload (without the header and the int8 scales); in Python's integers, so a
+    shape whose product overflows int64 (a malformed header's) is not taken for a small one."""
+    return math.prod(shape) * BYTES_PER_VALUE[fmt]
 
 
 def encode(features: np.ndarray, fmt: str) -> bytes:
@@ -78,7 +82,7 @@ def decode(payload: bytes) -> np.ndarray:
     if not isinstance(header, dict) or header.get("format") not in (*FORMATS, IMAGE):
         raise bad(f"unknown format {header.get('format') if isinstance(header, dict) else header!r}")
     fmt, shape = header["format"], header.get("shape")
-    if (not isinstance(shape, list) or not shape or
+    if (not isinstance(shape, list) or not shape or len(shape) > MAX_DIMS or
             not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise bad(f"shape {shape!r} is not a list of sizes")
     if fmt == "int8" and len(shape) < 2:
@@ -100,7 +104,11 @@ def decode(payload: bytes) -> np.ndarray:
             raise bad("values hold NaN or infinite numbers")
         return out
     if (not isinstance(scales, list) or len(scales) != shape[1] or
-            not all(isinstance(s, (int, float)) and np.isfinite(s) and s >= 0 for s in scales)):
+            not all(isinstance(s, (int, float)) and 0 <= s <= FLOAT32_MAX for s in scales)):  # NaN fails too
         raise bad(f"int8 needs {shape[1]} finite non-negative scales, one per channel")
     scale = np.asarray(scales, dtype=np.float32).reshape((1, -1) + (1,) * (len(shape) - 2))
-    return values.astype(np.float32) * scale
+    with np.errstate(over="ignore"):  # refused just below
+        out = values.astype(np.float32) * scale
+    if not np.isfinite(out).all():  # a scale near float32's largest, times 127
+        raise bad("int8 values times their scales overflow float32")
+    return out
