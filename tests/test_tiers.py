@@ -529,3 +529,99 @@ def test_a_tier_keeps_its_connection_to_the_next_one_and_reopens_it_when_the_nex
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _post_features(url: str, body: bytes) -> tuple[int, dict]:
+    import httpx  # urllib's write of a body the server refused before reading it breaks its pipe
+    response = httpx.post(f"{url}/v2/tiers/features", content=body, timeout=60,
+                          headers={"Content-Type": "application/octet-stream"})
+    return response.status_code, response.json()
+
+
+def test_a_tier_refuses_features_of_the_wrong_shape_or_range_and_bodies_past_its_limit_and_keeps_serving(digits):
+    """Features not of stage 0's output shape were run: a 500 alone, and where two such batches met at the stage's
+    queue the scheduler's worker died and the tier answered nothing more (504s); features far out of range gave a
+    NaN answer (500); the body limit did not apply to this route; rows past --max-queue were a 503 to retry."""
+    import threading
+    from exitwise.deploy.tiers import encode_features
+    export_dir, _ = digits
+    cloud = Tier(export_dir, "--stages", "1-2", "--tier", "cloud", "--max-body-mb", "1", "--max-queue", "8")
+    rng = np.random.default_rng(0)
+
+    def body(shape, value=None):
+        x = rng.normal(size=shape).astype(np.float32) if value is None else np.full(shape, value, np.float32)
+        return encode_features(1, x, np.zeros((len(x), 0), np.int64), "fp32")
+
+    try:
+        assert _post_features(cloud.url, body((2, 16, 8, 8)))[0] == 200
+        status, doc = _post_features(cloud.url, body((2, 16, 4, 4)))
+        assert status == 400 and "features of shape [16, 4, 4]; stage 1 takes [16, 8, 8]" in doc["error"]
+        assert _post_features(cloud.url, body((2, 1024)))[0] == 400
+        assert _post_features(cloud.url, body((2, 16, 8, 8), 3e38))[0] == 400
+        assert _post_features(cloud.url, body((9, 16, 8, 8)))[0] == 413
+        assert _post_features(cloud.url, b"\0" * (2**20 + 1))[0] == 413
+        statuses = []
+        sent = [threading.Thread(target=lambda b: statuses.append(_post_features(cloud.url, b)[0]),
+                                 args=(body((2, 16, 8, 8) if i % 2 else (2, 16, 4, 4)),)) for i in range(24)]
+        for t in sent:
+            t.start()
+        for t in sent:
+            t.join()
+        assert sorted(statuses) == [200] * 12 + [400] * 12
+        assert _post_features(cloud.url, body((2, 16, 8, 8)))[0] == 200
+    finally:
+        cloud.stop()
+    assert "Traceback" not in cloud.log, cloud.log[-2000:]
+
+
+def test_a_next_tier_answering_nan_or_out_of_range_rows_gives_degraded_answers_not_a_500(digits):
+    import http.server
+    import threading
+    export_dir, images = digits
+
+    class Bad(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            rows = len(json.loads(body[4:4 + struct.unpack("<I", body[:4])[0]])["state"])
+            row = b'[2, 1, NaN, "cloud", false]' if self.path.startswith("/nan") else b'[99, 1, 0.5, "cloud", false]'
+            out = b'{"tier": "cloud", "answers": [' + b",".join([row] * rows) + b"]}"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Bad)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    next_url = f"http://127.0.0.1:{server.server_address[1]}"
+    devices = [Tier(export_dir, "--stages", "0-0", "--next", f"{next_url}{prefix}", "--tier", "device")
+               for prefix in ("/nan", "/exit")]
+    try:
+        for device in devices:
+            got = _infer(device.url, images[:40])
+            degraded = np.array(got["degraded"])
+            assert degraded.any() and set(got["exit"][degraded]) == {0}
+    finally:
+        for device in devices:
+            device.stop()
+        server.shutdown()
+        server.server_close()
+    for device in devices:
+        assert "out of range" in device.log and "Traceback" not in device.log, device.log[-2000:]
+
+
+def test_a_relay_refuses_a_chunked_body_past_its_limit_as_it_arrives():
+    """A body with no Content-Length (chunked) was read whole, however long, and passed on."""
+    import httpx
+    relay = Tier(None, "--relay", "--next", "http://127.0.0.1:9", "--tier", "edge", "--max-body-mb", "1")
+    try:
+        chunks = (b"\0" * 2**16 for _ in range(40))  # 2.5 MiB; the next tier is down: passed on, it was a 502
+        response = httpx.post(f"{relay.url}/v2/tiers/features", content=chunks, timeout=60)
+        assert response.status_code == 413 and "over the limit of 1048576 bytes" in response.json()["error"]
+        assert httpx.get(f"{relay.url}/v2/health/ready", timeout=10).status_code == 200
+    finally:
+        relay.stop()

@@ -186,7 +186,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
                        {"infer": infer, "predict": predict}, refused, failed)
 
     if tier is not None:
-        add_tier_routes(app, runner, tier)
+        add_tier_routes(app, runner, tier, limit)
 
     @app.get("/metrics")
     async def scrape():

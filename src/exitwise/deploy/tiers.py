@@ -23,6 +23,7 @@ import asyncio
 import http.client
 import json
 import logging
+import math
 import ssl
 import struct
 import threading
@@ -175,7 +176,11 @@ class Forwarder:
         rows_back = json.loads(data)["answers"]
         if len(rows_back) != rows:
             raise RuntimeError(f"the next tier answered {len(rows_back)} rows of {rows}")
-        return [TierAnswer(int(e), int(c), float(p), str(t), bool(d)) for e, c, p, t, d in rows_back]
+        answers = [TierAnswer(int(e), int(c), float(p), str(t), bool(d)) for e, c, p, t, d in rows_back]
+        if not all(self.config.last < a.exit < self.runner.num_exits and 0 <= a.probability <= 1 for a in answers):
+            # NaN or out of range: malformed rows (a NaN would have failed this tier's own JSON answer, a 500)
+            raise RuntimeError("the next tier answered an exit or probability out of range")
+        return answers
 
     def _degraded(self, features: np.ndarray) -> list[TierAnswer]:
         """This tier's last exit on the features it holds (its head, run again: only on the degraded path)."""
@@ -227,19 +232,36 @@ def _recompute(runner, images: np.ndarray, stages: int) -> np.ndarray:
     return runner.to_numpy(_early_stages(runner, images, stages))
 
 
-def add_tier_routes(app, runner, config: TierConfig) -> None:
+async def _body(request: Request, limit: int) -> bytes:
+    """The request's body, refused with 413 past `limit` bytes (declared, or as it arrives)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise BadRequest(413, f"request body is over the limit of {limit} bytes")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def add_tier_routes(app, runner, config: TierConfig, max_body_bytes: int) -> None:
     """`POST /v2/tiers/features` on a server whose scheduler starts at `config.first` (> 0: the first tier takes
     images only). A tier that sends images on (`config.send_images`) takes images only: it cannot make them from
-    features."""
+    features. Bodies over `max_body_bytes` (--max-body-mb) get 413; features not of stage first - 1's output shape,
+    400 (in the scheduler they would fail inside its batches, or break its worker where two batches join)."""
     if config.first == 0:
         return
     scheduler = app.state.scheduler
     columns = runner.init_state(0).shape[1]
+    c, h, w = runner.input_shape
+    expected = _recompute(runner, np.zeros((1, h, w, c), np.uint8), config.first).shape[1:]
 
     @app.post(ENDPOINT)
     async def features(request: Request):
         try:
-            stage, x, state = decode_features(await request.body(), columns)
+            stage, x, state = decode_features(await _body(request, max_body_bytes), columns)
         except UserError as e:
             raise BadRequest(400, str(e)) from None
         if stage != config.first:
@@ -248,8 +270,13 @@ def add_tier_routes(app, runner, config: TierConfig) -> None:
         if config.send_images and x.dtype != np.uint8:
             raise BadRequest(409, f"tier {config.name} sends the images on to the next tier: send it the images, not "
                                   "features (--send-images on the tier before)")
+        if x.dtype != np.uint8 and x.shape[1:] != expected:
+            raise BadRequest(400, f"features of shape {list(x.shape[1:])}; stage {config.first} takes "
+                                  f"{list(expected)} (stage {config.first - 1}'s output)")
+        if len(x) > scheduler.config.max_queue:  # would never fit: not a 503 to retry
+            raise BadRequest(413, f"{len(x)} rows in one request; this tier holds at most "
+                                  f"{scheduler.config.max_queue} (--max-queue)")
         if x.dtype == np.uint8:  # the images, not features: stages 0..first-1 first (no exits: none left there)
-            c, h, w = runner.input_shape
             if x.shape[1:] != (h, w, c):
                 raise BadRequest(400, f"images of shape {list(x.shape[1:])}; the model takes {[h, w, c]} (NHWC)")
             if not config.send_images:  # else the scheduler's runner (`CarryImages`) runs them, keeping the images
@@ -260,6 +287,8 @@ def add_tier_routes(app, runner, config: TierConfig) -> None:
         except QueueFull as e:
             raise BadRequest(503, f"overloaded, try again: {e}") from None
         answers = answered(why, answers, scheduler.config.timeout_ms)
+        if not all(math.isfinite(a.probability) for a in answers):  # finite features far outside what stages give
+            raise BadRequest(400, "features out of range: the model's answer to them is not a number")
         rows = [[a.exit, a.prediction, a.probability, getattr(a, "tier", "") or config.name,
                  getattr(a, "degraded", False)] for a in answers]
         return JSONResponse({"tier": config.name, "answers": rows})
@@ -357,11 +386,10 @@ def create_relay_app(relay, max_body_bytes: int):
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def forward(path: str, request: Request):
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            return JSONResponse({"error": f"request body of {int(declared)} bytes is over the limit of "
-                                          f"{max_body_bytes} bytes"}, status_code=413)
-        body = await request.body()
+        try:  # a chunked body too, as it arrives (it was read whole, however long, then passed on)
+            body = await _body(request, max_body_bytes)
+        except BadRequest as e:
+            return JSONResponse({"error": e.message}, status_code=e.status)
         target = url.prefix + request.url.path + (f"?{request.url.query}" if request.url.query else "")
         headers = {h: v for h in _PASSED_HEADERS if (v := request.headers.get(h)) is not None}
         try:
