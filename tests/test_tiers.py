@@ -625,3 +625,41 @@ def test_a_relay_refuses_a_chunked_body_past_its_limit_as_it_arrives():
         assert httpx.get(f"{relay.url}/v2/health/ready", timeout=10).status_code == 200
     finally:
         relay.stop()
+
+
+def test_a_relay_passes_the_path_on_as_it_came_and_answers_its_own_refusals_in_one_line_json():
+    """The relay passed the decoded path on: a %2F went on as a /, a %20 failed in http.client (a 502 blamed on the
+    next tier), a non-ASCII one raised (500, text/plain); its own 405 was FastAPI's {"detail": ...}."""
+    import http.server
+    import threading
+    import httpx
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            out = json.dumps({"path": self.path}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    relay = Tier(None, "--relay", "--next", f"http://127.0.0.1:{server.server_address[1]}", "--tier", "edge")
+    try:
+        with httpx.Client(base_url=relay.url, timeout=30) as client:
+            for path in ("/v2/models/a%2Fb/infer", "/v2/models/a%20b/infer", "/v2/models/caf%C3%A9/infer?q=%C3%A9"):
+                response = client.get(path)
+                assert response.status_code == 200 and response.json() == {"path": path}, (path, response.text)
+            refused = client.delete("/v2/models/m/infer")
+            assert refused.status_code == 405 and refused.json() == {"error": "Method Not Allowed"}
+    finally:
+        relay.stop()
+        server.shutdown()
+        server.server_close()
+    assert "Traceback" not in relay.log, relay.log[-2000:]

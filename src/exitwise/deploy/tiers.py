@@ -361,6 +361,7 @@ def create_relay_app(relay, max_body_bytes: int):
     from fastapi import FastAPI
     from fastapi.responses import Response
     from prometheus_client import CollectorRegistry, Counter, generate_latest
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     url = check_url(relay.next_url)
     registry = CollectorRegistry()
     relayed = Counter("exitwise_relayed_requests", "Requests passed to the next tier, by its status", ["code"],
@@ -371,6 +372,10 @@ def create_relay_app(relay, max_body_bytes: int):
     pool = ThreadPoolExecutor(FORWARD_THREADS * 4, thread_name_prefix="exitwise-relay")
     connections = KeptConnections(url, relay.timeout_ms / 1e3, relay.next_tls)
     app = FastAPI(title="exitwise relay", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):  # its own 404/405: one-line JSON as a tier's
+        return JSONResponse({"error": " ".join(str(e.detail).split())}, status_code=e.status_code)
 
     @app.get("/v2/health/live")
     async def live():
@@ -390,7 +395,13 @@ def create_relay_app(relay, max_body_bytes: int):
             body = await _body(request, max_body_bytes)
         except BadRequest as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
-        target = url.prefix + request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        # the path as it came (percent-encoded): decoded, a %20 or a non-ASCII one failed in http.client (a 502
+        # blamed on the next tier, a 500) and a %2F went on as a /
+        raw = request.scope.get("raw_path") or request.url.path.encode()
+        query = request.scope.get("query_string", b"")
+        target = url.prefix + (raw + b"?" + query if query else raw).decode("latin-1")
+        if not target.isascii():
+            return JSONResponse({"error": "the request's path is not ASCII (percent-encode it)"}, status_code=400)
         headers = {h: v for h in _PASSED_HEADERS if (v := request.headers.get(h)) is not None}
         try:
             status, data, back = await asyncio.get_running_loop().run_in_executor(
