@@ -220,6 +220,21 @@ def test_a_range_that_stops_early_needs_a_forward_and_a_failing_batch_fails_only
     assert scheduler.close(5) and scheduler.inside == 0
 
 
+def test_chunks_that_cannot_join_run_one_by_one_and_the_worker_lives_on():
+    runner = FakeRunner()
+    runner.gate.clear()  # the first submission blocks in stage 0 while the two others queue together
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=8, workers=1)).start()
+    first = scheduler.submit(images([0]))
+    until(lambda: runner.entered)
+    odd = scheduler.submit(np.zeros((2, 1, 2, 1), dtype=np.uint8))  # another shape: np.concatenate refuses to join
+    plain = scheduler.submit(images([0, 0]))
+    runner.gate.set()
+    assert results(first + plain, 5) == [Answer(0, 0, 0.5)] * 3  # answered, each chunk in a call of its own
+    assert not wait(odd, 5).not_done  # answered or failed alone (the fake reshapes what it gets)
+    assert results(scheduler.submit(images([0]))) == [Answer(0, 0, 0.5)]  # the worker still serves
+    assert scheduler.close(5) and scheduler.inside == 0
+
+
 def test_a_caller_may_give_its_own_futures_and_the_scheduler_settles_those():
     class Slot:  # the least a sample's future must do
         def __init__(self):

@@ -230,9 +230,14 @@ class Scheduler:
             rows += len(parts[-1].samples)
         if len(parts) == 1:
             return parts[0]
-        data = (np.concatenate([p.data for p in parts]) if stage == self.first
-                else self.runner.concat([p.data for p in parts]))
-        return _Chunk(data, np.concatenate([p.state for p in parts]), [s for p in parts for s in p.samples])
+        try:
+            data = (np.concatenate([p.data for p in parts]) if stage == self.first
+                    else self.runner.concat([p.data for p in parts]))
+            state = np.concatenate([p.state for p in parts])
+        except Exception:  # chunks that cannot join (rows of another shape): the first runs alone, the rest wait;
+            queue.extendleft(reversed(parts[1:]))  # a chunk that cannot run fails its own samples in `_run`, never
+            return parts[0]  # the worker, which an exception here (under the lock, outside `_run`) would end
+        return _Chunk(data, state, [s for p in parts for s in p.samples])
 
     def _take(self, stage: int, chunk: _Chunk, rows: np.ndarray) -> _Chunk:
         data = chunk.data[rows] if stage == self.first else self.runner.take(chunk.data, rows)
