@@ -328,6 +328,8 @@ def test_health_metadata_and_metrics(onnx_server):
             'precision="",stages="0-2",workers="1"} 1.0' % onnx_server.app.state.runner.micro_batch) in text
     for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_gc_collections_total"):
         assert name in text  # prometheus-client's standard process metrics, as ops dashboards expect
+    for path in ("/openapi.json", "/docs"):  # no generated schema or pages beside the protocol's own routes
+        assert client.get(path).status_code == 404
 
 
 def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_path):

@@ -91,7 +91,8 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
             await drain[0]
         await closing
 
-    app = _App(title="exitwise", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = _App(title="exitwise", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+               openapi_url=None)  # the protocol is the OIP's (docs/serve.md), not a generated schema
     app.state.scheduler, app.state.metrics, app.state.runner = scheduler, metrics, runner
 
     answers = app.state.answers = Answers()
