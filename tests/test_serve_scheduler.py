@@ -12,7 +12,7 @@ import pytest
 
 from exitwise.deploy.runner import StepOut
 from exitwise.config import SchedulerConfig
-from exitwise.deploy.scheduler import Answer, Expired, Observer, QueueFull, Scheduler
+from exitwise.deploy.scheduler import Answer, Expired, Observer, QueueFull, Scheduler, TooLarge
 from exitwise.errors import UserError
 
 from conftest import until
@@ -159,6 +159,9 @@ def test_a_full_queue_refuses_at_once_and_a_closed_one_too():
     with pytest.raises(QueueFull):
         scheduler.submit(images([0, 0]))
     assert counts.drops == {"queue_full": 2}
+    with pytest.raises(TooLarge, match="5 samples; at most 4"):  # never fits, full or not: no retry helps
+        scheduler.submit(images([0] * 5))
+    assert counts.drops == {"queue_full": 2} and scheduler.inside == 3
     runner.gate.set()
     results(held)
     scheduler.close(5)

@@ -12,6 +12,7 @@ Outputs, per image: `class_index` (INT64), `label` (BYTES), `probability` (FP32)
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -46,6 +47,36 @@ class BadRequest(Exception):
         self.status, self.message = status, " ".join(str(message).split())
         if len(self.message) > MESSAGE_CHARS:
             self.message = f"{self.message[:MESSAGE_CHARS // 2 - 3]} ... {self.message[-(MESSAGE_CHARS // 2 - 2):]}"
+
+
+async def read_body(receive, content_length: str | None, limit: int, within_s: float | None = None) -> bytes:
+    """An ASGI request's body, at most `limit` bytes (413, as declared or as it arrives); with `within_s`, all there
+    within that many seconds of the first wait for it (408): a client that withholds or trickles it would hold a
+    place among the requests in flight. A body that arrived with its headers (most do) is read without a timer."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise BadRequest(413, f"request body of {int(content_length)} bytes is over the limit of {limit} bytes")
+    arrived = getattr(getattr(receive, "__self__", None), "message_event", None)  # uvicorn's: body waiting
+    parts, size, deadline = [], 0, None
+    while True:
+        if within_s is None or deadline is None and (arrived.is_set() if arrived is not None else not parts):
+            message = await receive()  # there already (under another server: the first part, untimed)
+        else:
+            deadline = deadline or asyncio.get_running_loop().time() + within_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BadRequest(408, f"the request body did not arrive within {within_s * 1e3:g} ms "
+                                      "(--timeout-ms)") from None
+        if message["type"] == "http.disconnect":
+            raise BadRequest(499, "client disconnected")
+        part = message.get("body", b"")
+        size += len(part)
+        if size > limit:
+            raise BadRequest(413, f"request body is over the limit of {limit} bytes")
+        parts.append(part)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def answered(why: str, outcomes: list, timeout_ms: float) -> list[Answer]:

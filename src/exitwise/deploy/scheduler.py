@@ -19,7 +19,8 @@ taking the next batch when it is free:
 The first stage waits up to `max_wait_ms` for a full batch when nothing else is waiting; later stages
 never wait (no worker idles while samples wait there). Before every stage, samples whose
 future was cancelled (the client went away) or whose deadline passed (`timeout_ms`, answered with
-`Expired`) are dropped. `submit` refuses at once (`QueueFull`) when `max_queue` samples are inside.
+`Expired`) are dropped. `submit` refuses at once (`QueueFull`) when `max_queue` samples are inside, and a submission of more
+than `max_queue` samples (`TooLarge`), which would never fit.
 
 A scheduler may hold only the stages `first..last` of a network (tiers): features enter at `first`
 (`submit_features`) and the samples still there after `last` are handed to `forward` instead of being
@@ -50,6 +51,10 @@ class Answer:
 
 class QueueFull(Exception):
     """The scheduler holds `max_queue` samples (or is closing): try again later."""
+
+
+class TooLarge(Exception):
+    """One submission of more samples than the scheduler ever holds (`max_queue`): it would never fit."""
 
 
 class Expired(Exception):
@@ -138,6 +143,8 @@ class Scheduler:
         deadline = now + self.config.within_ms(timeout_ms) / 1e3
         if futures is not None and len(futures) != len(data):
             raise ValueError(f"{len(futures)} futures for {len(data)} rows")
+        if len(data) > self.config.max_queue:  # not a QueueFull: waiting would not help
+            raise TooLarge(f"{len(data)} samples; at most {self.config.max_queue} (--max-queue)")
         samples = [Sample(f, now, deadline) for f in (futures if futures is not None else
                                                        [Future() for _ in range(len(data))])]
         with self._cond:

@@ -25,13 +25,13 @@ from ..config import ServeConfig, ServerTLS
 from ..errors import UserError
 from .metrics import Metrics
 from .oip import (REASONS, BadRequest, answered, check_model, decode_images, infer_response, model_metadata,
-                  parse_infer, predictions, request_timeout_ms, requested_outputs)
+                  parse_infer, predictions, read_body, request_timeout_ms, requested_outputs)
 from .answers import Answers
 from .runner import Runner, describe
-from .scheduler import Answer, QueueFull, Scheduler
+from .scheduler import Answer, QueueFull, Scheduler, TooLarge
 from .tiers import CarryImages, Forwarder, TierAnswer, add_tier_routes
 
-HEAD_BYTES = 64 * 1024  # a request's line and headers at most (431 past it; nginx's default allows 32 KiB)
+HEAD_BYTES = 64 * 1024  # a request's line and headers at most (431 past it)
 LINGER_S = 2.0  # after a refusal the connection's writing side is shut; it stays open for the client's bytes this long
 
 
@@ -102,15 +102,15 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         deadline sooner than --timeout-ms; a client that leaves has its samples cancelled (dropped downstream)."""
         if scheduler.first != 0:
             raise BadRequest(409, f"this tier starts at stage {scheduler.first}: send images to the first tier")
-        if len(images) > config.scheduler.max_queue:  # would never fit: not a 503 to retry
-            raise BadRequest(413, f"{len(images)} images in one request; this server holds at most "
-                                  f"{config.scheduler.max_queue} (--max-queue)")
         within = config.scheduler.within_ms(timeout_ms)
         try:
             why, outcomes = await answers.wait(lambda slots: scheduler.submit(images, slots, timeout_ms), len(images),
                                                within / 1e3, call.on_disconnect)
         except QueueFull as e:
             raise BadRequest(503, f"overloaded, try again: {e}") from None
+        except TooLarge:  # would never fit: not a 503 to retry
+            raise BadRequest(413, f"{len(images)} images in one request; this server holds at most "
+                                  f"{config.scheduler.max_queue} (--max-queue)") from None
         outcomes = answered(why, outcomes, within)
         if tier is None:
             return outcomes
@@ -305,34 +305,7 @@ class _Call:
         return self.headers.get(name)
 
     async def body(self, limit: int, within_s: float) -> bytes:
-        """The body, at most `limit` bytes (413), all there within `within_s` seconds of the first wait for it (408):
-        a client that withholds or trickles it would hold a place among the requests in flight. A body that has
-        arrived with its headers (most do) is read without a timer."""
-        declared = self.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise BadRequest(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
-        arrived = getattr(getattr(self.receive, "__self__", None), "message_event", None)  # uvicorn's: body waiting
-        parts, size, deadline = [], 0, None
-        while True:
-            if deadline is None and (arrived.is_set() if arrived is not None else not parts):
-                message = await self.receive()  # there already (under another server: the first part, untimed)
-            else:
-                deadline = deadline or asyncio.get_running_loop().time() + within_s
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        message = await self.receive()
-                except TimeoutError:
-                    raise BadRequest(408, f"the request body did not arrive within {within_s * 1e3:g} ms "
-                                          "(--timeout-ms)") from None
-            if message["type"] == "http.disconnect":
-                raise BadRequest(499, "client disconnected")
-            part = message.get("body", b"")
-            size += len(part)
-            if size > limit:
-                raise BadRequest(413, f"request body is over the limit of {limit} bytes")
-            parts.append(part)
-            if not message.get("more_body", False):
-                return parts[0] if len(parts) == 1 else b"".join(parts)
+        return await read_body(self.receive, self.headers.get("content-length"), limit, within_s)
 
     def on_disconnect(self, callback):
         """`callback("gone")` once the client goes away; returns the function that stops watching."""
@@ -466,11 +439,10 @@ def uvicorn_config(app, log_level: str = "warning", graceful_seconds: float | No
     class OneWriteProtocol(AutoHTTPProtocol):  # httptools where installed (uvicorn[standard]), else h11
         # bytes of a request's head (its line and headers) received so far; None: in its body, or under h11
         _head: int | None = 0 if hasattr(AutoHTTPProtocol, "on_headers_complete") else None
+        _refused = False  # answered a refusal and closing: what the client still sends is dropped
 
         def connection_made(self, transport):
             super().connection_made(_OneWrite(transport))
-
-        _refused = False  # answered a refusal and closing: what the client still sends is dropped
 
         def data_received(self, data) -> None:
             """httptools holds a head in memory until it ends, however long (h11 stops at its own limit, given the

@@ -37,8 +37,8 @@ from fastapi.responses import JSONResponse
 
 from ..config import ClientTLS, NextURL, TierConfig, check_url
 from ..errors import UserError
-from .oip import BadRequest, answered
-from .scheduler import Answer, QueueFull, Sample
+from .oip import BadRequest, answered, read_body
+from .scheduler import Answer, QueueFull, Sample, TooLarge
 from .wire import IMAGE, decode, encode
 
 ENDPOINT = "/v2/tiers/features"
@@ -232,20 +232,6 @@ def _recompute(runner, images: np.ndarray, stages: int) -> np.ndarray:
     return runner.to_numpy(_early_stages(runner, images, stages))
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    """The request's body, refused with 413 past `limit` bytes (declared, or as it arrives)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BadRequest(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise BadRequest(413, f"request body is over the limit of {limit} bytes")
-        parts.append(part)
-    return b"".join(parts)
-
-
 def add_tier_routes(app, runner, config: TierConfig, max_body_bytes: int) -> None:
     """`POST /v2/tiers/features` on a server whose scheduler starts at `config.first` (> 0: the first tier takes
     images only). A tier that sends images on (`config.send_images`) takes images only: it cannot make them from
@@ -261,7 +247,8 @@ def add_tier_routes(app, runner, config: TierConfig, max_body_bytes: int) -> Non
     @app.post(ENDPOINT)
     async def features(request: Request):
         try:
-            stage, x, state = decode_features(await _body(request, max_body_bytes), columns)
+            stage, x, state = decode_features(await read_body(request.receive, request.headers.get("content-length"),
+                                                          max_body_bytes), columns)
         except UserError as e:
             raise BadRequest(400, str(e)) from None
         if stage != config.first:
@@ -273,9 +260,6 @@ def add_tier_routes(app, runner, config: TierConfig, max_body_bytes: int) -> Non
         if x.dtype != np.uint8 and x.shape[1:] != expected:
             raise BadRequest(400, f"features of shape {list(x.shape[1:])}; stage {config.first} takes "
                                   f"{list(expected)} (stage {config.first - 1}'s output)")
-        if len(x) > scheduler.config.max_queue:  # would never fit: not a 503 to retry
-            raise BadRequest(413, f"{len(x)} rows in one request; this tier holds at most "
-                                  f"{scheduler.config.max_queue} (--max-queue)")
         if x.dtype == np.uint8:  # the images, not features: stages 0..first-1 first (no exits: none left there)
             if x.shape[1:] != (h, w, c):
                 raise BadRequest(400, f"images of shape {list(x.shape[1:])}; the model takes {[h, w, c]} (NHWC)")
@@ -286,6 +270,9 @@ def add_tier_routes(app, runner, config: TierConfig, max_body_bytes: int) -> Non
                                                         len(x), scheduler.config.timeout_ms / 1e3 + 1)
         except QueueFull as e:
             raise BadRequest(503, f"overloaded, try again: {e}") from None
+        except TooLarge:  # would never fit: not a 503 to retry
+            raise BadRequest(413, f"{len(x)} rows in one request; this tier holds at most "
+                                  f"{scheduler.config.max_queue} (--max-queue)") from None
         answers = answered(why, answers, scheduler.config.timeout_ms)
         if not all(math.isfinite(a.probability) for a in answers):  # finite features far outside what stages give
             raise BadRequest(400, "features out of range: the model's answer to them is not a number")
@@ -392,7 +379,7 @@ def create_relay_app(relay, max_body_bytes: int):
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def forward(path: str, request: Request):
         try:  # a chunked body too, as it arrives (it was read whole, however long, then passed on)
-            body = await _body(request, max_body_bytes)
+            body = await read_body(request.receive, request.headers.get("content-length"), max_body_bytes)
         except BadRequest as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
         # the path as it came (percent-encoded): decoded, a %20 or a non-ASCII one failed in http.client (a 502
