@@ -609,7 +609,7 @@ def test_under_exitwise_serve_bytes_that_are_no_http_request_get_a_one_line_json
 @pytest.mark.parametrize("parser", ["httptools", "h11"])
 def test_under_exitwise_serve_a_request_head_over_64_kib_is_refused_and_large_bodies_still_pass(digits, parser,
                                                                                              monkeypatch):
-    """httptools would hold a head of any length in memory (64 MB took 175 MB): the head is cut at HEAD_BYTES (431),
+    """httptools would hold a head of any length in memory: the head is cut at HEAD_BYTES (431),
     as h11 cuts it itself (400); a body is not a head, however it arrives."""
     from uvicorn.protocols.http import auto
     from exitwise.deploy.server import HEAD_BYTES
