@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from exitwise.data import load_splits
+from exitwise.errors import UserError
 from exitwise.models.base import MultiExitNetwork
 from exitwise.train import TrainConfig, train
 
@@ -29,19 +30,30 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--precision", default="auto", help="auto (the faster here, timed), fp32 or bf16")
     p.add_argument("--images", type=int, help="a smoke run: N seeded train, validation and test images only")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help=f"(default {TrainConfig.batch_size}; a smoke run with --images N needs N at least this)")
     p.add_argument("--resume", type=Path)
     args = p.parse_args()
+    try:
+        card = _train(args)
+    except UserError as e:  # a mistake in the command (the data, --images, --resume): one line, not a traceback
+        sys.exit(f"error: {e}")
+    print(f"test accuracy {card.test_accuracy[0]:.2%}; weights: {args.out / 'resnet18.safetensors'}")
+
+
+def _train(args: argparse.Namespace):
     splits = load_splits("cifar10", args.data)
     if args.images:
         splits = splits.sample(args.images)
     model = build()
     network = MultiExitNetwork([model], [nn.Identity()], num_classes=10, input_shape=(3, 32, 32))
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, precision=args.precision, cutout=8)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, precision=args.precision, cutout=8,
+                         batch_size=args.batch_size)
     card = train(network, splits, config, args.out, resume=args.resume, model_name="resnet18-cifar-plain")
     state = {k.removeprefix("stages.0."): v.detach().clone(memory_format=torch.contiguous_format)
              for k, v in network.state_dict().items()}
     save_file(state, str(args.out / "resnet18.safetensors"))
-    print(f"test accuracy {card.test_accuracy[0]:.2%}; weights: {args.out / 'resnet18.safetensors'}")
+    return card
 
 
 if __name__ == "__main__":

@@ -339,6 +339,8 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_
     Image.fromarray(data.images[0, :, :, 0].numpy()).save(jpeg, format="JPEG")
     pixels = lambda shape, datatype="UINT8": {"inputs": [{"name": "image", "datatype": datatype, "shape": shape,
                                                           "data": [0] * int(np.prod(shape))}]}
+    sized_true = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 8, 8],
+                                         "parameters": {"binary_data_size": True}}]}).encode()  # true: no size
     cases = [
         ("/v1/predict", {"content": b"not an image"}, 400, "not an image format PIL reads"),
         ("/v1/predict", {"content": jpeg.getvalue()[:len(jpeg.getvalue()) // 2]}, 400, "cannot decode image"),
@@ -376,6 +378,10 @@ def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_
         (INFER, {"content": json.dumps({**pixels([1, 1, 8, 8]), "id": "\ud800"}).encode()}, 400, "lone surrogate"),
         (INFER, {"json": {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}},
          400, "base64"),
+        (INFER, {"content": sized_true + b"\0", "headers": {"Inference-Header-Content-Length": str(len(sized_true))}},
+         400, "binary_data_size True but 1 bytes"),
+        (INFER, {"content": json.dumps(pixels([1, 1, 8, 8])).encode(),  # int() would take "+1", "1_0", " 1"
+                 "headers": {"Inference-Header-Content-Length": "+115"}}, 400, "Inference-Header-Content-Length is not"),
         ("/v2/models/other/infer", {"json": pixels([1, 1, 8, 8])}, 404, "unknown model 'other'"),
         ("/v2/nothing", {"content": b""}, 404, "Not Found"),
     ]

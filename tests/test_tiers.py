@@ -1,5 +1,6 @@
 """Tiers on 127.0.0.1: a chain of `exitwise serve` processes answers as single-process early exit does, degrades
 to its own last exit when the next tier dies (and forwards again when it is back), and refuses bad chains."""
+import contextlib
 import dataclasses
 import json
 import struct
@@ -493,42 +494,53 @@ def test_a_torch_chain_answers_as_single_process_early_exit_and_degrades_on_torc
     assert all(t == "edge" for t, d in zip(during["tier"], during["degraded"]) if d)
 
 
-def test_a_tier_keeps_its_connection_to_the_next_one_and_reopens_it_when_the_next_tier_closed_it():
+@contextlib.contextmanager
+def fake_next_tier(answer, on_connect=lambda address: None):
+    """A plain HTTP/1.1 server on 127.0.0.1 standing in for a next tier: every GET or POST gets a 200 whose body is
+    `answer(path, body)`; its URL. `on_connect` is told of each TCP connection it accepts."""
     import http.server
     import threading
-    from exitwise.deploy.tiers import KeptConnections
-    accepted = []
 
-    class Echo(http.server.BaseHTTPRequestHandler):
+    class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive
 
         def setup(self):
-            accepted.append(self.client_address)
+            on_connect(self.client_address)
             super().setup()
 
         def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
+            out = answer(self.path, self.rfile.read(int(self.headers.get("Content-Length", 0))))
             self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(out)
+
+        do_GET = do_POST
 
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        kept = KeptConnections(NextURL(False, "127.0.0.1", server.server_address[1]), timeout=5)
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_tier_keeps_its_connection_to_the_next_one_and_reopens_it_when_the_next_tier_closed_it():
+    from exitwise.deploy.tiers import KeptConnections
+    accepted = []
+    with fake_next_tier(lambda path, body: body, on_connect=accepted.append) as url:
+        kept = KeptConnections(NextURL(False, "127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5)
         assert [kept.request("POST", "/", b"x%d" % i, {})[:2] for i in range(3)] == [(200, b"x0"), (200, b"x1"),
                                                                                       (200, b"x2")]
         assert len(accepted) == 1  # three crossings, one TCP connection
         kept.local.conn.sock.shutdown(2)  # as if the next tier had closed it while idle
         assert kept.request("POST", "/", b"again", {})[:2] == (200, b"again")
         assert len(accepted) == 2
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _post_features(url: str, body: bytes) -> tuple[int, dict]:
@@ -560,6 +572,8 @@ def test_a_tier_refuses_features_of_the_wrong_shape_or_range_and_bodies_past_its
         assert _post_features(cloud.url, body((2, 1024)))[0] == 400
         assert _post_features(cloud.url, body((2, 16, 8, 8), 3e38))[0] == 400
         assert _post_features(cloud.url, body((25, 16, 8, 8)))[0] == 413
+        status, doc = _post_features(cloud.url, body((0, 16, 8, 8)))  # was a 200 with no answers
+        assert status == 400 and "no rows" in doc["error"]
         assert _post_features(cloud.url, b"\0" * (2**20 + 1))[0] == 413
         statuses = []
         sent = [threading.Thread(target=lambda b: statuses.append(_post_features(cloud.url, b)[0]),
@@ -575,42 +589,57 @@ def test_a_tier_refuses_features_of_the_wrong_shape_or_range_and_bodies_past_its
     assert "Traceback" not in cloud.log, cloud.log[-2000:]
 
 
+def _withheld(port: int, sent: bytes) -> bytes:
+    """The answer to a features request whose body stops after `sent` (of 100 bytes announced)."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/tiers/features HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + sent)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):  # bounded by the socket's timeout
+            answer += sock.recv(65536)
+    return answer
+
+
+def test_a_tier_or_relay_whose_tier_before_withholds_the_body_answers_408_within_its_timeout(digits):
+    """A tier before that stalled mid-body held a place of --max-queue at a tier, and a relay's thread, for ever."""
+    from exitwise.deploy.tiers import encode_features
+    export_dir, _ = digits
+    cloud = Tier(export_dir, "--stages", "1-2", "--tier", "cloud", "--timeout-ms", "300")
+    relay = Tier(None, "--relay", "--next", cloud.url, "--tier", "edge", "--forward-timeout-ms", "300")
+    try:
+        for tier in (cloud, relay):
+            for sent in (b"", b"\x05\x00"):
+                start = time.monotonic()
+                answer = _withheld(tier.port, sent)
+                flag = b"--forward-timeout-ms" if tier is relay else b"--timeout-ms"
+                assert answer.startswith(b"HTTP/1.1 408 ") and b"within 300 ms (%s)" % flag in answer, answer
+                assert time.monotonic() - start < 5
+        assert _post_features(cloud.url, encode_features(1, np.zeros((1, 16, 8, 8), np.float32),
+                                                         np.zeros((1, 0), np.int64), "fp32"))[0] == 200
+    finally:
+        relay.stop()
+        cloud.stop()
+
+
 def test_a_next_tier_answering_nan_or_out_of_range_rows_gives_degraded_answers_not_a_500(digits):
-    import http.server
-    import threading
     export_dir, images = digits
 
-    class Bad(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def rows(path: str, body: bytes) -> bytes:
+        count = len(json.loads(body[4:4 + struct.unpack("<I", body[:4])[0]])["state"])
+        row = b'[2, 1, NaN, "cloud", false]' if path.startswith("/nan") else b'[99, 1, 0.5, "cloud", false]'
+        return b'{"tier": "cloud", "answers": [' + b",".join([row] * count) + b"]}"
 
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            rows = len(json.loads(body[4:4 + struct.unpack("<I", body[:4])[0]])["state"])
-            row = b'[2, 1, NaN, "cloud", false]' if self.path.startswith("/nan") else b'[99, 1, 0.5, "cloud", false]'
-            out = b'{"tier": "cloud", "answers": [' + b",".join([row] * rows) + b"]}"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Bad)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    next_url = f"http://127.0.0.1:{server.server_address[1]}"
-    devices = [Tier(export_dir, "--stages", "0-0", "--next", f"{next_url}{prefix}", "--tier", "device")
-               for prefix in ("/nan", "/exit")]
-    try:
-        for device in devices:
-            got = _infer(device.url, images[:40])
-            degraded = np.array(got["degraded"])
-            assert degraded.any() and set(got["exit"][degraded]) == {0}
-    finally:
-        for device in devices:
-            device.stop()
-        server.shutdown()
-        server.server_close()
+    with fake_next_tier(rows) as next_url:
+        devices = [Tier(export_dir, "--stages", "0-0", "--next", f"{next_url}{prefix}", "--tier", "device")
+                   for prefix in ("/nan", "/exit")]
+        try:
+            for device in devices:
+                got = _infer(device.url, images[:40])
+                degraded = np.array(got["degraded"])
+                assert degraded.any() and set(got["exit"][degraded]) == {0}
+        finally:
+            for device in devices:
+                device.stop()
     for device in devices:
         assert "out of range" in device.log and "Traceback" not in device.log, device.log[-2000:]
 
@@ -631,36 +660,17 @@ def test_a_relay_refuses_a_chunked_body_past_its_limit_as_it_arrives():
 def test_a_relay_passes_the_path_on_as_it_came_and_answers_its_own_refusals_in_one_line_json():
     """The relay passed the decoded path on: a %2F went on as a /, a %20 failed in http.client (a 502 blamed on the
     next tier), a non-ASCII one raised (500, text/plain); its own 405 was FastAPI's {"detail": ...}."""
-    import http.server
-    import threading
     import httpx
-
-    class Echo(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self):
-            out = json.dumps({"path": self.path}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    relay = Tier(None, "--relay", "--next", f"http://127.0.0.1:{server.server_address[1]}", "--tier", "edge")
-    try:
-        with httpx.Client(base_url=relay.url, timeout=30) as client:
-            for path in ("/v2/models/a%2Fb/infer", "/v2/models/a%20b/infer", "/v2/models/caf%C3%A9/infer?q=%C3%A9"):
-                response = client.get(path)
-                assert response.status_code == 200 and response.json() == {"path": path}, (path, response.text)
-            refused = client.delete("/v2/models/m/infer")
-            assert refused.status_code == 405 and refused.json() == {"error": "Method Not Allowed"}
-    finally:
-        relay.stop()
-        server.shutdown()
-        server.server_close()
+    with fake_next_tier(lambda path, body: json.dumps({"path": path}).encode()) as next_url:
+        relay = Tier(None, "--relay", "--next", next_url, "--tier", "edge")
+        try:
+            with httpx.Client(base_url=relay.url, timeout=30) as client:
+                for path in ("/v2/models/a%2Fb/infer", "/v2/models/a%20b/infer",
+                             "/v2/models/caf%C3%A9/infer?q=%C3%A9"):
+                    response = client.get(path)
+                    assert response.status_code == 200 and response.json() == {"path": path}, (path, response.text)
+                refused = client.delete("/v2/models/m/infer")
+                assert refused.status_code == 405 and refused.json() == {"error": "Method Not Allowed"}
+        finally:
+            relay.stop()
     assert "Traceback" not in relay.log, relay.log[-2000:]

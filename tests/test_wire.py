@@ -109,7 +109,7 @@ def test_shapes_and_scales_past_what_numpy_or_float32_hold_are_refused_not_raise
             decode(_with_header({"format": "fp32", "shape": shape}, b""))
     with pytest.raises(UserError, match="shape"):  # more axes than numpy holds
         decode(_with_header({"format": "fp32", "shape": [1] * 70}, b"\0" * 4))
-    for scales in ([10**400] * 2, [1e300] * 2):  # no float32
+    for scales in ([10**400] * 2, [1e300] * 2, [True, 1]):  # no float32; a boolean is no scale
         with pytest.raises(UserError, match="scales"):
             decode(_with_header({"format": "int8", "shape": [1, 2], "scales": scales}, b"\1\1"))
     with pytest.raises(UserError, match="overflow"):  # float32 scales, but times 127 they are not

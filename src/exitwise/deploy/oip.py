@@ -49,10 +49,11 @@ class BadRequest(Exception):
             self.message = f"{self.message[:MESSAGE_CHARS // 2 - 3]} ... {self.message[-(MESSAGE_CHARS // 2 - 2):]}"
 
 
-async def read_body(receive, content_length: str | None, limit: int, within_s: float | None = None) -> bytes:
+async def read_body(receive, content_length: str | None, limit: int, within_s: float | None = None,
+                    flag: str = "--timeout-ms") -> bytes:
     """An ASGI request's body, at most `limit` bytes (413, as declared or as it arrives); with `within_s`, all there
-    within that many seconds of the first wait for it (408): a client that withholds or trickles it would hold a
-    place among the requests in flight. A body that arrived with its headers (most do) is read without a timer."""
+    within that many seconds of the first wait for it (408, naming `flag`, the option that set it): a client (or a
+    tier before) that withholds or trickles it would hold a place among the requests in flight. A body that arrived with its headers (most do) is read without a timer."""
     if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise BadRequest(413, f"request body of {int(content_length)} bytes is over the limit of {limit} bytes")
     arrived = getattr(getattr(receive, "__self__", None), "message_event", None)  # uvicorn's: body waiting
@@ -66,8 +67,8 @@ async def read_body(receive, content_length: str | None, limit: int, within_s: f
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
-                raise BadRequest(408, f"the request body did not arrive within {within_s * 1e3:g} ms "
-                                      "(--timeout-ms)") from None
+                raise BadRequest(408, f"the request body did not arrive within {within_s * 1e3:g} ms ({flag})") \
+                    from None
         if message["type"] == "http.disconnect":
             raise BadRequest(499, "client disconnected")
         part = message.get("body", b"")
@@ -139,10 +140,9 @@ def parse_infer(body: bytes, header_length: str | None, shape: Sequence[int]) ->
         raise BadRequest(400, "empty request body: expected an inference request in JSON")
     size = len(body)
     if header_length is not None:
-        try:
-            size = int(header_length)
-        except ValueError:
-            raise BadRequest(400, "Inference-Header-Content-Length is not a number") from None
+        if not (header_length.isascii() and header_length.isdigit()):  # int() takes "+1", "1_0", " 1", "١"
+            raise BadRequest(400, "Inference-Header-Content-Length is not a number")
+        size = int(header_length)
         if not 0 < size <= len(body):
             raise BadRequest(400, f"Inference-Header-Content-Length {size} does not fit a body of {len(body)} bytes")
     try:
@@ -170,7 +170,7 @@ def parse_infer(body: bytes, header_length: str | None, shape: Sequence[int]) ->
         raise BadRequest(400, "input parameters must be an object")
     if "binary_data_size" in params:
         n = params["binary_data_size"]
-        if not isinstance(n, int) or n != len(binary):
+        if type(n) is not int or n != len(binary):  # true is no size
             raise BadRequest(400, f"binary_data_size {n} but {len(binary)} bytes follow the JSON header")
     elif binary:
         raise BadRequest(400, "bytes after the JSON header but no binary_data_size")

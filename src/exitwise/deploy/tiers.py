@@ -78,6 +78,8 @@ def decode_features(body: bytes, state_columns: int) -> tuple[int, np.ndarray, n
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError):  # Recursion: nested ~1000 deep
         raise UserError("malformed features request: its header is not the JSON expected") from None
     features = decode(body[4 + n:])
+    if not len(features):
+        raise UserError("malformed features request: no rows")
     if not isinstance(stage, int) or isinstance(stage, bool) or state.size != len(features) * state_columns:
         raise UserError(f"malformed features request: state of shape {state.shape} for {len(features)} rows")
     return stage, features, state.reshape(len(features), state_columns)
@@ -247,8 +249,9 @@ def add_tier_routes(app, runner, config: TierConfig, max_body_bytes: int) -> Non
     @app.post(ENDPOINT)
     async def features(request: Request):
         try:
-            stage, x, state = decode_features(await read_body(request.receive, request.headers.get("content-length"),
-                                                          max_body_bytes), columns)
+            body = await read_body(request.receive, request.headers.get("content-length"), max_body_bytes,
+                                   scheduler.config.timeout_ms / 1e3)  # a tier before that stalls: 408
+            stage, x, state = decode_features(body, columns)
         except UserError as e:
             raise BadRequest(400, str(e)) from None
         if stage != config.first:
@@ -379,7 +382,8 @@ def create_relay_app(relay, max_body_bytes: int):
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def forward(path: str, request: Request):
         try:  # a chunked body too, as it arrives (it was read whole, however long, then passed on)
-            body = await read_body(request.receive, request.headers.get("content-length"), max_body_bytes)
+            body = await read_body(request.receive, request.headers.get("content-length"), max_body_bytes,
+                                   relay.timeout_ms / 1e3, "--forward-timeout-ms")
         except BadRequest as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
         # the path as it came (percent-encoded): decoded, a %20 or a non-ASCII one failed in http.client (a 502

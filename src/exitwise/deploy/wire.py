@@ -104,7 +104,7 @@ def decode(payload: bytes) -> np.ndarray:
             raise bad("values hold NaN or infinite numbers")
         return out
     if (not isinstance(scales, list) or len(scales) != shape[1] or
-            not all(isinstance(s, (int, float)) and 0 <= s <= FLOAT32_MAX for s in scales)):  # NaN fails too
+            not all(type(s) in (int, float) and 0 <= s <= FLOAT32_MAX for s in scales)):  # NaN, true fail too
         raise bad(f"int8 needs {shape[1]} finite non-negative scales, one per channel")
     scale = np.asarray(scales, dtype=np.float32).reshape((1, -1) + (1,) * (len(shape) - 2))
     with np.errstate(over="ignore"):  # refused just below
