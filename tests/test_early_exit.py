@@ -51,6 +51,30 @@ def test_a_file_that_is_not_an_early_exit_model_is_refused(tmp_path):
         EarlyExitModel.load(tmp_path)
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"model": 5}, "model is 5, not a string"),
+    ({"policy": 3}, "policy is 3, not a string"),
+    ({"thresholds": 3}, "thresholds is 3, not a list"),
+    ({"thresholds": "0.5"}, 'thresholds is "0.5", not a list'),
+    ({"thresholds": ["a", None]}, "thresholds must be numbers"),
+    ({"thresholds": [True, None]}, "thresholds must be numbers"),
+    ({"num_exits": "3"}, 'num_exits is "3", not an integer'),
+    ({"num_exits": None}, "lacks num_exits"),
+    ({"temperatures": "x"}, 'temperatures is "x", not a list'),
+    ({"temperatures": ["x", 1, 1]}, "temperatures must be positive numbers"),
+    ({"temperatures": [1.0]}, "expected 3 temperatures"),
+    ({"class_names": ["a"]}, "expected 10 class names"),
+    ({"class_names": list(range(10))}, "expected 10 class names"),
+    ({"weights": 3}, "weights is 3, not a string"),
+])
+def test_an_early_exit_json_with_a_key_of_the_wrong_type_or_length_is_refused_in_one_line(tmp_path, edit, message):
+    folder = _model().save(tmp_path / "ee")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text(json.dumps({**config, **edit}))
+    with pytest.raises(UserError, match=message):
+        EarlyExitModel.load(folder)
+
+
 def test_saved_by_reference_the_weights_are_checked_by_hash(tmp_path):
     model = _model()
     weights = tmp_path / "w.safetensors"

@@ -238,13 +238,27 @@ def test_export_from_a_model_name_and_a_thresholds_file(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"policy": "entropy", "thresholds": "0.2"}, 'thresholds is "0.2", not a list'),
+    ({"policy": "entropy", "thresholds": [0.2, None], "model": 3}, "model is 3, not a string"),
+    ({"policy": 3, "thresholds": [0.2, None]}, "policy is 3, not a string"),
+    ({"policy": "entropy", "thresholds": [0.2, None], "class_names": [1, 2]}, "expected 10 class names"),
+])
+def test_a_thresholds_file_of_the_wrong_shape_is_refused_before_any_export(tmp_path, capsys, setting, message):
+    (tmp_path / "t.json").write_text(json.dumps(setting))
+    _one_line_error(capsys, ["export", "--model", "digits-convnet", "--thresholds", str(tmp_path / "t.json"),
+                             "--out", str(tmp_path / "x")], message)
+    assert not (tmp_path / "x").exists()
+
+
 def test_export_from_a_model_name_alone_takes_the_calibrated_setting_its_card_carries(tmp_path, capsys,
                                                                                        monkeypatch):
     from exitwise.models import weights
     _one_line_error(capsys, ["export", "--model", "digits-convnet", "--out", str(tmp_path / "x")],
                     "no calibrated setting shipped: give --thresholds FILE")  # its card has none
     card = weights.shipped_card("digits-convnet")
-    setting = CalibratedSetting(rule="a test's", policy="max-prob", temperatures=(1.5, 1.0), thresholds=(0.25, NEVER),
+    setting = CalibratedSetting(rule="a test's", policy="max-prob", temperatures=(1.5, 1.0, 1.0),
+                                thresholds=(0.25, NEVER),
                                 val_accuracy=0.9, test_accuracy=0.9, mean_macs=1e5, exit_shares=(0.5, 0.5, 0.0),
                                 study_precision="fp32", exitwise_version="0")
     monkeypatch.setattr(weights, "shipped_card", lambda name: dataclasses.replace(card, calibrated=setting))
@@ -252,7 +266,7 @@ def test_export_from_a_model_name_alone_takes_the_calibrated_setting_its_card_ca
                  "--exporter", "torchscript"]) == 0
     manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert (manifest["policy"], manifest["thresholds"], manifest["temperatures"]) == ("max-prob", [0.25, None],
-                                                                                       [1.5, 1.0])
+                                                                                       [1.5, 1.0, 1.0])
     from safetensors.torch import save_file
     save_file(create_model("digits-convnet").state_dict(), tmp_path / "w.safetensors")
     _one_line_error(capsys, ["export", "--model", "digits-convnet", "--weights", str(tmp_path / "w.safetensors"),

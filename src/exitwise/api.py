@@ -12,7 +12,7 @@ from .config import ATTACH_DEFAULTS, TRAIN_DEFAULTS, AttachConfig, DataConfig, T
 from .data import Splits, load_splits
 from .deploy.manifest import Manifest
 from .deploy.plan import WIRE_TOLERANCE_POINTS, FeatureShapes, Link, Plan, Tier
-from .early_exit import EarlyExitModel
+from .early_exit import EarlyExitModel, check_setting
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
 from .models import (ModelCard, check_fits, create_model, load_model, load_network, model_key,
@@ -268,9 +268,9 @@ def _thresholds_file(path: str | Path, network: MultiExitNetwork, model: str,
         setting = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read thresholds file {str(path)!r}: {e}") from None
-    missing = [k for k in ("policy", "thresholds") if not isinstance(setting, dict) or k not in setting]
-    if missing:
-        raise UserError(f"thresholds file {str(path)!r} lacks {' and '.join(missing)}")
+    if not isinstance(setting, dict):
+        raise UserError(f"thresholds file {str(path)!r} lacks policy and thresholds")
+    check_setting(setting, f"thresholds file {str(path)!r}", ("policy", "thresholds"))
     if model_key(setting.get("model", model)) != model_key(model):
         raise UserError(f"thresholds file {str(path)!r} is for model {setting['model']!r}, not {model!r}")
     return EarlyExitModel.create(network, model, setting["policy"], setting["thresholds"],

@@ -12,12 +12,14 @@ exit. Saved as a folder of two files, never pickled:
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .errors import UserError
 from .exit_rule import as_thresholds, thresholds_to_json
 from .io import atomic_write_json, file_sha256, read_format_json, staged_output
 from .models import MultiExitNetwork, calibrated_setting, load_network, reference, shipped_classes, weight_files
@@ -49,7 +51,13 @@ class EarlyExitModel:
         """From names and JSON-style thresholds (None: never leave at that exit)."""
         exit_policy = get_policy(policy) if isinstance(policy, str) else policy
         if temperatures is not None:
+            if len(temperatures) != network.num_exits:
+                raise UserError(f"expected {network.num_exits} temperatures (one per exit), got {len(temperatures)}")
             exit_policy = exit_policy.with_temperatures(temperatures)
+        if class_names is not None and (len(class_names) != network.num_classes
+                                        or not all(isinstance(c, str) for c in class_names)):
+            raise UserError(f"expected {network.num_classes} class names (strings, one per class), got "
+                            f"{len(class_names)}: {str(list(class_names))[:80]}")
         return cls(network, exit_policy, as_thresholds(list(thresholds), network.num_exits), model_name,
                    tuple(class_names) if class_names is not None else None)
 
@@ -137,11 +145,31 @@ class EarlyExitModel:
                           config.get("temperatures"), config.get("class_names"))
 
 
+# the JSON type of each key of a saved setting (an early_exit.json, or `exitwise export --thresholds`' file); null
+# stands for an optional key left out
+SETTING_KEYS = {"model": str, "policy": str, "thresholds": list, "temperatures": list, "class_names": list,
+                "num_exits": int, "weights": str, "weights_sha256": str}
+_JSON_TYPES = {str: "a string", list: "a list", int: "an integer"}
+
+
+def check_setting(doc: dict, where: str, required: Sequence[str]) -> dict:
+    """`doc`, a saved setting, refused in one line (`where`: which file) when it lacks a `required` key or holds a key
+    of another type."""
+    missing = [k for k in required if doc.get(k) is None]
+    if missing:
+        raise UserError(f"{where} lacks {' and '.join(missing)}")
+    for key, kind in SETTING_KEYS.items():
+        if doc.get(key) is not None and (not isinstance(doc[key], kind) or isinstance(doc[key], bool)):
+            raise UserError(f"{where}: {key} is {json.dumps(doc[key])[:60]}, not {_JSON_TYPES[kind]}")
+    return doc
+
+
 def _read_config(path: str | Path) -> tuple[Path, dict]:
     """The path and content of a saved early-exit model's `early_exit.json` (`path`: it or its folder)."""
     path = Path(path)
     config_path = path / CONFIG_FILE if path.is_dir() else path
-    return config_path, read_format_json(config_path, FORMAT, "early-exit model")
+    config = read_format_json(config_path, FORMAT, "early-exit model")
+    return config_path, check_setting(config, repr(str(config_path)), ("model", "policy", "thresholds", "num_exits"))
 
 
 def saved_weights_sha256(path: str | Path) -> str:

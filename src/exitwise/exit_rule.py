@@ -5,6 +5,7 @@ entry per side exit, where -inf means "never leave here"; the final exit takes t
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -17,6 +18,8 @@ def as_thresholds(values: Sequence[float | None], num_exits: int) -> np.ndarray:
     """One threshold per side exit as a float array (None -> -inf), checked for length and NaN."""
     if len(values) != num_exits - 1:
         raise UserError(f"expected {num_exits - 1} thresholds (one per side exit), got {len(values)}")
+    if not all(v is None or isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+        raise UserError(f"thresholds must be numbers (or null: never leave there), got {str(list(values))[:80]}")
     out = np.array([-np.inf if v is None else v for v in values], dtype=np.float64)
     if np.isnan(out).any():
         raise UserError("thresholds must be numbers, not NaN")

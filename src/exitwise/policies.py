@@ -81,7 +81,10 @@ class ExitPolicy:
 
     def with_temperatures(self, temperatures: Sequence[float]) -> ExitPolicy:
         """The same policy on temperature-scaled logits (see `calibration.fit_temperatures`)."""
-        t = np.asarray(temperatures, dtype=np.float64)
+        try:
+            t = np.asarray(temperatures, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise UserError(f"temperatures must be positive numbers, got {list(temperatures)}") from None
         if not (np.isfinite(t).all() and (t > 0).all()):
             raise UserError(f"temperatures must be positive numbers, got {t.tolist()}")
         return dataclasses.replace(self, temperatures=tuple(t.tolist()))
