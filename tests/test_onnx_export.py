@@ -221,6 +221,16 @@ def test_wrong_size_unreadable_and_missing_images_are_refused_in_one_line(digits
     assert not (tmp_path / "p.txt").exists()
 
 
+def test_predictions_to_a_file_that_cannot_be_written_are_refused_before_any_work(digits, tmp_path, capsys):
+    _, data, out = digits
+    base = ["predict", "--export", str(out / "onnx"), str(_write_pngs(data, tmp_path / "images", 1)[0]), "--out"]
+    _one_line_error(capsys, base + [str(tmp_path / "no" / "p.csv")], "no folder")
+    (tmp_path / "d.csv").mkdir()
+    _one_line_error(capsys, base + [str(tmp_path / "d.csv")], "it is a folder")
+    _one_line_error(capsys, base + ["/proc/p.csv"], "cannot write in '/proc'")
+    assert not (tmp_path / "no").exists()
+
+
 def test_export_from_a_model_name_and_a_thresholds_file(tmp_path, capsys):
     (tmp_path / "t.json").write_text(json.dumps({"policy": "entropy", "thresholds": [0.2, None]}))
     out = tmp_path / "onnx"

@@ -298,10 +298,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
     missing = [flag for flag, v in (("--from", args.source), ("--tier", args.tier), ("--out", args.out)) if not v]
     if missing:
         raise UserError(f"exitwise plan needs {', '.join(missing)} (or --measure with --export)")
-    if not args.out.parent.is_dir() or args.out.is_dir():
-        raise UserError(f"--out {str(args.out)!r}: give a file in an existing folder")
+    from .io import atomic_write_json, check_writable_file
+    check_writable_file(args.out, "--out")
     from .api import plan_tiers
-    from .io import atomic_write_json
     result = plan_tiers(args.source, [planning.parse_tier(t) for t in args.tier],
                         [planning.parse_link(l) for l in args.link], export=args.export, images=args.images,
                         max_latency_ms=args.max_latency_ms,

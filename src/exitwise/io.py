@@ -66,6 +66,21 @@ def check_writable_dir(path: str | Path) -> None:
         raise UserError(f"cannot write to output directory {str(path)!r}: permission denied")
 
 
+def check_writable_file(path: str | Path, flag: str) -> None:
+    """Fail before any work if the file `path` (given as `flag`) cannot be written: a folder, a folder that does not
+    exist, or one that takes no new file (a probe is made and deleted; permissions alone do not say it for root)."""
+    path = Path(path)
+    why = ("it is a folder" if path.is_dir() else None if path.parent.is_dir()
+           else f"no folder {str(path.parent)!r}")
+    if why is None:
+        try:
+            tempfile.NamedTemporaryFile(dir=path.parent, prefix=".exitwise-probe-").close()
+        except OSError as e:
+            why = f"cannot write in {str(path.parent)!r}: {e.strerror or e}"
+    if why:
+        raise UserError(f"{flag} {str(path)!r}: {why}; give a file in an existing folder")
+
+
 @contextmanager
 def staged_output(out_dir: str | Path) -> Iterator[Path]:
     """Yield a staging folder; on success move every file in it into `out_dir`, on failure delete it.

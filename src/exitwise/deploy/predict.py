@@ -8,7 +8,7 @@ from typing import Sequence
 
 from ..errors import UserError
 from ..images import read_images
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, check_writable_file
 from .oip import PREDICTION_FIELDS as FIELDS, ImagePrediction
 from .onnx_runtime import OnnxEarlyExit
 
@@ -26,9 +26,10 @@ def predict(export: str | Path, paths: Sequence[str | Path], *, batch_size: int 
 
 
 def check_output(path: str | Path) -> None:
-    """Refuse an output file whose format is unknown, before any work."""
+    """Refuse an output file whose format is unknown, or that cannot be written, before any work."""
     if Path(path).suffix.lower() not in OUTPUT_SUFFIXES:
         raise UserError(f"--out {str(path)!r}: write predictions to a .csv or .json file")
+    check_writable_file(path, "--out")
 
 
 def write_predictions(rows: Sequence[ImagePrediction], path: str | Path) -> None:
