@@ -114,11 +114,15 @@ def test_calibrate_re_times_the_stages_on_a_device_and_predicts_time_from_those(
         1e3 * analysis.reach_counts(exits, len(per_sample)) @ per_sample / len(exits))
 
 
-def test_calibrate_writes_no_early_exit_model_for_an_unreachable_target(tmp_path, digits):
+def test_calibrate_writes_no_early_exit_model_for_an_unreachable_target_and_leaves_no_earlier_one(tmp_path, digits):
     _, _, _, cache = digits
     (tmp_path / "study").mkdir()
     save_logits(cache, tmp_path / "study" / "logits.safetensors")
     doc = calibrate(tmp_path / "study", tmp_path / "cal", target=1.0, guarantee=True)
+    assert doc.result.status == "unreachable" and not (tmp_path / "cal" / "early_exit.json").exists()
+    calibrate(tmp_path / "study", tmp_path / "cal", within_points=1.0)
+    assert (tmp_path / "cal" / "early_exit.json").exists()
+    doc = calibrate(tmp_path / "study", tmp_path / "cal", target=1.0, guarantee=True)  # the same folder again
     assert doc.result.status == "unreachable" and not (tmp_path / "cal" / "early_exit.json").exists()
 
 

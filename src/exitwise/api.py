@@ -12,7 +12,7 @@ from .config import ATTACH_DEFAULTS, TRAIN_DEFAULTS, AttachConfig, DataConfig, T
 from .data import Splits, load_splits
 from .deploy.manifest import Manifest
 from .deploy.plan import WIRE_TOLERANCE_POINTS, FeatureShapes, Link, Plan, Tier
-from .early_exit import EarlyExitModel, check_setting
+from .early_exit import CONFIG_FILE as EARLY_EXIT_FILE, EarlyExitModel, check_setting
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
 from .models import (ModelCard, check_fits, create_model, load_model, load_network, model_key,
@@ -195,6 +195,8 @@ def calibrate(source: str | Path, out: str | Path, config: CalibrateConfig | Non
         atomic_write_bytes(stage / "frontier.png", frontier_png(frontier))
         if early_exit is not None:
             early_exit.write(stage, weights=info.model.weights, weights_sha256=info.model.weights_sha256)
+        else:  # an earlier run's early_exit.json in `out` would pass for this result's (`export --from` takes it)
+            (Path(out) / EARLY_EXIT_FILE).unlink(missing_ok=True)
     return doc
 
 
