@@ -1,5 +1,7 @@
 """The model registry, the seed network's layout, checkpoint loading and MACs."""
 import json
+import os
+import pickle
 
 import torch
 
@@ -68,6 +70,29 @@ def test_safetensors_round_trip(tmp_path):
     save_file(model.state_dict(), str(tmp_path / "m.safetensors"))
     fresh = load_weights(create_model("digits-convnet"), tmp_path / "m.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+class RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_of_python_objects_is_refused_as_weights_or_checkpoint_in_one_line_never_run(tmp_path, capsys):
+    from exitwise.cli import main
+    marker, out = tmp_path / "pwned", tmp_path / "out"
+    torch.save({"x": RunsACommand(marker)}, tmp_path / "a.pt")
+    (tmp_path / "b.pkl").write_bytes(pickle.dumps(RunsACommand(marker), protocol=4))  # torch warns of protocol 4
+    for file in ("a.pt", "b.pkl"):
+        for flags in (["study", "--weights"], ["train", "--resume"]):
+            command, flag = flags
+            assert main([command, "--dataset", "digits", "--model", "digits-convnet", flag, str(tmp_path / file),
+                         "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "never unpickled" in err and "weights_only" not in err, err
+    assert not marker.exists() and not out.exists()
 
 
 def test_checkpoint_that_does_not_fit_is_refused_naming_the_tensors(tmp_path):

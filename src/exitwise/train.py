@@ -46,6 +46,7 @@ from .tune import choose_train_precision
 from .device import machine, resolve_device
 from .io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 from .models import check_fits
+from .models.weights import read_torch_file
 from .models.card import ModelCard
 from .models.base import MultiExitNetwork
 from .progress import progress_bar
@@ -336,12 +337,7 @@ def _check_inputs(model: MultiExitNetwork, splits: Splits, config: TrainConfig) 
 def _read_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {str(path)!r}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt or foreign files raise many different types
-        why = (str(e).splitlines() or [""])[0][:200]
-        raise UserError(f"cannot read checkpoint {str(path)!r}: not a file torch.load reads ({type(e).__name__}"
-                        f"{': ' + why if why else ''})") from None
+    checkpoint = read_torch_file(path, "checkpoint")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{str(path)!r} is not an exitwise training checkpoint")
     return checkpoint

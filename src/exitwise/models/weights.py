@@ -6,6 +6,8 @@ Weights are one .safetensors file or, past a size limit, shards indexed as Huggi
 from __future__ import annotations
 
 import json
+import pickle
+import warnings
 from functools import cache
 from pathlib import Path
 
@@ -125,6 +127,22 @@ def save_sharded(state: dict[str, torch.Tensor], index_path: str | Path, metadat
     return [index_path.parent / name for name in names]
 
 
+def read_torch_file(path: str | Path, what: str):
+    """What a `torch.save` file holds, read with `weights_only=True` (tensors and plain containers); refused in one
+    line (`what`: the file's role) when it is not one, or holds other Python objects, which are never unpickled."""
+    try:
+        with warnings.catch_warnings():  # torch warns of a pickle protocol before it refuses the file
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own message advises weights_only=False: running the file's code
+        raise UserError(f"cannot read {what} {str(path)!r}: not a file of tensors (a pickle of other Python "
+                        "objects is refused, never unpickled)") from None
+    except Exception as e:  # truncated, corrupt or foreign files raise many different types
+        why = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"cannot read {what} {str(path)!r}: not a file torch.load reads ({type(e).__name__}"
+                        f"{': ' + why if why else ''})") from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read tensors from a .safetensors file, a shard index or a PyTorch state_dict, never unpickling code."""
     path = Path(path)
@@ -139,13 +157,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if missing:
             raise UserError(f"the shards of {str(path)!r} lack {len(missing)} tensors, e.g. {sorted(missing)[0]!r}")
         return state
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
             return load_file(str(path), device="cpu")
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign files raise many different types
-        raise UserError(f"cannot read weights {str(path)!r}: {str(e).splitlines()[0][:200]}") from None
+        except Exception as e:  # corrupt or foreign files raise many different types
+            raise UserError(f"cannot read weights {str(path)!r}: {str(e).splitlines()[0][:200]}") from None
+    state = read_torch_file(path, "weights")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # an exitwise training checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
