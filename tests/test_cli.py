@@ -86,6 +86,7 @@ def test_a_small_study_writes_every_output(tmp_path, capsys, seed_weights):
     (("--cutoff", "nan"), ["cutoff"]),
     (("--desired-accuracies", "0.8,1.5"), ["desired accuracy"]),
     (("--desired-accuracies", "0"), ["desired accuracy"]),
+    (("--desired-accuracies", ","), ["at least one desired accuracy"]),
     (("--precision", "fp8"), ["precision"]),
     (("--micro-batch", "0"), ["micro-batch"]),
     (("--micro-batch", "-4"), ["micro-batch"]),

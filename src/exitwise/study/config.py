@@ -38,6 +38,8 @@ class StudyConfig:
         self.desired_accuracies, self.methods = tuple(self.desired_accuracies), tuple(self.methods)
         if not math.isfinite(self.cutoff) or self.cutoff < 0:
             raise UserError(f"cutoff must be a non-negative number, got {self.cutoff}")
+        if not self.desired_accuracies:
+            raise UserError("give at least one desired accuracy")
         for d in self.desired_accuracies:
             calibration.check_desired_accuracy(d)
         calibration.check_delta(self.delta)
