@@ -183,3 +183,14 @@ def test_a_study_directory_works_as_the_source(tmp_path, capsys, cache):
     (study / "logits.safetensors").write_bytes(cache.read_bytes())
     doc, _ = calibrate(capsys, study, tmp_path / "out", "--target", "0.6")
     assert doc["result"]["status"] == "ok"
+
+
+def test_calibrating_into_a_study_folder_is_refused_leaving_the_study_as_it_was(tmp_path, capsys, cache):
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "logits.safetensors").write_bytes(cache.read_bytes())
+    (study / "early_exit.json").write_text("{}")  # the study's chosen setting
+    before = {p.name: p.read_bytes() for p in study.iterdir()}
+    code, _, err = run_cli(capsys, "calibrate", "--from", study, "--out", study, "--target", "0.6")
+    assert_user_error(code, err, "holds a study")
+    assert {p.name: p.read_bytes() for p in study.iterdir()} == before

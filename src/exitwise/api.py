@@ -21,7 +21,7 @@ from .models.base import MultiExitNetwork
 from .policies import ExitArrays, exit_arrays, get_policy
 from .study import CalibrateConfig, StudyConfig, analysis, calibration, run_study, time_stages, write_study
 from .study.frontiers import policy_frontiers
-from .study.logits_cache import ExitLogits, load_logits
+from .study.logits_cache import FILENAME as LOGITS_FILE, ExitLogits, load_logits
 from .study.results import (CalibrationReport, CostUnit, Mark, SplitOutcome, StageTimes, StudyResults,
                             TemperatureReport)
 
@@ -148,6 +148,9 @@ def calibrate(source: str | Path, out: str | Path, config: CalibrateConfig | Non
     device, precision = c.device, c.precision
     exit_policy = get_policy(policy)
     check_writable_dir(out)
+    if (Path(out) / LOGITS_FILE).exists():
+        raise UserError(f"--out {str(out)!r} holds a study, whose early_exit.json and frontier.png calibrating there "
+                        "would replace: give another folder")
     cache = load_logits(source)
     info = cache.measurements
     timing = StageTimes("the study's cost model", info.machine.device if info.machine else None,
