@@ -211,6 +211,18 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, user
     assert not out.exists()
 
 
+def test_a_model_that_does_not_take_the_datas_images_is_one_line_exit_2_and_nothing_written(tmp_path, capsys):
+    path = tmp_path / "rgb.py"  # colour images in; digits are grey
+    path.write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), "
+                    "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))\n")
+    out = tmp_path / "out"
+    code, io = run(capsys, "attach", "--model-file", f"{path}:build", "--random-init", "--exits", "1",
+                   "--dataset", "digits", "--out", out, "--epochs", "1", "--no-progress")
+    assert code == 2
+    assert io.err.count("\n") == 1 and "does not run on 1x8x8 images" in io.err and "3 channels" in io.err, io.err
+    assert not out.exists()
+
+
 def test_without_weights_attach_refuses_unless_random_init_or_joint_is_asked_for(tmp_path, capsys, user):
     path, weights, _ = user
     no_weights = [str(a) for a in attach_args(path, weights, tmp_path / "a", "--epochs", "1")]

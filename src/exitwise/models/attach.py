@@ -284,9 +284,14 @@ def feature_shapes(stages: Sequence[nn.Module], input_shape: Sequence[int]) -> l
     x, shapes = torch.zeros(1, *input_shape), []
     for stage in stages:
         modes = [(m, m.training) for m in stage.modules()]  # the user's modules: leave each as it was
-        x = stage.eval()(x)
-        for m, mode in modes:
-            m.training = mode
+        try:
+            x = stage.eval()(x)
+        except Exception as e:  # the user's code can raise anything; most often, it takes other inputs
+            raise UserError(f"the model does not run on {'x'.join(map(str, input_shape))} images: "
+                            f"{type(e).__name__}: {_first_line(e)}") from None
+        finally:
+            for m, mode in modes:
+                m.training = mode
         if not isinstance(x, torch.Tensor):
             raise UserError(f"a cut yields {type(x).__name__}, not a tensor")
         shapes.append(tuple(x.shape[1:]))
