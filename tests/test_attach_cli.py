@@ -247,3 +247,21 @@ def test_a_model_folder_whose_user_weights_changed_is_refused(tmp_path, capsys, 
                    "--precision", "fp32", "--no-progress")
     assert code == 2 and io.err.count("\n") == 1 and "missing or changed" in io.err
     assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"head": 5}, "head: 5 is not a string"),
+    ({"exits": "stem,block1"}, 'exits: "stem,block1" is not a list'),
+    ({"num_classes": "10"}, 'num_classes: "10" is not an integer'),
+])
+def test_an_attach_json_with_a_value_of_the_wrong_type_is_one_line_exit_2(tmp_path, capsys, user, edit, words):
+    path, weights, _ = user
+    out = tmp_path / "mine"
+    assert run(capsys, *attach_args(path, weights, out, "--epochs", "1"))[0] == 0
+    record = json.loads((out / "attach.json").read_text())
+    (out / "attach.json").write_text(json.dumps({**record, **edit}))
+    code, io = run(capsys, "study", "--model-dir", out, "--dataset", "digits", "--out", tmp_path / "study",
+                   "--precision", "fp32", "--no-progress")
+    assert code == 2 and io.err.count("\n") == 1 and "not a complete attach record" in io.err and words in io.err, \
+        io.err
+    assert not (tmp_path / "study").exists()

@@ -22,6 +22,7 @@ import numpy as np
 from .errors import UserError
 from .exit_rule import as_thresholds, thresholds_to_json
 from .io import atomic_write_json, file_sha256, read_format_json, staged_output
+from .records import JSON_NAMES
 from .models import MultiExitNetwork, calibrated_setting, load_network, reference, shipped_classes, weight_files
 from .policies import ExitPolicy, get_policy
 
@@ -149,7 +150,6 @@ class EarlyExitModel:
 # stands for an optional key left out
 SETTING_KEYS = {"model": str, "policy": str, "thresholds": list, "temperatures": list, "class_names": list,
                 "num_exits": int, "weights": str, "weights_sha256": str}
-_JSON_TYPES = {str: "a string", list: "a list", int: "an integer"}
 
 
 def check_setting(doc: dict, where: str, required: Sequence[str]) -> dict:
@@ -160,7 +160,7 @@ def check_setting(doc: dict, where: str, required: Sequence[str]) -> dict:
         raise UserError(f"{where} lacks {' and '.join(missing)}")
     for key, kind in SETTING_KEYS.items():
         if doc.get(key) is not None and (not isinstance(doc[key], kind) or isinstance(doc[key], bool)):
-            raise UserError(f"{where}: {key} is {json.dumps(doc[key])[:60]}, not {_JSON_TYPES[kind]}")
+            raise UserError(f"{where}: {key} is {json.dumps(doc[key])[:60]}, not {JSON_NAMES[kind]}")
     return doc
 
 

@@ -6,12 +6,15 @@ ONNX export's manifest.json, a model card): `to_json(value)` writes fields by na
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
 
 Thresholds = typing.NewType("Thresholds", tuple)  # one float per side exit; -inf: never leave there (JSON: null)
 NEVER = -math.inf
+JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+              dict: "an object"}  # how a message names the JSON type a value should have been
 _ABSENT_WHEN_NONE = "absent_when_none"
 
 
@@ -38,15 +41,19 @@ def to_json(value):
 def from_json(kind, value):
     """`value` (parsed JSON) as type `kind`: dataclasses, unions (the member the value's JSON type fits, else the
     first), tuple[X, ...], tuple[X, Y], dict[str, X]; an `X | None` dataclass short of a field without a default
-    reads as None."""
+    reads as None. A value of another JSON type than its hint's (a string for a tuple, a number for a string) raises
+    TypeError naming the field, which each file's reader words as one line."""
     if value is None:
         return None
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    expected = _read_from(kind)
+    if expected and (not isinstance(value, expected) or isinstance(value, bool) and bool not in expected):
+        raise TypeError(f"{json.dumps(value)[:40]} is not {JSON_NAMES[expected[-1]]}")
     if kind is Thresholds:
-        return tuple(NEVER if v is None else float(v) for v in value)
+        return tuple(NEVER if v is None else from_json(float, v) for v in value)
     if dataclasses.is_dataclass(kind):
         hints = typing.get_type_hints(kind)
-        return kind(**{f.name: from_json(hints[f.name], value[f.name]) for f in dataclasses.fields(kind)
+        return kind(**{f.name: _field(hints[f.name], f.name, value[f.name]) for f in dataclasses.fields(kind)
                        if f.name in value})
     if origin in (typing.Union, types.UnionType):
         members = [a for a in args if a is not type(None)]
@@ -65,10 +72,19 @@ def from_json(kind, value):
     return value
 
 
+def _field(kind, name: str, value):
+    try:
+        return from_json(kind, value)
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}") from None
+
+
 def _read_from(kind) -> tuple[type, ...]:
-    """The JSON values type `kind` is read from (which member of a union a value is)."""
+    """The JSON values type `kind` is read from (which member of a union a value is; () for any)."""
     if kind is Thresholds or typing.get_origin(kind) is tuple:
         return (list,)
     if dataclasses.is_dataclass(kind) or typing.get_origin(kind) is dict:
         return (dict,)
-    return (kind,) if isinstance(kind, type) else ()
+    if kind is float:
+        return (int, float)
+    return (kind,) if kind in (str, int, bool) else ()
