@@ -464,6 +464,8 @@ def test_an_image_tree_of_several_sizes_needs_image_size(tmp_path):
         load_splits("folder", tree, cache_dir=tmp_path / "cache", progress=False)
     with pytest.raises(UserError, match="--image-size takes"):
         load_splits("cifar10", tree, cache_dir=tmp_path / "cache", progress=False, image_size=8)
+    with pytest.raises(UserError, match="--image-size 100000: larger than PIL decodes"):  # not 30 GB per image
+        load_splits("folder", tree, cache_dir=tmp_path / "cache", progress=False, image_size=100_000)
 
 
 def test_a_sample_of_splits_is_seeded_and_draws_from_every_split():

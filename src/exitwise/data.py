@@ -149,6 +149,9 @@ def load_splits(dataset: str, data_dir: str | Path | None = None, *, download: b
         raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     if image_size is not None and (dataset != "folder" or image_size < 1):
         raise UserError(f"--image-size takes a positive size and --dataset folder, got {image_size} for {dataset}")
+    if image_size is not None and image_size ** 2 > (Image.MAX_IMAGE_PIXELS or image_size ** 2):
+        raise UserError(f"--image-size {image_size}: larger than PIL decodes any image ({Image.MAX_IMAGE_PIXELS:,} "
+                        "pixels)")
     if data_dir is None:
         raise UserError(f"{dataset} needs --data-dir" + (" (add --download to fetch the official archive into it)"
                                                           if dataset == "cifar10" else ""))
