@@ -501,3 +501,16 @@ def test_a_truncated_jpeg_is_refused_in_one_line():
     Image.fromarray(random_pixels(1, 0)[0]).save(buffer, "JPEG")
     with pytest.raises(UserError, match="cannot decode image cut.jpg"):
         decode_image(buffer.getvalue()[:300], "cut.jpg")
+
+
+def test_a_decoder_error_without_a_message_is_named_by_its_type(monkeypatch):
+    import io
+    from exitwise.images import decode_image
+    buffer = io.BytesIO()
+    Image.fromarray(random_pixels(1, 0)[0]).save(buffer, "PNG")
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()  # what PIL's resize of a huge image raises, with no message
+    monkeypatch.setattr(Image.Image, "convert", out_of_memory)
+    with pytest.raises(UserError, match="cannot decode image x.png: MemoryError$"):
+        decode_image(buffer.getvalue(), "x.png")

@@ -86,7 +86,7 @@ def decode_image(data: bytes, where: str, channels: int = 3, image_size: int | N
         raise UserError(f"cannot decode image {where}: not an image format PIL reads") from None
     except Exception as e:  # noqa: BLE001  PIL's readers raise what they meet on a malformed file (OSError, ValueError,
         # SyntaxError, a decompression bomb, but also NotImplementedError, AttributeError, ...): the file's fault each
-        raise UserError(f"cannot decode image {where}: {e or type(e).__name__}") from None
+        raise UserError(f"cannot decode image {where}: {str(e) or type(e).__name__}") from None
     if pixels is None:
         raise UserError(f"image {where} is {width}x{height}, but the model takes {size[1]}x{size[0]}")
     return pixels if pixels.ndim == 3 else pixels[..., None]
