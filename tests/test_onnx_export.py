@@ -163,8 +163,9 @@ def _write_pngs(data: ImageSet, folder: Path, n: int) -> list[Path]:
 def test_predict_reads_folders_files_and_archives_alike(digits, tmp_path):
     _, data, out = digits
     paths = _write_pngs(data, tmp_path / "images", 20)
+    (tmp_path / "images" / "README.txt").write_text("not an image: skipped")
     with tarfile.open(tmp_path / "images.tar.gz", "w:gz") as tar:
-        for path in paths:
+        for path in [*paths, tmp_path / "images" / "README.txt"]:
             tar.add(path, arcname=f"digits/{path.name}")
     expected = OnnxEarlyExit.load(out / "onnx").run(data.images[:20].numpy())
     for i, source in enumerate([[tmp_path / "images"], paths, [tmp_path / "images.tar.gz"]]):

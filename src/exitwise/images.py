@@ -112,17 +112,15 @@ def _plain_jpeg(data: bytes, channels: int, size: tuple[int, int] | None = None)
 
 
 def _sources(paths: Sequence[str | Path]) -> list[tuple[Files, str]]:
-    """(files, name) of every image: a folder's image files (by suffix, recursively), a file, a tar's files."""
+    """(files, name) of every image: a folder's or a tar's image files (by suffix, recursively), a file."""
     found = []
     for path in map(Path, paths):
-        if path.is_dir():
-            files = list_dir(path, max_depth=16)
-            names = [n for n in files.names if n.lower().endswith(IMAGE_SUFFIXES)]
+        if path.is_dir() or path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES):
+            files, kind = (list_dir(path, max_depth=16), "folder") if path.is_dir() else (read_tar(path), "archive")
+            names = [n for n in (files.names if kind == "folder" else sorted(files.names))
+                     if n.lower().endswith(IMAGE_SUFFIXES)]
             if not names:
-                raise UserError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in folder {str(path)!r}")
-        elif path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES):
-            files = read_tar(path)
-            names = sorted(files.names)
+                raise UserError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {kind} {str(path)!r}")
         elif path.is_file():
             files = Files(path.parent, [path.name], lambda name, folder=path.parent: (folder / name).read_bytes())
             names = [path.name]
