@@ -238,6 +238,17 @@ def test_without_weights_attach_refuses_unless_random_init_or_joint_is_asked_for
         assert json.loads((out / "attach.json").read_text())["weights"] is None
 
 
+def test_a_training_runs_folder_as_model_dir_is_refused_saying_which_flags_take_it(tmp_path, capsys):
+    run_dir = tmp_path / "run"  # what `exitwise train --model digits-convnet --out run` writes
+    run_dir.mkdir()
+    save_file(create_model("digits-convnet").state_dict(), str(run_dir / "model.safetensors"))
+    (run_dir / "model.json").write_text(json.dumps({"model": "digits-convnet"}))
+    code, io = run(capsys, "study", "--model-dir", run_dir, "--dataset", "digits", "--out", tmp_path / "study")
+    assert code == 2 and io.err.count("\n") == 1, io.err
+    assert f"give --model digits-convnet --weights '{run_dir / 'model.safetensors'}'" in io.err
+    assert not (tmp_path / "study").exists()
+
+
 def test_a_model_folder_whose_user_weights_changed_is_refused(tmp_path, capsys, user):
     path, weights, _ = user
     out = tmp_path / "mine"

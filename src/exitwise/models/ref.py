@@ -7,6 +7,7 @@ an early_exit.json), refusing weights that are missing or changed since. `ModelR
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import UserError
@@ -24,12 +25,24 @@ def create_model(name: str | Path) -> MultiExitNetwork:
     if str(name) in MODELS:
         model = MODELS[str(name)]()
     else:
+        if (Path(name) / ATTACHED_WEIGHTS).is_file() and not is_model_dir(name):
+            raise UserError(f"{str(name)!r} holds trained weights (exitwise train), not an attached model: give "
+                            f"--model {_trained_network(name)} --weights {str(Path(name) / ATTACHED_WEIGHTS)!r}")
         if not is_model_dir(name):
             raise UserError(f"unknown model {str(name)!r} (nor a folder written by exitwise attach); "
                             f"known models: {', '.join(sorted(MODELS))}")
         model, name = load_attached(name), Path(name).resolve()
     model.name = str(name)
     return model
+
+
+def _trained_network(folder: str | Path) -> str:
+    """The registered network a training run's folder holds weights of, as its card names it (else NAME)."""
+    try:
+        name = json.loads((Path(folder) / "model.json").read_text())["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "NAME"
+    return name if isinstance(name, str) and name in MODELS else "NAME"
 
 
 def model_key(name: str | Path) -> str:
