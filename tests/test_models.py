@@ -95,6 +95,11 @@ def test_a_pickle_of_python_objects_is_refused_as_weights_or_checkpoint_in_one_l
     assert not marker.exists() and not out.exists()
 
 
+def test_weights_given_as_a_folder_are_refused_asking_for_the_file_in_it(tmp_path):
+    with pytest.raises(UserError, match="is a folder: give the weights file in it"):
+        load_weights(create_model("digits-convnet"), tmp_path)
+
+
 def test_checkpoint_that_does_not_fit_is_refused_naming_the_tensors(tmp_path):
     state = create_model("digits-convnet").state_dict()
     state.pop("heads.0.1.weight")

@@ -146,6 +146,9 @@ def read_torch_file(path: str | Path, what: str):
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read tensors from a .safetensors file, a shard index or a PyTorch state_dict, never unpickling code."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"weights {str(path)!r} is a folder: give the weights file in it (.safetensors, a shard index "
+                        f"NAME{INDEX_SUFFIX} or a PyTorch state_dict)")
     if not path.is_file():
         raise UserError(f"weights file not found: {str(path)!r}")
     if path.name.endswith(INDEX_SUFFIX):
