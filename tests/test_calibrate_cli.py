@@ -167,6 +167,27 @@ def test_a_cache_holding_nan_logits_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: {"val_logits": c.val_logits[:, :0], "val_labels": c.val_labels[:0]}, "0 validation"),
+    (lambda c: {"test_logits": c.test_logits[:, :0], "test_labels": c.test_labels[:0]}, "0 test samples"),
+    (lambda c: {"val_logits": c.val_logits[:1], "test_logits": c.test_logits[:1], "exit_macs": c.exit_macs[:1],
+                "stage_seconds_per_sample": c.stage_seconds_per_sample[:1]}, "has 1 exits"),
+    (lambda c: {"stage_seconds_per_sample": c.stage_seconds_per_sample[:1]}, "disagree in shape"),
+    (lambda c: {"stage_seconds_per_sample": -c.stage_seconds_per_sample}, "finite and non-negative"),
+])
+@pytest.mark.parametrize("goal", [["--target", "0.6"], ["--within-points", "1"]])
+def test_a_cache_without_samples_side_exits_or_sound_stage_times_is_refused(tmp_path, capsys, cache, edit, words,
+                                                                            goal):
+    import dataclasses
+    from exitwise.study.logits_cache import load_logits
+    whole = load_logits(cache)
+    save_logits(dataclasses.replace(whole, **edit(whole)), tmp_path / "logits.safetensors")
+    code, _, err = run_cli(capsys, "calibrate", "--from", tmp_path / "logits.safetensors", "--out", tmp_path / "o",
+                           *goal)
+    assert_user_error(code, err, words)
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_missing_or_foreign_cache_is_refused(tmp_path, capsys):
     code, _, err = run_cli(capsys, "calibrate", "--from", tmp_path / "nowhere", "--out", tmp_path / "o", "--target", "0.6")
     assert_user_error(code, err, "no logits file")

@@ -54,8 +54,16 @@ def load_logits(path: str | Path) -> ExitLogits:
     if cache.test_logits.ndim != 3 or cache.val_logits.ndim != 3:
         raise UserError(f"logits file {str(path)!r}: logits must be (exits, samples, classes) arrays")
     k, _, c = cache.test_logits.shape
-    if cache.val_logits.shape[0] != k or cache.val_logits.shape[2] != c or len(cache.exit_macs) != k:
-        raise UserError(f"logits file {str(path)!r}: validation and test logits disagree in shape")
+    if cache.val_logits.shape[0] != k or cache.val_logits.shape[2] != c or len(cache.exit_macs) != k \
+            or cache.stage_seconds_per_sample.shape != (k,):
+        raise UserError(f"logits file {str(path)!r}: validation and test logits, exit MACs and stage times disagree "
+                        "in shape")
+    if k < 2 or 0 in (cache.val_logits.shape[1], cache.test_logits.shape[1]):
+        raise UserError(f"logits file {str(path)!r}: needs 2 exits or more and samples in both splits, has {k} exits, "
+                        f"{cache.val_logits.shape[1]} validation and {cache.test_logits.shape[1]} test samples")
+    for name in ("exit_macs", "stage_seconds_per_sample"):
+        if not (np.isfinite(getattr(cache, name)) & (getattr(cache, name) >= 0)).all():
+            raise UserError(f"logits file {str(path)!r}: {name} must be finite and non-negative")
     for split in ("val", "test"):
         labels, logits = getattr(cache, f"{split}_labels"), getattr(cache, f"{split}_logits")
         if labels.shape != logits.shape[1:2] or labels.min(initial=0) < 0 or labels.max(initial=0) >= c:
