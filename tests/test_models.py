@@ -175,6 +175,18 @@ def test_sharded_weights_load_like_one_file_and_hash_as_all_their_shards(tmp_pat
         read_state_dict(index)
 
 
+def test_sharded_weights_a_saved_file_names_are_refused_in_one_line_when_a_shard_went_missing(tmp_path):
+    from exitwise.models import check_unchanged, save_sharded, weight_files
+    from exitwise.io import file_sha256
+    index = tmp_path / "net.safetensors.index.json"
+    shards = save_sharded(create_model("digits-convnet").state_dict(), index, max_shard_bytes=20_000)
+    sha256 = file_sha256(*weight_files(index))
+    check_unchanged(index, sha256, "early_exit.json")
+    shards[1].unlink()
+    with pytest.raises(UserError, match="'early_exit.json' names weights .* missing or changed"):
+        check_unchanged(index, sha256, "early_exit.json")
+
+
 @pytest.mark.parametrize("shard", ["net.safetensors.index.json", "../net-1.safetensors", None, 3])
 def test_a_shard_index_may_only_name_safetensors_files_beside_it(tmp_path, shard):
     from exitwise.models import read_state_dict

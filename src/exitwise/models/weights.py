@@ -94,7 +94,8 @@ def weight_files(path: str | Path) -> list[Path]:
 def check_unchanged(path: str | Path, sha256: str, named_by: str) -> None:
     """Refuse weights that a saved file (`named_by`) names by path and SHA-256 when they are missing or changed."""
     from ..io import file_sha256
-    if not Path(path).is_file() or file_sha256(*weight_files(path)) != sha256:
+    files = weight_files(path) if Path(path).is_file() else []  # a shard index and its shards, each one there
+    if not files or not all(f.is_file() for f in files) or file_sha256(*files) != sha256:
         raise UserError(f"{named_by!r} names weights {str(path)!r} that are missing or changed (SHA-256 differs)")
 
 
