@@ -10,6 +10,7 @@ from exitwise.study import analysis
 from exitwise.api import calibrate, load_model
 from exitwise.data import load_splits
 from exitwise.early_exit import EarlyExitModel
+from exitwise.errors import UserError
 from exitwise.study.logits_cache import load_logits, save_logits
 from exitwise.policies import exit_arrays
 from exitwise.study.results import StudyResults
@@ -124,6 +125,8 @@ def test_calibrate_writes_no_early_exit_model_for_an_unreachable_target_and_leav
     assert (tmp_path / "cal" / "early_exit.json").exists()
     doc = calibrate(tmp_path / "study", tmp_path / "cal", target=1.0, guarantee=True)  # the same folder again
     assert doc.result.status == "unreachable" and not (tmp_path / "cal" / "early_exit.json").exists()
+    with pytest.raises(UserError, match="the calibration there wrote none .*goal was not met"):
+        EarlyExitModel.load(tmp_path / "cal")  # what `export --from cal` and `serve --from cal` say
 
 
 def test_real_runs_time_the_first_images_while_accuracy_counts_every_test_image(digits):
@@ -163,7 +166,6 @@ def test_every_real_early_exit_run_is_timed_on_its_second_pass(monkeypatch, digi
 
 
 def test_a_logits_cache_that_names_no_model_is_refused_in_one_line():
-    from exitwise.errors import UserError
     from exitwise.study.logits_cache import ExitLogits
     from exitwise.study.results import Measurements
     rng = np.random.default_rng(0)

@@ -168,7 +168,10 @@ def _read_config(path: str | Path) -> tuple[Path, dict]:
     """The path and content of a saved early-exit model's `early_exit.json` (`path`: it or its folder)."""
     path = Path(path)
     config_path = path / CONFIG_FILE if path.is_dir() else path
-    config = read_format_json(config_path, FORMAT, "early-exit model")
+    calibrated = (config_path.parent / "calibration.json").is_file()
+    config = read_format_json(config_path, FORMAT, "early-exit model", missing=f"no early-exit model at "
+                              f"{str(config_path)!r}: the calibration there wrote none (its goal was not met, or its "
+                              "study names no model: see its calibration.json)" if calibrated else None)
     return config_path, check_setting(config, repr(str(config_path)), ("model", "policy", "thresholds", "num_exits"))
 
 
