@@ -99,6 +99,16 @@ def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, seed_weights,
     assert not out.exists()
 
 
+def test_a_study_into_a_calibrations_folder_is_refused_leaving_it_as_it_was(tmp_path, capsys, seed_weights):
+    out = tmp_path / "cal"
+    out.mkdir()
+    for name in ("calibration.json", "early_exit.json"):  # what `exitwise calibrate --out cal` wrote
+        (out / name).write_text("{}")
+    code, _, err = run_cli(capsys, *study_args(make_tree(tmp_path / "data", per_class=1), seed_weights, out))
+    assert_user_error(code, err, "holds a calibration")
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.json", "early_exit.json"]
+
+
 def test_bad_data_dirs(tmp_path, capsys, seed_weights):
     out = tmp_path / "out"
     cases = {"missing": tmp_path / "nowhere", "empty": tmp_path / "empty", "unknown format": tmp_path / "odd"}

@@ -33,12 +33,22 @@ def study(*, model: str | Path, out: str | Path, data: DataConfig = DataConfig()
     `exitwise attach` wrote."""
     config = StudyConfig(**settings)
     check_writable_dir(out)  # fail before the long work, not after it
+    _not_over(out, "calibration.json", "a calibration")
     net, ref = load_model(model, weights)
     splits = _splits(data, config.progress)
     check_fits(net, splits.test, splits.dataset)
     done = run_study(net, splits, config, ref)
     write_study(done, out)
     return done.results
+
+
+def _not_over(out: str | Path, file: str, holder: str) -> None:
+    """Refuse an `out` folder that holds the other command's output (`file` marks it): a study and a calibration
+    each write early_exit.json and frontier.png, so one written over the other leaves a folder that contradicts
+    itself."""
+    if (Path(out) / file).exists():
+        raise UserError(f"--out {str(out)!r} holds {holder}, whose early_exit.json and frontier.png this would "
+                        "replace: give another folder")
 
 
 def _splits(data: DataConfig, progress: bool) -> Splits:
@@ -148,9 +158,7 @@ def calibrate(source: str | Path, out: str | Path, config: CalibrateConfig | Non
     device, precision = c.device, c.precision
     exit_policy = get_policy(policy)
     check_writable_dir(out)
-    if (Path(out) / LOGITS_FILE).exists():
-        raise UserError(f"--out {str(out)!r} holds a study, whose early_exit.json and frontier.png calibrating there "
-                        "would replace: give another folder")
+    _not_over(out, LOGITS_FILE, "a study")
     cache = load_logits(source)
     info = cache.measurements
     timing = StageTimes("the study's cost model", info.machine.device if info.machine else None,
