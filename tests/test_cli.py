@@ -206,3 +206,30 @@ def test_study_with_the_max_prob_policy_and_patience_is_pointed_to_calibrate(tmp
     assert json.loads((tmp_path / "o" / "results.json").read_text())["policy"] == "max-prob"
     code, _, err = run_cli(capsys, *study_args(data, seed_weights, tmp_path / "p", "--policy", "patience"))
     assert_user_error(code, err, "calibrate")
+
+
+def test_a_command_terminated_mid_run_leaves_no_output_and_exits_143(tmp_path, monkeypatch):
+    """SIGTERM (a job scheduler's stop, `timeout`, `kill`) unwinds as Ctrl-C does; before, the process died at once and
+    left its hidden staging folder in --out."""
+    import signal
+    from exitwise import cli
+    out = tmp_path / "out"
+    script = f"""
+import os, signal, sys, time
+from exitwise import cli
+from exitwise.io import staged_output
+
+def terminated_mid_write(args):
+    with staged_output({str(out)!r}) as stage:
+        (stage / "results.json").write_text("{{}}")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises here
+
+cli.COMMANDS["models"] = terminated_mid_write
+sys.exit(cli.main(["models"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143 and done.stderr == "exitwise: terminated\n" and not out.exists(), done
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setitem(cli.COMMANDS, "models", lambda args: None)
+    assert main(["models"]) == 0 and signal.getsignal(signal.SIGTERM) is before  # the caller's handler back

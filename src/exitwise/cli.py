@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 
@@ -559,10 +561,17 @@ INSTALLS = {**dict.fromkeys(CORE, "pip install exitwise (with its dependencies)"
             "transformers": "pip install 'exitwise[hf]'"}
 
 
+def _terminated(signum, frame):
+    print("exitwise: terminated", file=sys.stderr)
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: a staged output is removed, nothing half-written stays
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = None
+    args, before = None, None
     try:
         args = build_parser().parse_args(argv)
+        if args.command != "serve" and threading.current_thread() is threading.main_thread():  # a server drains
+            before = signal.signal(signal.SIGTERM, _terminated)
         if args.command in RUN_MODELS:
             from .allocator import keep_freed_memory
             keep_freed_memory()
@@ -585,4 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         # devnull so the interpreter's last flush raises no second error (the recipe of Python's signal docs)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        if before is not None:  # the caller's handler back (main may run inside another program, a test)
+            signal.signal(signal.SIGTERM, before)
     return 0
