@@ -325,3 +325,17 @@ def test_a_module_the_dynamo_exporter_refuses_falls_back_to_torchscript(tmp_path
     monkeypatch.setattr(torch.onnx, "export", refuse)
     with pytest.raises(UserError, match=r"cannot export _InDtype to ONNX \(dynamo: no; torchscript: no\)"):
         export_module.export_onnx(model, tmp_path / "again")
+
+
+def test_an_export_over_an_earlier_one_leaves_none_of_its_graphs_behind(digits, tmp_path):
+    """A larger model's export replaced by a smaller one's kept its stage3.onnx and head3.onnx beside the new
+    manifest; other files in the folder are the user's."""
+    _, _, out = digits
+    folder = tmp_path / "onnx"
+    shutil.copytree(out / "onnx", folder)
+    for name in ("stage3.onnx", "head3.onnx", "mine.onnx", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    export(folder, source=out / "model", exporter="torchscript")
+    names = {p.name for p in folder.iterdir()}
+    assert "stage3.onnx" not in names and "head3.onnx" not in names and {"mine.onnx", "notes.txt"} <= names
+    assert {f"{kind}{k}.onnx" for kind in ("stage", "head") for k in range(3)} <= names

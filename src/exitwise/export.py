@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import warnings
 from contextlib import contextmanager, redirect_stdout
 from datetime import datetime, timezone
@@ -161,9 +162,16 @@ def export_onnx(model: EarlyExitModel, out: str | Path, *, weights_sha256: str |
         class_names=tuple(model.class_names) if model.class_names else None,
         temperatures=None if model.policy.temperatures is None else tuple(map(float, model.policy.temperatures)),
         micro_batch=micro_batch, micro_batch_probe=probe).sealed()
+    earlier = _graph_files(out) if (Path(out) / MANIFEST).is_file() else set()  # an earlier export's, replaced
     with staged_output(out) as stage:
         for name, graph in graphs.items():
             atomic_write_bytes(stage / name, graph)
         atomic_write_json(stage / MANIFEST, manifest.to_json())
+    for name in earlier - set(graphs):  # a larger model's stage3.onnx, say: not left beside a manifest without it
+        (Path(out) / name).unlink(missing_ok=True)
     return manifest
+
+
+def _graph_files(folder: str | Path) -> set[str]:
+    return {p.name for p in Path(folder).glob("*.onnx") if re.fullmatch(r"(stage|head)\d+\.onnx", p.name)}
 
