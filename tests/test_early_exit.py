@@ -97,3 +97,31 @@ def test_a_shipped_model_runs_the_setting_its_card_carries_and_only_with_its_own
     assert json.dumps(model.to_json()["thresholds"]) == json.dumps(list(card.calibrated.thresholds))
     assert EarlyExitModel.calibrated(network, "b-resnet11", weights="other.safetensors") is None  # not its numbers
     assert EarlyExitModel.calibrated(create_model("digits-convnet"), "digits-convnet") is None  # no setting ships
+
+
+@pytest.mark.parametrize("data", [random_image_set(4).images.numpy(), random_image_set(4).images,
+                                  list(random_image_set(4).images.numpy())])
+def test_run_takes_an_image_set_and_says_so_when_given_bare_images(data):
+    with pytest.raises(TypeError, match="run takes an ImageSet, got .*ImageSet.from_tensors"):
+        _model().prepare().run(data)
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 3), (8, 8, 3), (16, 16, 1)])
+def test_run_refuses_images_of_another_size_before_any_stage_runs(shape):
+    with pytest.raises(UserError, match=r"the model takes 1x8x8 images, but the ImageSet has \d+x\d+x\d+ images"):
+        _model().prepare().run(random_image_set(4, shape=shape))
+
+
+@pytest.mark.parametrize("kwargs, message", [({"batch_size": 0}, "batch size must be at least 1"),
+                                             ({"micro_batch": 0}, "micro-batch must be a positive number"),
+                                             ({"micro_batch": -3}, "micro-batch must be a positive number")])
+def test_run_refuses_batch_sizes_below_one_in_one_line(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        _model().prepare().run(random_image_set(4), **kwargs)
+
+
+def test_an_empty_image_set_gives_an_empty_run_prepared_or_not():
+    empty = random_image_set(4).subset(torch.arange(0))
+    for model in (_model(), _model().prepare()):
+        run = model.run(empty)
+        assert run.exits.shape == run.predictions.shape == (0,)

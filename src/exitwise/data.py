@@ -106,9 +106,13 @@ class ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.classes)
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (float32 (B, C, H, W) in [0, 1], channels_last, not normalized; labels) in order."""
+        """(float32 (B, C, H, W) in [0, 1], channels_last, not normalized; labels) in order; `batch_size` is checked
+        at the call, not at the first batch."""
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
+        return self._batches(batch_size)
+
+    def _batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self), batch_size):
             # permute of NHWC storage is channels_last already; .float() keeps that layout
             yield self.images[i:i + batch_size].permute(0, 3, 1, 2).float().div_(255), self.labels[i:i + batch_size]

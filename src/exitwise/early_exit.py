@@ -23,7 +23,7 @@ from .errors import UserError
 from .exit_rule import as_thresholds, thresholds_to_json
 from .io import atomic_write_json, file_sha256, read_format_json, staged_output
 from .records import JSON_NAMES
-from .models import MultiExitNetwork, calibrated_setting, load_network, reference, shipped_classes, weight_files
+from .models import MultiExitNetwork, calibrated_setting, check_fits, load_network, reference, shipped_classes, weight_files
 from .policies import ExitPolicy, get_policy
 
 FORMAT = "exitwise.early-exit-model/1"
@@ -90,16 +90,25 @@ class EarlyExitModel:
 
     def run(self, data, *, precision: str | None = None, batch_size: int = 256, micro_batch: int | None = None,
             progress: bool = False):
-        """Real early exit over an ImageSet (see `runtime.run_early_exit`): each sample's exit and prediction.
+        """Real early exit over an ImageSet of the network's image size (see `runtime.run_early_exit`): each sample's
+        exit and prediction (none for an empty one).
         Runs a prepared model as it is (micro-batch default: `config.DEFAULT_MICRO_BATCH`); otherwise prepares
         a copy for this run in `precision` (default "auto") and the micro-batch measured fastest on this machine
         (`tune.tune`)."""
-        from .config import DEFAULT_MICRO_BATCH
+        from .config import DEFAULT_MICRO_BATCH, check_micro_batch, check_precision
+        from .data import ImageSet
         from .tune import tune
         from .runtime import run_early_exit
+        if not isinstance(data, ImageSet):  # checked once here, not in the loop
+            raise TypeError(f"run takes an ImageSet, got {type(data).__name__}: wrap images (uint8 (N, H, W, C) or "
+                            "float (N, C, H, W) in [0, 1]) as ImageSet.from_tensors(images, labels)")
+        check_fits(self.network, data, "the ImageSet", classes=False)
+        check_micro_batch(micro_batch)
+        if precision is not None:
+            check_precision(precision)
         if self.precision is not None and precision not in (None, self.precision):
             raise ValueError(f"this early-exit model is prepared in {self.precision}, not {precision}")
-        if self.precision is not None:
+        if self.precision is not None or not len(data):  # no images: nothing to tune on, nothing runs
             network, micro_batch = self.network, micro_batch or DEFAULT_MICRO_BATCH
         else:
             tuned = tune(self.network, data, precision or "auto", micro_batch, batch_size=batch_size)

@@ -148,8 +148,9 @@ def _micro_batches(data, batch_size: int, micro_batch: int, device: torch.device
                    whole: bool = False) -> Iterable[torch.Tensor]:
     """The images on `device` in batches of `batch_size` (as a caller hands them in), each run as
     `micro_batch`-row pieces (or yielded whole, for a caller that splits them itself)."""
+    batches = data.batches(batch_size)  # checks batch_size before it divides here
     total = (len(data) + batch_size - 1) // batch_size
-    for images, _ in progress_bar(data.batches(batch_size), total=total, desc=desc, enabled=progress,
+    for images, _ in progress_bar(batches, total=total, desc=desc, enabled=progress,
                                   leave=False, unit="batch"):
         images = images.to(device, non_blocking=True)
         yield from [images] if whole else images.split(micro_batch)

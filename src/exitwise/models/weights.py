@@ -23,13 +23,15 @@ INDEX_SUFFIX = ".safetensors.index.json"
 MAX_SHARD_BYTES = 6 << 20  # shipped files stay under the repository's 8 MiB limit
 
 
-def check_fits(model: MultiExitNetwork, images, dataset: str) -> None:
-    """Refuse a data set (an ImageSet: uint8 (N, H, W, C) images and class names) the model cannot take."""
+def check_fits(model: MultiExitNetwork, images, dataset: str, classes: bool = True) -> None:
+    """Refuse a data set (an ImageSet: uint8 (N, H, W, C) images and class names) the model cannot take: images of
+    another shape, or (with `classes`, for what is scored against labels) another number of classes."""
     n, h, w, c = images.images.shape
-    if tuple(model.input_shape) != (c, h, w) or model.num_classes != len(images.classes):
+    if tuple(model.input_shape) != (c, h, w) or classes and model.num_classes != len(images.classes):
         mc, mh, mw = model.input_shape
-        raise UserError(f"the model takes {mc}x{mh}x{mw} images of {model.num_classes} classes, but "
-                        f"{dataset} has {c}x{h}x{w} images of {len(images.classes)} classes")
+        of = (lambda k: f" of {k} classes") if classes else (lambda k: "")
+        raise UserError(f"the model takes {mc}x{mh}x{mw} images{of(model.num_classes)}, but "
+                        f"{dataset} has {c}x{h}x{w} images{of(len(images.classes))}")
 
 
 def shipped_weights(name: str) -> Path | None:
