@@ -86,6 +86,48 @@ def test_the_batch_schedule_changes_no_decision(digits, batch_size, micro_batch)
     np.testing.assert_allclose(run.probabilities, reference.probabilities, rtol=1e-5)
 
 
+def test_float32_nchw_pixels_in_0_1_decide_as_uint8_nhwc_ones(digits):
+    _, data, out = digits
+    runner, pixels = OnnxEarlyExit.load(out / "onnx"), data.images.numpy()
+    a, b = runner.run(pixels), runner.run(pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255)
+    assert (a.exits == b.exits).all() and (a.predictions == b.predictions).all()
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((2, 8, 8, 1), np.float32), r"numpy array of uint8 \(N, 8, 8, 1\) pixels or float32 \(N, 1, 8, 8\) "
+                                         r"in \[0, 1\], got float32 \(2, 8, 8, 1\)"),  # NHWC floats
+    (np.zeros((2, 1, 8, 8), np.uint8), r"got uint8 \(2, 1, 8, 8\)"),                    # NCHW pixels
+    (np.zeros((2, 32, 32, 3), np.uint8), r"got uint8 \(2, 32, 32, 3\)"),                # another size
+    (np.zeros((2, 1, 8, 8), np.float64), r"got float64 \(2, 1, 8, 8\)"),
+    (np.full((2, 1, 8, 8), 255, np.float32), r"float32 images must be in \[0, 1\], got 255\.\.255"),  # not / 255
+    (np.full((2, 1, 8, 8), np.nan, np.float32), r"float32 images must be in \[0, 1\]"),
+    (torch.zeros(2, 8, 8, 1, dtype=torch.uint8), r"got a Tensor \(2, 8, 8, 1\)"),
+    ([np.zeros((8, 8, 1), np.uint8)] * 2, "got a list"),
+])
+def test_images_it_cannot_take_are_refused_in_one_line_before_any_graph_runs(digits, images, message):
+    runner = OnnxEarlyExit.load(digits[2] / "onnx")
+    for run in (runner.run, runner.run_backbone):
+        with pytest.raises(UserError, match=message):
+            run(images)
+
+
+@pytest.mark.parametrize("thresholds, message", [([float("nan"), 0.5], "not NaN"), ([0.5], "expected 2 thresholds"),
+                                                 (["a", 0.5], "thresholds must be numbers")])
+def test_thresholds_given_to_run_are_checked_as_a_saved_models_are(digits, thresholds, message):
+    runner = OnnxEarlyExit.load(digits[2] / "onnx")
+    with pytest.raises(UserError, match=message):
+        runner.run(digits[1].images.numpy(), thresholds=thresholds)
+    never = runner.run(digits[1].images.numpy(), thresholds=[None, None])  # None: never leave there, as in JSON
+    assert (never.exits == 2).all()
+
+
+def test_batch_sizes_below_one_are_refused_by_the_backbone_run_too(digits):
+    runner = OnnxEarlyExit.load(digits[2] / "onnx")
+    for run in (runner.run, runner.run_backbone):
+        with pytest.raises(UserError, match="batch size and micro-batch must be at least 1, got 0 and"):
+            run(digits[1].images.numpy(), batch_size=0)
+
+
 @pytest.mark.parametrize("name,temperatures", [("entropy", None), ("max-prob", (2.0, 0.5, 1.0)),
                                                ("margin", (1.3, 1.0, 0.8)), ("patience", None)])
 def test_numpy_scores_equal_the_torch_policies(name, temperatures):

@@ -225,16 +225,28 @@ def test_a_range_that_stops_early_needs_a_forward_and_a_failing_batch_fails_only
 
 def test_chunks_that_cannot_join_run_one_by_one_and_the_worker_lives_on():
     runner = FakeRunner()
-    runner.gate.clear()  # the first submission blocks in stage 0 while the two others queue together
-    scheduler = Scheduler(runner, SchedulerConfig(max_batch=8, workers=1)).start()
-    first = scheduler.submit(images([0]))
+    runner.gate.clear()  # the first submission blocks in stage 1 while the two others queue together
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=8, workers=1, first=1)).start()
+    state = lambda n: np.zeros((n, 1), dtype=np.int64)
+    first = scheduler.submit_features(np.zeros((1, 1)), state(1))
     until(lambda: runner.entered)
-    odd = scheduler.submit(np.zeros((2, 1, 2, 1), dtype=np.uint8))  # another shape: np.concatenate refuses to join
-    plain = scheduler.submit(images([0, 0]))
+    odd = scheduler.submit_features(np.zeros((2, 3)), state(2))  # another shape: np.concatenate refuses to join
+    plain = scheduler.submit_features(np.zeros((2, 1)), state(2))
     runner.gate.set()
-    assert results(first + plain, 5) == [Answer(0, 0, 0.5)] * 3  # answered, each chunk in a call of its own
-    assert not wait(odd, 5).not_done  # answered or failed alone (the fake reshapes what it gets)
-    assert results(scheduler.submit(images([0]))) == [Answer(0, 0, 0.5)]  # the worker still serves
+    assert results(first + plain + odd, 5) == [Answer(1, 10, 0.5)] * 5  # each chunk in a call of its own
+    assert results(scheduler.submit_features(np.zeros((1, 1)), state(1))) == [Answer(1, 10, 0.5)]  # still serves
+    assert scheduler.close(5) and scheduler.inside == 0
+
+
+@pytest.mark.parametrize("bad", [np.zeros((2, 1, 2, 1), dtype=np.uint8),    # another size
+                                 np.zeros((2, 1, 1, 1), dtype=np.float32),  # float pixels, read as 0-255 by a runner
+                                 np.zeros((2, 1, 1), dtype=np.uint8),       # one image's worth of dimensions short
+                                 [[[[0]]]]])                                # not a numpy array
+def test_images_a_runner_cannot_take_are_refused_at_submit_and_the_scheduler_serves_on(bad):
+    scheduler = Scheduler(FakeRunner(), SchedulerConfig(max_batch=8)).start()
+    with pytest.raises(UserError, match=r"images must be a numpy array of uint8 \(N, 1, 1, 1\) pixels, got "):
+        scheduler.submit(bad)
+    assert results(scheduler.submit(images([0, 1]))) == [Answer(0, 0, 0.5), Answer(1, 11, 0.5)]
     assert scheduler.close(5) and scheduler.inside == 0
 
 

@@ -17,9 +17,10 @@ import numpy as np
 
 from ..config import DEFAULT_MICRO_BATCH
 from ..errors import UserError
-from ..exit_rule import SCORES, leaves, softmax
+from ..exit_rule import SCORES, as_thresholds, leaves, softmax
 from ..progress import progress_bar
 from .manifest import Graph, Manifest, read_manifest
+from .runner import check_images
 
 
 @dataclass(frozen=True)
@@ -111,21 +112,27 @@ class OnnxEarlyExit:
         """The micro-batch the export recorded (measured where it was made), else the default."""
         return self.manifest.micro_batch or DEFAULT_MICRO_BATCH
 
+    def _batch_sizes(self, images: np.ndarray, batch_size: int, micro_batch: int | None) -> int:
+        """The micro-batch to run `images` in, after refusing images it cannot take (`runner.check_images`) and
+        batch sizes below 1: once per call, not per batch."""
+        check_images(images, self.input_shape, floats=True)
+        micro_batch = self.micro_batch if micro_batch is None else micro_batch
+        if batch_size < 1 or micro_batch < 1:
+            raise UserError(f"batch size and micro-batch must be at least 1, got {batch_size} and {micro_batch}")
+        return micro_batch
+
     def run(self, images: np.ndarray, *, thresholds: Sequence[float] | None = None, batch_size: int = 256,
             micro_batch: int | None = None, progress: bool = False) -> Prediction:
-        """Real early exit over `images` (see `as_input`), with the export's thresholds unless given.
+        """Real early exit over `images` (uint8 (N, H, W, C) or float32 (N, C, H, W) in [0, 1], of the export's size:
+        `runner.check_images`), with the export's thresholds unless given (None: never leave at that exit).
 
         The schedule of `runtime.run_early_exit`: each batch of `batch_size` enters in `micro_batch`-row
         pieces; the samples that stay wait at the next stage until `micro_batch` rows have gathered, and
         every sample of a batch has left before the next batch starts (`micro_batch` default: the manifest's).
         A sample leaves at the first side exit whose score is <= its threshold (float32, as in torch); -inf never
         lets one leave."""
-        num_exits, n, micro_batch = self.num_exits, len(images), micro_batch or self.micro_batch
-        thr = np.asarray(self.thresholds if thresholds is None else thresholds, dtype=np.float64).astype(np.float32)
-        if thr.shape != (num_exits - 1,):
-            raise UserError(f"expected {num_exits - 1} thresholds, got {thr.shape}")
-        if batch_size < 1 or micro_batch < 1:
-            raise UserError(f"batch size and micro-batch must be at least 1, got {batch_size} and {micro_batch}")
+        num_exits, n, micro_batch = self.num_exits, len(images), self._batch_sizes(images, batch_size, micro_batch)
+        thr = (self.thresholds if thresholds is None else as_thresholds(list(thresholds), num_exits)).astype(np.float32)
         exits = np.empty(n, dtype=np.int64)
         predictions = np.empty(n, dtype=np.int64)
         probabilities = np.empty(n, dtype=np.float32)
@@ -167,7 +174,7 @@ class OnnxEarlyExit:
 
     def run_backbone(self, images: np.ndarray, *, batch_size: int = 256, micro_batch: int | None = None) -> Prediction:
         """Every stage and the final head only (no side exits): the baseline, as `runtime.run_backbone`."""
-        n, last, micro_batch = len(images), self.num_exits - 1, micro_batch or self.micro_batch
+        n, last, micro_batch = len(images), self.num_exits - 1, self._batch_sizes(images, batch_size, micro_batch)
         predictions, probabilities = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
         start = time.perf_counter()
         for b in range(0, n, batch_size):

@@ -26,6 +26,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class StepOut:
@@ -54,6 +56,27 @@ class Runner(Protocol):
     def from_numpy(self, array: np.ndarray) -> Any: ...
     def stage(self, k: int, features: Any) -> Any: ...
     def answer(self, k: int, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def check_images(images, input_shape: Sequence[int], floats: bool = False) -> None:
+    """Refuse, once per call and in one line, images a runner cannot take: anything but a numpy array of uint8
+    (N, H, W, C) pixels of the model's `input_shape` (C, H, W); with `floats` (`OnnxEarlyExit.run`), also float32
+    (N, C, H, W) in [0, 1]. Another dtype, layout or size would otherwise fail deep in a runtime, or (floats 0-255,
+    or floats taken as pixels) give wrong answers silently."""
+    c, h, w = input_shape
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        if images.dtype == np.uint8 and images.shape[1:] == (h, w, c):
+            return
+        if floats and images.dtype == np.float32 and images.shape[1:] == (c, h, w):
+            if images.size and not (images.min() >= 0 and images.max() <= 1):  # `not`: NaN refused too
+                raise UserError(f"float32 images must be in [0, 1], got {images.min():g}..{images.max():g} "
+                                "(uint8 pixels 0-255 go in as they are, (N, H, W, C))")
+            return
+    want = f"uint8 (N, {h}, {w}, {c}) pixels" + (f" or float32 (N, {c}, {h}, {w}) in [0, 1]" if floats else "")
+    shape = getattr(images, "shape", None)
+    got = (f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else
+           f"a {type(images).__name__}" + (f" {tuple(shape)}" if shape is not None else ""))
+    raise UserError(f"images must be a numpy array of {want}, got {got}")
 
 
 def model_name(name: str) -> str:

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..config import SchedulerConfig
 from ..errors import UserError
-from .runner import Runner
+from .runner import Runner, check_images
 
 @dataclass(frozen=True)
 class Answer:
@@ -128,6 +128,7 @@ class Scheduler:
         per image (see `Sample`), else new ones; `timeout_ms`: their deadline, where sooner than the config's."""
         if self.first != 0:
             raise ValueError("this scheduler starts at a later stage: submit_features")
+        check_images(images, self.runner.input_shape)  # here, not in a batch it would share with other callers
         return self._enter(images, self.runner.init_state(len(images)), futures, timeout_ms)
 
     def submit_features(self, features: np.ndarray, state: np.ndarray, futures: list | None = None) -> list[Future]:
