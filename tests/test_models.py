@@ -201,3 +201,16 @@ def test_a_registered_model_knows_its_name_even_when_it_shares_a_class():
     assert large.name == "b-resnet11-large" and type(large) is type(create_model("b-resnet11"))
     with pytest.raises(ValueError, match="registered already"):
         register_model("b-resnet11")(lambda: large)
+
+
+def test_register_model_used_bare_as_timms_is_refused_instead_of_registering_nothing():
+    def my_net():
+        return create_model("digits-convnet")
+    with pytest.raises(TypeError, match=r'register_model takes the model\'s name: @register_model\("my-net"\), got my_net'):
+        register_model(my_net)
+
+
+def test_a_registered_factory_that_returns_no_multi_exit_network_is_refused_by_create_model(monkeypatch):
+    monkeypatch.setitem(MODELS, "plain-linear", lambda: torch.nn.Linear(3, 4))
+    with pytest.raises(TypeError, match="model 'plain-linear' returned Linear, not a MultiExitNetwork"):
+        create_model("plain-linear")

@@ -85,3 +85,9 @@ def test_the_export_records_the_micro_batch_measured_here_and_the_runner_uses_it
     probe = runner.manifest.micro_batch_probe
     assert runner.micro_batch == runner.manifest.micro_batch == probe.micro_batch
     assert str(runner.micro_batch) in probe.ms_per_image and probe.precision == "fp32"
+
+
+def test_register_policy_given_a_bare_score_function_says_it_takes_an_exit_policy(registries):
+    with pytest.raises(TypeError, match="register_policy takes an ExitPolicy .*, got function"):
+        register_policy(logit_gap)
+    assert "logit-gap" not in policies.POLICIES

@@ -154,6 +154,9 @@ POLICIES: dict[str, ExitPolicy] = {}
 def register_policy(policy: ExitPolicy) -> ExitPolicy:
     """Make an exit policy available by its name to the study, `exitwise calibrate`, saved models and (with its
     `numpy` twin) the ONNX runner: the one registration a new policy needs."""
+    if not isinstance(policy, ExitPolicy):
+        raise TypeError(f"register_policy takes an ExitPolicy (name, score, max_score, unit, meaning), got "
+                        f"{type(policy).__name__}")
     if policy.name in POLICIES:
         raise ValueError(f"exit policy {policy.name!r} is registered already")
     if policy.numpy is not None:

@@ -24,6 +24,9 @@ def create_model(name: str | Path) -> MultiExitNetwork:
     `exitwise attach` wrote, with its weights, named by the folder's absolute path."""
     if str(name) in MODELS:
         model = MODELS[str(name)]()
+        if not isinstance(model, MultiExitNetwork):
+            raise TypeError(f"the factory registered as model {str(name)!r} returned {type(model).__name__}, not a "
+                            "MultiExitNetwork (stages and heads; exitwise.attach makes one of any nn.Module)")
     else:
         if (Path(name) / ATTACHED_WEIGHTS).is_file() and not is_model_dir(name):
             raise UserError(f"{str(name)!r} holds trained weights (exitwise train), not an attached model: give "
