@@ -208,6 +208,19 @@ def test_head_factory_gets_the_feature_shape_and_budget():
     assert seen == [((8, 16, 16), 10, True), ((16, 8, 8), 10, True)]
 
 
+@pytest.mark.parametrize("factory, message", [
+    (lambda shape, classes, budget: nn.Sequential(nn.Flatten(), nn.LazyLinear(classes - 3)),
+     r"exit 0's head from head_factory gives \(7,\) per sample, not \(10,\) logits"),
+    (lambda shape, classes, budget: nn.AdaptiveAvgPool2d(1),
+     r"exit 0's head from head_factory gives \(8, 1, 1\) per sample, not \(10,\) logits"),
+    (lambda shape, classes, budget: nn.Linear(5, classes), r"exit 0's head does not run on its \(8, 8, 8\) features"),
+    (lambda shape, classes, budget: None, "head_factory returned NoneType for exit 0, not a torch.nn.Module"),
+])
+def test_a_head_factorys_head_that_gives_no_logits_of_the_classes_is_refused_at_attach(factory, message):
+    with pytest.raises(UserError, match=message):
+        attach(TinyResNet().eval(), ["layer1"], num_classes=10, input_shape=(3, 8, 8), head_factory=factory)
+
+
 def test_attached_model_runs_in_the_runtime_with_early_exit_logits_equal():
     model = TinyResNet().eval()
     ee = attach(model, ["layer1", "layer2"], num_classes=10, input_shape=(3, 16, 16))

@@ -279,23 +279,39 @@ def _describe(node: fx.Node) -> str:
 
 
 @torch.no_grad()
+def _run_in_eval(module: nn.Module, x: torch.Tensor, fails: str) -> Any:
+    """`module(x)` in eval mode, each of the user's modules left in the mode it was in; an exception is `fails`
+    (what did not run on what) in one line."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        return module.eval()(x)
+    except Exception as e:  # the user's code can raise anything; most often, it takes other inputs
+        raise UserError(f"{fails}: {type(e).__name__}: {_first_line(e)}") from None
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def feature_shapes(stages: Sequence[nn.Module], input_shape: Sequence[int]) -> list[tuple[int, ...]]:
     """Each stage's output shape for one sample (run on a zero input in eval mode)."""
     x, shapes = torch.zeros(1, *input_shape), []
     for stage in stages:
-        modes = [(m, m.training) for m in stage.modules()]  # the user's modules: leave each as it was
-        try:
-            x = stage.eval()(x)
-        except Exception as e:  # the user's code can raise anything; most often, it takes other inputs
-            raise UserError(f"the model does not run on {'x'.join(map(str, input_shape))} images: "
-                            f"{type(e).__name__}: {_first_line(e)}") from None
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        x = _run_in_eval(stage, x, f"the model does not run on {'x'.join(map(str, input_shape))} images")
         if not isinstance(x, torch.Tensor):
             raise UserError(f"a cut yields {type(x).__name__}, not a tensor")
         shapes.append(tuple(x.shape[1:]))
     return shapes
+
+
+def _check_head(k: int, head: Any, shape: tuple[int, ...], num_classes: int) -> None:
+    """Refuse a head from the user's `head_factory` that does not map exit k's features to (num_classes,) logits
+    (a wrong one would otherwise run, scoring and predicting from whatever it gives)."""
+    if not isinstance(head, nn.Module):
+        raise UserError(f"head_factory returned {type(head).__name__} for exit {k}, not a torch.nn.Module")
+    out = _run_in_eval(head, torch.zeros(1, *shape), f"exit {k}'s head does not run on its {shape} features")
+    got = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != (num_classes,):
+        raise UserError(f"exit {k}'s head from head_factory gives {got} per sample, not ({num_classes},) logits")
 
 
 def attach(model: nn.Module, exits: Sequence[str], num_classes: int, input_shape: Sequence[int], *,
@@ -334,6 +350,8 @@ def attach(model: nn.Module, exits: Sequence[str], num_classes: int, input_shape
                  for shape, budget, kind in zip(shapes[:-1], budgets, kinds)]
     else:
         heads = [head_factory(shape, num_classes, budget) for shape, budget in zip(shapes[:-1], budgets)]
+        for k, (head, shape) in enumerate(zip(heads, shapes[:-1])):
+            _check_head(k, head, shape, num_classes)
     network = MultiExitNetwork(stages, heads + [nn.Identity()], num_classes, tuple(input_shape))
     network.train(model.training)
     network.exit_names = list(exits)
