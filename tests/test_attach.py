@@ -280,6 +280,14 @@ def test_impossible_cuts_are_refused_naming_the_module(model, exits, words):
     assert "\n" not in str(e.value)
 
 
+def test_exits_given_as_one_string_are_refused_showing_the_list_meant():
+    with pytest.raises(UserError, match=r"exits takes a list, e.g. \['layer1', 'layer2'\], got 'layer1,layer2'"):
+        attach(TinyResNet().eval(), "layer1,layer2", num_classes=10, input_shape=(3, 8, 8))
+    from exitwise.config import AttachConfig
+    with pytest.raises(UserError, match=r"exits takes a list, e.g. \['layer1', 'layer2'\], got 'layer1,layer2'"):
+        AttachConfig(model_file="m.py:build", exits="layer1,layer2")
+
+
 def test_wrong_number_of_classes_is_refused():
     with pytest.raises(UserError, match=r"\(10,\) per sample, not \(7,\)"):
         attach(TinyResNet().eval(), ["layer1"], num_classes=7, input_shape=(3, 8, 8))

@@ -174,3 +174,13 @@ def test_a_logits_cache_that_names_no_model_is_refused_in_one_line():
                        np.array([1e4, 2e4, 4e4]), np.array([1e-4, 2e-4, 4e-4]), Measurements())
     with pytest.raises(UserError, match="does not name the model"):
         analyse(cache, StudyConfig())
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"desired_accuracies": 0.9}, r"desired_accuracies takes a list, e.g. \[0.9\], got 0.9"),
+    ({"methods": "per-exit"}, r"methods takes a list, e.g. \['per-exit'\], got 'per-exit'"),
+])
+def test_a_list_setting_given_as_one_value_is_refused_when_the_config_is_made(settings, message):
+    """Before, a string was read as its characters ('unknown calibration method 'p'') and a number failed in tuple()."""
+    with pytest.raises(UserError, match=message):
+        StudyConfig(**settings)

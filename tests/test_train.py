@@ -138,6 +138,11 @@ def test_side_gradient_scales_only_what_side_exits_pass_back_to_the_shared_layer
         TrainConfig(side_gradient=1.5)
 
 
+def test_exit_weights_given_as_one_number_are_refused_asking_for_a_list():
+    with pytest.raises(UserError, match=r"exit_weights takes a list, e.g. \[1.0\], got 1.0"):
+        TrainConfig(exit_weights=1.0)
+
+
 def test_augment_crops_a_shift_of_the_zero_padded_image_and_flips():
     images = torch.arange(1, 6 * 4 * 4 * 2 + 1).reshape(6, 4, 4, 2).to(torch.uint8).repeat(20, 1, 1, 1)
     out = augment(images, padding=1, flip=False, generator=torch.Generator().manual_seed(0))

@@ -46,6 +46,15 @@ def comma_list(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
+def as_tuple(value: Any, name: str) -> tuple:
+    """A list-valued setting given from Python, as a tuple; a lone string or number is refused in one line (tuple()
+    would make a string its characters: exits="layer1,layer2" cut at 'l', 'a', ...)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, typing.Iterable):
+        example = list(comma_list(value)) if isinstance(value, str) else [value]
+        raise UserError(f"{name} takes a list, e.g. {example!r}, got {value!r}")
+    return tuple(value)
+
+
 def float_list(text: str) -> tuple[float, ...]:
     import argparse
     try:
@@ -137,7 +146,7 @@ class AttachConfig:
     output_key: str | None = option(None, "the logits' key when the model returns a dict (default: logits)")
 
     def __post_init__(self):
-        object.__setattr__(self, "exits", tuple(self.exits))
+        object.__setattr__(self, "exits", as_tuple(self.exits, "exits"))
         if not isinstance(self.head, str):
             object.__setattr__(self, "head", tuple(self.head))
 
@@ -173,7 +182,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.exit_weights is not None:
-            self.exit_weights = tuple(float(w) for w in self.exit_weights)
+            self.exit_weights = tuple(float(w) for w in as_tuple(self.exit_weights, "exit_weights"))
             if any(not math.isfinite(w) or w < 0 for w in self.exit_weights) or not any(self.exit_weights):
                 raise UserError(f"exit weights must be non-negative and not all zero, got {self.exit_weights}")
         checks = [(self.epochs >= 1, "epochs must be at least 1"),

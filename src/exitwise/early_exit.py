@@ -23,7 +23,8 @@ from .errors import UserError
 from .exit_rule import as_thresholds, thresholds_to_json
 from .io import atomic_write_json, file_sha256, read_format_json, staged_output
 from .records import JSON_NAMES
-from .models import MultiExitNetwork, calibrated_setting, check_fits, load_network, reference, shipped_classes, weight_files
+from .models import (MultiExitNetwork, calibrated_setting, check_fits, load_network, reference, shipped_classes,
+                     weight_files)
 from .policies import ExitPolicy, get_policy
 
 FORMAT = "exitwise.early-exit-model/1"

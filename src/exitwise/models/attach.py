@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 
 from .costs import head_report, module_macs
 from .. import records
+from ..config import as_tuple
 from ..errors import UserError
 from ..io import file_sha256
 from .weights import check_state_fits, read_state_dict, weight_files
@@ -327,6 +328,7 @@ def attach(model: nn.Module, exits: Sequence[str], num_classes: int, input_shape
     features), so a later rebuild makes the same heads. The final exit is the model itself: the same operations,
     the same logits. The model's parameters are shared, not copied.
     """
+    exits = as_tuple(exits, "exits")
     if not exits:
         raise UserError("name at least one exit module")
     if not 0 < max_head_fraction:

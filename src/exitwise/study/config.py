@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import math
 
-from ..config import DEFAULT_DELTA, check_micro_batch, check_precision
+from ..config import DEFAULT_DELTA, as_tuple, check_micro_batch, check_precision
 from ..errors import UserError
 
 DEFAULT_DESIRED = tuple(round(0.60 + 0.05 * i, 2) for i in range(7))
@@ -35,7 +35,8 @@ class StudyConfig:
         from ..device import resolve_device
         from ..policies import get_policy
         from . import calibration
-        self.desired_accuracies, self.methods = tuple(self.desired_accuracies), tuple(self.methods)
+        self.desired_accuracies = as_tuple(self.desired_accuracies, "desired_accuracies")
+        self.methods = as_tuple(self.methods, "methods")
         if not math.isfinite(self.cutoff) or self.cutoff < 0:
             raise UserError(f"cutoff must be a non-negative number, got {self.cutoff}")
         if not self.desired_accuracies:
