@@ -184,3 +184,23 @@ def test_a_list_setting_given_as_one_value_is_refused_when_the_config_is_made(se
     """Before, a string was read as its characters ('unknown calibration method 'p'') and a number failed in tuple()."""
     with pytest.raises(UserError, match=message):
         StudyConfig(**settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"within_points": float("nan")}, "within points .* must be a non-negative number, got nan"),
+    ({"within_points": -1}, "within points .* must be a non-negative number, got -1"),
+    ({"num_cutoffs": 0}, "num_cutoffs and timing_check_images must be at least 1, got 0 and 1000"),
+    ({"timing_check_images": 0}, "num_cutoffs and timing_check_images must be at least 1, got 100 and 0"),
+])
+def test_a_study_setting_that_cannot_work_is_refused_when_the_config_is_made(settings, message):
+    """Each of these once failed only after the measurement: min() of an empty sequence, an IndexError in the report,
+    a ZeroDivisionError."""
+    with pytest.raises(UserError, match=message):
+        StudyConfig(**settings)
+
+
+@pytest.mark.parametrize("points", [float("nan"), -0.5])
+def test_calibrate_refuses_impossible_within_points_when_the_config_is_made(points):
+    from exitwise.study import CalibrateConfig
+    with pytest.raises(UserError, match="within points .* must be a non-negative number"):
+        CalibrateConfig(within_points=points)

@@ -53,13 +53,16 @@ def check_delta(delta: float) -> float:
     return float(delta)
 
 
-def check_goal(target: float | None, budget: float | None, guarantee: bool, delta: float) -> None:
+def check_goal(target: float | None, budget: float | None, guarantee: bool, delta: float,
+               within_points: float | None = None) -> None:
     """The checks a goal allows before any data is read (the budget's range needs the costs)."""
     if guarantee and budget is not None:
         raise UserError("a guarantee certifies an accuracy target (target or within points), not a budget")
     check_delta(delta)
     if target is not None:
         check_desired_accuracy(target)
+    if within_points is not None:
+        check_points(within_points)
 
 
 def check_costs(costs: Sequence[float], num_exits: int) -> np.ndarray:
@@ -80,10 +83,16 @@ def check_budget(budget: float, costs: np.ndarray) -> float:
     return float(budget)
 
 
+def check_points(points: float) -> float:
+    """Percentage points below the final exit's accuracy (a study's and calibrate's `within_points`): >= 0, finite."""
+    if not (np.isfinite(points) and points >= 0):
+        raise UserError(f"within points (below the final exit's accuracy) must be a non-negative number, got {points}")
+    return points
+
+
 def relative_target(correct: np.ndarray, points: float) -> float:
     """The final exit's accuracy on the calibration split minus `points` percentage points."""
-    if not (np.isfinite(points) and points >= 0):
-        raise UserError(f"points below the final exit's accuracy must be a non-negative number, got {points}")
+    check_points(points)
     final = float(correct[-1].mean())
     target = final - points / 100
     if not (0.0 < target <= 1.0):

@@ -44,6 +44,10 @@ class StudyConfig:
         for d in self.desired_accuracies:
             calibration.check_desired_accuracy(d)
         calibration.check_delta(self.delta)
+        calibration.check_points(self.within_points)
+        if self.num_cutoffs < 1 or self.timing_check_images < 1:
+            raise UserError(f"num_cutoffs and timing_check_images must be at least 1, got {self.num_cutoffs} and "
+                            f"{self.timing_check_images}")
         unknown = [m for m in self.methods if m not in calibration.METHODS]
         if unknown:
             raise UserError(f"unknown calibration method {unknown[0]!r}; known: {', '.join(calibration.METHODS)}")
@@ -85,7 +89,7 @@ class CalibrateConfig:
             raise UserError(f"give exactly one of {', '.join(goals)}; got {', '.join(given) or 'none'}")
         if self.cost not in COSTS:
             raise UserError(f"unknown cost {self.cost!r}; choose one of {', '.join(COSTS)}")
-        calibration.check_goal(self.target, self.budget, self.guarantee, self.delta)
+        calibration.check_goal(self.target, self.budget, self.guarantee, self.delta, self.within_points)
         get_policy(self.policy)
         if self.device is not None:
             resolve_device(self.device)
