@@ -125,3 +125,13 @@ def test_an_empty_image_set_gives_an_empty_run_prepared_or_not():
     for model in (_model(), _model().prepare()):
         run = model.run(empty)
         assert run.exits.shape == run.predictions.shape == (0,)
+
+
+def test_the_constructor_takes_a_policy_by_name_and_json_style_thresholds_as_create_does():
+    net = _model().network
+    made = EarlyExitModel(net, "entropy", [None, 0.5], "digits-convnet")
+    assert made.policy.name == "entropy" and made.to_json()["thresholds"] == [None, 0.5]
+    with pytest.raises(UserError, match="unknown exit policy 'entropi'"):
+        EarlyExitModel(net, "entropi", [0.5, 0.5], "digits-convnet")
+    with pytest.raises(TypeError, match="policy must be an ExitPolicy or a registered policy's name, got int"):
+        EarlyExitModel(net, 3, [0.5, 0.5], "digits-convnet")

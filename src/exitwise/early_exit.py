@@ -43,7 +43,12 @@ class EarlyExitModel:
     precision: str | None = None                 # set by `prepare`: `network` is an inference copy in it
 
     def __post_init__(self) -> None:
-        thresholds = np.asarray(self.thresholds, dtype=np.float64)
+        if isinstance(self.policy, str):  # a name, as `create` and `with_setting` take it
+            object.__setattr__(self, "policy", get_policy(self.policy))
+        if not isinstance(self.policy, ExitPolicy):
+            raise TypeError(f"policy must be an ExitPolicy or a registered policy's name, got "
+                            f"{type(self.policy).__name__}")
+        thresholds = np.asarray([-np.inf if t is None else t for t in self.thresholds], dtype=np.float64)  # JSON's null
         object.__setattr__(self, "thresholds", as_thresholds(list(thresholds), self.network.num_exits))
 
     @classmethod
