@@ -135,3 +135,14 @@ def test_the_constructor_takes_a_policy_by_name_and_json_style_thresholds_as_cre
         EarlyExitModel(net, "entropi", [0.5, 0.5], "digits-convnet")
     with pytest.raises(TypeError, match="policy must be an ExitPolicy or a registered policy's name, got int"):
         EarlyExitModel(net, 3, [0.5, 0.5], "digits-convnet")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"thresholds": 0.1}, r"thresholds takes a list, e.g. \[0.1\], got 0.1"),
+    ({"thresholds": "0.1,0.2"}, r"thresholds takes a list, e.g. \['0.1', '0.2'\]"),
+    ({"thresholds": [0.1, 0.2], "temperatures": 1.5}, "temperatures takes a list"),
+    ({"thresholds": [0.1, 0.2], "class_names": "0123456789"}, "class_names takes a list"),  # not ten names
+])
+def test_create_refuses_a_lone_number_or_string_where_a_list_belongs(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        EarlyExitModel.create(create_model("digits-convnet"), "digits-convnet", "entropy", **kwargs)

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .config import as_tuple
 from .errors import UserError
 from .exit_rule import as_thresholds, thresholds_to_json
 from .io import atomic_write_json, file_sha256, read_format_json, staged_output
@@ -57,6 +58,9 @@ class EarlyExitModel:
                class_names: Sequence[str] | None = None) -> EarlyExitModel:
         """From names and JSON-style thresholds (None: never leave at that exit)."""
         exit_policy = get_policy(policy) if isinstance(policy, str) else policy
+        thresholds = as_tuple(thresholds, "thresholds")  # a lone number or "0.1,0.2": one line, not a TypeError
+        temperatures = None if temperatures is None else as_tuple(temperatures, "temperatures")
+        class_names = None if class_names is None else as_tuple(class_names, "class_names")
         if temperatures is not None:
             if len(temperatures) != network.num_exits:
                 raise UserError(f"expected {network.num_exits} temperatures (one per exit), got {len(temperatures)}")
