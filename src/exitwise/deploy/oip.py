@@ -53,7 +53,8 @@ async def read_body(receive, content_length: str | None, limit: int, within_s: f
                     flag: str = "--timeout-ms") -> bytes:
     """An ASGI request's body, at most `limit` bytes (413, as declared or as it arrives); with `within_s`, all there
     within that many seconds of the first wait for it (408, naming `flag`, the option that set it): a client (or a
-    tier before) that withholds or trickles it would hold a place among the requests in flight. A body that arrived with its headers (most do) is read without a timer."""
+    tier before) that withholds or trickles it would hold a place among the requests in flight. A body that arrived
+    with its headers (most do) is read without a timer."""
     if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise BadRequest(413, f"request body of {int(content_length)} bytes is over the limit of {limit} bytes")
     arrived = getattr(getattr(receive, "__self__", None), "message_event", None)  # uvicorn's: body waiting
