@@ -143,6 +143,14 @@ def test_exit_weights_given_as_one_number_are_refused_asking_for_a_list():
         TrainConfig(exit_weights=1.0)
 
 
+@pytest.mark.parametrize("field, value", [("epochs", 2.5), ("batch_size", "64"), ("seed", True)])
+def test_whole_number_settings_given_otherwise_from_python_are_refused(field, value):
+    with pytest.raises(UserError, match=f"{field} must be a whole number, got {value!r}"):
+        TrainConfig(**{field: value})
+    import numpy as np
+    assert TrainConfig(epochs=np.int64(3)).epochs == 3  # numpy's integers are whole numbers
+
+
 def test_augment_crops_a_shift_of_the_zero_padded_image_and_flips():
     images = torch.arange(1, 6 * 4 * 4 * 2 + 1).reshape(6, 4, 4, 2).to(torch.uint8).repeat(20, 1, 1, 1)
     out = augment(images, padding=1, flip=False, generator=torch.Generator().manual_seed(0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 import typing
 from dataclasses import dataclass, field
@@ -185,6 +186,10 @@ class TrainConfig:
             self.exit_weights = tuple(float(w) for w in as_tuple(self.exit_weights, "exit_weights"))
             if any(not math.isfinite(w) or w < 0 for w in self.exit_weights) or not any(self.exit_weights):
                 raise UserError(f"exit weights must be non-negative and not all zero, got {self.exit_weights}")
+        for f in dataclasses.fields(self):  # epochs=2.5 from Python (the CLI's argparse gives ints)
+            value = getattr(self, f.name)
+            if f.type == "int" and not (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
+                raise UserError(f"{f.name} must be a whole number, got {value!r}")
         checks = [(self.epochs >= 1, "epochs must be at least 1"),
                   (self.batch_size >= 1, "batch size must be at least 1"),
                   (self.lr > 0, "learning rate must be positive"),
