@@ -123,6 +123,9 @@ def test_pickled_code_is_never_run(tmp_path):
 def test_unknown_model_and_garbage_file(tmp_path):
     with pytest.raises(UserError, match="unknown model"):
         create_model("nope")
+    with pytest.raises(TypeError, match="create_model takes a registered model's name or an attached model's folder, "
+                                        "got int 3"):  # was pathlib's 'expected str, bytes or os.PathLike object'
+        create_model(3)
     (tmp_path / "garbage.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(UserError):
         load_weights(create_model("digits-convnet"), tmp_path / "garbage.safetensors")

@@ -22,6 +22,9 @@ from .weights import check_unchanged, load_weights, shipped_weights, weight_file
 def create_model(name: str | Path) -> MultiExitNetwork:
     """A new model registered as `name`, which it knows as `model.name`; or the attached model in a folder
     `exitwise attach` wrote, with its weights, named by the folder's absolute path."""
+    if not isinstance(name, (str, Path)):
+        raise TypeError(f"create_model takes a registered model's name or an attached model's folder, got "
+                        f"{type(name).__name__} {name!r}")
     if str(name) in MODELS:
         model = MODELS[str(name)]()
         if not isinstance(model, MultiExitNetwork):
