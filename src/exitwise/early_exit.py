@@ -49,8 +49,7 @@ class EarlyExitModel:
         if not isinstance(self.policy, ExitPolicy):
             raise TypeError(f"policy must be an ExitPolicy or a registered policy's name, got "
                             f"{type(self.policy).__name__}")
-        thresholds = np.asarray([-np.inf if t is None else t for t in self.thresholds], dtype=np.float64)  # JSON's null
-        object.__setattr__(self, "thresholds", as_thresholds(list(thresholds), self.network.num_exits))
+        object.__setattr__(self, "thresholds", as_thresholds(list(self.thresholds), self.network.num_exits))
 
     @classmethod
     def create(cls, network: MultiExitNetwork, model_name: str, policy: str | ExitPolicy,
@@ -69,8 +68,7 @@ class EarlyExitModel:
                                         or not all(isinstance(c, str) for c in class_names)):
             raise UserError(f"expected {network.num_classes} class names (strings, one per class), got "
                             f"{len(class_names)}: {str(list(class_names))[:80]}")
-        return cls(network, exit_policy, as_thresholds(list(thresholds), network.num_exits), model_name,
-                   tuple(class_names) if class_names is not None else None)
+        return cls(network, exit_policy, thresholds, model_name, class_names)  # thresholds checked when made
 
     @classmethod
     def calibrated(cls, network: MultiExitNetwork, model_name: str,
@@ -94,9 +92,7 @@ class EarlyExitModel:
 
     def with_setting(self, policy: str | ExitPolicy, thresholds: Sequence[float | None]) -> EarlyExitModel:
         """The same network (prepared or not) with another policy and thresholds."""
-        exit_policy = get_policy(policy) if isinstance(policy, str) else policy
-        return dataclasses.replace(self, policy=exit_policy,
-                                   thresholds=as_thresholds(list(thresholds), self.network.num_exits))
+        return dataclasses.replace(self, policy=policy, thresholds=thresholds)  # both read and checked when made
 
     def run(self, data, *, precision: str | None = None, batch_size: int = 256, micro_batch: int | None = None,
             progress: bool = False):

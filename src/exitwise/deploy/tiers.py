@@ -260,14 +260,14 @@ def add_tier_routes(app, runner, config: TierConfig, max_body_bytes: int) -> Non
         if config.send_images and x.dtype != np.uint8:
             raise BadRequest(409, f"tier {config.name} sends the images on to the next tier: send it the images, not "
                                   "features (--send-images on the tier before)")
-        if x.dtype != np.uint8 and x.shape[1:] != expected:
-            raise BadRequest(400, f"features of shape {list(x.shape[1:])}; stage {config.first} takes "
-                                  f"{list(expected)} (stage {config.first - 1}'s output)")
         if x.dtype == np.uint8:  # the images, not features: stages 0..first-1 first (no exits: none left there)
             if x.shape[1:] != (h, w, c):
                 raise BadRequest(400, f"images of shape {list(x.shape[1:])}; the model takes {[h, w, c]} (NHWC)")
             if not config.send_images:  # else the scheduler's runner (`CarryImages`) runs them, keeping the images
                 x = await asyncio.get_running_loop().run_in_executor(None, _recompute, runner, x, config.first)
+        elif x.shape[1:] != expected:
+            raise BadRequest(400, f"features of shape {list(x.shape[1:])}; stage {config.first} takes "
+                                  f"{list(expected)} (stage {config.first - 1}'s output)")
         try:
             why, answers = await app.state.answers.wait(lambda slots: scheduler.submit_features(x, state, slots),
                                                         len(x), scheduler.config.timeout_ms / 1e3 + 1)
