@@ -204,9 +204,24 @@ def test_devices():
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
     with pytest.raises(UserError, match="unknown device 'tpu'"):
         resolve_device("tpu")
+    for name in ("gpu", "cpu:0", "cuda:x", "cuda:-1"):
+        with pytest.raises(UserError, match=f"unknown device '{name}'"):
+            resolve_device(name)
+    with pytest.raises(UserError, match=f"'cuda:{torch.cuda.device_count()}' is not available"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")  # one past the last GPU
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="'cuda' is not available"):
             resolve_device("cuda")
+
+
+def test_prepare_takes_a_device_by_name_and_refuses_an_unknown_one_in_one_line():
+    from exitwise.models import create_model
+    from exitwise.runtime import prepare
+    net = create_model("digits-convnet")
+    assert next(prepare(net, device="auto").parameters()).device.type in ("cpu", "cuda", "mps")
+    with pytest.raises(UserError, match="unknown device 'gpu'"):  # was torch's RuntimeError listing 20 device types
+        prepare(net, device="gpu")
 
 
 def test_the_machine_names_its_cpu():

@@ -111,6 +111,17 @@ def test_checkpoint_that_does_not_fit_is_refused_naming_the_tensors(tmp_path):
     assert "heads.0.1.weight" in str(e.value) and "surprise" in str(e.value) and "stages.0.0.weight" in str(e.value)
 
 
+def test_weights_of_integers_with_the_right_names_and_shapes_are_refused_not_cast(tmp_path):
+    state = create_model("digits-convnet").state_dict()
+    state["stages.0.0.weight"] = state["stages.0.0.weight"].round().to(torch.int64)  # load_state_dict would cast it
+    save_file(state, str(tmp_path / "ints.safetensors"))
+    with pytest.raises(UserError, match=r"wrong kind of number: stages.0.0.weight torch.int64 for torch.float32"):
+        load_weights(create_model("digits-convnet"), tmp_path / "ints.safetensors")
+    state["stages.0.0.weight"] = state["stages.0.0.weight"].to(torch.bfloat16)  # another float precision: taken
+    save_file(state, str(tmp_path / "bf16.safetensors"))
+    load_weights(create_model("digits-convnet"), tmp_path / "bf16.safetensors")
+
+
 def test_pickled_code_is_never_run(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -409,4 +409,9 @@ def test_a_torchrun_process_without_a_gpu_of_its_own_is_told_in_one_line(monkeyp
     with pytest.raises(UserError, match="no GPU of its own.*--nproc-per-node 1"):
         train_module._rank_device(torch.device("cuda"))
     assert train_module._rank_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(UserError, match="no GPU of its own"):
+        train_module._rank_device(torch.device("cuda", 0))  # under torchrun the rank picks the GPU
+    monkeypatch.delenv("LOCAL_RANK")
+    assert train_module._rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # alone: the GPU named
+    assert train_module._rank_device(torch.device("cuda")) == torch.device("cuda", 0)
 

@@ -39,7 +39,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_machine_args(p: argparse.ArgumentParser, micro_batch: bool = True) -> None:
-    p.add_argument("--device", default="auto", help="auto (default: cuda, else mps, else cpu), cpu, cuda or mps")
+    p.add_argument("--device", default="auto", help="auto (default: cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     if micro_batch:
         p.add_argument("--micro-batch", type=int, help="rows that run through the network together (default: the "
                                                        "fastest size, measured once per model and machine)")

@@ -42,15 +42,18 @@ def machine(device: str | torch.device = "cpu") -> Machine:
                    accelerator=accelerator)
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto": CUDA, else Apple's MPS, else the CPU; a named device must be present."""
+def resolve_device(name: str | torch.device) -> torch.device:
+    """"auto": CUDA, else Apple's MPS, else the CPU; a named device (`cuda:1` too) must be present."""
+    if isinstance(name, torch.device):
+        return name
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available()}
     if name == "auto":
         return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
-    if name not in available:
-        raise UserError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
-    if not available[name]:
+    kind, colon, index = str(name).partition(":")
+    if kind not in available or (colon and not (kind == "cuda" and index.isdigit())):
+        raise UserError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)} (or cuda:N)")
+    if not available[kind] or (colon and int(index) >= torch.cuda.device_count()):
         raise UserError(f"device {name!r} is not available on this machine")
     return torch.device(name)
 

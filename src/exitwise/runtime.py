@@ -20,7 +20,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .exit_rule import leaves
 from .errors import UserError
 from .config import DEFAULT_MICRO_BATCH, check_precision
-from .device import synchronize
+from .device import resolve_device, synchronize
 from .models.base import MultiExitNetwork
 from .policies import ExitPolicy
 from .progress import progress_bar
@@ -99,6 +99,7 @@ def prepare(model: MultiExitNetwork, precision: str = "fp32", device: str | torc
     (`tune.choose_precision`). The copy lives on `device`; the runtime moves each batch there.
     """
     check_precision(precision, allow_auto=False)
+    device = resolve_device(device)
     net = copy.deepcopy(model).eval()
     fold_batch_norms(net)
     net.to(device=device, memory_format=torch.channels_last)

@@ -455,8 +455,8 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _rank_device(device: torch.device) -> torch.device:
-    """This process's GPU under torchrun (one per process: LOCAL_RANK), or `device` as it is."""
-    if device.type != "cuda":
+    """This process's GPU under torchrun (one per process: LOCAL_RANK), or `device` as it is (`cuda:1` alone)."""
+    if device.type != "cuda" or (device.index is not None and "LOCAL_RANK" not in os.environ):
         return device
     local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
     if local_rank >= count:

@@ -192,8 +192,13 @@ def check_state_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
     extra = [k for k in state if k not in expected]
     misshaped = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
                  if k in state and state[k].shape != v.shape]
+    # load_state_dict would cast integers into float parameters: right names and shapes, silently wrong answers
+    mistyped = [f"{k} {state[k].dtype} for {v.dtype}" for k, v in expected.items()
+                if k in state and (state[k].is_floating_point(), state[k].is_complex())
+                != (v.is_floating_point(), v.is_complex())]
     problems = [f"{label}: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
-                for label, names in (("missing", missing), ("unexpected", extra), ("wrong shape", misshaped))
+                for label, names in (("missing", missing), ("unexpected", extra), ("wrong shape", misshaped),
+                                     ("wrong kind of number", mistyped))
                 if names]
     if problems:
         raise UserError(f"weights {str(path)!r} do not fit {type(model).__name__}: " + "; ".join(problems))
