@@ -12,7 +12,7 @@ from .config import ATTACH_DEFAULTS, TRAIN_DEFAULTS, AttachConfig, DataConfig, T
 from .data import Splits, load_splits
 from .deploy.manifest import Manifest
 from .deploy.plan import WIRE_TOLERANCE_POINTS, FeatureShapes, Link, Plan, Tier
-from .early_exit import CONFIG_FILE as EARLY_EXIT_FILE, EarlyExitModel, check_setting
+from .early_exit import CALIBRATION_FILE, CONFIG_FILE as EARLY_EXIT_FILE, EarlyExitModel, check_setting
 from .errors import UserError
 from .io import atomic_write_bytes, atomic_write_json, check_writable_dir, staged_output
 from .models import (ModelCard, check_fits, create_model, load_model, load_network, model_key,
@@ -33,7 +33,7 @@ def study(*, model: str | Path, out: str | Path, data: DataConfig = DataConfig()
     `exitwise attach` wrote."""
     config = StudyConfig(**settings)
     check_writable_dir(out)  # fail before the long work, not after it
-    _not_over(out, "calibration.json", "a calibration")
+    _not_over(out, CALIBRATION_FILE, "a calibration")
     net, ref = load_model(model, weights)
     splits = _splits(data, config.progress)
     check_fits(net, splits.test, splits.dataset)
@@ -202,7 +202,7 @@ def calibrate(source: str | Path, out: str | Path, config: CalibrateConfig | Non
     early_exit = _early_exit_model(cache, exit_policy, thresholds) if ok else None
     from .study.report import frontier_png
     with staged_output(out) as stage:
-        atomic_write_json(stage / "calibration.json", doc.to_json())
+        atomic_write_json(stage / CALIBRATION_FILE, doc.to_json())
         atomic_write_bytes(stage / "frontier.png", frontier_png(frontier))
         if early_exit is not None:
             early_exit.write(stage, weights=info.model.weights, weights_sha256=info.model.weights_sha256)

@@ -39,7 +39,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_machine_args(p: argparse.ArgumentParser, micro_batch: bool = True) -> None:
-    p.add_argument("--device", default="auto", help="auto (default: cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")
     if micro_batch:
         p.add_argument("--micro-batch", type=int, help="rows that run through the network together (default: the "
                                                        "fastest size, measured once per model and machine)")
@@ -190,11 +191,12 @@ def cmd_attach(args: argparse.Namespace) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from .api import calibrate
+    from .early_exit import CALIBRATION_FILE, CONFIG_FILE
     from .study.report import format_calibration
     doc = calibrate(args.source, args.out, CalibrateConfig(**given(args, CalibrateConfig)))
     print(format_calibration(doc))
-    early_exit = ", early_exit.json" if (args.out / "early_exit.json").is_file() else ""
-    print(f"\nwritten: {(args.out / 'calibration.json').resolve()}, frontier.png{early_exit}")
+    early_exit = f", {CONFIG_FILE}" if (args.out / CONFIG_FILE).is_file() else ""
+    print(f"\nwritten: {(args.out / CALIBRATION_FILE).resolve()}, frontier.png{early_exit}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -30,6 +30,7 @@ from .policies import ExitPolicy, get_policy
 
 FORMAT = "exitwise.early-exit-model/1"
 CONFIG_FILE = "early_exit.json"
+CALIBRATION_FILE = "calibration.json"  # what `exitwise calibrate` writes beside it
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -183,10 +184,10 @@ def _read_config(path: str | Path) -> tuple[Path, dict]:
     """The path and content of a saved early-exit model's `early_exit.json` (`path`: it or its folder)."""
     path = Path(path)
     config_path = path / CONFIG_FILE if path.is_dir() else path
-    calibrated = (config_path.parent / "calibration.json").is_file()
+    calibrated = (config_path.parent / CALIBRATION_FILE).is_file()
     config = read_format_json(config_path, FORMAT, "early-exit model", missing=f"no early-exit model at "
                               f"{str(config_path)!r}: the calibration there wrote none (its goal was not met, or its "
-                              "study names no model: see its calibration.json)" if calibrated else None)
+                              f"study names no model: see its {CALIBRATION_FILE})" if calibrated else None)
     return config_path, check_setting(config, repr(str(config_path)), ("model", "policy", "thresholds", "num_exits"))
 
 

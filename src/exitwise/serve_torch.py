@@ -158,11 +158,11 @@ def folder_agreement(source: str | Path) -> Agreement | None:
     (the same SHA-256). What `tune` checks a precision against instead of the server's random images. None for a
     folder without them (one moved away from its study, or an older one)."""
     import json
-    from .early_exit import saved_weights_sha256
-    from .study.results import CalibrationReport, StudyResults
+    from .early_exit import CALIBRATION_FILE, saved_weights_sha256
+    from .study.results import RESULTS_FILE, CalibrationReport, StudyResults
     folder = Path(source) if Path(source).is_dir() else Path(source).parent
-    for name, measured in (("results.json", StudyResults.from_json),
-                           ("calibration.json", lambda doc: CalibrationReport.from_json(doc).study)):
+    for name, measured in ((RESULTS_FILE, StudyResults.from_json),
+                           (CALIBRATION_FILE, lambda doc: CalibrationReport.from_json(doc).study)):
         try:
             found = measured(json.loads((folder / name).read_text()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none there, or not a study's

@@ -13,6 +13,7 @@ from ..records import NEVER, Thresholds, from_json, to_json
 from ..refs import DatasetRef, Load, Machine, MicroBatchProbe, ModelRef, PrecisionCheck, Software
 
 SCHEMA_VERSION = 2
+RESULTS_FILE = "results.json"  # what `exitwise study` writes
 """2: typed results (this module). 1: the dictionary before it; see docs/results-schema.md for the renames."""
 
 

@@ -34,9 +34,9 @@ from ..refs import Software
 from ..device import machine, machine_load, resolve_device
 from ..tune import tune
 from ..policies import POLICIES, ExitArrays, exit_arrays, get_policy
-from .results import (NEVER, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FixedCutoffRun, FullNetwork, Gap, Leavers,
-                      Mark, MeasuredTimes, Measurements, Oracle, Outcome, Setting, StudyResults,
-                      StageTimes, SweepPoint, TimedRun, TimingCheck, TimingModel)
+from .results import (NEVER, RESULTS_FILE, Best, CalibrationEntry, Choice, Exit, FixedCutoff, FixedCutoffRun,
+                      FullNetwork, Gap, Leavers, Mark, MeasuredTimes, Measurements, Oracle, Outcome, Setting,
+                      StudyResults, StageTimes, SweepPoint, TimedRun, TimingCheck, TimingModel)
 from ..runtime import Run, all_exit_logits, run_early_exit, warm_up
 
 def seconds_per_sample(run: Run, reach: np.ndarray) -> np.ndarray:
@@ -351,7 +351,7 @@ def write_study(study: Study, out_dir: str | Path) -> Path:
     from .report import write_report
     model = study.results.model
     with staged_output(out_dir) as stage:
-        atomic_write_json(stage / "results.json", study.results.to_json())
+        atomic_write_json(stage / RESULTS_FILE, study.results.to_json())
         save_logits(study.logits, stage / LOGITS_FILENAME)
         study.early_exit.write(stage, weights=model.weights, weights_sha256=model.weights_sha256)
         write_report(study.results, stage)
