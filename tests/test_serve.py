@@ -38,7 +38,7 @@ from exitwise.deploy.answers import Handoff, Slot, Waiting
 from exitwise.deploy.oip import BadRequest, answered
 from exitwise.deploy.metrics import Metrics
 from exitwise.deploy.scheduler import Answer, Expired, Scheduler
-from exitwise.deploy.server import _Call, _OneWrite, create_app, uvicorn_config
+from exitwise.deploy.server import _Call, _OneWrite, create_app, serve, uvicorn_config
 from exitwise.early_exit import EarlyExitModel
 from exitwise.models import create_model
 from exitwise.policies import get_policy
@@ -256,8 +256,20 @@ def test_a_stage_call_runs_on_its_workers_share_of_the_torch_threads(digits):
         for rows in (1, 40):
             runner.step(0, runner.to_input(images[:rows]), runner.init_state(rows))
             assert torch.get_num_threads() == runner.threads
+        for call in (lambda: runner.stage(0, runner.to_input(images[:4])),  # a tier's recompute and degraded
+                     lambda: runner.answer(0, runner.to_numpy(runner.stage(0, runner.to_input(images[:4]))))):
+            torch.set_num_threads(threads)  # as a thread of a tier's forwarding pool starts
+            call()
+            assert torch.get_num_threads() == runner.threads
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_prepared_model_is_served_in_the_precision_it_was_prepared_in(digits):
+    model = digits[0].prepare("fp32")
+    assert TorchRunner(model).precision == "fp32"
+    with pytest.raises(ValueError, match="prepared in fp32: serve it in that precision"):  # was served fp32 silently
+        TorchRunner(model, precision="bf16")
 
 
 def test_pixels_straight_from_a_requests_bytes_are_taken_without_a_warning(digits, recwarn):
@@ -330,6 +342,17 @@ def test_health_metadata_and_metrics(onnx_server):
         assert name in text  # prometheus-client's standard process metrics, as ops dashboards expect
     for path in ("/openapi.json", "/docs"):  # no generated schema or pages beside the protocol's own routes
         assert client.get(path).status_code == 404
+
+
+def test_an_app_made_for_several_processes_outside_serve_processes_still_answers_its_metrics(digits):
+    server = Running(OnnxRunner.load(digits[2] / "onnx"), ServeConfig(processes=2))  # as Ray Serve's replicas make it
+    try:
+        scrape = server.client.get("/metrics")  # was a 500: multiprocess metrics without their folder
+        assert scrape.status_code == 200 and "exitwise_model_info" in scrape.text
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="serve\\(\\) runs one process, not 2: serve_processes"):
+        serve(OnnxRunner.load(digits[2] / "onnx"), ServeConfig(processes=2))  # had served one, silently
 
 
 def test_bad_input_gets_a_one_line_4xx_and_the_server_keeps_serving(digits, tmp_path):
@@ -474,7 +497,7 @@ def test_past_max_queue_requests_in_flight_another_is_refused_before_its_body_is
                             f"Content-Length: 100000\r\n\r\n".encode())
                 answer = raw.recv(4096).decode()
             assert answer.startswith("HTTP/1.1 503") and "retry-after: 1" in answer.lower()
-            assert '{"error": "overloaded, try again: 2 requests in flight; at most 2"}' in answer
+            assert '{"error":"overloaded, try again: 2 requests in flight; at most 2"}' in answer
             assert [h.result(10) for h in held] == [504, 504]
         # each request's own timer answers 504 at its deadline; the scheduler drops its samples then too (a
         # moment later, on its thread), and that frees their places in the queue
@@ -747,7 +770,8 @@ def start_cli_server(args: list[str], block_torch: bool = False, code: str = CLI
     return process, line.split(" on ")[1].strip()
 
 
-def test_sigterm_answers_what_was_accepted_refuses_new_requests_and_exits_0(digits):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C (had exited 130 once drained)
+def test_sigterm_answers_what_was_accepted_refuses_new_requests_and_exits_0(digits, sig):
     _, _, out = digits
     process, url = start_cli_server(["--export", str(out / "onnx"), "--max-wait-ms", "1500"])
     try:
@@ -755,7 +779,7 @@ def test_sigterm_answers_what_was_accepted_refuses_new_requests_and_exits_0(digi
         with ThreadPoolExecutor(3) as pool:
             accepted = [pool.submit(infer_status, client, 1) for _ in range(3)]
             until(lambda: "exitwise_samples_inside 3.0" in client.get("/metrics").text)
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(sig)
             refused = False
             for _ in range(100):  # bounded: the listening socket closes at once
                 try:

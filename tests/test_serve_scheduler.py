@@ -206,7 +206,7 @@ def test_a_stage_range_forwards_its_survivors_to_the_next_tier():
         assert s.close(5)
 
 
-def test_a_range_that_stops_early_needs_a_forward_and_a_failing_batch_fails_only_its_samples():
+def test_a_range_that_stops_early_needs_a_forward_and_a_failing_batch_fails_only_its_samples(caplog):
     with pytest.raises(UserError, match="give a forward callback"):
         Scheduler(FakeRunner(), SchedulerConfig(last=1))
     with pytest.raises(UserError, match="not within"):
@@ -218,6 +218,9 @@ def test_a_range_that_stops_early_needs_a_forward_and_a_failing_batch_fails_only
     bad = scheduler.submit(images([0, 1]))
     wait(bad, 5)
     assert all(isinstance(f.exception(), RuntimeError) for f in bad)
+    wait(scheduler.submit(images([0])), 5)  # a broken model fails every batch: logged once, with its traceback
+    logged = [r for r in caplog.records if r.name == "exitwise.serve"]
+    assert len(logged) == 1 and "a stage call failed" in logged[0].getMessage() and logged[0].exc_info
     runner.step = good_step
     assert results(scheduler.submit(images([0]))) == [Answer(0, 0, 0.5)]
     assert scheduler.close(5) and scheduler.inside == 0
@@ -319,3 +322,16 @@ def test_two_workers_run_two_stage_calls_at_once_and_answer_as_one_does():
 def test_a_bad_batching_setting_is_refused_by_its_flag_and_value(field, value, message):
     with pytest.raises(UserError, match=f"^{message}$"):
         SchedulerConfig(**{field: value})
+
+
+def test_unexpected_failures_are_logged_at_most_once_an_interval_saying_how_many_were_not(caplog, monkeypatch):
+    from exitwise.deploy import scheduler as module
+    clock = [100.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    log = module.FailureLog("a stage call")
+    for seconds in (0, 1, 2, module.FAILURE_LOG_S + 1):
+        clock[0] = 100.0 + seconds
+        log(RuntimeError("broken"))
+    messages = [r.getMessage() for r in caplog.records if r.name == "exitwise.serve"]
+    assert messages == ["exitwise: a stage call failed",
+                        "exitwise: a stage call failed (2 more since the last one logged)"]

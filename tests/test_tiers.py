@@ -21,7 +21,8 @@ pytest.importorskip("uvicorn")
 
 from exitwise.api import export
 from exitwise.cli import main
-from exitwise.config import NextURL
+from exitwise.config import NextURL, SchedulerConfig, ServeConfig, TierConfig
+from exitwise.errors import UserError
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 from exitwise.deploy.plan import Link, NetworkCosts, Tier as PlanTier, plan as make_plan
 from exitwise.early_exit import EarlyExitModel
@@ -84,6 +85,49 @@ def _borderline(export: Path, images: np.ndarray) -> np.ndarray:
         scores, state = model.policy.step(k, logits, state)
         near = near | (np.abs(scores - np.float32(model.thresholds[k])) <= NEAR)
     return near
+
+
+def test_a_tiers_stages_are_given_once_and_its_scheduler_runs_them():
+    config = ServeConfig(tier=TierConfig("edge", 1, 2, "http://127.0.0.1:9"))
+    assert (config.scheduler.first, config.scheduler.last) == (1, 2)  # before: 0 to the end, never forwarding
+    assert ServeConfig(tier=TierConfig("edge", 1, 2), scheduler=SchedulerConfig(first=1, last=2)).scheduler.last == 2
+    with pytest.raises(UserError, match="the scheduler's stages 0-1 are not tier edge's 1-2"):
+        ServeConfig(tier=TierConfig("edge", 1, 2), scheduler=SchedulerConfig(first=0, last=1))
+
+
+def test_a_forwarder_answers_every_sample_whatever_fails(monkeypatch):
+    from concurrent.futures import Future
+    from exitwise.deploy.scheduler import Sample
+    from exitwise.deploy.tiers import Forwarder
+
+    class LastExit:  # this tier's last exit: class 7 for every row
+        num_exits = 3
+
+        def answer(self, k, features):
+            return np.full(len(features), 7), np.full(len(features), 0.5)
+
+    def send(values: np.ndarray) -> list[Sample]:
+        samples = [Sample(Future(), 0.0, 1e9) for _ in values]
+        forwarder._send(values, np.zeros((len(values), 1), np.int64), samples)
+        return samples
+
+    def fails(body, rows):
+        raise MemoryError()  # a message-less error: its log line had raised IndexError, the samples left hanging
+
+    forwarder = Forwarder(LastExit(), TierConfig("edge", 0, 0, "http://127.0.0.1:9", wire="fp16"))
+    try:
+        monkeypatch.setattr(forwarder, "_post", lambda body, rows: pytest.fail("values fp16 cannot hold were sent"))
+        answers = [s.future.result(0) for s in send(np.full((2, 3), 1e6, np.float32))]
+        assert [(a.prediction, a.degraded) for a in answers] == [(7, True)] * 2
+        assert forwarder.down_until == 0  # this batch's values, not the next tier's fault: it is not rested
+        monkeypatch.setattr(forwarder, "_post", fails)
+        assert all(s.future.result(0).degraded for s in send(np.ones((2, 3), np.float32)))
+        assert forwarder.down_until > 0
+        monkeypatch.setattr(forwarder, "_degraded", lambda features: 1 / 0)  # a broken model: failed at once
+        with pytest.raises(ZeroDivisionError):
+            send(np.ones((1, 3), np.float32))[0].future.result(0)
+    finally:
+        forwarder.pool.shutdown()
 
 
 def test_a_three_tier_chain_answers_as_single_process_early_exit(digits):
@@ -242,7 +286,6 @@ def test_a_tier_takes_its_stages_and_wire_format_from_the_plan(digits, tmp_path)
 
 def test_features_requests_round_trip_and_malformed_ones_are_refused():
     from exitwise.deploy.tiers import decode_features, encode_features
-    from exitwise.errors import UserError
     x, state = np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.array([[1, 2], [3, 4]])
     stage, y, s = decode_features(encode_features(1, x, state, "fp32"), 2)
     assert stage == 1 and np.array_equal(x, y) and np.array_equal(state, s)

@@ -89,6 +89,9 @@ def test_payloads_that_lie_about_their_content_are_refused():
         decode(_with_header({"format": "fp32", "shape": [1]}, np.array([np.nan], "<f4").tobytes()))
     with pytest.raises(UserError, match="NaN"):
         encode(np.array([[np.inf]], np.float32), "fp16")
+    with pytest.raises(UserError, match="beyond fp16's range"):  # finite in float32, inf as fp16: was sent, refused
+        encode(np.array([[1.0, 70000.0]], np.float32), "fp16")
+    assert decode(encode(np.array([[65504.0]], np.float32), "fp16"))[0, 0] == 65504.0  # fp16's largest: sent
     with pytest.raises(UserError, match="unknown wire format"):
         encode(np.ones((1, 1)), "bf16")
 

@@ -403,8 +403,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             runner = make_runner()
             exits = runner.num_exits
     tier = _tier_config(args, exits)
-    config = dataclasses.replace(serving, tier=tier, scheduler=dataclasses.replace(
-        scheduling, first=tier.first, last=tier.last) if tier else scheduling)
+    config = dataclasses.replace(serving, tier=tier, scheduler=scheduling)  # the scheduler runs the tier's stages
     if args.ray:
         if config.processes > 1:
             raise UserError("--ray spreads the server over --replicas: drop --processes")

@@ -482,10 +482,16 @@ class ServeConfig:
     ssl_ca_certs: Path | None = option(None, "with --ssl-certfile: serve only clients that show a certificate signed "
                                              "by one of these (PEM; mutual TLS), over HTTPS and gRPC")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    tier: TierConfig | None = None       # one tier of a chain; None: the whole network
-    relay: RelayConfig | None = None     # a tier with no stages: forwards everything, runs no model
+    tier: TierConfig | None = None       # one tier of a chain (its scheduler runs the tier's stages); None: the whole
+    relay: RelayConfig | None = None     # network; relay: a tier with no stages, forwards everything, runs no model
 
     def __post_init__(self) -> None:
+        if self.tier is not None:  # the scheduler runs the tier's stages: one range, given once
+            scheduling, stages = self.scheduler, (self.tier.first, self.tier.last)
+            if (scheduling.first, scheduling.last) not in ((0, None), stages):
+                raise UserError(f"the scheduler's stages {scheduling.first}-{scheduling.last} are not tier "
+                                f"{self.tier.name}'s {stages[0]}-{stages[1]}: give the range once, in the tier")
+            object.__setattr__(self, "scheduler", dataclasses.replace(scheduling, first=stages[0], last=stages[1]))
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port must be 0-65535, got {self.port}")
         if not self.max_body_mb > 0:
@@ -503,6 +509,10 @@ class ServeConfig:
                 raise UserError("--grpc-port 0 with --processes: give a port, which every process listens on")
             if self.relay is not None:
                 raise UserError("--grpc-port: a relay runs no model; give it to the first tier that holds stages")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
 
     @property
     def tls(self) -> ServerTLS | None:

@@ -22,7 +22,7 @@ import torch
 from .config import __version__, check_micro_batch
 from .models.costs import stage_and_head_macs
 from .early_exit import EarlyExitModel
-from .errors import UserError
+from .errors import UserError, first_line
 from .io import atomic_write_bytes, atomic_write_json, staged_output
 from .refs import MicroBatchProbe
 from .deploy.manifest import FORMAT, MANIFEST, ExportCheck, Graph, InputSpec, Manifest, Normalization
@@ -67,7 +67,7 @@ def _onnx_bytes(module: torch.nn.Module, example: torch.Tensor, exporter: str) -
                                       opset_version=OPSET, dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
             return buffer.getvalue(), name
         except Exception as e:  # each exporter fails in its own ways on modules it cannot trace
-            errors.append(f"{name}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}")
+            errors.append(f"{name}: {first_line(e)}")
     raise UserError(f"cannot export {type(module).__name__} to ONNX ({'; '.join(errors)})")
 
 

@@ -49,8 +49,11 @@ class TorchRunner:
             finally:
                 torch.set_num_threads(everyone)
             self.network, self.precision, self.micro_batch = tuned.network, tuned.precision, tuned.micro_batch
-        else:
+        else:  # prepared already: served in the precision it was prepared in
             from .config import DEFAULT_MICRO_BATCH
+            if precision not in ("auto", model.precision):
+                raise ValueError(f"this early-exit model is prepared in {model.precision}: serve it in that precision "
+                                 f"(precision='auto') or give the model unprepared, not {precision!r}")
             self.network, self.precision = model.network, model.precision
             self.micro_batch = micro_batch or DEFAULT_MICRO_BATCH
         self.model, self.early_exit = model, early_exit
@@ -73,10 +76,15 @@ class TorchRunner:
     def init_state(self, n: int) -> np.ndarray:
         return np.repeat(self._state_row, n, axis=0)  # no torch call on the server's event loop
 
+    def _own_threads(self) -> None:
+        """The calling thread's OpenMP team at a worker's share of the threads (the count is per thread: any other
+        thread, a tier's forwarding or the event loop's executor, would run a full team beside the workers')."""
+        if self.threads != torch.get_num_threads():
+            torch.set_num_threads(self.threads)
+
     @torch.inference_mode()
     def step(self, k: int, features: torch.Tensor, state: np.ndarray) -> StepOut:
-        if self.threads != torch.get_num_threads():  # this worker thread only: OpenMP's count is per thread
-            torch.set_num_threads(self.threads)
+        self._own_threads()
         last = k == self.num_exits - 1
         head = last or self.early_exit
         pieces = features.split(self.micro_batch) if len(features) > self.micro_batch else [features]
@@ -101,10 +109,12 @@ class TorchRunner:
 
     @torch.inference_mode()
     def stage(self, k: int, features: torch.Tensor) -> torch.Tensor:
+        self._own_threads()
         return self.network.stages[k](features)
 
     @torch.inference_mode()
     def answer(self, k: int, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self._own_threads()
         return self._answer(k, self.network.heads[k](self.from_numpy(array)).float())
 
     def take(self, features: torch.Tensor, rows: np.ndarray) -> torch.Tensor:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from .config import TrainConfig, __version__
 from .models.costs import exit_macs, head_report
 from .data import ImageSet, Splits
-from .errors import UserError
+from .errors import UserError, first_line
 from .refs import TrainPrecisionProbe
 from .tune import choose_train_precision
 from .device import machine, resolve_device
@@ -371,7 +371,7 @@ def _restore(checkpoint: dict, model: MultiExitNetwork, optimizer: torch.optim.O
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
     except (RuntimeError, KeyError, ValueError) as e:
-        raise UserError(f"checkpoint {str(path)!r} does not fit the model: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"checkpoint {str(path)!r} does not fit the model: {first_line(e)}") from None
     rng = checkpoint["rng"]
     torch.set_rng_state(rng["torch"])
     np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))

@@ -235,7 +235,7 @@ def measure_relay(runner, requests: int = 100, images: np.ndarray | None = None)
     try:
         with _Serving(app) as server:
             relay = create_relay_app(RelayConfig("measured", f"http://127.0.0.1:{server.port}"),
-                                     int(ServeConfig().max_body_mb * 2**20))
+                                     ServeConfig().max_body_bytes)
             with _Serving(relay) as through:
                 direct, relayed = [], []
                 for _ in range(max(1, requests // 10)):

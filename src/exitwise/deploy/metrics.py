@@ -5,6 +5,7 @@ CPU, memory and garbage collections (prometheus-client's standard `process_*` an
 --processes, where a scrape would give the one process that answered it)."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -19,13 +20,16 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 STAGE_BUCKETS = (.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5)
 
 
+METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by `serve --processes` (`deploy.processes`) for every server process;
+# prometheus-client then keeps each value in a file there, and a scrape of any process adds them up
 GAUGE_SECONDS = 0.5  # multiprocess: how often each process writes its queue gauges (a scrape reads the files)
 
 
 class Metrics(Observer):
-    def __init__(self, multiprocess: bool = False):
+    def __init__(self, multiprocess: bool | None = None):
+        """`multiprocess` None: as this process was started (METRICS_DIR set by `serve --processes`, or not)."""
         self.registry = CollectorRegistry()
-        self.multiprocess = multiprocess
+        self.multiprocess = METRICS_DIR in os.environ if multiprocess is None else multiprocess
         r = self.registry
         live = {"multiprocess_mode": "livesum"}  # the gauges of the processes alive, added up (multiprocess only)
         self.latency = Histogram("exitwise_request_seconds", "Time from a request's arrival to its answer",

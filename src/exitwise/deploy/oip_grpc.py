@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError
 from ..config import ServerTLS
 from .oip import (OUTPUTS, REASONS, VERSION, BadRequest, check_model, model_metadata, output_values,
                   request_timeout_ms, requested_outputs, tensor_images, tier_parameters)
-from .scheduler import Answer
+from .scheduler import Answer, FailureLog
 
 SERVICE = "inference.GRPCInferenceService"
 _CODE = grpc.StatusCode
@@ -223,6 +223,7 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
     scheduler (`server.create_app`'s); `refused(reason)` counts a refusal, `observe(status, start)` times an
     infer call by the HTTP status it corresponds to."""
     metadata = model_metadata(name, shape, platform)
+    failures = FailureLog("a gRPC call")
 
     def count(e: BadRequest) -> BadRequest:
         refused(REASONS.get(e.status, "bad_request"))
@@ -290,6 +291,7 @@ def handler(name: str, platform: str, shape: Sequence[int], class_names: Sequenc
             count(BadRequest(499, "the client left"))
             raise
         except Exception as e:  # noqa: BLE001  a one-line INTERNAL, as HTTP's 500
+            failures(e)
             refusal = BadRequest(500, f"internal error: {type(e).__name__}: {e}")
         finally:
             observe(status, start)

@@ -31,9 +31,9 @@ from typing import Callable
 
 from ..config import ServeConfig
 from ..errors import UserError
+from .metrics import METRICS_DIR
 from .runner import Runner, describe
 
-METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus-client when a server process imports it
 START_SECONDS = 600  # a process that has not built its model by then is taken as failed
 
 

@@ -29,6 +29,7 @@ answered.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from concurrent.futures import Future
@@ -40,6 +41,28 @@ import numpy as np
 from ..config import SchedulerConfig
 from ..errors import UserError
 from .runner import Runner, check_images
+
+FAILURE_LOG_S = 10.0  # an unexpected failure's traceback is logged at most once in this long
+_log = logging.getLogger("exitwise.serve")
+
+
+class FailureLog:
+    """Unexpected failures (a broken model, a bug) logged with their traceback: the first, then at most one every
+    FAILURE_LOG_S saying how many went unlogged since (a broken model fails every batch; /metrics counts them all)."""
+
+    def __init__(self, what: str):
+        self.what, self.next_at, self.unlogged, self.lock = what, 0.0, 0, threading.Lock()
+
+    def __call__(self, e: BaseException) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if now < self.next_at:
+                self.unlogged += 1
+                return
+            unlogged, self.unlogged, self.next_at = self.unlogged, 0, now + FAILURE_LOG_S
+        since = f" ({unlogged} more since the last one logged)" if unlogged else ""
+        _log.error("exitwise: %s failed%s", self.what, since, exc_info=e)
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -70,6 +93,16 @@ class Sample:
     future: Future
     arrival: float
     deadline: float
+
+
+def settle(sample: Sample, answer: Answer | None = None, error: Exception | None = None) -> None:
+    """`sample`'s future given its answer or error, unless it is settled already (or cancelled by its client)."""
+    if sample.future.done():
+        return
+    try:
+        sample.future.set_exception(error) if error is not None else sample.future.set_result(answer)
+    except Exception:  # cancelled meanwhile
+        pass
 
 
 class Observer:
@@ -107,6 +140,7 @@ class Scheduler:
             raise UserError(f"stages {config.first}..{last} end before the final exit: give a forward callback")
         self.runner, self.config, self.forward = runner, config, forward
         self.observer = observer or Observer()
+        self.failures = FailureLog("a stage call")
         self.first, self.last = config.first, last
         self.queues: dict[int, collections.deque[_Chunk]] = {k: collections.deque() for k in range(config.first, last + 1)}
         self._inside = 0
@@ -279,6 +313,7 @@ class Scheduler:
             try:
                 survivors, answers = self._stage(k, chunk)
             except Exception as e:
+                self.failures(e)
                 self._finish(chunk.samples, error=e)
                 break
             if answer_now:
@@ -291,6 +326,7 @@ class Scheduler:
                 try:
                     self.forward(self.runner.to_numpy(survivors.data), survivors.state, survivors.samples)
                 except Exception as e:
+                    self.failures(e)
                     self._finish(survivors.samples, error=e)
                 else:
                     self._settled(len(survivors.samples))
@@ -328,20 +364,13 @@ class Scheduler:
 
     def _answer(self, answers: list[tuple[Sample, Answer]]) -> None:
         for sample, answer in answers:
-            if not sample.future.done():
-                try:
-                    sample.future.set_result(answer)
-                except Exception:  # cancelled meanwhile by its client
-                    pass
+            settle(sample, answer)
         self._settled(len(answers))
 
     def _finish(self, samples: list[Sample], error: Exception | None = None) -> None:
-        for s in samples:
-            if error is not None and not s.future.done():
-                try:
-                    s.future.set_exception(error)
-                except Exception:
-                    pass
+        if error is not None:
+            for s in samples:
+                settle(s, error=error)
         self._settled(len(samples))
 
     def _settled(self, n: int) -> None:

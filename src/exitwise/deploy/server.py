@@ -2,7 +2,7 @@
 
 Endpoints: the Open Inference Protocol (`exitwise.deploy.oip`) under /v2, `POST /v1/predict` (image files: a raw
 body or multipart, several at once) and `GET /metrics` (Prometheus). Decoding runs on the event loop, inference
-on the scheduler's worker thread, so the server accepts while it computes. Every refusal is a 4xx/5xx with a
+on the scheduler's worker threads (`--workers`), so the server accepts while it computes. Every refusal is a 4xx/5xx with a
 one-line JSON body `{"error": "..."}`; SIGTERM stops accepting, answers what was accepted, then exits 0.
 """
 from __future__ import annotations
@@ -21,39 +21,31 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import ServeConfig, ServerTLS
+from ..config import ServeConfig, ServerTLS, __version__
 from ..errors import UserError
 from .metrics import Metrics
 from .oip import (REASONS, BadRequest, answered, check_model, decode_images, infer_response, model_metadata,
                   parse_infer, predictions, read_body, request_timeout_ms, requested_outputs)
 from .answers import Answers
 from .runner import Runner, describe
-from .scheduler import Answer, QueueFull, Scheduler, TooLarge
+from .scheduler import Answer, FailureLog, QueueFull, Scheduler, TooLarge
 from .tiers import CarryImages, Forwarder, TierAnswer, add_tier_routes
 
 HEAD_BYTES = 64 * 1024  # a request's line and headers at most (431 past it)
+DRAIN_GRACE_S = 5.0  # a drain waits for the last answers this long beyond a request's deadline
 LINGER_S = 2.0  # after a refusal the connection's writing side is shut; it stays open for the client's bytes this long
-
-
-def _version() -> str:
-    """exitwise's version, as installed (the package's `__version__` is a layer above deploy/)."""
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("exitwise")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
     """The app, its scheduler started; the scheduler drains when the app shuts down (uvicorn's lifespan)."""
-    metrics = Metrics(multiprocess=config.processes > 1)
+    metrics = Metrics()  # of all the processes where `serve --processes` started this one
     tier = config.tier
     forward = Forwarder(runner, tier, metrics) if tier is not None and tier.next_url else None
     scheduled = CarryImages(runner) if tier is not None and tier.send_images else runner
     scheduler = Scheduler(scheduled, config.scheduler, forward=forward, observer=metrics).start()
     metrics.watch(scheduler)
     metrics.serving(runner, scheduler)
-    limit = int(config.max_body_mb * 2**20)
+    limit = config.max_body_bytes
     timeout = config.scheduler.timeout_ms / 1e3
     name, shape = runner.name, tuple(runner.input_shape)
     drain = []  # the gRPC server's stop, once begun (`begin_drain`: as SIGTERM arrives, before HTTP drains)
@@ -67,7 +59,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
             from . import oip_grpc
             grpc_server, app.state.grpc_port = await oip_grpc.start(
                 config.host, config.grpc_port, [oip_grpc.handler(
-                    name, runner.platform, shape, runner.class_names, _version(), accepting, answer,
+                    name, runner.platform, shape, runner.class_names, __version__, accepting, answer,
                     lambda reason: metrics.rejected.labels(reason=reason).inc(),
                     lambda status, start: app.front.observe("grpc", status, start)),
                     oip_grpc.health(accepting)],
@@ -80,18 +72,21 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
             end: oip_grpc.health), from SIGTERM on (`run_app`), while uvicorn still answers the HTTP requests in
             flight."""
             if not drain:
-                drain.append(asyncio.ensure_future(grpc_server.stop(timeout + 5)) if grpc_server is not None else None)
+                drain.append(asyncio.ensure_future(grpc_server.stop(timeout + DRAIN_GRACE_S))
+                             if grpc_server is not None else None)
 
         app.state.begin_drain = begin_drain
         yield
         begin_drain()
         # the scheduler refuses new samples at once and answers those inside, while the gRPC server drains
-        closing = asyncio.get_running_loop().run_in_executor(None, scheduler.close, timeout + 5)
+        closing = asyncio.get_running_loop().run_in_executor(None, scheduler.close, timeout + DRAIN_GRACE_S)
         if drain[0] is not None:
             await drain[0]
         await closing
+        if forward is not None:  # its threads end (uvicorn has answered every request: none is still sending)
+            forward.pool.shutdown(wait=False)
 
-    app = _App(title="exitwise", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = _App(title="exitwise", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                openapi_url=None)  # the protocol is the OIP's (docs/serve.md), not a generated schema
     app.state.scheduler, app.state.metrics, app.state.runner = scheduler, metrics, runner
 
@@ -132,7 +127,10 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         metrics.rejected.labels(reason="bad_request").inc()
         return JSONResponse({"error": " ".join(str(e.detail).split())}, status_code=e.status_code)
 
+    failures = FailureLog("a request")
+
     def failed(e: Exception) -> JSONResponse:
+        failures(e)
         metrics.rejected.labels(reason="failed").inc()
         return JSONResponse({"error": " ".join(f"internal error: {type(e).__name__}: {e}".split())}, status_code=500)
 
@@ -152,7 +150,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.get("/v2")
     async def server_metadata():
-        return {"name": "exitwise", "version": _version(), "extensions": ["binary_tensor_data"]}
+        return {"name": "exitwise", "version": __version__, "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
@@ -247,10 +245,8 @@ class _Front:
                     else "metrics" if path == "/metrics" else "other")
         inference = endpoint in ("infer", "predict", "features")
         if inference and self.inflight >= self.max_inflight:
-            self.metrics.rejected.labels(reason="overloaded").inc()
-            body = json.dumps({"error": f"overloaded, try again: {self.inflight} requests in flight; at most "
-                                        f"{self.max_inflight}"}).encode()
-            await _send_json(send, 503, body, [(b"retry-after", b"1")])
+            await self.refused(BadRequest(503, f"overloaded, try again: {self.inflight} requests in flight; at most "
+                                               f"{self.max_inflight}"))(scope, receive, send)
             self.observe(endpoint, 503, start)
             return
         self.inflight += inference
@@ -285,9 +281,9 @@ class _Front:
             self.observe(endpoint, status, start)
 
 
-async def _send_json(send, status: int, body: bytes, headers: list | None = None) -> None:
+async def _send_json(send, status: int, body: bytes) -> None:
     await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or ())]})
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -359,12 +355,15 @@ def serve(runner: Runner | None, config: ServeConfig = ServeConfig(), log_level:
     """Run the server until SIGTERM or SIGINT; then accepted requests are answered and it returns. Port 0: any free
     port; the line printed on start says which. With `config.relay`: a relay tier, no model (`runner` None).
     (`config.processes` above 1: `deploy.processes.serve_processes`, which builds a runner in each process.)"""
+    if config.processes > 1:
+        raise ValueError(f"serve() runs one process, not {config.processes}: serve_processes(make_runner, config) "
+                         "builds a runner in each")
     sock = listen(config)  # before the app starts its scheduler: a port in use stops nothing that runs
     if config.grpc_port:  # free now (the gRPC server binds it as the app starts)
         listen(dataclasses.replace(config, port=config.grpc_port, grpc_port=None), listening=False).close()
     if config.relay is not None:
         from .tiers import create_relay_app
-        app, what = create_relay_app(config.relay, int(config.max_body_mb * 2**20)), f"relay {config.relay.name}"
+        app, what = create_relay_app(config.relay, config.max_body_bytes), f"relay {config.relay.name}"
     else:
         app, what = create_app(runner, config), describe(runner)
     host, port = sock.getsockname()[:2]
@@ -407,13 +406,19 @@ def run_app(app, config: ServeConfig, sock, log_level: str = "warning") -> None:
                 begin()
             await super().shutdown(sockets)
 
-    server = Server(uvicorn_config(app, log_level, config.scheduler.timeout_ms / 1e3 + 5, config.tls,
-                                   config.access_log))
+    deadline_ms = config.relay.timeout_ms if config.relay is not None else config.scheduler.timeout_ms
+    server = Server(uvicorn_config(app, log_level, deadline_ms / 1e3 + DRAIN_GRACE_S, config.tls, config.access_log))
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so the exit is 0
-        signal.signal(signal.SIGTERM, lambda *_: None)
-    settle_heap()
-    server.run(sockets=[sock])
+        # uvicorn drains on SIGTERM or SIGINT, then raises the signal again under the handler it found: these, so a
+        # drained server returns (exit 0; Ctrl-C had been a KeyboardInterrupt); the caller's come back after
+        previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        settle_heap()
+        server.run(sockets=[sock])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def settle_heap() -> None:

@@ -36,14 +36,15 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from ..config import ClientTLS, NextURL, TierConfig, check_url
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .oip import BadRequest, answered, read_body
-from .scheduler import Answer, QueueFull, Sample, TooLarge
+from .scheduler import Answer, QueueFull, Sample, TooLarge, settle
 from .wire import IMAGE, decode, encode
 
 ENDPOINT = "/v2/tiers/features"
 _log = logging.getLogger("exitwise.tiers")
 FORWARD_THREADS = 4     # batches in flight to the next tier at once
+RELAY_THREADS = 16      # requests a relay passes on at once (each waits for its answer on its own connection)
 
 
 def parse_stages(text: str, num_stages: int) -> tuple[int, int]:
@@ -142,34 +143,47 @@ class Forwarder:
         self.pool.submit(self._send, features, state, samples)
 
     def _send(self, features, state: np.ndarray, samples: list[Sample]) -> None:
+        """Every sample answered: by the next tier, else at this tier's last exit (degraded), else failed (a broken
+        model), never left to its deadline."""
         features, images = features if self.config.send_images else (features, None)
         try:
-            with self.lock:
-                resting = time.monotonic() < self.down_until
-            answers = None if resting else self._post(features if images is None else images, state, len(samples))
+            answers = self._forwarded(features if images is None else images, state, len(samples))
             if answers is not None:
                 self.counters["forwarded"].inc(len(samples))
-        except Exception as e:  # any failure of the next tier: refused, down, too slow, a bad answer
-            answers = None
-            _log.warning("exitwise: tier %s: the next tier %s failed (%s); answering at exit %d, degraded",
-                         self.config.name, self.config.next_url, str(e).splitlines()[0][:400] or type(e).__name__,
+            else:
+                answers = self._degraded(features)
+                self.counters["degraded"].inc(len(samples))
+        except Exception as e:  # a broken model: fail these samples
+            for s in samples:
+                settle(s, error=e)
+            return
+        for s, a in zip(samples, answers):
+            settle(s, a)
+
+    def _forwarded(self, values: np.ndarray, state: np.ndarray, rows: int) -> list[TierAnswer] | None:
+        """The next tier's answers; None while it rests after a failure, when it fails now (then it rests for
+        `retry_after_ms`), or when these values cannot be sent (not finite, or out of the wire format's range: this
+        batch only, the next tier not blamed)."""
+        with self.lock:
+            if time.monotonic() < self.down_until:
+                return None
+        try:
+            body = encode_features(self.config.last + 1, values, state,
+                                   IMAGE if self.config.send_images else self.config.wire)
+        except UserError as e:
+            _log.warning("exitwise: tier %s: %s; answering at exit %d, degraded", self.config.name, first_line(e, 400),
                          self.config.last)
+            return None
+        try:
+            return self._post(body, rows)
+        except Exception as e:  # any failure of the next tier: refused, down, too slow, a bad answer
+            _log.warning("exitwise: tier %s: the next tier %s failed (%s); answering at exit %d, degraded",
+                         self.config.name, self.config.next_url, first_line(e, 400), self.config.last)
             with self.lock:
                 self.down_until = time.monotonic() + self.config.retry_after_ms / 1e3
-        if answers is None:
-            try:
-                answers = self._degraded(features)
-            except Exception as e:  # a broken model: fail these samples, never hang them
-                for s in samples:
-                    _settle(s, error=e)
-                return
-            self.counters["degraded"].inc(len(samples))
-        for s, a in zip(samples, answers):
-            _settle(s, a)
+            return None
 
-    def _post(self, features: np.ndarray, state: np.ndarray, rows: int) -> list[TierAnswer]:
-        body = encode_features(self.config.last + 1, features, state,
-                               IMAGE if self.config.send_images else self.config.wire)
+    def _post(self, body: bytes, rows: int) -> list[TierAnswer]:
         status, data, _ = self.connections.request("POST", self.path, body,
                                                    {"Content-Type": "application/octet-stream"})
         self.counters["bytes"].inc(len(body))
@@ -197,15 +211,6 @@ def _why(body: bytes) -> str:
         return f": {json.loads(body)['error']}"
     except (ValueError, KeyError, TypeError):
         return ""
-
-
-def _settle(sample: Sample, answer: Answer | None = None, error: Exception | None = None) -> None:
-    if sample.future.done():
-        return
-    try:
-        sample.future.set_exception(error) if error is not None else sample.future.set_result(answer)
-    except Exception:  # cancelled meanwhile by its client
-        pass
 
 
 def _counters(metrics) -> dict:
@@ -238,7 +243,7 @@ def add_tier_routes(app, runner, config: TierConfig, max_body_bytes: int) -> Non
     """`POST /v2/tiers/features` on a server whose scheduler starts at `config.first` (> 0: the first tier takes
     images only). A tier that sends images on (`config.send_images`) takes images only: it cannot make them from
     features. Bodies over `max_body_bytes` (--max-body-mb) get 413; features not of stage first - 1's output shape,
-    400 (in the scheduler they would fail inside its batches, or break its worker where two batches join)."""
+    400 (in the scheduler they would fail inside a batch, with the good rows that joined it)."""
     if config.first == 0:
         return
     scheduler = app.state.scheduler
@@ -359,9 +364,14 @@ def create_relay_app(relay, max_body_bytes: int):
     relayed_bytes = Counter("exitwise_relayed_bytes", "Request bytes passed to the next tier", registry=registry)
     failed = Counter("exitwise_relay_failures", "Requests the relay answered itself (the next tier failed), by "
                      "reason (unreachable, timeout)", ["reason"], registry=registry)
-    pool = ThreadPoolExecutor(FORWARD_THREADS * 4, thread_name_prefix="exitwise-relay")
+    pool = ThreadPoolExecutor(RELAY_THREADS, thread_name_prefix="exitwise-relay")
     connections = KeptConnections(url, relay.timeout_ms / 1e3, relay.next_tls)
-    app = FastAPI(title="exitwise relay", docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def lifespan(app):
+        yield
+        pool.shutdown(wait=False)  # its threads end (uvicorn has answered every request: none is still relaying)
+
+    app = FastAPI(title="exitwise relay", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):  # its own 404/405: one-line JSON as a tier's
@@ -403,7 +413,7 @@ def create_relay_app(relay, max_body_bytes: int):
                                           f"{relay.timeout_ms:g} ms"}, status_code=504)
         except (OSError, http.client.HTTPException) as e:
             failed.labels(reason="unreachable").inc()
-            why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            why = first_line(e, 160)
             return JSONResponse({"error": f"relay {relay.name}: the next tier {relay.next_url} failed ({why})"},
                                 status_code=502)
         relayed.labels(code=str(status)).inc()

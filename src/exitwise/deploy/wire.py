@@ -59,7 +59,10 @@ def encode(features: np.ndarray, fmt: str) -> bytes:
         header["scales"] = SCALES  # 4 bytes each before the values (as JSON numbers they took about 21)
         prefix = scales.astype(SCALE_DTYPE).tobytes()
     else:
-        values, prefix = x.astype(_DTYPE[fmt]), b""
+        with np.errstate(over="ignore"):
+            values, prefix = x.astype(_DTYPE[fmt]), b""
+        if not np.isfinite(values).all():  # fp16 holds |values| up to 65504; the next tier would refuse the inf
+            raise UserError(f"features beyond {fmt}'s range (|values| up to {np.abs(x).max():.4g}); not sent")
     head = json.dumps(header, separators=(",", ":")).encode()
     return MAGIC + struct.pack("<I", len(head)) + head + prefix + values.tobytes()
 

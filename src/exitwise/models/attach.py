@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 from .costs import head_report, module_macs
 from .. import records
 from ..config import as_tuple
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import file_sha256
 from .weights import check_state_fits, read_state_dict, weight_files
 from .base import MultiExitNetwork
@@ -92,12 +92,8 @@ def trace(model: nn.Module, exits: Sequence[str], input_shape: Sequence[int],
     except UserError:
         raise
     except Exception as e:  # torch.export raises many types for code it cannot capture
-        raise UserError(f"cannot trace {type(model).__name__}'s forward: torch.fx: {_first_line(fx_error)}; "
-                        f"torch.export: {type(e).__name__}: {_first_line(e)}") from None
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot trace {type(model).__name__}'s forward: torch.fx: {first_line(fx_error)}; "
+                        f"torch.export: {type(e).__name__}: {first_line(e)}") from None
 
 
 def _fx_trace(model: nn.Module, exits: Sequence[str], output_key: str | None) -> Traced:
@@ -287,7 +283,7 @@ def _run_in_eval(module: nn.Module, x: torch.Tensor, fails: str) -> Any:
     try:
         return module.eval()(x)
     except Exception as e:  # the user's code can raise anything; most often, it takes other inputs
-        raise UserError(f"{fails}: {type(e).__name__}: {_first_line(e)}") from None
+        raise UserError(f"{fails}: {type(e).__name__}: {first_line(e)}") from None
     finally:
         for m, mode in modes:
             m.training = mode
@@ -380,14 +376,14 @@ def build_user_model(spec: str) -> nn.Module:
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     except Exception as e:  # the user's code can raise anything
-        raise UserError(f"importing {path!r} raised {type(e).__name__}: {_first_line(e)}") from None
+        raise UserError(f"importing {path!r} raised {type(e).__name__}: {first_line(e)}") from None
     build = getattr(module, function, None)
     if not callable(build):
         raise UserError(f"{path!r} has no function {function!r}")
     try:
         model = build()
     except Exception as e:
-        raise UserError(f"{path}:{function}() raised {type(e).__name__}: {_first_line(e)}") from None
+        raise UserError(f"{path}:{function}() raised {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"{path}:{function}() returned {type(model).__name__}, not a torch.nn.Module")
     return model

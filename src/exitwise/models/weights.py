@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .base import MultiExitNetwork
 from .card import CalibratedSetting, ModelCard
 from .registry import MODELS
@@ -141,7 +141,7 @@ def read_torch_file(path: str | Path, what: str):
         raise UserError(f"cannot read {what} {str(path)!r}: not a file of tensors (a pickle of other Python "
                         "objects is refused, never unpickled)") from None
     except Exception as e:  # truncated, corrupt or foreign files raise many different types
-        why = (str(e).splitlines() or [""])[0][:200]
+        why = str(e).strip() and first_line(e)
         raise UserError(f"cannot read {what} {str(path)!r}: not a file torch.load reads ({type(e).__name__}"
                         f"{': ' + why if why else ''})") from None
 
@@ -168,7 +168,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # corrupt or foreign files raise many different types
-            raise UserError(f"cannot read weights {str(path)!r}: {str(e).splitlines()[0][:200]}") from None
+            raise UserError(f"cannot read weights {str(path)!r}: {first_line(e)}") from None
     state = read_torch_file(path, "weights")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # an exitwise training checkpoint

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import atomic_write_bytes
 from .results import Measurements
 
@@ -50,7 +50,7 @@ def load_logits(path: str | Path) -> ExitLogits:
             info = Measurements.from_json(json.loads((f.metadata() or {}).get("info", "{}")))
             cache = ExitLogits(**{name: f.get_tensor(name) for name in ARRAYS}, measurements=info)
     except Exception as e:  # a corrupt or foreign file fails in many ways
-        raise UserError(f"cannot read logits file {str(path)!r}: {str(e).splitlines()[0][:160]}") from None
+        raise UserError(f"cannot read logits file {str(path)!r}: {first_line(e, 160)}") from None
     if cache.test_logits.ndim != 3 or cache.val_logits.ndim != 3:
         raise UserError(f"logits file {str(path)!r}: logits must be (exits, samples, classes) arrays")
     k, _, c = cache.test_logits.shape
