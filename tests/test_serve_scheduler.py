@@ -316,9 +316,11 @@ def test_two_workers_run_two_stage_calls_at_once_and_answer_as_one_does():
     ("max_batch", 0, "--max-batch must be at least 1, got 0"),
     ("max_queue", -3, "--max-queue must be at least 1, got -3"),
     ("workers", 0, "--workers must be at least 1, got 0"),
-    ("max_wait_ms", -1.5, "--max-wait-ms must be at least 0, got -1.5"),
-    ("timeout_ms", 0, "--timeout-ms must be above 0, got 0"),
-    ("timeout_ms", float("nan"), "--timeout-ms must be above 0, got nan")])
+    ("max_wait_ms", -1.5, "--max-wait-ms must be at least 0 and finite, got -1.5"),
+    ("max_wait_ms", float("inf"), "--max-wait-ms must be at least 0 and finite, got inf"),
+    ("timeout_ms", 0, "--timeout-ms must be above 0 and finite, got 0"),
+    ("timeout_ms", float("nan"), "--timeout-ms must be above 0 and finite, got nan"),
+    ("timeout_ms", float("inf"), "--timeout-ms must be above 0 and finite, got inf")])
 def test_a_bad_batching_setting_is_refused_by_its_flag_and_value(field, value, message):
     with pytest.raises(UserError, match=f"^{message}$"):
         SchedulerConfig(**{field: value})

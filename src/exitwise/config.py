@@ -252,8 +252,8 @@ class SchedulerConfig:
         checks = [(self.max_batch >= 1, "--max-batch must be at least 1", self.max_batch),
                   (self.max_queue >= 1, "--max-queue must be at least 1", self.max_queue),
                   (self.workers >= 1, "--workers must be at least 1", self.workers),
-                  (self.max_wait_ms >= 0, "--max-wait-ms must be at least 0", self.max_wait_ms),
-                  (self.timeout_ms > 0, "--timeout-ms must be above 0", self.timeout_ms)]
+                  (0 <= self.max_wait_ms < math.inf, "--max-wait-ms must be at least 0 and finite", self.max_wait_ms),
+                  (0 < self.timeout_ms < math.inf, "--timeout-ms must be above 0 and finite", self.timeout_ms)]
         for ok, message, value in checks:
             if not ok:  # `not` also refuses NaN
                 raise UserError(f"{message}, got {value:g}")
@@ -439,8 +439,8 @@ class TierConfig:
         if self.next_url is not None:
             check_url(self.next_url)
         self.next_tls.check(self.next_url)
-        if not self.forward_timeout_ms > 0:
-            raise UserError(f"--forward-timeout-ms must be above 0, got {self.forward_timeout_ms:g}")
+        if not 0 < self.forward_timeout_ms < math.inf:
+            raise UserError(f"--forward-timeout-ms must be above 0 and finite, got {self.forward_timeout_ms:g}")
         if not self.retry_after_ms >= 0:
             raise UserError(f"the retry pause must be at least 0 ms, got {self.retry_after_ms:g}")
 
@@ -458,8 +458,8 @@ class RelayConfig:
         check_tier_name(self.name)
         check_url(self.next_url)
         self.next_tls.check(self.next_url)
-        if not self.timeout_ms > 0:
-            raise UserError(f"--forward-timeout-ms must be above 0, got {self.timeout_ms:g}")
+        if not 0 < self.timeout_ms < math.inf:
+            raise UserError(f"--forward-timeout-ms must be above 0 and finite, got {self.timeout_ms:g}")
 
 
 @dataclass(frozen=True)
@@ -494,8 +494,8 @@ class ServeConfig:
             object.__setattr__(self, "scheduler", dataclasses.replace(scheduling, first=stages[0], last=stages[1]))
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port must be 0-65535, got {self.port}")
-        if not self.max_body_mb > 0:
-            raise UserError(f"--max-body-mb must be above 0, got {self.max_body_mb:g}")
+        if not 0 < self.max_body_mb < math.inf:
+            raise UserError(f"--max-body-mb must be above 0 and finite, got {self.max_body_mb:g}")
         if self.processes < 1:
             raise UserError(f"--processes must be at least 1, got {self.processes}")
         check_pair(self.ssl_certfile, self.ssl_keyfile, "--ssl-certfile", "--ssl-keyfile")
