@@ -263,7 +263,11 @@ def test_bad_tiers_exit_2_in_one_line(digits, tmp_path, capsys):
              (["--stages", ""], "FIRST-LAST"),
              (["--stages", "0-1", "--next", "http://127.0.0.1:1", "--tier", "edge 1"], "tier name 'edge 1': use "),
              (["--stages", "0-1", "--next", "http://127.0.0.1:1", "--forward-timeout-ms", "900", "--timeout-ms",
-               "500"], "below --timeout-ms")]
+               "500"], "below --timeout-ms"),
+             # options of a tier that forwards, on one that does not: refused, never silently unused
+             (["--stages", "1-2", "--wire", "int8"], "--wire goes with --next"),
+             (["--stages", "1-2", "--send-images"], "--send-images goes with --next"),
+             (["--wire", "fp16", "--forward-timeout-ms", "100"], "--wire, --forward-timeout-ms go with --next")]
     for args, message in cases:
         assert main(["serve", "--export", export_dir, "--port", "0", *args]) == 2, args
         err = capsys.readouterr().err

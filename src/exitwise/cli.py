@@ -503,9 +503,12 @@ def _is_tier(args: argparse.Namespace) -> bool:
 def _tier_config(args: argparse.Namespace, num_stages: int | None = None):
     """The TierConfig that --stages/--plan/--tier/--next ask for (None: the whole network), checked. `num_stages`:
     the model's (None: read from the --export's manifest)."""
+    if not args.next and not args.plan:  # with --plan, one command line for every tier: the plan's last ignores them
+        unused = [f for f, on in (("--wire", args.wire is not None), ("--send-images", args.send_images),
+                                  ("--forward-timeout-ms", args.forward_timeout_ms is not None)) if on]
+        if unused:
+            raise UserError(f"{', '.join(unused)} go{'es' * (len(unused) == 1)} with --next (a tier that forwards)")
     if not _is_tier(args):
-        if args.send_images:
-            raise UserError("--send-images goes with --next (a tier that forwards)")
         _next_tls(args).check(None)
         return None
     from .deploy.manifest import read_manifest
