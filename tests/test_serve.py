@@ -960,6 +960,8 @@ def test_serve_refuses_bad_flags_in_one_line(digits, capsys):
                            "--timeout-ms must be above 0 and finite, got inf"),  # before: served, failed at SIGTERM
                           (["serve", "--relay", "--next", "http://127.0.0.1:9", "--forward-timeout-ms", "inf"],
                            "--forward-timeout-ms must be above 0 and finite, got inf"),  # before: a 500 per request
+                          (["serve", "--export", str(digits[2] / "onnx"), "--precision", "bf16", "--micro-batch", "8"],
+                           "--precision, --micro-batch: for torch models"),  # before: served, both silently unused
                           (["serve", "--export", str(digits[2] / "onnx"), "--schedule", "random"], "unknown schedule"),
                           (["serve", "--export", str(digits[2] / "onnx"), "--workers", "0"], "workers must be at least 1"),
                           (["serve", "--export", str(digits[2] / "onnx"), "--processes", "0"],

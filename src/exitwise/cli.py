@@ -367,6 +367,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UserError("give one of --model NAME, --from DIR or --export DIR")
     if args.weights and not args.model:
         raise UserError("--weights goes with --model")
+    torch_flags = [f for f, on in (("--precision", args.precision != "auto"), ("--micro-batch", args.micro_batch))
+                   if on]
+    if args.export and torch_flags:
+        raise UserError(f"{', '.join(torch_flags)}: for torch models; an --export runs in fp32 at the micro-batch "
+                        "its manifest records (exitwise export --micro-batch): drop it")
     check_precision(args.precision)
     check_micro_batch(args.micro_batch)
     try:
