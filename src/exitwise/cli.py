@@ -290,6 +290,13 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if args.measure:
         if not args.export:
             raise UserError("--measure times the stages of an ONNX export: give --export")
+        planning_flags = [f for f, v in (("--from", args.source), ("--tier", args.tier), ("--link", args.link),
+                                         ("--minimize", args.minimize), ("--max-latency-ms", args.max_latency_ms),
+                                         ("--images", args.images), ("--wire-tolerance", args.wire_tolerance),
+                                         ("--out", args.out)) if v not in (None, [])]
+        if planning_flags:
+            raise UserError(f"--measure only times --export on this machine and prints it: drop "
+                            f"{', '.join(planning_flags)} (they plan)")
         from .config import ServerTLS, check_pair
         from .deploy.measure import MEASURE_BATCH, measure_tier
         check_pair(args.ssl_certfile, args.ssl_keyfile, "--ssl-certfile", "--ssl-keyfile")
