@@ -154,8 +154,11 @@ def test_options_that_would_be_silently_ignored_or_meaningless_are_refused_in_on
     out = ["--from", str(study[0] / "study"), "--out", str(tmp_path / "p.json")]
     for args, message in (([*TIERS, *out, "--measure-batch", "8"], "--measure-batch, --ssl-certfile and --ssl-keyfile "
                                                                      "go with --measure"),
-                          ([*TIERS, *out, "--wire-tolerance", "-1"], "--wire-tolerance is in percentage points"),
-                          ([*TIERS, *out, "--wire-tolerance", "101"], "0-100, got 101"),
+                          ([*TIERS, *out, "--wire-tolerance", "-1", "--export", str(study[0] / "onnx"),
+                            "--images", str(study[0] / "images")], "--wire-tolerance is in percentage points"),
+                          ([*TIERS, *out, "--wire-tolerance", "101", "--export", str(study[0] / "onnx"),
+                            "--images", str(study[0] / "images")], "0-100, got 101"),
+                          ([*TIERS, *out, "--wire-tolerance", "0.5"], "--wire-tolerance goes with --images"),
                           (["--measure", "--export", str(study[0] / "onnx"), *TIERS, *out],  # before: timed, printed,
                            "drop --from, --tier, --link, --out (they plan)")):  # no plan and no --out written
         assert main(["plan", *args]) == 2, args

@@ -309,6 +309,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     missing = [flag for flag, v in (("--from", args.source), ("--tier", args.tier), ("--out", args.out)) if not v]
     if missing:
         raise UserError(f"exitwise plan needs {', '.join(missing)} (or --measure with --export)")
+    if args.wire_tolerance is not None and args.images is None:
+        raise UserError("--wire-tolerance goes with --images (without them only fp32 crosses the links)")
     from .io import atomic_write_json, check_writable_file
     check_writable_file(args.out, "--out")
     from .api import plan_tiers
