@@ -247,12 +247,16 @@ def test_cache_lists_and_clears_only_its_decoded_data_sets(tmp_path, monkeypatch
     monkeypatch.setenv("EXITWISE_CACHE_DIR", str(cache))
     load_splits("cifar10", tmp_path / "b", val_size=5, progress=False)
     (cache / "notes.txt").write_text("a user's file")
+    for users in ("cifar10-jpg", "folder-photos"):  # EXITWISE_CACHE_DIR set to a folder of the user's own data
+        (cache / users).mkdir()
+        (cache / users / "keep.png").write_bytes(b"")
     assert main(["cache"]) == 0
     listed = capsys.readouterr().out
     assert str(tmp_path / "b") in listed and "cached: 1 decoded data sets" in listed
     assert main(["cache", "--clear"]) == 0
     assert "deleted: 1 decoded data sets" in capsys.readouterr().out
-    assert [p.name for p in cache.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in cache.iterdir()) == ["cifar10-jpg", "folder-photos", "notes.txt"]
+    assert (cache / "cifar10-jpg" / "keep.png").is_file()
     load_splits("cifar10", tmp_path / "b", val_size=5, progress=False)  # decoded again
     assert len(list(cache.glob("cifar10-*/meta.json"))) == 1
 

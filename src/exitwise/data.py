@@ -45,6 +45,7 @@ CIFAR10_VAL_SIZE = 5000
 DIGITS_TEST_SIZE = 360
 DIGITS_VAL_SIZE = 360
 CACHE_VERSION = 1  # bump when the decoded arrays would change for the same source
+FINGERPRINT_CHARS = 24  # hex digits naming a cache entry after its data set: cifar10-0123abcd...
 BATCH_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
@@ -414,7 +415,8 @@ def cache_entries(cache_dir: str | Path | None = None) -> list[CacheEntry]:
     """The decoded data sets in the cache."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entries = []
-    found = sorted(p for pattern in ("cifar10-*", "folder-*") for p in root.glob(pattern)) if root.is_dir() else []
+    named = "[0-9a-f]" * FINGERPRINT_CHARS  # an entry's own name only: a user's cifar10-jpg/ there is not one
+    found = sorted(p for d in ("cifar10", "folder") for p in root.glob(f"{d}-{named}")) if root.is_dir() else []
     for entry in found:
         if not entry.is_dir():
             continue
@@ -446,7 +448,7 @@ def _fingerprint(path: Path, files: Files | None, image_size: int | None = None)
     stats = [(name, (path / name).stat()) for name in files.names] if files else [("", path.stat())]
     text = json.dumps([CACHE_VERSION, str(path), [(n, s.st_size, s.st_mtime_ns) for n, s in stats]]
                       + ([image_size] if image_size else []))
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_CHARS]
 
 
 _ARRAYS = _Decoded._fields[:4]
