@@ -165,3 +165,22 @@ def test_options_that_would_be_silently_ignored_or_meaningless_are_refused_in_on
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_an_export_of_other_weights_than_the_studys_is_refused_in_one_line(study, tmp_path, capsys):
+    """Its thresholds on the study's logits would predict exit shares the served network never gives."""
+    from exitwise.deploy.manifest import read_manifest
+    from exitwise.refs import ModelRef
+    from exitwise.study.logits_cache import load_logits
+    out, cached = study[0], load_logits(study[0] / "study")
+    served = read_manifest(out / "onnx").source_weights_sha256
+    for sha256, status in (("0" * 64, 2), (served, 0)):
+        ran = ModelRef("digits-convnet", "w.safetensors", sha256, False, 3)
+        save_logits(ExitLogits(cached.val_logits, cached.val_labels, cached.test_logits, cached.test_labels,
+                               cached.exit_macs, cached.stage_seconds_per_sample, Measurements(model=ran)),
+                    tmp_path / "logits.safetensors")
+        assert main(["plan", "--from", str(tmp_path), "--export", str(out / "onnx"), *TIERS,
+                     "--out", str(tmp_path / "p.json")]) == status
+        err = capsys.readouterr().err
+        assert status == 0 or ("is of other weights than the study" in err and err.count("\n") == 1), err
+    assert (tmp_path / "p.json").is_file()

@@ -308,6 +308,10 @@ def plan_tiers(source: str | Path, tiers: Sequence[Tier], links: Sequence[Link],
         from .deploy.onnx_runtime import OnnxEarlyExit
         runner = OnnxEarlyExit.load(export)
         m = runner.manifest
+        ran = study.measurements.model  # None: a logits file that does not say (older, or made by hand)
+        if ran is not None and m.source_weights_sha256 and m.source_weights_sha256 != ran.weights_sha256:
+            raise UserError(f"--export {str(export)!r} is of other weights than the study {str(source)!r} ran "
+                            "(SHA-256 differs): give the export of the study's model")
         shapes, policy, thresholds, temperatures = planning.export_shapes(m), m.policy, m.thresholds, m.temperatures
         if images is not None:
             wire = measure.measure_wire(runner, read_images(images, runner.input_shape)[1])
