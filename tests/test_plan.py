@@ -272,7 +272,7 @@ def test_stages_are_timed_without_garbage_collection_which_is_then_back_on():
     class Stages:  # what measure_stages needs of an OnnxEarlyExit
         input_shape, num_exits = (3, 4, 4), 2
 
-        def _stage(self, k, x):
+        def run_stage(self, k, x):
             collecting.append(gc.isenabled())
             return x, None
 

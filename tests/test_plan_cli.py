@@ -127,11 +127,11 @@ def test_measure_with_a_certificate_times_the_request_over_tls_as_the_tier_will_
                                                                                            monkeypatch):
     for module in ("fastapi", "uvicorn", "prometheus_client", "cryptography"):
         pytest.importorskip(module)
-    import exitwise.deploy.tiers as tiers
+    import exitwise.deploy.connections as connections
     from conftest import self_signed
     cert, key = self_signed(tmp_path / "tls")
-    connect, spoken = tiers.connect, []
-    monkeypatch.setattr(tiers, "connect", lambda url, *args: spoken.append(url.tls) or connect(url, *args))
+    connect, spoken = connections.connect, []
+    monkeypatch.setattr(connections, "connect", lambda url, *args: spoken.append(url.tls) or connect(url, *args))
     export = str(study[0] / "onnx")
     assert main(["plan", "--measure", "--export", export, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]) == 0
     tier = parse_tier(f"edge:{capsys.readouterr().out.strip()}")

@@ -333,6 +333,22 @@ def test_a_grpc_port_in_use_is_refused_before_serving(digits):
     assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
 
 
+def test_a_grpc_port_taken_after_it_was_checked_stops_the_server_in_one_line(digits):
+    import socket
+    from exitwise.deploy.server import create_app, listen, run_app
+    from exitwise.errors import UserError
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = ServeConfig(port=0, grpc_port=taken.getsockname()[1])
+        sock = listen(config)  # as `serve` does, past its check of the gRPC port: the port is taken in between
+        try:
+            with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{config.grpc_port} for gRPC"):
+                run_app(create_app(OnnxRunner.load(digits[2] / "onnx"), config), config, sock)  # was exit 3 and a
+        finally:                                                                             # traceback
+            sock.close()
+
+
 def test_server_processes_all_listen_on_the_grpc_port_and_drain_on_sigterm(digits):
     import socket
     _, data, out = digits

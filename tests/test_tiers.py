@@ -81,7 +81,7 @@ def _borderline(export: Path, images: np.ndarray) -> np.ndarray:
     x, state = images.transpose(0, 3, 1, 2).astype(np.float32) / 255, model.policy.init_state(len(images))
     near = np.zeros(len(images), dtype=bool)
     for k in range(model.num_exits - 1):
-        x, logits = model._stage(k, x)
+        x, logits = model.run_stage(k, x)
         scores, state = model.policy.step(k, logits, state)
         near = near | (np.abs(scores - np.float32(model.thresholds[k])) <= NEAR)
     return near
@@ -578,7 +578,7 @@ def fake_next_tier(answer, on_connect=lambda address: None):
 
 
 def test_a_tier_keeps_its_connection_to_the_next_one_and_reopens_it_when_the_next_tier_closed_it():
-    from exitwise.deploy.tiers import KeptConnections
+    from exitwise.deploy.connections import KeptConnections
     accepted = []
     with fake_next_tier(lambda path, body: body, on_connect=accepted.append) as url:
         kept = KeptConnections(NextURL(False, "127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5)

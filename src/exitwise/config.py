@@ -447,7 +447,7 @@ class TierConfig:
 
 @dataclass(frozen=True)
 class RelayConfig:
-    """A tier that holds no stages (`deploy.tiers.create_relay_app`): it forwards every request to `next_url`
+    """A tier that holds no stages (`deploy.relay.create_relay_app`): it forwards every request to `next_url`
     unchanged, images before the first tier with stages or features between two, and passes the answers back."""
     name: str
     next_url: str

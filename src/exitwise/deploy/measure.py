@@ -66,11 +66,11 @@ def measure_stages(runner, batch: int = MEASURE_BATCH, repeats: int = 20, second
     x = as_input(np.random.default_rng(seed).integers(0, 256, (batch, h, w, c), dtype=np.uint8))
     result = []
     for k in range(runner.num_exits):
-        out, _ = runner._stage(k, x)
+        out, _ = runner.run_stage(k, x)
         with _collector_paused():
             calls, start = 0, time.perf_counter()
             while calls < repeats or time.perf_counter() - start < seconds:
-                runner._stage(k, x)
+                runner.run_stage(k, x)
                 calls += 1
             result.append((time.perf_counter() - start) / calls / batch)
         x = out
@@ -98,9 +98,9 @@ def _round_trips(url: NextURL, model: str, images: np.ndarray, requests: int, af
                  context=None) -> list[tuple[float, int]]:
     """(seconds, exit taken) of `requests` one-image binary V2 infer requests sent back to back on one connection
     (as a busy tier gets them), cycling through `images` (uint8 NHWC), after three untimed ones that warm the
-    connection and the sessions, to the server at `url` (over TLS for https, with `context`: `tiers.connect`).
+    connection and the sessions, to the server at `url` (over TLS for https, with `context`: `connections.connect`).
     `after(i)`: called when request i is answered."""
-    from .tiers import connect
+    from .connections import connect
     n, timed = len(images), []
     connection = connect(url, 30, context)
     with _collector_paused():  # here and in a server in this process
@@ -170,7 +170,7 @@ def _serve_imports():
     try:
         import uvicorn  # noqa: F401
         from .server import create_app
-        from .tiers import create_relay_app
+        from .relay import create_relay_app
     except ImportError as e:
         raise UserError(f"--measure times a request through the server: pip install 'exitwise[serve]' ({e.name})") \
             from None
@@ -263,13 +263,13 @@ def measure_wire(runner, images: np.ndarray, formats: Sequence[str] = ("fp16", "
                  labels: np.ndarray | None = None) -> WireCost:
     """Per format and cut, the share of `images` whose exit or prediction differs from the fp32 early exit when
     the survivors' features cross that cut encoded in the format (`runner`: an `OnnxEarlyExit`, whose
-    `_stage(k, x)` gives (features, logits)); with `labels`, also each accuracy change. The int8 scales come
+    `run_stage(k, x)` gives (features, logits)); with `labels`, also each accuracy change. The int8 scales come
     from all the survivors at once (a tier takes them from each batch it forwards)."""
     k_exits, n = runner.num_exits, len(images)
     x = as_input(images)
     features, logits = [], []
     for k in range(k_exits):  # every stage on every image: the reference and the features at every cut
-        x, out = runner._stage(k, x)
+        x, out = runner.run_stage(k, x)
         features.append(x)
         logits.append(out)
     thr = runner.thresholds.astype(np.float32)
@@ -300,7 +300,7 @@ def measure_wire(runner, images: np.ndarray, formats: Sequence[str] = ("fp16", "
             if len(rows):
                 y, later = decode(encode(features[cut - 1][rows], fmt)), []
                 for k in range(cut, k_exits):
-                    y, out = runner._stage(k, y)
+                    y, out = runner.run_stage(k, y)
                     later.append(out)
                 exits[rows], preds[rows] = decide(later, cut, states[cut][rows])
             result[fmt].append(float(((exits != ref_exits) | (preds != ref_preds)).mean()))

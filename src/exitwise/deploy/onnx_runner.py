@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from ..config import threads_per_worker
-from ..exit_rule import leaves, softmax
+from ..exit_rule import leaves
 from .onnx_runtime import OnnxEarlyExit, as_input
 from .runner import StepOut, model_name
 
@@ -55,23 +55,16 @@ class OnnxRunner:
         else:
             scores, state = self.model.policy.step(k, logits, state)
             leave = leaves(scores, self.thresholds[k])
-        return StepOut(x, leave, *self._answer(k, logits), state)
-
-    def _answer(self, k: int, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(class, its softmax probability at the policy's temperature) of exit k's logits."""
-        predictions = logits.argmax(-1)
-        p = softmax(self.model.policy.scale(k, logits))
-        return predictions, p[np.arange(len(p)), predictions].astype(np.float32)
+        return StepOut(x, leave, *self.model.class_and_probability(k, logits), state)
 
     def stage(self, k: int, features: np.ndarray) -> np.ndarray:
         return self.model.stages[k].run(None, {"x": features})[0]
 
     def answer(self, k: int, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._answer(k, self.model.heads[k].run(None, {"x": self.from_numpy(array)})[0])
+        return self.model.class_and_probability(k, self.model.heads[k].run(None, {"x": self.from_numpy(array)})[0])
 
     def _stage(self, k: int, x: np.ndarray, head: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        x = self.model.stages[k].run(None, {"x": x})[0]
-        return x, self.model.heads[k].run(None, {"x": x})[0] if head else None
+        return self.model.run_stage(k, x) if head else (self.stage(k, x), None)
 
     def take(self, features: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return features[rows]

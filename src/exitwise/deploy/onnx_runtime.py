@@ -102,17 +102,24 @@ class OnnxEarlyExit:
 
         return cls(folder, manifest, [session(g) for g in manifest.stages], [session(g) for g in manifest.heads])
 
-    def _stage(self, k: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Stage k then its head: (features, float32 logits)."""
+    def run_stage(self, k: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stage k then its head: (features, float32 logits), as `runtime.run_stage`."""
         x = self.stages[k].run(None, {"x": x})[0]
         return x, self.heads[k].run(None, {"x": x})[0]
+
+    def class_and_probability(self, k: int, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exit k's class for each row of its logits, and that class's softmax probability at the policy's
+        temperature (float32)."""
+        predictions = logits.argmax(-1)
+        p = softmax(self.policy.scale(k, logits))
+        return predictions, p[np.arange(len(p)), predictions].astype(np.float32)
 
     @property
     def micro_batch(self) -> int:
         """The micro-batch the export recorded (measured where it was made), else the default."""
         return self.manifest.micro_batch or DEFAULT_MICRO_BATCH
 
-    def _batch_sizes(self, images: np.ndarray, batch_size: int, micro_batch: int | None) -> int:
+    def _checked_micro_batch(self, images: np.ndarray, batch_size: int, micro_batch: int | None) -> int:
         """The micro-batch to run `images` in, after refusing images it cannot take (`runner.check_images`) and
         batch sizes below 1: once per call, not per batch."""
         check_images(images, self.input_shape, floats=True)
@@ -131,7 +138,7 @@ class OnnxEarlyExit:
         every sample of a batch has left before the next batch starts (`micro_batch` default: the manifest's).
         A sample leaves at the first side exit whose score is <= its threshold (float32, as in torch); -inf never
         lets one leave."""
-        num_exits, n, micro_batch = self.num_exits, len(images), self._batch_sizes(images, batch_size, micro_batch)
+        num_exits, n, micro_batch = self.num_exits, len(images), self._checked_micro_batch(images, batch_size, micro_batch)
         thr = (self.thresholds if thresholds is None else as_thresholds(list(thresholds), num_exits)).astype(np.float32)
         exits = np.empty(n, dtype=np.int64)
         predictions = np.empty(n, dtype=np.int64)
@@ -139,7 +146,7 @@ class OnnxEarlyExit:
         waiting: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(num_exits)]
 
         def advance(k: int, x: np.ndarray, index: np.ndarray, state: np.ndarray) -> None:
-            x, logits = self._stage(k, x)
+            x, logits = self.run_stage(k, x)
             if k < num_exits - 1:
                 scores, state = self.policy.step(k, logits, state)
                 leave = leaves(scores, thr[k])
@@ -147,9 +154,7 @@ class OnnxEarlyExit:
                 leave = np.ones(len(index), dtype=bool)
             out = index[leave]
             exits[out] = k
-            predictions[out] = logits[leave].argmax(-1)
-            p = softmax(self.policy.scale(k, logits[leave]))
-            probabilities[out] = p[np.arange(len(out)), predictions[out]]
+            predictions[out], probabilities[out] = self.class_and_probability(k, logits[leave])
             if not leave.all():
                 stay = ~leave
                 waiting[k + 1].append((x[stay], index[stay], state[stay]))
@@ -174,7 +179,7 @@ class OnnxEarlyExit:
 
     def run_backbone(self, images: np.ndarray, *, batch_size: int = 256, micro_batch: int | None = None) -> Prediction:
         """Every stage and the final head only (no side exits): the baseline, as `runtime.run_backbone`."""
-        n, last, micro_batch = len(images), self.num_exits - 1, self._batch_sizes(images, batch_size, micro_batch)
+        n, last, micro_batch = len(images), self.num_exits - 1, self._checked_micro_batch(images, batch_size, micro_batch)
         predictions, probabilities = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
         start = time.perf_counter()
         for b in range(0, n, batch_size):
@@ -183,7 +188,6 @@ class OnnxEarlyExit:
                 for stage in self.stages:
                     x = stage.run(None, {"x": x})[0]
                 logits = self.heads[last].run(None, {"x": x})[0]
-                predictions[i:i + len(x)] = logits.argmax(-1)
-                probabilities[i:i + len(x)] = softmax(self.policy.scale(last, logits)).max(-1)
+                predictions[i:i + len(x)], probabilities[i:i + len(x)] = self.class_and_probability(last, logits)
         return Prediction(np.full(n, last), predictions, probabilities, time.perf_counter() - start)
 

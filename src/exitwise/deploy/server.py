@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ServeConfig, ServerTLS, __version__
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .metrics import Metrics
 from .oip import (REASONS, BadRequest, answered, check_model, decode_images, infer_response, model_metadata,
                   parse_infer, predictions, read_body, request_timeout_ms, requested_outputs)
@@ -57,14 +57,17 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         grpc_server = None
         if config.grpc_port is not None:  # the Open Inference Protocol over gRPC too, on this event loop
             from . import oip_grpc
-            grpc_server, app.state.grpc_port = await oip_grpc.start(
-                config.host, config.grpc_port, [oip_grpc.handler(
-                    name, runner.platform, shape, runner.class_names, __version__, accepting, answer,
-                    lambda reason: metrics.rejected.labels(reason=reason).inc(),
-                    lambda status, start: app.front.observe("grpc", status, start)),
-                    oip_grpc.health(accepting)],
-                limit, reuse_port=config.processes > 1, tls=config.tls)
-            if config.processes == 1:
+            try:
+                grpc_server, app.state.grpc_port = await oip_grpc.start(
+                    config.host, config.grpc_port, [oip_grpc.handler(
+                        name, runner.platform, shape, runner.class_names, __version__, accepting, answer,
+                        lambda reason: metrics.rejected.labels(reason=reason).inc(),
+                        lambda status, start: app.front.observe("grpc", status, start)),
+                        oip_grpc.health(accepting)],
+                    limit, reuse_port=config.processes > 1, tls=config.tls)
+            except OSError as e:  # the port taken since `serve` checked it: `run_app` stops and says so in one line
+                app.state.startup_error = UserError(first_line(e))  # (raised here: uvicorn's traceback, exit 3)
+            if grpc_server is not None and config.processes == 1:
                 print(grpc_line(config, config.host, app.state.grpc_port), flush=True)
 
         def begin_drain() -> None:
@@ -362,7 +365,7 @@ def serve(runner: Runner | None, config: ServeConfig = ServeConfig(), log_level:
     if config.grpc_port:  # free now (the gRPC server binds it as the app starts)
         listen(dataclasses.replace(config, port=config.grpc_port, grpc_port=None), listening=False).close()
     if config.relay is not None:
-        from .tiers import create_relay_app
+        from .relay import create_relay_app
         app, what = create_relay_app(config.relay, config.max_body_bytes), f"relay {config.relay.name}"
     else:
         app, what = create_app(runner, config), describe(runner)
@@ -400,6 +403,11 @@ def run_app(app, config: ServeConfig, sock, log_level: str = "warning") -> None:
     import uvicorn
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if getattr(app.state, "startup_error", None) is not None:
+                self.should_exit = True  # before serving a request
+
         async def shutdown(self, sockets=None):
             begin = getattr(app.state, "begin_drain", None)  # the gRPC port drains from SIGTERM on, not only after
             if begin is not None:  # uvicorn has answered every HTTP request in flight
@@ -419,6 +427,8 @@ def run_app(app, config: ServeConfig, sock, log_level: str = "warning") -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if getattr(app.state, "startup_error", None) is not None:
+        raise app.state.startup_error
 
 
 def settle_heap() -> None:

@@ -20,11 +20,9 @@ a one-line JSON body, as every other endpoint.
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import logging
 import math
-import ssl
 import struct
 import threading
 import time
@@ -35,8 +33,9 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from ..config import ClientTLS, NextURL, TierConfig, check_url
+from ..config import TierConfig, check_url
 from ..errors import UserError, first_line
+from .connections import KeptConnections
 from .oip import BadRequest, answered, read_body
 from .scheduler import Answer, QueueFull, Sample, TooLarge, settle
 from .wire import IMAGE, decode, encode
@@ -44,7 +43,6 @@ from .wire import IMAGE, decode, encode
 ENDPOINT = "/v2/tiers/features"
 _log = logging.getLogger("exitwise.tiers")
 FORWARD_THREADS = 4     # batches in flight to the next tier at once
-RELAY_THREADS = 16      # requests a relay passes on at once (each waits for its answer on its own connection)
 
 
 def parse_stages(text: str, num_stages: int) -> tuple[int, int]:
@@ -287,137 +285,3 @@ def add_tier_routes(app, runner, config: TierConfig, max_body_bytes: int) -> Non
         rows = [[a.exit, a.prediction, a.probability, getattr(a, "tier", "") or config.name,
                  getattr(a, "degraded", False)] for a in answers]
         return JSONResponse({"tier": config.name, "answers": rows})
-
-
-# A relay: a tier that holds no stages (the planner's empty tier). Before the first tier with stages it carries the
-# images on; between two, the features. It runs no model and answers nothing itself: every request goes to the
-# next tier unchanged and its answer comes back unchanged. Its own endpoints: health and /metrics.
-_PASSED_HEADERS = ("content-type", "inference-header-content-length", "retry-after")
-
-
-class KeptConnections:
-    """Keep-alive HTTP connections to the next tier, one per calling thread, so that a crossing pays no TCP
-    handshake (a round trip of the link). A kept connection the next tier closed while it sat idle (uvicorn closes
-    them after 5 s) is opened again once; on any other failure it is closed and the error raised."""
-
-    STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
-
-    def __init__(self, url: NextURL, timeout: float, tls: ClientTLS = ClientTLS()):
-        self.url, self.timeout, self.local = url, timeout, threading.local()
-        self.context = tls.context() if url.tls else None
-
-    def request(self, method: str, path: str, body: bytes | None,
-                headers: dict[str, str]) -> tuple[int, bytes, http.client.HTTPResponse]:
-        """(status, body, the response) of one request."""
-        while True:
-            conn, reused = getattr(self.local, "conn", None), True
-            if conn is None:
-                conn, reused = connect(self.url, self.timeout, self.context), False
-                self.local.conn = conn
-            try:
-                conn.request(method, path, body, headers)
-                response = conn.getresponse()
-                data = response.read()
-            except Exception as e:
-                conn.close()
-                self.local.conn = None
-                if reused and isinstance(e, self.STALE):
-                    continue
-                if self.context is not None and isinstance(e, (*self.STALE, ssl.SSLEOFError)):  # TLS 1.3: a client
-                    # certificate refused after the client's side of the handshake ended, seen as the peer gone
-                    raise ConnectionError(f"{e or type(e).__name__}: it closed a new TLS connection; does it want a "
-                                          "client certificate it trusts (--next-cert, --next-key)?") from e
-                raise
-            if response.will_close:
-                conn.close()
-                self.local.conn = None
-            return response.status, data, response
-
-
-def connect(url: NextURL, timeout: float, context: ssl.SSLContext | None = None) -> http.client.HTTPConnection:
-    """A connection to `url`'s host: over TLS for https, verified by `context` (None: the system's certificates)."""
-    if url.tls:
-        return http.client.HTTPSConnection(url.host, url.port, timeout=timeout,
-                                           context=context or ssl.create_default_context())
-    return http.client.HTTPConnection(url.host, url.port, timeout=timeout)
-
-
-def _relay_once(connections: KeptConnections, method: str, path: str, body: bytes,
-                headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
-    """One request to the next tier: (status, body, the headers passed back)."""
-    status, data, response = connections.request(method, path, body if method != "GET" else None, headers)
-    return status, data, {h: v for h in _PASSED_HEADERS if (v := response.getheader(h)) is not None}
-
-
-def create_relay_app(relay, max_body_bytes: int):
-    """The app of a relay tier (`relay`: a `RelayConfig`). When the next tier cannot be reached or answers
-    nothing it can read: 502 `{"error": ...}`; when it does not answer within `relay.timeout_ms`: 504. A relay
-    has no exit to fall back on (the tiers before it degrade by themselves when it fails)."""
-    from fastapi import FastAPI
-    from fastapi.responses import Response
-    from prometheus_client import CollectorRegistry, Counter, generate_latest
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-    url = check_url(relay.next_url)
-    registry = CollectorRegistry()
-    relayed = Counter("exitwise_relayed_requests", "Requests passed to the next tier, by its status", ["code"],
-                      registry=registry)
-    relayed_bytes = Counter("exitwise_relayed_bytes", "Request bytes passed to the next tier", registry=registry)
-    failed = Counter("exitwise_relay_failures", "Requests the relay answered itself (the next tier failed), by "
-                     "reason (unreachable, timeout)", ["reason"], registry=registry)
-    pool = ThreadPoolExecutor(RELAY_THREADS, thread_name_prefix="exitwise-relay")
-    connections = KeptConnections(url, relay.timeout_ms / 1e3, relay.next_tls)
-
-    async def lifespan(app):
-        yield
-        pool.shutdown(wait=False)  # its threads end (uvicorn has answered every request: none is still relaying)
-
-    app = FastAPI(title="exitwise relay", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):  # its own 404/405: one-line JSON as a tier's
-        return JSONResponse({"error": " ".join(str(e.detail).split())}, status_code=e.status_code)
-
-    @app.get("/v2/health/live")
-    async def live():
-        return {"live": True}
-
-    @app.get("/v2/health/ready")
-    async def ready():
-        return {"ready": True}
-
-    @app.get("/metrics")
-    async def scrape():
-        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.api_route("/{path:path}", methods=["GET", "POST"])
-    async def forward(path: str, request: Request):
-        try:  # a chunked body too, as it arrives (it was read whole, however long, then passed on)
-            body = await read_body(request.receive, request.headers.get("content-length"), max_body_bytes,
-                                   relay.timeout_ms / 1e3, "--forward-timeout-ms")
-        except BadRequest as e:
-            return JSONResponse({"error": e.message}, status_code=e.status)
-        # the path as it came (percent-encoded): decoded, a %20 or a non-ASCII one failed in http.client (a 502
-        # blamed on the next tier, a 500) and a %2F went on as a /
-        raw = request.scope.get("raw_path") or request.url.path.encode()
-        query = request.scope.get("query_string", b"")
-        target = url.prefix + (raw + b"?" + query if query else raw).decode("latin-1")
-        if not target.isascii():
-            return JSONResponse({"error": "the request's path is not ASCII (percent-encode it)"}, status_code=400)
-        headers = {h: v for h in _PASSED_HEADERS if (v := request.headers.get(h)) is not None}
-        try:
-            status, data, back = await asyncio.get_running_loop().run_in_executor(
-                pool, _relay_once, connections, request.method, target, body, headers)
-        except TimeoutError:
-            failed.labels(reason="timeout").inc()
-            return JSONResponse({"error": f"relay {relay.name}: the next tier {relay.next_url} did not answer within "
-                                          f"{relay.timeout_ms:g} ms"}, status_code=504)
-        except (OSError, http.client.HTTPException) as e:
-            failed.labels(reason="unreachable").inc()
-            why = first_line(e, 160)
-            return JSONResponse({"error": f"relay {relay.name}: the next tier {relay.next_url} failed ({why})"},
-                                status_code=502)
-        relayed.labels(code=str(status)).inc()
-        relayed_bytes.inc(len(body))
-        return Response(data, status_code=status, headers=back)
-
-    return app
