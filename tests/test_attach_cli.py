@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from exitwise.errors import UserError
 from exitwise.api import train_exits
 from exitwise import attach
 from exitwise.cli import main
@@ -183,6 +184,9 @@ def test_ImageSet_from_float_tensors_and_a_dataset():
     assert torch.equal(a.images, b.images) and b.classes == ("a", "b", "c")
     back, _ = next(a.batches(5))
     assert (back - images).abs().max() <= 0.5 / 255 + 1e-6
+    normalized = torch.utils.data.TensorDataset(images - 0.5, torch.tensor([0, 1, 2, 1, 0]))  # mean-subtracted
+    with pytest.raises(UserError, match=r"float images must be in \[0, 1\]"):  # was wrapped into uint8 silently
+        ImageSet.from_dataset(normalized)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -249,15 +253,21 @@ def test_a_training_runs_folder_as_model_dir_is_refused_saying_which_flags_take_
     assert not (tmp_path / "study").exists()
 
 
-def test_a_model_folder_whose_user_weights_changed_is_refused(tmp_path, capsys, user):
+def test_a_model_folder_whose_user_weights_or_model_file_changed_is_refused(tmp_path, capsys, user):
     path, weights, _ = user
     out = tmp_path / "mine"
     assert run(capsys, *attach_args(path, weights, out))[0] == 0
-    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
-    code, io = run(capsys, "study", "--model-dir", out, "--dataset", "digits", "--out", tmp_path / "study",
-                   "--precision", "fp32", "--no-progress")
-    assert code == 2 and io.err.count("\n") == 1 and "missing or changed" in io.err
-    assert not (tmp_path / "study").exists()
+    original = path.read_text()
+    for changed, edit in ((path, original + "\n# edited\n"), (weights, None)):  # the model file was never checked
+        if edit is None:
+            path.write_text(original)
+            weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+        else:
+            path.write_text(edit)
+        code, io = run(capsys, "study", "--model-dir", out, "--dataset", "digits", "--out", tmp_path / "study",
+                       "--precision", "fp32", "--no-progress")
+        assert code == 2 and io.err.count("\n") == 1 and "missing or changed" in io.err and changed.name in io.err
+        assert not (tmp_path / "study").exists()
 
 
 @pytest.mark.parametrize("edit, words", [
@@ -276,3 +286,9 @@ def test_an_attach_json_with_a_value_of_the_wrong_type_is_one_line_exit_2(tmp_pa
     assert code == 2 and io.err.count("\n") == 1 and "not a complete attach record" in io.err and words in io.err, \
         io.err
     assert not (tmp_path / "study").exists()
+
+
+def test_study_takes_a_registered_model_or_an_attached_folder_not_both(tmp_path, capsys):
+    code, io = run(capsys, "study", "--model", "digits-convnet", "--model-dir", tmp_path, "--dataset", "digits",
+                   "--out", tmp_path / "study")  # the folder had won, silently
+    assert code == 2 and io.err.count("\n") == 1 and "not both" in io.err and not (tmp_path / "study").exists()

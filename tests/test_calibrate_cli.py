@@ -147,6 +147,8 @@ def test_calibration_json_is_the_typed_report_and_reads_back_to_what_was_written
     (["--budget-macs", "200", "--guarantee"], ["guarantee", "not a budget"]),
     (["--target", "0.6", "--policy", "vibes"], ["vibes"]),
     (["--target", "0.6", "--cost", "joules"], ["joules"]),
+    (["--target", "0.6", "--delta", "0.2"], ["--delta", "--guarantee"]),  # without --guarantee: was unused, silently
+    (["--budget-macs", "200", "--cost", "latency"], ["--budget-ms"]),  # the budget's MACs were used, silently
     (["--target", "0.6", "--precision", "fp32"], ["--device"]),
     (["--target", "0.6", "--device", "tpu"], ["unknown device"]),
     (["--target", "0.6", "--device", "cpu", "--micro-batch", "0"], ["micro-batch"]),

@@ -157,6 +157,8 @@ def test_digits_are_bundled_8x8_grayscale():
     assert set(splits.test.labels.tolist()) == set(range(10))
     assert len(load_splits("digits", val_size=100).val) == 100
     assert splits.describe().source == "scikit-learn digits"
+    with pytest.raises(UserError, match="--image-size takes a positive size and --dataset folder, got 32 for digits"):
+        load_splits("digits", image_size=32)  # was 8x8 images, silently
 
 
 # --- ImageSet and Splits -------------------------------------------------------------------------------------
@@ -362,6 +364,18 @@ def test_corrupt_image_is_named(tmp_path):
     (tmp_path / "tree/train/dog/0001.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(UserError, match=r"cannot decode image .*train/dog/0001\.png"):
         load(tmp_path / "tree", tmp_path)
+
+
+def test_a_file_that_cannot_be_read_is_named_in_one_line(tmp_path):
+    make_tree(tmp_path / "tree")
+    (tmp_path / "tree/train/dog/0001.png").unlink()
+    (tmp_path / "tree/train/dog/0001.png").symlink_to(tmp_path / "gone.png")  # a broken link: was a traceback
+    with pytest.raises(UserError, match=r"cannot read .*train/dog/0001\.png.*No such file"):
+        load(tmp_path / "tree", tmp_path)
+    from exitwise.images import list_dir
+    files = list_dir(tmp_path / "tree")
+    with pytest.raises(UserError, match=r"cannot read .*train/dog/0001\.png"):
+        files.read("train/dog/0001.png")
 
 
 def test_missing_and_unknown_class_folders_are_named(tmp_path):

@@ -83,7 +83,15 @@ def test_saved_by_reference_the_weights_are_checked_by_hash(tmp_path):
     model.save(tmp_path / "ee", weights=weights)
     assert not (tmp_path / "ee" / "model.safetensors").exists()
     assert EarlyExitModel.load(tmp_path / "ee").to_json() == model.to_json()
+    from exitwise.early_exit import saved_weights_sha256
+    from exitwise.io import file_sha256
+    config = json.loads((tmp_path / "ee" / CONFIG_FILE).read_text())
+    del config["weights_sha256"]  # a file that names its weights without their hash: they are hashed now
+    (tmp_path / "ee" / CONFIG_FILE).write_text(json.dumps(config))
+    assert saved_weights_sha256(tmp_path / "ee") == file_sha256(weights)  # was the folder's own (absent) copy
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    model.save(tmp_path / "ee", weights=weights)
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\1")
     with pytest.raises(UserError, match="missing or changed"):
         EarlyExitModel.load(tmp_path / "ee")
 

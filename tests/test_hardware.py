@@ -171,6 +171,8 @@ def test_the_micro_batch_probe_runs_once_per_model_and_machine(tmp_path, monkeyp
     monkeypatch.setattr(tune, "seconds_per_call", lambda *a, **k: pytest.fail("probed again"))
     again, cached = choose_micro_batch(model, data, torch.device("cpu"), "fp32", batch_size=128, cache_dir=tmp_path)
     assert again == size and cached.cached
+    with pytest.raises(pytest.fail.Exception):  # a run on 20 images times every size on 20: not this probe's answer
+        choose_micro_batch(model, random_image_set(20), torch.device("cpu"), "fp32", batch_size=128, cache_dir=tmp_path)
     other = prepare(create_model("seed-branchynet"))  # another architecture is probed afresh
     with pytest.raises(pytest.fail.Exception):
         choose_micro_batch(other, random_image_set(300, shape=(32, 32, 3)), torch.device("cpu"), "fp32",

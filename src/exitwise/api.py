@@ -56,9 +56,6 @@ def _splits(data: DataConfig, progress: bool) -> Splits:
                        split_seed=data.split_seed, progress=progress, image_size=data.image_size)
 
 
-# digits are 8x8 and not mirror-symmetric: a 1-pixel crop jitter and no flips; 30 epochs take seconds
-
-
 def train(*, model: str, out: str | Path, data: DataConfig = DataConfig(), resume: str | Path | None = None,
           progress: bool = True, device: str = "auto", **recipe) -> ModelCard | None:
     """Train a registered model on a dataset's train split; returns the model card (`model.json`'s, as a

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser("study", help="the early-exit study: per-exit accuracy, cutoff sweep, calibration, "
                                          "timing; writes results.json, plots and an HTML report")
     _add_data_args(study)
-    study.add_argument("--model", default="seed-branchynet", help="a registered model (see `exitwise models`)")
+    study.add_argument("--model", help="a registered model (see `exitwise models`; default seed-branchynet)")
     study.add_argument("--model-dir", type=Path, help="a folder written by `exitwise attach` (instead of --model)")
     study.add_argument("--weights", type=Path, help="checkpoint (.safetensors, a shard index NAME.safetensors"
                        ".index.json, or a PyTorch state_dict); default: the weights shipped for --model")
@@ -112,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="most accurate within MS milliseconds per sample (the study's measured stage times)")
     cal.add_argument("--guarantee", action="store_true", help="certify the target on new samples with probability "
                                                               ">= 1 - delta (Learn then Test; assumes exchangeability)")
-    cal.add_argument("--delta", type=float, default=CALIBRATE_DEFAULTS["delta"],
+    cal.add_argument("--delta", type=float,
                      help=f"allowed failure probability of --guarantee, in (0, 1) (default {CALIBRATE_DEFAULTS['delta']:g})")
-    cal.add_argument("--cost", default=CALIBRATE_DEFAULTS["cost"], help="what a target search minimizes: macs or "
+    cal.add_argument("--cost", help="what a target search minimizes: macs or "
                      f"latency (ms per sample at the study's batch size; default {CALIBRATE_DEFAULTS['cost']})")
     cal.add_argument("--device", help="re-time the stages on this device first (auto, cpu, cuda or mps), so "
                                       "latency goals hold there; default: the study's measured times")
@@ -158,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_study(args: argparse.Namespace) -> None:
     from .api import study
     from .study.report import format_summary
+    if args.model and args.model_dir:  # the folder had won, silently
+        raise UserError("give --model or --model-dir, not both")
     settings = given(args, StudyConfig)
-    results = study(model=args.model_dir or args.model, weights=args.weights, out=args.out,
+    results = study(model=args.model_dir or args.model or "seed-branchynet", weights=args.weights, out=args.out,
                     data=DataConfig(**given(args, DataConfig)), **{**settings, "progress": not args.no_progress})
     print(format_summary(results))
     print(f"\nreport: {(args.out / 'report.html').resolve()}")

@@ -96,8 +96,9 @@ class ImageSet:
             if isinstance(image, Image.Image):
                 image = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
             image = torch.as_tensor(image)
-            images.append(image.permute(1, 2, 0).mul(255).round().to(torch.uint8) if image.is_floating_point()
-                          else image)
+            if image.is_floating_point():  # checked in [0, 1] and quantized as from_tensors does (was wrapped to uint8)
+                image = cls.from_tensors(image[None], torch.zeros(1)).images[0]
+            images.append(image)
             labels.append(int(label))
         if len({tuple(im.shape) for im in images}) > 1:
             raise UserError("the dataset's images differ in size: resize them in the dataset")
@@ -148,12 +149,12 @@ def load_splits(dataset: str, data_dir: str | Path | None = None, *, download: b
 
     "folder": any image-folder tree train/<class>/*, test/<class>/* (or a .tar.gz of one), classes from the folder
     names in sorted order, images resized to `image_size` squared when given (else they must share one size)."""
-    if dataset == "digits":
-        return _digits_splits(val_size, split_seed)
-    if dataset not in ("cifar10", "folder"):
+    if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
-    if image_size is not None and (dataset != "folder" or image_size < 1):
+    if image_size is not None and (dataset != "folder" or image_size < 1):  # digits too: 8x8, not resized
         raise UserError(f"--image-size takes a positive size and --dataset folder, got {image_size} for {dataset}")
+    if dataset == "digits":  # bundled with scikit-learn: --data-dir is not read
+        return _digits_splits(val_size, split_seed)
     if image_size is not None and image_size ** 2 > (Image.MAX_IMAGE_PIXELS or image_size ** 2):
         raise UserError(f"--image-size {image_size}: larger than PIL decodes any image ({Image.MAX_IMAGE_PIXELS:,} "
                         "pixels)")
@@ -445,7 +446,10 @@ def clear_cache(cache_dir: str | Path | None = None) -> list[CacheEntry]:
 
 def _fingerprint(path: Path, files: Files | None, image_size: int | None = None) -> str:
     """Hash of what identifies the decoded data: format version, absolute path, sizes and mtimes (and the resize)."""
-    stats = [(name, (path / name).stat()) for name in files.names] if files else [("", path.stat())]
+    try:
+        stats = [(name, (path / name).stat()) for name in files.names] if files else [("", path.stat())]
+    except OSError as e:  # a broken link among the files
+        raise UserError(f"cannot read {e.filename!r}: {e.strerror or e}") from None
     text = json.dumps([CACHE_VERSION, str(path), [(n, s.st_size, s.st_mtime_ns) for n, s in stats]]
                       + ([image_size] if image_size else []))
     return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_CHARS]

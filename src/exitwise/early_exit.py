@@ -155,9 +155,7 @@ class EarlyExitModel:
     def load(cls, path: str | Path) -> EarlyExitModel:
         """Rebuild a saved early-exit model: the registered network, its weights, policy and thresholds."""
         config_path, config = _read_config(path)
-        weights = Path(config["weights"]) if config.get("weights") else config_path.parent / WEIGHTS_FILE
-        ref = reference(config["model"], weights, config.get("weights_sha256"), config["num_exits"])
-        network = load_network(ref, str(config_path))
+        network = load_network(_saved_reference(config_path, config), str(config_path))
         return cls.create(network, config["model"], config["policy"], config["thresholds"],
                           config.get("temperatures"), config.get("class_names"))
 
@@ -191,7 +189,12 @@ def _read_config(path: str | Path) -> tuple[Path, dict]:
     return config_path, check_setting(config, repr(str(config_path)), ("model", "policy", "thresholds", "num_exits"))
 
 
+def _saved_reference(config_path: Path, config: dict):
+    """The weights a saved early-exit model runs on (`ModelRef`): the checkpoint its JSON names, or its own copy."""
+    weights = Path(config["weights"]) if config.get("weights") else config_path.parent / WEIGHTS_FILE
+    return reference(config["model"], weights, config.get("weights_sha256"), config["num_exits"])
+
+
 def saved_weights_sha256(path: str | Path) -> str:
-    """SHA-256 of the weights a saved early-exit model runs on: the checkpoint its JSON names, or its own copy."""
-    config_path, config = _read_config(path)
-    return config.get("weights_sha256") or file_sha256(config_path.parent / WEIGHTS_FILE)
+    """SHA-256 of the weights a saved early-exit model runs on, as `EarlyExitModel.load` loads them."""
+    return _saved_reference(*_read_config(path)).weights_sha256

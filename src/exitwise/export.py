@@ -1,6 +1,6 @@
 """`exitwise export`: an EarlyExitModel as one ONNX graph per stage and per head, plus manifest.json.
 
-Separate graphs are what let exits skip work outside torch: `exitwise.onnx_runtime` runs a stage only
+Separate graphs are what let exits skip work outside torch: `exitwise.deploy.onnx_runtime` runs a stage only
 for the samples still in (an ONNX `If` branches once per batch, not per sample). Each graph takes a
 dynamic batch and comes from the fp32 inference copy (`runtime.prepare`: batch norms folded). Each is
 checked against torch on ONNX Runtime before anything is written; the folder is written all or nothing.

@@ -45,7 +45,14 @@ def list_dir(root: Path, max_depth: int = 4) -> Files:
         depth = len(rel.parts) + 1
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < max_depth else []
         names += [(rel / f).as_posix() for f in sorted(filenames) if not f.startswith(".")]
-    return Files(root, names, lambda name: (root / name).read_bytes())
+
+    def read(name: str) -> bytes:
+        try:
+            return (root / name).read_bytes()
+        except OSError as e:  # unreadable (permissions), gone since it was listed, a broken link
+            raise UserError(f"cannot read {str(root / name)!r}: {e.strerror or e}") from None
+
+    return Files(root, names, read)
 
 
 def read_tar(path: Path) -> Files:
@@ -146,8 +153,5 @@ def read_images(paths: Sequence[str | Path], shape: Sequence[int], progress: boo
             data = files.read(name)
         except OSError as e:
             raise UserError(f"cannot read image {where}: {e.strerror or e}") from None
-        pixels = decode_image(data, where, c)
-        if pixels.shape != images.shape[1:]:
-            raise UserError(f"image {where} is {pixels.shape[1]}x{pixels.shape[0]}, but the model takes {w}x{h}")
-        images[i] = pixels
+        images[i] = decode_image(data, where, c, size=(h, w))  # another size refused from its header, undecoded
     return [files.where(name) for files, name in sources], images

@@ -69,7 +69,8 @@ class ExitPolicy:
     """A per-exit score of the logits alone; optionally with one softmax temperature per exit."""
     name: str
     score: Callable[[torch.Tensor], torch.Tensor] | None  # (N, C) logits -> (N,) scores
-    max_score: Callable[[int], float]  # the largest score possible with C classes: this threshold lets all out
+    max_score: Callable[[int], float]  # the largest score possible with C classes, in exact arithmetic (a uniform
+    # softmax's float32 score can come out a few ulps above it, and such a sample stays at this threshold)
     unit: str
     meaning: str  # what a threshold t means, for the user
     temperatures: tuple[float, ...] | None = None  # exit k's logits are divided by temperatures[k]

@@ -21,7 +21,7 @@ from .exit_rule import leaves
 from .errors import UserError
 from .config import DEFAULT_MICRO_BATCH, check_precision
 from .device import resolve_device, synchronize
-from .models.base import MultiExitNetwork
+from .models.base import MultiExitNetwork, device_of
 from .policies import ExitPolicy
 from .progress import progress_bar
 
@@ -139,10 +139,6 @@ class Run:
     def trunk_seconds(self) -> float:
         """An all-exits pass's time without its side heads: the full network's time, measured in that pass."""
         return self.seconds - sum(self.head_seconds[:-1])
-
-
-def device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _micro_batches(data, batch_size: int, micro_batch: int, device: torch.device, progress: bool, desc: str,

@@ -22,7 +22,8 @@ from .deploy.runner import StepOut, model_name
 from .early_exit import EarlyExitModel
 from .errors import UserError
 from .exit_rule import leaves
-from .runtime import device_of, keep_rows, run_stage
+from .models.base import device_of
+from .runtime import keep_rows, run_stage
 from .tune import Agreement, tune
 
 TUNE_IMAGES = 256  # random images the precision and micro-batch are chosen on (a server has no data set)

@@ -48,7 +48,7 @@ from .io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 from .models import check_fits
 from .models.weights import read_torch_file
 from .models.card import ModelCard
-from .models.base import MultiExitNetwork
+from .models.base import MultiExitNetwork, device_of
 from .progress import progress_bar
 
 CHECKPOINT_FORMAT = "exitwise-train-checkpoint-v1"
@@ -167,7 +167,7 @@ def _frozen(model: MultiExitNetwork, freeze: bool):
 @torch.no_grad()
 def evaluate(model: MultiExitNetwork, data: ImageSet, batch_size: int = 512, precision: str = "fp32") -> list[float]:
     """Accuracy of every exit on `data` (eval mode; the model's training flag is restored)."""
-    was_training, device = model.training, _device_of(model)
+    was_training, device = model.training, device_of(model)
     model.eval()
     correct = torch.zeros(model.num_exits, dtype=torch.int64, device=device)
     with _autocast(device, precision):
@@ -207,11 +207,13 @@ def train(model: MultiExitNetwork, splits: Splits, config: TrainConfig | None, o
     if checkpoint is not None and checkpoint["world_size"] != world:
         raise UserError(f"checkpoint {str(resume)!r} was written by {checkpoint['world_size']} process(es); "
                         f"resume it with the same number, not {world}")
-    device, home = _rank_device(device), _device_of(model)
+    device, home = _rank_device(device), device_of(model)
     model.to(device=device, memory_format=torch.channels_last)
-    with _frozen(model, config.freeze_backbone):
-        card = _train_loop(model, splits, config, out, name, checkpoint, resume, rank, world, device, progress)
-    model.to(home)  # the caller's model stays where it was built, like the weights it saved
+    try:
+        with _frozen(model, config.freeze_backbone):
+            card = _train_loop(model, splits, config, out, name, checkpoint, resume, rank, world, device, progress)
+    finally:  # the caller's model stays where it was built, like the weights it saved (a diverged run's too)
+        model.to(home)
     if world > 1:
         _barrier()  # every rank leaves with the outputs written
         if owns_group:
@@ -463,10 +465,6 @@ def _rank_device(device: torch.device) -> torch.device:
         raise UserError(f"process {local_rank} on this machine has no GPU of its own ({count} here): start at most "
                         f"{count} per machine (torchrun --nproc-per-node {count}) or train on the CPU (--device cpu)")
     return torch.device("cuda", local_rank)
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _seed(*keys: int) -> int:

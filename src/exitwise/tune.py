@@ -166,8 +166,10 @@ def choose_micro_batch(prepared: MultiExitNetwork, data, device: torch.device, p
                 x = stage(x)
             prepared.heads[-1](x)
 
+    probe_images = min(max(sizes), len(data))  # a run on a few images times every size on those few: noise
+
     def timed() -> dict:
-        images = next(data.batches(min(max(sizes), len(data))))[0].to(device)
+        images = next(data.batches(probe_images))[0].to(device)
         ms = {}
         for m in sizes:
             full_network(m, images[:m])  # one micro-batch untimed: this shape's kernels are set up
@@ -176,7 +178,8 @@ def choose_micro_batch(prepared: MultiExitNetwork, data, device: torch.device, p
         return {"micro_batch": min(ms, key=ms.get), "ms_per_image": {str(m): t for m, t in ms.items()},
                 "probe_images": len(images), "precision": precision}
 
-    setting = f"batch {batch_size}, images {tuple(data.images.shape[1:])}"
+    # the images timed in the key: a small run's choice is kept for small runs, not taken by every later one
+    setting = f"batch {batch_size}, images {tuple(data.images.shape[1:])}, probe {probe_images}"
     probe = cached_probe("micro_batch", prepared, precision, device, setting, timed, cache_dir)
     return probe["micro_batch"], MicroBatchProbe(probe["micro_batch"], probe["ms_per_image"], probe["probe_images"],
                                                  precision, Machine(**probe["machine"]), probe["busy_share"],

@@ -455,6 +455,10 @@ def load_attached(model_dir: str | Path) -> MultiExitNetwork:
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{str(folder / ATTACH_FILE)!r} is not a complete attach record ({type(e).__name__}: {e})") \
             from None
+    file = Path(spec.model_file.rpartition(":")[0])
+    if not file.is_file() or file_sha256(file) != spec.model_file_sha256:  # its code builds the network: a changed
+        raise UserError(f"{str(folder / ATTACH_FILE)!r} names model file {str(file)!r}, which is missing or changed "
+                        "(SHA-256 differs): run exitwise attach again")  # file would build another one, silently
     model = build_user_model(spec.model_file)
     if spec.weights:
         check_unchanged(spec.weights, spec.weights_sha256, str(folder / ATTACH_FILE))

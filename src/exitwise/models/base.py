@@ -44,3 +44,8 @@ class MultiExitNetwork(nn.Module):
     def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map a foreign checkpoint's names onto this module's; the identity unless a model overrides it."""
         return state
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's parameters are."""
+    return next(model.parameters()).device

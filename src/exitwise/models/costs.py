@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .base import MultiExitNetwork
+from .base import MultiExitNetwork, device_of
 from .card import HeadReport
 
 
@@ -75,7 +75,7 @@ def stage_and_head_macs(model: MultiExitNetwork) -> tuple[list[int], list[int]]:
     """MACs for one sample of each stage and of each head."""
     was_training = model.training
     model.eval()
-    x = torch.zeros(1, *model.input_shape, device=next(model.parameters()).device)
+    x = torch.zeros(1, *model.input_shape, device=device_of(model))
     stages, heads = [], []
     for stage, head in zip(model.stages, model.heads):
         m, x = _macs(stage, x)

@@ -7,8 +7,8 @@ few epochs; pooling before batch norm keeps the downsampling convs cheap.
 Exits: after group 1 (16x16), after group 2's widening conv and after group 2's block (8x8), and the
 final classifier after group 3. Side heads are cheap (one stride-2 conv, global max pool, linear),
 so a sample that leaves early pays a fraction of the trunk. Built for early exit on a CPU: narrow
-where the image is large, wide where it is small (see `BResNet`), so the first exit comes after a
-third of the MACs and the capacity that hard samples need sits where convolutions run fastest.
+where the image is large, wide where it is small (see `BResNet`), so the first exit comes after about
+a fifth of the MACs and the capacity that hard samples need sits where convolutions run fastest.
 Input normalization sits in the first stage, so the network takes [0, 1] images like every other
 exitwise model.
 """
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .base import MultiExitNetwork
+from .heads import conv_head  # a cheap exit: stride-2 3x3 conv, global max pool, linear
 from .registry import register_model
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -53,12 +54,6 @@ class BasicBlock(nn.Module):
         return x + self.body(x)
 
 
-def side_head(c_in: int, width: int, num_classes: int) -> nn.Sequential:
-    """A cheap exit: stride-2 3x3 conv to `width` channels, global max pool, linear."""
-    return nn.Sequential(nn.Conv2d(c_in, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
-                         nn.ReLU(inplace=True), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
-
-
 def final_head(c_in: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
 
@@ -86,7 +81,7 @@ class BResNet(MultiExitNetwork):
             BasicBlock(w2),
             nn.Sequential(conv_bn(w2, w3, pool=True), BasicBlock(w3)),
         ]
-        heads = [side_head(w1, h0, num_classes), side_head(w2, h1, num_classes), side_head(w2, h2, num_classes),
+        heads = [conv_head(w1, h0, num_classes), conv_head(w2, h1, num_classes), conv_head(w2, h2, num_classes),
                  final_head(w3, num_classes)]
         super().__init__(stages, heads, num_classes, input_shape=(3, 32, 32))
 

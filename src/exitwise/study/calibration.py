@@ -166,13 +166,14 @@ def per_exit(scores: np.ndarray, correct: np.ndarray, desired: float) -> np.ndar
     for k in range(scores.shape[0] - 1):
         if reaching.any():
             thresholds[k] = largest_accurate_threshold(scores[k, reaching], correct[k, reaching], desired)
-        reaching &= ~(scores[k] <= thresholds[k])
+        reaching &= ~analysis.leaves(scores[k], thresholds[k])
     return thresholds
 
 
 def seed_percentile(scores: np.ndarray, correct: np.ndarray, desired: float, max_score: float) -> np.ndarray:
     """The founding system's rule, with the exit comparison the right way round: if an exit is at least
-    `desired` accurate over all validation samples, everyone may leave there (threshold = max score);
+    `desired` accurate over all validation samples, everyone may leave there (threshold = max score: all but a sample
+    whose softmax is uniform to float32 precision, whose score can round a few ulps above it);
     otherwise the threshold is the (1 - desired) percentile of that exit's scores."""
     check_desired_accuracy(desired)
     thresholds = np.empty(scores.shape[0] - 1)

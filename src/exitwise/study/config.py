@@ -41,6 +41,8 @@ class StudyConfig:
             raise UserError(f"cutoff must be a non-negative number, got {self.cutoff}")
         if not self.desired_accuracies:
             raise UserError("give at least one desired accuracy")
+        if not self.methods:  # else the study fails after its long measuring, choosing among no settings
+            raise UserError(f"give at least one calibration method ({', '.join(calibration.METHODS)})")
         for d in self.desired_accuracies:
             calibration.check_desired_accuracy(d)
         calibration.check_delta(self.delta)
@@ -89,6 +91,10 @@ class CalibrateConfig:
             raise UserError(f"give exactly one of {', '.join(goals)}; got {', '.join(given) or 'none'}")
         if self.cost not in COSTS:
             raise UserError(f"unknown cost {self.cost!r}; choose one of {', '.join(COSTS)}")
+        if self.delta != DEFAULT_DELTA and not self.guarantee:  # else silently unused
+            raise UserError("--delta is the failure probability of --guarantee: give --guarantee too")
+        if self.cost == "latency" and self.budget_macs is not None:  # a budget's unit is its own: MACs were used
+            raise UserError("--cost latency with --budget-macs: a budget sets its own unit (--budget-ms for latency)")
         calibration.check_goal(self.target, self.budget, self.guarantee, self.delta, self.within_points)
         get_policy(self.policy)
         if self.device is not None:

@@ -57,8 +57,8 @@ def measure(model: MultiExitNetwork, splits: Splits, config: StudyConfig, ref: M
     load = machine_load()
     device = resolve_device(config.device)
     full_macs = float(backbone_macs(model))
-    tuned = tune(model, splits.test, config.precision, config.micro_batch, device, config.batch_size,
-                 config.precision_check_images)
+    tuned = tune(model, splits.val, config.precision, config.micro_batch, device, config.batch_size,
+                 config.precision_check_images)  # a setting chosen on validation, as everything the study chooses
     net, precision, micro_batch = tuned.network, tuned.precision, tuned.micro_batch
     run_kwargs = dict(batch_size=config.batch_size, micro_batch=micro_batch)
     # validation first: its time is not used, so it also warms up the kernels for the timed test pass
