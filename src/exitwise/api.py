@@ -203,8 +203,8 @@ def calibrate(source: str | Path, out: str | Path, config: CalibrateConfig | Non
         atomic_write_bytes(stage / "frontier.png", frontier_png(frontier))
         if early_exit is not None:
             early_exit.write(stage, weights=info.model.weights, weights_sha256=info.model.weights_sha256)
-        else:  # an earlier run's early_exit.json in `out` would pass for this result's (`export --from` takes it)
-            (Path(out) / EARLY_EXIT_FILE).unlink(missing_ok=True)
+    if early_exit is None:  # once the new files are in: an earlier run's early_exit.json in `out` would pass for
+        (Path(out) / EARLY_EXIT_FILE).unlink(missing_ok=True)  # this result's (`export --from` takes it)
     return doc
 
 

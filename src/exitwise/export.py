@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import __version__, check_micro_batch
-from .models.costs import stage_and_head_macs
+from .models.costs import exit_macs_of, stage_and_head_macs
 from .early_exit import EarlyExitModel
 from .errors import UserError, first_line
 from .io import atomic_write_bytes, atomic_write_json, staged_output
@@ -157,7 +157,7 @@ def export_onnx(model: EarlyExitModel, out: str | Path, *, weights_sha256: str |
         num_classes=net.num_classes, policy=model.policy.name, thresholds=tuple(float(t) for t in model.thresholds),
         opset=OPSET, check=ExportCheck(CHECK_ROWS, MAX_ERROR,
                                        "max |onnxruntime - torch| / max(1, max |torch|) on uniform [0, 1] inputs"),
-        exit_macs=tuple(np.cumsum([s + h for s, h in zip(stage_macs, head_macs)]).tolist()),
+        exit_macs=tuple(exit_macs_of(stage_macs, head_macs)),
         stages=tuple(entries["stage"]), heads=tuple(entries["head"]), manifest_sha256="",
         class_names=tuple(model.class_names) if model.class_names else None,
         temperatures=None if model.policy.temperatures is None else tuple(map(float, model.policy.temperatures)),

@@ -83,7 +83,8 @@ def check_writable_file(path: str | Path, flag: str) -> None:
 
 @contextmanager
 def staged_output(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a staging folder; on success move every file in it into `out_dir`, on failure delete it.
+    """Yield a staging folder; on success move every file in it into `out_dir` (one rename each, in the same
+    folder), on failure delete it.
 
     So a run that fails half-way leaves `out_dir` as it was: no partial results.
     """

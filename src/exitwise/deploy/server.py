@@ -33,6 +33,8 @@ from .tiers import CarryImages, Forwarder, TierAnswer, add_tier_routes
 
 HEAD_BYTES = 64 * 1024  # a request's line and headers at most (431 past it)
 DRAIN_GRACE_S = 5.0  # a drain waits for the last answers this long beyond a request's deadline
+MAX_PARTS = 4096     # files (and fields) in one multipart /v1/predict body at most
+BACKLOG = 2048       # connections the kernel holds for the server to accept
 LINGER_S = 2.0  # after a refusal the connection's writing side is shut; it stays open for the client's bytes this long
 
 
@@ -93,7 +95,7 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
                openapi_url=None)  # the protocol is the OIP's (docs/serve.md), not a generated schema
     app.state.scheduler, app.state.metrics, app.state.runner = scheduler, metrics, runner
 
-    answers = app.state.answers = Answers()
+    waiter = app.state.answers = Answers()  # where a request waits for its samples' answers
 
     async def answer(call: _Call, images: np.ndarray, timeout_ms: float | None = None) -> list[Answer]:
         """The images through the scheduler (`deploy.answers`), answered within `timeout_ms` where the request set a
@@ -102,8 +104,8 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
             raise BadRequest(409, f"this tier starts at stage {scheduler.first}: send images to the first tier")
         within = config.scheduler.within_ms(timeout_ms)
         try:
-            why, outcomes = await answers.wait(lambda slots: scheduler.submit(images, slots, timeout_ms), len(images),
-                                               within / 1e3, call.on_disconnect)
+            why, outcomes = await waiter.wait(lambda slots: scheduler.submit(images, slots, timeout_ms), len(images),
+                                              within / 1e3, call.on_disconnect)
         except QueueFull as e:
             raise BadRequest(503, f"overloaded, try again: {e}") from None
         except TooLarge:  # would never fit: not a 503 to retry
@@ -345,7 +347,7 @@ async def _files(call: _Call, body: bytes) -> tuple[Sequence[bytes], list[str | 
         yield body
 
     try:
-        form = await MultiPartParser(Headers(scope=call.scope), stream(), max_files=4096, max_fields=4096).parse()
+        form = await MultiPartParser(Headers(scope=call.scope), stream(), max_files=MAX_PARTS, max_fields=MAX_PARTS).parse()
     except (MultiPartException, ValueError, KeyError) as e:
         raise BadRequest(400, f"malformed multipart body: {e}") from None
     files = [v for _, v in form.multi_items() if not isinstance(v, str)]
@@ -391,7 +393,7 @@ def listen(config: ServeConfig, reuse_port: bool = False, listening: bool = True
     try:
         sock.bind((config.host, config.port))
         if listening:
-            sock.listen(2048)
+            sock.listen(BACKLOG)
     except OSError as e:
         sock.close()
         raise UserError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None

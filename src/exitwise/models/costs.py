@@ -10,7 +10,9 @@ the counter's first use costs (a tenth of a whole study).
 """
 from __future__ import annotations
 
+import itertools
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -88,12 +90,12 @@ def stage_and_head_macs(model: MultiExitNetwork) -> tuple[list[int], list[int]]:
 
 def exit_macs(model: MultiExitNetwork) -> list[int]:
     """MACs a sample pays when it leaves at exit k: stages 0..k and heads 0..k."""
-    stages, heads = stage_and_head_macs(model)
-    total, out = 0, []
-    for s, h in zip(stages, heads):
-        total += s + h
-        out.append(total)
-    return out
+    return exit_macs_of(*stage_and_head_macs(model))
+
+
+def exit_macs_of(stages: Sequence[int], heads: Sequence[int]) -> list[int]:
+    """`exit_macs` from each stage's and each head's MACs."""
+    return list(itertools.accumulate(s + h for s, h in zip(stages, heads)))
 
 
 def backbone_macs(model: MultiExitNetwork) -> int:
