@@ -20,6 +20,20 @@ def until(condition, seconds: float = 10, every: float = 0.01) -> None:
     assert condition()
 
 
+def read_http_answer(sock) -> bytes:
+    """One HTTP answer read whole from a raw socket: its head, then Content-Length bytes of body (a server may write
+    them apart); bounded by the socket's timeout, and ended early if the server closes."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+                   if line.lower().startswith(b"content-length:")), None)
+    while (length is None or len(body) < length) and (chunk := sock.recv(65536)):
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def random_image_set(n: int, shape=(8, 8, 1), num_classes: int = 10, seed: int = 0) -> ImageSet:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)

@@ -111,13 +111,14 @@ def test_a_study_into_a_calibrations_folder_is_refused_leaving_it_as_it_was(tmp_
 
 def test_bad_data_dirs(tmp_path, capsys, seed_weights):
     out = tmp_path / "out"
-    cases = {"missing": tmp_path / "nowhere", "empty": tmp_path / "empty", "unknown format": tmp_path / "odd"}
+    cases = {"does not exist": tmp_path / "nowhere", "is empty": tmp_path / "empty",
+             "no CIFAR-10 data found": tmp_path / "odd"}
     (tmp_path / "empty").mkdir()
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "notes.txt").write_text("hello")
-    for data_dir in cases.values():
+    for words, data_dir in cases.items():
         code, _, err = run_cli(capsys, *study_args(data_dir, seed_weights, out))
-        assert_user_error(code, err)
+        assert_user_error(code, err, words, str(data_dir.name))
         assert not out.exists()
 
 
@@ -167,8 +168,8 @@ def test_failure_mid_study_leaves_an_existing_output_dir_untouched(tmp_path, cap
 def test_unknown_model_and_unknown_flag(capsys):
     code, _, err = run_cli(capsys, "study", "--model", "nope", "--out", "x", "--dataset", "digits")
     assert_user_error(code, err, "nope")
-    code, _, err = run_cli(capsys, "study", "--bogus")
-    assert_user_error(code, err)
+    code, _, err = run_cli(capsys, "study", "--bogus", "--out", "x")
+    assert_user_error(code, err, "unrecognized arguments: --bogus")
 
 
 def test_models_lists_each_network_with_its_cards_accuracy_and_calibrated_setting(capsys):

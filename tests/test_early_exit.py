@@ -11,7 +11,7 @@ from exitwise.errors import UserError
 from exitwise.models import create_model
 from exitwise.runtime import all_exit_logits, prepare
 
-from conftest import random_image_set
+from conftest import random_image_set, spread_thresholds
 
 
 def _model(thresholds=(0.5, None), temperatures=None) -> EarlyExitModel:
@@ -21,23 +21,28 @@ def _model(thresholds=(0.5, None), temperatures=None) -> EarlyExitModel:
 
 
 def test_run_leaves_where_the_rule_on_all_exit_logits_says():
-    model = _model(thresholds=(1.0, 2.0))
     data = random_image_set(200)
+    model = _model()
+    model = model.with_setting("entropy", spread_thresholds(model.network, data, model.policy))
     logits = all_exit_logits(prepare(model.network), data).logits
     scores = model.policy.scores(torch.from_numpy(logits)).numpy()
     run = model.run(data, precision="fp32")
+    assert set(run.exits) == {0, 1, 2}  # every exit taken, so the thresholds decide
     assert (run.exits == analysis.exit_points(scores, model.thresholds)).all()
 
 
 def test_save_then_load_gives_the_same_decisions(tmp_path):
-    model = _model(thresholds=(0.8, None), temperatures=(1.5, 1.2, 1.0))
+    data = random_image_set(100)
+    model = _model(temperatures=(1.5, 1.2, 1.0))
+    first = spread_thresholds(model.network, data, model.policy, shares=(0.5, 0.5))[0]
+    model = model.with_setting(model.policy, (first, None))
     loaded = EarlyExitModel.load(model.save(tmp_path / "ee"))
     assert loaded.to_json() == model.to_json()
     assert np.isneginf(loaded.thresholds[1])
-    data = random_image_set(100)
     a, b = model.run(data, precision="fp32"), loaded.run(data, precision="fp32")
+    assert set(a.exits) == {0, 2}  # half leave at exit 0 (its temperature counts), none at exit 1 (null)
     assert (a.exits == b.exits).all() and (a.predictions == b.predictions).all()
-    assert json.loads((tmp_path / "ee" / CONFIG_FILE).read_text())["thresholds"] == [0.8, None]
+    assert json.loads((tmp_path / "ee" / CONFIG_FILE).read_text())["thresholds"] == [first, None]
 
 
 def test_wrong_number_of_thresholds_is_refused():

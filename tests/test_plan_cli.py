@@ -96,6 +96,8 @@ def test_fp32_on_the_wire_changes_nothing_and_int8_little(study):
     (["--link", "device-edge:mbps=1,rtt-ms=1"], "no tier named 'edge'"),
     (["--minimize", "cost"], "latency or traffic"),
     (["--images", "nowhere"], "give --export too"),
+    (["--max-latency-ms", "0"], "--max-latency-ms must be positive, got 0"),
+    (["--max-latency-ms", "nan"], "--max-latency-ms must be positive, got nan"),
 ])
 def test_bad_tiers_and_links_exit_2_in_one_line(study, tmp_path, capsys, extra, message):
     out = study[0]

@@ -54,8 +54,14 @@ def test_every_precision_runs_every_path_and_stays_close_to_fp32(precision):
     run = all_exit_logits(model, data, batch_size=16)
     assert run.logits.dtype == np.float32
     np.testing.assert_allclose(run.logits, exact, atol=0.25, rtol=0.1)
-    early = run_early_exit(model, data, np.full(5, 1.0), get_policy("entropy"), batch_size=16)
-    assert early.exits.shape == (40,)
+    policy = get_policy("entropy")  # thresholds that let about a fifth out at each side exit: every path runs
+    scores = policy.scores(torch.from_numpy(run.logits)).numpy()
+    thresholds = [float(np.quantile(scores[k], 0.2)) for k in range(5)]
+    early = run_early_exit(model, data, np.array(thresholds), policy, batch_size=16)
+    assert len(set(early.exits.tolist())) >= 4
+    # where the rule on the all-exits logits puts them (bf16 may move a sample on a threshold's edge: compaction
+    # changes its batch's shapes)
+    assert (early.exits == analysis.exit_points(scores, thresholds)).mean() >= 0.9
 
 
 @pytest.mark.parametrize("negative_scale, folded", [(False, True), (True, False)])

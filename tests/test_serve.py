@@ -46,7 +46,7 @@ from exitwise.runtime import all_exit_logits, prepare
 from exitwise.errors import UserError
 from exitwise.serve_torch import TorchRunner, make_runner
 
-from conftest import random_image_set, spread_thresholds, until
+from conftest import random_image_set, read_http_answer, spread_thresholds, until
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 NEAR = 1e-5  # fp32 rounding: a sample whose score is this close to a threshold may go either way
@@ -344,6 +344,19 @@ def test_health_metadata_and_metrics(onnx_server):
         assert client.get(path).status_code == 404
 
 
+def test_a_server_that_no_longer_accepts_says_it_is_not_ready_as_probes_read_it(digits):
+    server = Running(OnnxRunner.load(digits[2] / "onnx"))
+    try:
+        assert server.client.get("/v2/health/ready").json() == {"ready": True}
+        assert server.app.state.scheduler.close(10)  # as when draining
+        for path in ("/v2/health/ready", "/v2/models/digits-convnet/ready"):
+            answer = server.client.get(path)
+            assert answer.status_code == 503 and answer.json()["ready"] is False, path
+        assert server.client.get("/v2/health/live").status_code == 200  # alive: no restart wanted
+    finally:
+        server.stop()
+
+
 def test_an_app_made_for_several_processes_outside_serve_processes_still_answers_its_metrics(digits):
     server = Running(OnnxRunner.load(digits[2] / "onnx"), ServeConfig(processes=2))  # as Ray Serve's replicas make it
     try:
@@ -495,7 +508,7 @@ def test_past_max_queue_requests_in_flight_another_is_refused_before_its_body_is
             with socket.create_connection((host, int(port)), timeout=5) as raw:  # headers only: the body never comes
                 raw.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                             f"Content-Length: 100000\r\n\r\n".encode())
-                answer = raw.recv(4096).decode()
+                answer = read_http_answer(raw).decode()  # one recv could end with the head alone
             assert answer.startswith("HTTP/1.1 503") and "retry-after: 1" in answer.lower()
             assert '{"error":"overloaded, try again: 2 requests in flight; at most 2"}' in answer
             assert [h.result(10) for h in held] == [504, 504]
@@ -682,9 +695,8 @@ def test_a_body_trickled_past_the_timeout_is_a_408_and_frees_its_place(digits):
             with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as sock:
                 sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n" % (INFER.encode(), len(body)) + sent)
-                start, answer = time.monotonic(), b""
-                while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):  # bounded by the socket's timeout
-                    answer += sock.recv(65536)
+                start = time.monotonic()
+                answer = read_http_answer(sock)
             assert answer.startswith(b"HTTP/1.1 408 ") and time.monotonic() - start < 5, answer
             assert b"did not arrive within 300 ms" in answer
         assert server.metric("exitwise_rejected_requests_total", reason="slow_body") == 2
@@ -756,6 +768,13 @@ def test_the_app_answers_under_one_event_loop_after_another(digits):
 CLI = "from exitwise.cli import main\nsys.exit(main(sys.argv[1:]))"
 
 
+def next_line(process: subprocess.Popen, seconds: float = 120) -> str:
+    """The next line the process prints on stdout, waited for at most `seconds` ("" if it printed none)."""
+    import select
+    ready, _, _ = select.select([process.stdout], [], [], seconds)
+    return process.stdout.readline() if ready else ""
+
+
 def start_cli_server(args: list[str], block_torch: bool = False, code: str = CLI,
                      env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """`exitwise serve ARGS --port 0` in its own process; returns it and its URL (from the line it prints)."""
@@ -763,7 +782,7 @@ def start_cli_server(args: list[str], block_torch: bool = False, code: str = CLI
     process = subprocess.Popen([sys.executable, "-c", code, "serve", *args, "--port", "0"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(SRC), **(env or {})})
-    line = process.stdout.readline()  # bounded: the process prints it or dies
+    line = next_line(process)
     if "serving" not in line:
         process.kill()
         raise AssertionError(f"server did not start: {line} {process.stderr.read()}")

@@ -26,7 +26,7 @@ from exitwise.deploy.onnx_runner import OnnxRunner  # noqa: E402
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit  # noqa: E402
 
 from conftest import until  # noqa: E402
-from test_serve import (SRC, FirstStageSlow, Running, digits, png, start_cli_server,  # noqa: E402,F401
+from test_serve import (SRC, FirstStageSlow, Running, digits, next_line, png, start_cli_server,  # noqa: E402,F401
                         unreadable_dds)  # (digits: the fixture)
 
 MODEL = "digits-convnet"
@@ -268,7 +268,7 @@ def test_exitwise_serve_grpc_port_without_torch_and_sigterm_drains_it(digits):
     process, url = start_cli_server(["--export", str(out / "onnx"), "--grpc-port", "0", "--max-wait-ms", "1500"],
                                     block_torch=True)
     try:
-        line = process.stdout.readline()  # bounded: printed as the app starts
+        line = next_line(process)  # printed as the app starts
         assert "gRPC" in line, line
         client = grpcclient.InferenceServerClient(line.split(" on ")[1].strip())
         images = data.images.numpy()[:3]
@@ -289,7 +289,7 @@ def test_sigterm_closes_the_grpc_port_at_once_while_http_requests_still_drain(di
     _, data, out = digits
     process, url = start_cli_server(["--export", str(out / "onnx"), "--grpc-port", "0", "--max-wait-ms", "3000"])
     try:
-        line = process.stdout.readline()  # bounded: printed as the app starts
+        line = next_line(process)  # printed as the app starts
         client = grpcclient.InferenceServerClient(line.split(" on ")[1].strip())
         assert client.is_server_ready()
         with ThreadPoolExecutor(1) as pool:  # an HTTP request waiting (3 s) for its batch to fill
@@ -398,7 +398,7 @@ def test_grpc_health_watch_streams_serving_then_not_serving_and_does_not_hold_th
     _, _, out = digits
     process, url = start_cli_server(["--export", str(out / "onnx"), "--grpc-port", "0"])
     try:
-        line = process.stdout.readline()  # bounded: printed as the app starts
+        line = next_line(process)  # printed as the app starts
         channel = grpc.insecure_channel(line.split(" on ")[1].strip())
         watch = channel.unary_stream("/grpc.health.v1.Health/Watch")  # raw health.proto bytes, as in the test above
         ours, other = watch(b"", timeout=30), watch(b"\x0a\x04nope", timeout=30)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import pytest
 
@@ -25,8 +26,9 @@ from exitwise.deploy.ray_serve import replica_options, start_on_ray
 from exitwise.config import RayConfig, SchedulerConfig, ServeConfig, TierConfig
 from exitwise.early_exit import EarlyExitModel
 from exitwise.models import create_model
+from exitwise.policies import get_policy
 
-from conftest import random_image_set, self_signed
+from conftest import random_image_set, self_signed, spread_thresholds
 from test_tiers import Tier, _borderline, digits  # noqa: F401 (digits: the fixture)
 
 
@@ -47,11 +49,14 @@ def local_ray():
 
 
 def test_two_replicas_on_ray_serve_answer_as_the_onnx_runtime(tmp_path, local_ray):
-    model = EarlyExitModel.create(create_model("digits-convnet"), "digits-convnet", "entropy", [1.5, 2.0])
-    model.save(tmp_path / "model")
+    torch.manual_seed(0)
+    network, data = create_model("digits-convnet"), random_image_set(16, seed=2)
+    thresholds = spread_thresholds(network, data, get_policy("entropy"))  # every exit taken
+    EarlyExitModel.create(network, "digits-convnet", "entropy", thresholds).save(tmp_path / "model")
     export(tmp_path / "onnx", source=tmp_path / "model", exporter="torchscript")
-    images = random_image_set(16, seed=2).images.numpy()
+    images = data.images.numpy()
     expected = OnnxEarlyExit.load(tmp_path / "onnx").run(images)
+    assert set(expected.exits.tolist()) == {0, 1, 2}
     try:
         url = start_on_ray(functools.partial(OnnxRunner.load, tmp_path / "onnx"), ServeConfig(port=free_port()),
                            RayConfig(replicas=(2, 2)))

@@ -102,6 +102,7 @@ def test_every_sample_leaves_at_its_own_exit_under_every_rule(rule):
     values = np.arange(40) % 256
     answers = results(scheduler.submit(images(values)))
     assert [a.exit for a in answers] == list(values % 4)
+    assert max(rows for _, rows in runner.calls) <= 8  # no stage call over max_batch
     # the prediction is made from the features at the exit taken: 100 added per stage run before it
     assert [a.prediction for a in answers] == [(v + 100 * (v % 4)) % 10 + 10 * (v % 4) for v in values]
     assert scheduler.close(5) and scheduler.inside == 0
@@ -119,6 +120,40 @@ def test_under_oldest_the_earliest_samples_go_on_first():
 
 def test_request_level_runs_each_batch_to_the_end_before_the_next():
     assert two_batches("request-level") == [(0, 4), (1, 2), (0, 4), (1, 2)]
+
+
+class HeldAtStage1(FakeRunner):
+    """Stage 1 waits for `release` (stage 0 runs freely)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def step(self, k, features, state):
+        if k == 1:
+            self.reached.set()
+            self.release.wait(10)
+        return super().step(k, features, state)
+
+
+@pytest.mark.parametrize("rule, at_once", [("deepest", True), ("oldest", True), ("request-level", False)])
+def test_a_sample_that_leaves_early_is_answered_at_once_except_under_request_level(rule, at_once):
+    runner = HeldAtStage1()
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, schedule=rule, workers=1)).start()
+    left, stays = scheduler.submit(images([0, 1]))  # 0 leaves at exit 0; 1 goes on to stage 1, held there
+    until(runner.reached.is_set)  # an answer given at once was settled before stage 1 began, on the same thread
+    assert left.done() == at_once  # request-level answers a batch when its last sample is done
+    runner.release.set()
+    assert [a.exit for a in results([left, stays])] == [0, 1]
+    assert scheduler.close(5)
+
+
+def test_later_stages_never_wait_for_a_full_batch():
+    runner = FakeRunner()
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, max_wait_ms=60_000)).start()
+    answers = results(scheduler.submit(images([1, 1, 0, 0])), timeout=10)  # stage 0 full; 2 go on to stage 1 alone
+    assert [a.exit for a in answers] == [1, 1, 0, 0] and runner.calls == [(0, 4), (1, 2)]
+    assert scheduler.close(5)
 
 
 def test_the_first_stage_waits_for_a_full_batch_at_most_max_wait():
@@ -146,6 +181,7 @@ def test_a_submission_may_set_a_sooner_deadline_which_ends_its_wait_for_a_full_b
     assert 0.09 <= time.monotonic() - start < 5 and isinstance(hurried[1].exception(1), Expired)
     assert not patient[0].done() and runner.calls == []  # the first sample waits on for its batch
     later = scheduler.submit(images([0]), timeout_ms=10**9)  # later than the config's: the config's holds
+    assert max(s.deadline - s.arrival for c in scheduler.queues[0] for s in c.samples) == pytest.approx(60.0)
     scheduler.close(5)  # no more waiting for full batches: the two left are answered together
     assert all(isinstance(a, Answer) for a in results(patient + later)) and runner.calls[0] == (0, 2)
 
@@ -326,11 +362,10 @@ def test_a_bad_batching_setting_is_refused_by_its_flag_and_value(field, value, m
         SchedulerConfig(**{field: value})
 
 
-def test_unexpected_failures_are_logged_at_most_once_an_interval_saying_how_many_were_not(caplog, monkeypatch):
+def test_unexpected_failures_are_logged_at_most_once_an_interval_saying_how_many_were_not(caplog):
     from exitwise.deploy import scheduler as module
     clock = [100.0]
-    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
-    log = module.FailureLog("a stage call")
+    log = module.FailureLog("a stage call", clock=lambda: clock[0])
     for seconds in (0, 1, 2, module.FAILURE_LOG_S + 1):
         clock[0] = 100.0 + seconds
         log(RuntimeError("broken"))

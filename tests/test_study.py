@@ -192,6 +192,7 @@ def test_a_list_setting_given_as_one_value_is_refused_when_the_config_is_made(se
     ({"num_cutoffs": 0}, "num_cutoffs and timing_check_images must be at least 1, got 0 and 1000"),
     ({"timing_check_images": 0}, "num_cutoffs and timing_check_images must be at least 1, got 100 and 0"),
     ({"methods": ()}, "give at least one calibration method"),  # was max() of nothing after the whole measuring
+    ({"methods": ("per-exit", "nope")}, "unknown calibration method 'nope'; known: per-exit, seed-percentile"),
 ])
 def test_a_study_setting_that_cannot_work_is_refused_when_the_config_is_made(settings, message):
     """Each of these once failed only after the measurement: min() of an empty sequence, an IndexError in the report,

@@ -30,7 +30,7 @@ from exitwise.models import create_model
 from exitwise.policies import get_policy
 from exitwise.runtime import all_exit_logits, prepare
 
-from conftest import random_image_set
+from conftest import random_image_set, read_http_answer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from link_relay import LinkRelay, ServeProcess as Tier  # noqa: E402
@@ -641,10 +641,7 @@ def _withheld(port: int, sent: bytes) -> bytes:
     import socket
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"POST /v2/tiers/features HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + sent)
-        answer = b""
-        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):  # bounded by the socket's timeout
-            answer += sock.recv(65536)
-    return answer
+        return read_http_answer(sock)
 
 
 def test_a_tier_or_relay_whose_tier_before_withholds_the_body_answers_408_within_its_timeout(digits):

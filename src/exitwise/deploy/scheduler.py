@@ -50,12 +50,12 @@ class FailureLog:
     """Unexpected failures (a broken model, a bug) logged with their traceback: the first, then at most one every
     FAILURE_LOG_S saying how many went unlogged since (a broken model fails every batch; /metrics counts them all)."""
 
-    def __init__(self, what: str):
-        self.what, self.next_at, self.unlogged, self.lock = what, 0.0, 0, threading.Lock()
+    def __init__(self, what: str, clock: Callable[[], float] = time.monotonic):
+        self.what, self.clock, self.next_at, self.unlogged, self.lock = what, clock, 0.0, 0, threading.Lock()
 
     def __call__(self, e: BaseException) -> None:
         with self.lock:
-            now = time.monotonic()
+            now = self.clock()
             if now < self.next_at:
                 self.unlogged += 1
                 return
