@@ -283,19 +283,24 @@ def test_the_busy_share_is_sampled_from_proc_stat():
 @pytest.mark.skipif(not device.Path("/proc/stat").is_file(), reason="needs /proc/stat (Linux)")
 @pytest.mark.skipif("PYTEST_XDIST_WORKER" in device.os.environ,
                     reason="pytest-xdist's other workers are other processes' work: the machine is not quiet")
-def test_this_process_own_threads_are_not_other_work():
-    import threading
-    stop = threading.Event()
+def test_this_process_own_threads_are_not_other_work(monkeypatch):
+    """/proc/stat's busy time less this process's own (readings made up, so other work on the machine running the
+    test cannot change the answer)."""
+    import io
+    import types
+    readings = iter([(1000, 500, 100), (1200, 550, 250),   # of 200 ticks 50 idle, 150 this process's: others 0
+                     (1000, 500, 100), (1200, 550, 150)])  # 50 idle, 50 this process's: others 100 of 200
+    ticks_per_s = 100
+    current = {}
 
-    def spin() -> None:  # a core kept busy by this process
-        while not stop.is_set():
-            pass
+    def stat(path):
+        total, idle, own = current["now"] = next(readings)
+        return io.StringIO(f"cpu  {total - idle} 0 0 {idle} 0 0 0 0\n")
 
-    spinner = threading.Thread(target=spin)
-    spinner.start()
-    try:
-        share = device.cpu_busy_share(0.2)
-    finally:
-        stop.set()
-        spinner.join()
-    assert share is not None and share < 0.5 / device.os.cpu_count()  # counted, the busy core would be 1 / cpus
+    fake_os = types.SimpleNamespace(times=lambda: types.SimpleNamespace(user=current["now"][2] / ticks_per_s,
+                                                                        system=0.0),
+                                    sysconf=lambda name: ticks_per_s)
+    monkeypatch.setattr(device, "open", stat, raising=False)
+    monkeypatch.setattr(device, "os", fake_os)
+    assert device.cpu_busy_share(0) == 0.0  # this process's busy threads are not other work
+    assert device.cpu_busy_share(0) == 0.5

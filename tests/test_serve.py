@@ -569,14 +569,16 @@ def test_under_three_times_the_sustainable_load_every_request_gets_an_answer(dig
 
 
 class FirstStageSlow(SlowRunner):
+    """Stage 0 waits for `release` (at most 10 s), so a test can act while a batch is inside it."""
+
     def __init__(self, runner):
         super().__init__(runner)
-        self.in_stage_0 = threading.Event()
+        self.in_stage_0, self.release = threading.Event(), threading.Event()
 
     def step(self, k, features, state):
         if k == 0:
             self.in_stage_0.set()
-            time.sleep(0.6)
+            self.release.wait(10)
         return self.runner.step(k, features, state)
 
 
@@ -594,12 +596,14 @@ def test_a_client_that_leaves_mid_request_has_its_samples_dropped_from_later_sta
             s.sendall(b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             assert slow.in_stage_0.wait(10)  # stage 0 is running their batch; then the client goes away
+        until(lambda: server.metric("exitwise_rejected_requests_total", reason="disconnected") == 1)  # seen while
+        slow.release.set()                                                                       # stage 0 runs
         until(lambda: server.metric("exitwise_samples_inside") == 0)
         assert server.metric("exitwise_batch_size_count", stage="0") == 1  # stage 0 ran them
         assert server.metric("exitwise_dropped_samples_total", reason="disconnected") == 3
         assert server.metric("exitwise_batch_size_count", stage="1") == 0  # and nothing after it did
-        assert server.metric("exitwise_rejected_requests_total", reason="disconnected") == 1
     finally:
+        slow.release.set()
         server.stop()
 
 

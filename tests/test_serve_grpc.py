@@ -224,12 +224,14 @@ def test_a_stream_the_client_cancels_has_its_samples_dropped_from_later_stages(d
         client.async_stream_infer(MODEL, [pixels_input(deep)], request_id="deep")
         assert slow.in_stage_0.wait(10)  # stage 0 is running their batch; then the client goes away
         client.stop_stream(cancel_requests=True)
+        until(lambda: server.metric("exitwise_rejected_requests_total", reason="disconnected") == 1)
+        slow.release.set()  # the cancel was seen while stage 0 ran
         until(lambda: server.metric("exitwise_samples_inside") == 0)
         assert server.metric("exitwise_dropped_samples_total", reason="disconnected") == 3
         assert server.metric("exitwise_batch_size_count", stage="1") == 0  # nothing after stage 0 ran them
-        until(lambda: server.metric("exitwise_rejected_requests_total", reason="disconnected") == 1)
         assert server.metric("exitwise_request_seconds_count", code="499", endpoint="grpc") == 1
     finally:
+        slow.release.set()
         client.close()
         server.stop()
 

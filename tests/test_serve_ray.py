@@ -29,7 +29,7 @@ from exitwise.models import create_model
 from exitwise.policies import get_policy
 
 from conftest import random_image_set, self_signed, spread_thresholds
-from test_tiers import Tier, _borderline, digits  # noqa: F401 (digits: the fixture)
+from test_tiers import Tier, _borderline, _stop_every_tier, digits  # noqa: F401 (fixtures)
 
 
 def free_port() -> int:

@@ -33,7 +33,25 @@ from exitwise.runtime import all_exit_logits, prepare
 from conftest import random_image_set, read_http_answer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from link_relay import LinkRelay, ServeProcess as Tier  # noqa: E402
+from link_relay import LinkRelay, ServeProcess  # noqa: E402
+
+_STARTED: list = []
+
+
+class Tier(ServeProcess):
+    """An `exitwise serve` tier process, also stopped when its test ends, whatever happened (a later tier that
+    failed to start had left the earlier ones running: they were made before the `try` that stops them)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _STARTED.append(self)
+
+
+@pytest.fixture(autouse=True)
+def _stop_every_tier():
+    yield
+    while _STARTED:
+        _STARTED.pop().stop()  # stop() twice is fine: a stopped process is left alone
 
 def write_plan(path: Path, stages: tuple) -> Path:
     """A plan.json for 3 stages whose chosen placement is `stages` (one (first, last) or None per tier; the tiers

@@ -15,7 +15,7 @@ from exitwise.cli import main
 from exitwise.deploy.onnx_runtime import OnnxEarlyExit
 
 from conftest import self_signed
-from test_tiers import Tier, _borderline, _infer, digits  # noqa: F401 (digits: the fixture)
+from test_tiers import Tier, _borderline, _infer, _stop_every_tier, digits  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
