@@ -11,6 +11,7 @@ from exitwise.cli import main
 from exitwise.data import CIFAR10_CLASSES
 from exitwise.early_exit import EarlyExitModel
 from exitwise.models import create_model
+from exitwise.study.config import StudyConfig
 from exitwise.study.results import StudyResults
 
 
@@ -61,7 +62,8 @@ def test_a_small_study_writes_every_output(tmp_path, capsys, seed_weights):
     results = json.loads((out / "results.json").read_text())
     frontiers_policies = {"entropy", "max-prob", "margin", "patience"}
     assert results["schema_version"] == 2 and StudyResults.from_json(results).to_json() == results
-    assert len(results["sweep"]) == 100 and results["fixed_cutoff"]["cutoff"] == 0.6
+    defaults = StudyConfig()
+    assert len(results["sweep"]) == defaults.num_cutoffs and results["fixed_cutoff"]["cutoff"] == defaults.cutoff
     assert {c["method"] for c in results["calibration"]} == {"per-exit", "seed-percentile", "empirical", "guaranteed"}
     assert {c["status"] for c in results["calibration"] if c["method"] in ("empirical", "guaranteed")} <= {"ok", "unreachable"}
     assert results["oracle"]["accuracy"] >= max(e["accuracy"] for e in results["exits"])

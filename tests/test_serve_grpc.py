@@ -299,7 +299,14 @@ def test_sigterm_closes_the_grpc_port_at_once_while_http_requests_still_drain(di
             until(lambda: "exitwise_samples_inside 1.0" in httpx.get(url + "/metrics").text)
             stopped = time.monotonic()
             process.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
+
+            def draining() -> bool:  # the gRPC port stops answering as ready once SIGTERM has arrived
+                try:
+                    return not client.is_server_ready()
+                except InferenceServerException:
+                    return True
+
+            until(draining, 5)  # (was a 0.5 s sleep)
             late = refusal(lambda: client.infer(MODEL, [pixels_input(data.images.numpy()[:1])], client_timeout=10))
             assert late.status() == "StatusCode.UNAVAILABLE", late
             assert not waiting.done() and time.monotonic() - stopped < 2.5  # the HTTP request is still draining
