@@ -95,13 +95,11 @@ class ImageSet:
             image, label = dataset[i]
             if isinstance(image, Image.Image):
                 image = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
-            image = torch.as_tensor(image)
-            if image.is_floating_point():  # checked in [0, 1] and quantized as from_tensors does (was wrapped to uint8)
-                image = cls.from_tensors(image[None], torch.zeros(1)).images[0]
-            images.append(image)
+            images.append(torch.as_tensor(image))
             labels.append(int(label))
-        if len({tuple(im.shape) for im in images}) > 1:
-            raise UserError("the dataset's images differ in size: resize them in the dataset")
+        if len({(im.dtype, tuple(im.shape)) for im in images}) > 1:
+            raise UserError("the dataset's images differ in size (or type): resize them in the dataset")
+        # stacked, they are what from_tensors takes: float (N, C, H, W) checked in [0, 1] and quantized, or uint8
         return cls.from_tensors(torch.stack(images), torch.tensor(labels), classes or getattr(dataset, "classes", None))
 
     def subset(self, index: torch.Tensor) -> ImageSet:

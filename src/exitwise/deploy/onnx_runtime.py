@@ -138,7 +138,8 @@ class OnnxEarlyExit:
         every sample of a batch has left before the next batch starts (`micro_batch` default: the manifest's).
         A sample leaves at the first side exit whose score is <= its threshold (float32, as in torch); -inf never
         lets one leave."""
-        num_exits, n, micro_batch = self.num_exits, len(images), self._checked_micro_batch(images, batch_size, micro_batch)
+        micro_batch = self._checked_micro_batch(images, batch_size, micro_batch)
+        num_exits, n = self.num_exits, len(images)
         thr = (self.thresholds if thresholds is None else as_thresholds(list(thresholds), num_exits)).astype(np.float32)
         exits = np.empty(n, dtype=np.int64)
         predictions = np.empty(n, dtype=np.int64)
@@ -179,7 +180,8 @@ class OnnxEarlyExit:
 
     def run_backbone(self, images: np.ndarray, *, batch_size: int = 256, micro_batch: int | None = None) -> Prediction:
         """Every stage and the final head only (no side exits): the baseline, as `runtime.run_backbone`."""
-        n, last, micro_batch = len(images), self.num_exits - 1, self._checked_micro_batch(images, batch_size, micro_batch)
+        micro_batch = self._checked_micro_batch(images, batch_size, micro_batch)
+        n, last = len(images), self.num_exits - 1
         predictions, probabilities = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
         start = time.perf_counter()
         for b in range(0, n, batch_size):

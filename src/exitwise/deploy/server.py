@@ -2,8 +2,9 @@
 
 Endpoints: the Open Inference Protocol (`exitwise.deploy.oip`) under /v2, `POST /v1/predict` (image files: a raw
 body or multipart, several at once) and `GET /metrics` (Prometheus). Decoding runs on the event loop, inference
-on the scheduler's worker threads (`--workers`), so the server accepts while it computes. Every refusal is a 4xx/5xx with a
-one-line JSON body `{"error": "..."}`; SIGTERM stops accepting, answers what was accepted, then exits 0.
+on the scheduler's worker threads (`--workers`), so the server accepts while it computes. Every refusal is a
+4xx/5xx with a one-line JSON body `{"error": "..."}`; SIGTERM (or Ctrl-C) stops accepting, answers what was
+accepted, then exits 0.
 """
 from __future__ import annotations
 
@@ -347,7 +348,8 @@ async def _files(call: _Call, body: bytes) -> tuple[Sequence[bytes], list[str | 
         yield body
 
     try:
-        form = await MultiPartParser(Headers(scope=call.scope), stream(), max_files=MAX_PARTS, max_fields=MAX_PARTS).parse()
+        form = await MultiPartParser(Headers(scope=call.scope), stream(), max_files=MAX_PARTS,
+                                     max_fields=MAX_PARTS).parse()
     except (MultiPartException, ValueError, KeyError) as e:
         raise BadRequest(400, f"malformed multipart body: {e}") from None
     files = [v for _, v in form.multi_items() if not isinstance(v, str)]

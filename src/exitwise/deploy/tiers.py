@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse
 from ..config import TierConfig, check_url
 from ..errors import UserError, first_line
 from .connections import KeptConnections
-from .oip import BadRequest, answered, read_body
+from .oip import MESSAGE_CHARS, BadRequest, answered, read_body
 from .scheduler import Answer, QueueFull, Sample, TooLarge, settle
 from .wire import IMAGE, decode, encode
 
@@ -169,14 +169,14 @@ class Forwarder:
             body = encode_features(self.config.last + 1, values, state,
                                    IMAGE if self.config.send_images else self.config.wire)
         except UserError as e:
-            _log.warning("exitwise: tier %s: %s; answering at exit %d, degraded", self.config.name, first_line(e, 400),
-                         self.config.last)
+            _log.warning("exitwise: tier %s: %s; answering at exit %d, degraded", self.config.name,
+                         first_line(e, MESSAGE_CHARS), self.config.last)
             return None
         try:
             return self._post(body, rows)
         except Exception as e:  # any failure of the next tier: refused, down, too slow, a bad answer
             _log.warning("exitwise: tier %s: the next tier %s failed (%s); answering at exit %d, degraded",
-                         self.config.name, self.config.next_url, first_line(e, 400), self.config.last)
+                         self.config.name, self.config.next_url, first_line(e, MESSAGE_CHARS), self.config.last)
             with self.lock:
                 self.down_until = time.monotonic() + self.config.retry_after_ms / 1e3
             return None
