@@ -83,6 +83,16 @@ def test_a_small_study_writes_every_output(tmp_path, capsys, seed_weights):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
 
+def test_method_limits_the_founding_calibration_methods_and_the_target_searches_still_run(tmp_path, capsys,
+                                                                                          seed_weights):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *study_args(make_tree(tmp_path / "data", per_class=1), seed_weights, out,
+                                               "--method", "seed-percentile", "--desired-accuracies", "0.5"))
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert [c["method"] for c in results["calibration"]] == ["seed-percentile", "empirical", "guaranteed"]
+
+
 @pytest.mark.parametrize("extra, words", [
     (("--cutoff", "-1"), ["cutoff"]),
     (("--cutoff", "nan"), ["cutoff"]),
@@ -93,6 +103,7 @@ def test_a_small_study_writes_every_output(tmp_path, capsys, seed_weights):
     (("--micro-batch", "0"), ["micro-batch"]),
     (("--micro-batch", "-4"), ["micro-batch"]),
     (("--device", "tpu"), ["device", "tpu"]),
+    (("--method", "magic"), ["magic"]),
 ] + ([(("--device", "cuda"), ["cuda", "not available"])] if not __import__("torch").cuda.is_available() else []))
 def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, seed_weights, extra, words):
     out = tmp_path / "out"
@@ -236,3 +247,12 @@ sys.exit(cli.main(["models"]))
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setitem(cli.COMMANDS, "models", lambda args: None)
     assert main(["models"]) == 0 and signal.getsignal(signal.SIGTERM) is before  # the caller's handler back
+
+
+def test_a_value_starting_with_a_minus_is_pointed_to_the_equals_form_which_reaches_the_check(tmp_path, capsys):
+    train = ("train", "--dataset", "digits", "--model", "seed-branchynet", "--out", tmp_path / "o")
+    code, _, err = run_cli(capsys, *train, "--exit-weights", "-1,1,1")
+    assert_user_error(code, err, "--exit-weights", "--flag=-1,1,1")
+    code, _, err = run_cli(capsys, *train, "--exit-weights=-1,1,1")
+    assert_user_error(code, err, "exit weights must be non-negative")
+    assert not (tmp_path / "o").exists()

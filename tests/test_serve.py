@@ -449,10 +449,9 @@ def test_a_full_queue_answers_503_with_retry_after_at_once_and_a_late_request_50
         with ThreadPoolExecutor(1) as pool:
             held = pool.submit(infer_status, server.client, 4)  # waits for a batch of 64 that never comes
             until(lambda: server.metric("exitwise_samples_inside") >= 4)
-            start = time.monotonic()
             refused = server.client.post(INFER, json=zeros_request(1))
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-            assert time.monotonic() - start < 1.0 and "overloaded" in refused.json()["error"]
+            assert "overloaded" in refused.json()["error"] and not held.done()  # at once: the queue is still full
             assert held.result(10) == 504
         assert server.metric("exitwise_rejected_requests_total", reason="timeout") == 1
     finally:

@@ -249,16 +249,14 @@ def test_a_full_queue_is_unavailable_at_once_and_a_late_call_past_its_deadline(d
         with ThreadPoolExecutor(1) as pool:
             held = pool.submit(refusal, lambda: client.infer(MODEL, [pixels_input(zeros)]))  # no batch of 64 comes
             until(lambda: server.metric("exitwise_samples_inside") >= 4)
-            start = time.monotonic()
             full = refusal(lambda: client.infer(MODEL, [pixels_input(zeros[:1])]))
             assert full.status() == "StatusCode.UNAVAILABLE" and "overloaded" in full.message()
-            assert time.monotonic() - start < 1.0
+            assert not held.done()  # at once: the queue is still full
             assert held.result(10).status() == "StatusCode.DEADLINE_EXCEEDED"
         assert server.metric("exitwise_rejected_requests_total", reason="timeout") == 1
-        start = time.monotonic()  # a call's own deadline (Triton's `timeout` parameter, microseconds), sooner
+        # a call's own deadline (Triton's `timeout` parameter, microseconds), sooner than the server's 1500 ms
         hurried = refusal(lambda: client.infer(MODEL, [pixels_input(zeros[:1])], timeout=100_000))
         assert hurried.status() == "StatusCode.DEADLINE_EXCEEDED" and "within 100 ms" in hurried.message()
-        assert time.monotonic() - start < 1.4  # before the server's 1500 ms
         assert server.metric("exitwise_request_seconds_count", code="503", endpoint="grpc") == 1
     finally:
         client.close()
@@ -297,7 +295,6 @@ def test_sigterm_closes_the_grpc_port_at_once_while_http_requests_still_drain(di
         with ThreadPoolExecutor(1) as pool:  # an HTTP request waiting (3 s) for its batch to fill
             waiting = pool.submit(httpx.post, url + "/v1/predict", content=png(data.images[0].numpy()), timeout=20)
             until(lambda: "exitwise_samples_inside 1.0" in httpx.get(url + "/metrics").text)
-            stopped = time.monotonic()
             process.send_signal(signal.SIGTERM)
 
             def draining() -> bool:  # the gRPC port stops answering as ready once SIGTERM has arrived
@@ -309,7 +306,7 @@ def test_sigterm_closes_the_grpc_port_at_once_while_http_requests_still_drain(di
             until(draining, 5)  # (was a 0.5 s sleep)
             late = refusal(lambda: client.infer(MODEL, [pixels_input(data.images.numpy()[:1])], client_timeout=10))
             assert late.status() == "StatusCode.UNAVAILABLE", late
-            assert not waiting.done() and time.monotonic() - stopped < 2.5  # the HTTP request is still draining
+            assert not waiting.done()  # the HTTP request is still draining (its batch waits 3 s)
             assert waiting.result(20).status_code == 200
         assert process.wait(30) == 0
         client.close()

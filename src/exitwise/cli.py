@@ -22,6 +22,8 @@ CALIBRATE_DEFAULTS = {f.name: f.default for f in fields(CalibrateConfig)}
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, like every other user mistake
+        if message.endswith("expected one argument"):  # argparse reads a value such as -1,1,1 as another flag
+            message += " (a value that starts with '-' goes after '=': --flag=-1,1,1)"
         raise UserError(f"{self.prog}: {message}")
 
 
@@ -64,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--cutoff", type=float, help=f"the fixed cutoff (entropy: nats; default {d['cutoff']:g})")
     study.add_argument("--desired-accuracies", type=float_list, help="comma-separated targets for calibration "
                        f"(default {','.join(f'{a:.2f}' for a in d['desired_accuracies'])})")
-    study.add_argument("--method", action="append", dest="methods", help="calibration method, repeatable: "
-                       f"{' and/or '.join(CALIBRATION_METHODS)} (default: {', '.join(d['methods'])})")
+    study.add_argument("--method", action="append", dest="methods", help="founding calibration method, repeatable: "
+                       f"{' and/or '.join(CALIBRATION_METHODS)} (default: {', '.join(d['methods'])}); the accuracy-"
+                       "target searches (empirical, guaranteed) always run")
     study.add_argument("--batch-size", type=int, help=f"images per batch (default {d['batch_size']})")
     study.add_argument("--precision", help=f"auto (the fastest of fp32, bf16 and mixed, timed on this machine, whose "
                        f"predictions agree with fp32 on >= {AGREEMENT_REQUIRED:.0%} of test images at every exit), "

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..images import decode_image
-from .scheduler import Answer, Expired
+from .scheduler import Answer, Expired, QueueFull, TooLarge
 
 OUTPUTS = (("class_index", "INT64"), ("label", "BYTES"), ("probability", "FP32"), ("exit", "INT64"))
 INPUT_NAME = "image"
@@ -79,6 +79,14 @@ async def read_body(receive, content_length: str | None, limit: int, within_s: f
         parts.append(part)
         if not message.get("more_body", False):
             return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def not_taken(e: QueueFull | TooLarge, rows: str, max_queue: int) -> BadRequest:
+    """The refusal of a submission the scheduler would not take: 503 to retry (its queue is full now), or 413 (`rows`,
+    such as "5 images", are more than it ever holds: retrying would not help)."""
+    if isinstance(e, QueueFull):
+        return BadRequest(503, f"overloaded, try again: {e}")
+    return BadRequest(413, f"{rows} in one request; this server holds at most {max_queue} (--max-queue)")
 
 
 def answered(why: str, outcomes: list, timeout_ms: float) -> list[Answer]:

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import ServeConfig, ServerTLS, __version__
 from ..errors import UserError, first_line
 from .metrics import Metrics
-from .oip import (REASONS, BadRequest, answered, check_model, decode_images, infer_response, model_metadata,
+from .oip import (REASONS, BadRequest, answered, check_model, decode_images, infer_response, model_metadata, not_taken,
                   parse_infer, predictions, read_body, request_timeout_ms, requested_outputs)
 from .answers import Answers
 from .runner import Runner, describe
@@ -107,11 +107,8 @@ def create_app(runner: Runner, config: ServeConfig = ServeConfig()) -> FastAPI:
         try:
             why, outcomes = await waiter.wait(lambda slots: scheduler.submit(images, slots, timeout_ms), len(images),
                                               within / 1e3, call.on_disconnect)
-        except QueueFull as e:
-            raise BadRequest(503, f"overloaded, try again: {e}") from None
-        except TooLarge:  # would never fit: not a 503 to retry
-            raise BadRequest(413, f"{len(images)} images in one request; this server holds at most "
-                                  f"{config.scheduler.max_queue} (--max-queue)") from None
+        except (QueueFull, TooLarge) as e:
+            raise not_taken(e, f"{len(images)} images", config.scheduler.max_queue) from None
         outcomes = answered(why, outcomes, within)
         if tier is None:
             return outcomes

@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse
 from ..config import TierConfig, check_url
 from ..errors import UserError, first_line
 from .connections import KeptConnections
-from .oip import MESSAGE_CHARS, BadRequest, answered, read_body
+from .oip import MESSAGE_CHARS, BadRequest, answered, not_taken, read_body
 from .scheduler import Answer, QueueFull, Sample, TooLarge, settle
 from .wire import IMAGE, decode, encode
 
@@ -274,11 +274,8 @@ def add_tier_routes(app, runner, config: TierConfig, max_body_bytes: int) -> Non
         try:
             why, answers = await app.state.answers.wait(lambda slots: scheduler.submit_features(x, state, slots),
                                                         len(x), scheduler.config.timeout_ms / 1e3 + 1)
-        except QueueFull as e:
-            raise BadRequest(503, f"overloaded, try again: {e}") from None
-        except TooLarge:  # would never fit: not a 503 to retry
-            raise BadRequest(413, f"{len(x)} rows in one request; this tier holds at most "
-                                  f"{scheduler.config.max_queue} (--max-queue)") from None
+        except (QueueFull, TooLarge) as e:
+            raise not_taken(e, f"{len(x)} rows", scheduler.config.max_queue) from None
         answers = answered(why, answers, scheduler.config.timeout_ms)
         if not all(math.isfinite(a.probability) for a in answers):  # finite features far outside what stages give
             raise BadRequest(400, "features out of range: the model's answer to them is not a number")
