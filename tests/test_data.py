@@ -150,7 +150,7 @@ def test_official_archive_layout_loads(tmp_path):
 
 
 def test_digits_are_bundled_8x8_grayscale():
-    splits = load_splits("digits", "/ignored", split_seed=0)
+    splits = load_splits("digits", split_seed=0)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (1797 - 720, 360, 360)
     assert splits.test.images.shape == (360, 8, 8, 1) and splits.test.images.dtype == torch.uint8
     assert splits.train.images.max() == 255 and splits.train.classes == tuple("0123456789")
@@ -159,6 +159,9 @@ def test_digits_are_bundled_8x8_grayscale():
     assert splits.describe().source == "scikit-learn digits"
     with pytest.raises(UserError, match="--image-size takes a positive size and --dataset folder, got 32 for digits"):
         load_splits("digits", image_size=32)  # was 8x8 images, silently
+    for given in ({"data_dir": "cifar10-jpg.tar.gz"}, {"download": True}):  # were ignored: digits was studied
+        with pytest.raises(UserError, match="digits ships with scikit-learn: it takes no --data-dir or --download"):
+            load_splits("digits", **given)
 
 
 # --- ImageSet and Splits -------------------------------------------------------------------------------------

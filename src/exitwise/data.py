@@ -151,7 +151,9 @@ def load_splits(dataset: str, data_dir: str | Path | None = None, *, download: b
         raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     if image_size is not None and (dataset != "folder" or image_size < 1):  # digits too: 8x8, not resized
         raise UserError(f"--image-size takes a positive size and --dataset folder, got {image_size} for {dataset}")
-    if dataset == "digits":  # bundled with scikit-learn: --data-dir is not read
+    if dataset == "digits":  # bundled with scikit-learn
+        if data_dir is not None or download:
+            raise UserError("--dataset digits ships with scikit-learn: it takes no --data-dir or --download")
         return _digits_splits(val_size, split_seed)
     if image_size is not None and image_size ** 2 > (Image.MAX_IMAGE_PIXELS or image_size ** 2):
         raise UserError(f"--image-size {image_size}: larger than PIL decodes any image ({Image.MAX_IMAGE_PIXELS:,} "
