@@ -288,6 +288,8 @@ def test_export_from_a_model_name_and_a_thresholds_file(tmp_path, capsys):
     _one_line_error(capsys, ["export", "--model", "digits-convnet", "--thresholds", str(tmp_path / "other.json"),
                              "--out", str(tmp_path / "x")], "is for model 'b-resnet11'")
     _one_line_error(capsys, ["export", "--out", str(tmp_path / "x")], "give --from DIR")
+    _one_line_error(capsys, ["export", "--from", str(tmp_path), "--model", "digits-convnet", "--out",
+                             str(tmp_path / "x")], "not both")
     assert not (tmp_path / "x").exists()
 
 

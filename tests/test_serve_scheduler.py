@@ -55,16 +55,15 @@ class FakeRunner:
         return array
 
 
-def two_batches(schedule: str, first_values=(1, 1, 0, 0), second_values=(1, 1, 0, 0),
-                max_batch: int = 4) -> list[tuple[int, int]]:
-    """The stage calls for two batches (of [1, 1, 0, 0] unless given) under `schedule`, the second arriving while
-    stage 0 runs the first; one worker, so the order of the calls is the rule's alone."""
+def two_batches(schedule: str) -> list[tuple[int, int]]:
+    """The stage calls for two batches of [1, 1, 0, 0] under `schedule`, the second arriving while stage 0 runs
+    the first; one worker, so the order of the calls is the rule's alone."""
     runner = FakeRunner()
     runner.gate.clear()  # the first batch blocks in stage 0 while the second arrives
-    scheduler = Scheduler(runner, SchedulerConfig(max_batch=max_batch, schedule=schedule, workers=1)).start()
-    first = scheduler.submit(images(first_values))
+    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, schedule=schedule, workers=1)).start()
+    first = scheduler.submit(images([1, 1, 0, 0]))
     until(lambda: runner.entered)  # the first batch is in stage 0
-    second = scheduler.submit(images(second_values))
+    second = scheduler.submit(images([1, 1, 0, 0]))
     runner.gate.set()
     results(first + second)
     scheduler.close(5)
@@ -96,7 +95,7 @@ def results(futures, timeout=10):
     return [f.result() for f in futures]
 
 
-@pytest.mark.parametrize("rule", ["deepest", "oldest", "fill", "request-level"])
+@pytest.mark.parametrize("rule", ["deepest", "oldest", "request-level"])
 def test_every_sample_leaves_at_its_own_exit_under_every_rule(rule):
     runner = FakeRunner()
     scheduler = Scheduler(runner, SchedulerConfig(max_batch=8, schedule=rule)).start()
@@ -119,19 +118,6 @@ def test_under_oldest_the_earliest_samples_go_on_first():
     assert two_batches("oldest") == [(0, 4), (1, 2), (0, 4), (1, 2)]
 
 
-def test_under_fill_survivors_wait_for_a_full_batch_while_the_first_stage_has_work():
-    six_go_on = (1, 1, 1, 1, 1, 1, 0, 0)
-    # deepest runs the first batch's 6 survivors at once (6 waiting against 4), then the second's 2 alone
-    assert two_batches("deepest", six_go_on, max_batch=8) == [(0, 8), (1, 6), (0, 4), (1, 2)]
-    # fill runs the second batch's stage 0 first: its 2 survivors make the 6 a full batch of 8
-    assert two_batches("fill", six_go_on, max_batch=8) == [(0, 8), (0, 4), (1, 8)]
-    # with nothing waiting at the first stage a later stage runs on what it has: the second batch's 2 alone
-    runner = FakeRunner()
-    scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, schedule="fill", workers=1)).start()
-    assert [a.exit for a in results(scheduler.submit(images([1, 1, 0, 0])))] == [1, 1, 0, 0]
-    assert runner.calls == [(0, 4), (1, 2)] and scheduler.close(5)
-
-
 def test_request_level_runs_each_batch_to_the_end_before_the_next():
     assert two_batches("request-level") == [(0, 4), (1, 2), (0, 4), (1, 2)]
 
@@ -150,8 +136,7 @@ class HeldAtStage1(FakeRunner):
         return super().step(k, features, state)
 
 
-@pytest.mark.parametrize("rule, at_once", [("deepest", True), ("oldest", True), ("fill", True),
-                                            ("request-level", False)])
+@pytest.mark.parametrize("rule, at_once", [("deepest", True), ("oldest", True), ("request-level", False)])
 def test_a_sample_that_leaves_early_is_answered_at_once_except_under_request_level(rule, at_once):
     runner = HeldAtStage1()
     scheduler = Scheduler(runner, SchedulerConfig(max_batch=4, schedule=rule, workers=1)).start()

@@ -250,8 +250,11 @@ def export(out: str | Path, *, source: str | Path | None = None, model: str | No
     `micro_batch`: the runner's, recorded in the manifest (default: measured fastest here)."""
     from .early_exit import saved_weights_sha256
     from .export import export_onnx
-    if (source is None) == (model is None):
-        raise UserError("give --from DIR (a saved early-exit model), or --model NAME with --thresholds FILE")
+    if source is not None and model is not None:
+        raise UserError("give --from DIR or a model (--model/--model-dir), not both: --from brings its own model")
+    if source is None and model is None:
+        raise UserError("give --from DIR (a saved early-exit model), --model NAME (with --thresholds FILE unless it "
+                        "ships a calibrated setting) or --model-dir DIR with --thresholds FILE")
     if source is not None:
         if weights is not None or thresholds is not None:
             raise UserError("--from DIR brings its own weights and thresholds: drop --weights and --thresholds")

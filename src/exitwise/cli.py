@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "target searches (empirical, guaranteed) always run")
     study.add_argument("--batch-size", type=int, help=f"images per batch (default {d['batch_size']})")
     study.add_argument("--precision", help=f"auto (the fastest of fp32, bf16 and mixed, timed on this machine, whose "
-                       f"predictions agree with fp32 on >= {AGREEMENT_REQUIRED:.0%} of test images at every exit), "
+                       f"predictions agree with fp32 on >= {AGREEMENT_REQUIRED:.0%} of the first "
+                       f"{STUDY_DEFAULTS['precision_check_images']:,} validation images at every exit), "
                        f"bf16, mixed or fp32 (default {d['precision']})".replace("%", "%%"))
     _add_machine_args(study)
 
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--joint", action="store_true", help="train the whole network with the heads (default: the "
                                                           "backbone is frozen and the final exit stays your model)")
     att.add_argument("--resume", type=Path, help="continue from this checkpoint.pt exactly")
-    _add_flags(att, TrainConfig, ATTACH_DEFAULTS)
+    _add_flags(att, TrainConfig, ATTACH_DEFAULTS, per_dataset={  # a data set's own, where attach's do not win
+        name: {k: v for k, v in own.items() if k not in ATTACH_DEFAULTS} for name, own in TRAIN_DEFAULTS.items()})
 
     cal = sub.add_parser("calibrate", help="exit thresholds from a study's cached logits in seconds: chosen on its "
                                            "validation split, evaluated on its test split; writes calibration.json "

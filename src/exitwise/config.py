@@ -215,7 +215,7 @@ TRAIN_DEFAULTS = {"digits": {"crop_padding": 1, "flip": False, "epochs": 30, "ba
 ATTACH_DEFAULTS = {"epochs": 10, "lr": 0.05, "label_smoothing": 0.0}
 
 
-SERVE_RULES = ("deepest", "oldest", "fill", "request-level")  # which stage the serving scheduler runs next
+SERVE_RULES = ("deepest", "oldest", "request-level")  # which stage the serving scheduler runs next
 
 
 def threads_per_worker(total: int, workers: int) -> int:

@@ -12,9 +12,6 @@ taking the next batch when it is free:
   while neither rule has the lower p99 in every run (`oldest`'s was lower at capacity on 2026-12-05);
 * `oldest`: the stage holding the sample that arrived first, so the oldest request finishes first (the default
   before: it measured best against the slower server of an earlier session the same day);
-* `fill`: a later stage runs when its queue fills a batch (`max_batch`; the latest such first) or when the first
-  stage has nothing waiting; else the first stage runs. Later stages then run on full batches under load, where
-  `deepest` runs them on whatever waits, at the cost of survivors waiting longer;
 * `request-level`: no re-forming: a batch runs all its stages together (compacting as the offline
   runtime does) and is answered when its last sample is done; the baseline that shows what
   re-forming buys.
@@ -258,14 +255,7 @@ class Scheduler:
             return None, min(due, expires) - now + 1e-3
         if self.config.schedule == "oldest":
             return min(waiting, key=lambda k: (min(c.oldest for c in waiting[k]), -k)), None
-        rows = {k: sum(len(c.samples) for c in q) for k, q in waiting.items()}
-        if self.config.schedule == "fill":  # a later stage runs when it fills a batch or the first has no work
-            full = [k for k in later if rows[k] >= self.config.max_batch]
-            if full:
-                return max(full), None
-            if self.first in waiting:
-                return self.first, None
-        return max(waiting, key=lambda k: (rows[k], k)), None
+        return max(waiting, key=lambda k: (sum(len(c.samples) for c in waiting[k]), k)), None
 
     def _pop(self, stage: int) -> _Chunk:
         """Up to max_batch rows from the front of `stage`'s queue, as one chunk (a chunk too big is split)."""
