@@ -2,7 +2,8 @@
 
 Each card records `check_subset` (scripts/ship_weights.py): per-exit accuracy in fp32 on the first 1,000
 test images, which every shipped model reproduces here in seconds on any CPU. The smallest model is also
-checked on all 10,000 test images against the card's test accuracy (measured in bf16 when it was trained).
+checked on all 10,000 test images against the card's test accuracy (measured in bf16 when it was trained), and the
+most accurate one is measured there reaching 91% at its final exit.
 """
 import numpy as np
 import pytest
@@ -41,5 +42,8 @@ def test_the_smallest_shipped_model_reproduces_its_cards_full_test_accuracy(cifa
     np.testing.assert_allclose(evaluate(model, cifar_test), shipped_card(name).test_accuracy, atol=0.002)
 
 
-def test_a_shipped_model_reaches_91_percent_at_its_final_exit():
-    assert max(shipped_card(n).test_accuracy[-1] for n in shipped_models("cifar10")) >= 0.91
+def test_a_shipped_model_reaches_91_percent_at_its_final_exit_on_all_10000_test_images(cifar_test):
+    name = max(shipped_models("cifar10"), key=lambda n: shipped_card(n).test_accuracy[-1])
+    model, _ = load_model(name)
+    final = evaluate(model, cifar_test)[-1]  # in fp32, native on every CPU (about a minute on two cores)
+    assert final >= 0.91 and abs(final - shipped_card(name).test_accuracy[-1]) <= 0.002, (name, final)
