@@ -49,28 +49,28 @@ def measure_tier(export, name: str = "tier", batch: int = MEASURE_BATCH, tls: Se
     from .onnx_runner import OnnxRunner
     if batch < 1:
         raise UserError(f"--measure-batch must be at least 1, got {batch}")
-    runner = OnnxRunner.load(export, workers=SchedulerConfig().workers).model
-    return Tier(name, stage_seconds=measure_stages(runner, batch=batch),
-                request_seconds=measure_request(runner, tls=tls), relay_seconds=measure_relay(runner))
+    model = OnnxRunner.load(export, workers=SchedulerConfig().workers).model
+    return Tier(name, stage_seconds=measure_stages(model, batch=batch),
+                request_seconds=measure_request(model, tls=tls), relay_seconds=measure_relay(model))
 
 
-def measure_stages(runner, batch: int = MEASURE_BATCH, repeats: int = 20, seconds: float = SUSTAINED_SECONDS,
+def measure_stages(model, batch: int = MEASURE_BATCH, repeats: int = 20, seconds: float = SUSTAINED_SECONDS,
                    seed: int = 0) -> tuple[float, ...]:
-    """Per-sample seconds of each stage with its head on this machine (`runner`: an `OnnxEarlyExit`): the mean of
+    """Per-sample seconds of each stage with its head on this machine (`model`: an `OnnxEarlyExit`): the mean of
     back-to-back calls on `batch` random images over at least `repeats` calls and `seconds`, after an untimed one
     (batch 1: an image's latency). The mean of a sustained run, not the fastest call: on a machine whose CPU is
     shared or quota-limited (a cgroup, a VM's share) a short call can run in a burst at full speed, while a busy
     tier pays the sustained rate. Run on a tier's own machine (`exitwise plan --measure`), they are that tier's
     `stage-ms=`."""
-    c, h, w = runner.input_shape
+    c, h, w = model.input_shape
     x = as_input(np.random.default_rng(seed).integers(0, 256, (batch, h, w, c), dtype=np.uint8))
     result = []
-    for k in range(runner.num_exits):
-        out, _ = runner.run_stage(k, x)
+    for k in range(model.num_exits):
+        out, _ = model.run_stage(k, x)
         with _collector_paused():
             calls, start = 0, time.perf_counter()
             while calls < repeats or time.perf_counter() - start < seconds:
-                runner.run_stage(k, x)
+                model.run_stage(k, x)
                 calls += 1
             result.append((time.perf_counter() - start) / calls / batch)
         x = out
@@ -177,19 +177,19 @@ def _serve_imports():
     return create_app, create_relay_app
 
 
-def measure_request(runner, requests: int = 100, images: np.ndarray | None = None,
+def measure_request(model, requests: int = 100, images: np.ndarray | None = None,
                     tls: ServerTLS | None = None) -> float:
     """Seconds a one-image request costs this machine beyond its stages, HTTP on both ends included: over
     `requests` binary V2 infer requests sent back to back (`images`, or one random image) to the real server
     (uvicorn on 127.0.0.1, a free port, in this process), the mean round trip less the time the request's stage
-    calls took in that server (`runner.step`, timed as served, whichever exit the image takes). `runner`: an
+    calls took in that server (its runner's `step`, timed as served, whichever exit the image takes). `model`: an
     `OnnxEarlyExit`. The client runs here too: on this machine's CPU, as an application sending from the tier's
     own machine would. `tls`: the server speaks it, the client encrypting on a kept connection without checking the
     certificate (it may name another host; the handshake is not timed).
     Needs the serve extra."""
     create_app, _ = _serve_imports()
     from .onnx_runner import OnnxRunner
-    served = _StepClock(OnnxRunner(runner))
+    served = _StepClock(OnnxRunner(model))
     app, inside = create_app(served), []
 
     async def timed(scope, receive, send):  # the time each request spent in its stages
@@ -206,7 +206,7 @@ def measure_request(runner, requests: int = 100, images: np.ndarray | None = Non
     try:
         with _Serving(timed, tls) as server:
             trips = _round_trips(NextURL(tls is not None, "127.0.0.1", server.port), served.name,
-                                 _measure_images(runner.input_shape, images), requests, noted,
+                                 _measure_images(model.input_shape, images), requests, noted,
                                  None if tls is None else _unchecked_tls())
     finally:
         app.state.scheduler.close(5)
@@ -222,16 +222,16 @@ def _unchecked_tls():
     return context
 
 
-def measure_relay(runner, requests: int = 100, images: np.ndarray | None = None) -> float:
+def measure_relay(model, requests: int = 100, images: np.ndarray | None = None) -> float:
     """Seconds passing one request on costs this machine as a relay (a tier with no stages: `relay-ms`): over
     `requests` one-image binary V2 infer requests sent back to back, the mean round trip through a real relay
-    (uvicorn on 127.0.0.1, in this process) to a server of `runner` less the mean round trip straight to that
+    (uvicorn on 127.0.0.1, in this process) to a server of `model` less the mean round trip straight to that
     server, the two alternating in rounds of ten. Needs the serve extra."""
     create_app, create_relay_app = _serve_imports()
     from ..config import RelayConfig, ServeConfig
     from .onnx_runner import OnnxRunner
-    app = create_app(OnnxRunner(runner))
-    pixels = _measure_images(runner.input_shape, images)
+    app = create_app(OnnxRunner(model))
+    pixels = _measure_images(model.input_shape, images)
     try:
         with _Serving(app) as server:
             relay = create_relay_app(RelayConfig("measured", f"http://127.0.0.1:{server.port}"),
@@ -259,36 +259,36 @@ def measure_request_at(url: str, model: str, stage_seconds: Sequence[float], ima
     return max(0.0, float(np.mean([took - cumulative[k] for took, k in trips])))
 
 
-def measure_wire(runner, images: np.ndarray, formats: Sequence[str] = ("fp16", "int8"),
+def measure_wire(model, images: np.ndarray, formats: Sequence[str] = ("fp16", "int8"),
                  labels: np.ndarray | None = None) -> WireCost:
     """Per format and cut, the share of `images` whose exit or prediction differs from the fp32 early exit when
-    the survivors' features cross that cut encoded in the format (`runner`: an `OnnxEarlyExit`, whose
+    the survivors' features cross that cut encoded in the format (`model`: an `OnnxEarlyExit`, whose
     `run_stage(k, x)` gives (features, logits)); with `labels`, also each accuracy change. The int8 scales come
     from all the survivors at once (a tier takes them from each batch it forwards)."""
-    k_exits, n = runner.num_exits, len(images)
+    k_exits, n = model.num_exits, len(images)
     x = as_input(images)
     features, logits = [], []
     for k in range(k_exits):  # every stage on every image: the reference and the features at every cut
-        x, out = runner.run_stage(k, x)
+        x, out = model.run_stage(k, x)
         features.append(x)
         logits.append(out)
-    thr = runner.thresholds.astype(np.float32)
+    thr = model.thresholds.astype(np.float32)
 
     def decide(logits_from: list[np.ndarray], k0: int, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exit and prediction of rows that reach stage k0, from their logits at stages k0..K-1."""
         rows = len(state)
         exits, preds, open_ = np.full(rows, k_exits - 1), logits_from[-1].argmax(-1), np.ones(rows, bool)
         for k in range(k0, k_exits - 1):
-            scores, state = runner.policy.step(k, logits_from[k - k0], state)
+            scores, state = model.policy.step(k, logits_from[k - k0], state)
             leave = open_ & leaves(scores, thr[k])
             exits[leave], preds[leave] = k, logits_from[k - k0][leave].argmax(-1)
             open_ &= ~leave
         return exits, preds
 
-    ref_exits, ref_preds = decide(logits, 0, runner.policy.init_state(n))
-    states, state = [runner.policy.init_state(n)], runner.policy.init_state(n)
+    ref_exits, ref_preds = decide(logits, 0, model.policy.init_state(n))
+    states, state = [model.policy.init_state(n)], model.policy.init_state(n)
     for k in range(k_exits - 1):
-        state = runner.policy.step(k, logits[k], state)[1]
+        state = model.policy.step(k, logits[k], state)[1]
         states.append(state)
     result: dict = {fmt: [] for fmt in formats}
     accuracy: dict = {fmt: [] for fmt in formats}
@@ -300,7 +300,7 @@ def measure_wire(runner, images: np.ndarray, formats: Sequence[str] = ("fp16", "
             if len(rows):
                 y, later = decode(encode(features[cut - 1][rows], fmt)), []
                 for k in range(cut, k_exits):
-                    y, out = runner.run_stage(k, y)
+                    y, out = model.run_stage(k, y)
                     later.append(out)
                 exits[rows], preds[rows] = decide(later, cut, states[cut][rows])
             result[fmt].append(float(((exits != ref_exits) | (preds != ref_preds)).mean()))
