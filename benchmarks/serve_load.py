@@ -450,25 +450,24 @@ def main() -> None:
     for name, c in capacity.items():
         print(f"  {name:18s} server {1e3 * c['server_cpu_per_request']:.3f} (event loop "
               f"{1e3 * c['loop_cpu_per_request']:.3f}), client {1e3 * c['client_cpu_per_request']:.3f}")
-    fixed = {n: capacity[n]["loop_cpu_per_request"] + capacity[n]["client_cpu_per_request"] for n in capacity}
     a_cpu, b_cpu = (capacity[n]["server_cpu_per_request"] + capacity[n]["client_cpu_per_request"]
                     for n in ("a full network", "b early exit"))
-    without = (a_cpu - fixed['a full network']) / (b_cpu - fixed['b early exit'])
+    a_front, b_front = (capacity[n]["loop_cpu_per_request"] + capacity[n]["client_cpu_per_request"]
+                        for n in ("a full network", "b early exit"))  # the front: event loop and client
+    a_rest, b_rest = a_cpu - a_front, b_cpu - b_front  # the stages and the worker's Python around them
     print(f"  CPU-bound served ratio (full / early CPU per request, client included): {a_cpu / b_cpu:.2f}x; without "
-          f"the event loop's and client's work: {without:.2f}x")
+          f"the event loop's and client's work: {a_rest / b_rest:.2f}x")
     ratios = [r["b early exit"]["throughput"] / r["a full network"]["throughput"] for r in rounds]
     served, best = float(np.median(ratios)), capacity["b early exit"]["throughput"] / full_capacity
     print(f"served throughput ratio early/full {served:.2f}x (the median of the rounds' "
           f"{', '.join(f'{r:.2f}' for r in ratios)}; best/best {best:.2f}x); offline batch-256 ratio "
           f"{off['ratio']:.2f}x; served/offline {served / off['ratio']:.2f} (target >= {SERVED_TARGET})")
-    goal = SERVED_TARGET * off["ratio"]  # what the front may cost per request for a CPU-bound ratio of that
-    stages = {n: (c - fixed[n]) for n, c in (("a full network", a_cpu), ("b early exit", b_cpu))}
-    front = (fixed["a full network"] + fixed["b early exit"]) / 2
-    allowed = (stages["a full network"] - goal * stages["b early exit"]) / (goal - 1)
-    print(f"the front's CPU per request (event loop and client, alike for both networks): {1e3 * front:.3f} ms; a "
-          f"CPU-bound ratio of {SERVED_TARGET} x offline ({goal:.2f}x) allows it " + (
-              f"{1e3 * allowed:.3f} ms" if allowed > 0 else
-              f"none (the rest of the servers' CPU gives {stages['a full network'] / stages['b early exit']:.2f}x)"))
+    goal = SERVED_TARGET * off["ratio"]  # the front F, alike for both networks, may take at most what keeps
+    allowed = (a_rest - goal * b_rest) / (goal - 1)  # (a_rest + F) / (b_rest + F) >= goal
+    print(f"the front's CPU per request (event loop and client, alike for both networks): "
+          f"{1e3 * (a_front + b_front) / 2:.3f} ms; a CPU-bound ratio of {SERVED_TARGET} x offline ({goal:.2f}x) "
+          f"allows it " + (f"{1e3 * allowed:.3f} ms" if allowed > 0 else
+                           f"none (the rest of the servers' CPU gives {a_rest / b_rest:.2f}x)"))
     each = [r / o for r, o in zip(ratios, paired)]
     print(f"served/offline round by round, each round's served ratio over the offline pair run right after it: "
           f"median {float(np.median(each)):.2f} ({', '.join(f'{v:.2f}' for v in each)}; the offline pairs "

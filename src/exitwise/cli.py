@@ -17,6 +17,7 @@ from .study.config import CALIBRATION_METHODS, CalibrateConfig, StudyConfig
 
 # torch-free at the top: `exitwise --help` and `exitwise predict` never load it; each command imports its work
 STUDY_DEFAULTS = {f.name: f.default for f in fields(StudyConfig)}
+STUDY_MODEL = "seed-branchynet"  # `exitwise study` without --model or --model-dir: the founding system's network
 CALIBRATE_DEFAULTS = {f.name: f.default for f in fields(CalibrateConfig)}
 
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser("study", help="the early-exit study: per-exit accuracy, cutoff sweep, calibration, "
                                          "timing; writes results.json, plots and an HTML report")
     _add_data_args(study)
-    study.add_argument("--model", help="a registered model (see `exitwise models`; default seed-branchynet)")
+    study.add_argument("--model", help=f"a registered model (see `exitwise models`; default {STUDY_MODEL})")
     study.add_argument("--model-dir", type=Path, help="a folder written by `exitwise attach` (instead of --model)")
     study.add_argument("--weights", type=Path, help="checkpoint (.safetensors, a shard index NAME.safetensors"
                        ".index.json, or a PyTorch state_dict); default: the weights shipped for --model")
@@ -160,13 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_or_dir(args: argparse.Namespace) -> str | None:
+    """--model NAME or --model-dir DIR (a folder `exitwise attach` wrote), never both (the folder had won, silently)."""
+    if args.model and args.model_dir:
+        raise UserError("give --model or --model-dir, not both")
+    return str(args.model_dir) if args.model_dir else args.model
+
+
 def cmd_study(args: argparse.Namespace) -> None:
     from .api import study
     from .study.report import format_summary
-    if args.model and args.model_dir:  # the folder had won, silently
-        raise UserError("give --model or --model-dir, not both")
     settings = given(args, StudyConfig)
-    results = study(model=args.model_dir or args.model or "seed-branchynet", weights=args.weights, out=args.out,
+    results = study(model=_model_or_dir(args) or STUDY_MODEL, weights=args.weights, out=args.out,
                     data=DataConfig(**given(args, DataConfig)), **{**settings, "progress": not args.no_progress})
     print(format_summary(results))
     print(f"\nreport: {(args.out / 'report.html').resolve()}")
@@ -208,10 +214,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .api import export
-    if args.model and args.model_dir:
-        raise UserError("give --model or --model-dir, not both")
-    model = str(args.model_dir) if args.model_dir else args.model
-    manifest = export(args.out, source=args.source, model=model, weights=args.weights,
+    manifest = export(args.out, source=args.source, model=_model_or_dir(args), weights=args.weights,
                       thresholds=args.thresholds, exporter=args.exporter, micro_batch=args.micro_batch)
     graphs = manifest.graphs()
     exporters = sorted({g.exporter for g in graphs})
